@@ -50,6 +50,19 @@ __all__ = [
     # 0. Foundations
     "FlyDeployError",
     "ConfigError",
+    # 1. Storage
+    "S3Error",
+    "NotFound",
+    "PreconditionFailed",
+    # 1. Storage: SigV4 and S3 client
+    # 1. Storage: local directory store
+    # 2. Releases
+    # 3. Machines API
+    # 3. Fleet orchestration
+    # 4. Engine: servers and asyncio loops
+    # 4. Engine: tracking, code swap, reload_modules
+    # 5. Agent
+    # 6. Entry points
 ]
 
 # ===========================================================================
@@ -72,9 +85,53 @@ class ConfigError(FlyDeployError):
 # ===========================================================================
 
 
+class S3Error(FlyDeployError):
+    """A storage request failed.
+
+    ``status`` is the HTTP status (0 when no reply came), ``code`` and
+    ``message`` come from the server's XML error body, ``request_id`` from its
+    headers; ``key`` is the object the request was about.
+    """
+
+    def __init__(self, message: str, *, status: int = 0, code: str = "",
+                 request_id: str | None = None, key: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.key = key
+
+
+class NotFound(S3Error):
+    """The object does not exist (HTTP 404)."""
+
+
+class PreconditionFailed(S3Error):
+    """A conditional request (``If-Match`` / ``If-None-Match``) did not hold (HTTP 412)."""
+
+
+# --- SigV4 signing ----------------------------------------------------------
+
+
+# --- S3 client --------------------------------------------------------------
+
+
+# --- Local directory store --------------------------------------------------
+
+
 # ===========================================================================
 # 2. Releases: tarballs, current.json metadata, deploy lock
 # ===========================================================================
+
+
+# --- Release tarballs ------------------------------------------------------
+
+
+# --- current.json metadata --------------------------------------------------
+
+
+# --- Deploy lock ------------------------------------------------------------
 
 
 # ===========================================================================
@@ -82,14 +139,44 @@ class ConfigError(FlyDeployError):
 # ===========================================================================
 
 
+# --- Machines API client ----------------------------------------------------
+
+
+# --- Fleet orchestration ----------------------------------------------------
+
+
 # ===========================================================================
 # 4. Engine: servers, asyncio pause, change tracking, in-place code swap
 # ===========================================================================
 
 
+# --- Servers ----------------------------------------------------------------
+
+
+# --- asyncio loops and the pause --------------------------------------------
+
+
+# --- Change tracking --------------------------------------------------------
+
+
+# --- In-place code swap -----------------------------------------------------
+
+
+# --- reload_modules ---------------------------------------------------------
+
+
 # ===========================================================================
 # 5. Agent: per-process agent, per-machine upgrade, boot catch-up, poller
 # ===========================================================================
+
+
+# --- The per-process agent --------------------------------------------------
+
+
+# --- Per-machine upgrade ----------------------------------------------------
+
+
+# --- Boot catch-up and poller -----------------------------------------------
 
 
 # ===========================================================================
