@@ -56,6 +56,7 @@ import importlib.util
 import linecache
 import logging
 import marshal
+import operator
 import os
 import site
 import sys
@@ -498,38 +499,53 @@ def _nested_statements(body: list[ast.stmt]):
 
 @dataclasses.dataclass
 class _Scope:
-    """One module or class body as written: for each name, the source of the
-    statements that bind it (so a changed statement can be told from an
+    """One module or class body as written: for each name, the source text of
+    the statements that bind it (so a changed statement can be told from an
     unchanged one), the class header, and the functions it defines."""
 
     statements: dict[str, tuple[str, ...]]
     header: str = ""
     defs: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    twice: frozenset[str] = frozenset()  # names bound by several plain defs
+    values: dict[str, str] = dataclasses.field(default_factory=dict)  # NAME = <source>
 
 
-def _scopes(tree: ast.Module) -> dict[str, _Scope]:
+def _scopes(tree: ast.Module, source: bytes) -> dict[str, _Scope]:
     """Every module-level and class scope of a module, keyed by qualname
     (``""`` is the module itself)."""
+    lines = importlib.util.decode_source(source).split("\n")
     scopes: dict[str, _Scope] = {}
+
+    def text(statement: ast.stmt) -> str:
+        first = min([d.lineno for d in getattr(statement, "decorator_list", ())]
+                    + [statement.lineno])
+        return "\n".join(line.rstrip() for line in lines[first - 1:statement.end_lineno])
 
     def visit(qualname: str, body: list[ast.stmt], header: str) -> None:
         statements: dict[str, list[str]] = collections.defaultdict(list)
         scope = _Scope({}, header)
         for statement in body:
-            dumped = ast.dump(statement)
+            written = text(statement)
             for name in _bound_names(statement):
-                statements[name].append(dumped)
+                statements[name].append(written)
+            if isinstance(statement, (ast.Assign, ast.AnnAssign)) and statement.value is not None:
+                targets = (statement.targets if isinstance(statement, ast.Assign)
+                           else [statement.target])
+                scope.values.update((t.id, ast.unparse(statement.value)) for t in targets
+                                    if isinstance(t, ast.Name))
         for statement in _nested_statements(body):
             if not isinstance(statement, (*_DEFS, ast.ClassDef)):
                 continue
             inner = f"{qualname}.{statement.name}" if qualname else statement.name
             if isinstance(statement, _DEFS):
                 scope.defs[(inner, _accessor(statement))] += 1
-            elif isinstance(statement, ast.ClassDef):
+            else:
                 visit(inner, statement.body,
                       ast.dump(ast.Tuple(statement.bases + [k.value for k in statement.keywords]))
                       + repr([k.arg for k in statement.keywords]))
-        scope.statements = {name: tuple(dumps) for name, dumps in statements.items()}
+        scope.statements = {name: tuple(texts) for name, texts in statements.items()}
+        scope.twice = frozenset(name.rpartition(".")[2] for (name, accessor), count
+                                in scope.defs.items() if count > 1 and not accessor)
         scopes[qualname] = scope
 
     visit("", tree.body, "")
@@ -560,39 +576,30 @@ def _inject_reuse(tree: ast.Module, reusable: set[tuple[str, str]]) -> None:
             if isinstance(statement, _DEFS):
                 key = (inner, _accessor(statement))
                 if key in reusable:
-                    call = ast.Call(ast.Name(_REUSE, ast.Load()),
-                                    [ast.Constant(inner), ast.Constant(key[1])], [])
-                    statement.decorator_list.append(ast.copy_location(call, statement))
+                    where = {"lineno": statement.lineno, "col_offset": statement.col_offset,
+                             "end_lineno": statement.lineno,
+                             "end_col_offset": statement.col_offset}
+                    call = ast.Call(ast.Name(_REUSE, ast.Load(), **where),
+                                    [ast.Constant(inner, **where), ast.Constant(key[1], **where)],
+                                    [], **where)
+                    statement.decorator_list.append(call)
             elif isinstance(statement, ast.ClassDef):
                 visit(inner, statement.body)
 
     visit("", tree.body)
-    ast.fix_missing_locations(tree)
 
 
-def _enum_members(tree: ast.Module, qualname: str) -> dict[str, str]:
-    """Member names of an Enum class as written, with the source of each."""
-    body = tree.body
-    node = None
-    for part in qualname.split("."):
-        node = next((s for s in _nested_statements(body)
-                     if isinstance(s, ast.ClassDef) and s.name == part), None)
-        if node is None:
-            return {}
-        body = node.body
-    members: dict[str, str] = {}
+def _enum_members(scope: _Scope) -> dict[str, str]:
+    """Member names of an Enum class as written, with the source of each value
+    (sunder and dunder names and the names in ``_ignore_`` are no members)."""
     ignored: set[str] = set()
-    for statement in node.body:
-        if isinstance(statement, (ast.Assign, ast.AnnAssign)) and statement.value is not None:
-            targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
-            for target in targets:
-                if not isinstance(target, ast.Name):
-                    continue
-                if target.id == "_ignore_" and isinstance(statement.value, ast.Constant):
-                    ignored.update(str(statement.value.value).split())
-                elif not (target.id.startswith("_") and target.id.endswith("_")):
-                    members[target.id] = ast.dump(statement.value)
-    return {name: dumped for name, dumped in members.items() if name not in ignored}
+    if "_ignore_" in scope.values:
+        node = ast.parse(scope.values["_ignore_"], mode="eval").body
+        for item in (node.elts if isinstance(node, (ast.List, ast.Tuple)) else [node]):
+            if isinstance(item, ast.Constant) and isinstance(item.value, str):
+                ignored.update(item.value.split())
+    return {name: value for name, value in scope.values.items()
+            if name not in ignored and not (name.startswith("_") and name.endswith("_"))}
 
 
 def _live_instances(classes: set[type]) -> dict[type, int]:
@@ -631,8 +638,7 @@ class _ModulePlan:
     module: types.ModuleType
     path: str
     source: bytes
-    code: types.CodeType       # the new source as is: what __pycache__ gets
-    swap_code: types.CodeType  # the same with reuse decorators injected
+    swap_code: types.CodeType | None  # the new source with reuse decorators injected
     old: dict[str, _Scope]
     new: dict[str, _Scope]
     rebuilt: set[str]          # class qualnames that get a new class object
@@ -660,6 +666,11 @@ def _imported_modules(tree: ast.Module, package: str) -> set[str]:
     return names
 
 
+# The scopes of the source each module runs, kept from its last upgrade:
+# module name -> (content hash of that source, its scopes).
+_analysed: dict[str, tuple[str, dict[str, _Scope]]] = {}
+
+
 def _plan_module(name: str) -> _ModulePlan:
     """Read, compile and check one module's new source; raises UpgradeRefused."""
     module = sys.modules.get(name)
@@ -679,25 +690,26 @@ def _plan_module(name: str) -> _ModulePlan:
                              "changed; run `fly deploy`", module=name)
     try:
         tree = ast.parse(source, record.path)
-        code = compile(tree, record.path, "exec", dont_inherit=True)
+        new = _scopes(tree, source)
+        cached = _analysed.get(name)
+        old = (cached[1] if cached is not None and cached[0] == record.digest
+               else _scopes(ast.parse(record.source, record.path), record.source))
+        package = name if hasattr(module, "__path__") else name.rpartition(".")[0]
+        plan = _ModulePlan(name, module, record.path, source, None, old, new, set(),
+                           _imported_modules(tree, package))
+        _check_classes(plan)
+        reusable: set[tuple[str, str]] = set()
+        for qualname, scope in new.items():
+            before = old.get(qualname)
+            if before is not None and not _within(qualname, plan.rebuilt):
+                reusable.update(key for key, count in scope.defs.items()
+                                if count == 1 and before.defs.get(key) == 1)
+        _inject_reuse(tree, reusable)
+        plan.swap_code = compile(tree, record.path, "exec", dont_inherit=True)
     except SyntaxError as exc:
         raise UpgradeRefused(f"syntax error in {exc.filename or record.path}, line {exc.lineno}: "
                              f"{exc.msg}; fix it and upgrade again (nothing was changed)",
                              module=name) from None
-    old_tree = ast.parse(record.source, record.path)
-    old, new = _scopes(old_tree), _scopes(tree)
-    package = name if hasattr(module, "__path__") else name.rpartition(".")[0]
-    plan = _ModulePlan(name, module, record.path, source, code, code, old, new, set(),
-                       _imported_modules(tree, package))
-    _check_classes(plan, old_tree, tree)
-    reusable: set[tuple[str, str]] = set()
-    for qualname, scope in new.items():
-        before = old.get(qualname)
-        if before is not None and not _within(qualname, plan.rebuilt):
-            reusable.update(key for key, count in scope.defs.items()
-                            if count == 1 and before.defs.get(key) == 1)
-    _inject_reuse(tree, reusable)
-    plan.swap_code = compile(tree, record.path, "exec", dont_inherit=True)
     return plan
 
 
@@ -705,7 +717,7 @@ def _within(qualname: str, prefixes: set[str]) -> bool:
     return any(qualname == p or qualname.startswith(p + ".") for p in prefixes)
 
 
-def _check_classes(plan: _ModulePlan, old_tree: ast.Module, new_tree: ast.Module) -> None:
+def _check_classes(plan: _ModulePlan) -> None:
     """Refuse what cannot change in place: Enum members added, removed or
     given new values; a changed base list, metaclass or ``__slots__`` of a
     class with live instances.  Such a class without instances is rebuilt."""
@@ -718,8 +730,7 @@ def _check_classes(plan: _ModulePlan, old_tree: ast.Module, new_tree: ast.Module
             continue
         where = f"{plan.name}.{qualname}"
         if issubclass(cls, enum.Enum):
-            old_members, new_members = _enum_members(old_tree, qualname), _enum_members(new_tree,
-                                                                                         qualname)
+            old_members, new_members = _enum_members(before), _enum_members(scope)
             if old_members.keys() != new_members.keys():
                 added = sorted(new_members.keys() - old_members.keys())
                 removed = sorted(old_members.keys() - new_members.keys())
@@ -770,16 +781,21 @@ def _changed(old: _Scope | None, new: _Scope | None, name: str) -> bool:
     return old.statements.get(name) != new.statements[name]
 
 
-def _defined_twice(old: _Scope | None, new: _Scope | None, qualname: str) -> bool:
+def _defined_twice(old: _Scope | None, new: _Scope | None, name: str) -> bool:
     """Whether several plain ``def`` statements bind the name (``_`` for
     singledispatch registrations...): then the name says nothing about which
     old function a new one continues."""
-    return any(scope is not None and scope.defs.get((qualname, ""), 0) > 1
-               for scope in (old, new))
+    return any(scope is not None and name in scope.twice for scope in (old, new))
 
 
 _FUNCTION_ATTRIBUTES = ("__code__", "__defaults__", "__kwdefaults__", "__doc__",
                         "__annotations__", "__name__", "__qualname__")
+_function_attributes = operator.attrgetter(*_FUNCTION_ATTRIBUTES)
+
+
+def _set_function_attributes(function: types.FunctionType, values: tuple) -> None:
+    (function.__code__, function.__defaults__, function.__kwdefaults__, function.__doc__,
+     function.__annotations__, function.__name__, function.__qualname__) = values
 _build_class = builtins.__build_class__
 
 
@@ -834,12 +850,11 @@ class _Swap:
         if id(function) in self.saved:
             return
         self.saved.add(id(function))
-        attributes = {a: getattr(function, a) for a in _FUNCTION_ATTRIBUTES}
+        attributes = _function_attributes(function)
         contents = dict(function.__dict__)
 
         def restore() -> None:
-            for attribute, value in attributes.items():
-                setattr(function, attribute, value)
+            _set_function_attributes(function, attributes)
             _restore_mapping(function.__dict__, contents)
 
         self.undo.append(restore)
@@ -938,20 +953,21 @@ class _Swap:
         ``new`` instead (listed as replaced) when their free variables differ."""
         if id(old) in self.merging:
             return old
-        if old.__code__.co_freevars != new.__code__.co_freevars:
+        code = new.__code__
+        if old.__code__.co_freevars != code.co_freevars:
             self._replace(label)
             return new
         self.merging.add(id(old))
         try:
             self._save_function(old)
-            if old.__code__ != new.__code__:
+            if old.__code__ != code:
                 self.code_changed.add(id(old))
-            for attribute in _FUNCTION_ATTRIBUTES:
-                setattr(old, attribute, getattr(new, attribute))
-            merged = {key: value if old.__dict__.get(key, _MISSING) is _MISSING
-                      else self.merge(old.__dict__[key], value, changed, label)
-                      for key, value in new.__dict__.items()}
-            _restore_mapping(old.__dict__, merged)
+            _set_function_attributes(old, _function_attributes(new))
+            if old.__dict__ or new.__dict__:
+                merged = {key: value if old.__dict__.get(key, _MISSING) is _MISSING
+                          else self.merge(old.__dict__[key], value, changed, label)
+                          for key, value in new.__dict__.items()}
+                _restore_mapping(old.__dict__, merged)
             for old_cell, new_cell in zip(old.__closure__ or (), new.__closure__ or ()):
                 try:
                     before, after = old_cell.cell_contents, new_cell.cell_contents
@@ -1035,8 +1051,7 @@ class _Swap:
             elif attribute == "__new__" and isinstance(value, types.FunctionType):
                 value = staticmethod(value)
             current = cls.__dict__.get(attribute, _MISSING)
-            if current is not _MISSING and not _defined_twice(old_scope, new_scope,
-                                                               f"{qualname}.{attribute}"):
+            if current is not _MISSING and not _defined_twice(old_scope, new_scope, attribute):
                 value = self.merge(current, value, _changed(old_scope, new_scope, attribute),
                                    f"{label}.{attribute}")
             if value is not current:
@@ -1194,7 +1209,9 @@ def _commit(plans: list[_ModulePlan]) -> None:
     """After a successful swap: remember what runs now and refresh caches."""
     for plan in plans:
         _tracker.remember(plan.name, plan.path, plan.source)
-        _write_pyc(plan.path, plan.source, plan.code)
+        _analysed[plan.name] = (_sha256(plan.source), plan.new)
+        _write_pyc(plan.path, plan.source,
+                   compile(plan.source, plan.path, "exec", dont_inherit=True))
         linecache.checkcache(plan.path)
 
 
