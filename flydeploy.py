@@ -45,6 +45,7 @@ import abc
 import ast
 import builtins
 import collections
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -836,7 +837,8 @@ class _Swap:
         self.undo: list[Callable[[], None]] = []
         self.saved: set[int] = set()
         self.merging: set[int] = set()
-        self.code_changed: set[int] = set()
+        # Functions changed so far, with what each was before.
+        self.functions: dict[int, tuple[types.FunctionType, tuple, dict]] = {}
         self.added: list[str] = []
         self.replaced: list[str] = []
         self.old_globals: dict[str, dict] = {}
@@ -845,19 +847,6 @@ class _Swap:
         self.modules_before = set(sys.modules)
 
     # -- the undo log --
-
-    def _save_function(self, function: types.FunctionType) -> None:
-        if id(function) in self.saved:
-            return
-        self.saved.add(id(function))
-        attributes = _function_attributes(function)
-        contents = dict(function.__dict__)
-
-        def restore() -> None:
-            _set_function_attributes(function, attributes)
-            _restore_mapping(function.__dict__, contents)
-
-        self.undo.append(restore)
 
     def _save_class(self, cls: type) -> None:
         if id(cls) in self.saved:
@@ -904,7 +893,11 @@ class _Swap:
                 restore()
             except Exception:  # keep undoing the rest whatever one step does
                 log.exception("flydeploy: one step of the rollback failed")
+        for function, attributes, contents in self.functions.values():
+            _set_function_attributes(function, attributes)
+            _restore_mapping(function.__dict__, contents)
         self.undo.clear()
+        self.functions.clear()
         for name in set(sys.modules) - self.modules_before:
             sys.modules.pop(name, None)
 
@@ -934,7 +927,8 @@ class _Swap:
                 and hasattr(old, "__wrapped__")):
             inner = self.merge(old.__wrapped__, new.__wrapped__, changed, label)
             if inner is old.__wrapped__:
-                if id(inner) in self.code_changed:
+                saved = self.functions.get(id(inner))
+                if saved is not None and saved[1][0] != inner.__code__:
                     old.cache_clear()
                 return old
             return new
@@ -953,32 +947,35 @@ class _Swap:
         ``new`` instead (listed as replaced) when their free variables differ."""
         if id(old) in self.merging:
             return old
-        code = new.__code__
-        if old.__code__.co_freevars != code.co_freevars:
+        if old.__code__.co_freevars != new.__code__.co_freevars:
             self._replace(label)
             return new
-        self.merging.add(id(old))
-        try:
-            self._save_function(old)
-            if old.__code__ != code:
-                self.code_changed.add(id(old))
-            _set_function_attributes(old, _function_attributes(new))
-            if old.__dict__ or new.__dict__:
-                merged = {key: value if old.__dict__.get(key, _MISSING) is _MISSING
-                          else self.merge(old.__dict__[key], value, changed, label)
-                          for key, value in new.__dict__.items()}
-                _restore_mapping(old.__dict__, merged)
-            for old_cell, new_cell in zip(old.__closure__ or (), new.__closure__ or ()):
-                try:
-                    before, after = old_cell.cell_contents, new_cell.cell_contents
-                except ValueError:
-                    continue
-                merged = self.merge(before, after, changed, label)
-                if merged is not before:
-                    self._set_cell(old_cell, merged)
-        finally:
-            self.merging.discard(id(old))
+        if id(old) not in self.functions:
+            self.functions[id(old)] = (old, _function_attributes(old), dict(old.__dict__))
+        _set_function_attributes(old, _function_attributes(new))
+        if old.__dict__ or new.__dict__ or old.__closure__:
+            self.merging.add(id(old))
+            try:
+                self._merge_function_contents(old, new, changed, label)
+            finally:
+                self.merging.discard(id(old))
         return old
+
+    def _merge_function_contents(self, old: types.FunctionType, new: types.FunctionType,
+                                 changed: bool, label: str) -> None:
+        """Attributes and closure cells: the old objects carrying the new code."""
+        merged = {key: value if old.__dict__.get(key, _MISSING) is _MISSING
+                  else self.merge(old.__dict__[key], value, changed, label)
+                  for key, value in new.__dict__.items()}
+        _restore_mapping(old.__dict__, merged)
+        for old_cell, new_cell in zip(old.__closure__ or (), new.__closure__ or ()):
+            try:
+                before, after = old_cell.cell_contents, new_cell.cell_contents
+            except ValueError:
+                continue
+            merged_value = self.merge(before, after, changed, label)
+            if merged_value is not before:
+                self._set_cell(old_cell, merged_value)
 
     def _merge_singledispatch(self, old: types.FunctionType, new: types.FunctionType,
                               label: str) -> types.FunctionType:
@@ -1256,13 +1253,27 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
     return report
 
 
+@contextlib.contextmanager
+def _garbage_collection_paused():
+    """Keep the cyclic garbage collector out of the critical section: a full
+    collection of a large heap would lengthen the pause for nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_timeout: float,
                      extra: object) -> None:
     """Phases 2 and 3: swap with an undo log; commit or roll back."""
     swap = _Swap()
     held = time.perf_counter()
     try:
-        swap.run(plans)
+        with _garbage_collection_paused():
+            swap.run(plans)
     except BaseException as exc:
         swap.rollback()
         report.rolled_back = True
