@@ -291,15 +291,23 @@ def _write_pyc(path: str, source: bytes, code: types.CodeType) -> None:
                 pass
 
 
+# Modules an upgrade will import for the first time, read and compiled while
+# preparing so that importing them inside the pause does no file I/O:
+# path -> (source, code).
+_prepared_imports: dict[str, tuple[bytes, types.CodeType]] = {}
+
+
 class _TrackingLoader(importlib.machinery.SourceFileLoader):
     """Loads a tracked module and records the hash of the very bytes it ran."""
 
     def get_code(self, fullname: str) -> types.CodeType:
         path = self.get_filename(fullname)
-        source = self.get_data(path)
-        code = _code_from_source(path, source)
-        _tracker.remember(fullname, path, source)
-        return code
+        prepared = _prepared_imports.pop(path, None)
+        if prepared is None:
+            source = self.get_data(path)
+            prepared = (source, _code_from_source(path, source))
+        _tracker.remember(fullname, path, prepared[0])
+        return prepared[1]
 
 
 class _TrackingFinder:
@@ -1192,7 +1200,26 @@ def _prepare(names: list[str]) -> list[_ModulePlan]:
     """Phase 1: plans for every module in import order, touching nothing live."""
     plans = {name: _plan_module(name) for name in dict.fromkeys(names)}
     importlib.invalidate_caches()  # modules added next to the changed ones
+    for name in sorted(set().union(*(plan.imports for plan in plans.values()))):
+        _prepare_import(name)
     return _import_order(plans)
+
+
+def _prepare_import(name: str) -> None:
+    """Read and compile a tracked module the new code imports for the first time."""
+    parent = name.rpartition(".")[0]
+    if name in sys.modules or (parent and parent not in sys.modules):
+        return
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return  # the import itself will report it, inside the rollback-safe swap
+    if spec is not None and isinstance(spec.loader, _TrackingLoader):
+        try:
+            source = _read_bytes(spec.origin)
+            _prepared_imports[spec.origin] = (source, _code_from_source(spec.origin, source))
+        except (OSError, SyntaxError):
+            pass  # likewise: the import inside the swap fails and rolls back
 
 
 def _failure_message(stage: str, exc: BaseException) -> str:
@@ -1244,6 +1271,7 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
             else:
                 report.ok = True
     report.total_ms = (time.perf_counter() - started) * 1000
+    _prepared_imports.clear()
     if report.modules or report.error:
         for callback in list(_upgrade_callbacks):
             try:

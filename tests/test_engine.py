@@ -633,13 +633,22 @@ def test_changed_package_init_reexports_same_objects(tree):
     assert svc.Service is cls and svc.VERSION == 2 and cls().run() == 2
 
 
-def test_new_module_next_to_changed_one_is_importable(tree):
+def test_new_module_next_to_changed_one_is_importable_without_io_in_the_swap(tree, monkeypatch):
     tree.write("m.py", "def f():\n    return 1\n")
     m = tree.load("m")
-    tree.write("helpers.py", "def g():\n    return 41\n")
+    helpers = tree.write("helpers.py", "def g():\n    return 41\n")
     tree.write("m.py", f"from {tree.pkg}.helpers import g\ndef f():\n    return g() + 1\n")
+    reads, swapping = [], []
+    real_read, real_run = flydeploy._read_bytes, flydeploy._Swap.run
+    monkeypatch.setattr(flydeploy, "_read_bytes",
+                        lambda path: reads.append((str(path), bool(swapping))) or real_read(path))
+    monkeypatch.setattr(flydeploy._TrackingLoader, "get_data",
+                        lambda self, path: reads.append((path, bool(swapping))) or real_read(path))
+    monkeypatch.setattr(flydeploy._Swap, "run",
+                        lambda self, plans: swapping.append(1) or real_run(self, plans))
     upgraded(tree)
-    assert m.f() == 42
+    assert m.f() == 42 and tree.name("helpers") in sys.modules
+    assert (str(helpers), False) in reads and not [r for r in reads if r[1]]
 
 
 def test_two_modules_importing_each_other_both_changed(tree):
