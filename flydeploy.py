@@ -223,10 +223,11 @@ _server_serials = itertools.count(1)
 class _Reply:
     """The answer slot of one call: each call waits on its own, so a late reply lands nowhere."""
 
-    __slots__ = ("_done", "value", "error", "stopped")
+    __slots__ = ("_done", "caller", "value", "error", "stopped")
 
     def __init__(self) -> None:
         self._done = threading.Event()
+        self.caller = threading.get_ident()
         self.value: Any = None
         self.error: BaseException | None = None
         self.stopped = False
@@ -258,10 +259,19 @@ class _Mailbox:
             self._ready.notify()
             return True
 
-    def take(self) -> tuple:
+    def peek(self) -> tuple:
+        """Wait for a message and return it, leaving it queued until ``pop``.
+
+        Only the server's own thread takes messages out, so the one it looked
+        at is still first when it pops; until then a fork's child still has it.
+        """
         with self._ready:
             while not self._queue:
                 self._ready.wait()
+            return self._queue[0]
+
+    def pop(self) -> tuple:
+        with self._ready:
             return self._queue.popleft()
 
     def close(self) -> list[tuple]:
@@ -279,12 +289,25 @@ class _Mailbox:
 
 
 class _Hold:
-    """Who holds servers at their safe points: a pause, ``get_state`` or a fork."""
+    """Who holds servers at their safe points: a pause, ``get_state`` or a fork.
 
-    __slots__ = ("thread",)
+    While the hold is still being acquired, a marked server may yet answer a
+    call from another marked server that is busy (blocked in that very call):
+    nothing has been changed so far, and refusing would make both wait for
+    the deadline.  Once every server is held, nothing gets through.
+    """
+
+    __slots__ = ("thread", "acquiring", "busy_threads")
 
     def __init__(self) -> None:
         self.thread = threading.get_ident()
+        self.acquiring = True
+        # Threads of marked servers in the middle of a message.
+        self.busy_threads: set[int | None] = set()
+
+    def lets_through(self, message: tuple) -> bool:
+        return (self.acquiring and message[0] == _CALL
+                and message[2].caller in self.busy_threads)
 
 
 class Server:
@@ -501,8 +524,9 @@ class Server:
         done: _Reply | None = None
         try:
             while True:
-                message = self._mailbox.take()
-                self._enter_message()
+                message = self._mailbox.peek()
+                self._enter_message(message)
+                self._mailbox.pop()
                 if message[0] == _STOP:
                     _, reason, done = message
                     break
@@ -557,11 +581,13 @@ class Server:
             if self._name is not None and _server_names.get(self._name) is self:
                 del _server_names[self._name]
 
-    def _enter_message(self) -> None:
+    def _enter_message(self, message: tuple) -> None:
         with _safe_points:
-            while self._held_by is not None:
+            while self._held_by is not None and not self._held_by.lets_through(message):
                 _safe_points.wait()
             self._running = True
+            if self._held_by is not None:
+                self._held_by.busy_threads.add(self._thread.ident)
 
     def _leave_message(self) -> None:
         with _safe_points:
@@ -588,50 +614,45 @@ def _hold_servers(targets: Iterable[Server], hold: _Hold,
     """Hold servers at their safe points; returns (held, not reached by the deadline).
 
     An idle server is held by setting a flag under the shared lock: its
-    thread is not woken.  A busy one is marked so it starts no new message,
-    and is waited for until ``deadline``.  Servers that did not make it are
-    unmarked again.  A server whose own thread is asking cannot be held.
+    thread is not woken.  A busy one is marked so it starts no new message
+    (but see ``_Hold``), and waited for until ``deadline``; the hold is
+    complete at the first moment every marked server is between messages.
+    Servers that did not make it in time are unmarked again.  A server whose
+    own thread is asking cannot be held.
     """
     me = threading.get_ident()
-    held: list[Server] = []
+    marked: list[Server] = []
     missed: list[Server] = []
-    waiting: list[Server] = []
     with _safe_points:
         for server in targets:
             if not server._alive:
                 continue
             if server._thread.ident == me:
                 missed.append(server)
-                continue
-            if server._held_by is None:
+            elif server._held_by is None:
                 server._held_by = hold
-            if server._held_by is hold and not server._running:
-                held.append(server)
+                marked.append(server)
             else:
-                waiting.append(server)
-        while waiting:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not _safe_points.wait(
-                    None if remaining == math.inf else remaining):
-                # Timed out: one last look, the notify may have raced the deadline.
-                remaining = 0.0
-            still: list[Server] = []
-            for server in waiting:
+                marked.append(server)  # held by another: wait until it lets go
+        while True:
+            for server in marked:
                 if server._held_by is None and server._alive:
                     server._held_by = hold
-                if server._held_by is hold and not server._running:
-                    held.append(server)
-                elif server._alive:
-                    still.append(server)
-            waiting = still
-            if remaining <= 0:
+            busy = [server for server in marked if server._alive
+                    and (server._held_by is not hold or server._running)]
+            hold.busy_threads = {server._thread.ident for server in busy}
+            remaining = deadline - time.monotonic()
+            if not busy or remaining <= 0:
                 break
-        for server in waiting:
-            if server._held_by is hold:
-                server._held_by = None
-        if waiting:
+            _safe_points.wait(None if remaining == math.inf else remaining)
+        hold.acquiring = False
+        if busy:
+            for server in busy:
+                if server._held_by is hold:
+                    server._held_by = None
             _safe_points.notify_all()
-    return held, missed + waiting
+        held = [server for server in marked if server._held_by is hold]
+    return held, missed + busy
 
 
 def _release_servers(held: Iterable[Server], hold: _Hold) -> None:

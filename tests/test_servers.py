@@ -317,6 +317,38 @@ def test_the_pause_waits_for_a_busy_server_to_finish_its_message():
     assert counter.call("seen") == ["queued"]
 
 
+def test_a_busy_server_calling_a_marked_server_is_answered_while_the_pause_waits():
+    class Front(flydeploy.Server):
+        def init(self, back):
+            return back
+
+        def handle_cast(self, message, back):
+            entered, go, answers = message
+            entered.set()
+            go.wait(DEADLINE_S)
+            answers.append(back.call("get", timeout=DEADLINE_S))
+            return back
+
+    back = Counter.start(9)
+    front = Front.start(back)
+    entered, go, answers = threading.Event(), threading.Event(), []
+    front.cast((entered, go, answers))
+    assert entered.wait(DEADLINE_S)
+    inside = []
+
+    def pause():
+        with _Pause([back, front], timeout=DEADLINE_S):
+            inside.append(list(answers))
+
+    pauser = threading.Thread(target=pause)
+    pauser.start()
+    wait_until(lambda: back._held_by is not None, "the back server to be marked")
+    go.set()
+    pauser.join(DEADLINE_S)
+    # The front server got its answer from the marked back server, then both were held.
+    assert inside == [[9]]
+
+
 # --- asyncio ----------------------------------------------------------------
 
 
