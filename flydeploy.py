@@ -919,6 +919,9 @@ def _after_fork_in_child() -> None:
     for loop in list(_attached_loops):
         if loop is not here:  # its thread is gone; the child attaches its own loops
             _attached_loops.discard(loop)
+    for name, server in list(_server_names.items()):
+        if not server._alive and not server._on_own_thread():
+            del _server_names[name]  # its init ran in a thread the child does not have
     for server in list(_live_servers.values()):
         server._held_by = None
         server._mailbox.reopen_after_fork()

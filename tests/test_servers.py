@@ -522,14 +522,22 @@ FORK_SCRIPT = textwrap.dedent("""
         def handle_call(self, request, state):
             return (list(state), os.getpid()), state
         def handle_cast(self, message, state):
+            if isinstance(message, tuple):  # a slow message, still running at the fork
+                message[0].set()
+                message[1].wait(30)
+                return state + ["slow"]
             return state + [message]
 
     counter = Counter.start(name="preloaded")
     for i in range(3):
         counter.cast(i)
     counter.call("sync")
+    entered, release = threading.Event(), threading.Event()
+    counter.cast((entered, release))
+    entered.wait(30)
+    threading.Timer(0.05, release.set).start()
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    pid = os.fork()  # waits for the slow message: the child's copy is between two messages
     if pid == 0:
         os.close(read_end)
         counter.cast("child")
@@ -554,5 +562,5 @@ def test_a_forked_child_keeps_serving_its_own_copy(tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["status"] == 0
-    assert result["child"] == [[0, 1, 2, "child"], True, ["preloaded"]]
-    assert result["parent"] == [0, 1, 2, "parent"]
+    assert result["child"] == [[0, 1, 2, "slow", "child"], True, ["preloaded"]]
+    assert result["parent"] == [0, 1, 2, "slow", "parent"]
