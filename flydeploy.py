@@ -618,7 +618,8 @@ def _hold_servers(targets: Iterable[Server], hold: _Hold,
     (but see ``_Hold``), and waited for until ``deadline``; the hold is
     complete at the first moment every marked server is between messages.
     Servers that did not make it in time are unmarked again.  A server whose
-    own thread is asking cannot be held.
+    own thread is asking cannot be held; one already held by another hold of
+    this thread counts as held (and stays that hold's to release).
     """
     me = threading.get_ident()
     marked: list[Server] = []
@@ -638,8 +639,8 @@ def _hold_servers(targets: Iterable[Server], hold: _Hold,
             for server in marked:
                 if server._held_by is None and server._alive:
                     server._held_by = hold
-            busy = [server for server in marked if server._alive
-                    and (server._held_by is not hold or server._running)]
+            busy = [server for server in marked if server._alive and (
+                server._running or (server._held_by is not hold and server._held_by.thread != me))]
             hold.busy_threads = {server._thread.ident for server in busy}
             remaining = deadline - time.monotonic()
             if not busy or remaining <= 0:
@@ -881,8 +882,12 @@ class _Pause:
             _pause_lock.release()
 
 
-# --- fork: each child process gets its own running copy of every server ---
-
+# Fork: each child process gets its own running copy of every server (gunicorn
+# --preload, multiprocessing).  Before the fork, servers are held at a safe
+# point so the child's copy of each state lies between two messages; in the
+# child, whose only thread is the forking one, every server thread is started
+# again with fresh locks.
+#
 # How long a fork waits for busy servers to finish their message, so that the
 # child's copy of each state is one between two messages.
 _FORK_HOLD_TIMEOUT_S = 2.0
