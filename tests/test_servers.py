@@ -197,6 +197,37 @@ def test_stop_of_a_busy_server_times_out_then_completes():
     assert log == [("normal", 0)]
 
 
+def test_a_server_stops_itself_or_dies_cleanly_from_a_handler():
+    log = []
+
+    class Quitter(flydeploy.Server):
+        def init(self):
+            return "state"
+
+        def handle_cast(self, message, state):
+            if message == "quit":
+                self.stop(reason="asked")
+                return "after quit"
+            raise SystemExit(3)
+
+        def terminate(self, reason, state):
+            log.append((reason if isinstance(reason, str) else type(reason).__name__, state))
+
+    quitter = Quitter.start()
+    with _Pause([quitter], timeout=DEADLINE_S):  # both queued before the stop is
+        quitter.cast("quit")
+        quitter.cast("dies")  # ahead of the stop: handled, and it kills the server
+    quitter._thread.join(DEADLINE_S)
+    assert log == [("SystemExit", "after quit")]
+    assert not quitter.alive
+    with pytest.raises(flydeploy.ServerStopped):
+        quitter.call("anything")
+    polite = Quitter.start()
+    polite.cast("quit")
+    polite._thread.join(DEADLINE_S)
+    assert log[-1] == ("asked", "after quit") and not polite.alive
+
+
 def test_a_server_cannot_call_itself_or_read_its_own_state():
     class SelfCaller(flydeploy.Server):
         def handle_call(self, request, state):
