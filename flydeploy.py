@@ -2252,6 +2252,8 @@ class _Swap:
         self.old_globals: dict[str, dict] = {}
         self.plan: _ModulePlan | None = None
         self.stage = ""
+        self.error = ""
+        self.failed: list[str] = []
         self.modules_before = set(sys.modules)
 
     # -- the undo log --
@@ -2534,6 +2536,35 @@ class _Swap:
                 self.stage = f"running {plan.name}.__hot_upgrade__"
                 plan.module.__hot_upgrade__(self.old_globals[plan.name])
 
+    def transact(self, plans: list[_ModulePlan], affected: list[Server], extra: object) -> bool:
+        """Inside the pause: swap the modules, then migrate the state of every
+        affected server through its new ``code_change``.  On any failure
+        everything is rolled back; returns whether it all succeeded."""
+        old_versions = [getattr(server, "vsn", None) for server in affected]
+        migrating = None
+        try:
+            self.run(plans)
+            self.undo.append(functools.partial(_restore_states, affected,
+                                               [server._state for server in affected]))
+            for migrating, old_vsn in zip(affected, old_versions):
+                migrating._state = migrating.code_change(old_vsn, migrating._state, extra)
+            migrating = None
+        except BaseException as exc:
+            self.rollback()
+            if migrating is not None:
+                self.stage = f"code_change of server {_server_label(migrating)}"
+                self.failed = [_server_label(migrating)]
+            self.error = _failure_message(self.stage, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return False
+        return True
+
+
+def _restore_states(servers: list[Server], states: list[object]) -> None:
+    for server, state in zip(servers, states):
+        server._state = state
+
 
 def _restore_mapping(mapping: dict, contents: dict) -> None:
     """Make ``mapping`` equal ``contents`` again without ever emptying it."""
@@ -2696,25 +2727,39 @@ def _garbage_collection_paused():
 
 def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_timeout: float,
                      extra: object) -> None:
-    """Phases 2 and 3: swap with an undo log; commit or roll back."""
+    """Phases 2 and 3: hold every live server and attached loop in one pause,
+    swap, migrate the state of the affected servers, and roll everything
+    back on failure; once resumed, tell the upgraded servers and commit."""
+    live = servers()
+    changed = {plan.name for plan in plans}
+    affected = [server for server in live
+                if any(cls.__module__ in changed for cls in type(server).__mro__)]
     swap = _Swap()
-    held = time.perf_counter()
+    pause = _Pause(live, timeout=suspend_timeout)
     try:
-        with _garbage_collection_paused():
-            swap.run(plans)
-    except BaseException as exc:
-        swap.rollback()
-        report.rolled_back = True
-        report.error = _failure_message(swap.stage, exc)
-        if not isinstance(exc, Exception):
-            raise
-    else:
-        report.ok = True
+        with _garbage_collection_paused(), pause:
+            report.ok = swap.transact(plans, affected, extra)
+    except SuspendTimeout as exc:
+        report.error = str(exc)
+        report.servers_failed = list(exc.names)
+        return
     finally:
-        report.suspend_ms = (time.perf_counter() - held) * 1000
+        report.suspend_ms = pause.held_ms
     report.added, report.replaced = swap.added, swap.replaced
-    if report.ok:
-        _commit(plans)
+    if not report.ok:
+        report.rolled_back = True
+        report.error = swap.error
+        report.servers_failed = swap.failed
+        return
+    _commit(plans)
+    upgraded = Upgraded(modules=tuple(report.modules))
+    for server in affected:
+        server.send(upgraded)
+    report.servers_upgraded = [_server_label(server) for server in affected]
+
+
+def _server_label(server: Server) -> str:
+    return server.name or repr(server)
 
 
 # ===========================================================================
