@@ -1916,7 +1916,8 @@ class _Scope:
     header: str = ""
     defs: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     twice: frozenset[str] = frozenset()  # names bound by several plain defs
-    values: dict[str, str] = dataclasses.field(default_factory=dict)  # NAME = <source>
+    # In class bodies, the source of the value of each ``NAME = value``.
+    values: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _scopes(tree: ast.Module, source: bytes) -> dict[str, _Scope]:
@@ -1937,7 +1938,8 @@ def _scopes(tree: ast.Module, source: bytes) -> dict[str, _Scope]:
             written = text(statement)
             for name in _bound_names(statement):
                 statements[name].append(written)
-            if isinstance(statement, (ast.Assign, ast.AnnAssign)) and statement.value is not None:
+            if (qualname and isinstance(statement, (ast.Assign, ast.AnnAssign))
+                    and statement.value is not None):
                 targets = (statement.targets if isinstance(statement, ast.Assign)
                            else [statement.target])
                 scope.values.update((t.id, ast.unparse(statement.value)) for t in targets
@@ -2205,6 +2207,8 @@ _function_attributes = operator.attrgetter(*_FUNCTION_ATTRIBUTES)
 def _set_function_attributes(function: types.FunctionType, values: tuple) -> None:
     (function.__code__, function.__defaults__, function.__kwdefaults__, function.__doc__,
      function.__annotations__, function.__name__, function.__qualname__) = values
+
+
 _build_class = builtins.__build_class__
 
 
@@ -2243,7 +2247,7 @@ class _Swap:
     def __init__(self) -> None:
         self.thread = threading.get_ident()
         self.undo: list[Callable[[], None]] = []
-        self.saved: set[int] = set()
+        self.saved_classes: set[int] = set()
         self.merging: set[int] = set()
         # Functions changed so far, with what each was before.
         self.functions: dict[int, tuple[types.FunctionType, tuple, dict]] = {}
@@ -2259,9 +2263,9 @@ class _Swap:
     # -- the undo log --
 
     def _save_class(self, cls: type) -> None:
-        if id(cls) in self.saved:
+        if id(cls) in self.saved_classes:
             return
-        self.saved.add(id(cls))
+        self.saved_classes.add(id(cls))
         contents = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
 
         def restore() -> None:
@@ -2534,7 +2538,8 @@ class _Swap:
         for plan in plans:
             if "__hot_upgrade__" in plan.new[""].statements:
                 self.stage = f"running {plan.name}.__hot_upgrade__"
-                plan.module.__hot_upgrade__(self.old_globals[plan.name])
+                # a copy: the original is also what a rollback restores
+                plan.module.__hot_upgrade__(dict(self.old_globals[plan.name]))
 
     def transact(self, plans: list[_ModulePlan], affected: list[Server], extra: object) -> bool:
         """Inside the pause: swap the modules, then migrate the state of every
@@ -2692,17 +2697,16 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
     with _upgrade_lock:
         try:
             plans = _prepare(modified_modules() if names is None else list(names))
-        except UpgradeRefused as exc:
-            report.error = str(exc)
-            plans = None
-        if plans is not None:
             report.modules = [plan.name for plan in plans]
             if plans:
                 _swap_everything(plans, report, suspend_timeout, extra)
             else:
                 report.ok = True
+        except UpgradeRefused as exc:
+            report.error = str(exc)
+        finally:
+            _prepared_imports.clear()
     report.total_ms = (time.perf_counter() - started) * 1000
-    _prepared_imports.clear()
     if report.modules or report.error:
         for callback in list(_upgrade_callbacks):
             try:
@@ -2737,7 +2741,7 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
     swap = _Swap()
     pause = _Pause(live, timeout=suspend_timeout)
     try:
-        with _garbage_collection_paused(), pause:
+        with pause, _garbage_collection_paused():
             report.ok = swap.transact(plans, affected, extra)
     except SuspendTimeout as exc:
         report.error = str(exc)
@@ -2745,12 +2749,12 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
         return
     finally:
         report.suspend_ms = pause.held_ms
-    report.added, report.replaced = swap.added, swap.replaced
     if not report.ok:
         report.rolled_back = True
         report.error = swap.error
         report.servers_failed = swap.failed
         return
+    report.added, report.replaced = swap.added, swap.replaced
     _commit(plans)
     upgraded = Upgraded(modules=tuple(report.modules))
     for server in affected:
