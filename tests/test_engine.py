@@ -6,6 +6,7 @@ its files and upgrades it with ``flydeploy.reload_modules``.
 
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
 import importlib.util
 import json
@@ -724,6 +725,38 @@ def test_track_default_root_and_installation_dirs_are_never_tracked(tmp_path, mo
         flydeploy.reload_modules(["json"])
     with pytest.raises(flydeploy.ConfigError, match="not a directory"):
         flydeploy.track(tmp_path / "missing")
+
+
+def test_track_defaults_to_the_directory_of_main(tmp_path, monkeypatch):
+    script = tmp_path / "app" / "main.py"
+    script.parent.mkdir()
+    script.write_text("")
+    monkeypatch.setattr(sys.modules["__main__"], "__file__", str(script), raising=False)
+    assert str(script.parent.resolve()) in flydeploy.track()
+
+
+def test_modules_imported_before_tracking_are_hashed_when_tracking_starts(tmp_path):
+    root = tmp_path / "late"
+    package = f"late_{os.getpid()}"
+    (root / package).mkdir(parents=True)
+    (root / package / "__init__.py").write_text("")
+    module_path = root / package / "m.py"
+    module_path.write_text("X = 1\n")
+    sys.path.insert(0, str(root))
+    try:
+        m = importlib.import_module(f"{package}.m")
+        assert f"{package}.m" not in flydeploy.modified_modules()  # not tracked yet
+        flydeploy.track(root)
+        assert f"{package}.m" not in flydeploy.modified_modules()
+        module_path.write_text("X = 2\n")
+        assert f"{package}.m" in flydeploy.modified_modules()
+        report = flydeploy.reload_modules([f"{package}.m"])
+        assert report.ok, report.error
+        assert m.X == 2 and f"{package}.m" not in flydeploy.modified_modules()
+    finally:
+        sys.path.remove(str(root))
+        for name in [n for n in sys.modules if n.split(".")[0] == package]:
+            del sys.modules[name]
 
 
 # --- refusals and failures ------------------------------------------------------
