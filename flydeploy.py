@@ -1916,8 +1916,10 @@ class _Scope:
     header: str = ""
     defs: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     twice: frozenset[str] = frozenset()  # names bound by several plain defs
-    # In class bodies, the source of the value of each ``NAME = value``.
+    # In class bodies, the source of the value of each ``NAME = value``, and
+    # the annotated names in order (the fields of a named tuple).
     values: dict[str, str] = dataclasses.field(default_factory=dict)
+    annotated: list[str] = dataclasses.field(default_factory=list)
 
 
 def _scopes(tree: ast.Module, source: bytes) -> dict[str, _Scope]:
@@ -1944,6 +1946,9 @@ def _scopes(tree: ast.Module, source: bytes) -> dict[str, _Scope]:
                            else [statement.target])
                 scope.values.update((t.id, ast.unparse(statement.value)) for t in targets
                                     if isinstance(t, ast.Name))
+            if qualname and isinstance(statement, ast.AnnAssign) and isinstance(statement.target,
+                                                                                ast.Name):
+                scope.annotated.append(statement.target.id)
         for statement in _nested_statements(body):
             if not isinstance(statement, (*_DEFS, ast.ClassDef)):
                 continue
@@ -2130,8 +2135,9 @@ def _within(qualname: str, prefixes: set[str]) -> bool:
 
 def _check_classes(plan: _ModulePlan) -> None:
     """Refuse what cannot change in place: Enum members added, removed or
-    given new values; a changed base list, metaclass or ``__slots__`` of a
-    class with live instances.  Such a class without instances is rebuilt."""
+    given new values; a changed base list, metaclass, ``__slots__`` or named
+    tuple fields of a class with live instances.  Such a class without
+    instances is rebuilt."""
     reshaped: dict[type, str] = {}
     for qualname, scope in plan.new.items():
         before = plan.old.get(qualname)
@@ -2152,16 +2158,24 @@ def _check_classes(plan: _ModulePlan) -> None:
             if changed:
                 raise UpgradeRefused(f"cold deploy required: Enum {where} members {changed} "
                                      "changed value", module=plan.name)
-        if (before.header != scope.header
-                or before.statements.get("__slots__") != scope.statements.get("__slots__")):
+        if _layout(cls, before) != _layout(cls, scope):
             reshaped[cls] = qualname
     if not reshaped:
         return
     for cls, count in _live_instances(set(reshaped)).items():
         raise UpgradeRefused(f"cold deploy required: class {plan.name}.{reshaped[cls]} changed "
-                             f"its base list, metaclass or __slots__ and has {count} live "
-                             "instance(s)", module=plan.name)
+                             f"its base list, metaclass, __slots__ or named tuple fields and has "
+                             f"{count} live instance(s)", module=plan.name)
     plan.rebuilt.update(reshaped.values())
+
+
+def _layout(cls: type, scope: _Scope) -> tuple:
+    """What a class body fixes about its instances' memory layout: the bases
+    and metaclass, ``__slots__``, and for a named tuple its fields."""
+    fields = None
+    if issubclass(cls, tuple) and hasattr(cls, "_fields"):
+        fields = [(name, scope.statements.get(name)) for name in scope.annotated]
+    return scope.header, scope.statements.get("__slots__"), fields
 
 
 def _import_order(plans: dict[str, _ModulePlan]) -> list[_ModulePlan]:

@@ -865,6 +865,60 @@ def test_slots_change_refused_with_live_instances_rebuilt_without(tree):
     assert f"{tree.name('m')}.Q" in report.replaced
 
 
+NAMED = """
+from typing import NamedTuple
+class Pair(NamedTuple):
+    x: int
+    y: int = 0{extra_field}
+    def total(self):
+        return {total}
+"""
+
+
+def test_named_tuple_methods_change_in_place_fields_are_a_shape_change(tree):
+    tree.write("m.py", NAMED.format(extra_field="", total="self.x + self.y"))
+    m = tree.load("m")
+    cls, pair = m.Pair, m.Pair(1, 2)
+    tree.write("m.py", NAMED.format(extra_field="", total="(self.x + self.y) * 10"))
+    upgraded(tree)
+    assert m.Pair is cls and pair.total() == 30
+    tree.write("m.py", NAMED.format(extra_field="\n    z: int = 5", total="self.x + self.z"))
+    report = tree.reload()
+    assert not report.ok and "named tuple fields" in report.error
+    del pair
+    report = upgraded(tree)
+    assert m.Pair(1, 2) == (1, 2, 5) and m.Pair(1).total() == 6
+    assert f"{tree.name('m')}.Pair" in report.replaced
+
+
+def test_registries_that_refuse_a_different_function_see_the_same_one(tree):
+    tree.write("web.py", """
+        class App:
+            def __init__(self):
+                self.routes = {}
+            def route(self, path):
+                def register(view):
+                    if self.routes.get(path, view) is not view:
+                        raise AssertionError(f"{path} is already mapped to another view")
+                    self.routes[path] = view
+                    return view
+                return register
+    """)
+    site = """
+        from {pkg}.web import App
+        app = App()
+        @app.route("/")
+        def index():
+            return {body!r}
+    """
+    tree.write("site.py", site.format(pkg=tree.pkg, body="old"))
+    web_site = tree.load("site")
+    view = web_site.index
+    tree.write("site.py", site.format(pkg=tree.pkg, body="new"))
+    upgraded(tree, "site")
+    assert web_site.app.routes == {"/": view} and view() == "new"
+
+
 def test_changed_base_list_refused_with_live_instances(tree):
     tree.write("m.py", "class A:\n    pass\nclass B:\n    pass\nclass C(A):\n    pass\n")
     m = tree.load("m")
