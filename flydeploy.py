@@ -1829,6 +1829,9 @@ def modified_modules() -> list[str]:
     for name in sorted(_tracker.loaded):
         record = _tracker.record_for(name)
         if record is None:
+            if name not in sys.modules:  # unloaded: forget it
+                with _tracker.lock:
+                    _tracker.loaded.pop(name, None)
             continue
         try:
             data = _read_bytes(record.path)
