@@ -2040,6 +2040,8 @@ def _live_instances(classes: set[type]) -> dict[type, int]:
 
 def _lookup(namespace: dict, qualname: str):
     """Follow a dotted qualname through a module namespace and class dicts."""
+    if "." not in qualname:
+        return namespace.get(qualname, _MISSING)
     parts = qualname.split(".")
     obj = namespace.get(parts[0], _MISSING)
     for part in parts[1:]:
@@ -2213,7 +2215,7 @@ def _defined_twice(old: _Scope | None, new: _Scope | None, name: str) -> bool:
     """Whether several plain ``def`` statements bind the name (``_`` for
     singledispatch registrations...): then the name says nothing about which
     old function a new one continues."""
-    return any(scope is not None and name in scope.twice for scope in (old, new))
+    return (old is not None and name in old.twice) or (new is not None and name in new.twice)
 
 
 _FUNCTION_ATTRIBUTES = ("__code__", "__defaults__", "__kwdefaults__", "__doc__",
@@ -2236,6 +2238,8 @@ def _is_singledispatch(obj: object) -> bool:
 
 def _unwrap_to_function(obj: object, accessor: str) -> types.FunctionType | None:
     """The innermost plain function behind a descriptor or decorator wrapper."""
+    if type(obj) is types.FunctionType and "__wrapped__" not in obj.__dict__:
+        return obj  # the common case, quickly
     if isinstance(obj, (classmethod, staticmethod)):
         obj = obj.__func__
     elif isinstance(obj, property):
@@ -2248,6 +2252,11 @@ def _unwrap_to_function(obj: object, accessor: str) -> types.FunctionType | None
             break
         obj = inner
     return obj if isinstance(obj, types.FunctionType) else None
+
+
+# Where an object lives, for the report: module, then names; joined with dots
+# only when needed.
+_Label = tuple[str, ...]
 
 
 class _Swap:
@@ -2334,7 +2343,7 @@ class _Swap:
 
     # -- merging old and new objects --
 
-    def merge(self, old: object, new: object, changed: bool, label: str) -> object:
+    def merge(self, old: object, new: object, changed: bool, label: _Label) -> object:
         """What to bind where ``old`` was bound and the new source made ``new``:
         the old object carrying the new code wherever possible."""
         if old is new:
@@ -2368,12 +2377,13 @@ class _Swap:
             return new
         return new if changed else old
 
-    def _replace(self, label: str) -> None:
-        if label not in self.replaced:
-            self.replaced.append(label)
+    def _replace(self, label: _Label) -> None:
+        name = ".".join(label)
+        if name not in self.replaced:
+            self.replaced.append(name)
 
     def swap_function(self, old: types.FunctionType, new: types.FunctionType, changed: bool,
-                      label: str) -> types.FunctionType:
+                      label: _Label) -> types.FunctionType:
         """Give ``old`` the code, defaults and attributes of ``new``; returns
         ``new`` instead (listed as replaced) when their free variables differ."""
         if id(old) in self.merging:
@@ -2393,7 +2403,7 @@ class _Swap:
         return old
 
     def _merge_function_contents(self, old: types.FunctionType, new: types.FunctionType,
-                                 changed: bool, label: str) -> None:
+                                 changed: bool, label: _Label) -> None:
         """Attributes and closure cells: the old objects carrying the new code."""
         merged = {key: value if old.__dict__.get(key, _MISSING) is _MISSING
                   else self.merge(old.__dict__[key], value, changed, label)
@@ -2409,7 +2419,7 @@ class _Swap:
                 self._set_cell(old_cell, merged_value)
 
     def _merge_singledispatch(self, old: types.FunctionType, new: types.FunctionType,
-                              label: str) -> types.FunctionType:
+                              label: _Label) -> types.FunctionType:
         """Keep the old dispatcher; its registered implementations take the
         new code, and implementations registered only by the new source join."""
         cells = dict(zip(old.dispatch.__code__.co_freevars, old.dispatch.__closure__ or ()))
@@ -2437,7 +2447,7 @@ class _Swap:
             if old is None or (old.__qualname__, old.__module__) != (new.__qualname__,
                                                                       new.__module__):
                 return new
-            return self.swap_function(old, new, True, f"{plan.name}.{qualname}")
+            return self.swap_function(old, new, True, (plan.name, qualname))
 
         return decorate
 
@@ -2469,7 +2479,6 @@ class _Swap:
         old_scope, new_scope = plan.old.get(qualname), plan.new.get(qualname)
         members = set(cls._member_map_) if isinstance(cls, enum.EnumMeta) else set()
         skipped = _CLASS_LAYOUT | members | {"_ignore_"}
-        label = f"{plan.name}.{qualname}"
         for attribute, value in dict(namespace).items():
             if attribute in skipped:
                 continue
@@ -2479,10 +2488,12 @@ class _Swap:
             elif attribute == "__new__" and isinstance(value, types.FunctionType):
                 value = staticmethod(value)
             current = cls.__dict__.get(attribute, _MISSING)
+            if current is value:
+                continue  # most methods: the reuse decorator already swapped them
             if current is not _MISSING and not _defined_twice(old_scope, new_scope, attribute):
                 value = self.merge(current, value, _changed(old_scope, new_scope, attribute),
-                                   f"{label}.{attribute}")
-            if value is not current:
+                                   (plan.name, qualname, attribute))
+            if value is not current:  # else the merge kept the old object
                 setattr(cls, attribute, value)
                 set_name = getattr(type(value), "__set_name__", None)
                 if set_name is not None:
@@ -2541,7 +2552,7 @@ class _Swap:
             elif (value is not current and name not in ("__doc__", "__annotations__")
                   and not _defined_twice(old_scope, new_scope, name)):
                 namespace[name] = self.merge(current, value, _changed(old_scope, new_scope, name),
-                                             f"{plan.name}.{name}")
+                                             (plan.name, name))
         for name in old_scope.statements.keys() - new_scope.statements.keys() - keep:
             value = namespace.get(name, _MISSING)
             submodule = sys.modules.get(f"{plan.name}.{name}")

@@ -529,15 +529,15 @@ def test_counter_kept_on_unrelated_edit_and_changed_initialiser_taken(tree):
 
 def test_hot_keep_and_hot_upgrade(tree):
     tree.write("m.py", """
-        sessions = {}
+        carts = {}
         totals = [1, 2]
     """)
     m = tree.load("m")
-    m.sessions["a"] = 1
-    kept = m.sessions
+    m.carts["a"] = 1
+    kept = m.carts
     tree.write("m.py", """
-        __hot_keep__ = ("sessions",)
-        sessions = {"fresh": True}
+        __hot_keep__ = ("carts",)
+        carts = {"fresh": True}
         totals = (0,)
         total = 0
         def __hot_upgrade__(old_globals):
@@ -545,7 +545,7 @@ def test_hot_keep_and_hot_upgrade(tree):
             total = sum(old_globals["totals"])
     """)
     upgraded(tree)
-    assert m.sessions is kept and m.sessions == {"a": 1}
+    assert m.carts is kept and m.carts == {"a": 1}
     assert m.totals == (0,) and m.total == 3
 
 
