@@ -407,9 +407,10 @@ class S3:
         if not bucket:
             missing.append("BUCKET_NAME")
         if missing:
-            raise ConfigError(f"missing environment variable(s) {', '.join(missing)}: set them "
-                              "(fly storage create prints them; BUCKET_NAME may also come from "
-                              "[tool.flydeploy] bucket)")
+            raise ConfigError(
+                f"missing environment variable(s) {', '.join(missing)}: set them (`fly storage "
+                "create` prints them)" + ("; the bucket may also be given as [tool.flydeploy] "
+                                          "bucket in pyproject.toml" if not bucket else ""))
         return cls(env["AWS_ENDPOINT_URL_S3"] or _DEFAULT_S3_ENDPOINT, bucket,
                    env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
                    region=env["AWS_REGION"] or "auto",
@@ -617,7 +618,7 @@ class S3:
                     raise _Retryable(error)
                 raise error
             if method == "HEAD":
-                reply_body = b""
+                reply_body = response.read()  # empty, but frees the connection for reuse
             elif stream_to is not None:
                 reply_body = _stream_into(response, stream_to)
             else:
@@ -696,7 +697,7 @@ class _FileBody:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        with open(path, "rb") as f:
+        with _local_file_errors(path), open(path, "rb") as f:
             self.size = os.fstat(f.fileno()).st_size
             self.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
 

@@ -134,10 +134,12 @@ def _wait_until(server: S3Server, ready, what: str) -> None:
         delay = min(delay * 2, 0.5)
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: subprocess.Popen, grace_s: float = 1) -> None:
+    """Ask the server to stop, then kill it: SeaweedFS's graceful gRPC shutdown can take
+    longer than ten seconds, and its data is thrown away anyway."""
     process.terminate()
     try:
-        process.wait(timeout=15)
+        process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=15)
