@@ -38,6 +38,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 
@@ -98,8 +99,8 @@ def find_executable(name: str) -> str:
         return str(beside)
     found = shutil.which(name)
     if found is None:
-        pytest.fail(f"{name} not found next to {sys.executable} or on PATH: "
-                    "install the test extras (python -m pip install -e '.[test]')")
+        raise RuntimeError(f"{name} not found next to {sys.executable} or on PATH: "
+                           "install the test extras (python -m pip install -e '.[test]')")
     return found
 
 
@@ -125,11 +126,11 @@ def _wait_until(server: S3Server, ready, what: str) -> None:
         except (OSError, urllib.error.URLError, flydeploy.S3Error) as exc:
             last = exc
         if server.process.poll() is not None:
-            pytest.fail(f"{what} exited with {server.process.returncode} while starting:\n"
-                        f"{server.log_tail()}")
+            raise RuntimeError(f"{what} exited with {server.process.returncode} while "
+                               f"starting:\n{server.log_tail()}")
         if time.monotonic() > deadline:
-            pytest.fail(f"{what} not ready after {STARTUP_DEADLINE_S}s ({last}):\n"
-                        f"{server.log_tail()}")
+            raise RuntimeError(f"{what} not ready after {STARTUP_DEADLINE_S}s ({last}):\n"
+                               f"{server.log_tail()}")
         time.sleep(delay)
         delay = min(delay * 2, 0.5)
 
@@ -145,10 +146,12 @@ def _stop(process: subprocess.Popen, grace_s: float = 1) -> None:
         process.wait(timeout=15)
 
 
-@pytest.fixture(scope="session")
-def seaweed(tmp_path_factory):
+@contextlib.contextmanager
+def run_seaweed(work: pathlib.Path) -> Iterator[S3Server]:
+    """Run SeaweedFS with its files under ``work`` (an empty folder) until the block ends;
+    yields the server with its bucket created.  The ``seaweed`` fixture and the
+    transfer benchmark both use it."""
     weed = find_executable("weed")
-    work = tmp_path_factory.mktemp("seaweed")
     (work / "data").mkdir()
     access_key, secret_key = "FLYDEPLOYTESTKEY", "test/Secret+" + secrets.token_hex(8)
     (work / "s3.json").write_text(json.dumps({"identities": [{
@@ -177,6 +180,12 @@ def seaweed(tmp_path_factory):
         yield server
     finally:
         _stop(process)
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    with run_seaweed(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -282,3 +282,35 @@ def test_signature_matches_botocore_s3_signer(method, host, key, query, headers,
                                   region=region, session_token=token, now=now)
     assert ours["Authorization"] == request.headers["Authorization"]
     assert ours["X-Amz-Content-Sha256"] == request.headers["X-Amz-Content-SHA256"]
+
+
+ESCAPE_SOUP = st.lists(st.one_of(
+    st.integers(0, 255).map(lambda byte: f"%{byte:02X}"),
+    st.integers(0, 255).map(lambda byte: f"%{byte:02x}"),
+    st.sampled_from(list("%/09afAFxyz-._~ +&=?ü"))), max_size=20).map("".join)
+
+
+def _check_canonical_forms(text: str) -> None:
+    """Already-canonical paths and query parts skip decoding; the result must be what
+    decoding and strictly re-encoding gives."""
+    decode, quote = urllib.parse.unquote_to_bytes, urllib.parse.quote
+    assert flydeploy._canonical_uri("/" + text) == quote(decode("/" + text), safe="/")
+    expected = []
+    for part in text.split("&"):
+        if part:
+            name, _, value = part.partition("=")
+            expected.append(f"{quote(decode(name), safe='')}={quote(decode(value), safe='')}")
+    assert flydeploy._canonical_query(text) == "&".join(sorted(
+        expected, key=lambda pair: tuple(pair.split("=", 1))))
+
+
+def test_canonical_fast_paths_on_every_escape():
+    for byte in range(256):
+        for escape in (f"%{byte:02X}", f"%{byte:02x}"):
+            _check_canonical_forms(f"a{escape}b={escape}")
+
+
+@given(text=ESCAPE_SOUP)
+@settings(max_examples=500, deadline=None)
+def test_canonical_fast_paths_agree_with_decode_and_encode(text):
+    _check_canonical_forms(text)
