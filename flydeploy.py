@@ -391,14 +391,16 @@ def _xml_children(element: ET.Element) -> dict[str, str]:
     return {child.tag.rpartition("}")[2]: child.text or "" for child in element}
 
 
-def _read_body(response: http.client.HTTPResponse, sink: Callable[[bytes], object]) -> int:
-    """Feed the whole response body to ``sink``; a body shorter than its Content-Length
-    raises ``_TruncatedBody`` (http.client would silently return what it got)."""
+def _read_body(response: http.client.HTTPResponse, sink: Callable[[memoryview], object]) -> int:
+    """Feed the whole response body to ``sink`` in chunks (views of one reused buffer, valid
+    only during the call); a body shorter than its Content-Length raises ``_TruncatedBody``
+    (http.client would silently return what it got)."""
     expected = response.getheader("Content-Length")
     received = 0
-    while chunk := response.read(_IO_CHUNK):
-        sink(chunk)
-        received += len(chunk)
+    view = memoryview(bytearray(_IO_CHUNK))
+    while count := response.readinto(view):
+        sink(view[:count])
+        received += count
     if expected is not None and expected.isdigit() and received != int(expected):
         raise _TruncatedBody(f"connection closed after {received} of {expected} bytes")
     return received
@@ -682,12 +684,12 @@ class S3:
                 reply_body = _stream_into(response, stream_to)
             else:
                 parts: list[bytes] = []
-                _read_body(response, parts.append)
+                _read_body(response, lambda chunk: parts.append(bytes(chunk)))
                 reply_body = b"".join(parts)
             if response.will_close:
                 self._drop_connection()
-            return _S3Response(response.status, {k.lower(): v for k, v in response.getheaders()},
-                          reply_body)
+            return _S3Response(response.status,
+                               {k.lower(): v for k, v in response.getheaders()}, reply_body)
         except (_TruncatedBody, OSError, http.client.HTTPException) as exc:
             # Local file errors never get here: _FileBody and _stream_into raise them as
             # FlyDeployError, so every OSError left is about the connection.
@@ -797,7 +799,7 @@ def _stream_into(response: http.client.HTTPResponse, out: BinaryIO) -> bytes:
         out.truncate()
     hasher = hashlib.sha256()
 
-    def sink(chunk: bytes) -> None:
+    def sink(chunk: memoryview) -> None:
         hasher.update(chunk)
         with _local_file_errors(out.name):
             out.write(chunk)
