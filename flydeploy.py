@@ -55,8 +55,6 @@ import json
 import logging
 import math
 import operator
-import math
-import operator
 import os
 import random
 import re

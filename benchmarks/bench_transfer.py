@@ -22,7 +22,6 @@ import botocore.session
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import flydeploy  # noqa: E402
 from tests.conftest import run_seaweed  # noqa: E402
 
 SIZE_MB = 200
