@@ -640,13 +640,14 @@ class S3:
         path = self._key_path(key) if key is not None else self._bucket_path
         target = f"{path}?{query}" if query else path
         what = f"{method} s3://{self.bucket}/{key if key is not None else ''}"
-        for attempt in range(1, self.retry_attempts + 1):
+        attempt = 1
+        while True:
             try:
                 return self._attempt(method, target, key, headers or {}, body, payload_hash,
                                      stream_to, what)
             except _Retryable as retryable:
                 error = retryable.error
-                if attempt == self.retry_attempts:
+                if attempt >= self.retry_attempts:
                     raise type(error)(f"{error.message} (gave up after {attempt} attempts)",
                                       status=error.status, code=error.code,
                                       request_id=error.request_id, key=key) from None
@@ -655,7 +656,7 @@ class S3:
                 log.warning("%s; retry %d of %d in %.2fs", error.message, attempt,
                             self.retry_attempts - 1, delay)
                 time.sleep(delay)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+                attempt += 1
 
     def _attempt(self, method: str, target: str, key: str | None, headers: dict[str, str],
                  body: bytes | _FileBody, payload_hash: str, stream_to: BinaryIO | None,

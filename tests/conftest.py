@@ -180,6 +180,10 @@ def run_seaweed(work: pathlib.Path) -> Iterator[S3Server]:
         yield server
     finally:
         _stop(process)
+        # weed puts its gRPC unix sockets in /tmp whatever the options; these are ours.
+        for role, port in (("master", master_grpc), ("volume", volume_grpc),
+                           ("filer", filer_grpc), ("s3", s3_grpc)):
+            pathlib.Path(f"/tmp/seaweedfs-{role}-grpc-{port}.sock").unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
