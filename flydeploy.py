@@ -1961,6 +1961,7 @@ class _Scope:
 
     statements: dict[str, tuple[str, ...]]
     header: str = ""
+    texts: list[str] = dataclasses.field(default_factory=list)  # of each statement, in order
     defs: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     twice: frozenset[str] = frozenset()  # names bound by several plain defs
     # In class bodies, the source of the value of each ``NAME = value``, and
@@ -1985,6 +1986,7 @@ def _scopes(tree: ast.Module, source: bytes) -> dict[str, _Scope]:
         scope = _Scope({}, header)
         for statement in body:
             written = text(statement)
+            scope.texts.append(written)
             for name in _bound_names(statement):
                 statements[name].append(written)
             if (qualname and isinstance(statement, (ast.Assign, ast.AnnAssign))
@@ -2052,6 +2054,32 @@ def _inject_reuse(tree: ast.Module, reusable: set[tuple[str, str]]) -> None:
     visit("", tree.body)
 
 
+def _skip_unchanged(tree: ast.Module, old: _Scope, new: _Scope, namespace: dict) -> None:
+    """Turn every unchanged module-level statement that makes no code into
+    ``pass``: no def, class or import in it, and no function or class in the
+    names it binds (a closure from a factory gets its new code).  Those
+    names keep their live values anyway, and running the statement again
+    would repeat its side effects: a server started twice, a callback
+    registered twice."""
+    remaining = collections.Counter(old.texts)
+    for index, (statement, written) in enumerate(zip(tree.body, new.texts)):
+        names = _bound_names(statement)
+        if (remaining[written] > 0 and names <= namespace.keys()
+                and not any(_holds_code(namespace[name]) for name in names)
+                and not any(isinstance(s, (*_DEFS, ast.ClassDef, ast.Import, ast.ImportFrom))
+                            for s in _nested_statements([statement]))):
+            remaining[written] -= 1
+            tree.body[index] = ast.copy_location(ast.Pass(), statement)
+
+
+def _holds_code(value: object) -> bool:
+    """Whether a value is code the swap updates: a function, a class, a
+    method descriptor or a decorator's wrapper."""
+    return (isinstance(value, (types.FunctionType, type, classmethod, staticmethod, property,
+                               functools.partial))
+            or "__wrapped__" in getattr(value, "__dict__", ()))
+
+
 def _enum_members(scope: _Scope) -> dict[str, str]:
     """Member names of an Enum class as written, with the source of each value
     (sunder and dunder names and the names in ``_ignore_`` are no members)."""
@@ -2108,6 +2136,7 @@ class _ModulePlan:
     new: dict[str, _Scope]
     rebuilt: set[str]          # class qualnames that get a new class object
     imports: set[str]
+    doc: str | None = None     # the new module docstring
 
 
 def _imported_modules(tree: ast.Module, package: str) -> set[str]:
@@ -2169,6 +2198,8 @@ def _plan_module(name: str) -> _ModulePlan:
             if before is not None and not _within(qualname, plan.rebuilt):
                 reusable.update(key for key, count in scope.defs.items()
                                 if count == 1 and before.defs.get(key) == 1)
+        plan.doc = ast.get_docstring(tree, clean=False)
+        _skip_unchanged(tree, old[""], new[""], module.__dict__)
         _inject_reuse(tree, reusable)
         plan.swap_code = compile(tree, record.path, "exec", dont_inherit=True)
     except SyntaxError as exc:
@@ -2571,8 +2602,7 @@ class _Swap:
         """Execute the new body of one module in place and merge its state."""
         namespace = plan.module.__dict__
         old = self.old_globals[plan.name] = self._save_module(plan.module)
-        namespace.pop("__annotations__", None)
-        namespace["__doc__"] = None
+        namespace["__doc__"] = plan.doc
         namespace[_REUSE] = self.reuse
         self.plan, self.stage = plan, f"executing module {plan.name}"
         builtins.__build_class__ = self.build_class

@@ -527,6 +527,23 @@ def test_counter_kept_on_unrelated_edit_and_changed_initialiser_taken(tree):
     assert m.bump() == 13
 
 
+def test_unchanged_module_level_actions_are_not_repeated(tree):
+    tree.write("trace.py", "events = []\n")
+    body = """
+        from {pkg} import trace
+        trace.events.append("registered")
+        trace.events.append({extra!r})
+        LIMIT = 3
+        def f():
+            return {result!r}
+    """
+    tree.write("m.py", body.format(pkg=tree.pkg, extra="first", result="old"))
+    m, trace = tree.load("m"), tree.load("trace")
+    tree.write("m.py", body.format(pkg=tree.pkg, extra="second", result="new"))
+    upgraded(tree, "m")
+    assert trace.events == ["registered", "first", "second"] and m.f() == "new"
+
+
 def test_hot_keep_and_hot_upgrade(tree):
     tree.write("m.py", """
         carts = {}

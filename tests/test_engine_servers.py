@@ -48,10 +48,10 @@ def counter_source(vsn=1, reply='state["n"]', tag="old", code_change=KEEP):
 @pytest.fixture
 def tree(tmp_path):
     t = Tree(tmp_path / "app")
-    started = []
-    t.start = lambda cls, *a, **k: started.append(cls.start(*a, **k)) or started[-1]
+    t.started = []
+    t.start = lambda cls, *a, **k: t.started.append(cls.start(*a, **k)) or t.started[-1]
     yield t
-    for server in started:
+    for server in t.started:
         if server.alive:
             server.stop(timeout=10)
     t.close()
@@ -78,6 +78,29 @@ def test_code_change_gets_old_vsn_and_upgraded_message_comes_after_queued_ones(t
     assert state["log"] == [("old", "before")] + [("new", i) for i in range(5)] + [
         ("upgraded", (tree.name("srv"),))]
     assert report.suspend_ms > 0
+
+
+def test_server_started_at_module_level_is_not_started_again(tree):
+    tree.write("srv.py", counter_source())
+    tree.write("app.py", f"""
+        from {tree.pkg} import srv
+        counter = srv.Counter.start(7, name="{tree.pkg}-module-level")
+        def describe():
+            return "old"
+    """)
+    app = tree.load("app")
+    tree.started.append(app.counter)
+    before = flydeploy.servers()
+    tree.write("app.py", f"""
+        from {tree.pkg} import srv
+        counter = srv.Counter.start(7, name="{tree.pkg}-module-level")
+        def describe():
+            return "new"
+    """)
+    report = tree.reload()
+    assert report.ok, report.error
+    assert app.describe() == "new" and flydeploy.servers() == before
+    assert app.counter.call("get") == 7
 
 
 def test_unaffected_server_gets_no_code_change_or_message(tree):
