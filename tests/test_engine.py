@@ -6,6 +6,7 @@ its files and upgrades it with ``flydeploy.reload_modules``.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.machinery
 import importlib.util
@@ -258,6 +259,19 @@ def test_thread_inside_old_function_finishes_old_code_then_takes_new(tree):
     m.proceed.set()
     worker.join(30)
     assert results == ["old"] and m.work() == "new"
+
+
+def test_coroutine_functions_and_a_suspended_generator(tree):
+    source = "async def fetch():\n    return {0!r}\ndef numbers():\n    yield {1}\n    yield {2}\n"
+    tree.write("m.py", source.format("old", 1, 2))
+    m = tree.load("m")
+    fetch, running = m.fetch, m.numbers()
+    assert next(running) == 1
+    tree.write("m.py", source.format("new", 10, 20))
+    upgraded(tree)
+    assert m.fetch is fetch and asyncio.run(fetch()) == "new"
+    assert next(running) == 2  # a running generator finishes its old code
+    assert list(m.numbers()) == [10, 20]
 
 
 # --- 2. classes keep their identity ---------------------------------------------
