@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import sys
 import tempfile
@@ -123,6 +124,7 @@ def main() -> None:
         naive.append(naive_upgrade(modules, servers))
     for server in servers:
         server.stop()
+    shutil.rmtree(root, ignore_errors=True)
     suspend = statistics.median(r.suspend_ms for r in reports)
     total = statistics.median(r.total_ms for r in reports)
     naive_suspend = statistics.median(naive)
