@@ -1758,7 +1758,9 @@ class _TrackingFinder:
     """First finder on ``sys.meta_path``: asks the others, then hands modules
     under a tracked root to ``_TrackingLoader`` (C extensions are hashed)."""
 
-    def find_spec(self, fullname: str, path=None, target=None):
+    def find_spec(self, fullname: str, path: list[str] | None = None,
+                  target: types.ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        """The spec the other finders give, with a tracking loader when tracked."""
         if not _tracker.roots:
             return None
         for finder in list(sys.meta_path):
@@ -1791,7 +1793,8 @@ class _Tracker:
 
     def covers(self, name: str, path: str) -> bool:
         """Whether module ``name`` loaded from ``path`` is the application's."""
-        if name in ("__main__", __name__) or not self.roots:
+        # The main script runs once; this module must never swap itself.
+        if name in ("__main__", "__mp_main__", __name__) or not self.roots:
             return False
         path = os.path.realpath(path)
         if not any(_is_under(path, root) for root in self.roots):
@@ -1821,11 +1824,13 @@ class _Tracker:
             if (origin is None or name in self.loaded or not self.covers(name, origin)
                     or not (origin.endswith(".py") or _is_extension(origin))):
                 continue
+            if _is_extension(origin):
+                self.remember(name, origin, None)
+                continue
             try:
-                data = _read_bytes(origin)
+                self.remember(name, origin, _read_bytes(origin))
             except OSError:
                 continue
-            self.remember(name, origin, None if _is_extension(origin) else data)
 
     def record_for(self, name: str) -> _Loaded | None:
         """What the live module ``name`` was loaded from, if it is tracked."""
