@@ -602,9 +602,10 @@ def _never_packed_dir(folder: str, name: str) -> bool:
     if name.startswith(".") or name in _NEVER_PACKED_DIRS or name.endswith(".egg-info"):
         return True
     here = os.path.join(folder, name)
-    # A virtual environment or a conda environment, whatever it is called.
-    return (os.path.exists(os.path.join(here, "pyvenv.cfg"))
-            or os.path.isdir(os.path.join(here, "conda-meta")))
+    # A virtual environment (old virtualenv writes no pyvenv.cfg, but always
+    # an activate script) or a conda environment, whatever it is called.
+    return any(os.path.exists(os.path.join(here, marker))
+               for marker in ("pyvenv.cfg", "conda-meta", "bin/activate", "Scripts/activate"))
 
 
 def _release_files(root: str, include: Sequence[str] | None, exclude: Sequence[str] | None,
