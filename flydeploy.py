@@ -45,6 +45,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import email.utils
 import fcntl
 import functools
 import gzip
@@ -202,8 +203,8 @@ def _check_store_key(key: object) -> str:
     parts = key.split("/")
     if any(part in ("", ".", "..") for part in parts):
         raise refuse("it has an empty, '.' or '..' part (a leading, trailing or double '/')")
-    if parts[0] == _STORE_INTERNAL_DIR:
-        raise refuse(f"{_STORE_INTERNAL_DIR}/ is the store's own folder")
+    if _STORE_INTERNAL_DIR in parts:
+        raise refuse(f"{_STORE_INTERNAL_DIR} is the name of the store's own folder")
     return key
 
 
@@ -361,9 +362,10 @@ class LocalStore:
                 os.unlink(tmp)
         return etag
 
-    def upload(self, key: str, path: str | os.PathLike[str]) -> str:
+    def upload(self, key: str, path: str | os.PathLike[str], *,
+               content_type: str | None = None) -> str:
         """Copy the file at ``path`` to ``key`` in bounded chunks; return the ETag."""
-        return self.put(key, os.fspath(path))
+        return self.put(key, os.fspath(path), content_type=content_type)
 
     def get(self, key: str) -> bytes:
         """Return the content of ``key``; raise ``NotFound`` when it does not exist."""
@@ -384,7 +386,13 @@ class LocalStore:
                           status=200, code="InvalidJSON", key=key) from None
 
     def head(self, key: str) -> dict[str, Any] | None:
-        """Return ``{"etag", "size", "last_modified", "content_type"}`` of ``key``, or None."""
+        """Return ``{"etag", "size", "content_type", "last_modified", "headers"}`` of ``key``.
+
+        The shape of ``S3.head``: ``last_modified`` is an HTTP date and
+        ``headers`` the response headers S3 would send (names lower-cased);
+        the content type is derived from the key's extension.  None when the
+        key does not exist.
+        """
         path = self._path(key)
         try:
             with open(path, "rb") as f:
@@ -392,12 +400,14 @@ class LocalStore:
                 digest = hashlib.file_digest(f, lambda: hashlib.md5(usedforsecurity=False))
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
-        return {
+        headers = {
             "etag": '"' + digest.hexdigest() + '"',
-            "size": info.st_size,
-            "last_modified": datetime.datetime.fromtimestamp(info.st_mtime, datetime.timezone.utc),
-            "content_type": mimetypes.guess_type(key)[0] or "application/octet-stream",
+            "content-length": str(info.st_size),
+            "content-type": mimetypes.guess_type(key)[0] or "application/octet-stream",
+            "last-modified": email.utils.formatdate(info.st_mtime, usegmt=True),
         }
+        return {"etag": headers["etag"], "size": info.st_size, "content_type": headers["content-type"],
+                "last_modified": headers["last-modified"], "headers": headers}
 
     def download(self, key: str, path: str | os.PathLike[str]) -> str:
         """Copy ``key`` to the file ``path``; return the sha256 hex of what was written.

@@ -1,5 +1,6 @@
 """LocalStore: the S3 interface on a directory, with S3's semantics."""
 
+import email.utils
 import hashlib
 import os
 import pathlib
@@ -33,7 +34,8 @@ def test_put_get_head_delete(store):
     head = store.head("releases/app-current.json")
     assert head["etag"] == etag and head["size"] == 8
     assert head["content_type"] == "application/json"
-    assert head["last_modified"].tzinfo is not None
+    assert email.utils.parsedate_to_datetime(head["last_modified"]).tzinfo is not None
+    assert head["headers"]["content-length"] == "8" and head["headers"]["etag"] == etag
     assert (pathlib.Path(store.root) / "releases" / "app-current.json").read_bytes() == b'{"a": 1}'
     store.delete("releases/app-current.json")
     assert store.head("releases/app-current.json") is None
@@ -75,7 +77,7 @@ def test_conditional_writes(store):
 
 
 @pytest.mark.parametrize("key", ["", "/etc/passwd", "../outside", "a/../../outside", "a//b",
-                                 "a/./b", "trailing/", ".flydeploy-store/lock", "nul\x00byte",
+                                 "a/./b", "trailing/", ".flydeploy-store/lock", "a/.flydeploy-store/x", "nul\x00byte",
                                  "x" * 1025])
 def test_keys_that_would_escape_are_refused(store, tmp_path, key):
     with pytest.raises(S3Error) as caught:
