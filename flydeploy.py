@@ -1015,6 +1015,8 @@ def record_hot_upgrade(store: Any, app: str, hot_upgrade: dict[str, Any], *,
     def change(doc: dict[str, Any] | None) -> dict[str, Any]:
         if doc is None or (image_ref is not None and doc.get("image_ref") != image_ref):
             doc = _fresh_current(image_ref)
+        elif doc.get("hot_upgrade") == record:
+            return doc  # already recorded (a write whose reply was lost): not history
         previous = doc.get("hot_upgrade")
         history = [h for h in doc.get("history") or [] if isinstance(h, dict)]
         if previous:
@@ -1166,6 +1168,8 @@ def acquire_lock(store: Any, app: str, *, owner: str, deployment_id: str,
         holder, etag = _read_lock(store, key)
         if holder is None:
             continue  # released between our write and our read: try again
+        if holder == body and etag:
+            return held(etag)  # our write landed, but its reply was lost and the retry refused
         expires = _parse_time(holder.get("expires_at"))
         if not (force or expires is None or expires <= now):
             raise LockHeld(app, holder, now=now)

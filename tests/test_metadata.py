@@ -142,6 +142,32 @@ def test_malformed_metadata_and_records_are_refused(store, app):
         read_current(store, app)
 
 
+class LostReply:
+    """A store whose first put lands but answers 412, as when a reply is lost and the retry refused."""
+
+    def __init__(self, inner):
+        self.inner, self.lost = inner, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def put(self, key, data, **conditions):
+        etag = self.inner.put(key, data, **conditions)
+        if not self.lost:
+            self.lost = True
+            raise PreconditionFailed("lost reply", status=412, code="PreconditionFailed", key=key)
+        return etag
+
+
+def test_a_record_whose_reply_was_lost_is_not_recorded_twice(store, app):
+    record_hot_upgrade(store, app, upgrade("v1"), image_ref="img:1")
+    flaky = LostReply(store)
+    doc = record_hot_upgrade(flaky, app, upgrade("v2"))
+    assert flaky.lost
+    assert doc["hot_upgrade"]["version"] == "v2"
+    assert [h["version"] for h in doc["history"]] == ["v1"]
+
+
 # --- The deploy lock --------------------------------------------------------------
 
 def test_held_lock_names_owner_start_and_time_left(store, app):
@@ -245,3 +271,11 @@ def test_racing_for_an_expired_lock_has_one_winner(store, app):
 
     winners = race(store, app, 10, prepare=expired_lock)
     assert all(len(w) == 1 for w in winners), winners
+
+
+def test_a_lock_whose_reply_was_lost_is_still_ours(store, app):
+    flaky = LostReply(store)
+    lock = acquire_lock(flaky, app, owner="alice", deployment_id="d-1")
+    assert flaky.lost and lock.owner == "alice"
+    assert lock_doc(store, app)["deployment_id"] == "d-1"
+    assert lock.release() is True
