@@ -20,27 +20,27 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import flydeploy  # noqa: E402
 
 FILES = 10_000
+PACKAGES = 200
 RUNS = 5
 GOAL_RATIO = 1.5
 
 
 def make_tree(root: pathlib.Path) -> int:
-    """Write FILES source-like files in nested packages; return their total size."""
+    """Write FILES source-like files (PACKAGES packages of modules); return their total size."""
     rng = random.Random(42)
     words = ["def", "return", "self", "state", "value", "import", "class", "for", "in",
              "if", "else", "None", "True", "counter", "handle_call", "reply", "=", "+", "(", ")"]
     total = 0
-    for i in range(FILES):
-        package = root / "app" / f"pkg{i // 500:02d}" / f"sub{(i // 50) % 10}"
-        package.mkdir(parents=True, exist_ok=True)
-        init = package / "__init__.py"
-        if not init.exists():
-            init.write_text("")
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
-                 for _ in range(rng.randint(10, 120))]
-        text = "\n".join(lines) + "\n"
-        (package / f"mod{i}.py").write_text(text)
-        total += len(text)
+    for p in range(PACKAGES):
+        package = root / "app" / f"pkg{p // 10:02d}" / f"sub{p % 10}"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        for m in range(FILES // PACKAGES - 1):
+            lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+                     for _ in range(rng.randint(10, 120))]
+            text = "\n".join(lines) + "\n"
+            (package / f"mod{m}.py").write_text(text)
+            total += len(text)
     return total
 
 
