@@ -12,7 +12,7 @@ import flydeploy
 from flydeploy import (HISTORY_LIMIT, LockHeld, PreconditionFailed, ReleaseError, acquire_lock,
                        read_current, record_hot_upgrade, reset_current)
 
-STORES = ["local"]
+STORES = ["local", "s3"]
 
 
 @pytest.fixture(params=STORES)
@@ -278,4 +278,15 @@ def test_a_lock_whose_reply_was_lost_is_still_ours(store, app):
     lock = acquire_lock(flaky, app, owner="alice", deployment_id="d-1")
     assert flaky.lost and lock.owner == "alice"
     assert lock_doc(store, app)["deployment_id"] == "d-1"
+    assert lock.release() is True
+
+
+def test_a_takeover_whose_reply_was_lost_is_still_ours(store, app):
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=1)
+    store.put(f"releases/{app}-deploy.lock", json.dumps({
+        "locked_by": "crashed", "locked_at": past.isoformat(), "expires_at": past.isoformat(),
+        "deployment_id": "d-old"}).encode())
+    flaky = LostReply(store)
+    lock = acquire_lock(flaky, app, owner="bob", deployment_id="d-2")
+    assert flaky.lost and lock_doc(store, app)["deployment_id"] == "d-2"
     assert lock.release() is True
