@@ -196,3 +196,25 @@ def test_invalid_json_is_reported(store):
     with pytest.raises(S3Error, match="not valid JSON") as caught:
         store.get_json("bad.json")
     assert caught.value.code == "InvalidJSON"
+
+
+def test_local_mode_flow_from_pack_to_unpack_through_the_recorded_url(tmp_path):
+    """What `hot --local` and the machine side do: the URL in current.json is enough."""
+    app_root = tmp_path / "app"
+    (app_root / "bot").mkdir(parents=True)
+    (app_root / "bot" / "__init__.py").write_text("VERSION = 2\n")
+    store = LocalStore(app_root / ".flydeploy")
+    release = flydeploy.pack_release(app_root, tmp_path / "r.tar.gz", app="bot", version="v2")
+    assert ".flydeploy" not in "".join(release.manifest["files"])
+    key = flydeploy.release_key("bot", "v2")
+    store.upload(key, release.path)
+    flydeploy.record_hot_upgrade(store, "bot", release.hot_upgrade_record(store.url(key)),
+                                 image_ref="local")
+    current, _ = flydeploy.read_current(store, "bot")
+    found, found_key = LocalStore.from_url(current["hot_upgrade"]["tarball_url"])
+    fetched = tmp_path / "fetched.tar.gz"
+    assert found.download(found_key, fetched) == current["hot_upgrade"]["sha256"]
+    manifest = flydeploy.unpack_release(fetched, tmp_path / "out",
+                                        expected_sha256=current["hot_upgrade"]["sha256"])
+    assert manifest["version"] == "v2"
+    assert (tmp_path / "out" / "bot" / "__init__.py").read_text() == "VERSION = 2\n"
