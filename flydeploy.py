@@ -801,17 +801,19 @@ _MAX_KEY_BYTES = 1024
 _COPY_CHUNK = 1 << 20
 
 
-def _quoted_md5(data: bytes) -> str:
-    return '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
+def _digest(f: BinaryIO, algorithm: str) -> str:
+    """Hex digest of an open file's content from where it stands, read in bounded chunks."""
+    return hashlib.file_digest(f, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
 
 
 def _file_digest(path: str, algorithm: str) -> str:
-    """Hex digest of a file's content, read in bounded chunks."""
-    digest = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as f:
-        while chunk := f.read(_COPY_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return _digest(f, algorithm)
+
+
+def _quoted(hexdigest: str) -> str:
+    """An ETag as S3 gives it: the hex MD5 in double quotes."""
+    return f'"{hexdigest}"'
 
 
 def _same_etag(a: str, b: str) -> bool:
@@ -929,18 +931,18 @@ class LocalStore:
                     digest.update(data)
                     out.write(data)
                 else:
-                    with open(data, "rb") as src:
+                    with _local_file_errors(os.fspath(data)), open(data, "rb") as src:
                         while chunk := src.read(_COPY_CHUNK):
                             digest.update(chunk)
                             out.write(chunk)
         except BaseException:
             os.unlink(tmp)
             raise
-        return tmp, '"' + digest.hexdigest() + '"'
+        return tmp, _quoted(digest.hexdigest())
 
     def _etag_of(self, path: str) -> str | None:
         try:
-            return '"' + _file_digest(path, "md5") + '"'
+            return _quoted(_file_digest(path, "md5"))
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
@@ -1014,7 +1016,7 @@ class LocalStore:
         """Return ``(parsed JSON, ETag)`` of ``key``, both from the same read."""
         data = self.get(key)
         try:
-            return json.loads(data), _quoted_md5(data)
+            return json.loads(data), _quoted(hashlib.md5(data, usedforsecurity=False).hexdigest())
         except ValueError as err:
             raise S3Error(f"{key!r} in {self.root} is not valid JSON ({err}); fix or delete it",
                           status=200, code="InvalidJSON", key=key) from None
@@ -1031,11 +1033,11 @@ class LocalStore:
         try:
             with open(path, "rb") as f:
                 info = os.fstat(f.fileno())
-                digest = hashlib.file_digest(f, lambda: hashlib.md5(usedforsecurity=False))
+                etag = _quoted(_digest(f, "md5"))
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         headers = {
-            "etag": '"' + digest.hexdigest() + '"',
+            "etag": etag,
             "content-length": str(info.st_size),
             "content-type": mimetypes.guess_type(key)[0] or "application/octet-stream",
             "last-modified": email.utils.formatdate(info.st_mtime, usegmt=True),
@@ -1057,17 +1059,18 @@ class LocalStore:
             raise NotFound(f"{key!r} does not exist in {self.root}",
                            status=404, code="NoSuchKey", key=key) from None
         digest = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.")
-        try:
-            with src, os.fdopen(fd, "wb") as out:
-                while chunk := src.read(_COPY_CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, dest)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with src, _local_file_errors(dest):
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    while chunk := src.read(_COPY_CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, dest)
+            except BaseException:
+                os.unlink(tmp)
+                raise
         return digest.hexdigest()
 
     def delete(self, key: str, *, if_match: str | None = None) -> None:
@@ -1344,7 +1347,7 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
                 cached[rel] = data
                 hashes[rel] = hashlib.sha256(data).hexdigest()
             else:
-                hashes[rel] = hashlib.file_digest(f, "sha256").hexdigest()
+                hashes[rel] = _digest(f, "sha256")
         modes[rel] = 0o755 if info.st_mode & 0o111 else 0o644
 
     created_at = (None if epoch is None else

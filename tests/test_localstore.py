@@ -218,3 +218,13 @@ def test_local_mode_flow_from_pack_to_unpack_through_the_recorded_url(tmp_path):
                                         expected_sha256=current["hot_upgrade"]["sha256"])
     assert manifest["version"] == "v2"
     assert (tmp_path / "out" / "bot" / "__init__.py").read_text() == "VERSION = 2\n"
+
+
+def test_local_file_errors_are_clear_and_leave_nothing(store, tmp_path):
+    with pytest.raises(flydeploy.FlyDeployError, match="check the path"):
+        store.upload("k", tmp_path / "no-such-file")
+    assert store.head("k") is None
+    store.put("k", b"data")
+    with pytest.raises(flydeploy.FlyDeployError, match="check the path"):
+        store.download("k", tmp_path / "no-such-folder" / "out")
+    assert os.listdir(os.path.join(store.root, ".flydeploy-store")) == ["lock"]
