@@ -1317,7 +1317,8 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     tree and arguments give the same bytes: sorted members, fixed mtime,
     uid/gid 0, modes 0644/0755, no timestamp in the gzip header.
     ``created_at`` comes from ``SOURCE_DATE_EPOCH`` when it is set and is
-    null otherwise.
+    null otherwise.  A link to a file is packed as the file it points to;
+    linked folders are not followed.
     """
     _check_name("app", app)
     _check_name("version", version)
@@ -1335,6 +1336,7 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     # contents so that pass 2 need not read them again.
     hashes: dict[str, str] = {}
     cached: dict[str, bytes] = {}
+    sizes: dict[str, int] = {}
     modes: dict[str, int] = {}
     budget = _PACK_CACHE_BYTES
     for rel in files:
@@ -1348,6 +1350,7 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
                 hashes[rel] = hashlib.sha256(data).hexdigest()
             else:
                 hashes[rel] = _digest(f, "sha256")
+        sizes[rel] = info.st_size
         modes[rel] = 0o755 if info.st_mode & 0o111 else 0o644
 
     created_at = (None if epoch is None else
@@ -1372,20 +1375,42 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
                 tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             tar.addfile(member(MANIFEST_NAME, len(manifest_bytes), 0o644), io.BytesIO(manifest_bytes))
             for rel in files:
-                data = cached.get(rel)
-                if data is None:
-                    with open(os.path.join(root, *rel.split("/")), "rb") as f:
-                        data = f.read()
-                    if hashlib.sha256(data).hexdigest() != hashes[rel]:
-                        raise ReleaseError(f"{rel} changed while it was being packed; pack again "
-                                           "once nothing writes to the tree", member=rel)
-                tar.addfile(member(rel, len(data), modes[rel]), io.BytesIO(data))
+                if rel in cached:
+                    tar.addfile(member(rel, sizes[rel], modes[rel]), io.BytesIO(cached[rel]))
+                    continue
+                # Streamed, and checked against pass 1: the manifest is already out.
+                with open(os.path.join(root, *rel.split("/")), "rb") as f:
+                    reader = _PackedFileReader(f, rel, sizes[rel])
+                    tar.addfile(member(rel, sizes[rel], modes[rel]), reader)
+                if reader.digest.hexdigest() != hashes[rel]:
+                    raise _changed_while_packing(rel)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out_path)
     except BaseException:
         os.unlink(tmp)
         raise
     return Release(out_path, _file_digest(out_path, "sha256"), manifest)
+
+
+def _changed_while_packing(rel: str) -> ReleaseError:
+    return ReleaseError(f"{rel} changed while it was being packed; pack again once nothing "
+                        "writes to the tree", member=rel)
+
+
+class _PackedFileReader:
+    """Reads a file being packed, hashing it and refusing it if it shrank since pass 1."""
+
+    def __init__(self, raw: BinaryIO, rel: str, size: int) -> None:
+        self._raw, self._rel, self._left = raw, rel, size
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        if len(data) < (self._left if size < 0 else min(size, self._left)):
+            raise _changed_while_packing(self._rel)  # ended early: it shrank
+        self._left -= len(data)
+        self.digest.update(data)
+        return data
 
 
 def _check_member_name(name: str) -> None:

@@ -118,6 +118,32 @@ def test_created_at_follows_source_date_epoch(app_tree, tmp_path, monkeypatch):
         pack_release(app_tree, tmp_path / "bad.tar.gz", app="shop", version="v1")
 
 
+def test_large_files_are_streamed_to_the_same_bytes(app_tree, tmp_path, monkeypatch):
+    cached = pack_release(app_tree, tmp_path / "cached.tar.gz", app="shop", version="v1")
+    monkeypatch.setattr(flydeploy, "_PACK_CACHE_BYTES", 0)  # every file read twice
+    streamed = pack_release(app_tree, tmp_path / "streamed.tar.gz", app="shop", version="v1")
+    assert streamed.sha256 == cached.sha256
+
+
+@pytest.mark.parametrize("new_content", [b"", b"# shop/views.py, edited!\n", b"#" * 15])
+def test_a_file_changed_between_hashing_and_packing_is_refused(app_tree, tmp_path, monkeypatch,
+                                                                new_content):
+    monkeypatch.setattr(flydeploy, "_PACK_CACHE_BYTES", 0)
+    hash_first = flydeploy._digest
+
+    def hash_then_edit(f, algorithm):
+        digest = hash_first(f, algorithm)
+        if f.name.endswith("views.py"):
+            pathlib.Path(f.name).write_bytes(new_content)  # a writer gets in between the passes
+        return digest
+
+    monkeypatch.setattr(flydeploy, "_digest", hash_then_edit)
+    with pytest.raises(ReleaseError, match="changed while it was being packed") as caught:
+        pack_release(app_tree, tmp_path / "r.tar.gz", app="shop", version="v1")
+    assert caught.value.member == "shop/views.py"
+    assert os.listdir(tmp_path) == ["app"], "no tarball and no temporary file left"
+
+
 def test_include_and_exclude_patterns(app_tree, tmp_path):
     release = pack_release(app_tree, tmp_path / "r.tar.gz", app="shop", version="v1",
                            include=["*.py", "media/"], exclude=["bin", "shop/**/views.py"])
