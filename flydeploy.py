@@ -1524,6 +1524,9 @@ def unpack_release(path: str | os.PathLike[str], dest: str | os.PathLike[str], *
     """
     path = os.fspath(path)
     dest = os.path.abspath(os.fspath(dest))
+    if not os.path.isfile(path):
+        raise ReleaseError(f"release tarball {path} does not exist or is not a file; "
+                           "check the path (or the download that should have written it)")
     if expected_sha256 is not None:
         actual = _file_digest(path, "sha256")
         if actual != expected_sha256.strip().lower():
@@ -1594,7 +1597,7 @@ def _extract_release(path: str, into: str, max_bytes: int, max_members: int) -> 
                 seen.add(name)
     except ReleaseError:
         raise
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
         where = f" after member {last!r}" if last else ""
         raise ReleaseError(f"release tarball {path} is damaged{where} ({err}); "
                            "fetch it again or pack it again", member=last) from None
@@ -1619,7 +1622,8 @@ def _write_member(src: BinaryIO, into: str, name: str, mode: int) -> str:
     with os.fdopen(fd, "wb") as out:
         while chunk := src.read(_COPY_CHUNK):
             digest.update(chunk)
-            out.write(chunk)
+            with _local_file_errors(target):  # only the writes: read errors mean a damaged archive
+                out.write(chunk)
     return digest.hexdigest()
 
 

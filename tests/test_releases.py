@@ -297,6 +297,12 @@ def test_hash_mismatch_is_refused_before_extracting(app_tree, tmp_path):
     assert_refused(release.path, tmp_path, None, "sha256 .* not the expected", expected_sha256="ab" * 32)
 
 
+def test_missing_tarball_is_reported(tmp_path):
+    with pytest.raises(ReleaseError, match="does not exist"):
+        unpack_release(tmp_path / "nope.tar.gz", tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_damaged_archives_are_refused(app_tree, tmp_path, damage):
     release = pack_release(app_tree, tmp_path / "r.tar.gz", app="shop", version="v1")
