@@ -1272,17 +1272,19 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
 def _path_matches(pattern: str, path: str) -> bool:
     """Whether the file ``path`` (relative, '/'-separated) matches a pack pattern.
 
-    As in ``.gitignore``: a pattern without '/' matches a file name or a folder
-    name at any depth; one with '/' is anchored at the root; a pattern that
-    matches a folder (or ends in '/') matches everything below it.
+    As in ``.gitignore``: a pattern without '/' (but a trailing one) matches a
+    file name or a folder name at any depth; one with a leading or inner '/'
+    is anchored at the root; a pattern that matches a folder (or ends in '/')
+    matches everything below it.
     """
     folders_only = pattern.endswith("/")
-    pattern = pattern.strip("/").removeprefix("./")
+    anchored = pattern.startswith(("/", "./"))
+    pattern = pattern.removeprefix("./").strip("/")
     if not pattern:
         return False
     regex = _glob_regex(pattern)
     parts = path.split("/")
-    if "/" not in pattern:
+    if "/" not in pattern and not anchored:
         candidates = parts[:-1] if folders_only else parts
         return any(regex.fullmatch(part) for part in candidates)
     prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + (0 if folders_only else 1))]
@@ -1302,6 +1304,9 @@ def _never_packed_dir(folder: str, name: str) -> bool:
 def _release_files(root: str, include: Sequence[str] | None, exclude: Sequence[str] | None,
                    skip: str) -> list[str]:
     """Relative paths of the files to pack under ``root``, sorted."""
+    # A lone string is one pattern, not a sequence of one-letter patterns.
+    include = [include] if isinstance(include, str) else include
+    exclude = [exclude] if isinstance(exclude, str) else exclude
     candidates = []
     for folder, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not _never_packed_dir(folder, d)]
@@ -1321,9 +1326,10 @@ def _release_files(root: str, include: Sequence[str] | None, exclude: Sequence[s
         # data), and the conventional templates/ and static/ folders.
         python_tops = {p.split("/", 1)[0] for p in candidates if "/" in p and p.endswith(".py")}
         python_tops -= {t for t in _BUILD_OUTPUT_DIRS if f"{t}/__init__.py" not in candidates}
+        app_dirs = python_tops | _APP_DATA_DIRS
         chosen = [p for p in candidates
                   if ("/" not in p and p.endswith(".py"))
-                  or ("/" in p and p.split("/", 1)[0] in python_tops | _APP_DATA_DIRS)]
+                  or ("/" in p and p.split("/", 1)[0] in app_dirs)]
     if exclude:
         chosen = [p for p in chosen if not any(_path_matches(pat, p) for pat in exclude)]
     return sorted(chosen)

@@ -151,6 +151,14 @@ def test_include_and_exclude_patterns(app_tree, tmp_path):
     assert sorted(release.manifest["files"]) == [
         "build/lib/shop/views.py", "dist/shop.py", "main.py", "media/upload.png",
         "nspkg/tool.py", "settings.py", "shop/__init__.py"]
+    one = pack_release(app_tree, tmp_path / "one.tar.gz", app="shop", version="v1",
+                       include="/shop/", exclude="*.css")
+    assert sorted(one.manifest["files"]) == [
+        "shop/__init__.py", "shop/data/prices.json", "shop/templates/shop/index.html",
+        "shop/views.py"], "a lone string is one pattern; a leading '/' anchors it"
+    anywhere = pack_release(app_tree, tmp_path / "anywhere.tar.gz", app="shop", version="v1",
+                            include=["shop/"])
+    assert "build/lib/shop/views.py" in anywhere.manifest["files"]
     # Never-packed folders stay out even when a pattern names them.
     release = pack_release(app_tree, tmp_path / "r2.tar.gz", app="shop", version="v1",
                            include=["**"], exclude=["*.css", "templates/"])
