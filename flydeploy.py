@@ -843,6 +843,8 @@ def _stream_into(response: http.client.HTTPResponse, out: BinaryIO) -> bytes:
 _STORE_INTERNAL_DIR = ".flydeploy-store"
 _MAX_KEY_BYTES = 1024
 _COPY_CHUNK = 1 << 20
+# A write's temporary file untouched this long was left by a process that died.
+_STALE_TEMP_S = 3600
 
 
 def _digest(f: BinaryIO, algorithm: str) -> str:
@@ -915,6 +917,11 @@ class LocalStore:
         self._internal = os.path.join(self.root, _STORE_INTERNAL_DIR)
         os.makedirs(self._internal, exist_ok=True)
         self._real_root = os.path.realpath(self.root)
+        cutoff = time.time() - _STALE_TEMP_S
+        for entry in os.scandir(self._internal):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.name.startswith("put-") and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
 
     def __repr__(self) -> str:
         return f"LocalStore({self.root!r})"

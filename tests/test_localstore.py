@@ -228,3 +228,13 @@ def test_local_file_errors_are_clear_and_leave_nothing(store, tmp_path):
     with pytest.raises(flydeploy.FlyDeployError, match="check the path"):
         store.download("k", tmp_path / "no-such-folder" / "out")
     assert os.listdir(os.path.join(store.root, ".flydeploy-store")) == ["lock"]
+
+
+def test_temporary_files_of_dead_writers_are_swept(store):
+    internal = pathlib.Path(store.root, ".flydeploy-store")
+    stale, fresh = internal / "put-dead", internal / "put-busy"
+    stale.write_bytes(b"half a write")
+    fresh.write_bytes(b"a write in progress")
+    os.utime(stale, (1, 1))
+    LocalStore(store.root)
+    assert not stale.exists() and fresh.exists()

@@ -290,3 +290,29 @@ def test_a_takeover_whose_reply_was_lost_is_still_ours(store, app):
     lock = acquire_lock(flaky, app, owner="bob", deployment_id="d-2")
     assert flaky.lost and lock_doc(store, app)["deployment_id"] == "d-2"
     assert lock.release() is True
+
+
+class AlwaysBeaten:
+    """A store where another writer always gets in first."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def put(self, key, data, **conditions):
+        raise PreconditionFailed("beaten", status=412, code="PreconditionFailed", key=key)
+
+
+def test_giving_up_after_losing_every_race_says_so(store, app, monkeypatch):
+    monkeypatch.setattr(flydeploy, "_backoff", lambda attempt: None)
+    with pytest.raises(ReleaseError, match="kept changing under us"):
+        record_hot_upgrade(AlwaysBeaten(store), app, upgrade("v1"))
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=1)
+    store.put(f"releases/{app}-deploy.lock", json.dumps({
+        "locked_by": "crashed", "locked_at": past.isoformat(), "expires_at": past.isoformat(),
+        "deployment_id": "d-old"}).encode())
+    with pytest.raises(flydeploy.FlyDeployError, match="kept changing"):
+        acquire_lock(AlwaysBeaten(store), app, owner="bob", deployment_id="d-2")
+    assert lock_doc(store, app)["locked_by"] == "crashed"
