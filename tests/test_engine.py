@@ -191,19 +191,18 @@ def test_lru_cache_of_a_changed_function_is_cleared(tree):
     assert m.unchanged is other and other.cache_info().currsize == 1
 
 
+def dispatch_source(registered: list[str], upper: bool) -> str:
+    """A singledispatch function with one implementation per named type."""
+    case = str.upper if upper else str.lower
+    lines = ["import functools", "@functools.singledispatch", "def show(x):",
+             f"    return {case('object')!r}"]
+    for name in registered:
+        lines += ["@show.register", f"def _(x: {name}):", f"    return {case(name)!r}"]
+    return "\n".join(lines) + "\n"
+
+
 def test_singledispatch_registrations_keep_working_with_new_code(tree):
-    tree.write("m.py", """
-        import functools
-        @functools.singledispatch
-        def show(x):
-            return "object"
-        @show.register
-        def _(x: int):
-            return "int"
-        @show.register
-        def _(x: str):
-            return "str"
-    """)
+    tree.write("m.py", dispatch_source(["int", "str"], upper=False))
     tree.write("ext.py", f"""
         from {tree.pkg}.m import show
         @show.register
@@ -212,21 +211,7 @@ def test_singledispatch_registrations_keep_working_with_new_code(tree):
     """)
     m, _ = tree.load("m"), tree.load("ext")
     dispatcher = m.show
-    tree.write("m.py", """
-        import functools
-        @functools.singledispatch
-        def show(x):
-            return "OBJECT"
-        @show.register
-        def _(x: int):
-            return "INT"
-        @show.register
-        def _(x: str):
-            return "STR"
-        @show.register
-        def _(x: bytes):
-            return "BYTES"
-    """)
+    tree.write("m.py", dispatch_source(["int", "str", "bytes"], upper=True))
     upgraded(tree, "m")
     assert m.show is dispatcher
     assert [dispatcher(v) for v in (1, "s", b"b", 1.5, None)] == [
@@ -307,40 +292,32 @@ def test_methods_on_live_instances_added_changed_removed(tree):
     assert not hasattr(account, "obsolete")
 
 
+BOX = """
+class Box:
+    def __init__(self):
+        self._v = 1
+    @classmethod
+    def make(cls):
+        return ({tag!r}, cls)
+    @staticmethod
+    def unit():
+        return {tag!r}
+    @property
+    def value(self):
+        return self._v * {scale}
+{setter}"""
+SETTER = """
+    @value.setter
+    def value(self, v):
+        self._v = v
+"""
+
+
 def test_classmethod_staticmethod_property_and_new_setter(tree):
-    tree.write("m.py", """
-        class Box:
-            def __init__(self):
-                self._v = 1
-            @classmethod
-            def make(cls):
-                return ("old", cls)
-            @staticmethod
-            def unit():
-                return "old"
-            @property
-            def value(self):
-                return self._v
-    """)
+    tree.write("m.py", BOX.format(tag="old", scale=1, setter=""))
     m = tree.load("m")
     box, make = m.Box(), m.Box.make
-    tree.write("m.py", """
-        class Box:
-            def __init__(self):
-                self._v = 1
-            @classmethod
-            def make(cls):
-                return ("new", cls)
-            @staticmethod
-            def unit():
-                return "new"
-            @property
-            def value(self):
-                return self._v * 100
-            @value.setter
-            def value(self, v):
-                self._v = v
-    """)
+    tree.write("m.py", BOX.format(tag="new", scale=100, setter=SETTER))
     upgraded(tree)
     assert make() == ("new", m.Box) and m.Box.unit() == "new"
     assert box.value == 100
@@ -683,29 +660,25 @@ def test_new_module_next_to_changed_one_is_importable_without_io_in_the_swap(tre
     assert (str(helpers), False) in reads and not [r for r in reads if r[1]]
 
 
+MUTUAL = """
+from {pkg} import {other}
+def {name}(n):
+    return {answer!r} if n == 0 else {other}.{other_function}(n - 1)
+"""
+
+
+def write_mutual_pair(tree, a_answer, b_answer):
+    tree.write("a.py", MUTUAL.format(pkg=tree.pkg, other="b", name="ping", answer=a_answer,
+                                     other_function="pong"))
+    tree.write("b.py", MUTUAL.format(pkg=tree.pkg, other="a", name="pong", answer=b_answer,
+                                     other_function="ping"))
+
+
 def test_two_modules_importing_each_other_both_changed(tree):
-    tree.write("a.py", f"""
-        from {tree.pkg} import b
-        def ping(n):
-            return "a" if n == 0 else b.pong(n - 1)
-    """)
-    tree.write("b.py", f"""
-        from {tree.pkg} import a
-        def pong(n):
-            return "b" if n == 0 else a.ping(n - 1)
-    """)
+    write_mutual_pair(tree, "a", "b")
     a, b = tree.load("a"), tree.load("b")
     ping, pong = a.ping, b.pong
-    tree.write("a.py", f"""
-        from {tree.pkg} import b
-        def ping(n):
-            return "A" if n == 0 else b.pong(n - 1)
-    """)
-    tree.write("b.py", f"""
-        from {tree.pkg} import a
-        def pong(n):
-            return "B" if n == 0 else a.ping(n - 1)
-    """)
+    write_mutual_pair(tree, "A", "B")
     report = upgraded(tree)
     assert sorted(report.modules) == sorted([tree.name("a"), tree.name("b")])
     assert a.ping is ping and b.pong is pong and ping(3) == "B" and ping(4) == "A"
