@@ -3853,7 +3853,10 @@ def _prepare_import(name: str) -> None:
 
 
 def _failure_message(stage: str, exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
+    # Built inside the pause: file names and line numbers only, no source
+    # lines read from disk.
+    frames = traceback.StackSummary.extract(traceback.walk_tb(exc.__traceback__),
+                                            lookup_lines=False)
     where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
     return (f"{stage} failed: {type(exc).__name__}: {exc}{where}; "
             "every change was rolled back")
