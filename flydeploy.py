@@ -3446,6 +3446,8 @@ class _Swap:
         self.functions: dict[int, tuple[types.FunctionType, tuple, dict]] = {}
         self.added: list[str] = []
         self.replaced: list[str] = []
+        # Objects that could not keep their identity: id(old) -> (old, new).
+        self.replacements: dict[int, tuple[object, object]] = {}
         self.old_globals: dict[str, dict] = {}
         self.plan: _ModulePlan | None = None
         self.stage = ""
@@ -3540,14 +3542,15 @@ class _Swap:
                 return old
             return new
         elif isinstance(old, type) and isinstance(new, type):
-            self._replace(label)  # a class rebuilt because its shape changed
+            self._replace(label, old, new)  # a class rebuilt because its shape changed
             return new
         return new if changed else old
 
-    def _replace(self, label: _Label) -> None:
+    def _replace(self, label: _Label, old: object, new: object) -> None:
         name = ".".join(label)
         if name not in self.replaced:
             self.replaced.append(name)
+        self.replacements[id(old)] = (old, new)
 
     def swap_function(self, old: types.FunctionType, new: types.FunctionType, changed: bool,
                       label: _Label) -> types.FunctionType:
@@ -3556,7 +3559,7 @@ class _Swap:
         if id(old) in self.merging:
             return old
         if old.__code__.co_freevars != new.__code__.co_freevars:
-            self._replace(label)
+            self._replace(label, old, new)
             return new
         if id(old) not in self.functions:
             self.functions[id(old)] = (old, _function_attributes(old), dict(old.__dict__))
@@ -3729,11 +3732,29 @@ class _Swap:
         """Swap every module in order, then run each new ``__hot_upgrade__``."""
         for plan in plans:
             self.swap_module(plan)
+        if self.replacements:
+            self.stage = "rebinding replaced objects"
+            self._rebind_aliases({plan.name for plan in plans})
         for plan in plans:
             if "__hot_upgrade__" in plan.new[""].statements:
                 self.stage = f"running {plan.name}.__hot_upgrade__"
                 # a copy: the original is also what a rollback restores
                 plan.module.__hot_upgrade__(dict(self.old_globals[plan.name]))
+
+    def _rebind_aliases(self, swapped: set[str]) -> None:
+        """In the other tracked modules, names bound to an object that was
+        replaced (``from .impl import Service`` in an unchanged package
+        ``__init__``) now name its replacement."""
+        for name in list(_tracker.loaded):
+            module = sys.modules.get(name)
+            if module is None or name in swapped:
+                continue
+            stale = [(key, self.replacements[id(value)][1])
+                     for key, value in module.__dict__.items()
+                     if id(value) in self.replacements and self.replacements[id(value)][0] is value]
+            if stale:
+                self._save_module(module)
+                module.__dict__.update(stale)
 
     def transact(self, plans: list[_ModulePlan], affected: list[Server], extra: object) -> bool:
         """Inside the pause: swap the modules, then migrate the state of every

@@ -630,6 +630,18 @@ def test_package_reexports_stay_the_implementation_objects(tree):
     assert svc.helper is helper and helper() == 2 and svc.Service().run() == "new"
 
 
+def test_reexport_of_a_rebuilt_class_follows_it(tree):
+    tree.write("svc/__init__.py", "from .impl import Config\n")
+    tree.write("svc/impl.py", "class Config:\n    __slots__ = ('a',)\n")
+    svc = tree.load("svc")
+    old = svc.Config
+    tree.write("svc/impl.py", "class Config:\n    __slots__ = ('a', 'b')\n")
+    report = upgraded(tree)
+    assert report.modules == [tree.name("svc.impl")]
+    assert svc.Config is tree.load("svc.impl").Config is not old
+    assert svc.Config.__slots__ == ("a", "b")
+
+
 def test_changed_package_init_reexports_same_objects(tree):
     tree.write("svc/__init__.py", "from .impl import Service\nVERSION = 1\n")
     tree.write("svc/impl.py", "class Service:\n    def run(self):\n        return 1\n")
