@@ -1,0 +1,70 @@
+"""A faithful local Fly for the tests: a Machines API server, machines as sandboxes, a fake ``fly``.
+
+Nothing here is part of flydeploy; it is what the tests run flydeploy against.
+
+The world
+    ``FakeFly(state_dir)`` starts a threaded HTTP server on 127.0.0.1 (a free
+    port, ``fly.base_url``) speaking the Machines API: list (``state``,
+    ``include_deleted``, ``region``, ``metadata.<key>`` filters), get, create,
+    destroy, exec, wait, lease, start, stop, suspend, with the shapes of the
+    official swagger spec and Fly's error bodies (401 ``{"error":
+    "Authenticate: token validation error"}``).  Macaroon tokens must come as
+    ``FlyV1 <token>``, others as ``Bearer <token>``.
+
+    Every machine is a sandbox: ``machine.root`` is its own copy of the image
+    (the app tree), ``machine.env`` its environment (``FLY_MACHINE_ID``,
+    ``FLY_IMAGE_REF``, ``FLY_APP_NAME``, ``FLY_REGION``,
+    ``FLY_PROCESS_GROUP``, fly.toml's ``[env]``, the app's secrets, its own
+    ``FLYDEPLOY_RUNTIME_DIR``, ``FLY_FLAPS_BASE_URL`` pointing at the fake
+    API, ``python3`` on ``PATH`` being the test interpreter).  A started
+    machine runs the image's command (``init.cmd``, else fly.toml
+    ``[processes]`` for its group, else the Dockerfile's ``CMD``) with its
+    output in ``machine.logs()``; stop sends SIGTERM then SIGKILL to the
+    process group, suspend freezes it (SIGSTOP) until the next start.  Exec
+    runs the argv in the sandbox (cwd = app root) and answers
+    ``{"exit_code", "exit_signal", "stdout", "stderr"}`` with HTTP 200 even
+    when the command failed (408 when it ran past its timeout, 412 when the
+    machine is not started).
+
+    ``fly.faults.add(kind, op=..., machine=..., times=...)`` switches faults
+    on: ``"500"``, ``"429"`` (with ``Retry-After``), ``"408"`` (after
+    ``delay``), ``"drop"`` (connection closed with no reply), ``"slow"``
+    (served after ``delay``).  ``fly.requests`` records every request.
+
+The fake ``fly``
+    ``fly.fly_bin`` holds ``fly``/``flyctl``; ``fly.env()`` puts it first on
+    ``PATH`` with ``FLY_FLAPS_BASE_URL`` and ``FAKEFLY_STATE_DIR`` set.  It does
+    ``deploy --build-only --push --image-label L -c CFG`` (snapshots the
+    project as image ``registry.fly.io/<app>:<L>``, printing ``image: <ref>``
+    on stderr), ``machine run <image> --rm --shell --command CMD -e K=V
+    --entrypoint E`` (a fresh machine of that image through the API; CMD runs
+    in its sandbox with its env; exit 1 when CMD fails), ``tokens create
+    machine-exec [-p PREFIX] [-x 1h]``, ``auth whoami``, ``machines list
+    --json``.  Unknown commands and flags exit 2.  ``fly.fly_calls()`` lists
+    the invocations; ``fly.set_build_fault("fail" | "hang")`` breaks builds;
+    ``fly.login()`` / ``fly.logout()`` switch the local flyctl session.
+
+Fixtures (import them into a test module:
+``from tests.fakefly.fixtures import fakefly, write_app_tree``)
+    ``fakefly``: a ``FakeFly`` in ``tmp_path`` with the fake ``fly`` first on
+    ``PATH`` and ``FLY_FLAPS_BASE_URL`` set (through ``monkeypatch``), every
+    process stopped at the end.  Typical use::
+
+        def test_x(fakefly, tmp_path):
+            tree = write_app_tree(tmp_path / "src", {"app.py": "..."}, app="demo",
+                                  processes={"app": "python3 app.py"})
+            app = fakefly.create_app("demo", tree, machines=3,
+                                     secrets={"BUCKET_NAME": "b"})
+            m = app.machines[0]
+            m.wait_for_log("serving")
+            m.stop(); m.start()
+            client = flydeploy.Machines("demo", app.token)
+
+    ``write_app_tree(root, files, app=..., processes=..., env=...,
+    vendor_flydeploy=True)`` writes an app tree with a fly.toml and a copy of
+    this checkout's ``flydeploy.py``.
+"""
+
+from .server import AUTH_ERROR, ApiError, FakeApp, FakeFly, FakeMachine, Faults, RequestRecord
+
+__all__ = ["AUTH_ERROR", "ApiError", "FakeApp", "FakeFly", "FakeMachine", "Faults", "RequestRecord"]
