@@ -295,7 +295,8 @@ class Machines:
     ``token`` is a Fly API token (deploy, org or machine-exec); ``base_url``
     defaults to ``FLY_FLAPS_BASE_URL``, else ``https://api.machines.dev``.
     Connection errors, 408, 429 and 5xx are retried ``retries`` times with
-    exponential backoff from ``backoff`` seconds, honouring ``Retry-After``.
+    exponential backoff from ``backoff`` seconds, honouring ``Retry-After``
+    (a wait of more than a minute is not waited out: the error is raised).
     Exec requests are paced to one per second per machine.  Thread-safe.
     """
 
@@ -448,10 +449,11 @@ class Machines:
         if lease_nonce:
             headers["fly-machine-lease-nonce"] = lease_nonce
         shown_path = f"/v1{path}"
-        for attempt in range(self._retries + 1):
+        attempt = 0
+        while True:
             if pace is not None:
                 _EXEC_PACER.wait(pace)
-            last_try = attempt == self._retries
+            last_try = attempt >= self._retries
             try:
                 status, reason, reply_headers, reply = self._send(
                     method, target, headers, data, timeout or self._request_timeout)
@@ -461,19 +463,18 @@ class Machines:
                                                            f"{attempt + 1} attempts: {exc!r}"),
                                            method=method, path=shown_path) from None
                 log.info("Machines API %s %s: %r, retrying", method, shown_path, exc)
-                time.sleep(self._backoff_delay(attempt, None))
-                continue
-            if 200 <= status < 300:
-                return _decode_reply(reply, reply_headers.get("Content-Type", ""))
-            message = self._redact(_api_error_text(reply, reason))
-            if status in retry_statuses and not last_try:
+                retry_after = None
+            else:
+                if 200 <= status < 300:
+                    return _decode_reply(reply, reply_headers.get("Content-Type", ""))
+                message = self._redact(_api_error_text(reply, reason))
                 retry_after = _retry_after_seconds(reply_headers.get("Retry-After"))
-                if retry_after is None or retry_after <= _MAX_RETRY_AFTER:
-                    log.info("Machines API %s %s: %d %s, retrying", method, shown_path, status, message)
-                    time.sleep(self._backoff_delay(attempt, retry_after))
-                    continue
-            raise MachinesAPIError(status, message, method=method, path=shown_path)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+                if (last_try or status not in retry_statuses
+                        or (retry_after is not None and retry_after > _MAX_RETRY_AFTER)):
+                    raise MachinesAPIError(status, message, method=method, path=shown_path)
+                log.info("Machines API %s %s: %d %s, retrying", method, shown_path, status, message)
+            time.sleep(self._backoff_delay(attempt, retry_after))
+            attempt += 1
 
     def _backoff_delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:

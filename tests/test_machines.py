@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import http.server
 import json
 import os
@@ -267,6 +269,31 @@ def test_429_is_retried_after_the_servers_retry_after(fakefly, demo):
     assert second.at - first.at >= 1.0
 
 
+def test_a_retry_after_beyond_a_minute_is_not_waited_out(fakefly, demo):
+    fakefly.faults.add("429", op="list", retry_after="3600")
+    with pytest.raises(flydeploy.MachinesAPIError) as caught:
+        client(fakefly, demo.token).list()
+    assert caught.value.status == 429 and "rate limit" in caught.value.message
+    assert len(requests_for(fakefly, "list")) == 1
+
+
+@pytest.mark.parametrize("header, low, high", [
+    ("3", 3, 3), ("0.5", 0.5, 0.5), ("-4", 0, 0), (None, None, None), ("soon", None, None),
+    ("Wed, 21 Oct 2015 07:28:00 GMT", 0, 0),
+])
+def test_retry_after_header_forms(header, low, high):
+    seconds = flydeploy._retry_after_seconds(header)
+    assert (seconds is None) == (low is None)
+    if seconds is not None:
+        assert low <= seconds <= high
+
+
+def test_retry_after_as_an_http_date_in_the_future():
+    future = email.utils.format_datetime(
+        datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=30), usegmt=True)
+    assert 25 <= flydeploy._retry_after_seconds(future) <= 30
+
+
 def test_500_and_408_are_retried_with_backoff(fakefly, demo):
     fakefly.faults.add("500", op="get", times=2)
     fakefly.faults.add("408", op="get", delay=0.2)
@@ -382,6 +409,20 @@ def test_suspended_machines_freeze_and_resume(fakefly, demo):
 
 def _process_state(pid: int) -> str:
     return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_restart_boots_from_the_image_and_a_resume_does_not(fakefly, demo):
+    machine = demo.machines[0]
+    (machine.root / "app.py").write_text("changed in place")
+    machine.suspend()
+    machine.start()
+    assert (machine.root / "app.py").read_text() == "changed in place"
+    (machine.runtime_dir / "agent.sock").touch()
+    machine.stop()
+    machine.start()
+    assert (machine.root / "app.py").read_text() == APP_SOURCE
+    assert list(machine.runtime_dir.iterdir()) == []
+    machine.wait_for_log("serving")
 
 
 def test_an_app_process_that_exits_stops_its_machine(fakefly, tmp_path):

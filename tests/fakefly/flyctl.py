@@ -192,6 +192,11 @@ def _run_in(sandbox: dict, command: str) -> int:
     """Run ``command`` through the machine's shell, output streamed, signals passed on."""
     process = subprocess.Popen(["/bin/sh", "-c", command], cwd=sandbox["root"], env=sandbox["env"],
                                start_new_session=True)
+    # Registered so that the fake platform can end the session if this fly is killed.
+    sessions = _state_dir() / "shell-sessions"
+    sessions.mkdir(exist_ok=True)
+    pid_file = sessions / f"{process.pid}.pid"
+    pid_file.write_text(str(process.pid))
 
     def forward(signum: int, frame: object) -> None:
         try:
@@ -201,7 +206,10 @@ def _run_in(sandbox: dict, command: str) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, forward)
-    return process.wait()
+    try:
+        return process.wait()
+    finally:
+        pid_file.unlink(missing_ok=True)
 
 
 def _machines_list(args: argparse.Namespace) -> int:

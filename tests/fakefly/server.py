@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.parse
 
 from . import images
@@ -174,6 +175,7 @@ class FakeMachine:
         # Unix socket paths are short (108 bytes): runtime dirs live under a short /tmp path.
         self.runtime_dir = fly.runtime_root / self.id
         self._process: subprocess.Popen | None = None
+        self._execs: set[subprocess.Popen] = set()
         self._image = images.load(fly.state_dir, config["image"])
         self._install_image()
 
@@ -241,11 +243,12 @@ class FakeMachine:
     # -- lifecycle ---------------------------------------------------------------------
 
     def _install_image(self) -> None:
-        if self.root.exists():
-            shutil.rmtree(self.root)
+        """A fresh root filesystem: the image's tree, an empty home and runtime dir."""
+        for path in (self.root, self.sandbox / "home", self.runtime_dir):
+            shutil.rmtree(path, ignore_errors=True)
         shutil.copytree(self._image["tree"], self.root, symlinks=True)
-        (self.sandbox / "home").mkdir(parents=True, exist_ok=True)
-        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        (self.sandbox / "home").mkdir(parents=True)
+        self.runtime_dir.mkdir(parents=True)
 
     def _event(self, kind: str, status: str, source: str = "user", request: dict | None = None) -> None:
         self.events.append({"id": images.ulid(), "type": kind, "status": status, "source": source,
@@ -269,6 +272,9 @@ class FakeMachine:
             if previous not in ("created", "stopped"):
                 raise ApiError(412, f"unable to start machine from current state: '{previous}'")
             argv = self.command()
+            if previous == "stopped":
+                # A restarted machine boots from its image again: in-place changes are gone.
+                self._install_image()
             self._event("launch" if previous == "created" else "start", "created")
             self._set_state("starting")
             with open(self.log_path, "ab") as log:
@@ -359,9 +365,11 @@ class FakeMachine:
             self.start()
 
     def close(self) -> None:
+        """Kill the app process and any exec'd command still running."""
         with self.fly.lock:
-            process, self._process = self._process, None
-        if process is not None:
+            processes = [p for p in (self._process, *self._execs) if p is not None]
+            self._process = None
+        for process in processes:
             _terminate_group(process, signal.SIGTERM, 1.0)
 
     # -- commands and diagnostics ----------------------------------------------------
@@ -377,12 +385,17 @@ class FakeMachine:
                                        start_new_session=True)
         except OSError as exc:
             raise ApiError(400, f"exec: {argv[0]!r}: {exc.strerror}") from None
+        with self.fly.lock:
+            self._execs.add(process)
         try:
             out, err = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             _terminate_group(process, signal.SIGKILL, 5.0)
             process.communicate()
             raise ApiError(408, f"deadline_exceeded: command did not finish within {timeout}s") from None
+        finally:
+            with self.fly.lock:
+                self._execs.discard(process)
         code = process.returncode
         reply = {"exit_code": code if code >= 0 else 128 - code, "exit_signal": -code if code < 0 else 0,
                  "stdout": out.decode("utf-8", "replace"), "stderr": err.decode("utf-8", "replace")}
@@ -718,6 +731,9 @@ class FakeFly:
         for app in list(self.apps.values()):
             for machine in app.machines:
                 machine.close()
+        # Commands `fly machine run --shell` started and nobody waited for.
+        for pid_file in (self.state_dir / "shell-sessions").glob("*.pid"):
+            _killpg(int(pid_file.read_text()), signal.SIGKILL)
         shutil.rmtree(self.runtime_root, ignore_errors=True)
 
 
@@ -792,6 +808,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                       self.headers)
         except ApiError as exc:
             return self._reply(exc.status, {"error": exc.error}, exc.headers)
+        except Exception as exc:  # a bug in the fake: say so instead of dropping the connection
+            traceback.print_exc()
+            return self._reply(500, {"error": f"fakefly failed: {exc!r}"})
         return self._reply(status, reply)
 
     def _inject(self, fault: Fault) -> bool:
