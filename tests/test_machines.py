@@ -20,8 +20,9 @@ from tests.fakefly.fixtures import fakefly, write_app_tree  # noqa: F401 - fixtu
 
 APP_SOURCE = """\
 import os, signal, sys, time
+for signum in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(signum, lambda n, f: (print("got", signal.Signals(n).name, flush=True), sys.exit(0)))
 print("serving", os.environ["FLY_MACHINE_ID"], os.environ.get("GREETING", "-"), flush=True)
-signal.signal(signal.SIGTERM, lambda *a: (print("got SIGTERM", flush=True), sys.exit(0)))
 while True:
     time.sleep(1)
 """
@@ -362,13 +363,31 @@ def test_stop_wait_start_round_trip_restarts_the_app_process(fakefly, demo):
     api.stop(machine.id)
     assert api.wait(machine.id, "stopped", timeout=10) == {"ok": True}
     assert api.get(machine.id)["state"] == "stopped"
-    assert "got SIGTERM" in machine.logs()
+    assert "got SIGINT" in machine.logs()  # Fly's default kill signal
     with pytest.raises(ProcessLookupError):
         os.kill(old_pid, 0)
     demo.set_secrets(GREETING="changed")  # secrets win over [env], at the next start
     assert api.start(machine.id)["previous_state"] == "stopped"
     api.wait(machine.id, "started", timeout=10)
     assert machine.wait_for_log(f"serving {machine.id} changed")
+
+
+def test_kill_signal_and_timeout_come_from_fly_toml_or_the_request(fakefly, tmp_path):
+    tree = write_app_tree(tmp_path / "src", {"app.py": APP_SOURCE, "fly.toml": (
+        'app = "sig"\nkill_signal = "SIGTERM"\nkill_timeout = 7\n[processes]\napp = "python3 app.py"\n')},
+        app="sig")
+    app = fakefly.create_app("sig", tree, machines=1)
+    machine = app.machines[0]
+    assert machine.config["stop_config"] == {"signal": "SIGTERM", "timeout": "7s"}
+    machine.wait_for_log("serving")
+    api = flydeploy.Machines("sig", app.token, base_url=fakefly.base_url)
+    api.stop(machine.id)
+    assert "got SIGTERM" in machine.logs()
+    api.start(machine.id)
+    machine.wait_for_log("serving", count=2)
+    api.stop(machine.id, signal="SIGINT", timeout=3)
+    assert machine.wait_for_log("got SIGINT")
+    assert requests_for(fakefly, "stop")[-1].body == {"signal": "SIGINT", "timeout": "3s"}
 
 
 def test_wait_timeout_is_a_408_not_retried(fakefly, demo):

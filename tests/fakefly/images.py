@@ -3,7 +3,7 @@
 An image lives under ``<state>/images/<app>/<label>/``: ``tree/`` is the
 project as it was built and ``image.json`` what a registry would know about
 it (ref, digest, the Dockerfile's ``CMD`` and ``ENV``, ``fly.toml``'s
-``[processes]`` and ``[env]``).  The ref is ``registry.fly.io/<app>:<label>``.
+``[processes]``, ``[env]``, ``kill_signal`` and ``kill_timeout``).  The ref is ``registry.fly.io/<app>:<label>``.
 """
 
 from __future__ import annotations
@@ -127,6 +127,10 @@ def snapshot(state_dir: pathlib.Path, app: str, tree: pathlib.Path, label: str |
         "processes": dict(config.get("processes") or {}),
         "fly_env": {k: str(v) for k, v in (config.get("env") or {}).items()},
         "build_args": dict(build_args or {}),
+        "stop_config": {key: value for key, value in (
+            ("signal", config.get("kill_signal")),
+            ("timeout", f"{config['kill_timeout']}s" if isinstance(config.get("kill_timeout"), int)
+             else config.get("kill_timeout"))) if value},
     }
     (staging / "image.json").write_text(json.dumps(info, indent=2))
     os.replace(staging, target)

@@ -313,8 +313,19 @@ class FakeMachine:
         if self._process is not None:
             _killpg(self._process.pid, signum)
 
-    def stop(self, signame: str = "SIGTERM", timeout: float = _STOP_GRACE) -> None:
-        """Stop the app process: ``signame``, then SIGKILL after ``timeout`` s."""
+    def stop(self, signame: str | None = None, timeout: float | None = None) -> None:
+        """Stop the app process: the kill signal, then SIGKILL after the kill timeout.
+
+        Defaults come from ``config.stop_config`` (fly.toml ``kill_signal`` /
+        ``kill_timeout``), else Fly's own: SIGINT and 5 s.
+        """
+        stop_config = self.config.get("stop_config") or {}
+        signame = signame or stop_config.get("signal") or "SIGINT"
+        if timeout is None:
+            timeout = _duration(stop_config.get("timeout"), _STOP_GRACE)
+        signum = getattr(signal, signame.upper(), None)
+        if not isinstance(signum, signal.Signals):
+            raise ApiError(400, f"invalid signal {signame!r}: use a name such as SIGINT or SIGTERM")
         with self.fly.lock:
             if self.state not in ("started", "suspended"):
                 raise ApiError(412, f"unable to stop machine, current state is '{self.state}'")
@@ -322,7 +333,7 @@ class FakeMachine:
             self._process = None
             self._set_state("stopping")
         if process is not None:
-            _terminate_group(process, getattr(signal, signame, signal.SIGTERM), timeout)
+            _terminate_group(process, signum, timeout)
             self._append_log(f"[fakefly] stopped (exit code {process.returncode})\n")
         with self.fly.lock:
             self._event("stop", "stopped")
@@ -408,12 +419,12 @@ class FakeMachine:
         except FileNotFoundError:
             return ""
 
-    def wait_for_log(self, text: str, timeout: float = 15.0) -> str:
-        """Wait until ``text`` appears in the logs; returns the logs or raises with them."""
+    def wait_for_log(self, text: str, timeout: float = 15.0, *, count: int = 1) -> str:
+        """Wait until ``text`` appears ``count`` times in the logs; returns them or raises with them."""
         deadline = time.monotonic() + timeout
         while True:
             logs = self.logs()
-            if text in logs:
+            if logs.count(text) >= count:
                 return logs
             if time.monotonic() > deadline:
                 raise AssertionError(f"{text!r} not in the logs of machine {self.id} after {timeout}s:\n{logs}")
@@ -503,7 +514,7 @@ class FakeApp:
             "metadata": meta, "services": services, "auto_destroy": auto_destroy,
             "restart": {"policy": "on-failure", "max_retries": 10},
             "guest": {"cpu_kind": "shared", "cpus": 1, "memory_mb": 256},
-            "checks": {}, "dns": {},
+            "checks": {}, "dns": {}, "stop_config": dict(info.get("stop_config") or {}),
         }
         return self.fly._add_machine(self, config, region or self.primary_region, name, start)
 
@@ -903,7 +914,8 @@ def _dispatch(fly: FakeFly, op: str, method: str, app_name: str | None, machine_
     if op == "start":
         return 200, {"previous_state": machine.start(), "migrated": False, "new_host": ""}
     if op == "stop":
-        machine.stop(body.get("signal") or "SIGTERM", _duration(body.get("timeout"), _STOP_GRACE))
+        timeout = body.get("timeout")
+        machine.stop(body.get("signal"), None if timeout in (None, "") else _duration(timeout, _STOP_GRACE))
         return 200, {"ok": True}
     if op == "suspend":
         machine.suspend()
