@@ -566,8 +566,7 @@ class FakeFly:
         self.user_token = self.add_token("user", macaroon=False)
         self.email = email
         self.login(email)
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.fly = self  # type: ignore[attr-defined]
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True,
@@ -751,6 +750,13 @@ class FakeFly:
 def _write_script(path: pathlib.Path, body: str) -> None:
     path.write_text(f"#!/bin/sh\n{body}\n")
     path.chmod(0o755)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    # The default backlog of 5 drops connections a fleet-wide fan-out opens at once,
+    # and each dropped SYN costs the client a one-second retransmit.
+    request_queue_size = 256
+    daemon_threads = True
 
 
 # --- the HTTP API -----------------------------------------------------------------------------
