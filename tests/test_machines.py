@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import socket
+import ssl
 import sys
 import threading
 
@@ -332,6 +333,44 @@ def test_no_server_at_all_is_an_actionable_error():
     assert caught.value.status == 0
     assert f"127.0.0.1:{port}" in str(caught.value) and "FLY_FLAPS_BASE_URL" in str(caught.value)
     assert "SECRETVALUE" not in str(caught.value)
+
+
+def _self_signed_certificate(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_is_verified_and_an_untrusted_certificate_is_a_clear_error(tmp_path):
+    stub = _StubAPI(200, b"[]")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*_self_signed_certificate(tmp_path))
+    stub.server.socket = context.wrap_socket(stub.server.socket, server_side=True)
+    try:
+        api = flydeploy.Machines("demo", "fm2_x", base_url=stub.url.replace("http:", "https:"),
+                                 backoff=0.01)
+        with pytest.raises(flydeploy.MachinesAPIError) as caught:
+            api.list()
+    finally:
+        stub.close()
+    assert caught.value.status == 0 and "could not be verified" in str(caught.value)
+    assert stub.authorizations == []  # nothing was sent over the unverified connection
 
 
 def test_exec_requests_are_paced_per_machine_not_globally(fakefly, demo):
