@@ -1063,7 +1063,11 @@ class Machines:
         return f"/apps/{self._quoted_app()}/machines/{urllib.parse.quote(machine_id, safe='')}"
 
     def _redact(self, text: str) -> str:
-        return text.replace(self._secret, "[redacted]") if self._secret else text
+        # A token can be several comma-separated macaroons; any one of them is secret.
+        for secret in sorted(self._secret.split(","), key=len, reverse=True):
+            if secret:
+                text = text.replace(secret, "[redacted]")
+        return text
 
     def _call(self, method: str, path: str, *, query: Sequence[tuple[str, str]] = (),
               body: object = None, timeout: float | None = None, pace: object = None,

@@ -207,7 +207,7 @@ class _StubAPI:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -250,6 +250,17 @@ def test_a_bad_token_surfaces_flys_401_text_and_never_the_token(fakefly, demo):
     for text in (str(error), repr(error), repr(error.args), error.message):
         assert "S3cr3t" not in text
     assert len(requests_for(fakefly, "list")) == 1  # a 401 is not retried
+
+
+def test_each_macaroon_of_a_token_is_redacted():
+    stub = _StubAPI(500, b'{"error": "discharge fm2_Th1rdParty not accepted"}')
+    try:
+        with pytest.raises(flydeploy.MachinesAPIError) as caught:
+            flydeploy.Machines("demo", "FlyV1 fm2_F1rst,fm2_Th1rdParty", base_url=stub.url,
+                               retries=0).list()
+    finally:
+        stub.close()
+    assert caught.value.message == "discharge [redacted] not accepted"
 
 
 def test_a_server_echoing_the_token_gets_it_redacted():
