@@ -266,6 +266,7 @@ class FakeMachine:
             previous = self.state
             if previous == "suspended":
                 self._signal_group(signal.SIGCONT)
+                self._wait_until_stopped(False)
                 self._event("start", "started")
                 self._set_state("started")
                 return previous
@@ -313,6 +314,23 @@ class FakeMachine:
         if self._process is not None:
             _killpg(self._process.pid, signum)
 
+    def _wait_until_stopped(self, stopped: bool) -> None:
+        """Signals arrive asynchronously: wait until the leader is (or is no longer) stopped."""
+        if self._process is None:
+            return
+        stat = pathlib.Path(f"/proc/{self._process.pid}/stat")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                state = stat.read_text().rsplit(")", 1)[1].split()[0]
+            except (FileNotFoundError, IndexError):
+                return
+            if (state in ("T", "t")) == stopped:
+                return
+            time.sleep(0.002)
+        raise ApiError(500, f"the app process of machine {self.id} did not "
+                            f"{'stop' if stopped else 'continue'} within 5 s")
+
     def stop(self, signame: str | None = None, timeout: float | None = None) -> None:
         """Stop the app process: the kill signal, then SIGKILL after the kill timeout.
 
@@ -345,6 +363,7 @@ class FakeMachine:
             if self.state != "started":
                 raise ApiError(412, f"unable to suspend machine, current state is '{self.state}'")
             self._signal_group(signal.SIGSTOP)
+            self._wait_until_stopped(True)
             self._event("suspend", "suspended")
             self._set_state("suspended")
 
