@@ -494,6 +494,20 @@ def test_a_restart_boots_from_the_image_and_a_resume_does_not(fakefly, demo):
     machine.wait_for_log("serving")
 
 
+def test_the_app_command_comes_from_init_processes_or_the_dockerfile(fakefly, tmp_path):
+    tree = write_app_tree(tmp_path / "cmd", {
+        "Dockerfile": 'FROM python:3.12-slim\nENV MODE=docker\nCMD ["python3", "app.py", "from-cmd"]\n',
+        "app.py": "import os, sys, time; print('args', sys.argv[1:], os.environ['MODE'], flush=True); "
+                  "time.sleep(600)\n"}, app="cmds", processes={"worker": "python3 app.py from-group"})
+    app = fakefly.create_app("cmds", tree)
+    ref = fakefly.images("cmds")[0]
+    assert app.add_machine(ref).wait_for_log("args ['from-cmd'] docker")
+    assert app.add_machine(ref, process_group="worker").wait_for_log("args ['from-group'] docker")
+    assert app.add_machine(ref, command=["python3", "app.py", "x"]).wait_for_log("args ['x'] docker")
+    overridden = app.add_machine(ref, entrypoint=["sleep", "600"])
+    assert overridden.logs() == "[fakefly] starting sleep 600\n"
+
+
 def test_an_app_process_that_exits_stops_its_machine(fakefly, tmp_path):
     tree = write_app_tree(tmp_path / "crash", {"app.py": "print('bye'); raise SystemExit(4)"},
                           app="crashy", processes={"app": "python3 app.py"})

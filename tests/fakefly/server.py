@@ -230,11 +230,13 @@ class FakeMachine:
     def command(self) -> list[str]:
         """The argv of the app process: init entrypoint/cmd, else the group's or the image's command."""
         init = self.config.get("init") or {}
+        entrypoint = list(init.get("entrypoint") or [])
         cmd = list(init.get("cmd") or [])
-        if not cmd:
+        if not cmd and not entrypoint:
+            # As in Docker, a new entrypoint drops the image's default command.
             group_command = self._image["processes"].get(self.process_group)
             cmd = shlex.split(group_command) if group_command else list(self._image["cmd"])
-        argv = list(init.get("entrypoint") or []) + cmd
+        argv = entrypoint + cmd
         if not argv:
             raise ApiError(422, f"image {self.image_ref} has no command: add CMD to its Dockerfile, "
                                 f"a [processes] entry to fly.toml, or pass command=")
