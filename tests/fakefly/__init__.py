@@ -44,11 +44,27 @@ The fake ``fly``
     the invocations; ``fly.set_build_fault("fail" | "hang")`` breaks builds;
     ``fly.login()`` / ``fly.logout()`` switch the local flyctl session.
 
+Driving it from a test
+    ``fly.create_app(name, tree, machines=N, secrets=..., regions=...)``
+    builds an image of ``tree`` and starts N machines (``FakeApp``: ``token``,
+    ``machines``, ``set_secrets``, ``unset_secrets``, ``add_machine(image,
+    process_group=, region=, command=, entrypoint=, metadata=, services=,
+    start=, platform_version=)``, ``exec_token(prefixes=...)``).  A
+    ``FakeMachine`` has ``id``, ``region``, ``state``, ``root``, ``env``,
+    ``runtime_dir``, ``pid``, ``config``, ``events``; ``start()``, ``stop()``,
+    ``suspend()``, ``destroy()``, ``update(image=...)`` (a cold deploy of one
+    machine), ``logs()``, ``wait_for_log(text, count=1)``,
+    ``wait_for_state(state)``.  A restart boots from the image again (files
+    changed in place are gone); a resume from suspension keeps everything.
+    ``fly.build_image(app, tree, label)`` pushes an image, ``fly.images(app)``
+    lists them; ``fly.user_token`` is the logged-in developer's token.
+
 Fixtures (import them into a test module:
 ``from tests.fakefly.fixtures import fakefly, write_app_tree``)
     ``fakefly``: a ``FakeFly`` in ``tmp_path`` with the fake ``fly`` first on
-    ``PATH`` and ``FLY_FLAPS_BASE_URL`` set (through ``monkeypatch``), every
-    process stopped at the end.  Typical use::
+    ``PATH``, ``FLY_FLAPS_BASE_URL`` and ``FAKEFLY_STATE_DIR`` set and
+    ``FLY_API_TOKEN`` / ``FLY_ACCESS_TOKEN`` unset (through ``monkeypatch``);
+    every process is stopped at the end.  Typical use::
 
         def test_x(fakefly, tmp_path):
             tree = write_app_tree(tmp_path / "src", {"app.py": "..."}, app="demo",
@@ -59,10 +75,14 @@ Fixtures (import them into a test module:
             m.wait_for_log("serving")
             m.stop(); m.start()
             client = flydeploy.Machines("demo", app.token)
+            subprocess.run([sys.executable, "-m", "flydeploy_cli", "hot"], cwd=tree,
+                           env=fakefly.env())
 
     ``write_app_tree(root, files, app=..., processes=..., env=...,
     vendor_flydeploy=True)`` writes an app tree with a fly.toml and a copy of
     this checkout's ``flydeploy.py``.
+
+Outside pytest (benchmarks), ``with FakeFly(directory) as fly: ...`` does the same.
 """
 
 from .server import AUTH_ERROR, ApiError, FakeApp, FakeFly, FakeMachine, Faults, RequestRecord

@@ -49,8 +49,9 @@ def fakefly(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     """A fake Fly with the fake ``fly`` first on PATH; everything stopped at the end."""
     fly = FakeFly(tmp_path / "fakefly")
     try:
-        for name, value in fly.env().items():
-            monkeypatch.setenv(name, value)
+        env = fly.env()
+        for name in ("PATH", "FLY_FLAPS_BASE_URL", "FAKEFLY_STATE_DIR"):
+            monkeypatch.setenv(name, env[name])
         monkeypatch.delenv("FLY_API_TOKEN", raising=False)
         monkeypatch.delenv("FLY_ACCESS_TOKEN", raising=False)
         yield fly
