@@ -16,8 +16,9 @@ import threading
 import pytest
 
 import flydeploy
-from tests.fakefly import AUTH_ERROR, FakeFly
-from tests.fakefly.fixtures import fakefly, write_app_tree  # noqa: F401 - fixtures
+from tests.fakefly import AUTH_ERROR, FakeFly, write_app_tree
+
+pytest_plugins = ["tests.fakefly.fixtures"]
 
 APP_SOURCE = """\
 import os, signal, sys, time

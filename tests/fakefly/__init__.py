@@ -59,8 +59,8 @@ Driving it from a test
     ``fly.build_image(app, tree, label)`` pushes an image, ``fly.images(app)``
     lists them; ``fly.user_token`` is the logged-in developer's token.
 
-Fixtures (import them into a test module:
-``from tests.fakefly.fixtures import fakefly, write_app_tree``)
+Fixtures (load them in a test module with
+``pytest_plugins = ["tests.fakefly.fixtures"]``; ``from tests.fakefly import write_app_tree``)
     ``fakefly``: a ``FakeFly`` in ``tmp_path`` with the fake ``fly`` first on
     ``PATH``, ``FLY_FLAPS_BASE_URL`` and ``FAKEFLY_STATE_DIR`` set and
     ``FLY_API_TOKEN`` / ``FLY_ACCESS_TOKEN`` unset (through ``monkeypatch``);
@@ -85,6 +85,8 @@ Fixtures (import them into a test module:
 Outside pytest (benchmarks), ``with FakeFly(directory) as fly: ...`` does the same.
 """
 
+from .apptree import write_app_tree
 from .server import AUTH_ERROR, ApiError, FakeApp, FakeFly, FakeMachine, Faults, RequestRecord
 
-__all__ = ["AUTH_ERROR", "ApiError", "FakeApp", "FakeFly", "FakeMachine", "Faults", "RequestRecord"]
+__all__ = ["AUTH_ERROR", "ApiError", "FakeApp", "FakeFly", "FakeMachine", "Faults", "RequestRecord",
+           "write_app_tree"]
