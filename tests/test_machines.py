@@ -509,6 +509,58 @@ def test_the_app_command_comes_from_init_processes_or_the_dockerfile(fakefly, tm
     assert overridden.logs() == "[fakefly] starting sleep 600\n"
 
 
+SOCKET_APP = """\
+import os, pathlib, socket
+directory = pathlib.Path(os.environ["FLYDEPLOY_RUNTIME_DIR"]) / os.environ["FLY_APP_NAME"]
+directory.mkdir(parents=True, exist_ok=True)
+server = socket.socket(socket.AF_UNIX)
+server.bind(str(directory / f"{os.getpid()}.sock"))
+server.listen()
+print("listening", flush=True)
+while True:
+    conn, _ = server.accept()
+    conn.sendall(f"pong from {os.getpid()}".encode())
+    conn.close()
+"""
+
+SOCKET_CLIENT = """\
+import os, pathlib, socket
+for path in (pathlib.Path(os.environ["FLYDEPLOY_RUNTIME_DIR"]) / os.environ["FLY_APP_NAME"]).glob("*.sock"):
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(str(path))
+    print(client.recv(100).decode())
+"""
+
+
+def test_exec_reaches_the_app_process_through_the_runtime_dir(fakefly, tmp_path):
+    tree = write_app_tree(tmp_path / "sock", {"app.py": SOCKET_APP}, app="sock",
+                          processes={"app": "python3 app.py"})
+    app = fakefly.create_app("sock", tree, machines=2)
+    for machine in app.machines:
+        machine.wait_for_log("listening")
+    api = flydeploy.Machines("sock", app.token, base_url=fakefly.base_url)
+    for machine in app.machines:
+        result = api.exec(machine.id, ["python3", "-c", SOCKET_CLIENT])
+        assert result.stdout == f"pong from {machine.pid}\n", result.stderr
+
+
+def test_slow_requests_are_served_late_not_dropped(fakefly, demo):
+    fakefly.faults.add("slow", op="exec", delay=0.3)
+    result = client(fakefly, demo.token).exec(demo.machines[0].id, ["echo", "late"])
+    assert result.stdout == "late\n"
+    assert len(requests_for(fakefly, "exec")) == 1
+
+
+def test_expired_and_revoked_tokens_are_refused(fakefly, demo):
+    expired = demo.exec_token(ttl=0)
+    with pytest.raises(flydeploy.MachinesAPIError) as caught:
+        client(fakefly, expired).list()
+    assert (caught.value.status, caught.value.message) == (401, AUTH_ERROR)
+    fakefly.revoke_token(demo.token)
+    with pytest.raises(flydeploy.MachinesAPIError):
+        client(fakefly, demo.token).list()
+
+
 def test_an_app_process_that_exits_stops_its_machine(fakefly, tmp_path):
     tree = write_app_tree(tmp_path / "crash", {"app.py": "print('bye'); raise SystemExit(4)"},
                           app="crashy", processes={"app": "python3 app.py"})
@@ -614,6 +666,11 @@ def test_fly_tokens_whoami_and_list(fakefly, demo):
     fakefly.logout()
     whoami = fakefly.run_fly("auth", "whoami")
     assert whoami.returncode == 1 and "fly auth login" in whoami.stderr.replace("flyctl", "fly")
+
+
+def test_fly_tokens_create_rejects_a_bad_expiry(fakefly, demo):
+    result = fakefly.run_fly("tokens", "create", "machine-exec", "-a", "demo", "-x", "1 hour")
+    assert result.returncode == 1 and "invalid duration" in result.stderr
 
 
 @pytest.mark.parametrize("argv", [
