@@ -1036,8 +1036,11 @@ class Machines:
     def exec(self, machine_id: str, command: Sequence[str], *, timeout: int = 30) -> ExecResult:
         """Run ``command`` (an argv list) on a machine and return its result.
 
-        A command that fails is a result with a non-zero ``exit_code``, not
-        an error; errors are for requests the API refused or never answered.
+        ``timeout`` is how many seconds the command may run (the API answers
+        408 past it).  A command that fails is a result with a non-zero
+        ``exit_code``, not an error; errors are for requests the API refused
+        or never answered.  Requests to one machine leave at most one a
+        second; requests to different machines do not wait for each other.
         """
         if isinstance(command, str) or not command or not all(isinstance(a, str) for a in command):
             raise FlyDeployError(f"exec takes a non-empty list of argument strings, got {command!r}; "
