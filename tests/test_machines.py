@@ -652,6 +652,17 @@ def test_fly_machine_run_runs_the_command_in_a_fresh_sandbox(fakefly, demo, tmp_
     assert "exited with status 5" in failed.stderr
 
 
+def test_fly_machine_run_that_cannot_launch_never_runs_the_command(fakefly, demo, tmp_path):
+    marker = tmp_path / "ran"
+    fakefly.faults.add("500", op="create")
+    args = ["machine", "run", demo.machines[0].image_ref, "-a", "demo", "--rm", "--shell",
+            "--command", f"touch {marker}"]
+    failed = fakefly.run_fly(*args)
+    assert failed.returncode == 1 and "fault injected" in failed.stderr
+    assert not marker.exists()
+    assert fakefly.run_fly(*args).returncode == 0 and marker.exists()
+
+
 def test_fly_machine_run_of_an_unknown_image_fails_before_running(fakefly, demo):
     result = fakefly.run_fly("machine", "run", "registry.fly.io/demo:nope", "-a", "demo", "--rm",
                              "--shell", "--command", "true")
