@@ -160,6 +160,9 @@ def _machine_run(args: argparse.Namespace) -> int:
         config["metadata"][key] = value
     if args.entrypoint:
         config["init"]["entrypoint"] = shlex.split(args.entrypoint)
+    elif args.shell:
+        # As flyctl does: a machine run for a shell idles instead of running the image's command.
+        config["init"]["exec"] = ["/bin/sleep", "inf"]
     if args.cmd:
         config["init"]["cmd"] = list(args.cmd)
     if args.vm_memory:

@@ -228,8 +228,10 @@ class FakeMachine:
         return env
 
     def command(self) -> list[str]:
-        """The argv of the app process: init entrypoint/cmd, else the group's or the image's command."""
+        """The argv of the app process: init exec, else entrypoint/cmd, else the group's or the image's command."""
         init = self.config.get("init") or {}
+        if init.get("exec"):
+            return list(init["exec"])
         entrypoint = list(init.get("entrypoint") or [])
         cmd = list(init.get("cmd") or [])
         if not cmd and not entrypoint:
