@@ -148,8 +148,10 @@ def _machine_run(args: argparse.Namespace) -> int:
     app = _app_name(args)
     if args.shell and not args.command:
         raise FlyError("the fake fly runs `machine run --shell` only with --command")
+    remove = args.rm or args.shell  # --shell implies --rm
     config: dict = {"image": args.image, "env": {}, "metadata": {}, "init": {},
-                    "auto_destroy": args.rm, "restart": {"policy": "no"}}
+                    "auto_destroy": remove,
+                    "restart": {"policy": args.restart or ("no" if remove else "always")}}
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep:
@@ -161,12 +163,14 @@ def _machine_run(args: argparse.Namespace) -> int:
     if args.entrypoint:
         config["init"]["entrypoint"] = shlex.split(args.entrypoint)
     elif args.shell:
-        # As flyctl does: a machine run for a shell idles instead of running the image's command.
+        # The machine must stay up while the shell session runs, whatever the image's command.
         config["init"]["exec"] = ["/bin/sleep", "inf"]
     if args.cmd:
         config["init"]["cmd"] = list(args.cmd)
     if args.vm_memory:
-        config["guest"] = {"cpu_kind": "shared", "cpus": args.vm_cpus or 1, "memory_mb": args.vm_memory}
+        if not args.vm_memory.isdigit():
+            raise FlyError(f"invalid memory size {args.vm_memory!r}: give megabytes, e.g. --vm-memory 1024")
+        config["guest"] = {"cpu_kind": "shared", "cpus": args.vm_cpus or 1, "memory_mb": int(args.vm_memory)}
     print(f"Searching for image '{args.image}' remotely...", file=sys.stderr)
     body = {"config": config, "region": args.region or "", "name": args.name or ""}
     machine = _api(args, "POST", f"/v1/apps/{app}/machines", body)
@@ -183,7 +187,7 @@ def _machine_run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         code = _run_in(sandbox, args.command)
     finally:
-        if args.rm:
+        if remove:
             _api(args, "DELETE", f"/v1/apps/{app}/machines/{machine_id}", query={"force": "true"})
     if code != 0:
         print(f"Error: ssh shell: Process exited with status {code}", file=sys.stderr)
@@ -293,7 +297,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rm", action="store_true")
     run.add_argument("--shell", action="store_true")
     run.add_argument("--command")
-    run.add_argument("--vm-memory", type=int)
+    run.add_argument("--vm-memory")
+    run.add_argument("--user", default="root")
+    run.add_argument("--restart", choices=["no", "always", "on-fail"])
     run.add_argument("--vm-cpus", type=int)
     run.add_argument("--vm-size")
     run.add_argument("-r", "--region")
