@@ -17,6 +17,7 @@ import time
 import pytest
 
 import flydeploy
+from tests.certificates import self_signed_certificate
 from tests.fakefly import AUTH_ERROR, FakeFly, write_app_tree
 
 pytest_plugins = ["tests.fakefly.fixtures"]
@@ -348,32 +349,10 @@ def test_no_server_at_all_is_an_actionable_error():
     assert "SECRETVALUE" not in str(caught.value)
 
 
-def _self_signed_certificate(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(days=1))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 def test_tls_is_verified_and_an_untrusted_certificate_is_a_clear_error(tmp_path):
     stub = _StubAPI(200, b"[]")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(*_self_signed_certificate(tmp_path))
+    context.load_cert_chain(*self_signed_certificate(tmp_path))
     stub.server.socket = context.wrap_socket(stub.server.socket, server_side=True)
     try:
         api = flydeploy.Machines("demo", "fm2_x", base_url=stub.url.replace("http:", "https:"),
