@@ -666,6 +666,12 @@ def test_fly_tokens_whoami_and_list(fakefly, demo):
     fakefly.logout()
     whoami = fakefly.run_fly("auth", "whoami")
     assert whoami.returncode == 1 and "fly auth login" in whoami.stderr.replace("flyctl", "fly")
+    for argv in (["-t", demo.token, "machines", "list", "-j", "-a", "demo"],
+                 ["machines", "list", "-a", "demo", "--json", "--access-token", demo.token]):
+        assert len(json.loads(fakefly.run_fly(*argv).stdout)) == 3
+    env = {**fakefly.env(), "FLY_API_TOKEN": demo.token}
+    assert fakefly.run_fly("machines", "list", "-q", "-a", "demo", env=env).stdout.split() == [
+        m.id for m in demo.machines]
 
 
 def test_fly_tokens_create_rejects_a_bad_expiry(fakefly, demo):

@@ -44,7 +44,8 @@ def _state_dir() -> pathlib.Path:
 
 
 def _access_token(args: argparse.Namespace) -> str:
-    for value in (args.access_token, os.environ.get("FLY_ACCESS_TOKEN"), os.environ.get("FLY_API_TOKEN")):
+    for value in (getattr(args, "access_token", None), os.environ.get("FLY_ACCESS_TOKEN"),
+                  os.environ.get("FLY_API_TOKEN")):
         if value:
             return value
     session = _state_dir() / "auth.json"
@@ -265,10 +266,11 @@ def _auth_whoami(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # Global flags go anywhere on the line; SUPPRESS keeps a subcommand from resetting them.
     common = _Parser(add_help=False)
-    common.add_argument("-t", "--access-token")
-    common.add_argument("--verbose", action="store_true")
-    common.add_argument("--debug", action="store_true")
+    common.add_argument("-t", "--access-token", default=argparse.SUPPRESS)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     app_flags = _Parser(add_help=False)
     app_flags.add_argument("-a", "--app")
     app_flags.add_argument("-c", "--config")
