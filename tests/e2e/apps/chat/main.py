@@ -1,0 +1,18 @@
+"""Boot the chat app under uvicorn on a socket of our own (``PORT``, default a free one).
+
+The socket listens before uvicorn starts, so clients that connect early wait
+in the backlog until the lifespan (``startup_reapply_current`` + ``attach_loop``)
+has run: the first request is served by the code the machine should run.
+"""
+
+import os
+import socket
+
+import uvicorn
+
+sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind(("127.0.0.1", int(os.environ.get("PORT", "0"))))
+sock.listen(512)
+print(f"listening on port {sock.getsockname()[1]}", flush=True)
+uvicorn.Server(uvicorn.Config("chat:app", log_level="warning", lifespan="on")).run(sockets=[sock])
