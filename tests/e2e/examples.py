@@ -13,11 +13,14 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+
+from tests.fakefly import write_app_tree
 
 from .load import wait_until
 
@@ -29,7 +32,7 @@ SHOP_COMMAND = "python3 -m gunicorn -c gunicorn.conf.py wsgi:application"
 
 _CHAT_V2 = {
     'VERSION = "v1"': 'VERSION = "v2"',
-    # The tally's state takes a new shape; code_change migrates it.
+    # The tally's state takes a new shape; code_change migrates it (and a rollback's v1 code can use it).
     '''    vsn = 1
 
     def init(self):
@@ -43,17 +46,17 @@ _CHAT_V2 = {
 ''': '''    vsn = 2
 
     def init(self):
-        return {"total": 0, "since_upgrade": 0}
+        return {"messages": 0, "since_upgrade": 0}
 
     def handle_call(self, request, state):
         return dict(state), state
 
     def handle_cast(self, message, state):
-        return {"total": state["total"] + 1, "since_upgrade": state["since_upgrade"] + 1}
+        return {"messages": state["messages"] + 1, "since_upgrade": state["since_upgrade"] + 1}
 
     def code_change(self, old_vsn, state, extra):
         if old_vsn == 1:
-            return {"total": state["messages"], "since_upgrade": 0}
+            return {"messages": state["messages"], "since_upgrade": 0}
         return state
 ''',
     '''    return {"version": VERSION, "sid": session.sid, "count": session.count, "last": session.last}''':
@@ -163,3 +166,33 @@ class LocalApp:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+# --- on the fake Fly ----------------------------------------------------------
+
+
+def fly_app(fakefly, seaweed, base: pathlib.Path, name: str, *, machines: int, command: str):
+    """Example app ``name`` deployed (cold) to ``machines`` fake machines with S3 secrets; returns (tree, app).
+
+    The Fly app gets a name unique to the test run: the S3 bucket is shared.
+    """
+    app_name = f"{name}-{secrets.token_hex(3)}"
+    tree = write_app_tree(base / name, app_files(name), app=app_name, processes={"app": command})
+    return tree, fakefly.create_app(app_name, tree, machines=machines, secrets=seaweed.env())
+
+
+def machine_url(machine, *, timeout: float = 30.0) -> str:
+    """The URL the machine's app serves on (its latest start), once it serves."""
+    def port() -> str | None:
+        logs = machine.logs().rsplit("[fakefly] starting", 1)[-1]
+        found = re.findall(r"listening on port (\d+)", logs) or re.findall(r"Listening at: http://[\d.]+:(\d+)", logs)
+        ready = "ready" in logs or "Booting worker" in logs
+        return found[-1] if found and ready else None
+    return f"http://127.0.0.1:{wait_until(port, timeout=timeout, what=f'machine {machine.id} to serve')}"
+
+
+def hot(fakefly, tree: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m flydeploy_cli hot`` run by the developer in the app's project folder."""
+    env = fakefly.env(dict(os.environ, PYTHONPATH=str(REPO)))
+    return subprocess.run([sys.executable, "-m", "flydeploy_cli", "hot", *args], cwd=tree, env=env,
+                          capture_output=True, text=True, timeout=180)

@@ -139,6 +139,7 @@ class Sessions:
 class Request:
     """One HTTP request: when it started (monotonic), how long it took, what came back."""
 
+    target: str
     started: float
     latency_ms: float
     ok: bool
@@ -192,11 +193,11 @@ class HttpLoad:
             if response.status != 200:
                 raise OSError(f"HTTP {response.status}: {body[:200]!r}")
             answer = json.loads(body)
-            return Request(started, latency, True, answer.get("version"), answer.get("pid"))
+            return Request(target, started, latency, True, answer.get("version"), answer.get("pid"))
         except (OSError, http.client.HTTPException, ValueError) as exc:
             connection.close()
             connections.pop(target, None)
-            return Request(started, (time.monotonic() - started) * 1000, False, error=f"{type(exc).__name__}: {exc}")
+            return Request(target, started, (time.monotonic() - started) * 1000, False, error=f"{type(exc).__name__}: {exc}")
 
     def _record(self, request: Request) -> None:
         with self._lock:
