@@ -16,6 +16,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,10 @@ class LocalApp:
     """An example app (``python3 main.py``) running on this host: its own tree, runtime dir and process group."""
 
     def __init__(self, name: str, app: str) -> None:
+        # One port for the app's whole life: a cold restart comes back where the clients are.
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
         self.name = name
         self.app = app
         self.base = pathlib.Path(tempfile.mkdtemp(prefix="fde2e-", dir="/tmp"))  # unix socket paths are short
@@ -112,11 +117,10 @@ class LocalApp:
         self.log_path = self.base / "app.log"
         self.env = {key: value for key, value in os.environ.items()
                     if not key.startswith(("FLY_", "FLYDEPLOY_", "AWS_", "BUCKET"))}
-        self.env.update({"FLY_APP_NAME": app, "FLYDEPLOY_RUNTIME_DIR": str(self.base / "run"),
+        self.env.update({"FLY_APP_NAME": app, "PORT": str(self.port), "FLYDEPLOY_RUNTIME_DIR": str(self.base / "run"),
                          "PYTHONUNBUFFERED": "1", "PATH": f"{pathlib.Path(sys.executable).parent}:"
                                                          f"{os.environ.get('PATH', '')}"})
         self.process: subprocess.Popen | None = None
-        self.port = 0
 
     def start(self, *, timeout: float = 30.0) -> LocalApp:
         """Start the app and wait until it serves."""
@@ -126,14 +130,13 @@ class LocalApp:
                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
 
-        def serving() -> int | None:
+        def serving() -> bool:
             if self.process.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.logs()}")
             text = self.logs()[offset:]
-            listening = re.search(r"listening on port (\d+)", text)
-            return int(listening.group(1)) if listening and "ready" in text[listening.end():] else None
+            return "listening on port" in text and "ready" in text
 
-        self.port = int(wait_until(serving, timeout=timeout, what=f"{self.name} to serve"))
+        wait_until(serving, timeout=timeout, what=f"{self.name} to serve")
         return self
 
     @property

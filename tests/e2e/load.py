@@ -130,7 +130,8 @@ class Sessions:
     def stop(self) -> list[Session]:
         """Close every session (a normal close, not counted as a drop); returns them."""
         if self._loop is not None and self._stopping is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
+            with contextlib.suppress(RuntimeError):  # every session already ended: the loop is closed
+                self._loop.call_soon_threadsafe(self._stopping.set)
         self._thread.join(timeout=30)
         return self.sessions
 
@@ -197,7 +198,8 @@ class HttpLoad:
         except (OSError, http.client.HTTPException, ValueError) as exc:
             connection.close()
             connections.pop(target, None)
-            return Request(target, started, (time.monotonic() - started) * 1000, False, error=f"{type(exc).__name__}: {exc}")
+            return Request(target, started, (time.monotonic() - started) * 1000, False,
+                           error=f"{type(exc).__name__}: {exc}")
 
     def _record(self, request: Request) -> None:
         with self._lock:
