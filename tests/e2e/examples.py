@@ -30,6 +30,7 @@ APPS = pathlib.Path(__file__).resolve().parent / "apps"
 
 CHAT_COMMAND = "python3 main.py"
 SHOP_COMMAND = "python3 -m gunicorn -c gunicorn.conf.py wsgi:application"
+SITE_COMMAND = "python3 -m gunicorn --bind 127.0.0.1:{port} --workers 1 site_project.wsgi"
 
 _CHAT_V2 = {
     'VERSION = "v1"': 'VERSION = "v2"',
@@ -70,7 +71,12 @@ _SHOP_V2 = {
     "    return cents\n": "    return cents * 9 // 10  # 10% off\n",
 }
 
-_EDITS = {"chat": {"chat.py": _CHAT_V2}, "shop": {"pricing.py": _SHOP_V2}}
+_SITE_V2 = {
+    'VERSION = "v1"': 'VERSION = "v2"',
+    '"visits": VISITS["n"]})': '"visits": VISITS["n"], "path": request.path})',
+}
+
+_EDITS = {"chat": {"chat.py": _CHAT_V2}, "shop": {"pricing.py": _SHOP_V2}, "site": {"hello/views.py": _SITE_V2}}
 
 
 def app_files(name: str) -> dict[str, str]:
@@ -99,9 +105,12 @@ def set_version(root: pathlib.Path, relative: str, version: str) -> None:
 
 
 class LocalApp:
-    """An example app (``python3 main.py``) running on this host: its own tree, runtime dir and process group."""
+    """An example app running on this host: its own tree, runtime dir, port and process group.
 
-    def __init__(self, name: str, app: str) -> None:
+    ``command`` may name ``{port}``; the app has started once ``ready`` is in its output.
+    """
+
+    def __init__(self, name: str, app: str, *, command: str = CHAT_COMMAND, ready: str = "ready") -> None:
         # One port for the app's whole life: a cold restart comes back where the clients are.
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -112,6 +121,7 @@ class LocalApp:
         self.root = self.base / "app"
         self.root.mkdir()
         for relative, text in app_files(name).items():
+            (self.root / relative).parent.mkdir(parents=True, exist_ok=True)
             (self.root / relative).write_text(text)
         shutil.copy2(REPO / "flydeploy.py", self.root / "flydeploy.py")
         self.log_path = self.base / "app.log"
@@ -121,20 +131,21 @@ class LocalApp:
                          "PYTHONUNBUFFERED": "1", "PATH": f"{pathlib.Path(sys.executable).parent}:"
                                                          f"{os.environ.get('PATH', '')}"})
         self.process: subprocess.Popen | None = None
+        self.command = command.format(port=self.port)
+        self.ready = ready
 
     def start(self, *, timeout: float = 30.0) -> LocalApp:
         """Start the app and wait until it serves."""
         offset = len(self.logs())
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(CHAT_COMMAND.split(), cwd=self.root, env=self.env,
+            self.process = subprocess.Popen(self.command.split(), cwd=self.root, env=self.env,
                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
 
         def serving() -> bool:
             if self.process.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.logs()}")
-            text = self.logs()[offset:]
-            return "listening on port" in text and "ready" in text
+            return self.ready in self.logs()[offset:]
 
         wait_until(serving, timeout=timeout, what=f"{self.name} to serve")
         return self
