@@ -35,32 +35,16 @@ SITE_COMMAND = "python3 -m gunicorn --bind 127.0.0.1:{port} --workers 1 site_pro
 _CHAT_V2 = {
     'VERSION = "v1"': 'VERSION = "v2"',
     # The tally's state takes a new shape; code_change migrates it (and a rollback's v1 code can use it).
-    '''    vsn = 1
-
-    def init(self):
-        return {"messages": 0}
-
-    def handle_call(self, request, state):
-        return dict(state), state
-
-    def handle_cast(self, message, state):
-        return {"messages": state["messages"] + 1}
-''': '''    vsn = 2
-
-    def init(self):
-        return {"messages": 0, "since_upgrade": 0}
-
-    def handle_call(self, request, state):
-        return dict(state), state
-
-    def handle_cast(self, message, state):
+    "    vsn = 1\n": "    vsn = 2\n",
+    'return {"messages": 0}': 'return {"messages": 0, "since_upgrade": 0}',
+    '        return {"messages": state["messages"] + 1}\n': """\
         return {"messages": state["messages"] + 1, "since_upgrade": state["since_upgrade"] + 1}
 
     def code_change(self, old_vsn, state, extra):
         if old_vsn == 1:
             return {"messages": state["messages"], "since_upgrade": 0}
         return state
-''',
+""",
     '''    return {"version": VERSION, "sid": session.sid, "count": session.count, "last": session.last}''':
     '''    return {"version": VERSION, "sid": session.sid, "count": session.count, "last": session.last,
             "words": len(session.last.split())}''',
