@@ -421,6 +421,17 @@ def _catch_up(app: str) -> None:
         _held = release
 
 
+def _drain(conn: socket.socket, limit: int = 64 << 20) -> None:
+    # Closing a unix socket with unread input resets the connection and the
+    # peer loses the reply: read what is left of an oversized request first.
+    conn.settimeout(2.0)
+    while limit > 0:
+        chunk = conn.recv(1 << 20)
+        if not chunk:
+            return
+        limit -= len(chunk)
+
+
 class Agent:
     """The agent of one Python process: a unix socket that answers upgrade requests.
 
@@ -478,6 +489,8 @@ class Agent:
                 reply = {"ok": False, "error": f"internal error in {_process_name()}: {exc!r}"}
             with contextlib.suppress(OSError):
                 conn.sendall(json.dumps(reply, default=str).encode() + b"\n")
+                conn.shutdown(socket.SHUT_WR)
+                _drain(conn)
 
     def _forget(self) -> None:
         """Drop the listening socket inherited through fork, leaving the parent's file alone."""
