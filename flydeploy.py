@@ -1757,9 +1757,30 @@ _hooks_registered = False
 
 
 def _ensure_tracking() -> None:
-    """Track the default roots unless the app chose its own with ``track()``."""
-    if not tracked_roots():
-        track()
+    """Start tracking unless the app chose its roots with ``track()``.
+
+    The root is ``FLYDEPLOY_APP_ROOT`` when set, else the ``sys.path`` entry
+    holding the app code that called flydeploy: the script's directory for
+    ``python main.py``, the project directory for ``gunicorn app:wsgi`` or
+    ``python -m app``, where the directory of ``__main__`` would be the server's.
+    """
+    if not _tracker.roots:
+        track(os.environ.get("FLYDEPLOY_APP_ROOT") or _caller_root())
+
+
+def _caller_root() -> str:
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame = frame.f_back
+    file = frame.f_globals.get("__file__") if frame is not None else None
+    if not isinstance(file, str):
+        return os.getcwd()  # python -c, an interactive session
+    name = getattr(frame.f_globals.get("__spec__"), "name", None) or "__main__"
+    levels = name.count(".") + (os.path.basename(file).startswith("__init__.") and name != "__main__")
+    root = os.path.dirname(os.path.abspath(file))
+    for _ in range(levels):
+        root = os.path.dirname(root)
+    return root
 
 
 def _process_name() -> str:
@@ -2179,14 +2200,20 @@ def _locate_members(paths: list[str], module_files: dict[str, str],
 
 
 def _choose_app_root(located: dict[str, str], cwd: str) -> str:
-    """``FLYDEPLOY_APP_ROOT``, else the root the loaded application packages sit in, else ``cwd``."""
+    """``FLYDEPLOY_APP_ROOT``, else the root the loaded application code sits in, else ``cwd``.
+
+    Top-level modules sit in the app root itself, so they decide; packages
+    only when there are none, since a package may be installed elsewhere
+    (site-packages) than the app's own modules.
+    """
     configured = os.environ.get("FLYDEPLOY_APP_ROOT")
     if configured:
         return os.path.abspath(configured)
-    roots = collections.Counter(os.path.normpath(dest)[: -len(os.path.normpath(rel))].rstrip(os.sep) or os.sep
-                                for rel, dest in located.items())
-    if roots:
-        return min(roots, key=lambda root: (-roots[root], root))
+    for top_level in (True, False):
+        roots = collections.Counter(os.path.normpath(dest)[: -len(os.path.normpath(rel))].rstrip(os.sep) or os.sep
+                                    for rel, dest in located.items() if ("/" not in rel) == top_level)
+        if roots:
+            return min(roots, key=lambda root: (-roots[root], root))
     return cwd
 
 
@@ -2267,52 +2294,61 @@ def _store_for_url(url: str, store: Any = None) -> tuple[Any, str]:
     return store, key
 
 
-def _fetch_release(store: Any, key: str, workdir: str, sha256: str | None) -> tuple[dict, str]:
-    """Download, verify and unpack a release into ``workdir``; returns ``(manifest, tree)``."""
+def _fetch_release(store: Any, key: str, workdir: str, sha256: str | None) -> tuple[dict, str, str]:
+    """Download, verify and unpack a release into ``workdir``; returns ``(manifest, tree, sha256)``."""
     tarball = os.path.join(workdir, "release.tar.gz")
     digest = store.download(key, tarball)
     if sha256 and digest.lower() != sha256.lower():
         raise AgentError(f"hash mismatch for {key}: expected sha256 {sha256.lower()}, downloaded {digest}; "
                          "the stored tarball is not the recorded release. Nothing was written; push it again.")
     tree = os.path.join(workdir, "tree")
-    return unpack_release(tarball, tree, expected_sha256=sha256), tree
+    return unpack_release(tarball, tree, expected_sha256=digest), tree, digest
 
 
-def _install_release(app: str, store: Any, key: str, sha256: str | None, *,
-                     deployed_at: str | None = None, in_process: bool) -> dict:
+def _locate_on_machine(app: str, paths: list[str], *, in_process: bool) -> tuple[dict[str, str], str]:
+    """Where this machine's processes loaded the members from, and the app root for the rest.
+
+    Asks every agent; with ``in_process`` this process answers from its own
+    modules instead of through its socket.
+    """
+    located: dict[str, str] = {}
+    cwd = os.getcwd()
+    for entry in _ask_agents(app, {"op": "locate", "paths": paths}, timeout=10.0,
+                             exclude_pid=os.getpid() if in_process else None):
+        reply = entry.get("reply") or {}
+        if reply.get("ok") and isinstance(reply.get("located"), dict):
+            for rel, dest in reply["located"].items():
+                if rel in paths and isinstance(dest, str) and _under_as(dest, rel):
+                    located.setdefault(rel, dest)
+            cwd = reply.get("cwd") or cwd
+    if in_process:
+        located.update(_locate_members(paths, *_loaded_locations(paths)))
+        cwd = os.getcwd()
+    return located, _choose_app_root(located, cwd)
+
+
+def _install_release(app: str, store: Any, key: str, sha256: str | None, *, deployed_at: str | None = None,
+                     in_process: bool, unless_installed: str | None = None) -> dict | None:
     """Download, verify and write a release on this machine; record it in the state file.
 
-    Destinations come from where this machine's processes loaded their
-    modules: the agents' answers, plus this process's own modules when
-    ``in_process``.  Holds the machine lock while writing.  Returns the new
-    state (version, sha256, files written and unchanged).
+    Runs under the machine lock, so one process at a time does the file work;
+    with ``unless_installed`` (a version) it returns None without downloading
+    when the state file shows that version installed already.  Returns the
+    new state plus ``files_written`` and ``files_unchanged``.
     """
-    with tempfile.TemporaryDirectory(prefix="flydeploy-release-") as workdir:
-        manifest, tree = _fetch_release(store, key, workdir, sha256)
-        hashes = manifest["files"]
-        paths = sorted(hashes)
-        located: dict[str, str] = {}
-        cwd = os.getcwd()
-        for entry in _ask_agents(app, {"op": "locate", "paths": paths}, timeout=10.0,
-                                 exclude_pid=os.getpid() if in_process else None):
-            reply = entry.get("reply") or {}
-            if reply.get("ok") and isinstance(reply.get("located"), dict):
-                for rel, dest in reply["located"].items():
-                    if rel in hashes and isinstance(dest, str) and _under_as(dest, rel):
-                        located.setdefault(rel, dest)
-                cwd = reply.get("cwd") or cwd
-        if in_process:
-            for rel, dest in _locate_members(paths, *_loaded_locations(paths)).items():
-                located.setdefault(rel, dest)
-            cwd = os.getcwd()
-        plan = _plan_destinations(paths, located, _choose_app_root(located, cwd))
-        with _machine_lock(app):
-            written, unchanged = _install_files(plan, hashes, tree)
-            state = {"app": app, "version": manifest.get("version"), "sha256": sha256,
-                     "source_image_ref": manifest.get("source_image_ref"),
-                     "deployed_at": deployed_at, "image_ref": os.environ.get("FLY_IMAGE_REF"),
-                     "installed_at": _iso_utc(_utc_now())}
-            _write_state(app, state)
+    with _machine_lock(app), tempfile.TemporaryDirectory(prefix="flydeploy-release-") as workdir:
+        state = _read_state(app)
+        if (unless_installed is not None and state and state.get("version") == unless_installed
+                and state.get("image_ref") == os.environ.get("FLY_IMAGE_REF")):
+            return None
+        manifest, tree, digest = _fetch_release(store, key, workdir, sha256)
+        paths = sorted(manifest["files"])
+        located, app_root = _locate_on_machine(app, paths, in_process=in_process)
+        written, unchanged = _install_files(_plan_destinations(paths, located, app_root), manifest["files"], tree)
+        state = {"app": app, "version": manifest.get("version"), "sha256": digest,
+                 "source_image_ref": manifest.get("source_image_ref"), "deployed_at": deployed_at,
+                 "image_ref": os.environ.get("FLY_IMAGE_REF"), "installed_at": _iso_utc(_utc_now())}
+        _write_state(app, state)
     log.info("flydeploy: %s %s: wrote %d files, %d unchanged", app, state["version"], len(written), unchanged)
     return {**state, "files_written": len(written), "files_unchanged": unchanged}
 
@@ -2426,27 +2462,26 @@ def _catch_up_machine(store: Any, app: str, hot: dict) -> str:
     Under the machine lock, the first process to get here downloads and writes
     the files and tells the other agents; everyone else finds the state file
     current.  This process then reloads its own changed modules.  Returns
-    ``applied`` or ``up_to_date``.
+    ``applied`` when this call installed the files, else ``up_to_date``.
     """
     version = hot["version"]
     release = {"version": version, "source_image_ref": hot.get("source_image_ref"),
                "deployed_at": hot.get("deployed_at"), "image_ref": os.environ.get("FLY_IMAGE_REF")}
-    state = _read_state(app)
-    if not state or state.get("version") != version or state.get("image_ref") != release["image_ref"]:
-        store, key = _store_for_url(hot["tarball_url"], store)
-        _install_release(app, store, key, hot.get("sha256"), deployed_at=hot.get("deployed_at"), in_process=True)
+    store, key = _store_for_url(hot["tarball_url"], store)
+    installed = _install_release(app, store, key, hot.get("sha256"), deployed_at=hot.get("deployed_at"),
+                                 in_process=True, unless_installed=version)
+    if installed is not None:
         request = {"op": "apply", **{k: release[k] for k in ("version", "source_image_ref", "deployed_at")}}
         for entry in _ask_agents(app, request, timeout=130.0, exclude_pid=os.getpid()):
             reply = entry.get("reply") or {}
             if not reply.get("ok"):
                 log.error("flydeploy: process %s did not apply %s: %s", entry["pid"], version,
                           entry.get("error") or (reply.get("report") or {}).get("error") or reply.get("error"))
-    if (_held or {}).get("version") == version and not modified_modules():
-        return "up_to_date"
-    report = _apply_here(release)
-    if not report["ok"]:
-        raise FlyDeployError(f"this process could not load hot upgrade {version}: {report['error']}")
-    return "applied"
+    if (_held or {}).get("version") != version or modified_modules():
+        report = _apply_here(release)
+        if not report["ok"]:
+            raise FlyDeployError(f"this process could not load hot upgrade {version}: {report['error']}")
+    return "up_to_date" if installed is None else "applied"
 
 
 def _reconcile(store: Any, app: str, image_ref: str) -> tuple[str, str | None]:
