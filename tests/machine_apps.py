@@ -24,8 +24,9 @@ MARKER = "__FLYDEPLOY_RESULT__"
 
 # A small web app: greeting() from greet.py, a counter server from counter.py.
 MAIN_PY = '''\
-import http.server, json, os, sys
+import http.server, json, logging, os, sys
 import flydeploy
+logging.basicConfig(level=logging.INFO, format="%(process)d %(message)s")
 OUTCOME = flydeploy.startup_reapply_current(**json.loads(os.environ.get("APP_STARTUP", "{}")))
 import counter, greet
 COUNTER = counter.Counter.start(name="counter")
