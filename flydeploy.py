@@ -1651,7 +1651,8 @@ def _app_dir(app: str, *, create: bool) -> str | None:
         elif not os.path.lexists(directory):
             return None
         _check_private_dir(directory, serving=create)
-    if create and os.lstat(path).st_uid == os.geteuid() and stat.S_IMODE(os.lstat(path).st_mode) != 0o700:
+    info = os.lstat(path)
+    if create and info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(path, 0o700)
     return path
 
@@ -1818,23 +1819,18 @@ def _catch_up(app: str) -> None:
     A fresh process imported the installed files already and only records the
     release; a forked child of an older parent reloads what differs on disk.
     """
-    global _held
     state = _read_state(app)
-    if not state or state.get("image_ref") != os.environ.get("FLY_IMAGE_REF"):
-        return
-    if _held is not None and _held.get("version") == state.get("version"):
+    if (not state or state.get("image_ref") != os.environ.get("FLY_IMAGE_REF")
+            or (_held or {}).get("version") == state.get("version")):
         return
     release = {key: state.get(key) for key in ("version", "source_image_ref", "deployed_at", "image_ref")}
-    with _apply_lock:
-        if modified_modules():
-            report = reload_modules()
-            if not report.ok:
-                log.error("flydeploy: process %s could not catch up to %s: %s",
-                          _process_name(), release["version"], report.error)
-                return
-            log.info("flydeploy: process %s caught up to %s (%d modules)",
-                     _process_name(), release["version"], len(report.modules))
-        _held = release
+    report = _apply_here(release)
+    if not report["ok"]:
+        log.error("flydeploy: process %s could not catch up to %s: %s",
+                  _process_name(), release["version"], report["error"])
+    elif report["modules"]:
+        log.info("flydeploy: process %s caught up to %s (%s)",
+                 _process_name(), release["version"], ", ".join(report["modules"]))
 
 
 def _drain(conn: socket.socket, limit: int = 64 << 20) -> None:
@@ -2477,10 +2473,9 @@ def _catch_up_machine(store: Any, app: str, hot: dict) -> str:
             if not reply.get("ok"):
                 log.error("flydeploy: process %s did not apply %s: %s", entry["pid"], version,
                           entry.get("error") or (reply.get("report") or {}).get("error") or reply.get("error"))
-    if (_held or {}).get("version") != version or modified_modules():
-        report = _apply_here(release)
-        if not report["ok"]:
-            raise FlyDeployError(f"this process could not load hot upgrade {version}: {report['error']}")
+    report = _apply_here(release)
+    if not report["ok"]:
+        raise FlyDeployError(f"this process could not load hot upgrade {version}: {report['error']}")
     return "up_to_date" if installed is None else "applied"
 
 
