@@ -2327,12 +2327,12 @@ def _install_release(app: str, store: Any, key: str, sha256: str | None, *, depl
                      in_process: bool, unless_installed: str | None = None) -> dict | None:
     """Download, verify and write a release on this machine; record it in the state file.
 
-    Runs under the machine lock, so one process at a time does the file work;
-    with ``unless_installed`` (a version) it returns None without downloading
-    when the state file shows that version installed already.  Returns the
-    new state plus ``files_written`` and ``files_unchanged``.
+    Callers hold the machine lock, so one process at a time does the file
+    work.  With ``unless_installed`` (a version) it returns None without
+    downloading when the state file shows that version installed already.
+    Returns the new state plus ``files_written`` and ``files_unchanged``.
     """
-    with _machine_lock(app), tempfile.TemporaryDirectory(prefix="flydeploy-release-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="flydeploy-release-") as workdir:
         state = _read_state(app)
         if (unless_installed is not None and state and state.get("version") == unless_installed
                 and state.get("image_ref") == os.environ.get("FLY_IMAGE_REF")):
@@ -2408,10 +2408,12 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None, suspen
     try:
         store, key = _store_for_url(tarball_url, store)
         log.info("flydeploy: downloading %s", key)
-        installed = _install_release(app, store, key, sha256, in_process=False)
-        request = {"op": "apply", "version": installed["version"], "suspend_timeout": suspend_timeout,
-                   "source_image_ref": installed["source_image_ref"], "deployed_at": installed["deployed_at"]}
-        replies = _ask_agents(app, request, timeout=suspend_timeout + 120.0)
+        # The lock covers the apply too: the version each process records is the one on disk.
+        with _machine_lock(app):
+            installed = _install_release(app, store, key, sha256, in_process=False)
+            request = {"op": "apply", "version": installed["version"], "suspend_timeout": suspend_timeout,
+                       "source_image_ref": installed["source_image_ref"], "deployed_at": installed["deployed_at"]}
+            replies = _ask_agents(app, request, timeout=suspend_timeout + 120.0)
         if not replies:
             log.warning("flydeploy: no agent of %s runs on this machine: the files are written and "
                         "processes started from now on run them", app)
@@ -2464,16 +2466,17 @@ def _catch_up_machine(store: Any, app: str, hot: dict) -> str:
     release = {"version": version, "source_image_ref": hot.get("source_image_ref"),
                "deployed_at": hot.get("deployed_at"), "image_ref": os.environ.get("FLY_IMAGE_REF")}
     store, key = _store_for_url(hot["tarball_url"], store)
-    installed = _install_release(app, store, key, hot.get("sha256"), deployed_at=hot.get("deployed_at"),
-                                 in_process=True, unless_installed=version)
-    if installed is not None:
-        request = {"op": "apply", **{k: release[k] for k in ("version", "source_image_ref", "deployed_at")}}
-        for entry in _ask_agents(app, request, timeout=130.0, exclude_pid=os.getpid()):
-            reply = entry.get("reply") or {}
-            if not reply.get("ok"):
-                log.error("flydeploy: process %s did not apply %s: %s", entry["pid"], version,
-                          entry.get("error") or (reply.get("report") or {}).get("error") or reply.get("error"))
-    report = _apply_here(release)
+    with _machine_lock(app):
+        installed = _install_release(app, store, key, hot.get("sha256"), deployed_at=hot.get("deployed_at"),
+                                     in_process=True, unless_installed=version)
+        if installed is not None:
+            request = {"op": "apply", **{k: release[k] for k in ("version", "source_image_ref", "deployed_at")}}
+            for entry in _ask_agents(app, request, timeout=130.0, exclude_pid=os.getpid()):
+                reply = entry.get("reply") or {}
+                if not reply.get("ok"):
+                    log.error("flydeploy: process %s did not apply %s: %s", entry["pid"], version, entry.get("error")
+                              or (reply.get("report") or {}).get("error") or reply.get("error"))
+        report = _apply_here(release)
     if not report["ok"]:
         raise FlyDeployError(f"this process could not load hot upgrade {version}: {report['error']}")
     return "up_to_date" if installed is None else "applied"

@@ -189,3 +189,14 @@ def test_rpc_usage_errors_exit_2(machine):
     assert bad_name.returncode == 2 and "app name '../etc' is not usable" in bad_name.stderr
     nothing = machine.run([sys.executable, "-m", "flydeploy"])
     assert nothing.returncode == 2 and "usage:" in nothing.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, like `fly machine exec`")
+def test_root_client_reaches_agents_in_an_app_users_directory(machine):
+    process = start_idle(machine)
+    # The app runs as its own user; exec runs the rpc as root.
+    os.chown(machine.runtime, 65534, 65534)
+    os.chown(machine.socket_dir(), 65534, 65534)
+    ping = machine.rpc("ping", "--app", machine.app)
+    assert ping.returncode == 0, ping.stderr
+    assert f"[{process.pid}]: ok" in ping.stdout
