@@ -1982,20 +1982,20 @@ def _dispatch(agent: Agent, request: dict) -> dict:
     raise AgentError(f"unknown op {op!r}; the agent answers ping, info, locate and apply")
 
 
-def _before_fork() -> None:
+def _agent_before_fork() -> None:
     # A child must not be forked in the middle of an apply: it would copy half-swapped code.
     global _fork_lock_taken
     _fork_lock_taken = _apply_lock.acquire(timeout=30)
 
 
-def _after_fork_in_parent() -> None:
+def _agent_after_fork_in_parent() -> None:
     global _fork_lock_taken
     if _fork_lock_taken:
         _fork_lock_taken = False
         _apply_lock.release()
 
 
-def _after_fork_in_child() -> None:
+def _agent_after_fork_in_child() -> None:
     global _agent, _agent_lock, _apply_lock, _fork_lock_taken, _poller
     _agent_lock, _apply_lock, _fork_lock_taken = threading.Lock(), threading.RLock(), False
     _poller = None  # its thread stayed in the parent, which keeps polling for the machine
@@ -2020,8 +2020,8 @@ def _register_process_hooks() -> None:
     global _hooks_registered
     if not _hooks_registered:
         _hooks_registered = True
-        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                            after_in_child=_after_fork_in_child)
+        os.register_at_fork(before=_agent_before_fork, after_in_parent=_agent_after_fork_in_parent,
+                            after_in_child=_agent_after_fork_in_child)
         atexit.register(_stop_own_agent)
 
 
@@ -2394,10 +2394,11 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None, suspen
     machine's state file and asks every live agent to apply it, concurrently.
 
     Returns the per-machine result (DESIGN.md's result-file shape): success
-    only if every process succeeded.  Operational failures are reported in
-    it, never raised; a bad tarball, a hash mismatch or unreachable storage
-    fail before any file is written.  The result is also stored, best effort,
-    at ``releases/<app>-results/<upgrade_id>/<machine_id>.json`` (the upgrade
+    only if every process succeeded, and there was at least one.  Operational
+    failures are reported in it, never raised; a bad tarball, a hash mismatch
+    or unreachable storage fail before any file is written.  The result is
+    also stored, best effort, at
+    ``releases/<app>-results/<upgrade_id>/<machine_id>.json`` (the upgrade
     id defaults to the release version).
     """
     _check_app_name(app)
@@ -2415,8 +2416,9 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None, suspen
                        "source_image_ref": installed["source_image_ref"], "deployed_at": installed["deployed_at"]}
             replies = _ask_agents(app, request, timeout=suspend_timeout + 120.0)
         if not replies:
-            log.warning("flydeploy: no agent of %s runs on this machine: the files are written and "
-                        "processes started from now on run them", app)
+            raise AgentError(f"no flydeploy agent of {app} runs on this machine, so no running process loaded "
+                             f"{installed['version']} (its files are written); the app must call "
+                             "flydeploy.startup_reapply_current() at boot")
     except FlyDeployError as exc:
         error = str(exc)
     result = _machine_result(replies, version=(installed or {}).get("version"), started=started,

@@ -160,9 +160,10 @@ def test_forked_child_catches_up_from_the_state_file(machine, tmp_path, local_st
     _release, url = make_release(tmp_path, local_store, files, version="v2")
     # With no agent to say where the code lives, the app root comes from FLYDEPLOY_APP_ROOT.
     upgrade = machine.rpc("upgrade", "--app", "shop", "--url", url, env={"FLYDEPLOY_APP_ROOT": str(machine.app_root)})
-    assert upgrade.returncode == 0, upgrade.stdout
-    assert parse_result(upgrade.stdout)["processes_succeeded"] == 0
-    assert "no agent of shop runs on this machine" in upgrade.stdout
+    assert upgrade.returncode == 1, upgrade.stdout  # no running process took the upgrade
+    result = parse_result(upgrade.stdout)
+    assert result["processes_succeeded"] == 0 and result["files_written"] == 1
+    assert "no flydeploy agent of shop runs on this machine" in result["error"]
 
     assert parent.get()["greeting"] == "hello v1"
     child = parent.get("/fork")
