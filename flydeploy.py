@@ -2000,10 +2000,11 @@ def _agent_after_fork_in_child() -> None:
     _agent_lock, _apply_lock, _fork_lock_taken = threading.Lock(), threading.RLock(), False
     _poller = None  # its thread stayed in the parent, which keeps polling for the machine
     parent, _agent = _agent, None
+    serving = parent is not None and not parent._closed
     if parent is not None:
         parent._forget()
     try:
-        if parent is not None:
+        if serving:
             start_agent(parent.app)
         elif _process_app is not None:
             _catch_up(_process_app)
