@@ -2170,14 +2170,20 @@ def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | N
 RESULT_MARKER = "__FLYDEPLOY_RESULT__"
 
 
+def _module_name(parts: list[str]) -> str | None:
+    """The module a member is (``a/b.py``: ``a.b``, ``a/__init__.py``: ``a``); None for other files."""
+    if not parts[-1].endswith(".py"):
+        return None
+    stem = parts[-1][:-3]
+    return ".".join(parts[:-1] + ([] if stem == "__init__" else [stem]))
+
+
 def _candidate_module_names(paths: list[str]) -> set[str]:
     names = set()
     for rel in paths:
         parts = rel.split("/")
         names.update(".".join(parts[:k]) for k in range(1, len(parts)))
-        if parts[-1].endswith(".py"):
-            stem = parts[-1][:-3]
-            names.add(".".join(parts[:-1] + ([] if stem == "__init__" else [stem])))
+        names.add(_module_name(parts) or "")
     names.discard("")
     return names
 
@@ -2225,12 +2231,10 @@ def _locate_members(paths: list[str], module_files: dict[str, str],
     located = {}
     for rel in paths:
         parts = rel.split("/")
-        if parts[-1].endswith(".py"):
-            stem = parts[-1][:-3]
-            origin = module_files.get(".".join(parts[:-1] + ([] if stem == "__init__" else [stem])))
-            if origin and _under_as(origin, rel):
-                located[rel] = origin
-                continue
+        origin = module_files.get(_module_name(parts) or "")
+        if origin and _under_as(origin, rel):
+            located[rel] = origin
+            continue
         for depth in range(len(parts) - 1, 0, -1):
             directory = package_dirs.get(".".join(parts[:depth]))
             if directory:
@@ -2395,6 +2399,12 @@ def _install_release(app: str, store: Any, key: str, sha256: str | None, *, depl
     return {**state, "files_written": len(written), "files_unchanged": unchanged}
 
 
+def _reply_error(entry: dict) -> str:
+    """Why one agent's apply failed, from an ``_ask_agents`` entry."""
+    reply = entry.get("reply") or {}
+    return entry.get("error") or (reply.get("report") or {}).get("error") or reply.get("error") or "no reason given"
+
+
 def _machine_result(replies: list[dict], *, version: str | None, started: float,
                     installed: dict | None = None, error: str | None = None) -> dict:
     """The per-machine result (the result-file shape of DESIGN.md) from the agents' replies."""
@@ -2410,8 +2420,7 @@ def _machine_result(replies: list[dict], *, version: str | None, started: float,
             modules.update(report.get("modules") or [])
         else:
             failed.append(name)
-            failures.append(f"process {name} failed: "
-                            f"{entry.get('error') or report.get('error') or reply.get('error') or 'no reason given'}")
+            failures.append(f"process {name} failed: {_reply_error(entry)}")
         processes.append({"pid": entry["pid"], "name": name, "ok": bool(reply.get("ok")),
                           "error": None if reply.get("ok") else failures[-1],
                           "modules": report.get("modules") or [], "suspend_ms": report.get("suspend_ms"),
@@ -2520,10 +2529,8 @@ def _catch_up_machine(store: Any, app: str, hot: dict) -> str:
         if installed is not None:
             request = {"op": "apply", **{k: release[k] for k in ("version", "source_image_ref", "deployed_at")}}
             for entry in _ask_agents(app, request, timeout=130.0, exclude_pid=os.getpid()):
-                reply = entry.get("reply") or {}
-                if not reply.get("ok"):
-                    log.error("flydeploy: process %s did not apply %s: %s", entry["pid"], version, entry.get("error")
-                              or (reply.get("report") or {}).get("error") or reply.get("error"))
+                if not (entry.get("reply") or {}).get("ok"):
+                    log.error("flydeploy: process %s did not apply %s: %s", entry["pid"], version, _reply_error(entry))
         report = _apply_here(release)
     if not report["ok"]:
         raise FlyDeployError(f"this process could not load hot upgrade {version}: {report['error']}")
