@@ -29,6 +29,8 @@ import flydeploy
 logging.basicConfig(level=logging.INFO, format="%(process)d %(message)s")
 OUTCOME = flydeploy.startup_reapply_current(**json.loads(os.environ.get("APP_STARTUP", "{}")))
 import counter, greet
+if os.environ.get("APP_EXTRA"):
+    import extra
 COUNTER = counter.Counter.start(name="counter")
 
 class Handler(http.server.BaseHTTPRequestHandler):

@@ -88,7 +88,26 @@ def test_two_processes_upgraded_with_state_kept(machine, tmp_path, seaweed, s3):
     assert parse_result(again.stdout)["files_written"] == 0
 
 
-WSGI_PY = '''\
+def test_a_failing_process_fails_the_machine_and_is_named(machine, tmp_path, local_store):
+    machine.write_web_app()
+    machine.write({"extra.py": "VALUE = 1\n"})
+    good = machine.start().wait_ready()
+    bad = machine.start(env={"APP_EXTRA": "1"}).wait_ready()  # only this one loaded extra.py
+    files = {"main.py": MAIN_PY, "counter.py": COUNTER_PY, "greet.py": GREET_V2,
+             "extra.py": "VALUE = 1\nraise RuntimeError('extra cannot start')\n"}
+    _release, url = make_release(tmp_path, local_store, files, version="v2")
+    upgrade = machine.rpc("upgrade", "--app", "shop", "--url", url)
+    assert upgrade.returncode == 1, upgrade.stdout
+    result = parse_result(upgrade.stdout)
+    assert result["success"] is False and result["status"] == "failed"
+    assert result["processes_succeeded"] == 1 and result["processes_failed"] == 1
+    assert f"process main.py[{bad.pid}] failed" in result["error"] and "extra cannot start" in result["error"]
+    assert f"[{good.pid}]" not in result["error"]
+    assert good.get()["greeting"] == "hello v2"
+    assert bad.get()["greeting"] == "hello v1"  # rolled back whole, still serving
+
+
+'''\
 import json, os
 import flydeploy
 flydeploy.startup_reapply_current()
