@@ -1800,6 +1800,9 @@ _held: dict | None = None
 _process_app: str | None = None
 _fork_lock_taken = False
 _hooks_registered = False
+# Set on the thread that runs reload_modules: a reloaded module body that
+# calls startup_reapply_current again must not start another upgrade.
+_reloading = threading.local()
 
 
 def _ensure_tracking() -> None:
@@ -1848,14 +1851,48 @@ def _process_info(app: str) -> dict:
             "servers": _server_summaries(), "python": sys.version.split()[0], "cwd": os.getcwd()}
 
 
+def _importing(name: str) -> bool:
+    return bool(getattr(getattr(sys.modules.get(name), "__spec__", None), "_initializing", False))
+
+
 def _apply_here(release: dict, *, suspend_timeout: float = 10.0, extra: Any = None) -> dict:
-    """Reload this process's changed modules and, on success, record ``release`` as held."""
+    """Reload this process's changed modules and, on success, record ``release`` as held.
+
+    A changed module that is still being imported (at boot, typically the one
+    that called ``startup_reapply_current``) is reloaded as soon as its import
+    finishes, on a thread: reloading it now would let the rest of its old body,
+    still running, overwrite the new code.
+    """
     global _held
     with _apply_lock:
-        report = reload_modules(suspend_timeout=suspend_timeout, extra=extra)
-        if report.ok:
+        changed = modified_modules()
+        importing = [name for name in changed if _importing(name)]
+        _reloading.active = True
+        try:
+            report = reload_modules([name for name in changed if name not in importing],
+                                    suspend_timeout=suspend_timeout, extra=extra)
+        finally:
+            _reloading.active = False
+        if report.ok and not importing:
             _held = dict(release)
+    if report.ok and importing:
+        threading.Thread(target=_reload_after_import, args=(importing, release, suspend_timeout),
+                         name="flydeploy-reload-after-import", daemon=True).start()
     return report.to_dict()
+
+
+def _reload_after_import(names: list[str], release: dict, suspend_timeout: float) -> None:
+    deadline = time.monotonic() + 600
+    while any(_importing(name) for name in names):
+        if time.monotonic() > deadline:
+            log.error("flydeploy: %s still importing after 10 minutes; %s not loaded", ", ".join(names),
+                      release.get("version"))
+            return
+        time.sleep(0.005)
+    report = _apply_here(release, suspend_timeout=suspend_timeout)
+    if not report["ok"]:
+        log.error("flydeploy: process %s could not load %s: %s", _process_name(), release.get("version"),
+                  report["error"])
 
 
 def _catch_up(app: str) -> None:
@@ -2624,6 +2661,9 @@ def startup_reapply_current(app: str | None = None, *, poll_interval: float | No
     seconds) starts a thread that applies hot upgrades this machine missed.
     """
     global _poller, _process_app
+    if getattr(_reloading, "active", False):
+        # The call that loaded this code is the one that counts.
+        return {"status": "up_to_date", "error": None, "version": (_held or {}).get("version"), "duration_ms": 0.0}
     started = time.perf_counter()
     status, version, error = "error", None, None
     try:

@@ -107,7 +107,7 @@ def test_a_failing_process_fails_the_machine_and_is_named(machine, tmp_path, loc
     assert bad.get()["greeting"] == "hello v1"  # rolled back whole, still serving
 
 
-'''\
+WSGI_PY = '''\
 import json, os
 import flydeploy
 flydeploy.startup_reapply_current()
@@ -149,12 +149,15 @@ def test_gunicorn_workers_upgraded_and_replacements_run_new_code(machine, tmp_pa
     workers = pids - {server.pid}
     assert workers_seen(workers, "hello v1")
 
-    release, url = make_release(tmp_path, local_store, {"wsgi.py": WSGI_PY, "greet.py": GREET_V2}, version="v2")
+    # wsgi.py changes too: its body, which calls startup_reapply_current, runs again in the reload.
+    wsgi_v2 = WSGI_PY.replace('"greeting": greet.greeting()', '"greeting": greet.greeting(), "wsgi": 2')
+    release, url = make_release(tmp_path, local_store, {"wsgi.py": wsgi_v2, "greet.py": GREET_V2}, version="v2")
     upgrade = machine.rpc("upgrade", "--app", "shop", "--url", url)
     assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
     result = parse_result(upgrade.stdout)
-    assert result["processes_succeeded"] == expected and result["module_names"] == ["greet"]
+    assert result["processes_succeeded"] == expected and result["module_names"] == ["greet", "wsgi"]
     assert workers_seen(workers, "hello v2")
+    assert http_get_unix(str(bind))["wsgi"] == 2
 
     victim = min(workers)
     os.kill(victim, signal.SIGKILL)

@@ -92,6 +92,38 @@ def test_a_recorded_hot_upgrade_is_applied_then_up_to_date(machine, tmp_path, s3
     assert again["info"]["version"] == "v2"
 
 
+WEB_PY = '''\
+import flydeploy
+flydeploy.startup_reapply_current(agent=False)
+
+def page():
+    return "page v1"
+'''
+
+RUN_WEB_PY = '''\
+import json, time
+import flydeploy
+import web  # calls startup_reapply_current while it is being imported, as a gunicorn app module does
+deadline = time.monotonic() + 30
+while not flydeploy.get_current_hot_upgrade_info()["hot_upgrade_applied"] and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(json.dumps({"page": web.page(), "info": flydeploy.get_current_hot_upgrade_info()}))
+'''
+
+
+def test_the_module_calling_it_at_import_gets_its_new_code(machine, tmp_path, s3):
+    machine.write({"web.py": WEB_PY, "run_web.py": RUN_WEB_PY})
+    release, url = make_release(tmp_path, s3, {"web.py": WEB_PY.replace("page v1", "page v2")}, version="v2",
+                                app=machine.app)
+    flydeploy.reset_current(s3, machine.app, machine.env["FLY_IMAGE_REF"])
+    flydeploy.record_hot_upgrade(s3, machine.app, release.hot_upgrade_record(url))
+    result = machine.run([sys.executable, "run_web.py"], cwd=machine.app_root)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.splitlines()[-1])
+    # The rest of the old body, which ran after the call, did not put the old page back.
+    assert out == {"page": "page v2", "info": {**out["info"], "hot_upgrade_applied": True, "version": "v2"}}
+
+
 @pytest.mark.parametrize("fault", ["unreachable", "not an object", "malformed hot upgrade"])
 def test_storage_problems_leave_the_app_on_the_image_code(machine, s3, fault):
     env = None
