@@ -186,7 +186,7 @@ def test_rpc_usage_errors_exit_2(machine):
     bad_timeout = machine.rpc("upgrade", "--app", "shop", "--url", "file:///x", "--suspend-timeout", "soon")
     assert bad_timeout.returncode == 2 and "not a number of seconds" in bad_timeout.stderr
     bad_name = machine.rpc("info", "--app", "../etc")
-    assert bad_name.returncode == 2 and "app name '../etc' is not usable" in bad_name.stderr
+    assert bad_name.returncode == 2 and "app '../etc' cannot name a release" in bad_name.stderr
     nothing = machine.run([sys.executable, "-m", "flydeploy"])
     assert nothing.returncode == 2 and "usage:" in nothing.stderr
 
