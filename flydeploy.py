@@ -3850,6 +3850,13 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _release_url(text: str) -> str:
+    if urllib.parse.urlsplit(text).scheme not in ("http", "https", "file"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a release URL: give the https:// URL of the "
+                                         "uploaded tarball, or a file:// URL of a local store")
+    return text
+
+
 def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
     rpc = commands.add_parser("rpc", help="talk to the agents of this machine (what exec runs)",
                               description="Talk to the flydeploy agents of the app's processes on this machine.")
@@ -3858,7 +3865,8 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
     common.add_argument("--app", required=True, help="the Fly app name")
     upgrade = rpc_commands.add_parser("upgrade", parents=[common],
                                       help="install a release and upgrade every process")
-    upgrade.add_argument("--url", required=True, help="URL of the release tarball (https:// or file://)")
+    upgrade.add_argument("--url", required=True, type=_release_url,
+                         help="URL of the release tarball (https:// or file://)")
     upgrade.add_argument("--sha256", help="expected sha256 of the tarball")
     upgrade.add_argument("--suspend-timeout", type=_positive_seconds, default=10.0, metavar="S",
                          help="seconds servers may take to reach a safe point (default 10)")

@@ -185,6 +185,8 @@ def test_rpc_usage_errors_exit_2(machine):
     assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
     bad_timeout = machine.rpc("upgrade", "--app", "shop", "--url", "file:///x", "--suspend-timeout", "soon")
     assert bad_timeout.returncode == 2 and "not a number of seconds" in bad_timeout.stderr
+    bad_url = machine.rpc("upgrade", "--app", "shop", "--url", "s3://bucket/releases/shop-v2.tar.gz")
+    assert bad_url.returncode == 2 and "is not a release URL" in bad_url.stderr
     bad_name = machine.rpc("info", "--app", "../etc")
     assert bad_name.returncode == 2 and "app '../etc' cannot name a release" in bad_name.stderr
     nothing = machine.run([sys.executable, "-m", "flydeploy"])
