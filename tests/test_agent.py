@@ -123,9 +123,8 @@ def test_forked_child_runs_its_own_agent(machine):
     info = machine.rpc("info", "--app", machine.app)
     assert info.returncode == 0, info.stderr
     assert sorted(entry["pid"] for entry in json.loads(info.stdout)) == sorted([process.pid, child_pid])
-    os.kill(child_pid, 15)
-    wait_for(lambda: not machine.socket_of(child_pid).exists() or machine.rpc("ping", "--app", machine.app)
-             .stdout.count("ok") == 1, what="the child to go")
+    os.kill(child_pid, 15)  # the child exits normally and removes its own socket
+    wait_for(lambda: not machine.socket_of(child_pid).exists(), what="the child's socket to go")
     assert machine.socket_of(process.pid).exists()  # the child's exit left the parent's socket alone
     assert machine.rpc("ping", "--app", machine.app).returncode == 0
 
