@@ -3207,8 +3207,19 @@ def _state_path(app: str, *, create: bool) -> str | None:
     return None if directory is None else os.path.join(directory, _STATE_FILE)
 
 
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
 def _read_state(app: str) -> dict | None:
-    """The release this machine last installed for ``app`` (the state file), or None."""
+    """The release this machine installed for ``app`` since it booted (the state file), or None.
+
+    A state file from before a reboot describes files the image has put back.
+    """
     try:
         path = _state_path(app, create=False)
         if path is None:
@@ -3220,11 +3231,12 @@ def _read_state(app: str) -> dict | None:
     except (OSError, ValueError, FlyDeployError) as exc:
         log.warning("ignoring the flydeploy state file of %s: %s", app, exc)
         return None
-    return state if isinstance(state, dict) else None
+    return state if isinstance(state, dict) and state.get("boot_id") == _boot_id() else None
 
 
 def _write_state(app: str, state: dict) -> None:
-    _write_atomically(_state_path(app, create=True), json.dumps(state, sort_keys=True).encode())
+    _write_atomically(_state_path(app, create=True),
+                      json.dumps({**state, "boot_id": _boot_id()}, sort_keys=True).encode())
 
 
 @contextlib.contextmanager
@@ -4109,20 +4121,23 @@ def startup_reapply_current(app: str | None = None, *, poll_interval: float | No
     ``app`` defaults to ``FLY_APP_NAME``; ``store`` to ``S3.from_env()``.
     Starts tracking and, with ``agent``, this process's agent.  Never raises
     for an operational problem: returns ``{"status", "error", "version",
-    "duration_ms"}`` where status is ``applied`` (a recorded hot upgrade was
-    loaded), ``up_to_date``, ``reset`` (no metadata, or metadata of another
-    image after a cold deploy: rewritten for this image, the stale hot upgrade
+    "agent", "agent_error", "duration_ms"}`` (``agent`` is the socket path),
+    where status is ``applied`` (a recorded hot upgrade was loaded),
+    ``up_to_date``, ``reset`` (no metadata, or metadata of another image
+    after a cold deploy: rewritten for this image, the stale hot upgrade
     never applied), ``skipped`` (no ``FLY_IMAGE_REF``: local development) or
-    ``error`` (the app continues on the image's code).  With nothing pending it
-    costs one metadata GET.  ``poll_interval`` (or ``FLYDEPLOY_POLL_INTERVAL``,
-    seconds) starts a thread that applies hot upgrades this machine missed.
+    ``error`` (the app continues on the image's code).  With nothing pending
+    it costs one metadata GET.  ``poll_interval`` (or
+    ``FLYDEPLOY_POLL_INTERVAL``, seconds) starts a thread that applies hot
+    upgrades this machine missed.
     """
     global _poller, _process_app
     if getattr(_reloading, "active", False):
         # The call that loaded this code is the one that counts.
-        return {"status": "up_to_date", "error": None, "version": (_held or {}).get("version"), "duration_ms": 0.0}
+        return {"status": "up_to_date", "error": None, "version": (_held or {}).get("version"),
+                "agent": _agent.path if _agent is not None else None, "agent_error": None, "duration_ms": 0.0}
     started = time.perf_counter()
-    status, version, error = "error", None, None
+    status, version, error, agent_path, agent_error = "error", None, None, None, None
     try:
         app = app or os.environ.get("FLY_APP_NAME") or ""
         if not app:
@@ -4132,7 +4147,11 @@ def startup_reapply_current(app: str | None = None, *, poll_interval: float | No
         _ensure_tracking()
         _register_process_hooks()
         if agent:
-            start_agent(app)
+            try:
+                agent_path = start_agent(app).path
+            except FlyDeployError as exc:  # the catch-up below needs no agent
+                agent_error = str(exc)
+                log.error("flydeploy: %s runs without an agent, so hot upgrades cannot reach it: %s", app, exc)
         image_ref = os.environ.get("FLY_IMAGE_REF")
         interval = _poll_interval(poll_interval)
         if not image_ref:
@@ -4147,8 +4166,8 @@ def startup_reapply_current(app: str | None = None, *, poll_interval: float | No
     except Exception as exc:  # boot must go on with the image's code
         status, error = "error", str(exc) or repr(exc)
         log.error("flydeploy: startup reapply of %s failed, continuing on the image's code: %s", app, error)
-    outcome = {"status": status, "error": error, "version": version,
-               "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
+    outcome = {"status": status, "error": error, "version": version, "agent": agent_path,
+               "agent_error": agent_error, "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
     if status != "error":
         log.info("flydeploy: startup reapply of %s: %s%s", app, status, f" {version}" if version else "")
     return outcome

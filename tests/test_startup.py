@@ -16,10 +16,10 @@ pytestmark = pytest.mark.skipif(not all(hasattr(flydeploy, name) for name in ("r
                                 reason="needs the upgrade engine (issue 3) and releases (issue 2)")
 
 BOOT_PY = '''\
-import json
+import json, os
 import greet  # imported before the catch-up, as apps often do
 import flydeploy
-outcome = flydeploy.startup_reapply_current(agent=False)
+outcome = flydeploy.startup_reapply_current(agent=bool(os.environ.get("BOOT_AGENT")))
 print(json.dumps({"outcome": outcome, "greeting": greet.greeting(),
                   "info": flydeploy.get_current_hot_upgrade_info()}))
 '''
@@ -122,6 +122,26 @@ def test_the_module_calling_it_at_import_gets_its_new_code(machine, tmp_path, s3
     out = json.loads(result.stdout.splitlines()[-1])
     # The rest of the old body, which ran after the call, did not put the old page back.
     assert out == {"page": "page v2", "info": {**out["info"], "hot_upgrade_applied": True, "version": "v2"}}
+
+
+def test_a_state_file_from_before_a_reboot_is_not_trusted(machine, tmp_path, s3):
+    record(machine, tmp_path, s3, image_ref=machine.env["FLY_IMAGE_REF"])
+    # A runtime directory that survived a reboot, when the image put the old files back.
+    state_dir = machine.socket_dir()
+    state_dir.mkdir(mode=0o700, parents=True)
+    (state_dir / "state.json").write_text(json.dumps({"version": "v2", "image_ref": machine.env["FLY_IMAGE_REF"],
+                                                      "boot_id": "an-earlier-boot"}))
+    out = boot(machine)
+    assert out["outcome"]["status"] == "applied" and out["greeting"] == "hello v2"
+
+
+def test_without_an_agent_the_boot_catch_up_still_runs(machine, tmp_path, s3):
+    record(machine, tmp_path, s3, image_ref=machine.env["FLY_IMAGE_REF"])
+    # Too long for a unix socket path (108 bytes), fine for the state file and the lock.
+    long_runtime = machine.runtime / ("r" * 100)
+    out = boot(machine, env={"BOOT_AGENT": "1", "FLYDEPLOY_RUNTIME_DIR": str(long_runtime)})
+    assert out["outcome"]["agent"] is None and "cannot listen on" in out["outcome"]["agent_error"]
+    assert out["outcome"]["status"] == "applied" and out["greeting"] == "hello v2"
 
 
 @pytest.mark.parametrize("fault", ["unreachable", "not an object", "malformed hot upgrade"])
