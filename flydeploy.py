@@ -3317,8 +3317,8 @@ def _process_info(app: str) -> dict:
     held = _held or {}
     return {"pid": os.getpid(), "name": _process_name(), "argv": list(sys.argv), "app": app,
             "version": held.get("version"), "source_image_ref": held.get("source_image_ref"),
-            "deployed_at": held.get("deployed_at"), "image_ref": os.environ.get("FLY_IMAGE_REF"),
-            "servers": _server_summaries(), "python": sys.version.split()[0], "cwd": os.getcwd()}
+            "deployed_at": held.get("deployed_at"), "applied_at": held.get("applied_at"),
+            "image_ref": os.environ.get("FLY_IMAGE_REF"), "servers": _server_summaries(), "python": sys.version.split()[0], "cwd": os.getcwd()}
 
 
 def _importing(name: str) -> bool:
@@ -3344,7 +3344,7 @@ def _apply_here(release: dict, *, suspend_timeout: float = 10.0, extra: Any = No
         finally:
             _reloading.active = False
         if report.ok and not importing:
-            _held = dict(release)
+            _held = {**release, "applied_at": _iso_utc(_utc_now())}
     if report.ok and importing:
         threading.Thread(target=_reload_after_import, args=(importing, release, suspend_timeout),
                          name="flydeploy-reload-after-import", daemon=True).start()

@@ -81,6 +81,7 @@ def test_two_processes_upgraded_with_state_kept(machine, tmp_path, seaweed, s3):
 
     info = json.loads(machine.rpc("info", "--app", "shop").stdout)
     assert {entry["version"] for entry in info} == {release.manifest["version"]}
+    assert all(entry["applied_at"] >= result["applied_at"][:10] for entry in info)
     assert {s["name"] for entry in info for s in entry["servers"]} == {"counter"}
 
     again = machine.rpc("upgrade", "--app", "shop", "--url", url, "--sha256", release.sha256)
