@@ -17,7 +17,6 @@ is what importing flydeploy itself adds to a bare boot, for reference.
 """
 
 import json
-import os
 import pathlib
 import statistics
 import subprocess

@@ -11,11 +11,8 @@ import sys
 
 import pytest
 
-import flydeploy
 from machine_apps import Machine, wait_for
 
-pytestmark = pytest.mark.skipif(not hasattr(flydeploy, "reload_modules"),
-                                reason="the agent needs the upgrade engine (issue 3), which has not landed yet")
 
 IDLE_APP = '''\
 import os, signal, sys, time

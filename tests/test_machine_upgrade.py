@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import signal
 import stat
 import sys
@@ -16,8 +15,6 @@ import flydeploy
 from machine_apps import (COUNTER_PY, GREET_V1, GREET_V2, MAIN_PY, Machine, http_get_unix, parse_result,
                           wait_for, write_tree)
 
-pytestmark = pytest.mark.skipif(not all(hasattr(flydeploy, name) for name in ("reload_modules", "unpack_release")),
-                                reason="needs the upgrade engine (issue 3) and releases (issue 2)")
 
 COUNTER_V2 = COUNTER_PY.replace('LABEL = "count-v1"', 'LABEL = "count-v2"')
 
@@ -215,11 +212,9 @@ def test_bad_release_writes_nothing(machine, tmp_path, local_store, fault):
         data[len(data) // 2] ^= 0xFF
         local_store.put(flydeploy.release_key("shop", "v2"), bytes(data))
     else:
-        dead_port = tmp_path / "port"
         args[-1] = "http://127.0.0.1:9/bucket/releases/shop-v2.tar.gz"
         env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9",
                "BUCKET_NAME": "bucket"}
-        del dead_port
     upgrade = machine.rpc(*args, env=env)
     assert upgrade.returncode == 1, upgrade.stdout + upgrade.stderr
     result = parse_result(upgrade.stdout)

@@ -12,8 +12,6 @@ import flydeploy
 from machine_apps import COUNTER_PY, GREET_V1, GREET_V2, MAIN_PY, Machine, wait_for
 from test_machine_upgrade import make_release
 
-pytestmark = pytest.mark.skipif(not all(hasattr(flydeploy, name) for name in ("reload_modules", "unpack_release")),
-                                reason="needs the upgrade engine (issue 3) and releases (issue 2)")
 
 BOOT_PY = '''\
 import json, os
