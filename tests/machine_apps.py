@@ -194,7 +194,7 @@ class Machine:
         self.env.update({"PYTHONPATH": str(REPO), "FLY_APP_NAME": app, "FLY_MACHINE_ID": "m-" + base.name[-8:],
                          "FLY_REGION": "ams", "FLYDEPLOY_RUNTIME_DIR": str(self.runtime),
                          # Bytecode is cached, as on a real machine, but outside the app tree.
-                         "PYTHONPYCACHEPREFIX": str(self.runtime / "pycache")})
+                         "PYTHONPYCACHEPREFIX": str(base / "pycache")})
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         if image_ref:
             self.env["FLY_IMAGE_REF"] = image_ref
