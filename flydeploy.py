@@ -86,6 +86,7 @@ from collections.abc import Sequence
 from typing import Any
 from typing import BinaryIO
 from typing import NamedTuple
+from typing import Protocol
 
 __version__ = "0.1.0"
 
@@ -93,7 +94,9 @@ __all__ = [
     # 0. Foundations
     "FlyDeployError",
     "ConfigError",
+    "ConflictError",
     # 1. Storage
+    "Store",
     "S3Error",
     "NotFound",
     "PreconditionFailed",
@@ -155,6 +158,81 @@ class ConfigError(FlyDeployError):
     """A setting is missing or malformed; the message names where to set it."""
 
 
+class ConflictError(FlyDeployError):
+    """A conditional write lost the race to other writers every time it was tried."""
+
+
+# The chunk size of every streamed read and write (files, request and response bodies).
+_IO_CHUNK = 1 << 20
+
+
+def _backoff_delay(attempt: int, *, base: float, cap: float, floor: float = 0.0,
+                   retry_after: float | None = None) -> float:
+    """Seconds to wait before retry number ``attempt`` (0 for the first retry).
+
+    ``retry_after`` (what the server asked for) wins when given; otherwise the
+    wait grows as ``base * 2**attempt`` up to ``cap`` and is jittered down to a
+    ``floor`` fraction of that, so that clients that failed together do not
+    retry together.
+    """
+    if retry_after is not None:
+        return retry_after
+    return min(cap, base * 2 ** attempt) * random.uniform(floor, 1.0)
+
+
+@contextlib.contextmanager
+def _local_file_errors(path: str) -> Iterator[None]:
+    """Re-raise an OSError of a local file as FlyDeployError, so that it is never mistaken
+    for a network error and retried."""
+    try:
+        yield
+    except OSError as exc:
+        raise FlyDeployError(f"{path}: {exc.strerror or exc}: check the path, its "
+                             "permissions and the free disk space") from exc
+
+
+def _digest(f: BinaryIO, algorithm: str) -> str:
+    """Hex digest of an open file's content from where it stands, read in bounded chunks."""
+    return hashlib.file_digest(f, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
+
+
+def _file_digest(path: str, algorithm: str) -> str:
+    """Hex digest of the file at ``path``, read in bounded chunks."""
+    with open(path, "rb") as f:
+        return _digest(f, algorithm)
+
+
+def _write_atomically(path: str, write: Callable[[BinaryIO], Any], *, mode: int = 0o644,
+                      temp_dir: str | None = None,
+                      replace: Callable[[str, str], None] = os.replace) -> Any:
+    """Create or replace the file ``path`` with what ``write(out)`` writes; return its result.
+
+    The data goes to a temporary file (beside ``path``, or in ``temp_dir``), is
+    fsynced and then moved into place by ``replace(temp, path)``; on any failure
+    the temporary file is removed, so readers see the old file or the whole new
+    one, never a part.
+    """
+    folder = temp_dir or os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FlyDeployError(f"cannot write {path}: the folder {folder} does not exist: "
+                             "check the path, or create the folder first")
+    with _local_file_errors(path):
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            result = write(out)
+            with _local_file_errors(path):
+                out.flush()
+                os.fsync(out.fileno())
+        os.chmod(tmp, mode)
+        replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return result
+
+
 # ===========================================================================
 # 1. Storage: SigV4 signer, S3/Tigris client, local directory store
 # ===========================================================================
@@ -163,14 +241,16 @@ class ConfigError(FlyDeployError):
 class S3Error(FlyDeployError):
     """A storage request failed.
 
-    ``status`` is the HTTP status (0 when no reply came), ``code`` and
-    ``message`` come from the server's XML error body, ``request_id`` from its
-    headers; ``key`` is the object the request was about.
+    ``str(error)`` is the whole actionable text.  ``status`` is the HTTP status
+    (0 when no reply came), ``code`` and ``message`` are the server's own
+    ``<Code>`` and ``<Message>`` from its XML error body (``message`` is empty
+    when there was none), ``request_id`` comes from its headers; ``key`` is the
+    object the request was about.
     """
 
-    def __init__(self, message: str, *, status: int = 0, code: str = "",
+    def __init__(self, text: str, *, status: int = 0, code: str = "", message: str = "",
                  request_id: str | None = None, key: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(text)
         self.status = status
         self.code = code
         self.message = message
@@ -184,6 +264,103 @@ class NotFound(S3Error):
 
 class PreconditionFailed(S3Error):
     """A conditional request (``If-Match`` / ``If-None-Match``) did not hold (HTTP 412)."""
+
+
+class Store(Protocol):
+    """What ``S3`` and ``LocalStore`` share, and what releases, metadata and the lock use.
+
+    Keys are non-empty '/'-separated strings of at most 1024 bytes of UTF-8.
+    ETags are opaque quoted strings, passed back unchanged as ``if_match``.
+    A write with ``if_match`` (an ETag or ``*``) or ``if_none_match="*"`` that
+    does not hold raises ``PreconditionFailed``; reading a missing key raises
+    ``NotFound``; every other failure is an ``S3Error``.
+    """
+
+    def put(self, key: str, data: bytes | bytearray | memoryview | str | os.PathLike[str], *,
+            content_type: str | None = None, if_none_match: str | None = None,
+            if_match: str | None = None) -> str:
+        """Store bytes (or the file at a path) under ``key``; return the new ETag."""
+
+    def upload(self, key: str, path: str | os.PathLike[str], *,
+               content_type: str | None = None) -> str:
+        """Store the file at ``path`` under ``key`` in bounded memory; return the ETag."""
+
+    def get(self, key: str) -> bytes:
+        """The content of ``key``."""
+
+    def get_json(self, key: str) -> tuple[Any, str]:
+        """The content of ``key`` parsed as JSON, with the ETag of that content."""
+
+    def head(self, key: str) -> dict[str, Any] | None:
+        """``{"etag", "size", "content_type", "last_modified", "headers"}``, None if absent."""
+
+    def download(self, key: str, path: str | os.PathLike[str]) -> str:
+        """Write ``key`` into the file ``path`` (whole or not at all); return its sha256 hex."""
+
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Remove ``key`` (a missing key is no error unless ``if_match`` is given)."""
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Every key starting with ``prefix``, in UTF-8 byte order."""
+
+    def url(self, key: str) -> str:
+        """A URL naming ``key`` (unsigned)."""
+
+
+_MAX_KEY_BYTES = 1024
+
+
+def _invalid_key(key: object, why: str, advice: str) -> S3Error:
+    return S3Error(f"key {key!r} is not valid: {why}; {advice}", status=400, code="InvalidKey",
+                   key=key if isinstance(key, str) else None)
+
+
+def _check_key(key: object) -> str:
+    """Return ``key`` if it can name an object (a non-empty string of at most 1024 bytes
+    of UTF-8), else raise ``S3Error`` code ``InvalidKey``."""
+    advice = "use a non-empty text key of at most 1024 bytes of UTF-8"
+    if not isinstance(key, str) or not key:
+        raise _invalid_key(key, "a key is a non-empty string", advice)
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        # A lone surrogate: typically a file name decoded with surrogateescape.
+        raise _invalid_key(key, "it is not valid UTF-8", advice) from None
+    if size > _MAX_KEY_BYTES:
+        raise _invalid_key(key, f"it is longer than {_MAX_KEY_BYTES} bytes", advice)
+    return key
+
+
+def _condition_headers(if_match: str | None, if_none_match: str | None) -> dict[str, str]:
+    """The conditional headers of a request.  An empty condition is refused rather than
+    dropped: dropping it would turn a conditional write into an unconditional one."""
+    headers = {}
+    for name, value in (("If-Match", if_match), ("If-None-Match", if_none_match)):
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name} is {value!r}: a condition is an ETag or '*' (pass None "
+                             "for an unconditional request); an ETag the server did not "
+                             "give cannot be used as one")
+        headers[name] = value
+    return headers
+
+
+def _open_put_file(data: str | os.PathLike[str]) -> BinaryIO:
+    """Open the file a ``put`` was given.  A str naming no file is most likely text meant
+    as the content, so the error says how to store text."""
+    path = os.fspath(data)
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        if isinstance(data, str):
+            raise FlyDeployError(f"put() got the str {data[:200]!r}, which names no file: "
+                                 "check the path; put takes bytes or the path of a file, so "
+                                 "to store text, pass text.encode()") from None
+        raise FlyDeployError(f"{path}: no such file: check the path") from None
+    except OSError:
+        with _local_file_errors(path):
+            raise
 
 
 # --- SigV4 signing ----------------------------------------------------------
@@ -391,7 +568,10 @@ def presign_url(method: str, url: str, *, access_key: str, secret_key: str, regi
 
 _DEFAULT_S3_ENDPOINT = "https://fly.storage.tigris.dev"
 _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-_IO_CHUNK = 1 << 20
+# Statuses whose Retry-After header is honoured.
+_RETRY_AFTER_STATUSES = frozenset({429, 503})
+# Credentials are printable ASCII: anything else would end up in a header line.
+_CREDENTIAL = re.compile(r"[\x21-\x7e]+")
 _MAX_ERROR_BODY = 1 << 16
 _S3_HINTS = {
     "SignatureDoesNotMatch": "check AWS_SECRET_ACCESS_KEY (and AWS_REGION) for this endpoint",
@@ -411,9 +591,10 @@ class _TruncatedBody(Exception):
 class _Retryable(Exception):
     """One attempt failed in a way another attempt may not (wraps the last error)."""
 
-    def __init__(self, error: S3Error) -> None:
+    def __init__(self, error: S3Error, retry_after: float | None = None) -> None:
         super().__init__(str(error))
         self.error = error
+        self.retry_after = retry_after
 
 
 def _xml_children(element: ET.Element) -> dict[str, str]:
@@ -457,6 +638,11 @@ class S3:
     def __init__(self, endpoint: str, bucket: str, access_key: str, secret_key: str, *,
                  region: str = "auto", session_token: str | None = None,
                  timeout: float = 30) -> None:
+        if "@" in urllib.parse.urlsplit(endpoint).netloc:
+            # Not echoed: the part before "@" is a password.
+            raise ConfigError("the S3 endpoint URL holds credentials (user:password@host): "
+                              "remove them from AWS_ENDPOINT_URL_S3 and set AWS_ACCESS_KEY_ID "
+                              "and AWS_SECRET_ACCESS_KEY instead")
         parts = urllib.parse.urlsplit(endpoint)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
             raise ConfigError(f"S3 endpoint {endpoint!r} is not an http(s) URL: set "
@@ -467,6 +653,14 @@ class S3:
         if not access_key or not secret_key:
             raise ConfigError("S3 credentials are empty: set AWS_ACCESS_KEY_ID and "
                               "AWS_SECRET_ACCESS_KEY")
+        for variable, value in (("AWS_ACCESS_KEY_ID", access_key),
+                                ("AWS_SECRET_ACCESS_KEY", secret_key),
+                                ("AWS_SESSION_TOKEN", session_token or "x")):
+            if not _CREDENTIAL.fullmatch(value):
+                # The value is never shown: it is a secret, or part of one.
+                raise ConfigError(f"{variable} holds a space, a line break or another character "
+                                  "that no credential has (often a trailing newline from a "
+                                  "file); set it again without them")
         self.endpoint = urllib.parse.urlunsplit((parts.scheme, parts.netloc,
                                                  parts.path.rstrip("/"), "", ""))
         self.bucket = bucket
@@ -527,23 +721,23 @@ class S3:
             if_match: str | None = None) -> str:
         """Store ``data`` (bytes, or the path of a file to stream) under ``key``; return its ETag.
 
+        A ``str`` is always a path: to store text, pass ``text.encode()``.
         ``if_none_match="*"`` creates the object only if it does not exist yet and
         ``if_match=<etag>`` replaces it only if it is still that version; either raises
-        ``PreconditionFailed`` otherwise.  A file is hashed in a first pass and then
-        streamed, so memory use does not grow with its size.
+        ``PreconditionFailed`` otherwise (an empty condition raises ``ValueError``).  A
+        conditional write whose reply was lost is retried, and the retry may then
+        report ``PreconditionFailed`` although the first try landed: read the object
+        back to tell.  A file is hashed in a first pass and then streamed, so memory
+        use does not grow with its size.  The ETag is empty if the server sent none.
         """
-        headers = {}
+        headers = _condition_headers(if_match, if_none_match)
         if content_type:
             headers["Content-Type"] = content_type
-        if if_none_match:
-            headers["If-None-Match"] = if_none_match
-        if if_match:
-            headers["If-Match"] = if_match
         if isinstance(data, (bytes, bytearray, memoryview)):
             body: bytes | _FileBody = bytes(data)
             payload_hash = hashlib.sha256(body).hexdigest()
         elif isinstance(data, (str, os.PathLike)):
-            body = _FileBody(os.fspath(data))
+            body = _FileBody(data)
             payload_hash = body.sha256
         else:
             raise TypeError(f"put() takes bytes or a file path, not {type(data).__name__}")
@@ -583,15 +777,19 @@ class S3:
 
     def delete(self, key: str, *, if_match: str | None = None) -> None:
         """Remove the object (no error when it is already gone); with ``if_match`` only if
-        it is still that version, else ``PreconditionFailed``."""
-        self._call("DELETE", key, headers={"If-Match": if_match} if if_match else None)
+        it is still that version, else ``PreconditionFailed`` (or ``NotFound`` when it is
+        gone).  A conditional delete whose reply was lost is retried, and the retry then
+        reports ``PreconditionFailed`` or ``NotFound`` although the first try landed."""
+        self._call("DELETE", key, headers=_condition_headers(if_match, None))
 
     def list(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[str]:
         """Every key that starts with ``prefix``, in the server's (lexicographic) order,
         fetched page by page with ListObjectsV2."""
         token = None
         while True:
-            params = [("list-type", "2"), ("max-keys", str(page_size)), ("prefix", prefix)]
+            # URL-encoded keys: XML cannot carry control characters.
+            params = [("list-type", "2"), ("max-keys", str(page_size)), ("prefix", prefix),
+                      ("encoding-type", "url")]
             if token:
                 params.append(("continuation-token", token))
             query = urllib.parse.urlencode(params, quote_via=urllib.parse.quote, safe="")
@@ -602,10 +800,13 @@ class S3:
                 raise S3Error(f"listing s3://{self.bucket}/{prefix}* returned a malformed "
                               f"XML page ({exc}): check that AWS_ENDPOINT_URL_S3 is an S3 "
                               "endpoint", status=200, code="MalformedXML") from None
+            fields = _xml_children(root)
+            # A server that ignores encoding-type says so by not echoing it.
+            decode = (urllib.parse.unquote_plus if fields.get("EncodingType") == "url"
+                      else str)
             for element in root:
                 if element.tag.rpartition("}")[2] == "Contents":
-                    yield _xml_children(element)["Key"]
-            fields = _xml_children(root)
+                    yield decode(_xml_children(element)["Key"])
             if fields.get("IsTruncated", "false").lower() != "true":
                 return
             token = fields.get("NextContinuationToken")
@@ -620,26 +821,13 @@ class S3:
         The data goes to a temporary file next to ``path`` that replaces it only once
         the whole body has arrived; on any failure nothing is left behind.
         """
-        path = os.fspath(path)
-        partial = f"{path}.{secrets.token_hex(6)}.part"
-        try:
-            with open(partial, "xb") as out:
-                digest = self._call("GET", key, stream_to=out).body
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(partial, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(partial)
-            raise
-        return digest.decode()
+        return _write_atomically(os.fspath(path),
+                                 lambda out: self._call("GET", key, stream_to=out).sha256)
 
     # -- plumbing --
 
     def _key_path(self, key: str) -> str:
-        if not key:
-            raise ValueError("an S3 key must not be empty")
-        return f"{self._bucket_path}/{urllib.parse.quote(key, safe='/')}"
+        return f"{self._bucket_path}/{urllib.parse.quote(_check_key(key), safe='/')}"
 
     def _get(self, key: str) -> tuple[bytes, str]:
         response = self._call("GET", key)
@@ -668,7 +856,7 @@ class S3:
               headers: dict[str, str] | None = None, body: bytes | _FileBody = b"",
               payload_hash: str = _EMPTY_SHA256, stream_to: BinaryIO | None = None) -> _S3Response:
         """One S3 operation with retries.  With ``stream_to`` the body goes into that file
-        and the reply's ``body`` is the sha256 hex of what was written."""
+        and the reply's ``sha256`` is the hex digest of what was written."""
         path = self._key_path(key) if key is not None else self._bucket_path
         target = f"{path}?{query}" if query else path
         what = f"{method} s3://{self.bucket}/{key if key is not None else ''}"
@@ -678,17 +866,23 @@ class S3:
                 return self._attempt(method, target, key, headers or {}, body, payload_hash,
                                      stream_to, what)
             except _Retryable as retryable:
-                error = retryable.error
+                error, retry_after = retryable.error, retryable.retry_after
                 if attempt >= self.retry_attempts:
-                    raise type(error)(f"{error.message} (gave up after {attempt} attempts)",
-                                      status=error.status, code=error.code,
-                                      request_id=error.request_id, key=key) from None
-                delay = random.uniform(0, min(self.retry_max_delay_s,
-                                              self.retry_base_delay_s * 2 ** (attempt - 1)))
-                log.warning("%s; retry %d of %d in %.2fs", error.message, attempt,
+                    raise self._gave_up(error, f"gave up after {attempt} attempts") from None
+                if retry_after is not None and retry_after > _MAX_RETRY_AFTER:
+                    raise self._gave_up(error, f"gave up: the server asked to retry after "
+                                               f"{retry_after:.0f}s") from None
+                delay = _backoff_delay(attempt - 1, base=self.retry_base_delay_s,
+                                       cap=self.retry_max_delay_s, retry_after=retry_after)
+                log.warning("%s; retry %d of %d in %.2fs", error, attempt,
                             self.retry_attempts - 1, delay)
                 time.sleep(delay)
                 attempt += 1
+
+    @staticmethod
+    def _gave_up(error: S3Error, why: str) -> S3Error:
+        return type(error)(f"{error} ({why})", status=error.status, code=error.code,
+                           message=error.message, request_id=error.request_id, key=error.key)
 
     def _attempt(self, method: str, target: str, key: str | None, headers: dict[str, str],
                  body: bytes | _FileBody, payload_hash: str, stream_to: BinaryIO | None,
@@ -707,20 +901,22 @@ class S3:
                 self._drop_connection()
                 error = self._error(what, key, response, error_body)
                 if response.status in _RETRYABLE_STATUSES:
-                    raise _Retryable(error)
+                    raise _Retryable(error, _retry_after_seconds(
+                        response.getheader("Retry-After"))
+                        if response.status in _RETRY_AFTER_STATUSES else None)
                 raise error
+            reply_body, sha256 = b"", None
             if method == "HEAD":
-                reply_body = response.read()  # empty, but frees the connection for reuse
+                response.read()  # empty, but frees the connection for reuse
             elif stream_to is not None:
-                reply_body = _stream_into(response, stream_to)
+                sha256 = _stream_into(response, stream_to)
             else:
                 parts: list[bytes] = []
                 _read_body(response, lambda chunk: parts.append(bytes(chunk)))
                 reply_body = b"".join(parts)
             if response.will_close:
                 self._drop_connection()
-            return _S3Response(response.status,
-                               {k.lower(): v for k, v in response.getheaders()}, reply_body)
+            return _S3Response({k.lower(): v for k, v in response.getheaders()}, reply_body, sha256)
         except (_TruncatedBody, OSError, http.client.HTTPException) as exc:
             # Local file errors never get here: _FileBody and _stream_into raise them as
             # FlyDeployError, so every OSError left is about the connection.
@@ -733,6 +929,11 @@ class S3:
             raise _Retryable(S3Error(
                 f"{what} failed: {reason}; check that {self.endpoint} is reachable",
                 code="ConnectionError", key=key)) from None
+        except BaseException:
+            # Whatever stopped this attempt (a local file error, Ctrl-C, a bug), the
+            # connection may be mid-request: the next request must start on a fresh one.
+            self._drop_connection()
+            raise
 
     def _exchange(self, conn: http.client.HTTPConnection, method: str, target: str,
                   headers: dict[str, str], body: bytes | _FileBody) -> http.client.HTTPResponse:
@@ -763,35 +964,41 @@ class S3:
             fields = {}
         code = fields.get("Code") or {404: "NotFound", 412: "PreconditionFailed"}.get(
             status, response.reason.replace(" ", "") or f"HTTP{status}")
-        server_message = fields.get("Message") or response.reason
+        server_message = fields.get("Message", "")
         request_id = (response.getheader("x-amz-request-id") or fields.get("RequestId")
                       or None)
         hint = _S3_HINTS.get(code)
         if hint is None and status == 412:
             hint = "the object changed or already exists: read it again and retry"
-        message = (f"{what} failed: HTTP {status} {code}: {server_message}"
-                   + (f" (request id {request_id})" if request_id else "")
-                   + (f"; {hint}" if hint else ""))
+        if hint is None and status == 403:
+            # A HEAD reply has no body to name the reason: the usual ones.
+            hint = ("check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, that they may use "
+                    "this bucket, and this machine's clock")
+        text = (f"{what} failed: HTTP {status} {code}: {server_message or response.reason}"
+                + (f" (request id {request_id})" if request_id else "")
+                + (f"; {hint}" if hint else ""))
         cls = {404: NotFound, 412: PreconditionFailed}.get(status, S3Error)
-        return cls(message, status=status, code=code, request_id=request_id, key=key)
+        return cls(text, status=status, code=code, message=server_message,
+                   request_id=request_id, key=key)
 
 
 class _S3Response(NamedTuple):
-    """A successful S3 response: status, lower-cased headers, body (or sha256 hex)."""
+    """A successful S3 response: lower-cased headers, the body (empty when it went to a
+    file) and the sha256 hex of what went to the file (None otherwise)."""
 
-    status: int
     headers: dict[str, str]
     body: bytes
+    sha256: str | None
 
 
 class _FileBody:
     """A file to upload: hashed once up front, then streamed in chunks on each attempt."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        with _local_file_errors(path), open(path, "rb") as f:
+    def __init__(self, data: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(data)
+        with _open_put_file(data) as f, _local_file_errors(self.path):
             self.size = os.fstat(f.fileno()).st_size
-            self.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+            self.sha256 = _digest(f, "sha256")
 
     def __len__(self) -> int:
         return self.size
@@ -812,18 +1019,7 @@ class _FileBody:
                 remaining -= len(chunk)
 
 
-@contextlib.contextmanager
-def _local_file_errors(path: str) -> Iterator[None]:
-    """Re-raise an OSError of a local file as FlyDeployError, so that it is never mistaken
-    for a network error and retried."""
-    try:
-        yield
-    except OSError as exc:
-        raise FlyDeployError(f"{path}: {exc.strerror or exc}: check the path, its "
-                             "permissions and the free disk space") from exc
-
-
-def _stream_into(response: http.client.HTTPResponse, out: BinaryIO) -> bytes:
+def _stream_into(response: http.client.HTTPResponse, out: BinaryIO) -> str:
     """Write the whole body into ``out`` from its start; return the sha256 hex of it."""
     with _local_file_errors(out.name):
         out.seek(0)
@@ -836,7 +1032,7 @@ def _stream_into(response: http.client.HTTPResponse, out: BinaryIO) -> bytes:
             out.write(chunk)
 
     _read_body(response, sink)
-    return hasher.hexdigest().encode()
+    return hasher.hexdigest()
 
 
 # --- Local directory store --------------------------------------------------
@@ -845,20 +1041,8 @@ def _stream_into(response: http.client.HTTPResponse, out: BinaryIO) -> bytes:
 # and the temporary files of writes in progress); it is never a key, and its
 # presence is how a ``file://`` URL is traced back to the store that holds it.
 _STORE_INTERNAL_DIR = ".flydeploy-store"
-_MAX_KEY_BYTES = 1024
-_COPY_CHUNK = 1 << 20
 # A write's temporary file untouched this long was left by a process that died.
 _STALE_TEMP_S = 3600
-
-
-def _digest(f: BinaryIO, algorithm: str) -> str:
-    """Hex digest of an open file's content from where it stands, read in bounded chunks."""
-    return hashlib.file_digest(f, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
-
-
-def _file_digest(path: str, algorithm: str) -> str:
-    with open(path, "rb") as f:
-        return _digest(f, algorithm)
 
 
 def _quoted(hexdigest: str) -> str:
@@ -873,17 +1057,9 @@ def _same_etag(a: str, b: str) -> bool:
 def _check_store_key(key: object) -> str:
     """Return ``key`` if it maps to a path inside a store, else raise ``S3Error``."""
     def refuse(why: str) -> S3Error:
-        return S3Error(f"key {key!r} cannot be stored in a local store: {why}; "
-                       "use a key of '/'-separated names without '.' or '..' parts",
-                       status=400, code="InvalidKey", key=str(key))
-    if not isinstance(key, str) or not key:
-        raise refuse("a key is a non-empty string")
-    try:
-        size = len(key.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise refuse("it is not valid UTF-8") from None
-    if size > _MAX_KEY_BYTES:
-        raise refuse(f"it is longer than {_MAX_KEY_BYTES} bytes")
+        return _invalid_key(key, f"a local store cannot hold it: {why}",
+                            "use a key of '/'-separated names without '.' or '..' parts")
+    _check_key(key)
     if "\x00" in key:
         raise refuse("it contains a NUL character")
     parts = key.split("/")
@@ -924,7 +1100,7 @@ class LocalStore:
         cutoff = time.time() - _STALE_TEMP_S
         for entry in os.scandir(self._internal):
             with contextlib.suppress(FileNotFoundError):
-                if entry.name.startswith("put-") and entry.stat().st_mtime < cutoff:
+                if entry.name.endswith(".part") and entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
 
     def __repr__(self) -> str:
@@ -976,24 +1152,22 @@ class LocalStore:
         finally:
             os.close(fd)
 
-    def _spool(self, data: bytes | bytearray | memoryview | str | os.PathLike[str]) -> tuple[str, str]:
-        """Copy ``data`` (bytes or a file path) to a temporary file; return (path, etag)."""
-        fd, tmp = tempfile.mkstemp(dir=self._internal, prefix="put-")
+    @staticmethod
+    def _spool(data: bytes | bytearray | memoryview | str | os.PathLike[str],
+               out: BinaryIO) -> str:
+        """Copy ``data`` (bytes or a file path) into ``out``; return its ETag."""
         digest = hashlib.md5(usedforsecurity=False)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                if isinstance(data, (bytes, bytearray, memoryview)):
-                    digest.update(data)
-                    out.write(data)
-                else:
-                    with _local_file_errors(os.fspath(data)), open(data, "rb") as src:
-                        while chunk := src.read(_COPY_CHUNK):
-                            digest.update(chunk)
-                            out.write(chunk)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return tmp, _quoted(digest.hexdigest())
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            digest.update(data)
+            out.write(data)
+        elif isinstance(data, (str, os.PathLike)):
+            with _open_put_file(data) as src, _local_file_errors(os.fspath(data)):
+                while chunk := src.read(_IO_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+        else:
+            raise TypeError(f"put() takes bytes or a file path, not {type(data).__name__}")
+        return _quoted(digest.hexdigest())
 
     def _etag_of(self, path: str) -> str | None:
         try:
@@ -1030,28 +1204,30 @@ class LocalStore:
             if_match: str | None = None) -> str:
         """Store ``data`` (bytes, or the path of a file to copy) under ``key``; return the ETag.
 
+        A ``str`` is always a path: to store text, pass ``text.encode()``.
         ``if_none_match="*"`` writes only if the key does not exist;
-        ``if_match`` (an ETag or ``*``) only if it exists with that ETag.
+        ``if_match`` (an ETag or ``*``) only if it exists with that ETag
+        (an empty condition raises ``ValueError``).
         ``content_type`` is accepted for interface parity; a directory keeps
         no per-file metadata.
         """
+        _condition_headers(if_match, if_none_match)
         if if_none_match is not None and if_none_match.strip() != "*":
             raise S3Error(f"If-None-Match on put supports only '*', not {if_none_match!r}",
                           status=501, code="NotImplemented", key=key)
         path = self._path(key)
-        tmp, etag = self._spool(data)
-        try:
+
+        def commit(tmp: str, target: str) -> None:
             with self._locked():
-                self._check_conditions(key, path, if_match=if_match, if_none_match=if_none_match)
+                self._check_conditions(key, target, if_match=if_match, if_none_match=if_none_match)
                 try:
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    os.replace(tmp, path)
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    os.replace(tmp, target)
                 except (FileExistsError, NotADirectoryError, IsADirectoryError) as err:
                     raise self._conflict(key, err) from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return etag
+
+        return _write_atomically(path, functools.partial(self._spool, data),
+                                 temp_dir=self._internal, replace=commit)
 
     def upload(self, key: str, path: str | os.PathLike[str], *,
                content_type: str | None = None) -> str:
@@ -1113,26 +1289,24 @@ class LocalStore:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFound(f"{key!r} does not exist in {self.root}",
                            status=404, code="NoSuchKey", key=key) from None
-        digest = hashlib.sha256()
-        with src, _local_file_errors(dest):
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    while chunk := src.read(_COPY_CHUNK):
-                        digest.update(chunk)
-                        out.write(chunk)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, dest)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-        return digest.hexdigest()
+
+        def copy(out: BinaryIO) -> str:
+            digest = hashlib.sha256()
+            with _local_file_errors(dest):
+                while chunk := src.read(_IO_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+            return digest.hexdigest()
+
+        with src:
+            return _write_atomically(dest, copy)
 
     def delete(self, key: str, *, if_match: str | None = None) -> None:
         """Remove ``key``; with ``if_match``, only if its ETag still matches.
 
         Deleting a missing key without a condition succeeds, as on S3.
         """
+        _condition_headers(if_match, None)
         path = self._path(key)
         with self._locked():
             self._check_conditions(key, path, if_match=if_match, if_none_match=None)
@@ -1637,7 +1811,7 @@ def _write_member(src: BinaryIO, into: str, name: str, mode: int) -> str:
                            f"({err.strerror})", member=name) from None
     digest = hashlib.sha256()
     with os.fdopen(fd, "wb") as out:
-        while chunk := src.read(_COPY_CHUNK):
+        while chunk := src.read(_IO_CHUNK):
             digest.update(chunk)
             with _local_file_errors(target):  # only the writes: read errors mean a damaged archive
                 out.write(chunk)
