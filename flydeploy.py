@@ -1360,7 +1360,11 @@ _NEVER_PACKED_DIRS = frozenset({"__pycache__", "node_modules", "site-packages"})
 # Top-level folders that belong to the application even without Python files
 # in them (Flask and Django keep templates and static files there).
 _APP_DATA_DIRS = frozenset({"templates", "static"})
-# Top-level build outputs, which hold copies of the sources.
+# Top-level folders that are not the application even when they hold Python
+# files; ``include`` can still name them.
+_NOT_APP_DIRS = frozenset({"tests", "test", "docs", "doc", "benchmarks"})
+# Top-level build outputs, which hold copies of the sources: a package only
+# when they have an __init__.py.
 _BUILD_OUTPUT_DIRS = frozenset({"build", "dist"})
 _MAX_RELEASE_BYTES = 2 << 30
 _MAX_RELEASE_MEMBERS = 100_000
@@ -1486,6 +1490,11 @@ def _never_packed_dir(folder: str, name: str) -> bool:
                for marker in ("pyvenv.cfg", "conda-meta", "bin/activate", "Scripts/activate"))
 
 
+def _unreadable_folder(err: OSError) -> None:
+    raise ReleaseError(f"cannot read the folder {err.filename} ({err.strerror}): fix its "
+                       "permissions, or leave it out with exclude") from None
+
+
 def _release_files(root: str, include: Sequence[str] | None, exclude: Sequence[str] | None,
                    skip: str) -> list[str]:
     """Relative paths of the files to pack under ``root``, sorted."""
@@ -1493,7 +1502,7 @@ def _release_files(root: str, include: Sequence[str] | None, exclude: Sequence[s
     include = [include] if isinstance(include, str) else include
     exclude = [exclude] if isinstance(exclude, str) else exclude
     candidates = []
-    for folder, dirnames, filenames in os.walk(root):
+    for folder, dirnames, filenames in os.walk(root, onerror=_unreadable_folder):
         dirnames[:] = [d for d in dirnames if not _never_packed_dir(folder, d)]
         relative = os.path.relpath(folder, root)
         base = "" if relative == "." else relative.replace(os.sep, "/") + "/"
@@ -1506,18 +1515,34 @@ def _release_files(root: str, include: Sequence[str] | None, exclude: Sequence[s
     if include is not None:
         chosen = [p for p in candidates if any(_path_matches(pat, p) for pat in include)]
     else:
-        # The application's modules and packages: top-level .py files, every
-        # top-level folder with Python sources below it (with its package
-        # data), and the conventional templates/ and static/ folders.
-        python_tops = {p.split("/", 1)[0] for p in candidates if "/" in p and p.endswith(".py")}
-        python_tops -= {t for t in _BUILD_OUTPUT_DIRS if f"{t}/__init__.py" not in candidates}
-        app_dirs = python_tops | _APP_DATA_DIRS
-        chosen = [p for p in candidates
-                  if ("/" not in p and p.endswith(".py"))
-                  or ("/" in p and p.split("/", 1)[0] in app_dirs)]
+        chosen = _application_files(candidates)
     if exclude:
         chosen = [p for p in chosen if not any(_path_matches(pat, p) for pat in exclude)]
+    for rel in chosen:
+        if why := _member_name_problem(rel):
+            raise ReleaseError(f"cannot pack {rel!r}: its name {why}, so the release could "
+                               "not be unpacked; rename it, or leave it out with exclude",
+                               member=rel)
     return sorted(chosen)
+
+
+def _application_files(candidates: Sequence[str]) -> list[str]:
+    """The application's packages and modules among ``candidates`` (relative paths).
+
+    Top-level modules (``*.py``), top-level packages (folders with an
+    ``__init__.py``: their whole subtree, package data included), top-level
+    namespace packages (folders holding ``.py`` files directly: their whole
+    subtree; build outputs excepted) and the conventional ``templates/`` and
+    ``static/`` folders; never the folders of ``_NOT_APP_DIRS``.
+    """
+    packages = {p.split("/", 1)[0] for p in candidates
+                if p.count("/") == 1 and p.endswith("/__init__.py")}
+    namespaces = {p.split("/", 1)[0] for p in candidates
+                  if p.count("/") == 1 and p.endswith(".py")} - _BUILD_OUTPUT_DIRS
+    app_dirs = (packages | namespaces | _APP_DATA_DIRS) - _NOT_APP_DIRS
+    return [p for p in candidates
+            if ("/" not in p and p.endswith(".py"))
+            or ("/" in p and p.split("/", 1)[0] in app_dirs)]
 
 
 def _source_date_epoch() -> int | None:
@@ -1537,15 +1562,21 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
                  exclude: Sequence[str] | None = None) -> Release:
     """Pack the application under ``root`` into a deterministic ``.tar.gz`` at ``out_path``.
 
-    By default every file of the application's modules and packages is
-    packed: top-level ``.py`` files, every top-level folder with Python
-    sources below it (sources and package data such as templates and static
-    files) and top-level ``templates/`` and ``static/`` folders.  ``include``
-    (patterns) replaces that choice and ``exclude`` (patterns) removes from
-    it; patterns work as in ``.gitignore`` (``*.sqlite3``, ``media/``,
-    ``app/static/**/*.map``).  Never packed: ``__pycache__``, ``*.pyc``,
-    hidden files and folders (``.git``, ``.env``), virtual environments,
-    ``node_modules``, ``site-packages`` and ``*.egg-info``.
+    By default the application's packages and modules are packed: top-level
+    modules (``*.py``), top-level packages (folders with an ``__init__.py``,
+    with everything below them: subpackages and package data such as
+    templates and static files), top-level namespace packages (folders that
+    hold ``.py`` files directly, with everything below them) and top-level
+    ``templates/`` and ``static/`` folders.  ``tests/``, ``test/``,
+    ``docs/``, ``doc/`` and ``benchmarks/`` are not the application and are
+    left out unless ``include`` names them.  ``include`` (patterns) replaces
+    that choice and ``exclude`` (patterns) removes from it; patterns work as
+    in ``.gitignore`` (``*.sqlite3``, ``media/``, ``app/static/**/*.map``).
+    Never packed: ``__pycache__``, ``*.pyc``, hidden files and folders
+    (``.git``, ``.env``), virtual environments, ``node_modules``,
+    ``site-packages`` and ``*.egg-info``.  A file name that
+    ``unpack_release`` would refuse (a backslash, invalid UTF-8) and a folder
+    or file that cannot be read raise ``ReleaseError`` naming it.
 
     The first member is ``flydeploy-manifest.json`` (``app``, ``version``,
     ``source_image_ref``, ``created_at``, ``files: {path: sha256}``).  The same
@@ -1576,7 +1607,7 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     budget = _PACK_CACHE_BYTES
     for rel in files:
         path = os.path.join(root, *rel.split("/"))
-        with open(path, "rb") as f:
+        with _pack_read_errors(rel), open(path, "rb") as f:
             info = os.fstat(f.fileno())
             if info.st_size <= budget:
                 data = f.read()
@@ -1602,11 +1633,8 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
         info.uname = info.gname = ""
         return info
 
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out_path), prefix=f".{os.path.basename(out_path)}.")
-    try:
-        with os.fdopen(fd, "wb") as raw, \
-                gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as gz, \
+    def write(raw: BinaryIO) -> None:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as gz, \
                 tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             tar.addfile(member(MANIFEST_NAME, len(manifest_bytes), 0o644), io.BytesIO(manifest_bytes))
             for rel in files:
@@ -1614,17 +1642,25 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
                     tar.addfile(member(rel, sizes[rel], modes[rel]), io.BytesIO(cached[rel]))
                     continue
                 # Streamed, and checked against pass 1: the manifest is already out.
-                with open(os.path.join(root, *rel.split("/")), "rb") as f:
+                with _pack_read_errors(rel), open(os.path.join(root, *rel.split("/")), "rb") as f:
                     reader = _PackedFileReader(f, rel, sizes[rel])
                     tar.addfile(member(rel, sizes[rel], modes[rel]), reader)
                 if reader.digest.hexdigest() != hashes[rel]:
                     raise _changed_while_packing(rel)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    _write_atomically(out_path, write)
     return Release(out_path, _file_digest(out_path, "sha256"), manifest)
+
+
+@contextlib.contextmanager
+def _pack_read_errors(rel: str) -> Iterator[None]:
+    """Re-raise a failure to read the file ``rel`` being packed as a ReleaseError naming it."""
+    try:
+        yield
+    except OSError as err:
+        raise ReleaseError(f"cannot read {rel} ({err.strerror}): fix its permissions, or "
+                           "leave it out with exclude", member=rel) from None
 
 
 def _changed_while_packing(rel: str) -> ReleaseError:
@@ -1640,7 +1676,8 @@ class _PackedFileReader:
         self.digest = hashlib.sha256()
 
     def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
+        with _pack_read_errors(self._rel):
+            data = self._raw.read(size)
         if len(data) < (self._left if size < 0 else min(size, self._left)):
             raise _changed_while_packing(self._rel)  # ended early: it shrank
         self._left -= len(data)
@@ -1648,17 +1685,28 @@ class _PackedFileReader:
         return data
 
 
-def _check_member_name(name: str) -> None:
-    why = None
+def _member_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a release member, or None.  pack_release and
+    unpack_release both ask, so a release that packs also unpacks."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        # os.walk decodes undecodable file names with surrogateescape.
+        return "is not valid UTF-8"
+    parts = name.split("/")
     if name.startswith("/") or re.match(r"[A-Za-z]:", name):
-        why = "is an absolute path"
-    elif "\\" in name or "\x00" in name:
-        why = "contains a backslash or a NUL character"
-    elif any(part == ".." for part in name.split("/")):
-        why = "contains '..'"
-    elif any(part in ("", ".") for part in name.split("/")):
-        why = "is not a normalised path (empty or '.' parts)"
-    if why:
+        return "is an absolute path"
+    if "\\" in name or "\x00" in name:
+        return "contains a backslash or a NUL character"
+    if ".." in parts:
+        return "contains '..'"
+    if "" in parts or "." in parts:
+        return "is not a normalised path (empty or '.' parts)"
+    return None
+
+
+def _check_member_name(name: str) -> None:
+    if why := _member_name_problem(name):
         raise ReleaseError(f"release member {name!r} {why}; refusing the release", member=name)
 
 
@@ -1835,10 +1883,20 @@ def _json_body(doc: Any) -> bytes:
 
 def _backoff(attempt: int) -> None:
     # Jittered so that writers that collided do not collide again in step.
-    time.sleep(random.uniform(0, min(0.5, 0.005 * 2 ** attempt)))
+    time.sleep(_backoff_delay(attempt, base=0.005, cap=0.5))
 
 
-def read_current(store: Any, app: str) -> tuple[dict[str, Any] | None, str | None]:
+def _require_etag(etag: str | None, key: str) -> str:
+    """``etag`` if the server gave one; a conditional write needs it (an empty condition
+    would make it unconditional), so its absence is an error, never a silent pass."""
+    if not etag:
+        raise S3Error(f"the storage server gave no ETag for {key}, so it cannot be changed "
+                      "safely (conditionally); use an S3 server that returns ETags (Tigris, "
+                      "AWS S3, SeaweedFS and MinIO do)", code="MissingETag", key=key)
+    return etag
+
+
+def read_current(store: Store, app: str) -> tuple[dict[str, Any] | None, str | None]:
     """Return ``(current.json, ETag)`` of ``app``, or ``(None, None)`` when there is none.
 
     ``store`` is an ``S3`` or a ``LocalStore``.
@@ -1854,43 +1912,48 @@ def read_current(store: Any, app: str) -> tuple[dict[str, Any] | None, str | Non
     return doc, etag
 
 
-def update_current(store: Any, app: str,
+def update_current(store: Store, app: str,
                    change: Callable[[dict[str, Any] | None], dict[str, Any]]) -> dict[str, Any]:
     """Apply ``change`` to ``current.json`` atomically; return the document written.
 
     ``change`` receives the current document (None when there is none) and
     returns the new one.  The write is conditional on the ETag read
     (``If-None-Match: *`` when there was none) and is retried from a fresh
-    read when another writer got in first, so no concurrent update is lost.
+    read when another writer got in first, so no concurrent update is lost;
+    ``ConflictError`` when every attempt lost.  A document the server gives
+    no ETag for raises ``S3Error`` code ``MissingETag`` instead of being
+    overwritten unconditionally.
     """
     key = _current_key(app)
     for attempt in range(_CAS_ATTEMPTS):
         doc, etag = read_current(store, app)
         new = change(copy.deepcopy(doc))
         try:
-            if etag is None:
+            if doc is None:
                 store.put(key, _json_body(new), content_type="application/json", if_none_match="*")
             else:
-                store.put(key, _json_body(new), content_type="application/json", if_match=etag)
+                store.put(key, _json_body(new), content_type="application/json",
+                          if_match=_require_etag(etag, key))
             return new
         except (PreconditionFailed, NotFound):
             # NotFound: S3 answers If-Match on a key deleted meanwhile with 404.
             _backoff(attempt)
-    raise ReleaseError(f"{key} kept changing under us ({_CAS_ATTEMPTS} conditional writes lost "
-                       "the race): other deploys are writing it; wait for them and retry")
+    raise ConflictError(f"{key} kept changing under us ({_CAS_ATTEMPTS} conditional writes lost "
+                        "the race): other deploys are writing it; wait for them and retry")
 
 
 def _check_hot_upgrade(hot_upgrade: object) -> dict[str, Any]:
+    # A bad record is the caller's programming error: TypeError / ValueError.
     if not isinstance(hot_upgrade, dict):
-        raise ReleaseError(f"a hot upgrade record is a dict (Release.hot_upgrade_record gives "
-                           f"one), not {type(hot_upgrade).__name__}")
+        raise TypeError(f"a hot upgrade record is a dict (Release.hot_upgrade_record gives "
+                        f"one), not {type(hot_upgrade).__name__}")
     missing = [f for f in ("version", "tarball_url", "sha256") if not hot_upgrade.get(f)]
     if missing:
-        raise ReleaseError(f"hot upgrade record lacks {', '.join(missing)}; build it with "
-                           "Release.hot_upgrade_record")
+        raise ValueError(f"hot upgrade record lacks {', '.join(missing)}; build it with "
+                         "Release.hot_upgrade_record")
     if not _SHA256_PATTERN.fullmatch(str(hot_upgrade["sha256"])):
-        raise ReleaseError(f"hot upgrade record has a malformed sha256 {hot_upgrade['sha256']!r}; "
-                           "expected 64 lowercase hex digits")
+        raise ValueError(f"hot upgrade record has a malformed sha256 {hot_upgrade['sha256']!r}; "
+                         "expected 64 lowercase hex digits")
     record = {"source_image_ref": None, **hot_upgrade}
     record.setdefault("deployed_at", _iso_utc(_utc_now()))
     return record
@@ -1900,7 +1963,7 @@ def _fresh_current(image_ref: str | None) -> dict[str, Any]:
     return {"image_ref": image_ref, "set_at": _iso_utc(_utc_now()), "hot_upgrade": None, "history": []}
 
 
-def record_hot_upgrade(store: Any, app: str, hot_upgrade: dict[str, Any], *,
+def record_hot_upgrade(store: Store, app: str, hot_upgrade: dict[str, Any], *,
                        image_ref: str | None = None) -> dict[str, Any]:
     """Make ``hot_upgrade`` the app's current hot upgrade; return the new ``current.json``.
 
@@ -1929,7 +1992,7 @@ def record_hot_upgrade(store: Any, app: str, hot_upgrade: dict[str, Any], *,
     return update_current(store, app, change)
 
 
-def reset_current(store: Any, app: str, image_ref: str) -> dict[str, Any]:
+def reset_current(store: Store, app: str, image_ref: str) -> dict[str, Any]:
     """Start ``current.json`` afresh for a new image (after a cold deploy); return it.
 
     No hot upgrade is current and the history is emptied: the releases in
@@ -1985,7 +2048,7 @@ class LockHeld(FlyDeployError):
 class Lock:
     """A held deploy lock; ``release()`` (or leaving a ``with`` block) gives it back."""
 
-    store: Any = dataclasses.field(repr=False)
+    store: Store = dataclasses.field(repr=False)
     app: str
     owner: str
     deployment_id: str
@@ -1996,15 +2059,34 @@ class Lock:
     def release(self) -> bool:
         """Remove the lock if it is still this one; return whether it was removed.
 
-        A lock that expired and was taken over by another deploy is left alone.
+        A lock that was taken over by another deploy (expired, or forced) is
+        left alone and False returned, with a warning.  A delete whose reply
+        was lost is retried, and the retry is refused although the first try
+        landed; that is recognised, not reported as a takeover: the lock is
+        then gone, or held by another deployment that took it after this
+        release began.
         """
+        key = _lock_key(self.app)
+        # Millisecond precision, as locked_at is written.
+        started = _parse_time(_iso_utc(_utc_now()))
         try:
-            self.store.delete(_lock_key(self.app), if_match=self.etag)
+            self.store.delete(key, if_match=self.etag)
+            return True
         except (PreconditionFailed, NotFound):
-            log.warning("deploy lock of %s was taken over or removed by someone else; left as is",
-                        self.app)
-            return False
-        return True
+            holder, _ = _read_lock(self.store, key)
+        if holder is None:
+            return True  # our delete landed (or someone removed the lock): it is gone
+        if holder.get("deployment_id") != self.deployment_id:
+            taken = _parse_time(holder.get("locked_at"))
+            if taken is not None and started is not None and taken >= started:
+                return True  # our delete landed, and another deploy took the lock since
+            log.warning("deploy lock of %s was taken over by %r (deployment %r); left as is",
+                        self.app, holder.get("locked_by"), holder.get("deployment_id"))
+        else:
+            log.warning("deploy lock of %s is still this deployment's (%s) but was rewritten "
+                        "since it was taken (renewed elsewhere?); left in place", self.app,
+                        self.deployment_id)
+        return False
 
     def renew(self, timeout_s: float = 300) -> None:
         """Push the expiry to ``timeout_s`` from now; raise ``LockHeld`` if the lock was lost."""
@@ -2012,9 +2094,11 @@ class Lock:
         body = {"locked_by": self.owner, "locked_at": self.locked_at,
                 "expires_at": _iso_utc(now + datetime.timedelta(seconds=timeout_s)),
                 "deployment_id": self.deployment_id}
+        key = _lock_key(self.app)
         try:
-            self.etag = self.store.put(_lock_key(self.app), _json_body(body),
-                                       content_type="application/json", if_match=self.etag)
+            self.etag = _require_etag(self.store.put(key, _json_body(body),
+                                                     content_type="application/json",
+                                                     if_match=self.etag), key)
         except (PreconditionFailed, NotFound):
             holder, _ = _read_lock(self.store, _lock_key(self.app))
             raise LockHeld(self.app, holder or {}, now=now) from None
@@ -2027,7 +2111,7 @@ class Lock:
         self.release()
 
 
-def _read_lock(store: Any, key: str) -> tuple[dict[str, Any] | None, str | None]:
+def _read_lock(store: Store, key: str) -> tuple[dict[str, Any] | None, str | None]:
     """Return ``(lock document, ETag)``, ``({}, ETag)`` if unreadable, ``(None, None)`` if absent."""
     try:
         doc, etag = store.get_json(key)
@@ -2041,7 +2125,7 @@ def _read_lock(store: Any, key: str) -> tuple[dict[str, Any] | None, str | None]
     return (doc if isinstance(doc, dict) else {}), etag
 
 
-def acquire_lock(store: Any, app: str, *, owner: str, deployment_id: str,
+def acquire_lock(store: Store, app: str, *, owner: str, deployment_id: str,
                  timeout_s: float = 300, force: bool = False) -> Lock:
     """Take the deploy lock of ``app`` for ``timeout_s`` seconds; return the ``Lock``.
 
@@ -2051,6 +2135,9 @@ def acquire_lock(store: Any, app: str, *, owner: str, deployment_id: str,
     racing exactly one holds the lock.  A live lock raises ``LockHeld``
     naming its owner, when it was taken and how long is left.
     """
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s!r}: a deploy lock must last a positive number "
+                         "of seconds (e.g. 300)")
     key = _lock_key(app)
     start = _utc_now()
     # One body for every attempt, so that a write of ours that landed while
@@ -2065,14 +2152,16 @@ def acquire_lock(store: Any, app: str, *, owner: str, deployment_id: str,
     for attempt in range(_CAS_ATTEMPTS):
         now = _utc_now()
         try:
-            return held(store.put(key, _json_body(body), content_type="application/json",
-                                  if_none_match="*"))
+            return held(_require_etag(store.put(key, _json_body(body),
+                                                content_type="application/json",
+                                                if_none_match="*"), key))
         except PreconditionFailed:
             pass
         holder, etag = _read_lock(store, key)
         if holder is None:
             continue  # released between our write and our read: try again
-        if holder == body and etag:
+        etag = _require_etag(etag, key)
+        if holder == body:
             return held(etag)  # our write landed, but its reply was lost and the retry refused
         expires = _parse_time(holder.get("expires_at"))
         if not (force or expires is None or expires <= now):
@@ -2081,11 +2170,12 @@ def acquire_lock(store: Any, app: str, *, owner: str, deployment_id: str,
                     holder.get("locked_by"), holder.get("locked_at"),
                     "forced" if force else "expired")
         try:
-            return held(store.put(key, _json_body(body), content_type="application/json",
-                                  if_match=etag))
+            return held(_require_etag(store.put(key, _json_body(body),
+                                                content_type="application/json",
+                                                if_match=etag), key))
         except (PreconditionFailed, NotFound):
             _backoff(attempt)  # someone else took it over first: look again
-    raise FlyDeployError(f"could not take the deploy lock of {app!r}: {key} kept changing "
+    raise ConflictError(f"could not take the deploy lock of {app!r}: {key} kept changing "
                          f"({_CAS_ATTEMPTS} attempts); another deploy is fighting for it, retry later")
 
 
@@ -2422,13 +2512,9 @@ class Machines:
                         or (retry_after is not None and retry_after > _MAX_RETRY_AFTER)):
                     raise MachinesAPIError(status, message, method=method, path=shown_path)
                 log.info("Machines API %s %s: %d %s, retrying", method, shown_path, status, message)
-            time.sleep(self._backoff_delay(attempt, retry_after))
+            time.sleep(_backoff_delay(attempt, base=self._backoff, cap=10.0, floor=0.5,
+                                      retry_after=retry_after))
             attempt += 1
-
-    def _backoff_delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return retry_after
-        return min(self._backoff * (2 ** attempt), 10.0) * (0.5 + random.random() / 2)
 
     def _send(self, method: str, target: str, headers: Mapping[str, str], data: bytes | None,
               timeout: float) -> tuple[int, str, http.client.HTTPMessage, bytes]:
