@@ -681,6 +681,9 @@ class S3:
                 raise ConfigError(f"{variable} holds a space, a line break or another character "
                                   "that no credential has (often a trailing newline from a "
                                   "file); set it again without them")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", region):
+            raise ConfigError(f"AWS_REGION {region!r} is not a region name: set it to e.g. "
+                              "auto (Tigris) or us-east-1, or unset it")
         self.endpoint = urllib.parse.urlunsplit((parts.scheme, parts.netloc,
                                                  parts.path.rstrip("/"), "", ""))
         self.bucket = bucket

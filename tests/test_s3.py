@@ -501,6 +501,11 @@ def test_credentials_with_control_characters_are_refused(field, bad):
     assert "Secret0123456789" not in str(caught.value) and "tail" not in str(caught.value)
 
 
+def test_a_malformed_region_is_refused():
+    with pytest.raises(flydeploy.ConfigError, match="AWS_REGION"):
+        flydeploy.S3("http://127.0.0.1:9", "bucket", "AK", SECRET, region="auto\r\nX: 1")
+
+
 def test_endpoint_with_credentials_is_refused_without_echoing_them():
     with pytest.raises(flydeploy.ConfigError, match="AWS_ENDPOINT_URL_S3") as caught:
         flydeploy.S3("https://user:hunter2pass@fly.storage.tigris.dev", "bucket", "AK", SECRET)
