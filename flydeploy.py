@@ -4716,38 +4716,6 @@ def _adopt_dir_owner(path: str) -> None:
         os.chown(path, parent.st_uid, parent.st_gid, follow_symlinks=False)
 
 
-def _stage_file(dest: str, content: bytes | str, *, mode: int, owner: tuple[int, int] | None = None) -> str:
-    """Write ``content`` (bytes, or the path of a file to copy) to a temporary file beside ``dest``.
-
-    Returns the temporary path; ``os.replace`` it onto ``dest`` to publish it
-    atomically.  On failure nothing is left behind.
-    """
-    directory = os.path.dirname(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".flydeploy-tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            if isinstance(content, bytes):
-                out.write(content)
-            else:
-                with open(content, "rb") as source:
-                    shutil.copyfileobj(source, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, mode)
-        if owner is not None and os.geteuid() == 0:
-            os.chown(tmp, *owner)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
-def _write_atomically(path: str, content: bytes, *, mode: int = 0o644) -> None:
-    os.replace(_stage_file(path, content, mode=mode), path)
-    _adopt_dir_owner(path)
-
-
 def _state_path(app: str, *, create: bool) -> str | None:
     directory = _app_dir(app, create=create)
     return None if directory is None else os.path.join(directory, _STATE_FILE)
@@ -4781,8 +4749,10 @@ def _read_state(app: str) -> dict | None:
 
 
 def _write_state(app: str, state: dict) -> None:
-    _write_atomically(_state_path(app, create=True),
-                      json.dumps({**state, "boot_id": _boot_id()}, sort_keys=True).encode())
+    path = _state_path(app, create=True)
+    content = json.dumps({**state, "boot_id": _boot_id()}, sort_keys=True).encode()
+    _write_atomically(path, lambda out: out.write(content))
+    _adopt_dir_owner(path)
 
 
 @contextlib.contextmanager
@@ -5346,6 +5316,16 @@ def _install_files(plan: dict[str, str], hashes: dict[str, str], source_dir: str
     """
     changed = [(rel, dest) for rel, dest in sorted(plan.items()) if _file_sha256(dest) != hashes[rel]]
     staged: list[tuple[str, str]] = []
+
+    def stage(source: str, dest: str, mode: int, owner: tuple[int, int]) -> None:
+        def copy(out: BinaryIO) -> None:
+            if os.geteuid() == 0:
+                os.fchown(out.fileno(), *owner)
+            with open(source, "rb") as data:
+                shutil.copyfileobj(data, out, _IO_CHUNK)
+        # Published below, once every file is staged.
+        _write_atomically(dest, copy, mode=mode, replace=lambda tmp, _dest: staged.append((tmp, dest)))
+
     try:
         for rel, dest in changed:
             source = os.path.join(source_dir, *rel.split("/"))
@@ -5356,13 +5336,13 @@ def _install_files(plan: dict[str, str], hashes: dict[str, str], source_dir: str
                 _make_dirs(os.path.dirname(dest))
                 parent = os.stat(os.path.dirname(dest))
                 mode, owner = stat.S_IMODE(os.stat(source).st_mode), (parent.st_uid, parent.st_gid)
-            staged.append((_stage_file(dest, source, mode=mode, owner=owner), dest))
-    except OSError as exc:
+            stage(source, dest, mode, owner)
+    except (OSError, FlyDeployError) as exc:
         for tmp, _dest in staged:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        raise AgentError(f"cannot write {getattr(exc, 'filename', None) or exc}: {exc.strerror or exc}; "
-                         "no file was changed. Check the permissions and free space of the app directory.") from exc
+        raise AgentError(f"cannot write the release: {exc}; no file was changed. "
+                         "Check the permissions and free space of the app directory.") from exc
     for tmp, dest in staged:
         os.replace(tmp, dest)
     return [dest for _tmp, dest in staged], len(plan) - len(staged)

@@ -260,7 +260,7 @@ def test_members_go_where_the_code_was_loaded_from(machine, tmp_path, local_stor
     assert stat.S_IMODE((machine.app_root / "greet.py").stat().st_mode) == 0o640  # mode kept
     assert (machine.app_root / "main.py").stat().st_ino == main_inode  # unchanged: not rewritten
     assert process.get()["greeting"] == "hello v2"
-    assert not list(machine.app_root.glob(".*flydeploy-tmp")) and not list(site.rglob(".*flydeploy-tmp"))
+    assert not list(machine.app_root.glob(".*.part")) and not list(site.rglob(".*.part"))
 
 
 def test_destination_plan_for_the_three_layouts(monkeypatch):
