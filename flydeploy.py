@@ -5348,7 +5348,7 @@ def _install_files(plan: dict[str, str], hashes: dict[str, str], source_dir: str
     return [dest for _tmp, dest in staged], len(plan) - len(staged)
 
 
-def _store_for_url(url: str, store: Any = None) -> tuple[Any, str]:
+def _store_for_url(url: str, store: Store | None = None) -> tuple[Store, str]:
     """The store and key behind a release URL: ``store`` when the URL is its own, else from the URL.
 
     A ``file://`` URL names a ``LocalStore``; an ``http(s)`` URL
@@ -5372,7 +5372,7 @@ def _store_for_url(url: str, store: Any = None) -> tuple[Any, str]:
     return store, key
 
 
-def _fetch_release(store: Any, key: str, workdir: str, sha256: str | None) -> tuple[dict, str, str]:
+def _fetch_release(store: Store, key: str, workdir: str, sha256: str | None) -> tuple[dict, str, str]:
     """Download, verify and unpack a release into ``workdir``; returns ``(manifest, tree, sha256)``."""
     tarball = os.path.join(workdir, "release.tar.gz")
     digest = store.download(key, tarball)
@@ -5405,7 +5405,7 @@ def _locate_on_machine(app: str, paths: list[str], *, in_process: bool) -> tuple
     return located, _choose_app_root(located, cwd)
 
 
-def _install_release(app: str, store: Any, key: str, sha256: str | None, *, deployed_at: str | None = None,
+def _install_release(app: str, store: Store, key: str, sha256: str | None, *, deployed_at: str | None = None,
                      in_process: bool, unless_installed: str | None = None) -> dict | None:
     """Download, verify and write a release on this machine; record it in the state file.
 
@@ -5470,7 +5470,7 @@ def _machine_result(replies: list[dict], *, version: str | None, started: float,
 
 
 def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None, suspend_timeout: float = 10.0,
-                upgrade_id: str | None = None, store: Any = None) -> dict:
+                upgrade_id: str | None = None, store: Store | None = None) -> dict:
     """Upgrade every Python process of ``app`` on this machine to the release at ``tarball_url``.
 
     Downloads the tarball (signed, streamed, retried; an S3 URL of the
@@ -5517,7 +5517,7 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None, suspen
     return result
 
 
-def _store_result(store: Any, app: str, upgrade_id: str | None, result: dict) -> None:
+def _store_result(store: Store, app: str, upgrade_id: str | None, result: dict) -> None:
     if not upgrade_id:
         return
     key = f"releases/{app}-results/{upgrade_id}/{result['machine_id']}.json"
@@ -5543,7 +5543,7 @@ def _current_hot_upgrade(doc: dict) -> dict | None:
     return hot
 
 
-def _catch_up_machine(store: Any, app: str, hot: dict) -> str:
+def _catch_up_machine(store: Store, app: str, hot: dict) -> str:
     """Bring this machine and this process to the recorded hot upgrade ``hot``.
 
     Under the machine lock, the first process to get here downloads and writes
@@ -5569,7 +5569,7 @@ def _catch_up_machine(store: Any, app: str, hot: dict) -> str:
     return "up_to_date" if installed is None else "applied"
 
 
-def _reconcile(store: Any, app: str, image_ref: str) -> tuple[str, str | None]:
+def _reconcile(store: Store, app: str, image_ref: str) -> tuple[str, str | None]:
     """One boot-time pass over current.json; returns ``(status, version)``."""
     doc, _etag = read_current(store, app)
     status = "up_to_date"
@@ -5602,7 +5602,7 @@ def _poll_interval(poll_interval: float | None) -> float | None:
 class _Poller:
     """Polls current.json and applies a hot upgrade for this image that the machine missed."""
 
-    def __init__(self, store: Any, app: str, image_ref: str, interval: float) -> None:
+    def __init__(self, store: Store, app: str, image_ref: str, interval: float) -> None:
         self.store, self.app, self.image_ref, self.interval = store, app, image_ref, interval
         self._etag: str | None = None
         self._failed_version: str | None = None
@@ -5641,7 +5641,7 @@ class _Poller:
 
 
 def startup_reapply_current(app: str | None = None, *, poll_interval: float | None = None,
-                            agent: bool = True, store: Any = None) -> dict:
+                            agent: bool = True, store: Store | None = None) -> dict:
     """Make this process (and machine) run the release recorded for its image; call it early at boot.
 
     ``app`` defaults to ``FLY_APP_NAME``; ``store`` to ``S3.from_env()``.
