@@ -42,10 +42,13 @@ went wrong and what to do about it.  Secrets never appear in messages or logs.
 from __future__ import annotations
 
 import abc
+import argparse
 import ast
 import asyncio
+import atexit
 import builtins
 import collections
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -78,7 +81,10 @@ import re
 import secrets
 import shutil
 import site
+import socket
 import ssl
+import stat
+import struct
 import sys
 import sysconfig
 import tarfile
@@ -100,6 +106,7 @@ from collections.abc import Sequence
 from typing import Any
 from typing import BinaryIO
 from typing import NamedTuple
+from typing import Protocol
 
 __version__ = "0.1.0"
 
@@ -107,7 +114,9 @@ __all__ = [
     # 0. Foundations
     "FlyDeployError",
     "ConfigError",
+    "ConflictError",
     # 1. Storage
+    "Store",
     "S3Error",
     "NotFound",
     "PreconditionFailed",
@@ -157,7 +166,15 @@ __all__ = [
     "UpgradeRefused",
     "on_upgrade",
     # 5. Agent
+    "Agent",
+    "AgentError",
+    "start_agent",
+    "hot_upgrade",
+    "RESULT_MARKER",
+    "startup_reapply_current",
+    "get_current_hot_upgrade_info",
     # 6. Entry points
+    "main",
 ]
 
 # ===========================================================================
@@ -175,6 +192,81 @@ class ConfigError(FlyDeployError):
     """A setting is missing or malformed; the message names where to set it."""
 
 
+class ConflictError(FlyDeployError):
+    """A conditional write lost the race to other writers every time it was tried."""
+
+
+# The chunk size of every streamed read and write (files, request and response bodies).
+_IO_CHUNK = 1 << 20
+
+
+def _backoff_delay(attempt: int, *, base: float, cap: float, floor: float = 0.0,
+                   retry_after: float | None = None) -> float:
+    """Seconds to wait before retry number ``attempt`` (0 for the first retry).
+
+    ``retry_after`` (what the server asked for) wins when given; otherwise the
+    wait grows as ``base * 2**attempt`` up to ``cap`` and is jittered down to a
+    ``floor`` fraction of that, so that clients that failed together do not
+    retry together.
+    """
+    if retry_after is not None:
+        return retry_after
+    return min(cap, base * 2 ** attempt) * random.uniform(floor, 1.0)
+
+
+@contextlib.contextmanager
+def _local_file_errors(path: str) -> Iterator[None]:
+    """Re-raise an OSError of a local file as FlyDeployError, so that it is never mistaken
+    for a network error and retried."""
+    try:
+        yield
+    except OSError as exc:
+        raise FlyDeployError(f"{path}: {exc.strerror or exc}: check the path, its "
+                             "permissions and the free disk space") from exc
+
+
+def _digest(f: BinaryIO, algorithm: str) -> str:
+    """Hex digest of an open file's content from where it stands, read in bounded chunks."""
+    return hashlib.file_digest(f, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
+
+
+def _file_digest(path: str, algorithm: str) -> str:
+    """Hex digest of the file at ``path``, read in bounded chunks."""
+    with open(path, "rb") as f:
+        return _digest(f, algorithm)
+
+
+def _write_atomically(path: str, write: Callable[[BinaryIO], Any], *, mode: int = 0o644,
+                      temp_dir: str | None = None,
+                      replace: Callable[[str, str], None] = os.replace) -> Any:
+    """Create or replace the file ``path`` with what ``write(out)`` writes; return its result.
+
+    The data goes to a temporary file (beside ``path``, or in ``temp_dir``), is
+    fsynced and then moved into place by ``replace(temp, path)``; on any failure
+    the temporary file is removed, so readers see the old file or the whole new
+    one, never a part.
+    """
+    folder = temp_dir or os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FlyDeployError(f"cannot write {path}: the folder {folder} does not exist: "
+                             "check the path, or create the folder first")
+    with _local_file_errors(path):
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            result = write(out)
+            with _local_file_errors(path):
+                out.flush()
+                os.fsync(out.fileno())
+        os.chmod(tmp, mode)
+        replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return result
+
+
 # ===========================================================================
 # 1. Storage: SigV4 signer, S3/Tigris client, local directory store
 # ===========================================================================
@@ -183,14 +275,16 @@ class ConfigError(FlyDeployError):
 class S3Error(FlyDeployError):
     """A storage request failed.
 
-    ``status`` is the HTTP status (0 when no reply came), ``code`` and
-    ``message`` come from the server's XML error body, ``request_id`` from its
-    headers; ``key`` is the object the request was about.
+    ``str(error)`` is the whole actionable text.  ``status`` is the HTTP status
+    (0 when no reply came), ``code`` and ``message`` are the server's own
+    ``<Code>`` and ``<Message>`` from its XML error body (``message`` is empty
+    when there was none), ``request_id`` comes from its headers; ``key`` is the
+    object the request was about.
     """
 
-    def __init__(self, message: str, *, status: int = 0, code: str = "",
+    def __init__(self, text: str, *, status: int = 0, code: str = "", message: str = "",
                  request_id: str | None = None, key: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(text)
         self.status = status
         self.code = code
         self.message = message
@@ -204,6 +298,103 @@ class NotFound(S3Error):
 
 class PreconditionFailed(S3Error):
     """A conditional request (``If-Match`` / ``If-None-Match``) did not hold (HTTP 412)."""
+
+
+class Store(Protocol):
+    """What ``S3`` and ``LocalStore`` share, and what releases, metadata and the lock use.
+
+    Keys are non-empty '/'-separated strings of at most 1024 bytes of UTF-8.
+    ETags are opaque quoted strings, passed back unchanged as ``if_match``.
+    A write with ``if_match`` (an ETag or ``*``) or ``if_none_match="*"`` that
+    does not hold raises ``PreconditionFailed``; reading a missing key raises
+    ``NotFound``; every other failure is an ``S3Error``.
+    """
+
+    def put(self, key: str, data: bytes | bytearray | memoryview | str | os.PathLike[str], *,
+            content_type: str | None = None, if_none_match: str | None = None,
+            if_match: str | None = None) -> str:
+        """Store bytes (or the file at a path) under ``key``; return the new ETag."""
+
+    def upload(self, key: str, path: str | os.PathLike[str], *,
+               content_type: str | None = None) -> str:
+        """Store the file at ``path`` under ``key`` in bounded memory; return the ETag."""
+
+    def get(self, key: str) -> bytes:
+        """The content of ``key``."""
+
+    def get_json(self, key: str) -> tuple[Any, str]:
+        """The content of ``key`` parsed as JSON, with the ETag of that content."""
+
+    def head(self, key: str) -> dict[str, Any] | None:
+        """``{"etag", "size", "content_type", "last_modified", "headers"}``, None if absent."""
+
+    def download(self, key: str, path: str | os.PathLike[str]) -> str:
+        """Write ``key`` into the file ``path`` (whole or not at all); return its sha256 hex."""
+
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Remove ``key`` (a missing key is no error unless ``if_match`` is given)."""
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Every key starting with ``prefix``, in UTF-8 byte order."""
+
+    def url(self, key: str) -> str:
+        """A URL naming ``key`` (unsigned)."""
+
+
+_MAX_KEY_BYTES = 1024
+
+
+def _invalid_key(key: object, why: str, advice: str) -> S3Error:
+    return S3Error(f"key {key!r} is not valid: {why}; {advice}", status=400, code="InvalidKey",
+                   key=key if isinstance(key, str) else None)
+
+
+def _check_key(key: object) -> str:
+    """Return ``key`` if it can name an object (a non-empty string of at most 1024 bytes
+    of UTF-8), else raise ``S3Error`` code ``InvalidKey``."""
+    advice = "use a non-empty text key of at most 1024 bytes of UTF-8"
+    if not isinstance(key, str) or not key:
+        raise _invalid_key(key, "a key is a non-empty string", advice)
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        # A lone surrogate: typically a file name decoded with surrogateescape.
+        raise _invalid_key(key, "it is not valid UTF-8", advice) from None
+    if size > _MAX_KEY_BYTES:
+        raise _invalid_key(key, f"it is longer than {_MAX_KEY_BYTES} bytes", advice)
+    return key
+
+
+def _condition_headers(if_match: str | None, if_none_match: str | None) -> dict[str, str]:
+    """The conditional headers of a request.  An empty condition is refused rather than
+    dropped: dropping it would turn a conditional write into an unconditional one."""
+    headers = {}
+    for name, value in (("If-Match", if_match), ("If-None-Match", if_none_match)):
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name} is {value!r}: a condition is an ETag or '*' (pass None "
+                             "for an unconditional request); an ETag the server did not "
+                             "give cannot be used as one")
+        headers[name] = value
+    return headers
+
+
+def _open_put_file(data: str | os.PathLike[str]) -> BinaryIO:
+    """Open the file a ``put`` was given.  A str naming no file is most likely text meant
+    as the content, so the error says how to store text."""
+    path = os.fspath(data)
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        if isinstance(data, str):
+            raise FlyDeployError(f"put() got the str {data[:200]!r}, which names no file: "
+                                 "check the path; put takes bytes or the path of a file, so "
+                                 "to store text, pass text.encode()") from None
+        raise FlyDeployError(f"{path}: no such file: check the path") from None
+    except OSError:
+        with _local_file_errors(path):
+            raise
 
 
 # --- SigV4 signing ----------------------------------------------------------
@@ -411,7 +602,10 @@ def presign_url(method: str, url: str, *, access_key: str, secret_key: str, regi
 
 _DEFAULT_S3_ENDPOINT = "https://fly.storage.tigris.dev"
 _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-_IO_CHUNK = 1 << 20
+# Statuses whose Retry-After header is honoured.
+_RETRY_AFTER_STATUSES = frozenset({429, 503})
+# Credentials are printable ASCII: anything else would end up in a header line.
+_CREDENTIAL = re.compile(r"[\x21-\x7e]+")
 _MAX_ERROR_BODY = 1 << 16
 _S3_HINTS = {
     "SignatureDoesNotMatch": "check AWS_SECRET_ACCESS_KEY (and AWS_REGION) for this endpoint",
@@ -431,9 +625,10 @@ class _TruncatedBody(Exception):
 class _Retryable(Exception):
     """One attempt failed in a way another attempt may not (wraps the last error)."""
 
-    def __init__(self, error: S3Error) -> None:
+    def __init__(self, error: S3Error, retry_after: float | None = None) -> None:
         super().__init__(str(error))
         self.error = error
+        self.retry_after = retry_after
 
 
 def _xml_children(element: ET.Element) -> dict[str, str]:
@@ -477,6 +672,11 @@ class S3:
     def __init__(self, endpoint: str, bucket: str, access_key: str, secret_key: str, *,
                  region: str = "auto", session_token: str | None = None,
                  timeout: float = 30) -> None:
+        if "@" in urllib.parse.urlsplit(endpoint).netloc:
+            # Not echoed: the part before "@" is a password.
+            raise ConfigError("the S3 endpoint URL holds credentials (user:password@host): "
+                              "remove them from AWS_ENDPOINT_URL_S3 and set AWS_ACCESS_KEY_ID "
+                              "and AWS_SECRET_ACCESS_KEY instead")
         parts = urllib.parse.urlsplit(endpoint)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
             raise ConfigError(f"S3 endpoint {endpoint!r} is not an http(s) URL: set "
@@ -487,6 +687,17 @@ class S3:
         if not access_key or not secret_key:
             raise ConfigError("S3 credentials are empty: set AWS_ACCESS_KEY_ID and "
                               "AWS_SECRET_ACCESS_KEY")
+        for variable, value in (("AWS_ACCESS_KEY_ID", access_key),
+                                ("AWS_SECRET_ACCESS_KEY", secret_key),
+                                ("AWS_SESSION_TOKEN", session_token or "x")):
+            if not _CREDENTIAL.fullmatch(value):
+                # The value is never shown: it is a secret, or part of one.
+                raise ConfigError(f"{variable} holds a space, a line break or another character "
+                                  "that no credential has (often a trailing newline from a "
+                                  "file); set it again without them")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", region):
+            raise ConfigError(f"AWS_REGION {region!r} is not a region name: set it to e.g. "
+                              "auto (Tigris) or us-east-1, or unset it")
         self.endpoint = urllib.parse.urlunsplit((parts.scheme, parts.netloc,
                                                  parts.path.rstrip("/"), "", ""))
         self.bucket = bucket
@@ -547,23 +758,23 @@ class S3:
             if_match: str | None = None) -> str:
         """Store ``data`` (bytes, or the path of a file to stream) under ``key``; return its ETag.
 
+        A ``str`` is always a path: to store text, pass ``text.encode()``.
         ``if_none_match="*"`` creates the object only if it does not exist yet and
         ``if_match=<etag>`` replaces it only if it is still that version; either raises
-        ``PreconditionFailed`` otherwise.  A file is hashed in a first pass and then
-        streamed, so memory use does not grow with its size.
+        ``PreconditionFailed`` otherwise (an empty condition raises ``ValueError``).  A
+        conditional write whose reply was lost is retried, and the retry may then
+        report ``PreconditionFailed`` although the first try landed: read the object
+        back to tell.  A file is hashed in a first pass and then streamed, so memory
+        use does not grow with its size.  The ETag is empty if the server sent none.
         """
-        headers = {}
+        headers = _condition_headers(if_match, if_none_match)
         if content_type:
             headers["Content-Type"] = content_type
-        if if_none_match:
-            headers["If-None-Match"] = if_none_match
-        if if_match:
-            headers["If-Match"] = if_match
         if isinstance(data, (bytes, bytearray, memoryview)):
             body: bytes | _FileBody = bytes(data)
             payload_hash = hashlib.sha256(body).hexdigest()
         elif isinstance(data, (str, os.PathLike)):
-            body = _FileBody(os.fspath(data))
+            body = _FileBody(data)
             payload_hash = body.sha256
         else:
             raise TypeError(f"put() takes bytes or a file path, not {type(data).__name__}")
@@ -603,15 +814,19 @@ class S3:
 
     def delete(self, key: str, *, if_match: str | None = None) -> None:
         """Remove the object (no error when it is already gone); with ``if_match`` only if
-        it is still that version, else ``PreconditionFailed``."""
-        self._call("DELETE", key, headers={"If-Match": if_match} if if_match else None)
+        it is still that version, else ``PreconditionFailed`` (or ``NotFound`` when it is
+        gone).  A conditional delete whose reply was lost is retried, and the retry then
+        reports ``PreconditionFailed`` or ``NotFound`` although the first try landed."""
+        self._call("DELETE", key, headers=_condition_headers(if_match, None))
 
     def list(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[str]:
         """Every key that starts with ``prefix``, in the server's (lexicographic) order,
         fetched page by page with ListObjectsV2."""
         token = None
         while True:
-            params = [("list-type", "2"), ("max-keys", str(page_size)), ("prefix", prefix)]
+            # URL-encoded keys: XML cannot carry control characters.
+            params = [("list-type", "2"), ("max-keys", str(page_size)), ("prefix", prefix),
+                      ("encoding-type", "url")]
             if token:
                 params.append(("continuation-token", token))
             query = urllib.parse.urlencode(params, quote_via=urllib.parse.quote, safe="")
@@ -622,10 +837,13 @@ class S3:
                 raise S3Error(f"listing s3://{self.bucket}/{prefix}* returned a malformed "
                               f"XML page ({exc}): check that AWS_ENDPOINT_URL_S3 is an S3 "
                               "endpoint", status=200, code="MalformedXML") from None
+            fields = _xml_children(root)
+            # A server that ignores encoding-type says so by not echoing it.
+            decode = (urllib.parse.unquote_plus if fields.get("EncodingType") == "url"
+                      else str)
             for element in root:
                 if element.tag.rpartition("}")[2] == "Contents":
-                    yield _xml_children(element)["Key"]
-            fields = _xml_children(root)
+                    yield decode(_xml_children(element)["Key"])
             if fields.get("IsTruncated", "false").lower() != "true":
                 return
             token = fields.get("NextContinuationToken")
@@ -640,26 +858,13 @@ class S3:
         The data goes to a temporary file next to ``path`` that replaces it only once
         the whole body has arrived; on any failure nothing is left behind.
         """
-        path = os.fspath(path)
-        partial = f"{path}.{secrets.token_hex(6)}.part"
-        try:
-            with open(partial, "xb") as out:
-                digest = self._call("GET", key, stream_to=out).body
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(partial, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(partial)
-            raise
-        return digest.decode()
+        return _write_atomically(os.fspath(path),
+                                 lambda out: self._call("GET", key, stream_to=out).sha256)
 
     # -- plumbing --
 
     def _key_path(self, key: str) -> str:
-        if not key:
-            raise ValueError("an S3 key must not be empty")
-        return f"{self._bucket_path}/{urllib.parse.quote(key, safe='/')}"
+        return f"{self._bucket_path}/{urllib.parse.quote(_check_key(key), safe='/')}"
 
     def _get(self, key: str) -> tuple[bytes, str]:
         response = self._call("GET", key)
@@ -688,7 +893,7 @@ class S3:
               headers: dict[str, str] | None = None, body: bytes | _FileBody = b"",
               payload_hash: str = _EMPTY_SHA256, stream_to: BinaryIO | None = None) -> _S3Response:
         """One S3 operation with retries.  With ``stream_to`` the body goes into that file
-        and the reply's ``body`` is the sha256 hex of what was written."""
+        and the reply's ``sha256`` is the hex digest of what was written."""
         path = self._key_path(key) if key is not None else self._bucket_path
         target = f"{path}?{query}" if query else path
         what = f"{method} s3://{self.bucket}/{key if key is not None else ''}"
@@ -698,17 +903,23 @@ class S3:
                 return self._attempt(method, target, key, headers or {}, body, payload_hash,
                                      stream_to, what)
             except _Retryable as retryable:
-                error = retryable.error
+                error, retry_after = retryable.error, retryable.retry_after
                 if attempt >= self.retry_attempts:
-                    raise type(error)(f"{error.message} (gave up after {attempt} attempts)",
-                                      status=error.status, code=error.code,
-                                      request_id=error.request_id, key=key) from None
-                delay = random.uniform(0, min(self.retry_max_delay_s,
-                                              self.retry_base_delay_s * 2 ** (attempt - 1)))
-                log.warning("%s; retry %d of %d in %.2fs", error.message, attempt,
+                    raise self._gave_up(error, f"gave up after {attempt} attempts") from None
+                if retry_after is not None and retry_after > _MAX_RETRY_AFTER:
+                    raise self._gave_up(error, f"gave up: the server asked to retry after "
+                                               f"{retry_after:.0f}s") from None
+                delay = _backoff_delay(attempt - 1, base=self.retry_base_delay_s,
+                                       cap=self.retry_max_delay_s, retry_after=retry_after)
+                log.warning("%s; retry %d of %d in %.2fs", error, attempt,
                             self.retry_attempts - 1, delay)
                 time.sleep(delay)
                 attempt += 1
+
+    @staticmethod
+    def _gave_up(error: S3Error, why: str) -> S3Error:
+        return type(error)(f"{error} ({why})", status=error.status, code=error.code,
+                           message=error.message, request_id=error.request_id, key=error.key)
 
     def _attempt(self, method: str, target: str, key: str | None, headers: dict[str, str],
                  body: bytes | _FileBody, payload_hash: str, stream_to: BinaryIO | None,
@@ -727,20 +938,22 @@ class S3:
                 self._drop_connection()
                 error = self._error(what, key, response, error_body)
                 if response.status in _RETRYABLE_STATUSES:
-                    raise _Retryable(error)
+                    raise _Retryable(error, _retry_after_seconds(
+                        response.getheader("Retry-After"))
+                        if response.status in _RETRY_AFTER_STATUSES else None)
                 raise error
+            reply_body, sha256 = b"", None
             if method == "HEAD":
-                reply_body = response.read()  # empty, but frees the connection for reuse
+                response.read()  # empty, but frees the connection for reuse
             elif stream_to is not None:
-                reply_body = _stream_into(response, stream_to)
+                sha256 = _stream_into(response, stream_to)
             else:
                 parts: list[bytes] = []
                 _read_body(response, lambda chunk: parts.append(bytes(chunk)))
                 reply_body = b"".join(parts)
             if response.will_close:
                 self._drop_connection()
-            return _S3Response(response.status,
-                               {k.lower(): v for k, v in response.getheaders()}, reply_body)
+            return _S3Response({k.lower(): v for k, v in response.getheaders()}, reply_body, sha256)
         except (_TruncatedBody, OSError, http.client.HTTPException) as exc:
             # Local file errors never get here: _FileBody and _stream_into raise them as
             # FlyDeployError, so every OSError left is about the connection.
@@ -753,6 +966,11 @@ class S3:
             raise _Retryable(S3Error(
                 f"{what} failed: {reason}; check that {self.endpoint} is reachable",
                 code="ConnectionError", key=key)) from None
+        except BaseException:
+            # Whatever stopped this attempt (a local file error, Ctrl-C, a bug), the
+            # connection may be mid-request: the next request must start on a fresh one.
+            self._drop_connection()
+            raise
 
     def _exchange(self, conn: http.client.HTTPConnection, method: str, target: str,
                   headers: dict[str, str], body: bytes | _FileBody) -> http.client.HTTPResponse:
@@ -783,35 +1001,41 @@ class S3:
             fields = {}
         code = fields.get("Code") or {404: "NotFound", 412: "PreconditionFailed"}.get(
             status, response.reason.replace(" ", "") or f"HTTP{status}")
-        server_message = fields.get("Message") or response.reason
+        server_message = fields.get("Message", "")
         request_id = (response.getheader("x-amz-request-id") or fields.get("RequestId")
                       or None)
         hint = _S3_HINTS.get(code)
         if hint is None and status == 412:
             hint = "the object changed or already exists: read it again and retry"
-        message = (f"{what} failed: HTTP {status} {code}: {server_message}"
-                   + (f" (request id {request_id})" if request_id else "")
-                   + (f"; {hint}" if hint else ""))
+        if hint is None and status == 403:
+            # A HEAD reply has no body to name the reason: the usual ones.
+            hint = ("check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, that they may use "
+                    "this bucket, and this machine's clock")
+        text = (f"{what} failed: HTTP {status} {code}: {server_message or response.reason}"
+                + (f" (request id {request_id})" if request_id else "")
+                + (f"; {hint}" if hint else ""))
         cls = {404: NotFound, 412: PreconditionFailed}.get(status, S3Error)
-        return cls(message, status=status, code=code, request_id=request_id, key=key)
+        return cls(text, status=status, code=code, message=server_message,
+                   request_id=request_id, key=key)
 
 
 class _S3Response(NamedTuple):
-    """A successful S3 response: status, lower-cased headers, body (or sha256 hex)."""
+    """A successful S3 response: lower-cased headers, the body (empty when it went to a
+    file) and the sha256 hex of what went to the file (None otherwise)."""
 
-    status: int
     headers: dict[str, str]
     body: bytes
+    sha256: str | None
 
 
 class _FileBody:
     """A file to upload: hashed once up front, then streamed in chunks on each attempt."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        with _local_file_errors(path), open(path, "rb") as f:
+    def __init__(self, data: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(data)
+        with _open_put_file(data) as f, _local_file_errors(self.path):
             self.size = os.fstat(f.fileno()).st_size
-            self.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+            self.sha256 = _digest(f, "sha256")
 
     def __len__(self) -> int:
         return self.size
@@ -832,18 +1056,7 @@ class _FileBody:
                 remaining -= len(chunk)
 
 
-@contextlib.contextmanager
-def _local_file_errors(path: str) -> Iterator[None]:
-    """Re-raise an OSError of a local file as FlyDeployError, so that it is never mistaken
-    for a network error and retried."""
-    try:
-        yield
-    except OSError as exc:
-        raise FlyDeployError(f"{path}: {exc.strerror or exc}: check the path, its "
-                             "permissions and the free disk space") from exc
-
-
-def _stream_into(response: http.client.HTTPResponse, out: BinaryIO) -> bytes:
+def _stream_into(response: http.client.HTTPResponse, out: BinaryIO) -> str:
     """Write the whole body into ``out`` from its start; return the sha256 hex of it."""
     with _local_file_errors(out.name):
         out.seek(0)
@@ -856,7 +1069,7 @@ def _stream_into(response: http.client.HTTPResponse, out: BinaryIO) -> bytes:
             out.write(chunk)
 
     _read_body(response, sink)
-    return hasher.hexdigest().encode()
+    return hasher.hexdigest()
 
 
 # --- Local directory store --------------------------------------------------
@@ -865,20 +1078,8 @@ def _stream_into(response: http.client.HTTPResponse, out: BinaryIO) -> bytes:
 # and the temporary files of writes in progress); it is never a key, and its
 # presence is how a ``file://`` URL is traced back to the store that holds it.
 _STORE_INTERNAL_DIR = ".flydeploy-store"
-_MAX_KEY_BYTES = 1024
-_COPY_CHUNK = 1 << 20
 # A write's temporary file untouched this long was left by a process that died.
 _STALE_TEMP_S = 3600
-
-
-def _digest(f: BinaryIO, algorithm: str) -> str:
-    """Hex digest of an open file's content from where it stands, read in bounded chunks."""
-    return hashlib.file_digest(f, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
-
-
-def _file_digest(path: str, algorithm: str) -> str:
-    with open(path, "rb") as f:
-        return _digest(f, algorithm)
 
 
 def _quoted(hexdigest: str) -> str:
@@ -893,17 +1094,9 @@ def _same_etag(a: str, b: str) -> bool:
 def _check_store_key(key: object) -> str:
     """Return ``key`` if it maps to a path inside a store, else raise ``S3Error``."""
     def refuse(why: str) -> S3Error:
-        return S3Error(f"key {key!r} cannot be stored in a local store: {why}; "
-                       "use a key of '/'-separated names without '.' or '..' parts",
-                       status=400, code="InvalidKey", key=str(key))
-    if not isinstance(key, str) or not key:
-        raise refuse("a key is a non-empty string")
-    try:
-        size = len(key.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise refuse("it is not valid UTF-8") from None
-    if size > _MAX_KEY_BYTES:
-        raise refuse(f"it is longer than {_MAX_KEY_BYTES} bytes")
+        return _invalid_key(key, f"a local store cannot hold it: {why}",
+                            "use a key of '/'-separated names without '.' or '..' parts")
+    _check_key(key)
     if "\x00" in key:
         raise refuse("it contains a NUL character")
     parts = key.split("/")
@@ -944,7 +1137,7 @@ class LocalStore:
         cutoff = time.time() - _STALE_TEMP_S
         for entry in os.scandir(self._internal):
             with contextlib.suppress(FileNotFoundError):
-                if entry.name.startswith("put-") and entry.stat().st_mtime < cutoff:
+                if entry.name.endswith(".part") and entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
 
     def __repr__(self) -> str:
@@ -996,24 +1189,22 @@ class LocalStore:
         finally:
             os.close(fd)
 
-    def _spool(self, data: bytes | bytearray | memoryview | str | os.PathLike[str]) -> tuple[str, str]:
-        """Copy ``data`` (bytes or a file path) to a temporary file; return (path, etag)."""
-        fd, tmp = tempfile.mkstemp(dir=self._internal, prefix="put-")
+    @staticmethod
+    def _spool(data: bytes | bytearray | memoryview | str | os.PathLike[str],
+               out: BinaryIO) -> str:
+        """Copy ``data`` (bytes or a file path) into ``out``; return its ETag."""
         digest = hashlib.md5(usedforsecurity=False)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                if isinstance(data, (bytes, bytearray, memoryview)):
-                    digest.update(data)
-                    out.write(data)
-                else:
-                    with _local_file_errors(os.fspath(data)), open(data, "rb") as src:
-                        while chunk := src.read(_COPY_CHUNK):
-                            digest.update(chunk)
-                            out.write(chunk)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return tmp, _quoted(digest.hexdigest())
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            digest.update(data)
+            out.write(data)
+        elif isinstance(data, (str, os.PathLike)):
+            with _open_put_file(data) as src, _local_file_errors(os.fspath(data)):
+                while chunk := src.read(_IO_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+        else:
+            raise TypeError(f"put() takes bytes or a file path, not {type(data).__name__}")
+        return _quoted(digest.hexdigest())
 
     def _etag_of(self, path: str) -> str | None:
         try:
@@ -1050,28 +1241,30 @@ class LocalStore:
             if_match: str | None = None) -> str:
         """Store ``data`` (bytes, or the path of a file to copy) under ``key``; return the ETag.
 
+        A ``str`` is always a path: to store text, pass ``text.encode()``.
         ``if_none_match="*"`` writes only if the key does not exist;
-        ``if_match`` (an ETag or ``*``) only if it exists with that ETag.
+        ``if_match`` (an ETag or ``*``) only if it exists with that ETag
+        (an empty condition raises ``ValueError``).
         ``content_type`` is accepted for interface parity; a directory keeps
         no per-file metadata.
         """
+        _condition_headers(if_match, if_none_match)
         if if_none_match is not None and if_none_match.strip() != "*":
             raise S3Error(f"If-None-Match on put supports only '*', not {if_none_match!r}",
                           status=501, code="NotImplemented", key=key)
         path = self._path(key)
-        tmp, etag = self._spool(data)
-        try:
+
+        def commit(tmp: str, target: str) -> None:
             with self._locked():
-                self._check_conditions(key, path, if_match=if_match, if_none_match=if_none_match)
+                self._check_conditions(key, target, if_match=if_match, if_none_match=if_none_match)
                 try:
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    os.replace(tmp, path)
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    os.replace(tmp, target)
                 except (FileExistsError, NotADirectoryError, IsADirectoryError) as err:
                     raise self._conflict(key, err) from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return etag
+
+        return _write_atomically(path, functools.partial(self._spool, data),
+                                 temp_dir=self._internal, replace=commit)
 
     def upload(self, key: str, path: str | os.PathLike[str], *,
                content_type: str | None = None) -> str:
@@ -1133,26 +1326,24 @@ class LocalStore:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFound(f"{key!r} does not exist in {self.root}",
                            status=404, code="NoSuchKey", key=key) from None
-        digest = hashlib.sha256()
-        with src, _local_file_errors(dest):
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    while chunk := src.read(_COPY_CHUNK):
-                        digest.update(chunk)
-                        out.write(chunk)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, dest)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-        return digest.hexdigest()
+
+        def copy(out: BinaryIO) -> str:
+            digest = hashlib.sha256()
+            with _local_file_errors(dest):
+                while chunk := src.read(_IO_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+            return digest.hexdigest()
+
+        with src:
+            return _write_atomically(dest, copy)
 
     def delete(self, key: str, *, if_match: str | None = None) -> None:
         """Remove ``key``; with ``if_match``, only if its ETag still matches.
 
         Deleting a missing key without a condition succeeds, as on S3.
         """
+        _condition_headers(if_match, None)
         path = self._path(key)
         with self._locked():
             self._check_conditions(key, path, if_match=if_match, if_none_match=None)
@@ -1206,7 +1397,11 @@ _NEVER_PACKED_DIRS = frozenset({"__pycache__", "node_modules", "site-packages"})
 # Top-level folders that belong to the application even without Python files
 # in them (Flask and Django keep templates and static files there).
 _APP_DATA_DIRS = frozenset({"templates", "static"})
-# Top-level build outputs, which hold copies of the sources.
+# Top-level folders that are not the application even when they hold Python
+# files; ``include`` can still name them.
+_NOT_APP_DIRS = frozenset({"tests", "test", "docs", "doc", "benchmarks"})
+# Top-level build outputs, which hold copies of the sources: a package only
+# when they have an __init__.py.
 _BUILD_OUTPUT_DIRS = frozenset({"build", "dist"})
 _MAX_RELEASE_BYTES = 2 << 30
 _MAX_RELEASE_MEMBERS = 100_000
@@ -1332,6 +1527,11 @@ def _never_packed_dir(folder: str, name: str) -> bool:
                for marker in ("pyvenv.cfg", "conda-meta", "bin/activate", "Scripts/activate"))
 
 
+def _unreadable_folder(err: OSError) -> None:
+    raise ReleaseError(f"cannot read the folder {err.filename} ({err.strerror}): fix its "
+                       "permissions, or leave it out with exclude") from None
+
+
 def _release_files(root: str, include: Sequence[str] | None, exclude: Sequence[str] | None,
                    skip: str) -> list[str]:
     """Relative paths of the files to pack under ``root``, sorted."""
@@ -1339,7 +1539,7 @@ def _release_files(root: str, include: Sequence[str] | None, exclude: Sequence[s
     include = [include] if isinstance(include, str) else include
     exclude = [exclude] if isinstance(exclude, str) else exclude
     candidates = []
-    for folder, dirnames, filenames in os.walk(root):
+    for folder, dirnames, filenames in os.walk(root, onerror=_unreadable_folder):
         dirnames[:] = [d for d in dirnames if not _never_packed_dir(folder, d)]
         relative = os.path.relpath(folder, root)
         base = "" if relative == "." else relative.replace(os.sep, "/") + "/"
@@ -1352,18 +1552,34 @@ def _release_files(root: str, include: Sequence[str] | None, exclude: Sequence[s
     if include is not None:
         chosen = [p for p in candidates if any(_path_matches(pat, p) for pat in include)]
     else:
-        # The application's modules and packages: top-level .py files, every
-        # top-level folder with Python sources below it (with its package
-        # data), and the conventional templates/ and static/ folders.
-        python_tops = {p.split("/", 1)[0] for p in candidates if "/" in p and p.endswith(".py")}
-        python_tops -= {t for t in _BUILD_OUTPUT_DIRS if f"{t}/__init__.py" not in candidates}
-        app_dirs = python_tops | _APP_DATA_DIRS
-        chosen = [p for p in candidates
-                  if ("/" not in p and p.endswith(".py"))
-                  or ("/" in p and p.split("/", 1)[0] in app_dirs)]
+        chosen = _application_files(candidates)
     if exclude:
         chosen = [p for p in chosen if not any(_path_matches(pat, p) for pat in exclude)]
+    for rel in chosen:
+        if why := _member_name_problem(rel):
+            raise ReleaseError(f"cannot pack {rel!r}: its name {why}, so the release could "
+                               "not be unpacked; rename it, or leave it out with exclude",
+                               member=rel)
     return sorted(chosen)
+
+
+def _application_files(candidates: Sequence[str]) -> list[str]:
+    """The application's packages and modules among ``candidates`` (relative paths).
+
+    Top-level modules (``*.py``), top-level packages (folders with an
+    ``__init__.py``: their whole subtree, package data included), top-level
+    namespace packages (folders holding ``.py`` files directly: their whole
+    subtree; build outputs excepted) and the conventional ``templates/`` and
+    ``static/`` folders; never the folders of ``_NOT_APP_DIRS``.
+    """
+    packages = {p.split("/", 1)[0] for p in candidates
+                if p.count("/") == 1 and p.endswith("/__init__.py")}
+    namespaces = {p.split("/", 1)[0] for p in candidates
+                  if p.count("/") == 1 and p.endswith(".py")} - _BUILD_OUTPUT_DIRS
+    app_dirs = (packages | namespaces | _APP_DATA_DIRS) - _NOT_APP_DIRS
+    return [p for p in candidates
+            if ("/" not in p and p.endswith(".py"))
+            or ("/" in p and p.split("/", 1)[0] in app_dirs)]
 
 
 def _source_date_epoch() -> int | None:
@@ -1383,15 +1599,21 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
                  exclude: Sequence[str] | None = None) -> Release:
     """Pack the application under ``root`` into a deterministic ``.tar.gz`` at ``out_path``.
 
-    By default every file of the application's modules and packages is
-    packed: top-level ``.py`` files, every top-level folder with Python
-    sources below it (sources and package data such as templates and static
-    files) and top-level ``templates/`` and ``static/`` folders.  ``include``
-    (patterns) replaces that choice and ``exclude`` (patterns) removes from
-    it; patterns work as in ``.gitignore`` (``*.sqlite3``, ``media/``,
-    ``app/static/**/*.map``).  Never packed: ``__pycache__``, ``*.pyc``,
-    hidden files and folders (``.git``, ``.env``), virtual environments,
-    ``node_modules``, ``site-packages`` and ``*.egg-info``.
+    By default the application's packages and modules are packed: top-level
+    modules (``*.py``), top-level packages (folders with an ``__init__.py``,
+    with everything below them: subpackages and package data such as
+    templates and static files), top-level namespace packages (folders that
+    hold ``.py`` files directly, with everything below them) and top-level
+    ``templates/`` and ``static/`` folders.  ``tests/``, ``test/``,
+    ``docs/``, ``doc/`` and ``benchmarks/`` are not the application and are
+    left out unless ``include`` names them.  ``include`` (patterns) replaces
+    that choice and ``exclude`` (patterns) removes from it; patterns work as
+    in ``.gitignore`` (``*.sqlite3``, ``media/``, ``app/static/**/*.map``).
+    Never packed: ``__pycache__``, ``*.pyc``, hidden files and folders
+    (``.git``, ``.env``), virtual environments, ``node_modules``,
+    ``site-packages`` and ``*.egg-info``.  A file name that
+    ``unpack_release`` would refuse (a backslash, invalid UTF-8) and a folder
+    or file that cannot be read raise ``ReleaseError`` naming it.
 
     The first member is ``flydeploy-manifest.json`` (``app``, ``version``,
     ``source_image_ref``, ``created_at``, ``files: {path: sha256}``).  The same
@@ -1422,7 +1644,7 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     budget = _PACK_CACHE_BYTES
     for rel in files:
         path = os.path.join(root, *rel.split("/"))
-        with open(path, "rb") as f:
+        with _pack_read_errors(rel), open(path, "rb") as f:
             info = os.fstat(f.fileno())
             if info.st_size <= budget:
                 data = f.read()
@@ -1448,11 +1670,8 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
         info.uname = info.gname = ""
         return info
 
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out_path), prefix=f".{os.path.basename(out_path)}.")
-    try:
-        with os.fdopen(fd, "wb") as raw, \
-                gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as gz, \
+    def write(raw: BinaryIO) -> None:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as gz, \
                 tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             tar.addfile(member(MANIFEST_NAME, len(manifest_bytes), 0o644), io.BytesIO(manifest_bytes))
             for rel in files:
@@ -1460,17 +1679,25 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
                     tar.addfile(member(rel, sizes[rel], modes[rel]), io.BytesIO(cached[rel]))
                     continue
                 # Streamed, and checked against pass 1: the manifest is already out.
-                with open(os.path.join(root, *rel.split("/")), "rb") as f:
+                with _pack_read_errors(rel), open(os.path.join(root, *rel.split("/")), "rb") as f:
                     reader = _PackedFileReader(f, rel, sizes[rel])
                     tar.addfile(member(rel, sizes[rel], modes[rel]), reader)
                 if reader.digest.hexdigest() != hashes[rel]:
                     raise _changed_while_packing(rel)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    _write_atomically(out_path, write)
     return Release(out_path, _file_digest(out_path, "sha256"), manifest)
+
+
+@contextlib.contextmanager
+def _pack_read_errors(rel: str) -> Iterator[None]:
+    """Re-raise a failure to read the file ``rel`` being packed as a ReleaseError naming it."""
+    try:
+        yield
+    except OSError as err:
+        raise ReleaseError(f"cannot read {rel} ({err.strerror}): fix its permissions, or "
+                           "leave it out with exclude", member=rel) from None
 
 
 def _changed_while_packing(rel: str) -> ReleaseError:
@@ -1486,7 +1713,8 @@ class _PackedFileReader:
         self.digest = hashlib.sha256()
 
     def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
+        with _pack_read_errors(self._rel):
+            data = self._raw.read(size)
         if len(data) < (self._left if size < 0 else min(size, self._left)):
             raise _changed_while_packing(self._rel)  # ended early: it shrank
         self._left -= len(data)
@@ -1494,17 +1722,28 @@ class _PackedFileReader:
         return data
 
 
-def _check_member_name(name: str) -> None:
-    why = None
+def _member_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a release member, or None.  pack_release and
+    unpack_release both ask, so a release that packs also unpacks."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        # os.walk decodes undecodable file names with surrogateescape.
+        return "is not valid UTF-8"
+    parts = name.split("/")
     if name.startswith("/") or re.match(r"[A-Za-z]:", name):
-        why = "is an absolute path"
-    elif "\\" in name or "\x00" in name:
-        why = "contains a backslash or a NUL character"
-    elif any(part == ".." for part in name.split("/")):
-        why = "contains '..'"
-    elif any(part in ("", ".") for part in name.split("/")):
-        why = "is not a normalised path (empty or '.' parts)"
-    if why:
+        return "is an absolute path"
+    if "\\" in name or "\x00" in name:
+        return "contains a backslash or a NUL character"
+    if ".." in parts:
+        return "contains '..'"
+    if "" in parts or "." in parts:
+        return "is not a normalised path (empty or '.' parts)"
+    return None
+
+
+def _check_member_name(name: str) -> None:
+    if why := _member_name_problem(name):
         raise ReleaseError(f"release member {name!r} {why}; refusing the release", member=name)
 
 
@@ -1657,7 +1896,7 @@ def _write_member(src: BinaryIO, into: str, name: str, mode: int) -> str:
                            f"({err.strerror})", member=name) from None
     digest = hashlib.sha256()
     with os.fdopen(fd, "wb") as out:
-        while chunk := src.read(_COPY_CHUNK):
+        while chunk := src.read(_IO_CHUNK):
             digest.update(chunk)
             with _local_file_errors(target):  # only the writes: read errors mean a damaged archive
                 out.write(chunk)
@@ -1681,10 +1920,20 @@ def _json_body(doc: Any) -> bytes:
 
 def _backoff(attempt: int) -> None:
     # Jittered so that writers that collided do not collide again in step.
-    time.sleep(random.uniform(0, min(0.5, 0.005 * 2 ** attempt)))
+    time.sleep(_backoff_delay(attempt, base=0.005, cap=0.5))
 
 
-def read_current(store: Any, app: str) -> tuple[dict[str, Any] | None, str | None]:
+def _require_etag(etag: str | None, key: str) -> str:
+    """``etag`` if the server gave one; a conditional write needs it (an empty condition
+    would make it unconditional), so its absence is an error, never a silent pass."""
+    if not etag:
+        raise S3Error(f"the storage server gave no ETag for {key}, so it cannot be changed "
+                      "safely (conditionally); use an S3 server that returns ETags (Tigris, "
+                      "AWS S3, SeaweedFS and MinIO do)", code="MissingETag", key=key)
+    return etag
+
+
+def read_current(store: Store, app: str) -> tuple[dict[str, Any] | None, str | None]:
     """Return ``(current.json, ETag)`` of ``app``, or ``(None, None)`` when there is none.
 
     ``store`` is an ``S3`` or a ``LocalStore``.
@@ -1700,43 +1949,48 @@ def read_current(store: Any, app: str) -> tuple[dict[str, Any] | None, str | Non
     return doc, etag
 
 
-def update_current(store: Any, app: str,
+def update_current(store: Store, app: str,
                    change: Callable[[dict[str, Any] | None], dict[str, Any]]) -> dict[str, Any]:
     """Apply ``change`` to ``current.json`` atomically; return the document written.
 
     ``change`` receives the current document (None when there is none) and
     returns the new one.  The write is conditional on the ETag read
     (``If-None-Match: *`` when there was none) and is retried from a fresh
-    read when another writer got in first, so no concurrent update is lost.
+    read when another writer got in first, so no concurrent update is lost;
+    ``ConflictError`` when every attempt lost.  A document the server gives
+    no ETag for raises ``S3Error`` code ``MissingETag`` instead of being
+    overwritten unconditionally.
     """
     key = _current_key(app)
     for attempt in range(_CAS_ATTEMPTS):
         doc, etag = read_current(store, app)
         new = change(copy.deepcopy(doc))
         try:
-            if etag is None:
+            if doc is None:
                 store.put(key, _json_body(new), content_type="application/json", if_none_match="*")
             else:
-                store.put(key, _json_body(new), content_type="application/json", if_match=etag)
+                store.put(key, _json_body(new), content_type="application/json",
+                          if_match=_require_etag(etag, key))
             return new
         except (PreconditionFailed, NotFound):
             # NotFound: S3 answers If-Match on a key deleted meanwhile with 404.
             _backoff(attempt)
-    raise ReleaseError(f"{key} kept changing under us ({_CAS_ATTEMPTS} conditional writes lost "
-                       "the race): other deploys are writing it; wait for them and retry")
+    raise ConflictError(f"{key} kept changing under us ({_CAS_ATTEMPTS} conditional writes lost "
+                        "the race): other deploys are writing it; wait for them and retry")
 
 
 def _check_hot_upgrade(hot_upgrade: object) -> dict[str, Any]:
+    # A bad record is the caller's programming error: TypeError / ValueError.
     if not isinstance(hot_upgrade, dict):
-        raise ReleaseError(f"a hot upgrade record is a dict (Release.hot_upgrade_record gives "
-                           f"one), not {type(hot_upgrade).__name__}")
+        raise TypeError(f"a hot upgrade record is a dict (Release.hot_upgrade_record gives "
+                        f"one), not {type(hot_upgrade).__name__}")
     missing = [f for f in ("version", "tarball_url", "sha256") if not hot_upgrade.get(f)]
     if missing:
-        raise ReleaseError(f"hot upgrade record lacks {', '.join(missing)}; build it with "
-                           "Release.hot_upgrade_record")
+        raise ValueError(f"hot upgrade record lacks {', '.join(missing)}; build it with "
+                         "Release.hot_upgrade_record")
     if not _SHA256_PATTERN.fullmatch(str(hot_upgrade["sha256"])):
-        raise ReleaseError(f"hot upgrade record has a malformed sha256 {hot_upgrade['sha256']!r}; "
-                           "expected 64 lowercase hex digits")
+        raise ValueError(f"hot upgrade record has a malformed sha256 {hot_upgrade['sha256']!r}; "
+                         "expected 64 lowercase hex digits")
     record = {"source_image_ref": None, **hot_upgrade}
     record.setdefault("deployed_at", _iso_utc(_utc_now()))
     return record
@@ -1746,7 +2000,7 @@ def _fresh_current(image_ref: str | None) -> dict[str, Any]:
     return {"image_ref": image_ref, "set_at": _iso_utc(_utc_now()), "hot_upgrade": None, "history": []}
 
 
-def record_hot_upgrade(store: Any, app: str, hot_upgrade: dict[str, Any], *,
+def record_hot_upgrade(store: Store, app: str, hot_upgrade: dict[str, Any], *,
                        image_ref: str | None = None) -> dict[str, Any]:
     """Make ``hot_upgrade`` the app's current hot upgrade; return the new ``current.json``.
 
@@ -1775,7 +2029,7 @@ def record_hot_upgrade(store: Any, app: str, hot_upgrade: dict[str, Any], *,
     return update_current(store, app, change)
 
 
-def reset_current(store: Any, app: str, image_ref: str) -> dict[str, Any]:
+def reset_current(store: Store, app: str, image_ref: str) -> dict[str, Any]:
     """Start ``current.json`` afresh for a new image (after a cold deploy); return it.
 
     No hot upgrade is current and the history is emptied: the releases in
@@ -1831,7 +2085,7 @@ class LockHeld(FlyDeployError):
 class Lock:
     """A held deploy lock; ``release()`` (or leaving a ``with`` block) gives it back."""
 
-    store: Any = dataclasses.field(repr=False)
+    store: Store = dataclasses.field(repr=False)
     app: str
     owner: str
     deployment_id: str
@@ -1842,15 +2096,34 @@ class Lock:
     def release(self) -> bool:
         """Remove the lock if it is still this one; return whether it was removed.
 
-        A lock that expired and was taken over by another deploy is left alone.
+        A lock that was taken over by another deploy (expired, or forced) is
+        left alone and False returned, with a warning.  A delete whose reply
+        was lost is retried, and the retry is refused although the first try
+        landed; that is recognised, not reported as a takeover: the lock is
+        then gone, or held by another deployment that took it after this
+        release began.
         """
+        key = _lock_key(self.app)
+        # Millisecond precision, as locked_at is written.
+        started = _parse_time(_iso_utc(_utc_now()))
         try:
-            self.store.delete(_lock_key(self.app), if_match=self.etag)
+            self.store.delete(key, if_match=self.etag)
+            return True
         except (PreconditionFailed, NotFound):
-            log.warning("deploy lock of %s was taken over or removed by someone else; left as is",
-                        self.app)
-            return False
-        return True
+            holder, _ = _read_lock(self.store, key)
+        if holder is None:
+            return True  # our delete landed (or someone removed the lock): it is gone
+        if holder.get("deployment_id") != self.deployment_id:
+            taken = _parse_time(holder.get("locked_at"))
+            if taken is not None and started is not None and taken >= started:
+                return True  # our delete landed, and another deploy took the lock since
+            log.warning("deploy lock of %s was taken over by %r (deployment %r); left as is",
+                        self.app, holder.get("locked_by"), holder.get("deployment_id"))
+        else:
+            log.warning("deploy lock of %s is still this deployment's (%s) but was rewritten "
+                        "since it was taken (renewed elsewhere?); left in place", self.app,
+                        self.deployment_id)
+        return False
 
     def renew(self, timeout_s: float = 300) -> None:
         """Push the expiry to ``timeout_s`` from now; raise ``LockHeld`` if the lock was lost."""
@@ -1858,9 +2131,11 @@ class Lock:
         body = {"locked_by": self.owner, "locked_at": self.locked_at,
                 "expires_at": _iso_utc(now + datetime.timedelta(seconds=timeout_s)),
                 "deployment_id": self.deployment_id}
+        key = _lock_key(self.app)
         try:
-            self.etag = self.store.put(_lock_key(self.app), _json_body(body),
-                                       content_type="application/json", if_match=self.etag)
+            self.etag = _require_etag(self.store.put(key, _json_body(body),
+                                                     content_type="application/json",
+                                                     if_match=self.etag), key)
         except (PreconditionFailed, NotFound):
             holder, _ = _read_lock(self.store, _lock_key(self.app))
             raise LockHeld(self.app, holder or {}, now=now) from None
@@ -1873,7 +2148,7 @@ class Lock:
         self.release()
 
 
-def _read_lock(store: Any, key: str) -> tuple[dict[str, Any] | None, str | None]:
+def _read_lock(store: Store, key: str) -> tuple[dict[str, Any] | None, str | None]:
     """Return ``(lock document, ETag)``, ``({}, ETag)`` if unreadable, ``(None, None)`` if absent."""
     try:
         doc, etag = store.get_json(key)
@@ -1887,7 +2162,7 @@ def _read_lock(store: Any, key: str) -> tuple[dict[str, Any] | None, str | None]
     return (doc if isinstance(doc, dict) else {}), etag
 
 
-def acquire_lock(store: Any, app: str, *, owner: str, deployment_id: str,
+def acquire_lock(store: Store, app: str, *, owner: str, deployment_id: str,
                  timeout_s: float = 300, force: bool = False) -> Lock:
     """Take the deploy lock of ``app`` for ``timeout_s`` seconds; return the ``Lock``.
 
@@ -1897,6 +2172,9 @@ def acquire_lock(store: Any, app: str, *, owner: str, deployment_id: str,
     racing exactly one holds the lock.  A live lock raises ``LockHeld``
     naming its owner, when it was taken and how long is left.
     """
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s!r}: a deploy lock must last a positive number "
+                         "of seconds (e.g. 300)")
     key = _lock_key(app)
     start = _utc_now()
     # One body for every attempt, so that a write of ours that landed while
@@ -1911,14 +2189,16 @@ def acquire_lock(store: Any, app: str, *, owner: str, deployment_id: str,
     for attempt in range(_CAS_ATTEMPTS):
         now = _utc_now()
         try:
-            return held(store.put(key, _json_body(body), content_type="application/json",
-                                  if_none_match="*"))
+            return held(_require_etag(store.put(key, _json_body(body),
+                                                content_type="application/json",
+                                                if_none_match="*"), key))
         except PreconditionFailed:
             pass
         holder, etag = _read_lock(store, key)
         if holder is None:
             continue  # released between our write and our read: try again
-        if holder == body and etag:
+        etag = _require_etag(etag, key)
+        if holder == body:
             return held(etag)  # our write landed, but its reply was lost and the retry refused
         expires = _parse_time(holder.get("expires_at"))
         if not (force or expires is None or expires <= now):
@@ -1927,11 +2207,12 @@ def acquire_lock(store: Any, app: str, *, owner: str, deployment_id: str,
                     holder.get("locked_by"), holder.get("locked_at"),
                     "forced" if force else "expired")
         try:
-            return held(store.put(key, _json_body(body), content_type="application/json",
-                                  if_match=etag))
+            return held(_require_etag(store.put(key, _json_body(body),
+                                                content_type="application/json",
+                                                if_match=etag), key))
         except (PreconditionFailed, NotFound):
             _backoff(attempt)  # someone else took it over first: look again
-    raise FlyDeployError(f"could not take the deploy lock of {app!r}: {key} kept changing "
+    raise ConflictError(f"could not take the deploy lock of {app!r}: {key} kept changing "
                          f"({_CAS_ATTEMPTS} attempts); another deploy is fighting for it, retry later")
 
 
@@ -2268,13 +2549,9 @@ class Machines:
                         or (retry_after is not None and retry_after > _MAX_RETRY_AFTER)):
                     raise MachinesAPIError(status, message, method=method, path=shown_path)
                 log.info("Machines API %s %s: %d %s, retrying", method, shown_path, status, message)
-            time.sleep(self._backoff_delay(attempt, retry_after))
+            time.sleep(_backoff_delay(attempt, base=self._backoff, cap=10.0, floor=0.5,
+                                      retry_after=retry_after))
             attempt += 1
-
-    def _backoff_delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return retry_after
-        return min(self._backoff * (2 ** attempt), 10.0) * (0.5 + random.random() / 2)
 
     def _send(self, method: str, target: str, headers: Mapping[str, str], data: bytes | None,
               timeout: float) -> tuple[int, str, http.client.HTTPMessage, bytes]:
@@ -4375,11 +4652,1073 @@ def _server_label(server: Server) -> str:
 
 # --- The per-process agent --------------------------------------------------
 
+_DEFAULT_RUNTIME_DIR = "/tmp/flydeploy"
+_MAX_REQUEST_BYTES = 1 << 20
+_REQUEST_READ_TIMEOUT = 10.0
+_STATE_FILE = "state.json"
+_LOCK_FILE = "upgrade.lock"
+
+
+class AgentError(FlyDeployError):
+    """An agent could not be reached or refused a request, or its runtime directory is unsafe."""
+
+
+def _runtime_root() -> str:
+    return os.environ.get("FLYDEPLOY_RUNTIME_DIR") or _DEFAULT_RUNTIME_DIR
+
+
+def _check_private_dir(path: str, *, serving: bool) -> None:
+    """Refuse a runtime directory that another user could tamper with.
+
+    The agent side (``serving``) accepts only directories of its own user or of
+    root; a root client may use any user's directory, since root can enter it
+    anyway and the agents there check who connects.
+    """
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise AgentError(f"{path} is a symbolic link; flydeploy refuses it as a runtime directory. "
+                         "Remove the link, or set FLYDEPLOY_RUNTIME_DIR to a private directory.")
+    if not stat.S_ISDIR(info.st_mode):
+        raise AgentError(f"{path} is not a directory; remove it or set FLYDEPLOY_RUNTIME_DIR elsewhere.")
+    uid = os.geteuid()
+    if info.st_uid not in (uid, 0) and (serving or uid != 0):
+        raise AgentError(f"{path} belongs to uid {info.st_uid}, not to this user (uid {uid}); "
+                         "flydeploy refuses it. Remove it, or set FLYDEPLOY_RUNTIME_DIR to a private directory.")
+
+
+def _app_dir(app: str, *, create: bool) -> str | None:
+    """The checked runtime directory of ``app``; None when it does not exist and ``create`` is false."""
+    _check_name("app", app)
+    root = _runtime_root()
+    path = os.path.join(root, app)
+    for directory in (root, path):
+        if create:
+            try:
+                os.mkdir(directory, 0o700)
+            except FileExistsError:
+                pass
+        elif not os.path.lexists(directory):
+            return None
+        _check_private_dir(directory, serving=create)
+    info = os.lstat(path)
+    if create and info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _adopt_dir_owner(path: str) -> None:
+    """Give a file that root created in an app user's directory to that user."""
+    if os.geteuid() != 0:
+        return
+    parent = os.stat(os.path.dirname(path))
+    mine = os.lstat(path)
+    if (mine.st_uid, mine.st_gid) != (parent.st_uid, parent.st_gid):
+        os.chown(path, parent.st_uid, parent.st_gid, follow_symlinks=False)
+
+
+def _state_path(app: str, *, create: bool) -> str | None:
+    directory = _app_dir(app, create=create)
+    return None if directory is None else os.path.join(directory, _STATE_FILE)
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+def _read_state(app: str) -> dict | None:
+    """The release this machine installed for ``app`` since it booted (the state file), or None.
+
+    A state file from before a reboot describes files the image has put back.
+    """
+    try:
+        path = _state_path(app, create=False)
+        if path is None:
+            return None
+        with open(path, "rb") as handle:
+            state = json.loads(handle.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, FlyDeployError) as exc:
+        log.warning("ignoring the flydeploy state file of %s: %s", app, exc)
+        return None
+    return state if isinstance(state, dict) and state.get("boot_id") == _boot_id() else None
+
+
+def _write_state(app: str, state: dict) -> None:
+    path = _state_path(app, create=True)
+    content = json.dumps({**state, "boot_id": _boot_id()}, sort_keys=True).encode()
+    _write_atomically(path, lambda out: out.write(content))
+    _adopt_dir_owner(path)
+
+
+@contextlib.contextmanager
+def _machine_lock(app: str, *, timeout: float = 300.0) -> Iterator[None]:
+    """Hold the per-machine upgrade lock, so one process at a time does the file work."""
+    path = os.path.join(_app_dir(app, create=True), _LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        _adopt_dir_owner(path)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AgentError(f"another process has held the upgrade lock {path} for over {timeout:.0f} s; "
+                                     "check for a stuck `python -m flydeploy rpc upgrade` and retry") from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+# Per-process state.  _held describes the release this process's modules hold
+# (None: the image's own code).  Fork hooks replace the locks in the child.
+_agent: Agent | None = None
+_agent_lock = threading.Lock()
+_apply_lock = threading.RLock()
+_held: dict | None = None
+_process_app: str | None = None
+_fork_lock_taken = False
+_hooks_registered = False
+# Set on the thread that runs reload_modules: a reloaded module body that
+# calls startup_reapply_current again must not start another upgrade.
+_reloading = threading.local()
+
+
+def _ensure_tracking() -> None:
+    """Start tracking unless the app chose its roots with ``track()``.
+
+    The root is ``FLYDEPLOY_APP_ROOT`` when set, else the ``sys.path`` entry
+    holding the app code that called flydeploy: the script's directory for
+    ``python main.py``, the project directory for ``gunicorn app:wsgi`` or
+    ``python -m app``, where the directory of ``__main__`` would be the server's.
+    """
+    if not _tracker.roots:
+        track(os.environ.get("FLYDEPLOY_APP_ROOT") or _caller_root())
+
+
+def _caller_root() -> str:
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame = frame.f_back
+    file = frame.f_globals.get("__file__") if frame is not None else None
+    if not isinstance(file, str):
+        return os.getcwd()  # python -c, an interactive session
+    name = getattr(frame.f_globals.get("__spec__"), "name", None) or "__main__"
+    levels = name.count(".") + (os.path.basename(file).startswith("__init__.") and name != "__main__")
+    root = os.path.dirname(os.path.abspath(file))
+    for _ in range(levels):
+        root = os.path.dirname(root)
+    return root
+
+
+def _process_name() -> str:
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    return f"{program}[{os.getpid()}]"
+
+
+def _server_summaries() -> list[dict]:
+    return [{"name": getattr(server, "name", None),
+             "class": f"{type(server).__module__}.{type(server).__qualname__}",
+             "vsn": getattr(server, "vsn", None)} for server in servers()]
+
+
+def _process_info(app: str) -> dict:
+    held = _held or {}
+    return {"pid": os.getpid(), "name": _process_name(), "argv": list(sys.argv), "app": app,
+            "version": held.get("version"), "source_image_ref": held.get("source_image_ref"),
+            "deployed_at": held.get("deployed_at"), "applied_at": held.get("applied_at"),
+            "image_ref": os.environ.get("FLY_IMAGE_REF"), "servers": _server_summaries(), "python": sys.version.split()[0], "cwd": os.getcwd()}
+
+
+def _importing(name: str) -> bool:
+    return bool(getattr(getattr(sys.modules.get(name), "__spec__", None), "_initializing", False))
+
+
+def _apply_here(release: dict, *, suspend_timeout: float = 10.0, extra: Any = None) -> dict:
+    """Reload this process's changed modules and, on success, record ``release`` as held.
+
+    A changed module that is still being imported (at boot, typically the one
+    that called ``startup_reapply_current``) is reloaded as soon as its import
+    finishes, on a thread: reloading it now would let the rest of its old body,
+    still running, overwrite the new code.
+    """
+    global _held
+    with _apply_lock:
+        changed = modified_modules()
+        importing = [name for name in changed if _importing(name)]
+        _reloading.active = True
+        try:
+            report = reload_modules([name for name in changed if name not in importing],
+                                    suspend_timeout=suspend_timeout, extra=extra)
+        finally:
+            _reloading.active = False
+        if report.ok and not importing:
+            _held = {**release, "applied_at": _iso_utc(_utc_now())}
+    if report.ok and importing:
+        threading.Thread(target=_reload_after_import, args=(importing, release, suspend_timeout),
+                         name="flydeploy-reload-after-import", daemon=True).start()
+    return report.to_dict()
+
+
+def _reload_after_import(names: list[str], release: dict, suspend_timeout: float) -> None:
+    deadline = time.monotonic() + 600
+    while any(_importing(name) for name in names):
+        if time.monotonic() > deadline:
+            log.error("flydeploy: %s still importing after 10 minutes; %s not loaded", ", ".join(names),
+                      release.get("version"))
+            return
+        time.sleep(0.005)
+    report = _apply_here(release, suspend_timeout=suspend_timeout)
+    if not report["ok"]:
+        log.error("flydeploy: process %s could not load %s: %s", _process_name(), release.get("version"),
+                  report["error"])
+
+
+def _catch_up(app: str) -> None:
+    """Bring this process to the release the machine installed, if it holds another one.
+
+    A fresh process imported the installed files already and only records the
+    release; a forked child of an older parent reloads what differs on disk.
+    """
+    state = _read_state(app)
+    if (not state or state.get("image_ref") != os.environ.get("FLY_IMAGE_REF")
+            or (_held or {}).get("version") == state.get("version")):
+        return
+    release = {key: state.get(key) for key in ("version", "source_image_ref", "deployed_at", "image_ref")}
+    report = _apply_here(release)
+    if not report["ok"]:
+        log.error("flydeploy: process %s could not catch up to %s: %s",
+                  _process_name(), release["version"], report["error"])
+    elif report["modules"]:
+        log.info("flydeploy: process %s caught up to %s (%s)",
+                 _process_name(), release["version"], ", ".join(report["modules"]))
+
+
+def _drain(conn: socket.socket, limit: int = 64 << 20) -> None:
+    # Closing a unix socket with unread input resets the connection and the
+    # peer loses the reply: read what is left of an oversized request first.
+    conn.settimeout(2.0)
+    while limit > 0:
+        chunk = conn.recv(1 << 20)
+        if not chunk:
+            return
+        limit -= len(chunk)
+
+
+class Agent:
+    """The agent of one Python process: a unix socket that answers upgrade requests.
+
+    Listens on ``$FLYDEPLOY_RUNTIME_DIR/<app>/<pid>.sock`` (directory 0700,
+    socket 0600, peers of another user than ours or root refused) and serves
+    newline-delimited JSON, one request per connection, on daemon threads:
+    ``ping``, ``info``, ``locate`` and ``apply``.  Start it with
+    :func:`start_agent`; :meth:`stop` closes it and removes the socket.
+    """
+
+    def __init__(self, app: str) -> None:
+        self.app = app
+        self.pid = os.getpid()
+        self.path = os.path.join(_app_dir(app, create=True), f"{self.pid}.sock")
+        self._closed = False
+        self._sock = self._listen()
+        self._thread = threading.Thread(target=self._serve, name=f"flydeploy-agent[{app}]", daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> socket.socket:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # left by a dead process that had our pid
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.path)
+            os.chmod(self.path, 0o600)
+            sock.listen(64)
+        except OSError as exc:
+            sock.close()
+            raise AgentError(f"cannot listen on {self.path}: {exc}; "
+                             "set FLYDEPLOY_RUNTIME_DIR to a short, writable directory") from exc
+        return sock
+
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError as exc:
+                if self._closed:
+                    return
+                log.warning("flydeploy agent %s: accept failed: %s", self.path, exc)
+                time.sleep(0.1)
+                continue
+            threading.Thread(target=self._handle, args=(conn,), daemon=True,
+                             name="flydeploy-agent-request").start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                reply = _peer_refusal(conn) or _dispatch(self, _read_request(conn))
+            except AgentError as exc:
+                reply = {"ok": False, "error": str(exc)}
+            except Exception as exc:  # an agent keeps serving whatever one request did
+                log.exception("flydeploy agent %s: request failed", self.path)
+                reply = {"ok": False, "error": f"internal error in {_process_name()}: {exc!r}"}
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(reply, default=str).encode() + b"\n")
+                conn.shutdown(socket.SHUT_WR)
+                _drain(conn)
+
+    def _forget(self) -> None:
+        """Drop the listening socket inherited through fork, leaving the parent's file alone."""
+        self._closed = True
+        self._sock.close()
+
+    def stop(self) -> None:
+        """Stop serving and remove the socket file."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self._thread.join(timeout=5)
+
+
+def _peer_refusal(conn: socket.socket) -> dict | None:
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None  # there the 0700 directory is the guard
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    if uid in (os.geteuid(), 0):
+        return None
+    return {"ok": False, "error": f"refused: peer uid {uid} is neither this process's user "
+                                  f"(uid {os.geteuid()}) nor root"}
+
+
+def _read_request(conn: socket.socket) -> dict:
+    conn.settimeout(_REQUEST_READ_TIMEOUT)
+    data = bytearray()
+    while b"\n" not in data:
+        if len(data) > _MAX_REQUEST_BYTES:
+            raise AgentError(f"request larger than {_MAX_REQUEST_BYTES} bytes; send one short JSON line")
+        try:
+            chunk = conn.recv(65536)
+        except TimeoutError:
+            raise AgentError(f"no complete request line within {_REQUEST_READ_TIMEOUT:.0f} s; "
+                             "end the JSON request with a newline") from None
+        if not chunk:
+            break
+        data += chunk
+    line = bytes(data).split(b"\n", 1)[0]
+    if len(line) > _MAX_REQUEST_BYTES:
+        raise AgentError(f"request larger than {_MAX_REQUEST_BYTES} bytes; send one short JSON line")
+    try:
+        request = json.loads(line)
+    except ValueError as exc:
+        raise AgentError(f"malformed request, not JSON ({exc}); send one JSON object per line, "
+                         'e.g. {"op": "ping"}') from None
+    if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+        raise AgentError('malformed request: expected a JSON object with an "op", e.g. {"op": "ping"}')
+    return request
+
+
+def _dispatch(agent: Agent, request: dict) -> dict:
+    op = request["op"]
+    if op == "ping":
+        return {"ok": True, "pid": os.getpid(), "name": _process_name(), "app": agent.app}
+    if op == "info":
+        return {"ok": True, **_process_info(agent.app)}
+    if op == "locate":
+        paths = request.get("paths")
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise AgentError('malformed locate request: "paths" must be a list of relative paths')
+        return {"ok": True, "located": _locate_members(paths, *_loaded_locations(paths)), "cwd": os.getcwd()}
+    if op == "apply":
+        timeout = request.get("suspend_timeout", 10.0)
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise AgentError('malformed apply request: "suspend_timeout" must be a positive number of seconds')
+        release = {key: request.get(key) for key in ("version", "source_image_ref", "deployed_at")}
+        release["image_ref"] = os.environ.get("FLY_IMAGE_REF")
+        report = _apply_here(release, suspend_timeout=float(timeout), extra=request.get("extra"))
+        return {"ok": bool(report["ok"]), "pid": os.getpid(), "name": _process_name(), "report": report}
+    raise AgentError(f"unknown op {op!r}; the agent answers ping, info, locate and apply")
+
+
+def _agent_before_fork() -> None:
+    # A child must not be forked in the middle of an apply: it would copy half-swapped code.
+    global _fork_lock_taken
+    _fork_lock_taken = _apply_lock.acquire(timeout=30)
+
+
+def _agent_after_fork_in_parent() -> None:
+    global _fork_lock_taken
+    if _fork_lock_taken:
+        _fork_lock_taken = False
+        _apply_lock.release()
+
+
+def _agent_after_fork_in_child() -> None:
+    global _agent, _agent_lock, _apply_lock, _fork_lock_taken, _poller
+    _agent_lock, _apply_lock, _fork_lock_taken = threading.Lock(), threading.RLock(), False
+    _poller = None  # its thread stayed in the parent, which keeps polling for the machine
+    parent, _agent = _agent, None
+    serving = parent is not None and not parent._closed
+    if parent is not None:
+        parent._forget()
+    try:
+        if serving:
+            start_agent(parent.app)
+        elif _process_app is not None:
+            _catch_up(_process_app)
+    except Exception:  # the child runs on, on the code it has
+        log.exception("flydeploy: the forked process %s could not start its agent or catch up", os.getpid())
+
+
+def _stop_own_agent() -> None:
+    if _agent is not None and _agent.pid == os.getpid():
+        _agent.stop()
+
+
+def _register_process_hooks() -> None:
+    global _hooks_registered
+    if not _hooks_registered:
+        _hooks_registered = True
+        os.register_at_fork(before=_agent_before_fork, after_in_parent=_agent_after_fork_in_parent,
+                            after_in_child=_agent_after_fork_in_child)
+        atexit.register(_stop_own_agent)
+
+
+def start_agent(app: str | None = None) -> Agent:
+    """Start this process's agent for ``app`` (default ``FLY_APP_NAME``) and return it.
+
+    Idempotent within a process.  Starts change tracking with the default
+    roots when the app has not called :func:`track`, and brings the process to
+    the release this machine installed when it holds another one.  A forked
+    child gets its own agent automatically.
+    """
+    global _agent, _process_app
+    app = app or os.environ.get("FLY_APP_NAME") or ""
+    if not app:
+        raise ConfigError("start_agent needs the app name: pass it, or set FLY_APP_NAME")
+    _check_name("app", app)
+    _process_app = app
+    with _agent_lock:
+        if _agent is not None and _agent.pid == os.getpid():
+            if _agent.app != app:
+                raise ConfigError(f"this process already runs the agent of app {_agent.app!r}; "
+                                  "one process serves one app")
+            return _agent
+        _ensure_tracking()
+        _agent = Agent(app)
+        _register_process_hooks()
+    _catch_up(app)
+    return _agent
+
+
+def _request(path: str, request: dict, *, timeout: float) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = bytearray()
+        while b"\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    reply = json.loads(bytes(data).split(b"\n", 1)[0] or b"null")
+    if not isinstance(reply, dict):
+        raise AgentError(f"the agent at {path} closed the connection without a reply")
+    return reply
+
+
+def _agent_sockets(app: str) -> list[tuple[int, str]]:
+    directory = _app_dir(app, create=False)
+    if directory is None:
+        return []
+    found = []
+    for entry in os.scandir(directory):
+        stem, dot, suffix = entry.name.partition(".")
+        if dot and suffix == "sock" and stem.isdigit() and stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+            found.append((int(stem), entry.path))
+    return sorted(found)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | None = None) -> list[dict]:
+    """Send ``request`` to every live agent of ``app`` on this machine, concurrently.
+
+    Returns one entry per process: ``{"pid", "reply"}`` or ``{"pid", "error"}``.
+    Sockets of dead processes are removed.
+    """
+    targets = [(pid, path) for pid, path in _agent_sockets(app) if pid != exclude_pid]
+
+    def ask(target: tuple[int, str]) -> dict | None:
+        pid, path = target
+        try:
+            return {"pid": pid, "reply": _request(path, request, timeout=timeout)}
+        except (ConnectionRefusedError, FileNotFoundError):
+            if not _pid_alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            return None
+        except TimeoutError:
+            return {"pid": pid, "error": f"process {pid} did not answer within {timeout:.0f} s"}
+        except (OSError, ValueError, AgentError) as exc:
+            return {"pid": pid, "error": f"process {pid}: {exc}"}
+
+    if not targets:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(targets))) as pool:
+        return [entry for entry in pool.map(ask, targets) if entry is not None]
+
 
 # --- Per-machine upgrade ----------------------------------------------------
 
+RESULT_MARKER = "__FLYDEPLOY_RESULT__"
+
+
+def _module_name(parts: list[str]) -> str | None:
+    """The module a member is (``a/b.py``: ``a.b``, ``a/__init__.py``: ``a``); None for other files."""
+    if not parts[-1].endswith(".py"):
+        return None
+    stem = parts[-1][:-3]
+    return ".".join(parts[:-1] + ([] if stem == "__init__" else [stem]))
+
+
+def _candidate_module_names(paths: list[str]) -> set[str]:
+    names = set()
+    for rel in paths:
+        parts = rel.split("/")
+        names.update(".".join(parts[:k]) for k in range(1, len(parts)))
+        names.add(_module_name(parts) or "")
+    names.discard("")
+    return names
+
+
+def _loaded_locations(paths: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Where this process loaded the modules and packages that ``paths`` could be.
+
+    Returns ``(module_files, package_dirs)``: source files by module name (the
+    counterpart of ``:code.which``) and directories by package name.
+    """
+    module_files: dict[str, str] = {}
+    package_dirs: dict[str, str] = {}
+    for name in _candidate_module_names(paths):
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        origin = getattr(getattr(module, "__spec__", None), "origin", None) or getattr(module, "__file__", None)
+        if isinstance(origin, str) and origin.endswith(".py") and os.path.isabs(origin):
+            module_files[name] = origin
+        search_path = list(getattr(module, "__path__", None) or [])
+        if search_path:
+            package_dirs[name] = search_path[0]
+    main = sys.modules.get("__main__")
+    main_file = getattr(main, "__file__", None)
+    if main is not None and getattr(main, "__spec__", None) is None and isinstance(main_file, str):
+        # A script run as `python app.py` is __main__, not `app`.
+        module_files.setdefault(os.path.basename(main_file)[:-3], os.path.abspath(main_file))
+    return module_files, package_dirs
+
+
+def _under_as(dest: str, rel: str) -> bool:
+    return os.path.normpath(dest).endswith(os.sep + os.path.normpath(rel))
+
+
+def _locate_members(paths: list[str], module_files: dict[str, str],
+                    package_dirs: dict[str, str]) -> dict[str, str]:
+    """Map release members to where the running code was loaded from.
+
+    A member that is a loaded module goes to that module's file; any other
+    member inside a loaded package (package data, a new module) goes to the
+    same place under the package's directory.  Members neither covers are left
+    out (they go under the app root).  A destination always ends with the
+    member's own relative path.
+    """
+    located = {}
+    for rel in paths:
+        parts = rel.split("/")
+        origin = module_files.get(_module_name(parts) or "")
+        if origin and _under_as(origin, rel):
+            located[rel] = origin
+            continue
+        for depth in range(len(parts) - 1, 0, -1):
+            directory = package_dirs.get(".".join(parts[:depth]))
+            if directory:
+                candidate = os.path.join(directory, *parts[depth:])
+                if _under_as(candidate, rel):
+                    located[rel] = candidate
+                break
+    return located
+
+
+def _choose_app_root(located: dict[str, str], cwd: str) -> str:
+    """``FLYDEPLOY_APP_ROOT``, else the root the loaded application code sits in, else ``cwd``.
+
+    Top-level modules sit in the app root itself, so they decide; packages
+    only when there are none, since a package may be installed elsewhere
+    (site-packages) than the app's own modules.
+    """
+    configured = os.environ.get("FLYDEPLOY_APP_ROOT")
+    if configured:
+        return os.path.abspath(configured)
+    for top_level in (True, False):
+        roots = collections.Counter(os.path.normpath(dest)[: -len(os.path.normpath(rel))].rstrip(os.sep) or os.sep
+                                    for rel, dest in located.items() if ("/" not in rel) == top_level)
+        if roots:
+            return min(roots, key=lambda root: (-roots[root], root))
+    return cwd
+
+
+def _plan_destinations(paths: list[str], located: dict[str, str], app_root: str) -> dict[str, str]:
+    """Where each member is written: its located file, else the same relative path under ``app_root``."""
+    return {rel: located.get(rel) or os.path.join(app_root, *rel.split("/")) for rel in paths}
+
+
+def _file_sha256(path: str) -> str | None:
+    try:
+        return _file_digest(path, "sha256")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+def _make_dirs(directory: str) -> None:
+    if os.path.isdir(directory):
+        return
+    _make_dirs(os.path.dirname(directory))
+    os.mkdir(directory, 0o755)
+    _adopt_dir_owner(directory)
+
+
+def _install_files(plan: dict[str, str], hashes: dict[str, str], source_dir: str) -> tuple[list[str], int]:
+    """Write the members whose content differs from what is at their destination.
+
+    Every changed file is first staged beside its destination (mode and owner
+    of the file it replaces, or of the release and the directory for a new
+    file), then each is published with ``os.replace``.  A failure while staging
+    changes nothing.  Returns ``(written destinations, unchanged count)``.
+    """
+    changed = [(rel, dest) for rel, dest in sorted(plan.items()) if _file_sha256(dest) != hashes[rel]]
+    staged: list[tuple[str, str]] = []
+
+    def stage(source: str, dest: str, mode: int, owner: tuple[int, int]) -> None:
+        def copy(out: BinaryIO) -> None:
+            if os.geteuid() == 0:
+                os.fchown(out.fileno(), *owner)
+            with open(source, "rb") as data:
+                shutil.copyfileobj(data, out, _IO_CHUNK)
+        # Published below, once every file is staged.
+        _write_atomically(dest, copy, mode=mode, replace=lambda tmp, _dest: staged.append((tmp, dest)))
+
+    try:
+        for rel, dest in changed:
+            source = os.path.join(source_dir, *rel.split("/"))
+            try:
+                current = os.stat(dest)
+                mode, owner = stat.S_IMODE(current.st_mode), (current.st_uid, current.st_gid)
+            except FileNotFoundError:
+                _make_dirs(os.path.dirname(dest))
+                parent = os.stat(os.path.dirname(dest))
+                mode, owner = stat.S_IMODE(os.stat(source).st_mode), (parent.st_uid, parent.st_gid)
+            stage(source, dest, mode, owner)
+    except (OSError, FlyDeployError) as exc:
+        for tmp, _dest in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise AgentError(f"cannot write the release: {exc}; no file was changed. "
+                         "Check the permissions and free space of the app directory.") from exc
+    for tmp, dest in staged:
+        os.replace(tmp, dest)
+    return [dest for _tmp, dest in staged], len(plan) - len(staged)
+
+
+def _store_for_url(url: str, store: Store | None = None) -> tuple[Store, str]:
+    """The store and key behind a release URL: ``store`` when the URL is its own, else from the URL.
+
+    A ``file://`` URL names a ``LocalStore``; an ``http(s)`` URL
+    (``<endpoint>/<bucket>/<key>``) the S3 bucket, with the credentials of
+    the environment.
+    """
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "file":
+        return LocalStore.from_url(url)
+    if parsed.scheme not in ("http", "https"):
+        raise ConfigError(f"unsupported release URL {url!r}: use the https:// URL of the uploaded "
+                          "tarball or the file:// URL of a local store")
+    bucket, _, key = urllib.parse.unquote(parsed.path).lstrip("/").partition("/")
+    if not bucket or not key:
+        raise ConfigError(f"{url} is not a release URL: expected <endpoint>/<bucket>/<key>")
+    if store is None or store.url(key) != url:
+        store = S3.from_env(bucket=bucket)
+        if urllib.parse.urlsplit(store.url(key))[:2] != parsed[:2]:
+            raise ConfigError(f"the release is on {parsed.scheme}://{parsed.netloc} but AWS_ENDPOINT_URL_S3 "
+                              "points elsewhere; set it to the endpoint the release was uploaded to")
+    return store, key
+
+
+def _fetch_release(store: Store, key: str, workdir: str, sha256: str | None) -> tuple[dict, str, str]:
+    """Download, verify and unpack a release into ``workdir``; returns ``(manifest, tree, sha256)``."""
+    tarball = os.path.join(workdir, "release.tar.gz")
+    digest = store.download(key, tarball)
+    if sha256 and digest.lower() != sha256.lower():
+        raise AgentError(f"hash mismatch for {key}: expected sha256 {sha256.lower()}, downloaded {digest}; "
+                         "the stored tarball is not the recorded release. Nothing was written; push it again.")
+    tree = os.path.join(workdir, "tree")
+    return unpack_release(tarball, tree, expected_sha256=digest), tree, digest
+
+
+def _locate_on_machine(app: str, paths: list[str], *, in_process: bool) -> tuple[dict[str, str], str]:
+    """Where this machine's processes loaded the members from, and the app root for the rest.
+
+    Asks every agent; with ``in_process`` this process answers from its own
+    modules instead of through its socket.
+    """
+    located: dict[str, str] = {}
+    cwd = os.getcwd()
+    for entry in _ask_agents(app, {"op": "locate", "paths": paths}, timeout=10.0,
+                             exclude_pid=os.getpid() if in_process else None):
+        reply = entry.get("reply") or {}
+        if reply.get("ok") and isinstance(reply.get("located"), dict):
+            for rel, dest in reply["located"].items():
+                if rel in paths and isinstance(dest, str) and _under_as(dest, rel):
+                    located.setdefault(rel, dest)
+            cwd = reply.get("cwd") or cwd
+    if in_process:
+        located.update(_locate_members(paths, *_loaded_locations(paths)))
+        cwd = os.getcwd()
+    return located, _choose_app_root(located, cwd)
+
+
+def _install_release(app: str, store: Store, key: str, sha256: str | None, *, deployed_at: str | None = None,
+                     in_process: bool, unless_installed: str | None = None) -> dict | None:
+    """Download, verify and write a release on this machine; record it in the state file.
+
+    Callers hold the machine lock, so one process at a time does the file
+    work.  With ``unless_installed`` (a version) it returns None without
+    downloading when the state file shows that version installed already.
+    Returns the new state plus ``files_written`` and ``files_unchanged``.
+    """
+    with tempfile.TemporaryDirectory(prefix="flydeploy-release-") as workdir:
+        state = _read_state(app)
+        if (unless_installed is not None and state and state.get("version") == unless_installed
+                and state.get("image_ref") == os.environ.get("FLY_IMAGE_REF")):
+            return None
+        manifest, tree, digest = _fetch_release(store, key, workdir, sha256)
+        paths = sorted(manifest["files"])
+        located, app_root = _locate_on_machine(app, paths, in_process=in_process)
+        written, unchanged = _install_files(_plan_destinations(paths, located, app_root), manifest["files"], tree)
+        state = {"app": app, "version": manifest.get("version"), "sha256": digest,
+                 "source_image_ref": manifest.get("source_image_ref"), "deployed_at": deployed_at,
+                 "image_ref": os.environ.get("FLY_IMAGE_REF"), "installed_at": _iso_utc(_utc_now())}
+        _write_state(app, state)
+    log.info("flydeploy: %s %s: wrote %d files, %d unchanged", app, state["version"], len(written), unchanged)
+    return {**state, "files_written": len(written), "files_unchanged": unchanged}
+
+
+def _reply_error(entry: dict) -> str:
+    """Why one agent's apply failed, from an ``_ask_agents`` entry."""
+    reply = entry.get("reply") or {}
+    return entry.get("error") or (reply.get("report") or {}).get("error") or reply.get("error") or "no reason given"
+
+
+def _machine_result(replies: list[dict], *, version: str | None, started: float,
+                    installed: dict | None = None, error: str | None = None) -> dict:
+    """The per-machine result (the result-file shape of DESIGN.md) from the agents' replies."""
+    succeeded, failed, failures, modules, processes = [], [], [], set(), []
+    suspend_ms = 0.0
+    for entry in replies:
+        reply = entry.get("reply") or {}
+        report = reply.get("report") or {}
+        name = reply.get("name") or f"pid {entry['pid']}"
+        suspend_ms = max(suspend_ms, float(report.get("suspend_ms") or 0.0))
+        if reply.get("ok"):
+            succeeded.append(name)
+            modules.update(report.get("modules") or [])
+        else:
+            failed.append(name)
+            failures.append(f"process {name} failed: {_reply_error(entry)}")
+        processes.append({"pid": entry["pid"], "name": name, "ok": bool(reply.get("ok")),
+                          "error": None if reply.get("ok") else failures[-1],
+                          "modules": report.get("modules") or [], "suspend_ms": report.get("suspend_ms"),
+                          "rolled_back": report.get("rolled_back")})
+    error = error or ("; ".join(failures) if failures else None)
+    return {"machine_id": os.environ.get("FLY_MACHINE_ID") or socket.gethostname(),
+            "region": os.environ.get("FLY_REGION") or "", "status": "failed" if error else "completed",
+            "success": error is None, "error": error, "modules_reloaded": len(modules),
+            "module_names": sorted(modules), "processes_succeeded": len(succeeded),
+            "process_names": succeeded + failed, "processes_failed": len(failed),
+            "suspend_duration_ms": round(suspend_ms, 3),
+            "total_duration_ms": round((time.monotonic() - started) * 1000, 3), "applied_at": _iso_utc(_utc_now()),
+            "version": version, "files_written": (installed or {}).get("files_written", 0),
+            "files_unchanged": (installed or {}).get("files_unchanged", 0), "processes": processes}
+
+
+def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None, suspend_timeout: float = 10.0,
+                upgrade_id: str | None = None, store: Store | None = None) -> dict:
+    """Upgrade every Python process of ``app`` on this machine to the release at ``tarball_url``.
+
+    Downloads the tarball (signed, streamed, retried; an S3 URL of the
+    configured endpoint or a ``file://`` URL of a local store), verifies
+    ``sha256`` when given and unpacks it safely, then writes only the files
+    whose content changed, each atomically, to where the running processes
+    loaded them from (else under the app root), records the version in the
+    machine's state file and asks every live agent to apply it, concurrently.
+
+    Returns the per-machine result (DESIGN.md's result-file shape): success
+    only if every process succeeded, and there was at least one.  Operational
+    failures are reported in it, never raised; a bad tarball, a hash mismatch
+    or unreachable storage fail before any file is written.  The result is
+    also stored, best effort, at
+    ``releases/<app>-results/<upgrade_id>/<machine_id>.json`` (the upgrade
+    id defaults to the release version).
+    """
+    _check_name("app", app)
+    if suspend_timeout <= 0:
+        raise ConfigError(f"suspend_timeout must be a positive number of seconds, not {suspend_timeout!r}")
+    started = time.monotonic()
+    installed, replies, error, key = None, [], None, None
+    try:
+        store, key = _store_for_url(tarball_url, store)
+        log.info("flydeploy: downloading %s", key)
+        # The lock covers the apply too: the version each process records is the one on disk.
+        with _machine_lock(app):
+            installed = _install_release(app, store, key, sha256, in_process=False)
+            request = {"op": "apply", "version": installed["version"], "suspend_timeout": suspend_timeout,
+                       "source_image_ref": installed["source_image_ref"], "deployed_at": installed["deployed_at"]}
+            replies = _ask_agents(app, request, timeout=suspend_timeout + 120.0)
+        if not replies:
+            raise AgentError(f"no flydeploy agent of {app} runs on this machine, so no running process loaded "
+                             f"{installed['version']} (its files are written); the app must call "
+                             "flydeploy.startup_reapply_current() at boot")
+    except FlyDeployError as exc:
+        error = str(exc)
+    result = _machine_result(replies, version=(installed or {}).get("version"), started=started,
+                             installed=installed, error=error)
+    for process in result["processes"]:
+        log.info("flydeploy: %s %s", process["name"], "ok" if process["ok"] else process["error"])
+    if store is not None and key is not None:
+        _store_result(store, app, upgrade_id or result["version"], result)
+    return result
+
+
+def _store_result(store: Store, app: str, upgrade_id: str | None, result: dict) -> None:
+    if not upgrade_id:
+        return
+    key = f"releases/{app}-results/{upgrade_id}/{result['machine_id']}.json"
+    try:
+        store.put(key, json.dumps(result, sort_keys=True).encode(), content_type="application/json")
+    except Exception as exc:  # the result file is a convenience; the upgrade stands without it
+        log.warning("flydeploy: could not store the result at %s: %s", key, exc)
+
 
 # --- Boot catch-up and poller -----------------------------------------------
+
+_poller: _Poller | None = None
+
+
+def _current_hot_upgrade(doc: dict) -> dict | None:
+    """The ``hot_upgrade`` entry of a current.json document; a malformed one raises."""
+    hot = doc.get("hot_upgrade")
+    if hot is None:
+        return None
+    if not isinstance(hot, dict) or not all(isinstance(hot.get(k), str) for k in ("version", "tarball_url")):
+        raise FlyDeployError("malformed release metadata: current.json's hot_upgrade lacks version or "
+                             "tarball_url; push the hot upgrade again, or cold deploy to reset it")
+    return hot
+
+
+def _catch_up_machine(store: Store, app: str, hot: dict) -> str:
+    """Bring this machine and this process to the recorded hot upgrade ``hot``.
+
+    Under the machine lock, the first process to get here downloads and writes
+    the files and tells the other agents; everyone else finds the state file
+    current.  This process then reloads its own changed modules.  Returns
+    ``applied`` when this call installed the files, else ``up_to_date``.
+    """
+    version = hot["version"]
+    release = {"version": version, "source_image_ref": hot.get("source_image_ref"),
+               "deployed_at": hot.get("deployed_at"), "image_ref": os.environ.get("FLY_IMAGE_REF")}
+    store, key = _store_for_url(hot["tarball_url"], store)
+    with _machine_lock(app):
+        installed = _install_release(app, store, key, hot.get("sha256"), deployed_at=hot.get("deployed_at"),
+                                     in_process=True, unless_installed=version)
+        if installed is not None:
+            request = {"op": "apply", **{k: release[k] for k in ("version", "source_image_ref", "deployed_at")}}
+            for entry in _ask_agents(app, request, timeout=130.0, exclude_pid=os.getpid()):
+                if not (entry.get("reply") or {}).get("ok"):
+                    log.error("flydeploy: process %s did not apply %s: %s", entry["pid"], version, _reply_error(entry))
+        report = _apply_here(release)
+    if not report["ok"]:
+        raise FlyDeployError(f"this process could not load hot upgrade {version}: {report['error']}")
+    return "up_to_date" if installed is None else "applied"
+
+
+def _reconcile(store: Store, app: str, image_ref: str) -> tuple[str, str | None]:
+    """One boot-time pass over current.json; returns ``(status, version)``."""
+    doc, _etag = read_current(store, app)
+    status = "up_to_date"
+    if doc is None or doc.get("image_ref") != image_ref:
+        # Conditional on what is there when writing: a machine of this image
+        # that got in first (or a hot upgrade recorded for it) is kept.
+        doc = update_current(store, app, lambda found: found if found and found.get("image_ref") == image_ref
+                             else _fresh_current(image_ref))
+        status = "reset"
+    hot = _current_hot_upgrade(doc)
+    if hot is None:
+        return status, None
+    return _catch_up_machine(store, app, hot), hot["version"]
+
+
+def _poll_interval(poll_interval: float | None) -> float | None:
+    if poll_interval is None:
+        raw = os.environ.get("FLYDEPLOY_POLL_INTERVAL", "").strip()
+        if not raw:
+            return None
+        try:
+            poll_interval = float(raw)
+        except ValueError:
+            raise ConfigError(f"FLYDEPLOY_POLL_INTERVAL={raw!r} is not a number of seconds") from None
+    if poll_interval <= 0:
+        raise ConfigError(f"the poll interval must be a positive number of seconds, not {poll_interval!r}")
+    return float(poll_interval)
+
+
+class _Poller:
+    """Polls current.json and applies a hot upgrade for this image that the machine missed."""
+
+    def __init__(self, store: Store, app: str, image_ref: str, interval: float) -> None:
+        self.store, self.app, self.image_ref, self.interval = store, app, image_ref, interval
+        self._etag: str | None = None
+        self._failed_version: str | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"flydeploy-poller[{app}]", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            try:
+                self.poll()
+            except Exception as exc:  # a poll that fails is retried at the next interval
+                log.warning("flydeploy: polling %s metadata failed: %s", self.app, exc)
+
+    def poll(self) -> None:
+        """Check current.json once (a HEAD while it is unchanged) and catch up when needed."""
+        head = self.store.head(f"releases/{self.app}-current.json")
+        if head is not None and head.get("etag") == self._etag:
+            return
+        doc, etag = read_current(self.store, self.app)
+        hot = _current_hot_upgrade(doc) if doc is not None and doc.get("image_ref") == self.image_ref else None
+        # A version this process failed to load is not retried: it would fail the same way.
+        if hot is not None and hot["version"] not in ((_held or {}).get("version"), self._failed_version):
+            try:
+                status = _catch_up_machine(self.store, self.app, hot)
+            except FlyDeployError:
+                self._failed_version = hot["version"]
+                raise
+            log.info("flydeploy: poller: %s %s", status, hot["version"])
+        self._etag = etag
+
+    def stop(self) -> None:
+        """Stop polling."""
+        self._stopped.set()
+        self._thread.join(timeout=5)
+
+
+def startup_reapply_current(app: str | None = None, *, poll_interval: float | None = None,
+                            agent: bool = True, store: Store | None = None) -> dict:
+    """Make this process (and machine) run the release recorded for its image; call it early at boot.
+
+    ``app`` defaults to ``FLY_APP_NAME``; ``store`` to ``S3.from_env()``.
+    Starts tracking and, with ``agent``, this process's agent.  Never raises
+    for an operational problem: returns ``{"status", "error", "version",
+    "agent", "agent_error", "duration_ms"}`` (``agent`` is the socket path),
+    where status is ``applied`` (a recorded hot upgrade was loaded),
+    ``up_to_date``, ``reset`` (no metadata, or metadata of another image
+    after a cold deploy: rewritten for this image, the stale hot upgrade
+    never applied), ``skipped`` (no ``FLY_IMAGE_REF``: local development) or
+    ``error`` (the app continues on the image's code).  With nothing pending
+    it costs one metadata GET.  ``poll_interval`` (or
+    ``FLYDEPLOY_POLL_INTERVAL``, seconds) starts a thread that applies hot
+    upgrades this machine missed.
+    """
+    global _poller, _process_app
+    if getattr(_reloading, "active", False):
+        # The call that loaded this code is the one that counts.
+        return {"status": "up_to_date", "error": None, "version": (_held or {}).get("version"),
+                "agent": _agent.path if _agent is not None else None, "agent_error": None, "duration_ms": 0.0}
+    started = time.perf_counter()
+    status, version, error, agent_path, agent_error = "error", None, None, None, None
+    try:
+        app = app or os.environ.get("FLY_APP_NAME") or ""
+        if not app:
+            raise ConfigError("no app name: pass startup_reapply_current(app=...) or set FLY_APP_NAME")
+        _check_name("app", app)
+        _process_app = app
+        _ensure_tracking()
+        _register_process_hooks()
+        if agent:
+            try:
+                agent_path = start_agent(app).path
+            except FlyDeployError as exc:  # the catch-up below needs no agent
+                agent_error = str(exc)
+                log.error("flydeploy: %s runs without an agent, so hot upgrades cannot reach it: %s", app, exc)
+        image_ref = os.environ.get("FLY_IMAGE_REF")
+        interval = _poll_interval(poll_interval)
+        if not image_ref:
+            status, error = "skipped", "FLY_IMAGE_REF is not set (local development): nothing to reapply"
+        else:
+            store = store if store is not None else S3.from_env()
+            try:
+                status, version = _reconcile(store, app, image_ref)
+            finally:
+                if interval and _poller is None:
+                    _poller = _Poller(store, app, image_ref, interval)
+    except Exception as exc:  # boot must go on with the image's code
+        status, error = "error", str(exc) or repr(exc)
+        log.error("flydeploy: startup reapply of %s failed, continuing on the image's code: %s", app, error)
+    outcome = {"status": status, "error": error, "version": version, "agent": agent_path,
+               "agent_error": agent_error, "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
+    if status != "error":
+        log.info("flydeploy: startup reapply of %s: %s%s", app, status, f" {version}" if version else "")
+    return outcome
+
+
+def get_current_hot_upgrade_info(app: str | None = None) -> dict:
+    """What hot upgrade this process runs.
+
+    ``{"hot_upgrade_applied": False}``, or ``{"hot_upgrade_applied": True,
+    "version", "source_image_ref", "deployed_at", "current_image_ref"}``.  A
+    process that started after its machine installed a hot upgrade reports
+    that upgrade (from the machine's state file for ``app``, default the
+    agent's app or ``FLY_APP_NAME``).
+    """
+    held = _held
+    app = app or (_agent.app if _agent is not None else None) or os.environ.get("FLY_APP_NAME")
+    if held is None and app:
+        state = _read_state(app)
+        if state and state.get("image_ref") == os.environ.get("FLY_IMAGE_REF") and not modified_modules():
+            held = state
+    if not held or not held.get("version"):
+        return {"hot_upgrade_applied": False}
+    return {"hot_upgrade_applied": True, "version": held["version"],
+            "source_image_ref": held.get("source_image_ref"), "deployed_at": held.get("deployed_at"),
+            "current_image_ref": os.environ.get("FLY_IMAGE_REF")}
 
 
 # ===========================================================================
@@ -4387,10 +5726,111 @@ def _server_label(server: Server) -> str:
 # ===========================================================================
 
 
+def _print_agents_missing(app: str) -> int:
+    print(f"no flydeploy agent is running for app {app!r} on this machine (looked in "
+          f"{os.path.join(_runtime_root(), app)}); the app starts one with "
+          "flydeploy.startup_reapply_current() or flydeploy.start_agent()", file=sys.stderr)
+    return 1
+
+
+def _rpc_query(args: argparse.Namespace) -> int:
+    replies = _ask_agents(args.app, {"op": args.rpc_command}, timeout=args.timeout)
+    if not replies:
+        return _print_agents_missing(args.app)
+    failed = [entry for entry in replies if not (entry.get("reply") or {}).get("ok")]
+    if args.rpc_command == "info":
+        print(json.dumps([entry.get("reply") if entry.get("reply") is not None
+                          else {"pid": entry["pid"], "ok": False, "error": entry.get("error")}
+                          for entry in replies], indent=2, sort_keys=True))
+    else:
+        for entry in replies:
+            reply = entry.get("reply") or {}
+            print(f"{reply.get('name') or entry['pid']}: "
+                  f"{'ok' if reply.get('ok') else entry.get('error') or reply.get('error')}")
+    return 1 if failed else 0
+
+
+def _rpc_upgrade(args: argparse.Namespace) -> int:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        result = hot_upgrade(args.url, args.app, sha256=args.sha256, suspend_timeout=args.suspend_timeout,
+                             upgrade_id=args.upgrade_id)
+    finally:
+        log.removeHandler(handler)
+    if result["success"]:
+        print(f"upgraded {result['processes_succeeded']} processes to {result['version']}: "
+              f"{result['modules_reloaded']} modules, suspended {result['suspend_duration_ms']:.0f} ms")
+    else:
+        print(f"upgrade failed: {result['error']}")
+    print(f"{RESULT_MARKER}{json.dumps(result, sort_keys=True)}{RESULT_MARKER}", flush=True)
+    return 0 if result["success"] else 1
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    return value
+
+
+def _release_url(text: str) -> str:
+    if urllib.parse.urlsplit(text).scheme not in ("http", "https", "file"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a release URL: give the https:// URL of the "
+                                         "uploaded tarball, or a file:// URL of a local store")
+    return text
+
+
+def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
+    rpc = commands.add_parser("rpc", help="talk to the agents of this machine (what exec runs)",
+                              description="Talk to the flydeploy agents of the app's processes on this machine.")
+    rpc_commands = rpc.add_subparsers(dest="rpc_command", metavar="RPC", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--app", required=True, help="the Fly app name")
+    upgrade = rpc_commands.add_parser("upgrade", parents=[common],
+                                      help="install a release and upgrade every process")
+    upgrade.add_argument("--url", required=True, type=_release_url,
+                         help="URL of the release tarball (https:// or file://)")
+    upgrade.add_argument("--sha256", help="expected sha256 of the tarball")
+    upgrade.add_argument("--suspend-timeout", type=_positive_seconds, default=10.0, metavar="S",
+                         help="seconds servers may take to reach a safe point (default 10)")
+    upgrade.add_argument("--upgrade-id", help="where the result is stored (default: the release version)")
+    upgrade.set_defaults(handler=_rpc_upgrade)
+    for name, text in (("info", "print every process's info as JSON"), ("ping", "check every agent answers")):
+        query = rpc_commands.add_parser(name, parents=[common], help=text)
+        query.add_argument("--timeout", type=_positive_seconds, default=10.0, metavar="S",
+                           help="seconds to wait for each agent (default 10)")
+        query.set_defaults(handler=_rpc_query)
+
+
+def _entry_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m flydeploy",
+                                     description="flydeploy's machine-side commands.")
+    parser.add_argument("--version", action="version", version=f"flydeploy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_rpc_parser(commands)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run ``python -m flydeploy``; returns the process exit code."""
-    print("usage: python -m flydeploy {rpc,orchestrate} ...", file=sys.stderr)
-    return 2
+    """Run ``python -m flydeploy``; returns the process exit code (2 for bad usage)."""
+    try:
+        args = _entry_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage error or the help
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FlyDeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
