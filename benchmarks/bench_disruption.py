@@ -16,8 +16,9 @@ For each: ``dropped_connections`` (sessions closed by the change),
 ``lost_state`` (answers whose count did not follow on), ``failed_requests``,
 ``max_latency_ms`` (the slowest successful request started during the change:
 from the command's start until v2 answers, plus 0.5 s), ``v2_after_ms``
-(from the command's start until the first answer from v2) and
-``baseline_p99_ms`` (the p99 request latency over the 2 s before the change,
+(from the command's start until the first answer from v2),
+``suspend_ms`` (hot only: how long the app was held, from the machine's
+stored result) and ``baseline_p99_ms`` (the p99 request latency over the 2 s before the change,
 the same run's baseline).  Goal: the hot upgrade drops 0 connections, fails 0
 requests, and its ``max_latency_ms`` stays within its ``baseline_p99_ms`` +
 50 ms (``hot_within_goal``).
@@ -41,15 +42,19 @@ AFTER_S = 0.5
 GOAL_MARGIN_MS = 50.0
 
 
-def hot_change(app: examples.LocalApp) -> None:
+def hot_change(app: examples.LocalApp) -> dict:
     result = app.cli("hot", "--version", "v2")
     if result.returncode != 0:
         raise SystemExit(f"hot --local failed:\n{result.stdout}{result.stderr}")
+    # The machine's result, as stored in the local store: how long the app was held.
+    (path,) = (app.root / ".flydeploy" / "releases").glob(f"{app.app}-results/*/*.json")  # one machine
+    return {"suspend_ms": json.loads(path.read_text())["suspend_duration_ms"]}
 
 
-def cold_change(app: examples.LocalApp) -> None:
+def cold_change(app: examples.LocalApp) -> dict:
     app.stop()
     app.start()
+    return {}
 
 
 def measure(change) -> dict:
@@ -62,7 +67,7 @@ def measure(change) -> dict:
             time.sleep(BASELINE_S)
             examples.to_v2("chat", app.root)
             started = time.monotonic()
-            change(app)
+            extra = change(app)
             first_v2 = load.wait_for_version("v2", since=started)
             v2_after = next(r.started + r.latency_ms / 1000 for r in load.snapshot()
                             if r.ok and r.version == "v2" and r.started >= started) - started
@@ -82,6 +87,7 @@ def measure(change) -> dict:
         "max_latency_ms": round(max((r.latency_ms for r in during if r.ok), default=0.0), 1),
         "v2_after_ms": round(v2_after * 1000, 1),
         "baseline_p99_ms": round(percentile(baseline, 0.99), 1),
+        **extra,
     }
 
 
