@@ -326,7 +326,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"flydeploy {flydeploy.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("demo", allow_abbrev=False, help="see a live hot upgrade on this machine (nothing to set up)")
+    commands.add_parser("demo", allow_abbrev=False,
+                        help="see a live hot upgrade on this machine (nothing to set up)")
     return parser
 
 

@@ -111,9 +111,9 @@ class LocalApp:
         self.log_path = self.base / "app.log"
         self.env = {key: value for key, value in os.environ.items()
                     if not key.startswith(("FLY_", "FLYDEPLOY_", "AWS_", "BUCKET"))}
-        self.env.update({"FLY_APP_NAME": app, "PORT": str(self.port), "FLYDEPLOY_RUNTIME_DIR": str(self.base / "run"),
-                         "PYTHONUNBUFFERED": "1", "PATH": f"{pathlib.Path(sys.executable).parent}:"
-                                                         f"{os.environ.get('PATH', '')}"})
+        self.env.update({"FLY_APP_NAME": app, "PORT": str(self.port), "PYTHONUNBUFFERED": "1",
+                         "FLYDEPLOY_RUNTIME_DIR": str(self.base / "run"),
+                         "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ.get('PATH', '')}"})
         self.process: subprocess.Popen | None = None
         self.command = command.format(port=self.port)
         self.ready = ready
@@ -183,7 +183,8 @@ def machine_url(machine, *, timeout: float = 30.0) -> str:
     """The URL the machine's app serves on (its latest start), once it serves."""
     def port() -> str | None:
         logs = machine.logs().rsplit("[fakefly] starting", 1)[-1]
-        found = re.findall(r"listening on port (\d+)", logs) or re.findall(r"Listening at: http://[\d.]+:(\d+)", logs)
+        found = (re.findall(r"listening on port (\d+)", logs)
+                 or re.findall(r"Listening at: http://[\d.]+:(\d+)", logs))
         ready = "ready" in logs or "Booting worker" in logs
         return found[-1] if found and ready else None
     return f"http://127.0.0.1:{wait_until(port, timeout=timeout, what=f'machine {machine.id} to serve')}"

@@ -55,7 +55,8 @@ def test_preloaded_sync_workers_upgraded_and_a_replacement_worker_serves_v2(fake
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 processes" in result.stdout, result.stdout
 
-    assert {p["pid"]: p["version"] for p in _processes(machine, app.name)} == dict.fromkeys(workers | {master}, "v2")
+    versions = {p["pid"]: p["version"] for p in _processes(machine, app.name)}
+    assert versions == dict.fromkeys(workers | {master}, "v2")
     after = _answers_from(url, workers)
     assert {a["version"] for a in after.values()} == {"v2"} and {a["price"] for a in after.values()} == {90}
     # Each worker's Hits server kept counting across the upgrade.
