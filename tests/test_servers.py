@@ -365,6 +365,7 @@ def test_a_busy_server_calling_a_marked_server_is_answered_while_the_pause_waits
     entered, go, answers = threading.Event(), threading.Event(), []
     front.cast((entered, go, answers))
     assert entered.wait(DEADLINE_S)
+    back_release = busy(back)
     inside = []
 
     def pause():
@@ -373,7 +374,11 @@ def test_a_busy_server_calling_a_marked_server_is_answered_while_the_pause_waits
 
     pauser = threading.Thread(target=pause)
     pauser.start()
-    wait_until(lambda: back._held_by is not None, "the back server to be marked")
+    wait_until(lambda: back._held_by is not None and front._held_by is not None,
+               "both busy servers to be marked")
+    back_release.set()
+    wait_until(lambda: not back._running, "the back server to stop at its safe point")
+    assert back._held_by is not None
     go.set()
     pauser.join(DEADLINE_S)
     # The front server got its answer from the marked back server, then both were held.
