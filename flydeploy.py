@@ -3047,11 +3047,12 @@ class Server:
 
     def _leave_message(self) -> None:
         with _safe_points:
-            self._running = False
             hold = self._held_by
+            if hold is not None and hold.since is None:
+                # Stamped before the server shows as held to readers without the lock.
+                hold.since = time.monotonic()
+            self._running = False
             if hold is not None:
-                if hold.since is None:
-                    hold.since = time.monotonic()
                 _safe_points.notify_all()
 
 
