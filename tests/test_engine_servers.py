@@ -373,6 +373,7 @@ def test_a_server_starting_when_an_upgrade_begins_is_held_through_the_swap(tree)
     starting = tree.load("starting")
     started, reports = [], []
     starter = threading.Thread(target=lambda: started.append(starting.Starting.start()))
+    reloader = threading.Thread(target=lambda: reports.append(tree.reload(suspend_timeout=30)))
     starter.start()
     try:
         assert hooks.init_entered.wait(30)
@@ -381,7 +382,6 @@ def test_a_server_starting_when_an_upgrade_begins_is_held_through_the_swap(tree)
         tree.write("starting.py", STARTING.format(
             hooks=hooks_name, tag="new", body=f"{hooks_name}.body_started.set()\n"
                                               f"{hooks_name}.body_go.wait(30)"))
-        reloader = threading.Thread(target=lambda: reports.append(tree.reload(suspend_timeout=30)))
         reloader.start()
         # The upgrade waits for the init that is running, then holds the server.
         wait_until(lambda: server._held_by is not None, "the starting server to be marked")
@@ -395,7 +395,8 @@ def test_a_server_starting_when_an_upgrade_begins_is_held_through_the_swap(tree)
         hooks.init_go.set()
         hooks.body_go.set()
         starter.join(30)
-        reloader.join(30)
+        if reloader.ident is not None:
+            reloader.join(30)
         del sys.modules[hooks_name]
     try:
         assert [report.ok for report in reports] == [True], reports

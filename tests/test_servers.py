@@ -671,6 +671,36 @@ def test_a_server_handler_waiting_on_an_attached_loop_finishes_before_the_loop_p
     assert inside == [["from the loop"]]
 
 
+def test_servers_held_while_a_loop_is_hogged_are_let_go_until_it_is_free(loop_thread):
+    counter = Counter.start(2)
+    flydeploy.attach_loop(loop_thread.loop)
+    hogging, stop_hog = threading.Event(), threading.Event()
+
+    async def hog():
+        hogging.set()
+        stop_hog.wait(DEADLINE_S)  # never awaits: the loop cannot park
+
+    asyncio.run_coroutine_threadsafe(hog(), loop_thread.loop)
+    assert hogging.wait(DEADLINE_S)
+    pause = _Pause([counter], timeout=DEADLINE_S)
+    inside = []
+
+    def run():
+        with pause:
+            inside.append(counter._held_by is pause._hold)
+
+    pauser = threading.Thread(target=run)
+    pauser.start()
+    try:
+        wait_until(lambda: pause.held_ms > 0, "a first try to be given up and released")
+        assert counter.call("get", timeout=DEADLINE_S / 2) == 2
+        assert pauser.is_alive() and inside == []
+    finally:
+        stop_hog.set()
+        pauser.join(DEADLINE_S)
+    assert inside == [True]  # the next try, once the loop was free, got both
+
+
 class Slow(flydeploy.Server):
     def init(self, entered, go):
         entered.set()
