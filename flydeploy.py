@@ -2673,7 +2673,12 @@ class _Reply:
         self._done.set()
 
     def wait(self, timeout: float | None) -> bool:
-        return self._done.wait(timeout)
+        return self._done.wait(_wait_limit(timeout))
+
+
+def _wait_limit(timeout: float | None) -> float | None:
+    """A timeout as threading's waits take it: None (no limit) for None and ``math.inf``."""
+    return None if timeout is None or timeout == math.inf else timeout
 
 
 class _Mailbox:
@@ -2879,8 +2884,8 @@ class Server:
 
         Raises ``CallError`` (cause: the handler's exception) if the handler
         raised, ``CallTimeout`` if no reply came within ``timeout`` seconds
-        (None waits forever), ``ServerStopped`` at once if the server is not
-        running.
+        (None or math.inf waits forever), ``ServerStopped`` at once if the
+        server is not running.
         """
         if self._on_own_thread():
             raise CallError(f"{self!r} called itself: it would wait for its own reply; "
@@ -2919,9 +2924,10 @@ class Server:
             return
         done = _Reply()
         if not self._mailbox.put((_STOP, reason, done)):
-            self._thread.join(timeout)
+            self._thread.join(_wait_limit(timeout))
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
+        limit = _wait_limit(timeout)
+        deadline = None if limit is None else time.monotonic() + limit
         if not done.wait(timeout):
             raise CallTimeout(f"{self!r} did not stop within {timeout} s: it is busy with "
                               f"earlier messages or held by an upgrade; it stops when it gets there")
@@ -3109,7 +3115,7 @@ def _hold_servers(targets: Iterable[Server], hold: _Hold,
             remaining = deadline - time.monotonic()
             if not waiting or remaining <= 0:
                 break
-            _safe_points.wait(None if remaining == math.inf else remaining)
+            _safe_points.wait(_wait_limit(remaining))
         hold.busy_threads = set()
         for server in waiting:
             if server._held_by is hold:

@@ -789,6 +789,13 @@ def test_an_infinite_timeout_waits_without_limit_and_bad_timeouts_are_refused(lo
     with _Pause([counter], timeout=math.inf) as pause:
         assert release.is_set() and counter._held_by is pause._hold
     assert flydeploy.get_state(counter, timeout=math.inf)["n"] == 0
+    release = busy(counter)
+    threading.Timer(0.05, release.set).start()
+    assert counter.call("get", timeout=math.inf) == 0  # waited for the busy message
+    release = busy(counter)
+    threading.Timer(0.05, release.set).start()
+    counter.stop(timeout=math.inf)
+    assert not counter.alive
     for bad in (0, -1.0, math.nan, "10", None, True):
         with pytest.raises(flydeploy.FlyDeployError, match="positive number of seconds"):
             _Pause([], timeout=bad)
