@@ -74,6 +74,7 @@ import mimetypes
 import operator
 import os
 import pathlib
+import pickle
 import random
 import re
 import secrets
@@ -3891,13 +3892,12 @@ def _find_function(binding: object, module: str, qualname: str, accessor: str
             continue
         seen.add(id(obj))
         if _defined_here(obj, module, qualname):
-            return obj, chain
+            return obj, [wrapper for wrapper in chain if wrapper is not obj]
         inner: list[object] = []
         if _is_a(obj, (classmethod, staticmethod, types.MethodType)):
             inner.append(obj.__func__)
-        elif _is_a(obj, functools.cached_property):
-            inner.append(obj.func)
-        elif _is_a(obj, functools.partial):
+        elif _is_a(obj, (functools.cached_property, functools.partial,
+                         functools.singledispatchmethod)):
             inner.append(obj.func)
         wrapped = inspect.getattr_static(obj, "__wrapped__", None)
         if wrapped is not None:
@@ -3910,8 +3910,9 @@ def _find_function(binding: object, module: str, qualname: str, accessor: str
                     pass
         pending.extend((candidate, [*chain, obj] if obj is not binding else chain)
                        for candidate in inner
-                       if _is_a(candidate, (types.FunctionType, *_CODE_TYPES,
-                                            types.MethodType, functools.partial))
+                       if _is_a(candidate, (*_CODE_TYPES, types.MethodType, functools.partial,
+                                            functools.cached_property,
+                                            functools.singledispatchmethod))
                        or inspect.getattr_static(candidate, "__wrapped__", None) is not None)
     return None, []
 
@@ -4137,6 +4138,8 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
             if source is not None:
                 imported.update((a.asname or a.name) for a in statement.names
                                 if a.name in source.rerun.get("", ()))
+    # Names of classes made anew read by an unchanged statement: it runs again.
+    imported |= {qualname for qualname in plan.rebuilt if "." not in qualname}
     rerun, unchanged = _rerun_in_order(tree.body, plan.old[""], plan.new[""], imported)
     plan.rerun[""] = rerun | imported
     skipped: dict[int, ast.stmt] = {}
@@ -4289,13 +4292,16 @@ _build_class = builtins.__build_class__
 
 
 def _is_singledispatch(obj: object) -> bool:
-    return type(obj) is types.FunctionType and all(
-        a in obj.__dict__ for a in ("register", "dispatch", "registry", "__wrapped__"))
+    return (type(obj) is types.FunctionType and "registry" in obj.__dict__
+            and obj.__dict__.keys() >= {"register", "dispatch", "__wrapped__"})
 
 
 def _dispatch_registry(obj: object) -> dict | None:
     """The registry dict of a singledispatch function or method, if ``obj`` is one."""
-    if _is_a(obj, functools.singledispatchmethod):
+    kind = type(obj)
+    if kind is not types.FunctionType and not issubclass(kind, functools.singledispatchmethod):
+        return None  # the common case, quickly
+    if kind is not types.FunctionType:
         obj = obj.dispatcher
     if not _is_singledispatch(obj):
         return None
@@ -4460,7 +4466,7 @@ class _Swap:
         elif _is_a(old, type) and _is_a(new, type):
             self._replace(label, old, new)  # a class rebuilt because its shape changed
             return new
-        elif type(old) is type(new) and inspect.getattr_static(old, "cache_clear", None):
+        elif type(old) is type(new) and hasattr(type(old), "cache_clear"):
             self._replace(label, old, new)  # a cache decorator with new arguments
             return new
         return new if changed else old
@@ -4541,7 +4547,7 @@ class _Swap:
                     return target
                 if key in plan.changed_defs:
                     for wrapper in chain:  # results of the old code or defaults
-                        if inspect.getattr_static(wrapper, "cache_clear", None):
+                        if hasattr(type(wrapper), "cache_clear"):
                             wrapper.cache_clear()
             return _lookup(self.namespaces[plan.name], qualname)
 
@@ -4640,8 +4646,6 @@ class _Swap:
         """Execute the new body of one module in place and merge its state."""
         namespace = plan.module.__dict__
         old = self._save_module(plan.module)
-        for function, _ in plan.targets.values():
-            self._save_function(function)
         namespace["__doc__"] = plan.doc
         namespace[_REUSE] = self.reuse
         self.plan, self.stage, self.module = plan, f"executing module {plan.name}", plan.name
@@ -4741,11 +4745,15 @@ class _Swap:
 _start_server = Server.__dict__["start"]
 
 
+def _deep_copy_by_pickle(state: object) -> object:
+    return pickle.loads(pickle.dumps(state, pickle.HIGHEST_PROTOCOL))
+
+
 def _snapshot(state: object) -> object:
     """A copy of a server's state that a ``code_change`` changing the state
-    in place cannot touch: a deep copy, else (a lock or socket in it) a
-    shallow one, else the object itself."""
-    for copier in (copy.deepcopy, copy.copy):
+    in place cannot touch: a deep copy (through pickle, much faster for plain
+    data), else (a lock or socket in it) a shallow one, else the object itself."""
+    for copier in (_deep_copy_by_pickle, copy.deepcopy, copy.copy):
         try:
             return copier(state)
         except Exception:
