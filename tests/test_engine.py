@@ -1096,9 +1096,17 @@ def test_nothing_modified_is_an_empty_successful_report(tree):
 def test_misuse_raises(tree):
     with pytest.raises(flydeploy.FlyDeployError, match="list of module names"):
         flydeploy.reload_modules("a.b")
-    for timeout in (0, float("inf"), float("nan"), True):
+    for timeout in (0, -1, float("nan"), True, "1"):
         with pytest.raises(flydeploy.FlyDeployError, match="suspend_timeout"):
             flydeploy.reload_modules([], suspend_timeout=timeout)
+
+
+def test_infinite_suspend_timeout_waits_without_limit(tree):
+    tree.write("m.py", "def f():\n    return 1\n")
+    m = tree.load("m")
+    tree.write("m.py", "def f():\n    return 2\n")
+    upgraded(tree, suspend_timeout=float("inf"))
+    assert m.f() == 2
 
 
 def test_reload_from_code_an_upgrade_runs_is_a_misuse_error(tree):
