@@ -3836,7 +3836,9 @@ _DATACLASS_GENERATED = frozenset({
     "__delattr__", "__getstate__", "__setstate__"})
 _SKIPPED_SCOPES = (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
-_CODE_TYPES = (type, types.FunctionType, types.ModuleType, classmethod, staticmethod, property)
+# What a wrapper may hold on the way to the function it wraps.
+_CODE_TYPES = (type, types.FunctionType, classmethod, staticmethod, property, types.MethodType,
+               functools.partial, functools.cached_property, functools.singledispatchmethod)
 # The accessor of a reused class statement (defs use "", "fget", "fset", "fdel").
 _CLASS = "class"
 
@@ -4086,9 +4088,7 @@ def _find_function(binding: object, module: str, qualname: str, accessor: str
                     pass
         pending.extend((candidate, [*chain, obj] if obj is not binding else chain)
                        for candidate in inner
-                       if _is_a(candidate, (*_CODE_TYPES, types.MethodType, functools.partial,
-                                            functools.cached_property,
-                                            functools.singledispatchmethod))
+                       if _is_a(candidate, _CODE_TYPES)
                        or inspect.getattr_static(candidate, "__wrapped__", None) is not None)
     return None, []
 
@@ -4487,22 +4487,6 @@ def _dispatch_registry(obj: object) -> dict | None:
     return registry if type(registry) is dict else None
 
 
-def _unwrap_to_function(obj: object, accessor: str) -> types.FunctionType | None:
-    """The innermost plain function behind a descriptor or decorator wrapper."""
-    if _is_a(obj, (classmethod, staticmethod)):
-        obj = obj.__func__
-    elif _is_a(obj, property):
-        obj = getattr(obj, accessor or "fget")
-    elif _is_a(obj, functools.cached_property):
-        obj = obj.func
-    for _ in range(100):  # a __wrapped__ cycle must not hang the upgrade
-        inner = inspect.getattr_static(obj, "__wrapped__", None)
-        if inner is None:
-            break
-        obj = inner
-    return obj if _is_a(obj, types.FunctionType) else None
-
-
 # Where an object lives, for the report: module, then names; joined with dots
 # only when needed.
 _Label = tuple[str, ...]
@@ -4627,7 +4611,7 @@ class _Swap:
         if _is_singledispatch(old) and _is_singledispatch(new):
             return self._merge_singledispatch(old, new, label)
         if _is_a(old, types.FunctionType) and _is_a(new, types.FunctionType):
-            if (old.__qualname__, old.__module__) == (new.__qualname__, new.__module__):
+            if _defined_here(new, old.__module__, old.__qualname__):
                 return self.swap_function(old, new, label)
         elif type(old) is type(new) and _is_a(old, (classmethod, staticmethod)):
             inner = self.merge(old.__func__, new.__func__, changed, label)
@@ -4859,6 +4843,10 @@ class _Swap:
             module = sys.modules.get(name)
             if module is not None:
                 self._save_module(module)
+        # Patched for the whole process, as a class statement finds
+        # ``__build_class__`` in the builtins of the frame and a module body
+        # finds ``start`` on the class; both hooks act only for the thread
+        # and the module being swapped, and hand everything else on.
         builtins.__build_class__ = self.build_class
         Server.start = classmethod(self.start_server)
         try:
