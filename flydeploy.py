@@ -4887,9 +4887,9 @@ class _Swap:
         migrating = None
         try:
             self.run()
+            before = _snapshot([server._state for server in affected])
+            self.undo.append(lambda: _restore_states(affected, before()))
             for migrating, old_vsn in zip(affected, old_versions):
-                self.undo.append(functools.partial(setattr, migrating, "_state",
-                                                   _snapshot(migrating._state)))
                 migrating._state = migrating.code_change(old_vsn, migrating._state, extra)
             migrating = None
         except BaseException as exc:
@@ -4909,20 +4909,31 @@ class _Swap:
 _start_server = Server.__dict__["start"]
 
 
-def _deep_copy_by_pickle(state: object) -> object:
-    return pickle.loads(pickle.dumps(state, pickle.HIGHEST_PROTOCOL))
+def _snapshot(states: list[object]) -> Callable[[], list[object]]:
+    """Copies of server states that a ``code_change`` changing a state in
+    place cannot touch, as a function that makes them when a rollback needs
+    them.  One pickle of them all (fast for plain data, and shared objects
+    stay shared); else, per state, a deep copy, else (a lock or socket in
+    it) a shallow one, else the object itself."""
+    try:
+        frozen = pickle.dumps(states, pickle.HIGHEST_PROTOCOL)
+        return lambda: pickle.loads(frozen)
+    except Exception:
+        pass
+    copies = []
+    for state in states:
+        for copier in (copy.deepcopy, copy.copy, lambda state: state):
+            try:
+                copies.append(copier(state))
+                break
+            except Exception:
+                continue
+    return lambda: copies
 
 
-def _snapshot(state: object) -> object:
-    """A copy of a server's state that a ``code_change`` changing the state
-    in place cannot touch: a deep copy (through pickle, much faster for plain
-    data), else (a lock or socket in it) a shallow one, else the object itself."""
-    for copier in (_deep_copy_by_pickle, copy.deepcopy, copy.copy):
-        try:
-            return copier(state)
-        except Exception:
-            continue
-    return state
+def _restore_states(servers: list[Server], states: list[object]) -> None:
+    for server, state in zip(servers, states):
+        server._state = state
 
 
 def _restore_mapping(mapping: Mapping, contents: Mapping, owner: object = None,
