@@ -4336,7 +4336,9 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
         key = _definition_key(qualname, statement)
         if plan.old[scope].definitions.get(key) != 1 or plan.new[scope].definitions[key] != 1:
             continue  # several statements define it: which one continues which is unknown
-        same_decorators = plan.old[scope].decorators[key] == plan.new[scope].decorators[key]
+        same_decorators = (plan.old[scope].decorators[key] == plan.new[scope].decorators[key]
+                           and _accessors(plan.old[scope], qualname)
+                           == _accessors(plan.new[scope], qualname))
         if isinstance(statement, ast.ClassDef):
             _reuse_class(plan, qualname, statement, same_decorators)
         else:
@@ -4358,6 +4360,12 @@ def _compile_rewritten(plan: _ModulePlan) -> None:
         plan.swap_code = compile(plan.tree, plan.path, "exec", dont_inherit=True)
     except SyntaxError as exc:
         raise _syntax_refusal(exc, plan.path, plan.name) from None
+
+
+def _accessors(scope: _Scope, qualname: str) -> set[str]:
+    """The property accessors the defs of one name make (a setter added or
+    removed changes the property, whose decorators then run again)."""
+    return {accessor for name, accessor in scope.definitions if name == qualname}
 
 
 def _hook(key: tuple[str, str], statement: ast.stmt) -> ast.Call:

@@ -320,6 +320,31 @@ def test_classmethod_staticmethod_property_and_new_setter(tree):
     assert box.value == 300
 
 
+def test_property_setter_removed_and_added_again(tree):
+    with_setter = """
+        class C:
+            @property
+            def x(self):
+                return {value!r}
+            @x.setter
+            def x(self, value):
+                self.stored = value
+    """
+    without_setter = "class C:\n    @property\n    def x(self):\n        return 'plain'\n"
+    tree.write("m.py", with_setter.format(value="old"))
+    m = tree.load("m")
+    instance = m.C()
+    tree.write("m.py", without_setter)
+    upgraded(tree)
+    assert instance.x == "plain"
+    with pytest.raises(AttributeError):
+        instance.x = 1
+    tree.write("m.py", with_setter.format(value="again"))
+    upgraded(tree)
+    instance.x = 2
+    assert instance.x == "again" and instance.stored == 2
+
+
 def test_super_works_in_new_and_changed_methods(tree):
     tree.write("m.py", """
         class Base:

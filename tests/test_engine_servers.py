@@ -315,21 +315,24 @@ def test_attached_loop_parks_coroutines_mid_await_and_resumes_with_new_code(tree
     assert report.suspend_ms > 0
 
 
-def test_rollback_restores_the_contents_of_states_changed_in_place(tree):
+@pytest.mark.parametrize("plain", [True, False], ids=["plain-data", "with-a-lock"])
+def test_rollback_restores_the_contents_of_states_changed_in_place(tree, plain):
     source = """
         import flydeploy
+        import threading
         class S(flydeploy.Server):
             vsn = {vsn}
-            def init(self, n):
-                return {{"n": n, "tags": ["start"]}}
+            def init(self, n, plain):
+                state = {{"n": n, "tags": ["start"]}}
+                return state if plain else {{**state, "lock": threading.Lock()}}
             def handle_call(self, request, state):
-                return state, state
+                return {{k: v for k, v in state.items() if k != "lock"}}, state
             def code_change(self, old_vsn, state, extra):
         {code_change}
     """
     tree.write("m.py", source.format(vsn=1, code_change="        return state"))
     m = tree.load("m")
-    a, b = tree.start(m.S, 1), tree.start(m.S, 2)
+    a, b = tree.start(m.S, 1, plain), tree.start(m.S, 2, plain)
     tree.write("m.py", source.format(vsn=2, code_change="""
                 state["n"] *= 100
                 state["tags"].append("migrated")
@@ -338,8 +341,11 @@ def test_rollback_restores_the_contents_of_states_changed_in_place(tree):
                 return state"""))
     report = tree.reload()
     assert report.rolled_back and report.servers_failed == [repr(b)]
-    assert a.call("get") == {"n": 1, "tags": ["start"]}
-    assert b.call("get") == {"n": 2, "tags": ["start"]}
+    if plain:  # copied deeply: everything as it was
+        assert a.call("get") == {"n": 1, "tags": ["start"]}
+        assert b.call("get") == {"n": 2, "tags": ["start"]}
+    else:  # a lock cannot be copied: the state's own entries are restored
+        assert a.call("get")["n"] == 1 and b.call("get")["n"] == 2
 
 
 def test_code_change_gets_the_version_the_class_attribute_had(tree):
