@@ -4431,8 +4431,10 @@ def _find_closures(plan: _ModulePlan) -> set[int]:
     closures = [(function, changed[function.__code__])
                 for function in gc.get_referrers(*changed)
                 if type(function) is types.FunctionType and function.__code__ in changed]
-    plan.closures = [(f, code) for f, code in closures if f.__code__.co_freevars == code.co_freevars]
-    return {id(f) for f, code in closures if f.__code__.co_freevars != code.co_freevars}
+    plan.closures = [(function, code) for function, code in closures
+                     if function.__code__.co_freevars == code.co_freevars]
+    return {id(function) for function, code in closures
+            if function.__code__.co_freevars != code.co_freevars}
 
 
 def _import_order(plans: dict[str, _ModulePlan]) -> list[_ModulePlan]:

@@ -69,7 +69,7 @@ class Tree:
             del sys.modules[name]
         tracker = flydeploy._tracker
         with tracker.lock:
-            for name in [n for n in tracker.loaded if n == self.pkg or n.startswith(self.pkg + ".")]:
+            for name in [n for n in tracker.loaded if n.split(".")[0] == self.pkg]:
                 del tracker.loaded[name]
             tracker.roots = tuple(r for r in tracker.roots if r != os.path.realpath(self.root))
         sys.path.remove(str(self.root))

@@ -1293,8 +1293,8 @@ def test_comment_and_formatting_edits_are_no_changes(tree):
     m = tree.load("m")
     instance = m.P()
     m.hits = 7
-    tree.write("m.py", "hits   =   0  # a note\nclass P:\n    __slots__ = (\n        'a',  # the one\n"
-                       "    )\n")
+    tree.write("m.py", "hits   =   0  # a note\nclass P:\n    __slots__ = (\n"
+                       "        'a',  # the one\n    )\n")
     upgraded(tree)
     assert m.hits == 7 and type(instance) is m.P
 
