@@ -3964,6 +3964,7 @@ class _Scope:
 
 
 def _scope(body: list[ast.stmt], header: str, definitions: list[tuple[str, ast.stmt]]) -> _Scope:
+    """The ``_Scope`` of one body, given the defs and classes written in it."""
     dumps = tuple(_dump(statement) for statement in body)
     statements: dict[str, list[str]] = collections.defaultdict(list)
     values: dict[str, str] = {}
@@ -4356,6 +4357,7 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
 
 
 def _compile_rewritten(plan: _ModulePlan) -> None:
+    """Compile what the swap runs (a syntax error only the compiler finds refuses)."""
     try:
         plan.swap_code = compile(plan.tree, plan.path, "exec", dont_inherit=True)
     except SyntaxError as exc:
@@ -4379,6 +4381,8 @@ def _hook(key: tuple[str, str], statement: ast.stmt) -> ast.Call:
 def _reuse_function(plan: _ModulePlan, key: tuple[str, str], scope: str,
                     statement: ast.FunctionDef | ast.AsyncFunctionDef,
                     same_decorators: bool) -> None:
+    """Put the reuse hook on the def of an existing function whose live object
+    can take the new code (same free variables); else leave the def alone."""
     qualname, accessor = key
     target, chain = _find_function(_lookup(plan.module.__dict__, qualname), plan.name,
                                    qualname, accessor)
@@ -4399,6 +4403,8 @@ def _reuse_function(plan: _ModulePlan, key: tuple[str, str], scope: str,
 
 def _reuse_class(plan: _ModulePlan, qualname: str, statement: ast.ClassDef,
                  same_decorators: bool) -> None:
+    """Keep the live binding of an existing class whose decorators did not
+    change; note the dataclasses whose decorator runs again."""
     cls = _live_class(plan, qualname)
     if cls is None:
         return
@@ -4533,6 +4539,7 @@ class _Swap:
         self.failed: list[str] = []
         self.failed_module: str | None = None
         self.modules_before = set(sys.modules)
+        self.started: list[Server] = []  # servers the new module bodies started
 
     # -- the undo log --
 
@@ -4741,11 +4748,14 @@ class _Swap:
                      **kwargs: Any) -> Server:
         """``Server.start`` during the swap: a module body that starts a server
         by a name a live server of that class holds gets the live server."""
+        ours = threading.get_ident() == self.thread
         live = _server_names.get(name) if name is not None else None
-        if (live is not None and threading.get_ident() == self.thread
-                and type(live) is cls and live.alive):
+        if live is not None and ours and type(live) is cls and live.alive:
             return live
-        return _start_server.__func__(cls, *args, name=name, **kwargs)
+        server = _start_server.__func__(cls, *args, name=name, **kwargs)
+        if ours:
+            self.started.append(server)  # stopped again if the upgrade rolls back
+        return server
 
     def _update_class(self, cls: type, body: types.FunctionType, bases: tuple,
                       keywords: dict) -> type:
@@ -5196,6 +5206,11 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
         report.error = swap.error
         report.servers_failed = swap.failed
         report.failed_module = swap.failed_module
+        for server in swap.started:  # the code that started them is gone again
+            try:
+                server.stop("upgrade rolled back")
+            except FlyDeployError:
+                log.exception("flydeploy: stopping %r after the rollback failed", server)
         return
     report.added, report.replaced = swap.added, swap.replaced
     _commit(plans)

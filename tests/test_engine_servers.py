@@ -386,6 +386,22 @@ def test_edited_module_level_start_of_a_named_server_keeps_the_live_one(tree):
     assert app.counter is live and flydeploy.servers() == before and live.call("get") == 7
 
 
+def test_server_started_by_a_failed_upgrade_is_stopped_again(tree):
+    tree.write("srv.py", counter_source())
+    tree.write("app.py", "X = 1\n")
+    app = tree.load("app")
+    before = flydeploy.servers()
+    tree.write("app.py", f"""
+        from {tree.pkg} import srv
+        extra = srv.Counter.start(name="{tree.pkg}-new")
+        X = 2
+        raise RuntimeError("boom")
+    """)
+    report = tree.reload("app")
+    assert report.rolled_back and app.X == 1
+    assert flydeploy.servers() == before
+
+
 def test_refusal_suspends_nothing_while_servers_and_loops_run(tree):
     tree.write("srv.py", counter_source())
     srv = tree.load("srv")
