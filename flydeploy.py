@@ -4087,11 +4087,25 @@ def _find_function(binding: object, module: str, qualname: str, accessor: str
                     inner.append(cell.cell_contents)
                 except ValueError:
                     pass
+        else:  # an object keeping the function as an attribute (a click command's callback)
+            inner.extend(_instance_attributes(obj).values())
         pending.extend((candidate, [*chain, obj] if obj is not binding else chain)
                        for candidate in inner
                        if _is_a(candidate, _CODE_TYPES)
                        or inspect.getattr_static(candidate, "__wrapped__", None) is not None)
     return None, []
+
+
+def _instance_attributes(obj: object) -> dict:
+    """An object's own attribute dict, read without running code of its class
+    (empty when its ``__dict__`` is not the plain one)."""
+    if _is_a(obj, type):
+        return {}
+    descriptor = inspect.getattr_static(type(obj), "__dict__", None)
+    if type(descriptor) is not types.GetSetDescriptorType:
+        return {}
+    contents = descriptor.__get__(obj)
+    return contents if type(contents) is dict else {}
 
 
 def _uses_class_cell(definition: ast.stmt) -> bool:

@@ -1221,6 +1221,35 @@ def test_unchanged_decorators_and_calls_do_not_run_again(tree, monkeypatch):
         assert len(bus.subscribers) == 1 and m.subscription == 1
 
 
+COMMANDS = """
+from {pkg}.cli import Command, registry
+def task(fn):
+    registry.append(fn)
+    return Command(fn)
+@task
+def job():
+    return {value!r}
+"""
+
+
+def test_function_kept_as_an_attribute_of_a_decorator_object_takes_new_code(tree):
+    tree.write("cli.py", """
+        registry = []
+        class Command:
+            def __init__(self, callback):
+                self.callback = callback
+            def __call__(self):
+                return self.callback()
+    """)
+    tree.write("m.py", COMMANDS.format(pkg=tree.pkg, value="old"))
+    m, cli = tree.load("m"), tree.load("cli")
+    command, callback = m.job, m.job.callback
+    tree.write("m.py", COMMANDS.format(pkg=tree.pkg, value="new"))
+    upgraded(tree, "m")
+    assert m.job is command and command.callback is callback and command() == "new"
+    assert cli.registry == [callback]
+
+
 FLASK_LIKE = """
 from {pkg}.web import App
 app = App()
