@@ -3955,12 +3955,7 @@ class _Scope:
     values: dict[str, str]                  # names assigned a value -> the assignment
     ignored: frozenset[str]                 # the names listed in an Enum's ``_ignore_``
     annotated: tuple[tuple[str, str], ...]  # annotated names in order, with the statement
-
-    @property
-    def twice(self) -> frozenset[str]:
-        """Names bound by several plain defs (``_`` of singledispatch registrations)."""
-        return frozenset(qualname.rpartition(".")[2] for (qualname, accessor), count
-                         in self.definitions.items() if count > 1 and not accessor)
+    twice: frozenset[str]  # names bound by several plain defs (``_`` of singledispatch)
 
 
 def _scope(body: list[ast.stmt], header: str, definitions: list[tuple[str, ast.stmt]]) -> _Scope:
@@ -3984,11 +3979,13 @@ def _scope(body: list[ast.stmt], header: str, definitions: list[tuple[str, ast.s
                         ignored.update(item.value.split())
         if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
             annotated.append((statement.target.id, dump))
-    return _Scope(dumps, {name: tuple(d) for name, d in statements.items()}, header,
-                  collections.Counter(_definition_key(q, s) for q, s in definitions),
+    counts = collections.Counter(_definition_key(q, s) for q, s in definitions)
+    return _Scope(dumps, {name: tuple(d) for name, d in statements.items()}, header, counts,
                   {_definition_key(q, s): _dump(ast.List(s.decorator_list, ast.Load()))
                    for q, s in definitions},
-                  values, frozenset(ignored), tuple(annotated))
+                  values, frozenset(ignored), tuple(annotated),
+                  frozenset(qualname.rpartition(".")[2] for (qualname, accessor), count
+                            in counts.items() if count > 1 and not accessor))
 
 
 def _scopes(tree: ast.Module) -> dict[str, _Scope]:
@@ -4129,6 +4126,16 @@ def _nested_codes(code: types.CodeType) -> dict[str, types.CodeType]:
             if c is not code and counts[c.co_qualname] == 1}
 
 
+class _Target(NamedTuple):
+    """The live function a def continues, the wrappers around it (a cache to
+    clear) and what its name is bound to (kept when the decorators did not
+    change; found while preparing, as only an upgrade rebinds a def's name)."""
+
+    function: types.FunctionType
+    wrappers: list[object]
+    binding: object
+
+
 @dataclasses.dataclass
 class _ModulePlan:
     """Everything prepared for reloading one module, before touching anything."""
@@ -4146,11 +4153,10 @@ class _ModulePlan:
     # Per scope qualname, the names whose binding statement runs again (the
     # statement changed, or it reads a name that takes a new value).
     rerun: dict[str, set[str]] = dataclasses.field(default_factory=dict)
-    # (qualname, accessor) -> the live function that takes the new code and
-    # the wrappers around it; a def whose decorators did not change keeps
-    # its live binding and its decorators are not run again.
-    targets: dict[tuple[str, str], tuple[types.FunctionType, list[object]]] = \
-        dataclasses.field(default_factory=dict)
+    # (qualname, accessor) -> the live function that takes the new code; a
+    # def whose decorators did not change keeps its live binding and its
+    # decorators are not run again.
+    targets: dict[tuple[str, str], _Target] = dataclasses.field(default_factory=dict)
     undecorated: set[tuple[str, str]] = dataclasses.field(default_factory=set)
     redecorated: set[str] = dataclasses.field(default_factory=set)  # dataclasses to regenerate
     changed_defs: set[tuple[str, str]] = dataclasses.field(default_factory=set)
@@ -4398,12 +4404,12 @@ def _reuse_function(plan: _ModulePlan, key: tuple[str, str], scope: str,
     """Put the reuse hook on the def of an existing function whose live object
     can take the new code (same free variables); else leave the def alone."""
     qualname, accessor = key
-    target, chain = _find_function(_lookup(plan.module.__dict__, qualname), plan.name,
-                                   qualname, accessor)
+    binding = _lookup(plan.module.__dict__, qualname)
+    target, chain = _find_function(binding, plan.name, qualname, accessor)
     cell = ("__class__",) if scope and _uses_class_cell(statement) else ()
     if target is None or target.__code__.co_freevars != cell:
         return  # the statement runs as written; the merge decides what to bind
-    plan.targets[key] = (target, chain)
+    plan.targets[key] = _Target(target, chain, binding)
     name = qualname.rpartition(".")[2]
     if (plan.old[scope].statements.get(name) != plan.new[scope].statements.get(name)
             or _read_names(statement) & plan.rerun[scope]):
@@ -4439,11 +4445,11 @@ def _find_closures(plan: _ModulePlan) -> set[int]:
     _compile_rewritten(plan)
     new_codes = _nested_codes(plan.swap_code)
     changed: dict[types.CodeType, types.CodeType] = {}
-    for (qualname, _), (target, _) in plan.targets.items():
+    for (qualname, _), target in plan.targets.items():
         if qualname not in new_codes:
             continue
         fresh = _nested_codes(new_codes[qualname])
-        for inner_qualname, code in _nested_codes(target.__code__).items():
+        for inner_qualname, code in _nested_codes(target.function.__code__).items():
             if "<locals>" in inner_qualname and fresh.get(inner_qualname, code) != code:
                 changed[code] = fresh[inner_qualname]
     if not changed:
@@ -4726,21 +4732,23 @@ class _Swap:
         key = (qualname, accessor)
 
         def decorate(new: object) -> object:
-            if accessor != _CLASS:
-                target, chain = plan.targets[key]
-                if self.swap_function(target, new, (plan.name, qualname)) is not target:
-                    return new  # the rewrite made sure the free variables match
-                if key not in plan.undecorated:
-                    # The changed decorators run on the live function: what the
-                    # old ones marked it with (``__isabstractmethod__``) goes.
-                    for attribute in target.__dict__.keys() - new.__dict__.keys():
-                        del target.__dict__[attribute]
-                    return target
-                if key in plan.changed_defs:
-                    for wrapper in chain:  # results of the old code or defaults
-                        if hasattr(type(wrapper), "cache_clear"):
-                            wrapper.cache_clear()
-            return _lookup(self.namespaces[plan.name], qualname)
+            if accessor == _CLASS:
+                return _lookup(self.namespaces[plan.name], qualname)
+            target = plan.targets[key]
+            function = target.function
+            if self.swap_function(function, new, (plan.name, qualname)) is not function:
+                return new  # the rewrite made sure the free variables match
+            if key not in plan.undecorated:
+                # The changed decorators run on the live function: what the
+                # old ones marked it with (``__isabstractmethod__``) goes.
+                for attribute in function.__dict__.keys() - new.__dict__.keys():
+                    del function.__dict__[attribute]
+                return function
+            if key in plan.changed_defs:
+                for wrapper in target.wrappers:  # results of the old code or defaults
+                    if hasattr(type(wrapper), "cache_clear"):
+                        wrapper.cache_clear()
+            return target.binding
 
         return decorate
 
