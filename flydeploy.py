@@ -4781,6 +4781,7 @@ class _Swap:
 
     def _update_class(self, cls: type, body: types.FunctionType, bases: tuple,
                       keywords: dict) -> type:
+        """Run a class's new body and apply it to the live class; returns the class."""
         _, namespace, _ = types.prepare_class(body.__name__, types.resolve_bases(bases), keywords)
         exec(body.__code__, body.__globals__, namespace, closure=body.__closure__)
         cell = namespace.get("__classcell__")
@@ -4790,7 +4791,10 @@ class _Swap:
         self._set_attributes(cls, namespace)
         if "__doc__" not in namespace:
             cls.__doc__ = None
-        if "__hash__" not in namespace:  # what type() does for a class defining __eq__
+        decorated = (cls.__qualname__, _CLASS) in self.plan.undecorated
+        if "__hash__" not in namespace and not decorated:
+            # What type() does for a class defining __eq__ (a decorator that
+            # does not run again keeps what it set: @dataclass's __hash__).
             if "__eq__" in namespace:
                 cls.__hash__ = None
             elif "__hash__" in cls.__dict__ and cls.__dict__["__hash__"] is None:

@@ -1379,6 +1379,38 @@ def test_singledispatchmethod_implementations_take_new_code(tree):
     assert m.Fmt().show(1) == "int-new" and m.Fmt().show("s") == "str"
 
 
+def test_what_an_unchanged_class_decorator_generated_stays(tree):
+    source = """
+        import dataclasses
+        import functools
+        @dataclasses.dataclass
+        class Plain:
+            x: int = 0
+            def describe(self):
+                return {value!r}
+        @dataclasses.dataclass(frozen=True)
+        class Frozen:
+            x: int = 0
+        @functools.total_ordering
+        class Version:
+            def __init__(self, n):
+                self.n = n
+            def __eq__(self, other):
+                return self.n == other.n
+            def __lt__(self, other):
+                return self.n < other.n
+            def label(self):
+                return {value!r}
+    """
+    tree.write("m.py", source.format(value="old"))
+    m = tree.load("m")
+    tree.write("m.py", source.format(value="new"))
+    upgraded(tree)
+    assert m.Plain().describe() == "new" and m.Plain.__hash__ is None
+    assert hash(m.Frozen(1)) == hash(m.Frozen(1)) and m.Version(2).label() == "new"
+    assert m.Version(2) >= m.Version(1) and m.Version.__hash__ is None
+
+
 def test_slotted_dataclass_method_changes_in_place(tree):
     source = """
         import dataclasses
