@@ -4763,7 +4763,7 @@ class _Swap:
                 and not _within(qualname, plan.rebuilt)):
             cls = _lookup(self.namespaces[plan.name], qualname)
             if _defined_here(cls, plan.name, qualname):
-                return self._update_class(cls, body, bases, keywords)
+                return self._update_class(plan, cls, body, bases, keywords)
         return _build_class(body, name, *bases, **keywords)
 
     def start_server(self, cls: type[Server], *args: Any, name: str | None = None,
@@ -4779,8 +4779,8 @@ class _Swap:
             self.started.append(server)  # stopped again if the upgrade rolls back
         return server
 
-    def _update_class(self, cls: type, body: types.FunctionType, bases: tuple,
-                      keywords: dict) -> type:
+    def _update_class(self, plan: _ModulePlan, cls: type, body: types.FunctionType,
+                      bases: tuple, keywords: dict) -> type:
         """Run a class's new body and apply it to the live class; returns the class."""
         _, namespace, _ = types.prepare_class(body.__name__, types.resolve_bases(bases), keywords)
         exec(body.__code__, body.__globals__, namespace, closure=body.__closure__)
@@ -4788,10 +4788,10 @@ class _Swap:
         if cell is not None:  # zero-argument super() in the new methods
             cell.cell_contents = cls
         self._save_class(cls)
-        self._set_attributes(cls, namespace)
+        self._set_attributes(plan, cls, namespace)
         if "__doc__" not in namespace:
             cls.__doc__ = None
-        decorated = (cls.__qualname__, _CLASS) in self.plan.undecorated
+        decorated = (cls.__qualname__, _CLASS) in plan.undecorated
         if "__hash__" not in namespace and not decorated:
             # What type() does for a class defining __eq__ (a decorator that
             # does not run again keeps what it set: @dataclass's __hash__).
@@ -4799,7 +4799,7 @@ class _Swap:
                 cls.__hash__ = None
             elif "__hash__" in cls.__dict__ and cls.__dict__["__hash__"] is None:
                 delattr(cls, "__hash__")
-        if cls.__qualname__ in self.plan.redecorated:  # @dataclass runs again: let it
+        if cls.__qualname__ in plan.redecorated:  # @dataclass runs again: let it
             for attribute in _DATACLASS_GENERATED & cls.__dict__.keys() - namespace.keys():
                 delattr(cls, attribute)
         if isinstance(cls, abc.ABCMeta):
@@ -4807,9 +4807,9 @@ class _Swap:
             cls._abc_caches_clear()
         return cls
 
-    def _set_attributes(self, cls: type, namespace: dict) -> None:
+    def _set_attributes(self, plan: _ModulePlan, cls: type, namespace: dict) -> None:
         """Add, change and remove the attributes of a live class as its new body says."""
-        plan, qualname = self.plan, cls.__qualname__
+        qualname = cls.__qualname__
         old_scope, new_scope = plan.old.get(qualname), plan.new.get(qualname)
         rerun = plan.rerun.get(qualname)
         members = set(cls._member_map_) if isinstance(cls, enum.EnumMeta) else set()
