@@ -73,7 +73,8 @@ def test_two_processes_upgraded_with_state_kept(machine, tmp_path, seaweed, s3):
                                    "current_image_ref": machine.env["FLY_IMAGE_REF"]}
     assert (machine.app_root / "greet.py").read_text() == GREET_V2
 
-    stored, _ = s3.get_json(f"releases/shop-results/{result['version']}/{result['machine_id']}.json")
+    assert result["upgrade_id"] == release.sha256  # without --upgrade-id, the sha256 names the upgrade
+    stored, _ = s3.get_json(f"releases/shop-results/{result['upgrade_id']}/{result['machine_id']}.json")
     assert stored["success"] is True and stored["processes_succeeded"] == 2
 
     info = json.loads(machine.rpc("info", "--app", "shop").stdout)
