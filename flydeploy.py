@@ -5147,6 +5147,15 @@ def _release_of(record: dict, image_ref: str | None) -> dict:
             "image_ref": image_ref}
 
 
+def _for_this_image(state: dict | None) -> bool:
+    """Whether a state file describes a release for this process's image.
+
+    An ``rpc upgrade`` that found no agent to ask may not know the image
+    (None); within one boot there is only one, so that matches.
+    """
+    return state is not None and state.get("image_ref") in (None, os.environ.get("FLY_IMAGE_REF"))
+
+
 def _same_release(a: dict | None, b: dict | None) -> bool:
     """Whether two release records name the same release (a republished version is another one)."""
     return (a is not None and b is not None and a.get("version") == b.get("version")
@@ -5160,8 +5169,7 @@ def _catch_up_process(app: str) -> None:
     release; a forked child of an older parent reloads what differs on disk.
     """
     state = _read_state(app)
-    if (not state or state.get("image_ref") != os.environ.get("FLY_IMAGE_REF")
-            or _same_release(_held, state)):
+    if not _for_this_image(state) or _same_release(_held, state):
         return
     release = _release_of(state, state.get("image_ref"))
     report = _apply_here(release)
@@ -5520,13 +5528,18 @@ def _agent_sockets(app: str) -> list[tuple[int, str]]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie waiting to be reaped."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
         return True
-    return True
 
 
 def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | None = None) -> list[dict]:
@@ -5853,10 +5866,10 @@ def _locate_on_machine(app: str, paths: list[str], *,
                     located.setdefault(rel, dest)
             cwds.append(reply.get("cwd"))
             image_refs.append(reply.get("image_ref"))
-    cwd, image_ref = _most_common(cwds, os.getcwd()), _most_common(image_refs, os.environ.get("FLY_IMAGE_REF"))
+    cwd, image_ref = _most_common(cwds, os.getcwd()), _most_common(image_refs, None)
     if in_process:
         located.update(_locate_members(paths, *_loaded_locations(paths)))
-        cwd, image_ref = os.getcwd(), os.environ.get("FLY_IMAGE_REF")
+        cwd, image_ref = os.getcwd(), os.environ.get("FLY_IMAGE_REF") or None
     return located, _choose_app_root(located, cwd), image_ref
 
 
@@ -5879,8 +5892,7 @@ def _install_release(app: str, store: Store, key: str, sha256: str | None, *, de
     if state and deployed_at and (state.get("deployed_at") or "") > deployed_at:
         raise _Superseded(f"refusing {key} (deployed at {deployed_at}): this machine already installed "
                           f"{state.get('version')}, deployed later ({state['deployed_at']}); nothing was written")
-    if (unless_installed is not None and _same_release(state, unless_installed)
-            and state.get("image_ref") == os.environ.get("FLY_IMAGE_REF")):
+    if unless_installed is not None and _same_release(state, unless_installed) and _for_this_image(state):
         return None
     with tempfile.TemporaryDirectory(prefix="flydeploy-release-") as workdir:
         manifest, tree, digest = _fetch_release(store, key, workdir, sha256, app)
@@ -6292,7 +6304,7 @@ def get_current_hot_upgrade_info(app: str | None = None) -> dict:
     app = app or (_agent.app if _agent is not None else None) or os.environ.get("FLY_APP_NAME")
     if held is None and app:
         state = _read_state(app)
-        if state and state.get("image_ref") == os.environ.get("FLY_IMAGE_REF"):
+        if _for_this_image(state):
             checked = _info_checked
             if checked is None or checked[0] != state:
                 checked = _info_checked = (state, state if not modified_modules() else {})
