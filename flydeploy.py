@@ -5542,6 +5542,19 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _exited(pid: int, *, within: float = 0.5) -> bool:
+    """Whether process ``pid`` is gone, or goes within ``within`` seconds.
+
+    A process that was killed closes its sockets a moment before it is gone.
+    """
+    deadline = time.monotonic() + within
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | None = None) -> list[dict]:
     """Send ``request`` to every live agent of ``app`` on this machine, concurrently.
 
@@ -5566,7 +5579,7 @@ def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | N
             error = f"process {pid} did not answer within {timeout:.0f} s"
         except (OSError, ValueError, AgentError) as exc:
             error = f"process {pid}: {exc}"
-        if not _pid_alive(pid):
+        if _exited(pid):
             forget(path)
             error = f"process {pid} exited before it answered"
         return {"pid": pid, "error": error}
