@@ -122,7 +122,10 @@ def app(environ, start_response):
 
 @pytest.mark.parametrize("preload", [True, False], ids=["preload", "no-preload"])
 def test_gunicorn_workers_upgraded_and_replacements_run_new_code(machine, tmp_path, local_store, preload):
-    del machine.env["FLY_IMAGE_REF"]  # local development: the app skips S3 and serves with its agent
+    if not preload:
+        del machine.env["FLY_IMAGE_REF"]  # local development: the app skips S3 and serves with its agent
+    # With --preload the image ref is set, as on Fly: the boot check fails (no storage configured
+    # here) and the app serves the image's code, and the state file must match its image.
     machine.write({"wsgi.py": WSGI_PY, "greet.py": GREET_V1})
     bind = machine.runtime / "http.sock"
     argv = [sys.executable, "-m", "gunicorn", "--workers", "2", "--bind", f"unix:{bind}",
