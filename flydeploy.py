@@ -3690,12 +3690,16 @@ class _TrackingFinder:
 
     def find_spec(self, fullname: str, path: list[str] | None = None,
                   target: types.ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
-        """The spec the other finders give, with a tracking loader when tracked."""
-        if not _tracker.roots:
-            return None
+        """The spec the other finders give, with a tracking loader when tracked.
+
+        Before any root is declared, every module that could turn out to be the
+        application's (outside the standard library and site-packages) is
+        recorded too, so that ``track`` later knows what was really loaded.
+        """
         for finder in list(sys.meta_path):
             find = getattr(finder, "find_spec", None)
-            if finder is self or find is None:
+            # Another copy of this module (run as __main__, or vendored twice) has its own.
+            if type(finder).__name__ == type(self).__name__ or find is None:
                 continue
             spec = find(fullname, path, target)
             if spec is not None:
@@ -3703,12 +3707,17 @@ class _TrackingFinder:
         else:
             return None
         origin = spec.origin if spec.has_location else None
-        if origin and _tracker.covers(fullname, origin):
+        if origin and (_tracker.covers(fullname, origin) if _tracker.roots else _tracker.may_cover(fullname, origin)):
             if type(spec.loader) is importlib.machinery.SourceFileLoader:
                 spec.loader = _TrackingLoader(fullname, origin)
             elif _is_extension(origin):
                 _tracker.remember(fullname, origin, None)
         return spec
+
+
+def _in_site_packages(path: str) -> bool:
+    parts = path.split(os.sep)
+    return "site-packages" in parts or "dist-packages" in parts
 
 
 class _Tracker:
@@ -3718,22 +3727,35 @@ class _Tracker:
         self.lock = threading.Lock()
         self.roots: tuple[str, ...] = ()
         self.loaded: dict[str, _Loaded] = {}
+        # Recorded before any root was declared: name -> what it was loaded from.
+        self.early: dict[str, _Loaded] = {}
         self.finder = _TrackingFinder()
         self._installation: tuple[str, ...] | None = None
 
     def covers(self, name: str, path: str) -> bool:
-        """Whether module ``name`` loaded from ``path`` is the application's."""
-        # The main script runs once; this module must never swap itself.
+        """Whether module ``name`` loaded from ``path`` is the application's.
+
+        Under a root the app declared inside site-packages (an app installed
+        there), all but the standard library is; under any other root, all
+        but the standard library and site-packages.
+        """
         if name in ("__main__", "__mp_main__", __name__) or not self.roots:
             return False
         path = os.path.realpath(path)
-        if not any(_is_under(path, root) for root in self.roots):
-            return False
+        roots = [root for root in self.roots if _is_under(path, root)]
+        return bool(roots) and (not self._installed(path) or (
+            _in_site_packages(path) and any(_in_site_packages(root) for root in roots)))
+
+    def may_cover(self, name: str, path: str) -> bool:
+        """Whether module ``name`` at ``path`` could be the application's once roots are declared."""
+        # The main script runs once; this module must never swap itself.
+        return name not in ("__main__", "__mp_main__", __name__) and not self._installed(os.path.realpath(path))
+
+    def _installed(self, path: str) -> bool:
         if self._installation is None:
+            self._installation = ()  # finding them imports modules, which come back here
             self._installation = _installation_dirs()
-        parts = path.split(os.sep)
-        return ("site-packages" not in parts and "dist-packages" not in parts
-                and not any(_is_under(path, d) for d in self._installation))
+        return _in_site_packages(path) or any(_is_under(path, d) for d in self._installation)
 
     def remember(self, name: str, path: str, source: bytes | None) -> None:
         """Record what module ``name`` runs (for extensions: hash the file now)."""
@@ -3742,25 +3764,50 @@ class _Tracker:
         except OSError:
             return
         with self.lock:
-            self.loaded[name] = _Loaded(path, _sha256(data), source)
+            (self.loaded if self.roots else self.early)[name] = _Loaded(path, _sha256(data), source)
 
     def add_roots(self, roots: list[str]) -> None:
         with self.lock:
             self.roots = tuple(dict.fromkeys(self.roots + tuple(roots)))
-            if self.finder not in sys.meta_path:
-                sys.meta_path.insert(0, self.finder)
+            self.install()
         for name, module in list(sys.modules.items()):
             origin = _module_origin(module) if module is not None else None
             if (origin is None or name in self.loaded or not self.covers(name, origin)
                     or not (origin.endswith(".py") or _is_extension(origin))):
                 continue
-            if _is_extension(origin):
+            early = self.early.pop(name, None)
+            if early is not None and early.path == origin:
+                with self.lock:
+                    self.loaded[name] = early
+            elif _is_extension(origin):
                 self.remember(name, origin, None)
-                continue
-            try:
-                self.remember(name, origin, _read_bytes(origin))
-            except OSError:
-                continue
+            else:
+                self.remember_imported(name, module, origin)
+        self.early.clear()  # what no root covers is never needed
+
+    def install(self) -> None:
+        """Put the finder first on ``sys.meta_path`` (again, if something went before it)."""
+        if self.finder not in sys.meta_path:
+            sys.meta_path.insert(0, self.finder)
+
+    def remember_imported(self, name: str, module: types.ModuleType, path: str) -> None:
+        """Record a module imported before anything recorded it: from its file, unless its code is not that file's.
+
+        The file may have changed since the import (another process of the
+        machine installed a release meanwhile): when a function or method of
+        the live module differs from what the file compiles to, the module is
+        recorded as loaded from unknown source, so ``modified_modules``
+        reports it and an upgrade reloads it.
+        """
+        try:
+            source = _read_bytes(path)
+        except OSError:
+            return
+        if _code_differs(module, name, path, source):
+            with self.lock:
+                self.loaded[name] = _Loaded(path, _STALE, source)
+        else:
+            self.remember(name, path, source)
 
     def record_for(self, name: str) -> _Loaded | None:
         """What the live module ``name`` was loaded from, if it is tracked."""
@@ -3771,18 +3818,62 @@ class _Tracker:
         return record
 
 
+# The digest of a module whose loaded code is not its file's: it matches no file.
+_STALE = "stale"
+
+
+def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_objects(const)
+
+
+def _live_functions(module: types.ModuleType, name: str, path: str) -> Iterator[types.FunctionType]:
+    """The functions and methods that module ``name`` defined, as they are now."""
+    def own(function: object) -> bool:
+        return (isinstance(function, types.FunctionType) and function.__module__ == name
+                and function.__code__.co_filename == path)
+
+    for value in list(vars(module).values()):
+        if own(value):
+            yield value
+        elif isinstance(value, type) and value.__module__ == name:
+            for attribute in list(vars(value).values()):
+                function = getattr(attribute, "__func__", attribute)
+                if own(function):
+                    yield function
+
+
+def _code_differs(module: types.ModuleType, name: str, path: str, source: bytes) -> bool:
+    """Whether a function or method of the live module is not what ``source`` compiles to."""
+    try:
+        compiled = compile(source, path, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError):
+        return True
+    written: dict[str, list[types.CodeType]] = collections.defaultdict(list)
+    for code in _code_objects(compiled):
+        written[code.co_qualname].append(code)
+    return any(function.__code__ not in written.get(function.__code__.co_qualname, ())
+               for function in _live_functions(module, name, path))
+
+
 _tracker = _Tracker()
+if __name__ != "__main__":  # `python -m flydeploy` runs the importable copy
+    _tracker.install()  # from here on, what is imported is recorded as it is loaded
 
 
 def track(*roots: str | os.PathLike[str]) -> list[str]:
     """Declare the application's source roots and start tracking its modules.
 
     Only modules whose file lies under a root are ever upgraded; the standard
-    library and site-packages never are, even under a root.  Without roots,
-    the directory of ``__main__`` is used, else the current directory.  Each
-    module's source hash is recorded from the bytes it is imported from;
-    modules already imported are hashed now.  Calling ``track`` again adds
-    roots.  Returns every tracked root.
+    library never is, and site-packages only under a root inside it (an app
+    installed there).  Without roots, the directory of ``__main__`` is used,
+    else the current directory.  Each module's source hash is recorded from
+    the bytes it is imported from, also for imports after flydeploy itself
+    and before ``track``; a module imported earlier is hashed from its file
+    now, and reported modified when its live code is not that file's.
+    Calling ``track`` again adds roots.  Returns every tracked root.
     """
     if not roots:
         main_file = getattr(sys.modules.get("__main__"), "__file__", None)
@@ -5801,7 +5892,7 @@ def _dispatch(agent: Agent, request: dict) -> dict:
         paths = request.get("paths")
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise AgentError('malformed locate request: "paths" must be a list of relative paths')
-        return {"ok": True, "located": _locate_members(paths, *_loaded_locations(paths)), "cwd": os.getcwd(),
+        return {"ok": True, "located": _locate_own_members(paths), "cwd": os.getcwd(),
                 "image_ref": os.environ.get("FLY_IMAGE_REF")}
     if op == "apply":
         timeout = request.get("suspend_timeout", _DEFAULT_SUSPEND_TIMEOUT)
@@ -6113,6 +6204,27 @@ def _locate_members(paths: list[str], module_files: dict[str, str],
     return located
 
 
+def _locate_own_members(paths: list[str]) -> dict[str, str]:
+    """Where this process loaded the members from; the packages they lie in become tracked.
+
+    A release names the application's modules, so a package of it installed
+    into site-packages (which is never tracked by default) is tracked from
+    here on, before its files are replaced, and is reloaded like the rest.
+    """
+    located = _locate_members(paths, *_loaded_locations(paths))
+    packages = {os.path.join(dest[: -len(rel)], rel.split("/")[0]) for rel, dest in located.items() if "/" in rel}
+    for package in sorted(packages):
+        if os.path.isdir(package) and _tracker.roots and not any(
+                _tracker.covers(name, dest) for name, dest in _module_names_of(located, package)):
+            track(package)
+    return located
+
+
+def _module_names_of(located: dict[str, str], package: str) -> list[tuple[str, str]]:
+    return [(_module_name(rel.split("/")) or rel, dest) for rel, dest in located.items()
+            if _is_under(dest, package) and rel.endswith(".py")]
+
+
 def _choose_app_root(located: dict[str, str], cwd: str) -> str:
     """``FLYDEPLOY_APP_ROOT``, else the root the loaded application code sits in, else ``cwd``.
 
@@ -6324,7 +6436,7 @@ def _locate_on_machine(app: str, paths: list[str], *,
             image_refs.append(reply.get("image_ref"))
     cwd, image_ref = _most_common(cwds, os.getcwd()), _most_common(image_refs, None)
     if in_process:
-        located.update(_locate_members(paths, *_loaded_locations(paths)))
+        located.update(_locate_own_members(paths))
         cwd, image_ref = os.getcwd(), os.environ.get("FLY_IMAGE_REF") or None
     return located, _choose_app_root(located, cwd), image_ref
 

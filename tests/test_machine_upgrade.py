@@ -244,7 +244,8 @@ def test_members_go_where_the_code_was_loaded_from(machine, tmp_path, local_stor
     main_inode = (machine.app_root / "main.py").stat().st_ino
     process = machine.start().wait_ready()
 
-    files = {"main.py": "import shopkit\n" + MAIN_PY, "counter.py": COUNTER_PY, "greet.py": GREET_V2,
+    greet_v2 = "import shopkit\n\ndef greeting():\n    return 'hello ' + shopkit.render()\n"
+    files = {"main.py": "import shopkit\n" + MAIN_PY, "counter.py": COUNTER_PY, "greet.py": greet_v2,
              "newmod.py": "X = 1\n",
              "shopkit/__init__.py": "from .core import render\n",
              "shopkit/core.py": "def render():\n    return 'page-v2'\n",
@@ -253,17 +254,20 @@ def test_members_go_where_the_code_was_loaded_from(machine, tmp_path, local_stor
     _release, url = make_release(tmp_path, local_store, files, version="v2")
     upgrade = machine.rpc("upgrade", "--app", "shop", "--url", url)
     assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
-    assert parse_result(upgrade.stdout)["files_written"] == 5
+    result = parse_result(upgrade.stdout)
+    assert result["files_written"] == 5
+    # The release names shopkit, so the installed package is the app's and is reloaded too.
+    assert result["module_names"] == ["greet", "shopkit.core"]
 
     assert (site / "shopkit/core.py").read_text().endswith("'page-v2'\n")
     assert (site / "shopkit/templates/page.html").read_text() == "<p>v2</p>\n"
     assert (site / "shopkit/extra.py").read_text() == "Y = 2\n"
     assert (machine.app_root / "newmod.py").read_text() == "X = 1\n"
     assert not (machine.app_root / "shopkit").exists()
-    assert (machine.app_root / "greet.py").read_text() == GREET_V2
+    assert (machine.app_root / "greet.py").read_text() == greet_v2
     assert stat.S_IMODE((machine.app_root / "greet.py").stat().st_mode) == 0o640  # mode kept
     assert (machine.app_root / "main.py").stat().st_ino == main_inode  # unchanged: not rewritten
-    assert process.get()["greeting"] == "hello v2"
+    assert process.get()["greeting"] == "hello page-v2"  # the new site-packages code runs
     assert not list(machine.app_root.glob(".*.part")) and not list(site.rglob(".*.part"))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 import sys
 
 import pytest
@@ -279,3 +280,35 @@ def test_a_republished_version_is_caught_up(machine, tmp_path, s3):
     flydeploy.record_hot_upgrade(s3, machine.app, release.hot_upgrade_record(url))
     out = boot(machine)
     assert out["outcome"]["status"] == "applied" and out["greeting"] == "hello v2 fixed"
+
+
+LATE_TRACKING = '''\
+import json, os, sys, time
+import before  # imported ahead of flydeploy
+import flydeploy
+import after  # imported once flydeploy is, before any root is declared
+print("imported", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+flydeploy.track(os.getcwd())
+modified = flydeploy.modified_modules()
+report = flydeploy.reload_modules()
+print(json.dumps({"modified": modified, "ok": report.ok, "values": [before.value(), after.value()],
+                  "after_reload": flydeploy.modified_modules()}))
+'''
+
+
+def test_modules_changed_on_disk_before_tracking_starts_are_still_reloaded(machine, tmp_path):
+    """Another process of the machine installed a release between this one's imports and its tracking."""
+    module = "def value():\n    return {!r}\n"
+    machine.write({"late.py": LATE_TRACKING, "before.py": module.format("v1"), "after.py": module.format("v1")})
+    go = tmp_path / "go"
+    process = subprocess.Popen([sys.executable, "late.py", str(go)], cwd=machine.app_root, env=machine.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "imported\n"
+    machine.write({"before.py": module.format("v2"), "after.py": module.format("v2")})
+    go.touch()
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert json.loads(out) == {"modified": ["after", "before"], "ok": True, "values": ["v2", "v2"],
+                               "after_reload": []}
