@@ -6550,12 +6550,12 @@ def _scrub(text: str, *urls: str | None) -> str:
 
 
 def _recorded_deployed_at(store: Store, app: str, key: str) -> str | None:
-    """When the release at ``key`` was recorded in current.json (hot upgrade or history), if it was."""
-    try:
-        doc, _etag = read_current(store, app)
-    except FlyDeployError as exc:
-        log.warning("flydeploy: cannot read %s's metadata to order this upgrade: %s", app, exc)
-        return None
+    """When the release at ``key`` was recorded in current.json (hot upgrade or history), if it was.
+
+    Storage that cannot be read fails the upgrade here, before the download
+    would fail the same way.
+    """
+    doc, _etag = read_current(store, app)
     records = [(doc or {}).get("hot_upgrade"), *((doc or {}).get("history") or [])]
     for record in records:
         if isinstance(record, dict) and isinstance(record.get("tarball_url"), str):
