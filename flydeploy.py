@@ -3822,13 +3822,6 @@ class _Tracker:
 _STALE = "stale"
 
 
-def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
-    yield code
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            yield from _code_objects(const)
-
-
 def _live_functions(module: types.ModuleType, name: str, path: str) -> Iterator[types.FunctionType]:
     """The functions and methods that module ``name`` defined, as they are now."""
     def own(function: object) -> bool:
@@ -6277,29 +6270,29 @@ class _Installed:
     def __init__(self, unchanged: int) -> None:
         self.unchanged = unchanged
         self.written: list[str] = []
-        self._backups: list[tuple[str, str | None]] = []
-        self._created_dirs: list[str] = []
+        self.backups: list[tuple[str, str | None]] = []
+        self.created_dirs: list[str] = []
 
     def undo(self) -> None:
         """Restore the tree as it was before publishing (best effort, reverse order)."""
-        for dest, backup in reversed(self._backups):
+        for dest, backup in reversed(self.backups):
             with contextlib.suppress(OSError):
                 if backup is None:
                     os.unlink(dest)
                 else:
                     os.replace(backup, dest)
-        for directory in reversed(self._created_dirs):
+        for directory in reversed(self.created_dirs):
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
-        self._backups.clear()
+        self.backups.clear()
 
     def commit(self) -> None:
         """Drop the copies of the replaced files: the release stays."""
-        for _dest, backup in self._backups:
+        for _dest, backup in self.backups:
             if backup is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(backup)
-        self._backups.clear()
+        self.backups.clear()
 
 
 def _fsync_dir(directory: str) -> None:
@@ -6339,7 +6332,7 @@ def _install_files(plan: dict[str, str], hashes: dict[str, str], source_dir: str
                 current = os.stat(dest)
                 mode, owner = stat.S_IMODE(current.st_mode), (current.st_uid, current.st_gid)
             except FileNotFoundError:
-                _make_dirs(os.path.dirname(dest), installed._created_dirs)
+                _make_dirs(os.path.dirname(dest), installed.created_dirs)
                 parent = os.stat(os.path.dirname(dest))
                 mode, owner = stat.S_IMODE(os.stat(source).st_mode), (parent.st_uid, parent.st_gid)
             stage(source, dest, mode, owner)
@@ -6354,7 +6347,7 @@ def _install_files(plan: dict[str, str], hashes: dict[str, str], source_dir: str
                 if backup is not None:
                     os.unlink(backup)
                 raise
-            installed._backups.append((dest, backup))
+            installed.backups.append((dest, backup))
             installed.written.append(dest)
         for directory in sorted({os.path.dirname(dest) for dest in installed.written}):
             _fsync_dir(directory)
