@@ -5936,12 +5936,12 @@ def _agent_after_fork_in_child() -> None:
 
 
 def _start_child_agent(app: str, pid: int) -> None:
+    global _agent
     time.sleep(_CHILD_AGENT_DELAY)
     if os.getpid() != pid:
         return
     try:
         with _agent_lock:
-            global _agent
             if _agent is None or _agent.pid != pid:
                 _agent = Agent(app)
     except Exception:  # the child runs on, unreachable by upgrades; it says why

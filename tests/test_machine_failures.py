@@ -151,8 +151,13 @@ def test_racing_upgrades_never_roll_the_machine_back(machine, tmp_path, local_st
         release, urls[version] = make_release(tmp_path, local_store, files, version=version)
         record = release.hot_upgrade_record(urls[version], deployed_at=f"2026-11-20T10:00:0{second}.000Z")
         flydeploy.record_hot_upgrade(local_store, "shop", record)
-    code, result, output = upgrade(machine, urls["v3"])
-    assert code == 0, output
+    both = [subprocess.Popen([sys.executable, "-m", "flydeploy", "rpc", "upgrade", "--app", "shop", "--url", url],
+                             cwd=machine.base, env=machine.env, stdout=subprocess.PIPE, text=True)
+            for url in (urls["v2"], urls["v3"])]
+    for rpc in both:
+        result = parse_result(rpc.communicate(timeout=60)[0])
+        assert rpc.returncode == 0 or "deployed later" in result["error"], result
+    assert process.get()["greeting"] == "hello v3"  # whichever took the lock first
     # The upgrade to v2 was recorded first; arriving last, it must not undo v3.
     code, result, output = upgrade(machine, urls["v2"])
     assert code == 1 and "refusing" in result["error"] and "deployed later" in result["error"], output
