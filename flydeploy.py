@@ -5383,9 +5383,6 @@ _IMPORT_WAIT = 600.0
 _APPLY_MARGIN = 10.0
 _LOCATE_TIMEOUT = 5.0
 _QUERY_TIMEOUT = 10.0
-# A forked child starts its agent after this delay, on a thread: a child that
-# only execs (subprocess with preexec_fn) never starts one.
-_CHILD_AGENT_DELAY = 0.05
 
 
 class AgentError(FlyDeployError):
@@ -5916,6 +5913,22 @@ def _agent_after_fork_in_parent() -> None:
         _apply_lock.release()
 
 
+def _forked_to_exec() -> bool:
+    """Whether this child was forked by ``subprocess`` to run ``preexec_fn`` and exec.
+
+    CPython runs the fork hooks of such a child inside ``subprocess``'s
+    ``_execute_child``; the child is about to become another program, so it
+    needs neither an agent nor a catch-up.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "_execute_child" and os.path.basename(code.co_filename) == "subprocess.py":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _agent_after_fork_in_child() -> None:
     global _agent, _agent_lock, _apply_lock, _fork_lock_taken, _poller
     _close_inherited_lock_fds()
@@ -5925,6 +5938,8 @@ def _agent_after_fork_in_child() -> None:
     serving = parent is not None and not parent._closed
     if parent is not None:
         parent._forget()
+    if _forked_to_exec():
+        return
     try:
         if _process_app is not None:
             _catch_up_process(_process_app)
@@ -5937,7 +5952,6 @@ def _agent_after_fork_in_child() -> None:
 
 def _start_child_agent(app: str, pid: int) -> None:
     global _agent
-    time.sleep(_CHILD_AGENT_DELAY)
     if os.getpid() != pid:
         return
     try:
