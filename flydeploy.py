@@ -191,8 +191,8 @@ ORCHESTRATOR_MARKER = "__FLYDEPLOY_ORCHESTRATOR__"
 _INTERNAL_GROUPS = frozenset({"fly_app_release_command", "fly_app_console"})
 _PENDING_STATES = frozenset({"stopped", "suspended"})
 _VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-_EXEC_ATTEMPTS = 3
-_EXEC_RETRY_DELAY_S = 1.0
+# Transport failures, 408 and 5xx of an exec are tried this many times more.
+_EXEC_RETRIES = 3
 _TOML_LINE_RE = re.compile(r"\(at line (\d+), column (\d+)\)")
 
 # [tool.flydeploy] key -> (kind, default).  Flags use the same names with dashes.
@@ -566,24 +566,9 @@ def _map_concurrently(fn: Callable[[Any], Any], items: Sequence[Any], limit: int
         stop.set()
 
 
-def _exec_with_retries(api: Any, machine_id: str, argv: list[str], timeout: float) -> Any:
-    """Exec ``argv`` on a machine; transport failures, 408 and 5xx are tried up to 3 times."""
-    attempt = 1
-    while True:
-        try:
-            return api.exec(machine_id, argv, timeout=timeout)
-        except (MachinesAPIError, OSError) as exc:
-            status = getattr(exc, "status", 0) or 0
-            if attempt >= _EXEC_ATTEMPTS or not (status in (0, 408) or status >= 500):
-                raise
-        time.sleep(_EXEC_RETRY_DELAY_S * attempt)
-        attempt += 1
-
-
-def _exec_failure(exc: BaseException, timeout: float) -> str:
-    status = getattr(exc, "status", 0) or 0
-    if status == 408 or isinstance(exc, TimeoutError):
-        return f"timed out after {timeout:g} s ({_EXEC_ATTEMPTS} attempts); raise --timeout if it needs longer"
+def _exec_failure(exc: MachinesAPIError, timeout: float) -> str:
+    if exc.status == 408:
+        return f"timed out after {timeout:g} s; raise --timeout if it needs longer"
     return f"exec failed: {exc}"
 
 
@@ -682,8 +667,8 @@ def orchestrate(app: str, image_ref: str, *, store: Any, api: Any, root: str | o
 
         def upgrade(machine: Mapping[str, Any]) -> MachineOutcome:
             try:
-                res = _exec_with_retries(api, machine["id"], argv, timeout)
-            except (MachinesAPIError, OSError) as exc:
+                res = api.exec(machine["id"], argv, timeout=timeout)
+            except MachinesAPIError as exc:
                 return MachineOutcome(machine["id"], machine.get("region", "?"), False,
                                       _exec_failure(exc, timeout))
             return judge_upgrade(machine, res.exit_code, res.stdout, res.stderr, res.exit_signal,
@@ -742,8 +727,8 @@ def fleet_status(app: str, *, store: Any, api: Any, python: str = "python3", pro
 
     def info(machine: Mapping[str, Any]) -> tuple[str, list | None, str | None]:
         try:
-            res = _exec_with_retries(api, machine["id"], argv, timeout)
-        except (MachinesAPIError, OSError) as exc:
+            res = api.exec(machine["id"], argv, timeout=timeout)
+        except MachinesAPIError as exc:
             return machine["id"], None, _exec_failure(exc, timeout)
         if res.exit_code != 0:
             return machine["id"], None, _last_line(res.stderr) or f"rpc info exited {res.exit_code}"
@@ -807,7 +792,7 @@ def _orchestrate_command(argv: list[str]) -> int:
             raise ConfigError("no Machines API token: set the FLY_API_TOKEN app secret "
                               "(fly secrets set FLY_API_TOKEN=\"$(fly tokens create deploy)\")")
         report = orchestrate(
-            app, args.image_ref, store=S3.from_env(bucket=config.bucket), api=Machines(app, token),
+            app, args.image_ref, store=S3.from_env(bucket=config.bucket), api=Machines(app, token, retries=_EXEC_RETRIES),
             root=config.root, version=args.version, include=config.include, exclude=config.exclude,
             rollback=args.rollback, rollback_to=args.to, force=args.force, owner=args.owner,
             lock_timeout=config.lock_timeout, timeout=config.timeout,
