@@ -701,7 +701,8 @@ def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
     image = machine_image(machine)
     hot = (current or {}).get("hot_upgrade")
     versions = sorted({str(p["version"]) for p in processes or () if p.get("version")})
-    applied = [str(p["applied_at"]) for p in processes or () if p.get("applied_at")]
+    applied = [str(p.get("applied_at") or p["deployed_at"]) for p in processes or ()
+               if p.get("applied_at") or p.get("deployed_at")]
     if state != "started":
         verdict = state
     elif current and current.get("image_ref") and image != current["image_ref"]:
@@ -730,15 +731,16 @@ def fleet_status(app: str, *, store: Any, api: Any, python: str = "python3", pro
             res = api.exec(machine["id"], argv, timeout=timeout)
         except MachinesAPIError as exc:
             return machine["id"], None, _exec_failure(exc, timeout)
-        if res.exit_code != 0:
-            return machine["id"], None, _last_line(res.stderr) or f"rpc info exited {res.exit_code}"
         try:
-            processes = json.loads(_last_line(res.stdout))
+            processes = json.loads(res.stdout)
         except ValueError:
             processes = None
         if not isinstance(processes, list):
-            return machine["id"], None, "rpc info printed no process list"
-        return machine["id"], processes, None
+            return machine["id"], None, (_last_line(res.stderr)
+                                         or f"rpc info exited {res.exit_code} without a process list")
+        processes = [p for p in processes if isinstance(p, dict)]
+        errors = [f"pid {p.get('pid')}: {p.get('error')}" for p in processes if p.get("ok") is False]
+        return machine["id"], processes, "; ".join(errors) or None
 
     found = {machine_id: (processes, error) for machine_id, processes, error
              in _map_concurrently(info, selection.targets, max_concurrency)}
