@@ -42,11 +42,15 @@ went wrong and what to do about it.  Secrets never appear in messages or logs.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
 import dataclasses
 import datetime
 import getpass
+import itertools
 import json
 import logging
+import math
 import os
 import pathlib
 import queue
@@ -58,6 +62,7 @@ import threading
 import time
 import tomllib
 import uuid
+import weakref
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
@@ -99,6 +104,16 @@ __all__ = [
     "fleet_overrides",
     "ORCHESTRATOR_MARKER",
     # 4. Engine: servers and asyncio loops
+    "Server",
+    "CallError",
+    "CallTimeout",
+    "ServerStopped",
+    "Upgraded",
+    "get_state",
+    "servers",
+    "SuspendTimeout",
+    "attach_loop",
+    "detach_loop",
     # 4. Engine: tracking, code swap, reload_modules
     # 5. Agent
     # 6. Entry points
@@ -822,7 +837,772 @@ def _orchestrate_command(argv: list[str]) -> int:
 # --- Servers ----------------------------------------------------------------
 
 
+class CallError(FlyDeployError):
+    """A call got no reply.
+
+    Either ``handle_call`` raised (the original exception is ``__cause__``;
+    the server kept its previous state and keeps running), or the server is
+    not running (``ServerStopped``), or no reply came in time (``CallTimeout``).
+    """
+
+
+class CallTimeout(CallError):
+    """A call (or ``stop``, or ``get_state``) got no answer within its timeout.
+
+    A reply that arrives later is dropped, never delivered to another call.
+    """
+
+
+class ServerStopped(CallError):
+    """The server is not running: it was stopped, or stopped before it handled the call."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Upgraded:
+    """Sent to a server through ``handle_info`` after an upgrade changed its code.
+
+    ``modules`` names the modules of that upgrade; it is the hook an
+    application uses to re-render or notify its clients.
+    """
+
+    modules: tuple[str, ...]
+
+
+_CALL = "call"
+_CAST = "cast"
+_INFO = "info"
+_STOP = "stop"
+
+# One condition guards every server's safe-point flags (``_held_by`` and
+# ``_running``) and the registry, so a pause marks a thousand idle servers in
+# one short critical section without waking any of their threads.  Replaced
+# in a forked child, where a lock may have been held by a thread that is gone.
+_safe_points = threading.Condition(threading.Lock())
+_live_servers: dict[int, Server] = {}
+_server_names: dict[str, Server] = {}
+_server_serials = itertools.count(1)
+
+
+class _Reply:
+    """The answer slot of one call: each call waits on its own, so a late reply lands nowhere."""
+
+    __slots__ = ("_done", "caller", "value", "error", "stopped")
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self.caller = threading.get_ident()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.stopped = False
+
+    def set(self, value: Any = None, *, error: BaseException | None = None,
+            stopped: bool = False) -> None:
+        self.value, self.error, self.stopped = value, error, stopped
+        self._done.set()
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._done.wait(timeout)
+
+
+class _Mailbox:
+    """A server's message queue; once closed it refuses new messages."""
+
+    __slots__ = ("_ready", "_queue", "closed")
+
+    def __init__(self, messages: Iterable[tuple] = ()) -> None:
+        self._ready = threading.Condition(threading.Lock())
+        self._queue: collections.deque[tuple] = collections.deque(messages)
+        self.closed = False
+
+    def put(self, message: tuple) -> bool:
+        with self._ready:
+            if self.closed:
+                return False
+            self._queue.append(message)
+            self._ready.notify()
+            return True
+
+    def peek(self) -> tuple:
+        """Wait for a message and return it, leaving it queued until ``pop``.
+
+        Only the server's own thread takes messages out, so the one it looked
+        at is still first when it pops; until then a fork's child still has it.
+        """
+        with self._ready:
+            while not self._queue:
+                self._ready.wait()
+            return self._queue[0]
+
+    def pop(self) -> tuple:
+        with self._ready:
+            return self._queue.popleft()
+
+    def close(self) -> list[tuple]:
+        """Refuse further messages and hand back the ones never handled."""
+        with self._ready:
+            self.closed = True
+            left = list(self._queue)
+            self._queue.clear()
+            return left
+
+    def reopen_after_fork(self) -> None:
+        """Fresh lock in a forked child; calls queued in the parent have no caller here."""
+        self._ready = threading.Condition(threading.Lock())
+        self._queue = collections.deque(m for m in self._queue if m[0] != _CALL)
+
+
+class _Hold:
+    """Who holds servers at their safe points: a pause, ``get_state`` or a fork.
+
+    While the hold is still being acquired, a marked server may yet answer a
+    call from another marked server that is busy (blocked in that very call):
+    nothing has been changed so far, and refusing would make both wait for
+    the deadline.  Once every server is held, nothing gets through.
+    """
+
+    __slots__ = ("thread", "acquiring", "busy_threads")
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+        self.acquiring = True
+        # Threads of marked servers in the middle of a message.
+        self.busy_threads: set[int | None] = set()
+
+    def lets_through(self, message: tuple) -> bool:
+        return (self.acquiring and message[0] == _CALL
+                and message[2].caller in self.busy_threads)
+
+
+class Server:
+    """A long-lived server: its own thread, a mailbox, state kept across upgrades.
+
+    The GenServer of this library.  Subclass it and define the callbacks you
+    need; start it with ``start``.  Messages are handled one at a time, in the
+    order they arrived; between two messages the server is at a safe point,
+    where an upgrade holds it, swaps its code and migrates its state through
+    ``code_change``.  Do not override ``__init__``: ``init`` builds the state.
+
+    Callbacks (run in the server's thread):
+
+    - ``init(*args, **kwargs) -> state``
+    - ``handle_call(request, state) -> (reply, new_state)``
+    - ``handle_cast(message, state) -> new_state``
+    - ``handle_info(message, state) -> new_state`` (also receives ``Upgraded``)
+    - ``code_change(old_vsn, state, extra) -> new_state``
+    - ``terminate(reason, state)``
+
+    ``vsn`` is the version of the server's code, handed to ``code_change`` of
+    the next version as ``old_vsn``.
+
+    A handler that raises leaves the server with the state it had before the
+    message (the same object: a handler that mutates its state in place and
+    then raises keeps those mutations) and the server handles the next one.
+    """
+
+    vsn: Any = None
+
+    # Attributes set by _setup; declared for readers and type checkers.
+    _state: Any
+    _name: str | None
+    _serial: int
+    _mailbox: _Mailbox
+    _thread: threading.Thread
+    _held_by: _Hold | None
+    _running: bool
+    _alive: bool
+
+    # --- callbacks (override these) ---
+
+    def init(self, *args: Any, **kwargs: Any) -> Any:
+        """Build and return the initial state; runs in the server's thread."""
+        if args or kwargs:
+            raise TypeError(f"{type(self).__qualname__} got start arguments but defines no "
+                            f"init(); define init(self, ...) returning the initial state")
+        return None
+
+    def handle_call(self, request: Any, state: Any) -> tuple[Any, Any]:
+        """Answer ``request``: return ``(reply, new_state)``."""
+        raise NotImplementedError(f"{type(self).__qualname__} defines no handle_call(self, "
+                                  f"request, state); define it to answer calls")
+
+    def handle_cast(self, message: Any, state: Any) -> Any:
+        """Handle a cast ``message``: return the new state."""
+        raise NotImplementedError(f"{type(self).__qualname__} defines no handle_cast(self, "
+                                  f"message, state); define it to handle casts")
+
+    def handle_info(self, message: Any, state: Any) -> Any:
+        """Handle a plain message (``send``, ``Upgraded``): return the new state."""
+        if not isinstance(message, Upgraded):
+            log.warning("%r got a message of type %s but defines no handle_info; ignored",
+                        self, type(message).__name__)
+        return state
+
+    def code_change(self, old_vsn: Any, state: Any, extra: Any) -> Any:
+        """Migrate ``state`` from version ``old_vsn`` to this code; return the new state."""
+        return state
+
+    def terminate(self, reason: Any, state: Any) -> None:
+        """Clean up when the server stops (``reason`` is what ``stop`` was given)."""
+
+    # --- client API ---
+
+    @classmethod
+    def start(cls, *args: Any, name: str | None = None, **kwargs: Any) -> Server:
+        """Start a server: run ``init(*args, **kwargs)`` in its own thread.
+
+        Returns once ``init`` finished; an exception in ``init`` is raised here.
+        ``name`` must be unique among live servers (``FlyDeployError`` otherwise).
+        """
+        server = cls.__new__(cls)
+        server._setup(name)
+        with _safe_points:
+            if name is not None:
+                if name in _server_names:
+                    raise FlyDeployError(
+                        f"a server named {name!r} is already running ({_server_names[name]!r}); "
+                        f"stop it first or choose another name")
+                _server_names[name] = server
+        outcome: list[BaseException] = []
+        started = threading.Event()
+        server._thread = threading.Thread(
+            target=server._main, args=(args, kwargs, started, outcome),
+            name=f"flydeploy-server-{server._label()}", daemon=True)
+        try:
+            server._thread.start()
+        except BaseException:
+            server._unregister()
+            raise
+        started.wait()
+        if outcome:
+            raise outcome[0]
+        return server
+
+    @property
+    def name(self) -> str | None:
+        """The name given to ``start``, or None."""
+        return self._name
+
+    @property
+    def alive(self) -> bool:
+        """True while the server runs (from the end of ``init`` until it stops)."""
+        return self._alive
+
+    def call(self, request: Any, timeout: float | None = 5.0) -> Any:
+        """Send ``request`` and wait for the reply of ``handle_call``.
+
+        Raises ``CallError`` (cause: the handler's exception) if the handler
+        raised, ``CallTimeout`` if no reply came within ``timeout`` seconds
+        (None waits forever), ``ServerStopped`` at once if the server is not
+        running.
+        """
+        if self._on_own_thread():
+            raise CallError(f"{self!r} called itself: it would wait for its own reply; "
+                            f"use the state handed to the handler instead")
+        reply = _Reply()
+        if not self._mailbox.put((_CALL, request, reply)):
+            raise self._stopped_error("call")
+        if not reply.wait(timeout):
+            raise CallTimeout(f"{self!r} did not reply within {timeout} s to a call with a "
+                              f"{type(request).__name__} request; the late reply will be dropped")
+        if reply.stopped:
+            raise self._stopped_error("call")
+        if reply.error is not None:
+            raise CallError(f"{self!r}.handle_call raised {type(reply.error).__name__}: "
+                            f"{reply.error}; the server kept its previous state") from reply.error
+        return reply.value
+
+    def cast(self, message: Any) -> bool:
+        """Queue ``message`` for ``handle_cast``; returns False (message dropped) if stopped."""
+        return self._mailbox.put((_CAST, message, None))
+
+    def send(self, message: Any) -> bool:
+        """Queue ``message`` for ``handle_info``; returns False (message dropped) if stopped."""
+        return self._mailbox.put((_INFO, message, None))
+
+    def stop(self, reason: Any = "normal", timeout: float | None = 5.0) -> None:
+        """Stop the server after the messages already queued; runs ``terminate``.
+
+        Waits until its thread ended; ``CallTimeout`` if that takes longer
+        than ``timeout``.  Calls still queued behind the stop fail with
+        ``ServerStopped``.  Stopping a stopped server does nothing; a server
+        stopping itself (from a handler) stops once that handler returned.
+        """
+        if self._on_own_thread():
+            self._mailbox.put((_STOP, reason, None))
+            return
+        done = _Reply()
+        if not self._mailbox.put((_STOP, reason, done)):
+            self._thread.join(timeout)
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not done.wait(timeout):
+            raise CallTimeout(f"{self!r} did not stop within {timeout} s: it is busy with "
+                              f"earlier messages or held by an upgrade; it stops when it gets there")
+        self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__qualname__} server {self._label()}>"
+
+    # --- the server's own thread ---
+
+    def _setup(self, name: str | None) -> None:
+        self._name = name
+        self._serial = next(_server_serials)
+        self._mailbox = _Mailbox()
+        self._state = None
+        self._held_by = None
+        # Running while init runs, so nothing holds a server before it exists.
+        self._running = True
+        self._alive = False
+
+    def _label(self) -> str:
+        return repr(self._name) if self._name is not None else f"#{self._serial}"
+
+    def _on_own_thread(self) -> bool:
+        return threading.get_ident() == self._thread.ident
+
+    def _stopped_error(self, what: str) -> ServerStopped:
+        return ServerStopped(f"{self!r} is not running, so the {what} was not handled; "
+                             f"start the server again")
+
+    def _main(self, args: tuple, kwargs: dict, started: threading.Event,
+              outcome: list[BaseException]) -> None:
+        try:
+            self._state = self.init(*args, **kwargs)
+        except BaseException as error:  # raised in the caller of start()
+            outcome.append(error)
+            self._unregister()
+            started.set()
+            return
+        with _safe_points:
+            self._alive = True
+            _live_servers[self._serial] = self
+        self._leave_message()
+        started.set()
+        self._serve()
+
+    def _serve(self) -> None:
+        """Handle messages until a stop; each one between two safe points."""
+        reason: Any = "normal"
+        done: _Reply | None = None
+        try:
+            while True:
+                message = self._mailbox.peek()
+                self._enter_message(message)
+                self._mailbox.pop()
+                if message[0] == _STOP:
+                    _, reason, done = message
+                    break
+                try:
+                    self._handle(message)
+                finally:
+                    self._leave_message()
+        except BaseException as error:
+            # A handler raised SystemExit/KeyboardInterrupt: the server dies
+            # with it, but cleanly, so callers are not left waiting.
+            reason = error
+            log.error("%r stopped: a handler raised %s", self, type(error).__name__)
+        finally:
+            self._finish(reason, done)
+
+    def _handle(self, message: tuple) -> None:
+        kind, payload, reply = message
+        if kind == _CALL:
+            try:
+                answer, state = _call_result(self, self.handle_call(payload, self._state))
+            except Exception as error:
+                reply.set(error=error)
+            else:
+                self._state = state
+                reply.set(answer)
+            return
+        handler = self.handle_cast if kind == _CAST else self.handle_info
+        try:
+            self._state = handler(payload, self._state)
+        except Exception:
+            log.exception("%r: handle_%s raised; the state is kept", self, kind)
+
+    def _finish(self, reason: Any, done: _Reply | None) -> None:
+        try:
+            self.terminate(reason, self._state)
+        except Exception:
+            log.exception("%r: terminate raised", self)
+        finally:
+            for kind, _, reply in self._mailbox.close():
+                if reply is not None:
+                    reply.set(stopped=kind == _CALL)
+            self._unregister()
+            self._leave_message()
+            if done is not None:
+                done.set()
+
+    def _unregister(self) -> None:
+        with _safe_points:
+            self._alive = False
+            self._mailbox.closed = True
+            _live_servers.pop(self._serial, None)
+            if self._name is not None and _server_names.get(self._name) is self:
+                del _server_names[self._name]
+
+    def _enter_message(self, message: tuple) -> None:
+        with _safe_points:
+            while self._held_by is not None and not self._held_by.lets_through(message):
+                _safe_points.wait()
+            self._running = True
+            if self._held_by is not None:
+                self._held_by.busy_threads.add(self._thread.ident)
+
+    def _leave_message(self) -> None:
+        with _safe_points:
+            self._running = False
+            if self._held_by is not None:
+                _safe_points.notify_all()
+
+
+def _call_result(server: Server, result: Any) -> tuple[Any, Any]:
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise TypeError(f"{type(server).__qualname__}.handle_call must return (reply, new_state), "
+                        f"not {type(result).__name__}")
+    return result
+
+
+def servers() -> list[Server]:
+    """The live servers, in the order they were started."""
+    with _safe_points:
+        return list(_live_servers.values())
+
+
+def _hold_servers(targets: Iterable[Server], hold: _Hold,
+                  deadline: float) -> tuple[list[Server], list[Server]]:
+    """Hold servers at their safe points; returns (held, not reached by the deadline).
+
+    An idle server is held by setting a flag under the shared lock: its
+    thread is not woken.  A busy one is marked so it starts no new message
+    (but see ``_Hold``), and waited for until ``deadline``; the hold is
+    complete at the first moment every marked server is between messages.
+    Servers that did not make it in time are unmarked again.  A server whose
+    own thread is asking cannot be held; one already held by another hold of
+    this thread counts as held (and stays that hold's to release).
+    """
+    me = threading.get_ident()
+    marked: list[Server] = []
+    missed: list[Server] = []
+    with _safe_points:
+        for server in targets:
+            if not server._alive:
+                continue
+            if server._thread.ident == me:
+                missed.append(server)
+            elif server._held_by is None:
+                server._held_by = hold
+                marked.append(server)
+            else:
+                marked.append(server)  # held by another: wait until it lets go
+        while True:
+            for server in marked:
+                if server._held_by is None and server._alive:
+                    server._held_by = hold
+            busy = [server for server in marked if server._alive and (
+                server._running or (server._held_by is not hold and server._held_by.thread != me))]
+            hold.busy_threads = {server._thread.ident for server in busy}
+            remaining = deadline - time.monotonic()
+            if not busy or remaining <= 0:
+                break
+            _safe_points.wait(None if remaining == math.inf else remaining)
+        hold.acquiring = False
+        if busy:
+            for server in busy:
+                if server._held_by is hold:
+                    server._held_by = None
+            _safe_points.notify_all()
+        held = [server for server in marked if server._held_by is hold]
+    return held, missed + busy
+
+
+def _release_servers(held: Iterable[Server], hold: _Hold) -> None:
+    """Let held servers go on; messages that arrived meanwhile are handled in order."""
+    with _safe_points:
+        for server in held:
+            if server._held_by is hold:
+                server._held_by = None
+        _safe_points.notify_all()
+
+
+def get_state(server: Server, timeout: float | None = 5.0) -> Any:
+    """Read a server's state at a safe point (between two of its messages).
+
+    Waits at most ``timeout`` seconds for the server to finish the message it
+    is handling (``CallTimeout``); ``ServerStopped`` if it is not running.
+    """
+    if server._on_own_thread():
+        raise CallError(f"{server!r} asked get_state for itself in the middle of a message; "
+                        f"use the state handed to the handler instead")
+    if not server.alive:
+        raise server._stopped_error("get_state")
+    holder = server._held_by
+    if holder is not None and holder.thread == threading.get_ident():
+        return server._state
+    hold = _Hold()
+    deadline = math.inf if timeout is None else time.monotonic() + timeout
+    held, missed = _hold_servers([server], hold, deadline)
+    try:
+        if missed:
+            raise CallTimeout(f"{server!r} did not reach a safe point within {timeout} s "
+                              f"(a long message, or held by an upgrade)")
+        if not held:
+            raise server._stopped_error("get_state")
+        return server._state
+    finally:
+        _release_servers(held, hold)
+
+
 # --- asyncio loops and the pause --------------------------------------------
+
+
+class SuspendTimeout(FlyDeployError):
+    """Servers or event loops did not reach a safe point in time; nothing was changed.
+
+    ``names`` lists every one that did not get there: server names (or
+    reprs) and loop reprs.
+    """
+
+    def __init__(self, names: list[str], timeout: float | None = None) -> None:
+        within = "" if timeout is None else f" within {timeout} s"
+        super().__init__(
+            f"did not reach a safe point{within}: {', '.join(names)}; everything was released "
+            f"and nothing changed. Retry when they are less busy, or allow a longer suspend timeout")
+        self.names = names
+
+
+_attached_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+_attached_loops_lock = threading.Lock()
+# One pause at a time: two pauses each holding what the other waits for
+# would both time out.
+_pause_lock = threading.Lock()
+_pause_owner: int | None = None
+
+
+def attach_loop(loop: asyncio.AbstractEventLoop | None = None) -> asyncio.AbstractEventLoop:
+    """Register an event loop to be paused while code is swapped; returns it.
+
+    Default: the loop running in this thread.  While paused, every coroutine
+    of the loop is parked at an ``await``.  A closed or garbage-collected loop
+    drops out by itself.
+    """
+    if loop is None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise FlyDeployError("attach_loop() found no running event loop in this thread: "
+                                 "call it from a coroutine, or pass the loop: "
+                                 "attach_loop(loop)") from None
+    if not isinstance(loop, asyncio.AbstractEventLoop):
+        raise TypeError(f"attach_loop() needs an asyncio event loop, not {type(loop).__name__}")
+    with _attached_loops_lock:
+        _attached_loops.add(loop)
+    return loop
+
+
+def detach_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Stop pausing ``loop`` for upgrades (nothing happens if it was not attached)."""
+    with _attached_loops_lock:
+        _attached_loops.discard(loop)
+
+
+def _live_loops() -> list[asyncio.AbstractEventLoop]:
+    with _attached_loops_lock:
+        closed = [loop for loop in _attached_loops if loop.is_closed()]
+        for loop in closed:
+            _attached_loops.discard(loop)
+        return list(_attached_loops)
+
+
+class _LoopBlock:
+    """A callback that parks one event loop until released."""
+
+    # How often a waiting pause looks whether a loop stopped running (a
+    # stopped loop never runs the callback, yet has nothing to pause).
+    _RECHECK_S = 0.05
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.parked_at: float | None = None
+        self._parked = threading.Event()
+        self._released = threading.Event()
+
+    def schedule(self) -> bool:
+        """Ask the loop to park; False if it closed meanwhile (nothing to pause)."""
+        try:
+            self.loop.call_soon_threadsafe(self._park)
+        except RuntimeError:
+            return False
+        return True
+
+    def _park(self) -> None:
+        if self._released.is_set():  # the pause gave up on this loop already
+            return
+        self.parked_at = time.monotonic()
+        self._parked.set()
+        self._released.wait()
+
+    def wait_parked(self, deadline: float) -> bool:
+        """Wait until the loop is parked or idle; False if the deadline passed first."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if self._parked.wait(max(0.0, min(remaining, self._RECHECK_S))):
+                return True
+            if not self.loop.is_running() or self.loop.is_closed():
+                return True
+            if remaining <= 0:
+                return False
+
+    def release(self) -> None:
+        self._released.set()
+
+
+def _running_loop_here() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class _Pause:
+    """Hold servers at their safe points and park every attached event loop.
+
+    ``with _Pause(servers, timeout=10.0) as pause:`` — inside, no given server
+    handles a message and no attached loop runs a callback, so the holder may
+    read and replace ``server._state`` and call ``server.code_change``.  Loops
+    are parked first (a coroutine blocked in ``server.call`` finishes that
+    call), then servers are held; one deadline covers both.  Whatever does not
+    get there in time is named in ``SuspendTimeout``, after everything already
+    held was released.  On exit everything is released and ``held_ms`` is the
+    longest time any server or loop was held.  Messages that arrive meanwhile
+    are handled afterwards, in order.  The loop running in the pausing thread
+    itself counts as parked: nothing else runs on it while the pause lasts.
+    """
+
+    def __init__(self, servers: Iterable[Server], *, timeout: float) -> None:
+        self.timeout = timeout
+        self.held_ms = 0.0
+        self._servers = list(servers)
+        self._hold = _Hold()
+        self._held: list[Server] = []
+        self._blocks: list[_LoopBlock] = []
+        self._held_since: float | None = None
+
+    def __enter__(self) -> _Pause:
+        global _pause_owner
+        if _pause_owner == threading.get_ident():
+            raise FlyDeployError("a pause was entered while this thread already holds one; "
+                                 "do the work inside the first pause")
+        deadline = time.monotonic() + self.timeout
+        if not _pause_lock.acquire(timeout=max(0.0, self.timeout)):
+            raise SuspendTimeout(["another pause in progress"], self.timeout)
+        _pause_owner = threading.get_ident()
+        try:
+            missed = self._park_loops(deadline)
+            held_since = time.monotonic()
+            self._held, missed_servers = _hold_servers(self._servers, self._hold, deadline)
+        except BaseException:
+            self._release()
+            raise
+        missed += [server.name or repr(server) for server in missed_servers]
+        if missed:
+            self._release()
+            raise SuspendTimeout(missed, self.timeout)
+        starts = [block.parked_at for block in self._blocks if block.parked_at is not None]
+        if self._held:
+            starts.append(held_since)
+        self._held_since = min(starts, default=None)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._release()
+
+    def _park_loops(self, deadline: float) -> list[str]:
+        here = _running_loop_here()
+        for loop in _live_loops():
+            if loop is here:
+                continue
+            block = _LoopBlock(loop)
+            if block.schedule():
+                self._blocks.append(block)
+        return [repr(block.loop) for block in self._blocks if not block.wait_parked(deadline)]
+
+    def _release(self) -> None:
+        global _pause_owner
+        released_at = time.monotonic()
+        try:
+            _release_servers(self._held, self._hold)
+            for block in self._blocks:
+                block.release()
+        finally:
+            if self._held_since is not None:
+                self.held_ms = (released_at - self._held_since) * 1000.0
+            self._held, self._blocks, self._held_since = [], [], None
+            _pause_owner = None
+            _pause_lock.release()
+
+
+# Fork: each child process gets its own running copy of every server (gunicorn
+# --preload, multiprocessing).  Before the fork, servers are held at a safe
+# point so the child's copy of each state lies between two messages; in the
+# child, whose only thread is the forking one, every server thread is started
+# again with fresh locks.
+#
+# How long a fork waits for busy servers to finish their message, so that the
+# child's copy of each state is one between two messages.
+_FORK_HOLD_TIMEOUT_S = 2.0
+_fork_hold: tuple[_Hold, list[Server]] | None = None
+
+
+def _before_fork() -> None:
+    global _fork_hold
+    hold = _Hold()
+    held, missed = _hold_servers(servers(), hold, time.monotonic() + _FORK_HOLD_TIMEOUT_S)
+    _fork_hold = (hold, held)
+    for server in missed:
+        if not server._on_own_thread():
+            log.warning("fork while %r was busy: the child starts it with the state it had "
+                        "before that message", server)
+
+
+def _after_fork_in_parent() -> None:
+    global _fork_hold
+    if _fork_hold is not None:
+        _release_servers(_fork_hold[1], _fork_hold[0])
+        _fork_hold = None
+
+
+def _after_fork_in_child() -> None:
+    """Restart every server's thread (only the forking thread survives a fork)."""
+    global _safe_points, _pause_lock, _pause_owner, _attached_loops_lock, _fork_hold
+    _safe_points = threading.Condition(threading.Lock())
+    _pause_lock = threading.Lock()
+    _pause_owner = None
+    _fork_hold = None
+    _attached_loops_lock = threading.Lock()
+    here = _running_loop_here()
+    for loop in list(_attached_loops):
+        if loop is not here:  # its thread is gone; the child attaches its own loops
+            _attached_loops.discard(loop)
+    for name, server in list(_server_names.items()):
+        if not server._alive and not server._on_own_thread():
+            del _server_names[name]  # its init ran in a thread the child does not have
+    for server in list(_live_servers.values()):
+        server._held_by = None
+        server._mailbox.reopen_after_fork()
+        if server._on_own_thread():
+            continue  # the forking thread is this server's: it carries on
+        server._running = False
+        server._thread = threading.Thread(target=server._serve, daemon=True,
+                                          name=f"flydeploy-server-{server._label()}")
+        server._thread.start()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
 
 
 # --- Change tracking --------------------------------------------------------
