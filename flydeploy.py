@@ -618,7 +618,7 @@ class S3:
 
     def _call(self, method: str, key: str | None, *, query: str = "",
               headers: dict[str, str] | None = None, body: bytes | _FileBody = b"",
-              payload_hash: str = _EMPTY_SHA256, stream_to: BinaryIO | None = None) -> _Reply:
+              payload_hash: str = _EMPTY_SHA256, stream_to: BinaryIO | None = None) -> _S3Response:
         """One S3 operation with retries.  With ``stream_to`` the body goes into that file
         and the reply's ``body`` is the sha256 hex of what was written."""
         path = self._key_path(key) if key is not None else self._bucket_path
@@ -643,7 +643,7 @@ class S3:
 
     def _attempt(self, method: str, target: str, key: str | None, headers: dict[str, str],
                  body: bytes | _FileBody, payload_hash: str, stream_to: BinaryIO | None,
-                 what: str) -> _Reply:
+                 what: str) -> _S3Response:
         headers = {"x-tigris-consistent": "true", **headers}
         headers.update(sign_request(
             method, f"{self._parts.scheme}://{self._parts.netloc}{target}",
@@ -670,7 +670,7 @@ class S3:
                 reply_body = b"".join(parts)
             if response.will_close:
                 self._drop_connection()
-            return _Reply(response.status, {k.lower(): v for k, v in response.getheaders()},
+            return _S3Response(response.status, {k.lower(): v for k, v in response.getheaders()},
                           reply_body)
         except (_TruncatedBody, OSError, http.client.HTTPException) as exc:
             # Local file errors never get here: _FileBody and _stream_into raise them as
@@ -727,7 +727,7 @@ class S3:
         return cls(message, status=status, code=code, request_id=request_id, key=key)
 
 
-class _Reply(NamedTuple):
+class _S3Response(NamedTuple):
     """A successful S3 response: status, lower-cased headers, body (or sha256 hex)."""
 
     status: int

@@ -41,3 +41,20 @@ def test_module_docstring_maps_every_section():
     assert banners, "no section banners found"
     for banner in banners:
         assert banner.split()[0] in flydeploy.__doc__, f"section {banner!r} missing from the docstring map"
+
+
+def test_no_module_level_name_is_defined_twice():
+    tree = ast.parse((ROOT / "flydeploy.py").read_text())
+    seen: dict[str, int] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, ast.Assign):
+            names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names = [node.target.id]
+        else:
+            continue
+        for name in names:
+            assert name not in seen, f"flydeploy.{name} defined at lines {seen[name]} and {node.lineno}"
+            seen[name] = node.lineno
