@@ -1237,6 +1237,47 @@ def _now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _release_entry(store: Any, app: str, image_ref: str, *, root: str | os.PathLike[str],
+                   version: str | None, include: Iterable[str] | None, exclude: Iterable[str] | None,
+                   rollback: bool, rollback_to: str | None, say: Callable[[str], None]) -> tuple[dict, bool]:
+    """The ``hot_upgrade`` record to push and whether its tarball was uploaded now."""
+    if rollback or rollback_to is not None:
+        entry = _pick_rollback(read_current(store, app)[0], rollback_to)
+        entry["deployed_at"] = _now_iso()
+        say(f"Rolling {app} back to {entry['version']}")
+        return entry, False
+    version = version or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    key = release_key(app, version)
+    with tempfile.TemporaryDirectory(prefix="flydeploy-pack-") as scratch:
+        release = pack_release(root, os.path.join(scratch, "release.tar.gz"), app=app, version=version,
+                               source_image_ref=image_ref, include=list(include) if include else None,
+                               exclude=list(exclude) if exclude else None)
+        uploaded = _store_release(store, key, release)
+    say(f"Release {version}: {_plural(len(release.manifest['files']), 'file')}, sha256 "
+        f"{release.sha256[:12]}, {'uploaded' if uploaded else 'already stored'}")
+    return release.hot_upgrade_record(store.url(key)), uploaded
+
+
+def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list[str], *, timeout: float,
+                      max_concurrency: int, python: str,
+                      on_outcome: Callable[[MachineOutcome], None]) -> None:
+    """Exec ``argv`` on every target, ``max_concurrency`` at a time; ``on_outcome`` as each finishes."""
+
+    def upgrade(machine: Mapping[str, Any]) -> MachineOutcome:
+        try:
+            res = api.exec(machine["id"], argv, timeout=timeout)
+        except MachinesAPIError as exc:
+            return MachineOutcome(machine["id"], machine.get("region", "?"), False, _exec_failure(exc, timeout))
+        return judge_upgrade(machine, res.exit_code, res.stdout, res.stderr, res.exit_signal, python=python)
+
+    results = _map_concurrently(upgrade, targets, max_concurrency)
+    try:
+        for outcome in results:
+            on_outcome(outcome)
+    finally:
+        results.close()
+
+
 def orchestrate(app: str, image_ref: str, *, store: Any, api: Any, root: str | os.PathLike[str] = ".",
                 version: str | None = None, include: Iterable[str] | None = None,
                 exclude: Iterable[str] | None = None, rollback: bool = False, rollback_to: str | None = None,
@@ -1253,39 +1294,28 @@ def orchestrate(app: str, image_ref: str, *, store: Any, api: Any, root: str | o
     ``rollback_to`` (default: the previous one) instead of packing.  Then it
     execs ``rpc upgrade`` on every started machine (``select_machines``),
     ``max_concurrency`` at a time, printing a line per machine as it finishes
-    and a summary to ``out``.  The lock is released in every case.
+    and a summary to ``out``.  The lock is released in every case, Ctrl-C too.
     """
     out = out or sys.stdout
     self_id = self_id if self_id is not None else os.environ.get("FLY_MACHINE_ID")
+    process_groups = tuple(process_groups)
 
     def say(line: str) -> None:
         out.write(line + "\n")
         out.flush()
 
     started = time.monotonic()
-    deployment_id = uuid.uuid4().hex
     lock = acquire_lock(store, app, owner=owner or f"{getpass.getuser()}@{socket.gethostname()}",
-                        deployment_id=deployment_id, timeout_s=lock_timeout, force=force)
+                        deployment_id=uuid.uuid4().hex, timeout_s=lock_timeout, force=force)
     try:
-        if rollback or rollback_to is not None:
-            entry = _pick_rollback(read_current(store, app)[0], rollback_to)
-            entry["deployed_at"] = _now_iso()
-            uploaded = False
-            say(f"Rolling {app} back to {entry['version']}")
-        else:
-            version = check_version(version or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
-            key = f"releases/{app}-{version}.tar.gz"
-            with tempfile.TemporaryDirectory(prefix="flydeploy-pack-") as scratch:
-                release = pack_release(root, os.path.join(scratch, "release.tar.gz"), app=app,
-                                       version=version, source_image_ref=image_ref,
-                                       include=list(include) if include else None,
-                                       exclude=list(exclude) if exclude else None)
-                uploaded = _store_release(store, key, release)
-            say(f"Release {version}: {_plural(len(release.manifest['files']), 'file')}, sha256 "
-                f"{release.sha256[:12]}, {'uploaded' if uploaded else 'already stored'}")
-            entry = {"version": version, "source_image_ref": image_ref, "tarball_url": store.url(key),
-                     "sha256": release.sha256, "deployed_at": _now_iso()}
-        record_hot_upgrade(store, app, entry)
+        # Listed first to fail early on a bad token, and to learn the image the
+        # machines run, which a missing current.json is seeded with.
+        before = select_machines(api.list(), self_id=self_id, process_groups=process_groups)
+        images = {machine_image(m) for m in before.targets + before.pending}
+        entry, uploaded = _release_entry(store, app, image_ref, root=root, version=version, include=include,
+                                         exclude=exclude, rollback=rollback, rollback_to=rollback_to, say=say)
+        record_hot_upgrade(store, app, entry, image_ref=images.pop() if len(images) == 1 else None)
+        # Listed again: a machine that started meanwhile read the old record.
         selection = select_machines(api.list(), self_id=self_id, process_groups=process_groups)
         report = FleetReport(app, entry["version"], entry["sha256"], entry["tarball_url"], uploaded,
                              [], list(selection.pending), list(selection.skipped))
@@ -1294,27 +1324,17 @@ def orchestrate(app: str, image_ref: str, *, store: Any, api: Any, root: str | o
                 "applies at next start")
         for machine, reason in selection.skipped:
             say(f"· {machine.get('id')} ({machine.get('region', '?')}) {reason}")
-        argv = [python, "-m", "flydeploy", "rpc", "upgrade", "--app", app, "--url", entry["tarball_url"],
-                "--sha256", entry["sha256"], "--suspend-timeout", f"{suspend_timeout:g}"]
         say(f"Upgrading {_plural(len(selection.targets), 'machine')} to {entry['version']}, "
             f"{max_concurrency} at a time")
+        argv = [python, "-m", "flydeploy", "rpc", "upgrade", "--app", app, "--url", entry["tarball_url"],
+                "--sha256", entry["sha256"], "--suspend-timeout", f"{suspend_timeout:g}"]
 
-        def upgrade(machine: Mapping[str, Any]) -> MachineOutcome:
-            try:
-                res = api.exec(machine["id"], argv, timeout=timeout)
-            except MachinesAPIError as exc:
-                return MachineOutcome(machine["id"], machine.get("region", "?"), False,
-                                      _exec_failure(exc, timeout))
-            return judge_upgrade(machine, res.exit_code, res.stdout, res.stderr, res.exit_signal,
-                                 python=python)
+        def finished(outcome: MachineOutcome) -> None:
+            report.outcomes.append(outcome)
+            say(outcome.line())
 
-        results = _map_concurrently(upgrade, selection.targets, max_concurrency)
-        try:
-            for outcome in results:
-                report.outcomes.append(outcome)
-                say(outcome.line())
-        finally:
-            results.close()
+        _upgrade_machines(api, selection.targets, argv, timeout=timeout, max_concurrency=max_concurrency,
+                          python=python, on_outcome=finished)
         report.duration_s = time.monotonic() - started
         say(report.summary())
         return report
