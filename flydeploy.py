@@ -64,6 +64,7 @@ import re
 import secrets
 import socket
 import ssl
+import subprocess
 import sys
 import tempfile
 import threading
@@ -104,6 +105,7 @@ __all__ = [
     "FleetConfig",
     "load_config",
     "check_version",
+    "default_version",
     "MachineSelection",
     "machine_group",
     "machine_image",
@@ -115,6 +117,7 @@ __all__ = [
     "orchestrate",
     "status_row",
     "fleet_status",
+    "LocalMachines",
     "add_fleet_arguments",
     "fleet_overrides",
     "ORCHESTRATOR_MARKER",
@@ -1191,9 +1194,9 @@ def _map_concurrently(fn: Callable[[Any], Any], items: Sequence[Any], limit: int
                 return
             done.put(fn(item))
 
-    for _ in range(min(limit, len(items))):
-        threading.Thread(target=work, name="flydeploy-exec", daemon=True).start()
     try:
+        for _ in range(min(limit, len(items))):
+            threading.Thread(target=work, name="flydeploy-exec", daemon=True).start()
         for _ in items:
             yield done.get()
     finally:
@@ -1223,7 +1226,9 @@ def _pick_rollback(current: Mapping[str, Any] | None, to: str | None) -> dict:
     """The history entry a rollback goes to: version ``to``, or the previous one."""
     history = list((current or {}).get("history") or [])
     if not history:
-        raise FlyDeployError("nothing to roll back to: no earlier hot upgrade is recorded in current.json")
+        raise FlyDeployError("nothing to roll back to: current.json records no earlier hot upgrade (the "
+                             "image's own code is not a stored release); push the old code with `hot`, "
+                             "or make a cold `fly deploy`")
     if to is None:
         return dict(history[0])
     for entry in history:
@@ -1237,6 +1242,11 @@ def _now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def default_version() -> str:
+    """A new release version: the UTC time, sortable, and a random suffix (``20261121T101500Z-3f2a``)."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(2)
+
+
 def _release_entry(store: Any, app: str, image_ref: str, *, root: str | os.PathLike[str],
                    version: str | None, include: Iterable[str] | None, exclude: Iterable[str] | None,
                    rollback: bool, rollback_to: str | None, say: Callable[[str], None]) -> tuple[dict, bool]:
@@ -1246,7 +1256,7 @@ def _release_entry(store: Any, app: str, image_ref: str, *, root: str | os.PathL
         entry["deployed_at"] = _now_iso()
         say(f"Rolling {app} back to {entry['version']}")
         return entry, False
-    version = version or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    version = version or default_version()
     key = release_key(app, version)
     with tempfile.TemporaryDirectory(prefix="flydeploy-pack-") as scratch:
         release = pack_release(root, os.path.join(scratch, "release.tar.gz"), app=app, version=version,
@@ -1402,6 +1412,43 @@ def fleet_status(app: str, *, store: Any, api: Any, python: str = "python3", pro
     return [status_row(m, current, *found.get(m["id"], (None, None))) for m in machines]
 
 
+class LocalMachines:
+    """The ``Machines`` interface for this host alone: local mode's "fleet".
+
+    ``list`` shows one started machine, ``local``; ``exec`` runs the command
+    here, so ``orchestrate`` and ``fleet_status`` reach every flydeploy agent
+    of the app on this host through ``python -m flydeploy rpc`` exactly as on
+    a Fly machine.  The command finds this copy of flydeploy first on its path.
+    """
+
+    MACHINE_ID = "local"
+
+    def __init__(self, app: str, *, cwd: str | os.PathLike[str] | None = None) -> None:
+        self.app = app
+        self.cwd = cwd
+
+    def list(self) -> list[dict]:
+        """One started machine: this host."""
+        return [{"id": self.MACHINE_ID, "name": socket.gethostname(), "state": "started", "region": "local",
+                 "config": {"image": "local", "metadata": {"fly_platform_version": "v2",
+                                                           "fly_process_group": "app"}}}]
+
+    def exec(self, machine_id: str, command: Sequence[str], *, timeout: float = 30) -> ExecResult:
+        """Run ``command`` on this host; past ``timeout`` it is killed and 408 raised, as the API does."""
+        here = os.path.dirname(os.path.abspath(__file__))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+        try:
+            done = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout, env=env,
+                                  cwd=self.cwd, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise MachinesAPIError(408, f"the command ran past its {timeout:g} s timeout") from None
+        except OSError as exc:
+            return ExecResult(exit_code=127, stderr=f"{command[0]}: {exc.strerror}")
+        code = done.returncode
+        return ExecResult(exit_code=max(code, 0), exit_signal=max(-code, 0), stdout=done.stdout,
+                          stderr=done.stderr)
+
+
 def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the flags every fleet upgrade takes (``--app``, ``--force``, timeouts,
     ``--max-concurrency``, ``--process-group``) to an argparse parser."""
@@ -1425,20 +1472,29 @@ def fleet_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, key) for key in _SETTINGS if getattr(args, key, None) is not None}
 
 
-def _orchestrate_command(argv: list[str]) -> int:
-    """``python -m flydeploy orchestrate``: run ``orchestrate`` with settings from
-    the flags and the project in ``--root``; exit 0, 1 (a machine failed), 2
-    (lock held, bad settings) or 130 (interrupted)."""
-    parser = argparse.ArgumentParser(prog="python -m flydeploy orchestrate", allow_abbrev=False)
+def _add_orchestrate_parser(commands: argparse._SubParsersAction) -> None:
+    """Register ``python -m flydeploy orchestrate`` (what the orchestrator machine runs)."""
+    parser = commands.add_parser(
+        "orchestrate", allow_abbrev=False, help="push a release to every machine of the app",
+        description="Pack the app in --root, store the release, record it and upgrade every machine.")
     add_fleet_arguments(parser)
     parser.add_argument("--image-ref", required=True, help="the image the release was built from")
-    parser.add_argument("--version", help="the release version (default: a UTC timestamp)")
+    parser.add_argument("--version", help="the release version (default: the UTC time)")
     parser.add_argument("--root", default=".", help="the project directory (default: the current one)")
     parser.add_argument("--python", help="the Python that runs flydeploy on the machines")
     parser.add_argument("--owner", help="who deploys, shown to anyone who finds the lock held")
     parser.add_argument("--rollback", action="store_true", help="push an earlier release instead of packing")
     parser.add_argument("--to", help="with --rollback: the version to go back to (default: the previous)")
-    args = parser.parse_args(argv)
+    parser.set_defaults(handler=_orchestrate_command)
+
+
+def _orchestrate_command(args: argparse.Namespace) -> int:
+    """Run ``orchestrate`` with settings from the flags and the project in ``--root``.
+
+    Exits 0, 1 (a machine failed), 2 (lock held, bad settings) or 130
+    (interrupted), and says so on a marker line: ``fly machine run`` passes on
+    only whether the command failed.
+    """
     print(f"{ORCHESTRATOR_MARKER} started", flush=True)
     try:
         config = load_config(args.root, overrides=fleet_overrides(args))
@@ -1448,10 +1504,10 @@ def _orchestrate_command(argv: list[str]) -> int:
             raise ConfigError("no Machines API token: set the FLY_API_TOKEN app secret "
                               "(fly secrets set FLY_API_TOKEN=\"$(fly tokens create deploy)\")")
         report = orchestrate(
-            app, args.image_ref, store=S3.from_env(bucket=config.bucket), api=Machines(app, token, retries=_EXEC_RETRIES),
-            root=config.root, version=args.version, include=config.include, exclude=config.exclude,
-            rollback=args.rollback, rollback_to=args.to, force=args.force, owner=args.owner,
-            lock_timeout=config.lock_timeout, timeout=config.timeout,
+            app, args.image_ref, store=S3.from_env(bucket=config.bucket),
+            api=Machines(app, token, retries=_EXEC_RETRIES), root=config.root, version=args.version,
+            include=config.include, exclude=config.exclude, rollback=args.rollback, rollback_to=args.to,
+            force=args.force, owner=args.owner, lock_timeout=config.lock_timeout, timeout=config.timeout,
             max_concurrency=config.max_concurrency, suspend_timeout=config.suspend_timeout,
             process_groups=config.process_groups, python=args.python or config.python)
         code = report.exit_code
