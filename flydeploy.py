@@ -56,6 +56,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import pathlib
 import queue
@@ -190,15 +191,41 @@ _UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _DEFAULT_PORT_SUFFIX = {"http": ":80", "https": ":443"}
 _MAX_PRESIGN_EXPIRES_S = 7 * 24 * 3600
+# A percent-escape that stays one in canonical form: upper-case hex, and not the escape of
+# an unreserved character (which decodes to itself) nor, in a path, of "/".
+_KEPT_ESCAPE = r"%(?!2D|2E|3[0-9]|4[1-9A-F]|5[0-9A]|5F|6[1-9A-F]|7[0-9A]|7E{slash})[0-9A-F]{{2}}"
+# Paths and query parts already in canonical form (what the S3 client sends) are used as
+# they are: decoding and re-encoding them is most of the cost of a signature.
+_CANONICAL_PATH = re.compile(r"(?:[A-Za-z0-9._~/-]|" + _KEPT_ESCAPE.format(slash="|2F") + ")*")
+_CANONICAL_QUERY_WORD = r"(?:[A-Za-z0-9._~-]|" + _KEPT_ESCAPE.format(slash="") + ")*"
+_CANONICAL_QUERY_PART = re.compile(f"{_CANONICAL_QUERY_WORD}(?:={_CANONICAL_QUERY_WORD})?")
 
 
 def _amz_date(now: datetime.datetime | None) -> str:
     """``now`` (an aware datetime, the current time when None) as ``YYYYMMDDTHHMMSSZ``."""
     if now is None:
-        now = datetime.datetime.now(datetime.timezone.utc)
-    elif now.tzinfo is None or now.utcoffset() is None:
+        return _format_amz_date(int(time.time()))
+    if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("the signing time must be an aware datetime (e.g. datetime.now(timezone.utc))")
-    return now.astimezone(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return _format_amz_date(math.floor(now.timestamp()))
+
+
+@functools.lru_cache(maxsize=16)
+def _format_amz_date(epoch_second: int) -> str:
+    """A Unix time as ``YYYYMMDDTHHMMSSZ`` (cached: many requests share a second)."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(epoch_second))
+
+
+_URL_PARTS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)([^?#]*)(?:\?([^#]*))?")
+
+
+def _split_url(url: str) -> tuple[str, str, str, str]:
+    """(scheme, netloc, path, query) of an absolute URL; much cheaper than urlsplit."""
+    match = _URL_PARTS.match(url)
+    if match is None:
+        raise ValueError(f"{url!r} is not an absolute http(s) URL")
+    scheme, netloc, path, query = match.groups()
+    return scheme, netloc, path, query or ""
 
 
 def _host_header(scheme: str, netloc: str) -> str:
@@ -212,7 +239,11 @@ def _host_header(scheme: str, netloc: str) -> str:
 
 def _canonical_uri(path: str) -> str:
     """The S3 canonical URI: percent-decoded, then every byte outside ``A-Za-z0-9-_.~/`` encoded once."""
-    return urllib.parse.quote(urllib.parse.unquote_to_bytes(path), safe="/") if path else "/"
+    if not path:
+        return "/"
+    if _CANONICAL_PATH.fullmatch(path):
+        return path
+    return urllib.parse.quote(urllib.parse.unquote_to_bytes(path), safe="/")
 
 
 def _canonical_query(query: str) -> str:
@@ -222,9 +253,12 @@ def _canonical_query(query: str) -> str:
     quote, unquote = urllib.parse.quote, urllib.parse.unquote_to_bytes
     pairs = []
     for part in query.split("&"):
-        if part:
-            name, _, value = part.partition("=")
-            pairs.append((quote(unquote(name), safe=""), quote(unquote(value), safe="")))
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if not _CANONICAL_QUERY_PART.fullmatch(part):
+            name, value = quote(unquote(name), safe=""), quote(unquote(value), safe="")
+        pairs.append((name, value))
     pairs.sort()
     return "&".join([f"{name}={value}" for name, value in pairs])
 
@@ -232,12 +266,19 @@ def _canonical_query(query: str) -> str:
 def _canonical_headers(headers: Iterable[tuple[str, str]]) -> tuple[str, str]:
     """(canonical header block, signed header list): names lower-cased and sorted, values
     trimmed with inner whitespace collapsed, repeated names joined with commas."""
-    merged: dict[str, list[str]] = {}
-    for name, value in headers:
-        merged.setdefault(name.strip().lower(), []).append(" ".join(str(value).split()))
-    names = sorted(merged)
-    block = "".join([f"{name}:{','.join(merged[name])}\n" for name in names])
-    return block, ";".join(names)
+    # Sorted by name only: the values of a repeated header keep their order.
+    entries = sorted([(name.strip().lower(), " ".join(str(value).split()))
+                      for name, value in headers], key=operator.itemgetter(0))
+    names: list[str] = []
+    lines: list[str] = []
+    for name, value in entries:
+        if names and names[-1] == name:
+            lines[-1] += "," + value
+        else:
+            names.append(name)
+            lines.append(f"{name}:{value}")
+    lines.append("")
+    return "\n".join(lines), ";".join(names)
 
 
 @functools.lru_cache(maxsize=64)
@@ -270,7 +311,7 @@ def _sign(method: str, path: str, query: str, headers: Iterable[tuple[str, str]]
     string_to_sign = "\n".join((_SIGV4_ALGORITHM, amz_date, scope,
                                 hashlib.sha256(canonical_request.encode()).hexdigest()))
     key = _signing_key(secret_key, amz_date[:8], region, service)
-    signature = hmac.new(key, string_to_sign.encode(), "sha256").hexdigest()
+    signature = hmac.digest(key, string_to_sign.encode(), "sha256").hex()
     return _Signature(canonical_request, string_to_sign, signed_headers, scope, signature)
 
 
@@ -290,15 +331,15 @@ def sign_request(method: str, url: str, headers: Mapping[str, str] | Iterable[tu
     percent-decoded and re-encoded once, without ``.``/``..``/``//`` normalisation.
     ``now`` is an aware datetime (the current UTC time when None).
     """
-    parts = urllib.parse.urlsplit(url)
+    scheme, netloc, path, query = _split_url(url)
     pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
-    if not any(name.strip().lower() == "host" for name, _ in pairs):
-        pairs.append(("host", _host_header(parts.scheme, parts.netloc)))
+    if "host" not in [name.strip().lower() for name, _ in pairs]:
+        pairs.append(("host", _host_header(scheme, netloc)))
     added = {"X-Amz-Date": _amz_date(now), "X-Amz-Content-Sha256": payload_hash}
     if session_token:
         added["X-Amz-Security-Token"] = session_token
     pairs.extend(added.items())
-    signed = _sign(method, parts.path, parts.query, pairs, payload_hash=payload_hash,
+    signed = _sign(method, path, query, pairs, payload_hash=payload_hash,
                    secret_key=secret_key, region=region, service=service,
                    amz_date=added["X-Amz-Date"])
     added["Authorization"] = (f"{_SIGV4_ALGORITHM} Credential={access_key}/{signed.scope}, "
@@ -313,7 +354,7 @@ def _presign(method: str, url: str, *, payload_hash: str, access_key: str, secre
     if not 1 <= expires <= _MAX_PRESIGN_EXPIRES_S:
         raise ValueError(f"expires={expires} is out of range: a presigned URL lives "
                          f"1 to {_MAX_PRESIGN_EXPIRES_S} seconds")
-    parts = urllib.parse.urlsplit(url)
+    scheme, netloc, path, query = _split_url(url)
     amz_date = _amz_date(now)
     auth_params = [("X-Amz-Algorithm", _SIGV4_ALGORITHM),
                    ("X-Amz-Credential", f"{access_key}/{amz_date[:8]}/{region}/{service}/aws4_request"),
@@ -323,12 +364,11 @@ def _presign(method: str, url: str, *, payload_hash: str, access_key: str, secre
     if session_token:
         auth_params.append(("X-Amz-Security-Token", session_token))
     auth_query = urllib.parse.urlencode(auth_params, quote_via=urllib.parse.quote, safe="")
-    query = f"{parts.query}&{auth_query}" if parts.query else auth_query
-    signed = _sign(method, parts.path, query, [("host", _host_header(parts.scheme, parts.netloc))],
+    query = f"{query}&{auth_query}" if query else auth_query
+    signed = _sign(method, path, query, [("host", _host_header(scheme, netloc))],
                    payload_hash=payload_hash, secret_key=secret_key, region=region,
                    service=service, amz_date=amz_date)
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path or "/",
-                                    f"{query}&X-Amz-Signature={signed.signature}", ""))
+    return f"{scheme}://{netloc}{path or '/'}?{query}&X-Amz-Signature={signed.signature}"
 
 
 def presign_url(method: str, url: str, *, access_key: str, secret_key: str, region: str = "auto",
@@ -379,14 +419,16 @@ def _xml_children(element: ET.Element) -> dict[str, str]:
     return {child.tag.rpartition("}")[2]: child.text or "" for child in element}
 
 
-def _read_body(response: http.client.HTTPResponse, sink: Callable[[bytes], object]) -> int:
-    """Feed the whole response body to ``sink``; a body shorter than its Content-Length
-    raises ``_TruncatedBody`` (http.client would silently return what it got)."""
+def _read_body(response: http.client.HTTPResponse, sink: Callable[[memoryview], object]) -> int:
+    """Feed the whole response body to ``sink`` in chunks (views of one reused buffer, valid
+    only during the call); a body shorter than its Content-Length raises ``_TruncatedBody``
+    (http.client would silently return what it got)."""
     expected = response.getheader("Content-Length")
     received = 0
-    while chunk := response.read(_IO_CHUNK):
-        sink(chunk)
-        received += len(chunk)
+    view = memoryview(bytearray(_IO_CHUNK))
+    while count := response.readinto(view):
+        sink(view[:count])
+        received += count
     if expected is not None and expected.isdigit() and received != int(expected):
         raise _TruncatedBody(f"connection closed after {received} of {expected} bytes")
     return received
@@ -454,9 +496,10 @@ class S3:
         if not bucket:
             missing.append("BUCKET_NAME")
         if missing:
-            raise ConfigError(f"missing environment variable(s) {', '.join(missing)}: set them "
-                              "(fly storage create prints them; BUCKET_NAME may also come from "
-                              "[tool.flydeploy] bucket)")
+            raise ConfigError(
+                f"missing environment variable(s) {', '.join(missing)}: set them (`fly storage "
+                "create` prints them)" + ("; the bucket may also be given as [tool.flydeploy] "
+                                          "bucket in pyproject.toml" if not bucket else ""))
         return cls(env["AWS_ENDPOINT_URL_S3"] or _DEFAULT_S3_ENDPOINT, bucket,
                    env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
                    region=env["AWS_REGION"] or "auto",
@@ -627,13 +670,14 @@ class S3:
         path = self._key_path(key) if key is not None else self._bucket_path
         target = f"{path}?{query}" if query else path
         what = f"{method} s3://{self.bucket}/{key if key is not None else ''}"
-        for attempt in range(1, self.retry_attempts + 1):
+        attempt = 1
+        while True:
             try:
                 return self._attempt(method, target, key, headers or {}, body, payload_hash,
                                      stream_to, what)
             except _Retryable as retryable:
                 error = retryable.error
-                if attempt == self.retry_attempts:
+                if attempt >= self.retry_attempts:
                     raise type(error)(f"{error.message} (gave up after {attempt} attempts)",
                                       status=error.status, code=error.code,
                                       request_id=error.request_id, key=key) from None
@@ -642,7 +686,7 @@ class S3:
                 log.warning("%s; retry %d of %d in %.2fs", error.message, attempt,
                             self.retry_attempts - 1, delay)
                 time.sleep(delay)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+                attempt += 1
 
     def _attempt(self, method: str, target: str, key: str | None, headers: dict[str, str],
                  body: bytes | _FileBody, payload_hash: str, stream_to: BinaryIO | None,
@@ -664,17 +708,17 @@ class S3:
                     raise _Retryable(error)
                 raise error
             if method == "HEAD":
-                reply_body = b""
+                reply_body = response.read()  # empty, but frees the connection for reuse
             elif stream_to is not None:
                 reply_body = _stream_into(response, stream_to)
             else:
                 parts: list[bytes] = []
-                _read_body(response, parts.append)
+                _read_body(response, lambda chunk: parts.append(bytes(chunk)))
                 reply_body = b"".join(parts)
             if response.will_close:
                 self._drop_connection()
-            return _S3Response(response.status, {k.lower(): v for k, v in response.getheaders()},
-                          reply_body)
+            return _S3Response(response.status,
+                               {k.lower(): v for k, v in response.getheaders()}, reply_body)
         except (_TruncatedBody, OSError, http.client.HTTPException) as exc:
             # Local file errors never get here: _FileBody and _stream_into raise them as
             # FlyDeployError, so every OSError left is about the connection.
@@ -743,7 +787,7 @@ class _FileBody:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        with open(path, "rb") as f:
+        with _local_file_errors(path), open(path, "rb") as f:
             self.size = os.fstat(f.fileno()).st_size
             self.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -784,7 +828,7 @@ def _stream_into(response: http.client.HTTPResponse, out: BinaryIO) -> bytes:
         out.truncate()
     hasher = hashlib.sha256()
 
-    def sink(chunk: bytes) -> None:
+    def sink(chunk: memoryview) -> None:
         hasher.update(chunk)
         with _local_file_errors(out.name):
             out.write(chunk)

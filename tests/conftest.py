@@ -38,6 +38,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 
@@ -98,8 +99,8 @@ def find_executable(name: str) -> str:
         return str(beside)
     found = shutil.which(name)
     if found is None:
-        pytest.fail(f"{name} not found next to {sys.executable} or on PATH: "
-                    "install the test extras (python -m pip install -e '.[test]')")
+        raise RuntimeError(f"{name} not found next to {sys.executable} or on PATH: "
+                           "install the test extras (python -m pip install -e '.[test]')")
     return found
 
 
@@ -125,28 +126,32 @@ def _wait_until(server: S3Server, ready, what: str) -> None:
         except (OSError, urllib.error.URLError, flydeploy.S3Error) as exc:
             last = exc
         if server.process.poll() is not None:
-            pytest.fail(f"{what} exited with {server.process.returncode} while starting:\n"
-                        f"{server.log_tail()}")
+            raise RuntimeError(f"{what} exited with {server.process.returncode} while "
+                               f"starting:\n{server.log_tail()}")
         if time.monotonic() > deadline:
-            pytest.fail(f"{what} not ready after {STARTUP_DEADLINE_S}s ({last}):\n"
-                        f"{server.log_tail()}")
+            raise RuntimeError(f"{what} not ready after {STARTUP_DEADLINE_S}s ({last}):\n"
+                               f"{server.log_tail()}")
         time.sleep(delay)
         delay = min(delay * 2, 0.5)
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: subprocess.Popen, grace_s: float = 1) -> None:
+    """Ask the server to stop, then kill it: SeaweedFS's graceful gRPC shutdown can take
+    longer than ten seconds, and its data is thrown away anyway."""
     process.terminate()
     try:
-        process.wait(timeout=15)
+        process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=15)
 
 
-@pytest.fixture(scope="session")
-def seaweed(tmp_path_factory):
+@contextlib.contextmanager
+def run_seaweed(work: pathlib.Path) -> Iterator[S3Server]:
+    """Run SeaweedFS with its files under ``work`` (an empty folder) until the block ends;
+    yields the server with its bucket created.  The ``seaweed`` fixture and the
+    transfer benchmark both use it."""
     weed = find_executable("weed")
-    work = tmp_path_factory.mktemp("seaweed")
     (work / "data").mkdir()
     access_key, secret_key = "FLYDEPLOYTESTKEY", "test/Secret+" + secrets.token_hex(8)
     (work / "s3.json").write_text(json.dumps({"identities": [{
@@ -175,6 +180,16 @@ def seaweed(tmp_path_factory):
         yield server
     finally:
         _stop(process)
+        # weed puts its gRPC unix sockets in /tmp whatever the options; these are ours.
+        for role, port in (("master", master_grpc), ("volume", volume_grpc),
+                           ("filer", filer_grpc), ("s3", s3_grpc)):
+            pathlib.Path(f"/tmp/seaweedfs-{role}-grpc-{port}.sock").unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    with run_seaweed(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -3,17 +3,24 @@ servers that misbehave on purpose."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import http.server
-import json
+import ipaddress
 import logging
 import os
 import socket
+import ssl
 import threading
 import urllib.error
 import urllib.request
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 import flydeploy
 
@@ -85,3 +92,347 @@ def test_if_match_replaces_only_the_expected_version(s3, key_prefix):
     assert s3.get(key) == b"v2"
     s3.delete(key, if_match=second)
     assert s3.head(key) is None
+
+
+def test_empty_object(s3, key_prefix, tmp_path):
+    key = key_prefix + "empty"
+    s3.put(key, b"")
+    assert s3.get(key) == b""
+    assert s3.head(key)["size"] == 0
+    assert s3.download(key, tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+    assert (tmp_path / "empty").read_bytes() == b""
+
+
+def test_50_mb_object_streams_both_ways(s3, key_prefix, tmp_path):
+    source = tmp_path / "big.bin"
+    block = os.urandom(1 << 20)
+    with open(source, "wb") as f:
+        for i in range(50):
+            f.write(block[i:] + block[:i])
+    expected = hashlib.sha256(source.read_bytes()).hexdigest()
+    key = key_prefix + "big.bin"
+    etag = s3.upload(key, source)
+    info = s3.head(key)
+    assert (info["etag"], info["size"]) == (etag, 50 << 20)
+    target = tmp_path / "copy.bin"
+    assert s3.download(key, target) == expected
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin", "copy.bin"]
+    assert hashlib.sha256(s3.get(key)).hexdigest() == expected
+
+
+def test_put_takes_a_path_and_refuses_other_types(s3, key_prefix, tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_bytes(b"from a file")
+    s3.put(key_prefix + "f", str(path))
+    assert s3.get(key_prefix + "f") == b"from a file"
+    with pytest.raises(TypeError, match="bytes or a file path"):
+        s3.put(key_prefix + "g", 42)
+    with pytest.raises(flydeploy.FlyDeployError, match="missing.txt"):
+        s3.upload(key_prefix + "h", tmp_path / "missing.txt")
+
+
+def test_listing_spans_several_pages(s3, key_prefix):
+    keys = sorted(f"{key_prefix}item-{i:03d}" for i in range(23))
+    for key in keys:
+        s3.put(key, b"x")
+    s3.put(key_prefix.rstrip("/") + "-sibling", b"not under the prefix")
+    pages = []
+    real_call = s3._call
+
+    def counting_call(*args, **kwargs):
+        pages.append(kwargs.get("query"))
+        return real_call(*args, **kwargs)
+
+    s3._call = counting_call
+    assert list(s3.list(key_prefix, page_size=5)) == keys
+    assert len(pages) == 5 and all("continuation-token" in q for q in pages[1:])
+
+
+def test_get_json_of_something_else_is_a_clear_error(s3, key_prefix):
+    s3.put(key_prefix + "notjson", b"<html>")
+    with pytest.raises(flydeploy.S3Error, match="not valid JSON") as caught:
+        s3.get_json(key_prefix + "notjson")
+    assert caught.value.code == "InvalidJSON"
+
+
+def test_presigned_url_works_with_plain_urllib(s3, key_prefix):
+    key = key_prefix + "shared file ü+.txt"
+    s3.put(key, b"presigned content")
+    with urllib.request.urlopen(s3.presigned_url(key, expires=60), timeout=10) as response:
+        assert response.read() == b"presigned content"
+    tampered = s3.presigned_url(key).replace("X-Amz-Expires=3600", "X-Amz-Expires=7200")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(tampered, timeout=10)
+    assert caught.value.code == 403
+
+
+def test_from_env_reads_the_standard_variables(seaweed, monkeypatch, key_prefix):
+    for name, value in seaweed.env().items():
+        monkeypatch.setenv(name, value)
+    client = flydeploy.S3.from_env()
+    assert (client.endpoint, client.bucket) == (seaweed.endpoint, seaweed.bucket)
+    client.put(key_prefix + "env", b"ok")
+    assert client.get(key_prefix + "env") == b"ok"
+    assert flydeploy.S3.from_env(bucket="other").bucket == "other"
+
+
+def test_from_env_names_every_missing_variable(monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "BUCKET_NAME",
+                 "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(flydeploy.ConfigError) as caught:
+        flydeploy.S3.from_env()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "BUCKET_NAME"):
+        assert name in str(caught.value)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AK")
+    with pytest.raises(flydeploy.ConfigError) as caught:
+        flydeploy.S3.from_env(bucket="b")
+    assert "AWS_SECRET_ACCESS_KEY" in str(caught.value)
+    assert "AWS_ACCESS_KEY_ID" not in str(caught.value) and "BUCKET" not in str(caught.value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SK")
+    client = flydeploy.S3.from_env(bucket="b")
+    assert client.endpoint == "https://fly.storage.tigris.dev" and client.region == "auto"
+
+
+def test_bad_endpoint_is_a_config_error():
+    with pytest.raises(flydeploy.ConfigError, match="AWS_ENDPOINT_URL_S3"):
+        flydeploy.S3("fly.storage.tigris.dev", "b", "AK", "SK")
+
+
+# --- moto: what SeaweedFS does not check -------------------------------------
+
+@pytest.mark.parametrize("key", ["double//slash", "dot/../dot", "./leading-dot", "trailing/.",
+                                 "/leading-slash", "sp ace+%$&=~ü"])
+def test_keys_are_signed_exactly_as_sent(moto, key):
+    client = moto.client()
+    client.put(key, key.encode())
+    assert client.get(key) == key.encode()
+    assert key in set(client.list(""))
+
+
+def test_session_token_is_sent_and_signed(moto):
+    access_key, secret_key, token = moto.session_credentials()
+    client = moto.client(access_key=access_key, secret_key=secret_key, session_token=token)
+    client.put("with-token", b"temporary credentials")
+    assert client.get("with-token") == b"temporary credentials"
+    wrong = moto.client(access_key=access_key, secret_key=secret_key, session_token=token[:-4])
+    with pytest.raises(flydeploy.S3Error) as caught:
+        wrong.get("with-token")
+    assert caught.value.code == "InvalidToken"
+    assert token[:-4] not in str(caught.value) and secret_key not in str(caught.value)
+
+
+def test_wrong_secret_on_moto_too(moto):
+    with pytest.raises(flydeploy.S3Error) as caught:
+        moto.client(secret_key="wrong").put("k", b"v")
+    assert caught.value.code == "SignatureDoesNotMatch"
+
+
+# --- misbehaving servers ----------------------------------------------------
+
+class ScriptedServer:
+    """A local HTTP server answering the n-th request with ``script[n]`` (the last entry
+    repeats): a (status, body) pair, or "truncate" (a 200 promising more bytes than it
+    sends, then the connection is cut) or "die" (like truncate, and the server stops)."""
+
+    def __init__(self, script):
+        self.script = script
+        self.requests: list[tuple[str, str, dict]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def handle_one(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                outer.requests.append((self.command, self.path, dict(self.headers)))
+                step = outer.script[min(len(outer.requests), len(outer.script)) - 1]
+                if step in ("truncate", "die"):
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(10 << 20))
+                    self.end_headers()
+                    self.wfile.write(b"x" * (256 << 10))
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    if step == "die":
+                        outer.stop()
+                    return
+                status, body = step
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("ETag", '"e"')
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = handle_one
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.stopped = False
+
+    def stop(self):
+        if not self.stopped:
+            self.stopped = True
+            self.httpd.socket.close()
+            threading.Thread(target=self.httpd.shutdown, daemon=True).start()
+
+
+@pytest.fixture
+def scripted(request):
+    servers = []
+
+    def start(script):
+        server = ScriptedServer(script)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+SECRET = "sEcReT/with+chars-0123456789abcdef"
+TOKEN = "session-token-ABCDEFG-0123456789"
+
+
+def _client(endpoint):
+    return flydeploy.S3(endpoint, "bucket", "AKIDEXAMPLE", SECRET, session_token=TOKEN)
+
+
+def _error_xml(code, message):
+    return (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+            f"<Message>{message}</Message><RequestId>req-1</RequestId></Error>").encode()
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 408, 429])
+def test_retryable_statuses_are_retried(scripted, fast_retries, status):
+    server = scripted([(status, _error_xml("Busy", "try later")), (status, b""), (200, b"body")])
+    assert _client(server.endpoint).get("k") == b"body"
+    assert len(server.requests) == 3
+
+
+def test_retries_give_up_with_the_last_error(scripted, fast_retries):
+    server = scripted([(503, _error_xml("SlowDown", "Please reduce your request rate."))])
+    with pytest.raises(flydeploy.S3Error) as caught:
+        _client(server.endpoint).put("k", b"v")
+    assert len(server.requests) == flydeploy.S3.retry_attempts
+    error = caught.value
+    assert (error.status, error.code, error.request_id, error.key) == (503, "SlowDown", "req-1", "k")
+    assert "gave up after" in str(error)
+
+
+@pytest.mark.parametrize("status,cls", [(400, flydeploy.S3Error), (403, flydeploy.S3Error),
+                                        (404, flydeploy.NotFound),
+                                        (412, flydeploy.PreconditionFailed)])
+def test_other_client_errors_are_never_retried(scripted, fast_retries, status, cls):
+    server = scripted([(status, _error_xml("Nope", "no")), (200, b"body")])
+    with pytest.raises(cls) as caught:
+        _client(server.endpoint).get("k")
+    assert type(caught.value) is cls and caught.value.status == status
+    assert len(server.requests) == 1
+
+
+def test_every_request_is_consistent_and_signed(scripted):
+    server = scripted([(200, b"")])
+    _client(server.endpoint).put("a key", b"v", content_type="text/plain", if_none_match="*")
+    method, path, headers = server.requests[0]
+    assert (method, path) == ("PUT", "/bucket/a%20key")
+    assert headers["x-tigris-consistent"] == "true"
+    assert headers["X-Amz-Security-Token"] == TOKEN
+    signed = headers["Authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
+    assert {"host", "if-none-match", "content-type", "x-tigris-consistent",
+            "x-amz-security-token", "x-amz-date", "x-amz-content-sha256"} <= set(signed)
+
+
+@pytest.mark.parametrize("failure", ["truncate", "die"])
+def test_server_dying_mid_download_leaves_no_partial_file(scripted, fast_retries, tmp_path,
+                                                          failure):
+    server = scripted([failure])
+    target = tmp_path / "release.tar.gz"
+    target.write_bytes(b"previous content")
+    client = _client(server.endpoint)
+    with pytest.raises(flydeploy.S3Error) as caught:
+        client.download("releases/app.tar.gz", target)
+    assert "gave up after" in str(caught.value)
+    if failure == "truncate":
+        assert f"of {10 << 20} bytes" in str(caught.value)
+        assert len(server.requests) == flydeploy.S3.retry_attempts
+    assert target.read_bytes() == b"previous content"
+    assert [p.name for p in tmp_path.iterdir()] == ["release.tar.gz"]
+    with pytest.raises(flydeploy.S3Error):
+        client.get("releases/app.tar.gz")
+
+
+def test_secrets_never_appear_in_errors_or_logs(scripted, fast_retries, caplog):
+    server = scripted([(503, _error_xml("SlowDown", "busy")), (403, _error_xml("AccessDenied",
+                                                                              "denied"))])
+    client = _client(server.endpoint)
+    caught = []
+    with caplog.at_level(logging.DEBUG, logger="flydeploy"):
+        for call in (lambda: client.get("k"), lambda: _client("http://127.0.0.1:9").get("k")):
+            with pytest.raises(flydeploy.S3Error) as info:
+                call()
+            caught.append(info.value)
+    texts = [str(e) for e in caught] + [repr(e) for e in caught] + [repr(client)]
+    texts += [str(e.__dict__) for e in caught] + [r.getMessage() for r in caplog.records]
+    assert len(caplog.records) >= 2
+    for text in texts:
+        assert SECRET not in text and TOKEN not in text
+
+
+def test_timeouts_are_retried_then_reported(fast_retries):
+    # A listening socket that never answers: connections queue in the backlog.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        client = flydeploy.S3(f"http://127.0.0.1:{port}", "bucket", "AK", SECRET, timeout=0.2)
+        with pytest.raises(flydeploy.S3Error) as caught:
+            client.get("k")
+    assert caught.value.code == "ConnectionError"
+    assert "timed out" in str(caught.value) and "gave up after" in str(caught.value)
+
+
+def _self_signed_certificate(tmp_path):
+    """A certificate for 127.0.0.1 signed by itself: (cert path, key path)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flydeploy test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_certificates_are_always_verified(scripted, fast_retries, tmp_path, monkeypatch):
+    server = scripted([(200, b"over tls")])
+    cert_path, key_path = _self_signed_certificate(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    server.httpd.socket = context.wrap_socket(server.httpd.socket, server_side=True)
+    endpoint = server.endpoint.replace("http://", "https://")
+    with pytest.raises(flydeploy.S3Error, match="certificate") as caught:
+        _client(endpoint).get("k")
+    assert "gave up" not in str(caught.value)  # a bad certificate is never retried
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert_path))  # now the system trusts it
+    assert _client(endpoint).get("k") == b"over tls"
