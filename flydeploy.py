@@ -130,7 +130,6 @@ __all__ = [
     # 3. Fleet orchestration
     "FleetConfig",
     "load_config",
-    "check_version",
     "default_version",
     "MachineSelection",
     "machine_group",
@@ -1955,7 +1954,6 @@ _RESULT_RE = re.compile(re.escape(_RESULT_MARKER) + r"(.*?)" + re.escape(_RESULT
 ORCHESTRATOR_MARKER = "__FLYDEPLOY_ORCHESTRATOR__"
 _INTERNAL_GROUPS = frozenset({"fly_app_release_command", "fly_app_console"})
 _PENDING_STATES = frozenset({"stopped", "suspended"})
-_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # Transport failures, 408 and 5xx of an exec are tried this many times more.
 _EXEC_RETRIES = 3
 _TOML_LINE_RE = re.compile(r"\(at line (\d+), column (\d+)\)")
@@ -2129,14 +2127,6 @@ def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.P
         env=env, processes=fly_tables["processes"], build=fly_tables["build"], sources=sources)
 
 
-def check_version(version: str) -> str:
-    """Return ``version`` if it can name a release (letters, digits, ``. _ -``), else raise ``ConfigError``."""
-    if not _VERSION_RE.fullmatch(version or ""):
-        raise ConfigError(f"version {version!r} cannot name a release: use letters, digits, '.', '_' "
-                          f"and '-' (at most 100, starting with a letter or digit)")
-    return version
-
-
 @dataclasses.dataclass(frozen=True)
 class MachineSelection:
     """Which machines an upgrade reaches: ``targets`` now (started), ``pending``
@@ -2305,8 +2295,9 @@ class FleetReport:
 def _map_concurrently(fn: Callable[[Any], Any], items: Sequence[Any], limit: int) -> Iterator[Any]:
     """Yield ``fn(item)`` for every item as each finishes, at most ``limit`` at a time.
 
-    ``fn`` must not raise.  The worker threads are daemons and stop taking work
-    when the caller stops iterating (Ctrl-C), so an interrupted run exits at once.
+    An exception ``fn`` raises is raised here.  The worker threads are daemons
+    and stop taking work when the caller stops iterating (an error, Ctrl-C), so
+    an interrupted run exits at once.
     """
     todo: queue.SimpleQueue = queue.SimpleQueue()
     done: queue.SimpleQueue = queue.SimpleQueue()
@@ -2320,13 +2311,19 @@ def _map_concurrently(fn: Callable[[Any], Any], items: Sequence[Any], limit: int
                 item = todo.get_nowait()
             except queue.Empty:
                 return
-            done.put(fn(item))
+            try:
+                done.put((fn(item), None))
+            except BaseException as exc:  # handed to the caller, who would otherwise wait forever
+                done.put((None, exc))
 
     try:
         for _ in range(min(limit, len(items))):
             threading.Thread(target=work, name="flydeploy-exec", daemon=True).start()
         for _ in items:
-            yield done.get()
+            result, error = done.get()
+            if error is not None:
+                raise error
+            yield result
     finally:
         stop.set()
 
@@ -2366,10 +2363,6 @@ def _pick_rollback(current: Mapping[str, Any] | None, to: str | None) -> dict:
     raise FlyDeployError(f"version {to!r} is not in the hot upgrade history; pass --to one of: {known}")
 
 
-def _now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def default_version() -> str:
     """A new release version: the UTC time, sortable, and a random suffix (``20261121T101500Z-3f2a``)."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(2)
@@ -2381,7 +2374,7 @@ def _release_entry(store: Any, app: str, image_ref: str, *, root: str | os.PathL
     """The ``hot_upgrade`` record to push and whether its tarball was uploaded now."""
     if rollback or rollback_to is not None:
         entry = _pick_rollback(read_current(store, app)[0], rollback_to)
-        entry["deployed_at"] = _now_iso()
+        entry["deployed_at"] = _iso_utc(_utc_now())
         say(f"Rolling {app} back to {entry['version']}")
         return entry, False
     version = version or default_version()

@@ -177,41 +177,37 @@ def _stream(command: list[str], on_line: Callable[[str], None], *, silence_s: fl
             "and put it on PATH") from None
     fd = process.stdout.fileno()
     buffer = b""
-    interrupted_at = None
+    interrupted = silent = False
     try:
         while True:
-            limit = silence_s if interrupted_at is None else _INTERRUPT_GRACE_S
             try:
-                ready, _, _ = select.select([fd], [], [], limit)
+                ready, _, _ = select.select([fd], [], [], _INTERRUPT_GRACE_S if interrupted else silence_s)
+                if not ready:
+                    silent = True
+                    break
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                lines, buffer = _split_lines(buffer + chunk)
+                for line in lines:
+                    on_line(line.decode("utf-8", "replace"))
             except KeyboardInterrupt:
-                if interrupted_at is not None:
+                if interrupted:
                     raise
-                interrupted_at = time.monotonic()
+                interrupted = True
                 os.killpg(process.pid, signal.SIGINT)
-                continue
-            if not ready:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                if interrupted_at is not None:
-                    raise KeyboardInterrupt
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            lines, buffer = _split_lines(buffer + chunk)
-            for line in lines:
-                on_line(line.decode("utf-8", "replace"))
         if buffer:
             on_line(buffer.decode("utf-8", "replace"))
-        code = process.wait()
+        if not silent:
+            process.wait()
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         process.stdout.close()
-    if interrupted_at is not None:
+    if interrupted:
         raise KeyboardInterrupt
-    return code
+    return None if silent else process.returncode
 
 
 def run_build(command: list[str], expected_image: str, *, silence_s: float = BUILD_SILENCE_S,
@@ -312,11 +308,39 @@ def _say(line: str) -> None:
 
 
 def _config(args: argparse.Namespace) -> flydeploy.FleetConfig:
-    path = os.path.normpath(args.config)
-    config = flydeploy.load_config(os.path.dirname(path) or ".", config=os.path.basename(path),
-                                   overrides=flydeploy.fleet_overrides(args))
+    overrides = flydeploy.fleet_overrides(args)
+    if args.local:
+        # No Fly here: fly.toml is optional and the agents' FLY_APP_NAME names the app.
+        overrides.setdefault("app", os.environ.get("FLY_APP_NAME") or None)
+        config = flydeploy.load_config(args.root or ".", overrides=overrides)
+    else:
+        path = os.path.normpath(args.config)
+        config = flydeploy.load_config(os.path.dirname(path) or ".", config=os.path.basename(path),
+                                       overrides=overrides)
     config.require_app()
     return config
+
+
+def _local_store(args: argparse.Namespace, config: flydeploy.FleetConfig) -> flydeploy.LocalStore:
+    return flydeploy.LocalStore(args.store or os.path.join(config.project_dir, ".flydeploy"))
+
+
+def _local_push(args: argparse.Namespace, config: flydeploy.FleetConfig, *, version: str | None = None,
+                rollback: bool = False, rollback_to: str | None = None) -> int:
+    """Local mode: the release goes from a local store to every agent of the app on this host."""
+    store = _local_store(args, config)
+    if args.dry_run:
+        what = f"roll back to {rollback_to or 'the previous release'}" if rollback else f"pack {config.root}"
+        _print_plan(config, [], [f"{what}, record it in {store.root} and apply it to every flydeploy "
+                                 f"agent of {config.app} on this host (python -m flydeploy rpc upgrade)"])
+        return 0
+    report = flydeploy.orchestrate(
+        config.app, "local", store=store, api=flydeploy.LocalMachines(config.app, cwd=config.root),
+        root=config.root, version=version, include=config.include, exclude=config.exclude,
+        rollback=rollback, rollback_to=rollback_to, force=args.force, lock_timeout=config.lock_timeout,
+        timeout=config.timeout, max_concurrency=config.max_concurrency,
+        suspend_timeout=config.suspend_timeout, process_groups=config.process_groups, python=sys.executable)
+    return report.exit_code
 
 
 def _owner() -> tuple[str, bool]:
@@ -325,7 +349,7 @@ def _owner() -> tuple[str, bool]:
     return who or f"{getpass.getuser()}@{socket.gethostname()}", who is not None
 
 
-def _print_plan(config: flydeploy.FleetConfig, commands: list[list[str]]) -> None:
+def _print_plan(config: flydeploy.FleetConfig, commands: list[list[str]], steps: Iterable[str] = ()) -> None:
     print("Configuration (flags > pyproject.toml [tool.flydeploy] > fly.toml > defaults):")
     for key, source in config.sources.items():
         value = getattr(config, key)
@@ -336,9 +360,9 @@ def _print_plan(config: flydeploy.FleetConfig, commands: list[list[str]]) -> Non
         print(f"  {key:<16} {value if value is not None else '-'}  ({source})")
     env = ", ".join(_shown(k, v) for k, v in config.env.items()) or "-"
     print(f"  {'fly.toml [env]':<16} {env}")
-    print("Commands that would run:")
-    for number, command in enumerate(commands, 1):
-        print(f"  {number}. {shlex.join(redact(command))}")
+    print("Commands that would run:" if commands else "What would happen:")
+    for number, step in enumerate([shlex.join(redact(c)) for c in commands] + list(steps), 1):
+        print(f"  {number}. {step}")
     print("Nothing was built, pushed, locked or changed (--dry-run).")
 
 
@@ -377,12 +401,18 @@ def _push(config: flydeploy.FleetConfig, image: str, argv: list[str], dry_run: b
 
 
 def _hot(args: argparse.Namespace) -> int:
+    if args.local and (args.skip_build or args.image or args.build_args or args.no_cache):
+        raise flydeploy.ConfigError("--local builds no image: --skip-build, --image, --build-arg and "
+                                    "--no-cache do not apply")
     if args.image and not args.skip_build:
         raise flydeploy.ConfigError("--image REF goes with --skip-build (upgrade from an image already pushed)")
     if args.skip_build and not args.image:
         raise flydeploy.ConfigError("--skip-build needs --image REF: the image to run the orchestrator from")
     config = _config(args)
-    version = flydeploy.check_version(args.version or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    version = args.version or flydeploy.default_version()
+    flydeploy.release_key(config.app, version)  # a version that cannot name a release stops here
+    if args.local:
+        return _local_push(args, config, version=version)
     label = f"flydeploy-{version}-{secrets.token_hex(3)}"
     image = args.image or f"registry.fly.io/{config.app}:{label}"
     build = None if args.skip_build else build_command(config, label, no_cache=args.no_cache)
@@ -412,7 +442,9 @@ def _running_image(config: flydeploy.FleetConfig) -> str:
 def _rollback(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.to:
-        flydeploy.check_version(args.to)
+        flydeploy.release_key(config.app, args.to)
+    if args.local:
+        return _local_push(args, config, rollback=True, rollback_to=args.to)
     image = args.image or _running_image(config)
     argv = orchestrate_argv(config, image, force=args.force, rollback=True, rollback_to=args.to)
     return _push(config, image, argv, args.dry_run)
@@ -425,14 +457,18 @@ def _image_tag(image: str) -> str:
 
 def _status(args: argparse.Namespace) -> int:
     config = _config(args)
-    store = flydeploy.S3.from_env(bucket=config.bucket)
-    token = os.environ.get("FLY_API_TOKEN") or mint_exec_token(config)
-    if not token:
-        raise flydeploy.ConfigError("status needs a Machines API token: set FLY_API_TOKEN, or log in with "
-                                    "`fly auth login` so that one can be minted")
-    rows = flydeploy.fleet_status(config.app, store=store, api=flydeploy.Machines(config.app, token),
-                                  python=config.python, process_groups=config.process_groups,
-                                  max_concurrency=config.max_concurrency)
+    if args.local:
+        store, python = _local_store(args, config), sys.executable
+        api = flydeploy.LocalMachines(config.app, cwd=config.root)
+    else:
+        store, python = flydeploy.S3.from_env(bucket=config.bucket), config.python
+        token = os.environ.get("FLY_API_TOKEN") or mint_exec_token(config)
+        if not token:
+            raise flydeploy.ConfigError("status needs a Machines API token: set FLY_API_TOKEN, or log in "
+                                        "with `fly auth login` so that one can be minted")
+        api = flydeploy.Machines(config.app, token)
+    rows = flydeploy.fleet_status(config.app, store=store, api=api, python=python,
+                                  process_groups=config.process_groups, max_concurrency=config.max_concurrency)
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return 0
@@ -470,6 +506,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     status = commands.add_parser("status", allow_abbrev=False, help="what every machine runs")
     for sub in (hot, rollback, status):
         sub.add_argument("--config", default="fly.toml", help="the app's fly.toml (default: ./fly.toml)")
+        sub.add_argument("--local", action="store_true",
+                         help="no Fly, no S3: the app's processes on this host and a local store")
+        sub.add_argument("--root", metavar="DIR", help="with --local: the project (default: the current directory)")
+        sub.add_argument("--store", metavar="DIR", help="with --local: the release store (default: ROOT/.flydeploy)")
     for sub in (hot, rollback):
         flydeploy.add_fleet_arguments(sub)
         sub.add_argument("--dry-run", action="store_true",
@@ -511,10 +551,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if getattr(args, "build_args", None):
         args.build_args = dict(args.build_args)
+    if not args.local and (args.root or args.store):
+        (subs[args.command]).error("--root and --store go with --local")
     handler = {"hot": _hot, "rollback": _rollback, "status": _status}[args.command]
     try:
         return handler(args)
-    except flydeploy.ConfigError as exc:
+    except (flydeploy.ConfigError, flydeploy.LockHeld) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except flydeploy.FlyDeployError as exc:

@@ -2,13 +2,16 @@
 flags, the exact flyctl command lines, redaction, machine selection, result
 markers, status rows, and the build / launch steps against stub executables."""
 
+import io
 import json
 import os
-import pathlib
 import shlex
+import signal
 import stat
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -123,13 +126,6 @@ def test_bad_settings_are_named(project):
         flydeploy.load_config(project, config="staging.toml")
 
 
-def test_release_versions_are_checked():
-    assert flydeploy.check_version("2026.11.21-rc_1") == "2026.11.21-rc_1"
-    for bad in ("", "../x", "a b", "-x", "v/1", "x" * 101):
-        with pytest.raises(flydeploy.ConfigError, match="cannot name a release"):
-            flydeploy.check_version(bad)
-
-
 # --- flyctl command lines -----------------------------------------------------
 
 
@@ -237,6 +233,8 @@ def test_bad_settings_exit_2_with_the_reason(project, stub_fly, capsys, monkeypa
     assert "--max-concurrency" in capsys.readouterr().err
     assert flydeploy_cli.main(["hot", "--skip-build"]) == 2
     assert "--skip-build needs --image" in capsys.readouterr().err
+    assert flydeploy_cli.main(["hot", "--dry-run", "--version", "../v1"]) == 2
+    assert "version '../v1' cannot name a release" in capsys.readouterr().err
     assert flydeploy_cli.main(["hot", "--dry-run", "--config", "nope/fly.toml"]) == 2
     assert "nope/fly.toml not found" in capsys.readouterr().err
     assert stub_fly() == []
@@ -319,6 +317,33 @@ def test_launch_passes_the_orchestrator_exit_code_through(tmp_path, capsys):
     never = script(tmp_path / "never", "import sys\nsys.exit(1)\n")
     assert flydeploy_cli.launch_orchestrator([str(never)], attempts=2, retry_delay_s=0) == 1
     assert "did not start after 2 attempts" in capsys.readouterr().out
+
+
+def test_ctrl_c_reaches_the_orchestrator_and_its_last_words_are_shown(tmp_path, capsys):
+    ready = tmp_path / "ready"
+    orchestrator = script(tmp_path / "orchestrator", f"""
+        import pathlib, signal, sys, time
+        def interrupted(signum, frame):
+            print("interrupted; the deploy lock was released", flush=True)
+            print("{MARKER} exit 130", flush=True)
+            sys.exit(1)
+        signal.signal(signal.SIGINT, interrupted)
+        print("{MARKER} started", flush=True)
+        pathlib.Path({str(ready)!r}).write_text("yes")
+        time.sleep(60)
+    """)
+    main_thread = threading.main_thread().ident
+
+    def interrupt_when_ready():
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        signal.pthread_kill(main_thread, signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_ready, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        flydeploy_cli.launch_orchestrator([str(orchestrator)], retry_delay_s=0)
+    assert "the deploy lock was released" in capsys.readouterr().out
 
 
 def test_exec_token_is_minted_from_the_session(project, tmp_path):
@@ -432,3 +457,13 @@ def test_status_rows():
                                 applied)["verdict"] == "STALE image"
     assert flydeploy.status_row(machine("b", state="stopped"), current)["verdict"] == "stopped"
     assert flydeploy.status_row(machine("a"), None, [{"pid": 1}])["verdict"] == "✓ up to date"
+
+
+def test_a_bug_in_the_per_machine_step_surfaces_instead_of_hanging():
+    def explode(item):
+        if item == 2:
+            raise RuntimeError("bug")
+        return item
+
+    with pytest.raises(RuntimeError, match="bug"):
+        list(flydeploy._map_concurrently(explode, [1, 2, 3], 2))
