@@ -3,10 +3,8 @@ servers that misbehave on purpose."""
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import http.server
-import ipaddress
 import logging
 import os
 import socket
@@ -16,13 +14,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 import flydeploy
+from tests.certificates import self_signed_certificate
 
 AWKWARD_KEYS = ["with space.txt", "ünïcødé/ключ/鍵.bin", "plus+sign", "per%cent", "dollar$sign",
                 "amp&eq=tilde~", "colon:semi;comma,", "quote'and\"", "a#hash?q", "tab\there"]
@@ -403,30 +397,9 @@ def test_timeouts_are_retried_then_reported(fast_retries):
     assert "timed out" in str(caught.value) and "gave up after" in str(caught.value)
 
 
-def _self_signed_certificate(tmp_path):
-    """A certificate for 127.0.0.1 signed by itself: (cert path, key path)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flydeploy test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 def test_tls_certificates_are_always_verified(scripted, fast_retries, tmp_path, monkeypatch):
     server = scripted([(200, b"over tls")])
-    cert_path, key_path = _self_signed_certificate(tmp_path)
+    cert_path, key_path = self_signed_certificate(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_path, key_path)
     server.httpd.socket = context.wrap_socket(server.httpd.socket, server_side=True)

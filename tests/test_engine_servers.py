@@ -1,0 +1,324 @@
+"""Upgrades of running servers and event loops: pause, code_change, rollback,
+queued messages, an open TCP stream, a hammer of calls, a parked asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+
+import flydeploy
+from engine_tree import Tree
+
+COUNTER = """
+import flydeploy
+class Counter(flydeploy.Server):
+    vsn = {vsn}
+    def init(self, start=0):
+        return {{"n": start, "log": []}}
+    def handle_call(self, request, state):
+        if request == "block":
+            state["entered"].set()
+            state["release"].wait(30)
+            return "unblocked", state
+        if isinstance(request, tuple) and request[0] == "arm":
+            state["entered"], state["release"] = request[1], request[2]
+            return "armed", state
+        return {reply}, state
+    def handle_cast(self, message, state):
+        state["log"].append(({tag!r}, message))
+        return state
+    def handle_info(self, message, state):
+        if isinstance(message, flydeploy.Upgraded):
+            state["log"].append(("upgraded", message.modules))
+        return state
+    def code_change(self, old_vsn, state, extra):
+{code_change}
+"""
+KEEP = "        return state"
+
+
+def counter_source(vsn=1, reply='state["n"]', tag="old", code_change=KEEP):
+    return COUNTER.format(vsn=vsn, reply=reply, tag=tag, code_change=code_change)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    t = Tree(tmp_path / "app")
+    t.started = []
+    t.start = lambda cls, *a, **k: t.started.append(cls.start(*a, **k)) or t.started[-1]
+    yield t
+    for server in t.started:
+        if server.alive:
+            server.stop(timeout=10)
+    t.close()
+
+
+def test_code_change_gets_old_vsn_and_upgraded_message_comes_after_queued_ones(tree):
+    tree.write("srv.py", counter_source())
+    srv = tree.load("srv")
+    counter = tree.start(srv.Counter, 5, name=f"{tree.pkg}-counter")
+    counter.cast("before")
+    assert counter.call("get") == 5  # the cast was handled by the old code
+    # the new code_change queues messages while everything is held: they are
+    # handled afterwards, in order, by the new handle_cast
+    tree.write("srv.py", counter_source(vsn=2, reply='state["n"] * 100', tag="new", code_change="""
+        for i in range(5):
+            self.cast(i)
+        return {**state, "n": state["n"] + 1, "from": old_vsn, "extra": extra}"""))
+    report = tree.reload(extra={"why": "test"})
+    assert report.ok, report.error
+    assert report.servers_upgraded == [f"{tree.pkg}-counter"]
+    assert counter.call("get") == 600
+    state = flydeploy.get_state(counter)
+    assert state["from"] == 1 and state["extra"] == {"why": "test"}
+    assert state["log"] == [("old", "before")] + [("new", i) for i in range(5)] + [
+        ("upgraded", (tree.name("srv"),))]
+    assert report.suspend_ms > 0
+
+
+def test_server_started_at_module_level_is_not_started_again(tree):
+    tree.write("srv.py", counter_source())
+    tree.write("app.py", f"""
+        from {tree.pkg} import srv
+        counter = srv.Counter.start(7, name="{tree.pkg}-module-level")
+        def describe():
+            return "old"
+    """)
+    app = tree.load("app")
+    tree.started.append(app.counter)
+    before = flydeploy.servers()
+    tree.write("app.py", f"""
+        from {tree.pkg} import srv
+        counter = srv.Counter.start(7, name="{tree.pkg}-module-level")
+        def describe():
+            return "new"
+    """)
+    report = tree.reload()
+    assert report.ok, report.error
+    assert app.describe() == "new" and flydeploy.servers() == before
+    assert app.counter.call("get") == 7
+
+
+def test_unaffected_server_gets_no_code_change_or_message(tree):
+    tree.write("srv.py", counter_source())
+    tree.write("other.py", counter_source(code_change='        raise AssertionError("not me")'))
+    srv, other = tree.load("srv"), tree.load("other")
+    tree.start(srv.Counter)
+    bystander = tree.start(other.Counter)
+    tree.write("srv.py", counter_source(reply='"new"'))
+    report = tree.reload()
+    assert report.ok, report.error
+    assert flydeploy.get_state(bystander)["log"] == []
+    assert repr(bystander) not in report.servers_upgraded
+
+
+def test_busy_server_past_suspend_timeout_aborts_before_anything_changed(tree):
+    tree.write("srv.py", counter_source())
+    srv = tree.load("srv")
+    busy = tree.start(srv.Counter, name=f"{tree.pkg}-busy")
+    entered, release = threading.Event(), threading.Event()
+    busy.call(("arm", entered, release))
+    blocked = threading.Thread(target=busy.call, args=("block", 30))
+    blocked.start()
+    try:
+        assert entered.wait(10)
+        tree.write("srv.py", counter_source(reply='"new"'))
+        report = tree.reload(suspend_timeout=0.2)
+        assert not report.ok and not report.rolled_back
+        assert report.servers_failed == [f"{tree.pkg}-busy"] and f"{tree.pkg}-busy" in report.error
+        assert srv.Counter.handle_call.__code__.co_consts.count("new") == 0
+        assert tree.name("srv") in flydeploy.modified_modules()
+    finally:
+        release.set()
+        blocked.join(10)
+    assert busy.call("get") == 0
+    assert tree.reload().ok and busy.call("get") == "new"
+
+
+def test_failing_code_change_rolls_back_code_and_every_state_and_loses_no_message(tree):
+    tree.write("srv.py", counter_source())
+    srv = tree.load("srv")
+    first = tree.start(srv.Counter, 1, name=f"{tree.pkg}-first")
+    second = tree.start(srv.Counter, 2, name=f"{tree.pkg}-second")
+    tree.write("srv.py", counter_source(reply='"new"', tag="new", code_change="""
+        self.cast("queued during the pause")
+        if state["n"] == 2:
+            raise ValueError("cannot migrate")
+        return {"n": -1, "log": state["log"]}"""))
+    report = tree.reload()
+    assert not report.ok and report.rolled_back and "cannot migrate" in report.error
+    assert report.servers_failed == [f"{tree.pkg}-second"]
+    assert first.call("get") == 1 and second.call("get") == 2
+    assert flydeploy.get_state(first)["log"] == [("old", "queued during the pause")]
+    assert flydeploy.get_state(second)["log"] == [("old", "queued during the pause")]
+    assert tree.name("srv") in flydeploy.modified_modules()
+
+
+def test_tcp_connection_keeps_streaming_across_the_upgrade(tree):
+    tree.write("render.py", "def render(n):\n    return f'v1:{n}'\n")
+    tree.write("stream.py", f"""
+        import flydeploy
+        from {tree.pkg} import render
+        class Streamer(flydeploy.Server):
+            def init(self, conn):
+                return {{"conn": conn, "sent": 0}}
+            def handle_cast(self, n, state):
+                state["conn"].sendall((render.render(n) + "\\n").encode())
+                state["sent"] += 1
+                return state
+    """)
+    stream = tree.load("stream")
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    conn, _ = listener.accept()
+    streamer = tree.start(stream.Streamer, conn)
+    replies = client.makefile("r")
+    seen, warmed_up, stop = [], threading.Event(), threading.Event()
+
+    def produce():
+        n = 0
+        while not stop.is_set() or n < 200:
+            streamer.cast(n)
+            seen.append(replies.readline().strip())
+            n += 1
+            if n == 100:
+                warmed_up.set()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        assert warmed_up.wait(30)
+        tree.write("render.py", "def render(n):\n    return f'v2:{n}'\n")
+        report = tree.reload()
+        assert report.ok, report.error
+        stop.set()
+        producer.join(60)
+    finally:
+        stop.set()
+        client.close(), conn.close(), listener.close()
+    assert not producer.is_alive()
+    versions = [s.split(":")[0] for s in seen]
+    numbers = [int(s.split(":")[1]) for s in seen]
+    assert numbers == list(range(len(seen)))  # nothing lost, nothing reordered
+    first_new = versions.index("v2")
+    assert first_new >= 100
+    assert set(versions[:first_new]) == {"v1"} and set(versions[first_new:]) == {"v2"}
+
+
+def test_hammer_10000_calls_while_signature_and_callers_change(tree):
+    tree.write("lib.py", "def price(amount):\n    return amount * 2\n")
+    caller = """
+        import flydeploy
+        from {pkg} import lib
+        class Shop(flydeploy.Server):
+            def handle_call(self, amount, state):
+                return {call}, state
+    """
+    tree.write("shop.py", caller.format(pkg=tree.pkg, call="lib.price(amount)"))
+    shop = tree.load("shop")
+    shops = [tree.start(shop.Shop) for _ in range(4)]
+    errors, results, progress = [], [], threading.Semaphore(0)
+
+    def hammer(index):
+        for i in range(2500):
+            try:
+                results.append((index, i, shops[index].call(7, timeout=30)))
+            except Exception as exc:  # every failure is recorded, none expected
+                errors.append(exc)
+            if i == 500:
+                progress.release()
+
+    threads = [threading.Thread(target=hammer, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for _ in threads:
+        assert progress.acquire(timeout=60)
+    # a module body that takes a while after the signature changed: a server
+    # that was not held would call the new price() from its old caller
+    tree.write("lib.py", """
+        import time
+        def price(amount, rate):
+            return amount * rate
+        time.sleep(0.05)
+    """)
+    tree.write("shop.py", caller.format(pkg=tree.pkg, call="lib.price(amount, 3)"))
+    report = tree.reload()
+    for thread in threads:
+        thread.join(120)
+    assert report.ok, report.error
+    assert errors == [] and len(results) == 10000
+    for index in range(4):
+        mine = [value for k, _, value in sorted(results) if k == index]
+        switch = mine.index(21) if 21 in mine else len(mine)
+        assert set(mine[:switch]) <= {14} and set(mine[switch:]) == {21}
+    assert shops[0].call(1) == 3
+
+
+def test_attached_loop_parks_coroutines_mid_await_and_resumes_with_new_code(tree):
+    tree.write("work.py", """
+        ticks = 0
+        def step():
+            return "old"
+    """)
+    work = tree.load("work")
+    loop = asyncio.new_event_loop()
+    results, waited, ticking = [], [], threading.Event()
+    resume = None
+
+    async def ticker():
+        while results.count("new") < 20:
+            work.ticks += 1
+            results.append(work.step())
+            if work.ticks == 10:
+                ticking.set()
+            await asyncio.sleep(0)
+
+    async def waiter():
+        before = work.step()
+        await resume.wait()  # parked at this await across the whole upgrade
+        waited.append((before, work.step()))
+
+    async def main():
+        nonlocal resume
+        resume = asyncio.Event()
+        flydeploy.attach_loop()
+        await asyncio.wait_for(asyncio.gather(ticker(), waiter()), 60)
+
+    runner = threading.Thread(target=loop.run_until_complete, args=(main(),))
+    runner.start()
+    try:
+        assert ticking.wait(30)
+        tree.write("work.py", """
+            import time
+            ticks = 0
+            ticks_seen = []
+            def step():
+                return "new"
+            def __hot_upgrade__(old_globals):
+                # runs inside the pause: the loop must not tick meanwhile
+                ticks_seen.append(ticks)
+                deadline = time.monotonic() + 0.05
+                while time.monotonic() < deadline:
+                    pass
+                ticks_seen.append(ticks)
+        """)
+        report = tree.reload()
+        assert report.ok, report.error
+        loop.call_soon_threadsafe(resume.set)
+        runner.join(60)
+    finally:
+        flydeploy.detach_loop(loop)
+        if runner.is_alive():
+            loop.call_soon_threadsafe(resume.set)
+            runner.join(60)
+        loop.close()
+    assert work.ticks_seen[0] == work.ticks_seen[1] >= 10
+    assert waited == [("old", "new")]
+    first_new = results.index("new")
+    assert first_new >= 10 and set(results[:first_new]) == {"old"}
+    assert set(results[first_new:]) == {"new"}
+    assert report.suspend_ms > 0
