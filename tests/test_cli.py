@@ -459,6 +459,166 @@ def test_status_rows():
     assert flydeploy.status_row(machine("a"), None, [{"pid": 1}])["verdict"] == "✓ up to date"
 
 
+# --- orchestrate against a local store and a stub Machines API ------------------
+
+
+class StubMachines:
+    """The Machines client's list/exec, answering exec with ``answer(machine_id, argv)``."""
+
+    def __init__(self, machines, answer):
+        self.machines = machines
+        self.answer = answer
+        self.calls = []
+        self.lock = threading.Lock()
+
+    def list(self):
+        return [dict(m) for m in self.machines]
+
+    def exec(self, machine_id, argv, *, timeout=30):
+        with self.lock:
+            self.calls.append((machine_id, list(argv), timeout))
+        return self.answer(machine_id, argv)
+
+
+def succeed(machine_id, argv):
+    return flydeploy.ExecResult(0, 0, "upgraded\n" + result_line(
+        success=True, modules_reloaded=2, processes_succeeded=1, suspend_duration_ms=3.2), "")
+
+
+@pytest.fixture
+def store(tmp_path):
+    return flydeploy.LocalStore(tmp_path / "bucket")
+
+
+@pytest.fixture
+def app_root(tmp_path):
+    write(tmp_path / "app" / "shop" / "__init__.py", "VERSION = 1\n")
+    write(tmp_path / "app" / "main.py", "import shop\n")
+    return tmp_path / "app"
+
+
+def run(store, api, app_root, **options):
+    out = io.StringIO()
+    options.setdefault("version", "v1")
+    report = flydeploy.orchestrate("shop", "registry.fly.io/shop:l1", store=store, api=api, root=app_root,
+                                   self_id="orch", out=out, **options)
+    return report, out.getvalue()
+
+
+def lock_key_exists(store):
+    return store.head("releases/shop-deploy.lock") is not None
+
+
+def test_orchestrate_pushes_a_release_to_every_started_machine(store, app_root):
+    api = StubMachines([machine("a"), machine("b", region="ord"), machine("c", state="stopped"),
+                        machine("orch")], succeed)
+    report, out = run(store, api, app_root, suspend_timeout=4, timeout=50)
+    assert report.exit_code == 0 and report.uploaded
+    doc, _ = flydeploy.read_current(store, "shop")
+    hot = doc["hot_upgrade"]
+    assert hot["version"] == "v1" and hot["sha256"] == report.sha256
+    assert hot["source_image_ref"] == "registry.fly.io/shop:l1"
+    assert doc["image_ref"] == "registry.fly.io/shop:deployment-1"  # seeded from the machines
+    assert sorted(call[0] for call in api.calls) == ["a", "b"]
+    assert api.calls[0][1] == ["python3", "-m", "flydeploy", "rpc", "upgrade", "--app", "shop",
+                               "--url", hot["tarball_url"], "--sha256", hot["sha256"], "--suspend-timeout", "4"]
+    assert {call[2] for call in api.calls} == {50}
+    assert "✓ b (ord) 2 modules, 1 process, suspended 3 ms" in out
+    assert "· c (ams) stopped: applies at next start" in out
+    assert "2/2 machines upgraded to v1" in out and "1 stopped machine" in out
+    assert not lock_key_exists(store)
+
+    again, out = run(store, api, app_root)  # same version, same content
+    assert not again.uploaded and "already stored" in out and again.sha256 == report.sha256
+    write(app_root / "shop" / "__init__.py", "VERSION = 2\n")
+    with pytest.raises(flydeploy.FlyDeployError, match="already exists with other content"):
+        run(store, api, app_root)
+    assert not lock_key_exists(store)
+
+
+def test_failures_and_timeouts_fail_the_run_and_release_the_lock(store, app_root):
+    def answer(machine_id, argv):
+        if machine_id == "b":
+            return flydeploy.ExecResult(1, 0, result_line(success=False, error="pid 7: SyntaxError"), "")
+        if machine_id == "c":
+            raise flydeploy.MachinesAPIError(408, "deadline_exceeded")
+        return succeed(machine_id, argv)
+
+    api = StubMachines([machine("a"), machine("b"), machine("c")], answer)
+    report, out = run(store, api, app_root, timeout=7)
+    assert report.exit_code == 1
+    assert {o.machine_id for o in report.failed} == {"b", "c"}
+    assert "✗ b (ams) pid 7: SyntaxError" in out and "✗ c (ams) timed out after 7 s" in out
+    assert "1/3 machines upgraded" in out and "FAILED: " in out
+    assert not lock_key_exists(store)
+
+
+def test_max_concurrency_is_reached_and_never_exceeded(store, app_root):
+    limit, running, peak = 3, [0], [0]
+    barrier = threading.Barrier(limit, timeout=30)
+    guard = threading.Lock()
+
+    def answer(machine_id, argv):
+        with guard:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        barrier.wait()  # passes only when `limit` execs run at once
+        with guard:
+            running[0] -= 1
+        return succeed(machine_id, argv)
+
+    api = StubMachines([machine(f"m{i}") for i in range(9)], answer)
+    report, _ = run(store, api, app_root, max_concurrency=limit)
+    assert report.exit_code == 0 and len(report.outcomes) == 9 and peak[0] == limit
+
+
+def test_a_held_lock_stops_before_anything_is_stored(store, app_root):
+    flydeploy.acquire_lock(store, "shop", owner="bob@example.com", deployment_id="d", timeout_s=600)
+    api = StubMachines([machine("a")], succeed)
+    with pytest.raises(flydeploy.LockHeld, match="bob@example.com"):
+        run(store, api, app_root)
+    assert api.calls == [] and flydeploy.read_current(store, "shop") == (None, None)
+    report, _ = run(store, api, app_root, force=True)
+    assert report.exit_code == 0 and not lock_key_exists(store)
+
+
+def test_ctrl_c_releases_the_lock(store, app_root):
+    main_thread = threading.main_thread().ident
+    stop = threading.Event()
+
+    def answer(machine_id, argv):
+        signal.pthread_kill(main_thread, signal.SIGINT)
+        stop.wait(30)
+        return succeed(machine_id, argv)
+
+    api = StubMachines([machine("a"), machine("b")], answer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(store, api, app_root, max_concurrency=1)
+    finally:
+        stop.set()
+    assert not lock_key_exists(store)
+    assert len(api.calls) == 1  # the queued machine was never started
+
+
+def test_rollback_goes_back_to_the_previous_or_a_named_release(store, app_root):
+    api = StubMachines([machine("a")], succeed)
+    first, _ = run(store, api, app_root, version="v1")
+    write(app_root / "shop" / "__init__.py", "VERSION = 2\n")
+    run(store, api, app_root, version="v2")
+    api.calls.clear()
+    back, out = run(store, api, app_root, version=None, rollback=True)
+    assert back.version == "v1" and back.sha256 == first.sha256 and "Rolling shop back to v1" in out
+    assert api.calls[0][1][api.calls[0][1].index("--sha256") + 1] == first.sha256
+    doc, _ = flydeploy.read_current(store, "shop")
+    assert doc["hot_upgrade"]["version"] == "v1" and doc["history"][0]["version"] == "v2"
+    again, _ = run(store, api, app_root, version=None, rollback_to="v2")
+    assert again.version == "v2"
+    with pytest.raises(flydeploy.FlyDeployError, match="not in the hot upgrade history; pass --to one of"):
+        run(store, api, app_root, version=None, rollback_to="v9")
+    assert not lock_key_exists(store)
+
+
 def test_a_bug_in_the_per_machine_step_surfaces_instead_of_hanging():
     def explode(item):
         if item == 2:
