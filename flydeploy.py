@@ -107,6 +107,7 @@ from collections.abc import Sequence
 from typing import Any
 from typing import BinaryIO
 from typing import NamedTuple
+from typing import Protocol
 from typing import TextIO
 
 __version__ = "0.1.0"
@@ -115,7 +116,9 @@ __all__ = [
     # 0. Foundations
     "FlyDeployError",
     "ConfigError",
+    "ConflictError",
     # 1. Storage
+    "Store",
     "S3Error",
     "NotFound",
     "PreconditionFailed",
@@ -201,6 +204,81 @@ class ConfigError(FlyDeployError):
     """A setting is missing or malformed; the message names where to set it."""
 
 
+class ConflictError(FlyDeployError):
+    """A conditional write lost the race to other writers every time it was tried."""
+
+
+# The chunk size of every streamed read and write (files, request and response bodies).
+_IO_CHUNK = 1 << 20
+
+
+def _backoff_delay(attempt: int, *, base: float, cap: float, floor: float = 0.0,
+                   retry_after: float | None = None) -> float:
+    """Seconds to wait before retry number ``attempt`` (0 for the first retry).
+
+    ``retry_after`` (what the server asked for) wins when given; otherwise the
+    wait grows as ``base * 2**attempt`` up to ``cap`` and is jittered down to a
+    ``floor`` fraction of that, so that clients that failed together do not
+    retry together.
+    """
+    if retry_after is not None:
+        return retry_after
+    return min(cap, base * 2 ** attempt) * random.uniform(floor, 1.0)
+
+
+@contextlib.contextmanager
+def _local_file_errors(path: str) -> Iterator[None]:
+    """Re-raise an OSError of a local file as FlyDeployError, so that it is never mistaken
+    for a network error and retried."""
+    try:
+        yield
+    except OSError as exc:
+        raise FlyDeployError(f"{path}: {exc.strerror or exc}: check the path, its "
+                             "permissions and the free disk space") from exc
+
+
+def _digest(f: BinaryIO, algorithm: str) -> str:
+    """Hex digest of an open file's content from where it stands, read in bounded chunks."""
+    return hashlib.file_digest(f, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
+
+
+def _file_digest(path: str, algorithm: str) -> str:
+    """Hex digest of the file at ``path``, read in bounded chunks."""
+    with open(path, "rb") as f:
+        return _digest(f, algorithm)
+
+
+def _write_atomically(path: str, write: Callable[[BinaryIO], Any], *, mode: int = 0o644,
+                      temp_dir: str | None = None,
+                      replace: Callable[[str, str], None] = os.replace) -> Any:
+    """Create or replace the file ``path`` with what ``write(out)`` writes; return its result.
+
+    The data goes to a temporary file (beside ``path``, or in ``temp_dir``), is
+    fsynced and then moved into place by ``replace(temp, path)``; on any failure
+    the temporary file is removed, so readers see the old file or the whole new
+    one, never a part.
+    """
+    folder = temp_dir or os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FlyDeployError(f"cannot write {path}: the folder {folder} does not exist: "
+                             "check the path, or create the folder first")
+    with _local_file_errors(path):
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            result = write(out)
+            with _local_file_errors(path):
+                out.flush()
+                os.fsync(out.fileno())
+        os.chmod(tmp, mode)
+        replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return result
+
+
 # ===========================================================================
 # 1. Storage: SigV4 signer, S3/Tigris client, local directory store
 # ===========================================================================
@@ -209,14 +287,16 @@ class ConfigError(FlyDeployError):
 class S3Error(FlyDeployError):
     """A storage request failed.
 
-    ``status`` is the HTTP status (0 when no reply came), ``code`` and
-    ``message`` come from the server's XML error body, ``request_id`` from its
-    headers; ``key`` is the object the request was about.
+    ``str(error)`` is the whole actionable text.  ``status`` is the HTTP status
+    (0 when no reply came), ``code`` and ``message`` are the server's own
+    ``<Code>`` and ``<Message>`` from its XML error body (``message`` is empty
+    when there was none), ``request_id`` comes from its headers; ``key`` is the
+    object the request was about.
     """
 
-    def __init__(self, message: str, *, status: int = 0, code: str = "",
+    def __init__(self, text: str, *, status: int = 0, code: str = "", message: str = "",
                  request_id: str | None = None, key: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(text)
         self.status = status
         self.code = code
         self.message = message
@@ -230,6 +310,103 @@ class NotFound(S3Error):
 
 class PreconditionFailed(S3Error):
     """A conditional request (``If-Match`` / ``If-None-Match``) did not hold (HTTP 412)."""
+
+
+class Store(Protocol):
+    """What ``S3`` and ``LocalStore`` share, and what releases, metadata and the lock use.
+
+    Keys are non-empty '/'-separated strings of at most 1024 bytes of UTF-8.
+    ETags are opaque quoted strings, passed back unchanged as ``if_match``.
+    A write with ``if_match`` (an ETag or ``*``) or ``if_none_match="*"`` that
+    does not hold raises ``PreconditionFailed``; reading a missing key raises
+    ``NotFound``; every other failure is an ``S3Error``.
+    """
+
+    def put(self, key: str, data: bytes | bytearray | memoryview | str | os.PathLike[str], *,
+            content_type: str | None = None, if_none_match: str | None = None,
+            if_match: str | None = None) -> str:
+        """Store bytes (or the file at a path) under ``key``; return the new ETag."""
+
+    def upload(self, key: str, path: str | os.PathLike[str], *,
+               content_type: str | None = None) -> str:
+        """Store the file at ``path`` under ``key`` in bounded memory; return the ETag."""
+
+    def get(self, key: str) -> bytes:
+        """The content of ``key``."""
+
+    def get_json(self, key: str) -> tuple[Any, str]:
+        """The content of ``key`` parsed as JSON, with the ETag of that content."""
+
+    def head(self, key: str) -> dict[str, Any] | None:
+        """``{"etag", "size", "content_type", "last_modified", "headers"}``, None if absent."""
+
+    def download(self, key: str, path: str | os.PathLike[str]) -> str:
+        """Write ``key`` into the file ``path`` (whole or not at all); return its sha256 hex."""
+
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Remove ``key`` (a missing key is no error unless ``if_match`` is given)."""
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Every key starting with ``prefix``, in UTF-8 byte order."""
+
+    def url(self, key: str) -> str:
+        """A URL naming ``key`` (unsigned)."""
+
+
+_MAX_KEY_BYTES = 1024
+
+
+def _invalid_key(key: object, why: str, advice: str) -> S3Error:
+    return S3Error(f"key {key!r} is not valid: {why}; {advice}", status=400, code="InvalidKey",
+                   key=key if isinstance(key, str) else None)
+
+
+def _check_key(key: object) -> str:
+    """Return ``key`` if it can name an object (a non-empty string of at most 1024 bytes
+    of UTF-8), else raise ``S3Error`` code ``InvalidKey``."""
+    advice = "use a non-empty text key of at most 1024 bytes of UTF-8"
+    if not isinstance(key, str) or not key:
+        raise _invalid_key(key, "a key is a non-empty string", advice)
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        # A lone surrogate: typically a file name decoded with surrogateescape.
+        raise _invalid_key(key, "it is not valid UTF-8", advice) from None
+    if size > _MAX_KEY_BYTES:
+        raise _invalid_key(key, f"it is longer than {_MAX_KEY_BYTES} bytes", advice)
+    return key
+
+
+def _condition_headers(if_match: str | None, if_none_match: str | None) -> dict[str, str]:
+    """The conditional headers of a request.  An empty condition is refused rather than
+    dropped: dropping it would turn a conditional write into an unconditional one."""
+    headers = {}
+    for name, value in (("If-Match", if_match), ("If-None-Match", if_none_match)):
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name} is {value!r}: a condition is an ETag or '*' (pass None "
+                             "for an unconditional request); an ETag the server did not "
+                             "give cannot be used as one")
+        headers[name] = value
+    return headers
+
+
+def _open_put_file(data: str | os.PathLike[str]) -> BinaryIO:
+    """Open the file a ``put`` was given.  A str naming no file is most likely text meant
+    as the content, so the error says how to store text."""
+    path = os.fspath(data)
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        if isinstance(data, str):
+            raise FlyDeployError(f"put() got the str {data[:200]!r}, which names no file: "
+                                 "check the path; put takes bytes or the path of a file, so "
+                                 "to store text, pass text.encode()") from None
+        raise FlyDeployError(f"{path}: no such file: check the path") from None
+    except OSError:
+        with _local_file_errors(path):
+            raise
 
 
 # --- SigV4 signing ----------------------------------------------------------
@@ -437,7 +614,10 @@ def presign_url(method: str, url: str, *, access_key: str, secret_key: str, regi
 
 _DEFAULT_S3_ENDPOINT = "https://fly.storage.tigris.dev"
 _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-_IO_CHUNK = 1 << 20
+# Statuses whose Retry-After header is honoured.
+_RETRY_AFTER_STATUSES = frozenset({429, 503})
+# Credentials are printable ASCII: anything else would end up in a header line.
+_CREDENTIAL = re.compile(r"[\x21-\x7e]+")
 _MAX_ERROR_BODY = 1 << 16
 _S3_HINTS = {
     "SignatureDoesNotMatch": "check AWS_SECRET_ACCESS_KEY (and AWS_REGION) for this endpoint",
@@ -457,9 +637,10 @@ class _TruncatedBody(Exception):
 class _Retryable(Exception):
     """One attempt failed in a way another attempt may not (wraps the last error)."""
 
-    def __init__(self, error: S3Error) -> None:
+    def __init__(self, error: S3Error, retry_after: float | None = None) -> None:
         super().__init__(str(error))
         self.error = error
+        self.retry_after = retry_after
 
 
 def _xml_children(element: ET.Element) -> dict[str, str]:
@@ -503,6 +684,11 @@ class S3:
     def __init__(self, endpoint: str, bucket: str, access_key: str, secret_key: str, *,
                  region: str = "auto", session_token: str | None = None,
                  timeout: float = 30) -> None:
+        if "@" in urllib.parse.urlsplit(endpoint).netloc:
+            # Not echoed: the part before "@" is a password.
+            raise ConfigError("the S3 endpoint URL holds credentials (user:password@host): "
+                              "remove them from AWS_ENDPOINT_URL_S3 and set AWS_ACCESS_KEY_ID "
+                              "and AWS_SECRET_ACCESS_KEY instead")
         parts = urllib.parse.urlsplit(endpoint)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
             raise ConfigError(f"S3 endpoint {endpoint!r} is not an http(s) URL: set "
@@ -513,6 +699,17 @@ class S3:
         if not access_key or not secret_key:
             raise ConfigError("S3 credentials are empty: set AWS_ACCESS_KEY_ID and "
                               "AWS_SECRET_ACCESS_KEY")
+        for variable, value in (("AWS_ACCESS_KEY_ID", access_key),
+                                ("AWS_SECRET_ACCESS_KEY", secret_key),
+                                ("AWS_SESSION_TOKEN", session_token or "x")):
+            if not _CREDENTIAL.fullmatch(value):
+                # The value is never shown: it is a secret, or part of one.
+                raise ConfigError(f"{variable} holds a space, a line break or another character "
+                                  "that no credential has (often a trailing newline from a "
+                                  "file); set it again without them")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", region):
+            raise ConfigError(f"AWS_REGION {region!r} is not a region name: set it to e.g. "
+                              "auto (Tigris) or us-east-1, or unset it")
         self.endpoint = urllib.parse.urlunsplit((parts.scheme, parts.netloc,
                                                  parts.path.rstrip("/"), "", ""))
         self.bucket = bucket
@@ -573,23 +770,23 @@ class S3:
             if_match: str | None = None) -> str:
         """Store ``data`` (bytes, or the path of a file to stream) under ``key``; return its ETag.
 
+        A ``str`` is always a path: to store text, pass ``text.encode()``.
         ``if_none_match="*"`` creates the object only if it does not exist yet and
         ``if_match=<etag>`` replaces it only if it is still that version; either raises
-        ``PreconditionFailed`` otherwise.  A file is hashed in a first pass and then
-        streamed, so memory use does not grow with its size.
+        ``PreconditionFailed`` otherwise (an empty condition raises ``ValueError``).  A
+        conditional write whose reply was lost is retried, and the retry may then
+        report ``PreconditionFailed`` although the first try landed: read the object
+        back to tell.  A file is hashed in a first pass and then streamed, so memory
+        use does not grow with its size.  The ETag is empty if the server sent none.
         """
-        headers = {}
+        headers = _condition_headers(if_match, if_none_match)
         if content_type:
             headers["Content-Type"] = content_type
-        if if_none_match:
-            headers["If-None-Match"] = if_none_match
-        if if_match:
-            headers["If-Match"] = if_match
         if isinstance(data, (bytes, bytearray, memoryview)):
             body: bytes | _FileBody = bytes(data)
             payload_hash = hashlib.sha256(body).hexdigest()
         elif isinstance(data, (str, os.PathLike)):
-            body = _FileBody(os.fspath(data))
+            body = _FileBody(data)
             payload_hash = body.sha256
         else:
             raise TypeError(f"put() takes bytes or a file path, not {type(data).__name__}")
@@ -629,15 +826,19 @@ class S3:
 
     def delete(self, key: str, *, if_match: str | None = None) -> None:
         """Remove the object (no error when it is already gone); with ``if_match`` only if
-        it is still that version, else ``PreconditionFailed``."""
-        self._call("DELETE", key, headers={"If-Match": if_match} if if_match else None)
+        it is still that version, else ``PreconditionFailed`` (or ``NotFound`` when it is
+        gone).  A conditional delete whose reply was lost is retried, and the retry then
+        reports ``PreconditionFailed`` or ``NotFound`` although the first try landed."""
+        self._call("DELETE", key, headers=_condition_headers(if_match, None))
 
     def list(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[str]:
         """Every key that starts with ``prefix``, in the server's (lexicographic) order,
         fetched page by page with ListObjectsV2."""
         token = None
         while True:
-            params = [("list-type", "2"), ("max-keys", str(page_size)), ("prefix", prefix)]
+            # URL-encoded keys: XML cannot carry control characters.
+            params = [("list-type", "2"), ("max-keys", str(page_size)), ("prefix", prefix),
+                      ("encoding-type", "url")]
             if token:
                 params.append(("continuation-token", token))
             query = urllib.parse.urlencode(params, quote_via=urllib.parse.quote, safe="")
@@ -648,10 +849,13 @@ class S3:
                 raise S3Error(f"listing s3://{self.bucket}/{prefix}* returned a malformed "
                               f"XML page ({exc}): check that AWS_ENDPOINT_URL_S3 is an S3 "
                               "endpoint", status=200, code="MalformedXML") from None
+            fields = _xml_children(root)
+            # A server that ignores encoding-type says so by not echoing it.
+            decode = (urllib.parse.unquote_plus if fields.get("EncodingType") == "url"
+                      else str)
             for element in root:
                 if element.tag.rpartition("}")[2] == "Contents":
-                    yield _xml_children(element)["Key"]
-            fields = _xml_children(root)
+                    yield decode(_xml_children(element)["Key"])
             if fields.get("IsTruncated", "false").lower() != "true":
                 return
             token = fields.get("NextContinuationToken")
@@ -666,26 +870,13 @@ class S3:
         The data goes to a temporary file next to ``path`` that replaces it only once
         the whole body has arrived; on any failure nothing is left behind.
         """
-        path = os.fspath(path)
-        partial = f"{path}.{secrets.token_hex(6)}.part"
-        try:
-            with open(partial, "xb") as out:
-                digest = self._call("GET", key, stream_to=out).body
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(partial, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(partial)
-            raise
-        return digest.decode()
+        return _write_atomically(os.fspath(path),
+                                 lambda out: self._call("GET", key, stream_to=out).sha256)
 
     # -- plumbing --
 
     def _key_path(self, key: str) -> str:
-        if not key:
-            raise ValueError("an S3 key must not be empty")
-        return f"{self._bucket_path}/{urllib.parse.quote(key, safe='/')}"
+        return f"{self._bucket_path}/{urllib.parse.quote(_check_key(key), safe='/')}"
 
     def _get(self, key: str) -> tuple[bytes, str]:
         response = self._call("GET", key)
@@ -714,7 +905,7 @@ class S3:
               headers: dict[str, str] | None = None, body: bytes | _FileBody = b"",
               payload_hash: str = _EMPTY_SHA256, stream_to: BinaryIO | None = None) -> _S3Response:
         """One S3 operation with retries.  With ``stream_to`` the body goes into that file
-        and the reply's ``body`` is the sha256 hex of what was written."""
+        and the reply's ``sha256`` is the hex digest of what was written."""
         path = self._key_path(key) if key is not None else self._bucket_path
         target = f"{path}?{query}" if query else path
         what = f"{method} s3://{self.bucket}/{key if key is not None else ''}"
@@ -724,17 +915,23 @@ class S3:
                 return self._attempt(method, target, key, headers or {}, body, payload_hash,
                                      stream_to, what)
             except _Retryable as retryable:
-                error = retryable.error
+                error, retry_after = retryable.error, retryable.retry_after
                 if attempt >= self.retry_attempts:
-                    raise type(error)(f"{error.message} (gave up after {attempt} attempts)",
-                                      status=error.status, code=error.code,
-                                      request_id=error.request_id, key=key) from None
-                delay = random.uniform(0, min(self.retry_max_delay_s,
-                                              self.retry_base_delay_s * 2 ** (attempt - 1)))
-                log.warning("%s; retry %d of %d in %.2fs", error.message, attempt,
+                    raise self._gave_up(error, f"gave up after {attempt} attempts") from None
+                if retry_after is not None and retry_after > _MAX_RETRY_AFTER:
+                    raise self._gave_up(error, f"gave up: the server asked to retry after "
+                                               f"{retry_after:.0f}s") from None
+                delay = _backoff_delay(attempt - 1, base=self.retry_base_delay_s,
+                                       cap=self.retry_max_delay_s, retry_after=retry_after)
+                log.warning("%s; retry %d of %d in %.2fs", error, attempt,
                             self.retry_attempts - 1, delay)
                 time.sleep(delay)
                 attempt += 1
+
+    @staticmethod
+    def _gave_up(error: S3Error, why: str) -> S3Error:
+        return type(error)(f"{error} ({why})", status=error.status, code=error.code,
+                           message=error.message, request_id=error.request_id, key=error.key)
 
     def _attempt(self, method: str, target: str, key: str | None, headers: dict[str, str],
                  body: bytes | _FileBody, payload_hash: str, stream_to: BinaryIO | None,
@@ -753,20 +950,22 @@ class S3:
                 self._drop_connection()
                 error = self._error(what, key, response, error_body)
                 if response.status in _RETRYABLE_STATUSES:
-                    raise _Retryable(error)
+                    raise _Retryable(error, _retry_after_seconds(
+                        response.getheader("Retry-After"))
+                        if response.status in _RETRY_AFTER_STATUSES else None)
                 raise error
+            reply_body, sha256 = b"", None
             if method == "HEAD":
-                reply_body = response.read()  # empty, but frees the connection for reuse
+                response.read()  # empty, but frees the connection for reuse
             elif stream_to is not None:
-                reply_body = _stream_into(response, stream_to)
+                sha256 = _stream_into(response, stream_to)
             else:
                 parts: list[bytes] = []
                 _read_body(response, lambda chunk: parts.append(bytes(chunk)))
                 reply_body = b"".join(parts)
             if response.will_close:
                 self._drop_connection()
-            return _S3Response(response.status,
-                               {k.lower(): v for k, v in response.getheaders()}, reply_body)
+            return _S3Response({k.lower(): v for k, v in response.getheaders()}, reply_body, sha256)
         except (_TruncatedBody, OSError, http.client.HTTPException) as exc:
             # Local file errors never get here: _FileBody and _stream_into raise them as
             # FlyDeployError, so every OSError left is about the connection.
@@ -779,6 +978,11 @@ class S3:
             raise _Retryable(S3Error(
                 f"{what} failed: {reason}; check that {self.endpoint} is reachable",
                 code="ConnectionError", key=key)) from None
+        except BaseException:
+            # Whatever stopped this attempt (a local file error, Ctrl-C, a bug), the
+            # connection may be mid-request: the next request must start on a fresh one.
+            self._drop_connection()
+            raise
 
     def _exchange(self, conn: http.client.HTTPConnection, method: str, target: str,
                   headers: dict[str, str], body: bytes | _FileBody) -> http.client.HTTPResponse:
@@ -809,35 +1013,41 @@ class S3:
             fields = {}
         code = fields.get("Code") or {404: "NotFound", 412: "PreconditionFailed"}.get(
             status, response.reason.replace(" ", "") or f"HTTP{status}")
-        server_message = fields.get("Message") or response.reason
+        server_message = fields.get("Message", "")
         request_id = (response.getheader("x-amz-request-id") or fields.get("RequestId")
                       or None)
         hint = _S3_HINTS.get(code)
         if hint is None and status == 412:
             hint = "the object changed or already exists: read it again and retry"
-        message = (f"{what} failed: HTTP {status} {code}: {server_message}"
-                   + (f" (request id {request_id})" if request_id else "")
-                   + (f"; {hint}" if hint else ""))
+        if hint is None and status == 403:
+            # A HEAD reply has no body to name the reason: the usual ones.
+            hint = ("check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, that they may use "
+                    "this bucket, and this machine's clock")
+        text = (f"{what} failed: HTTP {status} {code}: {server_message or response.reason}"
+                + (f" (request id {request_id})" if request_id else "")
+                + (f"; {hint}" if hint else ""))
         cls = {404: NotFound, 412: PreconditionFailed}.get(status, S3Error)
-        return cls(message, status=status, code=code, request_id=request_id, key=key)
+        return cls(text, status=status, code=code, message=server_message,
+                   request_id=request_id, key=key)
 
 
 class _S3Response(NamedTuple):
-    """A successful S3 response: status, lower-cased headers, body (or sha256 hex)."""
+    """A successful S3 response: lower-cased headers, the body (empty when it went to a
+    file) and the sha256 hex of what went to the file (None otherwise)."""
 
-    status: int
     headers: dict[str, str]
     body: bytes
+    sha256: str | None
 
 
 class _FileBody:
     """A file to upload: hashed once up front, then streamed in chunks on each attempt."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        with _local_file_errors(path), open(path, "rb") as f:
+    def __init__(self, data: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(data)
+        with _open_put_file(data) as f, _local_file_errors(self.path):
             self.size = os.fstat(f.fileno()).st_size
-            self.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+            self.sha256 = _digest(f, "sha256")
 
     def __len__(self) -> int:
         return self.size
@@ -858,18 +1068,7 @@ class _FileBody:
                 remaining -= len(chunk)
 
 
-@contextlib.contextmanager
-def _local_file_errors(path: str) -> Iterator[None]:
-    """Re-raise an OSError of a local file as FlyDeployError, so that it is never mistaken
-    for a network error and retried."""
-    try:
-        yield
-    except OSError as exc:
-        raise FlyDeployError(f"{path}: {exc.strerror or exc}: check the path, its "
-                             "permissions and the free disk space") from exc
-
-
-def _stream_into(response: http.client.HTTPResponse, out: BinaryIO) -> bytes:
+def _stream_into(response: http.client.HTTPResponse, out: BinaryIO) -> str:
     """Write the whole body into ``out`` from its start; return the sha256 hex of it."""
     with _local_file_errors(out.name):
         out.seek(0)
@@ -882,7 +1081,7 @@ def _stream_into(response: http.client.HTTPResponse, out: BinaryIO) -> bytes:
             out.write(chunk)
 
     _read_body(response, sink)
-    return hasher.hexdigest().encode()
+    return hasher.hexdigest()
 
 
 # --- Local directory store --------------------------------------------------
@@ -891,20 +1090,8 @@ def _stream_into(response: http.client.HTTPResponse, out: BinaryIO) -> bytes:
 # and the temporary files of writes in progress); it is never a key, and its
 # presence is how a ``file://`` URL is traced back to the store that holds it.
 _STORE_INTERNAL_DIR = ".flydeploy-store"
-_MAX_KEY_BYTES = 1024
-_COPY_CHUNK = 1 << 20
 # A write's temporary file untouched this long was left by a process that died.
 _STALE_TEMP_S = 3600
-
-
-def _digest(f: BinaryIO, algorithm: str) -> str:
-    """Hex digest of an open file's content from where it stands, read in bounded chunks."""
-    return hashlib.file_digest(f, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
-
-
-def _file_digest(path: str, algorithm: str) -> str:
-    with open(path, "rb") as f:
-        return _digest(f, algorithm)
 
 
 def _quoted(hexdigest: str) -> str:
@@ -919,17 +1106,9 @@ def _same_etag(a: str, b: str) -> bool:
 def _check_store_key(key: object) -> str:
     """Return ``key`` if it maps to a path inside a store, else raise ``S3Error``."""
     def refuse(why: str) -> S3Error:
-        return S3Error(f"key {key!r} cannot be stored in a local store: {why}; "
-                       "use a key of '/'-separated names without '.' or '..' parts",
-                       status=400, code="InvalidKey", key=str(key))
-    if not isinstance(key, str) or not key:
-        raise refuse("a key is a non-empty string")
-    try:
-        size = len(key.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise refuse("it is not valid UTF-8") from None
-    if size > _MAX_KEY_BYTES:
-        raise refuse(f"it is longer than {_MAX_KEY_BYTES} bytes")
+        return _invalid_key(key, f"a local store cannot hold it: {why}",
+                            "use a key of '/'-separated names without '.' or '..' parts")
+    _check_key(key)
     if "\x00" in key:
         raise refuse("it contains a NUL character")
     parts = key.split("/")
@@ -970,7 +1149,7 @@ class LocalStore:
         cutoff = time.time() - _STALE_TEMP_S
         for entry in os.scandir(self._internal):
             with contextlib.suppress(FileNotFoundError):
-                if entry.name.startswith("put-") and entry.stat().st_mtime < cutoff:
+                if entry.name.endswith(".part") and entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
 
     def __repr__(self) -> str:
@@ -1022,24 +1201,22 @@ class LocalStore:
         finally:
             os.close(fd)
 
-    def _spool(self, data: bytes | bytearray | memoryview | str | os.PathLike[str]) -> tuple[str, str]:
-        """Copy ``data`` (bytes or a file path) to a temporary file; return (path, etag)."""
-        fd, tmp = tempfile.mkstemp(dir=self._internal, prefix="put-")
+    @staticmethod
+    def _spool(data: bytes | bytearray | memoryview | str | os.PathLike[str],
+               out: BinaryIO) -> str:
+        """Copy ``data`` (bytes or a file path) into ``out``; return its ETag."""
         digest = hashlib.md5(usedforsecurity=False)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                if isinstance(data, (bytes, bytearray, memoryview)):
-                    digest.update(data)
-                    out.write(data)
-                else:
-                    with _local_file_errors(os.fspath(data)), open(data, "rb") as src:
-                        while chunk := src.read(_COPY_CHUNK):
-                            digest.update(chunk)
-                            out.write(chunk)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return tmp, _quoted(digest.hexdigest())
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            digest.update(data)
+            out.write(data)
+        elif isinstance(data, (str, os.PathLike)):
+            with _open_put_file(data) as src, _local_file_errors(os.fspath(data)):
+                while chunk := src.read(_IO_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+        else:
+            raise TypeError(f"put() takes bytes or a file path, not {type(data).__name__}")
+        return _quoted(digest.hexdigest())
 
     def _etag_of(self, path: str) -> str | None:
         try:
@@ -1076,28 +1253,30 @@ class LocalStore:
             if_match: str | None = None) -> str:
         """Store ``data`` (bytes, or the path of a file to copy) under ``key``; return the ETag.
 
+        A ``str`` is always a path: to store text, pass ``text.encode()``.
         ``if_none_match="*"`` writes only if the key does not exist;
-        ``if_match`` (an ETag or ``*``) only if it exists with that ETag.
+        ``if_match`` (an ETag or ``*``) only if it exists with that ETag
+        (an empty condition raises ``ValueError``).
         ``content_type`` is accepted for interface parity; a directory keeps
         no per-file metadata.
         """
+        _condition_headers(if_match, if_none_match)
         if if_none_match is not None and if_none_match.strip() != "*":
             raise S3Error(f"If-None-Match on put supports only '*', not {if_none_match!r}",
                           status=501, code="NotImplemented", key=key)
         path = self._path(key)
-        tmp, etag = self._spool(data)
-        try:
+
+        def commit(tmp: str, target: str) -> None:
             with self._locked():
-                self._check_conditions(key, path, if_match=if_match, if_none_match=if_none_match)
+                self._check_conditions(key, target, if_match=if_match, if_none_match=if_none_match)
                 try:
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    os.replace(tmp, path)
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    os.replace(tmp, target)
                 except (FileExistsError, NotADirectoryError, IsADirectoryError) as err:
                     raise self._conflict(key, err) from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return etag
+
+        return _write_atomically(path, functools.partial(self._spool, data),
+                                 temp_dir=self._internal, replace=commit)
 
     def upload(self, key: str, path: str | os.PathLike[str], *,
                content_type: str | None = None) -> str:
@@ -1159,26 +1338,24 @@ class LocalStore:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFound(f"{key!r} does not exist in {self.root}",
                            status=404, code="NoSuchKey", key=key) from None
-        digest = hashlib.sha256()
-        with src, _local_file_errors(dest):
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    while chunk := src.read(_COPY_CHUNK):
-                        digest.update(chunk)
-                        out.write(chunk)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, dest)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-        return digest.hexdigest()
+
+        def copy(out: BinaryIO) -> str:
+            digest = hashlib.sha256()
+            with _local_file_errors(dest):
+                while chunk := src.read(_IO_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+            return digest.hexdigest()
+
+        with src:
+            return _write_atomically(dest, copy)
 
     def delete(self, key: str, *, if_match: str | None = None) -> None:
         """Remove ``key``; with ``if_match``, only if its ETag still matches.
 
         Deleting a missing key without a condition succeeds, as on S3.
         """
+        _condition_headers(if_match, None)
         path = self._path(key)
         with self._locked():
             self._check_conditions(key, path, if_match=if_match, if_none_match=None)
@@ -1232,7 +1409,11 @@ _NEVER_PACKED_DIRS = frozenset({"__pycache__", "node_modules", "site-packages"})
 # Top-level folders that belong to the application even without Python files
 # in them (Flask and Django keep templates and static files there).
 _APP_DATA_DIRS = frozenset({"templates", "static"})
-# Top-level build outputs, which hold copies of the sources.
+# Top-level folders that are not the application even when they hold Python
+# files; ``include`` can still name them.
+_NOT_APP_DIRS = frozenset({"tests", "test", "docs", "doc", "benchmarks"})
+# Top-level build outputs, which hold copies of the sources: a package only
+# when they have an __init__.py.
 _BUILD_OUTPUT_DIRS = frozenset({"build", "dist"})
 _MAX_RELEASE_BYTES = 2 << 30
 _MAX_RELEASE_MEMBERS = 100_000
@@ -1358,6 +1539,11 @@ def _never_packed_dir(folder: str, name: str) -> bool:
                for marker in ("pyvenv.cfg", "conda-meta", "bin/activate", "Scripts/activate"))
 
 
+def _unreadable_folder(err: OSError) -> None:
+    raise ReleaseError(f"cannot read the folder {err.filename} ({err.strerror}): fix its "
+                       "permissions, or leave it out with exclude") from None
+
+
 def _release_files(root: str, include: Sequence[str] | None, exclude: Sequence[str] | None,
                    skip: str) -> list[str]:
     """Relative paths of the files to pack under ``root``, sorted."""
@@ -1365,7 +1551,7 @@ def _release_files(root: str, include: Sequence[str] | None, exclude: Sequence[s
     include = [include] if isinstance(include, str) else include
     exclude = [exclude] if isinstance(exclude, str) else exclude
     candidates = []
-    for folder, dirnames, filenames in os.walk(root):
+    for folder, dirnames, filenames in os.walk(root, onerror=_unreadable_folder):
         dirnames[:] = [d for d in dirnames if not _never_packed_dir(folder, d)]
         relative = os.path.relpath(folder, root)
         base = "" if relative == "." else relative.replace(os.sep, "/") + "/"
@@ -1378,18 +1564,34 @@ def _release_files(root: str, include: Sequence[str] | None, exclude: Sequence[s
     if include is not None:
         chosen = [p for p in candidates if any(_path_matches(pat, p) for pat in include)]
     else:
-        # The application's modules and packages: top-level .py files, every
-        # top-level folder with Python sources below it (with its package
-        # data), and the conventional templates/ and static/ folders.
-        python_tops = {p.split("/", 1)[0] for p in candidates if "/" in p and p.endswith(".py")}
-        python_tops -= {t for t in _BUILD_OUTPUT_DIRS if f"{t}/__init__.py" not in candidates}
-        app_dirs = python_tops | _APP_DATA_DIRS
-        chosen = [p for p in candidates
-                  if ("/" not in p and p.endswith(".py"))
-                  or ("/" in p and p.split("/", 1)[0] in app_dirs)]
+        chosen = _application_files(candidates)
     if exclude:
         chosen = [p for p in chosen if not any(_path_matches(pat, p) for pat in exclude)]
+    for rel in chosen:
+        if why := _member_name_problem(rel):
+            raise ReleaseError(f"cannot pack {rel!r}: its name {why}, so the release could "
+                               "not be unpacked; rename it, or leave it out with exclude",
+                               member=rel)
     return sorted(chosen)
+
+
+def _application_files(candidates: Sequence[str]) -> list[str]:
+    """The application's packages and modules among ``candidates`` (relative paths).
+
+    Top-level modules (``*.py``), top-level packages (folders with an
+    ``__init__.py``: their whole subtree, package data included), top-level
+    namespace packages (folders holding ``.py`` files directly: their whole
+    subtree; build outputs excepted) and the conventional ``templates/`` and
+    ``static/`` folders; never the folders of ``_NOT_APP_DIRS``.
+    """
+    packages = {p.split("/", 1)[0] for p in candidates
+                if p.count("/") == 1 and p.endswith("/__init__.py")}
+    namespaces = {p.split("/", 1)[0] for p in candidates
+                  if p.count("/") == 1 and p.endswith(".py")} - _BUILD_OUTPUT_DIRS
+    app_dirs = (packages | namespaces | _APP_DATA_DIRS) - _NOT_APP_DIRS
+    return [p for p in candidates
+            if ("/" not in p and p.endswith(".py"))
+            or ("/" in p and p.split("/", 1)[0] in app_dirs)]
 
 
 def _source_date_epoch() -> int | None:
@@ -1409,15 +1611,21 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
                  exclude: Sequence[str] | None = None) -> Release:
     """Pack the application under ``root`` into a deterministic ``.tar.gz`` at ``out_path``.
 
-    By default every file of the application's modules and packages is
-    packed: top-level ``.py`` files, every top-level folder with Python
-    sources below it (sources and package data such as templates and static
-    files) and top-level ``templates/`` and ``static/`` folders.  ``include``
-    (patterns) replaces that choice and ``exclude`` (patterns) removes from
-    it; patterns work as in ``.gitignore`` (``*.sqlite3``, ``media/``,
-    ``app/static/**/*.map``).  Never packed: ``__pycache__``, ``*.pyc``,
-    hidden files and folders (``.git``, ``.env``), virtual environments,
-    ``node_modules``, ``site-packages`` and ``*.egg-info``.
+    By default the application's packages and modules are packed: top-level
+    modules (``*.py``), top-level packages (folders with an ``__init__.py``,
+    with everything below them: subpackages and package data such as
+    templates and static files), top-level namespace packages (folders that
+    hold ``.py`` files directly, with everything below them) and top-level
+    ``templates/`` and ``static/`` folders.  ``tests/``, ``test/``,
+    ``docs/``, ``doc/`` and ``benchmarks/`` are not the application and are
+    left out unless ``include`` names them.  ``include`` (patterns) replaces
+    that choice and ``exclude`` (patterns) removes from it; patterns work as
+    in ``.gitignore`` (``*.sqlite3``, ``media/``, ``app/static/**/*.map``).
+    Never packed: ``__pycache__``, ``*.pyc``, hidden files and folders
+    (``.git``, ``.env``), virtual environments, ``node_modules``,
+    ``site-packages`` and ``*.egg-info``.  A file name that
+    ``unpack_release`` would refuse (a backslash, invalid UTF-8) and a folder
+    or file that cannot be read raise ``ReleaseError`` naming it.
 
     The first member is ``flydeploy-manifest.json`` (``app``, ``version``,
     ``source_image_ref``, ``created_at``, ``files: {path: sha256}``).  The same
@@ -1448,7 +1656,7 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     budget = _PACK_CACHE_BYTES
     for rel in files:
         path = os.path.join(root, *rel.split("/"))
-        with open(path, "rb") as f:
+        with _pack_read_errors(rel), open(path, "rb") as f:
             info = os.fstat(f.fileno())
             if info.st_size <= budget:
                 data = f.read()
@@ -1474,11 +1682,8 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
         info.uname = info.gname = ""
         return info
 
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out_path), prefix=f".{os.path.basename(out_path)}.")
-    try:
-        with os.fdopen(fd, "wb") as raw, \
-                gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as gz, \
+    def write(raw: BinaryIO) -> None:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as gz, \
                 tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             tar.addfile(member(MANIFEST_NAME, len(manifest_bytes), 0o644), io.BytesIO(manifest_bytes))
             for rel in files:
@@ -1486,17 +1691,25 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
                     tar.addfile(member(rel, sizes[rel], modes[rel]), io.BytesIO(cached[rel]))
                     continue
                 # Streamed, and checked against pass 1: the manifest is already out.
-                with open(os.path.join(root, *rel.split("/")), "rb") as f:
+                with _pack_read_errors(rel), open(os.path.join(root, *rel.split("/")), "rb") as f:
                     reader = _PackedFileReader(f, rel, sizes[rel])
                     tar.addfile(member(rel, sizes[rel], modes[rel]), reader)
                 if reader.digest.hexdigest() != hashes[rel]:
                     raise _changed_while_packing(rel)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    _write_atomically(out_path, write)
     return Release(out_path, _file_digest(out_path, "sha256"), manifest)
+
+
+@contextlib.contextmanager
+def _pack_read_errors(rel: str) -> Iterator[None]:
+    """Re-raise a failure to read the file ``rel`` being packed as a ReleaseError naming it."""
+    try:
+        yield
+    except OSError as err:
+        raise ReleaseError(f"cannot read {rel} ({err.strerror}): fix its permissions, or "
+                           "leave it out with exclude", member=rel) from None
 
 
 def _changed_while_packing(rel: str) -> ReleaseError:
@@ -1512,7 +1725,8 @@ class _PackedFileReader:
         self.digest = hashlib.sha256()
 
     def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
+        with _pack_read_errors(self._rel):
+            data = self._raw.read(size)
         if len(data) < (self._left if size < 0 else min(size, self._left)):
             raise _changed_while_packing(self._rel)  # ended early: it shrank
         self._left -= len(data)
@@ -1520,17 +1734,28 @@ class _PackedFileReader:
         return data
 
 
-def _check_member_name(name: str) -> None:
-    why = None
+def _member_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a release member, or None.  pack_release and
+    unpack_release both ask, so a release that packs also unpacks."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        # os.walk decodes undecodable file names with surrogateescape.
+        return "is not valid UTF-8"
+    parts = name.split("/")
     if name.startswith("/") or re.match(r"[A-Za-z]:", name):
-        why = "is an absolute path"
-    elif "\\" in name or "\x00" in name:
-        why = "contains a backslash or a NUL character"
-    elif any(part == ".." for part in name.split("/")):
-        why = "contains '..'"
-    elif any(part in ("", ".") for part in name.split("/")):
-        why = "is not a normalised path (empty or '.' parts)"
-    if why:
+        return "is an absolute path"
+    if "\\" in name or "\x00" in name:
+        return "contains a backslash or a NUL character"
+    if ".." in parts:
+        return "contains '..'"
+    if "" in parts or "." in parts:
+        return "is not a normalised path (empty or '.' parts)"
+    return None
+
+
+def _check_member_name(name: str) -> None:
+    if why := _member_name_problem(name):
         raise ReleaseError(f"release member {name!r} {why}; refusing the release", member=name)
 
 
@@ -1683,7 +1908,7 @@ def _write_member(src: BinaryIO, into: str, name: str, mode: int) -> str:
                            f"({err.strerror})", member=name) from None
     digest = hashlib.sha256()
     with os.fdopen(fd, "wb") as out:
-        while chunk := src.read(_COPY_CHUNK):
+        while chunk := src.read(_IO_CHUNK):
             digest.update(chunk)
             with _local_file_errors(target):  # only the writes: read errors mean a damaged archive
                 out.write(chunk)
@@ -1707,10 +1932,20 @@ def _json_body(doc: Any) -> bytes:
 
 def _backoff(attempt: int) -> None:
     # Jittered so that writers that collided do not collide again in step.
-    time.sleep(random.uniform(0, min(0.5, 0.005 * 2 ** attempt)))
+    time.sleep(_backoff_delay(attempt, base=0.005, cap=0.5))
 
 
-def read_current(store: Any, app: str) -> tuple[dict[str, Any] | None, str | None]:
+def _require_etag(etag: str | None, key: str) -> str:
+    """``etag`` if the server gave one; a conditional write needs it (an empty condition
+    would make it unconditional), so its absence is an error, never a silent pass."""
+    if not etag:
+        raise S3Error(f"the storage server gave no ETag for {key}, so it cannot be changed "
+                      "safely (conditionally); use an S3 server that returns ETags (Tigris, "
+                      "AWS S3, SeaweedFS and MinIO do)", code="MissingETag", key=key)
+    return etag
+
+
+def read_current(store: Store, app: str) -> tuple[dict[str, Any] | None, str | None]:
     """Return ``(current.json, ETag)`` of ``app``, or ``(None, None)`` when there is none.
 
     ``store`` is an ``S3`` or a ``LocalStore``.
@@ -1726,43 +1961,48 @@ def read_current(store: Any, app: str) -> tuple[dict[str, Any] | None, str | Non
     return doc, etag
 
 
-def update_current(store: Any, app: str,
+def update_current(store: Store, app: str,
                    change: Callable[[dict[str, Any] | None], dict[str, Any]]) -> dict[str, Any]:
     """Apply ``change`` to ``current.json`` atomically; return the document written.
 
     ``change`` receives the current document (None when there is none) and
     returns the new one.  The write is conditional on the ETag read
     (``If-None-Match: *`` when there was none) and is retried from a fresh
-    read when another writer got in first, so no concurrent update is lost.
+    read when another writer got in first, so no concurrent update is lost;
+    ``ConflictError`` when every attempt lost.  A document the server gives
+    no ETag for raises ``S3Error`` code ``MissingETag`` instead of being
+    overwritten unconditionally.
     """
     key = _current_key(app)
     for attempt in range(_CAS_ATTEMPTS):
         doc, etag = read_current(store, app)
         new = change(copy.deepcopy(doc))
         try:
-            if etag is None:
+            if doc is None:
                 store.put(key, _json_body(new), content_type="application/json", if_none_match="*")
             else:
-                store.put(key, _json_body(new), content_type="application/json", if_match=etag)
+                store.put(key, _json_body(new), content_type="application/json",
+                          if_match=_require_etag(etag, key))
             return new
         except (PreconditionFailed, NotFound):
             # NotFound: S3 answers If-Match on a key deleted meanwhile with 404.
             _backoff(attempt)
-    raise ReleaseError(f"{key} kept changing under us ({_CAS_ATTEMPTS} conditional writes lost "
-                       "the race): other deploys are writing it; wait for them and retry")
+    raise ConflictError(f"{key} kept changing under us ({_CAS_ATTEMPTS} conditional writes lost "
+                        "the race): other deploys are writing it; wait for them and retry")
 
 
 def _check_hot_upgrade(hot_upgrade: object) -> dict[str, Any]:
+    # A bad record is the caller's programming error: TypeError / ValueError.
     if not isinstance(hot_upgrade, dict):
-        raise ReleaseError(f"a hot upgrade record is a dict (Release.hot_upgrade_record gives "
-                           f"one), not {type(hot_upgrade).__name__}")
+        raise TypeError(f"a hot upgrade record is a dict (Release.hot_upgrade_record gives "
+                        f"one), not {type(hot_upgrade).__name__}")
     missing = [f for f in ("version", "tarball_url", "sha256") if not hot_upgrade.get(f)]
     if missing:
-        raise ReleaseError(f"hot upgrade record lacks {', '.join(missing)}; build it with "
-                           "Release.hot_upgrade_record")
+        raise ValueError(f"hot upgrade record lacks {', '.join(missing)}; build it with "
+                         "Release.hot_upgrade_record")
     if not _SHA256_PATTERN.fullmatch(str(hot_upgrade["sha256"])):
-        raise ReleaseError(f"hot upgrade record has a malformed sha256 {hot_upgrade['sha256']!r}; "
-                           "expected 64 lowercase hex digits")
+        raise ValueError(f"hot upgrade record has a malformed sha256 {hot_upgrade['sha256']!r}; "
+                         "expected 64 lowercase hex digits")
     record = {"source_image_ref": None, **hot_upgrade}
     record.setdefault("deployed_at", _iso_utc(_utc_now()))
     return record
@@ -1772,7 +2012,7 @@ def _fresh_current(image_ref: str | None) -> dict[str, Any]:
     return {"image_ref": image_ref, "set_at": _iso_utc(_utc_now()), "hot_upgrade": None, "history": []}
 
 
-def record_hot_upgrade(store: Any, app: str, hot_upgrade: dict[str, Any], *,
+def record_hot_upgrade(store: Store, app: str, hot_upgrade: dict[str, Any], *,
                        image_ref: str | None = None) -> dict[str, Any]:
     """Make ``hot_upgrade`` the app's current hot upgrade; return the new ``current.json``.
 
@@ -1801,7 +2041,7 @@ def record_hot_upgrade(store: Any, app: str, hot_upgrade: dict[str, Any], *,
     return update_current(store, app, change)
 
 
-def reset_current(store: Any, app: str, image_ref: str) -> dict[str, Any]:
+def reset_current(store: Store, app: str, image_ref: str) -> dict[str, Any]:
     """Start ``current.json`` afresh for a new image (after a cold deploy); return it.
 
     No hot upgrade is current and the history is emptied: the releases in
@@ -1857,7 +2097,7 @@ class LockHeld(FlyDeployError):
 class Lock:
     """A held deploy lock; ``release()`` (or leaving a ``with`` block) gives it back."""
 
-    store: Any = dataclasses.field(repr=False)
+    store: Store = dataclasses.field(repr=False)
     app: str
     owner: str
     deployment_id: str
@@ -1868,15 +2108,34 @@ class Lock:
     def release(self) -> bool:
         """Remove the lock if it is still this one; return whether it was removed.
 
-        A lock that expired and was taken over by another deploy is left alone.
+        A lock that was taken over by another deploy (expired, or forced) is
+        left alone and False returned, with a warning.  A delete whose reply
+        was lost is retried, and the retry is refused although the first try
+        landed; that is recognised, not reported as a takeover: the lock is
+        then gone, or held by another deployment that took it after this
+        release began.
         """
+        key = _lock_key(self.app)
+        # Millisecond precision, as locked_at is written.
+        started = _parse_time(_iso_utc(_utc_now()))
         try:
-            self.store.delete(_lock_key(self.app), if_match=self.etag)
+            self.store.delete(key, if_match=self.etag)
+            return True
         except (PreconditionFailed, NotFound):
-            log.warning("deploy lock of %s was taken over or removed by someone else; left as is",
-                        self.app)
-            return False
-        return True
+            holder, _ = _read_lock(self.store, key)
+        if holder is None:
+            return True  # our delete landed (or someone removed the lock): it is gone
+        if holder.get("deployment_id") != self.deployment_id:
+            taken = _parse_time(holder.get("locked_at"))
+            if taken is not None and started is not None and taken >= started:
+                return True  # our delete landed, and another deploy took the lock since
+            log.warning("deploy lock of %s was taken over by %r (deployment %r); left as is",
+                        self.app, holder.get("locked_by"), holder.get("deployment_id"))
+        else:
+            log.warning("deploy lock of %s is still this deployment's (%s) but was rewritten "
+                        "since it was taken (renewed elsewhere?); left in place", self.app,
+                        self.deployment_id)
+        return False
 
     def renew(self, timeout_s: float = 300) -> None:
         """Push the expiry to ``timeout_s`` from now; raise ``LockHeld`` if the lock was lost."""
@@ -1884,9 +2143,11 @@ class Lock:
         body = {"locked_by": self.owner, "locked_at": self.locked_at,
                 "expires_at": _iso_utc(now + datetime.timedelta(seconds=timeout_s)),
                 "deployment_id": self.deployment_id}
+        key = _lock_key(self.app)
         try:
-            self.etag = self.store.put(_lock_key(self.app), _json_body(body),
-                                       content_type="application/json", if_match=self.etag)
+            self.etag = _require_etag(self.store.put(key, _json_body(body),
+                                                     content_type="application/json",
+                                                     if_match=self.etag), key)
         except (PreconditionFailed, NotFound):
             holder, _ = _read_lock(self.store, _lock_key(self.app))
             raise LockHeld(self.app, holder or {}, now=now) from None
@@ -1899,7 +2160,7 @@ class Lock:
         self.release()
 
 
-def _read_lock(store: Any, key: str) -> tuple[dict[str, Any] | None, str | None]:
+def _read_lock(store: Store, key: str) -> tuple[dict[str, Any] | None, str | None]:
     """Return ``(lock document, ETag)``, ``({}, ETag)`` if unreadable, ``(None, None)`` if absent."""
     try:
         doc, etag = store.get_json(key)
@@ -1913,7 +2174,7 @@ def _read_lock(store: Any, key: str) -> tuple[dict[str, Any] | None, str | None]
     return (doc if isinstance(doc, dict) else {}), etag
 
 
-def acquire_lock(store: Any, app: str, *, owner: str, deployment_id: str,
+def acquire_lock(store: Store, app: str, *, owner: str, deployment_id: str,
                  timeout_s: float = 300, force: bool = False) -> Lock:
     """Take the deploy lock of ``app`` for ``timeout_s`` seconds; return the ``Lock``.
 
@@ -1923,6 +2184,9 @@ def acquire_lock(store: Any, app: str, *, owner: str, deployment_id: str,
     racing exactly one holds the lock.  A live lock raises ``LockHeld``
     naming its owner, when it was taken and how long is left.
     """
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s!r}: a deploy lock must last a positive number "
+                         "of seconds (e.g. 300)")
     key = _lock_key(app)
     start = _utc_now()
     # One body for every attempt, so that a write of ours that landed while
@@ -1937,14 +2201,16 @@ def acquire_lock(store: Any, app: str, *, owner: str, deployment_id: str,
     for attempt in range(_CAS_ATTEMPTS):
         now = _utc_now()
         try:
-            return held(store.put(key, _json_body(body), content_type="application/json",
-                                  if_none_match="*"))
+            return held(_require_etag(store.put(key, _json_body(body),
+                                                content_type="application/json",
+                                                if_none_match="*"), key))
         except PreconditionFailed:
             pass
         holder, etag = _read_lock(store, key)
         if holder is None:
             continue  # released between our write and our read: try again
-        if holder == body and etag:
+        etag = _require_etag(etag, key)
+        if holder == body:
             return held(etag)  # our write landed, but its reply was lost and the retry refused
         expires = _parse_time(holder.get("expires_at"))
         if not (force or expires is None or expires <= now):
@@ -1953,11 +2219,12 @@ def acquire_lock(store: Any, app: str, *, owner: str, deployment_id: str,
                     holder.get("locked_by"), holder.get("locked_at"),
                     "forced" if force else "expired")
         try:
-            return held(store.put(key, _json_body(body), content_type="application/json",
-                                  if_match=etag))
+            return held(_require_etag(store.put(key, _json_body(body),
+                                                content_type="application/json",
+                                                if_match=etag), key))
         except (PreconditionFailed, NotFound):
             _backoff(attempt)  # someone else took it over first: look again
-    raise FlyDeployError(f"could not take the deploy lock of {app!r}: {key} kept changing "
+    raise ConflictError(f"could not take the deploy lock of {app!r}: {key} kept changing "
                          f"({_CAS_ATTEMPTS} attempts); another deploy is fighting for it, retry later")
 
 
@@ -2294,13 +2561,9 @@ class Machines:
                         or (retry_after is not None and retry_after > _MAX_RETRY_AFTER)):
                     raise MachinesAPIError(status, message, method=method, path=shown_path)
                 log.info("Machines API %s %s: %d %s, retrying", method, shown_path, status, message)
-            time.sleep(self._backoff_delay(attempt, retry_after))
+            time.sleep(_backoff_delay(attempt, base=self._backoff, cap=10.0, floor=0.5,
+                                      retry_after=retry_after))
             attempt += 1
-
-    def _backoff_delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return retry_after
-        return min(self._backoff * (2 ** attempt), 10.0) * (0.5 + random.random() / 2)
 
     def _send(self, method: str, target: str, headers: Mapping[str, str], data: bytes | None,
               timeout: float) -> tuple[int, str, http.client.HTTPMessage, bytes]:

@@ -34,7 +34,9 @@ def make_tree(root: pathlib.Path) -> int:
     for p in range(PACKAGES):
         package = root / "app" / f"pkg{p // 10:02d}" / f"sub{p % 10}"
         package.mkdir(parents=True)
-        (package / "__init__.py").write_text("")
+        # Packages all the way down, as pack_release's default choice expects.
+        for level in (package.parent.parent, package.parent, package):
+            (level / "__init__.py").write_text("")
         for m in range(FILES // PACKAGES - 1):
             lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
                      for _ in range(rng.randint(10, 120))]

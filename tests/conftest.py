@@ -225,8 +225,26 @@ def _botocore_client(service: str, server: S3Server, access_key: str, secret_key
                                       retries={"max_attempts": 1}))
 
 
-# The requests moto serves before it starts checking signatures: the setup below.
-_MOTO_SETUP_REQUESTS = 7
+# moto serves this many requests before it starts checking signatures: more than the
+# setup below needs (however many requests botocore makes for it); the rest are used
+# up by probes until signatures are checked.
+_MOTO_UNAUTHENTICATED_ALLOWANCE = 50
+
+
+def _moto_checks_signatures(server: S3Server) -> bool:
+    """Whether moto refuses a request signed with keys it never issued (each unrefused
+    probe uses up one of its unauthenticated requests)."""
+    url = f"{server.endpoint}/"
+    headers = flydeploy.sign_request("GET", url, {}, payload_hash=flydeploy._EMPTY_SHA256,
+                                     access_key="AKIAPROBEPROBEPROBE", secret_key="probe",
+                                     region=server.region)
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10).close()
+    except urllib.error.HTTPError as err:
+        if err.code == 403:
+            return True
+        raise
+    return False
 
 
 @pytest.fixture(scope="session")
@@ -235,7 +253,7 @@ def moto(tmp_path_factory):
     work = tmp_path_factory.mktemp("moto")
     (port,) = free_ports(1)
     log_path = work / "moto.log"
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(_MOTO_SETUP_REQUESTS),
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(_MOTO_UNAUTHENTICATED_ALLOWANCE),
            "MOTO_ALLOW_NONEXISTENT_REGION": "true"}
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen([moto_server, "-H", "127.0.0.1", "-p", str(port)],
@@ -246,7 +264,7 @@ def moto(tmp_path_factory):
     try:
         _wait_until(server, lambda: urllib.request.urlopen(
             f"{server.endpoint}/moto-api/", timeout=5).close(), "moto_server")
-        # Exactly _MOTO_SETUP_REQUESTS unauthenticated requests, then auth is on.
+        # Unauthenticated setup, then probes until moto checks every signature.
         iam = _botocore_client("iam", server, "setup", "setup")
         iam.create_user(UserName="flydeploy")
         policy = iam.create_policy(PolicyName="everything", PolicyDocument=json.dumps({
@@ -262,6 +280,11 @@ def moto(tmp_path_factory):
         iam.attach_role_policy(RoleName="deployer", PolicyArn=arn)
         server.access_key, server.secret_key = key["AccessKeyId"], key["SecretAccessKey"]
         server.role_arn = role["Role"]["Arn"]
+        for _ in range(_MOTO_UNAUTHENTICATED_ALLOWANCE + 1):
+            if _moto_checks_signatures(server):
+                break
+        else:
+            raise RuntimeError("moto_server never started checking signatures")
         _create_bucket(server)
         yield server
     finally:

@@ -2,7 +2,9 @@
 
 import ast
 import inspect
+import os
 import pathlib
+import subprocess
 import sys
 
 import flydeploy
@@ -58,3 +60,23 @@ def test_no_module_level_name_is_defined_twice():
         for name in names:
             assert name not in seen, f"flydeploy.{name} defined at lines {seen[name]} and {node.lineno}"
             seen[name] = node.lineno
+
+
+def test_ci_script_removes_its_virtual_environment_and_keeps_the_exit_code(tmp_path):
+    # A stand-in python3 makes the "environment" and a python that fails with code 3,
+    # so the script's own steps run in a second, offline.
+    shims, scratch = tmp_path / "bin", tmp_path / "tmp"
+    shims.mkdir()
+    scratch.mkdir()
+    fake_python3 = shims / "python3"
+    fake_python3.write_text('#!/bin/sh\n'
+                            '# python3 -m venv DIR\n'
+                            'mkdir -p "$3/bin"\n'
+                            'printf \'python() { return 3; }\\n\' > "$3/bin/activate"\n')
+    fake_python3.chmod(0o755)
+    result = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "run")], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}",
+             "TMPDIR": str(scratch)})
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert list(scratch.iterdir()) == [], "the virtual environment was left behind"

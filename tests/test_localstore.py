@@ -232,7 +232,7 @@ def test_local_file_errors_are_clear_and_leave_nothing(store, tmp_path):
 
 def test_temporary_files_of_dead_writers_are_swept(store):
     internal = pathlib.Path(store.root, ".flydeploy-store")
-    stale, fresh = internal / "put-dead", internal / "put-busy"
+    stale, fresh = internal / ".k.dead.part", internal / ".k.busy.part"
     stale.write_bytes(b"half a write")
     fresh.write_bytes(b"a write in progress")
     os.utime(stale, (1, 1))

@@ -132,9 +132,11 @@ def test_concurrent_records_lose_nothing(store, app):
 
 
 def test_malformed_metadata_and_records_are_refused(store, app):
-    with pytest.raises(ReleaseError, match="lacks tarball_url, sha256"):
+    with pytest.raises(TypeError, match="is a dict"):
+        record_hot_upgrade(store, app, ["v1"])
+    with pytest.raises(ValueError, match="lacks tarball_url, sha256"):
         record_hot_upgrade(store, app, {"version": "v1"})
-    with pytest.raises(ReleaseError, match="malformed sha256"):
+    with pytest.raises(ValueError, match="malformed sha256"):
         record_hot_upgrade(store, app, {**upgrade("v1"), "sha256": "abc"})
     assert read_current(store, app) == (None, None), "a refused record writes nothing"
     store.put(f"releases/{app}-current.json", b"[1, 2]")
@@ -307,12 +309,102 @@ class AlwaysBeaten:
 
 def test_giving_up_after_losing_every_race_says_so(store, app, monkeypatch):
     monkeypatch.setattr(flydeploy, "_backoff", lambda attempt: None)
-    with pytest.raises(ReleaseError, match="kept changing under us"):
+    with pytest.raises(flydeploy.ConflictError, match="kept changing under us"):
         record_hot_upgrade(AlwaysBeaten(store), app, upgrade("v1"))
     past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=1)
     store.put(f"releases/{app}-deploy.lock", json.dumps({
         "locked_by": "crashed", "locked_at": past.isoformat(), "expires_at": past.isoformat(),
         "deployment_id": "d-old"}).encode())
-    with pytest.raises(flydeploy.FlyDeployError, match="kept changing"):
+    with pytest.raises(flydeploy.ConflictError, match="kept changing"):
         acquire_lock(AlwaysBeaten(store), app, owner="bob", deployment_id="d-2")
     assert lock_doc(store, app)["locked_by"] == "crashed"
+
+
+class LostDeleteReply:
+    """A store whose first conditional delete lands but answers 412 (its reply was lost
+    and the retry refused); ``meanwhile`` runs between the landing and the answer."""
+
+    def __init__(self, inner, meanwhile=lambda: None):
+        self.inner, self.meanwhile, self.lost = inner, meanwhile, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def delete(self, key, **conditions):
+        self.inner.delete(key, **conditions)
+        if not self.lost:
+            self.lost = True
+            self.meanwhile()
+            raise PreconditionFailed("lost reply", status=412, code="PreconditionFailed", key=key)
+
+
+def test_a_release_whose_reply_was_lost_is_not_reported_as_a_takeover(store, app, caplog):
+    lock = acquire_lock(store, app, owner="alice", deployment_id="d-1")
+    lock.store = LostDeleteReply(store)
+    with caplog.at_level("WARNING", logger="flydeploy"):
+        assert lock.release() is True
+    assert lock.store.lost and store.head(f"releases/{app}-deploy.lock") is None
+    # The delete landed, and another deploy took the lock before the answer came.
+    lock = acquire_lock(store, app, owner="alice", deployment_id="d-1")
+    later = []
+    lock.store = LostDeleteReply(store, lambda: later.append(
+        acquire_lock(store, app, owner="bob", deployment_id="d-2")))
+    with caplog.at_level("WARNING", logger="flydeploy"):
+        assert lock.release() is True
+    assert lock_doc(store, app)["deployment_id"] == "d-2"
+    assert not [r for r in caplog.records if "taken over" in r.getMessage()]
+    later[0].release()
+
+
+def test_a_forced_takeover_is_still_reported(store, app, caplog):
+    old = acquire_lock(store, app, owner="alice", deployment_id="d-1")
+    acquire_lock(store, app, owner="bob", deployment_id="d-2", force=True)
+    with caplog.at_level("WARNING", logger="flydeploy"):
+        assert old.release() is False
+    assert any("taken over by 'bob'" in r.getMessage() for r in caplog.records)
+
+
+class NoETags:
+    """A store whose server sends no ETags (a misbehaving S3 implementation)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def put(self, key, data, **conditions):
+        self.inner.put(key, data, **conditions)
+        return ""
+
+    def get_json(self, key):
+        return self.inner.get_json(key)[0], ""
+
+
+def test_a_missing_etag_never_turns_a_conditional_write_unconditional(store, app):
+    blind = NoETags(store)
+    with pytest.raises(flydeploy.S3Error, match="no ETag") as caught:
+        acquire_lock(blind, app, owner="alice", deployment_id="d-1")
+    assert caught.value.code == "MissingETag"
+    with pytest.raises(LockHeld):  # the lock it created stays (until it expires)
+        acquire_lock(store, app, owner="bob", deployment_id="d-2")
+    record_hot_upgrade(store, app, upgrade("v1"))
+    with pytest.raises(flydeploy.S3Error, match="no ETag"):
+        record_hot_upgrade(blind, app, upgrade("v2"))
+    assert read_current(store, app)[0]["hot_upgrade"]["version"] == "v1"
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match="If-Match"):
+            store.put(f"releases/{app}-x", b"v", if_match=empty)
+        with pytest.raises(ValueError, match="If-Match"):
+            store.delete(f"releases/{app}-current.json", if_match=empty)
+        with pytest.raises(ValueError, match="If-None-Match"):
+            store.put(f"releases/{app}-x", b"v", if_none_match=empty)
+    assert store.head(f"releases/{app}-x") is None
+    assert read_current(store, app)[0]["hot_upgrade"]["version"] == "v1"
+
+
+@pytest.mark.parametrize("timeout_s", [0, -5])
+def test_a_lock_needs_a_positive_timeout(store, app, timeout_s):
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        acquire_lock(store, app, owner="alice", deployment_id="d-1", timeout_s=timeout_s)
+    assert store.head(f"releases/{app}-deploy.lock") is None

@@ -8,6 +8,7 @@ import os
 import pathlib
 import shutil
 import tarfile
+import tempfile
 
 import pytest
 
@@ -37,7 +38,12 @@ def app_tree(tmp_path):
              "shop/.secret", ".hidden/mod.py", "node_modules/x/index.py", "venv/bin/activate", "venv/lib/site.py",
              "myenv/pyvenv.cfg", "myenv/lib/python3.11/site-packages/dep.py",
              "shop.egg-info/PKG-INFO", "build/lib/shop/views.py", "dist/shop.py",
-             "db.sqlite3", "notes.txt", "media/upload.png", "flydeploy-manifest.json"]
+             "db.sqlite3", "notes.txt", "media/upload.png", "flydeploy-manifest.json",
+             # Not the application, even with Python in them.
+             "tests/test_shop.py", "tests/__init__.py", "test/conftest.py", "docs/conf.py",
+             "doc/__init__.py", "benchmarks/bench_shop.py",
+             # Python files only deeper down: not a package, not a namespace package.
+             "tools/deploy/run.py"]
     for rel in never:
         write(root, rel)
     return root
@@ -147,10 +153,16 @@ def test_a_file_changed_between_hashing_and_packing_is_refused(app_tree, tmp_pat
 def test_include_and_exclude_patterns(app_tree, tmp_path):
     release = pack_release(app_tree, tmp_path / "r.tar.gz", app="shop", version="v1",
                            include=["*.py", "media/"], exclude=["bin", "shop/**/views.py"])
-    # include replaces the default choice, so build outputs are no longer left out.
+    # include replaces the default choice, so build outputs, tests and docs are no longer
+    # left out.
     assert sorted(release.manifest["files"]) == [
-        "build/lib/shop/views.py", "dist/shop.py", "main.py", "media/upload.png",
-        "nspkg/tool.py", "settings.py", "shop/__init__.py"]
+        "benchmarks/bench_shop.py", "build/lib/shop/views.py", "dist/shop.py", "doc/__init__.py",
+        "docs/conf.py", "main.py", "media/upload.png", "nspkg/tool.py", "settings.py",
+        "shop/__init__.py", "test/conftest.py", "tests/__init__.py", "tests/test_shop.py",
+        "tools/deploy/run.py"]
+    with_tests = pack_release(app_tree, tmp_path / "t.tar.gz", app="shop", version="v1",
+                              include=["/tests/", "*.py"], exclude=["/build/", "/dist/"])
+    assert {"tests/__init__.py", "tests/test_shop.py", "main.py"} <= set(with_tests.manifest["files"])
     one = pack_release(app_tree, tmp_path / "one.tar.gz", app="shop", version="v1",
                        include="/shop/", exclude="*.css")
     assert sorted(one.manifest["files"]) == [
@@ -188,6 +200,67 @@ def test_bad_names_and_empty_trees_are_refused(app_tree, tmp_path):
         pack_release(empty, tmp_path / "r.tar.gz", app="shop", version="v1")
     assert not (tmp_path / "r.tar.gz").exists()
     assert flydeploy.release_key("shop", "v1") == "releases/shop-v1.tar.gz"
+
+
+@pytest.mark.parametrize("name,why", [("shop/a\\b.py", "backslash"),
+                                      (os.fsdecode(b"shop/caf\xe9.txt"), "not valid UTF-8")])
+def test_names_unpack_would_refuse_are_refused_when_packing(app_tree, tmp_path, name, why):
+    write(app_tree, "shop/ok.txt")
+    (app_tree / os.fsencode(name).decode("utf-8", "surrogateescape")).write_bytes(b"x")
+    with pytest.raises(ReleaseError, match=why) as caught:
+        pack_release(app_tree, tmp_path / "r.tar.gz", app="shop", version="v1")
+    assert caught.value.member == name and repr(name) in str(caught.value)
+    assert not (tmp_path / "r.tar.gz").exists()
+
+
+def _pack_as_unprivileged_user(root: pathlib.Path, out: pathlib.Path) -> str:
+    """Pack in a forked child that drops root (permissions bind only an unprivileged
+    user); return what it raised, as "Type: message"."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        status = 1
+        try:
+            os.close(read_end)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            try:
+                pack_release(root, out, app="shop", version="v1")
+                report = "packed"
+            except Exception as err:  # reported to the parent, which asserts on it
+                report = f"{type(err).__name__}: {err}"
+            os.write(write_end, report.encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        report = reader.read().decode()
+    assert os.waitpid(pid, 0)[1] == 0
+    return report
+
+
+@pytest.mark.parametrize("unreadable", ["shop/sub", "shop/sub/views.py"])
+def test_unreadable_folders_and_files_are_reported_not_skipped(unreadable):
+    work = pathlib.Path(tempfile.mkdtemp(prefix="flydeploy-perm-"))
+    try:
+        root, out = work / "app", work / "out"
+        write(root, "shop/__init__.py")
+        write(root, "shop/sub/views.py")
+        out.mkdir()
+        for folder, dirs, files in os.walk(work):
+            os.chmod(folder, 0o777)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o644)
+        (root / unreadable).chmod(0)
+        report = _pack_as_unprivileged_user(root, out / "r.tar.gz")
+        assert report.startswith("ReleaseError: cannot read") and unreadable in report, report
+        assert list(out.iterdir()) == []
+    finally:
+        (work / "app" / unreadable).chmod(0o755)
+        shutil.rmtree(work)
 
 
 def test_round_trip(app_tree, tmp_path):

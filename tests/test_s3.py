@@ -3,6 +3,7 @@ servers that misbehave on purpose."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import logging
@@ -10,6 +11,7 @@ import os
 import socket
 import ssl
 import threading
+import tracemalloc
 import urllib.error
 import urllib.request
 
@@ -227,7 +229,7 @@ def test_wrong_secret_on_moto_too(moto):
 
 class ScriptedServer:
     """A local HTTP server answering the n-th request with ``script[n]`` (the last entry
-    repeats): a (status, body) pair, or "truncate" (a 200 promising more bytes than it
+    repeats): a (status, body) pair or (status, body, extra headers), or "truncate" (a 200 promising more bytes than it
     sends, then the connection is cut) or "die" (like truncate, and the server stops)."""
 
     def __init__(self, script):
@@ -258,13 +260,16 @@ class ScriptedServer:
                     if step == "die":
                         outer.stop()
                     return
-                status, body = step
+                status, body, *extra = step
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("ETag", '"e"')
+                for name, value in (extra[0] if extra else {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(body)
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        self.wfile.write(body)  # a client that gave up is no server error
 
             do_GET = do_PUT = do_HEAD = do_DELETE = handle_one
 
@@ -409,3 +414,163 @@ def test_tls_certificates_are_always_verified(scripted, fast_retries, tmp_path, 
     assert "gave up" not in str(caught.value)  # a bad certificate is never retried
     monkeypatch.setenv("SSL_CERT_FILE", str(cert_path))  # now the system trusts it
     assert _client(endpoint).get("k") == b"over tls"
+
+
+# --- review fixes ---------------------------------------------------------------
+
+def test_error_message_is_the_servers_own(scripted, fast_retries):
+    server = scripted([(400, _error_xml("InvalidArgument", "the server's own words")),
+                       (403, b"")])
+    client = _client(server.endpoint)
+    with pytest.raises(flydeploy.S3Error) as caught:
+        client.get("k")
+    error = caught.value
+    assert error.message == "the server's own words" and error.code == "InvalidArgument"
+    assert str(error).startswith("GET s3://bucket/k failed: HTTP 400 InvalidArgument: "
+                                 "the server's own words (request id req-1)")
+    # A HEAD reply has no body: no server message, but the same hint as other 403s.
+    with pytest.raises(flydeploy.S3Error) as caught:
+        client.head("k")
+    assert caught.value.message == "" and caught.value.status == 403
+    assert "AWS_SECRET_ACCESS_KEY" in str(caught.value) and "clock" in str(caught.value)
+
+
+def test_given_up_errors_keep_the_servers_message(scripted, fast_retries):
+    server = scripted([(503, _error_xml("SlowDown", "Please reduce your request rate."))])
+    with pytest.raises(flydeploy.S3Error) as caught:
+        _client(server.endpoint).get("k")
+    assert caught.value.message == "Please reduce your request rate."
+    assert str(caught.value).endswith(f"(gave up after {flydeploy.S3.retry_attempts} attempts)")
+
+
+@pytest.mark.parametrize("status,header,waits", [(503, "1", [1.0]), (429, "2", [2.0]),
+                                                 (500, "3", None)])
+def test_retry_after_is_honoured_on_429_and_503(scripted, fast_retries, monkeypatch,
+                                                status, header, waits):
+    waited = []
+    monkeypatch.setattr(flydeploy.time, "sleep", waited.append)
+    server = scripted([(status, b"", {"Retry-After": header}), (200, b"body")])
+    assert _client(server.endpoint).get("k") == b"body"
+    if waits is None:  # not a status that asks clients to wait: the usual backoff
+        assert len(waited) == 1 and waited[0] <= flydeploy.S3.retry_max_delay_s
+    else:
+        assert waited == waits
+
+
+def test_a_retry_after_beyond_a_minute_is_not_waited_out(scripted, fast_retries, monkeypatch):
+    waited = []
+    monkeypatch.setattr(flydeploy.time, "sleep", waited.append)
+    server = scripted([(503, b"", {"Retry-After": "3600"})])
+    with pytest.raises(flydeploy.S3Error, match="retry after 3600s"):
+        _client(server.endpoint).get("k")
+    assert waited == [] and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, ValueError])
+def test_any_failure_mid_request_drops_the_connection(scripted, fast_retries, monkeypatch,
+                                                      tmp_path, caplog, interruption):
+    server = scripted([(200, b"body")])
+    client = _client(server.endpoint)
+    assert client.get("warm") == b"body"  # a persistent connection now exists
+    source = tmp_path / "big.bin"
+    source.write_bytes(b"x" * (3 << 20))
+
+    def send_part_then_fail(self, conn):
+        conn.send(b"x" * 1000)
+        raise interruption("interrupted")
+
+    monkeypatch.setattr(flydeploy._FileBody, "send", send_part_then_fail)
+    with pytest.raises(interruption):
+        client.put("k", source)
+    with caplog.at_level(logging.WARNING, logger="flydeploy"):
+        assert client.get("next") == b"body"
+    assert caplog.records == [], "the next request must not meet the half-sent one"
+    assert [path for _, path, _ in server.requests][-1] == "/bucket/next"
+
+
+@pytest.mark.parametrize("field", ["access_key", "secret_key", "session_token"])
+@pytest.mark.parametrize("bad", ["\r\nX-Injected: 1", "\n", "\x01", " "])
+def test_credentials_with_control_characters_are_refused(field, bad):
+    variable = {"access_key": "AWS_ACCESS_KEY_ID", "secret_key": "AWS_SECRET_ACCESS_KEY",
+                "session_token": "AWS_SESSION_TOKEN"}[field]
+    secret = "Secret0123456789" + bad + "tail"
+    values = {"access_key": "AKID", "secret_key": "SK", "session_token": None, field: secret}
+    with pytest.raises(flydeploy.ConfigError, match=variable) as caught:
+        flydeploy.S3("http://127.0.0.1:9", "bucket", values["access_key"], values["secret_key"],
+                     session_token=values["session_token"])
+    assert "Secret0123456789" not in str(caught.value) and "tail" not in str(caught.value)
+
+
+def test_a_malformed_region_is_refused():
+    with pytest.raises(flydeploy.ConfigError, match="AWS_REGION"):
+        flydeploy.S3("http://127.0.0.1:9", "bucket", "AK", SECRET, region="auto\r\nX: 1")
+
+
+def test_endpoint_with_credentials_is_refused_without_echoing_them():
+    with pytest.raises(flydeploy.ConfigError, match="AWS_ENDPOINT_URL_S3") as caught:
+        flydeploy.S3("https://user:hunter2pass@fly.storage.tigris.dev", "bucket", "AK", SECRET)
+    assert "hunter2pass" not in str(caught.value)
+    client = _client("https://fly.storage.tigris.dev")
+    assert SECRET not in repr(client) and "AKIDEXAMPLE" not in repr(client)
+    assert TOKEN not in repr(client)
+
+
+def test_keys_with_control_characters_list_back_exactly(s3, key_prefix):
+    keys = sorted([key_prefix + k for k in ["a\rb", "a\x01b", "a\nb", "a+b c", "a%2Bb"]])
+    for key in keys:
+        s3.put(key, key.encode())
+    assert list(s3.list(key_prefix)) == keys
+    assert [s3.get(key) for key in keys] == [key.encode() for key in keys]
+
+
+def test_a_str_is_a_path_and_text_must_be_encoded(scripted, tmp_path):
+    server = scripted([(200, b"")])
+    with pytest.raises(flydeploy.FlyDeployError, match=r"text\.encode\(\)") as caught:
+        _client(server.endpoint).put("k", "hello, world")
+    assert "takes bytes or the path of a file" in str(caught.value)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("key,why", [("", "non-empty"), ("caf\udce9", "not valid UTF-8"),
+                                     ("k" * 1025, "longer than 1024 bytes")])
+def test_invalid_keys_are_project_errors(scripted, key, why):
+    server = scripted([(200, b"")])
+    client = _client(server.endpoint)
+    for call in (lambda: client.get(key), lambda: client.put(key, b"v"),
+                 lambda: client.delete(key), lambda: client.url(key)):
+        with pytest.raises(flydeploy.S3Error, match=why) as caught:
+            call()
+        assert caught.value.code == "InvalidKey"
+    assert server.requests == []
+
+
+def test_download_into_a_missing_folder_is_a_clear_error(scripted, tmp_path):
+    server = scripted([(200, b"body")])
+    with pytest.raises(flydeploy.FlyDeployError, match="does not exist") as caught:
+        _client(server.endpoint).download("k", tmp_path / "missing" / "out.bin")
+    assert str(tmp_path / "missing") in str(caught.value)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_upload_and_download_stream_in_bounded_memory(s3, key_prefix, tmp_path):
+    size = 50 << 20
+    source = tmp_path / "big.bin"
+    with open(source, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(os.urandom(1 << 20))
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        s3.upload(key_prefix + "big", source)
+        upload_peak = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        digest = s3.download(key_prefix + "big", tmp_path / "back.bin")
+        download_peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert digest == hashlib.sha256(source.read_bytes()).hexdigest()
+    # A few 1 MiB buffers at most, never the object.
+    assert upload_peak < 8 << 20, upload_peak
+    assert download_peak < 8 << 20, download_peak

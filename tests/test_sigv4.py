@@ -235,6 +235,38 @@ def test_naive_datetime_is_refused():
                                now=datetime.datetime(2020, 1, 1))
 
 
+def test_derived_signing_keys_are_cached_per_secret_date_region_and_service(monkeypatch):
+    derivations = []
+    real_digest = flydeploy.hmac.digest
+
+    def counting_digest(key, message, digest):
+        if isinstance(key, bytes) and key.startswith(b"AWS4"):
+            derivations.append(key)  # the first step of deriving a signing key
+        return real_digest(key, message, digest)
+
+    monkeypatch.setattr(flydeploy.hmac, "digest", counting_digest)
+    flydeploy._signing_key.cache_clear()
+    day = datetime.datetime(2026, 11, 21, 12, 0, tzinfo=datetime.timezone.utc)
+
+    def sign(secret="SK", now=day, region="auto", service="s3"):
+        return flydeploy.sign_request("GET", "https://h/b/k", {}, payload_hash=flydeploy._EMPTY_SHA256,
+                                      access_key="AK", secret_key=secret, region=region,
+                                      service=service, now=now)["Authorization"]
+
+    first = sign()
+    later_that_day = sign(now=day + datetime.timedelta(hours=5))
+    assert len(derivations) == 1, "same secret, date, region and service: derived once"
+    assert first != later_that_day  # the signatures differ, the key does not
+    sign(secret="other")
+    sign(now=day + datetime.timedelta(days=1))
+    sign(region="us-east-1")
+    sign(service="sts")
+    assert len(derivations) == 5, "each of secret, date, region, service keys the cache"
+    sign(secret="other")
+    sign(region="us-east-1")
+    assert len(derivations) == 5
+
+
 def test_presign_refuses_out_of_range_expiry():
     for expires in (0, 7 * 24 * 3600 + 1):
         with pytest.raises(ValueError, match="out of range"):
@@ -282,6 +314,29 @@ def test_signature_matches_botocore_s3_signer(method, host, key, query, headers,
                                   region=region, session_token=token, now=now)
     assert ours["Authorization"] == request.headers["Authorization"]
     assert ours["X-Amz-Content-Sha256"] == request.headers["X-Amz-Content-SHA256"]
+
+    # The presigned form on the same inputs.  botocore's query signer keeps the first
+    # value of a repeated name and signs only host for a request without headers.
+    first_values: dict[str, str] = {}
+    for name, value in query:
+        first_values.setdefault(name, value)
+    url = f"{host}/bucket/{urllib.parse.quote(key, safe='/')}"
+    if first_values:
+        url += "?" + "&".join(f"{urllib.parse.quote(n, safe='')}={urllib.parse.quote(v, safe='')}"
+                              for n, v in first_values.items())
+    request = AWSRequest(method=method, url=url)
+    botocore.auth.S3SigV4QueryAuth(credentials, "s3", region, expires=900).add_auth(request)
+    botocore_query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(request.url).query,
+                                                 keep_blank_values=True))
+    now = datetime.datetime.strptime(botocore_query["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(
+        tzinfo=datetime.timezone.utc)
+    presigned = flydeploy.presign_url(method, url, access_key="AKIDEXAMPLE",
+                                      secret_key="wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+                                      region=region, expires=900, session_token=token, now=now)
+    ours_query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(presigned).query,
+                                             keep_blank_values=True))
+    assert ours_query["X-Amz-Signature"] == botocore_query["X-Amz-Signature"]
+    assert ours_query == botocore_query
 
 
 ESCAPE_SOUP = st.lists(st.one_of(
