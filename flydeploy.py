@@ -2626,8 +2626,6 @@ def _machine_matches(machine: Mapping, states: Sequence[str], include_deleted: b
 
 # --- Fleet orchestration ----------------------------------------------------
 
-_RESULT_MARKER = "__FLYDEPLOY_RESULT__"
-_RESULT_RE = re.compile(re.escape(_RESULT_MARKER) + r"(.*?)" + re.escape(_RESULT_MARKER))
 # The orchestrator tells the developer's command line that it started and how it
 # ended on lines of its own: `fly machine run` only passes on "failed or not".
 ORCHESTRATOR_MARKER = "__FLYDEPLOY_ORCHESTRATOR__"
@@ -2866,8 +2864,9 @@ def select_machines(machines: Iterable[Mapping[str, Any]], *, self_id: str | Non
 
 def parse_result_marker(output: str) -> dict | None:
     """The per-machine result from ``rpc upgrade`` output: the JSON between the
-    last pair of ``__FLYDEPLOY_RESULT__`` markers, or None when there is none."""
-    for match in reversed(_RESULT_RE.findall(output or "")):
+    last pair of ``RESULT_MARKER`` markers, or None when there is none."""
+    marker = re.escape(RESULT_MARKER)
+    for match in reversed(re.findall(marker + r"(.*?)" + marker, output or "")):
         try:
             result = json.loads(match)
         except ValueError:
@@ -6535,6 +6534,7 @@ def _entry_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"flydeploy {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_rpc_parser(commands)
+    _add_orchestrate_parser(commands)
     return parser
 
 
