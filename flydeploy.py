@@ -3012,7 +3012,7 @@ def _exec_failure(exc: MachinesAPIError, timeout: float) -> str:
     return f"exec failed: {exc}"
 
 
-def _store_release(store: Any, key: str, release: Any) -> bool:
+def _store_release(store: Store, key: str, release: Release) -> bool:
     """Upload a packed release unless the same content is there; True when it uploaded."""
     if store.head(key) is None:
         store.upload(key, release.path)
@@ -3046,7 +3046,7 @@ def default_version() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(2)
 
 
-def _release_entry(store: Any, app: str, image_ref: str, *, root: str | os.PathLike[str],
+def _release_entry(store: Store, app: str, image_ref: str, *, root: str | os.PathLike[str],
                    version: str | None, include: Iterable[str] | None, exclude: Iterable[str] | None,
                    rollback: bool, rollback_to: str | None, say: Callable[[str], None]) -> tuple[dict, bool]:
     """The ``hot_upgrade`` record to push and whether its tarball was uploaded now."""
@@ -3087,7 +3087,7 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list
         results.close()
 
 
-def orchestrate(app: str, image_ref: str, *, store: Any, api: Any, root: str | os.PathLike[str] = ".",
+def orchestrate(app: str, image_ref: str, *, store: Store, api: Any, root: str | os.PathLike[str] = ".",
                 version: str | None = None, include: Iterable[str] | None = None,
                 exclude: Iterable[str] | None = None, rollback: bool = False, rollback_to: str | None = None,
                 force: bool = False, owner: str | None = None, lock_timeout: float = 300.0,
@@ -3181,7 +3181,7 @@ def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
             "processes": len(processes or ()), "verdict": verdict, "error": error}
 
 
-def fleet_status(app: str, *, store: Any, api: Any, python: str = "python3", process_groups: Iterable[str] = (),
+def fleet_status(app: str, *, store: Store, api: Any, python: str = "python3", process_groups: Iterable[str] = (),
                  max_concurrency: int = 10, timeout: float = 30.0) -> list[dict]:
     """``status_row`` for every app machine: the Machines API list, ``current.json``
     and ``rpc info`` on the started machines, ``max_concurrency`` at a time."""
