@@ -188,16 +188,22 @@ def test_dry_run_lock_force_and_missing_secrets(fakefly, seaweed, tmp_path):
     assert status.returncode == 2 and "AWS_ACCESS_KEY_ID" in status.stderr
 
 
-def test_a_failing_machine_is_named_and_fails_the_deploy(fakefly, seaweed, tmp_path):
-    project = Project(fakefly, seaweed, tmp_path, machines=2)
-    good, broken = project.machines
+def test_failing_machines_are_named_and_fail_the_deploy(fakefly, seaweed, tmp_path):
+    project = Project(fakefly, seaweed, tmp_path, machines=3)
+    good, broken, hung = project.machines
     (broken.root / "flydeploy.py").unlink()  # the running process keeps its copy; exec cannot
+    fakefly.faults.add("500", op="exec", machine=good.id, times=1)  # retried: a passing hiccup
+    fakefly.faults.add("408", op="exec", machine=hung.id, times=None)  # every try times out
     project.edit(V2)
-    hot = project.cli("hot")
+    hot = project.cli("hot", "--timeout", "5")
     assert hot.returncode == 1, hot.output
+    assert f"✓ {good.id} ({good.region}) 2 modules, 1 process" in hot.output
     assert f"✗ {broken.id} ({broken.region}) flydeploy is not importable" in hot.output
-    assert f"FAILED: {broken.id}" in hot.output and f"✓ {good.id}" in hot.output
-    assert get(good)[0] == "hello v2" and get(broken)[0] == "hello v1"
+    assert f"✗ {hung.id} ({hung.region}) timed out after 5 s" in hot.output
+    assert "1/3 machines upgraded to" in hot.output
+    failed = hot.output.rsplit("FAILED: ", 1)[1].splitlines()[0].split(";")[0]
+    assert sorted(failed.strip().split(", ")) == sorted([broken.id, hung.id])
+    assert get(good)[0] == "hello v2" and get(broken)[0] == "hello v1" and get(hung)[0] == "hello v1"
     assert f"releases/{project.name}-deploy.lock" not in project.release_keys()
 
 
