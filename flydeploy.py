@@ -2897,9 +2897,11 @@ class MachineOutcome:
         result = self.result or {}
         modules = result.get("modules_reloaded") or 0
         processes = result.get("processes_succeeded") or 0
-        suspended = round(result.get("suspend_duration_ms") or 0)
+        suspended = result.get("suspend_duration_ms") or 0
+        # Below a millisecond, rounding would say 0: the pause would look skipped.
+        shown = f"{suspended:.1f}" if 0 < suspended < 1 else f"{round(suspended)}"
         return (f"✓ {self.machine_id} ({self.region}) {_plural(modules, 'module')}, "
-                f"{_plural(processes, 'process', 'processes')}, suspended {suspended} ms")
+                f"{_plural(processes, 'process', 'processes')}, suspended {shown} ms")
 
 
 def _last_line(text: str) -> str:

@@ -419,6 +419,9 @@ def test_judge_upgrade_lines():
     single = flydeploy.judge_upgrade(m, 0, result_line(success=True, modules_reloaded=1,
                                                        processes_succeeded=1, suspend_duration_ms=0), "")
     assert single.line() == "✓ e2865e (ord) 1 module, 1 process, suspended 0 ms"
+    brief = flydeploy.judge_upgrade(m, 0, result_line(success=True, modules_reloaded=2,
+                                                      processes_succeeded=2, suspend_duration_ms=0.37), "")
+    assert brief.line() == "✓ e2865e (ord) 2 modules, 2 processes, suspended 0.4 ms"
     failed = flydeploy.judge_upgrade(m, 1, result_line(success=False, error="pid 12: SyntaxError"), "")
     assert not failed.ok and failed.line() == "✗ e2865e (ord) pid 12: SyntaxError"
     lying = flydeploy.judge_upgrade(m, 1, result_line(success=True), "")
