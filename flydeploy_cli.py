@@ -313,6 +313,10 @@ def _config(args: argparse.Namespace) -> flydeploy.FleetConfig:
         # No Fly here: fly.toml is optional and the agents' FLY_APP_NAME names the app.
         overrides.setdefault("app", os.environ.get("FLY_APP_NAME") or None)
         config = flydeploy.load_config(args.root or ".", overrides=overrides)
+        if not config.app:
+            raise flydeploy.ConfigError("no app name: pass --app or set FLY_APP_NAME (the name the app's "
+                                        "processes give their agents), or set `app` in fly.toml or "
+                                        "under [tool.flydeploy] in pyproject.toml")
     else:
         path = os.path.normpath(args.config)
         config = flydeploy.load_config(os.path.dirname(path) or ".", config=os.path.basename(path),
