@@ -240,6 +240,19 @@ def test_bad_settings_exit_2_with_the_reason(project, stub_fly, capsys, monkeypa
     assert stub_fly() == []
 
 
+def test_local_mode_flags(project, stub_fly, capsys, monkeypatch):
+    monkeypatch.chdir(project)
+    with pytest.raises(SystemExit):
+        flydeploy_cli.main(["hot", "--root", "."])
+    assert "--root and --store go with --local" in capsys.readouterr().err
+    assert flydeploy_cli.main(["hot", "--local", "--skip-build"]) == 2
+    assert "--local builds no image" in capsys.readouterr().err
+    assert flydeploy_cli.main(["rollback", "--local", "--dry-run", "--store", "elsewhere"]) == 0
+    out = capsys.readouterr().out
+    assert "roll back to the previous release, record it in" in out and "elsewhere" in out
+    assert stub_fly() == []  # local mode never runs flyctl
+
+
 def test_skip_build_uses_the_given_image(project, stub_fly, capsys, monkeypatch):
     monkeypatch.chdir(project)
     assert flydeploy_cli.main(["hot", "--dry-run", "--skip-build", "--image", "registry.fly.io/shop:old"]) == 0
