@@ -3368,6 +3368,9 @@ _CALL = "call"
 _CAST = "cast"
 _INFO = "info"
 _STOP = "stop"
+# Not a message in the mailbox: the server's ``init``, which waits at the
+# same gate as a message, so a pause also holds servers that are starting.
+_INIT = "init"
 
 # One condition guards every server's safe-point flags (``_held_by`` and
 # ``_running``) and the registry, so a pause marks a thousand idle servers in
@@ -3375,18 +3378,27 @@ _STOP = "stop"
 # in a forked child, where a lock may have been held by a thread that is gone.
 _safe_points = threading.Condition(threading.Lock())
 _live_servers: dict[int, Server] = {}
+# Servers whose ``init`` has not finished yet: a pause holds them too.
+_starting_servers: dict[int, Server] = {}
 _server_names: dict[str, Server] = {}
 _server_serials = itertools.count(1)
+# The hold of the pause in progress (gathering or holding), so a server that
+# starts meanwhile joins it.
+_active_hold: _Hold | None = None
+# Which server, if any, the current thread runs.
+_server_thread = threading.local()
 
 
 class _Reply:
     """The answer slot of one call: each call waits on its own, so a late reply lands nowhere."""
 
-    __slots__ = ("_done", "caller", "value", "error", "stopped")
+    __slots__ = ("_done", "caller", "caller_loop", "value", "error", "stopped")
 
     def __init__(self) -> None:
         self._done = threading.Event()
         self.caller = threading.get_ident()
+        # The event loop the caller blocks, if it calls from a coroutine.
+        self.caller_loop = asyncio._get_running_loop()
         self.value: Any = None
         self.error: BaseException | None = None
         self.stopped = False
@@ -3397,7 +3409,12 @@ class _Reply:
         self._done.set()
 
     def wait(self, timeout: float | None) -> bool:
-        return self._done.wait(timeout)
+        return self._done.wait(_wait_limit(timeout))
+
+
+def _wait_limit(timeout: float | None) -> float | None:
+    """A timeout as threading's waits take it: None (no limit) for None and ``math.inf``."""
+    return None if timeout is None or timeout == math.inf else timeout
 
 
 class _Mailbox:
@@ -3451,22 +3468,34 @@ class _Hold:
     """Who holds servers at their safe points: a pause, ``get_state`` or a fork.
 
     While the hold is still being acquired, a marked server may yet answer a
-    call from another marked server that is busy (blocked in that very call):
-    nothing has been changed so far, and refusing would make both wait for
-    the deadline.  Once every server is held, nothing gets through.
+    call (or run the ``init`` of a ``start``) for a thread the hold is waiting
+    for: a marked server that is busy, or an event loop not parked yet,
+    blocked in that very call.  Nothing has been changed so far, and refusing
+    would make both wait for the deadline.  Once everything is held, only the
+    holding thread itself gets through (``code_change`` may call or start a
+    server).
     """
 
-    __slots__ = ("thread", "acquiring", "busy_threads")
+    __slots__ = ("thread", "acquiring", "busy_threads", "waiting_loops", "adopted", "since")
 
     def __init__(self) -> None:
         self.thread = threading.get_ident()
         self.acquiring = True
         # Threads of marked servers in the middle of a message.
         self.busy_threads: set[int | None] = set()
+        # Event loops asked to park that have not got there yet.
+        self.waiting_loops: set[asyncio.AbstractEventLoop] = set()
+        # Servers that started while a pause gathered or held (pauses only).
+        self.adopted: list[Server] = []
+        # When the first server was held (monotonic seconds), or None.
+        self.since: float | None = None
 
     def lets_through(self, message: tuple) -> bool:
-        return (self.acquiring and message[0] == _CALL
-                and message[2].caller in self.busy_threads)
+        if message[0] not in (_CALL, _INIT):
+            return False
+        sender: _Reply = message[2]
+        return sender.caller == self.thread or (self.acquiring and (
+            sender.caller in self.busy_threads or sender.caller_loop in self.waiting_loops))
 
 
 class Server:
@@ -3506,6 +3535,7 @@ class Server:
     _held_by: _Hold | None
     _running: bool
     _alive: bool
+    _stopped: bool
 
     # --- callbacks (override these) ---
 
@@ -3551,6 +3581,10 @@ class Server:
         """
         server = cls.__new__(cls)
         server._setup(name)
+        started = _Reply()
+        server._thread = threading.Thread(
+            target=server._main, args=(args, kwargs, started),
+            name=f"flydeploy-server-{server._label()}", daemon=True)
         with _safe_points:
             if name is not None:
                 if name in _server_names:
@@ -3558,19 +3592,17 @@ class Server:
                         f"a server named {name!r} is already running ({_server_names[name]!r}); "
                         f"stop it first or choose another name")
                 _server_names[name] = server
-        outcome: list[BaseException] = []
-        started = threading.Event()
-        server._thread = threading.Thread(
-            target=server._main, args=(args, kwargs, started, outcome),
-            name=f"flydeploy-server-{server._label()}", daemon=True)
+            _starting_servers[server._serial] = server
+            if _active_hold is not None:
+                _adopt(server, _active_hold)
         try:
             server._thread.start()
         except BaseException:
             server._unregister()
             raise
-        started.wait()
-        if outcome:
-            raise outcome[0]
+        started.wait(None)
+        if started.error is not None:
+            raise started.error
         return server
 
     @property
@@ -3588,8 +3620,8 @@ class Server:
 
         Raises ``CallError`` (cause: the handler's exception) if the handler
         raised, ``CallTimeout`` if no reply came within ``timeout`` seconds
-        (None waits forever), ``ServerStopped`` at once if the server is not
-        running.
+        (None or math.inf waits forever), ``ServerStopped`` at once if the
+        server is not running.
         """
         if self._on_own_thread():
             raise CallError(f"{self!r} called itself: it would wait for its own reply; "
@@ -3628,9 +3660,10 @@ class Server:
             return
         done = _Reply()
         if not self._mailbox.put((_STOP, reason, done)):
-            self._thread.join(timeout)
+            self._thread.join(_wait_limit(timeout))
             return
-        deadline = None if timeout is None else time.monotonic() + timeout
+        limit = _wait_limit(timeout)
+        deadline = None if limit is None else time.monotonic() + limit
         if not done.wait(timeout):
             raise CallTimeout(f"{self!r} did not stop within {timeout} s: it is busy with "
                               f"earlier messages or held by an upgrade; it stops when it gets there")
@@ -3647,9 +3680,9 @@ class Server:
         self._mailbox = _Mailbox()
         self._state = None
         self._held_by = None
-        # Running while init runs, so nothing holds a server before it exists.
-        self._running = True
+        self._running = False
         self._alive = False
+        self._stopped = False
 
     def _label(self) -> str:
         return repr(self._name) if self._name is not None else f"#{self._serial}"
@@ -3661,17 +3694,21 @@ class Server:
         return ServerStopped(f"{self!r} is not running, so the {what} was not handled; "
                              f"start the server again")
 
-    def _main(self, args: tuple, kwargs: dict, started: threading.Event,
-              outcome: list[BaseException]) -> None:
+    def _main(self, args: tuple, kwargs: dict, started: _Reply) -> None:
+        _server_thread.server = self
+        # init waits at the gate of a message: a pause holding this server
+        # keeps it from running code in the middle of a swap.
+        self._enter_message((_INIT, None, started))
         try:
             self._state = self.init(*args, **kwargs)
         except BaseException as error:  # raised in the caller of start()
-            outcome.append(error)
             self._unregister()
-            started.set()
+            self._leave_message()
+            started.set(error=error)
             return
         with _safe_points:
             self._alive = True
+            _starting_servers.pop(self._serial, None)
             _live_servers[self._serial] = self
         self._leave_message()
         started.set()
@@ -3679,6 +3716,7 @@ class Server:
 
     def _serve(self) -> None:
         """Handle messages until a stop; each one between two safe points."""
+        _server_thread.server = self  # also for threads restarted after a fork
         reason: Any = "normal"
         done: _Reply | None = None
         try:
@@ -3735,7 +3773,9 @@ class Server:
     def _unregister(self) -> None:
         with _safe_points:
             self._alive = False
+            self._stopped = True
             self._mailbox.closed = True
+            _starting_servers.pop(self._serial, None)
             _live_servers.pop(self._serial, None)
             if self._name is not None and _server_names.get(self._name) is self:
                 del _server_names[self._name]
@@ -3750,8 +3790,12 @@ class Server:
 
     def _leave_message(self) -> None:
         with _safe_points:
+            hold = self._held_by
+            if hold is not None and hold.since is None:
+                # Stamped before the server shows as held to readers without the lock.
+                hold.since = time.monotonic()
             self._running = False
-            if self._held_by is not None:
+            if hold is not None:
                 _safe_points.notify_all()
 
 
@@ -3768,51 +3812,74 @@ def servers() -> list[Server]:
         return list(_live_servers.values())
 
 
+def _adopt(server: Server, hold: _Hold) -> None:
+    """A server starting while a pause gathers or holds joins that pause.
+
+    Once everything is held, its ``init`` waits until the pause ends (unless
+    the holding thread itself started it); while the pause still gathers, it
+    is waited for like any busy server.
+    """
+    hold.adopted.append(server)
+    if not hold.acquiring:
+        server._held_by = hold
+
+
 def _hold_servers(targets: Iterable[Server], hold: _Hold,
                   deadline: float) -> tuple[list[Server], list[Server]]:
     """Hold servers at their safe points; returns (held, not reached by the deadline).
 
-    An idle server is held by setting a flag under the shared lock: its
-    thread is not woken.  A busy one is marked so it starts no new message
-    (but see ``_Hold``), and waited for until ``deadline``; the hold is
-    complete at the first moment every marked server is between messages.
-    Servers that did not make it in time are unmarked again.  A server whose
+    Only busy servers are marked at first (they stop at their next safe
+    point); idle ones are left alone, so calls to them keep working while the
+    hold waits.  The moment no target is in the middle of a message, every
+    idle one is held at once by setting a flag under the shared lock: no
+    thread is woken.  A server that became busy meanwhile is marked in turn.
+    At the deadline, those still busy are unmarked and the others held.
+    Starting servers adopted by a pause count as targets.  A server whose
     own thread is asking cannot be held; one already held by another hold of
     this thread counts as held (and stays that hold's to release).
     """
     me = threading.get_ident()
-    marked: list[Server] = []
-    missed: list[Server] = []
+    targets = list(targets)
     with _safe_points:
-        for server in targets:
-            if not server._alive:
-                continue
-            if server._thread.ident == me:
-                missed.append(server)
-            elif server._held_by is None:
-                server._held_by = hold
-                marked.append(server)
-            else:
-                marked.append(server)  # held by another: wait until it lets go
         while True:
-            for server in marked:
-                if server._held_by is None and server._alive:
-                    server._held_by = hold
-            busy = [server for server in marked if server._alive and (
-                server._running or (server._held_by is not hold and server._held_by.thread != me))]
-            hold.busy_threads = {server._thread.ident for server in busy}
+            candidates = [server for server in itertools.chain(targets, hold.adopted)
+                          if not server._stopped]
+            own = [server for server in candidates if server._thread.ident == me]
+            waiting = [server for server in candidates
+                       if server._thread.ident != me and _waits_for(server, hold, me)]
+            hold.busy_threads = {server._thread.ident for server in waiting if server._running}
             remaining = deadline - time.monotonic()
-            if not busy or remaining <= 0:
+            if not waiting or remaining <= 0:
                 break
-            _safe_points.wait(None if remaining == math.inf else remaining)
-        hold.acquiring = False
-        if busy:
-            for server in busy:
-                if server._held_by is hold:
-                    server._held_by = None
-            _safe_points.notify_all()
-        held = [server for server in marked if server._held_by is hold]
-    return held, missed + busy
+            _safe_points.wait(_wait_limit(remaining))
+        hold.busy_threads = set()
+        for server in waiting:
+            if server._held_by is hold:
+                server._held_by = None
+        late = {id(server) for server in itertools.chain(waiting, own)}
+        held = []
+        for server in {id(server): server for server in candidates}.values():
+            if id(server) not in late and server._held_by is None:
+                server._held_by = hold
+            if server._held_by is hold:
+                held.append(server)
+        if held and hold.since is None:
+            hold.since = time.monotonic()
+        _safe_points.notify_all()
+    return held, own + waiting
+
+
+def _waits_for(server: Server, hold: _Hold, me: int) -> bool:
+    """Whether ``hold`` must still wait for ``server``; marks it if it is busy.
+
+    Call with ``_safe_points`` held.
+    """
+    holder = server._held_by
+    if holder is not None and holder is not hold:
+        return holder.thread != me  # another thread's hold: wait until it lets go
+    if server._running and holder is None:
+        server._held_by = hold  # stop at the next safe point
+    return server._running
 
 
 def _release_servers(held: Iterable[Server], hold: _Hold) -> None:
@@ -3863,7 +3930,7 @@ class SuspendTimeout(FlyDeployError):
     """
 
     def __init__(self, names: list[str], timeout: float | None = None) -> None:
-        within = "" if timeout is None else f" within {timeout} s"
+        within = "" if timeout is None or timeout == math.inf else f" within {timeout} s"
         super().__init__(
             f"did not reach a safe point{within}: {', '.join(names)}; everything was released "
             f"and nothing changed. Retry when they are less busy, or allow a longer suspend timeout")
@@ -3914,20 +3981,26 @@ def _live_loops() -> list[asyncio.AbstractEventLoop]:
 
 
 class _LoopBlock:
-    """A callback that parks one event loop until released."""
+    """A callback that parks one event loop until released.
+
+    Released before the loop got to it, it only records that the loop did:
+    a probe of whether the loop still runs callbacks.
+    """
 
     # How often a waiting pause looks whether a loop stopped running (a
     # stopped loop never runs the callback, yet has nothing to pause).
     _RECHECK_S = 0.05
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, park: bool = True) -> None:
         self.loop = loop
         self.parked_at: float | None = None
-        self._parked = threading.Event()
+        self._reached = threading.Event()
         self._released = threading.Event()
+        if not park:
+            self._released.set()
 
     def schedule(self) -> bool:
-        """Ask the loop to park; False if it closed meanwhile (nothing to pause)."""
+        """Ask the loop to run the callback; False if it closed meanwhile (nothing to pause)."""
         try:
             self.loop.call_soon_threadsafe(self._park)
         except RuntimeError:
@@ -3935,22 +4008,23 @@ class _LoopBlock:
         return True
 
     def _park(self) -> None:
-        if self._released.is_set():  # the pause gave up on this loop already
-            return
-        self.parked_at = time.monotonic()
-        self._parked.set()
+        if not self._released.is_set():
+            self.parked_at = time.monotonic()
+        self._reached.set()
         self._released.wait()
 
-    def wait_parked(self, deadline: float) -> bool:
-        """Wait until the loop is parked or idle; False if the deadline passed first."""
-        while True:
+    def reached(self) -> bool:
+        """Whether the loop got to the callback, or stopped running (nothing to wait for)."""
+        return self._reached.is_set() or not self.loop.is_running() or self.loop.is_closed()
+
+    def wait_reached(self, deadline: float) -> bool:
+        """Wait until ``reached()``; False if the deadline passed first."""
+        while not self.reached():
             remaining = deadline - time.monotonic()
-            if self._parked.wait(max(0.0, min(remaining, self._RECHECK_S))):
-                return True
-            if not self.loop.is_running() or self.loop.is_closed():
-                return True
             if remaining <= 0:
                 return False
+            self._reached.wait(min(remaining, self._RECHECK_S))
+        return True
 
     def release(self) -> None:
         self._released.set()
@@ -3963,80 +4037,165 @@ def _running_loop_here() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+def _check_pause_allowed() -> None:
+    """Refuse a pause that could only wait for itself: clear misuse errors."""
+    if _pause_owner == threading.get_ident():
+        raise FlyDeployError(
+            "a pause was entered while this thread already holds one (from code_change, "
+            "__hot_upgrade__, an on-upgrade hook inside the swap, or a nested pause); do the "
+            "work inside the first pause, or start the upgrade after it returned")
+    server = getattr(_server_thread, "server", None)
+    if server is not None and not server._stopped:
+        raise FlyDeployError(
+            f"a pause was started from the thread of {server!r}, which would have to wait "
+            f"for itself to reach a safe point; start upgrades from another thread (e.g. "
+            f"hand the request to a plain threading.Thread), not from a server's handler")
+
+
+def _check_timeout(timeout: float) -> float:
+    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+            or not timeout > 0):
+        raise FlyDeployError(f"a pause timeout must be a positive number of seconds (or "
+                             f"math.inf to wait without limit), got {timeout!r}")
+    return float(timeout)
+
+
 class _Pause:
     """Hold servers at their safe points and park every attached event loop.
 
     ``with _Pause(servers, timeout=10.0) as pause:`` — inside, no given server
-    handles a message and no attached loop runs a callback, so the holder may
-    read and replace ``server._state`` and call ``server.code_change``.  Loops
-    are parked first (a coroutine blocked in ``server.call`` finishes that
-    call), then servers are held; one deadline covers both.  Whatever does not
-    get there in time is named in ``SuspendTimeout``, after everything already
-    held was released.  On exit everything is released and ``held_ms`` is the
-    longest time any server or loop was held.  Messages that arrive meanwhile
-    are handled afterwards, in order.  The loop running in the pausing thread
-    itself counts as parked: nothing else runs on it while the pause lasts.
+    (nor one that started meanwhile) handles a message and no attached loop
+    runs a callback, so the holder may read and replace ``server._state`` and
+    call ``server.code_change``.  ``pause.servers`` lists every server held
+    with a state: the given ones and those whose ``init`` finished while the
+    pause gathered.  A server started while the pause holds runs its
+    ``init`` once the pause ends.
+
+    Gathering: busy servers are marked and waited for while idle servers and
+    loops carry on (a server handler may wait on a loop, a coroutine may call
+    a server); once no server is in a message, all of them are held in one
+    step and then the loops are asked to park.  A loop that does not park
+    within a short grace releases everything again, and the pause retries
+    once that loop got to its callback: idle servers and loops are only held
+    in short windows while the pause waits for a busy one.  One deadline
+    (``timeout`` seconds, ``math.inf`` for none) covers everything; whatever
+    did not get there in time is named in ``SuspendTimeout``, after
+    everything was released.  ``held_ms`` is the longest time any server or
+    loop was held, also when the pause failed.  Messages that arrive
+    meanwhile are handled afterwards, in order.  The loop running in the
+    pausing thread itself counts as parked: nothing else runs on it while the
+    pause lasts.
     """
 
+    # How long held servers wait for loops to park (and for calls from those
+    # loops to be answered) before everything is released and tried again.
+    _LOOP_GRACE_S = 0.05
+
     def __init__(self, servers: Iterable[Server], *, timeout: float) -> None:
-        self.timeout = timeout
+        self.timeout = _check_timeout(timeout)
         self.held_ms = 0.0
         self._servers = list(servers)
         self._hold = _Hold()
         self._held: list[Server] = []
         self._blocks: list[_LoopBlock] = []
-        self._held_since: float | None = None
+
+    @property
+    def servers(self) -> list[Server]:
+        """The servers held with a state, in start order (valid inside the ``with``)."""
+        return sorted((server for server in self._held if server._alive),
+                      key=lambda server: server._serial)
 
     def __enter__(self) -> _Pause:
-        global _pause_owner
-        if _pause_owner == threading.get_ident():
-            raise FlyDeployError("a pause was entered while this thread already holds one; "
-                                 "do the work inside the first pause")
+        global _pause_owner, _active_hold
+        _check_pause_allowed()
         deadline = time.monotonic() + self.timeout
-        if not _pause_lock.acquire(timeout=max(0.0, self.timeout)):
+        if not _pause_lock.acquire(timeout=-1 if self.timeout == math.inf else self.timeout):
             raise SuspendTimeout(["another pause in progress"], self.timeout)
         _pause_owner = threading.get_ident()
+        with _safe_points:
+            _active_hold = self._hold
+            self._hold.adopted = list(_starting_servers.values())
         try:
-            missed = self._park_loops(deadline)
-            held_since = time.monotonic()
-            self._held, missed_servers = _hold_servers(self._servers, self._hold, deadline)
+            self._gather(deadline)
         except BaseException:
-            self._release()
+            self._end()
             raise
-        missed += [server.name or repr(server) for server in missed_servers]
-        if missed:
-            self._release()
-            raise SuspendTimeout(missed, self.timeout)
-        starts = [block.parked_at for block in self._blocks if block.parked_at is not None]
-        if self._held:
-            starts.append(held_since)
-        self._held_since = min(starts, default=None)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._release()
+        self._end()
 
-    def _park_loops(self, deadline: float) -> list[str]:
+    def _gather(self, deadline: float) -> None:
         here = _running_loop_here()
-        for loop in _live_loops():
-            if loop is here:
-                continue
-            block = _LoopBlock(loop)
-            if block.schedule():
-                self._blocks.append(block)
-        return [repr(block.loop) for block in self._blocks if not block.wait_parked(deadline)]
+        while True:
+            probes = self._schedule(here, park=False)
+            self._held, missed = _hold_servers(self._servers, self._hold, deadline)
+            if missed:
+                names = [server.name or repr(server) for server in missed]
+                raise SuspendTimeout(names + [repr(probe.loop) for probe in probes
+                                              if not probe.reached()], self.timeout)
+            self._blocks = self._schedule(here, park=True)
+            with _safe_points:
+                self._hold.waiting_loops = {block.loop for block in self._blocks}
+            grace = min(deadline, time.monotonic() + self._LOOP_GRACE_S)
+            late = [block for block in self._blocks if not block.wait_reached(grace)]
+            if not late and self._settle(grace):
+                return
+            # Try again once the late loops got to their callback; a server
+            # still answering a loop's call is waited for by the next round.
+            self._let_go()
+            missed = [repr(block.loop) for block in late if not block.wait_reached(deadline)]
+            if missed:
+                raise SuspendTimeout(missed, self.timeout)
 
-    def _release(self) -> None:
-        global _pause_owner
+    def _schedule(self, here: asyncio.AbstractEventLoop | None, *,
+                  park: bool) -> list[_LoopBlock]:
+        blocks = []
+        for loop in _live_loops():
+            if loop is not here:
+                block = _LoopBlock(loop, park=park)
+                if block.schedule():
+                    blocks.append(block)
+        return blocks
+
+    def _settle(self, grace: float) -> bool:
+        """Wait until no held server is answering a loop's call; then let nothing through."""
+        with _safe_points:
+            self._hold.waiting_loops = set()
+            while any(server._running for server in self._held):
+                remaining = grace - time.monotonic()
+                if remaining <= 0:
+                    return False
+                _safe_points.wait(remaining)
+            self._hold.acquiring = False
+            return True
+
+    def _let_go(self) -> None:
+        """Release every server and loop held so far and account for how long."""
         released_at = time.monotonic()
+        starts = [block.parked_at for block in self._blocks if block.parked_at is not None]
+        with _safe_points:
+            if self._hold.since is not None:
+                starts.append(self._hold.since)
+            self._hold.since = None
+            self._hold.waiting_loops = set()
+            self._hold.acquiring = True
+            held = self._held + self._hold.adopted
+            self._held = []
+        _release_servers(held, self._hold)
+        for block in self._blocks:
+            block.release()
+        self._blocks = []
+        if starts:
+            self.held_ms = max(self.held_ms, (released_at - min(starts)) * 1000.0)
+
+    def _end(self) -> None:
+        global _pause_owner, _active_hold
         try:
-            _release_servers(self._held, self._hold)
-            for block in self._blocks:
-                block.release()
+            with _safe_points:
+                _active_hold = None
+            self._let_go()
         finally:
-            if self._held_since is not None:
-                self.held_ms = (released_at - self._held_since) * 1000.0
-            self._held, self._blocks, self._held_since = [], [], None
             _pause_owner = None
             _pause_lock.release()
 
@@ -4074,10 +4233,13 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     """Restart every server's thread (only the forking thread survives a fork)."""
     global _safe_points, _pause_lock, _pause_owner, _attached_loops_lock, _fork_hold
+    global _active_hold
     _safe_points = threading.Condition(threading.Lock())
     _pause_lock = threading.Lock()
     _pause_owner = None
+    _active_hold = None
     _fork_hold = None
+    _starting_servers.clear()  # their init ran in threads the child does not have
     _attached_loops_lock = threading.Lock()
     here = _running_loop_here()
     for loop in list(_attached_loops):

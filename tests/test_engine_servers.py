@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import threading
 import time
+import types
 
 import pytest
 
 import flydeploy
 from engine_tree import Tree
+from waiting import wait_until
 
 COUNTER = """
 import flydeploy
@@ -322,3 +325,81 @@ def test_attached_loop_parks_coroutines_mid_await_and_resumes_with_new_code(tree
     assert first_new >= 10 and set(results[:first_new]) == {"old"}
     assert set(results[first_new:]) == {"new"}
     assert report.suspend_ms > 0
+
+
+def test_reload_from_a_servers_own_handler_is_a_clear_misuse_error(tree):
+    tree.write("mod.py", "def f():\n    return 1\n")
+    mod = tree.load("mod")
+
+    class Admin(flydeploy.Server):
+        def handle_call(self, request, state):
+            return flydeploy.reload_modules(suspend_timeout=2.0), state
+
+    admin = tree.start(Admin, name=f"{tree.pkg}-admin")
+    tree.write("mod.py", "def f():\n    return 2\n")
+    with pytest.raises(flydeploy.CallError) as caught:
+        admin.call("upgrade", timeout=30)
+    cause = caught.value.__cause__
+    assert type(cause) is flydeploy.FlyDeployError, cause
+    assert "from the thread of" in str(cause) and f"{tree.pkg}-admin" in str(cause)
+    assert mod.f() == 1 and tree.name("mod") in flydeploy.modified_modules()
+    assert tree.reload().ok and mod.f() == 2
+
+
+STARTING = """
+import flydeploy
+import {hooks}
+def part_a():
+    return {tag!r}
+{body}
+def part_b():
+    return {tag!r}
+class Starting(flydeploy.Server):
+    def init(self):
+        {hooks}.init_entered.set()
+        {hooks}.init_go.wait(30)
+        return []
+    def handle_call(self, request, state):
+        return (part_a(), part_b()), state
+"""
+
+
+def test_a_server_starting_when_an_upgrade_begins_is_held_through_the_swap(tree):
+    hooks_name = f"{tree.pkg}_hooks"
+    hooks = types.SimpleNamespace(**{name: threading.Event() for name in (
+        "init_entered", "init_go", "body_started", "body_go")})
+    sys.modules[hooks_name] = hooks
+    tree.write("starting.py", STARTING.format(hooks=hooks_name, tag="old", body=""))
+    starting = tree.load("starting")
+    started, reports = [], []
+    starter = threading.Thread(target=lambda: started.append(starting.Starting.start()))
+    reloader = threading.Thread(target=lambda: reports.append(tree.reload(suspend_timeout=30)))
+    starter.start()
+    try:
+        assert hooks.init_entered.wait(30)
+        [server] = flydeploy._starting_servers.values()
+        # The new module body stops halfway: part_a is new, part_b still old.
+        tree.write("starting.py", STARTING.format(
+            hooks=hooks_name, tag="new", body=f"{hooks_name}.body_started.set()\n"
+                                              f"{hooks_name}.body_go.wait(30)"))
+        reloader.start()
+        # The upgrade waits for the init that is running, then holds the server.
+        wait_until(lambda: server._held_by is not None, "the starting server to be marked")
+        hooks.init_go.set()
+        assert hooks.body_started.wait(30)
+        starter.join(30)
+        assert started == [server]
+        with pytest.raises(flydeploy.CallTimeout):
+            server.call("parts", timeout=0.3)  # no answer from a half-executed module body
+    finally:
+        hooks.init_go.set()
+        hooks.body_go.set()
+        starter.join(30)
+        if reloader.ident is not None:
+            reloader.join(30)
+        del sys.modules[hooks_name]
+    try:
+        assert [report.ok for report in reports] == [True], reports
+        assert server.call("parts") == ("new", "new")
+    finally:
+        server.stop(timeout=10)

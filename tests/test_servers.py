@@ -3,6 +3,7 @@
 import asyncio
 import gc
 import json
+import math
 import os
 import pathlib
 import socket
@@ -16,17 +17,9 @@ import pytest
 
 import flydeploy
 from flydeploy import _Pause
+from waiting import DEADLINE_S, wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DEADLINE_S = 10.0
-
-
-def wait_until(condition, what, timeout=DEADLINE_S):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
 
 
 class Counter(flydeploy.Server):
@@ -365,6 +358,7 @@ def test_a_busy_server_calling_a_marked_server_is_answered_while_the_pause_waits
     entered, go, answers = threading.Event(), threading.Event(), []
     front.cast((entered, go, answers))
     assert entered.wait(DEADLINE_S)
+    back_release = busy(back)
     inside = []
 
     def pause():
@@ -373,7 +367,11 @@ def test_a_busy_server_calling_a_marked_server_is_answered_while_the_pause_waits
 
     pauser = threading.Thread(target=pause)
     pauser.start()
-    wait_until(lambda: back._held_by is not None, "the back server to be marked")
+    wait_until(lambda: back._held_by is not None and front._held_by is not None,
+               "both busy servers to be marked")
+    back_release.set()
+    wait_until(lambda: not back._running, "the back server to stop at its safe point")
+    assert back._held_by is not None
     go.set()
     pauser.join(DEADLINE_S)
     # The front server got its answer from the marked back server, then both were held.
@@ -539,6 +537,284 @@ def test_a_second_pause_waits_for_the_first():
         with _Pause([], timeout=1.0):
             with _Pause([], timeout=1.0):
                 pass
+
+
+# --- the pause: gathering without stalling, starting servers, misuse -------
+
+
+def test_idle_servers_and_loops_keep_working_while_the_pause_waits_for_a_busy_one(loop_thread):
+    flydeploy.attach_loop(loop_thread.loop)
+    idle = Counter.start(1)
+    stuck = Counter.start()
+    release = busy(stuck)
+    inside = []
+
+    def pause():
+        with _Pause([idle, stuck], timeout=DEADLINE_S) as held:
+            inside.append(idle._held_by is held._hold and stuck._held_by is held._hold)
+
+    async def tick():
+        await asyncio.sleep(0)
+        return "tick"
+
+    pauser = threading.Thread(target=pause)
+    pauser.start()
+    try:
+        wait_until(lambda: stuck._held_by is not None, "the busy server to be marked")
+        # The pause waits for the busy server: the idle one answers, the loop runs.
+        assert idle.call("get", timeout=DEADLINE_S / 2) == 1
+        assert loop_thread.run(tick(), timeout=DEADLINE_S / 2) == "tick"
+        assert pauser.is_alive() and inside == []
+    finally:
+        release.set()
+        pauser.join(DEADLINE_S)
+    assert inside == [True]  # once the busy one was done, everything was held
+
+
+def test_held_ms_counts_what_a_pause_that_timed_out_held():
+    stuck = Counter.start(name="stuck")
+    slow = Counter.start(name="slow")
+    stuck_release, slow_release = busy(stuck), busy(slow)
+    pause = _Pause([stuck, slow], timeout=1.0)
+    errors = []
+
+    def run():
+        try:
+            with pause:
+                raise AssertionError("the pause must not be entered")
+        except flydeploy.SuspendTimeout as error:
+            errors.append(error)
+
+    entered_at = time.monotonic()
+    pauser = threading.Thread(target=run)
+    pauser.start()
+    try:
+        wait_until(lambda: stuck._held_by is not None and slow._held_by is not None,
+                   "both busy servers to be marked")
+        slow_release.set()
+        wait_until(lambda: not slow._running, "the slow server to finish its message")
+        held_seen_at = time.monotonic()
+        assert slow._held_by is not None  # held at its safe point while the pause waits on
+        pauser.join(DEADLINE_S)
+    finally:
+        stuck_release.set()
+    assert [error.names for error in errors] == [["stuck"]]
+    # The slow server was held from before held_seen_at until the pause gave up,
+    # which is no earlier than its deadline.
+    assert pause.held_ms >= (entered_at + 1.0 - held_seen_at) * 1000
+    assert slow.call("get") == 0 and stuck.call("get") == 0
+
+
+def test_an_idle_server_is_held_without_waking_its_thread():
+    events = []
+
+    def profile(frame, event, arg):
+        name = getattr(arg, "__name__", None) if event.startswith("c_") else None
+        events.append((event, frame.f_code.co_name, name))
+
+    threading.setprofile(profile)
+    try:
+        idle = Counter.start(3)
+    finally:
+        threading.setprofile(None)
+    # Asleep in its mailbox: the last thing its thread did is block on the lock.
+    parked = [("return", "_release_save", None), ("c_call", "wait", "acquire")]
+    wait_until(lambda: events[-2:] == parked, "the server thread to wait for messages")
+    other = Counter.start(4)  # not paused: a call to it lets every other thread run
+    before = len(events)
+    with _Pause([idle], timeout=DEADLINE_S) as pause:
+        assert idle._held_by is pause._hold
+        assert other.call("get") == 4
+    assert idle.call("get") == 3
+    # The call woke it once: its wait returned and it went straight to the
+    # handler.  Woken by the pause too, it would have waited again first.
+    handled = events.index(("call", "handle_call", None), before)
+    assert ("c_return", "wait", "acquire") in events[before:handled]
+    assert ("call", "wait", None) not in events[before:handled]
+
+
+def test_a_server_handler_waiting_on_an_attached_loop_finishes_before_the_loop_parks(
+        loop_thread):
+    flydeploy.attach_loop(loop_thread.loop)
+
+    class Bridge(flydeploy.Server):
+        def init(self):
+            return []
+
+        def handle_cast(self, message, state):
+            entered, go = message
+            entered.set()
+            go.wait(DEADLINE_S)
+
+            async def answer():
+                await asyncio.sleep(0)
+                return "from the loop"
+
+            future = asyncio.run_coroutine_threadsafe(answer(), loop_thread.loop)
+            return state + [future.result(DEADLINE_S)]
+
+    bridge = Bridge.start()
+    entered, go = threading.Event(), threading.Event()
+    bridge.cast((entered, go))
+    assert entered.wait(DEADLINE_S)
+    inside = []
+
+    def pause():
+        with _Pause([bridge], timeout=DEADLINE_S / 2):
+            inside.append(list(bridge._state))
+
+    pauser = threading.Thread(target=pause)
+    pauser.start()
+    wait_until(lambda: bridge._held_by is not None, "the busy server to be marked")
+    go.set()
+    pauser.join(DEADLINE_S)
+    assert inside == [["from the loop"]]
+
+
+def test_servers_held_while_a_loop_is_hogged_are_let_go_until_it_is_free(loop_thread):
+    counter = Counter.start(2)
+    flydeploy.attach_loop(loop_thread.loop)
+    hogging, stop_hog = threading.Event(), threading.Event()
+
+    async def hog():
+        hogging.set()
+        stop_hog.wait(DEADLINE_S)  # never awaits: the loop cannot park
+
+    asyncio.run_coroutine_threadsafe(hog(), loop_thread.loop)
+    assert hogging.wait(DEADLINE_S)
+    pause = _Pause([counter], timeout=DEADLINE_S)
+    inside = []
+
+    def run():
+        with pause:
+            inside.append(counter._held_by is pause._hold)
+
+    pauser = threading.Thread(target=run)
+    pauser.start()
+    try:
+        wait_until(lambda: pause.held_ms > 0, "a first try to be given up and released")
+        assert counter.call("get", timeout=DEADLINE_S / 2) == 2
+        assert pauser.is_alive() and inside == []
+    finally:
+        stop_hog.set()
+        pauser.join(DEADLINE_S)
+    assert inside == [True]  # the next try, once the loop was free, got both
+
+
+class Slow(flydeploy.Server):
+    def init(self, entered, go):
+        entered.set()
+        go.wait(DEADLINE_S)
+        return []
+
+    def handle_cast(self, message, state):
+        return state + [message]
+
+    def handle_call(self, request, state):
+        return list(state), state
+
+
+def test_a_server_in_init_when_the_pause_starts_is_waited_for_and_held():
+    entered, go, started = threading.Event(), threading.Event(), []
+    starter = threading.Thread(target=lambda: started.append(Slow.start(entered, go)))
+    starter.start()
+    try:
+        assert entered.wait(DEADLINE_S)
+        assert flydeploy.servers() == []  # not live yet
+        [slow] = flydeploy._starting_servers.values()
+
+        def finish_init_once_marked():
+            wait_until(lambda: slow._held_by is not None, "the starting server to be marked")
+            go.set()
+
+        threading.Thread(target=finish_init_once_marked).start()
+        with _Pause(flydeploy.servers(), timeout=DEADLINE_S) as pause:
+            assert go.is_set()  # the pause waited for init ...
+            assert pause.servers == [slow] and slow._held_by is pause._hold  # ... then held it
+            starter.join(DEADLINE_S)
+            assert started == [slow]
+            slow.cast("during")
+            assert slow._state == []
+    finally:
+        go.set()
+        starter.join(DEADLINE_S)
+    assert slow.call("get") == ["during"]
+
+
+def test_a_server_started_while_the_pause_holds_runs_init_after_it():
+    inits = []
+
+    class Recorder(flydeploy.Server):
+        def init(self):
+            inits.append(threading.get_ident())
+            return 0
+
+        def handle_call(self, request, state):
+            return state, state
+
+    started = []
+    starter = threading.Thread(target=lambda: started.append(Recorder.start()))
+    with _Pause([], timeout=DEADLINE_S) as pause:
+        starter.start()
+        wait_until(lambda: flydeploy._starting_servers, "the start to register")
+        [new] = flydeploy._starting_servers.values()
+
+        def waits_at_the_gate():
+            frame = sys._current_frames().get(new._thread.ident)
+            while frame is not None and frame.f_code.co_name != "_enter_message":
+                frame = frame.f_back
+            return frame is not None
+
+        wait_until(waits_at_the_gate, "the new server to wait before init")
+        assert new._held_by is pause._hold and inits == [] and started == []
+    starter.join(DEADLINE_S)
+    assert started == [new] and inits == [new._thread.ident] and new.call("get") == 0
+
+
+def test_a_server_started_by_the_holding_thread_runs_init_and_is_then_held():
+    with _Pause([], timeout=DEADLINE_S) as pause:
+        counter = Counter.start(7)  # init runs now: the holder waits for it
+        assert counter.alive and counter._held_by is pause._hold
+        assert counter.call("get") == 7  # the holder's own call is answered
+        counter.cast("during")
+        assert counter._state["n"] == 7
+    assert counter.call("seen") == ["during"]
+
+
+def test_an_infinite_timeout_waits_without_limit_and_bad_timeouts_are_refused(loop_thread):
+    flydeploy.attach_loop(loop_thread.loop)
+    counter = Counter.start()
+    release = busy(counter)
+    threading.Timer(0.05, release.set).start()
+    with _Pause([counter], timeout=math.inf) as pause:
+        assert release.is_set() and counter._held_by is pause._hold
+    assert flydeploy.get_state(counter, timeout=math.inf)["n"] == 0
+    release = busy(counter)
+    threading.Timer(0.05, release.set).start()
+    assert counter.call("get", timeout=math.inf) == 0  # waited for the busy message
+    release = busy(counter)
+    threading.Timer(0.05, release.set).start()
+    counter.stop(timeout=math.inf)
+    assert not counter.alive
+    for bad in (0, -1.0, math.nan, "10", None, True):
+        with pytest.raises(flydeploy.FlyDeployError, match="positive number of seconds"):
+            _Pause([], timeout=bad)
+
+
+def test_a_pause_from_a_servers_own_thread_is_refused_at_once():
+    class Admin(flydeploy.Server):
+        def handle_call(self, request, state):
+            with _Pause(flydeploy.servers(), timeout=2.0):
+                return "paused", state
+
+    admin = Admin.start(name="admin")
+    with pytest.raises(flydeploy.CallError) as caught:
+        admin.call("pause", timeout=DEADLINE_S)
+    cause = caught.value.__cause__
+    assert type(cause) is flydeploy.FlyDeployError, cause
+    assert "from the thread of <" in str(cause) and "'admin'" in str(cause)
+    with _Pause(flydeploy.servers(), timeout=DEADLINE_S) as pause:  # nothing left locked
+        assert pause.servers == [admin]
 
 
 # --- fork -------------------------------------------------------------------
