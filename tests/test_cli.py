@@ -11,12 +11,12 @@ import stat
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
 
 import flydeploy
 import flydeploy_cli
+from tests.waiting import wait_until
 
 MARKER = flydeploy.ORCHESTRATOR_MARKER
 
@@ -348,9 +348,7 @@ def test_ctrl_c_reaches_the_orchestrator_and_its_last_words_are_shown(tmp_path, 
     main_thread = threading.main_thread().ident
 
     def interrupt_when_ready():
-        deadline = time.monotonic() + 30
-        while not ready.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(ready.exists, "the orchestrator to start", timeout=30)
         signal.pthread_kill(main_thread, signal.SIGINT)
 
     threading.Thread(target=interrupt_when_ready, daemon=True).start()
