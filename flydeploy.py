@@ -2891,7 +2891,8 @@ class MachineOutcome:
     result: Mapping[str, Any] | None = None
 
     def line(self) -> str:
-        """The line printed for this machine: ``✓ id (region) 3 modules, ...`` or ``✗ id (region) error``."""
+        """The line printed for this machine: ``✓ id (region) 3 modules, ...`` or
+        ``✗ id (region) error``."""
         if not self.ok:
             return f"✗ {self.machine_id} ({self.region}) {self.error}"
         result = self.result or {}
@@ -3069,6 +3070,15 @@ def _release_entry(store: Store, app: str, image_ref: str, *, root: str | os.Pat
     return release.hot_upgrade_record(store.url(key)), uploaded
 
 
+def _machines_from_env(app: str) -> Machines:
+    """The Machines API client an orchestrator uses: the minted exec token, else the app's secret."""
+    token = os.environ.get("FLYDEPLOY_API_TOKEN") or os.environ.get("FLY_API_TOKEN")
+    if not token:
+        raise ConfigError("no Machines API token: set the FLY_API_TOKEN app secret "
+                          "(fly secrets set FLY_API_TOKEN=\"$(fly tokens create deploy)\")")
+    return Machines(app, token, retries=_EXEC_RETRIES)
+
+
 def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list[str], *, timeout: float,
                       max_concurrency: int, python: str,
                       on_outcome: Callable[[MachineOutcome], None]) -> None:
@@ -3078,7 +3088,8 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list
         try:
             res = api.exec(machine["id"], argv, timeout=timeout)
         except MachinesAPIError as exc:
-            return MachineOutcome(machine["id"], machine.get("region", "?"), False, _exec_failure(exc, timeout))
+            return MachineOutcome(machine["id"], machine.get("region", "?"), False,
+                                  _exec_failure(exc, timeout))
         return judge_upgrade(machine, res.exit_code, res.stdout, res.stderr, res.exit_signal, python=python)
 
     results = _map_concurrently(upgrade, targets, max_concurrency)
@@ -3089,7 +3100,8 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list
         results.close()
 
 
-def orchestrate(app: str, image_ref: str, *, store: Store, api: Any, root: str | os.PathLike[str] = ".",
+def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: Any = None,
+                root: str | os.PathLike[str] = ".",
                 version: str | None = None, include: Iterable[str] | None = None,
                 exclude: Iterable[str] | None = None, rollback: bool = False, rollback_to: str | None = None,
                 force: bool = False, owner: str | None = None, lock_timeout: float = 300.0,
@@ -3106,8 +3118,13 @@ def orchestrate(app: str, image_ref: str, *, store: Store, api: Any, root: str |
     execs ``rpc upgrade`` on every started machine (``select_machines``),
     ``max_concurrency`` at a time, printing a line per machine as it finishes
     and a summary to ``out``.  The lock is released in every case, Ctrl-C too.
+
+    ``store`` defaults to ``S3.from_env()``; ``api`` to the Machines API with
+    the token in ``FLYDEPLOY_API_TOKEN`` (a minted exec token) or ``FLY_API_TOKEN``.
     """
     out = out or sys.stdout
+    store = store if store is not None else S3.from_env()
+    api = api if api is not None else _machines_from_env(app)
     self_id = self_id if self_id is not None else os.environ.get("FLY_MACHINE_ID")
     process_groups = tuple(process_groups)
 
@@ -3183,8 +3200,9 @@ def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
             "processes": len(processes or ()), "verdict": verdict, "error": error}
 
 
-def fleet_status(app: str, *, store: Store, api: Any, python: str = "python3", process_groups: Iterable[str] = (),
-                 max_concurrency: int = 10, timeout: float = 30.0) -> list[dict]:
+def fleet_status(app: str, *, store: Store, api: Any, python: str = "python3",
+                 process_groups: Iterable[str] = (), max_concurrency: int = 10,
+                 timeout: float = 30.0) -> list[dict]:
     """``status_row`` for every app machine: the Machines API list, ``current.json``
     and ``rpc info`` on the started machines, ``max_concurrency`` at a time."""
     current = read_current(store, app)[0]
@@ -3300,13 +3318,9 @@ def _orchestrate_command(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.root, overrides=fleet_overrides(args))
         app = config.require_app()
-        token = os.environ.get("FLYDEPLOY_API_TOKEN") or os.environ.get("FLY_API_TOKEN")
-        if not token:
-            raise ConfigError("no Machines API token: set the FLY_API_TOKEN app secret "
-                              "(fly secrets set FLY_API_TOKEN=\"$(fly tokens create deploy)\")")
         report = orchestrate(
-            app, args.image_ref, store=S3.from_env(bucket=config.bucket),
-            api=Machines(app, token, retries=_EXEC_RETRIES), root=config.root, version=args.version,
+            app, args.image_ref, store=S3.from_env(bucket=config.bucket), root=config.root,
+            version=args.version,
             include=config.include, exclude=config.exclude, rollback=args.rollback, rollback_to=args.to,
             force=args.force, owner=args.owner, lock_timeout=config.lock_timeout, timeout=config.timeout,
             max_concurrency=config.max_concurrency, suspend_timeout=config.suspend_timeout,

@@ -163,7 +163,8 @@ def _split_lines(buffer: bytes) -> tuple[list[bytes], bytes]:
     return lines, buffer[start:]
 
 
-def _stream(command: list[str], on_line: Callable[[str], None], *, silence_s: float | None = None) -> int | None:
+def _stream(command: list[str], on_line: Callable[[str], None], *,
+            silence_s: float | None = None) -> int | None:
     """Run ``command``, passing each line of its stdout and stderr to ``on_line``
     as it comes.  Returns its exit code, or None when it printed nothing for
     ``silence_s`` seconds and was stopped.  Ctrl-C is passed on to it and its
@@ -409,7 +410,8 @@ def _hot(args: argparse.Namespace) -> int:
         raise flydeploy.ConfigError("--local builds no image: --skip-build, --image, --build-arg and "
                                     "--no-cache do not apply")
     if args.image and not args.skip_build:
-        raise flydeploy.ConfigError("--image REF goes with --skip-build (upgrade from an image already pushed)")
+        raise flydeploy.ConfigError("--image REF goes with --skip-build (to upgrade from an image "
+                                    "already pushed)")
     if args.skip_build and not args.image:
         raise flydeploy.ConfigError("--skip-build needs --image REF: the image to run the orchestrator from")
     config = _config(args)
@@ -428,7 +430,8 @@ def _running_image(config: flydeploy.FleetConfig) -> str:
     """The image most app machines run, from ``fly machines list --json``."""
     command = ["fly", "machines", "list", "--json", "-a", config.require_app()]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                                stdin=subprocess.DEVNULL)
         machines = json.loads(result.stdout) if result.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired, ValueError):
         machines = None
@@ -472,7 +475,8 @@ def _status(args: argparse.Namespace) -> int:
                                         "with `fly auth login` so that one can be minted")
         api = flydeploy.Machines(config.app, token)
     rows = flydeploy.fleet_status(config.app, store=store, api=api, python=python,
-                                  process_groups=config.process_groups, max_concurrency=config.max_concurrency)
+                                  process_groups=config.process_groups,
+                                  max_concurrency=config.max_concurrency)
     if args.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return 0
@@ -512,8 +516,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         sub.add_argument("--config", default="fly.toml", help="the app's fly.toml (default: ./fly.toml)")
         sub.add_argument("--local", action="store_true",
                          help="no Fly, no S3: the app's processes on this host and a local store")
-        sub.add_argument("--root", metavar="DIR", help="with --local: the project (default: the current directory)")
-        sub.add_argument("--store", metavar="DIR", help="with --local: the release store (default: ROOT/.flydeploy)")
+        sub.add_argument("--root", metavar="DIR",
+                         help="with --local: the project (default: the current directory)")
+        sub.add_argument("--store", metavar="DIR",
+                         help="with --local: the release store (default: ROOT/.flydeploy)")
     for sub in (hot, rollback):
         flydeploy.add_fleet_arguments(sub)
         sub.add_argument("--dry-run", action="store_true",

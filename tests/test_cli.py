@@ -202,7 +202,8 @@ def test_dry_run_prints_settings_and_commands_and_runs_nothing(project, stub_fly
     assert "GITHUB_TOKEN=<redacted>" in out and "MODE=fast" in out and "STRIPE_SECRET_KEY=<redacted>" in out
     assert "max_concurrency  2  (--max-concurrency)" in out
     assert "app              shop  (fly.toml)" in out
-    commands = [line.split(". ", 1)[1] for line in out.splitlines() if line.startswith("  ") and ". fly " in line]
+    commands = [line.split(". ", 1)[1] for line in out.splitlines()
+                if line.startswith("  ") and ". fly " in line]
     assert [shlex.split(c)[:3] for c in commands] == [
         ["fly", "deploy", "--build-only"], ["fly", "tokens", "create"], ["fly", "machine", "run"]]
     run = shlex.split(commands[2])
@@ -255,7 +256,8 @@ def test_local_mode_flags(project, stub_fly, capsys, monkeypatch):
 
 def test_skip_build_uses_the_given_image(project, stub_fly, capsys, monkeypatch):
     monkeypatch.chdir(project)
-    assert flydeploy_cli.main(["hot", "--dry-run", "--skip-build", "--image", "registry.fly.io/shop:old"]) == 0
+    image = "registry.fly.io/shop:old"
+    assert flydeploy_cli.main(["hot", "--dry-run", "--skip-build", "--image", image]) == 0
     out = capsys.readouterr().out
     assert "fly deploy" not in out and "fly machine run registry.fly.io/shop:old" in out
 
@@ -390,7 +392,8 @@ def machine(mid, state="started", group="app", v2=True, services=(), region="ams
 
 def test_select_machines():
     machines = [machine("a"), machine("b", state="stopped"), machine("c", state="suspended"),
-                machine("d", group="worker"), machine("self"), machine("rel", group="fly_app_release_command"),
+                machine("d", group="worker"), machine("self"),
+                machine("rel", group="fly_app_release_command"),
                 machine("con", group="fly_app_console"), machine("v1", v2=False),
                 machine("v1svc", v2=False, services=[{"internal_port": 8080}]),
                 machine("e", state="starting"), machine("gone", state="destroyed", group="worker")]
@@ -535,7 +538,8 @@ def test_orchestrate_pushes_a_release_to_every_started_machine(store, app_root):
     assert doc["image_ref"] == "registry.fly.io/shop:deployment-1"  # seeded from the machines
     assert sorted(call[0] for call in api.calls) == ["a", "b"]
     assert api.calls[0][1] == ["python3", "-m", "flydeploy", "rpc", "upgrade", "--app", "shop",
-                               "--url", hot["tarball_url"], "--sha256", hot["sha256"], "--suspend-timeout", "4"]
+                               "--url", hot["tarball_url"], "--sha256", hot["sha256"],
+                               "--suspend-timeout", "4"]
     assert {call[2] for call in api.calls} == {50}
     assert "✓ b (ord) 2 modules, 1 process, suspended 3 ms" in out
     assert "· c (ams) stopped: applies at next start" in out
