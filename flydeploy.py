@@ -3320,8 +3320,8 @@ def _orchestrate_command(args: argparse.Namespace) -> int:
         app = config.require_app()
         report = orchestrate(
             app, args.image_ref, store=S3.from_env(bucket=config.bucket), root=config.root,
-            version=args.version,
-            include=config.include, exclude=config.exclude, rollback=args.rollback, rollback_to=args.to,
+            version=args.version, include=config.include, exclude=config.exclude,
+            rollback=args.rollback, rollback_to=args.to,
             force=args.force, owner=args.owner, lock_timeout=config.lock_timeout, timeout=config.timeout,
             max_concurrency=config.max_concurrency, suspend_timeout=config.suspend_timeout,
             process_groups=config.process_groups, python=args.python or config.python)
