@@ -645,3 +645,11 @@ def test_a_bug_in_the_per_machine_step_surfaces_instead_of_hanging():
 
     with pytest.raises(RuntimeError, match="bug"):
         list(flydeploy._map_concurrently(explode, [1, 2, 3], 2))
+
+
+def test_orchestrate_without_a_token_names_the_secret(store, app_root, monkeypatch):
+    monkeypatch.delenv("FLYDEPLOY_API_TOKEN", raising=False)
+    monkeypatch.delenv("FLY_API_TOKEN", raising=False)
+    with pytest.raises(flydeploy.ConfigError, match="set the FLY_API_TOKEN app secret"):
+        flydeploy.orchestrate("shop", "img", store=store, root=app_root, out=io.StringIO())
+    assert not lock_key_exists(store)
