@@ -66,6 +66,7 @@ import http.client
 import importlib
 import importlib.machinery
 import importlib.util
+import inspect
 import io
 import itertools
 import json
@@ -77,6 +78,7 @@ import mimetypes
 import operator
 import os
 import pathlib
+import pickle
 import queue
 import random
 import re
@@ -4538,6 +4540,12 @@ def modified_modules() -> list[str]:
 
 
 # --- In-place code swap -----------------------------------------------------
+#
+# What a failed upgrade cannot undo: changes made in place to mutable objects
+# (a list a module body appended to, a registry an ``__init_subclass__`` hook
+# extended, a file written).  Every binding is restored: module namespaces of
+# every tracked module, class attributes, function code and attributes,
+# closure cells, singledispatch registries and server states.
 
 
 class UpgradeRefused(FlyDeployError):
@@ -4557,10 +4565,28 @@ _REUSE = "__flydeploy_reuse__"
 # from a new class body.
 _CLASS_LAYOUT = frozenset({"__dict__", "__weakref__", "__slots__", "__classcell__",
                            "__module__", "__orig_bases__"})
-_DATACLASS_BOOKKEEPING = frozenset({"__dataclass_fields__", "__dataclass_params__",
-                                    "__match_args__"})
+# What ``@dataclass`` writes into a class: removed before it runs again.
+_DATACLASS_GENERATED = frozenset({
+    "__dataclass_fields__", "__dataclass_params__", "__match_args__", "__init__", "__repr__",
+    "__eq__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__setattr__",
+    "__delattr__", "__getstate__", "__setstate__"})
 _SKIPPED_SCOPES = (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
+# What a wrapper may hold on the way to the function it wraps.
+_CODE_TYPES = (type, types.FunctionType, classmethod, staticmethod, property, types.MethodType,
+               functools.partial, functools.cached_property, functools.singledispatchmethod)
+# The accessor of a reused class statement (defs use "", "fget", "fset", "fdel").
+_CLASS = "class"
+
+
+def _is_a(value: object, kinds: type | tuple[type, ...]) -> bool:
+    """``isinstance`` that never runs code of ``value`` (a proxy's ``__class__``)."""
+    return issubclass(type(value), kinds)
+
+
+def _dump(node: ast.AST) -> str:
+    """A statement as its syntax tree: comments and formatting do not count."""
+    return ast.dump(node, include_attributes=False)
 
 
 def _bound_names(statement: ast.stmt) -> set[str]:
@@ -4591,7 +4617,27 @@ def _bound_names(statement: ast.stmt) -> set[str]:
     return names
 
 
-def _nested_statements(body: list[ast.stmt]):
+def _read_names(statement: ast.stmt) -> set[str]:
+    """Names a statement reads while it runs: function bodies and lambdas run
+    later, so only their decorators, defaults and annotations count."""
+    names: set[str] = set()
+    stack: list[ast.AST] = [statement]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _DEFS):
+            stack.extend([*node.decorator_list, node.args, *([node.returns] if node.returns
+                                                              else [])])
+            continue
+        if isinstance(node, ast.Lambda):
+            stack.append(node.args)
+            continue
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        stack.extend(ast.iter_child_nodes(node))
+    return names
+
+
+def _nested_statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
     """The statements of one scope, including those inside if/try/with/for/
     match blocks, without entering function or class bodies."""
     for statement in body:
@@ -4604,68 +4650,22 @@ def _nested_statements(body: list[ast.stmt]):
             yield from _nested_statements(block.body)
 
 
-@dataclasses.dataclass
-class _Scope:
-    """One module or class body as written: for each name, the source text of
-    the statements that bind it (so a changed statement can be told from an
-    unchanged one), the class header, and the functions it defines."""
-
-    statements: dict[str, tuple[str, ...]]
-    header: str = ""
-    texts: list[str] = dataclasses.field(default_factory=list)  # of each statement, in order
-    defs: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    twice: frozenset[str] = frozenset()  # names bound by several plain defs
-    # In class bodies, the source of the value of each ``NAME = value``, and
-    # the annotated names in order (the fields of a named tuple).
-    values: dict[str, str] = dataclasses.field(default_factory=dict)
-    annotated: list[str] = dataclasses.field(default_factory=list)
+def _definitions(body: list[ast.stmt], scope: str = ""
+                 ) -> Iterator[tuple[str, str, ast.stmt]]:
+    """Every def and class statement of a module and of its class bodies, as
+    (qualname of the enclosing scope, qualname, statement), outer first."""
+    for statement in _nested_statements(body):
+        if isinstance(statement, (*_DEFS, ast.ClassDef)):
+            qualname = f"{scope}.{statement.name}" if scope else statement.name
+            yield scope, qualname, statement
+            if isinstance(statement, ast.ClassDef):
+                yield from _definitions(statement.body, qualname)
 
 
-def _scopes(tree: ast.Module, source: bytes) -> dict[str, _Scope]:
-    """Every module-level and class scope of a module, keyed by qualname
-    (``""`` is the module itself)."""
-    lines = importlib.util.decode_source(source).split("\n")
-    scopes: dict[str, _Scope] = {}
-
-    def text(statement: ast.stmt) -> str:
-        first = min([d.lineno for d in getattr(statement, "decorator_list", ())]
-                    + [statement.lineno])
-        return "\n".join(line.rstrip() for line in lines[first - 1:statement.end_lineno])
-
-    def visit(qualname: str, body: list[ast.stmt], header: str) -> None:
-        statements: dict[str, list[str]] = collections.defaultdict(list)
-        scope = _Scope({}, header)
-        for statement in body:
-            written = text(statement)
-            scope.texts.append(written)
-            for name in _bound_names(statement):
-                statements[name].append(written)
-            if (qualname and isinstance(statement, (ast.Assign, ast.AnnAssign))
-                    and statement.value is not None):
-                targets = (statement.targets if isinstance(statement, ast.Assign)
-                           else [statement.target])
-                scope.values.update((t.id, ast.unparse(statement.value)) for t in targets
-                                    if isinstance(t, ast.Name))
-            if qualname and isinstance(statement, ast.AnnAssign) and isinstance(statement.target,
-                                                                                ast.Name):
-                scope.annotated.append(statement.target.id)
-        for statement in _nested_statements(body):
-            if not isinstance(statement, (*_DEFS, ast.ClassDef)):
-                continue
-            inner = f"{qualname}.{statement.name}" if qualname else statement.name
-            if isinstance(statement, _DEFS):
-                scope.defs[(inner, _accessor(statement))] += 1
-            else:
-                visit(inner, statement.body,
-                      ast.dump(ast.Tuple(statement.bases + [k.value for k in statement.keywords]))
-                      + repr([k.arg for k in statement.keywords]))
-        scope.statements = {name: tuple(texts) for name, texts in statements.items()}
-        scope.twice = frozenset(name.rpartition(".")[2] for (name, accessor), count
-                                in scope.defs.items() if count > 1 and not accessor)
-        scopes[qualname] = scope
-
-    visit("", tree.body, "")
-    return scopes
+def _definition_key(qualname: str, statement: ast.stmt) -> tuple[str, str]:
+    """How a def or class statement is recognised across versions: its
+    qualname and, for a def, which property accessor it makes."""
+    return qualname, (_accessor(statement) if isinstance(statement, _DEFS) else _CLASS)
 
 
 def _accessor(definition: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
@@ -4679,69 +4679,73 @@ def _accessor(definition: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
     return ""
 
 
-def _inject_reuse(tree: ast.Module, reusable: set[tuple[str, str]]) -> None:
-    """Give every reusable ``def`` an innermost decorator that moves the new
-    code into the old function object and returns the old object, so every
-    other decorator and registry sees the function it saw before."""
+@dataclasses.dataclass(frozen=True)
+class _Scope:
+    """One module or class body as written, compared by syntax tree."""
 
-    def visit(qualname: str, body: list[ast.stmt]) -> None:
-        for statement in _nested_statements(body):
-            if not isinstance(statement, (*_DEFS, ast.ClassDef)):
-                continue
-            inner = f"{qualname}.{statement.name}" if qualname else statement.name
-            if isinstance(statement, _DEFS):
-                key = (inner, _accessor(statement))
-                if key in reusable:
-                    where = {"lineno": statement.lineno, "col_offset": statement.col_offset,
-                             "end_lineno": statement.lineno,
-                             "end_col_offset": statement.col_offset}
-                    call = ast.Call(ast.Name(_REUSE, ast.Load(), **where),
-                                    [ast.Constant(inner, **where), ast.Constant(key[1], **where)],
-                                    [], **where)
-                    statement.decorator_list.append(call)
-            elif isinstance(statement, ast.ClassDef):
-                visit(inner, statement.body)
-
-    visit("", tree.body)
+    dumps: tuple[str, ...]                  # each statement, in order
+    statements: dict[str, tuple[str, ...]]  # name -> the statements that bind it
+    header: str                             # a class's bases and keywords
+    definitions: collections.Counter        # (qualname, accessor) -> how many statements
+    decorators: dict[tuple[str, str], str]  # (qualname, accessor) -> its decorator list
+    values: dict[str, str]                  # names assigned a value -> the assignment
+    ignored: frozenset[str]                 # the names listed in an Enum's ``_ignore_``
+    annotated: tuple[tuple[str, str], ...]  # annotated names in order, with the statement
+    twice: frozenset[str]  # names bound by several plain defs (``_`` of singledispatch)
 
 
-def _skip_unchanged(tree: ast.Module, old: _Scope, new: _Scope, namespace: dict) -> None:
-    """Turn every unchanged module-level statement that makes no code into
-    ``pass``: no def, class or import in it, and no function or class in the
-    names it binds (a closure from a factory gets its new code).  Those
-    names keep their live values anyway, and running the statement again
-    would repeat its side effects: a server started twice, a callback
-    registered twice."""
-    remaining = collections.Counter(old.texts)
-    for index, (statement, written) in enumerate(zip(tree.body, new.texts)):
-        names = _bound_names(statement)
-        if (remaining[written] > 0 and names <= namespace.keys()
-                and not any(_holds_code(namespace[name]) for name in names)
-                and not any(isinstance(s, (*_DEFS, ast.ClassDef, ast.Import, ast.ImportFrom))
-                            for s in _nested_statements([statement]))):
-            remaining[written] -= 1
-            tree.body[index] = ast.copy_location(ast.Pass(), statement)
+def _scope(body: list[ast.stmt], header: str, definitions: list[tuple[str, ast.stmt]]) -> _Scope:
+    """The ``_Scope`` of one body, given the defs and classes written in it."""
+    dumps = tuple(_dump(statement) for statement in body)
+    statements: dict[str, list[str]] = collections.defaultdict(list)
+    values: dict[str, str] = {}
+    ignored: set[str] = set()
+    annotated = []
+    for statement, dump in zip(body, dumps):
+        for name in _bound_names(statement):
+            statements[name].append(dump)
+        if isinstance(statement, (ast.Assign, ast.AnnAssign)) and statement.value is not None:
+            targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+            for target in targets:
+                values.update((name, dump) for name in _bound_names(ast.Expr(target)))
+            if any(isinstance(t, ast.Name) and t.id == "_ignore_" for t in targets):
+                value = statement.value
+                for item in (value.elts if isinstance(value, (ast.List, ast.Tuple)) else [value]):
+                    if isinstance(item, ast.Constant) and isinstance(item.value, str):
+                        ignored.update(item.value.split())
+        if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
+            annotated.append((statement.target.id, dump))
+    counts = collections.Counter(_definition_key(q, s) for q, s in definitions)
+    return _Scope(dumps, {name: tuple(d) for name, d in statements.items()}, header, counts,
+                  {_definition_key(q, s): _dump(ast.List(s.decorator_list, ast.Load()))
+                   for q, s in definitions},
+                  values, frozenset(ignored), tuple(annotated),
+                  frozenset(qualname.rpartition(".")[2] for (qualname, accessor), count
+                            in counts.items() if count > 1 and not accessor))
 
 
-def _holds_code(value: object) -> bool:
-    """Whether a value is code the swap updates: a function, a class, a
-    method descriptor or a decorator's wrapper."""
-    return (isinstance(value, (types.FunctionType, type, classmethod, staticmethod, property,
-                               functools.partial))
-            or "__wrapped__" in getattr(value, "__dict__", ()))
+def _scopes(tree: ast.Module) -> dict[str, _Scope]:
+    """Every module-level and class scope of a module, keyed by qualname
+    (``""`` is the module itself)."""
+    children: dict[str, list[tuple[str, ast.stmt]]] = collections.defaultdict(list)
+    classes: dict[str, ast.ClassDef] = {}
+    for scope, qualname, statement in _definitions(tree.body):
+        children[scope].append((qualname, statement))
+        if isinstance(statement, ast.ClassDef):
+            classes[qualname] = statement
+    scopes = {"": _scope(tree.body, "", children[""])}
+    for qualname, statement in classes.items():
+        header = _dump(ast.Tuple(statement.bases + [k.value for k in statement.keywords],
+                                 ast.Load())) + repr([k.arg for k in statement.keywords])
+        scopes[qualname] = _scope(statement.body, header, children[qualname])
+    return scopes
 
 
 def _enum_members(scope: _Scope) -> dict[str, str]:
-    """Member names of an Enum class as written, with the source of each value
-    (sunder and dunder names and the names in ``_ignore_`` are no members)."""
-    ignored: set[str] = set()
-    if "_ignore_" in scope.values:
-        node = ast.parse(scope.values["_ignore_"], mode="eval").body
-        for item in (node.elts if isinstance(node, (ast.List, ast.Tuple)) else [node]):
-            if isinstance(item, ast.Constant) and isinstance(item.value, str):
-                ignored.update(item.value.split())
+    """Member names of an Enum class as written, with the statement that
+    assigns each (sunder and dunder names and ``_ignore_`` ones are no members)."""
     return {name: value for name, value in scope.values.items()
-            if name not in ignored and not (name.startswith("_") and name.endswith("_"))}
+            if name not in scope.ignored and not (name.startswith("_") and name.endswith("_"))}
 
 
 def _live_instances(classes: set[type]) -> dict[type, int]:
@@ -4761,17 +4765,111 @@ def _live_instances(classes: set[type]) -> dict[type, int]:
     return counts
 
 
-def _lookup(namespace: dict, qualname: str):
+def _lookup(namespace: Mapping[str, object], qualname: str) -> object:
     """Follow a dotted qualname through a module namespace and class dicts."""
-    if "." not in qualname:
-        return namespace.get(qualname, _MISSING)
     parts = qualname.split(".")
     obj = namespace.get(parts[0], _MISSING)
     for part in parts[1:]:
-        if not isinstance(obj, type):
+        if not _is_a(obj, type):
             return _MISSING
         obj = obj.__dict__.get(part, _MISSING)
     return obj
+
+
+def _defined_here(obj: object, module: str, qualname: str) -> bool:
+    """Whether ``obj`` is the function or class a module defines at ``qualname``."""
+    if not _is_a(obj, (types.FunctionType, type)):
+        return False
+    if _is_a(obj, types.FunctionType):
+        return obj.__module__ == module and obj.__qualname__ == qualname
+    return (type.__dict__["__module__"].__get__(obj) == module
+            and type.__dict__["__qualname__"].__get__(obj) == qualname)
+
+
+def _find_function(binding: object, module: str, qualname: str, accessor: str
+                   ) -> tuple[types.FunctionType | None, list[object]]:
+    """The function a module defines at ``qualname`` behind a live binding,
+    looking through descriptors, bound methods, ``__wrapped__``, closures and
+    partials without running any code of the objects; with the chain of
+    wrappers that lead to it."""
+    attribute = {"fget": property.fget, "fset": property.fset, "fdel": property.fdel}
+    start = binding
+    if _is_a(binding, property):
+        start = attribute.get(accessor or "fget", property.fget).__get__(binding)
+    pending: collections.deque = collections.deque([(start, [binding])])
+    seen: set[int] = set()
+    while pending and len(seen) < 64:
+        obj, chain = pending.popleft()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if _defined_here(obj, module, qualname):
+            return obj, [wrapper for wrapper in chain if wrapper is not obj]
+        inner: list[object] = []
+        if _is_a(obj, (classmethod, staticmethod, types.MethodType)):
+            inner.append(obj.__func__)
+        elif _is_a(obj, (functools.cached_property, functools.partial,
+                         functools.singledispatchmethod)):
+            inner.append(obj.func)
+        wrapped = inspect.getattr_static(obj, "__wrapped__", None)
+        if wrapped is not None:
+            inner.append(wrapped)
+        if _is_a(obj, types.FunctionType):
+            for cell in obj.__closure__ or ():
+                try:
+                    inner.append(cell.cell_contents)
+                except ValueError:
+                    pass
+        else:  # an object keeping the function as an attribute (a click command's callback)
+            inner.extend(_instance_attributes(obj).values())
+        pending.extend((candidate, [*chain, obj] if obj is not binding else chain)
+                       for candidate in inner
+                       if _is_a(candidate, _CODE_TYPES)
+                       or inspect.getattr_static(candidate, "__wrapped__", None) is not None)
+    return None, []
+
+
+def _instance_attributes(obj: object) -> dict:
+    """An object's own attribute dict, read without running code of its class
+    (empty when its ``__dict__`` is not the plain one)."""
+    if _is_a(obj, type):
+        return {}
+    descriptor = inspect.getattr_static(type(obj), "__dict__", None)
+    if type(descriptor) is not types.GetSetDescriptorType:
+        return {}
+    contents = descriptor.__get__(obj)
+    return contents if type(contents) is dict else {}
+
+
+def _uses_class_cell(definition: ast.stmt) -> bool:
+    """Whether a method needs the ``__class__`` cell (zero-argument ``super()``)."""
+    return any(isinstance(node, ast.Name) and node.id in ("super", "__class__")
+               for node in ast.walk(definition))
+
+
+def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
+    """``code`` and every code object nested in it."""
+    yield code
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            yield from _code_objects(constant)
+
+
+def _nested_codes(code: types.CodeType) -> dict[str, types.CodeType]:
+    """The code of the functions defined inside ``code``, by unique qualname."""
+    counts = collections.Counter(c.co_qualname for c in _code_objects(code))
+    return {c.co_qualname: c for c in _code_objects(code)
+            if c is not code and counts[c.co_qualname] == 1}
+
+
+class _Target(NamedTuple):
+    """The live function a def continues, the wrappers around it (a cache to
+    clear) and what its name is bound to (kept when the decorators did not
+    change; found while preparing, as only an upgrade rebinds a def's name)."""
+
+    function: types.FunctionType
+    wrappers: list[object]
+    binding: object
 
 
 @dataclasses.dataclass
@@ -4782,12 +4880,25 @@ class _ModulePlan:
     module: types.ModuleType
     path: str
     source: bytes
-    swap_code: types.CodeType | None  # the new source with reuse decorators injected
+    tree: ast.Module
     old: dict[str, _Scope]
     new: dict[str, _Scope]
-    rebuilt: set[str]          # class qualnames that get a new class object
     imports: set[str]
-    doc: str | None = None     # the new module docstring
+    doc: str | None
+    rebuilt: set[str] = dataclasses.field(default_factory=set)  # classes made anew
+    # Per scope qualname, the names whose binding statement runs again (the
+    # statement changed, or it reads a name that takes a new value).
+    rerun: dict[str, set[str]] = dataclasses.field(default_factory=dict)
+    # (qualname, accessor) -> the live function that takes the new code; a
+    # def whose decorators did not change keeps its live binding and its
+    # decorators are not run again.
+    targets: dict[tuple[str, str], _Target] = dataclasses.field(default_factory=dict)
+    undecorated: set[tuple[str, str]] = dataclasses.field(default_factory=set)
+    redecorated: set[str] = dataclasses.field(default_factory=set)  # dataclasses to regenerate
+    changed_defs: set[tuple[str, str]] = dataclasses.field(default_factory=set)
+    closures: list[tuple[types.FunctionType, types.CodeType]] = \
+        dataclasses.field(default_factory=list)  # functions made by changed factories
+    swap_code: types.CodeType | None = None  # the rewritten new source
 
 
 def _imported_modules(tree: ast.Module, package: str) -> set[str]:
@@ -4798,8 +4909,7 @@ def _imported_modules(tree: ast.Module, package: str) -> set[str]:
             targets = [alias.name for alias in statement.names]
         elif isinstance(statement, ast.ImportFrom):
             try:
-                base = importlib.util.resolve_name("." * statement.level + (statement.module or ""),
-                                                   package) if statement.level else statement.module
+                base = _imported_from(statement, package)
             except (ImportError, ValueError):
                 continue
             targets = [base] + [f"{base}.{alias.name}" for alias in statement.names]
@@ -4811,13 +4921,26 @@ def _imported_modules(tree: ast.Module, package: str) -> set[str]:
     return names
 
 
+def _imported_from(statement: ast.ImportFrom, package: str) -> str:
+    """The absolute name of the module a ``from ... import`` reads."""
+    if not statement.level:
+        return statement.module or ""
+    return importlib.util.resolve_name("." * statement.level + (statement.module or ""), package)
+
+
 # The scopes of the source each module runs, kept from its last upgrade:
 # module name -> (content hash of that source, its scopes).
 _analysed: dict[str, tuple[str, dict[str, _Scope]]] = {}
 
 
+def _syntax_refusal(exc: SyntaxError, path: str, module: str) -> UpgradeRefused:
+    return UpgradeRefused(f"syntax error in {exc.filename or path}, line {exc.lineno}: "
+                          f"{exc.msg}; fix it and upgrade again (nothing was changed)",
+                          module=module)
+
+
 def _plan_module(name: str) -> _ModulePlan:
-    """Read, compile and check one module's new source; raises UpgradeRefused."""
+    """Read, parse and check one module's new source; raises UpgradeRefused."""
     module = sys.modules.get(name)
     record = _tracker.record_for(name)
     if module is None or record is None:
@@ -4835,28 +4958,15 @@ def _plan_module(name: str) -> _ModulePlan:
                              "changed; run `fly deploy`", module=name)
     try:
         tree = ast.parse(source, record.path)
-        new = _scopes(tree, source)
-        cached = _analysed.get(name)
-        old = (cached[1] if cached is not None and cached[0] == record.digest
-               else _scopes(ast.parse(record.source, record.path), record.source))
-        package = name if hasattr(module, "__path__") else name.rpartition(".")[0]
-        plan = _ModulePlan(name, module, record.path, source, None, old, new, set(),
-                           _imported_modules(tree, package))
-        _check_classes(plan)
-        reusable: set[tuple[str, str]] = set()
-        for qualname, scope in new.items():
-            before = old.get(qualname)
-            if before is not None and not _within(qualname, plan.rebuilt):
-                reusable.update(key for key, count in scope.defs.items()
-                                if count == 1 and before.defs.get(key) == 1)
-        plan.doc = ast.get_docstring(tree, clean=False)
-        _skip_unchanged(tree, old[""], new[""], module.__dict__)
-        _inject_reuse(tree, reusable)
-        plan.swap_code = compile(tree, record.path, "exec", dont_inherit=True)
     except SyntaxError as exc:
-        raise UpgradeRefused(f"syntax error in {exc.filename or record.path}, line {exc.lineno}: "
-                             f"{exc.msg}; fix it and upgrade again (nothing was changed)",
-                             module=name) from None
+        raise _syntax_refusal(exc, record.path, name) from None
+    cached = _analysed.get(name)
+    old = (cached[1] if cached is not None and cached[0] == record.digest
+           else _scopes(ast.parse(record.source, record.path)))
+    package = name if hasattr(module, "__path__") else name.rpartition(".")[0]
+    plan = _ModulePlan(name, module, record.path, source, tree, old, _scopes(tree),
+                       _imported_modules(tree, package), ast.get_docstring(tree, clean=False))
+    _check_classes(plan)
     return plan
 
 
@@ -4864,17 +4974,21 @@ def _within(qualname: str, prefixes: set[str]) -> bool:
     return any(qualname == p or qualname.startswith(p + ".") for p in prefixes)
 
 
+def _live_class(plan: _ModulePlan, qualname: str) -> type | None:
+    cls = _lookup(plan.module.__dict__, qualname)
+    return cls if _defined_here(cls, plan.name, qualname) else None
+
+
 def _check_classes(plan: _ModulePlan) -> None:
     """Refuse what cannot change in place: Enum members added, removed or
     given new values; a changed base list, metaclass, ``__slots__`` or named
-    tuple fields of a class with live instances.  Such a class without
-    instances is rebuilt."""
+    tuple or slotted dataclass fields of a class with live instances or with
+    subclasses.  Such a class without either is rebuilt."""
     reshaped: dict[type, str] = {}
     for qualname, scope in plan.new.items():
         before = plan.old.get(qualname)
-        cls = _lookup(plan.module.__dict__, qualname) if qualname else None
-        if (before is None or not isinstance(cls, type) or cls.__module__ != plan.name
-                or cls.__qualname__ != qualname):
+        cls = _live_class(plan, qualname) if qualname else None
+        if before is None or cls is None:
             continue
         where = f"{plan.name}.{qualname}"
         if issubclass(cls, enum.Enum):
@@ -4893,20 +5007,196 @@ def _check_classes(plan: _ModulePlan) -> None:
             reshaped[cls] = qualname
     if not reshaped:
         return
+    shape = "its base list, metaclass, __slots__ or fields"
+    for cls, qualname in reshaped.items():
+        subclasses = [s for s in type.__subclasses__(cls) if s not in reshaped]
+        if subclasses:
+            raise UpgradeRefused(
+                f"cold deploy required: class {plan.name}.{qualname} changed {shape} and has "
+                f"subclasses ({', '.join(f'{s.__module__}.{s.__qualname__}' for s in subclasses)})"
+                " that would keep deriving from the old class", module=plan.name)
     for cls, count in _live_instances(set(reshaped)).items():
         raise UpgradeRefused(f"cold deploy required: class {plan.name}.{reshaped[cls]} changed "
-                             f"its base list, metaclass, __slots__ or named tuple fields and has "
-                             f"{count} live instance(s)", module=plan.name)
+                             f"{shape} and has {count} live instance(s)", module=plan.name)
     plan.rebuilt.update(reshaped.values())
 
 
 def _layout(cls: type, scope: _Scope) -> tuple:
     """What a class body fixes about its instances' memory layout: the bases
-    and metaclass, ``__slots__``, and for a named tuple its fields."""
+    and metaclass, ``__slots__``, and the fields of a named tuple or of a
+    slotted dataclass."""
     fields = None
-    if issubclass(cls, tuple) and hasattr(cls, "_fields"):
-        fields = [(name, scope.statements.get(name)) for name in scope.annotated]
+    if ((issubclass(cls, tuple) and hasattr(cls, "_fields"))
+            or ("__slots__" in cls.__dict__ and "__dataclass_fields__" in cls.__dict__)):
+        fields = scope.annotated
     return scope.header, scope.statements.get("__slots__"), fields
+
+
+def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope,
+                    outer: set[str]) -> tuple[set[str], list[int]]:
+    """Which statements of a scope must run again: changed ones, and
+    unchanged ones that read a name taking a new value.  Returns the names
+    they bind and the indexes of the unchanged statements."""
+    remaining = collections.Counter(old.dumps if old is not None else ())
+    rerun: set[str] = set()
+    unchanged = []
+    for index, (statement, dump) in enumerate(zip(body, new.dumps)):
+        if remaining[dump] > 0 and not (_read_names(statement) & (outer | rerun)):
+            remaining[dump] -= 1
+            unchanged.append(index)
+        elif not isinstance(statement, (*_DEFS, ast.ClassDef)):
+            rerun |= _bound_names(statement)
+    return rerun, unchanged
+
+
+def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
+    """Turn the new source into what the swap executes, then compile it.
+
+    An unchanged module-level statement never runs again (its names keep
+    their live values): no callback registered twice, no server started
+    twice.  A ``def`` of an existing function runs with a hook that moves
+    its new code into the live function; when its decorators did not change
+    they do not run again and the name keeps its live binding (a Flask route,
+    an atexit or registry entry, a cache wrapper), else they run on the live
+    function.  Classes are updated in place the same way."""
+    tree, namespace = plan.tree, plan.module.__dict__
+    imported: set[str] = set()  # names imported with a new value from a changed module
+    package = plan.name if hasattr(plan.module, "__path__") else plan.name.rpartition(".")[0]
+    for statement in tree.body:
+        if isinstance(statement, ast.ImportFrom) and statement.module != "__future__":
+            try:
+                source = plans.get(_imported_from(statement, package))
+            except (ImportError, ValueError):
+                continue
+            if source is not None:
+                imported.update((a.asname or a.name) for a in statement.names
+                                if a.name in source.rerun.get("", ()))
+    # Names of classes made anew read by an unchanged statement: it runs again.
+    imported |= {qualname for qualname in plan.rebuilt if "." not in qualname}
+    rerun, unchanged = _rerun_in_order(tree.body, plan.old[""], plan.new[""], imported)
+    plan.rerun[""] = rerun | imported
+    skipped: dict[int, ast.stmt] = {}
+    for index in unchanged:
+        statement = tree.body[index]
+        if (isinstance(statement, (*_DEFS, ast.ClassDef, ast.Import, ast.ImportFrom))
+                or (index == 0 and plan.doc is not None)
+                or not _bound_names(statement) <= namespace.keys()):
+            continue  # definitions and imports are handled below; a docstring stays first
+        skipped[index] = statement
+        tree.body[index] = ast.copy_location(ast.Pass(), statement)
+    for scope, qualname, statement in _definitions(tree.body):
+        if isinstance(statement, ast.ClassDef):
+            plan.rerun[qualname] = _rerun_in_order(statement.body, plan.old.get(qualname),
+                                                   plan.new[qualname], plan.rerun[""])[0]
+        if scope not in plan.old or _within(qualname, plan.rebuilt):
+            continue
+        key = _definition_key(qualname, statement)
+        if plan.old[scope].definitions.get(key) != 1 or plan.new[scope].definitions[key] != 1:
+            continue  # several statements define it: which one continues which is unknown
+        same_decorators = (plan.old[scope].decorators[key] == plan.new[scope].decorators[key]
+                           and _accessors(plan.old[scope], qualname)
+                           == _accessors(plan.new[scope], qualname))
+        if isinstance(statement, ast.ClassDef):
+            _reuse_class(plan, qualname, statement, same_decorators)
+        else:
+            _reuse_function(plan, key, scope, statement, same_decorators)
+    stale = _find_closures(plan)
+    # A closure whose new code needs other free variables cannot change in
+    # place: the statement that made it runs again and binds a new one.
+    rerun = {name for name, value in namespace.items() if id(value) in stale}
+    for index, statement in skipped.items():
+        if _bound_names(statement) & rerun:
+            tree.body[index] = statement
+            plan.rerun[""] |= _bound_names(statement)
+    if rerun:
+        _find_closures(plan)
+
+
+def _compile_rewritten(plan: _ModulePlan) -> None:
+    """Compile what the swap runs (a syntax error only the compiler finds refuses)."""
+    try:
+        plan.swap_code = compile(plan.tree, plan.path, "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        raise _syntax_refusal(exc, plan.path, plan.name) from None
+
+
+def _accessors(scope: _Scope, qualname: str) -> set[str]:
+    """The property accessors the defs of one name make (a setter added or
+    removed changes the property, whose decorators then run again)."""
+    return {accessor for name, accessor in scope.definitions if name == qualname}
+
+
+def _hook(key: tuple[str, str], statement: ast.stmt) -> ast.Call:
+    """The call ``__flydeploy_reuse__(qualname, accessor)`` as a decorator."""
+    where = {"lineno": statement.lineno, "col_offset": statement.col_offset,
+             "end_lineno": statement.lineno, "end_col_offset": statement.col_offset}
+    return ast.Call(ast.Name(_REUSE, ast.Load(), **where),
+                    [ast.Constant(part, **where) for part in key], [], **where)
+
+
+def _reuse_function(plan: _ModulePlan, key: tuple[str, str], scope: str,
+                    statement: ast.FunctionDef | ast.AsyncFunctionDef,
+                    same_decorators: bool) -> None:
+    """Put the reuse hook on the def of an existing function whose live object
+    can take the new code (same free variables); else leave the def alone."""
+    qualname, accessor = key
+    binding = _lookup(plan.module.__dict__, qualname)
+    target, chain = _find_function(binding, plan.name, qualname, accessor)
+    cell = ("__class__",) if scope and _uses_class_cell(statement) else ()
+    if target is None or target.__code__.co_freevars != cell:
+        return  # the statement runs as written; the merge decides what to bind
+    plan.targets[key] = _Target(target, chain, binding)
+    name = qualname.rpartition(".")[2]
+    if (plan.old[scope].statements.get(name) != plan.new[scope].statements.get(name)
+            or _read_names(statement) & plan.rerun[scope]):
+        plan.changed_defs.add(key)
+    if same_decorators:
+        statement.decorator_list = [_hook(key, statement)]
+        plan.undecorated.add(key)
+    else:
+        statement.decorator_list.append(_hook(key, statement))
+
+
+def _reuse_class(plan: _ModulePlan, qualname: str, statement: ast.ClassDef,
+                 same_decorators: bool) -> None:
+    """Keep the live binding of an existing class whose decorators did not
+    change; note the dataclasses whose decorator runs again."""
+    cls = _live_class(plan, qualname)
+    if cls is None:
+        return
+    dataclass = "__dataclass_fields__" in cls.__dict__
+    if dataclass and plan.old[qualname].annotated != plan.new[qualname].annotated:
+        same_decorators = False  # @dataclass derives its methods from the fields
+    if same_decorators and statement.decorator_list:
+        statement.decorator_list = [_hook((qualname, _CLASS), statement)]
+        plan.undecorated.add((qualname, _CLASS))
+    elif not same_decorators and dataclass:
+        plan.redecorated.add(qualname)
+
+
+def _find_closures(plan: _ModulePlan) -> set[int]:
+    """Compile the rewritten source and find the live closures made by
+    factories whose inner functions changed: they take the new code in place.
+    Returns the ids of those whose free variables differ from the new code's."""
+    _compile_rewritten(plan)
+    new_codes = _nested_codes(plan.swap_code)
+    changed: dict[types.CodeType, types.CodeType] = {}
+    for (qualname, _), target in plan.targets.items():
+        if qualname not in new_codes:
+            continue
+        fresh = _nested_codes(new_codes[qualname])
+        for inner_qualname, code in _nested_codes(target.function.__code__).items():
+            if "<locals>" in inner_qualname and fresh.get(inner_qualname, code) != code:
+                changed[code] = fresh[inner_qualname]
+    if not changed:
+        return set()
+    closures = [(function, changed[function.__code__])
+                for function in gc.get_referrers(*changed)
+                if type(function) is types.FunctionType and function.__code__ in changed]
+    plan.closures = [(function, code) for function, code in closures
+                     if function.__code__.co_freevars == code.co_freevars]
+    return {id(function) for function, code in closures
+            if function.__code__.co_freevars != code.co_freevars}
 
 
 def _import_order(plans: dict[str, _ModulePlan]) -> list[_ModulePlan]:
@@ -4927,14 +5217,6 @@ def _import_order(plans: dict[str, _ModulePlan]) -> list[_ModulePlan]:
     for name in sorted(plans, key=position.__getitem__):
         visit(name)
     return ordered
-
-
-def _changed(old: _Scope | None, new: _Scope | None, name: str) -> bool:
-    """Whether ``name`` must take its new value: its binding statements changed,
-    or nothing in the new source binds it explicitly."""
-    if old is None or new is None or name not in new.statements:
-        return True
-    return old.statements.get(name) != new.statements[name]
 
 
 def _defined_twice(old: _Scope | None, new: _Scope | None, name: str) -> bool:
@@ -4958,26 +5240,23 @@ _build_class = builtins.__build_class__
 
 
 def _is_singledispatch(obj: object) -> bool:
-    return isinstance(obj, types.FunctionType) and all(
-        hasattr(obj, a) for a in ("register", "dispatch", "registry", "__wrapped__"))
+    return (type(obj) is types.FunctionType and "registry" in obj.__dict__
+            and obj.__dict__.keys() >= {"register", "dispatch", "__wrapped__"})
 
 
-def _unwrap_to_function(obj: object, accessor: str) -> types.FunctionType | None:
-    """The innermost plain function behind a descriptor or decorator wrapper."""
-    if type(obj) is types.FunctionType and "__wrapped__" not in obj.__dict__:
-        return obj  # the common case, quickly
-    if isinstance(obj, (classmethod, staticmethod)):
-        obj = obj.__func__
-    elif isinstance(obj, property):
-        obj = getattr(obj, accessor or "fget")
-    elif isinstance(obj, functools.cached_property):
-        obj = obj.func
-    for _ in range(100):  # a __wrapped__ cycle must not hang the upgrade
-        inner = getattr(obj, "__wrapped__", None)
-        if inner is None:
-            break
-        obj = inner
-    return obj if isinstance(obj, types.FunctionType) else None
+def _dispatch_registry(obj: object) -> dict | None:
+    """The registry dict of a singledispatch function or method, if ``obj`` is one."""
+    kind = type(obj)
+    if kind is not types.FunctionType and not issubclass(kind, functools.singledispatchmethod):
+        return None  # the common case, quickly
+    if kind is not types.FunctionType:
+        obj = obj.dispatcher
+    if not _is_singledispatch(obj):
+        return None
+    dispatch = obj.__dict__["dispatch"]
+    cells = dict(zip(dispatch.__code__.co_freevars, dispatch.__closure__ or ()))
+    registry = cells["registry"].cell_contents if "registry" in cells else None
+    return registry if type(registry) is dict else None
 
 
 # Where an object lives, for the report: module, then names; joined with dots
@@ -4988,18 +5267,19 @@ _Label = tuple[str, ...]
 class _Swap:
     """One in-place code swap with its undo log.
 
-    Executes each new module body in the live module's namespace, with two
-    hooks: an innermost decorator on every function that moves the new code
-    into the old function object (so decorators and registries see the old
-    identity), and a ``__build_class__`` that updates an existing class in
-    place instead of creating a new one.  Then module state is merged:
-    every change made is logged so ``rollback`` can undo all of it.
+    Executes each rewritten module body in the live module's namespace, with
+    two hooks: a decorator on every existing ``def`` that moves the new code
+    into the live function object, and a ``__build_class__`` that updates an
+    existing class in place instead of creating a new one.  Then module
+    state is merged.  Every change is logged so ``rollback`` undoes it all.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, plans: list[_ModulePlan]) -> None:
+        self.plans = plans
+        self.paths = {plan.path for plan in plans}
         self.thread = threading.get_ident()
         self.undo: list[Callable[[], None]] = []
-        self.saved_classes: set[int] = set()
+        self.saved: set[int] = set()
         self.merging: set[int] = set()
         # Functions changed so far, with what each was before.
         self.functions: dict[int, tuple[types.FunctionType, tuple, dict]] = {}
@@ -5007,37 +5287,58 @@ class _Swap:
         self.replaced: list[str] = []
         # Objects that could not keep their identity: id(old) -> (old, new).
         self.replacements: dict[int, tuple[object, object]] = {}
-        self.old_globals: dict[str, dict] = {}
-        self.plan: _ModulePlan | None = None
+        self.namespaces: dict[str, dict] = {}  # module name -> its namespace before
+        self.plan: _ModulePlan | None = None  # the module whose body is running
         self.stage = ""
+        self.module = ""  # the module the current stage concerns
         self.error = ""
         self.failed: list[str] = []
+        self.failed_module: str | None = None
         self.modules_before = set(sys.modules)
+        self.started: list[Server] = []  # servers the new module bodies started
 
     # -- the undo log --
 
     def _save_class(self, cls: type) -> None:
-        if id(cls) in self.saved_classes:
+        if id(cls) in self.saved:
             return
-        self.saved_classes.add(id(cls))
+        self.saved.add(id(cls))
         contents = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        self._save_registries(contents.values())
 
         def restore() -> None:
-            current = dict(cls.__dict__)
-            for attribute in current.keys() - contents.keys() - {"__dict__", "__weakref__"}:
-                delattr(cls, attribute)
-            for attribute, value in contents.items():
-                if current.get(attribute, _MISSING) is not value:
-                    setattr(cls, attribute, value)
+            _restore_mapping(cls.__dict__, contents, owner=cls, keep=("__dict__", "__weakref__"))
             if isinstance(cls, abc.ABCMeta):
                 cls._abc_caches_clear()
 
         self.undo.append(restore)
 
     def _save_module(self, module: types.ModuleType) -> dict:
-        contents = dict(module.__dict__)
-        self.undo.append(lambda: _restore_mapping(module.__dict__, contents))
+        """Log a module's namespace (once); returns it as it was."""
+        contents = self.namespaces.get(module.__name__)
+        if contents is None:
+            contents = self.namespaces[module.__name__] = dict(module.__dict__)
+            self._save_registries(contents.values())
+            self.undo.append(lambda: _restore_mapping(module.__dict__, contents))
         return contents
+
+    def _save_registries(self, values: Iterable[object]) -> None:
+        """Log the singledispatch registries among ``values``: a new body may
+        register implementations on the live dispatchers."""
+        for value in values:
+            registry = _dispatch_registry(value)
+            if registry is not None and id(registry) not in self.saved:
+                self.saved.add(id(registry))
+                contents = dict(registry)
+                dispatcher = value.dispatcher if _is_a(value, functools.singledispatchmethod) \
+                    else value
+                self.undo.append(lambda r=registry, c=contents, d=dispatcher: (
+                    _restore_mapping(r, c), d._clear_cache()))
+
+    def _save_function(self, function: types.FunctionType) -> None:
+        if id(function) not in self.functions:
+            self.functions[id(function)] = (function, _function_attributes(function),
+                                            dict(function.__dict__))
 
     def _set_cell(self, cell: types.CellType, value: object) -> None:
         try:
@@ -5055,7 +5356,8 @@ class _Swap:
         cell.cell_contents = value
 
     def rollback(self) -> None:
-        """Put every module, function, class and closure back as it was."""
+        """Put every module, function, class and closure back as it was, and
+        forget the modules first imported by this upgrade."""
         for restore in reversed(self.undo):
             try:
                 restore()
@@ -5067,7 +5369,10 @@ class _Swap:
         self.undo.clear()
         self.functions.clear()
         for name in set(sys.modules) - self.modules_before:
-            sys.modules.pop(name, None)
+            module = sys.modules.pop(name, None)
+            parent, _, child = name.rpartition(".")
+            if parent in sys.modules and getattr(sys.modules[parent], child, None) is module:
+                delattr(sys.modules[parent], child)
 
     # -- merging old and new objects --
 
@@ -5078,30 +5383,24 @@ class _Swap:
             return old
         if _is_singledispatch(old) and _is_singledispatch(new):
             return self._merge_singledispatch(old, new, label)
-        if isinstance(old, types.FunctionType) and isinstance(new, types.FunctionType):
-            if (old.__qualname__, old.__module__) == (new.__qualname__, new.__module__):
-                return self.swap_function(old, new, changed, label)
-        elif type(old) is type(new) and isinstance(old, (classmethod, staticmethod)):
+        if _is_a(old, types.FunctionType) and _is_a(new, types.FunctionType):
+            if _defined_here(new, old.__module__, old.__qualname__):
+                return self.swap_function(old, new, label)
+        elif type(old) is type(new) and _is_a(old, (classmethod, staticmethod)):
             inner = self.merge(old.__func__, new.__func__, changed, label)
             return old if inner is old.__func__ else new
-        elif type(old) is type(new) and isinstance(old, property):
+        elif type(old) is type(new) and _is_a(old, property):
             pairs = [(getattr(old, a), getattr(new, a)) for a in ("fget", "fset", "fdel")]
             if all((o is None) == (n is None) for o, n in pairs):
                 merged = [o if o is None else self.merge(o, n, changed, label) for o, n in pairs]
                 if all(m is o for m, (o, _) in zip(merged, pairs)):
                     return old
             return new
-        elif (type(old) is type(new) and hasattr(old, "cache_clear")
-                and hasattr(old, "__wrapped__")):
-            inner = self.merge(old.__wrapped__, new.__wrapped__, changed, label)
-            if inner is old.__wrapped__:
-                saved = self.functions.get(id(inner))
-                if saved is not None and saved[1][0] != inner.__code__:
-                    old.cache_clear()
-                return old
-            return new
-        elif isinstance(old, type) and isinstance(new, type):
+        elif _is_a(old, type) and _is_a(new, type):
             self._replace(label, old, new)  # a class rebuilt because its shape changed
+            return new
+        elif type(old) is type(new) and hasattr(type(old), "cache_clear"):
+            self._replace(label, old, new)  # a cache decorator with new arguments
             return new
         return new if changed else old
 
@@ -5111,7 +5410,7 @@ class _Swap:
             self.replaced.append(name)
         self.replacements[id(old)] = (old, new)
 
-    def swap_function(self, old: types.FunctionType, new: types.FunctionType, changed: bool,
+    def swap_function(self, old: types.FunctionType, new: types.FunctionType,
                       label: _Label) -> types.FunctionType:
         """Give ``old`` the code, defaults and attributes of ``new``; returns
         ``new`` instead (listed as replaced) when their free variables differ."""
@@ -5120,30 +5419,30 @@ class _Swap:
         if old.__code__.co_freevars != new.__code__.co_freevars:
             self._replace(label, old, new)
             return new
-        if id(old) not in self.functions:
-            self.functions[id(old)] = (old, _function_attributes(old), dict(old.__dict__))
+        self._save_function(old)
         _set_function_attributes(old, _function_attributes(new))
-        if old.__dict__ or new.__dict__ or old.__closure__:
+        if new.__dict__ or old.__closure__:
             self.merging.add(id(old))
             try:
-                self._merge_function_contents(old, new, changed, label)
+                self._merge_function_contents(old, new, label)
             finally:
                 self.merging.discard(id(old))
         return old
 
     def _merge_function_contents(self, old: types.FunctionType, new: types.FunctionType,
-                                 changed: bool, label: _Label) -> None:
-        """Attributes and closure cells: the old objects carrying the new code."""
-        merged = {key: value if old.__dict__.get(key, _MISSING) is _MISSING
-                  else self.merge(old.__dict__[key], value, changed, label)
-                  for key, value in new.__dict__.items()}
-        _restore_mapping(old.__dict__, merged)
+                                 label: _Label) -> None:
+        """Attributes the new source gives (attributes set at run time stay)
+        and closure cells: the old objects carrying the new code."""
+        for key, value in new.__dict__.items():
+            current = old.__dict__.get(key, _MISSING)
+            old.__dict__[key] = value if current is _MISSING else self.merge(current, value,
+                                                                             True, label)
         for old_cell, new_cell in zip(old.__closure__ or (), new.__closure__ or ()):
             try:
                 before, after = old_cell.cell_contents, new_cell.cell_contents
             except ValueError:
                 continue
-            merged_value = self.merge(before, after, changed, label)
+            merged_value = self.merge(before, after, True, label)
             if merged_value is not before:
                 self._set_cell(old_cell, merged_value)
 
@@ -5151,11 +5450,7 @@ class _Swap:
                               label: _Label) -> types.FunctionType:
         """Keep the old dispatcher; its registered implementations take the
         new code, and implementations registered only by the new source join."""
-        cells = dict(zip(old.dispatch.__code__.co_freevars, old.dispatch.__closure__ or ()))
-        registry = cells["registry"].cell_contents if "registry" in cells else None
-        if isinstance(registry, dict):
-            contents = dict(registry)
-            self.undo.append(lambda: (_restore_mapping(registry, contents), old._clear_cache()))
+        self._save_registries([old])
         for cls, implementation in new.registry.items():
             current = old.registry.get(cls)
             merged = (implementation if current is None
@@ -5167,16 +5462,29 @@ class _Swap:
 
     # -- the hooks that run inside a new module body --
 
-    def reuse(self, qualname: str, accessor: str) -> Callable[[types.FunctionType], object]:
-        """The innermost decorator injected on every ``def`` that existed before."""
+    def reuse(self, qualname: str, accessor: str) -> Callable[[object], object]:
+        """The decorator the rewrite puts on existing defs and classes."""
         plan = self.plan
+        key = (qualname, accessor)
 
-        def decorate(new: types.FunctionType) -> object:
-            old = _unwrap_to_function(_lookup(self.old_globals[plan.name], qualname), accessor)
-            if old is None or (old.__qualname__, old.__module__) != (new.__qualname__,
-                                                                      new.__module__):
-                return new
-            return self.swap_function(old, new, True, (plan.name, qualname))
+        def decorate(new: object) -> object:
+            if accessor == _CLASS:
+                return _lookup(self.namespaces[plan.name], qualname)
+            target = plan.targets[key]
+            function = target.function
+            if self.swap_function(function, new, (plan.name, qualname)) is not function:
+                return new  # the rewrite made sure the free variables match
+            if key not in plan.undecorated:
+                # The changed decorators run on the live function: what the
+                # old ones marked it with (``__isabstractmethod__``) goes.
+                for attribute in function.__dict__.keys() - new.__dict__.keys():
+                    del function.__dict__[attribute]
+                return function
+            if key in plan.changed_defs:
+                for wrapper in target.wrappers:  # results of the old code or defaults
+                    if hasattr(type(wrapper), "cache_clear"):
+                        wrapper.cache_clear()
+            return target.binding
 
         return decorate
 
@@ -5189,39 +5497,74 @@ class _Swap:
         if (plan is not None and threading.get_ident() == self.thread
                 and body.__globals__ is plan.module.__dict__ and "<locals>" not in qualname
                 and not _within(qualname, plan.rebuilt)):
-            cls = _lookup(self.old_globals[plan.name], qualname)
-            if (isinstance(cls, type) and cls.__module__ == plan.name
-                    and cls.__qualname__ == qualname):
-                return self._update_class(cls, body, bases, keywords)
+            cls = _lookup(self.namespaces[plan.name], qualname)
+            if _defined_here(cls, plan.name, qualname):
+                return self._update_class(plan, cls, body, bases, keywords)
         return _build_class(body, name, *bases, **keywords)
 
-    def _update_class(self, cls: type, body: types.FunctionType, bases: tuple,
-                      keywords: dict) -> type:
-        plan = self.plan
+    def start_server(self, cls: type[Server], *args: Any, name: str | None = None,
+                     **kwargs: Any) -> Server:
+        """``Server.start`` during the swap: a module body that starts a server
+        by a name a live server of that class holds gets the live server."""
+        ours = threading.get_ident() == self.thread
+        live = _server_names.get(name) if name is not None else None
+        if live is not None and ours and type(live) is cls and live.alive:
+            return live
+        server = _start_server.__func__(cls, *args, name=name, **kwargs)
+        if ours:
+            self.started.append(server)  # stopped again if the upgrade rolls back
+        return server
+
+    def _update_class(self, plan: _ModulePlan, cls: type, body: types.FunctionType,
+                      bases: tuple, keywords: dict) -> type:
+        """Run a class's new body and apply it to the live class; returns the class."""
         _, namespace, _ = types.prepare_class(body.__name__, types.resolve_bases(bases), keywords)
         exec(body.__code__, body.__globals__, namespace, closure=body.__closure__)
         cell = namespace.get("__classcell__")
         if cell is not None:  # zero-argument super() in the new methods
             cell.cell_contents = cls
         self._save_class(cls)
+        self._set_attributes(plan, cls, namespace)
+        if "__doc__" not in namespace:
+            cls.__doc__ = None
+        decorated = (cls.__qualname__, _CLASS) in plan.undecorated
+        if "__hash__" not in namespace and not decorated:
+            # What type() does for a class defining __eq__ (a decorator that
+            # does not run again keeps what it set: @dataclass's __hash__).
+            if "__eq__" in namespace:
+                cls.__hash__ = None
+            elif "__hash__" in cls.__dict__ and cls.__dict__["__hash__"] is None:
+                delattr(cls, "__hash__")
+        if cls.__qualname__ in plan.redecorated:  # @dataclass runs again: let it
+            for attribute in _DATACLASS_GENERATED & cls.__dict__.keys() - namespace.keys():
+                delattr(cls, attribute)
+        if isinstance(cls, abc.ABCMeta):
+            abc.update_abstractmethods(cls)
+            cls._abc_caches_clear()
+        return cls
+
+    def _set_attributes(self, plan: _ModulePlan, cls: type, namespace: dict) -> None:
+        """Add, change and remove the attributes of a live class as its new body says."""
         qualname = cls.__qualname__
         old_scope, new_scope = plan.old.get(qualname), plan.new.get(qualname)
+        rerun = plan.rerun.get(qualname)
         members = set(cls._member_map_) if isinstance(cls, enum.EnumMeta) else set()
         skipped = _CLASS_LAYOUT | members | {"_ignore_"}
         for attribute, value in dict(namespace).items():
             if attribute in skipped:
                 continue
-            if attribute in ("__init_subclass__", "__class_getitem__") and isinstance(
+            if attribute in ("__init_subclass__", "__class_getitem__") and _is_a(
                     value, types.FunctionType):
                 value = classmethod(value)
-            elif attribute == "__new__" and isinstance(value, types.FunctionType):
+            elif attribute == "__new__" and _is_a(value, types.FunctionType):
                 value = staticmethod(value)
             current = cls.__dict__.get(attribute, _MISSING)
             if current is value:
-                continue  # most methods: the reuse decorator already swapped them
+                continue  # most methods: the reuse hook kept the live object
             if current is not _MISSING and not _defined_twice(old_scope, new_scope, attribute):
-                value = self.merge(current, value, _changed(old_scope, new_scope, attribute),
-                                   (plan.name, qualname, attribute))
+                changed = (rerun is None or new_scope is None or attribute in rerun
+                           or attribute not in new_scope.statements)
+                value = self.merge(current, value, changed, (plan.name, qualname, attribute))
             if value is not current:  # else the merge kept the old object
                 setattr(cls, attribute, value)
                 set_name = getattr(type(value), "__set_name__", None)
@@ -5231,42 +5574,30 @@ class _Swap:
             for attribute in old_scope.statements.keys() - new_scope.statements.keys() - skipped:
                 if attribute in cls.__dict__:
                     delattr(cls, attribute)
-        if "__doc__" not in namespace:
-            cls.__doc__ = None
-        if "__hash__" not in namespace:  # what type() does for a class defining __eq__
-            if "__eq__" in namespace:
-                cls.__hash__ = None
-            elif "__hash__" in cls.__dict__ and cls.__dict__["__hash__"] is None:
-                delattr(cls, "__hash__")
-        if "__dataclass_fields__" in cls.__dict__:  # let @dataclass generate afresh
-            for attribute, value in list(cls.__dict__.items()):
-                if attribute not in namespace and (
-                        attribute in _DATACLASS_BOOKKEEPING
-                        or getattr(getattr(_unwrap_to_function(value, ""), "__code__", None),
-                                   "co_filename", "") == "<string>"):
-                    delattr(cls, attribute)
-        if isinstance(cls, abc.ABCMeta):
-            abc.update_abstractmethods(cls)
-            cls._abc_caches_clear()
-        return cls
+
+    def _swap_closures(self, plan: _ModulePlan) -> None:
+        """Closures made by a factory whose inner function changed run the new
+        inner code (their factory's statement does not run again)."""
+        for function, code in plan.closures:
+            self._save_function(function)
+            function.__code__ = code
 
     # -- modules --
 
     def swap_module(self, plan: _ModulePlan) -> None:
         """Execute the new body of one module in place and merge its state."""
         namespace = plan.module.__dict__
-        old = self.old_globals[plan.name] = self._save_module(plan.module)
+        old = self._save_module(plan.module)
         namespace["__doc__"] = plan.doc
         namespace[_REUSE] = self.reuse
-        self.plan, self.stage = plan, f"executing module {plan.name}"
-        builtins.__build_class__ = self.build_class
+        self.plan, self.stage, self.module = plan, f"executing module {plan.name}", plan.name
         try:
             exec(plan.swap_code, namespace)
         finally:
-            builtins.__build_class__ = _build_class
             namespace.pop(_REUSE, None)
             self.plan = None
         self.stage = f"merging the state of module {plan.name}"
+        self._swap_closures(plan)
         keep = namespace.get("__hot_keep__", old.get("__hot_keep__", ()))
         keep = {keep} if isinstance(keep, str) else set(keep)
         old_scope, new_scope = plan.old[""], plan.new[""]
@@ -5279,7 +5610,8 @@ class _Swap:
                 namespace[name] = current
             elif (value is not current and name not in ("__doc__", "__annotations__")
                   and not _defined_twice(old_scope, new_scope, name)):
-                namespace[name] = self.merge(current, value, _changed(old_scope, new_scope, name),
+                namespace[name] = self.merge(current, value, name in plan.rerun[""]
+                                             or name not in new_scope.statements,
                                              (plan.name, name))
         for name in old_scope.statements.keys() - new_scope.statements.keys() - keep:
             value = namespace.get(name, _MISSING)
@@ -5287,18 +5619,32 @@ class _Swap:
             if value is not _MISSING and (submodule is None or value is not submodule):
                 del namespace[name]
 
-    def run(self, plans: list[_ModulePlan]) -> None:
+    def run(self) -> None:
         """Swap every module in order, then run each new ``__hot_upgrade__``."""
-        for plan in plans:
-            self.swap_module(plan)
+        for name in list(_tracker.loaded):  # a module body may assign to any of them
+            module = sys.modules.get(name)
+            if module is not None:
+                self._save_module(module)
+        # Patched for the whole process, as a class statement finds
+        # ``__build_class__`` in the builtins of the frame and a module body
+        # finds ``start`` on the class; both hooks act only for the thread
+        # and the module being swapped, and hand everything else on.
+        builtins.__build_class__ = self.build_class
+        Server.start = classmethod(self.start_server)
+        try:
+            for plan in self.plans:
+                self.swap_module(plan)
+        finally:
+            builtins.__build_class__ = _build_class
+            Server.start = _start_server
         if self.replacements:
             self.stage = "rebinding replaced objects"
-            self._rebind_aliases({plan.name for plan in plans})
-        for plan in plans:
+            self._rebind_aliases({plan.name for plan in self.plans})
+        for plan in self.plans:
             if "__hot_upgrade__" in plan.new[""].statements:
-                self.stage = f"running {plan.name}.__hot_upgrade__"
+                self.stage, self.module = f"running {plan.name}.__hot_upgrade__", plan.name
                 # a copy: the original is also what a rollback restores
-                plan.module.__hot_upgrade__(dict(self.old_globals[plan.name]))
+                plan.module.__hot_upgrade__(dict(self.namespaces[plan.name]))
 
     def _rebind_aliases(self, swapped: set[str]) -> None:
         """In the other tracked modules, names bound to an object that was
@@ -5315,16 +5661,16 @@ class _Swap:
                 self._save_module(module)
                 module.__dict__.update(stale)
 
-    def transact(self, plans: list[_ModulePlan], affected: list[Server], extra: object) -> bool:
+    def transact(self, affected: list[Server], extra: object) -> bool:
         """Inside the pause: swap the modules, then migrate the state of every
         affected server through its new ``code_change``.  On any failure
         everything is rolled back; returns whether it all succeeded."""
         old_versions = [getattr(server, "vsn", None) for server in affected]
         migrating = None
         try:
-            self.run(plans)
-            self.undo.append(functools.partial(_restore_states, affected,
-                                               [server._state for server in affected]))
+            self.run()
+            before = _snapshot([server._state for server in affected])
+            self.undo.append(lambda: _restore_states(affected, before()))
             for migrating, old_vsn in zip(affected, old_versions):
                 migrating._state = migrating.code_change(old_vsn, migrating._state, extra)
             migrating = None
@@ -5332,12 +5678,39 @@ class _Swap:
             self.rollback()
             if migrating is not None:
                 self.stage = f"code_change of server {_server_label(migrating)}"
+                self.module = type(migrating).__module__
                 self.failed = [_server_label(migrating)]
-            self.error = _failure_message(self.stage, exc)
+            self.error = _failure_message(self.stage, exc, self.paths)
+            self.failed_module = self.module or None
             if not isinstance(exc, Exception):
                 raise
             return False
         return True
+
+
+_start_server = Server.__dict__["start"]
+
+
+def _snapshot(states: list[object]) -> Callable[[], list[object]]:
+    """Copies of server states that a ``code_change`` changing a state in
+    place cannot touch, as a function that makes them when a rollback needs
+    them.  One pickle of them all (fast for plain data, and shared objects
+    stay shared); else, per state, a deep copy, else (a lock or socket in
+    it) a shallow one, else the object itself."""
+    try:
+        frozen = pickle.dumps(states, pickle.HIGHEST_PROTOCOL)
+        return lambda: pickle.loads(frozen)
+    except Exception:
+        pass
+    copies = []
+    for state in states:
+        for copier in (copy.deepcopy, copy.copy, lambda state: state):
+            try:
+                copies.append(copier(state))
+                break
+            except Exception:
+                continue
+    return lambda: copies
 
 
 def _restore_states(servers: list[Server], states: list[object]) -> None:
@@ -5345,13 +5718,20 @@ def _restore_states(servers: list[Server], states: list[object]) -> None:
         server._state = state
 
 
-def _restore_mapping(mapping: dict, contents: dict) -> None:
-    """Make ``mapping`` equal ``contents`` again without ever emptying it."""
-    for key in mapping.keys() - contents.keys():
-        del mapping[key]
+def _restore_mapping(mapping: Mapping, contents: Mapping, owner: object = None,
+                     keep: Iterable[str] = ()) -> None:
+    """Make ``mapping`` equal ``contents`` again without ever emptying it; a
+    class's read-only dict is written through its class, ``owner``."""
+    if owner is None:
+        set_item, del_item = mapping.__setitem__, mapping.__delitem__
+    else:
+        set_item = functools.partial(setattr, owner)
+        del_item = functools.partial(delattr, owner)
+    for key in mapping.keys() - contents.keys() - set(keep):
+        del_item(key)
     for key, value in contents.items():
         if mapping.get(key, _MISSING) is not value:
-            mapping[key] = value
+            set_item(key, value)
 
 
 # --- reload_modules ---------------------------------------------------------
@@ -5366,8 +5746,9 @@ class UpgradeReport:
     objects that could not keep their identity; ``servers_upgraded`` and
     ``servers_failed`` name servers; ``suspend_ms`` is the longest time any
     server or loop was held and ``total_ms`` the whole call; ``error`` is a
-    readable message when ``ok`` is False, and ``rolled_back`` says that
-    changes had begun and were all undone.
+    readable message when ``ok`` is False, ``failed_module`` the module that
+    was refused or whose new code failed (None if none was at fault), and
+    ``rolled_back`` says that changes had begun and were all undone.
     """
 
     ok: bool = False
@@ -5380,6 +5761,7 @@ class UpgradeReport:
     total_ms: float = 0.0
     error: str | None = None
     rolled_back: bool = False
+    failed_module: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The report as JSON-ready values."""
@@ -5387,6 +5769,7 @@ class UpgradeReport:
 
 
 _upgrade_lock = threading.Lock()
+_upgrading_thread: int | None = None  # the thread inside reload_modules, if any
 _upgrade_callbacks: list[Callable[[UpgradeReport], object]] = []
 
 
@@ -5407,39 +5790,79 @@ def on_upgrade(callback: Callable[[UpgradeReport], object], *,
 
 
 def _prepare(names: list[str]) -> list[_ModulePlan]:
-    """Phase 1: plans for every module in import order, touching nothing live."""
+    """Phase 1: plans for every module in import order, touching nothing live
+    (modules outside the application that the new code imports for the first
+    time are imported here, so the pause reads no files)."""
     plans = {name: _plan_module(name) for name in dict.fromkeys(names)}
     importlib.invalidate_caches()  # modules added next to the changed ones
+    search_paths: dict[str, list[str]] = {}
     for name in sorted(set().union(*(plan.imports for plan in plans.values()))):
-        _prepare_import(name)
-    return _import_order(plans)
+        _prepare_import(name, search_paths)
+    ordered = _import_order(plans)
+    for plan in ordered:
+        _rewrite(plan, plans)
+    return ordered
 
 
-def _prepare_import(name: str) -> None:
-    """Read and compile a tracked module the new code imports for the first time."""
+def _prepare_import(name: str, search_paths: dict[str, list[str]]) -> None:
+    """Ready a module the new code imports for the first time: an
+    application module is read and compiled (a syntax error refuses the
+    upgrade), any other module is imported now."""
     parent = name.rpartition(".")[0]
-    if name in sys.modules or (parent and parent not in sys.modules):
+    if name in sys.modules:
         return
+    if parent:
+        path = (getattr(sys.modules[parent], "__path__", None) if parent in sys.modules
+                else search_paths.get(parent))
+        if path is None:
+            return  # not a package, or a package that will not be imported
+    else:
+        path = None
     try:
-        spec = importlib.util.find_spec(name)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
     except (ImportError, ValueError):
-        return  # the import itself will report it, inside the rollback-safe swap
-    if spec is not None and isinstance(spec.loader, _TrackingLoader):
-        try:
-            source = _read_bytes(spec.origin)
-            _prepared_imports[spec.origin] = (source, _code_from_source(spec.origin, source))
-        except (OSError, SyntaxError):
-            pass  # likewise: the import inside the swap fails and rolls back
+        spec = None
+    origin = spec.origin if spec is not None and spec.has_location else None
+    if origin is not None and _tracker.covers(name, origin):
+        if spec.submodule_search_locations is not None:
+            search_paths[name] = list(spec.submodule_search_locations)
+        if origin.endswith(".py"):
+            try:
+                source = _read_bytes(origin)
+                _prepared_imports[origin] = (source, _code_from_source(origin, source))
+            except OSError:
+                pass  # the import inside the swap reports it, and rolls back
+            except SyntaxError as exc:
+                raise _syntax_refusal(exc, origin, name) from None
+        return
+    if parent and parent not in sys.modules:
+        return  # a name inside a new application package that is no module
+    try:
+        importlib.import_module(name)
+    except Exception:  # not a module (``from m import name``), or broken: the swap says so
+        pass
 
 
-def _failure_message(stage: str, exc: BaseException) -> str:
+def _failure_message(stage: str, exc: BaseException, paths: set[str]) -> str:
     # Built inside the pause: file names and line numbers only, no source
-    # lines read from disk.
+    # lines read from disk.  The place shown is the deepest one in the
+    # upgraded modules, where the new code went wrong.
     frames = traceback.StackSummary.extract(traceback.walk_tb(exc.__traceback__),
                                             lookup_lines=False)
-    where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    ours = [frame for frame in frames if frame.filename in paths] or frames
+    where = f" ({ours[-1].filename}, line {ours[-1].lineno})" if ours else ""
     return (f"{stage} failed: {type(exc).__name__}: {exc}{where}; "
             "every change was rolled back")
+
+
+def _remove_stale_bytecode(path: str) -> None:
+    """Remove the cached bytecode of every optimisation level of a changed
+    module, so a restarted process (``python -O`` too) compiles the new source."""
+    for level in ("", 1, 2):
+        try:
+            os.unlink(importlib.util.cache_from_source(path, optimization=level))
+        except (NotImplementedError, OSError):
+            pass
 
 
 def _commit(plans: list[_ModulePlan]) -> None:
@@ -5447,8 +5870,7 @@ def _commit(plans: list[_ModulePlan]) -> None:
     for plan in plans:
         _tracker.remember(plan.name, plan.path, plan.source)
         _analysed[plan.name] = (_sha256(plan.source), plan.new)
-        _write_pyc(plan.path, plan.source,
-                   compile(plan.source, plan.path, "exec", dont_inherit=True))
+        _remove_stale_bytecode(plan.path)
         linecache.checkcache(plan.path)
 
 
@@ -5461,17 +5883,30 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
     (a refusal or a syntax error ends the call here, nothing changed).
     Phase 2 swaps the code in place with an undo log; any failure rolls
     everything back.  Failures are reported in the returned report (``ok``
-    False); this raises only on misuse.
+    False); this raises only on misuse, such as calling it from code an
+    upgrade runs (``__hot_upgrade__``, ``code_change``, a module body).
+
+    A module-level ``Server.start(..., name=...)`` that an upgrade runs again
+    returns the live server of that name and class (its state goes through
+    ``code_change``); give module-level servers a name, or an edit of their
+    line would start a second one.
     """
+    global _upgrading_thread
     if isinstance(names, str):
         raise FlyDeployError("reload_modules() takes a list of module names, not one string: "
                              f"write reload_modules([{names!r}])")
-    if not isinstance(suspend_timeout, (int, float)) or not suspend_timeout > 0:
-        raise FlyDeployError(f"suspend_timeout must be a positive number of seconds, "
-                             f"got {suspend_timeout!r}")
+    if (not isinstance(suspend_timeout, (int, float)) or isinstance(suspend_timeout, bool)
+            or not suspend_timeout > 0):
+        raise FlyDeployError(f"suspend_timeout must be a positive number of seconds (math.inf "
+                             f"to wait without limit), got {suspend_timeout!r}")
+    if _upgrading_thread == threading.get_ident():
+        raise FlyDeployError("reload_modules() was called from code an upgrade runs (a module "
+                             "body, __hot_upgrade__ or code_change); call it from outside, "
+                             "for instance from an on_upgrade callback or another thread")
     started = time.perf_counter()
     report = UpgradeReport()
     with _upgrade_lock:
+        _upgrading_thread = threading.get_ident()
         try:
             plans = _prepare(modified_modules() if names is None else list(names))
             report.modules = [plan.name for plan in plans]
@@ -5480,8 +5915,9 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
             else:
                 report.ok = True
         except UpgradeRefused as exc:
-            report.error = str(exc)
+            report.error, report.failed_module = str(exc), exc.module
         finally:
+            _upgrading_thread = None
             _prepared_imports.clear()
     report.total_ms = (time.perf_counter() - started) * 1000
     if report.modules or report.error:
@@ -5511,15 +5947,16 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
     """Phases 2 and 3: hold every live server and attached loop in one pause,
     swap, migrate the state of the affected servers, and roll everything
     back on failure; once resumed, tell the upgraded servers and commit."""
-    live = servers()
     changed = {plan.name for plan in plans}
-    affected = [server for server in live
-                if any(cls.__module__ in changed for cls in type(server).__mro__)]
-    swap = _Swap()
-    pause = _Pause(live, timeout=suspend_timeout)
+    swap = _Swap(plans)
+    pause = _Pause(servers(), timeout=suspend_timeout)
+    affected: list[Server] = []
     try:
         with pause, _garbage_collection_paused():
-            report.ok = swap.transact(plans, affected, extra)
+            # Read while held: servers that started meanwhile are held too.
+            affected = [server for server in pause.servers
+                        if any(cls.__module__ in changed for cls in type(server).__mro__)]
+            report.ok = swap.transact(affected, extra)
     except SuspendTimeout as exc:
         report.error = str(exc)
         report.servers_failed = list(exc.names)
@@ -5530,6 +5967,12 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
         report.rolled_back = True
         report.error = swap.error
         report.servers_failed = swap.failed
+        report.failed_module = swap.failed_module
+        for server in swap.started:  # the code that started them is gone again
+            try:
+                server.stop("upgrade rolled back")
+            except FlyDeployError:
+                log.exception("flydeploy: stopping %r after the rollback failed", server)
         return
     report.added, report.replaced = swap.added, swap.replaced
     _commit(plans)

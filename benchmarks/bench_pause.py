@@ -106,6 +106,10 @@ def main() -> None:
         report = flydeploy.reload_modules()
         assert report.ok and len(report.modules) == MODULES, report.error
         assert len(report.servers_upgraded) == MODULES * SERVERS_PER_MODULE
+        # code_change got the version each server ran before (``vsn = VERSION``)
+        for server in servers[::SERVERS_PER_MODULE]:
+            state = flydeploy.get_state(server)
+            assert state["from"] == version - 1, (state, version)
         reports.append(report)
     assert servers[0].call(0) == version  # the servers run the newest code
     gc.collect()

@@ -9,6 +9,8 @@ import pathlib
 import sys
 import textwrap
 
+import pytest
+
 import flydeploy
 
 _counter = itertools.count()
@@ -18,12 +20,14 @@ class Tree:
     """A source root on sys.path holding one uniquely named package ``pkg``.
 
     ``write("mod.py", text)`` writes ``<pkg>/mod.py``; ``load("mod")`` imports
-    ``<pkg>.mod``; ``close()`` forgets every module of the tree.
+    ``<pkg>.mod``; ``start(cls, ...)`` starts a server; ``close()`` stops
+    those servers and forgets every module of the tree.
     """
 
     def __init__(self, root: pathlib.Path) -> None:
         self.root = root
         self.pkg = f"hotpkg_{os.getpid()}_{next(_counter)}"
+        self.started: list[flydeploy.Server] = []
         (root / self.pkg).mkdir(parents=True)
         (root / self.pkg / "__init__.py").write_text("")
         sys.path.insert(0, str(root))
@@ -49,7 +53,31 @@ class Tree:
         names = [self.name(m) for m in modules] if modules else None
         return flydeploy.reload_modules(names, **options)
 
+    def start(self, cls, *args, **kwargs):
+        """Start a server that ``close`` stops."""
+        server = cls.start(*args, **kwargs)
+        self.started.append(server)
+        return server
+
     def close(self) -> None:
+        """Stop the servers started here and forget every module of the tree,
+        its tracking records and its root."""
+        for server in self.started:
+            if server.alive:
+                server.stop(timeout=10)
         for name in [n for n in sys.modules if n == self.pkg or n.startswith(self.pkg + ".")]:
             del sys.modules[name]
+        tracker = flydeploy._tracker
+        with tracker.lock:
+            for name in [n for n in tracker.loaded if n.split(".")[0] == self.pkg]:
+                del tracker.loaded[name]
+            tracker.roots = tuple(r for r in tracker.roots if r != os.path.realpath(self.root))
         sys.path.remove(str(self.root))
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """A fresh application tree, closed after the test."""
+    t = Tree(tmp_path / "app")
+    yield t
+    t.close()

@@ -7,6 +7,8 @@ its files and upgrades it with ``flydeploy.reload_modules``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gc
 import importlib
 import importlib.machinery
 import importlib.util
@@ -24,16 +26,9 @@ import threading
 import pytest
 
 import flydeploy
-from engine_tree import Tree
+from engine_tree import tree  # noqa: F401  (the fixture)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def tree(tmp_path):
-    t = Tree(tmp_path / "app")
-    yield t
-    t.close()
 
 
 def upgraded(tree, *modules, **options):
@@ -90,7 +85,7 @@ def test_kwdefaults_and_annotations_are_updated(tree):
     """)
     upgraded(tree)
     assert m.f() == "10" and m.f.__kwdefaults__ == {"scale": 10}
-    assert m.f.__annotations__ == {"return": "str"} or m.f.__annotations__ == {"return": str}
+    assert m.f.__annotations__ == {"return": str}
 
 
 WRAPPED = """
@@ -325,6 +320,31 @@ def test_classmethod_staticmethod_property_and_new_setter(tree):
     assert box.value == 300
 
 
+def test_property_setter_removed_and_added_again(tree):
+    with_setter = """
+        class C:
+            @property
+            def x(self):
+                return {value!r}
+            @x.setter
+            def x(self, value):
+                self.stored = value
+    """
+    without_setter = "class C:\n    @property\n    def x(self):\n        return 'plain'\n"
+    tree.write("m.py", with_setter.format(value="old"))
+    m = tree.load("m")
+    instance = m.C()
+    tree.write("m.py", without_setter)
+    upgraded(tree)
+    assert instance.x == "plain"
+    with pytest.raises(AttributeError):
+        instance.x = 1
+    tree.write("m.py", with_setter.format(value="again"))
+    upgraded(tree)
+    instance.x = 2
+    assert instance.x == "again" and instance.stored == 2
+
+
 def test_super_works_in_new_and_changed_methods(tree):
     tree.write("m.py", """
         class Base:
@@ -439,7 +459,7 @@ def test_dataclass_gets_new_field_and_generated_methods(tree):
     fresh = m.Point(1, 2, 3)
     assert fresh.z == 3 and old_point.z == 7 and old_point.norm1() == 10
     assert repr(fresh) == "Point(x=1, y=2, z=3)"
-    assert [f.name for f in __import__("dataclasses").fields(cls)] == ["x", "y", "z"]
+    assert [f.name for f in dataclasses.fields(cls)] == ["x", "y", "z"]
     assert m.Point(0, 0, 0) < fresh
 
 
@@ -657,18 +677,25 @@ def test_changed_package_init_reexports_same_objects(tree):
 def test_new_module_next_to_changed_one_is_importable_without_io_in_the_swap(tree, monkeypatch):
     tree.write("m.py", "def f():\n    return 1\n")
     m = tree.load("m")
-    helpers = tree.write("helpers.py", "def g():\n    return 41\n")
-    tree.write("m.py", f"from {tree.pkg}.helpers import g\ndef f():\n    return g() + 1\n")
+    helpers = tree.write("helpers.py", "def g():\n    return 40\n")
+    tree.write("sub/__init__.py", "")
+    tree.write("sub/deep.py", "def d():\n    return 1\n")
+    stdlib = next(name for name in ("colorsys", "wave", "tabnanny", "xml.dom.minidom")
+                  if name not in sys.modules)
+    tree.write("m.py", f"import {stdlib}\nfrom {tree.pkg}.helpers import g\n"
+                       f"from {tree.pkg}.sub.deep import d\ndef f():\n    return g() + d() + 1\n")
     reads, swapping = [], []
     real_read, real_run = flydeploy._read_bytes, flydeploy._Swap.run
+    file_loader = importlib.machinery.SourceFileLoader.__mro__[1]  # FileLoader
+    real_get_data = file_loader.get_data
     monkeypatch.setattr(flydeploy, "_read_bytes",
                         lambda path: reads.append((str(path), bool(swapping))) or real_read(path))
-    monkeypatch.setattr(flydeploy._TrackingLoader, "get_data",
-                        lambda self, path: reads.append((path, bool(swapping))) or real_read(path))
+    monkeypatch.setattr(file_loader, "get_data", lambda self, path: reads.append(
+        (str(path), bool(swapping))) or real_get_data(self, path))
     monkeypatch.setattr(flydeploy._Swap, "run",
-                        lambda self, plans: swapping.append(1) or real_run(self, plans))
+                        lambda self: swapping.append(1) or real_run(self))
     upgraded(tree)
-    assert m.f() == 42 and tree.name("helpers") in sys.modules
+    assert m.f() == 42 and tree.name("sub.deep") in sys.modules and stdlib in sys.modules
     assert (str(helpers), False) in reads and not [r for r in reads if r[1]]
 
 
@@ -709,6 +736,29 @@ def test_restarted_process_runs_new_code_after_same_size_edit(tree):
     out = subprocess.run([sys.executable, "-c", code], cwd=tree.root, capture_output=True,
                          text=True, check=True, env={**os.environ, "PYTHONPATH": str(tree.root)})
     assert out.stdout.strip() == "bbbb"
+
+
+def test_stale_bytecode_of_every_optimisation_level_is_removed(tree):
+    path = tree.write("m.py", "VALUE = 'aaaa'\n")
+    tree.load("m")
+    environment = {**os.environ, "PYTHONPATH": str(tree.root)}
+    environment.pop("PYTHONDONTWRITEBYTECODE", None)
+    code = f"import {tree.name('m')} as m; print(m.VALUE)"
+    for flags in ([], ["-O"], ["-OO"]):  # timestamp caches of every level
+        subprocess.run([sys.executable, *flags, "-c", code], cwd=tree.root, check=True,
+                       env=environment, capture_output=True)
+    caches = [importlib.util.cache_from_source(str(path), optimization=level)
+              for level in ("", 1, 2)]
+    assert all(os.path.exists(cache) for cache in caches)
+    stat = path.stat()
+    path.write_text("VALUE = 'bbbb'\n")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the caches look valid
+    upgraded(tree)
+    for flags in ([], ["-O"], ["-OO"]):
+        out = subprocess.run([sys.executable, *flags, "-c", code], cwd=tree.root, check=True,
+                             env={**environment, "PYTHONDONTWRITEBYTECODE": "1"},
+                             capture_output=True, text=True)
+        assert out.stdout.strip() == "bbbb", flags
 
 
 def test_file_restored_with_older_mtime_is_a_change(tree):
@@ -830,9 +880,41 @@ def test_module_body_raising_midway_rolls_everything_back(tree):
     assert "boom in the middle" in report.error and "line 17" in report.error
     assert a.fa() == "a1" and m.f is f and f() == "old" and m.state == ["live"]
     assert k.m() == "old" and cls.x == 1 and not hasattr(cls, "added") and m.K is cls
-    assert m.D.__init__ is d_init and [fl.name for fl in __import__("dataclasses").fields(m.D)] == ["a"]
+    assert m.D.__init__ is d_init and [fl.name for fl in dataclasses.fields(m.D)] == ["a"]
     assert "a" not in vars(m)
     assert sorted(flydeploy.modified_modules()) == [tree.name("a"), tree.name("m")]
+
+
+def test_rollback_restores_other_modules_and_forgets_new_ones(tree):
+    tree.write("config.py", "FLAG = False\n")
+    tree.write("m.py", f"from {tree.pkg} import config\ndef f():\n    return 1\n")
+    config, m = tree.load("config"), tree.load("m")
+    package = sys.modules[tree.pkg]
+    tree.write("helper.py", "X = 1\n")
+    tree.write("m.py", f"""
+        from {tree.pkg} import config
+        from {tree.pkg} import helper
+        config.FLAG = True
+        def f():
+            return 2
+        raise RuntimeError("boom")
+    """)
+    report = tree.reload("m")
+    assert report.rolled_back and report.failed_module == tree.name("m")
+    assert f"{tree.path('m.py')}, line 7" in report.error
+    assert config.FLAG is False and m.f() == 1
+    assert tree.name("helper") not in sys.modules and not hasattr(package, "helper")
+
+
+def test_syntax_error_in_a_new_module_refuses_before_suspending(tree):
+    tree.write("m.py", "def f():\n    return 1\n")
+    m = tree.load("m")
+    path = tree.write("helpers.py", "def g(:\n    pass\n")
+    tree.write("m.py", f"from {tree.pkg} import helpers\ndef f():\n    return 2\n")
+    report = tree.reload()
+    assert not report.ok and not report.rolled_back and report.suspend_ms == 0
+    assert f"{path}, line 1" in report.error and report.failed_module == tree.name("helpers")
+    assert m.f() == 1 and tree.name("helpers") not in sys.modules
 
 
 def test_failing_hot_upgrade_rolls_back(tree):
@@ -854,6 +936,40 @@ def test_enum_members_added_or_removed_refused(tree):
     report = tree.reload()
     assert not report.ok and "cold deploy required" in report.error
     assert list(m.Color) == [m.Color.RED] and m.Color.RED.value == 1
+
+
+def test_enum_member_added_by_tuple_assignment_refused(tree):
+    tree.write("m.py", "import enum\nclass Color(enum.Enum):\n    RED, GREEN = 1, 2\n")
+    m = tree.load("m")
+    tree.write("m.py", "import enum\nclass Color(enum.Enum):\n    RED, GREEN, BLUE = 1, 2, 3\n")
+    report = tree.reload()
+    assert not report.ok and "BLUE" in report.error and report.failed_module == tree.name("m")
+    assert list(m.Color) == [m.Color.RED, m.Color.GREEN] and "BLUE" not in vars(m.Color)
+
+
+def test_changed_metaclass_refused_with_live_instances(tree):
+    source = "class Meta(type):\n    pass\nclass K{header}:\n    pass\n"
+    tree.write("m.py", source.format(header=""))
+    m = tree.load("m")
+    instance = m.K()
+    tree.write("m.py", source.format(header="(metaclass=Meta)"))
+    report = tree.reload()
+    assert not report.ok and "metaclass" in report.error and type(m.K) is type
+    assert type(instance) is m.K
+
+
+def test_rebuilt_base_class_with_a_subclass_elsewhere_is_refused(tree):
+    tree.write("base.py", "class Mixin:\n    pass\nclass Base:\n    def hello(self):\n"
+                          "        return 'old'\n")
+    tree.write("other.py", f"from {tree.pkg}.base import Base\nclass Sub(Base):\n    pass\n")
+    base, other = tree.load("base"), tree.load("other")
+    cls = base.Base
+    tree.write("base.py", "class Mixin:\n    pass\nclass Base(Mixin):\n    def hello(self):\n"
+                          "        return 'new'\n")
+    report = tree.reload("base")
+    assert not report.ok and not report.rolled_back and "subclasses" in report.error
+    assert f"{tree.name('other')}.Sub" in report.error
+    assert base.Base is cls and issubclass(other.Sub, base.Base)
 
 
 def test_slots_change_refused_with_live_instances_rebuilt_without(tree):
@@ -900,7 +1016,7 @@ def test_named_tuple_methods_change_in_place_fields_are_a_shape_change(tree):
     assert m.Pair is cls and pair.total() == 30
     tree.write("m.py", NAMED.format(extra_field="\n    z: int = 5", total="self.x + self.z"))
     report = tree.reload()
-    assert not report.ok and "named tuple fields" in report.error
+    assert not report.ok and "fields" in report.error
     del pair
     report = upgraded(tree)
     assert m.Pair(1, 2) == (1, 2, 5) and m.Pair(1).total() == 6
@@ -991,7 +1107,8 @@ def test_report_is_json_ready_and_callbacks_survive_exceptions(tree, caplog):
     data = json.loads(json.dumps(report.to_dict()))
     assert data["ok"] is True and data["modules"] == [tree.name("m")]
     assert set(data) == {"ok", "modules", "added", "replaced", "servers_upgraded",
-                         "servers_failed", "suspend_ms", "total_ms", "error", "rolled_back"}
+                         "servers_failed", "suspend_ms", "total_ms", "error", "rolled_back",
+                         "failed_module"}
 
 
 def test_nothing_modified_is_an_empty_successful_report(tree):
@@ -1004,5 +1121,308 @@ def test_nothing_modified_is_an_empty_successful_report(tree):
 def test_misuse_raises(tree):
     with pytest.raises(flydeploy.FlyDeployError, match="list of module names"):
         flydeploy.reload_modules("a.b")
-    with pytest.raises(flydeploy.FlyDeployError, match="suspend_timeout"):
-        flydeploy.reload_modules([], suspend_timeout=0)
+    for timeout in (0, -1, float("nan"), True, "1"):
+        with pytest.raises(flydeploy.FlyDeployError, match="suspend_timeout"):
+            flydeploy.reload_modules([], suspend_timeout=timeout)
+
+
+def test_infinite_suspend_timeout_waits_without_limit(tree):
+    tree.write("m.py", "def f():\n    return 1\n")
+    m = tree.load("m")
+    tree.write("m.py", "def f():\n    return 2\n")
+    upgraded(tree, suspend_timeout=float("inf"))
+    assert m.f() == 2
+
+
+def test_reload_from_code_an_upgrade_runs_is_a_misuse_error(tree):
+    source = "import flydeploy\ndef __hot_upgrade__(old):\n    flydeploy.reload_modules([])\n" \
+             "X = {x}\n"
+    tree.write("m.py", source.format(x=1))
+    m = tree.load("m")
+    tree.write("m.py", source.format(x=2))
+    report = tree.reload()
+    assert report.rolled_back and "called from code an upgrade runs" in report.error
+    assert m.X == 1 and gc.isenabled()
+    tree.write("m.py", "X = 3\n")
+    assert upgraded(tree) and m.X == 3
+
+
+# --- what runs again, and what does not -----------------------------------------
+
+
+def test_future_import_after_a_docstring_upgrades(tree):
+    source = '"""The module."""\nfrom __future__ import annotations\ndef f() -> Missing:\n' \
+             '    return {value!r}\n'
+    tree.write("m.py", source.format(value=1))
+    m = tree.load("m")
+    tree.write("m.py", source.format(value=2))
+    upgraded(tree)
+    assert m.f() == 2 and m.__doc__ == "The module."
+
+
+def test_objects_whose_attributes_run_code_are_never_probed(tree):
+    tree.write("context.py", """
+        class Proxy:
+            def __getattribute__(self, name):
+                raise RuntimeError("working outside of a request")
+        request = Proxy()
+    """)
+    tree.write("m.py", f"from {tree.pkg}.context import request\ndef f():\n    return 1\n")
+    m = tree.load("m")
+    proxy = m.request
+    tree.write("m.py", f"from {tree.pkg}.context import request\ndef f():\n    return 2\n")
+    upgraded(tree)
+    assert m.f() == 2 and m.request is proxy
+
+
+REGISTRIES = """
+import atexit
+from {pkg} import bus
+handlers = []
+plugins = {{}}
+def register(fn):
+    handlers.append(fn)
+    return fn
+def plugin(cls):
+    plugins.setdefault(cls.__name__, []).append(cls)
+    return cls
+@register
+def handle(event):
+    return {value!r}
+@plugin
+class Plugin:
+    def name(self):
+        return {value!r}
+@atexit.register
+def goodbye():
+    return {value!r}
+subscription = bus.subscribe(lambda message: message + 1)
+"""
+
+
+def test_unchanged_decorators_and_calls_do_not_run_again(tree, monkeypatch):
+    tree.write("bus.py", """
+        subscribers = []
+        def subscribe(callback):
+            subscribers.append(callback)
+            return len(subscribers)
+    """)
+    registered = []
+    monkeypatch.setattr("atexit.register", lambda fn: registered.append(fn) or fn)
+    tree.write("m.py", REGISTRIES.format(pkg=tree.pkg, value="old"))
+    m, bus = tree.load("m"), tree.load("bus")
+    handle, plugin_class, goodbye = m.handle, m.Plugin, m.goodbye
+    for value in ("new", "newer"):
+        tree.write("m.py", REGISTRIES.format(pkg=tree.pkg, value=value))
+        upgraded(tree, "m")
+        assert m.handlers == [handle] and handle("e") == value
+        assert m.plugins == {"Plugin": [plugin_class]} and plugin_class().name() == value
+        assert registered == [goodbye] and goodbye() == value
+        assert len(bus.subscribers) == 1 and m.subscription == 1
+
+
+COMMANDS = """
+from {pkg}.cli import Command, registry
+def task(fn):
+    registry.append(fn)
+    return Command(fn)
+@task
+def job():
+    return {value!r}
+"""
+
+
+def test_function_kept_as_an_attribute_of_a_decorator_object_takes_new_code(tree):
+    tree.write("cli.py", """
+        registry = []
+        class Command:
+            def __init__(self, callback):
+                self.callback = callback
+            def __call__(self):
+                return self.callback()
+    """)
+    tree.write("m.py", COMMANDS.format(pkg=tree.pkg, value="old"))
+    m, cli = tree.load("m"), tree.load("cli")
+    command, callback = m.job, m.job.callback
+    tree.write("m.py", COMMANDS.format(pkg=tree.pkg, value="new"))
+    upgraded(tree, "m")
+    assert m.job is command and command.callback is callback and command() == "new"
+    assert cli.registry == [callback]
+
+
+FLASK_LIKE = """
+from {pkg}.web import App
+app = App()
+@app.route("/")
+def index():
+    return {body!r}
+"""
+
+
+def test_route_registration_closed_after_first_request_sees_new_code(tree):
+    tree.write("web.py", """
+        class App:
+            def __init__(self):
+                self.views, self.serving = {}, False
+            def route(self, path):
+                if self.serving:
+                    raise AssertionError("route can no longer be called: already serving")
+                def register(view):
+                    self.views[path] = view
+                    return view
+                return register
+            def get(self, path):
+                self.serving = True
+                return self.views[path]()
+    """)
+    tree.write("site.py", FLASK_LIKE.format(pkg=tree.pkg, body="v1"))
+    site = tree.load("site")
+    assert site.app.get("/") == "v1"
+    for body in ("v2", "v3"):
+        tree.write("site.py", FLASK_LIKE.format(pkg=tree.pkg, body=body))
+        upgraded(tree, "site")
+        assert site.app.get("/") == body and list(site.app.views) == ["/"]
+
+
+def test_changed_decorator_runs_again_on_the_live_function(tree):
+    tree.write("m.py", "import functools\n@functools.lru_cache(maxsize=1)\n"
+                       "def f(x):\n    return x\n")
+    m = tree.load("m")
+    inner = m.f.__wrapped__
+    tree.write("m.py", "import functools\n@functools.lru_cache(maxsize=1000)\n"
+                       "def f(x):\n    return -x\n")
+    report = upgraded(tree)
+    assert m.f.cache_info().maxsize == 1000 and m.f(2) == -2 and m.f.__wrapped__ is inner
+    assert f"{tree.name('m')}.f" in report.replaced
+
+
+def test_changed_default_of_a_cached_function_clears_its_cache(tree):
+    source = "import functools\n@functools.lru_cache\ndef price(n, rate={rate}):\n" \
+             "    return n * rate\n"
+    tree.write("m.py", source.format(rate=2))
+    m = tree.load("m")
+    assert m.price(10) == 20
+    tree.write("m.py", source.format(rate=3))
+    upgraded(tree)
+    assert m.price(10) == 30
+
+
+def test_function_attributes_set_by_statements_and_at_run_time_survive(tree):
+    source = "def view():\n    return {value!r}\nview.csrf_exempt = True\n"
+    tree.write("m.py", source.format(value=1))
+    m = tree.load("m")
+    m.view.hits = 5
+    tree.write("m.py", source.format(value=2))
+    upgraded(tree)
+    assert m.view() == 2 and vars(m.view) == {"csrf_exempt": True, "hits": 5}
+
+
+def test_comment_and_formatting_edits_are_no_changes(tree):
+    tree.write("m.py", "hits = 0\nclass P:\n    __slots__ = ('a',)\n")
+    m = tree.load("m")
+    instance = m.P()
+    m.hits = 7
+    tree.write("m.py", "hits   =   0  # a note\nclass P:\n    __slots__ = (\n"
+                       "        'a',  # the one\n    )\n")
+    upgraded(tree)
+    assert m.hits == 7 and type(instance) is m.P
+
+
+def test_unchanged_statement_reading_a_changed_name_takes_its_new_value(tree):
+    source = "VERSION = {v}\nLABEL = f'v{{VERSION}}'\nclass S:\n    vsn = VERSION\n"
+    tree.write("m.py", source.format(v=1))
+    m = tree.load("m")
+    cls = m.S
+    tree.write("m.py", source.format(v=2))
+    upgraded(tree)
+    assert m.S is cls and m.S.vsn == 2 and m.LABEL == "v2"
+
+
+FACTORY = """
+made = []
+def make(step):
+    made.append(step)
+    def bump(value):
+        return value + step * {factor}
+    return bump
+bump_one = make(1)
+"""
+
+
+def test_closure_of_an_unchanged_factory_call_takes_the_new_inner_code(tree):
+    tree.write("m.py", FACTORY.format(factor=1))
+    m = tree.load("m")
+    closure = m.bump_one
+    tree.write("m.py", FACTORY.format(factor=10))
+    upgraded(tree)
+    assert m.bump_one is closure and closure(1) == 11 and m.made == [1]
+
+
+def test_singledispatchmethod_implementations_take_new_code(tree):
+    source = """
+        import functools
+        class Fmt:
+            @functools.singledispatchmethod
+            def show(self, x):
+                return "object"
+            @show.register
+            def _(self, x: int):
+                return {value!r}
+            @show.register
+            def _(self, x: str):
+                return "str"
+    """
+    tree.write("m.py", source.format(value="int-old"))
+    m = tree.load("m")
+    tree.write("m.py", source.format(value="int-new"))
+    upgraded(tree)
+    assert m.Fmt().show(1) == "int-new" and m.Fmt().show("s") == "str"
+
+
+def test_what_an_unchanged_class_decorator_generated_stays(tree):
+    source = """
+        import dataclasses
+        import functools
+        @dataclasses.dataclass
+        class Plain:
+            x: int = 0
+            def describe(self):
+                return {value!r}
+        @dataclasses.dataclass(frozen=True)
+        class Frozen:
+            x: int = 0
+        @functools.total_ordering
+        class Version:
+            def __init__(self, n):
+                self.n = n
+            def __eq__(self, other):
+                return self.n == other.n
+            def __lt__(self, other):
+                return self.n < other.n
+            def label(self):
+                return {value!r}
+    """
+    tree.write("m.py", source.format(value="old"))
+    m = tree.load("m")
+    tree.write("m.py", source.format(value="new"))
+    upgraded(tree)
+    assert m.Plain().describe() == "new" and m.Plain.__hash__ is None
+    assert hash(m.Frozen(1)) == hash(m.Frozen(1)) and m.Version(2).label() == "new"
+    assert m.Version(2) >= m.Version(1) and m.Version.__hash__ is None
+
+
+def test_slotted_dataclass_method_changes_in_place(tree):
+    source = """
+        import dataclasses
+        @dataclasses.dataclass(slots=True)
+        class P:
+            x: int = 0
+            def describe(self):
+                return {value!r}
+    """
+    tree.write("m.py", source.format(value="old"))
+    m = tree.load("m")
+    point = m.P(3)
+    tree.write("m.py", source.format(value="new"))
+    upgraded(tree)
+    assert type(point) is m.P and point.describe() == "new" and point == m.P(3)

@@ -13,7 +13,7 @@ import types
 import pytest
 
 import flydeploy
-from engine_tree import Tree
+from engine_tree import tree  # noqa: F401  (the fixture)
 from waiting import wait_until
 
 COUNTER = """
@@ -46,18 +46,6 @@ KEEP = "        return state"
 
 def counter_source(vsn=1, reply='state["n"]', tag="old", code_change=KEEP):
     return COUNTER.format(vsn=vsn, reply=reply, tag=tag, code_change=code_change)
-
-
-@pytest.fixture
-def tree(tmp_path):
-    t = Tree(tmp_path / "app")
-    t.started = []
-    t.start = lambda cls, *a, **k: t.started.append(cls.start(*a, **k)) or t.started[-1]
-    yield t
-    for server in t.started:
-        if server.alive:
-            server.stop(timeout=10)
-    t.close()
 
 
 def test_code_change_gets_old_vsn_and_upgraded_message_comes_after_queued_ones(tree):
@@ -325,6 +313,121 @@ def test_attached_loop_parks_coroutines_mid_await_and_resumes_with_new_code(tree
     assert first_new >= 10 and set(results[:first_new]) == {"old"}
     assert set(results[first_new:]) == {"new"}
     assert report.suspend_ms > 0
+
+
+@pytest.mark.parametrize("plain", [True, False], ids=["plain-data", "with-a-lock"])
+def test_rollback_restores_the_contents_of_states_changed_in_place(tree, plain):
+    source = """
+        import flydeploy
+        import threading
+        class S(flydeploy.Server):
+            vsn = {vsn}
+            def init(self, n, plain):
+                state = {{"n": n, "tags": ["start"]}}
+                return state if plain else {{**state, "lock": threading.Lock()}}
+            def handle_call(self, request, state):
+                return {{k: v for k, v in state.items() if k != "lock"}}, state
+            def code_change(self, old_vsn, state, extra):
+        {code_change}
+    """
+    tree.write("m.py", source.format(vsn=1, code_change="        return state"))
+    m = tree.load("m")
+    a, b = tree.start(m.S, 1, plain), tree.start(m.S, 2, plain)
+    tree.write("m.py", source.format(vsn=2, code_change="""
+                state["n"] *= 100
+                state["tags"].append("migrated")
+                if state["n"] == 200:
+                    raise ValueError("cannot migrate b")
+                return state"""))
+    report = tree.reload()
+    assert report.rolled_back and report.servers_failed == [repr(b)]
+    if plain:  # copied deeply: everything as it was
+        assert a.call("get") == {"n": 1, "tags": ["start"]}
+        assert b.call("get") == {"n": 2, "tags": ["start"]}
+    else:  # a lock cannot be copied: the state's own entries are restored
+        assert a.call("get")["n"] == 1 and b.call("get")["n"] == 2
+
+
+def test_code_change_gets_the_version_the_class_attribute_had(tree):
+    source = """
+        import flydeploy
+        VERSION = {vsn}
+        class S(flydeploy.Server):
+            vsn = VERSION
+            def init(self):
+                return []
+            def handle_call(self, request, state):
+                return state, state
+            def code_change(self, old_vsn, state, extra):
+                return state + [(old_vsn, VERSION)]
+    """
+    tree.write("m.py", source.format(vsn=1))
+    m = tree.load("m")
+    server = tree.start(m.S)
+    for vsn in (2, 3):
+        tree.write("m.py", source.format(vsn=vsn))
+        assert tree.reload().ok
+    assert server.call("get") == [(1, 2), (2, 3)]
+
+
+def test_edited_module_level_start_of_a_named_server_keeps_the_live_one(tree):
+    tree.write("srv.py", counter_source())
+    app_source = """
+        from {pkg} import srv
+        counter = srv.Counter.start({start}, name="{pkg}-edited")
+    """
+    tree.write("app.py", app_source.format(pkg=tree.pkg, start=7))
+    app = tree.load("app")
+    tree.started.append(app.counter)
+    live, before = app.counter, flydeploy.servers()
+    tree.write("app.py", app_source.format(pkg=tree.pkg, start=8))
+    report = tree.reload()
+    assert report.ok, report.error
+    assert app.counter is live and flydeploy.servers() == before and live.call("get") == 7
+
+
+def test_server_started_by_a_failed_upgrade_is_stopped_again(tree):
+    tree.write("srv.py", counter_source())
+    tree.write("app.py", "X = 1\n")
+    app = tree.load("app")
+    before = flydeploy.servers()
+    tree.write("app.py", f"""
+        from {tree.pkg} import srv
+        extra = srv.Counter.start(name="{tree.pkg}-new")
+        X = 2
+        raise RuntimeError("boom")
+    """)
+    report = tree.reload("app")
+    assert report.rolled_back and app.X == 1
+    assert flydeploy.servers() == before
+
+
+def test_refusal_suspends_nothing_while_servers_and_loops_run(tree):
+    tree.write("srv.py", counter_source())
+    srv = tree.load("srv")
+    counter = tree.start(srv.Counter)
+    loop = asyncio.new_event_loop()
+    ticks = []
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    flydeploy.attach_loop(loop)
+    entered = []
+    real_enter = flydeploy._Pause.__enter__
+    try:
+        flydeploy._Pause.__enter__ = lambda self: entered.append(1) or real_enter(self)
+        tree.write("helpers.py", "def g(:\n    pass\n")
+        tree.write("srv.py", f"from {tree.pkg} import helpers\n" + counter_source(reply='"new"'))
+        report = tree.reload()
+        loop.call_soon_threadsafe(ticks.append, 1)
+        assert not report.ok and not report.rolled_back and "line 1" in report.error
+        assert not entered and report.suspend_ms == 0 and counter.call("get") == 0
+    finally:
+        flydeploy._Pause.__enter__ = real_enter
+        flydeploy.detach_loop(loop)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+    assert ticks == [1]
 
 
 def test_reload_from_a_servers_own_handler_is_a_clear_misuse_error(tree):
