@@ -199,6 +199,7 @@ __all__ = [
     "RESULT_MARKER",
     "startup_reapply_current",
     "get_current_hot_upgrade_info",
+    "stop_poller",
     # 6. Entry points
     "main",
 ]
@@ -348,8 +349,9 @@ class Store(Protocol):
     def get(self, key: str) -> bytes:
         """The content of ``key``."""
 
-    def get_json(self, key: str) -> tuple[Any, str]:
-        """The content of ``key`` parsed as JSON, with the ETag of that content."""
+    def get_json(self, key: str, *, if_none_match: str | None = None) -> tuple[Any, str] | None:
+        """The content of ``key`` parsed as JSON, with the ETag of that content; None
+        (not modified) when ``if_none_match`` is given and still the ETag of ``key``."""
 
     def head(self, key: str) -> dict[str, Any] | None:
         """``{"etag", "size", "content_type", "last_modified", "headers"}``, None if absent."""
@@ -815,9 +817,13 @@ class S3:
         """The object's content; ``NotFound`` if there is none."""
         return self._get(key)[0]
 
-    def get_json(self, key: str) -> tuple[Any, str]:
-        """The object parsed as JSON, with its ETag (for a later ``if_match``)."""
-        data, etag = self._get(key)
+    def get_json(self, key: str, *, if_none_match: str | None = None) -> tuple[Any, str] | None:
+        """The object parsed as JSON, with its ETag (for a later ``if_match``); with
+        ``if_none_match`` (an ETag) a conditional GET: None when the object is unchanged."""
+        response = self._call("GET", key, headers=_condition_headers(None, if_none_match))
+        if response.sha256 == _NOT_MODIFIED:
+            return None
+        data, etag = response.body, response.headers.get("etag", "")
         try:
             return json.loads(data), etag
         except ValueError as exc:
@@ -959,6 +965,9 @@ class S3:
         conn = self._connection()
         try:
             response = self._exchange(conn, method, target, headers, body)
+            if response.status == 304 and "If-None-Match" in headers:
+                response.read()
+                return _S3Response({k.lower(): v for k, v in response.getheaders()}, b"", _NOT_MODIFIED)
             if response.status >= 300:
                 error_body = response.read(_MAX_ERROR_BODY) if method != "HEAD" else b""
                 self._drop_connection()
@@ -1045,9 +1054,14 @@ class S3:
                    request_id=request_id, key=key)
 
 
+# The sha256 of a 304 reply to a conditional GET: nothing was sent.
+_NOT_MODIFIED = "not modified"
+
+
 class _S3Response(NamedTuple):
     """A successful S3 response: lower-cased headers, the body (empty when it went to a
-    file) and the sha256 hex of what went to the file (None otherwise)."""
+    file) and the sha256 hex of what went to the file (None otherwise, ``_NOT_MODIFIED``
+    for a 304)."""
 
     headers: dict[str, str]
     body: bytes
@@ -1306,11 +1320,15 @@ class LocalStore:
             raise NotFound(f"{key!r} does not exist in {self.root}",
                            status=404, code="NoSuchKey", key=key) from None
 
-    def get_json(self, key: str) -> tuple[Any, str]:
-        """Return ``(parsed JSON, ETag)`` of ``key``, both from the same read."""
+    def get_json(self, key: str, *, if_none_match: str | None = None) -> tuple[Any, str] | None:
+        """Return ``(parsed JSON, ETag)`` of ``key``, both from the same read; None when
+        ``if_none_match`` is the ETag of what is there (not modified)."""
         data = self.get(key)
+        etag = _quoted(hashlib.md5(data, usedforsecurity=False).hexdigest())
+        if if_none_match is not None and if_none_match == etag:
+            return None
         try:
-            return json.loads(data), _quoted(hashlib.md5(data, usedforsecurity=False).hexdigest())
+            return json.loads(data), etag
         except ValueError as err:
             raise S3Error(f"{key!r} in {self.root} is not valid JSON ({err}); fix or delete it",
                           status=200, code="InvalidJSON", key=key) from None
@@ -4408,12 +4426,16 @@ class _TrackingFinder:
 
     def find_spec(self, fullname: str, path: list[str] | None = None,
                   target: types.ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
-        """The spec the other finders give, with a tracking loader when tracked."""
-        if not _tracker.roots:
-            return None
+        """The spec the other finders give, with a tracking loader when tracked.
+
+        Before any root is declared, every module that could turn out to be the
+        application's (outside the standard library and site-packages) is
+        recorded too, so that ``track`` later knows what was really loaded.
+        """
         for finder in list(sys.meta_path):
             find = getattr(finder, "find_spec", None)
-            if finder is self or find is None:
+            # Another copy of this module (run as __main__, or vendored twice) has its own.
+            if type(finder).__name__ == type(self).__name__ or find is None:
                 continue
             spec = find(fullname, path, target)
             if spec is not None:
@@ -4421,12 +4443,17 @@ class _TrackingFinder:
         else:
             return None
         origin = spec.origin if spec.has_location else None
-        if origin and _tracker.covers(fullname, origin):
+        if origin and (_tracker.covers(fullname, origin) if _tracker.roots else _tracker.may_cover(fullname, origin)):
             if type(spec.loader) is importlib.machinery.SourceFileLoader:
                 spec.loader = _TrackingLoader(fullname, origin)
             elif _is_extension(origin):
                 _tracker.remember(fullname, origin, None)
         return spec
+
+
+def _in_site_packages(path: str) -> bool:
+    parts = path.split(os.sep)
+    return "site-packages" in parts or "dist-packages" in parts
 
 
 class _Tracker:
@@ -4436,22 +4463,35 @@ class _Tracker:
         self.lock = threading.Lock()
         self.roots: tuple[str, ...] = ()
         self.loaded: dict[str, _Loaded] = {}
+        # Recorded before any root was declared: name -> what it was loaded from.
+        self.early: dict[str, _Loaded] = {}
         self.finder = _TrackingFinder()
         self._installation: tuple[str, ...] | None = None
 
     def covers(self, name: str, path: str) -> bool:
-        """Whether module ``name`` loaded from ``path`` is the application's."""
-        # The main script runs once; this module must never swap itself.
+        """Whether module ``name`` loaded from ``path`` is the application's.
+
+        Under a root the app declared inside site-packages (an app installed
+        there), all but the standard library is; under any other root, all
+        but the standard library and site-packages.
+        """
         if name in ("__main__", "__mp_main__", __name__) or not self.roots:
             return False
         path = os.path.realpath(path)
-        if not any(_is_under(path, root) for root in self.roots):
-            return False
+        roots = [root for root in self.roots if _is_under(path, root)]
+        return bool(roots) and (not self._installed(path) or (
+            _in_site_packages(path) and any(_in_site_packages(root) for root in roots)))
+
+    def may_cover(self, name: str, path: str) -> bool:
+        """Whether module ``name`` at ``path`` could be the application's once roots are declared."""
+        # The main script runs once; this module must never swap itself.
+        return name not in ("__main__", "__mp_main__", __name__) and not self._installed(os.path.realpath(path))
+
+    def _installed(self, path: str) -> bool:
         if self._installation is None:
+            self._installation = ()  # finding them imports modules, which come back here
             self._installation = _installation_dirs()
-        parts = path.split(os.sep)
-        return ("site-packages" not in parts and "dist-packages" not in parts
-                and not any(_is_under(path, d) for d in self._installation))
+        return _in_site_packages(path) or any(_is_under(path, d) for d in self._installation)
 
     def remember(self, name: str, path: str, source: bytes | None) -> None:
         """Record what module ``name`` runs (for extensions: hash the file now)."""
@@ -4460,25 +4500,50 @@ class _Tracker:
         except OSError:
             return
         with self.lock:
-            self.loaded[name] = _Loaded(path, _sha256(data), source)
+            (self.loaded if self.roots else self.early)[name] = _Loaded(path, _sha256(data), source)
 
     def add_roots(self, roots: list[str]) -> None:
         with self.lock:
             self.roots = tuple(dict.fromkeys(self.roots + tuple(roots)))
-            if self.finder not in sys.meta_path:
-                sys.meta_path.insert(0, self.finder)
+            self.install()
         for name, module in list(sys.modules.items()):
             origin = _module_origin(module) if module is not None else None
             if (origin is None or name in self.loaded or not self.covers(name, origin)
                     or not (origin.endswith(".py") or _is_extension(origin))):
                 continue
-            if _is_extension(origin):
+            early = self.early.pop(name, None)
+            if early is not None and early.path == origin:
+                with self.lock:
+                    self.loaded[name] = early
+            elif _is_extension(origin):
                 self.remember(name, origin, None)
-                continue
-            try:
-                self.remember(name, origin, _read_bytes(origin))
-            except OSError:
-                continue
+            else:
+                self.remember_imported(name, module, origin)
+        self.early.clear()  # what no root covers is never needed
+
+    def install(self) -> None:
+        """Put the finder first on ``sys.meta_path`` (again, if something went before it)."""
+        if self.finder not in sys.meta_path:
+            sys.meta_path.insert(0, self.finder)
+
+    def remember_imported(self, name: str, module: types.ModuleType, path: str) -> None:
+        """Record a module imported before anything recorded it: from its file, unless its code is not that file's.
+
+        The file may have changed since the import (another process of the
+        machine installed a release meanwhile): when a function or method of
+        the live module differs from what the file compiles to, the module is
+        recorded as loaded from unknown source, so ``modified_modules``
+        reports it and an upgrade reloads it.
+        """
+        try:
+            source = _read_bytes(path)
+        except OSError:
+            return
+        if _code_differs(module, name, path, source):
+            with self.lock:
+                self.loaded[name] = _Loaded(path, _STALE, source)
+        else:
+            self.remember(name, path, source)
 
     def record_for(self, name: str) -> _Loaded | None:
         """What the live module ``name`` was loaded from, if it is tracked."""
@@ -4489,18 +4554,55 @@ class _Tracker:
         return record
 
 
+# The digest of a module whose loaded code is not its file's: it matches no file.
+_STALE = "stale"
+
+
+def _live_functions(module: types.ModuleType, name: str, path: str) -> Iterator[types.FunctionType]:
+    """The functions and methods that module ``name`` defined, as they are now."""
+    def own(function: object) -> bool:
+        return (isinstance(function, types.FunctionType) and function.__module__ == name
+                and function.__code__.co_filename == path)
+
+    for value in list(vars(module).values()):
+        if own(value):
+            yield value
+        elif isinstance(value, type) and value.__module__ == name:
+            for attribute in list(vars(value).values()):
+                function = getattr(attribute, "__func__", attribute)
+                if own(function):
+                    yield function
+
+
+def _code_differs(module: types.ModuleType, name: str, path: str, source: bytes) -> bool:
+    """Whether a function or method of the live module is not what ``source`` compiles to."""
+    try:
+        compiled = compile(source, path, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError):
+        return True
+    written: dict[str, list[types.CodeType]] = collections.defaultdict(list)
+    for code in _code_objects(compiled):
+        written[code.co_qualname].append(code)
+    return any(function.__code__ not in written.get(function.__code__.co_qualname, ())
+               for function in _live_functions(module, name, path))
+
+
 _tracker = _Tracker()
+if __name__ != "__main__":  # `python -m flydeploy` runs the importable copy
+    _tracker.install()  # from here on, what is imported is recorded as it is loaded
 
 
 def track(*roots: str | os.PathLike[str]) -> list[str]:
     """Declare the application's source roots and start tracking its modules.
 
     Only modules whose file lies under a root are ever upgraded; the standard
-    library and site-packages never are, even under a root.  Without roots,
-    the directory of ``__main__`` is used, else the current directory.  Each
-    module's source hash is recorded from the bytes it is imported from;
-    modules already imported are hashed now.  Calling ``track`` again adds
-    roots.  Returns every tracked root.
+    library never is, and site-packages only under a root inside it (an app
+    installed there).  Without roots, the directory of ``__main__`` is used,
+    else the current directory.  Each module's source hash is recorded from
+    the bytes it is imported from, also for imports after flydeploy itself
+    and before ``track``; a module imported earlier is hashed from its file
+    now, and reported modified when its live code is not that file's.
+    Calling ``track`` again adds roots.  Returns every tracked root.
     """
     if not roots:
         main_file = getattr(sys.modules.get("__main__"), "__file__", None)
@@ -5995,9 +6097,28 @@ def _server_label(server: Server) -> str:
 
 _DEFAULT_RUNTIME_DIR = "/tmp/flydeploy"
 _MAX_REQUEST_BYTES = 1 << 20
-_REQUEST_READ_TIMEOUT = 10.0
+_MAX_REPLY_BYTES = 64 << 20
+# One deadline for a whole request line, however slowly its bytes trickle in.
+_REQUEST_DEADLINE = 10.0
+# Requests served at once; more connections are answered "busy" and closed,
+# so a flood of clients cannot exhaust the app's threads or descriptors.
+_MAX_CONNECTIONS = 16
+# What is read of an oversized request after the reply, so the peer gets it.
+_DRAIN_BYTES = 8 << 20
+_DRAIN_SECONDS = 1.0
 _STATE_FILE = "state.json"
 _LOCK_FILE = "upgrade.lock"
+_LOCK_TIMEOUT = 300.0
+_DEFAULT_SUSPEND_TIMEOUT = 10.0
+# How long a fork waits for an apply in progress before forking anyway.
+_FORK_WAIT = 30.0
+# How long a module that is still importing may take before its reload is given up.
+_IMPORT_WAIT = 600.0
+# Beyond the suspend timeout, what an apply may take (prepare, compile, code_change):
+# `rpc upgrade` must answer well within the 30 s of a Machines API exec.
+_APPLY_MARGIN = 10.0
+_LOCATE_TIMEOUT = 5.0
+_QUERY_TIMEOUT = 10.0
 
 
 class AgentError(FlyDeployError):
@@ -6025,26 +6146,58 @@ def _check_private_dir(path: str, *, serving: bool) -> None:
     if info.st_uid not in (uid, 0) and (serving or uid != 0):
         raise AgentError(f"{path} belongs to uid {info.st_uid}, not to this user (uid {uid}); "
                          "flydeploy refuses it. Remove it, or set FLYDEPLOY_RUNTIME_DIR to a private directory.")
+    if stat.S_IMODE(info.st_mode) & 0o022:
+        # Anyone who may write there may replace an agent's socket with their own.
+        raise AgentError(f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o}); "
+                         f"flydeploy refuses it. Run `chmod 700 {path}`, or set FLYDEPLOY_RUNTIME_DIR "
+                         "to a private directory.")
 
 
-def _app_dir(app: str, *, create: bool) -> str | None:
-    """The checked runtime directory of ``app``; None when it does not exist and ``create`` is false."""
+def _app_dir(app: str, *, create: bool, owner: tuple[int, int] | None = None) -> str | None:
+    """The checked runtime directory of ``app``; None when it does not exist and ``create`` is false.
+
+    Directories it creates are given to ``owner`` (uid, gid) when one is given.
+    """
     _check_name("app", app)
     root = _runtime_root()
     path = os.path.join(root, app)
-    for directory in (root, path):
-        if create:
-            try:
-                os.mkdir(directory, 0o700)
-            except FileExistsError:
-                pass
-        elif not os.path.lexists(directory):
-            return None
-        _check_private_dir(directory, serving=create)
-    info = os.lstat(path)
-    if create and info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != 0o700:
-        os.chmod(path, 0o700)
+    try:
+        for directory in (root, path):
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(directory, 0o700)
+                    if owner is not None:
+                        os.chown(directory, *owner)
+            elif not os.path.lexists(directory):
+                return None
+            _check_private_dir(directory, serving=create and owner is None)
+        info = os.lstat(path)
+        if create and info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != 0o700:
+            os.chmod(path, 0o700)
+    except OSError as exc:
+        raise AgentError(f"cannot use the runtime directory {path}: {exc}; set FLYDEPLOY_RUNTIME_DIR "
+                         "to a writable directory") from exc
     return path
+
+
+def _work_dir(app: str) -> str:
+    """The runtime directory for the machine's file work (lock and state file), created if needed.
+
+    A root ``rpc upgrade`` that runs before any process of the app creates
+    it for the owner of the app's code (``FLYDEPLOY_APP_ROOT``, else the
+    working directory): made by root for root, it would lock out an app that
+    runs as its own user.
+    """
+    if os.geteuid() != 0 or _process_app is not None:
+        return _app_dir(app, create=True)
+    existing = _app_dir(app, create=False)
+    if existing is not None:
+        return existing
+    try:
+        code = os.stat(os.environ.get("FLYDEPLOY_APP_ROOT") or os.getcwd())
+    except OSError:
+        return _app_dir(app, create=True)
+    return _app_dir(app, create=True, owner=(code.st_uid, code.st_gid))
 
 
 def _adopt_dir_owner(path: str) -> None:
@@ -6057,8 +6210,8 @@ def _adopt_dir_owner(path: str) -> None:
         os.chown(path, parent.st_uid, parent.st_gid, follow_symlinks=False)
 
 
-def _state_path(app: str, *, create: bool) -> str | None:
-    directory = _app_dir(app, create=create)
+def _state_path(app: str) -> str | None:
+    directory = _app_dir(app, create=False)
     return None if directory is None else os.path.join(directory, _STATE_FILE)
 
 
@@ -6076,7 +6229,7 @@ def _read_state(app: str) -> dict | None:
     A state file from before a reboot describes files the image has put back.
     """
     try:
-        path = _state_path(app, create=False)
+        path = _state_path(app)
         if path is None:
             return None
         with open(path, "rb") as handle:
@@ -6090,17 +6243,32 @@ def _read_state(app: str) -> dict | None:
 
 
 def _write_state(app: str, state: dict) -> None:
-    path = _state_path(app, create=True)
+    path = os.path.join(_work_dir(app), _STATE_FILE)
     content = json.dumps({**state, "boot_id": _boot_id()}, sort_keys=True).encode()
-    _write_atomically(path, lambda out: out.write(content))
-    _adopt_dir_owner(path)
+    try:
+        _write_atomically(path, lambda out: out.write(content))
+        _adopt_dir_owner(path)
+    except OSError as exc:
+        raise AgentError(f"cannot write the state file {path}: {exc}; check the runtime directory "
+                         "(FLYDEPLOY_RUNTIME_DIR)") from exc
+
+
+# Descriptors of the machine lock held in this process, by the pid that opened
+# them: a forked child closes its copies, or it would hold the lock for life.
+_lock_fds: dict[int, int] = {}
 
 
 @contextlib.contextmanager
-def _machine_lock(app: str, *, timeout: float = 300.0) -> Iterator[None]:
+def _machine_lock(app: str, *, timeout: float = _LOCK_TIMEOUT) -> Iterator[None]:
     """Hold the per-machine upgrade lock, so one process at a time does the file work."""
-    path = os.path.join(_app_dir(app, create=True), _LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    path = os.path.join(_work_dir(app), _LOCK_FILE)
+    _register_process_hooks()
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise AgentError(f"cannot open the upgrade lock {path}: {exc}; check the runtime directory "
+                         "(FLYDEPLOY_RUNTIME_DIR)") from exc
+    _lock_fds[fd] = os.getpid()
     try:
         _adopt_dir_owner(path)
         deadline = time.monotonic() + timeout
@@ -6115,7 +6283,16 @@ def _machine_lock(app: str, *, timeout: float = 300.0) -> Iterator[None]:
                 time.sleep(0.02)
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        if _lock_fds.get(fd) == os.getpid():
+            del _lock_fds[fd]
+            os.close(fd)  # closing the last descriptor releases the lock
+
+
+def _close_inherited_lock_fds() -> None:
+    for fd in list(_lock_fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _lock_fds.clear()
 
 
 # Per-process state.  _held describes the release this process's modules hold
@@ -6175,14 +6352,16 @@ def _process_info(app: str) -> dict:
     return {"pid": os.getpid(), "name": _process_name(), "argv": list(sys.argv), "app": app,
             "version": held.get("version"), "source_image_ref": held.get("source_image_ref"),
             "deployed_at": held.get("deployed_at"), "applied_at": held.get("applied_at"),
-            "image_ref": os.environ.get("FLY_IMAGE_REF"), "servers": _server_summaries(), "python": sys.version.split()[0], "cwd": os.getcwd()}
+            "image_ref": os.environ.get("FLY_IMAGE_REF"), "servers": _server_summaries(), "python": sys.version.split()[0], "cwd": os.getcwd(),
+            "poller": None if _poller is None else {"interval": _poller.interval, "polls": _poller.polls,
+                                                    "caught_up_at_poll": _poller.caught_up_at_poll}}
 
 
 def _importing(name: str) -> bool:
     return bool(getattr(getattr(sys.modules.get(name), "__spec__", None), "_initializing", False))
 
 
-def _apply_here(release: dict, *, suspend_timeout: float = 10.0, extra: Any = None) -> dict:
+def _apply_here(release: dict, *, suspend_timeout: float = _DEFAULT_SUSPEND_TIMEOUT, extra: Any = None) -> dict:
     """Reload this process's changed modules and, on success, record ``release`` as held.
 
     A changed module that is still being imported (at boot, typically the one
@@ -6209,11 +6388,11 @@ def _apply_here(release: dict, *, suspend_timeout: float = 10.0, extra: Any = No
 
 
 def _reload_after_import(names: list[str], release: dict, suspend_timeout: float) -> None:
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + _IMPORT_WAIT
     while any(_importing(name) for name in names):
         if time.monotonic() > deadline:
-            log.error("flydeploy: %s still importing after 10 minutes; %s not loaded", ", ".join(names),
-                      release.get("version"))
+            log.error("flydeploy: %s still importing after %.0f s; %s not loaded", ", ".join(names),
+                      _IMPORT_WAIT, release.get("version"))
             return
         time.sleep(0.005)
     report = _apply_here(release, suspend_timeout=suspend_timeout)
@@ -6222,17 +6401,37 @@ def _reload_after_import(names: list[str], release: dict, suspend_timeout: float
                   report["error"])
 
 
-def _catch_up(app: str) -> None:
+def _release_of(record: dict, image_ref: str | None) -> dict:
+    """What a process records as the release it holds, from a state file, hot upgrade or apply request."""
+    return {**{key: record.get(key) for key in ("version", "sha256", "source_image_ref", "deployed_at")},
+            "image_ref": image_ref}
+
+
+def _for_this_image(state: dict | None) -> bool:
+    """Whether a state file describes a release for this process's image.
+
+    An ``rpc upgrade`` that found no agent to ask may not know the image
+    (None); within one boot there is only one, so that matches.
+    """
+    return state is not None and state.get("image_ref") in (None, os.environ.get("FLY_IMAGE_REF"))
+
+
+def _same_release(a: dict | None, b: dict | None) -> bool:
+    """Whether two release records name the same release (a republished version is another one)."""
+    return (a is not None and b is not None and a.get("version") == b.get("version")
+            and (not a.get("sha256") or not b.get("sha256") or a["sha256"].lower() == b["sha256"].lower()))
+
+
+def _catch_up_process(app: str) -> None:
     """Bring this process to the release the machine installed, if it holds another one.
 
     A fresh process imported the installed files already and only records the
     release; a forked child of an older parent reloads what differs on disk.
     """
     state = _read_state(app)
-    if (not state or state.get("image_ref") != os.environ.get("FLY_IMAGE_REF")
-            or (_held or {}).get("version") == state.get("version")):
+    if not _for_this_image(state) or _same_release(_held, state):
         return
-    release = {key: state.get(key) for key in ("version", "source_image_ref", "deployed_at", "image_ref")}
+    release = _release_of(state, state.get("image_ref"))
     report = _apply_here(release)
     if not report["ok"]:
         log.error("flydeploy: process %s could not catch up to %s: %s",
@@ -6242,15 +6441,54 @@ def _catch_up(app: str) -> None:
                  _process_name(), release["version"], ", ".join(report["modules"]))
 
 
-def _drain(conn: socket.socket, limit: int = 64 << 20) -> None:
+def _drain(conn: socket.socket) -> None:
     # Closing a unix socket with unread input resets the connection and the
     # peer loses the reply: read what is left of an oversized request first.
-    conn.settimeout(2.0)
-    while limit > 0:
+    deadline, left = time.monotonic() + _DRAIN_SECONDS, _DRAIN_BYTES
+    while left > 0:
+        conn.settimeout(max(deadline - time.monotonic(), 0.001))
         chunk = conn.recv(1 << 20)
         if not chunk:
             return
-        limit -= len(chunk)
+        left -= len(chunk)
+
+
+def _read_line(sock: socket.socket, deadline: float, limit: int) -> bytes:
+    """The first line ``sock`` sends before ``deadline`` (the whole input when it has no newline).
+
+    Raises ``TimeoutError`` at the deadline and ``AgentError`` beyond ``limit`` bytes.
+    """
+    data = bytearray()
+    while b"\n" not in data:
+        if len(data) > limit:
+            raise AgentError(f"request larger than {limit} bytes; send one short JSON line")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    line = bytes(data).split(b"\n", 1)[0]
+    if len(line) > limit:
+        raise AgentError(f"request larger than {limit} bytes; send one short JSON line")
+    return line
+
+
+def _send_and_close(conn: socket.socket, reply: dict) -> None:
+    """Send a short reply without waiting on the peer, and close (refused and turned-away peers).
+
+    What the peer sent already is discarded first, without waiting for more:
+    closing over unread input would reset the connection and lose the reply.
+    """
+    with conn, contextlib.suppress(OSError):
+        conn.setblocking(False)
+        conn.send(json.dumps(reply).encode() + b"\n")
+        conn.shutdown(socket.SHUT_WR)
+        for _ in range(_DRAIN_BYTES >> 16):
+            if not conn.recv(1 << 16):
+                break
 
 
 class Agent:
@@ -6268,6 +6506,7 @@ class Agent:
         self.pid = os.getpid()
         self.path = os.path.join(_app_dir(app, create=True), f"{self.pid}.sock")
         self._closed = False
+        self._slots = threading.BoundedSemaphore(_MAX_CONNECTIONS)
         self._sock = self._listen()
         self._thread = threading.Thread(target=self._serve, name=f"flydeploy-agent[{app}]", daemon=True)
         self._thread.start()
@@ -6296,22 +6535,33 @@ class Agent:
                 log.warning("flydeploy agent %s: accept failed: %s", self.path, exc)
                 time.sleep(0.1)
                 continue
-            threading.Thread(target=self._handle, args=(conn,), daemon=True,
-                             name="flydeploy-agent-request").start()
+            refusal = _peer_refusal(conn)
+            if refusal is not None:
+                _send_and_close(conn, refusal)
+            elif not self._slots.acquire(blocking=False):
+                _send_and_close(conn, {"ok": False, "error": f"busy: {_MAX_CONNECTIONS} requests are being "
+                                                           "served; retry shortly"})
+            else:
+                threading.Thread(target=self._handle, args=(conn,), daemon=True,
+                                 name="flydeploy-agent-request").start()
 
     def _handle(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                reply = _peer_refusal(conn) or _dispatch(self, _read_request(conn))
-            except AgentError as exc:
-                reply = {"ok": False, "error": str(exc)}
-            except Exception as exc:  # an agent keeps serving whatever one request did
-                log.exception("flydeploy agent %s: request failed", self.path)
-                reply = {"ok": False, "error": f"internal error in {_process_name()}: {exc!r}"}
-            with contextlib.suppress(OSError):
-                conn.sendall(json.dumps(reply, default=str).encode() + b"\n")
-                conn.shutdown(socket.SHUT_WR)
-                _drain(conn)
+        try:
+            with conn:
+                try:
+                    reply = _dispatch(self, _read_request(conn))
+                except AgentError as exc:
+                    reply = {"ok": False, "error": str(exc)}
+                except Exception as exc:  # an agent keeps serving whatever one request did
+                    log.exception("flydeploy agent %s: request failed", self.path)
+                    reply = {"ok": False, "error": f"internal error in {_process_name()}: {exc!r}"}
+                with contextlib.suppress(OSError):
+                    conn.settimeout(_REQUEST_DEADLINE)
+                    conn.sendall(json.dumps(reply, default=str).encode() + b"\n")
+                    conn.shutdown(socket.SHUT_WR)
+                    _drain(conn)
+        finally:
+            self._slots.release()
 
     def _forget(self) -> None:
         """Drop the listening socket inherited through fork, leaving the parent's file alone."""
@@ -6343,27 +6593,16 @@ def _peer_refusal(conn: socket.socket) -> dict | None:
 
 
 def _read_request(conn: socket.socket) -> dict:
-    conn.settimeout(_REQUEST_READ_TIMEOUT)
-    data = bytearray()
-    while b"\n" not in data:
-        if len(data) > _MAX_REQUEST_BYTES:
-            raise AgentError(f"request larger than {_MAX_REQUEST_BYTES} bytes; send one short JSON line")
-        try:
-            chunk = conn.recv(65536)
-        except TimeoutError:
-            raise AgentError(f"no complete request line within {_REQUEST_READ_TIMEOUT:.0f} s; "
-                             "end the JSON request with a newline") from None
-        if not chunk:
-            break
-        data += chunk
-    line = bytes(data).split(b"\n", 1)[0]
-    if len(line) > _MAX_REQUEST_BYTES:
-        raise AgentError(f"request larger than {_MAX_REQUEST_BYTES} bytes; send one short JSON line")
+    try:
+        line = _read_line(conn, time.monotonic() + _REQUEST_DEADLINE, _MAX_REQUEST_BYTES)
+    except TimeoutError:
+        raise AgentError(f"no complete request line within {_REQUEST_DEADLINE:.0f} s; "
+                         "end the JSON request with a newline") from None
     try:
         request = json.loads(line)
-    except ValueError as exc:
-        raise AgentError(f"malformed request, not JSON ({exc}); send one JSON object per line, "
-                         'e.g. {"op": "ping"}') from None
+    except (ValueError, RecursionError) as exc:
+        raise AgentError(f"malformed request, not JSON or nested too deeply ({type(exc).__name__}); "
+                         'send one flat JSON object per line, e.g. {"op": "ping"}') from None
     if not isinstance(request, dict) or not isinstance(request.get("op"), str):
         raise AgentError('malformed request: expected a JSON object with an "op", e.g. {"op": "ping"}')
     return request
@@ -6379,22 +6618,28 @@ def _dispatch(agent: Agent, request: dict) -> dict:
         paths = request.get("paths")
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise AgentError('malformed locate request: "paths" must be a list of relative paths')
-        return {"ok": True, "located": _locate_members(paths, *_loaded_locations(paths)), "cwd": os.getcwd()}
+        return {"ok": True, "located": _locate_own_members(paths), "cwd": os.getcwd(),
+                "image_ref": os.environ.get("FLY_IMAGE_REF")}
     if op == "apply":
-        timeout = request.get("suspend_timeout", 10.0)
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise AgentError('malformed apply request: "suspend_timeout" must be a positive number of seconds')
-        release = {key: request.get(key) for key in ("version", "source_image_ref", "deployed_at")}
-        release["image_ref"] = os.environ.get("FLY_IMAGE_REF")
-        report = _apply_here(release, suspend_timeout=float(timeout), extra=request.get("extra"))
+        timeout = request.get("suspend_timeout", _DEFAULT_SUSPEND_TIMEOUT)
+        if not _is_positive_seconds(timeout):
+            raise AgentError('malformed apply request: "suspend_timeout" must be a positive, finite number '
+                             "of seconds")
+        report = _apply_here(_release_of(request, os.environ.get("FLY_IMAGE_REF")),
+                             suspend_timeout=float(timeout), extra=request.get("extra"))
         return {"ok": bool(report["ok"]), "pid": os.getpid(), "name": _process_name(), "report": report}
     raise AgentError(f"unknown op {op!r}; the agent answers ping, info, locate and apply")
+
+
+def _is_positive_seconds(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
 
 
 def _agent_before_fork() -> None:
     # A child must not be forked in the middle of an apply: it would copy half-swapped code.
     global _fork_lock_taken
-    _fork_lock_taken = _apply_lock.acquire(timeout=30)
+    _fork_lock_taken = _apply_lock.acquire(timeout=_FORK_WAIT)
 
 
 def _agent_after_fork_in_parent() -> None:
@@ -6404,21 +6649,53 @@ def _agent_after_fork_in_parent() -> None:
         _apply_lock.release()
 
 
+def _forked_to_exec() -> bool:
+    """Whether this child was forked by ``subprocess`` to run ``preexec_fn`` and exec.
+
+    CPython runs the fork hooks of such a child inside ``subprocess``'s
+    ``_execute_child``; the child is about to become another program, so it
+    needs neither an agent nor a catch-up.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "_execute_child" and os.path.basename(code.co_filename) == "subprocess.py":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _agent_after_fork_in_child() -> None:
     global _agent, _agent_lock, _apply_lock, _fork_lock_taken, _poller
+    _close_inherited_lock_fds()
     _agent_lock, _apply_lock, _fork_lock_taken = threading.Lock(), threading.RLock(), False
     _poller = None  # its thread stayed in the parent, which keeps polling for the machine
     parent, _agent = _agent, None
     serving = parent is not None and not parent._closed
     if parent is not None:
         parent._forget()
+    if _forked_to_exec():
+        return
     try:
-        if serving:
-            start_agent(parent.app)
-        elif _process_app is not None:
-            _catch_up(_process_app)
+        if _process_app is not None:
+            _catch_up_process(_process_app)
     except Exception:  # the child runs on, on the code it has
-        log.exception("flydeploy: the forked process %s could not start its agent or catch up", os.getpid())
+        log.exception("flydeploy: the forked process %s could not catch up", os.getpid())
+    if serving:
+        threading.Thread(target=_start_child_agent, args=(parent.app, os.getpid()), daemon=True,
+                         name="flydeploy-child-agent").start()
+
+
+def _start_child_agent(app: str, pid: int) -> None:
+    global _agent
+    if os.getpid() != pid:
+        return
+    try:
+        with _agent_lock:
+            if _agent is None or _agent.pid != pid:
+                _agent = Agent(app)
+    except Exception:  # the child runs on, unreachable by upgrades; it says why
+        log.exception("flydeploy: the forked process %s could not start its agent", pid)
 
 
 def _stop_own_agent() -> None:
@@ -6443,37 +6720,73 @@ def start_agent(app: str | None = None) -> Agent:
     the release this machine installed when it holds another one.  A forked
     child gets its own agent automatically.
     """
-    global _agent, _process_app
-    app = app or os.environ.get("FLY_APP_NAME") or ""
-    if not app:
-        raise ConfigError("start_agent needs the app name: pass it, or set FLY_APP_NAME")
-    _check_name("app", app)
-    _process_app = app
+    global _agent
+    app = _adopt_app(app)
     with _agent_lock:
         if _agent is not None and _agent.pid == os.getpid():
             if _agent.app != app:
                 raise ConfigError(f"this process already runs the agent of app {_agent.app!r}; "
                                   "one process serves one app")
             return _agent
-        _ensure_tracking()
         _agent = Agent(app)
-        _register_process_hooks()
-    _catch_up(app)
+    _catch_up_process(app)
     return _agent
 
 
-def _request(path: str, request: dict, *, timeout: float) -> dict:
+def _adopt_app(app: str | None) -> str:
+    """Make this process one of ``app``'s (default ``FLY_APP_NAME``): tracking and fork hooks on."""
+    global _process_app
+    app = app or os.environ.get("FLY_APP_NAME") or ""
+    if not app:
+        raise ConfigError("no app name: pass it (start_agent(app), startup_reapply_current(app)) "
+                          "or set FLY_APP_NAME")
+    _check_name("app", app)
+    _process_app = app
+    _ensure_tracking()
+    _register_process_hooks()
+    return app
+
+
+def _expected_owner(pid: int) -> int | None:
+    """The uid running process ``pid``, or None where /proc cannot tell."""
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def _check_agent_identity(sock: socket.socket, path: str, pid: int) -> None:
+    """Refuse a socket that is not the one process ``pid`` listens on as its own user.
+
+    Whoever can write the runtime directory could put their own socket there;
+    the socket file's owner and the listening peer (SO_PEERCRED) must be the
+    process the file is named after, running as the user that owns it.
+    """
+    owner = _expected_owner(pid)
+    if owner is None:
+        return
+    file_uid = os.lstat(path).st_uid
+    peer_pid, peer_uid = pid, file_uid
+    if hasattr(socket, "SO_PEERCRED"):
+        peer_pid, peer_uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                       struct.calcsize("3i")))
+    if file_uid != owner or peer_uid != owner or peer_pid != pid:
+        raise AgentError(f"refused {path}: it is served by pid {peer_pid} as uid {peer_uid} (file owner uid "
+                         f"{file_uid}), but process {pid} runs as uid {owner}; another user may have replaced "
+                         "the agent's socket. Check who can write the runtime directory.")
+
+
+def _request(path: str, request: dict, *, timeout: float, pid: int | None = None) -> dict:
+    """One request to the agent at ``path`` (of process ``pid``), answered within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
+        if pid is not None:
+            _check_agent_identity(sock, path, pid)
         sock.sendall(json.dumps(request).encode() + b"\n")
-        data = bytearray()
-        while b"\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    reply = json.loads(bytes(data).split(b"\n", 1)[0] or b"null")
+        line = _read_line(sock, deadline, _MAX_REPLY_BYTES)
+    reply = json.loads(line or b"null")
     if not isinstance(reply, dict):
         raise AgentError(f"the agent at {path} closed the connection without a reply")
     return reply
@@ -6492,12 +6805,30 @@ def _agent_sockets(app: str) -> list[tuple[int, str]]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie waiting to be reaped."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
         return True
+
+
+def _exited(pid: int, *, within: float = 0.5) -> bool:
+    """Whether process ``pid`` is gone, or goes within ``within`` seconds.
+
+    A process that was killed closes its sockets a moment before it is gone.
+    """
+    deadline = time.monotonic() + within
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
     return True
 
 
@@ -6509,19 +6840,26 @@ def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | N
     """
     targets = [(pid, path) for pid, path in _agent_sockets(app) if pid != exclude_pid]
 
+    def forget(path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
     def ask(target: tuple[int, str]) -> dict | None:
         pid, path = target
         try:
-            return {"pid": pid, "reply": _request(path, request, timeout=timeout)}
+            return {"pid": pid, "reply": _request(path, request, timeout=timeout, pid=pid)}
         except (ConnectionRefusedError, FileNotFoundError):
-            if not _pid_alive(pid):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            # Nobody listens: the process died, or exec'd another program.
+            forget(path)
             return None
         except TimeoutError:
-            return {"pid": pid, "error": f"process {pid} did not answer within {timeout:.0f} s"}
+            error = f"process {pid} did not answer within {timeout:.0f} s"
         except (OSError, ValueError, AgentError) as exc:
-            return {"pid": pid, "error": f"process {pid}: {exc}"}
+            error = f"process {pid}: {exc}"
+        if _exited(pid):
+            forget(path)
+            error = f"process {pid} exited before it answered"
+        return {"pid": pid, "error": error}
 
     if not targets:
         return []
@@ -6609,6 +6947,27 @@ def _locate_members(paths: list[str], module_files: dict[str, str],
     return located
 
 
+def _locate_own_members(paths: list[str]) -> dict[str, str]:
+    """Where this process loaded the members from; the packages they lie in become tracked.
+
+    A release names the application's modules, so a package of it installed
+    into site-packages (which is never tracked by default) is tracked from
+    here on, before its files are replaced, and is reloaded like the rest.
+    """
+    located = _locate_members(paths, *_loaded_locations(paths))
+    packages = {os.path.join(dest[: -len(rel)], rel.split("/")[0]) for rel, dest in located.items() if "/" in rel}
+    for package in sorted(packages):
+        if os.path.isdir(package) and _tracker.roots and not any(
+                _tracker.covers(name, dest) for name, dest in _module_names_of(located, package)):
+            track(package)
+    return located
+
+
+def _module_names_of(located: dict[str, str], package: str) -> list[tuple[str, str]]:
+    return [(_module_name(rel.split("/")) or rel, dest) for rel, dest in located.items()
+            if _is_under(dest, package) and rel.endswith(".py")]
+
+
 def _choose_app_root(located: dict[str, str], cwd: str) -> str:
     """``FLYDEPLOY_APP_ROOT``, else the root the loaded application code sits in, else ``cwd``.
 
@@ -6639,23 +6998,72 @@ def _file_sha256(path: str) -> str | None:
         return None
 
 
-def _make_dirs(directory: str) -> None:
-    if os.path.isdir(directory):
-        return
-    _make_dirs(os.path.dirname(directory))
-    os.mkdir(directory, 0o755)
-    _adopt_dir_owner(directory)
+def _make_dirs(directory: str, created: list[str]) -> None:
+    """``os.makedirs`` that records each directory it creates (parents first) and gives it the app's owner."""
+    missing = []
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for path in reversed(missing):
+        os.mkdir(path, 0o755)
+        created.append(path)
+        _adopt_dir_owner(path)
 
 
-def _install_files(plan: dict[str, str], hashes: dict[str, str], source_dir: str) -> tuple[list[str], int]:
+class _Installed:
+    """Files published by ``_install_files``, with what they replaced kept until ``commit``.
+
+    ``undo`` puts back every replaced file and removes every new file and
+    directory, so a failure after publishing leaves the tree as it was.
+    """
+
+    def __init__(self, unchanged: int) -> None:
+        self.unchanged = unchanged
+        self.written: list[str] = []
+        self.backups: list[tuple[str, str | None]] = []
+        self.created_dirs: list[str] = []
+
+    def undo(self) -> None:
+        """Restore the tree as it was before publishing (best effort, reverse order)."""
+        for dest, backup in reversed(self.backups):
+            with contextlib.suppress(OSError):
+                if backup is None:
+                    os.unlink(dest)
+                else:
+                    os.replace(backup, dest)
+        for directory in reversed(self.created_dirs):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        self.backups.clear()
+
+    def commit(self) -> None:
+        """Drop the copies of the replaced files: the release stays."""
+        for _dest, backup in self.backups:
+            if backup is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(backup)
+        self.backups.clear()
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _install_files(plan: dict[str, str], hashes: dict[str, str], source_dir: str) -> _Installed:
     """Write the members whose content differs from what is at their destination.
 
     Every changed file is first staged beside its destination (mode and owner
     of the file it replaces, or of the release and the directory for a new
-    file), then each is published with ``os.replace``.  A failure while staging
-    changes nothing.  Returns ``(written destinations, unchanged count)``.
+    file), then each is published with ``os.replace``, the old file kept
+    (hard-linked) until the caller commits or undoes.  A failure while staging
+    or publishing changes nothing.
     """
     changed = [(rel, dest) for rel, dest in sorted(plan.items()) if _file_sha256(dest) != hashes[rel]]
+    installed = _Installed(len(plan) - len(changed))
     staged: list[tuple[str, str]] = []
 
     def stage(source: str, dest: str, mode: int, owner: tuple[int, int]) -> None:
@@ -6674,19 +7082,33 @@ def _install_files(plan: dict[str, str], hashes: dict[str, str], source_dir: str
                 current = os.stat(dest)
                 mode, owner = stat.S_IMODE(current.st_mode), (current.st_uid, current.st_gid)
             except FileNotFoundError:
-                _make_dirs(os.path.dirname(dest))
+                _make_dirs(os.path.dirname(dest), installed.created_dirs)
                 parent = os.stat(os.path.dirname(dest))
                 mode, owner = stat.S_IMODE(os.stat(source).st_mode), (parent.st_uid, parent.st_gid)
             stage(source, dest, mode, owner)
+        for tmp, dest in staged:
+            backup = None
+            if os.path.lexists(dest):
+                backup = f"{tmp}.old"
+                os.link(dest, backup, follow_symlinks=False)
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                if backup is not None:
+                    os.unlink(backup)
+                raise
+            installed.backups.append((dest, backup))
+            installed.written.append(dest)
+        for directory in sorted({os.path.dirname(dest) for dest in installed.written}):
+            _fsync_dir(directory)
     except (OSError, FlyDeployError) as exc:
         for tmp, _dest in staged:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+        installed.undo()
         raise AgentError(f"cannot write the release: {exc}; no file was changed. "
                          "Check the permissions and free space of the app directory.") from exc
-    for tmp, dest in staged:
-        os.replace(tmp, dest)
-    return [dest for _tmp, dest in staged], len(plan) - len(staged)
+    return installed
 
 
 def _store_for_url(url: str, store: Store | None = None) -> tuple[Store, str]:
@@ -6700,76 +7122,116 @@ def _store_for_url(url: str, store: Store | None = None) -> tuple[Store, str]:
     if parsed.scheme == "file":
         return LocalStore.from_url(url)
     if parsed.scheme not in ("http", "https"):
-        raise ConfigError(f"unsupported release URL {url!r}: use the https:// URL of the uploaded "
+        raise ConfigError(f"unsupported release URL {_redact_url(url)!r}: use the https:// URL of the uploaded "
                           "tarball or the file:// URL of a local store")
     bucket, _, key = urllib.parse.unquote(parsed.path).lstrip("/").partition("/")
     if not bucket or not key:
-        raise ConfigError(f"{url} is not a release URL: expected <endpoint>/<bucket>/<key>")
+        raise ConfigError(f"{_redact_url(url)} is not a release URL: expected <endpoint>/<bucket>/<key>")
     if store is None or store.url(key) != url:
         store = S3.from_env(bucket=bucket)
         if urllib.parse.urlsplit(store.url(key))[:2] != parsed[:2]:
-            raise ConfigError(f"the release is on {parsed.scheme}://{parsed.netloc} but AWS_ENDPOINT_URL_S3 "
-                              "points elsewhere; set it to the endpoint the release was uploaded to")
+            raise ConfigError(f"the release is on {_redact_url(f'{parsed.scheme}://{parsed.netloc}')} but "
+                              "AWS_ENDPOINT_URL_S3 points elsewhere; set it to the endpoint the release was "
+                              "uploaded to (credentials go in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                              "never in the URL)")
     return store, key
 
 
-def _fetch_release(store: Store, key: str, workdir: str, sha256: str | None) -> tuple[dict, str, str]:
-    """Download, verify and unpack a release into ``workdir``; returns ``(manifest, tree, sha256)``."""
+def _fetch_release(store: Store, key: str, workdir: str, sha256: str | None, app: str) -> tuple[dict, str, str]:
+    """Download, verify and unpack a release of ``app`` into ``workdir``; returns ``(manifest, tree, sha256)``."""
     tarball = os.path.join(workdir, "release.tar.gz")
     digest = store.download(key, tarball)
     if sha256 and digest.lower() != sha256.lower():
         raise AgentError(f"hash mismatch for {key}: expected sha256 {sha256.lower()}, downloaded {digest}; "
                          "the stored tarball is not the recorded release. Nothing was written; push it again.")
     tree = os.path.join(workdir, "tree")
-    return unpack_release(tarball, tree, expected_sha256=digest), tree, digest
+    manifest = unpack_release(tarball, tree, expected_sha256=digest)
+    if manifest.get("app") not in (None, app):
+        raise AgentError(f"{key} is a release of app {manifest['app']!r}, not of {app!r}; nothing was written. "
+                         "Check the --app and --url of the upgrade.")
+    return manifest, tree, digest
 
 
-def _locate_on_machine(app: str, paths: list[str], *, in_process: bool) -> tuple[dict[str, str], str]:
-    """Where this machine's processes loaded the members from, and the app root for the rest.
+def _most_common(values: list[str], default: str | None) -> str | None:
+    counts = collections.Counter(value for value in values if value)
+    return min(counts, key=lambda value: (-counts[value], value)) if counts else default
+
+
+def _locate_on_machine(app: str, paths: list[str], *,
+                       in_process: bool) -> tuple[dict[str, str], str, str | None]:
+    """Where this machine's processes loaded the members from, the app root for the rest, and their image.
 
     Asks every agent; with ``in_process`` this process answers from its own
-    modules instead of through its socket.
+    modules, directory and image instead of through its socket.  Otherwise
+    the working directory and ``FLY_IMAGE_REF`` most of the processes share
+    win (an exec'd command may lack the app's environment).
     """
     located: dict[str, str] = {}
-    cwd = os.getcwd()
-    for entry in _ask_agents(app, {"op": "locate", "paths": paths}, timeout=10.0,
+    cwds, image_refs = [], []
+    for entry in _ask_agents(app, {"op": "locate", "paths": paths}, timeout=_LOCATE_TIMEOUT,
                              exclude_pid=os.getpid() if in_process else None):
         reply = entry.get("reply") or {}
         if reply.get("ok") and isinstance(reply.get("located"), dict):
             for rel, dest in reply["located"].items():
                 if rel in paths and isinstance(dest, str) and _under_as(dest, rel):
                     located.setdefault(rel, dest)
-            cwd = reply.get("cwd") or cwd
+            cwds.append(reply.get("cwd"))
+            image_refs.append(reply.get("image_ref"))
+    cwd, image_ref = _most_common(cwds, os.getcwd()), _most_common(image_refs, None)
     if in_process:
-        located.update(_locate_members(paths, *_loaded_locations(paths)))
-        cwd = os.getcwd()
-    return located, _choose_app_root(located, cwd)
+        located.update(_locate_own_members(paths))
+        cwd, image_ref = os.getcwd(), os.environ.get("FLY_IMAGE_REF") or None
+    return located, _choose_app_root(located, cwd), image_ref
 
 
-def _install_release(app: str, store: Store, key: str, sha256: str | None, *, deployed_at: str | None = None,
-                     in_process: bool, unless_installed: str | None = None) -> dict | None:
+class _Superseded(AgentError):
+    """This machine already installed a release deployed after the one asked for."""
+
+
+def _install_release(app: str, store: Store, key: str, sha256: str | None, *, deployed_at: str | None,
+                     in_process: bool, unless_installed: dict | None = None) -> dict | None:
     """Download, verify and write a release on this machine; record it in the state file.
 
     Callers hold the machine lock, so one process at a time does the file
-    work.  With ``unless_installed`` (a version) it returns None without
-    downloading when the state file shows that version installed already.
+    work.  With ``unless_installed`` (a release record) it returns None
+    without downloading when the state file shows that release installed.
+    A release deployed before the one installed raises ``_Superseded``: two
+    upgrades that raced, or a stale metadata read, never roll a machine back.
     Returns the new state plus ``files_written`` and ``files_unchanged``.
     """
+    state = _read_state(app)
+    if state and deployed_at and (state.get("deployed_at") or "") > deployed_at:
+        raise _Superseded(f"refusing {key} (deployed at {deployed_at}): this machine already installed "
+                          f"{state.get('version')}, deployed later ({state['deployed_at']}); nothing was written")
+    if unless_installed is not None and _same_release(state, unless_installed) and _for_this_image(state):
+        return None
     with tempfile.TemporaryDirectory(prefix="flydeploy-release-") as workdir:
-        state = _read_state(app)
-        if (unless_installed is not None and state and state.get("version") == unless_installed
-                and state.get("image_ref") == os.environ.get("FLY_IMAGE_REF")):
-            return None
-        manifest, tree, digest = _fetch_release(store, key, workdir, sha256)
+        manifest, tree, digest = _fetch_release(store, key, workdir, sha256, app)
         paths = sorted(manifest["files"])
-        located, app_root = _locate_on_machine(app, paths, in_process=in_process)
-        written, unchanged = _install_files(_plan_destinations(paths, located, app_root), manifest["files"], tree)
+        located, app_root, image_ref = _locate_on_machine(app, paths, in_process=in_process)
+        installed = _install_files(_plan_destinations(paths, located, app_root), manifest["files"], tree)
         state = {"app": app, "version": manifest.get("version"), "sha256": digest,
                  "source_image_ref": manifest.get("source_image_ref"), "deployed_at": deployed_at,
-                 "image_ref": os.environ.get("FLY_IMAGE_REF"), "installed_at": _iso_utc(_utc_now())}
-        _write_state(app, state)
-    log.info("flydeploy: %s %s: wrote %d files, %d unchanged", app, state["version"], len(written), unchanged)
-    return {**state, "files_written": len(written), "files_unchanged": unchanged}
+                 "image_ref": image_ref, "installed_at": _iso_utc(_utc_now())}
+        try:
+            _write_state(app, state)
+        except BaseException:
+            installed.undo()
+            raise
+        installed.commit()
+    log.info("flydeploy: %s %s: wrote %d files, %d unchanged", app, state["version"], len(installed.written),
+             installed.unchanged)
+    return {**state, "files_written": len(installed.written), "files_unchanged": installed.unchanged}
+
+
+def _apply_request(release: dict, suspend_timeout: float) -> dict:
+    return {"op": "apply", "suspend_timeout": suspend_timeout,
+            **{key: release.get(key) for key in ("version", "sha256", "source_image_ref", "deployed_at")}}
+
+
+def _apply_wait(suspend_timeout: float) -> float:
+    """How long to wait for one process's apply before reporting it failed."""
+    return suspend_timeout + _APPLY_MARGIN
 
 
 def _reply_error(entry: dict) -> str:
@@ -6810,7 +7272,47 @@ def _machine_result(replies: list[dict], *, version: str | None, started: float,
             "files_unchanged": (installed or {}).get("files_unchanged", 0), "processes": processes}
 
 
-def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None, suspend_timeout: float = 10.0,
+def _redact_url(url: str) -> str:
+    """``url`` without its userinfo and query (credentials, presigned signatures)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def _scrub(text: str, *urls: str | None) -> str:
+    """``text`` with the userinfo and query of each of ``urls`` masked."""
+    for url in urls:
+        if not url:
+            continue
+        parts = urllib.parse.urlsplit(url)
+        userinfo = parts.netloc.rpartition("@")[0]
+        for secret in sorted({userinfo, *userinfo.split(":"), parts.query,
+                              *(value for _name, value in urllib.parse.parse_qsl(parts.query))}, key=len, reverse=True):
+            if len(secret) >= 4:
+                text = text.replace(secret, "***")
+    return text
+
+
+def _recorded_deployed_at(store: Store, app: str, key: str) -> str | None:
+    """When the release at ``key`` was recorded in current.json (hot upgrade or history), if it was.
+
+    Storage that cannot be read fails the upgrade here, before the download
+    would fail the same way.
+    """
+    doc, _etag = read_current(store, app)
+    records = [(doc or {}).get("hot_upgrade"), *((doc or {}).get("history") or [])]
+    for record in records:
+        if isinstance(record, dict) and isinstance(record.get("tarball_url"), str):
+            if urllib.parse.unquote(urllib.parse.urlsplit(record["tarball_url"]).path).endswith("/" + key):
+                return record.get("deployed_at")
+    return None
+
+
+def _fresh_upgrade_id() -> str:
+    return f"{_utc_now().strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(4)}"
+
+
+def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
+                suspend_timeout: float = _DEFAULT_SUSPEND_TIMEOUT,
                 upgrade_id: str | None = None, store: Store | None = None) -> dict:
     """Upgrade every Python process of ``app`` on this machine to the release at ``tarball_url``.
 
@@ -6819,48 +7321,57 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None, suspen
     ``sha256`` when given and unpacks it safely, then writes only the files
     whose content changed, each atomically, to where the running processes
     loaded them from (else under the app root), records the version in the
-    machine's state file and asks every live agent to apply it, concurrently.
+    machine's state file and asks every live agent to apply it, concurrently;
+    a process that has not answered ``suspend_timeout`` plus a margin later
+    is reported failed.  A release recorded in current.json before the one
+    this machine installed is refused, so racing upgrades never roll back.
 
-    Returns the per-machine result (DESIGN.md's result-file shape): success
-    only if every process succeeded, and there was at least one.  Operational
-    failures are reported in it, never raised; a bad tarball, a hash mismatch
-    or unreachable storage fail before any file is written.  The result is
-    also stored, best effort, at
-    ``releases/<app>-results/<upgrade_id>/<machine_id>.json`` (the upgrade
-    id defaults to the release version).
+    Returns the per-machine result (DESIGN.md's result-file shape, plus
+    ``upgrade_id``): success only if every process succeeded, and there was
+    at least one.  Every failure is reported in it, never raised; a bad
+    tarball, a hash mismatch or unreachable storage fail before any file is
+    written, and a failure while writing puts every file back.  Credentials
+    in the URL never appear in it.  The result is also stored, best effort,
+    at ``releases/<app>-results/<upgrade_id>/<machine_id>.json`` (the upgrade
+    id defaults to ``sha256``, else a fresh one).
     """
     _check_name("app", app)
-    if suspend_timeout <= 0:
+    if not _is_positive_seconds(suspend_timeout):
         raise ConfigError(f"suspend_timeout must be a positive number of seconds, not {suspend_timeout!r}")
+    upgrade_id = _check_name("upgrade id", upgrade_id or (sha256 or "").lower() or _fresh_upgrade_id())
     started = time.monotonic()
     installed, replies, error, key = None, [], None, None
     try:
         store, key = _store_for_url(tarball_url, store)
+        deployed_at = _recorded_deployed_at(store, app, key)
         log.info("flydeploy: downloading %s", key)
         # The lock covers the apply too: the version each process records is the one on disk.
         with _machine_lock(app):
-            installed = _install_release(app, store, key, sha256, in_process=False)
-            request = {"op": "apply", "version": installed["version"], "suspend_timeout": suspend_timeout,
-                       "source_image_ref": installed["source_image_ref"], "deployed_at": installed["deployed_at"]}
-            replies = _ask_agents(app, request, timeout=suspend_timeout + 120.0)
+            installed = _install_release(app, store, key, sha256, deployed_at=deployed_at, in_process=False)
+            replies = _ask_agents(app, _apply_request(installed, suspend_timeout),
+                                  timeout=_apply_wait(suspend_timeout))
         if not replies:
             raise AgentError(f"no flydeploy agent of {app} runs on this machine, so no running process loaded "
                              f"{installed['version']} (its files are written); the app must call "
                              "flydeploy.startup_reapply_current() at boot")
     except FlyDeployError as exc:
         error = str(exc)
+    except Exception as exc:  # whatever went wrong, the caller gets a result
+        log.error("flydeploy: unexpected error", exc_info=True)
+        error = f"unexpected error: {exc!r}"
+    if error is not None:
+        error = _scrub(error, tarball_url, os.environ.get("AWS_ENDPOINT_URL_S3"))
     result = _machine_result(replies, version=(installed or {}).get("version"), started=started,
                              installed=installed, error=error)
+    result["upgrade_id"] = upgrade_id
     for process in result["processes"]:
         log.info("flydeploy: %s %s", process["name"], "ok" if process["ok"] else process["error"])
-    if store is not None and key is not None:
-        _store_result(store, app, upgrade_id or result["version"], result)
+    if key is not None:
+        _store_result(store, app, upgrade_id, result)
     return result
 
 
-def _store_result(store: Store, app: str, upgrade_id: str | None, result: dict) -> None:
-    if not upgrade_id:
-        return
+def _store_result(store: Store, app: str, upgrade_id: str, result: dict) -> None:
     key = f"releases/{app}-results/{upgrade_id}/{result['machine_id']}.json"
     try:
         store.put(key, json.dumps(result, sort_keys=True).encode(), content_type="application/json")
@@ -6871,6 +7382,10 @@ def _store_result(store: Store, app: str, upgrade_id: str | None, result: dict) 
 # --- Boot catch-up and poller -----------------------------------------------
 
 _poller: _Poller | None = None
+
+
+class _LoadFailed(FlyDeployError):
+    """The files of a release are installed but this process could not load them."""
 
 
 def _current_hot_upgrade(doc: dict) -> dict | None:
@@ -6890,40 +7405,46 @@ def _catch_up_machine(store: Store, app: str, hot: dict) -> str:
     Under the machine lock, the first process to get here downloads and writes
     the files and tells the other agents; everyone else finds the state file
     current.  This process then reloads its own changed modules.  Returns
-    ``applied`` when this call installed the files, else ``up_to_date``.
+    ``applied`` when this call installed the files, else ``up_to_date`` (also
+    when the machine installed a later release: a stale read never rolls back).
     """
-    version = hot["version"]
-    release = {"version": version, "source_image_ref": hot.get("source_image_ref"),
-               "deployed_at": hot.get("deployed_at"), "image_ref": os.environ.get("FLY_IMAGE_REF")}
+    release = _release_of(hot, os.environ.get("FLY_IMAGE_REF"))
     store, key = _store_for_url(hot["tarball_url"], store)
     with _machine_lock(app):
-        installed = _install_release(app, store, key, hot.get("sha256"), deployed_at=hot.get("deployed_at"),
-                                     in_process=True, unless_installed=version)
+        try:
+            installed = _install_release(app, store, key, hot.get("sha256"), deployed_at=hot.get("deployed_at"),
+                                         in_process=True, unless_installed=release)
+        except _Superseded as exc:
+            log.info("flydeploy: %s", exc)
+            return "up_to_date"
         if installed is not None:
-            request = {"op": "apply", **{k: release[k] for k in ("version", "source_image_ref", "deployed_at")}}
-            for entry in _ask_agents(app, request, timeout=130.0, exclude_pid=os.getpid()):
+            release["sha256"] = installed["sha256"]
+            request = _apply_request(release, _DEFAULT_SUSPEND_TIMEOUT)
+            for entry in _ask_agents(app, request, timeout=_apply_wait(_DEFAULT_SUSPEND_TIMEOUT),
+                                     exclude_pid=os.getpid()):
                 if not (entry.get("reply") or {}).get("ok"):
-                    log.error("flydeploy: process %s did not apply %s: %s", entry["pid"], version, _reply_error(entry))
+                    log.error("flydeploy: process %s did not apply %s: %s", entry["pid"], release["version"],
+                              _reply_error(entry))
         report = _apply_here(release)
     if not report["ok"]:
-        raise FlyDeployError(f"this process could not load hot upgrade {version}: {report['error']}")
+        raise _LoadFailed(f"this process could not load hot upgrade {release['version']}: {report['error']}")
     return "up_to_date" if installed is None else "applied"
 
 
-def _reconcile(store: Store, app: str, image_ref: str) -> tuple[str, str | None]:
-    """One boot-time pass over current.json; returns ``(status, version)``."""
-    doc, _etag = read_current(store, app)
+def _reconcile(store: Store, app: str, image_ref: str) -> tuple[str, str | None, str | None]:
+    """One boot-time pass over current.json; returns ``(status, version, etag of what was read)``."""
+    doc, etag = read_current(store, app)
     status = "up_to_date"
     if doc is None or doc.get("image_ref") != image_ref:
         # Conditional on what is there when writing: a machine of this image
         # that got in first (or a hot upgrade recorded for it) is kept.
         doc = update_current(store, app, lambda found: found if found and found.get("image_ref") == image_ref
                              else _fresh_current(image_ref))
-        status = "reset"
+        status, etag = "reset", None
     hot = _current_hot_upgrade(doc)
     if hot is None:
-        return status, None
-    return _catch_up_machine(store, app, hot), hot["version"]
+        return status, None, etag
+    return _catch_up_machine(store, app, hot), hot["version"], etag
 
 
 def _poll_interval(poll_interval: float | None) -> float | None:
@@ -6934,19 +7455,22 @@ def _poll_interval(poll_interval: float | None) -> float | None:
         try:
             poll_interval = float(raw)
         except ValueError:
-            raise ConfigError(f"FLYDEPLOY_POLL_INTERVAL={raw!r} is not a number of seconds") from None
-    if poll_interval <= 0:
+            raise ConfigError(f"FLYDEPLOY_POLL_INTERVAL={raw!r} is not a number of seconds; "
+                              "set it to e.g. 30, or unset it") from None
+    if not _is_positive_seconds(poll_interval):
         raise ConfigError(f"the poll interval must be a positive number of seconds, not {poll_interval!r}")
     return float(poll_interval)
 
 
 class _Poller:
-    """Polls current.json and applies a hot upgrade for this image that the machine missed."""
+    """Polls current.json (conditional GETs) and applies a hot upgrade for this image that the machine missed."""
 
-    def __init__(self, store: Store, app: str, image_ref: str, interval: float) -> None:
+    def __init__(self, store: Store, app: str, image_ref: str, interval: float, etag: str | None) -> None:
         self.store, self.app, self.image_ref, self.interval = store, app, image_ref, interval
-        self._etag: str | None = None
-        self._failed_version: str | None = None
+        self.polls = 0
+        self.caught_up_at_poll: int | None = None
+        self._etag = etag
+        self._failed: dict | None = None
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"flydeploy-poller[{app}]", daemon=True)
         self._thread.start()
@@ -6959,26 +7483,50 @@ class _Poller:
                 log.warning("flydeploy: polling %s metadata failed: %s", self.app, exc)
 
     def poll(self) -> None:
-        """Check current.json once (a HEAD while it is unchanged) and catch up when needed."""
-        head = self.store.head(f"releases/{self.app}-current.json")
-        if head is not None and head.get("etag") == self._etag:
+        """Check current.json once (a conditional GET: no body while it is unchanged) and catch up when needed."""
+        self.polls += 1
+        key = _current_key(self.app)
+        try:
+            got = self.store.get_json(key, if_none_match=self._etag)
+        except NotFound:
+            got = None, None
+        if got is None:
             return
-        doc, etag = read_current(self.store, self.app)
+        doc, etag = got
+        if doc is not None and not isinstance(doc, dict):
+            raise ReleaseError(f"{key} holds {type(doc).__name__}, not a JSON object; push again or cold deploy")
         hot = _current_hot_upgrade(doc) if doc is not None and doc.get("image_ref") == self.image_ref else None
-        # A version this process failed to load is not retried: it would fail the same way.
-        if hot is not None and hot["version"] not in ((_held or {}).get("version"), self._failed_version):
+        # A release this process failed to load is not retried: it would fail the same way.
+        if hot is not None and not _same_release(_held, hot) and not _same_release(self._failed, hot):
             try:
                 status = _catch_up_machine(self.store, self.app, hot)
-            except FlyDeployError:
-                self._failed_version = hot["version"]
+            except _LoadFailed:
+                self._failed = hot
+                self._etag = etag
                 raise
+            self.caught_up_at_poll = self.polls
             log.info("flydeploy: poller: %s %s", status, hot["version"])
         self._etag = etag
 
     def stop(self) -> None:
         """Stop polling."""
         self._stopped.set()
-        self._thread.join(timeout=5)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+
+def stop_poller() -> None:
+    """Stop this process's poller, if ``startup_reapply_current`` started one."""
+    global _poller
+    poller, _poller = _poller, None
+    if poller is not None:
+        poller.stop()
+
+
+def _outcome(status: str, *, error: str | None = None, version: str | None = None, agent: str | None = None,
+             agent_error: str | None = None, started: float | None = None) -> dict:
+    return {"status": status, "error": error, "version": version, "agent": agent, "agent_error": agent_error,
+            "duration_ms": 0.0 if started is None else round((time.perf_counter() - started) * 1000, 3)}
 
 
 def startup_reapply_current(app: str | None = None, *, poll_interval: float | None = None,
@@ -6996,48 +7544,60 @@ def startup_reapply_current(app: str | None = None, *, poll_interval: float | No
     ``error`` (the app continues on the image's code).  With nothing pending
     it costs one metadata GET.  ``poll_interval`` (or
     ``FLYDEPLOY_POLL_INTERVAL``, seconds) starts a thread that applies hot
-    upgrades this machine missed.
+    upgrades this machine missed (:func:`stop_poller` stops it); a bad value
+    is reported in ``error`` and the catch-up still runs.  An agent that
+    cannot start is reported in ``agent_error`` and the catch-up still runs.
+
+    A machine still on an older image that boots after a cold deploy resets
+    the metadata to its own image, which drops a hot upgrade recorded for the
+    new image: the new image's machines then run its own code until the next
+    hot upgrade.  Finish rolling out a cold deploy before hot upgrading it.
     """
-    global _poller, _process_app
+    global _poller
     if getattr(_reloading, "active", False):
         # The call that loaded this code is the one that counts.
-        return {"status": "up_to_date", "error": None, "version": (_held or {}).get("version"),
-                "agent": _agent.path if _agent is not None else None, "agent_error": None, "duration_ms": 0.0}
+        return _outcome("up_to_date", version=(_held or {}).get("version"),
+                        agent=_agent.path if _agent is not None else None)
     started = time.perf_counter()
-    status, version, error, agent_path, agent_error = "error", None, None, None, None
+    status, version, error, agent_path, agent_error, config_error = "error", None, None, None, None, None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3")
     try:
-        app = app or os.environ.get("FLY_APP_NAME") or ""
-        if not app:
-            raise ConfigError("no app name: pass startup_reapply_current(app=...) or set FLY_APP_NAME")
-        _check_name("app", app)
-        _process_app = app
-        _ensure_tracking()
-        _register_process_hooks()
+        app = _adopt_app(app)
         if agent:
             try:
                 agent_path = start_agent(app).path
-            except FlyDeployError as exc:  # the catch-up below needs no agent
-                agent_error = str(exc)
-                log.error("flydeploy: %s runs without an agent, so hot upgrades cannot reach it: %s", app, exc)
+            except Exception as exc:  # the catch-up below needs no agent
+                agent_error = _scrub(str(exc) or repr(exc), endpoint)
+                log.error("flydeploy: %s runs without an agent, so hot upgrades cannot reach it: %s", app,
+                          agent_error)
+        try:
+            interval = _poll_interval(poll_interval)
+        except ConfigError as exc:
+            interval, config_error = None, str(exc)
+            log.error("flydeploy: no poller for %s: %s", app, exc)
         image_ref = os.environ.get("FLY_IMAGE_REF")
-        interval = _poll_interval(poll_interval)
         if not image_ref:
             status, error = "skipped", "FLY_IMAGE_REF is not set (local development): nothing to reapply"
         else:
             store = store if store is not None else S3.from_env()
+            etag = None
             try:
-                status, version = _reconcile(store, app, image_ref)
+                status, version, etag = _reconcile(store, app, image_ref)
             finally:
                 if interval and _poller is None:
-                    _poller = _Poller(store, app, image_ref, interval)
+                    _poller = _Poller(store, app, image_ref, interval, etag)
     except Exception as exc:  # boot must go on with the image's code
-        status, error = "error", str(exc) or repr(exc)
+        status, error = "error", _scrub(str(exc) or repr(exc), endpoint)
         log.error("flydeploy: startup reapply of %s failed, continuing on the image's code: %s", app, error)
-    outcome = {"status": status, "error": error, "version": version, "agent": agent_path,
-               "agent_error": agent_error, "duration_ms": round((time.perf_counter() - started) * 1000, 3)}
+    outcome = _outcome(status, error=error or config_error, version=version, agent=agent_path,
+                       agent_error=agent_error, started=started)
     if status != "error":
         log.info("flydeploy: startup reapply of %s: %s%s", app, status, f" {version}" if version else "")
     return outcome
+
+
+# The state file already checked against the loaded modules: (state, info).
+_info_checked: tuple[dict, dict] | None = None
 
 
 def get_current_hot_upgrade_info(app: str | None = None) -> dict:
@@ -7047,14 +7607,19 @@ def get_current_hot_upgrade_info(app: str | None = None) -> dict:
     "version", "source_image_ref", "deployed_at", "current_image_ref"}``.  A
     process that started after its machine installed a hot upgrade reports
     that upgrade (from the machine's state file for ``app``, default the
-    agent's app or ``FLY_APP_NAME``).
+    agent's app or ``FLY_APP_NAME``), once its loaded modules are found to be
+    that release's (checked once per installed release).
     """
+    global _info_checked
     held = _held
     app = app or (_agent.app if _agent is not None else None) or os.environ.get("FLY_APP_NAME")
     if held is None and app:
         state = _read_state(app)
-        if state and state.get("image_ref") == os.environ.get("FLY_IMAGE_REF") and not modified_modules():
-            held = state
+        if _for_this_image(state):
+            checked = _info_checked
+            if checked is None or checked[0] != state:
+                checked = _info_checked = (state, state if not modified_modules() else {})
+            held = checked[1]
     if not held or not held.get("version"):
         return {"hot_upgrade_applied": False}
     return {"hot_upgrade_applied": True, "version": held["version"],
@@ -7095,12 +7660,21 @@ def _rpc_upgrade(args: argparse.Namespace) -> int:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
+    level = log.level
     log.setLevel(logging.INFO)
+    started = time.monotonic()
     try:
         result = hot_upgrade(args.url, args.app, sha256=args.sha256, suspend_timeout=args.suspend_timeout,
                              upgrade_id=args.upgrade_id)
+    except ConfigError:
+        raise  # bad usage: exit 2, no result
+    except Exception as exc:  # the orchestrator still gets its one result line
+        log.error("flydeploy: unexpected error", exc_info=True)
+        result = _machine_result([], version=None, started=started,
+                                 error=_scrub(f"unexpected error: {exc!r}", args.url))
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
     if result["success"]:
         print(f"upgraded {result['processes_succeeded']} processes to {result['version']}: "
               f"{result['modules_reloaded']} modules, suspended {result['suspend_duration_ms']:.0f} ms")
@@ -7115,16 +7689,23 @@ def _positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    if not _is_positive_seconds(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds, more than 0")
     return value
 
 
 def _release_url(text: str) -> str:
     if urllib.parse.urlsplit(text).scheme not in ("http", "https", "file"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a release URL: give the https:// URL of the "
-                                         "uploaded tarball, or a file:// URL of a local store")
+        raise argparse.ArgumentTypeError(f"{_redact_url(text)!r} is not a release URL: give the https:// URL "
+                                         "of the uploaded tarball, or a file:// URL of a local store")
     return text
+
+
+def _upgrade_id(text: str) -> str:
+    try:
+        return _check_name("upgrade id", text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
@@ -7138,13 +7719,15 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
     upgrade.add_argument("--url", required=True, type=_release_url,
                          help="URL of the release tarball (https:// or file://)")
     upgrade.add_argument("--sha256", help="expected sha256 of the tarball")
-    upgrade.add_argument("--suspend-timeout", type=_positive_seconds, default=10.0, metavar="S",
+    upgrade.add_argument("--suspend-timeout", type=_positive_seconds, default=_DEFAULT_SUSPEND_TIMEOUT, metavar="S",
                          help="seconds servers may take to reach a safe point (default 10)")
-    upgrade.add_argument("--upgrade-id", help="where the result is stored (default: the release version)")
+    upgrade.add_argument("--upgrade-id", type=_upgrade_id,
+                         help="where the result is stored: releases/<app>-results/<upgrade-id>/ "
+                              "(default: the --sha256, else a fresh id)")
     upgrade.set_defaults(handler=_rpc_upgrade)
     for name, text in (("info", "print every process's info as JSON"), ("ping", "check every agent answers")):
         query = rpc_commands.add_parser(name, parents=[common], help=text)
-        query.add_argument("--timeout", type=_positive_seconds, default=10.0, metavar="S",
+        query.add_argument("--timeout", type=_positive_seconds, default=_QUERY_TIMEOUT, metavar="S",
                            help="seconds to wait for each agent (default 10)")
         query.set_defaults(handler=_rpc_query)
 

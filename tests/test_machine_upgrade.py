@@ -73,7 +73,8 @@ def test_two_processes_upgraded_with_state_kept(machine, tmp_path, seaweed, s3):
                                    "current_image_ref": machine.env["FLY_IMAGE_REF"]}
     assert (machine.app_root / "greet.py").read_text() == GREET_V2
 
-    stored, _ = s3.get_json(f"releases/shop-results/{result['version']}/{result['machine_id']}.json")
+    assert result["upgrade_id"] == release.sha256  # without --upgrade-id, the sha256 names the upgrade
+    stored, _ = s3.get_json(f"releases/shop-results/{result['upgrade_id']}/{result['machine_id']}.json")
     assert stored["success"] is True and stored["processes_succeeded"] == 2
 
     info = json.loads(machine.rpc("info", "--app", "shop").stdout)
@@ -121,7 +122,10 @@ def app(environ, start_response):
 
 @pytest.mark.parametrize("preload", [True, False], ids=["preload", "no-preload"])
 def test_gunicorn_workers_upgraded_and_replacements_run_new_code(machine, tmp_path, local_store, preload):
-    del machine.env["FLY_IMAGE_REF"]  # local development: the app skips S3 and serves with its agent
+    if not preload:
+        del machine.env["FLY_IMAGE_REF"]  # local development: the app skips S3 and serves with its agent
+    # With --preload the image ref is set, as on Fly: the boot check fails (no storage configured
+    # here) and the app serves the image's code, and the state file must match its image.
     machine.write({"wsgi.py": WSGI_PY, "greet.py": GREET_V1})
     bind = machine.runtime / "http.sock"
     argv = [sys.executable, "-m", "gunicorn", "--workers", "2", "--bind", f"unix:{bind}",
@@ -240,7 +244,8 @@ def test_members_go_where_the_code_was_loaded_from(machine, tmp_path, local_stor
     main_inode = (machine.app_root / "main.py").stat().st_ino
     process = machine.start().wait_ready()
 
-    files = {"main.py": "import shopkit\n" + MAIN_PY, "counter.py": COUNTER_PY, "greet.py": GREET_V2,
+    greet_v2 = "import shopkit\n\ndef greeting():\n    return 'hello ' + shopkit.render()\n"
+    files = {"main.py": "import shopkit\n" + MAIN_PY, "counter.py": COUNTER_PY, "greet.py": greet_v2,
              "newmod.py": "X = 1\n",
              "shopkit/__init__.py": "from .core import render\n",
              "shopkit/core.py": "def render():\n    return 'page-v2'\n",
@@ -249,17 +254,20 @@ def test_members_go_where_the_code_was_loaded_from(machine, tmp_path, local_stor
     _release, url = make_release(tmp_path, local_store, files, version="v2")
     upgrade = machine.rpc("upgrade", "--app", "shop", "--url", url)
     assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
-    assert parse_result(upgrade.stdout)["files_written"] == 5
+    result = parse_result(upgrade.stdout)
+    assert result["files_written"] == 5
+    # The release names shopkit, so the installed package is the app's and is reloaded too.
+    assert result["module_names"] == ["greet", "shopkit.core"]
 
     assert (site / "shopkit/core.py").read_text().endswith("'page-v2'\n")
     assert (site / "shopkit/templates/page.html").read_text() == "<p>v2</p>\n"
     assert (site / "shopkit/extra.py").read_text() == "Y = 2\n"
     assert (machine.app_root / "newmod.py").read_text() == "X = 1\n"
     assert not (machine.app_root / "shopkit").exists()
-    assert (machine.app_root / "greet.py").read_text() == GREET_V2
+    assert (machine.app_root / "greet.py").read_text() == greet_v2
     assert stat.S_IMODE((machine.app_root / "greet.py").stat().st_mode) == 0o640  # mode kept
     assert (machine.app_root / "main.py").stat().st_ino == main_inode  # unchanged: not rewritten
-    assert process.get()["greeting"] == "hello v2"
+    assert process.get()["greeting"] == "hello page-v2"  # the new site-packages code runs
     assert not list(machine.app_root.glob(".*.part")) and not list(site.rglob(".*.part"))
 
 

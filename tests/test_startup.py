@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 import sys
 
 import pytest
@@ -176,3 +177,138 @@ def test_poller_applies_a_missed_upgrade_once_per_machine(machine, tmp_path, s3)
     assert second.get()["info"]["version"] == "v2"
     writes = [line for p in (first, second) for line in p.log().splitlines() if ": wrote " in line]
     assert len(writes) == 1, writes  # one process did the file work, the other was told
+
+
+RECORDING_BOOT = '''\
+import json, sys, time
+import flydeploy
+calls = []
+
+class Recording:
+    """The store, recording each call: (method, key, if_none_match, answered "not modified")."""
+    def __init__(self, store):
+        self.store = store
+    def __getattr__(self, name):
+        method = getattr(self.store, name)
+        def call(*args, **kwargs):
+            result = method(*args, **kwargs)
+            calls.append([name, args[0] if args else None, kwargs.get("if_none_match"), result is None])
+            return result
+        return call
+
+outcome = flydeploy.startup_reapply_current(agent=False, store=Recording(flydeploy.S3.from_env()),
+                                            poll_interval=0.05)
+boot = list(calls)
+deadline = time.monotonic() + 30
+while len(calls) < len(boot) + 3 and time.monotonic() < deadline:
+    time.sleep(0.01)
+flydeploy.stop_poller()
+print(json.dumps({"outcome": outcome, "boot": boot, "polls": calls[len(boot):len(boot) + 3]}))
+'''
+
+
+def test_nothing_pending_costs_one_get_and_polls_are_conditional(machine, s3):
+    flydeploy.reset_current(s3, machine.app, machine.env["FLY_IMAGE_REF"])
+    _doc, etag = s3.get_json(f"releases/{machine.app}-current.json")
+    done = machine.python(RECORDING_BOOT)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["outcome"]["status"] == "up_to_date"
+    key = f"releases/{machine.app}-current.json"
+    assert out["boot"] == [["get_json", key, None, False]]
+    # Each poll is one conditional GET that the unchanged document answers with "not modified".
+    assert out["polls"] == [["get_json", key, etag, True]] * 3
+
+
+def test_conditional_reads_of_both_stores(s3, tmp_path):
+    for store in (s3, flydeploy.LocalStore(tmp_path / "store")):
+        store.put("releases/x-current.json", b'{"a": 1}')
+        doc, etag = store.get_json("releases/x-current.json")
+        assert store.get_json("releases/x-current.json", if_none_match=etag) is None
+        store.put("releases/x-current.json", b'{"a": 2}')
+        assert store.get_json("releases/x-current.json", if_none_match=etag)[0] == {"a": 2}
+
+
+def test_poller_retries_a_failed_download_and_applies_within_two_intervals(machine, tmp_path, s3):
+    machine.write({"main.py": MAIN_PY, "counter.py": COUNTER_PY})
+    machine.env["FLYDEPLOY_POLL_INTERVAL"] = "0.2"
+    process = machine.start().wait_ready()
+
+    def poller():
+        return json.loads(machine.rpc("info", "--app", machine.app).stdout)[0]["poller"]
+
+    # Recorded before its tarball is readable: the first downloads fail, later polls retry.
+    files = {"main.py": MAIN_PY, "counter.py": COUNTER_PY, "greet.py": GREET_V2}
+    release, url = make_release(tmp_path, s3, files, version="v2", app=machine.app)
+    s3.delete(flydeploy.release_key(machine.app, "v2"))
+    flydeploy.record_hot_upgrade(s3, machine.app, release.hot_upgrade_record(url))
+    failed_from = poller()["polls"]
+    wait_for(lambda: poller()["polls"] >= failed_from + 3, what="polls that fail to download")
+    assert process.get()["greeting"] == "hello v1"
+    s3.upload(flydeploy.release_key(machine.app, "v2"), release.path)
+    wait_for(lambda: process.get()["greeting"] == "hello v2", what="the poller to retry")
+
+    files["greet.py"] = GREET_V2.replace("v2", "v3")
+    release, url = make_release(tmp_path, s3, files, version="v3", app=machine.app)
+    before = poller()["polls"]
+    flydeploy.record_hot_upgrade(s3, machine.app, release.hot_upgrade_record(url))
+    wait_for(lambda: process.get()["greeting"] == "hello v3", what="the poller to apply v3")
+    assert poller()["caught_up_at_poll"] <= before + 2
+
+
+def test_a_bad_poll_interval_is_reported_and_the_catch_up_still_runs(machine, tmp_path, s3):
+    record(machine, tmp_path, s3, image_ref=machine.env["FLY_IMAGE_REF"])
+    out = boot(machine, env={"FLYDEPLOY_POLL_INTERVAL": "30s"})
+    assert out["outcome"]["status"] == "applied" and out["greeting"] == "hello v2"
+    assert "FLYDEPLOY_POLL_INTERVAL='30s' is not a number of seconds" in out["outcome"]["error"]
+
+
+def test_an_agent_that_cannot_start_does_not_stop_the_reset(machine, s3):
+    out = boot(machine, env={"BOOT_AGENT": "1", "FLYDEPLOY_RUNTIME_DIR": str(machine.base / "no" / "such" / "dir")})
+    assert out["outcome"]["status"] == "reset" and "cannot use the runtime directory" in out["outcome"]["agent_error"]
+    doc, _ = flydeploy.read_current(s3, machine.app)
+    assert doc["image_ref"] == machine.env["FLY_IMAGE_REF"]
+
+
+def test_a_republished_version_is_caught_up(machine, tmp_path, s3):
+    record(machine, tmp_path, s3, image_ref=machine.env["FLY_IMAGE_REF"])
+    assert boot(machine)["outcome"]["status"] == "applied"
+    # The same version pushed again with other content (a fixed build): its sha256 differs.
+    fixed = GREET_V2.replace("hello v2", "hello v2 fixed")
+    release, url = make_release(tmp_path / "again", s3, {"boot.py": BOOT_PY, "greet.py": fixed}, version="v2",
+                                app=machine.app)
+    flydeploy.record_hot_upgrade(s3, machine.app, release.hot_upgrade_record(url))
+    out = boot(machine)
+    assert out["outcome"]["status"] == "applied" and out["greeting"] == "hello v2 fixed"
+
+
+LATE_TRACKING = '''\
+import json, os, sys, time
+import before  # imported ahead of flydeploy
+import flydeploy
+import after  # imported once flydeploy is, before any root is declared
+print("imported", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+flydeploy.track(os.getcwd())
+modified = flydeploy.modified_modules()
+report = flydeploy.reload_modules()
+print(json.dumps({"modified": modified, "ok": report.ok, "values": [before.value(), after.value()],
+                  "after_reload": flydeploy.modified_modules()}))
+'''
+
+
+def test_modules_changed_on_disk_before_tracking_starts_are_still_reloaded(machine, tmp_path):
+    """Another process of the machine installed a release between this one's imports and its tracking."""
+    module = "def value():\n    return {!r}\n"
+    machine.write({"late.py": LATE_TRACKING, "before.py": module.format("v1"), "after.py": module.format("v1")})
+    go = tmp_path / "go"
+    process = subprocess.Popen([sys.executable, "late.py", str(go)], cwd=machine.app_root, env=machine.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "imported\n"
+    machine.write({"before.py": module.format("v2"), "after.py": module.format("v2")})
+    go.touch()
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert json.loads(out) == {"modified": ["after", "before"], "ok": True, "values": ["v2", "v2"],
+                               "after_reload": []}
