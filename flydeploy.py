@@ -2959,13 +2959,18 @@ def judge_upgrade(machine: Mapping[str, Any], exit_code: int, stdout: str, stder
 
 @dataclasses.dataclass
 class FleetReport:
-    """What an ``orchestrate`` run did: the release, and one outcome per machine."""
+    """What an ``orchestrate`` run did: the release, and one outcome per machine.
+
+    ``upgrade_id`` is the run's deployment id: the deploy lock's, and the folder
+    ``releases/<app>-results/<upgrade_id>/`` where each machine stores its result.
+    """
 
     app: str
     version: str
     sha256: str
     tarball_url: str
     uploaded: bool
+    upgrade_id: str
     outcomes: list[MachineOutcome]
     pending: list[Mapping[str, Any]]
     skipped: list[tuple[Mapping[str, Any], str]]
@@ -3153,8 +3158,9 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
         out.flush()
 
     started = time.monotonic()
+    upgrade_id = uuid.uuid4().hex
     lock = acquire_lock(store, app, owner=owner or f"{getpass.getuser()}@{socket.gethostname()}",
-                        deployment_id=uuid.uuid4().hex, timeout_s=lock_timeout, force=force)
+                        deployment_id=upgrade_id, timeout_s=lock_timeout, force=force)
     try:
         # Listed first to fail early on a bad token, and to learn the image the
         # machines run, which a missing current.json is seeded with.
@@ -3166,7 +3172,7 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
         # Listed again: a machine that started meanwhile read the old record.
         selection = select_machines(api.list(), self_id=self_id, process_groups=process_groups)
         report = FleetReport(app, entry["version"], entry["sha256"], entry["tarball_url"], uploaded,
-                             [], list(selection.pending), list(selection.skipped))
+                             upgrade_id, [], list(selection.pending), list(selection.skipped))
         for machine in selection.pending:
             say(f"· {machine.get('id')} ({machine.get('region', '?')}) {machine.get('state')}: "
                 "applies at next start")
@@ -3175,7 +3181,8 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
         say(f"Upgrading {_plural(len(selection.targets), 'machine')} to {entry['version']}, "
             f"{max_concurrency} at a time")
         argv = [python, "-m", "flydeploy", "rpc", "upgrade", "--app", app, "--url", entry["tarball_url"],
-                "--sha256", entry["sha256"], "--suspend-timeout", f"{suspend_timeout:g}"]
+                "--sha256", entry["sha256"], "--suspend-timeout", f"{suspend_timeout:g}",
+                "--upgrade-id", upgrade_id]
 
         def finished(outcome: MachineOutcome) -> None:
             report.outcomes.append(outcome)

@@ -451,7 +451,8 @@ def test_judge_upgrade_lines():
 def test_report_summary_and_exit_code():
     good = flydeploy.MachineOutcome("a", "ams", True, result={})
     bad = flydeploy.MachineOutcome("b", "ord", False, "timed out")
-    report = flydeploy.FleetReport("shop", "v2", "ab" * 32, "u", True, [good], [machine("c", "stopped")], [])
+    report = flydeploy.FleetReport("shop", "v2", "ab" * 32, "u", True, "id", [good],
+                                   [machine("c", "stopped")], [])
     assert report.exit_code == 0
     assert "1/1 machine upgraded to v2" in report.summary() and "1 stopped machine" in report.summary()
     report.outcomes.append(bad)
@@ -539,7 +540,7 @@ def test_orchestrate_pushes_a_release_to_every_started_machine(store, app_root):
     assert sorted(call[0] for call in api.calls) == ["a", "b"]
     assert api.calls[0][1] == ["python3", "-m", "flydeploy", "rpc", "upgrade", "--app", "shop",
                                "--url", hot["tarball_url"], "--sha256", hot["sha256"],
-                               "--suspend-timeout", "4"]
+                               "--suspend-timeout", "4", "--upgrade-id", report.upgrade_id]
     assert {call[2] for call in api.calls} == {50}
     assert "✓ b (ord) 2 modules, 1 process, suspended 3 ms" in out
     assert "· c (ams) stopped: applies at next start" in out

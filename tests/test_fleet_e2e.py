@@ -124,6 +124,9 @@ def test_hot_status_stopped_machine_and_rollback(fakefly, seaweed, tmp_path):
     assert project.fly.images(project.name) != [project.image]  # a new image was built
     assert f"releases/{project.name}-v2.tar.gz" in project.release_keys()
     assert f"releases/{project.name}-deploy.lock" not in project.release_keys()
+    results = [k for k in project.release_keys() if k.startswith(f"releases/{project.name}-results/")]
+    assert sorted(k.rsplit("/", 1)[1] for k in results) == sorted(f"{m.id}.json" for m in (first, second))
+    assert len({k.rsplit("/", 2)[1] for k in results}) == 1  # one folder: this deploy's upgrade id
 
     status = project.cli("status", "--json", local_s3=True)
     assert status.returncode == 0, status.output
