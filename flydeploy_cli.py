@@ -5,17 +5,33 @@
     python -m flydeploy_cli rollback   back to an earlier hot upgrade
     python -m flydeploy_cli demo       a live hot upgrade on this machine, shown side by side
 
+Settings come, highest first, from the flags, ``[tool.flydeploy]`` in
+``pyproject.toml``, ``fly.toml`` and the defaults.  ``hot`` builds the image
+with ``fly deploy --build-only --push``, then starts a temporary orchestrator
+machine from it (``fly machine run --rm``) that runs
+``python -m flydeploy orchestrate``: it packs the app, stores the release and
+execs ``rpc upgrade`` on every machine.  Exit codes: 0 every machine took the
+upgrade, 1 a machine (or the build) failed, 2 bad usage or settings, or the
+deploy lock is held, 130 interrupted.
+
 Standard library only; the work itself is done by ``flydeploy``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import difflib
+import getpass
 import glob
 import io
 import json
 import os
+import re
+import secrets
+import select
+import shlex
 import shutil
 import signal
 import socket
@@ -26,10 +42,464 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+from typing import TextIO
 
 import flydeploy
 
-__all__ = ["main", "demo", "DEMO_APP"]
+__all__ = [
+    "main",
+    "demo",
+    "DEMO_APP",
+    "build_command",
+    "token_command",
+    "orchestrate_argv",
+    "orchestrator_command",
+    "redact",
+    "run_build",
+    "mint_exec_token",
+    "launch_orchestrator",
+    "BUILD_SILENCE_S",
+]
+
+BUILD_SILENCE_S = 600.0
+"""A build that prints nothing for this long (seconds) is stopped."""
+
+_LAUNCH_ATTEMPTS = 3
+_LAUNCH_RETRY_DELAY_S = 10.0
+_INTERRUPT_GRACE_S = 60.0
+_REDACTED = "<redacted>"
+_SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "AUTH", "PRIVATE", "DSN")
+_IMAGE_LINE_RE = re.compile(r"^\s*image:\s*(\S+)")
+_MARKER_RE = re.compile(re.escape(flydeploy.ORCHESTRATOR_MARKER) + r" (started|exit (\d+))")
+_PAIR_FLAGS = ("-e", "--env", "--build-arg")
+
+
+# --- Commands ---------------------------------------------------------------
+
+
+def _app_flag(config: flydeploy.FleetConfig) -> list[str]:
+    # flyctl takes the app from fly.toml; name it only when it came from elsewhere.
+    return [] if config.sources.get("app") == "fly.toml" else ["-a", config.require_app()]
+
+
+def build_command(config: flydeploy.FleetConfig, label: str, *, no_cache: bool = False) -> list[str]:
+    """``fly deploy --build-only --push --image-label <label> -c <cfg> [--build-arg K=V ...]``."""
+    command = ["fly", "deploy", "--build-only", "--push", "--image-label", label, "-c", str(config.fly_toml)]
+    command += _app_flag(config)
+    if config.sources.get("build_args") != "fly.toml":  # flyctl reads [build.args] itself
+        for name, value in config.build_args.items():
+            command += ["--build-arg", f"{name}={value}"]
+    if no_cache:
+        command.append("--no-cache")
+    return command
+
+
+def _rpc_prefix(config: flydeploy.FleetConfig) -> str:
+    return shlex.join([config.python, "-m", "flydeploy", "rpc"])
+
+
+def token_command(config: flydeploy.FleetConfig) -> list[str]:
+    """``fly tokens create machine-exec``: a 1-hour token limited to ``<python> -m flydeploy rpc``."""
+    return ["fly", "tokens", "create", "machine-exec", "-a", config.require_app(), "--expiry", "1h",
+            "--command-prefix", _rpc_prefix(config)]
+
+
+def orchestrate_argv(config: flydeploy.FleetConfig, image_ref: str, *, version: str | None = None,
+                     owner: str | None = None, force: bool = False, rollback: bool = False,
+                     rollback_to: str | None = None) -> list[str]:
+    """The ``python -m flydeploy orchestrate ...`` command the orchestrator machine runs,
+    carrying every resolved setting so that it does exactly what ``--dry-run`` shows."""
+    argv = [config.python, "-m", "flydeploy", "orchestrate", "--app", config.require_app(),
+            "--image-ref", image_ref, "--python", config.python,
+            "--lock-timeout", f"{config.lock_timeout:g}", "--timeout", f"{config.timeout:g}",
+            "--max-concurrency", str(config.max_concurrency),
+            "--suspend-timeout", f"{config.suspend_timeout:g}"]
+    for group in config.process_groups:
+        argv += ["--process-group", group]
+    if version:
+        argv += ["--version", version]
+    if owner:
+        argv += ["--owner", owner]
+    if force:
+        argv.append("--force")
+    if rollback or rollback_to:
+        argv.append("--rollback")
+    if rollback_to:
+        argv += ["--to", rollback_to]
+    return argv
+
+
+def orchestrator_command(config: flydeploy.FleetConfig, image_ref: str, argv: list[str],
+                         env: Mapping[str, str]) -> list[str]:
+    """``fly machine run <image> --entrypoint "sleep inf" ... --rm --shell --command "<argv>"``."""
+    command = ["fly", "machine", "run", image_ref, "--entrypoint", "sleep inf", "-c", str(config.fly_toml)]
+    command += _app_flag(config)
+    command += ["--vm-memory", "1024"]
+    for name, value in env.items():
+        command += ["-e", f"{name}={value}"]
+    return command + ["--rm", "--shell", "--command", shlex.join(argv)]
+
+
+def _looks_secret(name: str) -> bool:
+    return any(word in name.upper() for word in _SECRET_WORDS)
+
+
+def _shown(name: str, value: str) -> str:
+    return f"{name}={_REDACTED if _looks_secret(name) else value}"
+
+
+def redact(command: Iterable[str]) -> list[str]:
+    """A copy of ``command`` whose ``-e`` / ``--build-arg`` values are hidden
+    when their name looks secret (token, key, password, ...)."""
+    shown: list[str] = []
+    for arg in command:
+        if shown and shown[-1] in _PAIR_FLAGS and "=" in arg:
+            arg = _shown(*arg.split("=", 1))
+        shown.append(arg)
+    return shown
+
+
+# --- Running flyctl -----------------------------------------------------------
+
+
+def _split_lines(buffer: bytes) -> tuple[list[bytes], bytes]:
+    """Complete lines (ending in newline or carriage return) and the rest."""
+    lines, start = [], 0
+    for match in re.finditer(rb"\r\n|\n|\r", buffer):
+        lines.append(buffer[start:match.end()])
+        start = match.end()
+    return lines, buffer[start:]
+
+
+def _stream(command: list[str], on_line: Callable[[str], None], *,
+            silence_s: float | None = None) -> int | None:
+    """Run ``command``, passing each line of its stdout and stderr to ``on_line``
+    as it comes.  Returns its exit code, or None when it printed nothing for
+    ``silence_s`` seconds and was stopped.  Ctrl-C is passed on to it and its
+    last words are still streamed."""
+    try:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    except OSError as exc:
+        raise flydeploy.FlyDeployError(
+            f"cannot run {command[0]}: {exc.strerror}; install flyctl (https://fly.io/docs/flyctl/install/) "
+            "and put it on PATH") from None
+    fd = process.stdout.fileno()
+    buffer = b""
+    interrupted = silent = False
+    try:
+        while True:
+            try:
+                ready, _, _ = select.select([fd], [], [], _INTERRUPT_GRACE_S if interrupted else silence_s)
+                if not ready:
+                    silent = True
+                    break
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                lines, buffer = _split_lines(buffer + chunk)
+                for line in lines:
+                    on_line(line.decode("utf-8", "replace"))
+            except KeyboardInterrupt:
+                if interrupted:
+                    raise
+                interrupted = True
+                os.killpg(process.pid, signal.SIGINT)
+        if buffer:
+            on_line(buffer.decode("utf-8", "replace"))
+        if not silent:
+            process.wait()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        process.stdout.close()
+    if interrupted:
+        raise KeyboardInterrupt
+    return None if silent else process.returncode
+
+
+def run_build(command: list[str], expected_image: str, *, silence_s: float = BUILD_SILENCE_S,
+              out: TextIO | None = None) -> str:
+    """Run the build, streaming its output to ``out``; return the pushed image ref.
+
+    The ref is cross-checked with the ``image: <ref>`` line flyctl prints.  A
+    failed build, a mismatched ref, or a build that prints nothing for
+    ``silence_s`` seconds (it is stopped) raise ``FlyDeployError``.
+    """
+    out = out or sys.stdout
+    reported: list[str] = []
+
+    def show(line: str) -> None:
+        match = _IMAGE_LINE_RE.match(line)
+        if match:
+            reported.append(match.group(1))
+        out.write(line)
+        out.flush()
+
+    code = _stream(command, show, silence_s=silence_s)
+    if code is None:
+        raise flydeploy.FlyDeployError(
+            f"the build printed nothing for {silence_s / 60:g} minutes and was stopped; run "
+            f"`{shlex.join(command)}` by hand to see where it hangs")
+    if code != 0:
+        raise flydeploy.FlyDeployError(f"the build failed (fly deploy exited {code}); see its output above. "
+                                       "Nothing was upgraded")
+    if reported and reported[-1] != expected_image:
+        raise flydeploy.FlyDeployError(f"flyctl pushed {reported[-1]}, not the expected {expected_image}; "
+                                       "nothing was upgraded")
+    if not reported:
+        out.write(f"note: flyctl printed no `image:` line; using {expected_image}\n")
+    return expected_image
+
+
+def _capture(command: list[str]) -> str | None:
+    """The last line a quick flyctl command printed, or None when it failed."""
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                                stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+    return lines[-1] if result.returncode == 0 and lines else None
+
+
+def mint_exec_token(config: flydeploy.FleetConfig) -> str | None:
+    """A short-lived exec token from the local flyctl session (``token_command``),
+    or None when there is no session that can mint one.  Never printed."""
+    return _capture(token_command(config))
+
+
+def launch_orchestrator(command: list[str], *, attempts: int = _LAUNCH_ATTEMPTS,
+                        retry_delay_s: float = _LAUNCH_RETRY_DELAY_S, out: TextIO | None = None) -> int:
+    """Run the orchestrator machine, streaming its output; return the upgrade's exit code.
+
+    The launch is tried again (a new image may take a moment to reach the
+    registry) only when the orchestrator never started, never after it began
+    the upgrade.
+    """
+    out = out or sys.stdout
+    for attempt in range(1, attempts + 1):
+        started, ended = False, None
+
+        def show(line: str) -> None:
+            nonlocal started, ended
+            match = _MARKER_RE.search(line)
+            if match is None:
+                out.write(line)
+                out.flush()
+            elif match.group(2) is None:
+                started = True
+            else:
+                ended = int(match.group(2))
+
+        code = _stream(command, show)
+        if ended is not None:
+            return ended
+        if started:
+            out.write(f"error: the orchestrator stopped without a result (fly exited {code}); "
+                      "run `python -m flydeploy_cli status` to see what each machine runs\n")
+            return 1
+        if attempt < attempts:
+            out.write(f"the orchestrator did not start (fly machine run exited {code}); the new image may "
+                      f"still be propagating, trying again in {retry_delay_s:g} s\n")
+            out.flush()
+            time.sleep(retry_delay_s)
+    out.write(f"error: the orchestrator did not start after {attempts} attempts; see flyctl's output above\n")
+    return 1
+
+
+# --- Subcommands --------------------------------------------------------------
+
+
+def _say(line: str) -> None:
+    print(f"==> {line}", flush=True)
+
+
+def _config(args: argparse.Namespace) -> flydeploy.FleetConfig:
+    overrides = flydeploy.fleet_overrides(args)
+    if args.local:
+        # No Fly here: fly.toml is optional and the agents' FLY_APP_NAME names the app.
+        overrides.setdefault("app", os.environ.get("FLY_APP_NAME") or None)
+        config = flydeploy.load_config(args.root or ".", overrides=overrides)
+        if not config.app:
+            raise flydeploy.ConfigError("no app name: pass --app or set FLY_APP_NAME (the name the app's "
+                                        "processes give their agents), or set `app` in fly.toml or "
+                                        "under [tool.flydeploy] in pyproject.toml")
+    else:
+        path = os.path.normpath(args.config)
+        config = flydeploy.load_config(os.path.dirname(path) or ".", config=os.path.basename(path),
+                                       overrides=overrides)
+    config.require_app()
+    return config
+
+
+def _local_store(args: argparse.Namespace, config: flydeploy.FleetConfig) -> flydeploy.LocalStore:
+    return flydeploy.LocalStore(args.store or os.path.join(config.project_dir, ".flydeploy"))
+
+
+def _local_push(args: argparse.Namespace, config: flydeploy.FleetConfig, *, version: str | None = None,
+                rollback: bool = False, rollback_to: str | None = None) -> int:
+    """Local mode: the release goes from a local store to every agent of the app on this host."""
+    store = _local_store(args, config)
+    if args.dry_run:
+        what = f"roll back to {rollback_to or 'the previous release'}" if rollback else f"pack {config.root}"
+        _print_plan(config, [], [f"{what}, record it in {store.root} and apply it to every flydeploy "
+                                 f"agent of {config.app} on this host (python -m flydeploy rpc upgrade)"])
+        return 0
+    report = flydeploy.orchestrate(
+        config.app, "local", store=store, api=flydeploy.LocalMachines(config.app, cwd=config.root),
+        root=config.root, version=version, include=config.include, exclude=config.exclude,
+        rollback=rollback, rollback_to=rollback_to, force=args.force, lock_timeout=config.lock_timeout,
+        timeout=config.timeout, max_concurrency=config.max_concurrency,
+        suspend_timeout=config.suspend_timeout, process_groups=config.process_groups, python=sys.executable)
+    return report.exit_code
+
+
+def _owner() -> tuple[str, bool]:
+    """Who deploys (the flyctl user, else user@host), and whether flyctl has a session."""
+    who = _capture(["fly", "auth", "whoami"])
+    return who or f"{getpass.getuser()}@{socket.gethostname()}", who is not None
+
+
+def _print_plan(config: flydeploy.FleetConfig, commands: list[list[str]], steps: Iterable[str] = ()) -> None:
+    print("Configuration (flags > pyproject.toml [tool.flydeploy] > fly.toml > defaults):")
+    for key, source in config.sources.items():
+        value = getattr(config, key)
+        if isinstance(value, Mapping):
+            value = ", ".join(_shown(k, v) for k, v in value.items()) or "-"
+        elif isinstance(value, tuple):
+            value = ", ".join(value) or "-"
+        print(f"  {key:<16} {value if value is not None else '-'}  ({source})")
+    env = ", ".join(_shown(k, v) for k, v in config.env.items()) or "-"
+    print(f"  {'fly.toml [env]':<16} {env}")
+    print("Commands that would run:" if commands else "What would happen:")
+    for number, step in enumerate([shlex.join(redact(c)) for c in commands] + list(steps), 1):
+        print(f"  {number}. {step}")
+    print("Nothing was built, pushed, locked or changed (--dry-run).")
+
+
+def _orchestrator_env(config: flydeploy.FleetConfig, can_mint: bool, dry_run: bool) -> tuple[dict, list]:
+    """The orchestrator's environment and the token command that feeds it."""
+    if not can_mint:
+        _say("no local flyctl session can mint an exec token: the orchestrator uses the app's "
+             "FLY_API_TOKEN secret")
+        return {}, []
+    if dry_run:
+        return {"FLYDEPLOY_API_TOKEN": _REDACTED}, [token_command(config)]
+    token = mint_exec_token(config)
+    if token is None:
+        _say("could not mint an exec token: the orchestrator uses the app's FLY_API_TOKEN secret")
+        return {}, []
+    _say("minted a 1-hour exec token for the orchestrator")
+    return {"FLYDEPLOY_API_TOKEN": token}, []
+
+
+def _push(config: flydeploy.FleetConfig, image: str, argv: list[str], dry_run: bool,
+          build: list[str] | None = None) -> int:
+    """Start the orchestrator (after the build, if any); ``--dry-run`` prints the plan instead."""
+    owner, can_mint = _owner()
+    argv = argv + ["--owner", owner]
+    if dry_run:
+        env, token_commands = _orchestrator_env(config, can_mint, True)
+        _print_plan(config, ([build] if build else []) + token_commands
+                    + [orchestrator_command(config, image, argv, env)])
+        return 0
+    if build:
+        _say(f"building {image}")
+        run_build(build, image)
+    env, _ = _orchestrator_env(config, can_mint, False)
+    _say(f"starting the orchestrator from {image}")
+    return launch_orchestrator(orchestrator_command(config, image, argv, env))
+
+
+def _hot(args: argparse.Namespace) -> int:
+    if args.local and (args.skip_build or args.image or args.build_args or args.no_cache):
+        raise flydeploy.ConfigError("--local builds no image: --skip-build, --image, --build-arg and "
+                                    "--no-cache do not apply")
+    if args.image and not args.skip_build:
+        raise flydeploy.ConfigError("--image REF goes with --skip-build (to upgrade from an image "
+                                    "already pushed)")
+    if args.skip_build and not args.image:
+        raise flydeploy.ConfigError("--skip-build needs --image REF: the image to run the orchestrator from")
+    config = _config(args)
+    version = args.version or flydeploy.default_version()
+    flydeploy.release_key(config.app, version)  # a version that cannot name a release stops here
+    if args.local:
+        return _local_push(args, config, version=version)
+    label = f"flydeploy-{version}-{secrets.token_hex(3)}"
+    image = args.image or f"registry.fly.io/{config.app}:{label}"
+    build = None if args.skip_build else build_command(config, label, no_cache=args.no_cache)
+    argv = orchestrate_argv(config, image, version=version, force=args.force)
+    return _push(config, image, argv, args.dry_run, build)
+
+
+def _running_image(config: flydeploy.FleetConfig) -> str:
+    """The image most app machines run, from ``fly machines list --json``."""
+    command = ["fly", "machines", "list", "--json", "-a", config.require_app()]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                                stdin=subprocess.DEVNULL)
+        machines = json.loads(result.stdout) if result.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        machines = None
+    if not isinstance(machines, list):
+        raise flydeploy.FlyDeployError(f"`{shlex.join(command)}` failed; log in with `fly auth login`, "
+                                       "or pass --image REF")
+    selection = flydeploy.select_machines(machines, process_groups=config.process_groups)
+    images = collections.Counter(flydeploy.machine_image(m) for m in selection.targets + selection.pending)
+    if not images:
+        raise flydeploy.FlyDeployError(f"{config.app} has no app machines to take the image from; "
+                                       "pass --image REF")
+    return images.most_common(1)[0][0]
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.to:
+        flydeploy.release_key(config.app, args.to)
+    if args.local:
+        return _local_push(args, config, rollback=True, rollback_to=args.to)
+    image = args.image or _running_image(config)
+    argv = orchestrate_argv(config, image, force=args.force, rollback=True, rollback_to=args.to)
+    return _push(config, image, argv, args.dry_run)
+
+
+def _image_tag(image: str) -> str:
+    name = image.rsplit("/", 1)[-1]
+    return name.split(":", 1)[1] if ":" in name else name
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.local:
+        store, python = _local_store(args, config), sys.executable
+        api = flydeploy.LocalMachines(config.app, cwd=config.root)
+    else:
+        store, python = flydeploy.S3.from_env(bucket=config.bucket), config.python
+        token = os.environ.get("FLY_API_TOKEN") or mint_exec_token(config)
+        if not token:
+            raise flydeploy.ConfigError("status needs a Machines API token: set FLY_API_TOKEN, or log in "
+                                        "with `fly auth login` so that one can be minted")
+        api = flydeploy.Machines(config.app, token)
+    rows = flydeploy.fleet_status(config.app, store=store, api=api, python=python,
+                                  process_groups=config.process_groups,
+                                  max_concurrency=config.max_concurrency)
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    header = ("MACHINE", "REGION", "STATE", "IMAGE", "HOT UPGRADE", "APPLIED", "STATUS")
+    table = [header] + [(r["machine_id"], r["region"] or "", r["state"], _image_tag(r["image"]),
+                         r["hot_upgrade_version"] or "-", r["applied_at"] or "-",
+                         r["verdict"] + (f" ({r['error']})" if r["error"] else "")) for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
+    for row in table:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    if not rows:
+        print(f"{config.app} has no app machines")
+    return 0
 
 
 # --- demo -------------------------------------------------------------------
@@ -319,28 +789,82 @@ def demo() -> int:
 # --- Argument parsing -------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
+def _key_value(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name, value
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
-        prog="python -m flydeploy_cli",
+        prog="python -m flydeploy_cli", allow_abbrev=False,
         description="Hot code upgrades for Python applications on Fly.io.",
     )
     parser.add_argument("--version", action="version", version=f"flydeploy {flydeploy.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    hot = commands.add_parser("hot", allow_abbrev=False, help="build, push and hot-upgrade every machine")
+    rollback = commands.add_parser("rollback", allow_abbrev=False, help="go back to an earlier hot upgrade")
+    status = commands.add_parser("status", allow_abbrev=False, help="what every machine runs")
     commands.add_parser("demo", allow_abbrev=False,
                         help="see a live hot upgrade on this machine (nothing to set up)")
-    return parser
+    for sub in (hot, rollback, status):
+        sub.add_argument("--config", default="fly.toml", help="the app's fly.toml (default: ./fly.toml)")
+        sub.add_argument("--local", action="store_true",
+                         help="no Fly, no S3: the app's processes on this host and a local store")
+        sub.add_argument("--root", metavar="DIR",
+                         help="with --local: the project (default: the current directory)")
+        sub.add_argument("--store", metavar="DIR",
+                         help="with --local: the release store (default: ROOT/.flydeploy)")
+    for sub in (hot, rollback):
+        flydeploy.add_fleet_arguments(sub)
+        sub.add_argument("--dry-run", action="store_true",
+                         help="print the settings and the commands; build, push and lock nothing")
+    hot.add_argument("--skip-build", action="store_true", help="do not build: upgrade from --image")
+    hot.add_argument("--image", metavar="REF", help="with --skip-build: the image to upgrade from")
+    hot.add_argument("--build-arg", action="append", type=_key_value, dest="build_args", metavar="K=V",
+                     help="a Docker build argument (repeatable)")
+    hot.add_argument("--no-cache", action="store_true", help="build without the Docker cache")
+    hot.add_argument("--version", help="the release version (default: a UTC timestamp)")
+    rollback.add_argument("--to", metavar="VERSION", help="the version to go back to (default: the previous)")
+    rollback.add_argument("--image", metavar="REF", help="the image to run the orchestrator from "
+                          "(default: the one the machines run)")
+    status.add_argument("--app", help="the Fly app (default: fly.toml's app)")
+    status.add_argument("--process-group", action="append", dest="process_groups", metavar="G",
+                        help="only machines of this process group (repeatable)")
+    status.add_argument("--json", action="store_true", help="print the rows as JSON")
+    return parser, {"hot": hot, "rollback": rollback, "status": status}
+
+
+def _unknown_flags(extras: list[str], sub: argparse.ArgumentParser) -> str:
+    known = [flag for action in sub._actions for flag in action.option_strings]
+    hints = []
+    for extra in extras:
+        close = difflib.get_close_matches(extra.split("=", 1)[0], known, n=1) if extra.startswith("-") else []
+        if close:
+            hints.append(f"{extra}: did you mean {close[0]}?")
+    return f"unrecognized arguments: {' '.join(extras)}" + ("; " + "; ".join(hints) if hints else "")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    parser, subs = _parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        (subs.get(args.command) or parser).error(_unknown_flags(extras, subs.get(args.command) or parser))
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    handler = {"demo": lambda _: demo()}[args.command]
+    if getattr(args, "build_args", None):
+        args.build_args = dict(args.build_args)
+    if args.command != "demo" and not args.local and (args.root or args.store):
+        (subs[args.command]).error("--root and --store go with --local")
+    handler = {"hot": _hot, "rollback": _rollback, "status": _status, "demo": lambda _: demo()}[args.command]
     try:
         return handler(args)
+    except (flydeploy.ConfigError, flydeploy.LockHeld) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except flydeploy.FlyDeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,656 @@
+"""The pure parts of the command line and the fleet orchestration: settings,
+flags, the exact flyctl command lines, redaction, machine selection, result
+markers, status rows, and the build / launch steps against stub executables."""
+
+import io
+import json
+import os
+import shlex
+import signal
+import stat
+import sys
+import textwrap
+import threading
+
+import pytest
+
+import flydeploy
+import flydeploy_cli
+from tests.waiting import wait_until
+
+MARKER = flydeploy.ORCHESTRATOR_MARKER
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def script(path, body):
+    """An executable Python script (a stand-in for flyctl in these tests)."""
+    write(path, f"#!{sys.executable}\n" + textwrap.dedent(body))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+@pytest.fixture
+def project(tmp_path):
+    write(tmp_path / "fly.toml", """
+        app = "shop"
+        [env]
+          BUCKET_NAME = "shop-releases"
+          STRIPE_SECRET_KEY = "sk_live_123"
+          LOG_LEVEL = "info"
+        [build.args]
+          PYTHON_VERSION = "3.12"
+        [processes]
+          app = "python server.py"
+          worker = "python worker.py"
+    """)
+    return tmp_path
+
+
+# --- settings ---------------------------------------------------------------
+
+
+def test_defaults_and_fly_toml(project):
+    config = flydeploy.load_config(project)
+    assert config.app == "shop" and config.sources["app"] == "fly.toml"
+    assert config.bucket == "shop-releases" and config.sources["bucket"] == "fly.toml"
+    assert config.build_args == {"PYTHON_VERSION": "3.12"}
+    assert config.max_concurrency == 10 and config.sources["max_concurrency"] == "default"
+    assert config.python == "python3" and config.timeout == 120.0
+    assert config.env["LOG_LEVEL"] == "info" and set(config.processes) == {"app", "worker"}
+    assert config.fly_toml == project / "fly.toml" and config.root == project / "."
+
+
+def test_pyproject_beats_fly_toml_and_flags_beat_both(project):
+    write(project / "pyproject.toml", """
+        [project]
+        name = "shop"
+        [tool.flydeploy]
+        app = "shop-staging"
+        max_concurrency = 4
+        exclude = ["scratch/*"]
+        root = "src"
+    """)
+    config = flydeploy.load_config(project)
+    assert (config.app, config.max_concurrency) == ("shop-staging", 4)
+    assert config.sources["app"] == "pyproject.toml [tool.flydeploy]"
+    assert config.exclude == ("scratch/*",) and config.root == project / "src"
+    config = flydeploy.load_config(project, overrides={"app": "shop-prod", "max_concurrency": None,
+                                                       "timeout": 9})
+    assert (config.app, config.sources["app"]) == ("shop-prod", "--app")
+    assert config.max_concurrency == 4 and config.timeout == 9.0
+
+
+def test_toml_error_names_file_and_line(project):
+    write(project / "pyproject.toml", """
+        [tool.flydeploy]
+        app = "ok"
+        max_concurrency = = 3
+    """)
+    with pytest.raises(flydeploy.ConfigError) as info:
+        flydeploy.load_config(project)
+    assert str(project / "pyproject.toml") in str(info.value) and "line 3" in str(info.value)
+
+
+def test_broken_fly_toml_names_file_and_line(tmp_path):
+    write(tmp_path / "fly.toml", 'app = "x"\n[env\nA = 1\n')
+    with pytest.raises(flydeploy.ConfigError, match=r"fly\.toml, line 2: invalid TOML"):
+        flydeploy.load_config(tmp_path)
+
+
+def test_missing_app_names_every_provider(tmp_path):
+    config = flydeploy.load_config(tmp_path)
+    with pytest.raises(flydeploy.ConfigError) as info:
+        config.require_app()
+    for provider in ("--app", "fly.toml", "[tool.flydeploy]"):
+        assert provider in str(info.value)
+
+
+def test_bad_settings_are_named(project):
+    write(project / "pyproject.toml", "[tool.flydeploy]\nmax_concurency = 3\n")
+    with pytest.raises(flydeploy.ConfigError, match="unknown key.*max_concurency.*known keys"):
+        flydeploy.load_config(project)
+    write(project / "pyproject.toml", "[tool.flydeploy]\ninclude = 'app/*'\ntimeout = -1\n")
+    with pytest.raises(flydeploy.ConfigError, match="timeout must be a number of seconds above 0"):
+        flydeploy.load_config(project)
+    (project / "pyproject.toml").unlink()
+    with pytest.raises(flydeploy.ConfigError, match="--max-concurrency: max_concurrency must be"):
+        flydeploy.load_config(project, overrides={"max_concurrency": 0})
+    with pytest.raises(flydeploy.ConfigError, match="unknown process group.*web.*app, worker"):
+        flydeploy.load_config(project, overrides={"process_groups": ["web"]})
+    with pytest.raises(flydeploy.ConfigError, match="not found: pass --config"):
+        flydeploy.load_config(project, config="staging.toml")
+
+
+# --- flyctl command lines -----------------------------------------------------
+
+
+def test_exact_command_lines(project):
+    config = flydeploy.load_config(project, overrides={"process_groups": ["app"], "max_concurrency": 3})
+    assert flydeploy_cli.build_command(config, "flydeploy-v7-abc", no_cache=True) == [
+        "fly", "deploy", "--build-only", "--push", "--image-label", "flydeploy-v7-abc",
+        "-c", str(project / "fly.toml"), "--no-cache"]
+    assert flydeploy_cli.token_command(config) == [
+        "fly", "tokens", "create", "machine-exec", "-a", "shop", "--expiry", "1h",
+        "--command-prefix", "python3 -m flydeploy rpc"]
+    image = "registry.fly.io/shop:flydeploy-v7-abc"
+    argv = flydeploy_cli.orchestrate_argv(config, image, version="v7", owner="ann@example.com", force=True)
+    command = flydeploy_cli.orchestrator_command(config, image, argv, {"FLYDEPLOY_API_TOKEN": "fm2_xyz"})
+    assert command[:12] == ["fly", "machine", "run", image, "--entrypoint", "sleep inf",
+                            "-c", str(project / "fly.toml"), "--vm-memory", "1024",
+                            "-e", "FLYDEPLOY_API_TOKEN=fm2_xyz"]
+    assert command[12:15] == ["--rm", "--shell", "--command"]
+    assert shlex.split(command[15]) == [
+        "python3", "-m", "flydeploy", "orchestrate", "--app", "shop", "--image-ref", image,
+        "--python", "python3", "--lock-timeout", "300", "--timeout", "120", "--max-concurrency", "3",
+        "--suspend-timeout", "10", "--process-group", "app", "--version", "v7",
+        "--owner", "ann@example.com", "--force"]
+
+
+def test_app_and_build_args_from_elsewhere_are_passed(project):
+    config = flydeploy.load_config(project, overrides={"app": "shop-eu", "build_args": {"A": "1"}})
+    command = flydeploy_cli.build_command(config, "l")
+    assert command[-4:] == ["-a", "shop-eu", "--build-arg", "A=1"]
+    run = flydeploy_cli.orchestrator_command(config, "img", ["python3"], {})
+    assert run[8:10] == ["-a", "shop-eu"]
+
+
+def test_redaction_hides_secret_values_only():
+    shown = flydeploy_cli.redact(["fly", "machine", "run", "-e", "FLYDEPLOY_API_TOKEN=fm2_abc",
+                                  "-e", "LOG_LEVEL=debug", "--build-arg", "NPM_AUTH=xyz",
+                                  "--command", "a=b"])
+    assert shown == ["fly", "machine", "run", "-e", "FLYDEPLOY_API_TOKEN=<redacted>",
+                     "-e", "LOG_LEVEL=debug", "--build-arg", "NPM_AUTH=<redacted>", "--command", "a=b"]
+
+
+# --- the command line ---------------------------------------------------------
+
+
+@pytest.fixture
+def stub_fly(tmp_path, monkeypatch):
+    """A `fly` that logs its argv, knows `auth whoami`, and fails everything else."""
+    bin_dir = tmp_path / "bin"
+    log = tmp_path / "fly.log"
+    script(bin_dir / "fly", f"""
+        import json, sys
+        with open({str(log)!r}, "a") as f:
+            f.write(json.dumps(sys.argv[1:]) + "\\n")
+        if sys.argv[1:3] == ["auth", "whoami"]:
+            print("ann@example.com")
+            sys.exit(0)
+        sys.exit(3)
+    """)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_dry_run_prints_settings_and_commands_and_runs_nothing(project, stub_fly, capsys, monkeypatch):
+    monkeypatch.chdir(project)
+    code = flydeploy_cli.main(["hot", "--dry-run", "--build-arg", "GITHUB_TOKEN=ghp_secret",
+                               "--build-arg", "MODE=fast", "--max-concurrency", "2", "--version", "v9",
+                               "--process-group", "worker", "--no-cache", "--timeout", "30",
+                               "--suspend-timeout", "5", "--lock-timeout", "60", "--force"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert stub_fly() == [["auth", "whoami"]]  # nothing built, minted or launched
+    for secret in ("ghp_secret", "sk_live_123"):
+        assert secret not in out
+    assert "GITHUB_TOKEN=<redacted>" in out and "MODE=fast" in out and "STRIPE_SECRET_KEY=<redacted>" in out
+    assert "max_concurrency  2  (--max-concurrency)" in out
+    assert "app              shop  (fly.toml)" in out
+    commands = [line.split(". ", 1)[1] for line in out.splitlines()
+                if line.startswith("  ") and ". fly " in line]
+    assert [shlex.split(c)[:3] for c in commands] == [
+        ["fly", "deploy", "--build-only"], ["fly", "tokens", "create"], ["fly", "machine", "run"]]
+    run = shlex.split(commands[2])
+    assert "FLYDEPLOY_API_TOKEN=<redacted>" in run
+    orchestrate = shlex.split(run[-1])
+    assert orchestrate[orchestrate.index("--owner") + 1] == "ann@example.com"
+    assert orchestrate[orchestrate.index("--max-concurrency") + 1] == "2"
+    assert "--force" in orchestrate and "--no-cache" in shlex.split(commands[0])
+    label = shlex.split(commands[0])[5]
+    assert label.startswith("flydeploy-v9-") and run[3] == f"registry.fly.io/shop:{label}"
+
+
+def test_typo_flag_is_an_error_with_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as info:
+        flydeploy_cli.main(["hot", "--dry-rn"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --dry-rn" in err and "did you mean --dry-run" in err
+    with pytest.raises(SystemExit):
+        flydeploy_cli.main(["hot", "--dry"])  # no abbreviations either
+    with pytest.raises(SystemExit):
+        flydeploy_cli.main(["status", "--force"])
+
+
+def test_bad_settings_exit_2_with_the_reason(project, stub_fly, capsys, monkeypatch):
+    monkeypatch.chdir(project)
+    assert flydeploy_cli.main(["hot", "--dry-run", "--max-concurrency", "0"]) == 2
+    assert "--max-concurrency" in capsys.readouterr().err
+    assert flydeploy_cli.main(["hot", "--skip-build"]) == 2
+    assert "--skip-build needs --image" in capsys.readouterr().err
+    assert flydeploy_cli.main(["hot", "--dry-run", "--version", "../v1"]) == 2
+    assert "version '../v1' cannot name a release" in capsys.readouterr().err
+    assert flydeploy_cli.main(["hot", "--dry-run", "--config", "nope/fly.toml"]) == 2
+    assert "nope/fly.toml not found" in capsys.readouterr().err
+    assert stub_fly() == []
+
+
+def test_local_mode_flags(project, stub_fly, capsys, monkeypatch):
+    monkeypatch.chdir(project)
+    with pytest.raises(SystemExit):
+        flydeploy_cli.main(["hot", "--root", "."])
+    assert "--root and --store go with --local" in capsys.readouterr().err
+    assert flydeploy_cli.main(["hot", "--local", "--skip-build"]) == 2
+    assert "--local builds no image" in capsys.readouterr().err
+    assert flydeploy_cli.main(["rollback", "--local", "--dry-run", "--store", "elsewhere"]) == 0
+    out = capsys.readouterr().out
+    assert "roll back to the previous release, record it in" in out and "elsewhere" in out
+    assert stub_fly() == []  # local mode never runs flyctl
+
+
+def test_skip_build_uses_the_given_image(project, stub_fly, capsys, monkeypatch):
+    monkeypatch.chdir(project)
+    image = "registry.fly.io/shop:old"
+    assert flydeploy_cli.main(["hot", "--dry-run", "--skip-build", "--image", image]) == 0
+    out = capsys.readouterr().out
+    assert "fly deploy" not in out and "fly machine run registry.fly.io/shop:old" in out
+
+
+# --- build and launch, against stub executables --------------------------------
+
+
+def test_build_streams_output_and_checks_the_image(tmp_path, capsys):
+    fly = script(tmp_path / "fly", """
+        import sys
+        print("==> Building image", flush=True)
+        print("image: " + sys.argv[1], file=sys.stderr, flush=True)
+        print("image size: 45 MB", file=sys.stderr)
+    """)
+    ref = "registry.fly.io/shop:l1"
+    assert flydeploy_cli.run_build([str(fly), ref], ref) == ref
+    assert "==> Building image" in capsys.readouterr().out
+    with pytest.raises(flydeploy.FlyDeployError, match="pushed registry.fly.io/shop:other, not the expected"):
+        flydeploy_cli.run_build([str(fly), "registry.fly.io/shop:other"], ref)
+
+
+def test_failed_build_and_silent_build(tmp_path):
+    failing = script(tmp_path / "failing", "import sys\nprint('Error: no Dockerfile')\nsys.exit(1)\n")
+    with pytest.raises(flydeploy.FlyDeployError, match="the build failed \\(fly deploy exited 1\\)"):
+        flydeploy_cli.run_build([str(failing)], "x")
+    silent = script(tmp_path / "silent", "import time\nprint('starting', flush=True)\ntime.sleep(600)\n")
+    with pytest.raises(flydeploy.FlyDeployError, match="printed nothing for .* and was stopped"):
+        flydeploy_cli.run_build([str(silent)], "x", silence_s=0.5)
+
+
+def test_launch_retries_only_when_the_orchestrator_never_started(tmp_path, capsys):
+    count = tmp_path / "count"
+    flaky = script(tmp_path / "flaky", f"""
+        import pathlib, sys
+        count = pathlib.Path({str(count)!r})
+        n = int(count.read_text()) + 1 if count.exists() else 1
+        count.write_text(str(n))
+        if n < 3:
+            print("Error: image not found in registry", file=sys.stderr)
+            sys.exit(1)
+        print("{MARKER} started", flush=True)
+        print("✓ m1 (ams) 1 module, 1 process, suspended 2 ms")
+        print("{MARKER} exit 0")
+    """)
+    assert flydeploy_cli.launch_orchestrator([str(flaky)], retry_delay_s=0) == 0
+    out = capsys.readouterr().out
+    assert count.read_text() == "3" and "✓ m1" in out and MARKER not in out
+    assert out.count("did not start") == 2
+
+    count.unlink()
+    crashed = script(tmp_path / "crashed", f"""
+        import pathlib, sys
+        pathlib.Path({str(count)!r}).write_text("ran")
+        print("{MARKER} started", flush=True)
+        sys.exit(1)
+    """)
+    assert flydeploy_cli.launch_orchestrator([str(crashed)], retry_delay_s=0) == 1
+    assert "stopped without a result" in capsys.readouterr().out
+    assert count.read_text() == "ran"
+
+
+def test_launch_passes_the_orchestrator_exit_code_through(tmp_path, capsys):
+    held = script(tmp_path / "held", f"""
+        import sys
+        print("{MARKER} started")
+        print("error: deploy lock held by bob", file=sys.stderr)
+        print("{MARKER} exit 2")
+        sys.exit(1)
+    """)
+    assert flydeploy_cli.launch_orchestrator([str(held)], retry_delay_s=0) == 2
+    assert "deploy lock held by bob" in capsys.readouterr().out
+    never = script(tmp_path / "never", "import sys\nsys.exit(1)\n")
+    assert flydeploy_cli.launch_orchestrator([str(never)], attempts=2, retry_delay_s=0) == 1
+    assert "did not start after 2 attempts" in capsys.readouterr().out
+
+
+def test_ctrl_c_reaches_the_orchestrator_and_its_last_words_are_shown(tmp_path, capsys):
+    ready = tmp_path / "ready"
+    orchestrator = script(tmp_path / "orchestrator", f"""
+        import pathlib, signal, sys, time
+        def interrupted(signum, frame):
+            print("interrupted; the deploy lock was released", flush=True)
+            print("{MARKER} exit 130", flush=True)
+            sys.exit(1)
+        signal.signal(signal.SIGINT, interrupted)
+        print("{MARKER} started", flush=True)
+        pathlib.Path({str(ready)!r}).write_text("yes")
+        time.sleep(60)
+    """)
+    main_thread = threading.main_thread().ident
+
+    def interrupt_when_ready():
+        wait_until(ready.exists, "the orchestrator to start", timeout=30)
+        signal.pthread_kill(main_thread, signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_ready, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        flydeploy_cli.launch_orchestrator([str(orchestrator)], retry_delay_s=0)
+    assert "the deploy lock was released" in capsys.readouterr().out
+
+
+def test_exec_token_is_minted_from_the_session(project, tmp_path):
+    config = flydeploy.load_config(project)
+    bin_dir = tmp_path / "tokbin"
+    script(bin_dir / "fly", """
+        import sys
+        assert sys.argv[1:5] == ["tokens", "create", "machine-exec", "-a"], sys.argv
+        print("FlyV1 fm2_minted")
+    """)
+    old = os.environ["PATH"]
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{old}"
+    try:
+        assert flydeploy_cli.mint_exec_token(config) == "FlyV1 fm2_minted"
+        (bin_dir / "fly").write_text(f"#!{sys.executable}\nimport sys\nsys.exit('Error: not logged in')\n")
+        assert flydeploy_cli.mint_exec_token(config) is None
+    finally:
+        os.environ["PATH"] = old
+
+
+# --- machines, markers, outcomes, status rows -----------------------------------
+
+
+def machine(mid, state="started", group="app", v2=True, services=(), region="ams",
+            image="registry.fly.io/shop:deployment-1"):
+    metadata = {"fly_process_group": group}
+    if v2:
+        metadata["fly_platform_version"] = "v2"
+    return {"id": mid, "state": state, "region": region, "image_ref": {"registry": "registry.fly.io",
+            "repository": "shop", "tag": image.rsplit(":", 1)[1]},
+            "config": {"image": image, "metadata": metadata, "services": list(services)}}
+
+
+def test_select_machines():
+    machines = [machine("a"), machine("b", state="stopped"), machine("c", state="suspended"),
+                machine("d", group="worker"), machine("self"),
+                machine("rel", group="fly_app_release_command"),
+                machine("con", group="fly_app_console"), machine("v1", v2=False),
+                machine("v1svc", v2=False, services=[{"internal_port": 8080}]),
+                machine("e", state="starting"), machine("gone", state="destroyed", group="worker")]
+    chosen = flydeploy.select_machines(machines, self_id="self")
+    assert [m["id"] for m in chosen.targets] == ["a", "d", "v1svc"]
+    assert [m["id"] for m in chosen.pending] == ["b", "c"]
+    assert [(m["id"], reason.split(":")[0]) for m, reason in chosen.skipped] == [
+        ("e", "starting"), ("gone", "destroyed")]
+    workers = flydeploy.select_machines(machines, self_id="self", process_groups=["worker"])
+    assert [m["id"] for m in workers.targets] == ["d"] and not workers.pending
+
+
+def test_machine_image_from_config_or_image_ref():
+    assert flydeploy.machine_image(machine("a")) == "registry.fly.io/shop:deployment-1"
+    bare = machine("a")
+    del bare["config"]["image"]
+    assert flydeploy.machine_image(bare) == "registry.fly.io/shop:deployment-1"
+
+
+def result_line(**fields):
+    return f"__FLYDEPLOY_RESULT__{json.dumps(fields)}__FLYDEPLOY_RESULT__"
+
+
+def test_parse_result_marker():
+    out = "\n".join(["applying...", result_line(success=False, error="old"),
+                     result_line(success=True, modules_reloaded=3), "bye"])
+    assert flydeploy.parse_result_marker(out) == {"success": True, "modules_reloaded": 3}
+    assert flydeploy.parse_result_marker("no marker here") is None
+    assert flydeploy.parse_result_marker("__FLYDEPLOY_RESULT__{broken__FLYDEPLOY_RESULT__") is None
+
+
+def test_judge_upgrade_lines():
+    m = machine("e2865e", region="ord")
+    ok = flydeploy.judge_upgrade(m, 0, result_line(success=True, modules_reloaded=3, processes_succeeded=4,
+                                                   suspend_duration_ms=6.4), "")
+    assert ok.ok and ok.line() == "✓ e2865e (ord) 3 modules, 4 processes, suspended 6 ms"
+    single = flydeploy.judge_upgrade(m, 0, result_line(success=True, modules_reloaded=1,
+                                                       processes_succeeded=1, suspend_duration_ms=0), "")
+    assert single.line() == "✓ e2865e (ord) 1 module, 1 process, suspended 0 ms"
+    brief = flydeploy.judge_upgrade(m, 0, result_line(success=True, modules_reloaded=2,
+                                                      processes_succeeded=2, suspend_duration_ms=0.37), "")
+    assert brief.line() == "✓ e2865e (ord) 2 modules, 2 processes, suspended 0.4 ms"
+    failed = flydeploy.judge_upgrade(m, 1, result_line(success=False, error="pid 12: SyntaxError"), "")
+    assert not failed.ok and failed.line() == "✗ e2865e (ord) pid 12: SyntaxError"
+    lying = flydeploy.judge_upgrade(m, 1, result_line(success=True), "")
+    assert not lying.ok
+    assert "not importable" in flydeploy.judge_upgrade(
+        m, 1, "", "/usr/bin/python3: No module named flydeploy").error
+    assert "python3 not found" in flydeploy.judge_upgrade(m, 127, "", "sh: python3: not found").error
+    assert flydeploy.judge_upgrade(m, 1, "", "Traceback...\nOSError: disk full").error == (
+        "rpc upgrade exited 1 without a result: OSError: disk full")
+    assert "signal 9" in flydeploy.judge_upgrade(m, 0, "", "", exit_signal=9).error
+
+
+def test_report_summary_and_exit_code():
+    good = flydeploy.MachineOutcome("a", "ams", True, result={})
+    bad = flydeploy.MachineOutcome("b", "ord", False, "timed out")
+    report = flydeploy.FleetReport("shop", "v2", "ab" * 32, "u", True, "id", [good],
+                                   [machine("c", "stopped")], [])
+    assert report.exit_code == 0
+    assert "1/1 machine upgraded to v2" in report.summary() and "1 stopped machine" in report.summary()
+    report.outcomes.append(bad)
+    assert report.exit_code == 1 and "FAILED: b" in report.summary()
+
+
+def test_status_rows():
+    current = {"image_ref": "registry.fly.io/shop:deployment-1",
+               "hot_upgrade": {"version": "v2", "sha256": "x"}, "history": []}
+    applied = [{"pid": 1, "version": "v2", "applied_at": "2026-11-21T10:00:00Z"},
+               {"pid": 2, "version": "v2", "applied_at": "2026-11-21T10:00:01Z"}]
+    row = flydeploy.status_row(machine("a"), current, applied)
+    assert row["verdict"] == "✓ up to date" and row["hot_upgrade_version"] == "v2"
+    assert row["applied_at"] == "2026-11-21T10:00:01Z" and row["processes"] == 2
+    half = [applied[0], {"pid": 3, "version": None}]
+    assert flydeploy.status_row(machine("a"), current, half)["verdict"] == "✗ NOT APPLIED"
+    assert flydeploy.status_row(machine("a"), current, None, "no agent")["verdict"] == "✗ NOT APPLIED"
+    assert flydeploy.status_row(machine("a"), current, [])["verdict"] == "✗ NOT APPLIED"
+    assert flydeploy.status_row(machine("a", image="registry.fly.io/shop:deployment-0"), current,
+                                applied)["verdict"] == "STALE image"
+    assert flydeploy.status_row(machine("b", state="stopped"), current)["verdict"] == "stopped"
+    assert flydeploy.status_row(machine("a"), None, [{"pid": 1}])["verdict"] == "✓ up to date"
+
+
+# --- orchestrate against a local store and a stub Machines API ------------------
+
+
+class StubMachines:
+    """The Machines client's list/exec, answering exec with ``answer(machine_id, argv)``."""
+
+    def __init__(self, machines, answer):
+        self.machines = machines
+        self.answer = answer
+        self.calls = []
+        self.lock = threading.Lock()
+
+    def list(self):
+        return [dict(m) for m in self.machines]
+
+    def exec(self, machine_id, argv, *, timeout=30):
+        with self.lock:
+            self.calls.append((machine_id, list(argv), timeout))
+        return self.answer(machine_id, argv)
+
+
+def succeed(machine_id, argv):
+    return flydeploy.ExecResult(0, 0, "upgraded\n" + result_line(
+        success=True, modules_reloaded=2, processes_succeeded=1, suspend_duration_ms=3.2), "")
+
+
+@pytest.fixture
+def store(tmp_path):
+    return flydeploy.LocalStore(tmp_path / "bucket")
+
+
+@pytest.fixture
+def app_root(tmp_path):
+    write(tmp_path / "app" / "shop" / "__init__.py", "VERSION = 1\n")
+    write(tmp_path / "app" / "main.py", "import shop\n")
+    return tmp_path / "app"
+
+
+def run(store, api, app_root, **options):
+    out = io.StringIO()
+    options.setdefault("version", "v1")
+    report = flydeploy.orchestrate("shop", "registry.fly.io/shop:l1", store=store, api=api, root=app_root,
+                                   self_id="orch", out=out, **options)
+    return report, out.getvalue()
+
+
+def lock_key_exists(store):
+    return store.head("releases/shop-deploy.lock") is not None
+
+
+def test_orchestrate_pushes_a_release_to_every_started_machine(store, app_root):
+    api = StubMachines([machine("a"), machine("b", region="ord"), machine("c", state="stopped"),
+                        machine("orch")], succeed)
+    report, out = run(store, api, app_root, suspend_timeout=4, timeout=50)
+    assert report.exit_code == 0 and report.uploaded
+    doc, _ = flydeploy.read_current(store, "shop")
+    hot = doc["hot_upgrade"]
+    assert hot["version"] == "v1" and hot["sha256"] == report.sha256
+    assert hot["source_image_ref"] == "registry.fly.io/shop:l1"
+    assert doc["image_ref"] == "registry.fly.io/shop:deployment-1"  # seeded from the machines
+    assert sorted(call[0] for call in api.calls) == ["a", "b"]
+    assert api.calls[0][1] == ["python3", "-m", "flydeploy", "rpc", "upgrade", "--app", "shop",
+                               "--url", hot["tarball_url"], "--sha256", hot["sha256"],
+                               "--suspend-timeout", "4", "--upgrade-id", report.upgrade_id]
+    assert {call[2] for call in api.calls} == {50}
+    assert "✓ b (ord) 2 modules, 1 process, suspended 3 ms" in out
+    assert "· c (ams) stopped: applies at next start" in out
+    assert "2/2 machines upgraded to v1" in out and "1 stopped machine" in out
+    assert not lock_key_exists(store)
+
+    again, out = run(store, api, app_root)  # same version, same content
+    assert not again.uploaded and "already stored" in out and again.sha256 == report.sha256
+    write(app_root / "shop" / "__init__.py", "VERSION = 2\n")
+    with pytest.raises(flydeploy.FlyDeployError, match="already exists with other content"):
+        run(store, api, app_root)
+    assert not lock_key_exists(store)
+
+
+def test_failures_and_timeouts_fail_the_run_and_release_the_lock(store, app_root):
+    def answer(machine_id, argv):
+        if machine_id == "b":
+            return flydeploy.ExecResult(1, 0, result_line(success=False, error="pid 7: SyntaxError"), "")
+        if machine_id == "c":
+            raise flydeploy.MachinesAPIError(408, "deadline_exceeded")
+        return succeed(machine_id, argv)
+
+    api = StubMachines([machine("a"), machine("b"), machine("c")], answer)
+    report, out = run(store, api, app_root, timeout=7)
+    assert report.exit_code == 1
+    assert {o.machine_id for o in report.failed} == {"b", "c"}
+    assert "✗ b (ams) pid 7: SyntaxError" in out and "✗ c (ams) timed out after 7 s" in out
+    assert "1/3 machines upgraded" in out and "FAILED: " in out
+    assert not lock_key_exists(store)
+
+
+def test_max_concurrency_is_reached_and_never_exceeded(store, app_root):
+    limit, running, peak = 3, [0], [0]
+    barrier = threading.Barrier(limit, timeout=30)
+    guard = threading.Lock()
+
+    def answer(machine_id, argv):
+        with guard:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        barrier.wait()  # passes only when `limit` execs run at once
+        with guard:
+            running[0] -= 1
+        return succeed(machine_id, argv)
+
+    api = StubMachines([machine(f"m{i}") for i in range(9)], answer)
+    report, _ = run(store, api, app_root, max_concurrency=limit)
+    assert report.exit_code == 0 and len(report.outcomes) == 9 and peak[0] == limit
+
+
+def test_a_held_lock_stops_before_anything_is_stored(store, app_root):
+    flydeploy.acquire_lock(store, "shop", owner="bob@example.com", deployment_id="d", timeout_s=600)
+    api = StubMachines([machine("a")], succeed)
+    with pytest.raises(flydeploy.LockHeld, match="bob@example.com"):
+        run(store, api, app_root)
+    assert api.calls == [] and flydeploy.read_current(store, "shop") == (None, None)
+    report, _ = run(store, api, app_root, force=True)
+    assert report.exit_code == 0 and not lock_key_exists(store)
+
+
+def test_ctrl_c_releases_the_lock(store, app_root):
+    main_thread = threading.main_thread().ident
+    stop = threading.Event()
+
+    def answer(machine_id, argv):
+        signal.pthread_kill(main_thread, signal.SIGINT)
+        stop.wait(30)
+        return succeed(machine_id, argv)
+
+    api = StubMachines([machine("a"), machine("b")], answer)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(store, api, app_root, max_concurrency=1)
+    finally:
+        stop.set()
+    assert not lock_key_exists(store)
+    assert len(api.calls) == 1  # the queued machine was never started
+
+
+def test_rollback_goes_back_to_the_previous_or_a_named_release(store, app_root):
+    api = StubMachines([machine("a")], succeed)
+    first, _ = run(store, api, app_root, version="v1")
+    write(app_root / "shop" / "__init__.py", "VERSION = 2\n")
+    run(store, api, app_root, version="v2")
+    api.calls.clear()
+    back, out = run(store, api, app_root, version=None, rollback=True)
+    assert back.version == "v1" and back.sha256 == first.sha256 and "Rolling shop back to v1" in out
+    assert api.calls[0][1][api.calls[0][1].index("--sha256") + 1] == first.sha256
+    doc, _ = flydeploy.read_current(store, "shop")
+    assert doc["hot_upgrade"]["version"] == "v1" and doc["history"][0]["version"] == "v2"
+    again, _ = run(store, api, app_root, version=None, rollback_to="v2")
+    assert again.version == "v2"
+    with pytest.raises(flydeploy.FlyDeployError, match="not in the hot upgrade history; pass --to one of"):
+        run(store, api, app_root, version=None, rollback_to="v9")
+    assert not lock_key_exists(store)
+
+
+def test_a_bug_in_the_per_machine_step_surfaces_instead_of_hanging():
+    def explode(item):
+        if item == 2:
+            raise RuntimeError("bug")
+        return item
+
+    with pytest.raises(RuntimeError, match="bug"):
+        list(flydeploy._map_concurrently(explode, [1, 2, 3], 2))
+
+
+def test_orchestrate_without_a_token_names_the_secret(store, app_root, monkeypatch):
+    monkeypatch.delenv("FLYDEPLOY_API_TOKEN", raising=False)
+    monkeypatch.delenv("FLY_API_TOKEN", raising=False)
+    with pytest.raises(flydeploy.ConfigError, match="set the FLY_API_TOKEN app secret"):
+        flydeploy.orchestrate("shop", "img", store=store, root=app_root, out=io.StringIO())
+    assert not lock_key_exists(store)
