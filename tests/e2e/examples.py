@@ -23,7 +23,7 @@ import tempfile
 
 from tests.fakefly import write_app_tree
 
-from .load import wait_until
+from tests.machine_apps import wait_for
 
 REPO = pathlib.Path(__file__).resolve().parent.parent.parent
 APPS = pathlib.Path(__file__).resolve().parent / "apps"
@@ -131,7 +131,7 @@ class LocalApp:
                 raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.logs()}")
             return self.ready in self.logs()[offset:]
 
-        wait_until(serving, timeout=timeout, what=f"{self.name} to serve")
+        wait_for(serving, timeout=timeout, what=f"{self.name} to serve")
         return self
 
     @property
@@ -187,7 +187,7 @@ def machine_url(machine, *, timeout: float = 30.0) -> str:
                  or re.findall(r"Listening at: http://[\d.]+:(\d+)", logs))
         ready = "ready" in logs or "Booting worker" in logs
         return found[-1] if found and ready else None
-    return f"http://127.0.0.1:{wait_until(port, timeout=timeout, what=f'machine {machine.id} to serve')}"
+    return f"http://127.0.0.1:{wait_for(port, timeout=timeout, what=f'machine {machine.id} to serve')}"
 
 
 def hot(fakefly, tree: pathlib.Path, *args: str) -> subprocess.CompletedProcess:

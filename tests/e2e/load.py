@@ -23,17 +23,7 @@ from collections.abc import Callable
 
 import websockets
 
-
-def wait_until(condition: Callable[[], object], *, timeout: float, what: str) -> object:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
+from tests.machine_apps import wait_for
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -76,7 +66,7 @@ class Sessions:
     def start(self, *, timeout: float = 30.0) -> Sessions:
         """Open every session; returns once each has had an answer."""
         self._thread.start()
-        wait_until(lambda: all(s.answered or s.closed for s in self.sessions), timeout=timeout,
+        wait_for(lambda: all(s.answered or s.closed for s in self.sessions), timeout=timeout,
                    what="every websocket session to open and get an answer")
         failed = [f"{s.sid}: {s.closed}" for s in self.sessions if s.closed]
         if failed:
@@ -124,7 +114,7 @@ class Sessions:
 
     def wait_for_more(self, mark: dict[str, int], more: int = 2, *, timeout: float = 30.0) -> None:
         """Wait until every open session has ``more`` answers past ``mark``."""
-        wait_until(lambda: all(s.closed or s.answered >= mark[s.sid] + more for s in self.sessions),
+        wait_for(lambda: all(s.closed or s.answered >= mark[s.sid] + more for s in self.sessions),
                    timeout=timeout, what=f"{more} more answers on every websocket session")
 
     def stop(self) -> list[Session]:
@@ -215,7 +205,7 @@ class HttpLoad:
         def first() -> float | None:
             return next((r.started for r in self.snapshot() if r.ok and r.version == version
                          and r.started >= since), None)
-        return wait_until(first, timeout=timeout, what=f"an HTTP answer from {version}")
+        return wait_for(first, timeout=timeout, what=f"an HTTP answer from {version}")
 
     def stop(self) -> list[Request]:
         """Stop sending; returns every request."""

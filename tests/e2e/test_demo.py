@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 
-from tests.e2e.load import wait_until
+from tests.machine_apps import wait_for
 
 REPO = pathlib.Path(__file__).resolve().parent.parent.parent
 
@@ -63,5 +63,5 @@ def test_demo_cleans_up_on_ctrl_c():
     demo.send_signal(signal.SIGINT)
     rest, _ = demo.communicate(timeout=30)
     assert demo.returncode == 130, out + rest
-    wait_until(lambda: not _alive(pid), timeout=10, what="the demo app to be gone")
+    wait_for(lambda: not _alive(pid), timeout=10, what="the demo app to be gone")
     assert not os.path.exists(folder), "the demo left its folder behind after Ctrl-C"

@@ -9,7 +9,7 @@ import signal
 import urllib.request
 
 from tests.e2e import examples
-from tests.e2e.load import wait_until
+from tests.machine_apps import wait_for
 
 pytest_plugins = ["tests.fakefly.fixtures"]
 
@@ -34,7 +34,7 @@ def _answers_from(url: str, pids: set[int]) -> dict[int, dict]:
         answer = _get(url)
         answers[answer["pid"]] = answer
         return pids <= answers.keys()
-    wait_until(all_answered, timeout=30, what=f"answers from workers {sorted(pids)}")
+    wait_for(all_answered, timeout=30, what=f"answers from workers {sorted(pids)}")
     return answers
 
 
@@ -42,7 +42,7 @@ def test_preloaded_sync_workers_upgraded_and_a_replacement_worker_serves_v2(fake
     tree, app = examples.fly_app(fakefly, seaweed, tmp_path, "shop", machines=1, command=examples.SHOP_COMMAND)
     machine = app.machines[0]
     url = examples.machine_url(machine)
-    processes = wait_until(lambda: len(_processes(machine, app.name)) == 3 and _processes(machine, app.name),
+    processes = wait_for(lambda: len(_processes(machine, app.name)) == 3 and _processes(machine, app.name),
                            timeout=30, what="the gunicorn master and 2 workers to run agents")
     master = machine.pid
     workers = {p["pid"] for p in processes} - {master}
@@ -64,7 +64,7 @@ def test_preloaded_sync_workers_upgraded_and_a_replacement_worker_serves_v2(fake
 
     killed = min(workers)
     os.kill(killed, signal.SIGKILL)
-    replacement = wait_until(lambda: ({p["pid"] for p in _processes(machine, app.name)} - workers - {master}),
+    replacement = wait_for(lambda: ({p["pid"] for p in _processes(machine, app.name)} - workers - {master}),
                              timeout=30, what="gunicorn to fork a replacement worker")
     (new_pid,) = replacement
     assert {p["pid"]: p["version"] for p in _processes(machine, app.name)}[new_pid] == "v2"
