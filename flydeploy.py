@@ -3040,17 +3040,41 @@ def _exec_failure(exc: MachinesAPIError, timeout: float) -> str:
     return f"exec failed: {exc}"
 
 
-def _store_release(store: Store, key: str, release: Release) -> bool:
-    """Upload a packed release unless the same content is there; True when it uploaded."""
+def _stored_manifest(path: str) -> dict[str, Any]:
+    """The manifest of a release tarball, read from its first member alone."""
+    with tarfile.open(path, "r:gz") as tar:
+        first = tar.next()
+        if first is None or first.name != MANIFEST_NAME or not first.isreg() \
+                or first.size > _MAX_MANIFEST_BYTES:
+            raise ReleaseError(f"{path} does not start with a readable {MANIFEST_NAME}: it was not made "
+                               "by pack_release", member=MANIFEST_NAME)
+        return _parse_manifest(tar.extractfile(first).read())
+
+
+def _store_release(store: Store, key: str, release: Release) -> tuple[Release, bool]:
+    """Upload a packed release unless the same content is there.
+
+    Returns the release to record and whether it was uploaded now.  A stored
+    tarball whose manifest lists the same files (paths and hashes) is the same
+    content although its metadata (the image it was packed from, the packing
+    time) differ, as when a failed run is repeated: it is reused as stored.
+    """
     if store.head(key) is None:
         store.upload(key, release.path)
-        return True
+        return release, True
     with tempfile.TemporaryDirectory(prefix="flydeploy-check-") as scratch:
-        existing = store.download(key, os.path.join(scratch, "existing.tar.gz"))
-    if existing != release.sha256:
+        path = os.path.join(scratch, "existing.tar.gz")
+        existing = store.download(key, path)
+        if existing == release.sha256:
+            return release, False
+        try:
+            manifest = _stored_manifest(path)
+        except (ReleaseError, tarfile.TarError, OSError, EOFError):
+            manifest = None
+    if manifest is None or manifest.get("files") != release.manifest["files"]:
         raise FlyDeployError(f"{key} already exists with other content: choose another --version "
                              "(a stored release is never overwritten)")
-    return False
+    return Release(release.path, existing, manifest), False
 
 
 def _pick_rollback(current: Mapping[str, Any] | None, to: str | None) -> dict:
@@ -3089,7 +3113,7 @@ def _release_entry(store: Store, app: str, image_ref: str, *, root: str | os.Pat
         release = pack_release(root, os.path.join(scratch, "release.tar.gz"), app=app, version=version,
                                source_image_ref=image_ref, include=list(include) if include else None,
                                exclude=list(exclude) if exclude else None)
-        uploaded = _store_release(store, key, release)
+        release, uploaded = _store_release(store, key, release)
     say(f"Release {version}: {_plural(len(release.manifest['files']), 'file')}, sha256 "
         f"{release.sha256[:12]}, {'uploaded' if uploaded else 'already stored'}")
     return release.hot_upgrade_record(store.url(key)), uploaded
