@@ -2711,6 +2711,14 @@ class FleetConfig:
                 "[tool.flydeploy] in pyproject.toml")
         return self.app
 
+    def orchestrate_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``orchestrate`` these settings decide: one
+        place, so that every caller runs with the same resolved settings."""
+        return {"root": self.root, "include": self.include, "exclude": self.exclude,
+                "lock_timeout": self.lock_timeout, "timeout": self.timeout,
+                "max_concurrency": self.max_concurrency, "suspend_timeout": self.suspend_timeout,
+                "process_groups": self.process_groups, "python": self.python}
+
 
 def _flag_name(key: str) -> str:
     return _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
@@ -2764,12 +2772,17 @@ def _check_setting(key: str, value: Any, where: str) -> Any:
 
 
 def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.PathLike[str] | None = None,
-                overrides: Mapping[str, Any] | None = None) -> FleetConfig:
-    """Resolve an app's settings: flags > ``[tool.flydeploy]`` > ``fly.toml`` > defaults.
+                overrides: Mapping[str, Any] | None = None,
+                environment: Mapping[str, tuple[Any, str]] | None = None) -> FleetConfig:
+    """Resolve an app's settings: flags > ``[tool.flydeploy]`` > ``fly.toml`` >
+    environment defaults > defaults.
 
     ``config`` is the ``fly.toml`` path (relative to ``project_dir``); when it is
     None, ``fly.toml`` is read if present.  ``overrides`` holds the flags, by
     setting name (``app``, ``max_concurrency``, ...); None values are unset.
+    ``environment`` holds defaults taken from the environment, by setting name,
+    as ``(value, source)``, e.g. ``{"app": ("shop", "FLY_APP_NAME")}``; they
+    rank below the files.
     TOML errors name the file and line; an unknown ``[tool.flydeploy]`` key, a
     malformed value or an unknown ``--process-group`` raises ``ConfigError``.
     """
@@ -2807,6 +2820,9 @@ def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.P
             sources[key] = "pyproject.toml [tool.flydeploy]"
         elif from_fly.get(key) is not None:
             values[key], sources[key] = _check_setting(key, from_fly[key], str(fly_path)), "fly.toml"
+        elif (environment or {}).get(key, (None,))[0] is not None:
+            value, source = environment[key]
+            values[key], sources[key] = _check_setting(key, value, source), source
         else:
             values[key], sources[key] = default, "default"
     groups = values["process_groups"]
@@ -3338,8 +3354,13 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
 
 def fleet_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given by the flags of ``add_fleet_arguments`` (and any of
-    the other setting names present on ``args``), for ``load_config``."""
-    return {key: getattr(args, key) for key in _SETTINGS if getattr(args, key, None) is not None}
+    the other setting names present on ``args``), for ``load_config``.
+
+    ``root`` is not one of them: a ``--root`` flag names the project directory,
+    and the packed root inside it comes from ``[tool.flydeploy] root``.
+    """
+    return {key: getattr(args, key) for key in _SETTINGS
+            if key != "root" and getattr(args, key, None) is not None}
 
 
 def _add_orchestrate_parser(commands: argparse._SubParsersAction) -> None:
@@ -3369,13 +3390,11 @@ def _orchestrate_command(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.root, overrides=fleet_overrides(args))
         app = config.require_app()
-        report = orchestrate(
-            app, args.image_ref, store=S3.from_env(bucket=config.bucket), root=config.root,
-            version=args.version, include=config.include, exclude=config.exclude,
-            rollback=args.rollback, rollback_to=args.to,
-            force=args.force, owner=args.owner, lock_timeout=config.lock_timeout, timeout=config.timeout,
-            max_concurrency=config.max_concurrency, suspend_timeout=config.suspend_timeout,
-            process_groups=config.process_groups, python=args.python or config.python)
+        options = config.orchestrate_options()
+        options["python"] = args.python or config.python
+        report = orchestrate(app, args.image_ref, store=S3.from_env(bucket=config.bucket),
+                             version=args.version, rollback=args.rollback, rollback_to=args.to,
+                             force=args.force, owner=args.owner, **options)
         code = report.exit_code
     except (LockHeld, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

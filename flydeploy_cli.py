@@ -321,9 +321,11 @@ def _say(line: str) -> None:
 def _config(args: argparse.Namespace) -> flydeploy.FleetConfig:
     overrides = flydeploy.fleet_overrides(args)
     if args.local:
-        # No Fly here: fly.toml is optional and the agents' FLY_APP_NAME names the app.
-        overrides.setdefault("app", os.environ.get("FLY_APP_NAME") or None)
-        config = flydeploy.load_config(args.root or ".", overrides=overrides)
+        # No Fly here: fly.toml is optional, and without an app in the files the
+        # agents' FLY_APP_NAME names it (an environment default, below the files).
+        config = flydeploy.load_config(args.root or ".", overrides=overrides,
+                                       environment={"app": (os.environ.get("FLY_APP_NAME") or None,
+                                                            "FLY_APP_NAME")})
         if not config.app:
             raise flydeploy.ConfigError("no app name: pass --app or set FLY_APP_NAME (the name the app's "
                                         "processes give their agents), or set `app` in fly.toml or "
@@ -349,12 +351,11 @@ def _local_push(args: argparse.Namespace, config: flydeploy.FleetConfig, *, vers
         _print_plan(config, [], [f"{what}, record it in {store.root} and apply it to every flydeploy "
                                  f"agent of {config.app} on this host (python -m flydeploy rpc upgrade)"])
         return 0
+    options = config.orchestrate_options()
+    options["python"] = sys.executable
     report = flydeploy.orchestrate(
         config.app, "local", store=store, api=flydeploy.LocalMachines(config.app, cwd=config.root),
-        root=config.root, version=version, include=config.include, exclude=config.exclude,
-        rollback=rollback, rollback_to=rollback_to, force=args.force, lock_timeout=config.lock_timeout,
-        timeout=config.timeout, max_concurrency=config.max_concurrency,
-        suspend_timeout=config.suspend_timeout, process_groups=config.process_groups, python=sys.executable)
+        version=version, rollback=rollback, rollback_to=rollback_to, force=args.force, **options)
     return report.exit_code
 
 

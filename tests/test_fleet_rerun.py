@@ -30,3 +30,37 @@ def test_rerunning_a_version_from_another_image_reuses_the_stored_release(store,
     with pytest.raises(flydeploy.FlyDeployError, match="already exists with other content"):
         orchestrate(store, api, app_root, image="registry.fly.io/shop:l3")
     assert not lock_key_exists(store)
+
+
+# --- settings plumbing -------------------------------------------------------
+
+
+@pytest.fixture
+def src_project(tmp_path):
+    write(tmp_path / "fly.toml", 'app = "shop"\n')
+    write(tmp_path / "pyproject.toml", '[tool.flydeploy]\nroot = "src"\n')
+    write(tmp_path / "src" / "main.py", "VERSION = 1\n")
+    return tmp_path
+
+
+def test_the_orchestrator_packs_the_root_pyproject_names(src_project):
+    import argparse
+    parser = argparse.ArgumentParser()
+    flydeploy._add_orchestrate_parser(parser.add_subparsers())
+    args = parser.parse_args(["orchestrate", "--image-ref", "img", "--root", str(src_project)])
+    config = flydeploy.load_config(args.root, overrides=flydeploy.fleet_overrides(args))
+    assert config.root == src_project / "src" and config.sources["root"].startswith("pyproject.toml")
+
+
+def test_local_root_is_the_project_and_files_beat_fly_app_name(src_project, monkeypatch):
+    import flydeploy_cli
+    monkeypatch.setenv("FLY_APP_NAME", "from-the-shell")
+    args = flydeploy_cli._parser()[0].parse_args(["hot", "--local", "--root", str(src_project)])
+    config = flydeploy_cli._config(args)
+    assert config.root == src_project / "src"
+    assert (config.app, config.sources["app"]) == ("shop", "fly.toml")
+    (src_project / "fly.toml").unlink()
+    config = flydeploy_cli._config(args)
+    assert (config.app, config.sources["app"]) == ("from-the-shell", "FLY_APP_NAME")
+    options = config.orchestrate_options()
+    assert options["root"] == src_project / "src" and options["max_concurrency"] == 10
