@@ -3135,6 +3135,32 @@ def _release_entry(store: Store, app: str, image_ref: str, *, root: str | os.Pat
     return release.hot_upgrade_record(store.url(key)), uploaded
 
 
+@contextlib.contextmanager
+def _renewing(lock: Lock, timeout_s: float) -> Iterator[None]:
+    """Keep ``lock`` alive while the block runs: renew it every third of
+    ``timeout_s``, so that a deploy longer than the timeout is not taken over;
+    renewing stops when the block ends, before the lock is released."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(timeout_s / 3):
+            try:
+                lock.renew(timeout_s)
+            except LockHeld as exc:
+                log.warning("the deploy lock was lost, no longer renewing it: %s", exc)
+                return
+            except FlyDeployError as exc:  # a passing store error: the next round tries again
+                log.warning("could not renew the deploy lock of %s: %s", lock.app, exc)
+
+    thread = threading.Thread(target=renew, name="flydeploy-lock", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _machines_from_env(app: str) -> Machines:
     """The Machines API client an orchestrator uses: the minted exec token, else the app's secret."""
     token = os.environ.get("FLYDEPLOY_API_TOKEN") or os.environ.get("FLY_API_TOKEN")
@@ -3202,37 +3228,38 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
     lock = acquire_lock(store, app, owner=owner or f"{getpass.getuser()}@{socket.gethostname()}",
                         deployment_id=upgrade_id, timeout_s=lock_timeout, force=force)
     try:
-        # Listed first to fail early on a bad token, and to learn the image the
-        # machines run, which a missing current.json is seeded with.
-        before = select_machines(api.list(), self_id=self_id, process_groups=process_groups)
-        images = {machine_image(m) for m in before.targets + before.pending}
-        entry, uploaded = _release_entry(store, app, image_ref, root=root, version=version, include=include,
-                                         exclude=exclude, rollback=rollback, rollback_to=rollback_to, say=say)
-        record_hot_upgrade(store, app, entry, image_ref=images.pop() if len(images) == 1 else None)
-        # Listed again: a machine that started meanwhile read the old record.
-        selection = select_machines(api.list(), self_id=self_id, process_groups=process_groups)
-        report = FleetReport(app, entry["version"], entry["sha256"], entry["tarball_url"], uploaded,
-                             upgrade_id, [], list(selection.pending), list(selection.skipped))
-        for machine in selection.pending:
-            say(f"· {machine.get('id')} ({machine.get('region', '?')}) {machine.get('state')}: "
-                "applies at next start")
-        for machine, reason in selection.skipped:
-            say(f"· {machine.get('id')} ({machine.get('region', '?')}) {reason}")
-        say(f"Upgrading {_plural(len(selection.targets), 'machine')} to {entry['version']}, "
-            f"{max_concurrency} at a time")
-        argv = [python, "-m", "flydeploy", "rpc", "upgrade", "--app", app, "--url", entry["tarball_url"],
-                "--sha256", entry["sha256"], "--suspend-timeout", f"{suspend_timeout:g}",
-                "--upgrade-id", upgrade_id]
+        with _renewing(lock, lock_timeout):
+            # Listed first to fail early on a bad token, and to learn the image the
+            # machines run, which a missing current.json is seeded with.
+            before = select_machines(api.list(), self_id=self_id, process_groups=process_groups)
+            images = {machine_image(m) for m in before.targets + before.pending}
+            entry, uploaded = _release_entry(store, app, image_ref, root=root, version=version, include=include,
+                                             exclude=exclude, rollback=rollback, rollback_to=rollback_to, say=say)
+            record_hot_upgrade(store, app, entry, image_ref=images.pop() if len(images) == 1 else None)
+            # Listed again: a machine that started meanwhile read the old record.
+            selection = select_machines(api.list(), self_id=self_id, process_groups=process_groups)
+            report = FleetReport(app, entry["version"], entry["sha256"], entry["tarball_url"], uploaded,
+                                 upgrade_id, [], list(selection.pending), list(selection.skipped))
+            for machine in selection.pending:
+                say(f"· {machine.get('id')} ({machine.get('region', '?')}) {machine.get('state')}: "
+                    "applies at next start")
+            for machine, reason in selection.skipped:
+                say(f"· {machine.get('id')} ({machine.get('region', '?')}) {reason}")
+            say(f"Upgrading {_plural(len(selection.targets), 'machine')} to {entry['version']}, "
+                f"{max_concurrency} at a time")
+            argv = [python, "-m", "flydeploy", "rpc", "upgrade", "--app", app, "--url", entry["tarball_url"],
+                    "--sha256", entry["sha256"], "--suspend-timeout", f"{suspend_timeout:g}",
+                    "--upgrade-id", upgrade_id]
 
-        def finished(outcome: MachineOutcome) -> None:
-            report.outcomes.append(outcome)
-            say(outcome.line())
+            def finished(outcome: MachineOutcome) -> None:
+                report.outcomes.append(outcome)
+                say(outcome.line())
 
-        _upgrade_machines(api, selection.targets, argv, timeout=timeout, max_concurrency=max_concurrency,
-                          python=python, on_outcome=finished)
-        report.duration_s = time.monotonic() - started
-        say(report.summary())
-        return report
+            _upgrade_machines(api, selection.targets, argv, timeout=timeout, max_concurrency=max_concurrency,
+                              python=python, on_outcome=finished)
+            report.duration_s = time.monotonic() - started
+            say(report.summary())
+            return report
     finally:
         lock.release()
 

@@ -64,3 +64,41 @@ def test_local_root_is_the_project_and_files_beat_fly_app_name(src_project, monk
     assert (config.app, config.sources["app"]) == ("from-the-shell", "FLY_APP_NAME")
     options = config.orchestrate_options()
     assert options["root"] == src_project / "src" and options["max_concurrency"] == 10
+
+
+# --- the deploy lock ----------------------------------------------------------
+
+
+def test_the_lock_is_renewed_while_orchestrate_runs(store, app_root):
+    import datetime
+    import threading
+
+    from tests.waiting import wait_until
+
+    def lock_doc():
+        return store.get_json("releases/shop-deploy.lock")[0]
+
+    seen = {}
+
+    def answer(machine_id, argv):
+        first = lock_doc()
+        first_expiry = flydeploy._parse_time(first["expires_at"])
+        # Past the expiry the lock was taken with, it must still be held, renewed.
+        wait_until(lambda: flydeploy._utc_now() > first_expiry + datetime.timedelta(seconds=0.2),
+                   "the first expiry to pass")
+        seen["expires_at"] = flydeploy._parse_time(lock_doc()["expires_at"])
+        try:
+            flydeploy.acquire_lock(store, "shop", owner="bob", deployment_id="other", timeout_s=60)
+        except flydeploy.LockHeld as exc:
+            seen["refused"] = str(exc)
+        seen["threads"] = [t.name for t in threading.enumerate()]
+        return succeed(machine_id, argv)
+
+    api = StubMachines([machine("a")], answer)
+    report, _ = orchestrate(store, api, app_root, lock_timeout=0.9)
+    assert report.exit_code == 0
+    assert "refused" in seen, "a second deployer took the lock while the first ran"
+    assert seen["expires_at"] > flydeploy._utc_now() - datetime.timedelta(seconds=1)
+    assert "flydeploy-lock" in seen["threads"]
+    assert "flydeploy-lock" not in [t.name for t in threading.enumerate()]
+    assert not lock_key_exists(store)
