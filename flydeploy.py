@@ -163,6 +163,8 @@ __all__ = [
     "machine_image",
     "select_machines",
     "parse_result_marker",
+    "upgrade_applies_to",
+    "hot_upgrade_for_group",
     "MachineOutcome",
     "judge_upgrade",
     "FleetReport",
@@ -2898,6 +2900,28 @@ def select_machines(machines: Iterable[Mapping[str, Any]], *, self_id: str | Non
     return MachineSelection(tuple(targets), tuple(pending), tuple(skipped))
 
 
+def upgrade_applies_to(hot_upgrade: Mapping[str, Any], group: str | None) -> bool:
+    """Whether a ``hot_upgrade`` record reaches a machine of process ``group``.
+
+    Its ``process_groups`` list names the groups an upgrade pushed with
+    ``--process-group`` went to; null (or absent) means the whole app.  A
+    machine whose group is unknown (no ``FLY_PROCESS_GROUP``) takes every record.
+    """
+    groups = hot_upgrade.get("process_groups")
+    return not groups or not group or group in groups
+
+
+def hot_upgrade_for_group(current: Mapping[str, Any] | None, group: str | None) -> dict | None:
+    """The hot upgrade a machine of process ``group`` should run, from a
+    ``current.json`` document: the current record when it reaches the group,
+    else the latest of ``history`` that does, else None (the image's own code)."""
+    records = [(current or {}).get("hot_upgrade"), *((current or {}).get("history") or [])]
+    for record in records:
+        if isinstance(record, dict) and upgrade_applies_to(record, group):
+            return record
+    return None
+
+
 def parse_result_marker(output: str) -> dict | None:
     """The per-machine result from ``rpc upgrade`` output: the JSON between the
     last pair of ``RESULT_MARKER`` markers, or None when there is none."""
@@ -3235,6 +3259,7 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
             images = {machine_image(m) for m in before.targets + before.pending}
             entry, uploaded = _release_entry(store, app, image_ref, root=root, version=version, include=include,
                                              exclude=exclude, rollback=rollback, rollback_to=rollback_to, say=say)
+            entry["process_groups"] = list(process_groups) or None
             record_hot_upgrade(store, app, entry, image_ref=images.pop() if len(images) == 1 else None)
             # Listed again: a machine that started meanwhile read the old record.
             selection = select_machines(api.list(), self_id=self_id, process_groups=process_groups)
@@ -3275,7 +3300,7 @@ def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
     """
     state = machine.get("state") or "unknown"
     image = machine_image(machine)
-    hot = (current or {}).get("hot_upgrade")
+    hot = hot_upgrade_for_group(current, machine_group(machine))
     versions = sorted({str(p["version"]) for p in processes or () if p.get("version")})
     applied = [str(p.get("applied_at") or p["deployed_at"]) for p in processes or ()
                if p.get("applied_at") or p.get("deployed_at")]
@@ -7466,8 +7491,11 @@ class _LoadFailed(FlyDeployError):
 
 
 def _current_hot_upgrade(doc: dict) -> dict | None:
-    """The ``hot_upgrade`` entry of a current.json document; a malformed one raises."""
+    """The hot upgrade of a current.json document for this machine's process
+    group (``hot_upgrade_for_group``); a malformed one raises."""
     hot = doc.get("hot_upgrade")
+    if isinstance(hot, dict):
+        hot = hot_upgrade_for_group(doc, os.environ.get("FLY_PROCESS_GROUP"))
     if hot is None:
         return None
     if not isinstance(hot, dict) or not all(isinstance(hot.get(k), str) for k in ("version", "tarball_url")):

@@ -102,3 +102,31 @@ def test_the_lock_is_renewed_while_orchestrate_runs(store, app_root):
     assert "flydeploy-lock" in seen["threads"]
     assert "flydeploy-lock" not in [t.name for t in threading.enumerate()]
     assert not lock_key_exists(store)
+
+
+# --- process groups -------------------------------------------------------------
+
+
+def test_a_process_group_upgrade_is_recorded_for_its_groups_only(store, app_root, monkeypatch):
+    api = StubMachines([machine("a", group="app"), machine("w", group="worker")], succeed)
+    orchestrate(store, api, app_root, version="v1")
+    doc = flydeploy.read_current(store, "shop")[0]
+    assert doc["hot_upgrade"]["process_groups"] is None
+    write(app_root / "shop" / "__init__.py", "VERSION = 2\n")
+    api.calls.clear()
+    orchestrate(store, api, app_root, version="v2", process_groups=["worker"])
+    assert [call[0] for call in api.calls] == ["w"]
+    doc = flydeploy.read_current(store, "shop")[0]
+    assert doc["hot_upgrade"]["process_groups"] == ["worker"]
+
+    # Startup catch-up: a worker takes v2, an app machine keeps v1.
+    monkeypatch.setenv("FLY_PROCESS_GROUP", "worker")
+    assert flydeploy._current_hot_upgrade(doc)["version"] == "v2"
+    monkeypatch.setenv("FLY_PROCESS_GROUP", "app")
+    assert flydeploy._current_hot_upgrade(doc)["version"] == "v1"
+
+    on_v1 = [{"pid": 1, "version": "v1", "applied_at": "2026-11-22T00:00:00Z"}]
+    app_row = flydeploy.status_row(machine("a", group="app"), doc, on_v1)
+    worker_row = flydeploy.status_row(machine("w", group="worker"), doc, on_v1)
+    assert app_row["verdict"] == "✓ up to date"
+    assert worker_row["verdict"] == "✗ NOT APPLIED"
