@@ -164,6 +164,7 @@ __all__ = [
     "select_machines",
     "parse_result_marker",
     "upgrade_applies_to",
+    "pending_note",
     "hot_upgrade_for_group",
     "MachineOutcome",
     "judge_upgrade",
@@ -2936,6 +2937,16 @@ def parse_result_marker(output: str) -> dict | None:
     return None
 
 
+def pending_note(state: str) -> str:
+    """When a machine that is not running takes a hot upgrade.  A stopped one
+    boots again and startup reapply catches it up; a suspended one resumes
+    without booting, so only the poller can."""
+    if state == "suspended":
+        return ("applies when it next boots; after a resume only through the poller "
+                "(FLYDEPLOY_POLL_INTERVAL)")
+    return "applies at next start"
+
+
 def _plural(count: int, word: str, words: str | None = None) -> str:
     return f"{count} {word if count == 1 else words or word + 's'}"
 
@@ -3033,8 +3044,12 @@ class FleetReport:
                 f"in {self.duration_s:.1f} s")
         if self.failed:
             text += f"; FAILED: {', '.join(o.machine_id for o in self.failed)}"
-        if self.pending:
-            text += f"; {_plural(len(self.pending), 'stopped machine')} will apply it at next start"
+        suspended = sum(1 for m in self.pending if m.get("state") == "suspended")
+        if len(self.pending) > suspended:
+            text += f"; {_plural(len(self.pending) - suspended, 'stopped machine')} will apply it at next start"
+        if suspended:
+            text += (f"; {_plural(suspended, 'suspended machine')} will apply it when booted again, or "
+                     "after a resume through the poller (FLYDEPLOY_POLL_INTERVAL)")
         return text
 
 
@@ -3267,7 +3282,7 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
                                  upgrade_id, [], list(selection.pending), list(selection.skipped))
             for machine in selection.pending:
                 say(f"· {machine.get('id')} ({machine.get('region', '?')}) {machine.get('state')}: "
-                    "applies at next start")
+                    f"{pending_note(machine.get('state') or '')}")
             for machine, reason in selection.skipped:
                 say(f"· {machine.get('id')} ({machine.get('region', '?')}) {reason}")
             say(f"Upgrading {_plural(len(selection.targets), 'machine')} to {entry['version']}, "
@@ -3296,7 +3311,8 @@ def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
 
     ``verdict`` is ``✓ up to date``, ``✗ NOT APPLIED``, ``STALE image`` (the
     machine runs another image than the one ``current.json`` is for) or the
-    state of a machine that is not running (``stopped``: applies at next start).
+    state of a machine that is not running (``stopped``: applies at next start;
+    ``suspended``, with ``pending_note``: a resume does not boot it again).
     """
     state = machine.get("state") or "unknown"
     image = machine_image(machine)
@@ -3304,7 +3320,9 @@ def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
     versions = sorted({str(p["version"]) for p in processes or () if p.get("version")})
     applied = [str(p.get("applied_at") or p["deployed_at"]) for p in processes or ()
                if p.get("applied_at") or p.get("deployed_at")]
-    if state != "started":
+    if state == "suspended":
+        verdict = f"suspended: {pending_note(state)}"
+    elif state != "started":
         verdict = state
     elif current and current.get("image_ref") and image != current["image_ref"]:
         verdict = "STALE image"

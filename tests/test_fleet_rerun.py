@@ -130,3 +130,20 @@ def test_a_process_group_upgrade_is_recorded_for_its_groups_only(store, app_root
     worker_row = flydeploy.status_row(machine("w", group="worker"), doc, on_v1)
     assert app_row["verdict"] == "✓ up to date"
     assert worker_row["verdict"] == "✗ NOT APPLIED"
+
+
+# --- suspended machines ---------------------------------------------------------
+
+
+def test_suspended_machines_are_listed_apart_from_stopped_ones(store, app_root):
+    api = StubMachines([machine("a"), machine("s", state="stopped"), machine("z", state="suspended")], succeed)
+    report, out = orchestrate(store, api, app_root)
+    assert "· s (ams) stopped: applies at next start" in out
+    assert ("· z (ams) suspended: applies when it next boots; after a resume only through the poller "
+            "(FLYDEPLOY_POLL_INTERVAL)") in out
+    assert "1 stopped machine will apply it at next start" in out
+    assert "1 suspended machine will apply it when booted again" in out
+    doc = flydeploy.read_current(store, "shop")[0]
+    row = flydeploy.status_row(machine("z", state="suspended"), doc)
+    assert "FLYDEPLOY_POLL_INTERVAL" in row["verdict"] and row["state"] == "suspended"
+    assert flydeploy.status_row(machine("s", state="stopped"), doc)["verdict"] == "stopped"
