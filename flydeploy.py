@@ -3089,10 +3089,12 @@ def _map_concurrently(fn: Callable[[Any], Any], items: Sequence[Any], limit: int
         stop.set()
 
 
-def _exec_failure(exc: MachinesAPIError, timeout: float) -> str:
+def _exec_failure(exc: MachinesAPIError, timeout: float, waited_s: float) -> str:
+    """What a failed exec says; ``waited_s`` is the time spent on it, all attempts together."""
     if exc.status == 408:
-        return f"timed out after {timeout:g} s; raise --timeout if it needs longer"
-    return f"exec failed: {exc}"
+        return (f"timed out after {waited_s:.0f} s in all ({timeout:g} s per attempt, timed-out attempts are "
+                "retried); raise --timeout if it needs longer")
+    return f"exec failed after {waited_s:.0f} s: {exc}"
 
 
 def _stored_manifest(path: str) -> dict[str, Any]:
@@ -3215,11 +3217,12 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list
     """Exec ``argv`` on every target, ``max_concurrency`` at a time; ``on_outcome`` as each finishes."""
 
     def upgrade(machine: Mapping[str, Any]) -> MachineOutcome:
+        began = time.monotonic()
         try:
             res = api.exec(machine["id"], argv, timeout=timeout)
         except MachinesAPIError as exc:
             return MachineOutcome(machine["id"], machine.get("region", "?"), False,
-                                  _exec_failure(exc, timeout))
+                                  _exec_failure(exc, timeout, time.monotonic() - began))
         return judge_upgrade(machine, res.exit_code, res.stdout, res.stderr, res.exit_signal, python=python)
 
     results = _map_concurrently(upgrade, targets, max_concurrency)
@@ -3347,10 +3350,11 @@ def fleet_status(app: str, *, store: Store, api: Any, python: str = "python3",
     argv = [python, "-m", "flydeploy", "rpc", "info", "--app", app]
 
     def info(machine: Mapping[str, Any]) -> tuple[str, list | None, str | None]:
+        began = time.monotonic()
         try:
             res = api.exec(machine["id"], argv, timeout=timeout)
         except MachinesAPIError as exc:
-            return machine["id"], None, _exec_failure(exc, timeout)
+            return machine["id"], None, _exec_failure(exc, timeout, time.monotonic() - began)
         try:
             processes = json.loads(res.stdout)
         except ValueError:

@@ -43,6 +43,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Mapping
 from typing import TextIO
 
@@ -74,6 +75,12 @@ _SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "
 _IMAGE_LINE_RE = re.compile(r"^\s*image:\s*(\S+)")
 _MARKER_RE = re.compile(re.escape(flydeploy.ORCHESTRATOR_MARKER) + r" (started|exit (\d+))")
 _PAIR_FLAGS = ("-e", "--env", "--build-arg")
+# flyctl failures a retry cannot fix: a new image that has not reached the
+# registry yet fails otherwise, and only that is worth launching again for.
+_NOT_PROPAGATION_RE = re.compile(
+    r"no access token|not logged in|unauthori[sz]ed|not authori[sz]ed|authenticat|token validation|"
+    r"permission denied|forbidden|could not find app|app not found|unknown flag|invalid argument",
+    re.IGNORECASE)
 
 
 # --- Commands ---------------------------------------------------------------
@@ -277,17 +284,19 @@ def launch_orchestrator(command: list[str], *, attempts: int = _LAUNCH_ATTEMPTS,
     """Run the orchestrator machine, streaming its output; return the upgrade's exit code.
 
     The launch is tried again (a new image may take a moment to reach the
-    registry) only when the orchestrator never started, never after it began
-    the upgrade.
+    registry) only when the orchestrator never started and flyctl's error can
+    be that (not an authentication or usage error), never after it began the
+    upgrade.
     """
     out = out or sys.stdout
     for attempt in range(1, attempts + 1):
-        started, ended = False, None
+        started, ended, final = False, None, False
 
         def show(line: str) -> None:
-            nonlocal started, ended
+            nonlocal started, ended, final
             match = _MARKER_RE.search(line)
             if match is None:
+                final = final or (not started and _NOT_PROPAGATION_RE.search(line) is not None)
                 out.write(line)
                 out.flush()
             elif match.group(2) is None:
@@ -301,6 +310,10 @@ def launch_orchestrator(command: list[str], *, attempts: int = _LAUNCH_ATTEMPTS,
         if started:
             out.write(f"error: the orchestrator stopped without a result (fly exited {code}); "
                       "run `python -m flydeploy_cli status` to see what each machine runs\n")
+            return 1
+        if final:
+            out.write(f"error: the orchestrator could not be started (fly machine run exited {code}); "
+                      "see flyctl's output above: not an image still propagating, so not retried\n")
             return 1
         if attempt < attempts:
             out.write(f"the orchestrator did not start (fly machine run exited {code}); the new image may "
@@ -847,6 +860,24 @@ def _unknown_flags(extras: list[str], sub: argparse.ArgumentParser) -> str:
     return f"unrecognized arguments: {' '.join(extras)}" + ("; " + "; ".join(hints) if hints else "")
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while the block runs: the build and the
+    orchestrator are stopped the same way, and the deploy lock released."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser, subs = _parser()
@@ -862,7 +893,8 @@ def main(argv: list[str] | None = None) -> int:
         (subs[args.command]).error("--root and --store go with --local")
     handler = {"hot": _hot, "rollback": _rollback, "status": _status, "demo": lambda _: demo()}[args.command]
     try:
-        return handler(args)
+        with _sigterm_as_interrupt():
+            return handler(args)
     except (flydeploy.ConfigError, flydeploy.LockHeld) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

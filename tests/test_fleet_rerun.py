@@ -7,7 +7,7 @@ import io
 import pytest
 
 import flydeploy
-from tests.test_cli import StubMachines, app_root, lock_key_exists, machine, store, succeed, write  # noqa: F401
+from tests.test_cli import StubMachines, app_root, lock_key_exists, machine, project, store, succeed, write  # noqa: F401,E501
 
 
 def orchestrate(store, api, root, image="registry.fly.io/shop:l1", **options):
@@ -147,3 +147,77 @@ def test_suspended_machines_are_listed_apart_from_stopped_ones(store, app_root):
     row = flydeploy.status_row(machine("z", state="suspended"), doc)
     assert "FLYDEPLOY_POLL_INTERVAL" in row["verdict"] and row["state"] == "suspended"
     assert flydeploy.status_row(machine("s", state="stopped"), doc)["verdict"] == "stopped"
+
+
+# --- timeouts, launch retries, SIGTERM ----------------------------------------------
+
+
+def test_the_timeout_line_states_the_time_waited_in_all(store, app_root):
+    import re
+    import time
+
+    def answer(machine_id, argv):
+        time.sleep(1.2)  # the server's own deadline passing, attempts included
+        raise flydeploy.MachinesAPIError(408, "deadline_exceeded")
+
+    report, out = orchestrate(store, StubMachines([machine("c")], answer), app_root, timeout=0.3)
+    waited = re.search(r"✗ c \(ams\) timed out after (\d+) s in all \(0.3 s per attempt", out)
+    assert report.exit_code == 1 and waited, out
+    assert int(waited.group(1)) >= 1
+
+
+def test_an_auth_error_is_not_retried_as_image_propagation(tmp_path, capsys):
+    from tests.test_cli import script
+    import flydeploy_cli
+    count = tmp_path / "count"
+    denied = script(tmp_path / "denied", f"""
+        import pathlib, sys
+        count = pathlib.Path({str(count)!r})
+        count.write_text(str(int(count.read_text()) + 1 if count.exists() else 1))
+        print("Error: No access token available. Please login with 'flyctl auth login'", file=sys.stderr)
+        sys.exit(1)
+    """)
+    assert flydeploy_cli.launch_orchestrator([str(denied)], retry_delay_s=0) == 1
+    out = capsys.readouterr().out
+    assert count.read_text() == "1" and "not retried" in out and "trying again" not in out
+
+
+def test_sigterm_stops_the_orchestrator_like_ctrl_c(project, tmp_path, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_cli import MARKER, script
+    from tests.waiting import wait_until
+    ready, interrupted = tmp_path / "ready", tmp_path / "interrupted"
+    bin_dir = tmp_path / "termbin"
+    script(bin_dir / "fly", f"""
+        import pathlib, signal, sys, time
+        if sys.argv[1:3] != ["machine", "run"]:
+            sys.exit(1)  # no session: nothing minted
+        def stop(signum, frame):
+            pathlib.Path({str(interrupted)!r}).write_text("SIGINT")
+            print("interrupted; the deploy lock was released", flush=True)
+            print("{MARKER} exit 130", flush=True)
+            sys.exit(1)
+        signal.signal(signal.SIGINT, stop)
+        print("{MARKER} started", flush=True)
+        pathlib.Path({str(ready)!r}).write_text("yes")
+        time.sleep(30)
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=root)
+    cli = subprocess.Popen([sys.executable, "-m", "flydeploy_cli", "hot", "--skip-build", "--image",
+                            "registry.fly.io/shop:x"], cwd=project, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(ready.exists, "the orchestrator to start", timeout=30)
+        cli.send_signal(signal.SIGTERM)
+        output, _ = cli.communicate(timeout=30)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    assert cli.returncode == 130, output
+    assert interrupted.read_text() == "SIGINT" and "the deploy lock was released" in output
