@@ -3135,17 +3135,39 @@ def _store_release(store: Store, key: str, release: Release) -> tuple[Release, b
 
 
 def _pick_rollback(current: Mapping[str, Any] | None, to: str | None) -> dict:
-    """The history entry a rollback goes to: version ``to``, or the previous one."""
-    history = list((current or {}).get("history") or [])
+    """The history entry a rollback goes to: version ``to``, or the previous one.
+
+    "Previous" is the newest entry of an older release (in the order releases
+    were first pushed) that was not rolled back from: a rollback's record lists
+    the newer versions it left in ``rolled_back_from``, so that rollback after
+    rollback goes further back instead of toggling.
+    """
+    history = [e for e in (current or {}).get("history") or [] if isinstance(e, dict)]
     if not history:
         raise FlyDeployError("nothing to roll back to: current.json records no earlier hot upgrade (the "
                              "image's own code is not a stored release); push the old code with `hot`, "
                              "or make a cold `fly deploy`")
+    hot = (current or {}).get("hot_upgrade") or {}
+    age: dict[Any, int] = {}  # version -> when it was first pushed, oldest 0
+    for record in reversed([hot, *history]):
+        age.setdefault(record.get("version"), len(age))
+    left = [hot.get("version"), *(hot.get("rolled_back_from") or [])]
+
+    def wanted(version: Any) -> bool:
+        if to is not None:
+            return version == to
+        return version not in left and age[version] < age[hot.get("version")]
+
+    for index, entry in enumerate(history):
+        target = entry.get("version")
+        if wanted(target):
+            passed = left + [e.get("version") for e in history[:index]]
+            gone = [v for n, v in enumerate(passed) if v in age and age[v] > age[target] and v not in passed[:n]]
+            return {**entry, "rolled_back_from": gone}
     if to is None:
-        return dict(history[0])
-    for entry in history:
-        if entry.get("version") == to:
-            return dict(entry)
+        raise FlyDeployError(f"nothing earlier to roll back to: every version in the hot upgrade history "
+                             f"({', '.join(str(e.get('version')) for e in history)}) was rolled back from; "
+                             "pass --to VERSION to pick one")
     known = ", ".join(str(e.get("version")) for e in history)
     raise FlyDeployError(f"version {to!r} is not in the hot upgrade history; pass --to one of: {known}")
 

@@ -221,3 +221,23 @@ def test_sigterm_stops_the_orchestrator_like_ctrl_c(project, tmp_path, monkeypat
             cli.wait()
     assert cli.returncode == 130, output
     assert interrupted.read_text() == "SIGINT" and "the deploy lock was released" in output
+
+
+# --- rollback ---------------------------------------------------------------------
+
+
+def test_repeated_rollbacks_go_further_back(store, app_root):
+    api = StubMachines([machine("a")], succeed)
+    for number in range(1, 5):
+        write(app_root / "shop" / "__init__.py", f"VERSION = {number}\n")
+        orchestrate(store, api, app_root, version=f"v{number}")
+    versions = [orchestrate(store, api, app_root, version=None, rollback=True)[0].version for _ in range(3)]
+    assert versions == ["v3", "v2", "v1"]
+    with pytest.raises(flydeploy.FlyDeployError, match="nothing earlier to roll back to"):
+        orchestrate(store, api, app_root, version=None, rollback=True)
+    write(app_root / "shop" / "__init__.py", "VERSION = 5\n")
+    orchestrate(store, api, app_root, version="v5")  # pushed on top of v1: v1 is what ran before
+    assert orchestrate(store, api, app_root, version=None, rollback=True)[0].version == "v1"
+    assert orchestrate(store, api, app_root, version=None, rollback_to="v3")[0].version == "v3"
+    assert orchestrate(store, api, app_root, version=None, rollback=True)[0].version == "v1"
+    assert not lock_key_exists(store)
