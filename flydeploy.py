@@ -3332,7 +3332,8 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
 def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
                processes: Sequence[Mapping[str, Any]] | None = None, error: str | None = None) -> dict:
     """One ``status`` row for a machine, from its Machine JSON, ``current.json``
-    and the ``rpc info`` of its processes (``error`` when that could not be had).
+    and the ``rpc info`` of its processes (``error`` when that could not be had);
+    ``process_list`` has each process's pid, version and when it applied it.
 
     ``verdict`` is ``✓ up to date``, ``✗ NOT APPLIED``, ``STALE image`` (the
     machine runs another image than the one ``current.json`` is for) or the
@@ -3359,7 +3360,10 @@ def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
     return {"machine_id": machine.get("id"), "region": machine.get("region"), "state": state,
             "process_group": machine_group(machine), "image": image,
             "hot_upgrade_version": ", ".join(versions) or None, "applied_at": max(applied, default=None),
-            "processes": len(processes or ()), "verdict": verdict, "error": error}
+            "processes": len(processes or ()), "verdict": verdict, "error": error,
+            "process_list": [{"pid": p.get("pid"), "version": p.get("version"),
+                              "applied_at": p.get("applied_at") or p.get("deployed_at")}
+                             for p in processes or ()]}
 
 
 def fleet_status(app: str, *, store: Store, api: Any, python: str = "python3",

@@ -72,6 +72,8 @@ _LAUNCH_RETRY_DELAY_S = 10.0
 _INTERRUPT_GRACE_S = 60.0
 _REDACTED = "<redacted>"
 _SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "AUTH", "PRIVATE", "DSN")
+# user:password@ in a URL, whatever the variable's name.
+_URL_PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+(?=@)")
 _IMAGE_LINE_RE = re.compile(r"^\s*image:\s*(\S+)")
 _MARKER_RE = re.compile(re.escape(flydeploy.ORCHESTRATOR_MARKER) + r" (started|exit (\d+))")
 _PAIR_FLAGS = ("-e", "--env", "--build-arg")
@@ -153,18 +155,23 @@ def _looks_secret(name: str) -> bool:
     return any(word in name.upper() for word in _SECRET_WORDS)
 
 
+def _without_passwords(text: str) -> str:
+    return _URL_PASSWORD_RE.sub(lambda m: m.group("head") + _REDACTED, text)
+
+
 def _shown(name: str, value: str) -> str:
-    return f"{name}={_REDACTED if _looks_secret(name) else value}"
+    return f"{name}={_REDACTED if _looks_secret(name) else _without_passwords(value)}"
 
 
 def redact(command: Iterable[str]) -> list[str]:
     """A copy of ``command`` whose ``-e`` / ``--build-arg`` values are hidden
-    when their name looks secret (token, key, password, ...)."""
+    when their name looks secret (token, key, password, ...), and whose URLs
+    carry no password (``postgres://user:<redacted>@host``)."""
     shown: list[str] = []
     for arg in command:
         if shown and shown[-1] in _PAIR_FLAGS and "=" in arg:
             arg = _shown(*arg.split("=", 1))
-        shown.append(arg)
+        shown.append(_without_passwords(arg))
     return shown
 
 
@@ -228,14 +235,16 @@ def _stream(command: list[str], on_line: Callable[[str], None], *,
     return None if silent else process.returncode
 
 
-def run_build(command: list[str], expected_image: str, *, silence_s: float = BUILD_SILENCE_S,
+def run_build(command: list[str], expected_image: str, *, silence_s: float | None = None,
               out: TextIO | None = None) -> str:
     """Run the build, streaming its output to ``out``; return the pushed image ref.
 
     The ref is cross-checked with the ``image: <ref>`` line flyctl prints.  A
     failed build, a mismatched ref, or a build that prints nothing for
-    ``silence_s`` seconds (it is stopped) raise ``FlyDeployError``.
+    ``silence_s`` seconds (default ``BUILD_SILENCE_S``, read at each call; it
+    is stopped) raise ``FlyDeployError``.
     """
+    silence_s = BUILD_SILENCE_S if silence_s is None else silence_s
     out = out or sys.stdout
     reported: list[str] = []
 
@@ -386,7 +395,8 @@ def _print_plan(config: flydeploy.FleetConfig, commands: list[list[str]], steps:
             value = ", ".join(_shown(k, v) for k, v in value.items()) or "-"
         elif isinstance(value, tuple):
             value = ", ".join(value) or "-"
-        print(f"  {key:<16} {value if value is not None else '-'}  ({source})")
+        shown = _without_passwords(str(value)) if value is not None else "-"
+        print(f"  {key:<16} {shown}  ({source})")
     env = ", ".join(_shown(k, v) for k, v in config.env.items()) or "-"
     print(f"  {'fly.toml [env]':<16} {env}")
     print("Commands that would run:" if commands else "What would happen:")
@@ -508,12 +518,23 @@ def _status(args: argparse.Namespace) -> int:
     table = [header] + [(r["machine_id"], r["region"] or "", r["state"], _image_tag(r["image"]),
                          r["hot_upgrade_version"] or "-", r["applied_at"] or "-",
                          r["verdict"] + (f" ({r['error']})" if r["error"] else "")) for r in rows]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
-    for row in table:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    _print_table(table)
     if not rows:
         print(f"{config.app} has no app machines")
+    if args.local:
+        processes = [p for row in rows for p in row["process_list"]]
+        count = len(processes)
+        print(f"\n{count} flydeploy process{'' if count == 1 else 'es'} of {config.app} on this host:")
+        _print_table([("PID", "VERSION", "APPLIED AT")] + [
+            (str(p["pid"]), p["version"] or "-", p["applied_at"] or "-") for p in processes])
     return 0
+
+
+def _print_table(table: list[tuple]) -> None:
+    """Left-aligned columns; the last one is not padded."""
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + str(row[-1]))
 
 
 # --- demo -------------------------------------------------------------------

@@ -263,6 +263,11 @@ def test_local_mode_hot_status_and_rollback(tmp_path):
 
         (row,) = json.loads(cli("status", "--local", "--json"))
         assert row["verdict"] == "✓ up to date" and row["hot_upgrade_version"] == "l2"
+        (process,) = row["process_list"]
+        assert process["pid"] == app.pid and process["version"] == "l2" and process["applied_at"]
+        text = cli("status", "--local")
+        assert "1 flydeploy process of" in text
+        assert any(line.split()[:2] == [str(app.pid), "l2"] for line in text.splitlines()), text
 
         (tree / "counter.py").write_text(V3["counter.py"])
         cli("hot", "--local", "--version", "l3")

@@ -241,3 +241,29 @@ def test_repeated_rollbacks_go_further_back(store, app_root):
     assert orchestrate(store, api, app_root, version=None, rollback_to="v3")[0].version == "v3"
     assert orchestrate(store, api, app_root, version=None, rollback=True)[0].version == "v1"
     assert not lock_key_exists(store)
+
+
+# --- dry-run redaction, the build's silence limit ---------------------------------------
+
+
+def test_dry_run_hides_url_passwords_and_secret_values(project, capsys, monkeypatch):
+    import flydeploy_cli
+    from tests.test_cli import stub_fly  # noqa: F401
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(flydeploy_cli, "_owner", lambda: ("ann@example.com", False))
+    code = flydeploy_cli.main(["hot", "--dry-run", "--build-arg", "DATABASE_URL=postgres://app:hunter2@db:5432/x",
+                               "--build-arg", "NPM_TOKEN=npm_abc"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "hunter2" not in out and "npm_abc" not in out and "sk_live_123" not in out
+    assert "postgres://app:<redacted>@db:5432/x" in out
+    assert flydeploy_cli.redact(["fly", "x", "https://u:pw@h/p"]) == ["fly", "x", "https://u:<redacted>@h/p"]
+
+
+def test_the_build_silence_limit_is_read_at_call_time(tmp_path, monkeypatch):
+    import flydeploy_cli
+    from tests.test_cli import script
+    silent = script(tmp_path / "silent", "import time\ntime.sleep(10)\n")
+    monkeypatch.setattr(flydeploy_cli, "BUILD_SILENCE_S", 0.3)
+    with pytest.raises(flydeploy.FlyDeployError, match="printed nothing"):
+        flydeploy_cli.run_build([str(silent)], "x")
