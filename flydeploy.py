@@ -2672,7 +2672,12 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "lock_timeout": ("seconds", 300.0),
     "process_groups": ("names", ()),
     "build_args": ("mapping", {}),
+    "app_dir": ("name", None),
 }
+# Where the app lives on a machine when neither [tool.flydeploy] app_dir nor a
+# Dockerfile WORKDIR says.
+_DEFAULT_APP_DIR = "/app"
+_WORKDIR_RE = re.compile(r"^\s*WORKDIR\s+(\S.*?)\s*$", re.IGNORECASE | re.MULTILINE)
 _FLAG_NAMES = {"process_groups": "--process-group", "build_args": "--build-arg"}
 
 
@@ -2683,6 +2688,9 @@ class FleetConfig:
     ``project_dir`` holds ``fly.toml`` and ``pyproject.toml``; ``root`` is the
     app root that is packed (``[tool.flydeploy] root``, relative to the project).
     ``env``, ``processes`` and ``build`` are ``fly.toml``'s tables as read.
+    ``app_dir`` is the app's directory on the machines, where the orchestrator
+    command runs: ``[tool.flydeploy] app_dir``, else the Dockerfile's last
+    ``WORKDIR``, else ``/app``.
     ``sources`` says where each setting came from, e.g. ``"--app"``,
     ``"pyproject.toml [tool.flydeploy]"``, ``"fly.toml"`` or ``"default"``.
     """
@@ -2701,6 +2709,7 @@ class FleetConfig:
     lock_timeout: float
     process_groups: tuple[str, ...]
     build_args: Mapping[str, str]
+    app_dir: str
     env: Mapping[str, str]
     processes: Mapping[str, Any]
     build: Mapping[str, Any]
@@ -2721,6 +2730,21 @@ class FleetConfig:
                 "lock_timeout": self.lock_timeout, "timeout": self.timeout,
                 "max_concurrency": self.max_concurrency, "suspend_timeout": self.suspend_timeout,
                 "process_groups": self.process_groups, "python": self.python}
+
+
+def _dockerfile_workdir(project: pathlib.Path, build: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(directory, source)`` from the last ``WORKDIR`` of the app's Dockerfile
+    (``fly.toml`` ``[build] dockerfile``, else ``Dockerfile``), or None."""
+    dockerfile = project / str(build.get("dockerfile") or "Dockerfile")
+    try:
+        text = dockerfile.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    found = _WORKDIR_RE.findall(text)
+    if not found:
+        return None
+    workdir = found[-1].strip("\"'")
+    return workdir, f"{dockerfile.name} WORKDIR"
 
 
 def _flag_name(key: str) -> str:
@@ -2828,6 +2852,9 @@ def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.P
             values[key], sources[key] = _check_setting(key, value, source), source
         else:
             values[key], sources[key] = default, "default"
+    if values["app_dir"] is None:
+        values["app_dir"], sources["app_dir"] = (_dockerfile_workdir(project, fly_tables["build"])
+                                                 or (_DEFAULT_APP_DIR, "default"))
     groups = values["process_groups"]
     known_groups = set(fly_tables["processes"]) or {"app"}
     missing_groups = [g for g in groups if g not in known_groups]
@@ -2840,7 +2867,7 @@ def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.P
         exclude=values["exclude"], python=values["python"], max_concurrency=values["max_concurrency"],
         timeout=values["timeout"], suspend_timeout=values["suspend_timeout"],
         lock_timeout=values["lock_timeout"], process_groups=groups, build_args=values["build_args"],
-        env=env, processes=fly_tables["processes"], build=fly_tables["build"], sources=sources)
+        app_dir=values["app_dir"], env=env, processes=fly_tables["processes"], build=fly_tables["build"], sources=sources)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -142,13 +142,18 @@ def orchestrate_argv(config: flydeploy.FleetConfig, image_ref: str, *, version: 
 
 def orchestrator_command(config: flydeploy.FleetConfig, image_ref: str, argv: list[str],
                          env: Mapping[str, str]) -> list[str]:
-    """``fly machine run <image> --entrypoint "sleep inf" ... --rm --shell --command "<argv>"``."""
+    """``fly machine run <image> --entrypoint "sleep inf" ... --rm --shell --command "cd <app dir> && <argv>"``.
+
+    The shell starts in ``/``, not the image's WORKDIR: the command goes to the
+    app directory (``FleetConfig.app_dir``) first, where the app is packed from.
+    """
     command = ["fly", "machine", "run", image_ref, "--entrypoint", "sleep inf", "-c", str(config.fly_toml)]
     command += _app_flag(config)
     command += ["--vm-memory", "1024"]
     for name, value in env.items():
         command += ["-e", f"{name}={value}"]
-    return command + ["--rm", "--shell", "--command", shlex.join(argv)]
+    shell = f"cd {shlex.quote(config.app_dir)} && {shlex.join(argv)}"
+    return command + ["--rm", "--shell", "--command", shell]
 
 
 def _looks_secret(name: str) -> bool:

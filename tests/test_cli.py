@@ -145,7 +145,7 @@ def test_exact_command_lines(project):
                             "-e", "FLYDEPLOY_API_TOKEN=fm2_xyz"]
     assert command[12:15] == ["--rm", "--shell", "--command"]
     assert shlex.split(command[15]) == [
-        "python3", "-m", "flydeploy", "orchestrate", "--app", "shop", "--image-ref", image,
+        "cd", "/app", "&&", "python3", "-m", "flydeploy", "orchestrate", "--app", "shop", "--image-ref", image,
         "--python", "python3", "--lock-timeout", "300", "--timeout", "120", "--max-concurrency", "3",
         "--suspend-timeout", "10", "--process-group", "app", "--version", "v7",
         "--owner", "ann@example.com", "--force"]

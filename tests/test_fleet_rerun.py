@@ -267,3 +267,25 @@ def test_the_build_silence_limit_is_read_at_call_time(tmp_path, monkeypatch):
     monkeypatch.setattr(flydeploy_cli, "BUILD_SILENCE_S", 0.3)
     with pytest.raises(flydeploy.FlyDeployError, match="printed nothing"):
         flydeploy_cli.run_build([str(silent)], "x")
+
+
+# --- the orchestrator's working directory -------------------------------------------------
+
+
+def test_the_orchestrator_command_goes_to_the_app_dir(project):
+    import shlex
+
+    import flydeploy_cli
+
+    def shell_words():
+        config = flydeploy.load_config(project)
+        return config, shlex.split(flydeploy_cli.orchestrator_command(config, "img", ["python3"], {})[-1])
+
+    config, words = shell_words()
+    assert words == ["cd", "/app", "&&", "python3"] and config.sources["app_dir"] == "default"
+    write(project / "Dockerfile", "FROM python:3.12\nWORKDIR /srv\nCOPY . .\nWORKDIR /srv/shop\nCMD python main.py\n")
+    config, words = shell_words()
+    assert words[:2] == ["cd", "/srv/shop"] and config.sources["app_dir"] == "Dockerfile WORKDIR"
+    write(project / "pyproject.toml", '[tool.flydeploy]\napp_dir = "/opt/my app"\n')
+    config, words = shell_words()
+    assert words[:2] == ["cd", "/opt/my app"] and config.sources["app_dir"].startswith("pyproject.toml")
