@@ -3357,7 +3357,8 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
 
 
 def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
-               processes: Sequence[Mapping[str, Any]] | None = None, error: str | None = None) -> dict:
+               processes: Sequence[Mapping[str, Any]] | None = None, error: str | None = None, *,
+               current_known: bool = True) -> dict:
     """One ``status`` row for a machine, from its Machine JSON, ``current.json``
     and the ``rpc info`` of its processes (``error`` when that could not be had);
     ``process_list`` has each process's pid, version and when it applied it.
@@ -3366,6 +3367,8 @@ def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
     machine runs another image than the one ``current.json`` is for) or the
     state of a machine that is not running (``stopped``: applies at next start;
     ``suspended``, with ``pending_note``: a resume does not boot it again).
+    Without ``current_known`` (``current.json`` could not be read) a running
+    machine's verdict is ``? current.json not read``: only what it runs is known.
     """
     state = machine.get("state") or "unknown"
     image = machine_image(machine)
@@ -3377,6 +3380,8 @@ def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
         verdict = f"suspended: {pending_note(state)}"
     elif state != "started":
         verdict = state
+    elif not current_known and error is None:
+        verdict = "? current.json not read"
     elif current and current.get("image_ref") and image != current["image_ref"]:
         verdict = "STALE image"
     elif error is None and (hot is None or (processes and all(
@@ -3393,12 +3398,16 @@ def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
                              for p in processes or ()]}
 
 
-def fleet_status(app: str, *, store: Store, api: Any, python: str = "python3",
+def fleet_status(app: str, *, store: Store | None, api: Any, python: str = "python3",
                  process_groups: Iterable[str] = (), max_concurrency: int = 10,
                  timeout: float = 30.0) -> list[dict]:
     """``status_row`` for every app machine: the Machines API list, ``current.json``
-    and ``rpc info`` on the started machines, ``max_concurrency`` at a time."""
-    current = read_current(store, app)[0]
+    and ``rpc info`` on the started machines, ``max_concurrency`` at a time.
+
+    Without a ``store`` (no bucket credentials here) ``current.json`` is not
+    read: the rows say what each machine runs, from ``rpc info`` alone.
+    """
+    current = read_current(store, app)[0] if store is not None else None
     selection = select_machines(api.list(), process_groups=process_groups)
     argv = [python, "-m", "flydeploy", "rpc", "info", "--app", app]
 
@@ -3422,7 +3431,8 @@ def fleet_status(app: str, *, store: Store, api: Any, python: str = "python3",
     found = {machine_id: (processes, error) for machine_id, processes, error
              in _map_concurrently(info, selection.targets, max_concurrency)}
     machines = list(selection.targets) + list(selection.pending) + [m for m, _ in selection.skipped]
-    return [status_row(m, current, *found.get(m["id"], (None, None))) for m in machines]
+    return [status_row(m, current, *found.get(m["id"], (None, None)), current_known=store is not None)
+            for m in machines]
 
 
 class LocalMachines:

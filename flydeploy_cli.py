@@ -507,7 +507,14 @@ def _status(args: argparse.Namespace) -> int:
         store, python = _local_store(args, config), sys.executable
         api = flydeploy.LocalMachines(config.app, cwd=config.root)
     else:
-        store, python = flydeploy.S3.from_env(bucket=config.bucket), config.python
+        python = config.python
+        try:
+            store = flydeploy.S3.from_env(bucket=config.bucket)
+        except flydeploy.ConfigError as exc:
+            store = None
+            print(f"note: current.json could not be read ({exc}); each machine's version below comes "
+                  "from the machine itself (rpc info), not compared with the recorded hot upgrade",
+                  file=sys.stderr)
         token = os.environ.get("FLY_API_TOKEN") or mint_exec_token(config)
         if not token:
             raise flydeploy.ConfigError("status needs a Machines API token: set FLY_API_TOKEN, or log in "

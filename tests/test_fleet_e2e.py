@@ -188,8 +188,12 @@ def test_dry_run_lock_force_and_missing_secrets(fakefly, seaweed, tmp_path):
     assert missing.returncode == 2, missing.output
     assert "AWS_SECRET_ACCESS_KEY" in missing.output
 
-    status = project.cli("status")  # no S3 variables on this side either
-    assert status.returncode == 2 and "AWS_ACCESS_KEY_ID" in status.stderr
+    status = project.cli("status", "--json")  # no S3 variables on this side either
+    assert status.returncode == 0, status.output
+    assert "current.json could not be read" in status.stderr and "AWS_ACCESS_KEY_ID" in status.stderr
+    (row,) = json.loads(status.stdout)
+    assert f"1/1 machine upgraded to {row['hot_upgrade_version']} " in forced.output
+    assert row["verdict"] == "? current.json not read"
 
 
 def test_failing_machines_are_named_and_fail_the_deploy(fakefly, seaweed, tmp_path):
