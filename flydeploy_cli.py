@@ -5,6 +5,11 @@
     python -m flydeploy_cli rollback   back to an earlier hot upgrade
     python -m flydeploy_cli demo       a live hot upgrade on this machine, shown side by side
 
+``hot``, ``status`` and ``rollback`` take ``--local [--root DIR] [--store DIR]``
+to work on the app's processes on this host instead, with no Fly and no S3.
+Installed as a package, the same commands are the ``flydeploy`` script; the
+machine side (``rpc``, ``orchestrate``) is ``python -m flydeploy``.
+
 Settings come, highest first, from the flags, ``[tool.flydeploy]`` in
 ``pyproject.toml``, ``fly.toml`` and the defaults.  ``hot`` builds the image
 with ``fly deploy --build-only --push``, then starts a temporary orchestrator
