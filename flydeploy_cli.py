@@ -47,6 +47,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Mapping
 from typing import TextIO
 
@@ -681,7 +682,7 @@ def _demo_suspend_ms(store: str) -> float | None:
 def _demo_env(runtime: str) -> dict[str, str]:
     """The whole environment of the demo's processes: nothing of the user's flydeploy, AWS or Fly settings."""
     library = os.path.dirname(os.path.abspath(flydeploy.__file__))
-    env = {name: os.environ[name] for name in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")
+    env = {name: os.environ[name] for name in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
            if name in os.environ}
     env.update(FLY_APP_NAME=DEMO_APP, FLYDEPLOY_RUNTIME_DIR=runtime, PYTHONPATH=library,
                PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
@@ -760,6 +761,25 @@ def _demo_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+@contextlib.contextmanager
+def _demo_signals_held() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP until the block is done, then act on them.
+
+    Around starting the app (so it is never started without the demo knowing
+    its pid) and around the cleanup (so a second Ctrl-C cannot cut it short).
+    """
+    caught: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
+                for signum in _DEMO_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if caught:
+        _demo_interrupt(caught[0], None)
+
+
 def _demo_run(root: str, deadline: float) -> tuple[int, list[str]]:
     """Write, start, stream, edit, upgrade: the demo proper.  Returns the exit code and the lines to print."""
     runtime = os.path.join(root, "run")
@@ -771,7 +791,8 @@ def _demo_run(root: str, deadline: float) -> tuple[int, list[str]]:
             with open(os.path.join(root, name), "w", encoding="utf-8") as file:
                 file.write(text)
         print(f"1. wrote a small app to {root}: an HTTP endpoint, a TCP stream, a Counter server", flush=True)
-        app = _demo_launch(root, env)
+        with _demo_signals_held():
+            app = _demo_launch(root, env)
         ports = _demo_ports(root, app, deadline)
         before = _demo_get(ports["http"], deadline)
         print(f"2. started it (pid {before['pid']}); a client is streaming ticks from it", flush=True)
@@ -806,17 +827,12 @@ def _demo_run(root: str, deadline: float) -> tuple[int, list[str]]:
               and _demo_migrated(before, after))
         return (0 if ok else 1), ["", *_demo_table(before, after, stream, upgraded_at, _demo_suspend_ms(store))]
     finally:
-        # A second Ctrl-C (or a kill) during the cleanup must not leave the app or the folder behind.
-        previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _DEMO_SIGNALS}
-        try:
+        with _demo_signals_held():
             if stream is not None:
                 stream.close()
             if app is not None:
                 _demo_stop(app)
             shutil.rmtree(root, ignore_errors=True)
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
 
 
 def demo() -> int:

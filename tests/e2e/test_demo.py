@@ -40,14 +40,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _processes_in(folder: str) -> list[int]:
-    """The pids of the processes whose working directory is ``folder`` (the demo's app runs there)."""
+def _apps_in(folder: str) -> list[int]:
+    """The pids of the demo apps running in ``folder`` (past their exec: ``app.py`` in their command line)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.readlink(f"/proc/{entry}/cwd").removesuffix(" (deleted)") == folder:
-                    pids.append(int(entry))
+                in_folder = os.readlink(f"/proc/{entry}/cwd").removesuffix(" (deleted)") == folder
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    if in_folder and b"app.py" in cmdline.read().split(b"\0"):
+                        pids.append(int(entry))
             except OSError:
                 continue
     return pids
@@ -90,10 +92,10 @@ def test_demo_ctrl_c_while_the_app_starts_stops_it():
     demo = _demo()
     out = _read_until(demo, "wrote a small app")
     folder = re.search(r"wrote a small app to (\S+):", out).group(1)
-    wait_for(lambda: _processes_in(folder), timeout=10, what="the demo app to be started")
+    wait_for(lambda: _apps_in(folder), timeout=10, what="the demo app to be started")
     # Held before it can announce its ports, the demo is surely still waiting for them at the Ctrl-C.
-    # It stays held: only the demo's own cleanup (SIGTERM, then SIGKILL) can end it.
-    (app,) = _processes_in(folder)
+    # It stays held: only the demo's cleanup (SIGTERM, then SIGKILL) can end it.
+    (app,) = _apps_in(folder)
     os.kill(app, signal.SIGSTOP)
     try:
         demo.send_signal(signal.SIGINT)
@@ -131,28 +133,19 @@ def test_demo_cleans_up_on_sighup():
     _interrupt_after_start(signal.SIGHUP)
 
 
-def test_demo_cleanup_survives_a_second_ctrl_c():
-    demo = _demo()
-    out = _read_until(demo, "started it")
-    pid = int(re.search(r"started it \(pid (\d+)\)", out).group(1))
-    folder = re.search(r"wrote a small app to (\S+):", out).group(1)
-    # The app ignores SIGTERM for a while, so the demo is still cleaning up when the second Ctrl-C comes.
-    os.kill(pid, signal.SIGSTOP)
-    demo.send_signal(signal.SIGINT)
-    wait_for(lambda: _stopped_and_signalled(pid), timeout=10, what="the demo to start stopping its app")
-    demo.send_signal(signal.SIGINT)
-    os.kill(pid, signal.SIGCONT)
-    rest, _ = demo.communicate(timeout=30)
-    assert demo.returncode == 130, out + rest
-    wait_for(lambda: not _alive(pid), timeout=10, what="the demo app to be gone")
-    assert not os.path.exists(folder), "a second Ctrl-C made the demo leave its folder behind"
-
-
-def _stopped_and_signalled(pid: int) -> bool:
-    """The stopped app has a SIGTERM pending: the demo's cleanup is waiting for it to exit."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        fields = dict(line.split(":", 1) for line in status)
-    return bool(int(fields["ShdPnd"], 16) & (1 << (signal.SIGTERM - 1)))
+def test_signals_held_during_start_and_cleanup_act_only_when_it_is_done():
+    done = []
+    try:
+        with flydeploy_cli._demo_signals_held():
+            os.kill(os.getpid(), signal.SIGINT)   # a second Ctrl-C in the middle of the cleanup
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("cleanup finished")
+    except KeyboardInterrupt as interrupt:
+        assert str(interrupt) == "SIGINT"
+    else:
+        raise AssertionError("the held Ctrl-C was lost")
+    assert done == ["cleanup finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handlers were not restored"
 
 
 def test_demo_ports_come_from_the_ready_file_not_the_apps_output(tmp_path):

@@ -24,6 +24,7 @@ def test_a_session_stuck_waiting_for_an_answer_counts_as_dropped():
         sessions = Sessions([f"http://127.0.0.1:{port}"], 1).start()
         wait_for(lambda: sessions.sessions[0].sent == 2, timeout=10, what="the second message to be sent")
         (session,) = sessions.stop(timeout=0.5)
+        reason = session.closed  # read before the server goes: its close would end the stuck client
         server.shutdown()
-    assert session.closed and session.closed.startswith("stuck: "), session
-    assert "1 of 2 messages answered" in session.closed, session
+    assert reason and reason.startswith("stuck: "), session
+    assert "1 of 2 messages answered" in reason, session
