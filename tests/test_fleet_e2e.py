@@ -194,14 +194,16 @@ def test_dry_run_lock_force_and_missing_secrets(fakefly, seaweed, tmp_path):
 def test_failing_machines_are_named_and_fail_the_deploy(fakefly, seaweed, tmp_path):
     project = Project(fakefly, seaweed, tmp_path, machines=3)
     good, broken, hung = project.machines
-    (broken.root / "flydeploy.py").unlink()  # the running process keeps its copy; exec cannot
+    # A damaged vendored copy: the running process keeps the module it loaded, but
+    # `python3 -m flydeploy` in the app folder finds this file first and fails.
+    (broken.root / "flydeploy.py").write_text("def damaged(:\n")
     fakefly.faults.add("500", op="exec", machine=good.id, times=1)  # retried: a passing hiccup
     fakefly.faults.add("408", op="exec", machine=hung.id, times=None)  # every try times out
     project.edit(V2)
     hot = project.cli("hot", "--timeout", "5")
     assert hot.returncode == 1, hot.output
     assert f"✓ {good.id} ({good.region}) 2 modules, 1 process" in hot.output
-    assert f"✗ {broken.id} ({broken.region}) flydeploy is not importable" in hot.output
+    assert f"✗ {broken.id} ({broken.region}) rpc upgrade exited 1 without a result: SyntaxError" in hot.output
     assert f"✗ {hung.id} ({hung.region}) timed out after 5 s" in hot.output
     assert "1/3 machines upgraded to" in hot.output
     failed = hot.output.rsplit("FAILED: ", 1)[1].splitlines()[0].split(";")[0]
