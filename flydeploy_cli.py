@@ -5,6 +5,11 @@
     python -m flydeploy_cli rollback   back to an earlier hot upgrade
     python -m flydeploy_cli demo       a live hot upgrade on this machine, shown side by side
 
+``hot``, ``status`` and ``rollback`` take ``--local [--root DIR] [--store DIR]``
+to work on the app's processes on this host instead, with no Fly and no S3.
+Installed as a package, the same commands are the ``flydeploy`` script; the
+machine side (``rpc``, ``orchestrate``) is ``python -m flydeploy``.
+
 Settings come, highest first, from the flags, ``[tool.flydeploy]`` in
 ``pyproject.toml``, ``fly.toml`` and the defaults.  ``hot`` builds the image
 with ``fly deploy --build-only --push``, then starts a temporary orchestrator
@@ -25,7 +30,6 @@ import contextlib
 import difflib
 import getpass
 import glob
-import io
 import json
 import os
 import re
@@ -561,6 +565,7 @@ import http.server
 import json
 import os
 import socketserver
+import sys
 import threading
 import time
 
@@ -601,7 +606,10 @@ socketserver.ThreadingTCPServer.daemon_threads = True
 http_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Http)
 stream_server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Stream)
 threading.Thread(target=stream_server.serve_forever, daemon=True).start()
-print(json.dumps({"http": http_server.server_address[1], "stream": stream_server.server_address[1]}), flush=True)
+ready = sys.argv[1]  # the ports, in a file of their own: the app's output may hold warnings
+with open(ready + ".tmp", "w", encoding="utf-8") as file:
+    json.dump({"http": http_server.server_address[1], "stream": stream_server.server_address[1]}, file)
+os.replace(ready + ".tmp", ready)
 http_server.serve_forever()
 '''
 
@@ -655,15 +663,19 @@ def tick_line(state):
     return f"v2 tick {state['ticks']} ({state['since_upgrade']} since the upgrade)"
 '''
 
-_DEMO_DEADLINE_S = 8.0
+_DEMO_DEADLINE_S = 10.0
+"""The whole demo, start to printed table, must finish within this many seconds."""
+
+_DEMO_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Ctrl-C, kill and a closed terminal: each stops the demo and cleans up."""
 
 
 class _StreamReader(threading.Thread):
     """Reads the demo app's tick stream; remembers every line, when it came, and how the stream ended."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, timeout: float) -> None:
         super().__init__(daemon=True, name="demo-stream")
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=_DEMO_DEADLINE_S)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.lines: list[tuple[float, str]] = []
         self.ended: str | None = None
 
@@ -683,16 +695,24 @@ class _StreamReader(threading.Thread):
         self.sock.close()
 
 
-def _demo_wait(condition: Callable[[], object], what: str) -> None:
-    deadline = time.monotonic() + _DEMO_DEADLINE_S
+def _demo_left(deadline: float, what: str) -> float:
+    """Seconds left before the demo's deadline; past it, an error naming what it was waiting for."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise flydeploy.FlyDeployError(f"demo: ran out of its {_DEMO_DEADLINE_S:.0f} s waiting for {what}; "
+                                       "the machine may be overloaded, try again when it is idle")
+    return left
+
+
+def _demo_wait(condition: Callable[[], object], what: str, deadline: float) -> None:
     while not condition():
-        if time.monotonic() > deadline:
-            raise flydeploy.FlyDeployError(f"demo: timed out waiting for {what}")
+        _demo_left(deadline, what)
         time.sleep(0.02)
 
 
-def _demo_get(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=_DEMO_DEADLINE_S) as response:
+def _demo_get(port: int, deadline: float) -> dict:
+    timeout = _demo_left(deadline, "the app's HTTP answer")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=timeout) as response:
         return json.loads(response.read())
 
 
@@ -705,23 +725,32 @@ def _demo_suspend_ms(store: str) -> float | None:
     return None
 
 
-def _demo_start(root: str, env: dict[str, str]) -> tuple[subprocess.Popen, dict]:
-    """Start the demo app (its output goes to app.log) and return it with its ports."""
-    log_path = os.path.join(root, "app.log")
-    with open(log_path, "wb") as log:
-        app = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=env, stdin=subprocess.DEVNULL,
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+def _demo_env(runtime: str) -> dict[str, str]:
+    """The whole environment of the demo's processes: nothing of the user's flydeploy, AWS or Fly settings."""
+    library = os.path.dirname(os.path.abspath(flydeploy.__file__))
+    env = {name: os.environ[name] for name in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
+           if name in os.environ}
+    env.update(FLY_APP_NAME=DEMO_APP, FLYDEPLOY_RUNTIME_DIR=runtime, PYTHONPATH=library,
+               PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+    return env
 
-    def first_line() -> str | None:
-        with open(log_path, encoding="utf-8", errors="replace") as log:
-            line = log.readline()
-        return line if line.endswith("\n") or app.poll() is not None else None
 
-    _demo_wait(first_line, "the app to start")
+def _demo_launch(root: str, env: dict[str, str]) -> subprocess.Popen:
+    """Start ``app.py`` in ``root`` in its own session; its output goes to app.log, its ports to ready.json."""
+    with open(os.path.join(root, "app.log"), "wb") as log:
+        return subprocess.Popen([sys.executable, "app.py", os.path.join(root, "ready.json")], cwd=root, env=env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _demo_ports(root: str, app: subprocess.Popen, deadline: float) -> dict:
+    """The ports the started app wrote to ready.json (atomically, so a file seen is a whole one)."""
+    ready = os.path.join(root, "ready.json")
+    _demo_wait(lambda: os.path.exists(ready) or app.poll() is not None, "the app to start", deadline)
     try:
-        return app, json.loads(first_line())
-    except ValueError:
-        _demo_stop(app)
+        with open(ready, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, ValueError):
         raise flydeploy.FlyDeployError(f"demo: the app did not start:\n{_demo_log(root)}") from None
 
 
@@ -741,6 +770,15 @@ def _demo_stop(app: subprocess.Popen) -> None:
         app.wait()
 
 
+def _demo_migrated(before: dict, after: dict) -> bool:
+    """v2's state holds every tick v1 counted: ``ticks - since_upgrade`` (the ticks carried over) >= v1's ``n``."""
+    counter = after.get("counter", {})
+    try:
+        return counter["ticks"] - counter["since_upgrade"] >= before["counter"]["n"]
+    except (KeyError, TypeError):
+        return False
+
+
 def _demo_table(before: dict, after: dict, stream: _StreamReader, upgraded_at: float,
                 suspend_ms: float | None) -> list[str]:
     times = [at for at, _ in stream.lines]
@@ -756,8 +794,8 @@ def _demo_table(before: dict, after: dict, stream: _StreamReader, upgraded_at: f
          f"never closed, {len(stream.lines)} lines, longest gap {gap_ms:.0f} ms" if stream.ended is None
          else f"ENDED: {stream.ended}"),
         ("counter", json.dumps(before["counter"]), json.dumps(after["counter"]),
-         "kept and migrated by code_change"),
-        ("GET /", before["version"], after["version"], "v2 answers" if after["version"] == "v2" else ""),
+         "kept and migrated by code_change" if _demo_migrated(before, after) else "NOT KEPT OR NOT MIGRATED"),
+        ("GET /", before["version"], after["version"], "v2 answers" if after["version"] == "v2" else "NOT v2"),
         ("suspended", "", suspension, f"upgrade took {upgraded_at * 1000:.0f} ms end to end"),
     ]
     widths = [max(len(str(row[i])) for row in rows) for i in range(3)]
@@ -765,72 +803,106 @@ def _demo_table(before: dict, after: dict, stream: _StreamReader, upgraded_at: f
             for row in rows]
 
 
+def _demo_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _demo_signals_held() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP until the block is done, then act on them.
+
+    Around starting the app (so it is never started without the demo knowing
+    its pid) and around the cleanup (so a second Ctrl-C cannot cut it short).
+    """
+    caught: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
+                for signum in _DEMO_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if caught:
+        _demo_interrupt(caught[0], None)
+
+
+def _demo_run(root: str, deadline: float) -> tuple[int, list[str]]:
+    """Write, start, stream, edit, upgrade: the demo proper.  Returns the exit code and the lines to print."""
+    runtime = os.path.join(root, "run")
+    store = os.path.join(root, ".flydeploy")
+    env = _demo_env(runtime)
+    app = stream = None
+    try:
+        for name, text in {"app.py": _DEMO_MAIN, "counter.py": _DEMO_COUNTER_V1}.items():
+            with open(os.path.join(root, name), "w", encoding="utf-8") as file:
+                file.write(text)
+        print(f"1. wrote a small app to {root}: an HTTP endpoint, a TCP stream, a Counter server", flush=True)
+        with _demo_signals_held():
+            app = _demo_launch(root, env)
+        ports = _demo_ports(root, app, deadline)
+        before = _demo_get(ports["http"], deadline)
+        print(f"2. started it (pid {before['pid']}); a client is streaming ticks from it", flush=True)
+        stream = _StreamReader(ports["stream"], _demo_left(deadline, "the stream to connect"))
+        stream.start()
+        _demo_wait(lambda: len(stream.lines) >= 5, "the first ticks", deadline)
+        before = _demo_get(ports["http"], deadline)
+        with open(os.path.join(root, "counter.py"), "w", encoding="utf-8") as file:
+            file.write(_DEMO_COUNTER_V2)
+        print("3. edited counter.py to v2: a new tick line, the counter's state in a new shape", flush=True)
+        command = ["hot", "--local", "--root", root, "--store", store, "--app", DEMO_APP]
+        print(f"4. FLYDEPLOY_RUNTIME_DIR={shlex.quote(runtime)} "
+              f"python -m flydeploy_cli {shlex.join(command)}", flush=True)
+        upgrade_started = time.monotonic()
+        try:
+            hot = subprocess.run([sys.executable, "-m", "flydeploy_cli", *command], env=env, cwd=root,
+                                 stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                 timeout=_demo_left(deadline, "the hot upgrade"))
+        except subprocess.TimeoutExpired:
+            raise flydeploy.FlyDeployError(f"demo: the hot upgrade did not finish within {_DEMO_DEADLINE_S:.0f} s "
+                                           "of the demo's start") from None
+        upgraded_at = time.monotonic() - upgrade_started
+        print("\n".join("     " + line for line in (hot.stdout + hot.stderr).splitlines()), flush=True)
+        if hot.returncode != 0:
+            return hot.returncode, [f"the hot upgrade failed (exit {hot.returncode}); the app's output:",
+                                    _demo_log(root)]
+        count = len(stream.lines)
+        _demo_wait(lambda: len(stream.lines) >= count + 3 and stream.lines[-1][1].startswith("v2"),
+                   "v2 ticks on the stream", deadline)
+        after = _demo_get(ports["http"], deadline)
+        ok = (before["pid"] == after["pid"] and stream.ended is None and after["version"] == "v2"
+              and _demo_migrated(before, after))
+        return (0 if ok else 1), ["", *_demo_table(before, after, stream, upgraded_at, _demo_suspend_ms(store))]
+    finally:
+        with _demo_signals_held():
+            if stream is not None:
+                stream.close()
+            if app is not None:
+                _demo_stop(app)
+            shutil.rmtree(root, ignore_errors=True)
+
+
 def demo() -> int:
     """``python -m flydeploy_cli demo``: a live hot upgrade on this machine, shown side by side.
 
-    Writes a small app to a temporary folder, starts it, keeps a client
-    streaming from it, edits the app to a v2 whose ``code_change`` migrates
-    the counter's state, runs ``hot --local`` on it and prints what happened.
-    Removes everything it made, also when interrupted.  Exit 0 when the
-    upgrade kept the process, the stream and the state, and v2 answers.
+    Writes a small app to a temporary folder, starts it with an environment
+    of its own, keeps a client streaming from it, edits the app to a v2 whose
+    ``code_change`` migrates the counter's state, runs ``hot --local`` on it
+    and prints what happened, all within 10 seconds.  Removes everything it
+    made, also on Ctrl-C, SIGTERM and SIGHUP (which raise KeyboardInterrupt).
+    Exit 0 when the upgrade kept the process, the stream and the state, and
+    v2 answers.
     """
     started = time.monotonic()
-    root = tempfile.mkdtemp(prefix="flydeploy-demo-")
-    runtime = os.path.join(root, "run")
-    saved_runtime = os.environ.get("FLYDEPLOY_RUNTIME_DIR")
-    app = stream = None
+    previous = {signum: signal.signal(signum, _demo_interrupt) for signum in _DEMO_SIGNALS}
     try:
-        files = {"app.py": _DEMO_MAIN, "counter.py": _DEMO_COUNTER_V1}
-        for name, text in files.items():
-            with open(os.path.join(root, name), "w", encoding="utf-8") as file:
-                file.write(text)
-        os.environ["FLYDEPLOY_RUNTIME_DIR"] = runtime  # the agents and `hot --local` meet here
-        library = os.path.dirname(os.path.abspath(flydeploy.__file__))
-        env = dict(os.environ, FLY_APP_NAME=DEMO_APP, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [library, os.environ.get("PYTHONPATH")])))
-        env.pop("FLY_IMAGE_REF", None)  # local mode: nothing to reapply at boot
-        print(f"1. wrote a small app to {root}: an HTTP endpoint, a TCP stream, a Counter server")
-        app, ports = _demo_start(root, env)
-        before = _demo_get(ports["http"])
-        print(f"2. started it (pid {before['pid']}); a client is streaming ticks from it")
-        stream = _StreamReader(ports["stream"])
-        stream.start()
-        _demo_wait(lambda: len(stream.lines) >= 5, "the first ticks")
-        before = _demo_get(ports["http"])
-        with open(os.path.join(root, "counter.py"), "w", encoding="utf-8") as file:
-            file.write(_DEMO_COUNTER_V2)
-        print("3. edited counter.py to v2: a new tick line, the counter's state in a new shape")
-        print(f"4. python -m flydeploy_cli hot --local --root {root}")
-        store = os.path.join(root, ".flydeploy")
-        upgrade_started = time.monotonic()
-        output = io.StringIO()
-        with contextlib.redirect_stdout(output):
-            code = main(["hot", "--local", "--root", root, "--store", store, "--app", DEMO_APP])
-        upgraded_at = time.monotonic() - upgrade_started
-        print("\n".join("     " + line for line in output.getvalue().splitlines()))
-        if code != 0:
-            print(f"the hot upgrade failed (exit {code}); the app's output:\n{_demo_log(root)}", file=sys.stderr)
-            return code
-        count = len(stream.lines)
-        _demo_wait(lambda: len(stream.lines) >= count + 3 and stream.lines[-1][1].startswith("v2"),
-                   "v2 ticks on the stream")
-        after = _demo_get(ports["http"])
-        print()
-        print("\n".join(_demo_table(before, after, stream, upgraded_at, _demo_suspend_ms(store))))
-        ok = (before["pid"] == after["pid"] and stream.ended is None and after["version"] == "v2"
-              and after["counter"]["ticks"] >= before["counter"]["n"])
-        print(f"\n{'done' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s; cleaned up {root}")
-        return 0 if ok else 1
+        root = tempfile.mkdtemp(prefix="flydeploy-demo-")
+        code, lines = _demo_run(root, started + _DEMO_DEADLINE_S)
     finally:
-        if stream is not None:
-            stream.close()
-        if app is not None:
-            _demo_stop(app)
-        if saved_runtime is None:
-            os.environ.pop("FLYDEPLOY_RUNTIME_DIR", None)
-        else:
-            os.environ["FLYDEPLOY_RUNTIME_DIR"] = saved_runtime
-        shutil.rmtree(root, ignore_errors=True)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    print("\n".join(lines))
+    print(f"\n{'done' if code == 0 else 'FAILED'} in {time.monotonic() - started:.1f} s; cleaned up {root}")
+    return code
 
 
 # --- Argument parsing -------------------------------------------------------

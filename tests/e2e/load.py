@@ -11,6 +11,7 @@ record rather than assert, so a test or benchmark reads what happened.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import http.client
@@ -47,6 +48,7 @@ class Session:
     notices: list[dict] = dataclasses.field(default_factory=list)
     wrong: list[str] = dataclasses.field(default_factory=list)   # answers that lost the session's state
     closed: str | None = None                                      # why it was closed, if not by us
+    ended: bool = False                                            # its client finished, however it ended
 
 
 class Sessions:
@@ -98,6 +100,8 @@ class Sessions:
                         await asyncio.wait_for(self._stopping.wait(), self.interval)
         except Exception as exc:  # a dropped connection is what the tests count
             session.closed = f"{type(exc).__name__}: {exc}"
+        finally:
+            session.ended = True
 
     @staticmethod
     async def _answer(ws, session: Session) -> dict:
@@ -117,12 +121,21 @@ class Sessions:
         wait_for(lambda: all(s.closed or s.answered >= mark[s.sid] + more for s in self.sessions),
                    timeout=timeout, what=f"{more} more answers on every websocket session")
 
-    def stop(self) -> list[Session]:
-        """Close every session (a normal close, not counted as a drop); returns them."""
+    def stop(self, *, timeout: float = 30.0) -> list[Session]:
+        """Close every session (a normal close, not counted as a drop); returns them.
+
+        A session whose client has not finished ``timeout`` seconds after the stop is stuck
+        (an answer that never came, a close the app never finished): it is
+        counted as dropped, with that as the reason.
+        """
         if self._loop is not None and self._stopping is not None:
             with contextlib.suppress(RuntimeError):  # every session already ended: the loop is closed
                 self._loop.call_soon_threadsafe(self._stopping.set)
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
+        for session in self.sessions:
+            if not session.ended and not session.closed:
+                session.closed = (f"stuck: still not finished {timeout:g} s after the stop "
+                                  f"({session.answered} of {session.sent} messages answered)")
         return self.sessions
 
 
@@ -206,6 +219,13 @@ class HttpLoad:
             return next((r.started for r in self.snapshot() if r.ok and r.version == version
                          and r.started >= since), None)
         return wait_for(first, timeout=timeout, what=f"an HTTP answer from {version}")
+
+    def wait_for_each_target(self, count: int, *, since: float, timeout: float = 30.0) -> None:
+        """Wait until every target has answered ``count`` requests started after ``since``."""
+        def answered() -> bool:
+            done = collections.Counter(r.target for r in self.snapshot() if r.started >= since)
+            return all(done[target] >= count for target in self.targets)
+        wait_for(answered, timeout=timeout, what=f"{count} answered requests to every target")
 
     def stop(self) -> list[Request]:
         """Stop sending; returns every request."""

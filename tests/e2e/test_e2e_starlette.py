@@ -42,7 +42,7 @@ def test_fleet_hot_upgrade_under_load_drops_nothing(fakefly, seaweed, tmp_path):
 
         sessions.wait_for_more(sessions.answered(), 3)
         load.wait_for_version("v2", since=upgraded)
-        time.sleep(0.2)  # a few more requests to every machine after the upgrade
+        load.wait_for_each_target(5, since=upgraded)
     finally:
         requests = load.stop()
         closed = sessions.stop()

@@ -82,6 +82,8 @@ def version(request):
 
 def notify_sessions(report):
     """After an upgrade, tell every open session which modules changed (on the loop's thread)."""
+    if not report.ok:  # called after every attempt; a failed one left the old code running
+        return
     notice = json.dumps({"event": "upgraded", "version": VERSION, "modules": list(report.modules)})
     for _, websocket in list(SESSIONS.values()):
         asyncio.run_coroutine_threadsafe(websocket.send_text(notice), LOOP)
