@@ -163,6 +163,9 @@ __all__ = [
     "machine_image",
     "select_machines",
     "parse_result_marker",
+    "upgrade_applies_to",
+    "pending_note",
+    "hot_upgrade_for_group",
     "MachineOutcome",
     "judge_upgrade",
     "FleetReport",
@@ -2669,7 +2672,12 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "lock_timeout": ("seconds", 300.0),
     "process_groups": ("names", ()),
     "build_args": ("mapping", {}),
+    "app_dir": ("name", None),
 }
+# Where the app lives on a machine when neither [tool.flydeploy] app_dir nor a
+# Dockerfile WORKDIR says.
+_DEFAULT_APP_DIR = "/app"
+_WORKDIR_RE = re.compile(r"^\s*WORKDIR\s+(\S.*?)\s*$", re.IGNORECASE | re.MULTILINE)
 _FLAG_NAMES = {"process_groups": "--process-group", "build_args": "--build-arg"}
 
 
@@ -2680,6 +2688,9 @@ class FleetConfig:
     ``project_dir`` holds ``fly.toml`` and ``pyproject.toml``; ``root`` is the
     app root that is packed (``[tool.flydeploy] root``, relative to the project).
     ``env``, ``processes`` and ``build`` are ``fly.toml``'s tables as read.
+    ``app_dir`` is the app's directory on the machines, where the orchestrator
+    command runs: ``[tool.flydeploy] app_dir``, else the Dockerfile's last
+    ``WORKDIR``, else ``/app``.
     ``sources`` says where each setting came from, e.g. ``"--app"``,
     ``"pyproject.toml [tool.flydeploy]"``, ``"fly.toml"`` or ``"default"``.
     """
@@ -2698,6 +2709,7 @@ class FleetConfig:
     lock_timeout: float
     process_groups: tuple[str, ...]
     build_args: Mapping[str, str]
+    app_dir: str
     env: Mapping[str, str]
     processes: Mapping[str, Any]
     build: Mapping[str, Any]
@@ -2710,6 +2722,29 @@ class FleetConfig:
                 "no app name: pass --app, set `app` in fly.toml, or `app` under "
                 "[tool.flydeploy] in pyproject.toml")
         return self.app
+
+    def orchestrate_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``orchestrate`` these settings decide: one
+        place, so that every caller runs with the same resolved settings."""
+        return {"root": self.root, "include": self.include, "exclude": self.exclude,
+                "lock_timeout": self.lock_timeout, "timeout": self.timeout,
+                "max_concurrency": self.max_concurrency, "suspend_timeout": self.suspend_timeout,
+                "process_groups": self.process_groups, "python": self.python}
+
+
+def _dockerfile_workdir(project: pathlib.Path, build: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(directory, source)`` from the last ``WORKDIR`` of the app's Dockerfile
+    (``fly.toml`` ``[build] dockerfile``, else ``Dockerfile``), or None."""
+    dockerfile = project / str(build.get("dockerfile") or "Dockerfile")
+    try:
+        text = dockerfile.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    found = _WORKDIR_RE.findall(text)
+    if not found:
+        return None
+    workdir = found[-1].strip("\"'")
+    return workdir, f"{dockerfile.name} WORKDIR"
 
 
 def _flag_name(key: str) -> str:
@@ -2764,12 +2799,17 @@ def _check_setting(key: str, value: Any, where: str) -> Any:
 
 
 def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.PathLike[str] | None = None,
-                overrides: Mapping[str, Any] | None = None) -> FleetConfig:
-    """Resolve an app's settings: flags > ``[tool.flydeploy]`` > ``fly.toml`` > defaults.
+                overrides: Mapping[str, Any] | None = None,
+                environment: Mapping[str, tuple[Any, str]] | None = None) -> FleetConfig:
+    """Resolve an app's settings: flags > ``[tool.flydeploy]`` > ``fly.toml`` >
+    environment defaults > defaults.
 
     ``config`` is the ``fly.toml`` path (relative to ``project_dir``); when it is
     None, ``fly.toml`` is read if present.  ``overrides`` holds the flags, by
     setting name (``app``, ``max_concurrency``, ...); None values are unset.
+    ``environment`` holds defaults taken from the environment, by setting name,
+    as ``(value, source)``, e.g. ``{"app": ("shop", "FLY_APP_NAME")}``; they
+    rank below the files.
     TOML errors name the file and line; an unknown ``[tool.flydeploy]`` key, a
     malformed value or an unknown ``--process-group`` raises ``ConfigError``.
     """
@@ -2807,8 +2847,14 @@ def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.P
             sources[key] = "pyproject.toml [tool.flydeploy]"
         elif from_fly.get(key) is not None:
             values[key], sources[key] = _check_setting(key, from_fly[key], str(fly_path)), "fly.toml"
+        elif (environment or {}).get(key, (None,))[0] is not None:
+            value, source = environment[key]
+            values[key], sources[key] = _check_setting(key, value, source), source
         else:
             values[key], sources[key] = default, "default"
+    if values["app_dir"] is None:
+        values["app_dir"], sources["app_dir"] = (_dockerfile_workdir(project, fly_tables["build"])
+                                                 or (_DEFAULT_APP_DIR, "default"))
     groups = values["process_groups"]
     known_groups = set(fly_tables["processes"]) or {"app"}
     missing_groups = [g for g in groups if g not in known_groups]
@@ -2821,7 +2867,7 @@ def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.P
         exclude=values["exclude"], python=values["python"], max_concurrency=values["max_concurrency"],
         timeout=values["timeout"], suspend_timeout=values["suspend_timeout"],
         lock_timeout=values["lock_timeout"], process_groups=groups, build_args=values["build_args"],
-        env=env, processes=fly_tables["processes"], build=fly_tables["build"], sources=sources)
+        app_dir=values["app_dir"], env=env, processes=fly_tables["processes"], build=fly_tables["build"], sources=sources)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2882,6 +2928,28 @@ def select_machines(machines: Iterable[Mapping[str, Any]], *, self_id: str | Non
     return MachineSelection(tuple(targets), tuple(pending), tuple(skipped))
 
 
+def upgrade_applies_to(hot_upgrade: Mapping[str, Any], group: str | None) -> bool:
+    """Whether a ``hot_upgrade`` record reaches a machine of process ``group``.
+
+    Its ``process_groups`` list names the groups an upgrade pushed with
+    ``--process-group`` went to; null (or absent) means the whole app.  A
+    machine whose group is unknown (no ``FLY_PROCESS_GROUP``) takes every record.
+    """
+    groups = hot_upgrade.get("process_groups")
+    return not groups or not group or group in groups
+
+
+def hot_upgrade_for_group(current: Mapping[str, Any] | None, group: str | None) -> dict | None:
+    """The hot upgrade a machine of process ``group`` should run, from a
+    ``current.json`` document: the current record when it reaches the group,
+    else the latest of ``history`` that does, else None (the image's own code)."""
+    records = [(current or {}).get("hot_upgrade"), *((current or {}).get("history") or [])]
+    for record in records:
+        if isinstance(record, dict) and upgrade_applies_to(record, group):
+            return record
+    return None
+
+
 def parse_result_marker(output: str) -> dict | None:
     """The per-machine result from ``rpc upgrade`` output: the JSON between the
     last pair of ``RESULT_MARKER`` markers, or None when there is none."""
@@ -2894,6 +2962,16 @@ def parse_result_marker(output: str) -> dict | None:
         if isinstance(result, dict):
             return result
     return None
+
+
+def pending_note(state: str) -> str:
+    """When a machine that is not running takes a hot upgrade.  A stopped one
+    boots again and startup reapply catches it up; a suspended one resumes
+    without booting, so only the poller can."""
+    if state == "suspended":
+        return ("applies when it next boots; after a resume only through the poller "
+                "(FLYDEPLOY_POLL_INTERVAL)")
+    return "applies at next start"
 
 
 def _plural(count: int, word: str, words: str | None = None) -> str:
@@ -2993,8 +3071,12 @@ class FleetReport:
                 f"in {self.duration_s:.1f} s")
         if self.failed:
             text += f"; FAILED: {', '.join(o.machine_id for o in self.failed)}"
-        if self.pending:
-            text += f"; {_plural(len(self.pending), 'stopped machine')} will apply it at next start"
+        suspended = sum(1 for m in self.pending if m.get("state") == "suspended")
+        if len(self.pending) > suspended:
+            text += f"; {_plural(len(self.pending) - suspended, 'stopped machine')} will apply it at next start"
+        if suspended:
+            text += (f"; {_plural(suspended, 'suspended machine')} will apply it when booted again, or "
+                     "after a resume through the poller (FLYDEPLOY_POLL_INTERVAL)")
         return text
 
 
@@ -3034,37 +3116,85 @@ def _map_concurrently(fn: Callable[[Any], Any], items: Sequence[Any], limit: int
         stop.set()
 
 
-def _exec_failure(exc: MachinesAPIError, timeout: float) -> str:
+def _exec_failure(exc: MachinesAPIError, timeout: float, waited_s: float) -> str:
+    """What a failed exec says; ``waited_s`` is the time spent on it, all attempts together."""
     if exc.status == 408:
-        return f"timed out after {timeout:g} s; raise --timeout if it needs longer"
-    return f"exec failed: {exc}"
+        return (f"timed out after {waited_s:.0f} s in all ({timeout:g} s per attempt, timed-out attempts are "
+                "retried); raise --timeout if it needs longer")
+    return f"exec failed after {waited_s:.0f} s: {exc}"
 
 
-def _store_release(store: Store, key: str, release: Release) -> bool:
-    """Upload a packed release unless the same content is there; True when it uploaded."""
+def _stored_manifest(path: str) -> dict[str, Any]:
+    """The manifest of a release tarball, read from its first member alone."""
+    with tarfile.open(path, "r:gz") as tar:
+        first = tar.next()
+        if first is None or first.name != MANIFEST_NAME or not first.isreg() \
+                or first.size > _MAX_MANIFEST_BYTES:
+            raise ReleaseError(f"{path} does not start with a readable {MANIFEST_NAME}: it was not made "
+                               "by pack_release", member=MANIFEST_NAME)
+        return _parse_manifest(tar.extractfile(first).read())
+
+
+def _store_release(store: Store, key: str, release: Release) -> tuple[Release, bool]:
+    """Upload a packed release unless the same content is there.
+
+    Returns the release to record and whether it was uploaded now.  A stored
+    tarball whose manifest lists the same files (paths and hashes) is the same
+    content although its metadata (the image it was packed from, the packing
+    time) differ, as when a failed run is repeated: it is reused as stored.
+    """
     if store.head(key) is None:
         store.upload(key, release.path)
-        return True
+        return release, True
     with tempfile.TemporaryDirectory(prefix="flydeploy-check-") as scratch:
-        existing = store.download(key, os.path.join(scratch, "existing.tar.gz"))
-    if existing != release.sha256:
+        path = os.path.join(scratch, "existing.tar.gz")
+        existing = store.download(key, path)
+        if existing == release.sha256:
+            return release, False
+        try:
+            manifest = _stored_manifest(path)
+        except (ReleaseError, tarfile.TarError, OSError, EOFError):
+            manifest = None
+    if manifest is None or manifest.get("files") != release.manifest["files"]:
         raise FlyDeployError(f"{key} already exists with other content: choose another --version "
                              "(a stored release is never overwritten)")
-    return False
+    return Release(release.path, existing, manifest), False
 
 
 def _pick_rollback(current: Mapping[str, Any] | None, to: str | None) -> dict:
-    """The history entry a rollback goes to: version ``to``, or the previous one."""
-    history = list((current or {}).get("history") or [])
+    """The history entry a rollback goes to: version ``to``, or the previous one.
+
+    "Previous" is the newest entry of an older release (in the order releases
+    were first pushed) that was not rolled back from: a rollback's record lists
+    the newer versions it left in ``rolled_back_from``, so that rollback after
+    rollback goes further back instead of toggling.
+    """
+    history = [e for e in (current or {}).get("history") or [] if isinstance(e, dict)]
     if not history:
         raise FlyDeployError("nothing to roll back to: current.json records no earlier hot upgrade (the "
                              "image's own code is not a stored release); push the old code with `hot`, "
                              "or make a cold `fly deploy`")
+    hot = (current or {}).get("hot_upgrade") or {}
+    age: dict[Any, int] = {}  # version -> when it was first pushed, oldest 0
+    for record in reversed([hot, *history]):
+        age.setdefault(record.get("version"), len(age))
+    left = [hot.get("version"), *(hot.get("rolled_back_from") or [])]
+
+    def wanted(version: Any) -> bool:
+        if to is not None:
+            return version == to
+        return version not in left and age[version] < age[hot.get("version")]
+
+    for index, entry in enumerate(history):
+        target = entry.get("version")
+        if wanted(target):
+            passed = left + [e.get("version") for e in history[:index]]
+            gone = [v for n, v in enumerate(passed) if v in age and age[v] > age[target] and v not in passed[:n]]
+            return {**entry, "rolled_back_from": gone}
     if to is None:
-        return dict(history[0])
-    for entry in history:
-        if entry.get("version") == to:
-            return dict(entry)
+        raise FlyDeployError(f"nothing earlier to roll back to: every version in the hot upgrade history "
+                             f"({', '.join(str(e.get('version')) for e in history)}) was rolled back from; "
+                             "pass --to VERSION to pick one")
     known = ", ".join(str(e.get("version")) for e in history)
     raise FlyDeployError(f"version {to!r} is not in the hot upgrade history; pass --to one of: {known}")
 
@@ -3089,10 +3219,36 @@ def _release_entry(store: Store, app: str, image_ref: str, *, root: str | os.Pat
         release = pack_release(root, os.path.join(scratch, "release.tar.gz"), app=app, version=version,
                                source_image_ref=image_ref, include=list(include) if include else None,
                                exclude=list(exclude) if exclude else None)
-        uploaded = _store_release(store, key, release)
+        release, uploaded = _store_release(store, key, release)
     say(f"Release {version}: {_plural(len(release.manifest['files']), 'file')}, sha256 "
         f"{release.sha256[:12]}, {'uploaded' if uploaded else 'already stored'}")
     return release.hot_upgrade_record(store.url(key)), uploaded
+
+
+@contextlib.contextmanager
+def _renewing(lock: Lock, timeout_s: float) -> Iterator[None]:
+    """Keep ``lock`` alive while the block runs: renew it every third of
+    ``timeout_s``, so that a deploy longer than the timeout is not taken over;
+    renewing stops when the block ends, before the lock is released."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(timeout_s / 3):
+            try:
+                lock.renew(timeout_s)
+            except LockHeld as exc:
+                log.warning("the deploy lock was lost, no longer renewing it: %s", exc)
+                return
+            except FlyDeployError as exc:  # a passing store error: the next round tries again
+                log.warning("could not renew the deploy lock of %s: %s", lock.app, exc)
+
+    thread = threading.Thread(target=renew, name="flydeploy-lock", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _machines_from_env(app: str) -> Machines:
@@ -3110,11 +3266,12 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list
     """Exec ``argv`` on every target, ``max_concurrency`` at a time; ``on_outcome`` as each finishes."""
 
     def upgrade(machine: Mapping[str, Any]) -> MachineOutcome:
+        began = time.monotonic()
         try:
             res = api.exec(machine["id"], argv, timeout=timeout)
         except MachinesAPIError as exc:
             return MachineOutcome(machine["id"], machine.get("region", "?"), False,
-                                  _exec_failure(exc, timeout))
+                                  _exec_failure(exc, timeout, time.monotonic() - began))
         return judge_upgrade(machine, res.exit_code, res.stdout, res.stderr, res.exit_signal, python=python)
 
     results = _map_concurrently(upgrade, targets, max_concurrency)
@@ -3162,58 +3319,69 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
     lock = acquire_lock(store, app, owner=owner or f"{getpass.getuser()}@{socket.gethostname()}",
                         deployment_id=upgrade_id, timeout_s=lock_timeout, force=force)
     try:
-        # Listed first to fail early on a bad token, and to learn the image the
-        # machines run, which a missing current.json is seeded with.
-        before = select_machines(api.list(), self_id=self_id, process_groups=process_groups)
-        images = {machine_image(m) for m in before.targets + before.pending}
-        entry, uploaded = _release_entry(store, app, image_ref, root=root, version=version, include=include,
-                                         exclude=exclude, rollback=rollback, rollback_to=rollback_to, say=say)
-        record_hot_upgrade(store, app, entry, image_ref=images.pop() if len(images) == 1 else None)
-        # Listed again: a machine that started meanwhile read the old record.
-        selection = select_machines(api.list(), self_id=self_id, process_groups=process_groups)
-        report = FleetReport(app, entry["version"], entry["sha256"], entry["tarball_url"], uploaded,
-                             upgrade_id, [], list(selection.pending), list(selection.skipped))
-        for machine in selection.pending:
-            say(f"· {machine.get('id')} ({machine.get('region', '?')}) {machine.get('state')}: "
-                "applies at next start")
-        for machine, reason in selection.skipped:
-            say(f"· {machine.get('id')} ({machine.get('region', '?')}) {reason}")
-        say(f"Upgrading {_plural(len(selection.targets), 'machine')} to {entry['version']}, "
-            f"{max_concurrency} at a time")
-        argv = [python, "-m", "flydeploy", "rpc", "upgrade", "--app", app, "--url", entry["tarball_url"],
-                "--sha256", entry["sha256"], "--suspend-timeout", f"{suspend_timeout:g}",
-                "--upgrade-id", upgrade_id]
+        with _renewing(lock, lock_timeout):
+            # Listed first to fail early on a bad token, and to learn the image the
+            # machines run, which a missing current.json is seeded with.
+            before = select_machines(api.list(), self_id=self_id, process_groups=process_groups)
+            images = {machine_image(m) for m in before.targets + before.pending}
+            entry, uploaded = _release_entry(store, app, image_ref, root=root, version=version, include=include,
+                                             exclude=exclude, rollback=rollback, rollback_to=rollback_to, say=say)
+            entry["process_groups"] = list(process_groups) or None
+            record_hot_upgrade(store, app, entry, image_ref=images.pop() if len(images) == 1 else None)
+            # Listed again: a machine that started meanwhile read the old record.
+            selection = select_machines(api.list(), self_id=self_id, process_groups=process_groups)
+            report = FleetReport(app, entry["version"], entry["sha256"], entry["tarball_url"], uploaded,
+                                 upgrade_id, [], list(selection.pending), list(selection.skipped))
+            for machine in selection.pending:
+                say(f"· {machine.get('id')} ({machine.get('region', '?')}) {machine.get('state')}: "
+                    f"{pending_note(machine.get('state') or '')}")
+            for machine, reason in selection.skipped:
+                say(f"· {machine.get('id')} ({machine.get('region', '?')}) {reason}")
+            say(f"Upgrading {_plural(len(selection.targets), 'machine')} to {entry['version']}, "
+                f"{max_concurrency} at a time")
+            argv = [python, "-m", "flydeploy", "rpc", "upgrade", "--app", app, "--url", entry["tarball_url"],
+                    "--sha256", entry["sha256"], "--suspend-timeout", f"{suspend_timeout:g}",
+                    "--upgrade-id", upgrade_id]
 
-        def finished(outcome: MachineOutcome) -> None:
-            report.outcomes.append(outcome)
-            say(outcome.line())
+            def finished(outcome: MachineOutcome) -> None:
+                report.outcomes.append(outcome)
+                say(outcome.line())
 
-        _upgrade_machines(api, selection.targets, argv, timeout=timeout, max_concurrency=max_concurrency,
-                          python=python, on_outcome=finished)
-        report.duration_s = time.monotonic() - started
-        say(report.summary())
-        return report
+            _upgrade_machines(api, selection.targets, argv, timeout=timeout, max_concurrency=max_concurrency,
+                              python=python, on_outcome=finished)
+            report.duration_s = time.monotonic() - started
+            say(report.summary())
+            return report
     finally:
         lock.release()
 
 
 def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
-               processes: Sequence[Mapping[str, Any]] | None = None, error: str | None = None) -> dict:
+               processes: Sequence[Mapping[str, Any]] | None = None, error: str | None = None, *,
+               current_known: bool = True) -> dict:
     """One ``status`` row for a machine, from its Machine JSON, ``current.json``
-    and the ``rpc info`` of its processes (``error`` when that could not be had).
+    and the ``rpc info`` of its processes (``error`` when that could not be had);
+    ``process_list`` has each process's pid, version and when it applied it.
 
     ``verdict`` is ``✓ up to date``, ``✗ NOT APPLIED``, ``STALE image`` (the
     machine runs another image than the one ``current.json`` is for) or the
-    state of a machine that is not running (``stopped``: applies at next start).
+    state of a machine that is not running (``stopped``: applies at next start;
+    ``suspended``, with ``pending_note``: a resume does not boot it again).
+    Without ``current_known`` (``current.json`` could not be read) a running
+    machine's verdict is ``? current.json not read``: only what it runs is known.
     """
     state = machine.get("state") or "unknown"
     image = machine_image(machine)
-    hot = (current or {}).get("hot_upgrade")
+    hot = hot_upgrade_for_group(current, machine_group(machine))
     versions = sorted({str(p["version"]) for p in processes or () if p.get("version")})
     applied = [str(p.get("applied_at") or p["deployed_at"]) for p in processes or ()
                if p.get("applied_at") or p.get("deployed_at")]
-    if state != "started":
+    if state == "suspended":
+        verdict = f"suspended: {pending_note(state)}"
+    elif state != "started":
         verdict = state
+    elif not current_known and error is None:
+        verdict = "? current.json not read"
     elif current and current.get("image_ref") and image != current["image_ref"]:
         verdict = "STALE image"
     elif error is None and (hot is None or (processes and all(
@@ -3224,23 +3392,31 @@ def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
     return {"machine_id": machine.get("id"), "region": machine.get("region"), "state": state,
             "process_group": machine_group(machine), "image": image,
             "hot_upgrade_version": ", ".join(versions) or None, "applied_at": max(applied, default=None),
-            "processes": len(processes or ()), "verdict": verdict, "error": error}
+            "processes": len(processes or ()), "verdict": verdict, "error": error,
+            "process_list": [{"pid": p.get("pid"), "version": p.get("version"),
+                              "applied_at": p.get("applied_at") or p.get("deployed_at")}
+                             for p in processes or ()]}
 
 
-def fleet_status(app: str, *, store: Store, api: Any, python: str = "python3",
+def fleet_status(app: str, *, store: Store | None, api: Any, python: str = "python3",
                  process_groups: Iterable[str] = (), max_concurrency: int = 10,
                  timeout: float = 30.0) -> list[dict]:
     """``status_row`` for every app machine: the Machines API list, ``current.json``
-    and ``rpc info`` on the started machines, ``max_concurrency`` at a time."""
-    current = read_current(store, app)[0]
+    and ``rpc info`` on the started machines, ``max_concurrency`` at a time.
+
+    Without a ``store`` (no bucket credentials here) ``current.json`` is not
+    read: the rows say what each machine runs, from ``rpc info`` alone.
+    """
+    current = read_current(store, app)[0] if store is not None else None
     selection = select_machines(api.list(), process_groups=process_groups)
     argv = [python, "-m", "flydeploy", "rpc", "info", "--app", app]
 
     def info(machine: Mapping[str, Any]) -> tuple[str, list | None, str | None]:
+        began = time.monotonic()
         try:
             res = api.exec(machine["id"], argv, timeout=timeout)
         except MachinesAPIError as exc:
-            return machine["id"], None, _exec_failure(exc, timeout)
+            return machine["id"], None, _exec_failure(exc, timeout, time.monotonic() - began)
         try:
             processes = json.loads(res.stdout)
         except ValueError:
@@ -3255,7 +3431,8 @@ def fleet_status(app: str, *, store: Store, api: Any, python: str = "python3",
     found = {machine_id: (processes, error) for machine_id, processes, error
              in _map_concurrently(info, selection.targets, max_concurrency)}
     machines = list(selection.targets) + list(selection.pending) + [m for m, _ in selection.skipped]
-    return [status_row(m, current, *found.get(m["id"], (None, None))) for m in machines]
+    return [status_row(m, current, *found.get(m["id"], (None, None)), current_known=store is not None)
+            for m in machines]
 
 
 class LocalMachines:
@@ -3314,8 +3491,13 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
 
 def fleet_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given by the flags of ``add_fleet_arguments`` (and any of
-    the other setting names present on ``args``), for ``load_config``."""
-    return {key: getattr(args, key) for key in _SETTINGS if getattr(args, key, None) is not None}
+    the other setting names present on ``args``), for ``load_config``.
+
+    ``root`` is not one of them: a ``--root`` flag names the project directory,
+    and the packed root inside it comes from ``[tool.flydeploy] root``.
+    """
+    return {key: getattr(args, key) for key in _SETTINGS
+            if key != "root" and getattr(args, key, None) is not None}
 
 
 def _add_orchestrate_parser(commands: argparse._SubParsersAction) -> None:
@@ -3345,13 +3527,11 @@ def _orchestrate_command(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.root, overrides=fleet_overrides(args))
         app = config.require_app()
-        report = orchestrate(
-            app, args.image_ref, store=S3.from_env(bucket=config.bucket), root=config.root,
-            version=args.version, include=config.include, exclude=config.exclude,
-            rollback=args.rollback, rollback_to=args.to,
-            force=args.force, owner=args.owner, lock_timeout=config.lock_timeout, timeout=config.timeout,
-            max_concurrency=config.max_concurrency, suspend_timeout=config.suspend_timeout,
-            process_groups=config.process_groups, python=args.python or config.python)
+        options = config.orchestrate_options()
+        options["python"] = args.python or config.python
+        report = orchestrate(app, args.image_ref, store=S3.from_env(bucket=config.bucket),
+                             version=args.version, rollback=args.rollback, rollback_to=args.to,
+                             force=args.force, owner=args.owner, **options)
         code = report.exit_code
     except (LockHeld, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -7396,8 +7576,11 @@ class _LoadFailed(FlyDeployError):
 
 
 def _current_hot_upgrade(doc: dict) -> dict | None:
-    """The ``hot_upgrade`` entry of a current.json document; a malformed one raises."""
+    """The hot upgrade of a current.json document for this machine's process
+    group (``hot_upgrade_for_group``); a malformed one raises."""
     hot = doc.get("hot_upgrade")
+    if isinstance(hot, dict):
+        hot = hot_upgrade_for_group(doc, os.environ.get("FLY_PROCESS_GROUP"))
     if hot is None:
         return None
     if not isinstance(hot, dict) or not all(isinstance(hot.get(k), str) for k in ("version", "tarball_url")):

@@ -76,9 +76,17 @@ _LAUNCH_RETRY_DELAY_S = 10.0
 _INTERRUPT_GRACE_S = 60.0
 _REDACTED = "<redacted>"
 _SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "AUTH", "PRIVATE", "DSN")
+# user:password@ in a URL, whatever the variable's name.
+_URL_PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+(?=@)")
 _IMAGE_LINE_RE = re.compile(r"^\s*image:\s*(\S+)")
 _MARKER_RE = re.compile(re.escape(flydeploy.ORCHESTRATOR_MARKER) + r" (started|exit (\d+))")
 _PAIR_FLAGS = ("-e", "--env", "--build-arg")
+# flyctl failures a retry cannot fix: a new image that has not reached the
+# registry yet fails otherwise, and only that is worth launching again for.
+_NOT_PROPAGATION_RE = re.compile(
+    r"no access token|not logged in|unauthori[sz]ed|not authori[sz]ed|authenticat|token validation|"
+    r"permission denied|forbidden|could not find app|app not found|unknown flag|invalid argument",
+    re.IGNORECASE)
 
 
 # --- Commands ---------------------------------------------------------------
@@ -138,31 +146,41 @@ def orchestrate_argv(config: flydeploy.FleetConfig, image_ref: str, *, version: 
 
 def orchestrator_command(config: flydeploy.FleetConfig, image_ref: str, argv: list[str],
                          env: Mapping[str, str]) -> list[str]:
-    """``fly machine run <image> --entrypoint "sleep inf" ... --rm --shell --command "<argv>"``."""
+    """``fly machine run <image> --entrypoint "sleep inf" ... --rm --shell --command "cd <app dir> && <argv>"``.
+
+    The shell starts in ``/``, not the image's WORKDIR: the command goes to the
+    app directory (``FleetConfig.app_dir``) first, where the app is packed from.
+    """
     command = ["fly", "machine", "run", image_ref, "--entrypoint", "sleep inf", "-c", str(config.fly_toml)]
     command += _app_flag(config)
     command += ["--vm-memory", "1024"]
     for name, value in env.items():
         command += ["-e", f"{name}={value}"]
-    return command + ["--rm", "--shell", "--command", shlex.join(argv)]
+    shell = f"cd {shlex.quote(config.app_dir)} && {shlex.join(argv)}"
+    return command + ["--rm", "--shell", "--command", shell]
 
 
 def _looks_secret(name: str) -> bool:
     return any(word in name.upper() for word in _SECRET_WORDS)
 
 
+def _without_passwords(text: str) -> str:
+    return _URL_PASSWORD_RE.sub(lambda m: m.group("head") + _REDACTED, text)
+
+
 def _shown(name: str, value: str) -> str:
-    return f"{name}={_REDACTED if _looks_secret(name) else value}"
+    return f"{name}={_REDACTED if _looks_secret(name) else _without_passwords(value)}"
 
 
 def redact(command: Iterable[str]) -> list[str]:
     """A copy of ``command`` whose ``-e`` / ``--build-arg`` values are hidden
-    when their name looks secret (token, key, password, ...)."""
+    when their name looks secret (token, key, password, ...), and whose URLs
+    carry no password (``postgres://user:<redacted>@host``)."""
     shown: list[str] = []
     for arg in command:
         if shown and shown[-1] in _PAIR_FLAGS and "=" in arg:
             arg = _shown(*arg.split("=", 1))
-        shown.append(arg)
+        shown.append(_without_passwords(arg))
     return shown
 
 
@@ -226,14 +244,16 @@ def _stream(command: list[str], on_line: Callable[[str], None], *,
     return None if silent else process.returncode
 
 
-def run_build(command: list[str], expected_image: str, *, silence_s: float = BUILD_SILENCE_S,
+def run_build(command: list[str], expected_image: str, *, silence_s: float | None = None,
               out: TextIO | None = None) -> str:
     """Run the build, streaming its output to ``out``; return the pushed image ref.
 
     The ref is cross-checked with the ``image: <ref>`` line flyctl prints.  A
     failed build, a mismatched ref, or a build that prints nothing for
-    ``silence_s`` seconds (it is stopped) raise ``FlyDeployError``.
+    ``silence_s`` seconds (default ``BUILD_SILENCE_S``, read at each call; it
+    is stopped) raise ``FlyDeployError``.
     """
+    silence_s = BUILD_SILENCE_S if silence_s is None else silence_s
     out = out or sys.stdout
     reported: list[str] = []
 
@@ -282,17 +302,19 @@ def launch_orchestrator(command: list[str], *, attempts: int = _LAUNCH_ATTEMPTS,
     """Run the orchestrator machine, streaming its output; return the upgrade's exit code.
 
     The launch is tried again (a new image may take a moment to reach the
-    registry) only when the orchestrator never started, never after it began
-    the upgrade.
+    registry) only when the orchestrator never started and flyctl's error can
+    be that (not an authentication or usage error), never after it began the
+    upgrade.
     """
     out = out or sys.stdout
     for attempt in range(1, attempts + 1):
-        started, ended = False, None
+        started, ended, final = False, None, False
 
         def show(line: str) -> None:
-            nonlocal started, ended
+            nonlocal started, ended, final
             match = _MARKER_RE.search(line)
             if match is None:
+                final = final or (not started and _NOT_PROPAGATION_RE.search(line) is not None)
                 out.write(line)
                 out.flush()
             elif match.group(2) is None:
@@ -306,6 +328,10 @@ def launch_orchestrator(command: list[str], *, attempts: int = _LAUNCH_ATTEMPTS,
         if started:
             out.write(f"error: the orchestrator stopped without a result (fly exited {code}); "
                       "run `python -m flydeploy_cli status` to see what each machine runs\n")
+            return 1
+        if final:
+            out.write(f"error: the orchestrator could not be started (fly machine run exited {code}); "
+                      "see flyctl's output above: not an image still propagating, so not retried\n")
             return 1
         if attempt < attempts:
             out.write(f"the orchestrator did not start (fly machine run exited {code}); the new image may "
@@ -326,9 +352,11 @@ def _say(line: str) -> None:
 def _config(args: argparse.Namespace) -> flydeploy.FleetConfig:
     overrides = flydeploy.fleet_overrides(args)
     if args.local:
-        # No Fly here: fly.toml is optional and the agents' FLY_APP_NAME names the app.
-        overrides.setdefault("app", os.environ.get("FLY_APP_NAME") or None)
-        config = flydeploy.load_config(args.root or ".", overrides=overrides)
+        # No Fly here: fly.toml is optional, and without an app in the files the
+        # agents' FLY_APP_NAME names it (an environment default, below the files).
+        config = flydeploy.load_config(args.root or ".", overrides=overrides,
+                                       environment={"app": (os.environ.get("FLY_APP_NAME") or None,
+                                                            "FLY_APP_NAME")})
         if not config.app:
             raise flydeploy.ConfigError("no app name: pass --app or set FLY_APP_NAME (the name the app's "
                                         "processes give their agents), or set `app` in fly.toml or "
@@ -354,12 +382,11 @@ def _local_push(args: argparse.Namespace, config: flydeploy.FleetConfig, *, vers
         _print_plan(config, [], [f"{what}, record it in {store.root} and apply it to every flydeploy "
                                  f"agent of {config.app} on this host (python -m flydeploy rpc upgrade)"])
         return 0
+    options = config.orchestrate_options()
+    options["python"] = sys.executable
     report = flydeploy.orchestrate(
         config.app, "local", store=store, api=flydeploy.LocalMachines(config.app, cwd=config.root),
-        root=config.root, version=version, include=config.include, exclude=config.exclude,
-        rollback=rollback, rollback_to=rollback_to, force=args.force, lock_timeout=config.lock_timeout,
-        timeout=config.timeout, max_concurrency=config.max_concurrency,
-        suspend_timeout=config.suspend_timeout, process_groups=config.process_groups, python=sys.executable)
+        version=version, rollback=rollback, rollback_to=rollback_to, force=args.force, **options)
     return report.exit_code
 
 
@@ -377,7 +404,8 @@ def _print_plan(config: flydeploy.FleetConfig, commands: list[list[str]], steps:
             value = ", ".join(_shown(k, v) for k, v in value.items()) or "-"
         elif isinstance(value, tuple):
             value = ", ".join(value) or "-"
-        print(f"  {key:<16} {value if value is not None else '-'}  ({source})")
+        shown = _without_passwords(str(value)) if value is not None else "-"
+        print(f"  {key:<16} {shown}  ({source})")
     env = ", ".join(_shown(k, v) for k, v in config.env.items()) or "-"
     print(f"  {'fly.toml [env]':<16} {env}")
     print("Commands that would run:" if commands else "What would happen:")
@@ -483,7 +511,14 @@ def _status(args: argparse.Namespace) -> int:
         store, python = _local_store(args, config), sys.executable
         api = flydeploy.LocalMachines(config.app, cwd=config.root)
     else:
-        store, python = flydeploy.S3.from_env(bucket=config.bucket), config.python
+        python = config.python
+        try:
+            store = flydeploy.S3.from_env(bucket=config.bucket)
+        except flydeploy.ConfigError as exc:
+            store = None
+            print(f"note: current.json could not be read ({exc}); each machine's version below comes "
+                  "from the machine itself (rpc info), not compared with the recorded hot upgrade",
+                  file=sys.stderr)
         token = os.environ.get("FLY_API_TOKEN") or mint_exec_token(config)
         if not token:
             raise flydeploy.ConfigError("status needs a Machines API token: set FLY_API_TOKEN, or log in "
@@ -499,12 +534,23 @@ def _status(args: argparse.Namespace) -> int:
     table = [header] + [(r["machine_id"], r["region"] or "", r["state"], _image_tag(r["image"]),
                          r["hot_upgrade_version"] or "-", r["applied_at"] or "-",
                          r["verdict"] + (f" ({r['error']})" if r["error"] else "")) for r in rows]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
-    for row in table:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    _print_table(table)
     if not rows:
         print(f"{config.app} has no app machines")
+    if args.local:
+        processes = [p for row in rows for p in row["process_list"]]
+        count = len(processes)
+        print(f"\n{count} flydeploy process{'' if count == 1 else 'es'} of {config.app} on this host:")
+        _print_table([("PID", "VERSION", "APPLIED AT")] + [
+            (str(p["pid"]), p["version"] or "-", p["applied_at"] or "-") for p in processes])
     return 0
+
+
+def _print_table(table: list[tuple]) -> None:
+    """Left-aligned columns; the last one is not padded."""
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + str(row[-1]))
 
 
 # --- demo -------------------------------------------------------------------
@@ -919,6 +965,24 @@ def _unknown_flags(extras: list[str], sub: argparse.ArgumentParser) -> str:
     return f"unrecognized arguments: {' '.join(extras)}" + ("; " + "; ".join(hints) if hints else "")
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C while the block runs: the build and the
+    orchestrator are stopped the same way, and the deploy lock released."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser, subs = _parser()
@@ -934,7 +998,8 @@ def main(argv: list[str] | None = None) -> int:
         (subs[args.command]).error("--root and --store go with --local")
     handler = {"hot": _hot, "rollback": _rollback, "status": _status, "demo": lambda _: demo()}[args.command]
     try:
-        return handler(args)
+        with _sigterm_as_interrupt():
+            return handler(args)
     except (flydeploy.ConfigError, flydeploy.LockHeld) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -145,7 +145,7 @@ def test_exact_command_lines(project):
                             "-e", "FLYDEPLOY_API_TOKEN=fm2_xyz"]
     assert command[12:15] == ["--rm", "--shell", "--command"]
     assert shlex.split(command[15]) == [
-        "python3", "-m", "flydeploy", "orchestrate", "--app", "shop", "--image-ref", image,
+        "cd", "/app", "&&", "python3", "-m", "flydeploy", "orchestrate", "--app", "shop", "--image-ref", image,
         "--python", "python3", "--lock-timeout", "300", "--timeout", "120", "--max-concurrency", "3",
         "--suspend-timeout", "10", "--process-group", "app", "--version", "v7",
         "--owner", "ann@example.com", "--force"]
@@ -567,7 +567,7 @@ def test_failures_and_timeouts_fail_the_run_and_release_the_lock(store, app_root
     report, out = run(store, api, app_root, timeout=7)
     assert report.exit_code == 1
     assert {o.machine_id for o in report.failed} == {"b", "c"}
-    assert "✗ b (ams) pid 7: SyntaxError" in out and "✗ c (ams) timed out after 7 s" in out
+    assert "✗ b (ams) pid 7: SyntaxError" in out and "✗ c (ams) timed out after 0 s in all (7 s per attempt" in out
     assert "1/3 machines upgraded" in out and "FAILED: " in out
     assert not lock_key_exists(store)
 

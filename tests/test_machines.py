@@ -617,7 +617,11 @@ def test_fly_machine_run_runs_the_command_in_a_fresh_sandbox(fakefly, demo, tmp_
               "os.environ['BUCKET_NAME'], os.path.exists('app.py')); sys.exit(int(os.environ['CODE']))")
     args = ["machine", "run", demo.machines[0].image_ref, "-a", "demo", "--entrypoint", "sleep inf",
             "--vm-memory", "1024", "-e", "K=V", "--rm", "--shell"]
-    ok = fakefly.run_fly(*args, "-e", "CODE=0", "--command", f'python3 -c "{script}"')
+    # An SSH shell starts in `/`: the app tree is reached only by going to the image's WORKDIR.
+    outside = fakefly.run_fly(*args, "-e", "CODE=0", "--command", f'python3 -c "{script}"')
+    assert outside.returncode == 0, outside.stderr
+    assert outside.stdout.split()[1:] == ["V", "releases", "False"]
+    ok = fakefly.run_fly(*args, "-e", "CODE=0", "--command", f'cd /app && python3 -c "{script}"')
     assert ok.returncode == 0, ok.stderr
     machine_id, value, bucket, has_app = ok.stdout.split()
     assert (value, bucket, has_app) == ("V", "releases", "True")

@@ -196,10 +196,31 @@ def _machine_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_workdir(root: pathlib.Path) -> str:
+    """Where the image puts the app: its Dockerfile's last WORKDIR, else /app."""
+    dockerfile = root / "Dockerfile"
+    text = dockerfile.read_text() if dockerfile.is_file() else ""
+    found = re.findall(r"(?im)^\s*WORKDIR\s+(\S+)\s*$", text)
+    return found[-1] if found else "/app"
+
+
+def _as_on_the_machine(sandbox: dict, command: str) -> str:
+    """``command`` as the machine's shell runs it.  An SSH shell starts in `/`,
+    outside the app; only `cd <the image's WORKDIR> && ...` reaches the app tree,
+    which is the sandbox here (any other `cd` finds nothing)."""
+    words = shlex.split(command)
+    if len(words) < 3 or words[0] != "cd" or words[2] != "&&":
+        return command
+    root = pathlib.Path(sandbox["root"])
+    found = words[1].rstrip("/") == _image_workdir(root).rstrip("/")
+    target = str(root) if found else "/nonexistent-on-the-machine" + words[1]
+    return f"cd {shlex.quote(target)} && " + command.split("&&", 1)[1].lstrip()
+
+
 def _run_in(sandbox: dict, command: str) -> int:
-    """Run ``command`` through the machine's shell, output streamed, signals passed on."""
-    process = subprocess.Popen(["/bin/sh", "-c", command], cwd=sandbox["root"], env=sandbox["env"],
-                               start_new_session=True)
+    """Run ``command`` through the machine's shell, in `/`, output streamed, signals passed on."""
+    process = subprocess.Popen(["/bin/sh", "-c", _as_on_the_machine(sandbox, command)], cwd="/",
+                               env=sandbox["env"], start_new_session=True)
     # Registered so that the fake platform can end the session if this fly is killed.
     sessions = _state_dir() / "shell-sessions"
     sessions.mkdir(exist_ok=True)
