@@ -95,7 +95,7 @@ def test_the_lock_is_renewed_while_orchestrate_runs(store, app_root):
         return succeed(machine_id, argv)
 
     api = StubMachines([machine("a")], answer)
-    report, _ = orchestrate(store, api, app_root, lock_timeout=0.9)
+    report, _ = orchestrate(store, api, app_root, lock_timeout=3.0)
     assert report.exit_code == 0
     assert "refused" in seen, "a second deployer took the lock while the first ran"
     assert seen["expires_at"] > flydeploy._utc_now() - datetime.timedelta(seconds=1)
