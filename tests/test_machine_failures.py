@@ -16,22 +16,10 @@ import pytest
 
 import flydeploy
 from machine_apps import COUNTER_PY, GREET_V1, GREET_V2, MAIN_PY, MARKER, REPO, Machine, parse_result, wait_for
-from test_machine_upgrade import make_release
+from test_machine_upgrade import local_store, machine, make_release  # noqa: F401 (fixtures)
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, like `fly machine exec`")
 WEB_V2 = {"main.py": MAIN_PY, "counter.py": COUNTER_PY, "greet.py": GREET_V2}
-
-
-@pytest.fixture
-def machine(tmp_path):
-    machine = Machine(tmp_path)
-    yield machine
-    machine.close()
-
-
-@pytest.fixture
-def local_store(tmp_path):
-    return flydeploy.LocalStore(tmp_path / "store")
 
 
 def upgrade(machine: Machine, url: str, *args: str, env: dict[str, str] | None = None) -> tuple[int, dict, str]:
