@@ -33,7 +33,8 @@ The file is organised in sections, in the order data flows:
                   upgrade (``hot_upgrade``), boot-time catch-up
                   (``startup_reapply_current``) and the poller.
 6. Entry points   ``python -m flydeploy rpc ...`` and
-                  ``python -m flydeploy orchestrate ...``.
+                  ``python -m flydeploy orchestrate ...`` (``main``; the
+                  ``__main__`` hook is right after the imports).
 
 Every error raised on purpose is a ``FlyDeployError``; its message says what
 went wrong and what to do about it.  Secrets never appear in messages or logs.
@@ -44,11 +45,9 @@ from __future__ import annotations
 import abc
 import argparse
 import ast
-import asyncio
 import atexit
 import builtins
 import collections
-import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -74,7 +73,6 @@ import linecache
 import logging
 import marshal
 import math
-import mimetypes
 import operator
 import os
 import pathlib
@@ -89,21 +87,16 @@ import socket
 import ssl
 import stat
 import struct
-import subprocess
 import sys
 import sysconfig
 import tarfile
 import tempfile
 import threading
 import time
-import tomllib
 import traceback
 import types
 import urllib.parse
-import urllib.request
-import uuid
 import weakref
-import xml.etree.ElementTree as ET
 import zlib
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -114,7 +107,24 @@ from typing import Any
 from typing import BinaryIO
 from typing import NamedTuple
 from typing import Protocol
+from typing import TYPE_CHECKING
 from typing import TextIO
+
+# Modules that only some paths need (asyncio, tomllib, xml, subprocess, ...)
+# are imported where they are used: `python -m flydeploy rpc`, run on every
+# machine at every upgrade, and an application's boot load only what they use.
+if TYPE_CHECKING:
+    import asyncio
+    import xml.etree.ElementTree as ET
+
+if __name__ == "__main__":
+    # `python -m flydeploy` runs the importable module instead of this copy:
+    # a process has one flydeploy whatever way it was started, and the body
+    # below runs once, not twice, in every exec'd command.
+    import flydeploy
+
+    sys.exit(flydeploy.main())
+
 
 __version__ = "0.1.0"
 
@@ -857,6 +867,8 @@ class S3:
     def list(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[str]:
         """Every key that starts with ``prefix``, in the server's (lexicographic) order,
         fetched page by page with ListObjectsV2."""
+        import xml.etree.ElementTree as ET
+
         token = None
         while True:
             # URL-encoded keys: XML cannot carry control characters.
@@ -1032,6 +1044,8 @@ class S3:
 
     def _error(self, what: str, key: str | None, response: http.client.HTTPResponse,
                body: bytes) -> S3Error:
+        import xml.etree.ElementTree as ET
+
         status = response.status
         try:
             fields = _xml_children(ET.fromstring(body)) if body else {}
@@ -1198,7 +1212,8 @@ class LocalStore:
         if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
             raise ConfigError(f"{url!r} is not a file:// URL of this host; local stores "
                               "are reached through the file:// URLs LocalStore.url() gives")
-        path = os.path.abspath(urllib.request.url2pathname(parsed.path))
+        # On POSIX, urllib.request.url2pathname is unquote (without that module's import cost).
+        path = os.path.abspath(urllib.parse.unquote(parsed.path))
         folder = os.path.dirname(path)
         while not os.path.isdir(os.path.join(folder, _STORE_INTERNAL_DIR)):
             parent = os.path.dirname(folder)
@@ -1344,6 +1359,8 @@ class LocalStore:
         the content type is derived from the key's extension.  None when the
         key does not exist.
         """
+        import mimetypes
+
         path = self._path(key)
         try:
             with open(path, "rb") as f:
@@ -2753,6 +2770,8 @@ def _flag_name(key: str) -> str:
 
 def _read_toml(path: pathlib.Path) -> dict[str, Any]:
     """Parse a TOML file; a syntax error names the file and the line."""
+    import tomllib
+
     try:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
@@ -3315,7 +3334,7 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
         out.flush()
 
     started = time.monotonic()
-    upgrade_id = uuid.uuid4().hex
+    upgrade_id = secrets.token_hex(16)
     lock = acquire_lock(store, app, owner=owner or f"{getpass.getuser()}@{socket.gethostname()}",
                         deployment_id=upgrade_id, timeout_s=lock_timeout, force=force)
     try:
@@ -3458,6 +3477,8 @@ class LocalMachines:
 
     def exec(self, machine_id: str, command: Sequence[str], *, timeout: float = 30) -> ExecResult:
         """Run ``command`` on this host; past ``timeout`` it is killed and 408 raised, as the API does."""
+        import subprocess
+
         here = os.path.dirname(os.path.abspath(__file__))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
         try:
@@ -3619,7 +3640,7 @@ class _Reply:
         self._done = threading.Event()
         self.caller = threading.get_ident()
         # The event loop the caller blocks, if it calls from a coroutine.
-        self.caller_loop = asyncio._get_running_loop()
+        self.caller_loop = _running_loop_here()
         self.value: Any = None
         self.error: BaseException | None = None
         self.stopped = False
@@ -4173,6 +4194,8 @@ def attach_loop(loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Abstra
     of the loop is parked at an ``await``.  A closed or garbage-collected loop
     drops out by itself.
     """
+    import asyncio
+
     if loop is None:
         try:
             loop = asyncio.get_running_loop()
@@ -4252,10 +4275,12 @@ class _LoopBlock:
 
 
 def _running_loop_here() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+    """The event loop running in this thread, if any.
+
+    Never imports asyncio: until something has, no loop can be running.
+    """
+    get_running_loop = getattr(sys.modules.get("asyncio"), "_get_running_loop", None)
+    return get_running_loop() if get_running_loop is not None else None
 
 
 def _check_pause_allowed() -> None:
@@ -4621,7 +4646,7 @@ class _TrackingFinder:
         """
         for finder in list(sys.meta_path):
             find = getattr(finder, "find_spec", None)
-            # Another copy of this module (run as __main__, or vendored twice) has its own.
+            # Another copy of this module (vendored twice, say) has its own.
             if type(finder).__name__ == type(self).__name__ or find is None:
                 continue
             spec = find(fullname, path, target)
@@ -4775,8 +4800,7 @@ def _code_differs(module: types.ModuleType, name: str, path: str, source: bytes)
 
 
 _tracker = _Tracker()
-if __name__ != "__main__":  # `python -m flydeploy` runs the importable copy
-    _tracker.install()  # from here on, what is imported is recorded as it is loaded
+_tracker.install()  # from here on, what is imported is recorded as it is loaded
 
 
 def track(*roots: str | os.PathLike[str]) -> list[str]:
@@ -7025,6 +7049,8 @@ def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | N
     Returns one entry per process: ``{"pid", "reply"}`` or ``{"pid", "error"}``.
     Sockets of dead processes are removed.
     """
+    import concurrent.futures
+
     targets = [(pid, path) for pid, path in _agent_sockets(app) if pid != exclude_pid]
 
     def forget(path: str) -> None:
@@ -7946,11 +7972,3 @@ def main(argv: list[str] | None = None) -> int:
     except FlyDeployError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    # Run through the importable module, not this __main__ copy, so that the
-    # process has one flydeploy whatever way it was started.
-    import flydeploy
-
-    sys.exit(flydeploy.main())

@@ -36,6 +36,18 @@ def test_product_imports_only_the_standard_library():
                 assert name.split(".")[0] in allowed, f"{filename}:{node.lineno} imports {name}"
 
 
+def test_importing_flydeploy_leaves_what_only_some_paths_need_unloaded():
+    # Every machine runs `python -m flydeploy rpc` at every upgrade, and every
+    # app imports flydeploy at boot: neither pays for asyncio, TOML, XML, ...
+    lazy = ["asyncio", "concurrent.futures", "mimetypes", "subprocess", "tomllib",
+            "urllib.request", "uuid", "xml.etree.ElementTree"]
+    code = f"import sys, flydeploy; print([name for name in {lazy!r} if name in sys.modules])"
+    result = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"imported by flydeploy at import time: {result.stdout}"
+
+
 def test_module_docstring_maps_every_section():
     source = (ROOT / "flydeploy.py").read_text()
     banners = [line.split(". ", 1)[1].split(":")[0] for line in source.splitlines()
