@@ -196,25 +196,57 @@ def _split_lines(buffer: bytes) -> tuple[list[bytes], bytes]:
     return lines, buffer[start:]
 
 
+@contextlib.contextmanager
+def _signals_held(signums: Iterable[int]) -> Iterator[list[int]]:
+    """Hold ``signums`` while the block runs; yields the list of those that came, in order.
+
+    Outside the main thread, where Python runs no signal handler, it holds nothing.
+    """
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
+                for signum in signums}
+    try:
+        yield caught
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _start_streamed(command: list[str], started: list[subprocess.Popen]) -> None:
+    """Start ``command`` into ``started``, holding Ctrl-C (and SIGTERM, when it is
+    handled as one) until it is there: one that lands meanwhile is raised after,
+    so that whoever catches it finds the command to pass it on to."""
+    interrupts = [signum for signum in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(signum))]
+    with _signals_held(interrupts) as early:
+        try:
+            started.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True))
+        except OSError as exc:
+            raise flydeploy.FlyDeployError(
+                f"cannot run {command[0]}: {exc.strerror}; install flyctl (https://fly.io/docs/flyctl/install/) "
+                "and put it on PATH") from None
+    if early:
+        raise KeyboardInterrupt
+
+
 def _stream(command: list[str], on_line: Callable[[str], None], *,
             silence_s: float | None = None) -> int | None:
     """Run ``command``, passing each line of its stdout and stderr to ``on_line``
     as it comes.  Returns its exit code, or None when it printed nothing for
-    ``silence_s`` seconds and was stopped.  Ctrl-C is passed on to it and its
-    last words are still streamed."""
-    try:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    except OSError as exc:
-        raise flydeploy.FlyDeployError(
-            f"cannot run {command[0]}: {exc.strerror}; install flyctl (https://fly.io/docs/flyctl/install/) "
-            "and put it on PATH") from None
-    fd = process.stdout.fileno()
+    ``silence_s`` seconds and was stopped.  Ctrl-C is passed on to it, also
+    one that lands while it starts, and its last words are still streamed."""
+    started: list[subprocess.Popen] = []
     buffer = b""
     interrupted = silent = False
     try:
         while True:
             try:
+                if not started:
+                    _start_streamed(command, started)
+                fd = started[0].stdout.fileno()
                 ready, _, _ = select.select([fd], [], [], _INTERRUPT_GRACE_S if interrupted else silence_s)
                 if not ready:
                     silent = True
@@ -226,22 +258,23 @@ def _stream(command: list[str], on_line: Callable[[str], None], *,
                 for line in lines:
                     on_line(line.decode("utf-8", "replace"))
             except KeyboardInterrupt:
-                if interrupted:
+                if interrupted or not started:
                     raise
                 interrupted = True
-                os.killpg(process.pid, signal.SIGINT)
+                os.killpg(started[0].pid, signal.SIGINT)
         if buffer:
             on_line(buffer.decode("utf-8", "replace"))
         if not silent:
-            process.wait()
+            started[0].wait()
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        process.stdout.close()
+        for process in started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            process.stdout.close()
     if interrupted:
         raise KeyboardInterrupt
-    return None if silent else process.returncode
+    return None if silent else started[0].returncode
 
 
 def run_build(command: list[str], expected_image: str, *, silence_s: float | None = None,
@@ -814,14 +847,8 @@ def _demo_signals_held() -> Iterator[None]:
     Around starting the app (so it is never started without the demo knowing
     its pid) and around the cleanup (so a second Ctrl-C cannot cut it short).
     """
-    caught: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
-                for signum in _DEMO_SIGNALS}
-    try:
+    with _signals_held(_DEMO_SIGNALS) as caught:
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     if caught:
         _demo_interrupt(caught[0], None)
 

@@ -359,6 +359,29 @@ def test_ctrl_c_reaches_the_orchestrator_and_its_last_words_are_shown(tmp_path, 
     assert "the deploy lock was released" in capsys.readouterr().out
 
 
+def test_ctrl_c_while_the_orchestrator_starts_still_stops_it(tmp_path, monkeypatch):
+    orchestrator = script(tmp_path / "orchestrator", "import time\ntime.sleep(60)\n")
+    popen, started = flydeploy_cli.subprocess.Popen, []
+
+    def popen_then_ctrl_c(*args, **kwargs):
+        process = popen(*args, **kwargs)
+        started.append(process)
+        signal.raise_signal(signal.SIGINT)  # lands before anyone could pass it on
+        return process
+
+    monkeypatch.setattr(flydeploy_cli.subprocess, "Popen", popen_then_ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            flydeploy_cli.launch_orchestrator([str(orchestrator)], retry_delay_s=0)
+        assert len(started) == 1
+        assert started[0].poll() == -signal.SIGINT, "the orchestrator was left running, or killed outright"
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
 def test_exec_token_is_minted_from_the_session(project, tmp_path):
     config = flydeploy.load_config(project)
     bin_dir = tmp_path / "tokbin"
