@@ -29,7 +29,8 @@ The world
     ``fly.faults.add(kind, op=..., machine=..., times=...)`` switches faults
     on: ``"500"``, ``"429"`` (with ``Retry-After``), ``"408"`` (after
     ``delay``), ``"drop"`` (connection closed with no reply), ``"slow"``
-    (served after ``delay``).  ``fly.requests`` records every request.
+    (served after ``delay``), ``"latency"`` (a round trip of ``delay``: half
+    before serving, half before replying).  ``fly.requests`` records every request.
 
 The fake ``fly``
     ``fly.fly_bin`` holds ``fly``/``flyctl``; ``fly.env()`` puts it first on

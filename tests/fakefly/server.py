@@ -48,7 +48,7 @@ class ApiError(Exception):
 
 # --- faults -----------------------------------------------------------------
 
-FAULT_KINDS = ("500", "429", "408", "drop", "slow")
+FAULT_KINDS = ("500", "429", "408", "drop", "slow", "latency")
 
 
 @dataclasses.dataclass
@@ -78,7 +78,9 @@ class Faults:
         Kinds: ``"500"`` (an internal error), ``"429"`` (rate limited, with
         ``Retry-After: retry_after``), ``"408"`` (a timeout reply after
         ``delay`` s), ``"drop"`` (the connection is closed with no reply),
-        ``"slow"`` (the request waits ``delay`` s, then is served normally).
+        ``"slow"`` (the request waits ``delay`` s, then is served normally),
+        ``"latency"`` (a network round trip of ``delay`` s: half before the
+        request is served, half before its reply leaves).
         ``op`` is one of list, get, create, destroy, exec, wait, lease,
         start, stop, suspend (``None``: any); ``machine`` a machine id.
         """
@@ -809,6 +811,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "flaps"
     sys_version = ""
+    # The way back of a "latency" fault, slept before the reply is sent.
+    _return_trip_s = 0.0
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - base-class name
         pass
@@ -824,6 +828,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _serve(self, method: str) -> None:
         fly: FakeFly = self.server.fly  # type: ignore[attr-defined]
+        self._return_trip_s = 0.0  # a kept-alive connection serves many requests
         url = urllib.parse.urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
@@ -858,6 +863,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fault.kind == "slow":
             time.sleep(fault.delay)
             return False
+        if fault.kind == "latency":
+            time.sleep(fault.delay / 2)
+            self._return_trip_s = fault.delay / 2
+            return False
         if fault.kind == "drop":
             self.close_connection = True
             return True
@@ -872,6 +881,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return True
 
     def _reply(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
+        time.sleep(self._return_trip_s)
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
