@@ -48,6 +48,7 @@ import ast
 import atexit
 import builtins
 import collections
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -73,6 +74,7 @@ import linecache
 import logging
 import marshal
 import math
+import mimetypes
 import operator
 import os
 import pathlib
@@ -97,6 +99,7 @@ import traceback
 import types
 import urllib.parse
 import weakref
+import xml.etree.ElementTree as ET
 import zlib
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -110,12 +113,13 @@ from typing import Protocol
 from typing import TYPE_CHECKING
 from typing import TextIO
 
-# Modules that only some paths need (asyncio, tomllib, xml, subprocess, ...)
-# are imported where they are used: `python -m flydeploy rpc`, run on every
-# machine at every upgrade, and an application's boot load only what they use.
+# asyncio, subprocess and tomllib are imported where they are used, so that
+# `python -m flydeploy rpc` (run on every machine at every upgrade) and an
+# application's boot do without them.  What our own threads may need stays
+# above: a first import in a thread racing a fork would leave the child an
+# import lock that nobody releases.
 if TYPE_CHECKING:
     import asyncio
-    import xml.etree.ElementTree as ET
 
 if __name__ == "__main__":
     # `python -m flydeploy` runs the importable module instead of this copy:
@@ -867,8 +871,6 @@ class S3:
     def list(self, prefix: str = "", *, page_size: int = 1000) -> Iterator[str]:
         """Every key that starts with ``prefix``, in the server's (lexicographic) order,
         fetched page by page with ListObjectsV2."""
-        import xml.etree.ElementTree as ET
-
         token = None
         while True:
             # URL-encoded keys: XML cannot carry control characters.
@@ -1044,8 +1046,6 @@ class S3:
 
     def _error(self, what: str, key: str | None, response: http.client.HTTPResponse,
                body: bytes) -> S3Error:
-        import xml.etree.ElementTree as ET
-
         status = response.status
         try:
             fields = _xml_children(ET.fromstring(body)) if body else {}
@@ -1212,8 +1212,8 @@ class LocalStore:
         if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
             raise ConfigError(f"{url!r} is not a file:// URL of this host; local stores "
                               "are reached through the file:// URLs LocalStore.url() gives")
-        # On POSIX, urllib.request.url2pathname is unquote (without that module's import cost).
-        path = os.path.abspath(urllib.parse.unquote(parsed.path))
+        # The inverse of Path.as_uri(), which quotes the path's bytes.
+        path = os.path.abspath(os.fsdecode(urllib.parse.unquote_to_bytes(parsed.path)))
         folder = os.path.dirname(path)
         while not os.path.isdir(os.path.join(folder, _STORE_INTERNAL_DIR)):
             parent = os.path.dirname(folder)
@@ -1359,8 +1359,6 @@ class LocalStore:
         the content type is derived from the key's extension.  None when the
         key does not exist.
         """
-        import mimetypes
-
         path = self._path(key)
         try:
             with open(path, "rb") as f:
@@ -7049,8 +7047,6 @@ def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | N
     Returns one entry per process: ``{"pid", "reply"}`` or ``{"pid", "error"}``.
     Sockets of dead processes are removed.
     """
-    import concurrent.futures
-
     targets = [(pid, path) for pid, path in _agent_sockets(app) if pid != exclude_pid]
 
     def forget(path: str) -> None:

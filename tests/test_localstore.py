@@ -146,6 +146,15 @@ def test_upload_download_and_file_urls(store, tmp_path):
         LocalStore.from_url(source.as_uri())
 
 
+@pytest.mark.parametrize("folder", ["café", os.fsdecode(b"store-\xff")], ids=["utf-8", "undecodable"])
+def test_a_store_url_leads_back_to_its_store_whatever_the_folder_name(tmp_path, folder):
+    store = LocalStore(tmp_path / folder)
+    store.put("releases/app-v1.tar.gz", b"data")
+    found, key = LocalStore.from_url(store.url("releases/app-v1.tar.gz"))
+    assert (found.root, key) == (store.root, "releases/app-v1.tar.gz")
+    assert found.get("releases/app-v1.tar.gz") == b"data"
+
+
 def test_threads_serialise_conditional_writes(store):
     store.put("counter", b"0")
 
