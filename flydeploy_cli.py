@@ -206,30 +206,42 @@ def _signals_held(signums: Iterable[int]) -> Iterator[list[int]]:
     if threading.current_thread() is not threading.main_thread():
         yield caught
         return
-    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
-                for signum in signums}
+    previous = {}
     try:
+        for signum in signums:
+            previous[signum] = signal.signal(signum, lambda signum, frame: caught.append(signum))
         yield caught
     finally:
+        # signal.signal() first runs the handlers of signals that came: one
+        # that raises must not leave the other handlers unrestored.
+        error = None
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            try:
+                signal.signal(signum, handler)
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
 
 def _start_streamed(command: list[str], started: list[subprocess.Popen]) -> None:
-    """Start ``command`` into ``started``, holding Ctrl-C (and SIGTERM, when it is
-    handled as one) until it is there: one that lands meanwhile is raised after,
-    so that whoever catches it finds the command to pass it on to."""
+    """Start ``command`` into ``started``, holding Ctrl-C and SIGTERM (when Python
+    handles them) until it is there: one that lands meanwhile is delivered
+    after, so that whoever catches its KeyboardInterrupt finds the command to
+    pass it on to."""
     interrupts = [signum for signum in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(signum))]
-    with _signals_held(interrupts) as early:
-        try:
+    early: list[int] = []
+    try:
+        with _signals_held(interrupts) as early:
             started.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True))
-        except OSError as exc:
-            raise flydeploy.FlyDeployError(
-                f"cannot run {command[0]}: {exc.strerror}; install flyctl (https://fly.io/docs/flyctl/install/) "
-                "and put it on PATH") from None
-    if early:
-        raise KeyboardInterrupt
+    except OSError as exc:
+        raise flydeploy.FlyDeployError(
+            f"cannot run {command[0]}: {exc.strerror}; install flyctl (https://fly.io/docs/flyctl/install/) "
+            "and put it on PATH") from None
+    finally:
+        for signum in early:
+            signal.raise_signal(signum)  # its own handler runs, here and now
 
 
 def _stream(command: list[str], on_line: Callable[[str], None], *,

@@ -360,7 +360,10 @@ def test_ctrl_c_reaches_the_orchestrator_and_its_last_words_are_shown(tmp_path, 
 
 
 def test_ctrl_c_while_the_orchestrator_starts_still_stops_it(tmp_path, monkeypatch):
-    orchestrator = script(tmp_path / "orchestrator", "import time\ntime.sleep(60)\n")
+    # Not Python: a Ctrl-C during its start-up would end it with exit code 1, not by SIGINT.
+    orchestrator = tmp_path / "orchestrator"
+    orchestrator.write_text("#!/bin/sh\nexec sleep 60\n")
+    orchestrator.chmod(0o755)
     popen, started = flydeploy_cli.subprocess.Popen, []
 
     def popen_then_ctrl_c(*args, **kwargs):
@@ -380,6 +383,17 @@ def test_ctrl_c_while_the_orchestrator_starts_still_stops_it(tmp_path, monkeypat
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_ctrl_c_while_flyctl_fails_to_start_is_still_a_ctrl_c(monkeypatch):
+    def ctrl_c_then_fail(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(flydeploy_cli.subprocess, "Popen", ctrl_c_then_fail)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        flydeploy_cli.launch_orchestrator(["fly", "machine", "run"], attempts=1, retry_delay_s=0)
+    assert "cannot run fly" in str(caught.value.__context__)
 
 
 def test_exec_token_is_minted_from_the_session(project, tmp_path):
