@@ -34,6 +34,26 @@ def script(path, body):
     return path
 
 
+def interruptible_orchestrator(path, ready, interrupted):
+    """A stand-in orchestrator, run directly or as `fly machine run` (other fly commands fail):
+    it says it started and writes ``ready``; on Ctrl-C it writes ``interrupted``, says its
+    last words as the real one does, and exits."""
+    return script(path, f"""
+        import pathlib, signal, sys, time
+        if sys.argv[1:3] not in ([], ["machine", "run"]):
+            sys.exit(1)  # e.g. tokens create: no session, nothing minted
+        def stop(signum, frame):
+            pathlib.Path({str(interrupted)!r}).write_text("SIGINT")
+            print("interrupted; the deploy lock was released", flush=True)
+            print("{MARKER} exit 130", flush=True)
+            sys.exit(1)
+        signal.signal(signal.SIGINT, stop)
+        print("{MARKER} started", flush=True)
+        pathlib.Path({str(ready)!r}).write_text("yes")
+        time.sleep(60)
+    """)
+
+
 @pytest.fixture
 def project(tmp_path):
     write(tmp_path / "fly.toml", """
@@ -335,18 +355,8 @@ def test_launch_passes_the_orchestrator_exit_code_through(tmp_path, capsys):
 
 
 def test_ctrl_c_reaches_the_orchestrator_and_its_last_words_are_shown(tmp_path, capsys):
-    ready = tmp_path / "ready"
-    orchestrator = script(tmp_path / "orchestrator", f"""
-        import pathlib, signal, sys, time
-        def interrupted(signum, frame):
-            print("interrupted; the deploy lock was released", flush=True)
-            print("{MARKER} exit 130", flush=True)
-            sys.exit(1)
-        signal.signal(signal.SIGINT, interrupted)
-        print("{MARKER} started", flush=True)
-        pathlib.Path({str(ready)!r}).write_text("yes")
-        time.sleep(60)
-    """)
+    ready, interrupted = tmp_path / "ready", tmp_path / "interrupted"
+    orchestrator = interruptible_orchestrator(tmp_path / "orchestrator", ready, interrupted)
     main_thread = threading.main_thread().ident
 
     def interrupt_when_ready():
@@ -356,7 +366,7 @@ def test_ctrl_c_reaches_the_orchestrator_and_its_last_words_are_shown(tmp_path, 
     threading.Thread(target=interrupt_when_ready, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         flydeploy_cli.launch_orchestrator([str(orchestrator)], retry_delay_s=0)
-    assert "the deploy lock was released" in capsys.readouterr().out
+    assert interrupted.read_text() == "SIGINT" and "the deploy lock was released" in capsys.readouterr().out
 
 
 def test_ctrl_c_while_the_orchestrator_starts_still_stops_it(tmp_path, monkeypatch):

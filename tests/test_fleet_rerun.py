@@ -188,24 +188,11 @@ def test_sigterm_stops_the_orchestrator_like_ctrl_c(project, tmp_path, monkeypat
     import subprocess
     import sys
 
-    from tests.test_cli import MARKER, script
+    from tests.test_cli import interruptible_orchestrator
     from tests.waiting import wait_until
     ready, interrupted = tmp_path / "ready", tmp_path / "interrupted"
     bin_dir = tmp_path / "termbin"
-    script(bin_dir / "fly", f"""
-        import pathlib, signal, sys, time
-        if sys.argv[1:3] != ["machine", "run"]:
-            sys.exit(1)  # no session: nothing minted
-        def stop(signum, frame):
-            pathlib.Path({str(interrupted)!r}).write_text("SIGINT")
-            print("interrupted; the deploy lock was released", flush=True)
-            print("{MARKER} exit 130", flush=True)
-            sys.exit(1)
-        signal.signal(signal.SIGINT, stop)
-        print("{MARKER} started", flush=True)
-        pathlib.Path({str(ready)!r}).write_text("yes")
-        time.sleep(30)
-    """)
+    interruptible_orchestrator(bin_dir / "fly", ready, interrupted)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=root)
     cli = subprocess.Popen([sys.executable, "-m", "flydeploy_cli", "hot", "--skip-build", "--image",

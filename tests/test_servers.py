@@ -392,6 +392,19 @@ class LoopThread:
     def run(self, coro, timeout=DEADLINE_S):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def hog(self):
+        """Occupy the loop with a coroutine that never awaits (it cannot park, nothing
+        else runs) until the returned event is set."""
+        hogging, stop = threading.Event(), threading.Event()
+
+        async def hog():
+            hogging.set()
+            stop.wait(DEADLINE_S)
+
+        asyncio.run_coroutine_threadsafe(hog(), self.loop)
+        assert hogging.wait(DEADLINE_S)
+        return stop
+
     def close(self):
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(DEADLINE_S)
@@ -482,14 +495,7 @@ def test_a_coroutine_calling_a_server_finishes_its_call_before_the_pause(loop_th
 def test_a_hogged_loop_is_named_and_everything_released(loop_thread):
     counter = Counter.start(name="bystander")
     flydeploy.attach_loop(loop_thread.loop)
-    hogging, stop_hog = threading.Event(), threading.Event()
-
-    async def hog():
-        hogging.set()
-        stop_hog.wait(DEADLINE_S)  # never awaits: nothing else can run
-
-    asyncio.run_coroutine_threadsafe(hog(), loop_thread.loop)
-    assert hogging.wait(DEADLINE_S)
+    stop_hog = loop_thread.hog()
     with pytest.raises(flydeploy.SuspendTimeout) as caught:
         with _Pause([counter], timeout=0.2):
             raise AssertionError("the pause must not be entered")
@@ -674,14 +680,7 @@ def test_a_server_handler_waiting_on_an_attached_loop_finishes_before_the_loop_p
 def test_servers_held_while_a_loop_is_hogged_are_let_go_until_it_is_free(loop_thread):
     counter = Counter.start(2)
     flydeploy.attach_loop(loop_thread.loop)
-    hogging, stop_hog = threading.Event(), threading.Event()
-
-    async def hog():
-        hogging.set()
-        stop_hog.wait(DEADLINE_S)  # never awaits: the loop cannot park
-
-    asyncio.run_coroutine_threadsafe(hog(), loop_thread.loop)
-    assert hogging.wait(DEADLINE_S)
+    stop_hog = loop_thread.hog()
     pause = _Pause([counter], timeout=DEADLINE_S)
     inside = []
 
