@@ -49,6 +49,7 @@ from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
+from typing import Any
 from typing import TextIO
 
 import flydeploy
@@ -196,32 +197,48 @@ def _split_lines(buffer: bytes) -> tuple[list[bytes], bytes]:
     return lines, buffer[start:]
 
 
-@contextlib.contextmanager
-def _signals_held(signums: Iterable[int]) -> Iterator[list[int]]:
-    """Hold ``signums`` while the block runs; yields the list of those that came, in order.
+def _interrupt(signum: int, frame: object) -> None:
+    """A signal handler: the signal stops the command as Ctrl-C does."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    Outside the main thread, where Python runs no signal handler, it holds nothing.
+
+@contextlib.contextmanager
+def _signal_handlers(handler: Callable[[int, Any], object], signums: Iterable[int]) -> Iterator[None]:
+    """Let ``handler`` take ``signums`` while the block runs, then restore every previous handler.
+
+    Only in the main thread, where Python runs signal handlers; elsewhere it changes nothing.
     """
-    caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield caught
+        yield
         return
     previous = {}
     try:
         for signum in signums:
-            previous[signum] = signal.signal(signum, lambda signum, frame: caught.append(signum))
-        yield caught
+            previous[signum] = signal.signal(signum, handler)
+        yield
     finally:
         # signal.signal() first runs the handlers of signals that came: one
         # that raises must not leave the other handlers unrestored.
         error = None
-        for signum, handler in previous.items():
+        for signum, old in previous.items():
             try:
-                signal.signal(signum, handler)
+                signal.signal(signum, old)
             except BaseException as exc:
                 error = error or exc
         if error is not None:
             raise error
+
+
+@contextlib.contextmanager
+def _signals_deferred(signums: Iterable[int]) -> Iterator[None]:
+    """Hold ``signums`` while the block runs, then deliver those that came to their own handlers."""
+    caught: list[int] = []
+    try:
+        with _signal_handlers(lambda signum, frame: caught.append(signum), signums):
+            yield
+    finally:
+        for signum in caught:
+            signal.raise_signal(signum)  # its handler runs here and now
 
 
 def _start_streamed(command: list[str], started: list[subprocess.Popen]) -> None:
@@ -230,18 +247,14 @@ def _start_streamed(command: list[str], started: list[subprocess.Popen]) -> None
     after, so that whoever catches its KeyboardInterrupt finds the command to
     pass it on to."""
     interrupts = [signum for signum in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(signum))]
-    early: list[int] = []
-    try:
-        with _signals_held(interrupts) as early:
+    with _signals_deferred(interrupts):
+        try:
             started.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True))
-    except OSError as exc:
-        raise flydeploy.FlyDeployError(
-            f"cannot run {command[0]}: {exc.strerror}; install flyctl (https://fly.io/docs/flyctl/install/) "
-            "and put it on PATH") from None
-    finally:
-        for signum in early:
-            signal.raise_signal(signum)  # its own handler runs, here and now
+        except OSError as exc:
+            raise flydeploy.FlyDeployError(
+                f"cannot run {command[0]}: {exc.strerror}; install flyctl (https://fly.io/docs/flyctl/install/) "
+                "and put it on PATH") from None
 
 
 def _stream(command: list[str], on_line: Callable[[str], None], *,
@@ -848,23 +861,6 @@ def _demo_table(before: dict, after: dict, stream: _StreamReader, upgraded_at: f
             for row in rows]
 
 
-def _demo_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-@contextlib.contextmanager
-def _demo_signals_held() -> Iterator[None]:
-    """Hold Ctrl-C, SIGTERM and SIGHUP until the block is done, then act on them.
-
-    Around starting the app (so it is never started without the demo knowing
-    its pid) and around the cleanup (so a second Ctrl-C cannot cut it short).
-    """
-    with _signals_held(_DEMO_SIGNALS) as caught:
-        yield
-    if caught:
-        _demo_interrupt(caught[0], None)
-
-
 def _demo_run(root: str, deadline: float) -> tuple[int, list[str]]:
     """Write, start, stream, edit, upgrade: the demo proper.  Returns the exit code and the lines to print."""
     runtime = os.path.join(root, "run")
@@ -876,7 +872,7 @@ def _demo_run(root: str, deadline: float) -> tuple[int, list[str]]:
             with open(os.path.join(root, name), "w", encoding="utf-8") as file:
                 file.write(text)
         print(f"1. wrote a small app to {root}: an HTTP endpoint, a TCP stream, a Counter server", flush=True)
-        with _demo_signals_held():
+        with _signals_deferred(_DEMO_SIGNALS):  # never an app started whose pid the demo does not know
             app = _demo_launch(root, env)
         ports = _demo_ports(root, app, deadline)
         before = _demo_get(ports["http"], deadline)
@@ -912,7 +908,7 @@ def _demo_run(root: str, deadline: float) -> tuple[int, list[str]]:
               and _demo_migrated(before, after))
         return (0 if ok else 1), ["", *_demo_table(before, after, stream, upgraded_at, _demo_suspend_ms(store))]
     finally:
-        with _demo_signals_held():
+        with _signals_deferred(_DEMO_SIGNALS):  # a second Ctrl-C cannot cut the cleanup short
             if stream is not None:
                 stream.close()
             if app is not None:
@@ -932,13 +928,9 @@ def demo() -> int:
     v2 answers.
     """
     started = time.monotonic()
-    previous = {signum: signal.signal(signum, _demo_interrupt) for signum in _DEMO_SIGNALS}
-    try:
+    with _signal_handlers(_interrupt, _DEMO_SIGNALS):
         root = tempfile.mkdtemp(prefix="flydeploy-demo-")
         code, lines = _demo_run(root, started + _DEMO_DEADLINE_S)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     print("\n".join(lines))
     print(f"\n{'done' if code == 0 else 'FAILED'} in {time.monotonic() - started:.1f} s; cleaned up {root}")
     return code
@@ -1004,24 +996,6 @@ def _unknown_flags(extras: list[str], sub: argparse.ArgumentParser) -> str:
     return f"unrecognized arguments: {' '.join(extras)}" + ("; " + "; ".join(hints) if hints else "")
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C while the block runs: the build and the
-    orchestrator are stopped the same way, and the deploy lock released."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers belong to the main thread
-        return
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser, subs = _parser()
@@ -1037,7 +1011,8 @@ def main(argv: list[str] | None = None) -> int:
         (subs[args.command]).error("--root and --store go with --local")
     handler = {"hot": _hot, "rollback": _rollback, "status": _status, "demo": lambda _: demo()}[args.command]
     try:
-        with _sigterm_as_interrupt():
+        # SIGTERM stops the build and the orchestrator as Ctrl-C does, and the deploy lock is released.
+        with _signal_handlers(_interrupt, [signal.SIGTERM]):
             return handler(args)
     except (flydeploy.ConfigError, flydeploy.LockHeld) as exc:
         print(f"error: {exc}", file=sys.stderr)

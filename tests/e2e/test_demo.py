@@ -136,7 +136,9 @@ def test_demo_cleans_up_on_sighup():
 def test_signals_held_during_start_and_cleanup_act_only_when_it_is_done():
     done = []
     try:
-        with flydeploy_cli._demo_signals_held():
+        # As in the demo: the signals interrupt it, and are held around its start and its cleanup.
+        with flydeploy_cli._signal_handlers(flydeploy_cli._interrupt, flydeploy_cli._DEMO_SIGNALS), \
+                flydeploy_cli._signals_deferred(flydeploy_cli._DEMO_SIGNALS):
             os.kill(os.getpid(), signal.SIGINT)   # a second Ctrl-C in the middle of the cleanup
             os.kill(os.getpid(), signal.SIGTERM)
             done.append("cleanup finished")
