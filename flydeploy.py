@@ -1887,22 +1887,26 @@ def unpack_release(path: str | os.PathLike[str], dest: str | os.PathLike[str], *
     return manifest
 
 
+def _read_manifest_member(tar: tarfile.TarFile) -> dict[str, Any]:
+    """The manifest of a release, from the tarball's first member (it must be there)."""
+    first = tar.next()
+    if first is None or first.name != MANIFEST_NAME or not first.isreg():
+        raise ReleaseError(f"release tarball starts with {first.name if first else 'nothing'!r}, "
+                           f"not {MANIFEST_NAME}: it was not made by pack_release",
+                           member=first.name if first else None)
+    if first.size > _MAX_MANIFEST_BYTES:
+        raise ReleaseError(f"{MANIFEST_NAME} is {first.size} bytes, over the "
+                           f"{_MAX_MANIFEST_BYTES}-byte limit; refusing the release", member=MANIFEST_NAME)
+    return _parse_manifest(tar.extractfile(first).read())
+
+
 def _extract_release(path: str, into: str, max_bytes: int, max_members: int) -> dict[str, Any]:
     header_allowance = (max_members + 1) * 3 * tarfile.BLOCKSIZE + _MAX_MANIFEST_BYTES
     last = None
     try:
         with gzip.open(path, "rb") as gz, \
                 tarfile.open(fileobj=_BoundedReader(gz, max_bytes + header_allowance), mode="r|") as tar:
-            first = tar.next()
-            if first is None or first.name != MANIFEST_NAME or not first.isreg():
-                raise ReleaseError(f"release tarball starts with {first.name if first else 'nothing'!r}, "
-                                   f"not {MANIFEST_NAME}: it was not made by pack_release",
-                                   member=first.name if first else None)
-            if first.size > _MAX_MANIFEST_BYTES:
-                raise ReleaseError(f"{MANIFEST_NAME} is {first.size} bytes, over the "
-                                   f"{_MAX_MANIFEST_BYTES}-byte limit; refusing the release",
-                                   member=MANIFEST_NAME)
-            manifest = _parse_manifest(tar.extractfile(first).read())
+            manifest = _read_manifest_member(tar)
             expected: dict[str, str] = manifest["files"]
             seen: set[str] = set()
             total = 0
@@ -3144,12 +3148,7 @@ def _exec_failure(exc: MachinesAPIError, timeout: float, waited_s: float) -> str
 def _stored_manifest(path: str) -> dict[str, Any]:
     """The manifest of a release tarball, read from its first member alone."""
     with tarfile.open(path, "r:gz") as tar:
-        first = tar.next()
-        if first is None or first.name != MANIFEST_NAME or not first.isreg() \
-                or first.size > _MAX_MANIFEST_BYTES:
-            raise ReleaseError(f"{path} does not start with a readable {MANIFEST_NAME}: it was not made "
-                               "by pack_release", member=MANIFEST_NAME)
-        return _parse_manifest(tar.extractfile(first).read())
+        return _read_manifest_member(tar)
 
 
 def _store_release(store: Store, key: str, release: Release) -> tuple[Release, bool]:
@@ -3547,7 +3546,6 @@ def _orchestrate_command(args: argparse.Namespace) -> int:
         config = load_config(args.root, overrides=fleet_overrides(args))
         app = config.require_app()
         options = config.orchestrate_options()
-        options["python"] = args.python or config.python
         report = orchestrate(app, args.image_ref, store=S3.from_env(bucket=config.bucket),
                              version=args.version, rollback=args.rollback, rollback_to=args.to,
                              force=args.force, owner=args.owner, **options)
@@ -7354,7 +7352,7 @@ def _fetch_release(store: Store, key: str, workdir: str, sha256: str | None, app
         raise AgentError(f"hash mismatch for {key}: expected sha256 {sha256.lower()}, downloaded {digest}; "
                          "the stored tarball is not the recorded release. Nothing was written; push it again.")
     tree = os.path.join(workdir, "tree")
-    manifest = unpack_release(tarball, tree, expected_sha256=digest)
+    manifest = unpack_release(tarball, tree)  # its hash was checked as it was downloaded
     if manifest.get("app") not in (None, app):
         raise AgentError(f"{key} is a release of app {manifest['app']!r}, not of {app!r}; nothing was written. "
                          "Check the --app and --url of the upgrade.")
