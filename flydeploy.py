@@ -1999,16 +1999,21 @@ def _require_etag(etag: str | None, key: str) -> str:
     return etag
 
 
-def read_current(store: Store, app: str) -> tuple[dict[str, Any] | None, str | None]:
+def read_current(store: Store, app: str, *,
+                 if_none_match: str | None = None) -> tuple[dict[str, Any] | None, str | None] | None:
     """Return ``(current.json, ETag)`` of ``app``, or ``(None, None)`` when there is none.
 
-    ``store`` is an ``S3`` or a ``LocalStore``.
+    ``store`` is an ``S3`` or a ``LocalStore``.  With ``if_none_match`` (an
+    ETag read before) the read is conditional: None while it is unchanged.
     """
     key = _current_key(app)
     try:
-        doc, etag = store.get_json(key)
+        got = store.get_json(key, if_none_match=if_none_match)
     except NotFound:
         return None, None
+    if got is None:
+        return None
+    doc, etag = got
     if not isinstance(doc, dict):
         raise ReleaseError(f"{key} holds {type(doc).__name__}, not a JSON object; fix it, or "
                            "write a fresh one with reset_current (a cold deploy does)")
@@ -6422,6 +6427,7 @@ def _state_path(app: str) -> str | None:
     return None if directory is None else os.path.join(directory, _STATE_FILE)
 
 
+@functools.cache  # a process never outlives a boot
 def _boot_id() -> str | None:
     try:
         with open("/proc/sys/kernel/random/boot_id") as handle:
@@ -6608,10 +6614,13 @@ def _reload_after_import(names: list[str], release: dict, suspend_timeout: float
                   report["error"])
 
 
+# What names a release wherever it travels: state file, hot upgrade, apply request.
+_RELEASE_FIELDS = ("version", "sha256", "source_image_ref", "deployed_at")
+
+
 def _release_of(record: dict, image_ref: str | None) -> dict:
     """What a process records as the release it holds, from a state file, hot upgrade or apply request."""
-    return {**{key: record.get(key) for key in ("version", "sha256", "source_image_ref", "deployed_at")},
-            "image_ref": image_ref}
+    return {**{key: record.get(key) for key in _RELEASE_FIELDS}, "image_ref": image_ref}
 
 
 def _for_this_image(state: dict | None) -> bool:
@@ -6788,11 +6797,18 @@ class Agent:
         self._thread.join(timeout=5)
 
 
-def _peer_refusal(conn: socket.socket) -> dict | None:
+def _peer_credentials(sock: socket.socket) -> tuple[int, int] | None:
+    """``(pid, uid)`` of the process at the other end of a unix socket; None where the
+    system does not say (there the 0700 runtime directory is the guard)."""
     if not hasattr(socket, "SO_PEERCRED"):
-        return None  # there the 0700 directory is the guard
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
+        return None
+    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                         struct.calcsize("3i")))
+    return pid, uid
+
+
+def _peer_refusal(conn: socket.socket) -> dict | None:
+    _pid, uid = _peer_credentials(conn) or (None, os.geteuid())
     if uid in (os.geteuid(), 0):
         return None
     return {"ok": False, "error": f"refused: peer uid {uid} is neither this process's user "
@@ -6889,20 +6905,18 @@ def _agent_after_fork_in_child() -> None:
     except Exception:  # the child runs on, on the code it has
         log.exception("flydeploy: the forked process %s could not catch up", os.getpid())
     if serving:
-        threading.Thread(target=_start_child_agent, args=(parent.app, os.getpid()), daemon=True,
+        threading.Thread(target=_start_child_agent, args=(parent.app,), daemon=True,
                          name="flydeploy-child-agent").start()
 
 
-def _start_child_agent(app: str, pid: int) -> None:
+def _start_child_agent(app: str) -> None:
     global _agent
-    if os.getpid() != pid:
-        return
     try:
         with _agent_lock:
-            if _agent is None or _agent.pid != pid:
+            if _agent is None or _agent.pid != os.getpid():
                 _agent = Agent(app)
     except Exception:  # the child runs on, unreachable by upgrades; it says why
-        log.exception("flydeploy: the forked process %s could not start its agent", pid)
+        log.exception("flydeploy: the forked process %s could not start its agent", os.getpid())
 
 
 def _stop_own_agent() -> None:
@@ -6973,10 +6987,7 @@ def _check_agent_identity(sock: socket.socket, path: str, pid: int) -> None:
     if owner is None:
         return
     file_uid = os.lstat(path).st_uid
-    peer_pid, peer_uid = pid, file_uid
-    if hasattr(socket, "SO_PEERCRED"):
-        peer_pid, peer_uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                                       struct.calcsize("3i")))
+    peer_pid, peer_uid = _peer_credentials(sock) or (pid, file_uid)
     if file_uid != owner or peer_uid != owner or peer_pid != pid:
         raise AgentError(f"refused {path}: it is served by pid {peer_pid} as uid {peer_uid} (file owner uid "
                          f"{file_uid}), but process {pid} runs as uid {owner}; another user may have replaced "
@@ -7109,8 +7120,8 @@ def _loaded_locations(paths: list[str]) -> tuple[dict[str, str], dict[str, str]]
         module = sys.modules.get(name)
         if module is None:
             continue
-        origin = getattr(getattr(module, "__spec__", None), "origin", None) or getattr(module, "__file__", None)
-        if isinstance(origin, str) and origin.endswith(".py") and os.path.isabs(origin):
+        origin = _module_origin(module)
+        if origin is not None and origin.endswith(".py") and os.path.isabs(origin):
             module_files[name] = origin
         search_path = list(getattr(module, "__path__", None) or [])
         if search_path:
@@ -7171,7 +7182,7 @@ def _locate_own_members(paths: list[str]) -> dict[str, str]:
 
 
 def _module_names_of(located: dict[str, str], package: str) -> list[tuple[str, str]]:
-    return [(_module_name(rel.split("/")) or rel, dest) for rel, dest in located.items()
+    return [(_module_name(rel.split("/")), dest) for rel, dest in located.items()
             if _is_under(dest, package) and rel.endswith(".py")]
 
 
@@ -7186,10 +7197,10 @@ def _choose_app_root(located: dict[str, str], cwd: str) -> str:
     if configured:
         return os.path.abspath(configured)
     for top_level in (True, False):
-        roots = collections.Counter(os.path.normpath(dest)[: -len(os.path.normpath(rel))].rstrip(os.sep) or os.sep
-                                    for rel, dest in located.items() if ("/" not in rel) == top_level)
-        if roots:
-            return min(roots, key=lambda root: (-roots[root], root))
+        root = _most_common([os.path.normpath(dest)[: -len(os.path.normpath(rel))].rstrip(os.sep) or os.sep
+                             for rel, dest in located.items() if ("/" not in rel) == top_level], None)
+        if root is not None:
+            return root
     return cwd
 
 
@@ -7384,10 +7395,11 @@ def _locate_on_machine(app: str, paths: list[str], *,
                     located.setdefault(rel, dest)
             cwds.append(reply.get("cwd"))
             image_refs.append(reply.get("image_ref"))
-    cwd, image_ref = _most_common(cwds, os.getcwd()), _most_common(image_refs, None)
     if in_process:
         located.update(_locate_own_members(paths))
         cwd, image_ref = os.getcwd(), os.environ.get("FLY_IMAGE_REF") or None
+    else:
+        cwd, image_ref = _most_common(cwds, os.getcwd()), _most_common(image_refs, None)
     return located, _choose_app_root(located, cwd), image_ref
 
 
@@ -7433,7 +7445,7 @@ def _install_release(app: str, store: Store, key: str, sha256: str | None, *, de
 
 def _apply_request(release: dict, suspend_timeout: float) -> dict:
     return {"op": "apply", "suspend_timeout": suspend_timeout,
-            **{key: release.get(key) for key in ("version", "sha256", "source_image_ref", "deployed_at")}}
+            **{key: release.get(key) for key in _RELEASE_FIELDS}}
 
 
 def _apply_wait(suspend_timeout: float) -> float:
@@ -7618,6 +7630,8 @@ def _catch_up_machine(store: Store, app: str, hot: dict) -> str:
     ``applied`` when this call installed the files, else ``up_to_date`` (also
     when the machine installed a later release: a stale read never rolls back).
     """
+    if _same_release(_held, hot):
+        return "up_to_date"  # this process loaded it (its agent caught up at start): so did the machine
     release = _release_of(hot, os.environ.get("FLY_IMAGE_REF"))
     store, key = _store_for_url(hot["tarball_url"], store)
     with _machine_lock(app):
@@ -7695,16 +7709,10 @@ class _Poller:
     def poll(self) -> None:
         """Check current.json once (a conditional GET: no body while it is unchanged) and catch up when needed."""
         self.polls += 1
-        key = _current_key(self.app)
-        try:
-            got = self.store.get_json(key, if_none_match=self._etag)
-        except NotFound:
-            got = None, None
+        got = read_current(self.store, self.app, if_none_match=self._etag)
         if got is None:
             return
         doc, etag = got
-        if doc is not None and not isinstance(doc, dict):
-            raise ReleaseError(f"{key} holds {type(doc).__name__}, not a JSON object; push again or cold deploy")
         hot = _current_hot_upgrade(doc) if doc is not None and doc.get("image_ref") == self.image_ref else None
         # A release this process failed to load is not retried: it would fail the same way.
         if hot is not None and not _same_release(_held, hot) and not _same_release(self._failed, hot):

@@ -91,8 +91,8 @@ def test_record_retries_when_a_concurrent_writer_gets_in_first(store, app):
         def __init__(self, inner):
             self.inner, self.puts, self.refused = inner, 0, 0
 
-        def get_json(self, key):
-            return self.inner.get_json(key)
+        def get_json(self, key, *, if_none_match=None):
+            return self.inner.get_json(key, if_none_match=if_none_match)
 
         def put(self, key, data, **conditions):
             self.puts += 1
@@ -131,6 +131,16 @@ def test_concurrent_records_lose_nothing(store, app):
     assert versions[-1] == "v0"
 
 
+def test_a_conditional_read_is_none_while_current_json_is_unchanged(store, app):
+    assert read_current(store, app, if_none_match='"anything"') == (None, None), "none there yet"
+    record_hot_upgrade(store, app, upgrade("v1"))
+    doc, etag = read_current(store, app)
+    assert read_current(store, app, if_none_match=etag) is None
+    record_hot_upgrade(store, app, upgrade("v2"))
+    changed, new_etag = read_current(store, app, if_none_match=etag)
+    assert changed["hot_upgrade"]["version"] == "v2" and new_etag != etag
+
+
 def test_malformed_metadata_and_records_are_refused(store, app):
     with pytest.raises(TypeError, match="is a dict"):
         record_hot_upgrade(store, app, ["v1"])
@@ -142,6 +152,8 @@ def test_malformed_metadata_and_records_are_refused(store, app):
     store.put(f"releases/{app}-current.json", b"[1, 2]")
     with pytest.raises(ReleaseError, match="not a JSON object"):
         read_current(store, app)
+    with pytest.raises(ReleaseError, match="not a JSON object"):
+        read_current(store, app, if_none_match='"stale"')  # as the poller reads it
 
 
 class LostReply:
@@ -377,8 +389,8 @@ class NoETags:
         self.inner.put(key, data, **conditions)
         return ""
 
-    def get_json(self, key):
-        return self.inner.get_json(key)[0], ""
+    def get_json(self, key, *, if_none_match=None):
+        return self.inner.get_json(key)[0], ""  # never "not modified": it has no ETags
 
 
 def test_a_missing_etag_never_turns_a_conditional_write_unconditional(store, app):

@@ -91,6 +91,27 @@ def test_a_recorded_hot_upgrade_is_applied_then_up_to_date(machine, tmp_path, s3
     assert again["info"]["version"] == "v2"
 
 
+COUNTING_BOOT = '''\
+import json
+import flydeploy
+applied = []
+apply_here = flydeploy._apply_here
+flydeploy._apply_here = lambda release: applied.append(release["version"]) or apply_here(release)
+outcome = flydeploy.startup_reapply_current(agent=True)
+print(json.dumps({"outcome": outcome, "applied": applied}))
+'''
+
+
+def test_a_process_whose_agent_caught_up_at_start_does_not_catch_up_again(machine, tmp_path, s3):
+    record(machine, tmp_path, s3, image_ref=machine.env["FLY_IMAGE_REF"])
+    assert boot(machine)["outcome"]["status"] == "applied"
+    done = machine.python(COUNTING_BOOT)  # the next process on the machine starts its agent first
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["outcome"]["status"] == "up_to_date" and out["outcome"]["version"] == "v2"
+    assert out["applied"] == ["v2"], "the release was applied to the process twice"
+
+
 WEB_PY = '''\
 import flydeploy
 flydeploy.startup_reapply_current(agent=False)
