@@ -5983,8 +5983,11 @@ class _Swap:
         migrating = None
         try:
             self.run()
-            before = _snapshot([server._state for server in affected])
-            self.undo.append(lambda: _restore_states(affected, before()))
+            # Only an app's own code_change can change a state: only those states are kept for a
+            # rollback, since copying them holds everything for as long as it takes.
+            changing = [server for server in affected if type(server).code_change is not Server.code_change]
+            before = _snapshot([server._state for server in changing])
+            self.undo.append(lambda: _restore_states(changing, before()))
             for migrating, old_vsn in zip(affected, old_versions):
                 migrating._state = migrating.code_change(old_vsn, migrating._state, extra)
             migrating = None

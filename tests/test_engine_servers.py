@@ -348,6 +348,34 @@ def test_rollback_restores_the_contents_of_states_changed_in_place(tree, plain):
         assert a.call("get")["n"] == 1 and b.call("get")["n"] == 2
 
 
+def test_only_states_an_apps_own_code_change_can_change_are_copied_in_the_pause(tree, monkeypatch):
+    source = """
+        import flydeploy
+        class Plain(flydeploy.Server):
+            vsn = {vsn}
+            def init(self):
+                return "plain state"
+        class Migrating(flydeploy.Server):
+            vsn = {vsn}
+            def init(self):
+                return "migrating state"
+            def code_change(self, old_vsn, state, extra):
+                return state + " migrated"
+    """
+    tree.write("m.py", source.format(vsn=1))
+    m = tree.load("m")
+    plain, migrating = tree.start(m.Plain), tree.start(m.Migrating)
+    copied = []
+    snapshot = flydeploy._snapshot
+    monkeypatch.setattr(flydeploy, "_snapshot", lambda states: copied.append(list(states)) or snapshot(states))
+    tree.write("m.py", source.format(vsn=2))
+    report = tree.reload()
+    assert report.ok, report.error
+    assert copied == [["migrating state"]]
+    assert flydeploy.get_state(plain) == "plain state"
+    assert flydeploy.get_state(migrating) == "migrating state migrated"
+
+
 def test_code_change_gets_the_version_the_class_attribute_had(tree):
     source = """
         import flydeploy
