@@ -244,6 +244,12 @@ class ConflictError(FlyDeployError):
 _IO_CHUNK = 1 << 20
 
 
+def _is_positive_seconds(value: object) -> bool:
+    """Whether ``value`` is a finite number of seconds above 0 (a bool is not a number here)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
 def _backoff_delay(attempt: int, *, base: float, cap: float, floor: float = 0.0,
                    retry_after: float | None = None) -> float:
     """Seconds to wait before retry number ``attempt`` (0 for the first retry).
@@ -3665,9 +3671,9 @@ class _Mailbox:
 
     __slots__ = ("_ready", "_queue", "closed")
 
-    def __init__(self, messages: Iterable[tuple] = ()) -> None:
+    def __init__(self) -> None:
         self._ready = threading.Condition(threading.Lock())
-        self._queue: collections.deque[tuple] = collections.deque(messages)
+        self._queue: collections.deque[tuple] = collections.deque()
         self.closed = False
 
     def put(self, message: tuple) -> bool:
@@ -4173,7 +4179,7 @@ class SuspendTimeout(FlyDeployError):
     """
 
     def __init__(self, names: list[str], timeout: float | None = None) -> None:
-        within = "" if timeout is None or timeout == math.inf else f" within {timeout} s"
+        within = "" if _wait_limit(timeout) is None else f" within {timeout} s"
         super().__init__(
             f"did not reach a safe point{within}: {', '.join(names)}; everything was released "
             f"and nothing changed. Retry when they are less busy, or allow a longer suspend timeout")
@@ -4299,10 +4305,9 @@ def _check_pause_allowed() -> None:
             f"hand the request to a plain threading.Thread), not from a server's handler")
 
 
-def _check_timeout(timeout: float) -> float:
-    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-            or not timeout > 0):
-        raise FlyDeployError(f"a pause timeout must be a positive number of seconds (or "
+def _check_timeout(timeout: float, what: str = "a pause timeout") -> float:
+    if not (_is_positive_seconds(timeout) or timeout == math.inf):
+        raise FlyDeployError(f"{what} must be a positive number of seconds (or "
                              f"math.inf to wait without limit), got {timeout!r}")
     return float(timeout)
 
@@ -4356,7 +4361,7 @@ class _Pause:
         global _pause_owner, _active_hold
         _check_pause_allowed()
         deadline = time.monotonic() + self.timeout
-        if not _pause_lock.acquire(timeout=-1 if self.timeout == math.inf else self.timeout):
+        if not _pause_lock.acquire(timeout=_wait_limit(self.timeout) or -1):
             raise SuspendTimeout(["another pause in progress"], self.timeout)
         _pause_owner = threading.get_ident()
         with _safe_points:
@@ -6212,10 +6217,7 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
     if isinstance(names, str):
         raise FlyDeployError("reload_modules() takes a list of module names, not one string: "
                              f"write reload_modules([{names!r}])")
-    if (not isinstance(suspend_timeout, (int, float)) or isinstance(suspend_timeout, bool)
-            or not suspend_timeout > 0):
-        raise FlyDeployError(f"suspend_timeout must be a positive number of seconds (math.inf "
-                             f"to wait without limit), got {suspend_timeout!r}")
+    _check_timeout(suspend_timeout, "suspend_timeout")
     if _upgrading_thread == threading.get_ident():
         raise FlyDeployError("reload_modules() was called from code an upgrade runs (a module "
                              "body, __hot_upgrade__ or code_change); call it from outside, "
@@ -6855,11 +6857,6 @@ def _dispatch(agent: Agent, request: dict) -> dict:
                              suspend_timeout=float(timeout), extra=request.get("extra"))
         return {"ok": bool(report["ok"]), "pid": os.getpid(), "name": _process_name(), "report": report}
     raise AgentError(f"unknown op {op!r}; the agent answers ping, info, locate and apply")
-
-
-def _is_positive_seconds(value: object) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and value > 0)
 
 
 def _agent_before_fork() -> None:
