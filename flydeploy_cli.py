@@ -190,11 +190,9 @@ def redact(command: Iterable[str]) -> list[str]:
 
 def _split_lines(buffer: bytes) -> tuple[list[bytes], bytes]:
     """Complete lines (ending in newline or carriage return) and the rest."""
-    lines, start = [], 0
-    for match in re.finditer(rb"\r\n|\n|\r", buffer):
-        lines.append(buffer[start:match.end()])
-        start = match.end()
-    return lines, buffer[start:]
+    lines = buffer.splitlines(keepends=True)
+    rest = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
+    return lines, rest
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -338,15 +336,20 @@ def run_build(command: list[str], expected_image: str, *, silence_s: float | Non
     return expected_image
 
 
-def _capture(command: list[str]) -> str | None:
-    """The last line a quick flyctl command printed, or None when it failed."""
+def _fly_output(command: list[str]) -> str | None:
+    """What a quick flyctl command printed on stdout, or None when it failed."""
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=120,
                                 stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
-    return lines[-1] if result.returncode == 0 and lines else None
+    return result.stdout if result.returncode == 0 else None
+
+
+def _capture(command: list[str]) -> str | None:
+    """The last line a quick flyctl command printed, or None when it failed or printed nothing."""
+    lines = [line.strip() for line in (_fly_output(command) or "").splitlines() if line.strip()]
+    return lines[-1] if lines else None
 
 
 def mint_exec_token(config: flydeploy.FleetConfig) -> str | None:
@@ -531,10 +534,8 @@ def _running_image(config: flydeploy.FleetConfig) -> str:
     """The image most app machines run, from ``fly machines list --json``."""
     command = ["fly", "machines", "list", "--json", "-a", config.require_app()]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                                stdin=subprocess.DEVNULL)
-        machines = json.loads(result.stdout) if result.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, ValueError):
+        machines = json.loads(_fly_output(command) or "null")
+    except ValueError:
         machines = None
     if not isinstance(machines, list):
         raise flydeploy.FlyDeployError(f"`{shlex.join(command)}` failed; log in with `fly auth login`, "
@@ -592,23 +593,23 @@ def _status(args: argparse.Namespace) -> int:
     table = [header] + [(r["machine_id"], r["region"] or "", r["state"], _image_tag(r["image"]),
                          r["hot_upgrade_version"] or "-", r["applied_at"] or "-",
                          r["verdict"] + (f" ({r['error']})" if r["error"] else "")) for r in rows]
-    _print_table(table)
+    print("\n".join(_table_lines(table)))
     if not rows:
         print(f"{config.app} has no app machines")
     if args.local:
         processes = [p for row in rows for p in row["process_list"]]
         count = len(processes)
         print(f"\n{count} flydeploy process{'' if count == 1 else 'es'} of {config.app} on this host:")
-        _print_table([("PID", "VERSION", "APPLIED AT")] + [
-            (str(p["pid"]), p["version"] or "-", p["applied_at"] or "-") for p in processes])
+        print("\n".join(_table_lines([("PID", "VERSION", "APPLIED AT")] + [
+            (str(p["pid"]), p["version"] or "-", p["applied_at"] or "-") for p in processes])))
     return 0
 
 
-def _print_table(table: list[tuple]) -> None:
-    """Left-aligned columns; the last one is not padded."""
+def _table_lines(table: list[tuple]) -> list[str]:
+    """Rows as left-aligned columns; the last one is not padded."""
     widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]) - 1)]
-    for row in table:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + str(row[-1]))
+    return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + str(row[-1])
+            for row in table]
 
 
 # --- demo -------------------------------------------------------------------
@@ -856,9 +857,7 @@ def _demo_table(before: dict, after: dict, stream: _StreamReader, upgraded_at: f
         ("GET /", before["version"], after["version"], "v2 answers" if after["version"] == "v2" else "NOT v2"),
         ("suspended", "", suspension, f"upgrade took {upgraded_at * 1000:.0f} ms end to end"),
     ]
-    widths = [max(len(str(row[i])) for row in rows) for i in range(3)]
-    return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + str(row[3])
-            for row in rows]
+    return _table_lines(rows)
 
 
 def _demo_run(root: str, deadline: float) -> tuple[int, list[str]]:
