@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import difflib
 import getpass
 import glob
@@ -422,6 +423,9 @@ def _config(args: argparse.Namespace) -> flydeploy.FleetConfig:
             raise flydeploy.ConfigError("no app name: pass --app or set FLY_APP_NAME (the name the app's "
                                         "processes give their agents), or set `app` in fly.toml or "
                                         "under [tool.flydeploy] in pyproject.toml")
+        # The agents are this host's processes: rpc runs with this interpreter.
+        return dataclasses.replace(config, python=sys.executable,
+                                   sources={**config.sources, "python": "--local (this interpreter)"})
     else:
         path = os.path.normpath(args.config)
         config = flydeploy.load_config(os.path.dirname(path) or ".", config=os.path.basename(path),
@@ -430,24 +434,24 @@ def _config(args: argparse.Namespace) -> flydeploy.FleetConfig:
     return config
 
 
-def _local_store(args: argparse.Namespace, config: flydeploy.FleetConfig) -> flydeploy.LocalStore:
-    return flydeploy.LocalStore(args.store or os.path.join(config.project_dir, ".flydeploy"))
+def _local_fleet(args: argparse.Namespace,
+                 config: flydeploy.FleetConfig) -> tuple[flydeploy.LocalStore, flydeploy.LocalMachines]:
+    """Local mode's store (``--store``, else .flydeploy in the project) and its one "machine", this host."""
+    return (flydeploy.LocalStore(args.store or os.path.join(config.project_dir, ".flydeploy")),
+            flydeploy.LocalMachines(config.app, cwd=config.root))
 
 
 def _local_push(args: argparse.Namespace, config: flydeploy.FleetConfig, *, version: str | None = None,
                 rollback: bool = False, rollback_to: str | None = None) -> int:
     """Local mode: the release goes from a local store to every agent of the app on this host."""
-    store = _local_store(args, config)
+    store, api = _local_fleet(args, config)
     if args.dry_run:
         what = f"roll back to {rollback_to or 'the previous release'}" if rollback else f"pack {config.root}"
         _print_plan(config, [], [f"{what}, record it in {store.root} and apply it to every flydeploy "
                                  f"agent of {config.app} on this host (python -m flydeploy rpc upgrade)"])
         return 0
-    options = config.orchestrate_options()
-    options["python"] = sys.executable
-    report = flydeploy.orchestrate(
-        config.app, "local", store=store, api=flydeploy.LocalMachines(config.app, cwd=config.root),
-        version=version, rollback=rollback, rollback_to=rollback_to, force=args.force, **options)
+    report = flydeploy.orchestrate(config.app, "local", store=store, api=api, version=version, rollback=rollback,
+                                   rollback_to=rollback_to, force=args.force, **config.orchestrate_options())
     return report.exit_code
 
 
@@ -567,10 +571,8 @@ def _image_tag(image: str) -> str:
 def _status(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.local:
-        store, python = _local_store(args, config), sys.executable
-        api = flydeploy.LocalMachines(config.app, cwd=config.root)
+        store, api = _local_fleet(args, config)
     else:
-        python = config.python
         try:
             store = flydeploy.S3.from_env(bucket=config.bucket)
         except flydeploy.ConfigError as exc:
@@ -583,7 +585,7 @@ def _status(args: argparse.Namespace) -> int:
             raise flydeploy.ConfigError("status needs a Machines API token: set FLY_API_TOKEN, or log in "
                                         "with `fly auth login` so that one can be minted")
         api = flydeploy.Machines(config.app, token)
-    rows = flydeploy.fleet_status(config.app, store=store, api=api, python=python,
+    rows = flydeploy.fleet_status(config.app, store=store, api=api, python=config.python,
                                   process_groups=config.process_groups,
                                   max_concurrency=config.max_concurrency)
     if args.json:

@@ -271,6 +271,8 @@ def test_local_mode_flags(project, stub_fly, capsys, monkeypatch):
     assert flydeploy_cli.main(["rollback", "--local", "--dry-run", "--store", "elsewhere"]) == 0
     out = capsys.readouterr().out
     assert "roll back to the previous release, record it in" in out and "elsewhere" in out
+    # The plan shows the interpreter local mode really runs rpc with, not the configured one.
+    assert f"python           {sys.executable}  (--local (this interpreter))" in out
     assert stub_fly() == []  # local mode never runs flyctl
 
 
