@@ -2709,6 +2709,10 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
 _DEFAULT_APP_DIR = "/app"
 _WORKDIR_RE = re.compile(r"^\s*WORKDIR\s+(\S.*?)\s*$", re.IGNORECASE | re.MULTILINE)
 _FLAG_NAMES = {"process_groups": "--process-group", "build_args": "--build-arg"}
+# The settings ``python -m flydeploy orchestrate`` takes as flags; the rest it
+# reads from the project it runs in.
+_ORCHESTRATE_FLAG_SETTINGS = ("app", "python", "lock_timeout", "timeout", "max_concurrency", "suspend_timeout",
+                              "process_groups")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2760,6 +2764,18 @@ class FleetConfig:
                 "lock_timeout": self.lock_timeout, "timeout": self.timeout,
                 "max_concurrency": self.max_concurrency, "suspend_timeout": self.suspend_timeout,
                 "process_groups": self.process_groups, "python": self.python}
+
+    def orchestrate_flags(self) -> list[str]:
+        """These settings as flags of ``python -m flydeploy orchestrate``: what
+        ``fleet_overrides`` reads from them gives the same settings back."""
+        flags: list[str] = []
+        for key in _ORCHESTRATE_FLAG_SETTINGS:
+            kind, value = _SETTINGS[key][0], getattr(self, key)
+            if kind == "names":
+                flags += [part for item in value for part in (_flag_name(key), item)]
+            elif value is not None:
+                flags += [_flag_name(key), f"{value:g}" if kind == "seconds" else str(value)]
+        return flags
 
 
 def _dockerfile_workdir(project: pathlib.Path, build: Mapping[str, Any]) -> tuple[str, str] | None:

@@ -126,13 +126,8 @@ def orchestrate_argv(config: flydeploy.FleetConfig, image_ref: str, *, version: 
                      rollback_to: str | None = None) -> list[str]:
     """The ``python -m flydeploy orchestrate ...`` command the orchestrator machine runs,
     carrying every resolved setting so that it does exactly what ``--dry-run`` shows."""
-    argv = [config.python, "-m", "flydeploy", "orchestrate", "--app", config.require_app(),
-            "--image-ref", image_ref, "--python", config.python,
-            "--lock-timeout", f"{config.lock_timeout:g}", "--timeout", f"{config.timeout:g}",
-            "--max-concurrency", str(config.max_concurrency),
-            "--suspend-timeout", f"{config.suspend_timeout:g}"]
-    for group in config.process_groups:
-        argv += ["--process-group", group]
+    config.require_app()
+    argv = [config.python, "-m", "flydeploy", "orchestrate", "--image-ref", image_ref, *config.orchestrate_flags()]
     if version:
         argv += ["--version", version]
     if owner:

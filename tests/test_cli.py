@@ -165,10 +165,20 @@ def test_exact_command_lines(project):
                             "-e", "FLYDEPLOY_API_TOKEN=fm2_xyz"]
     assert command[12:15] == ["--rm", "--shell", "--command"]
     assert shlex.split(command[15]) == [
-        "cd", "/app", "&&", "python3", "-m", "flydeploy", "orchestrate", "--app", "shop", "--image-ref", image,
+        "cd", "/app", "&&", "python3", "-m", "flydeploy", "orchestrate", "--image-ref", image, "--app", "shop",
         "--python", "python3", "--lock-timeout", "300", "--timeout", "120", "--max-concurrency", "3",
         "--suspend-timeout", "10", "--process-group", "app", "--version", "v7",
         "--owner", "ann@example.com", "--force"]
+
+
+def test_the_orchestrator_gets_back_every_setting_its_flags_carry(project):
+    config = flydeploy.load_config(project, overrides={"app": "shop-eu", "python": "/opt/py/bin/python3",
+                                                       "lock_timeout": 61.5, "max_concurrency": 4,
+                                                       "process_groups": ("app", "worker")})
+    args = flydeploy._entry_parser().parse_args(["orchestrate", "--image-ref", "img", *config.orchestrate_flags()])
+    carried = flydeploy.load_config(project, overrides=flydeploy.fleet_overrides(args))
+    assert carried.app == "shop-eu"
+    assert carried.orchestrate_options() == config.orchestrate_options()
 
 
 def test_app_and_build_args_from_elsewhere_are_passed(project):
