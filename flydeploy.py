@@ -264,6 +264,28 @@ def _backoff_delay(attempt: int, *, base: float, cap: float, floor: float = 0.0,
     return min(cap, base * 2 ** attempt) * random.uniform(floor, 1.0)
 
 
+# A Retry-After longer than this is not waited out: the caller sees the error.
+_MAX_RETRY_AFTER = 60.0
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
 @contextlib.contextmanager
 def _local_file_errors(path: str) -> Iterator[None]:
     """Re-raise an OSError of a local file as FlyDeployError, so that it is never mistaken
@@ -2306,8 +2328,6 @@ _FLAPS_RETRYABLE_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 # Seconds between two exec requests to one machine: the Machines API allows one a
 # second; the margin keeps network jitter from making two arrive closer than that.
 _EXEC_INTERVAL = 1.1
-# A Retry-After longer than this is not waited out: the caller sees the error.
-_MAX_RETRY_AFTER = 60.0
 
 
 class MachinesAPIError(FlyDeployError):
@@ -2396,24 +2416,6 @@ class _Pacer:
 
 # One pacer for the process: two clients of the same app share the limit.
 _EXEC_PACER = _Pacer(_EXEC_INTERVAL)
-
-
-def _retry_after_seconds(value: str | None) -> float | None:
-    """Seconds a ``Retry-After`` header asks to wait (delta-seconds or HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
 def _api_error_text(body: bytes, reason: str) -> str:
