@@ -1760,8 +1760,9 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
         info.uname = info.gname = ""
         return info
 
-    def write(raw: BinaryIO) -> None:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as gz, \
+    def write(raw: BinaryIO) -> str:
+        hashed = _HashingWriter(raw)  # the tarball's hash as it is written, not read back
+        with gzip.GzipFile(filename="", mode="wb", fileobj=hashed, compresslevel=6, mtime=0) as gz, \
                 tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             tar.addfile(member(MANIFEST_NAME, len(manifest_bytes), 0o644), io.BytesIO(manifest_bytes))
             for rel in files:
@@ -1774,10 +1775,10 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
                     tar.addfile(member(rel, sizes[rel], modes[rel]), reader)
                 if reader.digest.hexdigest() != hashes[rel]:
                     raise _changed_while_packing(rel)
+        return hashed.sha256.hexdigest()
 
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    _write_atomically(out_path, write)
-    return Release(out_path, _file_digest(out_path, "sha256"), manifest)
+    return Release(out_path, _write_atomically(out_path, write), manifest)
 
 
 @contextlib.contextmanager
@@ -1793,6 +1794,21 @@ def _pack_read_errors(rel: str) -> Iterator[None]:
 def _changed_while_packing(rel: str) -> ReleaseError:
     return ReleaseError(f"{rel} changed while it was being packed; pack again once nothing "
                         "writes to the tree", member=rel)
+
+
+class _HashingWriter:
+    """The write side of a binary file, hashing what goes through it."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self._raw.write(data)
+
+    def flush(self) -> None:
+        self._raw.flush()
 
 
 class _PackedFileReader:
