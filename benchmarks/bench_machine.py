@@ -27,11 +27,10 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 import flydeploy  # noqa: E402
-from machine_apps import (COUNTER_PY, GREET_V1, GREET_V2, MAIN_PY, Machine, parse_result,  # noqa: E402
-                          write_tree)
+from tests.machine_apps import (COUNTER_PY, GREET_V1, GREET_V2, MAIN_PY, Machine, parse_result,  # noqa: E402
+                                write_tree)
 from tests.conftest import run_seaweed  # noqa: E402
 
 PROCESSES = 4

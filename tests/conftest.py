@@ -44,6 +44,9 @@ import pytest
 
 import flydeploy
 
+# Helpers the tests import and load as plugins: their asserts explain themselves too.
+pytest.register_assert_rewrite("tests.fleet_doubles", "tests.machine_apps")
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STARTUP_DEADLINE_S = 90
 

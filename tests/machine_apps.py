@@ -3,7 +3,8 @@
 A ``Machine`` is a directory standing in for one Fly machine: the app tree,
 a private runtime directory for the agents' sockets, and the environment the
 platform would give its processes.  Apps run as real subprocesses that import
-``flydeploy`` from this repository.
+``flydeploy`` from this repository.  The ``machine`` and ``local_store``
+fixtures load with ``pytest_plugins = ["tests.machine_apps"]``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import pytest
+
+import flydeploy
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 MARKER = "__FLYDEPLOY_RESULT__"
@@ -235,3 +240,28 @@ class Machine:
         for process in self.processes:
             process.stop()
         shutil.rmtree(self.runtime, ignore_errors=True)
+
+
+# --- releases and fixtures ------------------------------------------------------
+
+
+def make_release(tmp_path: pathlib.Path, store, files: dict[str, str], *, version: str, app: str = "shop"):
+    """Pack a source tree (the developer's checkout) and upload it; returns (release, url)."""
+    source = tmp_path / f"src-{version}"
+    write_tree(source, files)
+    release = flydeploy.pack_release(source, tmp_path / f"{app}-{version}.tar.gz", app=app, version=version)
+    key = flydeploy.release_key(app, version)
+    store.upload(key, release.path)
+    return release, store.url(key)
+
+
+@pytest.fixture
+def machine(tmp_path):
+    machine = Machine(tmp_path)
+    yield machine
+    machine.close()
+
+
+@pytest.fixture
+def local_store(tmp_path):
+    return flydeploy.LocalStore(tmp_path / "store")

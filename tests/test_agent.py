@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from machine_apps import Machine, wait_for
+from tests.machine_apps import Machine, wait_for
 
 
 IDLE_APP = '''\

@@ -26,7 +26,7 @@ import threading
 import pytest
 
 import flydeploy
-from engine_tree import tree  # noqa: F401  (the fixture)
+from tests.engine_tree import tree  # noqa: F401  (the fixture)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

@@ -7,14 +7,13 @@ import asyncio
 import socket
 import sys
 import threading
-import time
 import types
 
 import pytest
 
 import flydeploy
-from engine_tree import tree  # noqa: F401  (the fixture)
-from waiting import wait_until
+from tests.engine_tree import tree  # noqa: F401  (the fixture)
+from tests.waiting import wait_until
 
 COUNTER = """
 import flydeploy

@@ -2,20 +2,13 @@
 re-runs, settings plumbing, the lock's renewal, process groups, suspended
 machines, the launch and rollback."""
 
-import io
-
 import pytest
 
 import flydeploy
-from tests.test_cli import StubMachines, app_root, lock_key_exists, machine, project, store, succeed, write  # noqa: F401,E501
+from tests.fleet_doubles import StubMachines, interruptible_orchestrator, lock_key_exists, machine, script, succeed, write
+from tests.fleet_doubles import run as orchestrate
 
-
-def orchestrate(store, api, root, image="registry.fly.io/shop:l1", **options):
-    out = io.StringIO()
-    options.setdefault("version", "v1")
-    report = flydeploy.orchestrate("shop", image, store=store, api=api, root=root, self_id="orch",
-                                   out=out, **options)
-    return report, out.getvalue()
+pytest_plugins = ["tests.fleet_doubles"]
 
 
 def test_rerunning_a_version_from_another_image_reuses_the_stored_release(store, app_root):
@@ -167,7 +160,6 @@ def test_the_timeout_line_states_the_time_waited_in_all(store, app_root):
 
 
 def test_an_auth_error_is_not_retried_as_image_propagation(tmp_path, capsys):
-    from tests.test_cli import script
     import flydeploy_cli
     count = tmp_path / "count"
     denied = script(tmp_path / "denied", f"""
@@ -188,7 +180,6 @@ def test_sigterm_stops_the_orchestrator_like_ctrl_c(project, tmp_path, monkeypat
     import subprocess
     import sys
 
-    from tests.test_cli import interruptible_orchestrator
     from tests.waiting import wait_until
     ready, interrupted = tmp_path / "ready", tmp_path / "interrupted"
     bin_dir = tmp_path / "termbin"
@@ -235,7 +226,6 @@ def test_repeated_rollbacks_go_further_back(store, app_root):
 
 def test_dry_run_hides_url_passwords_and_secret_values(project, capsys, monkeypatch):
     import flydeploy_cli
-    from tests.test_cli import stub_fly  # noqa: F401
     monkeypatch.chdir(project)
     monkeypatch.setattr(flydeploy_cli, "_owner", lambda: ("ann@example.com", False))
     code = flydeploy_cli.main(["hot", "--dry-run", "--build-arg", "DATABASE_URL=postgres://app:hunter2@db:5432/x",
@@ -249,7 +239,6 @@ def test_dry_run_hides_url_passwords_and_secret_values(project, capsys, monkeypa
 
 def test_the_build_silence_limit_is_read_at_call_time(tmp_path, monkeypatch):
     import flydeploy_cli
-    from tests.test_cli import script
     silent = script(tmp_path / "silent", "import time\ntime.sleep(10)\n")
     monkeypatch.setattr(flydeploy_cli, "BUILD_SILENCE_S", 0.3)
     with pytest.raises(flydeploy.FlyDeployError, match="printed nothing"):

@@ -15,8 +15,10 @@ import time
 import pytest
 
 import flydeploy
-from machine_apps import COUNTER_PY, GREET_V1, GREET_V2, MAIN_PY, MARKER, REPO, Machine, parse_result, wait_for
-from test_machine_upgrade import local_store, machine, make_release  # noqa: F401 (fixtures)
+from tests.machine_apps import (COUNTER_PY, GREET_V1, GREET_V2, MAIN_PY, MARKER, Machine, make_release, parse_result,
+                                wait_for)
+
+pytest_plugins = ["tests.machine_apps"]
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, like `fly machine exec`")
 WEB_V2 = {"main.py": MAIN_PY, "counter.py": COUNTER_PY, "greet.py": GREET_V2}

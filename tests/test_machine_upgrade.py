@@ -12,33 +12,13 @@ import sys
 import pytest
 
 import flydeploy
-from machine_apps import (COUNTER_PY, GREET_V1, GREET_V2, MAIN_PY, Machine, http_get_unix, parse_result,
-                          wait_for, write_tree)
+from tests.machine_apps import (COUNTER_PY, GREET_V1, GREET_V2, MAIN_PY, http_get_unix, make_release, parse_result,
+                                wait_for, write_tree)
+
+pytest_plugins = ["tests.machine_apps"]
 
 
 COUNTER_V2 = COUNTER_PY.replace('LABEL = "count-v1"', 'LABEL = "count-v2"')
-
-
-def make_release(tmp_path: pathlib.Path, store, files: dict[str, str], *, version: str, app: str = "shop"):
-    """Pack a source tree (the developer's checkout) and upload it; returns (release, url)."""
-    source = tmp_path / f"src-{version}"
-    write_tree(source, files)
-    release = flydeploy.pack_release(source, tmp_path / f"{app}-{version}.tar.gz", app=app, version=version)
-    key = flydeploy.release_key(app, version)
-    store.upload(key, release.path)
-    return release, store.url(key)
-
-
-@pytest.fixture
-def machine(tmp_path):
-    machine = Machine(tmp_path)
-    yield machine
-    machine.close()
-
-
-@pytest.fixture
-def local_store(tmp_path):
-    return flydeploy.LocalStore(tmp_path / "store")
 
 
 def test_two_processes_upgraded_with_state_kept(machine, tmp_path, seaweed, s3):

@@ -17,7 +17,7 @@ import pytest
 
 import flydeploy
 from flydeploy import _Pause
-from waiting import DEADLINE_S, wait_until
+from tests.waiting import DEADLINE_S, wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

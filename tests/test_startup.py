@@ -10,8 +10,7 @@ import sys
 import pytest
 
 import flydeploy
-from machine_apps import COUNTER_PY, GREET_V1, GREET_V2, MAIN_PY, Machine, wait_for
-from test_machine_upgrade import make_release
+from tests.machine_apps import COUNTER_PY, GREET_V1, GREET_V2, MAIN_PY, Machine, make_release, wait_for
 
 
 BOOT_PY = '''\

@@ -91,11 +91,6 @@ class Faults:
             self._rules.append(fault)
         return fault
 
-    def clear(self) -> None:
-        """Switch every fault off."""
-        with self._lock:
-            self._rules.clear()
-
     def take(self, op: str, machine: str | None) -> Fault | None:
         with self._lock:
             for fault in self._rules:
@@ -543,18 +538,6 @@ class FakeApp:
         }
         return self.fly._add_machine(self, config, region or self.primary_region, name, start)
 
-    def machine(self, machine_id: str) -> FakeMachine:
-        """The machine with this id."""
-        for machine in self.machines:
-            if machine.id == machine_id:
-                return machine
-        raise KeyError(f"no machine {machine_id} in app {self.name}")
-
-    @property
-    def live_machines(self) -> list[FakeMachine]:
-        """Machines not destroyed."""
-        return [m for m in self.machines if m.state != "destroyed"]
-
     def exec_token(self, *, commands: list[list[str]] = (), prefixes: list[list[str]] = (),
                    ttl: float | None = None) -> str:
         """A machine-exec token limited to ``commands`` / ``prefixes`` (none: any command)."""
@@ -668,10 +651,6 @@ class FakeFly:
             for index in range(machines):
                 app.add_machine(ref, region=regions[index % len(regions)], **machine_options)
         return app
-
-    def app(self, name: str) -> FakeApp:
-        """The app called ``name``."""
-        return self.apps[name]
 
     def build_image(self, app: str, tree: pathlib.Path | str, label: str | None = None) -> str:
         """Snapshot ``tree`` as an image of ``app`` (what ``fly deploy --build-only --push`` does)."""
