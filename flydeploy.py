@@ -2977,7 +2977,7 @@ def select_machines(machines: Iterable[Mapping[str, Any]], *, self_id: str | Non
     for machine in machines:
         config = machine.get("config") or {}
         metadata = config.get("metadata") or {}
-        group = metadata.get("fly_process_group") or ""
+        group = machine_group(machine)
         if self_id and machine.get("id") == self_id:
             continue
         if group in _INTERNAL_GROUPS or (groups and group not in groups):
@@ -3182,6 +3182,16 @@ def _map_concurrently(fn: Callable[[Any], Any], items: Sequence[Any], limit: int
         stop.set()
 
 
+def _exec_on(api: Any, machine: Mapping[str, Any], argv: list[str],
+             timeout: float) -> tuple[ExecResult, None] | tuple[None, str]:
+    """Exec ``argv`` on ``machine``: ``(result, None)``, or ``(None, why it failed)`` when the API gave none."""
+    began = time.monotonic()
+    try:
+        return api.exec(machine["id"], argv, timeout=timeout), None
+    except MachinesAPIError as exc:
+        return None, _exec_failure(exc, timeout, time.monotonic() - began)
+
+
 def _exec_failure(exc: MachinesAPIError, timeout: float, waited_s: float) -> str:
     """What a failed exec says; ``waited_s`` is the time spent on it, all attempts together."""
     if exc.status == 408:
@@ -3327,12 +3337,9 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list
     """Exec ``argv`` on every target, ``max_concurrency`` at a time; ``on_outcome`` as each finishes."""
 
     def upgrade(machine: Mapping[str, Any]) -> MachineOutcome:
-        began = time.monotonic()
-        try:
-            res = api.exec(machine["id"], argv, timeout=timeout)
-        except MachinesAPIError as exc:
-            return MachineOutcome(machine["id"], machine.get("region", "?"), False,
-                                  _exec_failure(exc, timeout, time.monotonic() - began))
+        res, failure = _exec_on(api, machine, argv, timeout)
+        if res is None:
+            return MachineOutcome(machine["id"], machine.get("region", "?"), False, failure)
         return judge_upgrade(machine, res.exit_code, res.stdout, res.stderr, res.exit_signal, python=python)
 
     results = _map_concurrently(upgrade, targets, max_concurrency)
@@ -3473,11 +3480,9 @@ def fleet_status(app: str, *, store: Store | None, api: Any, python: str = "pyth
     argv = [python, "-m", "flydeploy", "rpc", "info", "--app", app]
 
     def info(machine: Mapping[str, Any]) -> tuple[str, list | None, str | None]:
-        began = time.monotonic()
-        try:
-            res = api.exec(machine["id"], argv, timeout=timeout)
-        except MachinesAPIError as exc:
-            return machine["id"], None, _exec_failure(exc, timeout, time.monotonic() - began)
+        res, failure = _exec_on(api, machine, argv, timeout)
+        if res is None:
+            return machine["id"], None, failure
         try:
             processes = json.loads(res.stdout)
         except ValueError:
