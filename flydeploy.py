@@ -5188,15 +5188,27 @@ def _find_function(binding: object, module: str, qualname: str, accessor: str
 
 
 def _instance_attributes(obj: object) -> dict:
-    """An object's own attribute dict, read without running code of its class
-    (empty when its ``__dict__`` is not the plain one)."""
+    """An object's own attributes, its ``__slots__`` included, read without
+    running code of its class (its dict only when it is the plain one)."""
     if _is_a(obj, type):
         return {}
-    descriptor = inspect.getattr_static(type(obj), "__dict__", None)
-    if type(descriptor) is not types.GetSetDescriptorType:
-        return {}
-    contents = descriptor.__get__(obj)
-    return contents if type(contents) is dict else {}
+    attributes = {}
+    # Descriptors of the object's classes, never the metaclass's (which
+    # describes classes: a plain ``object()`` has no dict at all).
+    for klass in reversed(type(obj).__mro__):
+        for name, descriptor in list(klass.__dict__.items()):
+            kind = type(descriptor)
+            if (kind is types.MemberDescriptorType
+                    or (kind is types.GetSetDescriptorType and name == "__dict__")):
+                try:
+                    value = descriptor.__get__(obj)
+                except Exception:  # an empty slot, a descriptor that does not apply
+                    continue
+                if name != "__dict__":
+                    attributes[name] = value
+                elif type(value) is dict:
+                    attributes.update(value)
+    return attributes
 
 
 def _uses_class_cell(definition: ast.stmt) -> bool:
@@ -6154,15 +6166,36 @@ def _prepare(names: list[str]) -> list[_ModulePlan]:
     """Phase 1: plans for every module in import order, touching nothing live
     (modules outside the application that the new code imports for the first
     time are imported here, so the pause reads no files)."""
-    plans = {name: _plan_module(name) for name in dict.fromkeys(names)}
+    plans = {}
+    for name in dict.fromkeys(names):
+        with _analysing(name):
+            plans[name] = _plan_module(name)
     importlib.invalidate_caches()  # modules added next to the changed ones
     search_paths: dict[str, list[str]] = {}
     for name in sorted(set().union(*(plan.imports for plan in plans.values()))):
         _prepare_import(name, search_paths)
     ordered = _import_order(plans)
     for plan in ordered:
-        _rewrite(plan, plans)
+        with _analysing(plan.name):
+            _rewrite(plan, plans)
     return ordered
+
+
+@contextlib.contextmanager
+def _analysing(name: str) -> Iterator[None]:
+    """Make an unexpected error while analysing module ``name`` (an object of
+    the app no rule foresaw) a refusal: ``reload_modules`` reports, it never
+    raises for the app's code or live objects."""
+    try:
+        yield
+    except FlyDeployError:
+        raise
+    except Exception as exc:
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        raise UpgradeRefused(
+            f"analysing module {name} failed ({type(exc).__name__}: {exc}, at "
+            f"{os.path.basename(where.filename)} line {where.lineno}); nothing was changed: "
+            "deploy this release cold and report the error", module=name) from None
 
 
 def _prepare_import(name: str, search_paths: dict[str, list[str]]) -> None:
