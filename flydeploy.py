@@ -4689,6 +4689,8 @@ class _TrackingFinder:
         application's (outside the standard library and site-packages) is
         recorded too, so that ``track`` later knows what was really loaded.
         """
+        if fullname not in _tracker.started:
+            _tracker.started[fullname] = len(_tracker.started)
         for finder in list(sys.meta_path):
             find = getattr(finder, "find_spec", None)
             # Another copy of this module (vendored twice, say) has its own.
@@ -4724,6 +4726,9 @@ class _Tracker:
         self.early: dict[str, _Loaded] = {}
         self.finder = _TrackingFinder()
         self._installation: tuple[str, ...] | None = None
+        # The order modules first started importing (``sys.modules`` keeps the
+        # order they finished): name -> position.
+        self.started: dict[str, int] = {}
 
     def covers(self, name: str, path: str) -> bool:
         """Whether module ``name`` loaded from ``path`` is the application's.
@@ -4991,8 +4996,52 @@ def _read_names(statement: ast.stmt) -> set[str]:
             continue
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            path = _dotted(node)  # ``b.VALUE``: the value another module gives
+            if path is not None:
+                names.add(path)
         stack.extend(ast.iter_child_nodes(node))
     return names
+
+
+def _dotted(node: ast.expr) -> str | None:
+    """``a.b.c`` for a chain of attributes on a name (items count as the
+    object they are taken from); None for anything else."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return None if base is None else f"{base}.{node.attr}"
+    if isinstance(node, ast.Subscript):
+        return _dotted(node.value)
+    return None
+
+
+def _edited_objects(statement: ast.stmt) -> set[str]:
+    """What a statement changes in place, as dotted names: items and attributes assigned or deleted, augmented assignments, and the
+    objects whose methods it calls (``sys.meta_path.remove(hook)`` changes
+    ``sys.meta_path``).  Function bodies and lambdas run later: not counted."""
+    paths: set[str] = set()
+    stack: list[ast.AST] = [statement]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _DEFS):
+            stack.extend([*node.decorator_list, node.args])
+            continue
+        if isinstance(node, ast.Lambda):
+            continue
+        path = None
+        if isinstance(node, (ast.Subscript, ast.Attribute)) and isinstance(node.ctx, (ast.Store,
+                                                                                     ast.Del)):
+            path = _dotted(node.value)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            path = _dotted(node.func.value)
+        elif isinstance(node, ast.AugAssign):
+            path = _dotted(node.target)
+        if path is not None:
+            paths.add(path)
+        stack.extend(ast.iter_child_nodes(node))
+    return paths
 
 
 def _nested_statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
@@ -5404,19 +5453,60 @@ def _layout(cls: type, scope: _Scope) -> tuple:
 
 def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope,
                     outer: set[str]) -> tuple[set[str], list[int]]:
-    """Which statements of a scope must run again: changed ones, and
-    unchanged ones that read a name taking a new value.  Returns the names
-    they bind and the indexes of the unchanged statements."""
+    """Which statements of a scope must run again, by the rule a kept value
+    obeys: it is kept only when every statement that computes or edits it,
+    and everything those read, is unchanged.
+
+    Statements that bind or change the same object form one group (``TABLE
+    = [...]`` and a later ``del TABLE[0]``; a loop removing a hook from
+    ``sys.meta_path`` and the line appending it again), and a group runs
+    again as a whole, in order, when any of its statements must: one that
+    changed (compared as syntax trees), or one that reads a name (``outer``:
+    from other modules too, as ``module.NAME``) taking a new value.  ``def``
+    and ``class`` statements always run, through the hooks that keep their
+    objects.  Returns the names the statements that run again bind, and the
+    indexes of the statements that need not run."""
     remaining = collections.Counter(old.dumps if old is not None else ())
-    rerun: set[str] = set()
-    unchanged = []
-    for index, (statement, dump) in enumerate(zip(body, new.dumps)):
-        if remaining[dump] > 0 and not (_read_names(statement) & (outer | rerun)):
+    must = set()
+    for index, dump in enumerate(new.dumps):
+        if remaining[dump] > 0:
             remaining[dump] -= 1
-            unchanged.append(index)
-        elif not isinstance(statement, (*_DEFS, ast.ClassDef)):
-            rerun |= _bound_names(statement)
-    return rerun, unchanged
+        else:
+            must.add(index)
+    definitions = (*_DEFS, ast.ClassDef, ast.Import, ast.ImportFrom)
+    reads = [_read_names(statement) for statement in body]
+    binds = [_bound_names(statement) for statement in body]
+    keys = [set() if isinstance(statement, definitions) else binds[i] | _edited_objects(statement)
+            for i, statement in enumerate(body)]
+    # ``app.config.update(...)`` changes what ``app = App()`` made: one group
+    # (not so for a module's attributes, ``import`` statements belong to none).
+    made_here = set().union(*(keys[index] & binds[index] for index in range(len(body))))
+    for names in keys:
+        names |= {name.partition(".")[0] for name in names} & made_here
+    sharing: dict[str, list[int]] = collections.defaultdict(list)
+    for index, names in enumerate(keys):
+        for key in names:
+            sharing[key].append(index)
+    new_values = set(outer)
+    pending = list(must)
+    while True:
+        while pending:
+            index = pending.pop()
+            if not isinstance(body[index], definitions[:3]):
+                new_values |= binds[index] | keys[index]
+            for key in keys[index]:
+                for other in sharing[key]:
+                    if other not in must:
+                        must.add(other)
+                        pending.append(other)
+        pending = [index for index in range(len(body))
+                   if index not in must and reads[index] & new_values]
+        if not pending:
+            break
+        must.update(pending)
+    rerun = set().union(*(binds[index] for index in must
+                          if not isinstance(body[index], definitions[:3])))
+    return rerun, [index for index in range(len(body)) if index not in must]
 
 
 def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
@@ -5440,7 +5530,13 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
                 continue
             if source is not None:
                 imported.update((a.asname or a.name) for a in statement.names
-                                if a.name in source.rerun.get("", ()))
+                                if a.name in _new_values(source))
+    # ``module.NAME`` read of a module that runs again, NAME taking a new value.
+    by_id = {id(other.module): other for other in plans.values()}
+    for alias, value in namespace.items():
+        source = by_id.get(id(value))
+        if source is not None and source is not plan:
+            imported.update(f"{alias}.{name}" for name in _new_values(source))
     # Names of classes made anew read by an unchanged statement: it runs again.
     imported |= {qualname for qualname in plan.rebuilt if "." not in qualname}
     rerun, unchanged = _rerun_in_order(tree.body, plan.old[""], plan.new[""], imported)
@@ -5480,6 +5576,14 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
             plan.rerun[""] |= _bound_names(statement)
     if rerun:
         _find_closures(plan)
+
+
+def _new_values(plan: _ModulePlan) -> set[str]:
+    """The module-level names of a module that runs again which take a new
+    value; all of them while it is not analysed yet (an import cycle)."""
+    if "" in plan.rerun:
+        return plan.rerun[""]
+    return set(plan.new[""].statements) | set(plan.old[""].statements)
 
 
 def _compile_rewritten(plan: _ModulePlan) -> None:
@@ -5607,6 +5711,7 @@ def _set_function_attributes(function: types.FunctionType, values: tuple) -> Non
 
 
 _build_class = builtins.__build_class__
+_import = builtins.__import__
 
 
 def _is_singledispatch(obj: object) -> bool:
@@ -5666,6 +5771,12 @@ class _Swap:
         self.failed_module: str | None = None
         self.modules_before = set(sys.modules)
         self.started: list[Server] = []  # servers the new module bodies started
+        # Modules still to run, in the order they first started importing; a
+        # body that imports one of them runs it there, as a fresh import would.
+        position = {name: index for index, name in enumerate(sys.modules)}
+        self.pending = {plan.name: plan for plan in sorted(plans, key=lambda plan: (
+            _tracker.started.get(plan.name, -1), position[plan.name]))}
+        self.finished: list[str] = []  # in the order they finished, as a fresh import
 
     # -- the undo log --
 
@@ -5872,6 +5983,31 @@ class _Swap:
                 return self._update_class(plan, cls, body, bases, keywords)
         return _build_class(body, name, *bases, **keywords)
 
+    def import_module(self, name: str, globals: Mapping[str, object] | None = None,
+                      locals: object = None, fromlist: Sequence[str] = (),
+                      level: int = 0) -> types.ModuleType:
+        """``builtins.__import__`` during the swap: importing a module that is
+        still to run runs its new body first (not when it is already running:
+        an import cycle gets the partly run module, as it would at first)."""
+        if self.pending and threading.get_ident() == self.thread:
+            target = name
+            if level:
+                package = (globals or {}).get("__package__") or ""
+                try:
+                    target = importlib.util.resolve_name("." * level + name, package)
+                except (ImportError, ValueError):
+                    target = ""
+            parts = target.split(".") if target else []
+            wanted = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+            wanted += [f"{target}.{item}" for item in fromlist or () if item != "*"]
+            for module in wanted:
+                plan = self.pending.pop(module, None)
+                if plan is not None:
+                    stage, current = self.stage, self.module
+                    self.swap_module(plan)
+                    self.stage, self.module = stage, current
+        return _import(name, globals, locals, fromlist, level)
+
     def start_server(self, cls: type[Server], *args: Any, name: str | None = None,
                      **kwargs: Any) -> Server:
         """``Server.start`` during the swap: a module body that starts a server
@@ -5960,12 +6096,13 @@ class _Swap:
         old = self._save_module(plan.module)
         namespace["__doc__"] = plan.doc
         namespace[_REUSE] = self.reuse
+        outer = self.plan  # the module whose body imported this one, if any
         self.plan, self.stage, self.module = plan, f"executing module {plan.name}", plan.name
         try:
             exec(plan.swap_code, namespace)
         finally:
             namespace.pop(_REUSE, None)
-            self.plan = None
+            self.plan = outer
         self.stage = f"merging the state of module {plan.name}"
         self._swap_closures(plan)
         keep = namespace.get("__hot_keep__", old.get("__hot_keep__", ()))
@@ -5988,6 +6125,7 @@ class _Swap:
             submodule = sys.modules.get(f"{plan.name}.{name}")
             if value is not _MISSING and (submodule is None or value is not submodule):
                 del namespace[name]
+        self.finished.append(plan.name)
 
     def run(self) -> None:
         """Swap every module in order, then run each new ``__hot_upgrade__``."""
@@ -6000,17 +6138,19 @@ class _Swap:
         # finds ``start`` on the class; both hooks act only for the thread
         # and the module being swapped, and hand everything else on.
         builtins.__build_class__ = self.build_class
+        builtins.__import__ = self.import_module
         Server.start = classmethod(self.start_server)
         try:
-            for plan in self.plans:
-                self.swap_module(plan)
+            while self.pending:
+                self.swap_module(self.pending.pop(next(iter(self.pending))))
         finally:
             builtins.__build_class__ = _build_class
+            builtins.__import__ = _import
             Server.start = _start_server
         if self.replacements:
             self.stage = "rebinding replaced objects"
             self._rebind_aliases({plan.name for plan in self.plans})
-        for plan in self.plans:
+        for plan in sorted(self.plans, key=lambda plan: self.finished.index(plan.name)):
             if "__hot_upgrade__" in plan.new[""].statements:
                 self.stage, self.module = f"running {plan.name}.__hot_upgrade__", plan.name
                 # a copy: the original is also what a rollback restores
@@ -6365,7 +6505,7 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
             except FlyDeployError:
                 log.exception("flydeploy: stopping %r after the rollback failed", server)
         return
-    report.added, report.replaced = swap.added, swap.replaced
+    report.modules, report.added, report.replaced = swap.finished, swap.added, swap.replaced
     _commit(plans)
     upgraded = Upgraded(modules=tuple(report.modules))
     for server in affected:

@@ -88,3 +88,96 @@ def test_an_unforeseen_error_while_preparing_is_a_refusal_not_a_traceback(tree, 
     report = tree.reload()
     assert not report.ok and report.failed_module == tree.name("m") and m.f() == 1
     assert "an object nobody foresaw" in report.error and "nothing was changed" in report.error
+
+
+# --- 7. import cycles run again in the order a fresh import runs them ----------
+
+
+def test_cycle_entered_from_the_module_that_defines_first(tree):
+    # b is imported first and binds VALUE before it imports a: a fresh import
+    # runs b up to that line, then all of a, then the rest of b.
+    for name, text in (("b.py", "VALUE = 1\nfrom . import a\nAFTER = a.DOUBLE + 1\n"),
+                       ("a.py", "from . import b\nDOUBLE = 2 * b.VALUE\n")):
+        tree.write(name, text)
+    b = tree.load("b")
+    a = tree.load("a")
+    assert (a.DOUBLE, b.AFTER) == (2, 3)
+    tree.write("b.py", "VALUE = 5\nfrom . import a\nAFTER = a.DOUBLE + 1\n")
+    tree.write("a.py", "from . import b\nDOUBLE = b.VALUE * 2\n")
+    report = upgraded(tree)
+    assert (a.DOUBLE, b.AFTER) == (10, 11)
+    assert report.modules == [tree.name("a"), tree.name("b")]  # as they finish importing
+
+
+def test_cycle_entered_from_the_module_that_reads(tree):
+    tree.write("a.py", "from . import b\nDOUBLE = 2 * b.VALUE\n")
+    tree.write("b.py", "from . import a\nVALUE = 1\n")
+    a = tree.load("a")
+    assert a.DOUBLE == 2
+    tree.write("a.py", "from . import b\nDOUBLE = b.VALUE * 2\n")
+    tree.write("b.py", "from . import a\nVALUE = 7\n")
+    report = upgraded(tree)
+    assert a.DOUBLE == 14 and report.modules == [tree.name("b"), tree.name("a")]
+
+
+# --- 3./4. statements that build or change one object run again together --------
+
+
+IMPORT_HOOK = """
+import sys
+class Hook:
+    def find_spec(self, name, path=None, target=None):
+        return None
+for hook in list(sys.meta_path):
+    if {condition}:
+        sys.meta_path.remove(hook)
+_hook = Hook()
+_hook.owner = __name__
+sys.meta_path.{add}
+"""
+
+
+def installed_hooks(module):
+    import sys
+    return [hook for hook in sys.meta_path if getattr(hook, "owner", None) == module.__name__]
+
+
+def test_a_reload_aware_import_hook_stays_installed_once(tree):
+    versions = [("getattr(hook, 'owner', None) == __name__", "append(_hook)"),
+                ("type(hook).__name__ == 'Hook' and getattr(hook, 'owner', None) == __name__",
+                 "append(_hook)"),
+                ("type(hook).__name__ == 'Hook' and getattr(hook, 'owner', None) == __name__",
+                 "insert(0, _hook)")]
+    tree.write("m.py", IMPORT_HOOK.format(condition=versions[0][0], add=versions[0][1]))
+    m = tree.load("m")
+    try:
+        assert len(installed_hooks(m)) == 1
+        for condition, add in versions[1:]:  # the removing loop changes, then the adding line
+            tree.write("m.py", IMPORT_HOOK.format(condition=condition, add=add))
+            upgraded(tree)
+            assert len(installed_hooks(m)) == 1
+    finally:
+        import sys
+        sys.meta_path[:] = [h for h in sys.meta_path if h not in installed_hooks(m)]
+
+
+TABLE = """
+TABLE = {table}
+del TABLE[{index}]
+LABEL = {label!r}
+"""
+
+
+def test_a_value_is_kept_only_with_every_statement_that_edits_it(tree):
+    tree.write("m.py", TABLE.format(table=[0, 1, 2, 3, 4], index=2, label="a"))
+    m = tree.load("m")
+    kept = m.TABLE
+    tree.write("m.py", TABLE.format(table=[0, 1, 2, 3, 4], index=2, label="b"))
+    upgraded(tree)  # nothing of TABLE's group changed: the live list stays
+    assert m.TABLE is kept and m.TABLE == [0, 1, 3, 4] and m.LABEL == "b"
+    tree.write("m.py", TABLE.format(table=[0, 1, 2, 3, 4], index=3, label="b"))
+    upgraded(tree)  # the editing statement changed: the list is built again first
+    assert m.TABLE == [0, 1, 2, 4]
+    tree.write("m.py", TABLE.format(table=[5, 6, 7, 8, 9], index=3, label="b"))
+    upgraded(tree)  # the building statement changed: the edit runs again on the new list
+    assert m.TABLE == [5, 6, 7, 9]
