@@ -5317,6 +5317,7 @@ class _ModulePlan:
     changed_defs: set[tuple[str, str]] = dataclasses.field(default_factory=set)
     closures: list[tuple[types.FunctionType, types.CodeType]] = \
         dataclasses.field(default_factory=list)  # functions made by changed factories
+    stars: list[_ModulePlan] = dataclasses.field(default_factory=list)  # ``import *`` sources
     swap_code: types.CodeType | None = None  # the rewritten new source
 
 
@@ -5358,15 +5359,16 @@ def _syntax_refusal(exc: SyntaxError, path: str, module: str) -> UpgradeRefused:
                           module=module)
 
 
-def _plan_module(name: str) -> _ModulePlan:
-    """Read, parse and check one module's new source; raises UpgradeRefused."""
+def _plan_module(name: str, *, again: bool = False) -> _ModulePlan:
+    """Read, parse and check one module's new source (``again``: run the
+    source it runs now once more); raises UpgradeRefused."""
     module = sys.modules.get(name)
     record = _tracker.record_for(name)
     if module is None or record is None:
         raise FlyDeployError(f"module {name!r} is not a tracked, imported module; "
                              "import it and call flydeploy.track(<source root>) first")
     try:
-        source = _read_bytes(record.path)
+        source = record.source if again and record.source is not None else _read_bytes(record.path)
     except OSError as exc:
         raise UpgradeRefused(f"cannot read {record.path} for module {name}: {exc.strerror}; "
                              "restore the file or leave the module out", module=name) from None
@@ -5528,9 +5530,13 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
                 source = plans.get(_imported_from(statement, package))
             except (ImportError, ValueError):
                 continue
-            if source is not None:
-                imported.update((a.asname or a.name) for a in statement.names
-                                if a.name in _new_values(source))
+            if source is None:
+                continue
+            if any(a.name == "*" for a in statement.names):  # names gained and lost count too
+                imported |= _new_values(source) | (source.old[""].statements.keys()
+                                                   ^ source.new[""].statements.keys())
+            imported.update((a.asname or a.name) for a in statement.names
+                            if a.name in _new_values(source))
     # ``module.NAME`` read of a module that runs again, NAME taking a new value.
     by_id = {id(other.module): other for other in plans.values()}
     for alias, value in namespace.items():
@@ -6120,7 +6126,12 @@ class _Swap:
                 namespace[name] = self.merge(current, value, name in plan.rerun[""]
                                              or name not in new_scope.statements,
                                              (plan.name, name))
-        for name in old_scope.statements.keys() - new_scope.statements.keys() - keep:
+        gone = old_scope.statements.keys() - new_scope.statements.keys()
+        for source in plan.stars:  # what ``from X import *`` gave and gives no more
+            before = self.namespaces[source.name]
+            gone |= {name for name in _public_names(before) - _public_names(source.module.__dict__)
+                     if name not in new_scope.statements and old.get(name) is before[name]}
+        for name in gone - keep:
             value = namespace.get(name, _MISSING)
             submodule = sys.modules.get(f"{plan.name}.{name}")
             if value is not _MISSING and (submodule is None or value is not submodule):
@@ -6226,6 +6237,14 @@ def _snapshot(states: list[object]) -> Callable[[], list[object]]:
     return lambda: copies
 
 
+def _public_names(namespace: Mapping[str, object]) -> set[str]:
+    """The names ``from module import *`` binds, for a module's namespace."""
+    names = namespace.get("__all__")
+    if isinstance(names, (list, tuple)) and all(isinstance(name, str) for name in names):
+        return set(names) & namespace.keys()
+    return {name for name in namespace if not name.startswith("_")}
+
+
 def _restore_states(servers: list[Server], states: list[object]) -> None:
     for server, state in zip(servers, states):
         server._state = state
@@ -6314,11 +6333,67 @@ def _prepare(names: list[str]) -> list[_ModulePlan]:
     search_paths: dict[str, list[str]] = {}
     for name in sorted(set().union(*(plan.imports for plan in plans.values()))):
         _prepare_import(name, search_paths)
-    ordered = _import_order(plans)
-    for plan in ordered:
+    for plan in _import_order(plans):
         with _analysing(plan.name):
             _rewrite(plan, plans)
-    return ordered
+    _add_importers(plans)
+    for plan in plans.values():
+        plan.stars = _star_sources(plan, plans)
+    return _import_order(plans)
+
+
+def _add_importers(plans: dict[str, _ModulePlan]) -> None:
+    """Add the unchanged modules that import what the upgrade changes (``from
+    .more import *`` when ``more`` gained names, ``from .config import
+    LIMIT``, ``2 * config.LIMIT``): their statements that read it run again,
+    as in a fresh import.  Repeated until no module is added."""
+    while True:
+        added = False
+        for name in list(_tracker.loaded):
+            if name in plans or not _imports_of(name) & plans.keys():
+                continue
+            with _analysing(name):
+                plan = _plan_module(name, again=True)
+                _rewrite(plan, plans)
+            if any(plan.rerun.values()):
+                plans[name], added = plan, True
+        if not added:
+            return
+
+
+# The modules each module's source imports: name -> (content hash, names).
+_imports_cache: dict[str, tuple[str, set[str]]] = {}
+
+
+def _imports_of(name: str) -> set[str]:
+    """The modules a loaded, tracked module imports (none when it has no source)."""
+    record = _tracker.record_for(name)
+    if record is None or record.source is None:
+        return set()
+    cached = _imports_cache.get(name)
+    if cached is None or cached[0] != record.digest:
+        package = name if hasattr(sys.modules[name], "__path__") else name.rpartition(".")[0]
+        try:
+            imports = _imported_modules(ast.parse(record.source, record.path), package)
+        except (SyntaxError, ValueError):
+            imports = set()
+        cached = _imports_cache[name] = (record.digest, imports)
+    return cached[1]
+
+
+def _star_sources(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> list[_ModulePlan]:
+    """The upgraded modules that a module's ``from X import *`` statements read."""
+    package = plan.name if hasattr(plan.module, "__path__") else plan.name.rpartition(".")[0]
+    sources = []
+    for statement in plan.tree.body:
+        if isinstance(statement, ast.ImportFrom) and any(a.name == "*" for a in statement.names):
+            try:
+                source = plans.get(_imported_from(statement, package))
+            except (ImportError, ValueError):
+                continue
+            if source is not None and source is not plan:
+                sources.append(source)
+    return sources
 
 
 @contextlib.contextmanager

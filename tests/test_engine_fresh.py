@@ -181,3 +181,35 @@ def test_a_value_is_kept_only_with_every_statement_that_edits_it(tree):
     tree.write("m.py", TABLE.format(table=[5, 6, 7, 8, 9], index=3, label="b"))
     upgraded(tree)  # the building statement changed: the edit runs again on the new list
     assert m.TABLE == [5, 6, 7, 9]
+
+
+# --- 2. what other modules import from a changed module -------------------------
+
+
+def test_star_and_from_imports_of_unchanged_modules_give_what_a_fresh_import_gives(tree):
+    tree.write("lib/__init__.py", "from .more import *\nfrom .more import LIMIT as limit\n")
+    tree.write("lib/more.py", "LIMIT = 1\ndef argmax():\n    return 'max'\n"
+                              "def dropped():\n    return 0\n")
+    tree.write("user.py", f"from {tree.pkg} import lib\nfrom {tree.pkg}.lib import LIMIT\n"
+                          "DOUBLE = 2 * lib.LIMIT\nTRIPLE = 3 * LIMIT\n")
+    lib, user = tree.load("lib"), tree.load("user")
+    argmax = lib.argmax
+    tree.write("lib/more.py", "LIMIT = 5\ndef argmax():\n    return 'MAX'\n"
+                              "def argmin():\n    return 'min'\n")
+    report = upgraded(tree)
+    assert lib.argmin() == "min" and lib.argmax is argmax and argmax() == "MAX"
+    assert not hasattr(lib, "dropped") and lib.limit == 5 and lib.LIMIT == 5
+    assert (user.LIMIT, user.DOUBLE, user.TRIPLE) == (5, 10, 15)
+    assert report.modules == [tree.name(m) for m in ("lib.more", "lib", "user")]
+
+
+def test_an_unchanged_importer_of_unchanged_names_does_not_run(tree):
+    tree.write("trace.py", "events = []\n")
+    tree.write("conf.py", "A = 1\nB = 1\n")
+    tree.write("user.py", f"from {tree.pkg} import trace\nfrom {tree.pkg}.conf import A\n"
+                          "trace.events.append(A)\n")
+    trace = tree.load("trace")
+    tree.load("user")
+    tree.write("conf.py", "A = 1\nB = 2\n")
+    report = upgraded(tree)
+    assert report.modules == [tree.name("conf")] and trace.events == [1]
