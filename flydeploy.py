@@ -5318,6 +5318,10 @@ class _ModulePlan:
     closures: list[tuple[types.FunctionType, types.CodeType]] = \
         dataclasses.field(default_factory=list)  # functions made by changed factories
     stars: list[_ModulePlan] = dataclasses.field(default_factory=list)  # ``import *`` sources
+    # The decorators the rewrite took off unchanged defs: key -> (def, decorators).
+    decorators: dict[tuple[str, str], tuple[ast.stmt, list[ast.expr]]] = \
+        dataclasses.field(default_factory=dict)
+    stale: set[int] = dataclasses.field(default_factory=set)  # closures made anew, by id
     swap_code: types.CodeType | None = None  # the rewritten new source
 
 
@@ -5572,7 +5576,7 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
             _reuse_class(plan, qualname, statement, same_decorators)
         else:
             _reuse_function(plan, key, scope, statement, same_decorators)
-    stale = _find_closures(plan)
+    stale = plan.stale = _find_closures(plan)
     # A closure whose new code needs other free variables cannot change in
     # place: the statement that made it runs again and binds a new one.
     rerun = {name for name, value in namespace.items() if id(value) in stale}
@@ -5580,8 +5584,31 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
         if _bound_names(statement) & rerun:
             tree.body[index] = statement
             plan.rerun[""] |= _bound_names(statement)
-    if rerun:
+    redecorated = _redecorate(plan, stale.union(*(other.stale for other in plans.values())))
+    if rerun or redecorated:
         _find_closures(plan)
+
+
+def _redecorate(plan: _ModulePlan, stale: set[int]) -> bool:
+    """Run the unchanged decorators of a def again when what they made is
+    stale: a wrapper made by a decorator whose new inner function needs
+    other free variables (in this module or another), or decorators that
+    read a name taking a new value.  Returns whether any def was changed."""
+    redecorated = False
+    for key in sorted(plan.undecorated):
+        if key not in plan.decorators:
+            continue
+        statement, decorators = plan.decorators[key]
+        target, scope = plan.targets[key], key[0].rpartition(".")[0]
+        reads = set().union(*(_read_names(ast.Expr(decorator)) for decorator in decorators))
+        if not ({id(target.binding), *map(id, target.wrappers)} & stale
+                or reads & plan.rerun.get(scope, set())):
+            continue
+        statement.decorator_list = [*decorators, _hook(key, statement)]
+        plan.undecorated.discard(key)
+        plan.rerun.setdefault(scope, set()).add(statement.name)
+        redecorated = True
+    return redecorated
 
 
 def _new_values(plan: _ModulePlan) -> set[str]:
@@ -5631,6 +5658,7 @@ def _reuse_function(plan: _ModulePlan, key: tuple[str, str], scope: str,
             or _read_names(statement) & plan.rerun[scope]):
         plan.changed_defs.add(key)
     if same_decorators:
+        plan.decorators[key] = (statement, statement.decorator_list)
         statement.decorator_list = [_hook(key, statement)]
         plan.undecorated.add(key)
     else:

@@ -213,3 +213,41 @@ def test_an_unchanged_importer_of_unchanged_names_does_not_run(tree):
     tree.write("conf.py", "A = 1\nB = 2\n")
     report = upgraded(tree)
     assert report.modules == [tree.name("conf")] and trace.events == [1]
+
+
+# --- 6. a decorator whose factory changed runs again ------------------------------
+
+
+DECORATOR = {
+    1: "def deco(fn):\n    def wrapper():\n        return 'old:' + fn()\n    return wrapper\n",
+    2: "TAG = 'new:'\ndef deco(fn):\n    tag = TAG\n"
+       "    def wrapper():\n        return tag + fn()\n    return wrapper\n",
+}
+
+
+def test_a_wrapper_whose_factory_gained_a_free_variable_is_made_again(tree):
+    tree.write("m.py", DECORATOR[1] + "@deco\ndef g():\n    return 'g'\n"
+                       "class C:\n    @deco\n    def method():\n        return 'm'\n")
+    tree.write("user.py", f"from {tree.pkg}.m import deco\n@deco\ndef h():\n    return 'h'\n")
+    m, user = tree.load("m"), tree.load("user")
+    inner = m.g.__closure__[0].cell_contents
+    tree.write("m.py", DECORATOR[2] + "@deco\ndef g():\n    return 'G'\n"
+                       "class C:\n    @deco\n    def method():\n        return 'M'\n")
+    report = upgraded(tree)
+    assert m.g() == "new:G" and m.C.method() == "new:M"
+    assert user.h() == "new:h"  # decorated in a module that did not change
+    cells = dict(zip(m.g.__code__.co_freevars, m.g.__closure__))
+    assert cells["fn"].cell_contents is inner  # the function itself kept its identity
+    assert f"{tree.name('m')}.g" in report.replaced and tree.name("user") in report.modules
+
+
+def test_decorators_reading_a_changed_value_run_again(tree):
+    source = ("routes = {{}}\nPREFIX = {prefix!r}\ndef route(path):\n"
+              "    def register(fn):\n        routes[path] = fn\n        return fn\n"
+              "    return register\n@route(PREFIX + '/x')\ndef x():\n    return 1\n")
+    tree.write("m.py", source.format(prefix="/v1"))
+    m = tree.load("m")
+    x = m.x
+    tree.write("m.py", source.format(prefix="/v2"))
+    upgraded(tree)  # (what the old decorator call put in ``routes`` is kept module state)
+    assert m.routes["/v2/x"] is x and m.x is x
