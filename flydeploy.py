@@ -5099,6 +5099,8 @@ class _Scope:
     ignored: frozenset[str]                 # the names listed in an Enum's ``_ignore_``
     annotated: tuple[tuple[str, str], ...]  # annotated names in order, with the statement
     twice: frozenset[str]  # names bound by several plain defs (``_`` of singledispatch)
+    # (qualname, accessor) of a def -> its parameters with their defaults and annotations
+    signatures: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
 
 
 def _scope(body: list[ast.stmt], header: str, definitions: list[tuple[str, ast.stmt]]) -> _Scope:
@@ -5128,7 +5130,10 @@ def _scope(body: list[ast.stmt], header: str, definitions: list[tuple[str, ast.s
                    for q, s in definitions},
                   values, frozenset(ignored), tuple(annotated),
                   frozenset(qualname.rpartition(".")[2] for (qualname, accessor), count
-                            in counts.items() if count > 1 and not accessor))
+                            in counts.items() if count > 1 and not accessor),
+                  signatures={_definition_key(q, s): _dump(ast.Tuple([s.args, *(
+                      [s.returns] if s.returns else [])], ast.Load()))
+                      for q, s in definitions if isinstance(s, _DEFS)})
 
 
 def _scopes(tree: ast.Module) -> dict[str, _Scope]:
@@ -5322,6 +5327,12 @@ class _ModulePlan:
     decorators: dict[tuple[str, str], tuple[ast.stmt, list[ast.expr]]] = \
         dataclasses.field(default_factory=dict)
     stale: set[int] = dataclasses.field(default_factory=set)  # closures made anew, by id
+    # Defs the swap does not run: the live function, its new code and docstring,
+    # and the caches around it to clear; their names by class qualname.
+    in_place: list[tuple[types.FunctionType, types.CodeType, object, list[object]]] = \
+        dataclasses.field(default_factory=list)
+    in_place_names: dict[str, set[str]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(set))
     swap_code: types.CodeType | None = None  # the rewritten new source
 
 
@@ -5587,6 +5598,7 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
     redecorated = _redecorate(plan, stale.union(*(other.stale for other in plans.values())))
     if rerun or redecorated:
         _find_closures(plan)
+    _swap_without_running(plan)
 
 
 def _redecorate(plan: _ModulePlan, stale: set[int]) -> bool:
@@ -5609,6 +5621,62 @@ def _redecorate(plan: _ModulePlan, stale: set[int]) -> bool:
         plan.rerun.setdefault(scope, set()).add(statement.name)
         redecorated = True
     return redecorated
+
+
+_NO_DECORATORS = _dump(ast.List([], ast.Load()))
+
+
+def _swap_without_running(plan: _ModulePlan) -> None:
+    """Take out of what the swap runs the defs whose only change is their code:
+    same decorators (not run again), same parameters, defaults and
+    annotations, reading no name that takes a new value, in a class whose
+    decorators do not run again.  The swap gives their live functions the
+    new code before the module body runs, without making a function object
+    inside the pause.  Recompiles what the swap runs."""
+    codes = _nested_codes(plan.swap_code)
+    taken: set[int] = set()
+    read_in_class: dict[str, set[str]] = {}  # a class body's namespace starts empty
+    for scope, qualname, statement in _definitions(plan.tree.body):
+        if isinstance(statement, ast.ClassDef):
+            read_in_class[qualname] = set().union(*map(_read_names, statement.body))
+        key = _definition_key(qualname, statement)
+        code = codes.get(qualname)
+        if (key not in plan.undecorated or key[1] == _CLASS or code is None
+                or statement.name in read_in_class.get(scope, ())
+                or (scope and (scope, _CLASS) not in plan.undecorated
+                    and (plan.new[scope.rpartition(".")[0]].decorators.get((scope, _CLASS))
+                         != _NO_DECORATORS or scope in plan.redecorated))
+                or plan.old[scope].signatures.get(key) != plan.new[scope].signatures.get(key)
+                or _read_names(statement) & plan.rerun.get(scope, set())):
+            continue
+        target = plan.targets[key]
+        if target.function.__code__.co_freevars != code.co_freevars:
+            continue
+        caches = [wrapper for wrapper in target.wrappers if key in plan.changed_defs
+                  and hasattr(type(wrapper), "cache_clear")]  # results of the old code
+        plan.in_place.append((target.function, code, types.FunctionType(code, {}).__doc__,
+                              caches))
+        plan.in_place_names[scope].add(statement.name)
+        taken.add(id(statement))
+    if taken:
+        _drop_statements(plan.tree.body, taken)
+        _compile_rewritten(plan)
+
+
+def _drop_statements(body: list[ast.stmt], taken: set[int]) -> None:
+    """Remove the statements whose ids are ``taken`` from a body and the
+    blocks and class bodies in it (a block left empty gets a ``pass``)."""
+    body[:] = ([statement for statement in body if id(statement) not in taken]
+               or [ast.copy_location(ast.Pass(), body[0])])
+    for statement in body:
+        if isinstance(statement, _DEFS):
+            continue
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(statement, field, None)
+            if block:
+                _drop_statements(block, taken)
+        for block in (*getattr(statement, "handlers", ()), *getattr(statement, "cases", ())):
+            _drop_statements(block.body, taken)
 
 
 def _new_values(plan: _ModulePlan) -> set[str]:
@@ -5791,7 +5859,7 @@ class _Swap:
         self.saved: set[int] = set()
         self.merging: set[int] = set()
         # Functions changed so far, with what each was before.
-        self.functions: dict[int, tuple[types.FunctionType, tuple, dict]] = {}
+        self.functions: dict[int, tuple[types.FunctionType, tuple, dict | None]] = {}
         self.added: list[str] = []
         self.replaced: list[str] = []
         # Objects that could not keep their identity: id(old) -> (old, new).
@@ -5811,6 +5879,11 @@ class _Swap:
         self.pending = {plan.name: plan for plan in sorted(plans, key=lambda plan: (
             _tracker.started.get(plan.name, -1), position[plan.name]))}
         self.finished: list[str] = []  # in the order they finished, as a fresh import
+        # The singledispatch functions a new body may register on (in any
+        # tracked module, in the classes of the upgraded ones), found before
+        # the pause: their registries are logged inside it.
+        self.dispatchers = [value for value in _dispatcher_candidates(plans)
+                            if _dispatch_registry(value) is not None]
 
     # -- the undo log --
 
@@ -5819,7 +5892,6 @@ class _Swap:
             return
         self.saved.add(id(cls))
         contents = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-        self._save_registries(contents.values())
 
         def restore() -> None:
             _restore_mapping(cls.__dict__, contents, owner=cls, keep=("__dict__", "__weakref__"))
@@ -5833,7 +5905,6 @@ class _Swap:
         contents = self.namespaces.get(module.__name__)
         if contents is None:
             contents = self.namespaces[module.__name__] = dict(module.__dict__)
-            self._save_registries(contents.values())
             self.undo.append(lambda: _restore_mapping(module.__dict__, contents))
         return contents
 
@@ -5880,7 +5951,8 @@ class _Swap:
                 log.exception("flydeploy: one step of the rollback failed")
         for function, attributes, contents in self.functions.values():
             _set_function_attributes(function, attributes)
-            _restore_mapping(function.__dict__, contents)
+            if contents is not None:  # None: only the code changed
+                _restore_mapping(function.__dict__, contents)
         self.undo.clear()
         self.functions.clear()
         for name in set(sys.modules) - self.modules_before:
@@ -6068,10 +6140,11 @@ class _Swap:
         if "__doc__" not in namespace:
             cls.__doc__ = None
         decorated = (cls.__qualname__, _CLASS) in plan.undecorated
-        if "__hash__" not in namespace and not decorated:
+        defined = namespace.keys() | plan.in_place_names.get(cls.__qualname__, set())
+        if "__hash__" not in defined and not decorated:
             # What type() does for a class defining __eq__ (a decorator that
             # does not run again keeps what it set: @dataclass's __hash__).
-            if "__eq__" in namespace:
+            if "__eq__" in defined:
                 cls.__hash__ = None
             elif "__hash__" in cls.__dict__ and cls.__dict__["__hash__"] is None:
                 delattr(cls, "__hash__")
@@ -6132,6 +6205,13 @@ class _Swap:
         namespace[_REUSE] = self.reuse
         outer = self.plan  # the module whose body imported this one, if any
         self.plan, self.stage, self.module = plan, f"executing module {plan.name}", plan.name
+        functions = self.functions
+        for function, code, doc, caches in plan.in_place:  # the hot loop of a swap: inline
+            if id(function) not in functions:
+                functions[id(function)] = (function, _function_attributes(function), None)
+            function.__code__, function.__doc__ = code, doc
+            for cache in caches:
+                cache.cache_clear()
         try:
             exec(plan.swap_code, namespace)
         finally:
@@ -6168,6 +6248,7 @@ class _Swap:
 
     def run(self) -> None:
         """Swap every module in order, then run each new ``__hot_upgrade__``."""
+        self._save_registries(self.dispatchers)
         for name in list(_tracker.loaded):  # a module body may assign to any of them
             module = sys.modules.get(name)
             if module is not None:
@@ -6241,6 +6322,27 @@ class _Swap:
 
 
 _start_server = Server.__dict__["start"]
+
+
+def _dispatcher_candidates(plans: list[_ModulePlan]) -> Iterator[object]:
+    """The values of every tracked module and of the classes (nested ones
+    too) that the upgraded modules define."""
+    for name in list(_tracker.loaded):
+        module = sys.modules.get(name)
+        if module is not None:
+            yield from list(module.__dict__.values())
+    classes = [value for plan in plans for value in list(plan.module.__dict__.values())
+               if _is_a(value, type) and value.__module__ == plan.name]
+    seen: set[int] = set()
+    while classes:
+        cls = classes.pop()
+        if id(cls) in seen:
+            continue
+        seen.add(id(cls))
+        for value in list(cls.__dict__.values()):
+            yield value
+            if _is_a(value, type):
+                classes.append(value)
 
 
 def _snapshot(states: list[object]) -> Callable[[], list[object]]:
