@@ -27,8 +27,13 @@ The file is organised in sections, in the order data flows:
                   (``orchestrate``).
 4. Engine         what happens inside one process: servers (``Server``),
                   asyncio loop pausing (``attach_loop``), change tracking
-                  (``track``, ``modified_modules``) and the transactional
-                  in-place code swap (``reload_modules``).
+                  (``track``, ``modified_modules``), the plan (analysis of
+                  old and new source that changes nothing live: what runs
+                  again, what takes new code in place), the swap (the
+                  executor and its undo log) and ``reload_modules``, whose
+                  phases (prepare, pause, swap, migrate, resume, commit;
+                  the point of no return after migrate) are named in
+                  ``UPGRADE_PHASES`` and its docstring.
 5. Agent          the per-process agent on a unix socket, the per-machine
                   upgrade (``hot_upgrade``), boot-time catch-up
                   (``startup_reapply_current``) and the poller.
@@ -201,10 +206,11 @@ __all__ = [
     "SuspendTimeout",
     "attach_loop",
     "detach_loop",
-    # 4. Engine: tracking, code swap, reload_modules
+    # 4. Engine: tracking, plan, swap, reload_modules
     "track",
     "modified_modules",
     "reload_modules",
+    "UPGRADE_PHASES",
     "UpgradeReport",
     "UpgradeRefused",
     "on_upgrade",
@@ -4902,13 +4908,12 @@ def modified_modules() -> list[str]:
     return changed
 
 
-# --- In-place code swap -----------------------------------------------------
+# --- Plan: analysis of old and new source -----------------------------------
 #
-# What a failed upgrade cannot undo: changes made in place to mutable objects
-# (a list a module body appended to, a registry an ``__init_subclass__`` hook
-# extended, a file written).  Every binding is restored: module namespaces of
-# every tracked module, class attributes, function code and attributes,
-# closure cells, singledispatch registries and server states.
+# Read-only: which statements of each module run again, which functions and
+# classes take their new code in place, what must be refused, in what order
+# the modules run.  The result, one ``_ModulePlan`` per module, is all the
+# swap needs; nothing live is changed here.
 
 
 class UpgradeRefused(FlyDeployError):
@@ -5327,10 +5332,10 @@ class _ModulePlan:
     decorators: dict[tuple[str, str], tuple[ast.stmt, list[ast.expr]]] = \
         dataclasses.field(default_factory=dict)
     stale: set[int] = dataclasses.field(default_factory=set)  # closures made anew, by id
-    # Defs the swap does not run: the live function, its new code and docstring,
-    # and the caches around it to clear; their names by class qualname.
-    in_place: list[tuple[types.FunctionType, types.CodeType, object, list[object]]] = \
-        dataclasses.field(default_factory=list)
+    # Defs the swap does not run: their live functions, new code and
+    # docstrings, the caches around them to clear; their names by class qualname.
+    in_place: tuple[list[types.FunctionType], list[types.CodeType], list[object],
+                    list[object]] = dataclasses.field(default_factory=lambda: ([], [], [], []))
     in_place_names: dict[str, set[str]] = dataclasses.field(
         default_factory=lambda: collections.defaultdict(set))
     swap_code: types.CodeType | None = None  # the rewritten new source
@@ -5652,10 +5657,12 @@ def _swap_without_running(plan: _ModulePlan) -> None:
         target = plan.targets[key]
         if target.function.__code__.co_freevars != code.co_freevars:
             continue
-        caches = [wrapper for wrapper in target.wrappers if key in plan.changed_defs
-                  and hasattr(type(wrapper), "cache_clear")]  # results of the old code
-        plan.in_place.append((target.function, code, types.FunctionType(code, {}).__doc__,
-                              caches))
+        functions, new_codes, docs, caches = plan.in_place
+        functions.append(target.function)
+        new_codes.append(code)
+        docs.append(types.FunctionType(code, {}).__doc__)
+        caches.extend(wrapper for wrapper in target.wrappers if key in plan.changed_defs
+                      and hasattr(type(wrapper), "cache_clear"))  # results of the old code
         plan.in_place_names[scope].add(statement.name)
         taken.add(id(statement))
     if taken:
@@ -5795,6 +5802,15 @@ def _import_order(plans: dict[str, _ModulePlan]) -> list[_ModulePlan]:
     return ordered
 
 
+# --- Swap: the executor and its undo log -----------------------------------
+#
+# What a failed upgrade cannot undo: changes made in place to mutable objects
+# (a list a module body appended to, a registry an ``__init_subclass__`` hook
+# extended, a file written).  Every binding is restored: module namespaces of
+# every tracked module, class attributes, function code and attributes,
+# closure cells, singledispatch registries and server states.
+
+
 def _defined_twice(old: _Scope | None, new: _Scope | None, name: str) -> bool:
     """Whether several plain ``def`` statements bind the name (``_`` for
     singledispatch registrations...): then the name says nothing about which
@@ -5851,15 +5867,18 @@ class _Swap:
     state is merged.  Every change is logged so ``rollback`` undoes it all.
     """
 
-    def __init__(self, plans: list[_ModulePlan]) -> None:
+    def __init__(self, plans: list[_ModulePlan], clock: _Clock) -> None:
         self.plans = plans
+        self.clock = clock
         self.paths = {plan.path for plan in plans}
         self.thread = threading.get_ident()
         self.undo: list[Callable[[], None]] = []
         self.saved: set[int] = set()
         self.merging: set[int] = set()
         # Functions changed so far, with what each was before.
-        self.functions: dict[int, tuple[types.FunctionType, tuple, dict | None]] = {}
+        self.functions: dict[int, tuple[types.FunctionType, tuple, dict]] = {}
+        # Functions that took new code in place, in batches, with what they were.
+        self.batches: list[tuple[list[types.FunctionType], list[tuple]]] = []
         self.added: list[str] = []
         self.replaced: list[str] = []
         # Objects that could not keep their identity: id(old) -> (old, new).
@@ -5951,10 +5970,13 @@ class _Swap:
                 log.exception("flydeploy: one step of the rollback failed")
         for function, attributes, contents in self.functions.values():
             _set_function_attributes(function, attributes)
-            if contents is not None:  # None: only the code changed
-                _restore_mapping(function.__dict__, contents)
+            _restore_mapping(function.__dict__, contents)
+        for functions, attributes in reversed(self.batches):
+            for function, values in zip(functions, attributes):
+                _set_function_attributes(function, values)
         self.undo.clear()
         self.functions.clear()
+        self.batches.clear()
         for name in set(sys.modules) - self.modules_before:
             module = sys.modules.pop(name, None)
             parent, _, child = name.rpartition(".")
@@ -6015,6 +6037,21 @@ class _Swap:
             finally:
                 self.merging.discard(id(old))
         return old
+
+    def _swap_in_place(self, functions: list[types.FunctionType], codes: list[types.CodeType],
+                       docs: list[object], caches: list[object]) -> None:
+        """Give live functions their new code and docstring, logged as one
+        batch.  The pause's hottest path (thousands of methods in a large
+        upgrade): the loops run in C, through ``map``."""
+        if self.functions:  # changed already (rare): logged there, with what they were
+            kept = [id(function) not in self.functions for function in functions]
+            functions, codes, docs = (list(itertools.compress(values, kept))
+                                      for values in (functions, codes, docs))
+        self.batches.append((functions, list(map(_function_attributes, functions))))
+        collections.deque(map(setattr, functions, itertools.repeat("__code__"), codes), 0)
+        collections.deque(map(setattr, functions, itertools.repeat("__doc__"), docs), 0)
+        for cache in caches:
+            cache.cache_clear()
 
     def _merge_function_contents(self, old: types.FunctionType, new: types.FunctionType,
                                  label: _Label) -> None:
@@ -6205,13 +6242,7 @@ class _Swap:
         namespace[_REUSE] = self.reuse
         outer = self.plan  # the module whose body imported this one, if any
         self.plan, self.stage, self.module = plan, f"executing module {plan.name}", plan.name
-        functions = self.functions
-        for function, code, doc, caches in plan.in_place:  # the hot loop of a swap: inline
-            if id(function) not in functions:
-                functions[id(function)] = (function, _function_attributes(function), None)
-            function.__code__, function.__doc__ = code, doc
-            for cache in caches:
-                cache.cache_clear()
+        self._swap_in_place(*plan.in_place)
         try:
             exec(plan.swap_code, namespace)
         finally:
@@ -6299,6 +6330,7 @@ class _Swap:
         migrating = None
         try:
             self.run()
+            self.clock.lap("swap")
             # Only an app's own code_change can change a state: only those states are kept for a
             # rollback, since copying them holds everything for as long as it takes.
             changing = [server for server in affected if type(server).code_change is not Server.code_change]
@@ -6307,6 +6339,7 @@ class _Swap:
             for migrating, old_vsn in zip(affected, old_versions):
                 migrating._state = migrating.code_change(old_vsn, migrating._state, extra)
             migrating = None
+            self.clock.lap("migrate")
         except BaseException as exc:
             self.rollback()
             if migrating is not None:
@@ -6410,7 +6443,8 @@ class UpgradeReport:
     server or loop was held and ``total_ms`` the whole call; ``error`` is a
     readable message when ``ok`` is False, ``failed_module`` the module that
     was refused or whose new code failed (None if none was at fault), and
-    ``rolled_back`` says that changes had begun and were all undone.
+    ``rolled_back`` says that changes had begun and were all undone;
+    ``phases_ms`` how long each phase it got to took (``UPGRADE_PHASES``).
     """
 
     ok: bool = False
@@ -6424,12 +6458,15 @@ class UpgradeReport:
     error: str | None = None
     rolled_back: bool = False
     failed_module: str | None = None
+    phases_ms: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         """The report as JSON-ready values."""
         return dataclasses.asdict(self)
 
 
+# The phases of an upgrade, in order; ``reload_modules`` says what each does.
+UPGRADE_PHASES = ("prepare", "pause", "swap", "migrate", "resume", "commit")
 _upgrade_lock = threading.Lock()
 _upgrading_thread: int | None = None  # the thread inside reload_modules, if any
 _upgrade_callbacks: list[Callable[[UpgradeReport], object]] = []
@@ -6452,7 +6489,7 @@ def on_upgrade(callback: Callable[[UpgradeReport], object], *,
 
 
 def _prepare(names: list[str]) -> list[_ModulePlan]:
-    """Phase 1: plans for every module in import order, touching nothing live
+    """The prepare phase: plans for every module in import order, touching nothing live
     (modules outside the application that the new code imports for the first
     time are imported here, so the pause reads no files)."""
     plans = {}
@@ -6617,13 +6654,28 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
                    extra: object = None) -> UpgradeReport:
     """Upgrade modules in place from their source on disk.
 
-    ``names`` defaults to ``modified_modules()``.  Phase 1 reads, compiles
-    and checks every new source and orders the modules along their imports
-    (a refusal or a syntax error ends the call here, nothing changed).
-    Phase 2 swaps the code in place with an undo log; any failure rolls
-    everything back.  Failures are reported in the returned report (``ok``
-    False); this raises only on misuse, such as calling it from code an
-    upgrade runs (``__hot_upgrade__``, ``code_change``, a module body).
+    ``names`` defaults to ``modified_modules()``; the modules that import
+    what they change join.  The phases (``UPGRADE_PHASES``, timed in
+    ``UpgradeReport.phases_ms``), like the steps of a release handler:
+
+    1. prepare  read, parse and compile every new source, plan what runs
+                again and what takes new code in place (the plan section),
+                refuse what cannot be done; nothing live changes and
+                everything keeps running.  A refusal ends the call here.
+    2. pause    hold every server at a safe point, park every attached loop.
+    3. swap     run the planned module bodies in the live modules, in the
+                order a fresh import runs them, logging every change.
+    4. migrate  each affected server's state through its new ``code_change``.
+                A failure in 3 or 4 rolls everything back.  The end of
+                migrate is the point of no return.
+    5. resume   release the servers and loops, which now run the new code.
+    6. commit   record what runs now, drop stale bytecode, send the upgraded
+                servers ``Upgraded``; then the ``on_upgrade`` callbacks run.
+
+    Failures are reported in the returned report (``ok`` False), never
+    raised, whatever the app's code and objects are; this raises only on
+    misuse, such as calling it from code an upgrade runs
+    (``__hot_upgrade__``, ``code_change``, a module body).
 
     A module-level ``Server.start(..., name=...)`` that an upgrade runs again
     returns the live server of that name and class (its state goes through
@@ -6641,13 +6693,14 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
                              "for instance from an on_upgrade callback or another thread")
     started = time.perf_counter()
     report = UpgradeReport()
+    clock = _Clock(report.phases_ms)
     with _upgrade_lock:
         _upgrading_thread = threading.get_ident()
         try:
             plans = _prepare(modified_modules() if names is None else list(names))
             report.modules = [plan.name for plan in plans]
             if plans:
-                _swap_everything(plans, report, suspend_timeout, extra)
+                _swap_everything(plans, report, suspend_timeout, extra, clock)
             else:
                 report.ok = True
         except UpgradeRefused as exc:
@@ -6679,19 +6732,27 @@ def _garbage_collection_paused():
 
 
 def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_timeout: float,
-                     extra: object) -> None:
-    """Phases 2 and 3: hold every live server and attached loop in one pause,
-    swap, migrate the state of the affected servers, and roll everything
-    back on failure; once resumed, tell the upgraded servers and commit."""
+                     extra: object, clock: _Clock) -> None:
+    """The phases from the end of prepare on: hold every live server and
+    attached loop in one pause, swap, migrate the state of the affected
+    servers, and roll everything back on failure; resume; commit, and tell
+    the upgraded servers."""
     changed = {plan.name for plan in plans}
-    swap = _Swap(plans)
+    swap = _Swap(plans, clock)
     pause = _Pause(servers(), timeout=suspend_timeout)
     affected: list[Server] = []
+    upgraded_class: dict[type, bool] = {}
+    clock.lap("prepare")
     try:
         with pause, _garbage_collection_paused():
+            clock.lap("pause")
             # Read while held: servers that started meanwhile are held too.
-            affected = [server for server in pause.servers
-                        if any(cls.__module__ in changed for cls in type(server).__mro__)]
+            for server in pause.servers:
+                cls = type(server)
+                if cls not in upgraded_class:
+                    upgraded_class[cls] = any(c.__module__ in changed for c in cls.__mro__)
+                if upgraded_class[cls]:
+                    affected.append(server)
             report.ok = swap.transact(affected, extra)
     except SuspendTimeout as exc:
         report.error = str(exc)
@@ -6699,6 +6760,7 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
         return
     finally:
         report.suspend_ms = pause.held_ms
+        clock.lap("resume")
     if not report.ok:
         report.rolled_back = True
         report.error = swap.error
@@ -6716,6 +6778,21 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
     for server in affected:
         server.send(upgraded)
     report.servers_upgraded = [_server_label(server) for server in affected]
+    clock.lap("commit")
+
+
+class _Clock:
+    """Times the phases of one upgrade into ``UpgradeReport.phases_ms``."""
+
+    def __init__(self, phases: dict[str, float]) -> None:
+        self.phases = phases
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Record the time since the last lap as ``phase``'s."""
+        now = time.perf_counter()
+        self.phases[phase] = round((now - self.last) * 1000, 3)
+        self.last = now
 
 
 def _server_label(server: Server) -> str:

@@ -1110,7 +1110,8 @@ def test_report_is_json_ready_and_callbacks_survive_exceptions(tree, caplog):
     assert data["ok"] is True and data["modules"] == [tree.name("m")]
     assert set(data) == {"ok", "modules", "added", "replaced", "servers_upgraded",
                          "servers_failed", "suspend_ms", "total_ms", "error", "rolled_back",
-                         "failed_module"}
+                         "failed_module", "phases_ms"}
+    assert tuple(data["phases_ms"]) == flydeploy.UPGRADE_PHASES
 
 
 def test_nothing_modified_is_an_empty_successful_report(tree):

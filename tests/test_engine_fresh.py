@@ -251,3 +251,35 @@ def test_decorators_reading_a_changed_value_run_again(tree):
     tree.write("m.py", source.format(prefix="/v2"))
     upgraded(tree)  # (what the old decorator call put in ``routes`` is kept module state)
     assert m.routes["/v2/x"] is x and m.x is x
+
+
+# --- the pause: defs whose only change is their code are not run in it ----------
+
+
+IN_PLACE = '''
+class Point:
+    def __eq__(self, other):
+        """{doc}"""
+        return {result}
+    def norm(self):
+        return {result}
+def f():
+    """{doc}"""
+    return {result}
+{tail}
+'''
+
+
+def test_code_only_changes_swap_in_place_and_roll_back(tree):
+    tree.write("m.py", IN_PLACE.format(doc="one", result=1, tail=""))
+    m = tree.load("m")
+    f, point = m.f, m.Point()
+    assert m.Point.__hash__ is None
+    tree.write("m.py", IN_PLACE.format(doc="two", result=2, tail="raise RuntimeError('late')"))
+    report = tree.reload()
+    assert not report.ok and report.rolled_back
+    assert (f(), f.__doc__, point.norm(), m.Point.__eq__.__doc__) == (1, "one", 1, "one")
+    tree.write("m.py", IN_PLACE.format(doc="two", result=2, tail=""))
+    upgraded(tree)
+    assert (m.f, f(), f.__doc__, point.norm(), point == 0) == (f, 2, "two", 2, 2)
+    assert m.Point.__hash__ is None  # __eq__ is still defined in the body
