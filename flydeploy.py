@@ -5005,6 +5005,10 @@ def _read_names(statement: ast.stmt) -> set[str]:
             path = _dotted(node)  # ``b.VALUE``: the value another module gives
             if path is not None:
                 names.add(path)
+        elif isinstance(node, ast.Call):
+            path = _dotted(node.func)  # ``build()``: what the code of ``build`` gives
+            if path is not None:
+                names.add(f"{path}()")
         stack.extend(ast.iter_child_nodes(node))
     return names
 
@@ -5557,6 +5561,8 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
                                                    ^ source.new[""].statements.keys())
             imported.update((a.asname or a.name) for a in statement.names
                             if a.name in _new_values(source))
+            imported.update(f"{a.asname or a.name}()" for a in statement.names
+                            if f"{a.name}()" in _new_values(source))
     # ``module.NAME`` read of a module that runs again, NAME taking a new value.
     by_id = {id(other.module): other for other in plans.values()}
     for alias, value in namespace.items():
@@ -5565,8 +5571,9 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
             imported.update(f"{alias}.{name}" for name in _new_values(source))
     # Names of classes made anew read by an unchanged statement: it runs again.
     imported |= {qualname for qualname in plan.rebuilt if "." not in qualname}
-    rerun, unchanged = _rerun_in_order(tree.body, plan.old[""], plan.new[""], imported)
-    plan.rerun[""] = rerun | imported
+    called = _new_results(plan)
+    rerun, unchanged = _rerun_in_order(tree.body, plan.old[""], plan.new[""], imported | called)
+    plan.rerun[""] = rerun | called | {name for name in imported if name.isidentifier()}
     skipped: dict[int, ast.stmt] = {}
     for index in unchanged:
         statement = tree.body[index]
@@ -5684,6 +5691,30 @@ def _drop_statements(body: list[ast.stmt], taken: set[int]) -> None:
                 _drop_statements(block, taken)
         for block in (*getattr(statement, "handlers", ()), *getattr(statement, "cases", ())):
             _drop_statements(block.body, taken)
+
+
+# Code objects nested in a function that make no function of their own to keep.
+_INLINE_CODE = ("<lambda>", "<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>")
+
+
+def _new_results(plan: _ModulePlan) -> set[str]:
+    """``NAME()`` for the module-level functions whose code changed: a
+    statement calling one at import time gets what the new code returns, so
+    it runs again.  Not for factories (a function defining functions): the
+    closures they made take the new inner code in place."""
+    old, new = plan.old[""], plan.new[""]
+    results = set()
+    for (qualname, accessor), count in new.definitions.items():
+        if "." in qualname or accessor or count != 1 or (
+                old.statements.get(qualname) == new.statements.get(qualname)):
+            continue
+        function = plan.module.__dict__.get(qualname)
+        if _defined_here(function, plan.name, qualname) and _is_a(function, types.FunctionType) \
+                and not any(code.co_name not in _INLINE_CODE
+                            for code in _code_objects(function.__code__) if code is not
+                            function.__code__):
+            results.add(f"{qualname}()")
+    return results
 
 
 def _new_values(plan: _ModulePlan) -> set[str]:

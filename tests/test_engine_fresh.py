@@ -283,3 +283,17 @@ def test_code_only_changes_swap_in_place_and_roll_back(tree):
     upgraded(tree)
     assert (m.f, f(), f.__doc__, point.norm(), point == 0) == (f, 2, "two", 2, 2)
     assert m.Point.__hash__ is None  # __eq__ is still defined in the body
+
+
+def test_a_value_computed_by_a_function_whose_code_changed_is_computed_again(tree):
+    source = ("def build():\n    return [n * {factor} for n in range(3)]\n"
+              "TABLE = build()\nCOUNT = len(TABLE)\n")
+    tree.write("m.py", source.format(factor=1))
+    tree.write("user.py", f"from {tree.pkg} import m\nfrom {tree.pkg}.m import build\n"
+                          "OTHER = m.build()\nMINE = build()\n")
+    m, user = tree.load("m"), tree.load("user")
+    build = m.build
+    tree.write("m.py", source.format(factor=10))
+    upgraded(tree)
+    assert m.build is build and m.TABLE == [0, 10, 20] and m.COUNT == 3
+    assert user.OTHER == user.MINE == [0, 10, 20]
