@@ -56,6 +56,7 @@ import collections
 import concurrent.futures
 import contextlib
 import copy
+import copyreg
 import dataclasses
 import datetime
 import email.utils
@@ -5608,7 +5609,21 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
             tree.body[index] = statement
             plan.rerun[""] |= _bound_names(statement)
     redecorated = _redecorate(plan, stale.union(*(other.stale for other in plans.values())))
-    if rerun or redecorated:
+    # Names whose def binds a new object (its decorators run again, or no
+    # live function continues it): what reads them runs again too.
+    replaced = {statement.name for scope, qualname, statement in _definitions(tree.body)
+                if not scope and isinstance(statement, _DEFS) and statement.name in namespace
+                and (_definition_key(qualname, statement) not in plan.targets
+                     or _definition_key(qualname, statement) not in plan.undecorated
+                     and len(statement.decorator_list) > 1)}
+    written = [skipped.get(index, statement) for index, statement in enumerate(tree.body)]
+    again = set(skipped) - set(_rerun_in_order(written, plan.old[""], plan.new[""],
+                                               imported | called | replaced)[1])
+    for index in again:
+        tree.body[index] = skipped[index]
+        plan.rerun[""] |= _bound_names(skipped[index])
+    plan.rerun[""] |= replaced
+    if rerun or redecorated or again:
         _find_closures(plan)
     _swap_without_running(plan)
 
@@ -6341,7 +6356,16 @@ class _Swap:
     def _rebind_aliases(self, swapped: set[str]) -> None:
         """In the other tracked modules, names bound to an object that was
         replaced (``from .impl import Service`` in an unchanged package
-        ``__init__``) now name its replacement."""
+        ``__init__``) now name its replacement; so do the reducers that
+        ``copyreg.pickle`` registered (what pickle and copy call)."""
+        table = copyreg.dispatch_table
+        stale = {cls: self.replacements[id(reducer)][1] for cls, reducer in list(table.items())
+                 if id(reducer) in self.replacements
+                 and self.replacements[id(reducer)][0] is reducer}
+        if stale:
+            before = dict(table)
+            self.undo.append(lambda: _restore_mapping(table, before))
+            table.update(stale)
         for name in list(_tracker.loaded):
             module = sys.modules.get(name)
             if module is None or name in swapped:

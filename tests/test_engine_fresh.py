@@ -297,3 +297,49 @@ def test_a_value_computed_by_a_function_whose_code_changed_is_computed_again(tre
     upgraded(tree)
     assert m.build is build and m.TABLE == [0, 10, 20] and m.COUNT == 3
     assert user.OTHER == user.MINE == [0, 10, 20]
+
+
+# --- 5. protocols and registries see the functions a fresh import makes -----------
+
+
+PROTOCOLS = """
+import copy, copyreg, functools, pickle
+def stamp(fn):
+    label = {label!r}
+    def stamped(*args):
+        return fn(*args){use}
+    return stamped
+class Box:
+    def __init__(self, v):
+        self.v = v
+    def __copy__(self):
+        return Box(self.v + {step})
+@stamp
+def reduce_box(box):
+    return (Box, (box.v + {step},))
+def register():
+    copyreg.pickle(Box, reduce_box)
+register()
+@functools.lru_cache(maxsize={size})
+def upper(s):
+    return s.upper() + {mark!r}
+FILTERS = {{"upper": upper}}
+"""
+
+
+def test_pickle_copy_and_filter_tables_use_the_new_functions(tree):
+    tree.write("m.py", PROTOCOLS.format(label="", use="", step=1, size=1, mark=""))
+    tree.write("user.py", f"from {tree.pkg}.m import upper\nTABLE = {{'upper': upper}}\n")
+    m, user = tree.load("m"), tree.load("user")
+    import copy
+    import pickle
+    box = m.Box(1)
+    tree.write("m.py", PROTOCOLS.format(label="new", use=" if label else None", step=2, size=8,
+                                     mark="!"))
+    report = upgraded(tree)
+    assert pickle.loads(pickle.dumps(box)).v == 3 and copy.copy(box).v == 3
+    assert m.FILTERS["upper"] is m.upper
+    assert user.TABLE["upper"] is m.upper and m.upper("a") == "A!"
+    assert m.upper.cache_info().maxsize == 8 and f"{tree.name('m')}.upper" in report.replaced
+    import copyreg
+    assert copyreg.dispatch_table[m.Box] is m.reduce_box  # the stale wrapper was replaced
