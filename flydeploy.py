@@ -4987,8 +4987,9 @@ def _bound_names(statement: ast.stmt) -> set[str]:
 
 
 def _read_names(statement: ast.stmt) -> set[str]:
-    """Names a statement reads while it runs: function bodies and lambdas run
-    later, so only their decorators, defaults and annotations count."""
+    """Names a statement reads while it runs, with the dotted names it reads
+    (``config.LIMIT``) and calls (``build()``): function bodies and lambdas
+    run later, so only their decorators, defaults and annotations count."""
     names: set[str] = set()
     stack: list[ast.AST] = [statement]
     while stack:
@@ -5028,8 +5029,9 @@ def _dotted(node: ast.expr) -> str | None:
 
 
 def _edited_objects(statement: ast.stmt) -> set[str]:
-    """What a statement changes in place, as dotted names: items and attributes assigned or deleted, augmented assignments, and the
-    objects whose methods it calls (``sys.meta_path.remove(hook)`` changes
+    """What a statement changes in place, as dotted names: items and
+    attributes assigned or deleted, augmented assignments, and the objects
+    whose methods it calls (``sys.meta_path.remove(hook)`` changes
     ``sys.meta_path``).  Function bodies and lambdas run later: not counted."""
     paths: set[str] = set()
     stack: list[ast.AST] = [statement]
@@ -5142,8 +5144,8 @@ def _scope(body: list[ast.stmt], header: str, definitions: list[tuple[str, ast.s
                   frozenset(qualname.rpartition(".")[2] for (qualname, accessor), count
                             in counts.items() if count > 1 and not accessor),
                   signatures={_definition_key(q, s): _dump(ast.Tuple([s.args, *(
-                      [s.returns] if s.returns else [])], ast.Load()))
-                      for q, s in definitions if isinstance(s, _DEFS)})
+                      [s.returns] if s.returns else []), *getattr(s, "type_params", [])],
+                      ast.Load())) for q, s in definitions if isinstance(s, _DEFS)})
 
 
 def _scopes(tree: ast.Module) -> dict[str, _Scope]:
@@ -5307,6 +5309,24 @@ class _Target(NamedTuple):
 
 
 @dataclasses.dataclass
+class _InPlace:
+    """The defs of one module that the swap does not run: their live
+    functions with the new code and the code they run now, those whose
+    docstring changes with the new and the current one, the caches to
+    clear, and the names of those defined in a class, by its qualname."""
+
+    functions: list[types.FunctionType] = dataclasses.field(default_factory=list)
+    codes: list[types.CodeType] = dataclasses.field(default_factory=list)
+    old_codes: list[types.CodeType] = dataclasses.field(default_factory=list)
+    documented: list[types.FunctionType] = dataclasses.field(default_factory=list)
+    docs: list[object] = dataclasses.field(default_factory=list)
+    old_docs: list[object] = dataclasses.field(default_factory=list)
+    caches: list[object] = dataclasses.field(default_factory=list)
+    names: dict[str, set[str]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(set))
+
+
+@dataclasses.dataclass
 class _ModulePlan:
     """Everything prepared for reloading one module, before touching anything."""
 
@@ -5337,12 +5357,7 @@ class _ModulePlan:
     decorators: dict[tuple[str, str], tuple[ast.stmt, list[ast.expr]]] = \
         dataclasses.field(default_factory=dict)
     stale: set[int] = dataclasses.field(default_factory=set)  # closures made anew, by id
-    # Defs the swap does not run: their live functions, new code and
-    # docstrings, the caches around them to clear; their names by class qualname.
-    in_place: tuple[list[types.FunctionType], list[types.CodeType], list[object],
-                    list[object]] = dataclasses.field(default_factory=lambda: ([], [], [], []))
-    in_place_names: dict[str, set[str]] = dataclasses.field(
-        default_factory=lambda: collections.defaultdict(set))
+    in_place: _InPlace = dataclasses.field(default_factory=lambda: _InPlace())
     swap_code: types.CodeType | None = None  # the rewritten new source
 
 
@@ -5488,8 +5503,9 @@ def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope,
     = [...]`` and a later ``del TABLE[0]``; a loop removing a hook from
     ``sys.meta_path`` and the line appending it again), and a group runs
     again as a whole, in order, when any of its statements must: one that
-    changed (compared as syntax trees), or one that reads a name (``outer``:
-    from other modules too, as ``module.NAME``) taking a new value.  ``def``
+    changed (compared as syntax trees), or one that reads a name taking a
+    new value (``outer``: ``NAME``, ``module.NAME`` of another module, and
+    ``NAME()`` for a function whose code changed).  ``def``
     and ``class`` statements always run, through the hooks that keep their
     objects.  Returns the names the statements that run again bind, and the
     indexes of the statements that need not run."""
@@ -5539,13 +5555,17 @@ def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope,
 def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
     """Turn the new source into what the swap executes, then compile it.
 
-    An unchanged module-level statement never runs again (its names keep
-    their live values): no callback registered twice, no server started
-    twice.  A ``def`` of an existing function runs with a hook that moves
-    its new code into the live function; when its decorators did not change
-    they do not run again and the name keeps its live binding (a Flask route,
-    an atexit or registry entry, a cache wrapper), else they run on the live
-    function.  Classes are updated in place the same way."""
+    A statement whose group need not run again (``_rerun_in_order``) is
+    left out: its names keep their live values, no callback is registered
+    twice, no server started twice.  A ``def`` of an existing function runs
+    with a hook that moves its new code into the live function; when its
+    decorators did not change and what they made is not stale they do not
+    run again and the name keeps its live binding (a Flask route, an atexit
+    or registry entry, a cache wrapper), else they run on the live function;
+    a def whose only change is its code does not run at all
+    (``_swap_without_running``).  Classes are updated in place the same way.
+    What reads a name taking a new value (from this module, another one, or
+    a def that binds a new object) runs again."""
     tree, namespace = plan.tree, plan.module.__dict__
     imported: set[str] = set()  # names imported with a new value from a changed module
     package = plan.name if hasattr(plan.module, "__path__") else plan.name.rpartition(".")[0]
@@ -5679,13 +5699,18 @@ def _swap_without_running(plan: _ModulePlan) -> None:
         target = plan.targets[key]
         if target.function.__code__.co_freevars != code.co_freevars:
             continue
-        functions, new_codes, docs, caches = plan.in_place
-        functions.append(target.function)
-        new_codes.append(code)
-        docs.append(types.FunctionType(code, {}).__doc__)
-        caches.extend(wrapper for wrapper in target.wrappers if key in plan.changed_defs
-                      and hasattr(type(wrapper), "cache_clear"))  # results of the old code
-        plan.in_place_names[scope].add(statement.name)
+        batch, function = plan.in_place, target.function
+        batch.functions.append(function)
+        batch.codes.append(code)
+        batch.old_codes.append(function.__code__)
+        doc = types.FunctionType(code, {}).__doc__
+        if doc != function.__doc__:
+            batch.documented.append(function)
+            batch.docs.append(doc)
+            batch.old_docs.append(function.__doc__)
+        batch.caches.extend(wrapper for wrapper in target.wrappers if key in plan.changed_defs
+                            and hasattr(type(wrapper), "cache_clear"))  # results of old code
+        batch.names[scope].add(statement.name)
         taken.add(id(statement))
     if taken:
         _drop_statements(plan.tree.body, taken)
@@ -5869,6 +5894,11 @@ _FUNCTION_ATTRIBUTES = ("__code__", "__defaults__", "__kwdefaults__", "__doc__",
 _function_attributes = operator.attrgetter(*_FUNCTION_ATTRIBUTES)
 
 
+def _set_all(objects: list[object], attribute: str, values: list[object]) -> None:
+    """Set one attribute of many objects, each to its value, in one C loop."""
+    collections.deque(map(setattr, objects, itertools.repeat(attribute), values), 0)
+
+
 def _set_function_attributes(function: types.FunctionType, values: tuple) -> None:
     (function.__code__, function.__defaults__, function.__kwdefaults__, function.__doc__,
      function.__annotations__, function.__name__, function.__qualname__) = values
@@ -5923,8 +5953,7 @@ class _Swap:
         self.merging: set[int] = set()
         # Functions changed so far, with what each was before.
         self.functions: dict[int, tuple[types.FunctionType, tuple, dict]] = {}
-        # Functions that took new code in place, in batches, with what they were.
-        self.batches: list[tuple[list[types.FunctionType], list[tuple]]] = []
+        self.batches: list[_InPlace] = []  # functions that took new code in place
         self.added: list[str] = []
         self.replaced: list[str] = []
         # Objects that could not keep their identity: id(old) -> (old, new).
@@ -6017,9 +6046,9 @@ class _Swap:
         for function, attributes, contents in self.functions.values():
             _set_function_attributes(function, attributes)
             _restore_mapping(function.__dict__, contents)
-        for functions, attributes in reversed(self.batches):
-            for function, values in zip(functions, attributes):
-                _set_function_attributes(function, values)
+        for batch in reversed(self.batches):
+            _set_all(batch.functions, "__code__", batch.old_codes)
+            _set_all(batch.documented, "__doc__", batch.old_docs)
         self.undo.clear()
         self.functions.clear()
         self.batches.clear()
@@ -6084,19 +6113,15 @@ class _Swap:
                 self.merging.discard(id(old))
         return old
 
-    def _swap_in_place(self, functions: list[types.FunctionType], codes: list[types.CodeType],
-                       docs: list[object], caches: list[object]) -> None:
+    def _swap_in_place(self, batch: _InPlace) -> None:
         """Give live functions their new code and docstring, logged as one
-        batch.  The pause's hottest path (thousands of methods in a large
-        upgrade): the loops run in C, through ``map``."""
-        if self.functions:  # changed already (rare): logged there, with what they were
-            kept = [id(function) not in self.functions for function in functions]
-            functions, codes, docs = (list(itertools.compress(values, kept))
-                                      for values in (functions, codes, docs))
-        self.batches.append((functions, list(map(_function_attributes, functions))))
-        collections.deque(map(setattr, functions, itertools.repeat("__code__"), codes), 0)
-        collections.deque(map(setattr, functions, itertools.repeat("__doc__"), docs), 0)
-        for cache in caches:
+        batch (what they were was read while preparing).  The pause's
+        hottest path, thousands of methods in a large upgrade: the loops run
+        in C, through ``map``."""
+        self.batches.append(batch)
+        _set_all(batch.functions, "__code__", batch.codes)
+        _set_all(batch.documented, "__doc__", batch.docs)
+        for cache in batch.caches:
             cache.cache_clear()
 
     def _merge_function_contents(self, old: types.FunctionType, new: types.FunctionType,
@@ -6223,7 +6248,7 @@ class _Swap:
         if "__doc__" not in namespace:
             cls.__doc__ = None
         decorated = (cls.__qualname__, _CLASS) in plan.undecorated
-        defined = namespace.keys() | plan.in_place_names.get(cls.__qualname__, set())
+        defined = namespace.keys() | plan.in_place.names.get(cls.__qualname__, set())
         if "__hash__" not in defined and not decorated:
             # What type() does for a class defining __eq__ (a decorator that
             # does not run again keeps what it set: @dataclass's __hash__).
@@ -6288,7 +6313,7 @@ class _Swap:
         namespace[_REUSE] = self.reuse
         outer = self.plan  # the module whose body imported this one, if any
         self.plan, self.stage, self.module = plan, f"executing module {plan.name}", plan.name
-        self._swap_in_place(*plan.in_place)
+        self._swap_in_place(plan.in_place)
         try:
             exec(plan.swap_code, namespace)
         finally:
