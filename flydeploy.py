@@ -6516,12 +6516,13 @@ def _restore_mapping(mapping: Mapping, contents: Mapping, owner: object = None,
 class UpgradeReport:
     """What one ``reload_modules`` call did.
 
-    ``modules`` are the reloaded modules in the order they were executed;
-    ``added`` and ``replaced`` are ``module.name`` labels of new names and of
-    objects that could not keep their identity; ``servers_upgraded`` and
-    ``servers_failed`` name servers; ``suspend_ms`` is the longest time any
-    server or loop was held and ``total_ms`` the whole call; ``error`` is a
-    readable message when ``ok`` is False, ``failed_module`` the module that
+    ``modules`` are the reloaded modules (the changed ones and those that
+    import what changed) in the order they finished running, as in a fresh
+    import; ``added`` and ``replaced`` are ``module.name`` labels of new names
+    and of objects that could not keep their identity; ``servers_upgraded``
+    and ``servers_failed`` name servers; ``suspend_ms`` is the longest time
+    any server or loop was held and ``total_ms`` the whole call; ``error`` is
+    a readable message when ``ok`` is False, ``failed_module`` the module that
     was refused or whose new code failed (None if none was at fault), and
     ``rolled_back`` says that changes had begun and were all undone;
     ``phases_ms`` how long each phase it got to took (``UPGRADE_PHASES``).
