@@ -5703,7 +5703,8 @@ def _swap_without_running(plan: _ModulePlan) -> None:
         batch.functions.append(function)
         batch.codes.append(code)
         batch.old_codes.append(function.__code__)
-        doc = types.FunctionType(code, {}).__doc__
+        cells = tuple(types.CellType() for _ in code.co_freevars)
+        doc = types.FunctionType(code, {}, None, None, cells).__doc__  # as def would set it
         if doc != function.__doc__:
             batch.documented.append(function)
             batch.docs.append(doc)

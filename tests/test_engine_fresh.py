@@ -257,7 +257,13 @@ def test_decorators_reading_a_changed_value_run_again(tree):
 
 
 IN_PLACE = '''
-class Point:
+class Base:
+    def norm(self):
+        return 0
+class Point(Base):
+    def __init__(self):
+        super().__init__()
+        self.base = super().norm() + {result}
     def __eq__(self, other):
         """{doc}"""
         return {result}
@@ -282,6 +288,7 @@ def test_code_only_changes_swap_in_place_and_roll_back(tree):
     tree.write("m.py", IN_PLACE.format(doc="two", result=2, tail=""))
     upgraded(tree)
     assert (m.f, f(), f.__doc__, point.norm(), point == 0) == (f, 2, "two", 2, 2)
+    assert m.Point().base == 2  # zero-argument super() in a method swapped in place
     assert m.Point.__hash__ is None  # __eq__ is still defined in the body
 
 
