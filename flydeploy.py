@@ -108,6 +108,7 @@ import weakref
 import xml.etree.ElementTree as ET
 import zlib
 from collections.abc import Callable
+from collections.abc import Collection
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -5493,8 +5494,8 @@ def _layout(cls: type, scope: _Scope) -> tuple:
     return scope.header, scope.statements.get("__slots__"), fields
 
 
-def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope,
-                    outer: set[str]) -> tuple[set[str], list[int]]:
+def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope, outer: set[str],
+                    present: Collection[str] = ()) -> tuple[set[str], list[int]]:
     """Which statements of a scope must run again, by the rule a kept value
     obeys: it is kept only when every statement that computes or edits it,
     and everything those read, is unchanged.
@@ -5505,7 +5506,9 @@ def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope,
     again as a whole, in order, when any of its statements must: one that
     changed (compared as syntax trees), or one that reads a name taking a
     new value (``outer``: ``NAME``, ``module.NAME`` of another module, and
-    ``NAME()`` for a function whose code changed).  ``def``
+    ``NAME()`` for a function whose code changed), or one that assigns a
+    name missing from the live namespace (``present``, when given) that no
+    ``del`` of the body removes.  ``def``
     and ``class`` statements always run, through the hooks that keep their
     objects.  Returns the names the statements that run again bind, and the
     indexes of the statements that need not run."""
@@ -5519,6 +5522,13 @@ def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope,
     definitions = (*_DEFS, ast.ClassDef, ast.Import, ast.ImportFrom)
     reads = [_read_names(statement) for statement in body]
     binds = [_bound_names(statement) for statement in body]
+    if present:
+        deleted = {target.id for statement in _nested_statements(body)
+                   if isinstance(statement, ast.Delete)
+                   for target in statement.targets if isinstance(target, ast.Name)}
+        must.update(index for index, statement in enumerate(body)
+                    if not isinstance(statement, definitions)
+                    and not binds[index] - deleted <= present)
     keys = [set() if isinstance(statement, definitions) else binds[i] | _edited_objects(statement)
             for i, statement in enumerate(body)]
     # ``app.config.update(...)`` changes what ``app = App()`` made: one group
@@ -5593,14 +5603,14 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
     # Names of classes made anew read by an unchanged statement: it runs again.
     imported |= {qualname for qualname in plan.rebuilt if "." not in qualname}
     called = _new_results(plan)
-    rerun, unchanged = _rerun_in_order(tree.body, plan.old[""], plan.new[""], imported | called)
+    rerun, unchanged = _rerun_in_order(tree.body, plan.old[""], plan.new[""], imported | called,
+                                       namespace.keys())
     plan.rerun[""] = rerun | called | {name for name in imported if name.isidentifier()}
     skipped: dict[int, ast.stmt] = {}
     for index in unchanged:
         statement = tree.body[index]
         if (isinstance(statement, (*_DEFS, ast.ClassDef, ast.Import, ast.ImportFrom))
-                or (index == 0 and plan.doc is not None)
-                or not _bound_names(statement) <= namespace.keys()):
+                or (index == 0 and plan.doc is not None)):
             continue  # definitions and imports are handled below; a docstring stays first
         skipped[index] = statement
         tree.body[index] = ast.copy_location(ast.Pass(), statement)
@@ -5638,7 +5648,7 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
                      and len(statement.decorator_list) > 1)}
     written = [skipped.get(index, statement) for index, statement in enumerate(tree.body)]
     again = set(skipped) - set(_rerun_in_order(written, plan.old[""], plan.new[""],
-                                               imported | called | replaced)[1])
+                                               imported | called | replaced, namespace.keys())[1])
     for index in again:
         tree.body[index] = skipped[index]
         plan.rerun[""] |= _bound_names(skipped[index])
@@ -6272,15 +6282,20 @@ class _Swap:
         rerun = plan.rerun.get(qualname)
         members = set(cls._member_map_) if isinstance(cls, enum.EnumMeta) else set()
         skipped = _CLASS_LAYOUT | members | {"_ignore_"}
+        decorated = (qualname, _CLASS) in plan.undecorated
         for attribute, value in dict(namespace).items():
             if attribute in skipped:
                 continue
+            current = cls.__dict__.get(attribute, _MISSING)
+            if decorated and (type(current) is types.MemberDescriptorType or (
+                    current is _MISSING and old_scope is not None
+                    and attribute in old_scope.statements)):
+                continue  # what a decorator that does not run again made of it (attrs fields)
             if attribute in ("__init_subclass__", "__class_getitem__") and _is_a(
                     value, types.FunctionType):
                 value = classmethod(value)
             elif attribute == "__new__" and _is_a(value, types.FunctionType):
                 value = staticmethod(value)
-            current = cls.__dict__.get(attribute, _MISSING)
             if current is value:
                 continue  # most methods: the reuse hook kept the live object
             if current is not _MISSING and not _defined_twice(old_scope, new_scope, attribute):

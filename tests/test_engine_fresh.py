@@ -215,6 +215,51 @@ def test_an_unchanged_importer_of_unchanged_names_does_not_run(tree):
     assert report.modules == [tree.name("conf")] and trace.events == [1]
 
 
+MASKS = """
+SPAN, STEP = list(range(3)), 1
+MASK = list(range(5))
+del SPAN, STEP, MASK[0]
+MASK = tuple(MASK)
+LABEL = {label!r}
+"""
+
+
+def test_names_a_body_deletes_do_not_make_its_statements_run_again(tree):
+    tree.write("m.py", MASKS.format(label="a"))
+    m = tree.load("m")
+    mask = m.MASK
+    tree.write("m.py", MASKS.format(label="b"))
+    upgraded(tree)
+    assert m.MASK is mask == (1, 2, 3, 4) and m.LABEL == "b" and not hasattr(m, "SPAN")
+
+
+SLOTTED = """
+class Field:
+    def __init__(self, default):
+        self.default = default
+def slotted(cls):
+    names = tuple(k for k, v in vars(cls).items() if isinstance(v, Field))
+    body = {{k: v for k, v in vars(cls).items() if k not in names + ("__dict__", "__weakref__")}}
+    return type(cls)(cls.__name__, cls.__bases__, {{**body, "__slots__": names}})
+def make_default():
+    return {value!r}
+@slotted
+class Point:
+    x = Field(make_default())
+    def __init__(self, x):
+        self.x = x
+"""
+
+
+def test_what_an_unchanged_class_decorator_made_of_its_body_is_not_overwritten(tree):
+    tree.write("m.py", SLOTTED.format(value=1))
+    m = tree.load("m")
+    point = m.Point(1)
+    tree.write("m.py", SLOTTED.format(value=2))  # the field's statement runs again
+    upgraded(tree)
+    assert m.Point(5).x == 5 and point.x == 1 and type(point) is m.Point
+
+
 # --- 6. a decorator whose factory changed runs again ------------------------------
 
 
