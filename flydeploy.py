@@ -5358,6 +5358,7 @@ class _ModulePlan:
     decorators: dict[tuple[str, str], tuple[ast.stmt, list[ast.expr]]] = \
         dataclasses.field(default_factory=dict)
     stale: set[int] = dataclasses.field(default_factory=set)  # closures made anew, by id
+    kept: set[str] = dataclasses.field(default_factory=set)  # last bound by a statement left out
     in_place: _InPlace = dataclasses.field(default_factory=lambda: _InPlace())
     swap_code: types.CodeType | None = None  # the rewritten new source
 
@@ -5653,6 +5654,12 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
         tree.body[index] = skipped[index]
         plan.rerun[""] |= _bound_names(skipped[index])
     plan.rerun[""] |= replaced
+    # A name whose last binding statement does not run keeps its live value,
+    # though an import or def before it runs (``from ._impl import C`` and
+    # then ``C = wrap(C)``).
+    last = {name: index for index, statement in enumerate(written)
+            for name in _bound_names(statement)}
+    plan.kept = {name for name, index in last.items() if tree.body[index] is not written[index]}
     if rerun or redecorated or again:
         _find_closures(plan)
     _swap_without_running(plan)
@@ -6342,7 +6349,12 @@ class _Swap:
         old_scope, new_scope = plan.old[""], plan.new[""]
         for name, value in list(namespace.items()):
             current = old.get(name, _MISSING)
-            if current is _MISSING:
+            if name in plan.kept and value is not current:
+                if current is _MISSING:  # ``import os`` ... ``del os``
+                    del namespace[name]
+                else:
+                    namespace[name] = current
+            elif current is _MISSING:
                 if not (name.startswith("__") and name.endswith("__")):
                     self.added.append(f"{plan.name}.{name}")
             elif name in keep:

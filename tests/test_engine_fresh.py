@@ -395,3 +395,16 @@ def test_pickle_copy_and_filter_tables_use_the_new_functions(tree):
     assert m.upper.cache_info().maxsize == 8 and f"{tree.name('m')}.upper" in report.replaced
     import copyreg
     assert copyreg.dispatch_table[m.Box] is m.reduce_box  # the stale wrapper was replaced
+
+
+def test_a_name_an_import_binds_and_a_later_statement_rebinds_keeps_its_live_value(tree):
+    tree.write("impl.py", "class Parser:\n    pass\n")
+    source = (f"from {tree.pkg}.impl import Parser\nimport os\n"
+              "def wrap(cls):\n    return type(cls.__name__, (cls,), {{}})\n"
+              "Parser = wrap(Parser)\ndel os\nLABEL = {label!r}\n")
+    tree.write("m.py", source.format(label="a"))
+    m = tree.load("m")
+    wrapped = m.Parser
+    tree.write("m.py", source.format(label="b"))
+    report = upgraded(tree)
+    assert m.Parser is wrapped and not hasattr(m, "os") and report.replaced == []
