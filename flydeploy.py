@@ -5359,6 +5359,7 @@ class _ModulePlan:
         dataclasses.field(default_factory=dict)
     stale: set[int] = dataclasses.field(default_factory=set)  # closures made anew, by id
     kept: set[str] = dataclasses.field(default_factory=set)  # last bound by a statement left out
+    results: set[str] = dataclasses.field(default_factory=set)  # ``NAME()`` it imports changed
     in_place: _InPlace = dataclasses.field(default_factory=lambda: _InPlace())
     swap_code: types.CodeType | None = None  # the rewritten new source
 
@@ -5578,35 +5579,14 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
     What reads a name taking a new value (from this module, another one, or
     a def that binds a new object) runs again."""
     tree, namespace = plan.tree, plan.module.__dict__
-    imported: set[str] = set()  # names imported with a new value from a changed module
-    package = plan.name if hasattr(plan.module, "__path__") else plan.name.rpartition(".")[0]
-    for statement in tree.body:
-        if isinstance(statement, ast.ImportFrom) and statement.module != "__future__":
-            try:
-                source = plans.get(_imported_from(statement, package))
-            except (ImportError, ValueError):
-                continue
-            if source is None:
-                continue
-            if any(a.name == "*" for a in statement.names):  # names gained and lost count too
-                imported |= _new_values(source) | (source.old[""].statements.keys()
-                                                   ^ source.new[""].statements.keys())
-            imported.update((a.asname or a.name) for a in statement.names
-                            if a.name in _new_values(source))
-            imported.update(f"{a.asname or a.name}()" for a in statement.names
-                            if f"{a.name}()" in _new_values(source))
-    # ``module.NAME`` read of a module that runs again, NAME taking a new value.
-    by_id = {id(other.module): other for other in plans.values()}
-    for alias, value in namespace.items():
-        source = by_id.get(id(value))
-        if source is not None and source is not plan:
-            imported.update(f"{alias}.{name}" for name in _new_values(source))
+    imported = _imported_values(plan, plans, functools.partial(_new_values, plans=plans))
     # Names of classes made anew read by an unchanged statement: it runs again.
     imported |= {qualname for qualname in plan.rebuilt if "." not in qualname}
     called = _new_results(plan)
     rerun, unchanged = _rerun_in_order(tree.body, plan.old[""], plan.new[""], imported | called,
                                        namespace.keys())
     plan.rerun[""] = rerun | called | {name for name in imported if name.isidentifier()}
+    plan.results = {name for name in imported if name.endswith("()") and "." not in name}
     skipped: dict[int, ast.stmt] = {}
     for index in unchanged:
         statement = tree.body[index]
@@ -5775,12 +5755,58 @@ def _new_results(plan: _ModulePlan) -> set[str]:
     return results
 
 
-def _new_values(plan: _ModulePlan) -> set[str]:
+def _imported_values(plan: _ModulePlan, plans: Mapping[str, _ModulePlan],
+                     values: Callable[[_ModulePlan], set[str]]) -> set[str]:
+    """What a module reads from the upgraded modules it imports that takes a
+    new value (``values`` of each), as the names it reads them by:
+    ``from .config import LIMIT`` gives ``LIMIT``, ``from .more import *``
+    every name ``more`` changes, gains or loses, ``import config`` gives
+    ``config.LIMIT``, and a changed function ``build`` gives ``build()``."""
+    imported: set[str] = set()
+    package = plan.name if hasattr(plan.module, "__path__") else plan.name.rpartition(".")[0]
+    for statement in plan.tree.body:
+        if isinstance(statement, ast.ImportFrom) and statement.module != "__future__":
+            try:
+                source = plans.get(_imported_from(statement, package))
+            except (ImportError, ValueError):
+                continue
+            if source is None or source is plan:
+                continue
+            new = values(source)
+            if any(a.name == "*" for a in statement.names):  # names gained and lost count too
+                imported |= new | (source.old[""].statements.keys()
+                                   ^ source.new[""].statements.keys())
+            for alias in statement.names:
+                name = alias.asname or alias.name
+                imported.update(f"{name}{call}" for call in ("", "()")
+                                if f"{alias.name}{call}" in new)
+    by_id = {id(other.module): other for other in plans.values()}
+    for alias, value in list(plan.module.__dict__.items()):
+        source = by_id.get(id(value))
+        if source is not None and source is not plan:
+            imported.update(f"{alias}.{name}" for name in values(source))
+    return imported
+
+
+def _new_values(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> set[str]:
     """The module-level names of a module that runs again which take a new
-    value; all of them while it is not analysed yet (an import cycle)."""
+    value, as ``NAME`` (and ``NAME()`` for a function whose code changed).
+    While it is not analysed yet (an import cycle), an estimate that counts
+    everything it reads from modules not analysed yet either as new."""
     if "" in plan.rerun:
-        return plan.rerun[""]
-    return set(plan.new[""].statements) | set(plan.old[""].statements)
+        return plan.rerun[""] | plan.results
+    outer = _imported_values(plan, plans, _new_values_known) | _new_results(plan)
+    rerun = _rerun_in_order(plan.tree.body, plan.old[""], plan.new[""], outer,
+                            plan.module.__dict__.keys())[0]
+    return rerun | {name for name in outer if "." not in name}
+
+
+def _new_values_known(plan: _ModulePlan) -> set[str]:
+    """``_new_values`` of an analysed module; every name of one that is not."""
+    if "" in plan.rerun:
+        return plan.rerun[""] | plan.results
+    names = plan.new[""].statements.keys() | plan.old[""].statements.keys()
+    return names | {f"{name}()" for name in names}
 
 
 def _compile_rewritten(plan: _ModulePlan) -> None:

@@ -408,3 +408,18 @@ def test_a_name_an_import_binds_and_a_later_statement_rebinds_keeps_its_live_val
     tree.write("m.py", source.format(label="b"))
     report = upgraded(tree)
     assert m.Parser is wrapped and not hasattr(m, "os") and report.replaced == []
+
+
+def test_a_cycle_runs_again_only_what_reads_a_change(tree):
+    a_source = "from . import b\nCOUNT = 0\ndef bump():\n    return {v}\n"
+    b_source = ("from . import a\nREGISTRY = []\nREGISTRY.append(a.bump)\n"
+                "from .a import COUNT\nLABEL = {label!r}\n")
+    tree.write("a.py", a_source.format(v=1))
+    tree.write("b.py", b_source.format(label="x"))
+    b = tree.load("b")  # b imports a, which imports b: both finish, a first
+    a = tree.load("a")
+    registry = b.REGISTRY
+    tree.write("a.py", a_source.format(v=2))
+    tree.write("b.py", b_source.format(label="y"))
+    upgraded(tree)
+    assert b.REGISTRY is registry == [a.bump] and a.bump() == 2 and b.LABEL == "y"
