@@ -5579,7 +5579,8 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
     What reads a name taking a new value (from this module, another one, or
     a def that binds a new object) runs again."""
     tree, namespace = plan.tree, plan.module.__dict__
-    imported = _imported_values(plan, plans, functools.partial(_new_values, plans=plans))
+    imported = _imported_values(plan.name, plan.module, tree.body, plans,
+                                functools.partial(_new_values, plans=plans))
     # Names of classes made anew read by an unchanged statement: it runs again.
     imported |= {qualname for qualname in plan.rebuilt if "." not in qualname}
     called = _new_results(plan)
@@ -5629,7 +5630,8 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
                      and len(statement.decorator_list) > 1)}
     written = [skipped.get(index, statement) for index, statement in enumerate(tree.body)]
     again = set(skipped) - set(_rerun_in_order(written, plan.old[""], plan.new[""],
-                                               imported | called | replaced, namespace.keys())[1])
+                                               imported | called | replaced, namespace.keys())[1]
+                               if replaced else skipped)
     for index in again:
         tree.body[index] = skipped[index]
         plan.rerun[""] |= _bound_names(skipped[index])
@@ -5755,22 +5757,24 @@ def _new_results(plan: _ModulePlan) -> set[str]:
     return results
 
 
-def _imported_values(plan: _ModulePlan, plans: Mapping[str, _ModulePlan],
+def _imported_values(name: str, module: types.ModuleType, body: list[ast.stmt],
+                     plans: Mapping[str, _ModulePlan],
                      values: Callable[[_ModulePlan], set[str]]) -> set[str]:
-    """What a module reads from the upgraded modules it imports that takes a
-    new value (``values`` of each), as the names it reads them by:
+    """What module ``name`` (its live module and the body it runs) reads from
+    the upgraded modules it imports that takes a new value (``values`` of
+    each), as the names it reads them by:
     ``from .config import LIMIT`` gives ``LIMIT``, ``from .more import *``
     every name ``more`` changes, gains or loses, ``import config`` gives
     ``config.LIMIT``, and a changed function ``build`` gives ``build()``."""
     imported: set[str] = set()
-    package = plan.name if hasattr(plan.module, "__path__") else plan.name.rpartition(".")[0]
-    for statement in plan.tree.body:
+    package = name if hasattr(module, "__path__") else name.rpartition(".")[0]
+    for statement in body:
         if isinstance(statement, ast.ImportFrom) and statement.module != "__future__":
             try:
                 source = plans.get(_imported_from(statement, package))
             except (ImportError, ValueError):
                 continue
-            if source is None or source is plan:
+            if source is None or source.name == name:
                 continue
             new = values(source)
             if any(a.name == "*" for a in statement.names):  # names gained and lost count too
@@ -5781,9 +5785,9 @@ def _imported_values(plan: _ModulePlan, plans: Mapping[str, _ModulePlan],
                 imported.update(f"{name}{call}" for call in ("", "()")
                                 if f"{alias.name}{call}" in new)
     by_id = {id(other.module): other for other in plans.values()}
-    for alias, value in list(plan.module.__dict__.items()):
+    for alias, value in list(module.__dict__.items()):
         source = by_id.get(id(value))
-        if source is not None and source is not plan:
+        if source is not None and source.name != name:
             imported.update(f"{alias}.{name}" for name in values(source))
     return imported
 
@@ -5795,7 +5799,8 @@ def _new_values(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> set[str]
     everything it reads from modules not analysed yet either as new."""
     if "" in plan.rerun:
         return plan.rerun[""] | plan.results
-    outer = _imported_values(plan, plans, _new_values_known) | _new_results(plan)
+    outer = (_imported_values(plan.name, plan.module, plan.tree.body, plans, _new_values_known)
+             | _new_results(plan))
     rerun = _rerun_in_order(plan.tree.body, plan.old[""], plan.new[""], outer,
                             plan.module.__dict__.keys())[0]
     return rerun | {name for name in outer if "." not in name}
@@ -6649,11 +6654,20 @@ def _add_importers(plans: dict[str, _ModulePlan]) -> None:
     .more import *`` when ``more`` gained names, ``from .config import
     LIMIT``, ``2 * config.LIMIT``): their statements that read it run again,
     as in a fresh import.  Repeated until no module is added."""
+    checked: dict[str, set[str]] = {}  # module -> the upgraded modules it was checked against
+    values = functools.partial(_new_values, plans=plans)
     while True:
         added = False
+        stale = any(plan.stale for plan in plans.values())
         for name in list(_tracker.loaded):
-            if name in plans or not _imports_of(name) & plans.keys():
+            imports, statements = _import_statements(name)
+            sources = imports & plans.keys()
+            if name in plans or not sources - checked.get(name, set()):
                 continue
+            checked[name] = sources
+            module = sys.modules[name]
+            if not stale and not _imported_values(name, module, statements, plans, values):
+                continue  # reads nothing the upgrade changes: no need to plan it
             with _analysing(name):
                 plan = _plan_module(name, again=True)
                 _rewrite(plan, plans)
@@ -6663,24 +6677,29 @@ def _add_importers(plans: dict[str, _ModulePlan]) -> None:
             return
 
 
-# The modules each module's source imports: name -> (content hash, names).
-_imports_cache: dict[str, tuple[str, set[str]]] = {}
+# What each module's source imports: name -> (content hash, the modules,
+# its module-level ``from ... import`` statements).
+_imports_cache: dict[str, tuple[str, set[str], list[ast.stmt]]] = {}
 
 
-def _imports_of(name: str) -> set[str]:
-    """The modules a loaded, tracked module imports (none when it has no source)."""
+def _import_statements(name: str) -> tuple[set[str], list[ast.stmt]]:
+    """The modules a loaded, tracked module imports and its module-level
+    ``from ... import`` statements (none when it has no source)."""
     record = _tracker.record_for(name)
     if record is None or record.source is None:
-        return set()
+        return set(), []
     cached = _imports_cache.get(name)
     if cached is None or cached[0] != record.digest:
         package = name if hasattr(sys.modules[name], "__path__") else name.rpartition(".")[0]
         try:
-            imports = _imported_modules(ast.parse(record.source, record.path), package)
+            tree = ast.parse(record.source, record.path)
         except (SyntaxError, ValueError):
-            imports = set()
-        cached = _imports_cache[name] = (record.digest, imports)
-    return cached[1]
+            tree = ast.Module([], [])
+        statements = [statement for statement in tree.body
+                      if isinstance(statement, ast.ImportFrom)]
+        cached = _imports_cache[name] = (record.digest, _imported_modules(tree, package),
+                                         statements)
+    return cached[1], cached[2]
 
 
 def _star_sources(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> list[_ModulePlan]:
