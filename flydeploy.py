@@ -5954,7 +5954,6 @@ def _set_function_attributes(function: types.FunctionType, values: tuple) -> Non
 
 
 _build_class = builtins.__build_class__
-_import = builtins.__import__
 
 
 def _is_singledispatch(obj: object) -> bool:
@@ -6022,6 +6021,7 @@ class _Swap:
         self.pending = {plan.name: plan for plan in sorted(plans, key=lambda plan: (
             _tracker.started.get(plan.name, -1), position[plan.name]))}
         self.finished: list[str] = []  # in the order they finished, as a fresh import
+        self.imports: Callable[..., types.ModuleType] = builtins.__import__
         # The singledispatch functions a new body may register on (in any
         # tracked module, in the classes of the upgraded ones), found before
         # the pause: their registries are logged inside it.
@@ -6269,7 +6269,7 @@ class _Swap:
                     stage, current = self.stage, self.module
                     self.swap_module(plan)
                     self.stage, self.module = stage, current
-        return _import(name, globals, locals, fromlist, level)
+        return self.imports(name, globals, locals, fromlist, level)
 
     def start_server(self, cls: type[Server], *args: Any, name: str | None = None,
                      **kwargs: Any) -> Server:
@@ -6419,6 +6419,7 @@ class _Swap:
         # finds ``start`` on the class; both hooks act only for the thread
         # and the module being swapped, and hand everything else on.
         builtins.__build_class__ = self.build_class
+        self.imports = builtins.__import__  # what imports, also when the app replaced it
         builtins.__import__ = self.import_module
         Server.start = classmethod(self.start_server)
         try:
@@ -6426,7 +6427,7 @@ class _Swap:
                 self.swap_module(self.pending.pop(next(iter(self.pending))))
         finally:
             builtins.__build_class__ = _build_class
-            builtins.__import__ = _import
+            builtins.__import__ = self.imports
             Server.start = _start_server
         if self.replacements:
             self.stage = "rebinding replaced objects"
