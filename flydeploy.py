@@ -5794,16 +5794,18 @@ def _imported_values(name: str, module: types.ModuleType, body: list[ast.stmt],
 
 def _new_values(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> set[str]:
     """The module-level names of a module that runs again which take a new
-    value, as ``NAME`` (and ``NAME()`` for a function whose code changed).
-    While it is not analysed yet (an import cycle), an estimate that counts
-    everything it reads from modules not analysed yet either as new."""
+    value or go, as ``NAME`` (and ``NAME()`` for a function whose code
+    changed).  While it is not analysed yet (an import cycle), an estimate
+    that counts everything it reads from modules not analysed yet either
+    as new."""
+    gone = plan.old[""].statements.keys() - plan.new[""].statements.keys()
     if "" in plan.rerun:
-        return plan.rerun[""] | plan.results
+        return plan.rerun[""] | plan.results | gone
     outer = (_imported_values(plan.name, plan.module, plan.tree.body, plans, _new_values_known)
              | _new_results(plan))
     rerun = _rerun_in_order(plan.tree.body, plan.old[""], plan.new[""], outer,
                             plan.module.__dict__.keys())[0]
-    return rerun | {name for name in outer if "." not in name}
+    return rerun | gone | {name for name in outer if "." not in name}
 
 
 def _new_values_known(plan: _ModulePlan) -> set[str]:

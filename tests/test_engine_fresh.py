@@ -423,3 +423,14 @@ def test_a_cycle_runs_again_only_what_reads_a_change(tree):
     tree.write("b.py", b_source.format(label="y"))
     upgraded(tree)
     assert b.REGISTRY is registry == [a.bump] and a.bump() == 2 and b.LABEL == "y"
+
+
+def test_an_importer_of_a_name_that_is_gone_fails_as_a_fresh_import_would(tree):
+    tree.write("config.py", "LIMIT = 1\nOTHER = 2\n")
+    tree.write("user.py", f"from {tree.pkg}.config import LIMIT\n")
+    user = tree.load("user")
+    tree.write("config.py", "OTHER = 3\n")
+    report = tree.reload()
+    assert not report.ok and report.rolled_back and report.failed_module == tree.name("user")
+    assert "cannot import name 'LIMIT'" in report.error and "user.py, line 1" in report.error
+    assert user.LIMIT == 1 and tree.load("config").LIMIT == 1
