@@ -5360,6 +5360,8 @@ class _ModulePlan:
     stale: set[int] = dataclasses.field(default_factory=set)  # closures made anew, by id
     kept: set[str] = dataclasses.field(default_factory=set)  # last bound by a statement left out
     results: set[str] = dataclasses.field(default_factory=set)  # ``NAME()`` it imports changed
+    # The code each live function runs now -> the code it runs after the swap.
+    code_pairs: dict[types.CodeType, types.CodeType] = dataclasses.field(default_factory=dict)
     in_place: _InPlace = dataclasses.field(default_factory=lambda: _InPlace())
     swap_code: types.CodeType | None = None  # the rewritten new source
 
@@ -5645,6 +5647,7 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
     if rerun or redecorated or again:
         _find_closures(plan)
     _swap_without_running(plan)
+    plan.code_pairs = _code_pairs(plan)
 
 
 def _redecorate(plan: _ModulePlan, stale: set[int]) -> bool:
@@ -5904,6 +5907,36 @@ def _find_closures(plan: _ModulePlan) -> set[int]:
             if function.__code__.co_freevars != code.co_freevars}
 
 
+def _code_pairs(plan: _ModulePlan) -> dict[types.CodeType, types.CodeType]:
+    """The code each live function of a module that takes new code runs now,
+    with the code it runs after the swap."""
+    pairs = dict(zip(plan.in_place.old_codes, plan.in_place.codes))
+    codes = _nested_codes(plan.swap_code)
+    for (qualname, _), target in plan.targets.items():
+        old, new = target.function.__code__, codes.get(qualname)
+        if old not in pairs and new is not None and new.co_freevars == old.co_freevars:
+            pairs[old] = new
+    pairs.update((function.__code__, code) for function, code in plan.closures)
+    return {old: new for old, new in pairs.items() if old is not new}
+
+
+def _code_holders(plans: list[_ModulePlan]) -> tuple[list[set | dict | list],
+                                                      dict[types.CodeType, types.CodeType]]:
+    """The sets, dicts and lists that hold code objects of functions taking
+    new code (a registry of "internal" code to hide from tracebacks, a cache
+    keyed by code), with every old code and its new one: a fresh import
+    would have put the new code there."""
+    pairs: dict[types.CodeType, types.CodeType] = {}
+    for plan in plans:
+        pairs.update(plan.code_pairs)
+    if not pairs:
+        return [], pairs
+    ours = {id(pairs)} | {id(plan.code_pairs) for plan in plans} | {
+        id(plan.in_place.old_codes) for plan in plans}
+    return [holder for holder in gc.get_referrers(*pairs)
+            if type(holder) in (set, dict, list) and id(holder) not in ours], pairs
+
+
 def _import_order(plans: dict[str, _ModulePlan]) -> list[_ModulePlan]:
     """The plans with every module after the changed modules it imports;
     import cycles are cut where the modules were first imported."""
@@ -6029,6 +6062,7 @@ class _Swap:
         # the pause: their registries are logged inside it.
         self.dispatchers = [value for value in _dispatcher_candidates(plans)
                             if _dispatch_registry(value) is not None]
+        self.code_holders, self.code_pairs = _code_holders(plans)
 
     # -- the undo log --
 
@@ -6434,11 +6468,42 @@ class _Swap:
         if self.replacements:
             self.stage = "rebinding replaced objects"
             self._rebind_aliases({plan.name for plan in self.plans})
+        self._replace_codes()
         for plan in sorted(self.plans, key=lambda plan: self.finished.index(plan.name)):
             if "__hot_upgrade__" in plan.new[""].statements:
                 self.stage, self.module = f"running {plan.name}.__hot_upgrade__", plan.name
                 # a copy: the original is also what a rollback restores
                 plan.module.__hot_upgrade__(dict(self.namespaces[plan.name]))
+
+    def _replace_codes(self) -> None:
+        """Where a set, dict or list holds the old code of a function that took
+        new code, put the new code."""
+        pairs = self.code_pairs
+        for holder in self.code_holders:
+            if type(holder) is dict:
+                keys = [key for key in holder if type(key) is types.CodeType and key in pairs]
+                values = [key for key, value in holder.items()
+                          if type(value) is types.CodeType and value in pairs]
+                if keys or values:
+                    before = dict(holder)
+                    self.undo.append(lambda h=holder, b=before: _restore_mapping(h, b))
+                    for key in values:
+                        holder[key] = pairs[holder[key]]
+                    for key in keys:
+                        holder[pairs[key]] = holder.pop(key)
+            else:
+                found = [code for code in holder if type(code) is types.CodeType and code in pairs]
+                if not found:
+                    continue
+                before = holder.copy()
+                if type(holder) is set:
+                    self.undo.append(lambda h=holder, b=before: (h.clear(), h.update(b)))
+                    holder.difference_update(found)
+                    holder.update(pairs[code] for code in found)
+                else:
+                    self.undo.append(lambda h=holder, b=before: h.__setitem__(slice(None), b))
+                    holder[:] = [pairs[item] if type(item) is types.CodeType and item in pairs
+                                 else item for item in holder]
 
     def _rebind_aliases(self, swapped: set[str]) -> None:
         """In the other tracked modules, names bound to an object that was

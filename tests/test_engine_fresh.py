@@ -434,3 +434,31 @@ def test_an_importer_of_a_name_that_is_gone_fails_as_a_fresh_import_would(tree):
     assert not report.ok and report.rolled_back and report.failed_module == tree.name("user")
     assert "cannot import name 'LIMIT'" in report.error and "user.py, line 1" in report.error
     assert user.LIMIT == 1 and tree.load("config").LIMIT == 1
+
+
+INTERNAL = """
+internal_code = set()
+by_code = {{}}
+def internalcode(f):
+    internal_code.add(f.__code__)
+    by_code[f.__code__] = [f.__name__]
+    return f
+@internalcode
+def render():
+    return {value}
+class Template:
+    @internalcode
+    def run(self):
+        return {value}
+"""
+
+
+def test_registries_of_code_objects_hold_the_new_code(tree):
+    tree.write("m.py", INTERNAL.format(value=1))
+    m = tree.load("m")
+    old = (m.render.__code__, m.Template.run.__code__)  # a tuple: no registry of codes
+    tree.write("m.py", "# moved\n" + INTERNAL.format(value=2))
+    upgraded(tree)
+    assert m.render() == 2 and m.Template().run() == 2
+    assert m.internal_code == {m.render.__code__, m.Template.run.__code__}
+    assert not m.internal_code & set(old) and m.by_code[m.render.__code__] == ["render"]
