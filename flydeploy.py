@@ -5834,9 +5834,11 @@ def _accessors(scope: _Scope, qualname: str) -> set[str]:
 
 
 def _hook(key: tuple[str, str], statement: ast.stmt) -> ast.Call:
-    """The call ``__flydeploy_reuse__(qualname, accessor)`` as a decorator."""
-    where = {"lineno": statement.lineno, "col_offset": statement.col_offset,
-             "end_lineno": statement.lineno, "end_col_offset": statement.col_offset}
+    """The call ``__flydeploy_reuse__(qualname, accessor)`` as a decorator,
+    where the first decorator is (the line a function's code starts at)."""
+    first = min((node.lineno for node in statement.decorator_list), default=statement.lineno)
+    where = {"lineno": first, "col_offset": statement.col_offset,
+             "end_lineno": first, "end_col_offset": statement.col_offset}
     return ast.Call(ast.Name(_REUSE, ast.Load(), **where),
                     [ast.Constant(part, **where) for part in key], [], **where)
 

@@ -462,3 +462,6 @@ def test_registries_of_code_objects_hold_the_new_code(tree):
     assert m.render() == 2 and m.Template().run() == 2
     assert m.internal_code == {m.render.__code__, m.Template.run.__code__}
     assert not m.internal_code & set(old) and m.by_code[m.render.__code__] == ["render"]
+    fresh = compile(tree.path("m.py").read_text(), m.__file__, "exec", dont_inherit=True)
+    render = next(c for c in fresh.co_consts if getattr(c, "co_name", "") == "render")
+    assert m.render.__code__ == render  # down to the line it starts at: its first decorator's
