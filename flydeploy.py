@@ -5360,8 +5360,10 @@ class _ModulePlan:
     stale: set[int] = dataclasses.field(default_factory=set)  # closures made anew, by id
     kept: set[str] = dataclasses.field(default_factory=set)  # last bound by a statement left out
     results: set[str] = dataclasses.field(default_factory=set)  # ``NAME()`` it imports changed
-    # The code each live function runs now -> the code it runs after the swap.
-    code_pairs: dict[types.CodeType, types.CodeType] = dataclasses.field(default_factory=dict)
+    # id of the code each live function runs now -> it and the code it runs after the swap
+    # (by identity: equal code of another file is another function's).
+    code_pairs: dict[int, tuple[types.CodeType, types.CodeType]] = \
+        dataclasses.field(default_factory=dict)
     in_place: _InPlace = dataclasses.field(default_factory=lambda: _InPlace())
     swap_code: types.CodeType | None = None  # the rewritten new source
 
@@ -5784,14 +5786,13 @@ def _imported_values(name: str, module: types.ModuleType, body: list[ast.stmt],
                 imported |= new | (source.old[""].statements.keys()
                                    ^ source.new[""].statements.keys())
             for alias in statement.names:
-                name = alias.asname or alias.name
-                imported.update(f"{name}{call}" for call in ("", "()")
+                imported.update(f"{alias.asname or alias.name}{call}" for call in ("", "()")
                                 if f"{alias.name}{call}" in new)
     by_id = {id(other.module): other for other in plans.values()}
-    for alias, value in list(module.__dict__.items()):
+    for bound, value in list(module.__dict__.items()):
         source = by_id.get(id(value))
         if source is not None and source.name != name:
-            imported.update(f"{alias}.{name}" for name in values(source))
+            imported.update(f"{bound}.{value_name}" for value_name in values(source))
     return imported
 
 
@@ -5909,34 +5910,40 @@ def _find_closures(plan: _ModulePlan) -> set[int]:
             if function.__code__.co_freevars != code.co_freevars}
 
 
-def _code_pairs(plan: _ModulePlan) -> dict[types.CodeType, types.CodeType]:
+def _code_pairs(plan: _ModulePlan) -> dict[int, tuple[types.CodeType, types.CodeType]]:
     """The code each live function of a module that takes new code runs now,
-    with the code it runs after the swap."""
-    pairs = dict(zip(plan.in_place.old_codes, plan.in_place.codes))
+    with the code it runs after the swap, by the id of the first."""
+    pairs = list(zip(plan.in_place.old_codes, plan.in_place.codes))
     codes = _nested_codes(plan.swap_code)
     for (qualname, _), target in plan.targets.items():
         old, new = target.function.__code__, codes.get(qualname)
-        if old not in pairs and new is not None and new.co_freevars == old.co_freevars:
-            pairs[old] = new
-    pairs.update((function.__code__, code) for function, code in plan.closures)
-    return {old: new for old, new in pairs.items() if old is not new}
+        if new is not None and new.co_freevars == old.co_freevars:
+            pairs.append((old, new))
+    pairs.extend((function.__code__, code) for function, code in plan.closures)
+    return {id(old): (old, new) for old, new in pairs if old is not new}
 
 
-def _code_holders(plans: list[_ModulePlan]) -> tuple[list[set | dict | list],
-                                                      dict[types.CodeType, types.CodeType]]:
-    """The sets, dicts and lists that hold code objects of functions taking
-    new code (a registry of "internal" code to hide from tracebacks, a cache
-    keyed by code), with every old code and its new one: a fresh import
-    would have put the new code there."""
-    pairs: dict[types.CodeType, types.CodeType] = {}
+def _code_holders(plans: list[_ModulePlan]
+                  ) -> tuple[list[set | dict | list], dict[int, tuple[types.CodeType,
+                                                                         types.CodeType]]]:
+    """The module-level sets, dicts and lists of the tracked modules that hold
+    code objects of functions taking new code (a registry of "internal" code
+    to hide from tracebacks, a cache keyed by code), with every old code and
+    its new one: a fresh import would have put the new code there."""
+    pairs = {}
     for plan in plans:
         pairs.update(plan.code_pairs)
-    if not pairs:
-        return [], pairs
-    ours = {id(pairs)} | {id(plan.code_pairs) for plan in plans} | {
-        id(plan.in_place.old_codes) for plan in plans}
-    return [holder for holder in gc.get_referrers(*pairs)
-            if type(holder) in (set, dict, list) and id(holder) not in ours], pairs
+    holders: dict[int, set | dict | list] = {}
+    for name in list(_tracker.loaded) if pairs else ():
+        module = sys.modules.get(name)
+        for value in list(module.__dict__.values()) if module is not None else ():
+            kind = type(value)
+            if kind in (set, dict, list) and any(
+                    type(item) is types.CodeType and id(item) in pairs
+                    for item in (itertools.chain(value, value.values()) if kind is dict
+                                 else value)):
+                holders[id(value)] = value
+    return list(holders.values()), pairs
 
 
 def _import_order(plans: dict[str, _ModulePlan]) -> list[_ModulePlan]:
@@ -6481,31 +6488,33 @@ class _Swap:
         """Where a set, dict or list holds the old code of a function that took
         new code, put the new code."""
         pairs = self.code_pairs
+
+        def new(item: object) -> object:
+            pair = pairs.get(id(item)) if type(item) is types.CodeType else None
+            return pair[1] if pair is not None and pair[0] is item else item
+
         for holder in self.code_holders:
             if type(holder) is dict:
-                keys = [key for key in holder if type(key) is types.CodeType and key in pairs]
-                values = [key for key, value in holder.items()
-                          if type(value) is types.CodeType and value in pairs]
-                if keys or values:
+                changed = {key: value for key, value in holder.items()
+                           if new(key) is not key or new(value) is not value}
+                if changed:
                     before = dict(holder)
                     self.undo.append(lambda h=holder, b=before: _restore_mapping(h, b))
-                    for key in values:
-                        holder[key] = pairs[holder[key]]
-                    for key in keys:
-                        holder[pairs[key]] = holder.pop(key)
+                    for key, value in changed.items():
+                        del holder[key]
+                        holder[new(key)] = new(value)
             else:
-                found = [code for code in holder if type(code) is types.CodeType and code in pairs]
+                found = [item for item in holder if new(item) is not item]
                 if not found:
                     continue
                 before = holder.copy()
                 if type(holder) is set:
                     self.undo.append(lambda h=holder, b=before: (h.clear(), h.update(b)))
                     holder.difference_update(found)
-                    holder.update(pairs[code] for code in found)
+                    holder.update(map(new, found))
                 else:
                     self.undo.append(lambda h=holder, b=before: h.__setitem__(slice(None), b))
-                    holder[:] = [pairs[item] if type(item) is types.CodeType and item in pairs
-                                 else item for item in holder]
+                    holder[:] = list(map(new, holder))
 
     def _rebind_aliases(self, swapped: set[str]) -> None:
         """In the other tracked modules, names bound to an object that was
