@@ -5966,6 +5966,91 @@ def _import_order(plans: dict[str, _ModulePlan]) -> list[_ModulePlan]:
     return ordered
 
 
+def _add_importers(plans: dict[str, _ModulePlan]) -> None:
+    """Add the unchanged modules that import what the upgrade changes (``from
+    .more import *`` when ``more`` gained names, ``from .config import
+    LIMIT``, ``2 * config.LIMIT``): their statements that read it run again,
+    as in a fresh import.  Repeated until no module is added."""
+    checked: dict[str, set[str]] = {}  # module -> the upgraded modules it was checked against
+    values = functools.partial(_new_values, plans=plans)
+    while True:
+        added = False
+        stale = any(plan.stale for plan in plans.values())
+        for name in list(_tracker.loaded):
+            imports, statements = _import_statements(name)
+            sources = imports & plans.keys()
+            if name in plans or not sources - checked.get(name, set()):
+                continue
+            checked[name] = sources
+            module = sys.modules[name]
+            if not stale and not _imported_values(name, module, statements, plans, values):
+                continue  # reads nothing the upgrade changes: no need to plan it
+            with _analysing(name):
+                plan = _plan_module(name, again=True)
+                _rewrite(plan, plans)
+            if any(plan.rerun.values()):
+                plans[name], added = plan, True
+        if not added:
+            return
+
+
+# What each module's source imports: name -> (content hash, the modules,
+# its module-level ``from ... import`` statements).
+_imports_cache: dict[str, tuple[str, set[str], list[ast.stmt]]] = {}
+
+
+def _import_statements(name: str) -> tuple[set[str], list[ast.stmt]]:
+    """The modules a loaded, tracked module imports and its module-level
+    ``from ... import`` statements (none when it has no source)."""
+    record = _tracker.record_for(name)
+    if record is None or record.source is None:
+        return set(), []
+    cached = _imports_cache.get(name)
+    if cached is None or cached[0] != record.digest:
+        package = name if hasattr(sys.modules[name], "__path__") else name.rpartition(".")[0]
+        try:
+            tree = ast.parse(record.source, record.path)
+        except (SyntaxError, ValueError):
+            tree = ast.Module([], [])
+        statements = [statement for statement in tree.body
+                      if isinstance(statement, ast.ImportFrom)]
+        cached = _imports_cache[name] = (record.digest, _imported_modules(tree, package),
+                                         statements)
+    return cached[1], cached[2]
+
+
+def _star_sources(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> list[_ModulePlan]:
+    """The upgraded modules that a module's ``from X import *`` statements read."""
+    package = plan.name if hasattr(plan.module, "__path__") else plan.name.rpartition(".")[0]
+    sources = []
+    for statement in plan.tree.body:
+        if isinstance(statement, ast.ImportFrom) and any(a.name == "*" for a in statement.names):
+            try:
+                source = plans.get(_imported_from(statement, package))
+            except (ImportError, ValueError):
+                continue
+            if source is not None and source is not plan:
+                sources.append(source)
+    return sources
+
+
+@contextlib.contextmanager
+def _analysing(name: str) -> Iterator[None]:
+    """Make an unexpected error while analysing module ``name`` (an object of
+    the app no rule foresaw) a refusal: ``reload_modules`` reports, it never
+    raises for the app's code or live objects."""
+    try:
+        yield
+    except FlyDeployError:
+        raise
+    except Exception as exc:
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        raise UpgradeRefused(
+            f"analysing module {name} failed ({type(exc).__name__}: {exc}, at "
+            f"{os.path.basename(where.filename)} line {where.lineno}); nothing was changed: "
+            "deploy this release cold and report the error", module=name) from None
+
+
 # --- Swap: the executor and its undo log -----------------------------------
 #
 # What a failed upgrade cannot undo: changes made in place to mutable objects
@@ -6726,91 +6811,6 @@ def _prepare(names: list[str]) -> list[_ModulePlan]:
     for plan in plans.values():
         plan.stars = _star_sources(plan, plans)
     return _import_order(plans)
-
-
-def _add_importers(plans: dict[str, _ModulePlan]) -> None:
-    """Add the unchanged modules that import what the upgrade changes (``from
-    .more import *`` when ``more`` gained names, ``from .config import
-    LIMIT``, ``2 * config.LIMIT``): their statements that read it run again,
-    as in a fresh import.  Repeated until no module is added."""
-    checked: dict[str, set[str]] = {}  # module -> the upgraded modules it was checked against
-    values = functools.partial(_new_values, plans=plans)
-    while True:
-        added = False
-        stale = any(plan.stale for plan in plans.values())
-        for name in list(_tracker.loaded):
-            imports, statements = _import_statements(name)
-            sources = imports & plans.keys()
-            if name in plans or not sources - checked.get(name, set()):
-                continue
-            checked[name] = sources
-            module = sys.modules[name]
-            if not stale and not _imported_values(name, module, statements, plans, values):
-                continue  # reads nothing the upgrade changes: no need to plan it
-            with _analysing(name):
-                plan = _plan_module(name, again=True)
-                _rewrite(plan, plans)
-            if any(plan.rerun.values()):
-                plans[name], added = plan, True
-        if not added:
-            return
-
-
-# What each module's source imports: name -> (content hash, the modules,
-# its module-level ``from ... import`` statements).
-_imports_cache: dict[str, tuple[str, set[str], list[ast.stmt]]] = {}
-
-
-def _import_statements(name: str) -> tuple[set[str], list[ast.stmt]]:
-    """The modules a loaded, tracked module imports and its module-level
-    ``from ... import`` statements (none when it has no source)."""
-    record = _tracker.record_for(name)
-    if record is None or record.source is None:
-        return set(), []
-    cached = _imports_cache.get(name)
-    if cached is None or cached[0] != record.digest:
-        package = name if hasattr(sys.modules[name], "__path__") else name.rpartition(".")[0]
-        try:
-            tree = ast.parse(record.source, record.path)
-        except (SyntaxError, ValueError):
-            tree = ast.Module([], [])
-        statements = [statement for statement in tree.body
-                      if isinstance(statement, ast.ImportFrom)]
-        cached = _imports_cache[name] = (record.digest, _imported_modules(tree, package),
-                                         statements)
-    return cached[1], cached[2]
-
-
-def _star_sources(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> list[_ModulePlan]:
-    """The upgraded modules that a module's ``from X import *`` statements read."""
-    package = plan.name if hasattr(plan.module, "__path__") else plan.name.rpartition(".")[0]
-    sources = []
-    for statement in plan.tree.body:
-        if isinstance(statement, ast.ImportFrom) and any(a.name == "*" for a in statement.names):
-            try:
-                source = plans.get(_imported_from(statement, package))
-            except (ImportError, ValueError):
-                continue
-            if source is not None and source is not plan:
-                sources.append(source)
-    return sources
-
-
-@contextlib.contextmanager
-def _analysing(name: str) -> Iterator[None]:
-    """Make an unexpected error while analysing module ``name`` (an object of
-    the app no rule foresaw) a refusal: ``reload_modules`` reports, it never
-    raises for the app's code or live objects."""
-    try:
-        yield
-    except FlyDeployError:
-        raise
-    except Exception as exc:
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        raise UpgradeRefused(
-            f"analysing module {name} failed ({type(exc).__name__}: {exc}, at "
-            f"{os.path.basename(where.filename)} line {where.lineno}); nothing was changed: "
-            "deploy this release cold and report the error", module=name) from None
 
 
 def _prepare_import(name: str, search_paths: dict[str, list[str]]) -> None:
