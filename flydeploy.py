@@ -5358,6 +5358,7 @@ class _ModulePlan:
     decorators: dict[tuple[str, str], tuple[ast.stmt, list[ast.expr]]] = \
         dataclasses.field(default_factory=dict)
     stale: set[int] = dataclasses.field(default_factory=set)  # closures made anew, by id
+    stale_calls: set[str] = dataclasses.field(default_factory=set)  # their factories, as ``f()``
     kept: set[str] = dataclasses.field(default_factory=set)  # last bound by a statement left out
     results: set[str] = dataclasses.field(default_factory=set)  # ``NAME()`` it imports changed
     # id of the code each live function runs now -> it and the code it runs after the swap
@@ -5632,6 +5633,8 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
                 and (_definition_key(qualname, statement) not in plan.targets
                      or _definition_key(qualname, statement) not in plan.undecorated
                      and len(statement.decorator_list) > 1)}
+    # A call of a factory whose closures need other free variables makes new ones.
+    replaced |= {call for call in plan.stale_calls if "." not in call[:-2]}
     written = [skipped.get(index, statement) for index, statement in enumerate(tree.body)]
     again = set(skipped) - set(_rerun_in_order(written, plan.old[""], plan.new[""],
                                                imported | called | replaced, namespace.keys())[1]
@@ -5906,8 +5909,12 @@ def _find_closures(plan: _ModulePlan) -> set[int]:
                 if type(function) is types.FunctionType and function.__code__ in changed]
     plan.closures = [(function, code) for function, code in closures
                      if function.__code__.co_freevars == code.co_freevars]
-    return {id(function) for function, code in closures
-            if function.__code__.co_freevars != code.co_freevars}
+    stale = [function for function, code in closures
+             if function.__code__.co_freevars != code.co_freevars]
+    # ``make()`` of a module-level factory whose closures cannot take the new code.
+    plan.stale_calls = {f"{function.__code__.co_qualname.partition('.<locals>')[0]}()"
+                        for function in stale if function.__module__ == plan.name}
+    return {id(function) for function in stale}
 
 
 def _code_pairs(plan: _ModulePlan) -> dict[int, tuple[types.CodeType, types.CodeType]]:

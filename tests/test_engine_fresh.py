@@ -465,3 +465,22 @@ def test_registries_of_code_objects_hold_the_new_code(tree):
     fresh = compile(tree.path("m.py").read_text(), m.__file__, "exec", dont_inherit=True)
     render = next(c for c in fresh.co_consts if getattr(c, "co_name", "") == "render")
     assert m.render.__code__ == render  # down to the line it starts at: its first decorator's
+
+
+FACTORY = """
+def make(step):
+    {scale}
+    def bump(value):
+        return value + step{times}
+    return bump
+HANDLERS = [make(1)]
+"""
+
+
+def test_closures_a_factory_made_into_a_container_are_made_again_when_they_cannot_change(tree):
+    tree.write("m.py", FACTORY.format(scale="", times=""))
+    tree.write("user.py", f"from {tree.pkg}.m import make\nMINE = {{'two': make(2)}}\n")
+    m, user = tree.load("m"), tree.load("user")
+    tree.write("m.py", FACTORY.format(scale="scale = 10", times=" * scale"))
+    upgraded(tree)
+    assert m.HANDLERS[0](1) == 11 and user.MINE["two"](1) == 21
