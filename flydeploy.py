@@ -108,7 +108,6 @@ import weakref
 import xml.etree.ElementTree as ET
 import zlib
 from collections.abc import Callable
-from collections.abc import Collection
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -5029,11 +5028,14 @@ def _dotted(node: ast.expr) -> str | None:
     return None
 
 
-def _edited_objects(statement: ast.stmt) -> set[str]:
+def _edited_objects(statement: ast.stmt, namespace: Mapping[str, object] | None = None
+                    ) -> set[str]:
     """What a statement changes in place, as dotted names: items and
     attributes assigned or deleted, augmented assignments, and the objects
     whose methods it calls (``sys.meta_path.remove(hook)`` changes
-    ``sys.meta_path``).  Function bodies and lambdas run later: not counted."""
+    ``sys.meta_path``; a module's function, ``os.path.join(...)``, found
+    such in ``namespace``, changes no module).  Function bodies and lambdas
+    run later: not counted."""
     paths: set[str] = set()
     stack: list[ast.AST] = [statement]
     while stack:
@@ -5049,12 +5051,25 @@ def _edited_objects(statement: ast.stmt) -> set[str]:
             path = _dotted(node.value)
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             path = _dotted(node.func.value)
+            if path is not None and _is_a(_follow(namespace or {}, path), types.ModuleType):
+                path = None
         elif isinstance(node, ast.AugAssign):
             path = _dotted(node.target)
         if path is not None:
             paths.add(path)
         stack.extend(ast.iter_child_nodes(node))
     return paths
+
+
+def _follow(namespace: Mapping[str, object], path: str) -> object:
+    """What a dotted name names in a module namespace, through modules only."""
+    first, *rest = path.split(".")
+    obj = namespace.get(first, _MISSING)
+    for part in rest:
+        if not _is_a(obj, types.ModuleType):
+            return _MISSING
+        obj = object.__getattribute__(obj, "__dict__").get(part, _MISSING)
+    return obj
 
 
 def _nested_statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
@@ -5502,7 +5517,8 @@ def _layout(cls: type, scope: _Scope) -> tuple:
 
 
 def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope, outer: set[str],
-                    present: Collection[str] = ()) -> tuple[set[str], list[int]]:
+                    namespace: Mapping[str, object] | None = None
+                    ) -> tuple[set[str], list[int]]:
     """Which statements of a scope must run again, by the rule a kept value
     obeys: it is kept only when every statement that computes or edits it,
     and everything those read, is unchanged.
@@ -5514,11 +5530,11 @@ def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope, outer
     changed (compared as syntax trees), or one that reads a name taking a
     new value (``outer``: ``NAME``, ``module.NAME`` of another module, and
     ``NAME()`` for a function whose code changed), or one that assigns a
-    name missing from the live namespace (``present``, when given) that no
-    ``del`` of the body removes.  ``def``
-    and ``class`` statements always run, through the hooks that keep their
-    objects.  Returns the names the statements that run again bind, and the
-    indexes of the statements that need not run."""
+    name missing from the live ``namespace`` (when given) that no ``del``
+    of the body removes.  ``def`` and ``class`` statements always run,
+    through the hooks that keep their objects.  Returns the names the
+    statements that run again bind, and the indexes of the statements that
+    need not run."""
     remaining = collections.Counter(old.dumps if old is not None else ())
     must = set()
     for index, dump in enumerate(new.dumps):
@@ -5529,15 +5545,15 @@ def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope, outer
     definitions = (*_DEFS, ast.ClassDef, ast.Import, ast.ImportFrom)
     reads = [_read_names(statement) for statement in body]
     binds = [_bound_names(statement) for statement in body]
-    if present:
+    if namespace:
         deleted = {target.id for statement in _nested_statements(body)
                    if isinstance(statement, ast.Delete)
                    for target in statement.targets if isinstance(target, ast.Name)}
         must.update(index for index, statement in enumerate(body)
                     if not isinstance(statement, definitions)
-                    and not binds[index] - deleted <= present)
-    keys = [set() if isinstance(statement, definitions) else binds[i] | _edited_objects(statement)
-            for i, statement in enumerate(body)]
+                    and not binds[index] - deleted <= namespace.keys())
+    keys = [set() if isinstance(statement, definitions)
+            else binds[i] | _edited_objects(statement, namespace) for i, statement in enumerate(body)]
     # ``app.config.update(...)`` changes what ``app = App()`` made: one group
     # (not so for a module's attributes, ``import`` statements belong to none).
     made_here = set().union(*(keys[index] & binds[index] for index in range(len(body))))
@@ -5590,7 +5606,7 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
     imported |= {qualname for qualname in plan.rebuilt if "." not in qualname}
     called = _new_results(plan)
     rerun, unchanged = _rerun_in_order(tree.body, plan.old[""], plan.new[""], imported | called,
-                                       namespace.keys())
+                                       namespace)
     plan.rerun[""] = rerun | called | {name for name in imported if name.isidentifier()}
     plan.results = {name for name in imported if name.endswith("()") and "." not in name}
     skipped: dict[int, ast.stmt] = {}
@@ -5637,7 +5653,7 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
     replaced |= {call for call in plan.stale_calls if "." not in call[:-2]}
     written = [skipped.get(index, statement) for index, statement in enumerate(tree.body)]
     again = set(skipped) - set(_rerun_in_order(written, plan.old[""], plan.new[""],
-                                               imported | called | replaced, namespace.keys())[1]
+                                               imported | called | replaced, namespace)[1]
                                if replaced else skipped)
     for index in again:
         tree.body[index] = skipped[index]
@@ -5811,7 +5827,7 @@ def _new_values(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> set[str]
     outer = (_imported_values(plan.name, plan.module, plan.tree.body, plans, _new_values_known)
              | _new_results(plan))
     rerun = _rerun_in_order(plan.tree.body, plan.old[""], plan.new[""], outer,
-                            plan.module.__dict__.keys())[0]
+                            plan.module.__dict__)[0]
     return rerun | gone | {name for name in outer if "." not in name}
 
 

@@ -539,12 +539,15 @@ def test_counter_kept_on_unrelated_edit_and_changed_initialiser_taken(tree):
 
 
 def test_unchanged_module_level_actions_are_not_repeated(tree):
-    # Actions on other objects than the changed statement's stay done once.
-    tree.write("trace.py", "events = []\nlog = []\n")
+    # Actions on other objects than the changed statement's stay done once;
+    # calling a module's functions changes no shared object.
+    tree.write("trace.py", "events = []\nlog = []\ndef note(event):\n    events.append(event)\n")
     body = """
         from {pkg} import trace
         trace.events.append("registered")
+        trace.note("noted")
         trace.log.append({extra!r})
+        trace.note({extra!r})
         LIMIT = 3
         def f():
             return {result!r}
@@ -553,7 +556,8 @@ def test_unchanged_module_level_actions_are_not_repeated(tree):
     m, trace = tree.load("m"), tree.load("trace")
     tree.write("m.py", body.format(pkg=tree.pkg, extra="second", result="new"))
     upgraded(tree, "m")
-    assert trace.events == ["registered"] and trace.log == ["first", "second"]
+    assert trace.events == ["registered", "noted", "first", "second"]
+    assert trace.log == ["first", "second"]
     assert m.f() == "new"
 
 
