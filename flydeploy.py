@@ -108,6 +108,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 from typing import BinaryIO
+from typing import Generic
 from typing import NamedTuple
 from typing import Protocol
 from typing import TYPE_CHECKING
@@ -5339,10 +5340,13 @@ def _live_class(plan: _ModulePlan, qualname: str) -> type | None:
 
 def _check_classes(plan: _ModulePlan) -> None:
     """Refuse what cannot change in place: Enum members added, removed or
-    given new values; a changed base list, metaclass, ``__slots__`` or named
-    tuple or slotted dataclass fields of a class with live instances or with
-    subclasses.  Such a class without either is rebuilt."""
+    given new values; a class whose resolved bases, metaclass, ``__slots__``
+    names or named tuple or slotted dataclass fields changed and that has live
+    instances or subclasses.  Such a class without either is rebuilt."""
     reshaped: dict[type, str] = {}
+    changes: dict[type, str] = {}
+    statements = {qualname: statement for _, qualname, statement in _definitions(plan.tree.body)
+                  if isinstance(statement, ast.ClassDef)}
     for qualname, scope in plan.new.items():
         before = plan.old.get(qualname)
         cls = _live_class(plan, qualname) if qualname else None
@@ -5361,33 +5365,134 @@ def _check_classes(plan: _ModulePlan) -> None:
             if changed:
                 raise UpgradeRefused(f"cold deploy required: Enum {where} members {changed} "
                                      "changed value", module=plan.name)
-        if _layout(cls, before) != _layout(cls, scope):
-            reshaped[cls] = qualname
+        change = _layout_change(plan, cls, before, scope, statements[qualname])
+        if change:
+            reshaped[cls], changes[cls] = qualname, change
     if not reshaped:
         return
-    shape = "its base list, metaclass, __slots__ or fields"
+    advice = ("; to upgrade it in place keep its bases, metaclass and slot names as they were "
+              "(adding Generic[...] or Protocol, reordering __slots__ or spelling a base "
+              "differently is fine), or give the new layout a new class name and convert "
+              "the live objects in the module's __hot_upgrade__(old_globals); else deploy cold")
     for cls, qualname in reshaped.items():
         subclasses = [s for s in type.__subclasses__(cls) if s not in reshaped]
         if subclasses:
             raise UpgradeRefused(
-                f"cold deploy required: class {plan.name}.{qualname} changed {shape} and has "
-                f"subclasses ({', '.join(f'{s.__module__}.{s.__qualname__}' for s in subclasses)})"
-                " that would keep deriving from the old class", module=plan.name)
+                f"cold deploy required: class {plan.name}.{qualname} changed {changes[cls]} and "
+                f"has subclasses ({', '.join(f'{s.__module__}.{s.__qualname__}' for s in subclasses)})"
+                f" that would keep deriving from the old class{advice}", module=plan.name)
     for cls, count in _live_instances(set(reshaped)).items():
         raise UpgradeRefused(f"cold deploy required: class {plan.name}.{reshaped[cls]} changed "
-                             f"{shape} and has {count} live instance(s)", module=plan.name)
+                             f"{changes[cls]} and has {count} live instance(s){advice}",
+                             module=plan.name)
     plan.rebuilt.update(reshaped.values())
 
 
-def _layout(cls: type, scope: _Scope) -> tuple:
-    """What a class body fixes about its instances' memory layout: the bases
-    and metaclass, ``__slots__``, and the fields of a named tuple or of a
-    slotted dataclass."""
-    fields = None
+# Bases that change neither the layout of instances nor an attribute lookup of
+# existing ones: compared without them.
+_NEUTRAL_BASES = (object, Generic, Protocol)
+
+
+def _layout_change(plan: _ModulePlan, cls: type, before: _Scope, scope: _Scope,
+                   statement: ast.ClassDef) -> str:
+    """What a new class statement changes about the live class's instances
+    ("" if nothing): its resolved bases (``Generic``, ``Protocol`` and
+    ``object`` aside), its metaclass, its slot names, or the fields of a
+    named tuple or of a slotted dataclass."""
+    resolved = _resolve_bases(plan, statement)
+    if resolved is None:  # bases the prepare phase cannot resolve: compare the spelling
+        if _spelled_bases(before.header) != _spelled_bases(scope.header):
+            return "its base list or metaclass"
+    else:
+        bases, metaclasses = resolved
+        old_bases = tuple(b for b in cls.__bases__ if b not in _NEUTRAL_BASES)
+        new_bases = tuple(b for b in bases if b not in _NEUTRAL_BASES)
+        if old_bases != new_bases:
+            names = ", ".join(b.__qualname__ for b in old_bases) or "object"
+            return (f"its base list ({names} -> "
+                    f"{', '.join(b.__qualname__ for b in new_bases) or 'object'})")
+        if type(cls) not in metaclasses:
+            return f"its metaclass ({type(cls).__qualname__} -> {metaclasses[0].__qualname__})"
+    old_slots, new_slots = _slot_names(cls.__dict__.get("__slots__")), None
+    if "__slots__" not in scope.statements and "__slots__" not in before.statements:
+        new_slots = old_slots  # none written (a named tuple's come from its fields)
+    elif "__slots__" in scope.statements:
+        value = next((s.value for s in statement.body if isinstance(s, (ast.Assign, ast.AnnAssign))
+                      and "__slots__" in _bound_names(s) and s.value is not None), None)
+        try:
+            new_slots = _slot_names(ast.literal_eval(value)) if value is not None else _MISSING
+        except (ValueError, TypeError, SyntaxError):
+            new_slots = _MISSING
+        if new_slots is _MISSING:  # not a literal: compare the statements
+            if before.statements.get("__slots__") != scope.statements.get("__slots__"):
+                return "its __slots__"
+            new_slots = old_slots
+    if old_slots != new_slots:
+        return f"its __slots__ ({sorted(old_slots or ())} -> {sorted(new_slots or ())})"
     if ((issubclass(cls, tuple) and hasattr(cls, "_fields"))
             or ("__slots__" in cls.__dict__ and "__dataclass_fields__" in cls.__dict__)):
-        fields = scope.annotated
-    return scope.header, scope.statements.get("__slots__"), fields
+        if before.annotated != scope.annotated:
+            return "its fields"
+    return ""
+
+
+def _slot_names(slots: object) -> frozenset[str] | None:
+    if slots is None:
+        return None
+    return frozenset([slots] if isinstance(slots, str) else slots)
+
+
+def _spelled_bases(header: str) -> str:
+    """A class header as written, without the bases that change nothing."""
+    for neutral in ("Name(id='object', ctx=Load())", "Name(id='Generic', ctx=Load())",
+                    "Name(id='Protocol', ctx=Load())"):
+        header = header.replace(neutral + ", ", "").replace(", " + neutral, "").replace(neutral, "")
+    return header
+
+
+def _resolve_bases(plan: _ModulePlan, statement: ast.ClassDef
+                   ) -> tuple[tuple, tuple[type, type]] | None:
+    """The classes a class statement's bases name and its metaclass, found in
+    the live module without running code, with the metaclass the bases
+    other than ``Generic``, ``Protocol`` and ``object`` give (a live class
+    may keep that one); None when a base is anything but
+    a (subscripted) name or attribute of a module or class whose binding
+    the upgrade keeps."""
+    namespace, old, new = plan.module.__dict__, plan.old[""], plan.new[""]
+
+    def resolve(node: ast.expr) -> object:
+        if isinstance(node, ast.Subscript):  # Generic[T], Base[int]: the class it derives from
+            return resolve(node.value)
+        if isinstance(node, ast.Attribute):
+            owner = resolve(node.value)
+            if not _is_a(owner, (types.ModuleType, type)):
+                return _MISSING
+            return inspect.getattr_static(owner, node.attr, _MISSING)
+        if not isinstance(node, ast.Name):
+            return _MISSING
+        value = namespace.get(node.id, _MISSING)
+        if value is _MISSING:
+            return getattr(builtins, node.id, _MISSING)
+        if (old.statements.get(node.id) != new.statements.get(node.id)
+                and not _defined_here(value, plan.name, node.id)):
+            return _MISSING  # the upgrade may bind it anew
+        return value
+
+    bases = tuple(resolve(base) for base in statement.bases)
+    explicit = [resolve(k.value) for k in statement.keywords if k.arg == "metaclass"]
+    if not all(_is_a(b, type) for b in (*bases, *explicit)):
+        return None
+    if any(k.arg != "metaclass" for k in statement.keywords):
+        return None  # class keywords go to __init_subclass__ or a metaclass: compare spelling
+    def most_derived(bases: tuple) -> type:  # the metaclass type() would pick
+        metaclass = explicit[0] if explicit else type
+        for base in bases:
+            if issubclass(type(base), metaclass):
+                metaclass = type(base)
+        return metaclass
+
+    return bases, (most_derived(bases),
+                   most_derived(tuple(b for b in bases if b not in _NEUTRAL_BASES)))
 
 
 def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope,
@@ -5883,6 +5988,14 @@ class _Swap:
             cell.cell_contents = cls
         self._save_class(cls)
         self._set_attributes(plan, cls, namespace)
+        if ({Generic, Protocol} & set(types.resolve_bases(bases))
+                and not issubclass(cls, Generic)):
+            # Generic[...] or Protocol added as a base (the live class keeps its bases and
+            # layout): subscripting works as on a class made anew.
+            cls.__orig_bases__ = bases
+            cls.__parameters__ = tuple(dict.fromkeys(
+                p for base in bases for p in getattr(base, "__parameters__", ())))
+            cls.__class_getitem__ = Generic.__dict__["__class_getitem__"]
         if "__doc__" not in namespace:
             cls.__doc__ = None
         decorated = (cls.__qualname__, _CLASS) in plan.undecorated

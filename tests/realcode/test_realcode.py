@@ -28,8 +28,6 @@ KNOWN = {
                                 "the upgrade is refused (item 4)",
     "more-itertools": "the unchanged `from .more import *` of the package is not run again, "
                       "so names more gained are missing from more_itertools (item 2)",
-    "toolz": "class TlzLoader(object) became class TlzLoader: with a live instance in "
-             "sys.meta_path it is refused as a base list change (item 8)",
 }
 
 
