@@ -5255,6 +5255,8 @@ class _ModulePlan:
     undecorated: set[tuple[str, str]] = dataclasses.field(default_factory=set)
     redecorated: set[str] = dataclasses.field(default_factory=set)  # dataclasses to regenerate
     changed_defs: set[tuple[str, str]] = dataclasses.field(default_factory=set)
+    # Qualnames several defs bind whose live function one new def continues.
+    continuing: set[str] = dataclasses.field(default_factory=set)
     closures: list[tuple[types.FunctionType, types.CodeType]] = \
         dataclasses.field(default_factory=list)  # functions made by changed factories
     swap_code: types.CodeType | None = None  # the rewritten new source
@@ -5413,22 +5415,17 @@ def _layout_change(plan: _ModulePlan, cls: type, before: _Scope, scope: _Scope,
                     f"{', '.join(b.__qualname__ for b in new_bases) or 'object'})")
         if type(cls) not in metaclasses:
             return f"its metaclass ({type(cls).__qualname__} -> {metaclasses[0].__qualname__})"
-    old_slots, new_slots = _slot_names(cls.__dict__.get("__slots__")), None
-    if "__slots__" not in scope.statements and "__slots__" not in before.statements:
-        new_slots = old_slots  # none written (a named tuple's come from its fields)
-    elif "__slots__" in scope.statements:
+    old_slots, new_slots = before.statements.get("__slots__"), scope.statements.get("__slots__")
+    if old_slots != new_slots:  # same names in another order or spelling are no change
         value = next((s.value for s in statement.body if isinstance(s, (ast.Assign, ast.AnnAssign))
-                      and "__slots__" in _bound_names(s) and s.value is not None), None)
+                      and "__slots__" in _bound_names(s)), None)
         try:
-            new_slots = _slot_names(ast.literal_eval(value)) if value is not None else _MISSING
+            new_names = _slot_names(ast.literal_eval(value)) if value is not None else None
         except (ValueError, TypeError, SyntaxError):
-            new_slots = _MISSING
-        if new_slots is _MISSING:  # not a literal: compare the statements
-            if before.statements.get("__slots__") != scope.statements.get("__slots__"):
-                return "its __slots__"
-            new_slots = old_slots
-    if old_slots != new_slots:
-        return f"its __slots__ ({sorted(old_slots or ())} -> {sorted(new_slots or ())})"
+            new_names = None
+        old_names = _slot_names(cls.__dict__.get("__slots__"))
+        if old_slots is None or new_names is None or old_names != new_names:
+            return f"its __slots__ ({sorted(old_names or ())} -> {sorted(new_names or ())})"
     if ((issubclass(cls, tuple) and hasattr(cls, "_fields"))
             or ("__slots__" in cls.__dict__ and "__dataclass_fields__" in cls.__dict__)):
         if before.annotated != scope.annotated:
@@ -5439,7 +5436,10 @@ def _layout_change(plan: _ModulePlan, cls: type, before: _Scope, scope: _Scope,
 def _slot_names(slots: object) -> frozenset[str] | None:
     if slots is None:
         return None
-    return frozenset([slots] if isinstance(slots, str) else slots)
+    try:
+        return frozenset([slots] if isinstance(slots, str) else slots)
+    except TypeError:
+        return None
 
 
 def _spelled_bases(header: str) -> str:
@@ -5547,6 +5547,7 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
             continue  # definitions and imports are handled below; a docstring stays first
         skipped[index] = statement
         tree.body[index] = ast.copy_location(ast.Pass(), statement)
+    old_defs = new_defs = None  # defs by key, for names several defs bind
     for scope, qualname, statement in _definitions(tree.body):
         if isinstance(statement, ast.ClassDef):
             plan.rerun[qualname] = _rerun_in_order(statement.body, plan.old.get(qualname),
@@ -5555,7 +5556,18 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
             continue
         key = _definition_key(qualname, statement)
         if plan.old[scope].definitions.get(key) != 1 or plan.new[scope].definitions[key] != 1:
-            continue  # several statements define it: which one continues which is unknown
+            if not isinstance(statement, _DEFS) or key not in plan.old[scope].definitions:
+                continue
+            old_defs = old_defs if old_defs is not None else _defs_by_key(plan, old=True)
+            new_defs = new_defs if new_defs is not None else _defs_by_key(plan, old=False)
+            live_def = _continued_def(plan, key, statement, old_defs[key], new_defs[key])
+            if live_def is None:
+                continue
+            plan.continuing.add(qualname)
+            _reuse_function(plan, key, scope, statement,
+                            _dump(ast.List(live_def.decorator_list, ast.Load()))
+                            == _dump(ast.List(statement.decorator_list, ast.Load())))
+            continue
         same_decorators = (plan.old[scope].decorators[key] == plan.new[scope].decorators[key]
                            and _accessors(plan.old[scope], qualname)
                            == _accessors(plan.new[scope], qualname))
@@ -5573,6 +5585,48 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
             plan.rerun[""] |= _bound_names(statement)
     if rerun:
         _find_closures(plan)
+
+
+def _defs_by_key(plan: _ModulePlan, *, old: bool) -> dict[tuple[str, str], list[ast.stmt]]:
+    """The def statements of the old (live) or new source by definition key, in order."""
+    tree = ast.parse(_tracker.record_for(plan.name).source) if old else plan.tree
+    defs: dict[tuple[str, str], list[ast.stmt]] = collections.defaultdict(list)
+    for _, qualname, statement in _definitions(tree.body):
+        defs[_definition_key(qualname, statement)].append(statement)
+    return defs
+
+
+def _continued_def(plan: _ModulePlan, key: tuple[str, str], statement: ast.stmt,
+                   old_defs: list[ast.stmt], new_defs: list[ast.stmt]) -> ast.stmt | None:
+    """For a name several defs bind (``@overload`` stubs before the
+    implementation, a def in each branch of an ``if``, the ``_`` of
+    singledispatch registrations at module level, which the registry
+    matches by type instead): the old def whose function the name is bound
+    to now, if ``statement`` continues it.  That def is the one whose lines
+    the live function has, or the last one after ``@overload`` stubs.  The
+    last def continues the last; else the defs are matched by position when
+    their number did not change."""
+    target, _ = _find_function(_lookup(plan.module.__dict__, key[0]), plan.name, *key)
+    if target is None or any(target in (_dispatch_registry(value) or {}).values()
+                             for value in plan.module.__dict__.values()):
+        return None  # a registered implementation continues the one of its type
+    first_lines = [min([d.lineno for d in s.decorator_list] + [s.lineno]) for s in old_defs]
+    if target.__code__.co_firstlineno in first_lines:
+        index = first_lines.index(target.__code__.co_firstlineno)
+    elif all(map(_is_overload_stub, old_defs[:-1])):  # a wrapper around the implementation
+        index = len(old_defs) - 1
+    else:
+        return None
+    if index == len(old_defs) - 1:
+        return old_defs[index] if new_defs[-1] is statement else None
+    same_place = len(old_defs) == len(new_defs) and new_defs[index] is statement
+    return old_defs[index] if same_place else None
+
+
+def _is_overload_stub(definition: ast.stmt) -> bool:
+    return any((isinstance(d, ast.Name) and d.id == "overload")
+               or (isinstance(d, ast.Attribute) and d.attr == "overload")
+               for d in definition.decorator_list)
 
 
 def _compile_rewritten(plan: _ModulePlan) -> None:
@@ -5750,6 +5804,8 @@ class _Swap:
         self.replaced: list[str] = []
         # Objects that could not keep their identity: id(old) -> (old, new).
         self.replacements: dict[int, tuple[object, object]] = {}
+        # Registered implementations a live one continues: id(new) -> live.
+        self.continued: dict[int, types.FunctionType] = {}
         self.namespaces: dict[str, dict] = {}  # module name -> its namespace before
         self.plan: _ModulePlan | None = None  # the module whose body is running
         self.stage = ""
@@ -5920,6 +5976,8 @@ class _Swap:
                       else self.merge(current, implementation, True, label))
             if merged is not current:
                 old.register(cls, merged)
+            elif merged is not implementation:
+                self.continued[id(implementation)] = merged
         old._clear_cache()
         return old
 
@@ -6032,7 +6090,8 @@ class _Swap:
             current = cls.__dict__.get(attribute, _MISSING)
             if current is value:
                 continue  # most methods: the reuse hook kept the live object
-            if current is not _MISSING and not _defined_twice(old_scope, new_scope, attribute):
+            if current is not _MISSING and (f"{qualname}.{attribute}" in plan.continuing
+                                            or not _defined_twice(old_scope, new_scope, attribute)):
                 changed = (rerun is None or new_scope is None or attribute in rerun
                            or attribute not in new_scope.statements)
                 value = self.merge(current, value, changed, (plan.name, qualname, attribute))
@@ -6080,10 +6139,14 @@ class _Swap:
             elif name in keep:
                 namespace[name] = current
             elif (value is not current and name not in ("__doc__", "__annotations__")
-                  and not _defined_twice(old_scope, new_scope, name)):
+                  and (name in plan.continuing or not _defined_twice(old_scope, new_scope, name))):
                 namespace[name] = self.merge(current, value, name in plan.rerun[""]
                                              or name not in new_scope.statements,
                                              (plan.name, name))
+        for name in new_scope.twice:  # ``_`` of registrations: the live one it continues
+            live = self.continued.get(id(namespace.get(name)))
+            if live is not None:
+                namespace[name] = live
         for name in old_scope.statements.keys() - new_scope.statements.keys() - keep:
             value = namespace.get(name, _MISSING)
             submodule = sys.modules.get(f"{plan.name}.{name}")

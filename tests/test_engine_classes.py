@@ -118,3 +118,123 @@ def test_real_layout_change_with_live_instances_is_refused_with_what_to_do(tree,
     error = refused(tree)
     assert f"class {tree.name('m')}.C changed {what} and has 1 live instance(s)" in error
     assert "to upgrade it in place" in error and "__hot_upgrade__" in error
+
+
+# --- several defs of one name ---------------------------------------------------
+
+
+OVERLOADED = """
+    import functools
+    import typing
+
+    def variant(function):
+        @functools.wraps(function)
+        def wrapper(*args):
+            return function(*args)
+        return wrapper
+
+    @typing.overload
+    def convert(value: int) -> int: ...
+    @variant
+    def convert(value):
+        return ({tag!r}, value)
+
+    @typing.overload
+    def parse(value: int) -> int: ...
+    @typing.overload
+    def parse(value: str) -> str: ...{more_stubs}
+    def parse(value):
+        return ({tag!r}, value)
+
+    class Reader:
+        @typing.overload
+        def read(self, n: int) -> bytes: ...
+        @typing.overload
+        def read(self, n: None) -> bytes: ...
+        def read(self, n):
+            return {tag!r}
+"""
+
+
+def test_overloaded_function_and_method_keep_identity_and_take_new_code(tree):
+    tree.write("m.py", OVERLOADED.format(tag="old", more_stubs=""))
+    m = tree.load("m")
+    parse, reader, convert = m.parse, m.Reader(), m.convert
+    registry, read = [m.parse], reader.read
+    stub = "\n    @typing.overload\n    def parse(value: bytes) -> bytes: ..."
+    tree.write("m.py", OVERLOADED.format(tag="new", more_stubs=stub))
+    upgraded(tree)
+    assert m.parse is parse and registry[0](1) == ("new", 1)
+    assert m.convert is convert and convert(2) == ("new", 2)
+    assert read(1) == "new" and m.Reader.read is type(reader).read is read.__func__
+
+
+def test_function_defined_in_both_branches_of_an_if_keeps_the_live_one(tree):
+    source = """
+        import sys
+        if sys.version_info >= (3,):
+            def b(s):
+                return ({tag!r}, s)
+        else:
+            def b(s):
+                return s
+    """
+    tree.write("m.py", source.format(tag="old"))
+    m = tree.load("m")
+    b = m.b
+    tree.write("m.py", source.format(tag="new"))
+    upgraded(tree)
+    assert m.b is b and b("x") == ("new", "x")
+
+
+def test_singledispatch_registrations_named_alike_keep_the_last_one(tree):
+    source = """
+        import functools
+
+        @functools.singledispatch
+        def show(value):
+            return "any"
+
+        @show.register
+        def _(value: int):
+            return {tag!r} + " int"
+
+        @show.register
+        def _(value: str):
+            return {tag!r} + " str"
+    """
+    tree.write("m.py", source.format(tag="old"))
+    m = tree.load("m")
+    show, last = m.show, m._
+    tree.write("m.py", source.format(tag="new"))
+    upgraded(tree)
+    assert m.show is show and m._ is last
+    assert show(1) == "new int" and show("a") == "new str" and last("a") == "new str"
+
+
+def test_property_accessors_over_several_defs_keep_the_property(tree):
+    source = """
+        class C:
+            def __init__(self):
+                self._v = 1
+            @property
+            def v(self):
+                return self._v * {scale}
+            @v.setter
+            def v(self, value):
+                self._v = value + {offset}
+            @v.deleter
+            def v(self):
+                self._v = {offset}
+    """
+    tree.write("m.py", source.format(scale=1, offset=0))
+    m = tree.load("m")
+    prop, obj = m.C.__dict__["v"], m.C()
+    setter = prop.fset
+    tree.write("m.py", source.format(scale=10, offset=1))
+    upgraded(tree)
+    assert m.C.__dict__["v"] is prop and prop.fset is setter
+    obj.v = 2
+    assert obj.v == 30
+    del obj.v
+    assert obj.v == 10

@@ -20,8 +20,10 @@ KNOWN = {
     "cachetools": RAISES,
     "markupsafe": RAISES,
     "marshmallow": RAISES,
-    "jinja2": RAISES + "; then pickling an Environment and a debug traceback differ after the "
-                       "upgrade (dunder protocols, item 5)",
+    "jinja2": RAISES + "; then a template's runtime-error traceback keeps an internal frame: "
+                       "@internalcode records each function's __code__ in a set, and the "
+                       "in-place swap gives the function a code object the set does not hold "
+                       "(decorator side effects keyed by code objects, items 5 and 6)",
     "six": RAISES + "; then six.moves is gone: the unchanged meta_path registration line is "
                     "not run again after the changed removal loop (item 3)",
     "python-dateutil": RAISES + "; then rrule's unchanged `del` of a kept tuple runs again and "
