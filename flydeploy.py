@@ -5109,6 +5109,15 @@ def _enum_members(scope: _Scope) -> dict[str, str]:
 
 def _live_instances(classes: set[type]) -> dict[type, int]:
     """How many live objects are instances of each class (or a subclass)."""
+    counts: dict[type, int] = collections.Counter()
+    for owner, _ in _instances_of(classes):
+        counts[owner] += 1
+    return counts
+
+
+def _instances_of(classes: set[type]) -> Iterator[tuple[type, object]]:
+    """Every live object that is an instance of one of ``classes`` (or of a
+    subclass), with that class."""
     owners: dict[type, type] = {}
     for cls in classes:
         pending = [cls]
@@ -5116,12 +5125,10 @@ def _live_instances(classes: set[type]) -> dict[type, int]:
             current = pending.pop()
             owners.setdefault(current, cls)
             pending.extend(type.__subclasses__(current))
-    counts: dict[type, int] = collections.Counter()
     for obj in gc.get_objects():
         owner = owners.get(type(obj))
         if owner is not None:
-            counts[owner] += 1
-    return counts
+            yield owner, obj
 
 
 def _lookup(namespace: Mapping[str, object], qualname: str) -> object:
@@ -5257,6 +5264,8 @@ class _ModulePlan:
     changed_defs: set[tuple[str, str]] = dataclasses.field(default_factory=set)
     # Qualnames several defs bind whose live function one new def continues.
     continuing: set[str] = dataclasses.field(default_factory=set)
+    # Class qualname -> what its live instances get once the new code is in.
+    migrations: dict[str, _Migration] = dataclasses.field(default_factory=dict)
     closures: list[tuple[types.FunctionType, types.CodeType]] = \
         dataclasses.field(default_factory=list)  # functions made by changed factories
     swap_code: types.CodeType | None = None  # the rewritten new source
@@ -5328,6 +5337,7 @@ def _plan_module(name: str) -> _ModulePlan:
     plan = _ModulePlan(name, module, record.path, source, tree, old, _scopes(tree),
                        _imported_modules(tree, package), ast.get_docstring(tree, clean=False))
     _check_classes(plan)
+    _check_instances(plan)
     return plan
 
 
@@ -5344,9 +5354,12 @@ def _check_classes(plan: _ModulePlan) -> None:
     """Refuse what cannot change in place: Enum members added, removed or
     given new values; a class whose resolved bases, metaclass, ``__slots__``
     names or named tuple or slotted dataclass fields changed and that has live
-    instances or subclasses.  Such a class without either is rebuilt."""
+    instances or subclasses.  Such a class without either is rebuilt, and so
+    is one whose bases are only written otherwise (``object``, ``Generic``
+    or ``Protocol`` added or removed); with either, that one changes in place."""
     reshaped: dict[type, str] = {}
     changes: dict[type, str] = {}
+    respelled: dict[type, str] = {}  # bases written otherwise, resolved the same
     statements = {qualname: statement for _, qualname, statement in _definitions(plan.tree.body)
                   if isinstance(statement, ast.ClassDef)}
     for qualname, scope in plan.new.items():
@@ -5370,6 +5383,12 @@ def _check_classes(plan: _ModulePlan) -> None:
         change = _layout_change(plan, cls, before, scope, statements[qualname])
         if change:
             reshaped[cls], changes[cls] = qualname, change
+        elif before.header != scope.header:
+            respelled[cls] = qualname
+    if respelled:  # the same class: made anew as a fresh import would, unless something holds it
+        live = _live_instances(set(respelled))
+        plan.rebuilt.update(qualname for cls, qualname in respelled.items()
+                            if not live.get(cls) and not type.__subclasses__(cls))
     if not reshaped:
         return
     advice = ("; to upgrade it in place keep its bases, metaclass and slot names as they were "
@@ -5401,11 +5420,12 @@ def _layout_change(plan: _ModulePlan, cls: type, before: _Scope, scope: _Scope,
     ("" if nothing): its resolved bases (``Generic``, ``Protocol`` and
     ``object`` aside), its metaclass, its slot names, or the fields of a
     named tuple or of a slotted dataclass."""
-    resolved = _resolve_bases(plan, statement)
-    if resolved is None:  # bases the prepare phase cannot resolve: compare the spelling
-        if _spelled_bases(before.header) != _spelled_bases(scope.header):
+    resolved = None
+    if _spelled_bases(before.header) != _spelled_bases(scope.header):
+        resolved = _resolve_bases(plan, statement)
+        if resolved is None:  # bases the prepare phase cannot resolve
             return "its base list or metaclass"
-    else:
+    if resolved is not None:
         bases, metaclasses = resolved
         old_bases = tuple(b for b in cls.__bases__ if b not in _NEUTRAL_BASES)
         new_bases = tuple(b for b in bases if b not in _NEUTRAL_BASES)
@@ -5493,6 +5513,125 @@ def _resolve_bases(plan: _ModulePlan, statement: ast.ClassDef
 
     return bases, (most_derived(bases),
                    most_derived(tuple(b for b in bases if b not in _NEUTRAL_BASES)))
+
+
+_MIGRATE = "__hot_migrate__"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Migration:
+    """What the live instances of one class get after its new code is in:
+    fields of a dataclass made by their default factory, then the class's
+    ``__hot_migrate__``; afterwards none may lack an attribute in ``needed``."""
+
+    needed: frozenset[str]
+    factories: frozenset[str]
+    hook: bool
+
+
+def _check_instances(plan: _ModulePlan) -> None:
+    """Refuse to leave live instances that the new code of their class cannot
+    use: it reads ``self.NAME``, which its methods set but the old code never
+    did and the class provides no default for (or, in a dataclass, a new
+    field without a default), and a live instance lacks it.  A class whose
+    new body defines ``__hot_migrate__`` migrates them instead; new dataclass
+    fields with a default factory are filled in."""
+    old_classes = None
+    for _, qualname, statement in _definitions(plan.tree.body):
+        before = plan.old.get(qualname)
+        if (not isinstance(statement, ast.ClassDef) or before is None
+                or before.dumps == plan.new[qualname].dumps or _within(qualname, plan.rebuilt)):
+            continue
+        cls = _live_class(plan, qualname)
+        if cls is None:
+            continue
+        reads, stores = _self_attributes(statement)
+        needed = reads & stores
+        required, factories = _new_dataclass_fields(cls, statement)
+        needed = (needed - plan.new[qualname].statements.keys()) | required
+        needed = {name for name in needed
+                  if not any(name in base.__dict__ for base in cls.__mro__[1:])}
+        if needed:
+            if old_classes is None:
+                old_classes = {q: s for _, q, s in _definitions(
+                    ast.parse(_tracker.record_for(plan.name).source).body)}
+            needed -= _self_attributes(old_classes[qualname])[1] - required
+        hook = _MIGRATE in plan.new[qualname].statements
+        if not (needed or factories or hook):
+            continue
+        if not hook:
+            for name in sorted(needed):
+                count = sum(1 for _, obj in _instances_of({cls}) if _lacks(obj, name))
+                if count:
+                    raise UpgradeRefused(
+                        f"cold deploy required: class {plan.name}.{qualname}: its new code "
+                        f"reads self.{name}, which its old code never set, and {count} live "
+                        f"instance(s) lack it; define `def {_MIGRATE}(self, old): self.{name} = "
+                        "...` in the class (it runs on each live instance during the upgrade; "
+                        "`old` holds the class's attributes from before), or give the class a "
+                        f"default (`{name} = ...` in its body), or let no instance outlive the "
+                        "upgrade", module=plan.name)
+        plan.migrations[qualname] = _Migration(frozenset(needed), frozenset(factories), hook)
+
+
+def _self_attributes(statement: ast.ClassDef) -> tuple[set[str], set[str]]:
+    """The attributes the methods of a class body read and set on their first
+    argument (``self``)."""
+    reads: set[str] = set()
+    stores: set[str] = set()
+    for method in statement.body:
+        if not isinstance(method, _DEFS) or not method.args.args or any(
+                isinstance(d, ast.Name) and d.id in ("staticmethod", "classmethod")
+                for d in method.decorator_list):
+            continue
+        me = method.args.args[0].arg
+        for node in ast.walk(method):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id == me):
+                (reads if isinstance(node.ctx, ast.Load) else stores).add(node.attr)
+    return reads, stores
+
+
+def _new_dataclass_fields(cls: type, statement: ast.ClassDef) -> tuple[set[str], set[str]]:
+    """The fields a new body adds to a live dataclass: those without a
+    default, and those made by a default factory (a default stays a class
+    attribute that old instances read)."""
+    fields = cls.__dict__.get("__dataclass_fields__")
+    required: set[str] = set()
+    factories: set[str] = set()
+    if fields is None:
+        return required, factories
+    for node in statement.body:
+        if (not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name)
+                or node.target.id in fields or "ClassVar" in _dump(node.annotation)):
+            continue
+        value = node.value
+        if value is None:
+            required.add(node.target.id)
+        elif (isinstance(value, ast.Call) and (getattr(value.func, "id", None) == "field"
+                                                or getattr(value.func, "attr", None) == "field")):
+            keywords = {k.arg for k in value.keywords}
+            if "default_factory" in keywords:
+                factories.add(node.target.id)
+            elif "default" not in keywords:
+                required.add(node.target.id)
+    return required, factories
+
+
+def _lacks(obj: object, name: str) -> bool:
+    """Whether a live object has no attribute ``name`` of its own nor from its
+    class, found without running code of it."""
+    if name in _instance_attributes(obj):
+        return False
+    attribute = inspect.getattr_static(type(obj), name, _MISSING)
+    if type(attribute) is types.MemberDescriptorType:  # a slot: set or not
+        try:
+            attribute.__get__(obj)
+        except AttributeError:
+            return True
+        return False
+    return attribute is _MISSING and inspect.getattr_static(type(obj), "__getattr__",
+                                                            None) is None
 
 
 def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope,
@@ -5804,6 +5943,7 @@ class _Swap:
         self.replaced: list[str] = []
         # Objects that could not keep their identity: id(old) -> (old, new).
         self.replacements: dict[int, tuple[object, object]] = {}
+        self.classes_before: dict[int, dict] = {}  # id(class) -> its attributes before
         # Registered implementations a live one continues: id(new) -> live.
         self.continued: dict[int, types.FunctionType] = {}
         self.namespaces: dict[str, dict] = {}  # module name -> its namespace before
@@ -5823,6 +5963,7 @@ class _Swap:
             return
         self.saved.add(id(cls))
         contents = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        self.classes_before[id(cls)] = contents
         self._save_registries(contents.values())
 
         def restore() -> None:
@@ -6175,10 +6316,35 @@ class _Swap:
             self.stage = "rebinding replaced objects"
             self._rebind_aliases({plan.name for plan in self.plans})
         for plan in self.plans:
+            for qualname, migration in plan.migrations.items():
+                self.stage, self.module = f"migrating live instances of {plan.name}.{qualname}", \
+                    plan.name
+                self._migrate_instances(_lookup(plan.module.__dict__, qualname), migration)
+        for plan in self.plans:
             if "__hot_upgrade__" in plan.new[""].statements:
                 self.stage, self.module = f"running {plan.name}.__hot_upgrade__", plan.name
                 # a copy: the original is also what a rollback restores
                 plan.module.__hot_upgrade__(dict(self.namespaces[plan.name]))
+
+    def _migrate_instances(self, cls: type, migration: _Migration) -> None:
+        """Fill in the new default-factory fields of each live instance and run
+        the class's ``__hot_migrate__(old)`` on it; a rollback restores the
+        instances' attribute dicts."""
+        old = types.MappingProxyType(self.classes_before.get(id(cls), {}))
+        fields = cls.__dict__.get("__dataclass_fields__", {})
+        for _, obj in list(_instances_of({cls})):
+            attributes = _instance_attributes(obj)
+            before = dict(attributes)
+            self.undo.append(lambda a=attributes, b=before: (a.clear(), a.update(b)))
+            for name in migration.factories:
+                if _lacks(obj, name):
+                    object.__setattr__(obj, name, fields[name].default_factory())
+            if migration.hook:
+                obj.__hot_migrate__(old)
+            missing = sorted(name for name in migration.needed if _lacks(obj, name))
+            if missing:
+                raise FlyDeployError(f"{cls.__qualname__}.{_MIGRATE} left a live instance "
+                                     f"without self.{missing[0]}, which the new code reads")
 
     def _rebind_aliases(self, swapped: set[str]) -> None:
         """In the other tracked modules, names bound to an object that was

@@ -238,3 +238,128 @@ def test_property_accessors_over_several_defs_keep_the_property(tree):
     assert obj.v == 30
     del obj.v
     assert obj.v == 10
+
+
+# --- live instances the new code needs migrated -----------------------------------
+
+
+CACHE = """
+class Cache:
+    def __init__(self, size):
+        self.size = size
+        self.items = {{}}{more_init}
+    def put(self, key, value):
+        self.items[key] = value{more_put}
+{hook}
+LIVE = [Cache(2), Cache(3)]
+"""
+MORE_INIT = "\n        self.hits = 0"
+MORE_PUT = "\n        self.hits += 1\n        return self.hits"
+
+
+def test_instances_lacking_what_the_new_init_sets_are_refused_with_how_to_fix(tree):
+    tree.write("m.py", CACHE.format(more_init="", more_put="", hook=""))
+    m = tree.load("m")
+    tree.write("m.py", CACHE.format(more_init=MORE_INIT, more_put=MORE_PUT, hook=""))
+    error = refused(tree)
+    assert (f"class {tree.name('m')}.Cache: its new code reads self.hits, which its old code "
+            "never set, and 2 live instance(s) lack it") in error
+    assert "def __hot_migrate__(self, old): self.hits = ..." in error
+    assert "hits" not in vars(m.LIVE[0])
+
+
+def test_hot_migrate_runs_on_each_live_instance_with_the_old_class(tree):
+    tree.write("m.py", CACHE.format(more_init="", more_put="", hook=""))
+    m = tree.load("m")
+    first, put = m.LIVE[0], m.LIVE[0].put
+    hook = """
+    def __hot_migrate__(self, old):
+        self.hits = len(self.items)
+        self.old_put = old["put"].__name__
+"""
+    tree.write("m.py", CACHE.format(more_init=MORE_INIT, more_put=MORE_PUT, hook=hook))
+    upgraded(tree)
+    assert put("k", 1) == 1 and put("j", 2) == 2 and first.old_put == "put"
+    assert m.LIVE[1].put("k", 1) == 1
+
+
+def test_class_defaults_and_dataclass_fields_with_defaults_need_no_hook(tree):
+    tree.write("m.py", """
+        import dataclasses
+        class Cache:
+            def __init__(self):
+                self.items = {}
+        @dataclasses.dataclass
+        class Point:
+            x: int
+        LIVE = [Cache(), Point(1)]
+    """)
+    m = tree.load("m")
+    cache, point = m.LIVE
+    tree.write("m.py", """
+        import dataclasses
+        class Cache:
+            hits = 0
+            def __init__(self):
+                self.items = {}
+                self.hits = 0
+            def hit(self):
+                self.hits += 1
+                return self.hits
+        @dataclasses.dataclass
+        class Point:
+            x: int
+            y: int = 5
+            tags: list = dataclasses.field(default_factory=list)
+            def total(self):
+                self.tags.append("t")
+                return self.x + self.y
+        LIVE = [Cache(), Point(1)]
+    """)
+    upgraded(tree)
+    assert cache.hit() == 1 and point.total() == 6 and point.tags == ["t"]
+    assert point == m.Point(1, 5, ["t"])
+
+
+def test_dataclass_field_without_default_is_refused_without_a_hook(tree):
+    tree.write("m.py", "import dataclasses\n@dataclasses.dataclass\nclass P:\n    x: int\n"
+                       "LIVE = P(1)\n")
+    tree.load("m")
+    tree.write("m.py", "import dataclasses\n@dataclasses.dataclass\nclass P:\n    x: int\n"
+                       "    y: int\nLIVE = P(1, 2)\n")
+    assert "reads self.y, which its old code never set, and 1 live instance(s)" in refused(tree)
+
+
+def test_a_hook_that_leaves_an_instance_unusable_rolls_everything_back(tree):
+    tree.write("m.py", CACHE.format(more_init="", more_put="", hook=""))
+    m = tree.load("m")
+    first = m.LIVE[0]
+    hook = """
+    def __hot_migrate__(self, old):
+        self.touched = True
+        if self.size == 3:
+            return
+        self.hits = 0
+"""
+    tree.write("m.py", CACHE.format(more_init=MORE_INIT, more_put=MORE_PUT, hook=hook))
+    report = tree.reload()
+    assert not report.ok and report.rolled_back
+    assert "Cache.__hot_migrate__ left a live instance without self.hits" in report.error
+    assert vars(first) == {"size": 2, "items": {}} and first.put("k", 1) is None
+
+
+def test_class_becoming_a_protocol_with_nothing_holding_it_is_made_anew(tree):
+    tree.write("m.py", "class Base:\n    def f(self):\n        return 1\n")
+    tree.load("m")
+    tree.write("m.py", """
+        import typing
+        class Base(typing.Protocol):
+            def f(self):
+                return 2
+        class More(Base, typing.Protocol):
+            def g(self):
+                return 3
+    """)
+    report = upgraded(tree)
+    m = tree.load("m")
+    assert f"{tree.name('m')}.Base" in report.replaced and m.Base in m.More.__mro__

@@ -32,6 +32,7 @@ import difflib
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -100,7 +101,7 @@ LIBRARIES = [
         assert held["ensure_str"](b"x") == "x"
         import six.moves.urllib.parse
     """),
-    Library("cachetools", ("5.3.2", "5.3.3"), ("cachetools",), use="""
+    Library("cachetools", ("5.3.2", "5.3.3", "5.4.0", "5.5.0"), ("cachetools",), use="""
         import cachetools, cachetools.keys
         lru = cachetools.LRUCache(maxsize=4)
         lru["a"] = 1
@@ -527,6 +528,21 @@ def _run_suite(spec: dict) -> tuple[dict[str, str], dict[str, str]]:
         def __init__(self) -> None:
             self.outcomes: dict[str, str] = {}
             self.reasons: dict[str, str] = {}
+            self.keys: dict[str, str] = {}
+
+        def key(self, nodeid: str) -> str:
+            """A test id without the date and time of the run some
+            parametrized ids contain (numbered when two ids then match)."""
+            if nodeid not in self.keys:
+                key = re.sub(r"\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?", "<time>",
+                             re.sub(r"\d{1,4}[-/]\d{1,2}[-/]\d{1,4}", "<date>", nodeid))
+                taken = set(self.keys.values())
+                numbered, n = key, 1
+                while numbered in taken:
+                    n += 1
+                    numbered = f"{key}#{n}"
+                self.keys[nodeid] = numbered
+            return self.keys[nodeid]
 
         def pytest_runtest_logreport(self, report) -> None:
             if hasattr(report, "wasxfail"):
@@ -539,12 +555,13 @@ def _run_suite(spec: dict) -> tuple[dict[str, str], dict[str, str]]:
                 outcome = "passed"
             else:
                 return
-            if self.outcomes.get(report.nodeid) in ("failed", "error"):
+            nodeid = self.key(report.nodeid)
+            if self.outcomes.get(nodeid) in ("failed", "error"):
                 return
-            self.outcomes[report.nodeid] = outcome
+            self.outcomes[nodeid] = outcome
             if report.failed:
                 text = str(report.longrepr).strip().splitlines()
-                self.reasons[report.nodeid] = text[-1][:300] if text else ""
+                self.reasons[nodeid] = text[-1][:300] if text else ""
 
         def pytest_collectreport(self, report) -> None:
             if report.failed:
