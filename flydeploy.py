@@ -5375,11 +5375,13 @@ def _check_classes(plan: _ModulePlan) -> None:
                 removed = sorted(old_members.keys() - new_members.keys())
                 raise UpgradeRefused(f"cold deploy required: Enum {where} members changed "
                                      f"(added {added}, removed {removed}); live members cannot "
-                                     "be added or removed in place", module=plan.name)
+                                     "be added or removed in place: keep the members as they "
+                                     "were to upgrade hot, or deploy cold", module=plan.name)
             changed = sorted(k for k in old_members if old_members[k] != new_members[k])
             if changed:
                 raise UpgradeRefused(f"cold deploy required: Enum {where} members {changed} "
-                                     "changed value", module=plan.name)
+                                     "changed value: live members keep theirs, so keep the "
+                                     "values to upgrade hot, or deploy cold", module=plan.name)
         change = _layout_change(plan, cls, before, scope, statements[qualname])
         if change:
             reshaped[cls], changes[cls] = qualname, change
@@ -5504,6 +5506,7 @@ def _resolve_bases(plan: _ModulePlan, statement: ast.ClassDef
         return None
     if any(k.arg != "metaclass" for k in statement.keywords):
         return None  # class keywords go to __init_subclass__ or a metaclass: compare spelling
+
     def most_derived(bases: tuple) -> type:  # the metaclass type() would pick
         metaclass = explicit[0] if explicit else type
         for base in bases:
