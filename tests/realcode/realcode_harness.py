@@ -27,6 +27,7 @@ of one subprocess.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import difflib
 import json
@@ -205,20 +206,40 @@ def sdist(dist: str, version: str) -> pathlib.Path:
     archives = [p for p in downloads.iterdir()
                 if p.name.lower().replace("-", "_").startswith(f"{normalized}_{version}.tar")]
     if not archives:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                        "--no-binary", ":all:", "-d", str(downloads), f"{dist}=={version}"],
-                       check=True, stdout=subprocess.DEVNULL, timeout=600)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                               "--no-binary", ":all:", "-d", str(downloads), f"{dist}=={version}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              timeout=600, check=False)
         archives = [p for p in downloads.iterdir()
                     if p.name.lower().replace("-", "_").startswith(f"{normalized}_{version}.tar")]
-    shutil.rmtree(unpacked, ignore_errors=True)
+        if done.returncode or not archives:
+            raise RuntimeError(f"pip download of {dist}=={version} failed:\n{done.stderr[-2000:]}")
+    # Unpacked beside the cache and renamed into place whole: another run
+    # sharing the cache sees a release complete or not at all.
     scratch = pathlib.Path(tempfile.mkdtemp(dir=cache))
-    with tarfile.open(archives[0]) as tar:
-        tar.extractall(scratch, filter="data")
-    (top,) = scratch.iterdir()
-    top.rename(unpacked)
-    scratch.rmdir()
-    (unpacked / ".complete").touch()
+    try:
+        with tarfile.open(archives[0]) as tar:
+            tar.extractall(scratch, filter="data")
+        (top,) = scratch.iterdir()
+        (top / ".complete").touch()
+        if unpacked.exists():  # left half-written by an older run
+            shutil.rmtree(unpacked, ignore_errors=True)
+        try:
+            top.rename(unpacked)
+        except OSError:
+            if not (unpacked / ".complete").exists():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return unpacked
+
+
+def prefetch(libraries: list[Library]) -> None:
+    """Download and unpack every release the libraries need, a few at a time."""
+    releases = [(lib.dist, version) for lib in libraries for version in lib.versions]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in pool.map(lambda release: sdist(*release), releases):
+            pass
 
 
 def release_files(lib: Library, version: str) -> dict[str, pathlib.Path]:
@@ -587,6 +608,7 @@ def main(argv: list[str]) -> int:
     chosen = [lib for lib in LIBRARIES if not names or lib.dist in names]
     rows = []
     scratch = tempfile.mkdtemp(prefix="realcode-")
+    prefetch(chosen)
     try:
         for index, lib in enumerate(chosen):
             result = run_case(lib, pathlib.Path(scratch) / str(index))

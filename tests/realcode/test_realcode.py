@@ -47,9 +47,17 @@ def _params() -> list:
     return params
 
 
+@pytest.fixture(scope="module")
+def downloaded():
+    """Every release of the libraries this run tests, fetched once, in parallel."""
+    everything = os.environ.get("FLYDEPLOY_REALCODE_ALL") == "1"
+    realcode_harness.prefetch([lib for lib in realcode_harness.LIBRARIES
+                               if everything or not lib.slow])
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("lib", _params())
-def test_upgrade_behaves_like_a_fresh_import(lib, tmp_path):
+def test_upgrade_behaves_like_a_fresh_import(lib, tmp_path, downloaded):
     result = realcode_harness.run_case(lib, tmp_path)
     ROWS.append(result.row())
     assert result.ok, f"{lib.name}:\n{result.problems()}"
