@@ -4904,7 +4904,8 @@ def modified_modules() -> list[str]:
 # (a list a module body appended to, a registry an ``__init_subclass__`` hook
 # extended, a file written).  Every binding is restored: module namespaces of
 # every tracked module, class attributes, function code and attributes,
-# closure cells, singledispatch registries and server states.
+# closure cells, singledispatch registries, server states and the attribute
+# dicts of the instances a migration touched.
 
 
 class UpgradeRefused(FlyDeployError):
