@@ -5535,8 +5535,8 @@ class _Migration:
 
 def _check_instances(plan: _ModulePlan) -> None:
     """Refuse to leave live instances that the new code of their class cannot
-    use: it reads ``self.NAME``, which its methods set but the old code never
-    did and the class provides no default for (or, in a dataclass, a new
+    use: it reads ``self.NAME``, which its ``__init__`` sets but the old one
+    did not and the class provides no default for (or, in a dataclass, a new
     field without a default), and a live instance lacks it.  A class whose
     new body defines ``__hot_migrate__`` migrates them instead; new dataclass
     fields with a default factory are filled in."""
@@ -5569,7 +5569,7 @@ def _check_instances(plan: _ModulePlan) -> None:
                 if count:
                     raise UpgradeRefused(
                         f"cold deploy required: class {plan.name}.{qualname}: its new code "
-                        f"reads self.{name}, which its old code never set, and {count} live "
+                        f"reads self.{name}, which its old __init__ never set, and {count} live "
                         f"instance(s) lack it; define `def {_MIGRATE}(self, old): self.{name} = "
                         "...` in the class (it runs on each live instance during the upgrade; "
                         "`old` holds the class's attributes from before), or give the class a "
@@ -5579,8 +5579,9 @@ def _check_instances(plan: _ModulePlan) -> None:
 
 
 def _self_attributes(statement: ast.ClassDef) -> tuple[set[str], set[str]]:
-    """The attributes the methods of a class body read and set on their first
-    argument (``self``)."""
+    """The attributes the methods of a class body read on their first
+    argument (``self``), and those its ``__init__`` (or a dataclass's
+    ``__post_init__``) sets: what every instance is meant to have."""
     reads: set[str] = set()
     stores: set[str] = set()
     for method in statement.body:
@@ -5589,10 +5590,14 @@ def _self_attributes(statement: ast.ClassDef) -> tuple[set[str], set[str]]:
                 for d in method.decorator_list):
             continue
         me = method.args.args[0].arg
+        initialiser = method.name in ("__init__", "__post_init__")
         for node in ast.walk(method):
             if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                     and node.value.id == me):
-                (reads if isinstance(node.ctx, ast.Load) else stores).add(node.attr)
+                if isinstance(node.ctx, ast.Load):
+                    reads.add(node.attr)
+                elif initialiser:
+                    stores.add(node.attr)
     return reads, stores
 
 

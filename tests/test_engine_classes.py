@@ -262,8 +262,8 @@ def test_instances_lacking_what_the_new_init_sets_are_refused_with_how_to_fix(tr
     m = tree.load("m")
     tree.write("m.py", CACHE.format(more_init=MORE_INIT, more_put=MORE_PUT, hook=""))
     error = refused(tree)
-    assert (f"class {tree.name('m')}.Cache: its new code reads self.hits, which its old code "
-            "never set, and 2 live instance(s) lack it") in error
+    assert (f"class {tree.name('m')}.Cache: its new code reads self.hits, which its old "
+            "__init__ never set, and 2 live instance(s) lack it") in error
     assert "def __hot_migrate__(self, old): self.hits = ..." in error
     assert "hits" not in vars(m.LIVE[0])
 
@@ -327,7 +327,7 @@ def test_dataclass_field_without_default_is_refused_without_a_hook(tree):
     tree.load("m")
     tree.write("m.py", "import dataclasses\n@dataclasses.dataclass\nclass P:\n    x: int\n"
                        "    y: int\nLIVE = P(1, 2)\n")
-    assert "reads self.y, which its old code never set, and 1 live instance(s)" in refused(tree)
+    assert "reads self.y, which its old __init__ never set, and 1 live instance(s)" in refused(tree)
 
 
 def test_a_hook_that_leaves_an_instance_unusable_rolls_everything_back(tree):
@@ -363,3 +363,20 @@ def test_class_becoming_a_protocol_with_nothing_holding_it_is_made_anew(tree):
     report = upgraded(tree)
     m = tree.load("m")
     assert f"{tree.name('m')}.Base" in report.replaced and m.Base in m.More.__mro__
+
+
+def test_attributes_set_lazily_outside_init_need_no_hook(tree):
+    tree.write("m.py", "class C:\n    def __init__(self):\n        self.a = 1\nLIVE = C()\n")
+    m = tree.load("m")
+    tree.write("m.py", """
+        class C:
+            def __init__(self):
+                self.a = 1
+            def cached(self):
+                if not hasattr(self, "_memo"):
+                    self._memo = self.a * 2
+                return self._memo
+        LIVE = C()
+    """)
+    upgraded(tree)
+    assert m.LIVE.cached() == 2
