@@ -5395,6 +5395,9 @@ class _ModulePlan:
     stale: set[int] = dataclasses.field(default_factory=set)  # closures made anew, by id
     stale_calls: set[str] = dataclasses.field(default_factory=set)  # their factories, as ``f()``
     kept: set[str] = dataclasses.field(default_factory=set)  # last bound by a statement left out
+    # Class qualname -> the names (as the class dict holds them) of the statements left out.
+    class_kept: dict[str, set[str]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(set))
     results: set[str] = dataclasses.field(default_factory=set)  # ``NAME()`` it imports changed
     # id of the code each live function runs now -> it and the code it runs after the swap
     # (by identity: equal code of another file is another function's).
@@ -5880,8 +5883,7 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
     old_defs = new_defs = None  # defs by key, for names several defs bind
     for scope, qualname, statement in _definitions(tree.body):
         if isinstance(statement, ast.ClassDef):
-            plan.rerun[qualname] = _rerun_in_order(statement.body, plan.old.get(qualname),
-                                                   plan.new[qualname], plan.rerun[""])[0]
+            plan.rerun[qualname] = _keep_class_state(plan, qualname, statement)
         if scope not in plan.old or _within(qualname, plan.rebuilt):
             continue
         key = _definition_key(qualname, statement)
@@ -5941,6 +5943,34 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
         _find_closures(plan)
     _swap_without_running(plan)
     plan.code_pairs = _code_pairs(plan)
+
+
+def _keep_class_state(plan: _ModulePlan, qualname: str, statement: ast.ClassDef) -> set[str]:
+    """The module rule in a live class's body: a statement whose group need
+    not run again is left out, and the swap starts the body with the live
+    class's values of what it binds (a marker ``__missing = object()`` that
+    a method's default reads stays the one the class holds).  Annotated
+    assignments (``__annotations__``, dataclass fields) and the docstring
+    always run.  Returns the names the statements that run again bind."""
+    cls = _live_class(plan, qualname)
+    plain = (cls is not None and not _within(qualname, plan.rebuilt)
+             and inspect.getattr_static(type(cls), "__prepare__") is type.__dict__["__prepare__"])
+    private = f"_{statement.name.lstrip('_')}__"
+    live = ({("__" + name[len(private):] if name.startswith(private) else name): name
+             for name in cls.__dict__} if plain else {})
+    rerun, unchanged = _rerun_in_order(statement.body, plan.old.get(qualname),
+                                       plan.new[qualname], plan.rerun[""],
+                                       {name: cls.__dict__[live[name]] for name in live} or None)
+    for index in unchanged if plain else ():
+        kept = statement.body[index]
+        if (isinstance(kept, (*_DEFS, ast.ClassDef, ast.Import, ast.ImportFrom, ast.AnnAssign))
+                or (index == 0 and isinstance(kept, ast.Expr)
+                    and isinstance(kept.value, ast.Constant))):
+            continue
+        statement.body[index] = ast.copy_location(ast.Pass(), kept)
+        plan.class_kept[qualname].update(live[name] for name in _bound_names(kept)
+                                         if name in live)
+    return rerun
 
 
 def _redecorate(plan: _ModulePlan, stale: set[int]) -> bool:
@@ -6762,6 +6792,8 @@ class _Swap:
                       bases: tuple, keywords: dict) -> type:
         """Run a class's new body and apply it to the live class; returns the class."""
         _, namespace, _ = types.prepare_class(body.__name__, types.resolve_bases(bases), keywords)
+        namespace.update((name, cls.__dict__[name]) for name in plan.class_kept.get(
+            cls.__qualname__, ()) if name in cls.__dict__)  # what the left-out statements bound
         exec(body.__code__, body.__globals__, namespace, closure=body.__closure__)
         cell = namespace.get("__classcell__")
         if cell is not None:  # zero-argument super() in the new methods

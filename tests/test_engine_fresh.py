@@ -484,3 +484,34 @@ def test_closures_a_factory_made_into_a_container_are_made_again_when_they_canno
     tree.write("m.py", FACTORY.format(scale="scale = 10", times=" * scale"))
     upgraded(tree)
     assert m.HANDLERS[0](1) == 11 and user.MINE["two"](1) == 21
+
+
+MARKER = """
+class Cache:
+    __marker = object()
+    registered = []
+    registered.append("once")
+    def pop(self, key, default=__marker):
+        if default is self.__marker:
+            raise KeyError(key)
+        return default
+    def get(self, key, default=None):
+        return {value!r}
+"""
+
+
+def test_a_class_body_keeps_the_values_a_method_default_and_the_class_share(tree):
+    tree.write("m.py", MARKER.format(value=1))
+    m = tree.load("m")
+    marker = m.Cache._Cache__marker
+    tree.write("m.py", MARKER.format(value=2).replace("(self, key, default=__marker)",
+                                                      "(self, key, default=__marker, *rest)"))
+    upgraded(tree)  # pop's signature changed: its def runs, its default is the kept marker
+    assert m.Cache._Cache__marker is marker and m.Cache().get(0) == 2
+    assert m.Cache.registered == ["once"]
+    try:
+        m.Cache().pop("missing")
+    except KeyError:
+        pass
+    else:
+        raise AssertionError("pop did not raise: its default is not the class's marker")
