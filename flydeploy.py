@@ -29,6 +29,11 @@ The file is organised in sections, in the order data flows:
                   asyncio loop pausing (``attach_loop``), change tracking
                   (``track``, ``modified_modules``) and the transactional
                   in-place code swap (``reload_modules``).
+4b. Frameworks    inside the same pause and undo log: web framework state
+                  (Jinja2 template caches, Flask and Starlette/FastAPI
+                  routes and handlers, Django template loaders and URL
+                  caches, SQLAlchemy models) made what a cold start of the
+                  new code builds, then the ``on_reload`` callbacks.
 5. Agent          the per-process agent on a unix socket, the per-machine
                   upgrade (``hot_upgrade``), boot-time catch-up
                   (``startup_reapply_current``) and the poller.
@@ -5632,8 +5637,9 @@ class _Swap:
     state is merged.  Every change is logged so ``rollback`` undoes it all.
     """
 
-    def __init__(self, plans: list[_ModulePlan]) -> None:
+    def __init__(self, plans: list[_ModulePlan], files: frozenset[str] | None = None) -> None:
         self.plans = plans
+        self.files = files  # the release files that changed, if known (section 4b)
         self.paths = {plan.path for plan in plans}
         self.thread = threading.get_ident()
         self.undo: list[Callable[[], None]] = []
@@ -5760,6 +5766,8 @@ class _Swap:
         elif type(old) is type(new) and hasattr(type(old), "cache_clear"):
             self._replace(label, old, new)  # a cache decorator with new arguments
             return new
+        if changed and _keeps_mapped_attribute(old, new):
+            return old
         return new if changed else old
 
     def _replace(self, label: _Label, old: object, new: object) -> None:
@@ -6026,7 +6034,8 @@ class _Swap:
         old_versions = [getattr(server, "vsn", None) for server in affected]
         migrating = None
         try:
-            self.run()
+            with _frameworks_refreshed(self):
+                self.run()
             # Only an app's own code_change can change a state: only those states are kept for a
             # rollback, since copying them holds everything for as long as it takes.
             changing = [server for server in affected if type(server).code_change is not Server.code_change]
@@ -6140,13 +6149,17 @@ def on_upgrade(callback: Callable[[UpgradeReport], object], *,
     attempt (check ``report.ok``); ``remove=True`` unregisters it.  An
     exception in a callback is logged, never raised.  Returns ``callback``,
     so this works as a decorator."""
+    return _register_callback(_upgrade_callbacks, callback, remove, "on_upgrade")
+
+
+def _register_callback(callbacks: list, callback: Callable, remove: bool, what: str) -> Callable:
     if not callable(callback):
-        raise FlyDeployError(f"on_upgrade() needs a callable, got {callback!r}")
+        raise FlyDeployError(f"{what}() needs a callable, got {callback!r}")
     if remove:
-        if callback in _upgrade_callbacks:
-            _upgrade_callbacks.remove(callback)
-    elif callback not in _upgrade_callbacks:
-        _upgrade_callbacks.append(callback)
+        if callback in callbacks:
+            callbacks.remove(callback)
+    elif callback not in callbacks:
+        callbacks.append(callback)
     return callback
 
 
@@ -6236,7 +6249,7 @@ def _commit(plans: list[_ModulePlan]) -> None:
 
 
 def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float = 10.0,
-                   extra: object = None) -> UpgradeReport:
+                   extra: object = None, files: Iterable[str] | None = None) -> UpgradeReport:
     """Upgrade modules in place from their source on disk.
 
     ``names`` defaults to ``modified_modules()``.  Phase 1 reads, compiles
@@ -6251,6 +6264,12 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
     returns the live server of that name and class (its state goes through
     ``code_change``); give module-level servers a name, or an edit of their
     line would start a second one.
+
+    ``files`` are the paths of the files that changed (templates, static
+    files, sources: what a release wrote), handed to the framework
+    refreshes and ``on_reload`` callbacks of section 4b inside the pause;
+    changed files pause and refresh even when no module changed.  None means
+    not known: a refresh then assumes any file may have changed.
     """
     global _upgrading_thread
     if isinstance(names, str):
@@ -6263,13 +6282,14 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
                              "for instance from an on_upgrade callback or another thread")
     started = time.perf_counter()
     report = UpgradeReport()
+    files = None if files is None else frozenset(os.path.abspath(os.fspath(path)) for path in files)
     with _upgrade_lock:
         _upgrading_thread = threading.get_ident()
         try:
             plans = _prepare(modified_modules() if names is None else list(names))
             report.modules = [plan.name for plan in plans]
-            if plans:
-                _swap_everything(plans, report, suspend_timeout, extra)
+            if plans or files:
+                _swap_everything(plans, report, suspend_timeout, extra, files)
             else:
                 report.ok = True
         except UpgradeRefused as exc:
@@ -6301,12 +6321,12 @@ def _garbage_collection_paused():
 
 
 def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_timeout: float,
-                     extra: object) -> None:
+                     extra: object, files: frozenset[str] | None = None) -> None:
     """Phases 2 and 3: hold every live server and attached loop in one pause,
     swap, migrate the state of the affected servers, and roll everything
     back on failure; once resumed, tell the upgraded servers and commit."""
     changed = {plan.name for plan in plans}
-    swap = _Swap(plans)
+    swap = _Swap(plans, files)
     pause = _Pause(servers(), timeout=suspend_timeout)
     affected: list[Server] = []
     try:
@@ -6342,6 +6362,439 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
 
 def _server_label(server: Server) -> str:
     return server.name or repr(server)
+
+
+# ===========================================================================
+# 4b. Frameworks: what a cold start of the new code would serve
+# ===========================================================================
+#
+# Web frameworks keep what the old module bodies built: compiled templates,
+# routes and handlers registered by decorators, URL resolvers.  Inside the
+# pause of the code swap and under its undo log, each refresh below makes
+# that state what a process cold-started on the new code would build, then
+# the ``on_reload`` callbacks run.  A refresh acts only when its framework is
+# already in ``sys.modules`` (none is ever imported here) and finds the live
+# objects through the garbage collector, so apps need no registration.
+#
+# Registrations are made again the way a cold start makes them: before the
+# new module bodies run, every registration of a reloaded module's function
+# whose decorators run again (they changed) or whose def is gone is taken
+# out; the new bodies then register what the new code registers, and the
+# registrations of unchanged decorators stay as they are.
+
+
+@dataclasses.dataclass(frozen=True)
+class Reload:
+    """What one upgrade changes, for ``on_reload`` callbacks.
+
+    ``modules`` are the reloaded modules in execution order; ``files`` the
+    absolute paths of the files the release changed on this machine
+    (templates and static files too), or None when that is not known (then
+    assume any file may have changed).
+    """
+
+    modules: tuple[str, ...]
+    files: frozenset[str] | None
+    _undo: Callable[[Callable[[], None]], None] = dataclasses.field(repr=False)
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        """Have ``undo`` called if the upgrade is rolled back after all."""
+        self._undo(undo)
+
+    def changed(self, suffixes: tuple[str, ...] | None = None) -> bool:
+        """Whether a file other than a Python source changed (or may have),
+        or, with ``suffixes``, a file ending in one of them."""
+        if self.files is None:
+            return True
+        return any(path.endswith(suffixes) if suffixes else not path.endswith(".py")
+                   for path in self.files)
+
+
+_reload_callbacks: list[Callable[[Reload], object]] = []
+
+
+def on_reload(callback: Callable[[Reload], object], *,
+              remove: bool = False) -> Callable[[Reload], object]:
+    """Register ``callback`` to be called with a ``Reload`` inside the pause
+    of every upgrade, after the code swap and the framework refreshes and
+    before anything resumes: the place to drop an app's or a library's own
+    caches of templates, files or module state.  It runs on the upgrading
+    thread while the app is held, so it must not wait for the app; an
+    exception fails the upgrade, which is rolled back (register undo steps
+    with ``reload.on_rollback``).  ``remove=True`` unregisters it.  Returns
+    ``callback``, so this works as a decorator."""
+    return _register_callback(_reload_callbacks, callback, remove, "on_reload")
+
+
+@contextlib.contextmanager
+def _frameworks_refreshed(swap: _Swap) -> Iterator[None]:
+    """Around the module bodies of a swap: take out the registrations the new
+    code makes again, then, once the bodies ran, refresh the caches and run
+    the ``on_reload`` callbacks.  Every change goes to the swap's undo log."""
+    reload = Reload(tuple(plan.name for plan in swap.plans), swap.files, swap.undo.append)
+    swap.stage, swap.module = "preparing the web frameworks for the new code", ""
+    superseded = _superseded(swap.plans)
+    _check_models(swap.plans)
+    flask_apps = _flask_before(superseded, swap.undo.append)
+    starlette_apps = _starlette_before(superseded, swap.undo.append)
+    yield
+    swap.stage, swap.module = "refreshing the web frameworks", ""
+    _flask_after(flask_apps)
+    _starlette_after(starlette_apps, swap, swap.undo.append)
+    if reload.changed():
+        _refresh_jinja2(swap.undo.append)
+    _refresh_django(reload, swap.undo.append)
+    for callback in list(_reload_callbacks):
+        swap.stage = f"on_reload callback {getattr(callback, '__qualname__', callback)!r}"
+        callback(reload)
+
+
+def _set_logged(obj: object, attribute: str, value: object,
+                undo: Callable[[Callable[[], None]], None]) -> None:
+    """``setattr`` with the step that puts the old value back on the undo log."""
+    before = obj.__dict__.get(attribute, _MISSING)
+
+    def restore() -> None:
+        if before is _MISSING:
+            obj.__dict__.pop(attribute, None)
+        else:
+            setattr(obj, attribute, before)
+
+    undo(restore)
+    setattr(obj, attribute, value)
+
+
+def _instances(module: str, name: str) -> list:
+    """The live instances of class ``module.name`` and its subclasses, if that
+    module is imported (found through the garbage collector's referrers:
+    an instance of a Python class refers to its class)."""
+    base = getattr(sys.modules.get(module), name, None)
+    if not isinstance(base, type):
+        return []
+    classes, todo = set(), [base]
+    while todo:
+        cls = todo.pop()
+        if cls not in classes:
+            classes.add(cls)
+            todo.extend(type.__subclasses__(cls))
+    return [obj for obj in gc.get_referrers(*classes) if type(obj) in classes]
+
+
+def _unwrapped(obj: object) -> object:
+    """The function under a registered callable's wrappers (``__wrapped__``, methods, partials)."""
+    for _ in range(100):
+        inner = (getattr(obj, "__func__", None) if _is_a(obj, (types.MethodType, classmethod, staticmethod))
+                 else obj.func if _is_a(obj, functools.partial)
+                 else obj.__dict__.get("__wrapped__") if _is_a(obj, types.FunctionType) else None)
+        if inner is None:
+            return obj
+        obj = inner
+    return obj
+
+
+def _superseded(plans: list[_ModulePlan]) -> Callable[[object], bool]:
+    """Whether a registered callable is a ``def`` of a reloaded module that
+    the new code registers again (its decorators changed and run again) or
+    no longer defines: its live registration is not what a cold start makes."""
+    by_name = {plan.name: plan for plan in plans}
+
+    def superseded(obj: object) -> bool:
+        function = _unwrapped(obj)
+        if type(function) is not types.FunctionType:
+            return False
+        plan = by_name.get(function.__module__)
+        qualname = function.__qualname__
+        if plan is None or "<locals>" in qualname:
+            return False
+        old = plan.old.get(qualname.rpartition(".")[0])
+        key = (qualname, "")
+        return old is not None and key in old.definitions and key not in plan.undecorated
+
+    return superseded
+
+
+def _pruned(value: object, superseded: Callable[[object], bool], depth: int = 3) -> object:
+    """``value`` without the superseded callables in it (dict keys or values,
+    list items, nested ``depth`` deep): a new container when any goes, never
+    a change to the live one (which the undo log keeps)."""
+    if depth < 0:
+        return value
+    if isinstance(value, dict):
+        kept = {key: _pruned(item, superseded, depth - 1) for key, item in value.items()
+                if not (superseded(key) or superseded(item))}
+        if len(kept) == len(value) and all(kept[key] is value[key] for key in kept):
+            return value
+        fresh = copy.copy(value)  # keeps a defaultdict's factory
+        fresh.clear()
+        fresh.update(kept)
+        return fresh
+    if isinstance(value, list):
+        kept = [_pruned(item, superseded, depth - 1) for item in value if not superseded(item)]
+        return value if len(kept) == len(value) and all(a is b for a, b in zip(kept, value)) else kept
+    return value
+
+
+# --- Jinja2 -----------------------------------------------------------------
+
+
+def _refresh_jinja2(undo: Callable[[Callable[[], None]], None]) -> None:
+    """Every live Jinja2 ``Environment`` (Flask's, Starlette's and FastAPI's
+    ``Jinja2Templates``, Django's Jinja2 backend, plain ones) drops its
+    compiled templates, as a cold start has none; auto-reload is off outside
+    debug mode, so without this the old templates would keep rendering."""
+    for environment in _instances("jinja2.environment", "Environment"):
+        cache = environment.__dict__.get("cache")
+        if cache:
+            fresh = copy.copy(cache)
+            fresh.clear()
+            _set_logged(environment, "cache", fresh, undo)
+
+
+# --- Django -----------------------------------------------------------------
+
+
+def _refresh_django(reload: Reload, undo: Callable[[Callable[[], None]], None]) -> None:
+    """Django's cached template loaders forget their templates, the URL
+    resolvers are built again from the (reloaded) URLconf, and a hashed
+    static files manifest is read again."""
+    urls = sys.modules.get("django.urls")
+    if urls is not None:
+        # Refilled on the next request from whatever code runs then, after a rollback too.
+        urls.clear_url_caches()
+    template = sys.modules.get("django.template")
+    if template is not None and reload.changed():
+        for backend in list(getattr(template.engines, "_engines", {}).values()):
+            engine = getattr(backend, "engine", None)
+            for loader in getattr(engine, "__dict__", {}).get("template_loaders", ()):
+                if isinstance(getattr(loader, "get_template_cache", None), dict):
+                    _set_logged(loader, "get_template_cache", {}, undo)
+    storage = sys.modules.get("django.contrib.staticfiles.storage")
+    wrapped = getattr(getattr(storage, "staticfiles_storage", None), "_wrapped", None)
+    manifest = getattr(wrapped, "manifest_name", None)
+    if manifest and hasattr(wrapped, "load_manifest") and (
+            reload.files is None or any(path.endswith(manifest) for path in reload.files)):
+        for attribute in ("hashed_files", "manifest_hash"):
+            undo(functools.partial(setattr, wrapped, attribute, getattr(wrapped, attribute, None)))
+        loaded = wrapped.load_manifest()
+        wrapped.hashed_files, wrapped.manifest_hash = (loaded if isinstance(loaded, tuple)
+                                                       else (loaded, getattr(wrapped, "manifest_hash", None)))
+
+
+# --- Flask ------------------------------------------------------------------
+
+# What a Flask app or blueprint registers functions in.
+_FLASK_REGISTRIES = ("view_functions", "error_handler_spec", "before_request_funcs",
+                     "after_request_funcs", "teardown_request_funcs", "template_context_processors",
+                     "url_value_preprocessors", "url_default_functions", "teardown_appcontext_funcs",
+                     "shell_context_processors")
+
+
+def _flask_scaffolds() -> list:
+    return (_instances("flask.sansio.scaffold", "Scaffold")  # Flask >= 2.3
+            or _instances("flask.scaffold", "Scaffold"))
+
+
+def _flask_before(superseded: Callable[[object], bool],
+                  undo: Callable[[Callable[[], None]], None]) -> list:
+    """Take the superseded views, error handlers and hooks out of every Flask
+    app and blueprint (and the URL rules of those views), and let the apps
+    take new routes although they served requests (Flask refuses a setup
+    method after the first request).  Returns the apps to close again."""
+    apps = []
+    for scaffold in _flask_scaffolds():
+        views = scaffold.__dict__.get("view_functions", {})
+        for attribute in _FLASK_REGISTRIES:
+            value = scaffold.__dict__.get(attribute, _MISSING)
+            if value is not _MISSING and (pruned := _pruned(value, superseded)) is not value:
+                _set_logged(scaffold, attribute, pruned, undo)
+        url_map = scaffold.__dict__.get("url_map")
+        gone = views.keys() - scaffold.__dict__.get("view_functions", {}).keys()
+        if url_map is not None and gone:
+            _drop_rules(url_map, gone, undo)
+        if scaffold.__dict__.get("_got_first_request"):
+            _set_logged(scaffold, "_got_first_request", False, undo)
+            apps.append(scaffold)
+    return apps
+
+
+def _drop_rules(url_map: object, endpoints: set, undo: Callable[[Callable[[], None]], None]) -> None:
+    """Remove the rules of ``endpoints`` from a werkzeug ``Map`` (which has no
+    way to): a new matcher with the other rules replaces the live one."""
+    matcher = url_map.__dict__.get("_matcher")
+    if matcher is None or not isinstance(url_map.__dict__.get("_rules_by_endpoint"), dict):
+        raise UpgradeRefused("cannot remove routes from this werkzeug version's URL map; "
+                             "upgrade werkzeug to 2.2 or later, or cold deploy", module=None)
+    fresh, by_endpoint = type(matcher)(matcher.merge_slashes), {}
+    for endpoint, rules in url_map._rules_by_endpoint.items():
+        if endpoint not in endpoints:
+            by_endpoint[endpoint] = list(rules)
+            for rule in rules:
+                if not rule.build_only:
+                    fresh.add(rule)
+    _set_logged(url_map, "_matcher", fresh, undo)
+    _set_logged(url_map, "_rules_by_endpoint", by_endpoint, undo)
+    _set_logged(url_map, "_remap", True, undo)
+
+
+def _flask_after(apps: list) -> None:
+    for app in apps:
+        app._got_first_request = True
+
+
+# --- Starlette / FastAPI ----------------------------------------------------
+
+
+class _StarletteApp(NamedTuple):
+    app: object
+    handlers: dict  # exception handlers and middleware before the new code ran
+    middleware: list
+
+
+def _starlette_before(superseded: Callable[[object], bool],
+                      undo: Callable[[Callable[[], None]], None]) -> list[_StarletteApp]:
+    """Take superseded endpoints out of every Starlette/FastAPI app's router
+    (mounted routers too), exception handlers and dependency overrides."""
+    apps = []
+    for app in _instances("starlette.applications", "Starlette"):
+        _prune_router(getattr(app, "router", None), superseded, undo, set())
+        for attribute in ("exception_handlers", "dependency_overrides"):
+            value = app.__dict__.get(attribute)
+            if value is not None and (pruned := _pruned(value, superseded)) is not value:
+                _set_logged(app, attribute, pruned, undo)
+        apps.append(_StarletteApp(app, dict(app.__dict__.get("exception_handlers") or {}),
+                                  list(app.__dict__.get("user_middleware") or [])))
+    return apps
+
+
+def _prune_router(router: object, superseded: Callable[[object], bool],
+                  undo: Callable[[Callable[[], None]], None], seen: set[int]) -> None:
+    routes = getattr(router, "__dict__", {}).get("routes")
+    if not isinstance(routes, list) or id(router) in seen:
+        return
+    seen.add(id(router))
+    kept = [route for route in routes if not superseded(getattr(route, "endpoint", None))]
+    if len(kept) != len(routes):
+        _set_logged(router, "routes", kept, undo)
+    for route in kept:  # Mount and Host hold routers of their own
+        _prune_router(getattr(route, "app", None), superseded, undo, seen)
+
+
+def _starlette_after(apps: list[_StarletteApp], swap: _Swap,
+                     undo: Callable[[Callable[[], None]], None]) -> None:
+    """An app object the new module body made again (``app = Starlette(routes=
+    routes)`` runs again when ``routes`` changed) lends its routes, handlers
+    and middleware to the live app, which the server holds, and the name
+    keeps the live app.  The middleware stack (which holds the exception
+    handlers) is built again where they changed; FastAPI's schema too."""
+    for plan in swap.plans:
+        namespace = plan.module.__dict__
+        for name, old in swap.namespaces.get(plan.name, {}).items():
+            new = namespace.get(name)
+            if any(old is entry.app for entry in apps) and new is not old and type(new) is type(old):
+                for attribute, value in new.__dict__.items():
+                    if attribute != "state":  # what the lifespan set up stays
+                        _set_logged(old, attribute, value, undo)
+                namespace[name] = old  # the module's namespace is on the undo log
+    for entry in apps:
+        app = entry.app
+        if (dict(app.__dict__.get("exception_handlers") or {}) != entry.handlers
+                or list(app.__dict__.get("user_middleware") or []) != entry.middleware):
+            _set_logged(app, "middleware_stack", None, undo)
+        if app.__dict__.get("openapi_schema") is not None:
+            _set_logged(app, "openapi_schema", None, undo)
+
+
+# --- SQLAlchemy -------------------------------------------------------------
+
+# The calls that declare a mapped attribute in a model's class body.
+_MAPPED_CALLS = frozenset({"mapped_column", "Column", "relationship", "column_property", "composite",
+                           "synonym", "deferred", "relation", "backref", "dynamic_loader"})
+
+
+def _cold_deploy_for_model(cls: type, what: str, module: str) -> UpgradeRefused:
+    return UpgradeRefused(f"cold deploy required: SQLAlchemy model {cls.__module__}.{cls.__qualname__} "
+                          f"{what}; its table needs a database migration and a cold deploy (`fly deploy`), "
+                          "which maps the model afresh", module=module)
+
+
+def _is_mapped(cls: object) -> bool:
+    return isinstance(cls, type) and "__mapper__" in cls.__dict__ and "sqlalchemy.orm" in sys.modules
+
+
+def _check_models(plans: list[_ModulePlan]) -> None:
+    """Refuse a new class statement of a live SQLAlchemy model that adds or
+    removes a mapped attribute, or that makes the class anew (a model is
+    mapped once: a second class of the same name and table is refused by
+    SQLAlchemy's registry)."""
+    for plan in plans:
+        for qualname, scope in plan.new.items():
+            cls = _live_class(plan, qualname) if qualname else None
+            if not _is_mapped(cls):
+                continue
+            if _within(qualname, plan.rebuilt):
+                raise _cold_deploy_for_model(cls, "changed its bases or metaclass", plan.name)
+            before = plan.old.get(qualname)
+            mapped = set(cls.__mapper__.attrs.keys())
+            removed = sorted(mapped & (before.statements.keys() - scope.statements.keys()))
+            added = sorted(name for name in scope.statements.keys() - before.statements.keys()
+                           if _declares_mapped(plan.tree, qualname, name))
+            if removed or added:
+                raise _cold_deploy_for_model(cls, f"columns changed (added {added}, removed {removed})",
+                                             plan.name)
+
+
+def _declares_mapped(tree: ast.Module, qualname: str, name: str) -> bool:
+    """Whether the class body ``qualname`` assigns ``name`` a mapped attribute."""
+    for _scope, found, statement in _definitions(tree.body):
+        if found == qualname and isinstance(statement, ast.ClassDef):
+            for child in statement.body:
+                if name in _bound_names(child) and any(
+                        isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+                        in _MAPPED_CALLS for node in ast.walk(child)):
+                    return True
+    return False
+
+
+def _keeps_mapped_attribute(old: object, new: object) -> bool:
+    """Whether a statement of a live SQLAlchemy model that ran again (it reads
+    a name that took a new value) declares the very column or relationship
+    the model maps: then the mapped attribute stays.  A different one is a
+    changed table, refused.  False for anything that is no mapped attribute."""
+    if not type(old).__module__.startswith("sqlalchemy.") or "sqlalchemy.orm" not in sys.modules:
+        return False
+    cls, key = getattr(old, "class_", None), getattr(old, "key", None)
+    if not _is_mapped(cls) or key not in cls.__mapper__.attrs:
+        return False
+    live = cls.__mapper__.attrs[key]
+    if hasattr(live, "columns"):
+        column = getattr(new, "column", new)
+        same = hasattr(column, "foreign_keys") and _column_signature(column, live.columns[0]) == \
+            _column_signature(live.columns[0], live.columns[0])
+    else:
+        same = hasattr(new, "argument") and _relationship_signature(new) == _relationship_signature(live)
+    if not same:
+        raise _cold_deploy_for_model(cls, f"attribute {key!r} changed", cls.__module__)
+    return True
+
+
+def _column_signature(column: Any, live: Any) -> tuple:
+    """What a column declares about its table; what ``column`` leaves to the
+    annotation (a ``mapped_column``'s type and nullability) is the live column's."""
+    def default(value: Any) -> object:
+        arg = getattr(value, "arg", None)
+        return getattr(arg, "__name__", None) if callable(arg) else repr(arg)
+    typed = type(column.type).__name__ != "NullType"
+    nullable = column if isinstance(getattr(column, "_user_defined_nullable", None), bool) else live
+    return (repr((column if typed else live).type), column.primary_key, column.unique, column.index,
+            nullable.nullable, sorted(fk.target_fullname for fk in column.foreign_keys),
+            default(column.server_default), default(column.default))
+
+
+def _relationship_signature(prop: Any) -> tuple:
+    argument = prop.argument
+    target = argument if isinstance(argument, str) else getattr(argument, "__name__", repr(argument))
+    secondary = getattr(prop, "secondary", None)
+    return target, prop.back_populates, getattr(secondary, "name", secondary), prop.lazy
 
 
 # ===========================================================================
@@ -6618,8 +7071,12 @@ def _importing(name: str) -> bool:
     return bool(getattr(getattr(sys.modules.get(name), "__spec__", None), "_initializing", False))
 
 
-def _apply_here(release: dict, *, suspend_timeout: float = _DEFAULT_SUSPEND_TIMEOUT, extra: Any = None) -> dict:
+def _apply_here(release: dict, *, suspend_timeout: float = _DEFAULT_SUSPEND_TIMEOUT, extra: Any = None,
+                files: list[str] | None = None) -> dict:
     """Reload this process's changed modules and, on success, record ``release`` as held.
+
+    ``files`` are the paths the release wrote on this machine (None: not
+    known), for the framework refreshes of section 4b.
 
     A changed module that is still being imported (at boot, typically the one
     that called ``startup_reapply_current``) is reloaded as soon as its import
@@ -6633,7 +7090,7 @@ def _apply_here(release: dict, *, suspend_timeout: float = _DEFAULT_SUSPEND_TIME
         _reloading.active = True
         try:
             report = reload_modules([name for name in changed if name not in importing],
-                                    suspend_timeout=suspend_timeout, extra=extra)
+                                    suspend_timeout=suspend_timeout, extra=extra, files=files)
         finally:
             _reloading.active = False
         if report.ok and not importing:
@@ -6892,8 +7349,11 @@ def _dispatch(agent: Agent, request: dict) -> dict:
         if not _is_positive_seconds(timeout):
             raise AgentError('malformed apply request: "suspend_timeout" must be a positive, finite number '
                              "of seconds")
+        files = request.get("files")
+        if files is not None and not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+            raise AgentError('malformed apply request: "files" must be a list of paths')
         report = _apply_here(_release_of(request, os.environ.get("FLY_IMAGE_REF")),
-                             suspend_timeout=float(timeout), extra=request.get("extra"))
+                             suspend_timeout=float(timeout), extra=request.get("extra"), files=files)
         return {"ok": bool(report["ok"]), "pid": os.getpid(), "name": _process_name(), "report": report}
     raise AgentError(f"unknown op {op!r}; the agent answers ping, info, locate and apply")
 
@@ -7455,7 +7915,8 @@ def _install_release(app: str, store: Store, key: str, sha256: str | None, *, de
     without downloading when the state file shows that release installed.
     A release deployed before the one installed raises ``_Superseded``: two
     upgrades that raced, or a stale metadata read, never roll a machine back.
-    Returns the new state plus ``files_written`` and ``files_unchanged``.
+    Returns the new state plus ``files_written`` and ``files_unchanged``,
+    and ``files``: the paths written.
     """
     state = _read_state(app)
     if state and deployed_at and (state.get("deployed_at") or "") > deployed_at:
@@ -7479,11 +7940,13 @@ def _install_release(app: str, store: Store, key: str, sha256: str | None, *, de
         installed.commit()
     log.info("flydeploy: %s %s: wrote %d files, %d unchanged", app, state["version"], len(installed.written),
              installed.unchanged)
-    return {**state, "files_written": len(installed.written), "files_unchanged": installed.unchanged}
+    return {**state, "files_written": len(installed.written), "files_unchanged": installed.unchanged,
+            "files": list(installed.written)}
 
 
-def _apply_request(release: dict, suspend_timeout: float) -> dict:
-    return {"op": "apply", "suspend_timeout": suspend_timeout,
+def _apply_request(release: dict, suspend_timeout: float, files: list[str] | None = None) -> dict:
+    """The apply request for ``release``, with the paths it wrote on this machine when known."""
+    return {"op": "apply", "suspend_timeout": suspend_timeout, "files": files,
             **{key: release.get(key) for key in _RELEASE_FIELDS}}
 
 
@@ -7606,7 +8069,7 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
         # The lock covers the apply too: the version each process records is the one on disk.
         with _machine_lock(app):
             installed = _install_release(app, store, key, sha256, deployed_at=deployed_at, in_process=False)
-            replies = _ask_agents(app, _apply_request(installed, suspend_timeout),
+            replies = _ask_agents(app, _apply_request(installed, suspend_timeout, installed["files"]),
                                   timeout=_apply_wait(suspend_timeout))
         if not replies:
             raise AgentError(f"no flydeploy agent of {app} runs on this machine, so no running process loaded "
@@ -7680,15 +8143,16 @@ def _catch_up_machine(store: Store, app: str, hot: dict) -> str:
         except _Superseded as exc:
             log.info("flydeploy: %s", exc)
             return "up_to_date"
+        files = None
         if installed is not None:
-            release["sha256"] = installed["sha256"]
-            request = _apply_request(release, _DEFAULT_SUSPEND_TIMEOUT)
+            release["sha256"], files = installed["sha256"], installed["files"]
+            request = _apply_request(release, _DEFAULT_SUSPEND_TIMEOUT, files)
             for entry in _ask_agents(app, request, timeout=_apply_wait(_DEFAULT_SUSPEND_TIMEOUT),
                                      exclude_pid=os.getpid()):
                 if not (entry.get("reply") or {}).get("ok"):
                     log.error("flydeploy: process %s did not apply %s: %s", entry["pid"], release["version"],
                               _reply_error(entry))
-        report = _apply_here(release)
+        report = _apply_here(release, files=files)
     if not report["ok"]:
         raise _LoadFailed(f"this process could not load hot upgrade {release['version']}: {report['error']}")
     return "up_to_date" if installed is None else "applied"
