@@ -7011,6 +7011,7 @@ _agent: Agent | None = None
 _agent_lock = threading.Lock()
 _apply_lock = threading.RLock()
 _held: dict | None = None
+_held_files: dict[str, str] | None = None  # path -> sha256 of every file of the release held
 _process_app: str | None = None
 _fork_lock_taken = False
 _hooks_registered = False
@@ -7071,26 +7072,31 @@ def _importing(name: str) -> bool:
     return bool(getattr(getattr(sys.modules.get(name), "__spec__", None), "_initializing", False))
 
 
-def _apply_here(release: dict, *, suspend_timeout: float = _DEFAULT_SUSPEND_TIMEOUT, extra: Any = None,
-                files: list[str] | None = None) -> dict:
+def _apply_here(release: dict, *, suspend_timeout: float = _DEFAULT_SUSPEND_TIMEOUT, extra: Any = None) -> dict:
     """Reload this process's changed modules and, on success, record ``release`` as held.
 
-    ``files`` are the paths the release wrote on this machine (None: not
-    known), for the framework refreshes of section 4b.
+    The files that changed (templates and static files too, for the
+    framework refreshes of section 4b) are those of the installed release
+    whose sha256 differs from the release this process held; all of them
+    when it held none (it runs the image's files, of which no list is kept).
 
     A changed module that is still being imported (at boot, typically the one
     that called ``startup_reapply_current``) is reloaded as soon as its import
     finishes, on a thread: reloading it now would let the rest of its old body,
     still running, overwrite the new code.
     """
-    global _held
+    global _held, _held_files
     with _apply_lock:
+        installed = (_read_state(_process_app) or {}).get("files") if _process_app else None
+        files = _changed_files(_held_files, installed)
         changed = modified_modules()
         importing = [name for name in changed if _importing(name)]
         _reloading.active = True
         try:
             report = reload_modules([name for name in changed if name not in importing],
                                     suspend_timeout=suspend_timeout, extra=extra, files=files)
+            if report.ok:
+                _held_files = installed
         finally:
             _reloading.active = False
         if report.ok and not importing:
@@ -7099,6 +7105,15 @@ def _apply_here(release: dict, *, suspend_timeout: float = _DEFAULT_SUSPEND_TIME
         threading.Thread(target=_reload_after_import, args=(importing, release, suspend_timeout),
                          name="flydeploy-reload-after-import", daemon=True).start()
     return report.to_dict()
+
+
+def _changed_files(held: dict | None, installed: object) -> list[str] | None:
+    """The files of the installed release (path -> sha256) that differ from
+    the held one's; every one of them without a held list; None when the
+    machine's state records none."""
+    if not isinstance(installed, dict):
+        return None
+    return [path for path, digest in installed.items() if held is None or held.get(path) != digest]
 
 
 def _reload_after_import(names: list[str], release: dict, suspend_timeout: float) -> None:
@@ -7349,11 +7364,8 @@ def _dispatch(agent: Agent, request: dict) -> dict:
         if not _is_positive_seconds(timeout):
             raise AgentError('malformed apply request: "suspend_timeout" must be a positive, finite number '
                              "of seconds")
-        files = request.get("files")
-        if files is not None and not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
-            raise AgentError('malformed apply request: "files" must be a list of paths')
         report = _apply_here(_release_of(request, os.environ.get("FLY_IMAGE_REF")),
-                             suspend_timeout=float(timeout), extra=request.get("extra"), files=files)
+                             suspend_timeout=float(timeout), extra=request.get("extra"))
         return {"ok": bool(report["ok"]), "pid": os.getpid(), "name": _process_name(), "report": report}
     raise AgentError(f"unknown op {op!r}; the agent answers ping, info, locate and apply")
 
@@ -7915,8 +7927,9 @@ def _install_release(app: str, store: Store, key: str, sha256: str | None, *, de
     without downloading when the state file shows that release installed.
     A release deployed before the one installed raises ``_Superseded``: two
     upgrades that raced, or a stale metadata read, never roll a machine back.
-    Returns the new state plus ``files_written`` and ``files_unchanged``,
-    and ``files``: the paths written.
+    Returns the new state plus ``files_written`` and ``files_unchanged``.
+    The state records every file of the release where it is on this machine,
+    with its sha256 (``files``), so each process can tell which changed.
     """
     state = _read_state(app)
     if state and deployed_at and (state.get("deployed_at") or "") > deployed_at:
@@ -7928,10 +7941,12 @@ def _install_release(app: str, store: Store, key: str, sha256: str | None, *, de
         manifest, tree, digest = _fetch_release(store, key, workdir, sha256, app)
         paths = sorted(manifest["files"])
         located, app_root, image_ref = _locate_on_machine(app, paths, in_process=in_process)
-        installed = _install_files(_plan_destinations(paths, located, app_root), manifest["files"], tree)
+        destinations = _plan_destinations(paths, located, app_root)
+        installed = _install_files(destinations, manifest["files"], tree)
         state = {"app": app, "version": manifest.get("version"), "sha256": digest,
                  "source_image_ref": manifest.get("source_image_ref"), "deployed_at": deployed_at,
-                 "image_ref": image_ref, "installed_at": _iso_utc(_utc_now())}
+                 "image_ref": image_ref, "installed_at": _iso_utc(_utc_now()),
+                 "files": {dest: manifest["files"][rel] for rel, dest in destinations.items()}}
         try:
             _write_state(app, state)
         except BaseException:
@@ -7940,13 +7955,11 @@ def _install_release(app: str, store: Store, key: str, sha256: str | None, *, de
         installed.commit()
     log.info("flydeploy: %s %s: wrote %d files, %d unchanged", app, state["version"], len(installed.written),
              installed.unchanged)
-    return {**state, "files_written": len(installed.written), "files_unchanged": installed.unchanged,
-            "files": list(installed.written)}
+    return {**state, "files_written": len(installed.written), "files_unchanged": installed.unchanged}
 
 
-def _apply_request(release: dict, suspend_timeout: float, files: list[str] | None = None) -> dict:
-    """The apply request for ``release``, with the paths it wrote on this machine when known."""
-    return {"op": "apply", "suspend_timeout": suspend_timeout, "files": files,
+def _apply_request(release: dict, suspend_timeout: float) -> dict:
+    return {"op": "apply", "suspend_timeout": suspend_timeout,
             **{key: release.get(key) for key in _RELEASE_FIELDS}}
 
 
@@ -8069,7 +8082,7 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
         # The lock covers the apply too: the version each process records is the one on disk.
         with _machine_lock(app):
             installed = _install_release(app, store, key, sha256, deployed_at=deployed_at, in_process=False)
-            replies = _ask_agents(app, _apply_request(installed, suspend_timeout, installed["files"]),
+            replies = _ask_agents(app, _apply_request(installed, suspend_timeout),
                                   timeout=_apply_wait(suspend_timeout))
         if not replies:
             raise AgentError(f"no flydeploy agent of {app} runs on this machine, so no running process loaded "
@@ -8143,16 +8156,15 @@ def _catch_up_machine(store: Store, app: str, hot: dict) -> str:
         except _Superseded as exc:
             log.info("flydeploy: %s", exc)
             return "up_to_date"
-        files = None
         if installed is not None:
-            release["sha256"], files = installed["sha256"], installed["files"]
-            request = _apply_request(release, _DEFAULT_SUSPEND_TIMEOUT, files)
+            release["sha256"] = installed["sha256"]
+            request = _apply_request(release, _DEFAULT_SUSPEND_TIMEOUT)
             for entry in _ask_agents(app, request, timeout=_apply_wait(_DEFAULT_SUSPEND_TIMEOUT),
                                      exclude_pid=os.getpid()):
                 if not (entry.get("reply") or {}).get("ok"):
                     log.error("flydeploy: process %s did not apply %s: %s", entry["pid"], release["version"],
                               _reply_error(entry))
-        report = _apply_here(release, files=files)
+        report = _apply_here(release)
     if not report["ok"]:
         raise _LoadFailed(f"this process could not load hot upgrade {release['version']}: {report['error']}")
     return "up_to_date" if installed is None else "applied"

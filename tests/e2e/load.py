@@ -196,7 +196,8 @@ class HttpLoad:
             latency = (time.monotonic() - started) * 1000
             if response.status != 200:
                 raise OSError(f"HTTP {response.status}: {body[:200]!r}")
-            answer = json.loads(body)
+            json_body = (response.getheader("Content-Type") or "").startswith("application/json")
+            answer = json.loads(body) if json_body else {}  # a page: its status is what counts
             return Request(target, started, latency, True, answer.get("version"), answer.get("pid"))
         except (OSError, http.client.HTTPException, ValueError) as exc:
             connection.close()
