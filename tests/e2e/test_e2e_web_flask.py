@@ -5,7 +5,7 @@ module of SQLAlchemy models upgraded in place."""
 from __future__ import annotations
 
 from tests.e2e import examples
-from tests.e2e.web_steps import Step, edited, run_steps
+from tests.e2e.web_steps import HOME_HTML, NOT_FOUND_HTML, Step, check, edited, models_step, run_steps, template_step
 
 COMMAND = "python3 -m gunicorn --bind 127.0.0.1:{port} --workers 2 --preload wsgi:app"
 PATHS = ["/", "/old", "/new", "/missing", "/static/style.css"]
@@ -14,32 +14,21 @@ PATHS = ["/", "/old", "/new", "/missing", "/static/style.css"]
 def steps() -> list[Step]:
     files = examples.app_files("blog")
     blog = files["blog.py"]
-    index = files["templates/index.html"]
-    result = [Step("changed template", {"templates/index.html": edited(index, ("<h1>Posts</h1>", "<h1>All posts</h1>"))})]
-    blog = edited(blog, ('render_template("index.html"', 'render_template("home.html"'))
-    result.append(Step("template added, used by new view code", {
-        "templates/home.html": '{% extends "base.html" %}\n{% block body %}<h1>Home</h1>\n'
-                               "<p>{{ posts|length }} posts</p>{% endblock %}\n",
-        "blog.py": blog}))
+    result = [template_step(files, "<h1>Posts</h1>", "<h1>All posts</h1>")]
+    blog = edited(blog, ('render_template("index.html", posts=', 'render_template("home.html", items='))
+    result.append(Step("template added, used by new view code", {"templates/home.html": HOME_HTML, "blog.py": blog}))
     blog = edited(blog, ('\n\n@app.route("/old")\ndef old():\n    return "an old page"\n', "\n"))
     result.append(Step("route removed", {"blog.py": blog}))
-    blog += '\n\n@app.route("/new")\ndef new():\n    return render_template("home.html", posts=[])\n'
+    blog += '\n\n@app.route("/new")\ndef new():\n    return render_template("home.html", items=[])\n'
     result.append(Step("route added", {"blog.py": blog}))
     blog += ('\n\n@app.errorhandler(404)\ndef not_found(error):\n'
              '    return render_template("404.html"), 404\n')
-    result.append(Step("error handler added", {
-        "blog.py": blog, "templates/404.html": '{% extends "base.html" %}{% block body %}No such page{% endblock %}\n'}))
+    result.append(Step("error handler added", {"blog.py": blog, "templates/404.html": NOT_FOUND_HTML}))
     result.append(Step("static file changed", {"static/style.css": "body { font-family: serif; }\n"}))
-    models = edited(files["models.py"],
-                    ("from sqlalchemy import Integer, String, create_engine, select",
-                     "from sqlalchemy import Integer, String, create_engine, func, select"))
-    models += ("\n\ndef count():\n    with Session(engine()) as session:\n"
-               "        return session.scalar(select(func.count()).select_from(Post))\n")
-    result.append(Step("model-unrelated change in the models module", {"models.py": models}))
+    result.append(models_step(files, "from sqlalchemy import Integer, String, create_engine, select", "Post"))
     return result
 
 
 def test_flask_app_serves_what_a_cold_start_serves_after_each_hot_upgrade():
     outcomes, failed = run_steps("blog", COMMAND, steps(), PATHS, ready="Booting worker", workers=2)
-    assert outcomes == [(step.name, "pass") for step in steps()], "\n".join(f"{n}: {o}" for n, o in outcomes)
-    assert not failed, f"{len(failed)} requests under load failed: {failed[:3]}"
+    check(outcomes, failed, steps())

@@ -141,3 +141,27 @@ def edited(text: str, *replacements: tuple[str, str]) -> str:
             raise AssertionError(f"the edit expects {old[:60]!r} in the file")
         text = text.replace(old, new, 1)
     return text
+
+
+# The template the new view code of the second step renders, and the page of the error handler.
+HOME_HTML = '{% extends "base.html" %}\n{% block body %}<h1>Home</h1>\n<p>{{ items|length }} items</p>{% endblock %}\n'
+NOT_FOUND_HTML = '{% extends "base.html" %}{% block body %}No such page{% endblock %}\n'
+
+
+def template_step(files: dict[str, str], old: str, new: str) -> Step:
+    """The first step of each app: its ``templates/index.html`` edited."""
+    return Step("changed template", {"templates/index.html": edited(files["templates/index.html"], (old, new))})
+
+
+def models_step(files: dict[str, str], imported: str, model: str) -> Step:
+    """A change in the models module that leaves the models as they are: one more name imported
+    (which every column statement reads again) and a function that uses it."""
+    text = edited(files["models.py"], (imported, imported.replace(", select", ", func, select")))
+    text += f"\n\ndef count_query():\n    return select(func.count()).select_from({model})\n"
+    return Step("model-unrelated change in the models module", {"models.py": text})
+
+
+def check(outcomes: list[tuple[str, str]], failed: list, steps: list[Step]) -> None:
+    """Every step passed and no request under load failed."""
+    assert outcomes == [(step.name, "pass") for step in steps], "\n".join(f"{n}: {o}" for n, o in outcomes)
+    assert not failed, f"{len(failed)} requests under load failed: {failed[:3]}"
