@@ -6611,10 +6611,16 @@ def _flask_before(superseded: Callable[[object], bool],
         gone = views.keys() - scaffold.__dict__.get("view_functions", {}).keys()
         if url_map is not None and gone:
             _drop_rules(url_map, gone, undo)
-        if scaffold.__dict__.get("_got_first_request"):
-            _set_logged(scaffold, "_got_first_request", False, undo)
+        if "_got_first_request" in scaffold.__dict__:
+            # Not by resetting the flag: a request served meanwhile (a WSGI
+            # worker's thread is not held) would set it again.
+            _set_logged(scaffold, "_check_setup_finished", _setup_allowed, undo)
             apps.append(scaffold)
     return apps
+
+
+def _setup_allowed(f_name: str) -> None:
+    """A Flask app's ``_check_setup_finished`` while the new code registers its routes."""
 
 
 def _drop_rules(url_map: object, endpoints: set, undo: Callable[[Callable[[], None]], None]) -> None:
@@ -6638,7 +6644,7 @@ def _drop_rules(url_map: object, endpoints: set, undo: Callable[[Callable[[], No
 
 def _flask_after(apps: list) -> None:
     for app in apps:
-        app._got_first_request = True
+        del app._check_setup_finished
 
 
 # --- Starlette / FastAPI ----------------------------------------------------

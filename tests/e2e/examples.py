@@ -95,7 +95,7 @@ class LocalApp:
     """
 
     def __init__(self, name: str, app: str, *, command: str = CHAT_COMMAND, ready: str = "ready",
-                 files: dict[str, str] | None = None) -> None:
+                 files: dict[str, str | bytes] | None = None) -> None:
         # One port for the app's whole life: a cold restart comes back where the clients are.
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -105,9 +105,12 @@ class LocalApp:
         self.base = pathlib.Path(tempfile.mkdtemp(prefix="fde2e-", dir="/tmp"))  # unix socket paths are short
         self.root = self.base / "app"
         self.root.mkdir()
-        for relative, text in (app_files(name) if files is None else files).items():
+        for relative, content in (app_files(name) if files is None else files).items():
             (self.root / relative).parent.mkdir(parents=True, exist_ok=True)
-            (self.root / relative).write_text(text)
+            if isinstance(content, bytes):
+                (self.root / relative).write_bytes(content)
+            else:
+                (self.root / relative).write_text(content)
         shutil.copy2(REPO / "flydeploy.py", self.root / "flydeploy.py")
         self.log_path = self.base / "app.log"
         self.env = {key: value for key, value in os.environ.items()

@@ -5,9 +5,11 @@ a ``handler404``, static files."""
 from __future__ import annotations
 
 from tests.e2e import examples
-from tests.e2e.web_steps import HOME_HTML, NOT_FOUND_HTML, Step, check, edited, run_steps, template_step
+from tests.e2e.web_steps import (HOME_HTML, NOT_FOUND_HTML, Replay, Step, check, edited,
+                                    run_steps, template_step)
 
-COMMAND = "python3 -m gunicorn --bind 127.0.0.1:{port} --workers 2 pages_project.wsgi"
+HOW = Replay("python3 -m gunicorn --bind 127.0.0.1:{port} --workers 2 pages_project.wsgi",
+             ready="Booting worker", workers=2)
 PATHS = ["/", "/old", "/new", "/missing", "/static/style.css"]
 
 
@@ -34,5 +36,5 @@ def steps() -> list[Step]:
 
 
 def test_django_app_serves_what_a_cold_start_serves_after_each_hot_upgrade():
-    outcomes, failed = run_steps("pages", COMMAND, steps(), PATHS, ready="Booting worker", workers=2)
+    outcomes, failed = run_steps("pages", HOW, steps(), PATHS)
     check(outcomes, failed, steps())

@@ -5,9 +5,11 @@ module of SQLAlchemy models upgraded in place."""
 from __future__ import annotations
 
 from tests.e2e import examples
-from tests.e2e.web_steps import HOME_HTML, NOT_FOUND_HTML, Step, check, edited, models_step, run_steps, template_step
+from tests.e2e.web_steps import (HOME_HTML, NOT_FOUND_HTML, Replay, Step, check, edited,
+                                    models_step, run_steps, template_step)
 
-COMMAND = "python3 -m gunicorn --bind 127.0.0.1:{port} --workers 2 --preload wsgi:app"
+HOW = Replay("python3 -m gunicorn --bind 127.0.0.1:{port} --workers 2 --preload wsgi:app",
+             ready="Booting worker", workers=2)
 PATHS = ["/", "/old", "/new", "/missing", "/static/style.css"]
 
 
@@ -30,5 +32,5 @@ def steps() -> list[Step]:
 
 
 def test_flask_app_serves_what_a_cold_start_serves_after_each_hot_upgrade():
-    outcomes, failed = run_steps("blog", COMMAND, steps(), PATHS, ready="Booting worker", workers=2)
+    outcomes, failed = run_steps("blog", HOW, steps(), PATHS)
     check(outcomes, failed, steps())

@@ -6,9 +6,10 @@ routes and exception handlers."""
 from __future__ import annotations
 
 from tests.e2e import examples
-from tests.e2e.web_steps import HOME_HTML, NOT_FOUND_HTML, Step, check, edited, models_step, run_steps, template_step
+from tests.e2e.web_steps import (HOME_HTML, NOT_FOUND_HTML, Replay, Step, check, edited,
+                                    models_step, run_steps, template_step)
 
-COMMAND = "python3 main.py"
+HOW = Replay("python3 main.py", ready="ready")
 PATHS = ["/", "/old", "/new", "/missing", "/static/style.css"]
 
 
@@ -36,5 +37,5 @@ def steps() -> list[Step]:
 
 
 def test_starlette_app_serves_what_a_cold_start_serves_after_each_hot_upgrade():
-    outcomes, failed = run_steps("notes", COMMAND, steps(), PATHS, ready="ready")
+    outcomes, failed = run_steps("notes", HOW, steps(), PATHS)
     check(outcomes, failed, steps())

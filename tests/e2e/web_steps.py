@@ -17,6 +17,7 @@ import pathlib
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 from tests.e2e import examples
 from tests.e2e.load import HttpLoad
@@ -31,7 +32,7 @@ class Step:
     """One edit: the files it writes (relative path -> text)."""
 
     name: str
-    files: dict[str, str]
+    files: dict[str, str | bytes | None]  # None: the file is deleted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +79,8 @@ def pages_by_worker(base: str, paths: list[str], pids: set[str | None]) -> dict[
     return pages
 
 
-def tree_files(root: pathlib.Path) -> dict[str, str]:
-    return {str(path.relative_to(root)): path.read_text() for path in sorted(root.rglob("*"))
+def tree_files(root: pathlib.Path) -> dict[str, bytes]:
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*"))
             if path.is_file() and not set(path.relative_to(root).parts) & set(_NOT_COPIED)}
 
 
@@ -97,39 +98,104 @@ def differences(hot: dict[str, dict[str | None, Page]], cold: dict[str, Page]) -
     return found
 
 
-def run_steps(name: str, command: str, steps: list[Step], paths: list[str], *, ready: str,
-              workers: int = 1) -> tuple[list[tuple[str, str]], list]:
-    """Run example app ``name`` under load and apply ``steps`` as hot upgrades; returns each step's
-    ``(name, outcome)`` and the load's failed requests (on ``/version`` and ``/``)."""
-    hot = examples.LocalApp(name, f"{name}-hot", command=command, ready=ready)
+@dataclasses.dataclass(frozen=True)
+class Replay:
+    """How to run an app for ``run_steps``.
+
+    ``files`` are its first version (default: the example app's own);
+    ``prepare(app)`` runs before an app starts and before each hot upgrade
+    (environment, database migrations, as a release command would);
+    ``normalize`` blanks what differs between any two processes (a CSRF
+    token); ``load_paths`` are requested under load, answering one of
+    ``ok_statuses``; ``probe`` answers every request with the worker's pid.
+    """
+
+    command: str
+    ready: str
+    workers: int = 1
+    files: dict[str, str | bytes] | None = None
+    prepare: Callable[[examples.LocalApp], None] | None = None
+    normalize: Callable[[bytes], bytes] | None = None
+    load_paths: tuple[str, ...] = ("/version", "/")
+    ok_statuses: tuple[int, ...] = (200,)
+    probe: str = "/version"
+
+
+def run_steps(name: str, how: Replay, steps: list[Step], paths: list[str]) -> tuple[list[tuple[str, str]], list]:
+    """Run app ``name`` under load and apply ``steps`` as hot upgrades; returns each step's
+    ``(name, outcome)`` and the requests that failed under load.  After a refused step the app is
+    restarted on that step's files (a cold deploy), without load while it restarts."""
+    hot = examples.LocalApp(name, f"{name}-hot", command=how.command, ready=how.ready, files=how.files)
     outcomes: list[tuple[str, str]] = []
     loads: list[HttpLoad] = []
-    try:
+    failed: list = []
+
+    def pages(app: examples.LocalApp, pids: set[str | None]) -> dict[str, dict[str | None, Page]]:
+        found = pages_by_worker(app.url, paths, pids)
+        if how.normalize is not None:
+            found = {path: {pid: dataclasses.replace(page, body=how.normalize(page.body))
+                            for pid, page in by_worker.items()} for path, by_worker in found.items()}
+        return found
+
+    def boot() -> set[str | None]:
+        """Start (again) the hot app and its load; returns its workers' pids."""
         hot.start()
-        pids = worker_pids(hot.url + "/version", workers)
-        pages_by_worker(hot.url, paths, pids)  # every worker has served (and cached) every page
-        loads = [HttpLoad([hot.url], path=path, threads=2, interval=0.02).start() for path in ("/version", "/")]
+        pids = worker_pids(hot.url + how.probe, how.workers)
+        pages(hot, pids)  # every worker has served (and cached) every page
+        loads.extend(HttpLoad([hot.url], path=path, threads=2, interval=0.02, ok_statuses=how.ok_statuses).start()
+                     for path in how.load_paths)
+        return pids
+
+    def compare(hot: examples.LocalApp, pids: set[str | None]) -> str:
+        """``pass``, or ``fail: <what the hot workers serve that a cold start does not>``."""
+        cold = examples.LocalApp(name, f"{name}-cold", command=how.command, ready=how.ready,
+                                 files=tree_files(hot.root))
+        try:
+            if how.prepare is not None:
+                how.prepare(cold)
+            cold.start()
+            expected = pages(cold, worker_pids(cold.url + how.probe, how.workers))
+        finally:
+            cold.close()
+        try:
+            found = differences(pages(hot, pids), {path: next(iter(by_worker.values()))
+                                                   for path, by_worker in expected.items()})
+        except AssertionError as exc:  # a worker that no longer answers
+            found = [str(exc)]
+        return "pass" if not found else "fail: " + "; ".join(found)
+
+    try:
+        if how.prepare is not None:
+            how.prepare(hot)
+        pids = boot()
         for number, step in enumerate(steps, 1):
-            for relative, text in step.files.items():
-                (hot.root / relative).parent.mkdir(parents=True, exist_ok=True)
-                (hot.root / relative).write_text(text)
+            for relative, content in step.files.items():
+                path = hot.root / relative
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if content is None:
+                    path.unlink(missing_ok=True)
+                elif isinstance(content, bytes):
+                    path.write_bytes(content)
+                else:
+                    path.write_text(content)
+            if how.prepare is not None:
+                how.prepare(hot)
             result = hot.cli("hot", "--version", f"step{number}")
             if result.returncode != 0:
                 reason = re.findall(r"^✗ .*$", result.stdout, re.M) or [result.stdout + result.stderr]
-                outcomes.append((step.name, f"refused: {reason[-1].strip()}"))
-                continue
-            cold = examples.LocalApp(name, f"{name}-cold", command=command, ready=ready,
-                                     files=tree_files(hot.root))
-            try:
-                cold.start()
-                worker_pids(cold.url + "/version", workers)
-                expected = {path: fetch(cold.url + path)[1] for path in paths}
-            finally:
-                cold.close()
-            found = differences(pages_by_worker(hot.url, paths, pids), expected)
-            outcomes.append((step.name, "pass" if not found else "fail: " + "; ".join(found)))
+                outcome = f"refused: {reason[-1].strip()}"
+            else:
+                outcome = compare(hot, pids)
+            outcomes.append((step.name, outcome))
+            if outcome != "pass":
+                # A refusal asks for a cold deploy, and so does a failure: the next step starts
+                # from this one's code, cold.
+                failed.extend(request for load in loads for request in load.stop() if not request.ok)
+                loads.clear()
+                hot.stop()
+                pids = boot()
     finally:
-        failed = [request for load in loads for request in load.stop() if not request.ok]
+        failed.extend(request for load in loads for request in load.stop() if not request.ok)
         hot.close()
     return outcomes, failed
 
