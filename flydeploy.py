@@ -6717,6 +6717,10 @@ _MAPPED_CALLS = frozenset({"mapped_column", "Column", "relationship", "column_pr
                            "synonym", "deferred", "relation", "backref", "dynamic_loader"})
 
 
+# Class attributes that say how a model is mapped, read once when it is.
+_MAPPING_SETTINGS = ("__tablename__", "__table__", "__table_args__", "__mapper_args__")
+
+
 def _cold_deploy_for_model(cls: type, what: str, module: str) -> UpgradeRefused:
     return UpgradeRefused(f"cold deploy required: SQLAlchemy model {cls.__module__}.{cls.__qualname__} "
                           f"{what}; its table needs a database migration and a cold deploy (`fly deploy`), "
@@ -6747,6 +6751,9 @@ def _check_models(plans: list[_ModulePlan]) -> None:
             if removed or added:
                 raise _cold_deploy_for_model(cls, f"columns changed (added {added}, removed {removed})",
                                              plan.name)
+            for name in _MAPPING_SETTINGS:
+                if before.statements.get(name) != scope.statements.get(name):
+                    raise _cold_deploy_for_model(cls, f"changed {name}", plan.name)
 
 
 def _declares_mapped(tree: ast.Module, qualname: str, name: str) -> bool:

@@ -219,6 +219,7 @@ MODELS = """\
     (('        posts = relationship("Post", back_populates="author")\n', ""),
      r"User columns changed \(added \[\], removed \['posts'\]\)"),
     (("class User(Base):", "class User(Base, dict):"), "User changed its bases or metaclass"),
+    (('__tablename__ = "users"', '__tablename__ = "people"'), "User changed __tablename__"),
 ])
 def test_a_changed_table_is_refused_with_what_to_do(tree, edit, refusal):
     pytest.importorskip("sqlalchemy")
