@@ -5330,6 +5330,7 @@ def _plan_module(name: str) -> _ModulePlan:
     plan = _ModulePlan(name, module, record.path, source, tree, old, _scopes(tree),
                        _imported_modules(tree, package), ast.get_docstring(tree, clean=False))
     _check_classes(plan)
+    _check_models(plan)
     return plan
 
 
@@ -6434,7 +6435,6 @@ def _frameworks_refreshed(swap: _Swap) -> Iterator[None]:
     reload = Reload(tuple(plan.name for plan in swap.plans), swap.files, swap.undo.append)
     swap.stage, swap.module = "preparing the web frameworks for the new code", ""
     superseded = _superseded(swap.plans)
-    _check_models(swap.plans)
     flask_apps = _flask_before(superseded, swap.undo.append)
     starlette_apps = _starlette_before(superseded, swap.undo.append)
     yield
@@ -6731,29 +6731,27 @@ def _is_mapped(cls: object) -> bool:
     return isinstance(cls, type) and "__mapper__" in cls.__dict__ and "sqlalchemy.orm" in sys.modules
 
 
-def _check_models(plans: list[_ModulePlan]) -> None:
-    """Refuse a new class statement of a live SQLAlchemy model that adds or
-    removes a mapped attribute, or that makes the class anew (a model is
-    mapped once: a second class of the same name and table is refused by
-    SQLAlchemy's registry)."""
-    for plan in plans:
-        for qualname, scope in plan.new.items():
-            cls = _live_class(plan, qualname) if qualname else None
-            if not _is_mapped(cls):
-                continue
-            if _within(qualname, plan.rebuilt):
-                raise _cold_deploy_for_model(cls, "changed its bases or metaclass", plan.name)
-            before = plan.old.get(qualname)
-            mapped = set(cls.__mapper__.attrs.keys())
-            removed = sorted(mapped & (before.statements.keys() - scope.statements.keys()))
-            added = sorted(name for name in scope.statements.keys() - before.statements.keys()
-                           if _declares_mapped(plan.tree, qualname, name))
-            if removed or added:
-                raise _cold_deploy_for_model(cls, f"columns changed (added {added}, removed {removed})",
-                                             plan.name)
-            for name in _MAPPING_SETTINGS:
-                if before.statements.get(name) != scope.statements.get(name):
-                    raise _cold_deploy_for_model(cls, f"changed {name}", plan.name)
+def _check_models(plan: _ModulePlan) -> None:
+    """While preparing: refuse a new class statement of a live SQLAlchemy
+    model that adds or removes a mapped attribute, changes how the model is
+    mapped, or makes the class anew (a model is mapped once: a second class
+    of the same name and table is refused by SQLAlchemy's registry)."""
+    for qualname, scope in plan.new.items():
+        cls = _live_class(plan, qualname) if qualname else None
+        before = plan.old.get(qualname)
+        if not _is_mapped(cls) or before is None:
+            continue
+        if _within(qualname, plan.rebuilt):
+            raise _cold_deploy_for_model(cls, "changed its bases or metaclass", plan.name)
+        mapped = set(cls.__mapper__.attrs.keys())
+        removed = sorted(mapped & (before.statements.keys() - scope.statements.keys()))
+        added = sorted(name for name in scope.statements.keys() - before.statements.keys()
+                       if _declares_mapped(plan.tree, qualname, name))
+        if removed or added:
+            raise _cold_deploy_for_model(cls, f"columns changed (added {added}, removed {removed})", plan.name)
+        for name in _MAPPING_SETTINGS:
+            if before.statements.get(name) != scope.statements.get(name):
+                raise _cold_deploy_for_model(cls, f"changed {name}", plan.name)
 
 
 def _declares_mapped(tree: ast.Module, qualname: str, name: str) -> bool:
