@@ -6435,14 +6435,15 @@ def _frameworks_refreshed(swap: _Swap) -> Iterator[None]:
     reload = Reload(tuple(plan.name for plan in swap.plans), swap.files, swap.undo.append)
     swap.stage, swap.module = "preparing the web frameworks for the new code", ""
     superseded = _superseded(swap.plans)
-    flask_apps = _flask_before(superseded, swap.undo.append)
-    starlette_apps = _starlette_before(superseded, swap.undo.append)
+    live = _framework_objects()  # what the new bodies make anew starts empty
+    flask_apps = _flask_before(live["flask"], superseded, swap.undo.append)
+    starlette_apps = _starlette_before(live["starlette"], superseded, swap.undo.append)
     yield
     swap.stage, swap.module = "refreshing the web frameworks", ""
     _flask_after(flask_apps)
     _starlette_after(starlette_apps, swap, swap.undo.append)
     if reload.changed():
-        _refresh_jinja2(swap.undo.append)
+        _refresh_jinja2(live["jinja2"], swap.undo.append)
     _refresh_django(reload, swap.undo.append)
     for callback in list(_reload_callbacks):
         swap.stage = f"on_reload callback {getattr(callback, '__qualname__', callback)!r}"
@@ -6464,20 +6465,32 @@ def _set_logged(obj: object, attribute: str, value: object,
     setattr(obj, attribute, value)
 
 
-def _instances(module: str, name: str) -> list:
-    """The live instances of class ``module.name`` and its subclasses, if that
-    module is imported (found through the garbage collector's referrers:
-    an instance of a Python class refers to its class)."""
-    base = getattr(sys.modules.get(module), name, None)
-    if not isinstance(base, type):
-        return []
-    classes, todo = set(), [base]
-    while todo:
-        cls = todo.pop()
-        if cls not in classes:
-            classes.add(cls)
-            todo.extend(type.__subclasses__(cls))
-    return [obj for obj in gc.get_referrers(*classes) if type(obj) in classes]
+# The framework objects the refreshes act on: (module, class) -> what they are called below.
+_FRAMEWORK_CLASSES = {("flask.sansio.scaffold", "Scaffold"): "flask",  # Flask >= 2.3
+                      ("flask.scaffold", "Scaffold"): "flask",
+                      ("starlette.applications", "Starlette"): "starlette",
+                      ("jinja2.environment", "Environment"): "jinja2"}
+
+
+def _framework_objects() -> dict[str, list]:
+    """The live instances of the framework classes whose modules are imported,
+    and of their subclasses, by framework: one walk of the heap, through the
+    garbage collector's referrers (an instance of a Python class refers to
+    its class), and none when no framework is imported."""
+    kinds: dict[type, str] = {}
+    for (module, name), kind in _FRAMEWORK_CLASSES.items():
+        todo = [getattr(sys.modules.get(module), name, None)]
+        while todo:
+            cls = todo.pop()
+            if isinstance(cls, type) and cls not in kinds:
+                kinds[cls] = kind
+                todo.extend(type.__subclasses__(cls))
+    found: dict[str, list] = {kind: [] for kind in _FRAMEWORK_CLASSES.values()}
+    for obj in gc.get_referrers(*kinds) if kinds else ():
+        kind = kinds.get(type(obj))
+        if kind is not None:
+            found[kind].append(obj)
+    return found
 
 
 def _unwrapped(obj: object) -> object:
@@ -6537,12 +6550,12 @@ def _pruned(value: object, superseded: Callable[[object], bool], depth: int = 3)
 # --- Jinja2 -----------------------------------------------------------------
 
 
-def _refresh_jinja2(undo: Callable[[Callable[[], None]], None]) -> None:
+def _refresh_jinja2(environments: list, undo: Callable[[Callable[[], None]], None]) -> None:
     """Every live Jinja2 ``Environment`` (Flask's, Starlette's and FastAPI's
     ``Jinja2Templates``, Django's Jinja2 backend, plain ones) drops its
     compiled templates, as a cold start has none; auto-reload is off outside
     debug mode, so without this the old templates would keep rendering."""
-    for environment in _instances("jinja2.environment", "Environment"):
+    for environment in environments:
         cache = environment.__dict__.get("cache")
         if cache:
             fresh = copy.copy(cache)
@@ -6589,19 +6602,14 @@ _FLASK_REGISTRIES = ("view_functions", "error_handler_spec", "before_request_fun
                      "shell_context_processors")
 
 
-def _flask_scaffolds() -> list:
-    return (_instances("flask.sansio.scaffold", "Scaffold")  # Flask >= 2.3
-            or _instances("flask.scaffold", "Scaffold"))
-
-
-def _flask_before(superseded: Callable[[object], bool],
+def _flask_before(scaffolds: list, superseded: Callable[[object], bool],
                   undo: Callable[[Callable[[], None]], None]) -> list:
     """Take the superseded views, error handlers and hooks out of every Flask
     app and blueprint (and the URL rules of those views), and let the apps
     take new routes although they served requests (Flask refuses a setup
     method after the first request).  Returns the apps to close again."""
     apps = []
-    for scaffold in _flask_scaffolds():
+    for scaffold in scaffolds:
         views = scaffold.__dict__.get("view_functions", {})
         for attribute in _FLASK_REGISTRIES:
             value = scaffold.__dict__.get(attribute, _MISSING)
@@ -6656,12 +6664,12 @@ class _StarletteApp(NamedTuple):
     middleware: list
 
 
-def _starlette_before(superseded: Callable[[object], bool],
+def _starlette_before(starlette_apps: list, superseded: Callable[[object], bool],
                       undo: Callable[[Callable[[], None]], None]) -> list[_StarletteApp]:
     """Take superseded endpoints out of every Starlette/FastAPI app's router
     (mounted routers too), exception handlers and dependency overrides."""
     apps = []
-    for app in _instances("starlette.applications", "Starlette"):
+    for app in starlette_apps:
         _prune_router(getattr(app, "router", None), superseded, undo, set())
         for attribute in ("exception_handlers", "dependency_overrides"):
             value = app.__dict__.get(attribute)
