@@ -73,7 +73,7 @@ def pages_by_worker(base: str, paths: list[str], pids: set[str | None]) -> dict[
         def all_answered() -> bool:
             pid, page = fetch(base + path)
             found.setdefault(pid, page)
-            return pids <= found.keys()
+            return pids <= found.keys() or not found.keys() <= pids  # or an answer from no known worker
         wait_for(all_answered, timeout=30, what=f"every worker to answer {path}")
         pages[path] = found
     return pages
@@ -146,6 +146,9 @@ def run_steps(name: str, how: Replay, steps: list[Step], paths: list[str]) -> tu
                      for path in how.load_paths)
         return pids
 
+    def failures() -> int:
+        return len(failed) + sum(not request.ok for load in loads for request in load.snapshot())
+
     def compare(hot: examples.LocalApp, pids: set[str | None]) -> str:
         """``pass``, or ``fail: <what the hot workers serve that a cold start does not>``."""
         cold = examples.LocalApp(name, f"{name}-cold", command=how.command, ready=how.ready,
@@ -180,12 +183,16 @@ def run_steps(name: str, how: Replay, steps: list[Step], paths: list[str]) -> tu
                     path.write_text(content)
             if how.prepare is not None:
                 how.prepare(hot)
+            failed_before = failures()
             result = hot.cli("hot", "--version", f"step{number}")
             if result.returncode != 0:
                 reason = re.findall(r"^✗ .*$", result.stdout, re.M) or [result.stdout + result.stderr]
                 outcome = f"refused: {reason[-1].strip()}"
             else:
                 outcome = compare(hot, pids)
+            if failures() > failed_before:
+                outcome = (f"{'fail' if outcome == 'pass' else outcome}: "
+                           f"{failures() - failed_before} requests failed under load")
             outcomes.append((step.name, outcome))
             if outcome != "pass":
                 # A refusal asks for a cold deploy, and so does a failure: the next step starts
