@@ -6436,6 +6436,7 @@ def _frameworks_refreshed(swap: _Swap) -> Iterator[None]:
     swap.stage, swap.module = "preparing the web frameworks for the new code", ""
     superseded = _superseded(swap.plans)
     live = _framework_objects()  # what the new bodies make anew starts empty
+    _prune_registries(live["jinja2"], _JINJA2_REGISTRIES, superseded, swap.undo.append)
     flask_apps = _flask_before(live["flask"], superseded, swap.undo.append)
     starlette_apps = _starlette_before(live["starlette"], superseded, swap.undo.append)
     yield
@@ -6526,6 +6527,16 @@ def _superseded(plans: list[_ModulePlan]) -> Callable[[object], bool]:
     return superseded
 
 
+def _prune_registries(owners: list, attributes: tuple[str, ...], superseded: Callable[[object], bool],
+                      undo: Callable[[Callable[[], None]], None]) -> None:
+    """Give each of ``owners`` its registries ``attributes`` without the superseded callables."""
+    for owner in owners:
+        for attribute in attributes:
+            value = owner.__dict__.get(attribute, _MISSING)
+            if value is not _MISSING and (pruned := _pruned(value, superseded)) is not value:
+                _set_logged(owner, attribute, pruned, undo)
+
+
 def _pruned(value: object, superseded: Callable[[object], bool], depth: int = 3) -> object:
     """``value`` without the superseded callables in it (dict keys or values,
     list items, nested ``depth`` deep): a new container when any goes, never
@@ -6548,6 +6559,10 @@ def _pruned(value: object, superseded: Callable[[object], bool], depth: int = 3)
 
 
 # --- Jinja2 -----------------------------------------------------------------
+
+# What an environment registers functions in (Flask's ``template_filter``,
+# ``template_test`` and ``template_global`` too).
+_JINJA2_REGISTRIES = ("filters", "tests", "globals")
 
 
 def _refresh_jinja2(environments: list, undo: Callable[[Callable[[], None]], None]) -> None:
@@ -6611,10 +6626,7 @@ def _flask_before(scaffolds: list, superseded: Callable[[object], bool],
     apps = []
     for scaffold in scaffolds:
         views = scaffold.__dict__.get("view_functions", {})
-        for attribute in _FLASK_REGISTRIES:
-            value = scaffold.__dict__.get(attribute, _MISSING)
-            if value is not _MISSING and (pruned := _pruned(value, superseded)) is not value:
-                _set_logged(scaffold, attribute, pruned, undo)
+        _prune_registries([scaffold], _FLASK_REGISTRIES, superseded, undo)
         url_map = scaffold.__dict__.get("url_map")
         gone = views.keys() - scaffold.__dict__.get("view_functions", {}).keys()
         if url_map is not None and gone:
@@ -6660,23 +6672,28 @@ def _flask_after(apps: list) -> None:
 
 class _StarletteApp(NamedTuple):
     app: object
-    handlers: dict  # exception handlers and middleware before the new code ran
+    # What the middleware stack is built from, and the stack, before the new code ran.
+    router: object
+    handlers: dict
     middleware: list
+    stack: object
 
 
 def _starlette_before(starlette_apps: list, superseded: Callable[[object], bool],
                       undo: Callable[[Callable[[], None]], None]) -> list[_StarletteApp]:
     """Take superseded endpoints out of every Starlette/FastAPI app's router
-    (mounted routers too), exception handlers and dependency overrides."""
+    (mounted routers too), exception handlers and dependency overrides, and
+    let the new code add middleware (refused once the stack is built)."""
     apps = []
     for app in starlette_apps:
         _prune_router(getattr(app, "router", None), superseded, undo, set())
-        for attribute in ("exception_handlers", "dependency_overrides"):
-            value = app.__dict__.get(attribute)
-            if value is not None and (pruned := _pruned(value, superseded)) is not value:
-                _set_logged(app, attribute, pruned, undo)
-        apps.append(_StarletteApp(app, dict(app.__dict__.get("exception_handlers") or {}),
-                                  list(app.__dict__.get("user_middleware") or [])))
+        _prune_registries([app], ("exception_handlers", "dependency_overrides"), superseded, undo)
+        apps.append(_StarletteApp(app, app.__dict__.get("router"),
+                                  dict(app.__dict__.get("exception_handlers") or {}),
+                                  list(app.__dict__.get("user_middleware") or []),
+                                  app.__dict__.get("middleware_stack")))
+        if apps[-1].stack is not None:
+            _set_logged(app, "middleware_stack", None, undo)
     return apps
 
 
@@ -6699,7 +6716,9 @@ def _starlette_after(apps: list[_StarletteApp], swap: _Swap,
     routes)`` runs again when ``routes`` changed) lends its routes, handlers
     and middleware to the live app, which the server holds, and the name
     keeps the live app.  The middleware stack (which holds the exception
-    handlers) is built again where they changed; FastAPI's schema too."""
+    handlers and the router) is built again where they or the middleware
+    changed, else the live one stays (with the state of its middleware);
+    FastAPI's schema is made again."""
     for plan in swap.plans:
         namespace = plan.module.__dict__
         for name, old in swap.namespaces.get(plan.name, {}).items():
@@ -6711,9 +6730,10 @@ def _starlette_after(apps: list[_StarletteApp], swap: _Swap,
                 namespace[name] = old  # the module's namespace is on the undo log
     for entry in apps:
         app = entry.app
-        if (dict(app.__dict__.get("exception_handlers") or {}) != entry.handlers
-                or list(app.__dict__.get("user_middleware") or []) != entry.middleware):
-            _set_logged(app, "middleware_stack", None, undo)
+        if (app.__dict__.get("router") is entry.router
+                and dict(app.__dict__.get("exception_handlers") or {}) == entry.handlers
+                and list(app.__dict__.get("user_middleware") or []) == entry.middleware):
+            app.middleware_stack = entry.stack  # the undo log has it already
         if app.__dict__.get("openapi_schema") is not None:
             _set_logged(app, "openapi_schema", None, undo)
 

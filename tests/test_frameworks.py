@@ -16,7 +16,17 @@ from tests.engine_tree import tree  # noqa: F401  (the fixture)
 
 
 def asgi_get(app, path: str) -> tuple[int, bytes]:
-    """``GET path`` straight through an ASGI app."""
+    """``GET path`` straight through an ASGI app: status and body."""
+    messages = asgi_messages(app, path)
+    return messages[0]["status"], b"".join(m.get("body", b"") for m in messages[1:])
+
+
+def asgi_start(app, path: str) -> dict:
+    """The response start message of ``GET path``."""
+    return asgi_messages(app, path)[0]
+
+
+def asgi_messages(app, path: str) -> list[dict]:
     messages = []
 
     async def receive():
@@ -29,7 +39,7 @@ def asgi_get(app, path: str) -> tuple[int, bytes]:
              "headers": [], "http_version": "1.1", "scheme": "http", "server": ("test", 80),
              "client": ("test", 1), "root_path": ""}
     asyncio.run(app(scope, receive, send))
-    return messages[0]["status"], b"".join(m.get("body", b"") for m in messages[1:])
+    return messages
 
 
 # --- on_reload ----------------------------------------------------------------
@@ -96,6 +106,42 @@ def test_a_changed_template_alone_is_rendered_anew_by_a_plain_jinja2_environment
     assert render.render() == "<p>page two</p>"
 
 
+FLASK_FILTERS = """\
+    from flask import Flask, render_template_string
+
+    app = Flask(__name__)
+
+
+    @app.template_filter("shout")
+    def shout(text):
+        return text.upper() + "!"
+
+
+    @app.route("/")
+    def index():
+        return render_template_string("{{ 'hi' | shout }}")
+    """
+
+
+def test_flask_template_filters_and_error_handlers_as_a_cold_start_registers_them(tree):
+    pytest.importorskip("flask")
+    tree.write("site.py", FLASK_FILTERS)
+    site = tree.load("site")
+    client = site.app.test_client()
+    assert client.get("/").data == b"HI!"
+    assert client.get("/nope").status_code == 404
+    tree.write("site.py", FLASK_FILTERS.replace('@app.template_filter("shout")', '@app.template_filter("loud")')
+               .replace("'hi' | shout", "'hi' | loud") + """
+
+    @app.errorhandler(404)
+    def missing(error):
+        return "nothing at " + error.description[:7], 404
+    """)
+    assert tree.reload("site").ok
+    assert client.get("/").data == b"HI!" and client.get("/nope").data == b"nothing at The req"
+    assert "shout" not in site.app.jinja_env.filters and site.app.jinja_env.filters["loud"] is site.shout
+
+
 # --- FastAPI ------------------------------------------------------------------
 
 FASTAPI_APP = """\
@@ -148,6 +194,21 @@ def test_fastapi_routes_handlers_and_overrides_as_a_cold_start_builds_them(tree)
     app.dependency_overrides[name] = fake_name
 
 
+    class Tagged:
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            async def tagged(message):
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", []), (b"x-tag", b"new")]
+                await send(message)
+            await self.app(scope, receive, tagged)
+
+
+    app.add_middleware(Tagged)
+
+
     @app.exception_handler(404)
     async def not_found(request, exc):
         return JSONResponse({"missing": request.url.path}, status_code=404)
@@ -160,6 +221,7 @@ def test_fastapi_routes_handlers_and_overrides_as_a_cold_start_builds_them(tree)
     assert asgi_get(app, "/moved-here") == (200, b'{"moved":true}')
     assert asgi_get(app, "/new") == (200, b'{"new":true}')
     assert asgi_get(app, "/") == (200, b'{"who":"fake"}')
+    assert (b"x-tag", b"new") in asgi_start(app, "/")["headers"]
     paths = json.loads(asgi_get(app, "/openapi.json")[1])["paths"]
     assert sorted(paths) == ["/", "/moved-here", "/new"]
 
