@@ -5641,6 +5641,7 @@ class _Swap:
     def __init__(self, plans: list[_ModulePlan], files: frozenset[str] | None = None) -> None:
         self.plans = plans
         self.files = files  # the release files that changed, if known (section 4b)
+        self.frameworks = _framework_objects()  # found before the pause (section 4b)
         self.paths = {plan.path for plan in plans}
         self.thread = threading.get_ident()
         self.undo: list[Callable[[], None]] = []
@@ -6435,7 +6436,7 @@ def _frameworks_refreshed(swap: _Swap) -> Iterator[None]:
     reload = Reload(tuple(plan.name for plan in swap.plans), swap.files, swap.undo.append)
     swap.stage, swap.module = "preparing the web frameworks for the new code", ""
     superseded = _superseded(swap.plans)
-    live = _framework_objects()  # what the new bodies make anew starts empty
+    live = swap.frameworks  # what the new bodies make anew starts empty
     _prune_registries(live["jinja2"], _JINJA2_REGISTRIES, superseded, swap.undo.append)
     flask_apps = _flask_before(live["flask"], superseded, swap.undo.append)
     starlette_apps = _starlette_before(live["starlette"], superseded, swap.undo.append)
@@ -6477,7 +6478,8 @@ def _framework_objects() -> dict[str, list]:
     """The live instances of the framework classes whose modules are imported,
     and of their subclasses, by framework: one walk of the heap, through the
     garbage collector's referrers (an instance of a Python class refers to
-    its class), and none when no framework is imported."""
+    its class), and none when no framework is imported.  Found before the
+    pause: a walk of a large heap takes milliseconds."""
     kinds: dict[type, str] = {}
     for (module, name), kind in _FRAMEWORK_CLASSES.items():
         todo = [getattr(sys.modules.get(module), name, None)]
