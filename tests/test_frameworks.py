@@ -387,4 +387,3 @@ def test_config_read_from_a_changed_class_is_read_again(tree):
     tree.write("config.py", "class Config:\n    NAME = 'a'\n    MAIL = 'b'\n")
     assert tree.reload("config", "site").ok
     assert site.SETTINGS.get("MAIL") == "b"
-
