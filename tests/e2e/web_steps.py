@@ -187,7 +187,8 @@ def run_steps(name: str, how: Replay, steps: list[Step], paths: list[str]) -> tu
             result = hot.cli("hot", "--version", f"step{number}")
             if result.returncode != 0:
                 reason = re.findall(r"^✗ .*$", result.stdout, re.M) or [result.stdout + result.stderr]
-                outcome = f"refused: {reason[-1].strip()}"
+                # The first process's reason: the others' say the same.
+                outcome = "refused: " + re.sub(r"; process \S+ failed: .*", "", reason[-1].strip())
             else:
                 outcome = compare(hot, pids)
             if failures() > failed_before:
