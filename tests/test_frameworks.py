@@ -83,6 +83,15 @@ def test_on_reload_needs_a_callable():
         flydeploy.on_reload("not a function")
 
 
+def test_the_files_a_process_is_told_changed_come_from_the_installed_release():
+    installed = {"/app/views.py": "b1", "/app/templates/page.html": "b2", "/app/static/site.css": "b3"}
+    assert sorted(flydeploy._changed_files(None, installed)) == sorted(installed)  # held nothing known
+    held = {"/app/views.py": "b1", "/app/templates/page.html": "a2", "/app/static/site.css": "b3"}
+    assert flydeploy._changed_files(held, installed) == ["/app/templates/page.html"]
+    assert flydeploy._changed_files({**held, "/app/templates/page.html": "b2"}, installed) == []
+    assert flydeploy._changed_files(held, None) is None  # a state file without the list
+
+
 # --- Jinja2 -------------------------------------------------------------------
 
 
