@@ -6753,8 +6753,9 @@ _MAPPING_SETTINGS = ("__tablename__", "__table__", "__table_args__", "__mapper_a
 
 def _cold_deploy_for_model(cls: type, what: str, module: str) -> UpgradeRefused:
     return UpgradeRefused(f"cold deploy required: SQLAlchemy model {cls.__module__}.{cls.__qualname__} "
-                          f"{what}; its table needs a database migration and a cold deploy (`fly deploy`), "
-                          "which maps the model afresh", module=module)
+                          f"{what}; a mapped model cannot change in place: migrate the database if its "
+                          "table changed, then cold deploy (`fly deploy`), which maps the model afresh",
+                          module=module)
 
 
 def _is_mapped(cls: object) -> bool:

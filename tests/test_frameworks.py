@@ -291,6 +291,7 @@ MODELS = """\
      r"User columns changed \(added \[\], removed \['posts'\]\)"),
     (("class User(Base):", "class User(Base, dict):"), "User changed its bases or metaclass"),
     (('__tablename__ = "users"', '__tablename__ = "people"'), "User changed __tablename__"),
+    (('back_populates="author")\n', 'back_populates="author", lazy="joined")\n'), "User attribute 'posts' changed"),
 ])
 def test_a_changed_table_is_refused_with_what_to_do(tree, edit, refusal):
     pytest.importorskip("sqlalchemy")
@@ -301,7 +302,7 @@ def test_a_changed_table_is_refused_with_what_to_do(tree, edit, refusal):
     report = tree.reload("models")
     assert not report.ok
     assert "cold deploy required: SQLAlchemy model" in report.error
-    assert "needs a database migration and a cold deploy" in report.error
+    assert "migrate the database if its table changed, then cold deploy (`fly deploy`)" in report.error
     assert __import__("re").search(refusal, report.error), report.error
     assert models.User is user and models.User(name="x").greeting() == "hello x"
 
@@ -313,6 +314,7 @@ def test_model_statements_run_again_keep_the_mapped_class(tree):
     user, table = models.User, models.User.__table__
     # A new import line binds every name it imports again: each column statement reading one runs again.
     tree.write("models.py", MODELS.replace("import ForeignKey, Integer, String", "import ForeignKey, Integer, String, func")
+               .replace("mapped_column, relationship", "mapped_column, relationship, Session")
                .replace('"hello "', '"hi "').replace("NAME_LENGTH = 80", "NAME_LENGTH = 40 * 2"))
     report = tree.reload("models")
     assert report.ok, report.error
