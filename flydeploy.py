@@ -6624,7 +6624,8 @@ def _flask_before(scaffolds: list, superseded: Callable[[object], bool],
     """Take the superseded views, error handlers and hooks out of every Flask
     app and blueprint (and the URL rules of those views), and let the apps
     take new routes although they served requests (Flask refuses a setup
-    method after the first request).  Returns the apps to close again."""
+    method after the first request).  A registered blueprint still takes
+    none: that refusal says what to do.  Returns the scaffolds to close again."""
     apps = []
     for scaffold in scaffolds:
         views = scaffold.__dict__.get("view_functions", {})
@@ -6638,11 +6639,24 @@ def _flask_before(scaffolds: list, superseded: Callable[[object], bool],
             # worker's thread is not held) would set it again.
             _set_logged(scaffold, "_check_setup_finished", _setup_allowed, undo)
             apps.append(scaffold)
+        elif scaffold.__dict__.get("_got_registered_once"):
+            _set_logged(scaffold, "_check_setup_finished",
+                        functools.partial(_blueprint_registered, scaffold), undo)
+            apps.append(scaffold)
     return apps
 
 
 def _setup_allowed(f_name: str) -> None:
     """A Flask app's ``_check_setup_finished`` while the new code registers its routes."""
+
+
+def _blueprint_registered(blueprint: Any, f_name: str) -> None:
+    """A registered Flask blueprint's ``_check_setup_finished`` during the swap."""
+    raise UpgradeRefused(f"cold deploy required: the new code calls {f_name}() on Flask blueprint "
+                         f"{blueprint.name!r}, which is registered on the app already: Flask applies a "
+                         "blueprint's routes and handlers when it is registered, so new or changed ones "
+                         "need a cold deploy (`fly deploy`); changed view code alone can be hot upgraded",
+                         module=None)
 
 
 def _drop_rules(url_map: object, endpoints: set, undo: Callable[[Callable[[], None]], None]) -> None:

@@ -151,6 +151,37 @@ def test_flask_template_filters_and_error_handlers_as_a_cold_start_registers_the
     assert "shout" not in site.app.jinja_env.filters and site.app.jinja_env.filters["loud"] is site.shout
 
 
+BLUEPRINT_APP = """\
+    from flask import Blueprint, Flask
+
+    bp = Blueprint("pages", __name__)
+
+
+    @bp.route("/")
+    def index():
+        return "index"
+
+
+    app = Flask(__name__)
+    app.register_blueprint(bp)
+    """
+
+
+def test_a_new_route_on_a_registered_flask_blueprint_is_refused_with_what_to_do(tree):
+    pytest.importorskip("flask")
+    tree.write("site.py", BLUEPRINT_APP)
+    site = tree.load("site")
+    client = site.app.test_client()
+    tree.write("site.py", BLUEPRINT_APP.replace('return "index"', 'return "new index"'))
+    assert tree.reload("site").ok and client.get("/").data == b"new index"  # view code alone
+    tree.write("site.py", BLUEPRINT_APP.replace(
+        "\n\n    app = Flask", '\n\n    @bp.route("/about")\n    def about():\n        return "about"\n\n\n    app = Flask'))
+    report = tree.reload("site")
+    assert not report.ok and report.rolled_back
+    assert "cold deploy required: the new code calls route() on Flask blueprint 'pages'" in report.error
+    assert client.get("/").data == b"new index" and client.get("/about").status_code == 404
+
+
 # --- FastAPI ------------------------------------------------------------------
 
 FASTAPI_APP = """\
