@@ -231,7 +231,9 @@ class Machine:
                               text=True, timeout=timeout)
 
     def rpc(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        return self.run([sys.executable, "-m", "flydeploy", "rpc", *args], env=env)
+        """``python -m flydeploy rpc ...`` started in the app root, as ``hot --local`` and an exec
+        in the app's directory start it: where the machine side takes the app root from."""
+        return self.run([sys.executable, "-m", "flydeploy", "rpc", *args], env=env, cwd=self.app_root)
 
     def python(self, code: str, *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return self.run([sys.executable, "-c", code], env=env, cwd=self.app_root)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -105,13 +107,19 @@ def test_a_stopped_process_fails_the_upgrade_within_the_suspend_timeout(machine,
     try:
         # Well inside the 30 s a Machines API exec waits by default.
         done = machine.run([sys.executable, "-m", "flydeploy", "rpc", "upgrade", "--app", "shop", "--url", url,
-                            "--suspend-timeout", "1"], timeout=25)
+                            "--suspend-timeout", "1"], timeout=25, cwd=machine.app_root)
     finally:
         os.kill(stopped.pid, signal.SIGCONT)
     result = parse_result(done.stdout)
-    assert done.returncode == 1 and result["processes_succeeded"] == 1
+    assert done.returncode == 1 and result["processes_succeeded"] == 0
     assert f"process {stopped.pid} did not answer within 11 s" in result["error"]
-    assert running.get()["greeting"] == "hello v2"
+    # Not every process applied it: the release is taken off the disk and the process that
+    # had applied it follows the disk back; the stopped one, resumed, never applies it late.
+    assert f"process main.py[{running.pid}] failed: applied v2, then went back" in result["error"]
+    assert (machine.app_root / "greet.py").read_text() == GREET_V1
+    assert not (machine.socket_dir() / "state.json").exists()
+    assert running.get()["greeting"] == "hello v1"
+    assert stopped.get()["greeting"] == "hello v1"
 
 
 SLOW_GREET_V2 = "import os, time\nopen(os.environ['APP_PORT_FILE'] + '.applying', 'w').close()\ntime.sleep(60)\n" + GREET_V2
@@ -122,7 +130,7 @@ def test_a_process_dying_mid_apply_is_reported_and_its_socket_removed(machine, t
     process = machine.start().wait_ready()
     _release, url = make_release(tmp_path, local_store, {**WEB_V2, "greet.py": SLOW_GREET_V2}, version="v2")
     rpc = subprocess.Popen([sys.executable, "-m", "flydeploy", "rpc", "upgrade", "--app", "shop", "--url", url],
-                           cwd=machine.base, env=machine.env, stdout=subprocess.PIPE, text=True)
+                           cwd=machine.app_root, env=machine.env, stdout=subprocess.PIPE, text=True)
     wait_for(lambda: pathlib.Path(f"{process.port_file}.applying").exists(), what="the apply to start")
     os.kill(process.pid, signal.SIGKILL)
     process.proc.wait()
@@ -142,7 +150,7 @@ def test_racing_upgrades_never_roll_the_machine_back(machine, tmp_path, local_st
         record = release.hot_upgrade_record(urls[version], deployed_at=f"2026-11-20T10:00:0{second}.000Z")
         flydeploy.record_hot_upgrade(local_store, "shop", record)
     both = [subprocess.Popen([sys.executable, "-m", "flydeploy", "rpc", "upgrade", "--app", "shop", "--url", url],
-                             cwd=machine.base, env=machine.env, stdout=subprocess.PIPE, text=True)
+                             cwd=machine.app_root, env=machine.env, stdout=subprocess.PIPE, text=True)
             for url in (urls["v2"], urls["v3"])]
     for rpc in both:
         result = parse_result(rpc.communicate(timeout=60)[0])
@@ -306,8 +314,21 @@ def test_a_runtime_directory_others_may_write_is_refused(machine):
     assert "chmod 700" in done.stderr
 
 
+@pytest.fixture
+def open_machine():
+    """A machine whose files another user may reach (pytest's own folders are root's alone)."""
+    base = pathlib.Path(tempfile.mkdtemp(prefix="fdo-", dir="/tmp"))
+    base.chmod(0o755)
+    machine = Machine(base)
+    yield machine
+    machine.close()
+    shutil.rmtree(base, ignore_errors=True)
+
+
 @ROOT_ONLY
-def test_a_root_upgrade_before_any_agent_leaves_the_directory_to_the_app_user(machine, tmp_path, local_store):
+def test_a_root_upgrade_before_any_agent_leaves_the_directory_to_the_app_user(open_machine):
+    machine, tmp_path = open_machine, open_machine.base
+    local_store = flydeploy.LocalStore(tmp_path / "store")
     machine.write({"greet.py": GREET_V1})
     for path in (machine.app_root, machine.app_root / "greet.py"):
         os.chown(path, 65534, 65534)
