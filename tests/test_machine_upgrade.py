@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import stat
 import sys
@@ -261,14 +262,21 @@ def test_members_are_written_under_the_app_root_only(machine, tmp_path, local_st
 
 
 def test_members_named_like_modules_loaded_from_elsewhere_are_written_in_the_app(machine, tmp_path, local_store):
-    """A release adds random.py while the processes run the standard library's random, with
-    flydeploy.py and json/decoder.py besides: none of the modules of those names is touched."""
-    import json.decoder
+    """A release adds random.py, json/decoder.py and flydeploy.py while the processes run modules of
+    those names from another sys.path entry: the app's files are written, those modules are left alone.
+
+    Copies of the standard library's random and json, and of flydeploy.py, stand in for the
+    interpreter's own files on PYTHONPATH, so that a regression cannot damage the interpreter.
+    """
+    import json as stdlib_json
     import random
 
-    outside = {pathlib.Path(random.__file__): None, pathlib.Path(json.decoder.__file__): None,
-               pathlib.Path(flydeploy.__file__): None}
-    outside = {path: path.read_bytes() for path in outside}
+    elsewhere = tmp_path / "pythonpath"
+    shutil.copytree(os.path.dirname(stdlib_json.__file__), elsewhere / "json")
+    shutil.copy(random.__file__, elsewhere / "random.py")
+    shutil.copy(flydeploy.__file__, elsewhere / "flydeploy.py")
+    before = {path: path.read_bytes() for path in elsewhere.rglob("*.py")}
+    machine.env["PYTHONPATH"] = str(elsewhere)
     machine.write_web_app()
     machine.write({"main.py": "import random, json.decoder\n" + MAIN_PY})
     process = machine.start().wait_ready()
@@ -278,11 +286,13 @@ def test_members_named_like_modules_loaded_from_elsewhere_are_written_in_the_app
     upgrade = machine.rpc("upgrade", "--app", "shop", "--url", url)
     assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
     result = parse_result(upgrade.stdout)
-    assert {path: path.read_bytes() for path in outside} == outside
+    assert {path: path.read_bytes() for path in elsewhere.rglob("*.py")} == before
     for rel in ("random.py", "json/decoder.py", "flydeploy.py", "greet.py"):
         assert (machine.app_root / rel).read_text() == files[rel]
     assert result["module_names"] == ["greet"]
-    assert any(note.startswith("random.py was written to") and random.__file__ in note for note in result["notes"])
+    for rel in ("random.py", "json/decoder.py", "flydeploy.py"):
+        assert any(note.startswith(f"{rel} was written to") and str(elsewhere / rel) in note
+                   for note in result["notes"]), (rel, result["notes"])
     assert process.get()["greeting"] == "hello v2"
 
 
