@@ -91,3 +91,118 @@ def test_a_process_started_during_an_upgrade_runs_one_version_whole(machine, tmp
         reply = process.get()
         assert (reply["greeting"], reply["count"].split(":")[0]) == ("hello v1", "count-v1"), process.pid
     assert (machine.app_root / "greet.py").read_text() == GREET_V1
+
+
+# --- a run killed at a named step ------------------------------------------------
+
+MANY = 400
+
+
+def many_files(version: str) -> dict[str, str]:
+    return {f"data/mod_{n:03}.py": f"VERSION = {version!r}\n" for n in range(MANY)}
+
+
+def start_stopping_at(machine: Machine, url: str, step: str) -> subprocess.Popen:
+    """``rpc upgrade`` in its own process group, stopped at ``step`` (it says so in a file)."""
+    rpc = subprocess.Popen([sys.executable, "-m", "flydeploy", "rpc", "upgrade", "--app", "shop", "--url", url],
+                           cwd=machine.app_root, env={**machine.env, "FLYDEPLOY_TEST_STOP_AT": step},
+                           stdout=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: (machine.socket_dir() / f"stopped-at-{step}").exists() or rpc.poll() is not None,
+             what=f"rpc upgrade to reach {step}")
+    assert rpc.poll() is None, f"rpc upgrade ended before {step}"
+    (machine.socket_dir() / f"stopped-at-{step}").unlink()
+    return rpc
+
+
+def kill(rpc: subprocess.Popen, *, guardian_too: bool) -> None:
+    if guardian_too:
+        os.killpg(rpc.pid, signal.SIGKILL)
+    else:
+        os.kill(rpc.pid, signal.SIGKILL)
+    rpc.wait()
+
+
+def mixed(root: pathlib.Path) -> bool:
+    versions = {(root / rel).read_text() for rel in many_files("v1")}
+    return versions == {"VERSION = 'v1'\n", "VERSION = 'v2'\n"}
+
+
+def no_debris(machine: Machine) -> bool:
+    return not (machine.socket_dir() / "journal.json").exists()
+
+
+def test_a_run_killed_while_publishing_is_undone_by_its_guardian(machine, tmp_path, local_store):
+    machine.write_web_app()
+    machine.write(many_files("v1"))
+    process = machine.start().wait_ready()
+    before = tree(machine.app_root)
+    _release, url = make_release(tmp_path, local_store, {**WEB_V2, **many_files("v2")}, version="v2")
+    rpc = start_stopping_at(machine, url, "publish")
+    assert mixed(machine.app_root)  # killed with half the files published
+    kill(rpc, guardian_too=False)
+    wait_for(lambda: no_debris(machine), what="the guardian to undo the publishing")
+    assert tree(machine.app_root) == before
+    assert not (machine.socket_dir() / "state.json").exists()
+    assert process.get()["greeting"] == "hello v1"
+
+
+def test_a_run_killed_with_its_guardian_is_recovered_by_the_next_run(machine, tmp_path, local_store):
+    machine.write_web_app()
+    machine.write(many_files("v1"))
+    process = machine.start().wait_ready()
+    files = {**WEB_V2, **many_files("v2")}
+    _release, url = make_release(tmp_path, local_store, files, version="v2")
+    kill(start_stopping_at(machine, url, "publish"), guardian_too=True)
+    assert mixed(machine.app_root) and (machine.socket_dir() / "journal.json").exists()
+    code, result, output = upgrade(machine, url)
+    assert code == 0 and result["files_written"] == len(files) - 1, output  # main.py is unchanged
+    assert tree(machine.app_root) == {rel: text.encode() for rel, text in files.items()}  # nothing else
+    assert process.get()["greeting"] == "hello v2" and no_debris(machine)
+
+
+def test_a_booting_process_recovers_first(machine, tmp_path, local_store):
+    machine.write_web_app()
+    machine.write(many_files("v1"))
+    before = tree(machine.app_root)
+    _release, url = make_release(tmp_path, local_store, {**WEB_V2, **many_files("v2")}, version="v2")
+    kill(start_stopping_at(machine, url, "publish"), guardian_too=True)
+    assert mixed(machine.app_root)
+    process = machine.start().wait_ready()
+    assert tree(machine.app_root) == before and no_debris(machine)
+    assert process.get()["count"] == "count-v1:0"
+
+
+def test_a_run_killed_while_unpacking_leaves_its_work_area_to_the_next_run(machine, tmp_path, local_store):
+    machine.write_web_app()
+    before = tree(machine.app_root)
+    _release, url = make_release(tmp_path, local_store, {**WEB_V2, **many_files("v2")}, version="v2")
+    rpc = start_stopping_at(machine, url, "unpack")
+    area = machine.socket_dir() / f"work-{rpc.pid}"
+    assert (area / "release.tar.gz").exists()
+    kill(rpc, guardian_too=True)
+    assert area.exists() and tree(machine.app_root) == before
+    missing = local_store.url(flydeploy.release_key("shop", "v9"))
+    code, _result, output = upgrade(machine, missing)  # even a run that fails to download cleans up
+    assert code == 1, output
+    assert not area.exists()
+    assert [p.name for p in machine.socket_dir().iterdir() if p.name.startswith("work-")] == []
+
+
+def test_a_timeout_of_hot_local_ends_the_run_through_the_same_recovery(machine, tmp_path):
+    machine.write_web_app()
+    machine.write(many_files("v1"))
+    process = machine.start().wait_ready()
+    before = tree(machine.app_root)
+    source = tmp_path / "checkout"
+    for rel, text in {**WEB_V2, **many_files("v2")}.items():
+        (source / rel).parent.mkdir(parents=True, exist_ok=True)
+        (source / rel).write_text(text)
+    env = {**machine.env, "FLYDEPLOY_APP_ROOT": str(machine.app_root), "FLYDEPLOY_TEST_STOP_AT": "publish"}
+    done = subprocess.run([sys.executable, "-m", "flydeploy_cli", "hot", "--local", "--root", str(source),
+                           "--app", "shop", "--store", str(tmp_path / "store"), "--timeout", "5"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    # The timeout killed rpc upgrade mid-publish; its guardian puts everything back.
+    wait_for(lambda: no_debris(machine), what="the guardian to undo the publishing")
+    assert tree(machine.app_root) == before
+    assert process.get()["greeting"] == "hello v1"
