@@ -7935,6 +7935,7 @@ def _acting_owner(app: str) -> tuple[int, int] | None:
 def _run_as(owner: tuple[int, int], work: Callable[[], dict]) -> dict:
     """``work()`` in a forked process with the rights of ``owner`` alone; its JSON-ready result."""
     uid, gid = owner
+    import concurrent.futures.thread  # noqa: F401  (loaded lazily: the user may not read the interpreter's files)
     read, write = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
