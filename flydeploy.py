@@ -6380,6 +6380,8 @@ _QUERY_TIMEOUT = 10.0
 # How long a starting or forked process waits for an upgrade in flight to end
 # (a published release is committed or undone within the apply wait).
 _SETTLE_WAIT = 60.0
+# How long startup_reapply_current may keep a booting app from serving.
+_DEFAULT_STARTUP_DEADLINE = 5.0
 
 
 class AgentError(FlyDeployError):
@@ -7754,7 +7756,8 @@ def _went_back(entries: list[dict], back: list[dict], version: str | None, previ
 
 
 def _upgrade_machine(app: str, store: Store, key: str, sha256: str | None, *, deployed_at: str | None,
-                     suspend_timeout: float, in_process: bool, unless_installed: dict | None = None) -> _MachineRun | None:
+                     suspend_timeout: float, in_process: bool, unless_installed: dict | None = None,
+                     given_up: threading.Event | None = None) -> _MachineRun | None:
     """Every phase of one machine's upgrade (see the list at the top of this part).
 
     The download needs no lock; the rest runs under the machine lock, so one
@@ -7763,7 +7766,8 @@ def _upgrade_machine(app: str, store: Store, key: str, sha256: str | None, *, de
     ``unless_installed`` (a release record) it returns None when the state
     file shows that release installed.  A release deployed before the one
     installed raises ``_Superseded``: two upgrades that raced, or a stale
-    metadata read, never roll a machine back.
+    metadata read, never roll a machine back.  Once ``given_up`` is set (the
+    caller stopped waiting) it ends after the download, having changed nothing.
     """
     def check_installed() -> bool:
         state = _read_state(app)
@@ -7780,6 +7784,8 @@ def _upgrade_machine(app: str, store: Store, key: str, sha256: str | None, *, de
         os.mkdir(area, 0o700)
         log.info("flydeploy: downloading %s", key)
         manifest, tree, digest = _download_release(store, key, area, sha256, app)
+        if given_up is not None and given_up.is_set():
+            raise _StartupLate
         with _machine_lock(app):
             _recover_and_resync(app, exclude_pid=os.getpid() if in_process else None)
             if check_installed():
@@ -8076,7 +8082,7 @@ def _current_hot_upgrade(doc: dict) -> dict | None:
     return hot
 
 
-def _catch_up_machine(store: Store, app: str, hot: dict) -> str:
+def _catch_up_machine(store: Store, app: str, hot: dict, *, given_up: threading.Event | None = None) -> str:
     """Bring this machine and this process to the recorded hot upgrade ``hot``.
 
     The first process to get here downloads and installs the files, and it
@@ -8092,7 +8098,8 @@ def _catch_up_machine(store: Store, app: str, hot: dict) -> str:
     store, key = _store_for_url(hot["tarball_url"], store)
     try:
         run = _upgrade_machine(app, store, key, hot.get("sha256"), deployed_at=hot.get("deployed_at"),
-                               suspend_timeout=_DEFAULT_SUSPEND_TIMEOUT, in_process=True, unless_installed=release)
+                               suspend_timeout=_DEFAULT_SUSPEND_TIMEOUT, in_process=True, unless_installed=release,
+                               given_up=given_up)
     except _Superseded as exc:
         log.info("flydeploy: %s", exc)
         return "up_to_date"
@@ -8110,9 +8117,14 @@ def _catch_up_machine(store: Store, app: str, hot: dict) -> str:
     return "applied"
 
 
-def _reconcile(store: Store, app: str, image_ref: str) -> tuple[str, str | None, str | None]:
-    """One boot-time pass over current.json; returns ``(status, version, etag of what was read)``."""
+def _reconcile(store: Store, app: str, image_ref: str, *,
+               given_up: threading.Event | None = None) -> tuple[str, str | None, str | None]:
+    """One boot-time pass over current.json; returns ``(status, version, etag of what was read)``.
+
+    Once ``given_up`` is set, it stops before writing anything."""
     doc, etag = read_current(store, app)
+    if given_up is not None and given_up.is_set():
+        raise _StartupLate
     status = "up_to_date"
     if doc is None or doc.get("image_ref") != image_ref:
         # Conditional on what is there when writing: a machine of this image
@@ -8123,22 +8135,55 @@ def _reconcile(store: Store, app: str, image_ref: str) -> tuple[str, str | None,
     hot = _current_hot_upgrade(doc)
     if hot is None:
         return status, None, etag
-    return _catch_up_machine(store, app, hot), hot["version"], etag
+    return _catch_up_machine(store, app, hot, given_up=given_up), hot["version"], etag
 
 
-def _poll_interval(poll_interval: float | None) -> float | None:
-    if poll_interval is None:
-        raw = os.environ.get("FLYDEPLOY_POLL_INTERVAL", "").strip()
+def _seconds_setting(value: float | None, variable: str, what: str, example: str) -> float | None:
+    """``value``, else the environment variable ``variable``, as positive seconds; None when neither is set."""
+    if value is None:
+        raw = os.environ.get(variable, "").strip()
         if not raw:
             return None
         try:
-            poll_interval = float(raw)
+            value = float(raw)
         except ValueError:
-            raise ConfigError(f"FLYDEPLOY_POLL_INTERVAL={raw!r} is not a number of seconds; "
-                              "set it to e.g. 30, or unset it") from None
-    if not _is_positive_seconds(poll_interval):
-        raise ConfigError(f"the poll interval must be a positive number of seconds, not {poll_interval!r}")
-    return float(poll_interval)
+            raise ConfigError(f"{variable}={raw!r} is not a number of seconds; "
+                              f"set it to e.g. {example}, or unset it") from None
+    if not _is_positive_seconds(value):
+        raise ConfigError(f"the {what} must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+def _poll_interval(poll_interval: float | None) -> float | None:
+    return _seconds_setting(poll_interval, "FLYDEPLOY_POLL_INTERVAL", "poll interval", "30")
+
+
+def _reconcile_within(deadline: float, store: Store, app: str, image_ref: str,
+                      ) -> tuple[str, str | None, str | None]:
+    """``_reconcile`` bounded by ``deadline`` (monotonic seconds).  Past it this raises and the
+    pass is given up: a storage call that answers later changes nothing on this machine."""
+    outcome: list = []
+    given_up = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome.append(_reconcile(store, app, image_ref, given_up=given_up))
+        except BaseException as exc:  # handed to the caller
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, name=f"flydeploy-startup[{app}]", daemon=True)
+    worker.start()
+    worker.join(max(0.0, deadline - time.monotonic()))
+    if not outcome:
+        given_up.set()
+        raise _StartupLate
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+class _StartupLate(FlyDeployError):
+    """The boot-time pass did not end within the startup deadline."""
 
 
 class _Poller:
@@ -8214,7 +8259,7 @@ def _recover_at_boot(app: str) -> None:
 
 
 def startup_reapply_current(app: str | None = None, *, poll_interval: float | None = None,
-                            agent: bool = True, store: Store | None = None) -> dict:
+                            agent: bool = True, store: Store | None = None, deadline: float | None = None) -> dict:
     """Make this process (and machine) run the release recorded for its image; call it early at boot.
 
     ``app`` defaults to ``FLY_APP_NAME``; ``store`` to ``S3.from_env()``.
@@ -8232,6 +8277,11 @@ def startup_reapply_current(app: str | None = None, *, poll_interval: float | No
     is reported in ``error`` and the catch-up still runs.  An agent that
     cannot start is reported in ``agent_error`` and the catch-up still runs.
 
+    It returns within ``deadline`` seconds (or ``FLYDEPLOY_STARTUP_DEADLINE``,
+    default 5): storage that does not answer by then leaves the app on the
+    image's code, with the reason in ``error`` and the log; the poller, when
+    enabled, catches up later.
+
     A machine still on an older image that boots after a cold deploy resets
     the metadata to its own image, which drops a hot upgrade recorded for the
     new image: the new image's machines then run its own code until the next
@@ -8245,7 +8295,15 @@ def startup_reapply_current(app: str | None = None, *, poll_interval: float | No
     started = time.perf_counter()
     status, version, error, agent_path, agent_error, config_error = "error", None, None, None, None, None
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3")
+    interval = None
     try:
+        try:
+            limit = _seconds_setting(deadline, "FLYDEPLOY_STARTUP_DEADLINE", "startup deadline", "5")
+        except ConfigError as exc:
+            limit, config_error = None, str(exc)
+            log.error("flydeploy: %s; using the default startup deadline", exc)
+        limit = limit or _DEFAULT_STARTUP_DEADLINE
+        ends = time.monotonic() + limit
         app = _adopt_app(app)
         _recover_at_boot(app)
         if agent:
@@ -8258,7 +8316,7 @@ def startup_reapply_current(app: str | None = None, *, poll_interval: float | No
         try:
             interval = _poll_interval(poll_interval)
         except ConfigError as exc:
-            interval, config_error = None, str(exc)
+            config_error = str(exc)
             log.error("flydeploy: no poller for %s: %s", app, exc)
         image_ref = os.environ.get("FLY_IMAGE_REF")
         if not image_ref:
@@ -8267,15 +8325,21 @@ def startup_reapply_current(app: str | None = None, *, poll_interval: float | No
             store = store if store is not None else S3.from_env()
             etag = None
             try:
-                status, version, etag = _reconcile(store, app, image_ref)
+                status, version, etag = _reconcile_within(ends, store, app, image_ref)
             finally:
                 if interval and _poller is None:
                     _poller = _Poller(store, app, image_ref, interval, etag)
+    except _StartupLate:
+        status, error = "error", (f"the storage did not answer within the startup deadline of {limit:g} s "
+                                  "(FLYDEPLOY_STARTUP_DEADLINE): booting on the image's code; "
+                                  + ("the poller catches up later" if interval else
+                                     "the next hot upgrade or restart catches up"))
+        log.error("flydeploy: startup reapply of %s: %s", app, error)
     except Exception as exc:  # boot must go on with the image's code
         status, error = "error", _scrub(str(exc) or repr(exc), endpoint)
         log.error("flydeploy: startup reapply of %s failed, continuing on the image's code: %s", app, error)
-    outcome = _outcome(status, error=error or config_error, version=version, agent=agent_path,
-                       agent_error=agent_error, started=started)
+    outcome = _outcome(status, error="; ".join(filter(None, (error, config_error))) or None, version=version,
+                       agent=agent_path, agent_error=agent_error, started=started)
     if status != "error":
         log.info("flydeploy: startup reapply of %s: %s%s", app, status, f" {version}" if version else "")
     return outcome

@@ -332,3 +332,53 @@ def test_modules_changed_on_disk_before_tracking_starts_are_still_reloaded(machi
     assert process.returncode == 0, err
     assert json.loads(out) == {"modified": ["after", "before"], "ok": True, "values": ["v2", "v2"],
                                "after_reload": []}
+
+
+@pytest.fixture
+def stalled_s3():
+    """A TCP server that accepts connections and never answers: storage that has stalled."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", accepted
+    stop.set()
+    server.close()
+    for conn in accepted:
+        conn.close()
+
+
+@pytest.mark.parametrize("how", ["variable", "argument"])
+def test_boot_on_a_stalled_storage_ends_at_the_startup_deadline(machine, stalled_s3, how):
+    endpoint, accepted = stalled_s3
+    env = {"AWS_ENDPOINT_URL_S3": endpoint}
+    if how == "variable":
+        env["FLYDEPLOY_STARTUP_DEADLINE"] = "1"
+    else:
+        machine.write({"boot.py": BOOT_PY.replace("startup_reapply_current(", "startup_reapply_current(deadline=1, ")})
+    out = boot(machine, env=env)
+    assert accepted  # the storage was reached, and never answered
+    outcome = out["outcome"]
+    assert outcome["status"] == "error" and "within the startup deadline of 1 s" in outcome["error"]
+    assert "FLYDEPLOY_STARTUP_DEADLINE" in outcome["error"] and "booting on the image's code" in outcome["error"]
+    assert out["greeting"] == "hello v1"
+    assert outcome["duration_ms"] < 30_000  # not the minutes of every retry
+
+
+def test_the_default_startup_deadline_is_a_few_seconds(machine, stalled_s3):
+    out = boot(machine, env={"AWS_ENDPOINT_URL_S3": stalled_s3[0]})
+    assert f"within the startup deadline of {flydeploy._DEFAULT_STARTUP_DEADLINE:g} s" in out["outcome"]["error"]
+    bad = boot(machine, env={"AWS_ENDPOINT_URL_S3": stalled_s3[0], "FLYDEPLOY_STARTUP_DEADLINE": "soon"})
+    assert "FLYDEPLOY_STARTUP_DEADLINE='soon' is not a number of seconds" in bad["outcome"]["error"]
