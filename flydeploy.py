@@ -3766,10 +3766,12 @@ class _Hold:
     server).
     """
 
-    __slots__ = ("thread", "acquiring", "busy_threads", "waiting_loops", "adopted", "since")
+    __slots__ = ("thread", "helpers", "acquiring", "busy_threads", "waiting_loops", "adopted", "since")
 
     def __init__(self) -> None:
         self.thread = threading.get_ident()
+        # Threads that act for the holding thread (a bounded code_change runs on one).
+        self.helpers: set[int] = set()
         self.acquiring = True
         # Threads of marked servers in the middle of a message.
         self.busy_threads: set[int | None] = set()
@@ -3780,11 +3782,15 @@ class _Hold:
         # When the first server was held (monotonic seconds), or None.
         self.since: float | None = None
 
+    def acts_for(self, thread: int | None) -> bool:
+        """Whether ``thread`` is the holding thread, or one acting for it."""
+        return thread == self.thread or thread in self.helpers
+
     def lets_through(self, message: tuple) -> bool:
         if message[0] not in (_CALL, _INIT):
             return False
         sender: _Reply = message[2]
-        return sender.caller == self.thread or (self.acquiring and (
+        return self.acts_for(sender.caller) or (self.acquiring and (
             sender.caller in self.busy_threads or sender.caller_loop in self.waiting_loops))
 
 
@@ -4166,7 +4172,7 @@ def _waits_for(server: Server, hold: _Hold, me: int) -> bool:
     """
     holder = server._held_by
     if holder is not None and holder is not hold:
-        return holder.thread != me  # another thread's hold: wait until it lets go
+        return not holder.acts_for(me)  # another thread's hold: wait until it lets go
     if server._running and holder is None:
         server._held_by = hold  # stop at the next safe point
     return server._running
@@ -4193,7 +4199,7 @@ def get_state(server: Server, timeout: float | None = 5.0) -> Any:
     if not server.alive:
         raise server._stopped_error("get_state")
     holder = server._held_by
-    if holder is not None and holder.thread == threading.get_ident():
+    if holder is not None and holder.acts_for(threading.get_ident()):
         return server._state
     hold = _Hold()
     deadline = math.inf if timeout is None else time.monotonic() + timeout
@@ -4386,6 +4392,7 @@ class _Pause:
 
     def __init__(self, servers: Iterable[Server], *, timeout: float) -> None:
         self.timeout = _check_timeout(timeout)
+        self.deadline = math.inf  # when the pause must end, code_change included (set on entry)
         self.held_ms = 0.0
         self._servers = list(servers)
         self._hold = _Hold()
@@ -4401,7 +4408,7 @@ class _Pause:
     def __enter__(self) -> _Pause:
         global _pause_owner, _active_hold
         _check_pause_allowed()
-        deadline = time.monotonic() + self.timeout
+        deadline = self.deadline = time.monotonic() + self.timeout
         if not _pause_lock.acquire(timeout=_wait_limit(self.timeout) or -1):
             raise SuspendTimeout(["another pause in progress"], self.timeout)
         _pause_owner = threading.get_ident()
@@ -6021,10 +6028,11 @@ class _Swap:
                 self._save_module(module)
                 module.__dict__.update(stale)
 
-    def transact(self, affected: list[Server], extra: object) -> bool:
+    def transact(self, affected: list[Server], extra: object, pause: _Pause) -> bool:
         """Inside the pause: swap the modules, then migrate the state of every
-        affected server through its new ``code_change``.  On any failure
-        everything is rolled back; returns whether it all succeeded."""
+        affected server through its new ``code_change``, within the pause's
+        deadline (``_call_by``).  On any failure everything is rolled back;
+        returns whether it all succeeded."""
         old_versions = [getattr(server, "vsn", None) for server in affected]
         migrating = None
         try:
@@ -6035,7 +6043,7 @@ class _Swap:
             before = _snapshot([server._state for server in changing])
             self.undo.append(lambda: _restore_states(changing, before()))
             for migrating, old_vsn in zip(affected, old_versions):
-                migrating._state = migrating.code_change(old_vsn, migrating._state, extra)
+                migrating._state = _call_by(pause, migrating.code_change, old_vsn, migrating._state, extra)
             migrating = None
         except BaseException as exc:
             self.rollback()
@@ -6052,6 +6060,47 @@ class _Swap:
 
 
 _start_server = Server.__dict__["start"]
+
+
+class CodeChangeTimeout(FlyDeployError):
+    """A ``code_change`` did not return before the pause's deadline; the upgrade was rolled back."""
+
+    def __init__(self, function: Callable, timeout: float) -> None:
+        super().__init__(f"{function.__qualname__} did not return within the {timeout:g} s the pause may last "
+                         "(the suspend timeout); its result, whenever it comes, is thrown away. Make code_change "
+                         "quick, or raise the suspend timeout.")
+
+
+def _call_by(pause: _Pause, function: Callable, *args: object) -> Any:
+    """``function(*args)`` within the pause's deadline, on a thread that acts for the pausing one.
+
+    Past the deadline this raises ``CodeChangeTimeout``; the thread is left to
+    finish, and what it returns or does to its arguments is never used.
+    """
+    outcome: list[tuple[bool, Any]] = []
+    registered = threading.Event()
+
+    def run() -> None:
+        registered.wait()
+        try:
+            outcome.append((True, function(*args)))
+        except BaseException as exc:  # handed to the pausing thread
+            outcome.append((False, exc))
+
+    helper = threading.Thread(target=run, name="flydeploy-code-change", daemon=True)
+    helper.start()
+    pause._hold.helpers.add(helper.ident)
+    registered.set()
+    try:
+        helper.join(None if pause.deadline == math.inf else max(0.0, pause.deadline - time.monotonic()))
+    finally:
+        pause._hold.helpers.discard(helper.ident)
+    if not outcome:
+        raise CodeChangeTimeout(function, pause.timeout)
+    done, value = outcome[0]
+    if done:
+        return value
+    raise value
 
 
 def _snapshot(states: list[object]) -> Callable[[], list[object]]:
@@ -6316,7 +6365,7 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
             # Read while held: servers that started meanwhile are held too.
             affected = [server for server in pause.servers
                         if any(cls.__module__ in changed for cls in type(server).__mro__)]
-            report.ok = swap.transact(affected, extra)
+            report.ok = swap.transact(affected, extra, pause)
     except SuspendTimeout as exc:
         report.error = str(exc)
         report.servers_failed = list(exc.names)

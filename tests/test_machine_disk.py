@@ -206,3 +206,42 @@ def test_a_timeout_of_hot_local_ends_the_run_through_the_same_recovery(machine, 
     wait_for(lambda: no_debris(machine), what="the guardian to undo the publishing")
     assert tree(machine.app_root) == before
     assert process.get()["greeting"] == "hello v1"
+
+
+STUCK_COUNTER = COUNTER_PY.replace("count-v1", "count-v2") + '''\
+    vsn = 2
+    def code_change(self, old_vsn, state, extra):
+        import os, time
+        port_file = os.environ["APP_PORT_FILE"]
+        open(port_file + ".migrating", "w").close()
+        while not os.path.exists(port_file + ".go"):
+            time.sleep(0.01)
+        open(port_file + ".returned", "w").close()
+        return {"n": state["n"] + 1000}
+'''
+
+
+def test_a_code_change_that_never_returns_is_rolled_back_at_the_suspend_timeout(machine, tmp_path, local_store):
+    machine.write_web_app()
+    processes = [machine.start().wait_ready() for _ in range(2)]
+    for process in processes:
+        process.get("/bump")
+    _release, url = make_release(tmp_path, local_store, {**WEB_V2, "counter.py": STUCK_COUNTER}, version="v2")
+    code, result, output = upgrade(machine, url, "--suspend-timeout", "1")
+    assert code == 1 and "did not return within the 1 s the pause may last" in result["error"], output
+    for process in processes:
+        assert pathlib.Path(f"{process.port_file}.migrating").exists()
+        assert not pathlib.Path(f"{process.port_file}.returned").exists()  # still stuck in code_change
+        # Rolled back and resumed: the server answers with the old code and state meanwhile.
+        reply = process.get()
+        assert (reply["greeting"], reply["count"]) == ("hello v1", "count-v1:1")
+    # The late completion changes nothing: what was reported is what runs.
+    for process in processes:
+        pathlib.Path(f"{process.port_file}.go").touch()
+    for process in processes:
+        wait_for(lambda: pathlib.Path(f"{process.port_file}.returned").exists(), what="code_change to return")
+        reply = process.get()
+        assert (reply["greeting"], reply["count"]) == ("hello v1", "count-v1:1")
+    assert (machine.app_root / "counter.py").read_text() == COUNTER_PY
+    info = json.loads(machine.rpc("info", "--app", "shop").stdout)
+    assert {entry["version"] for entry in info} == {None}
