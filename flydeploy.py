@@ -6033,8 +6033,20 @@ class _Swap:
         affected server through its new ``code_change``, within the pause's
         deadline (``_call_by``).  On any failure everything is rolled back;
         returns whether it all succeeded."""
-        old_versions = [getattr(server, "vsn", None) for server in affected]
-        migrating = None
+        old_versions = {id(server): getattr(server, "vsn", None) for server in affected}
+        migrating: list[Server] = []  # the server whose code_change runs
+        given_up = threading.Lock()  # held for good once the deadline passed
+
+        def migrate(changing: list[Server]) -> None:
+            for server in changing:
+                migrating[:] = [server]
+                state = server.code_change(old_versions[id(server)], server._state, extra)
+                if not given_up.acquire(blocking=False):
+                    return  # too late: the pausing thread rolled back and resumed
+                server._state = state
+                given_up.release()
+            migrating.clear()
+
         try:
             self.run()
             # Only an app's own code_change can change a state: only those states are kept for a
@@ -6042,15 +6054,18 @@ class _Swap:
             changing = [server for server in affected if type(server).code_change is not Server.code_change]
             before = _snapshot([server._state for server in changing])
             self.undo.append(lambda: _restore_states(changing, before()))
-            for migrating, old_vsn in zip(affected, old_versions):
-                migrating._state = _call_by(pause, migrating.code_change, old_vsn, migrating._state, extra)
-            migrating = None
+            if changing:
+                try:
+                    _call_by(pause, migrate, changing)
+                except CodeChangeTimeout:
+                    given_up.acquire()
+                    raise
         except BaseException as exc:
             self.rollback()
-            if migrating is not None:
-                self.stage = f"code_change of server {_server_label(migrating)}"
-                self.module = type(migrating).__module__
-                self.failed = [_server_label(migrating)]
+            for server in migrating[:1]:
+                self.stage = f"code_change of server {_server_label(server)}"
+                self.module = type(server).__module__
+                self.failed = [_server_label(server)]
             self.error = _failure_message(self.stage, exc, self.paths)
             self.failed_module = self.module or None
             if not isinstance(exc, Exception):
@@ -6065,17 +6080,18 @@ _start_server = Server.__dict__["start"]
 class CodeChangeTimeout(FlyDeployError):
     """A ``code_change`` did not return before the pause's deadline; the upgrade was rolled back."""
 
-    def __init__(self, function: Callable, timeout: float) -> None:
-        super().__init__(f"{function.__qualname__} did not return within the {timeout:g} s the pause may last "
-                         "(the suspend timeout); its result, whenever it comes, is thrown away. Make code_change "
-                         "quick, or raise the suspend timeout.")
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"code_change did not return within the {timeout:g} s the pause may last (the suspend "
+                         "timeout); its result, whenever it comes, is thrown away. Make code_change quick, or "
+                         "raise the suspend timeout.")
 
 
 def _call_by(pause: _Pause, function: Callable, *args: object) -> Any:
     """``function(*args)`` within the pause's deadline, on a thread that acts for the pausing one.
 
-    Past the deadline this raises ``CodeChangeTimeout``; the thread is left to
-    finish, and what it returns or does to its arguments is never used.
+    Past the deadline this raises ``CodeChangeTimeout`` and the thread is left
+    to finish on its own; ``function`` must then make sure nothing it does
+    later counts (``_Swap.transact`` stops assigning states).
     """
     outcome: list[tuple[bool, Any]] = []
     registered = threading.Event()
@@ -6096,7 +6112,7 @@ def _call_by(pause: _Pause, function: Callable, *args: object) -> Any:
     finally:
         pause._hold.helpers.discard(helper.ident)
     if not outcome:
-        raise CodeChangeTimeout(function, pause.timeout)
+        raise CodeChangeTimeout(pause.timeout)
     done, value = outcome[0]
     if done:
         return value
