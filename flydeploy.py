@@ -6971,6 +6971,7 @@ def _dispatch(agent: Agent, request: dict) -> dict:
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise AgentError('malformed locate request: "paths" must be a list of relative paths')
         return {"ok": True, "located": _locate_members(paths, *_loaded_locations(paths)), "cwd": os.getcwd(),
+                "roots": list(_tracker.roots),
                 "image_ref": os.environ.get("FLY_IMAGE_REF")}
     if op == "apply":
         timeout = request.get("suspend_timeout", _DEFAULT_SUSPEND_TIMEOUT)
@@ -7757,15 +7758,19 @@ def _most_common(values: list[str], default: str | None) -> str | None:
     return min(counts, key=lambda value: (-counts[value], value)) if counts else default
 
 
-def _locate_on_machine(app: str, paths: list[str], *, in_process: bool) -> tuple[dict[str, str], str | None]:
+def _locate_on_machine(app: str, paths: list[str], *, in_process: bool,
+                       app_root: str) -> tuple[dict[str, str], str | None]:
     """Where this machine's processes loaded modules named like the members from, and their image.
 
     The locations only ever feed the notes of the result; the image is the
     one most of the processes share (an exec'd command may lack the app's
     environment).  With ``in_process`` this process answers for itself.
+    Processes that track roots of which none overlaps ``app_root`` refuse
+    the upgrade before anything is written: the command runs in the wrong
+    place, and would write where no process looks.
     """
     located: dict[str, str] = {}
-    image_refs = []
+    image_refs, roots = [], set()
     for entry in _ask_agents(app, {"op": "locate", "paths": paths}, timeout=_LOCATE_TIMEOUT,
                              exclude_pid=os.getpid() if in_process else None):
         reply = entry.get("reply") or {}
@@ -7774,6 +7779,11 @@ def _locate_on_machine(app: str, paths: list[str], *, in_process: bool) -> tuple
                 if rel in paths and isinstance(where, str):
                     located.setdefault(rel, where)
             image_refs.append(reply.get("image_ref"))
+            roots.update(root for root in reply.get("roots") or () if isinstance(root, str))
+    if roots and not any(_is_under(root, app_root) or _is_under(app_root, root) for root in roots):
+        raise AgentError(f"the app root here is {app_root}, but the app's processes run code from "
+                         f"{', '.join(sorted(roots))}; nothing was written. Run the command in the app's "
+                         "directory, or set FLYDEPLOY_APP_ROOT to it.")
     if in_process:
         located.update(_locate_members(paths, *_loaded_locations(paths)))
         return located, os.environ.get("FLY_IMAGE_REF") or None
@@ -7856,9 +7866,10 @@ def _upgrade_machine(app: str, store: Store, key: str, sha256: str | None, *, de
             if check_installed():
                 return None
             paths = sorted(manifest["files"])
-            located, image_ref = _locate_on_machine(app, paths, in_process=in_process)
-            staged = _stage_release(app, manifest, tree, digest, app_root=_machine_app_root(in_process=in_process),
-                                    image_ref=image_ref, deployed_at=deployed_at, located=located)
+            app_root = _machine_app_root(in_process=in_process)
+            located, image_ref = _locate_on_machine(app, paths, in_process=in_process, app_root=app_root)
+            staged = _stage_release(app, manifest, tree, digest, app_root=app_root, image_ref=image_ref,
+                                    deployed_at=deployed_at, located=located)
             shutil.rmtree(area, ignore_errors=True)
             _publish_staged(staged)
             try:

@@ -335,3 +335,17 @@ def test_destinations_are_the_members_own_paths_under_the_app_root(monkeypatch, 
     monkeypatch.delenv("FLYDEPLOY_APP_ROOT")
     monkeypatch.chdir(app / "web")
     assert flydeploy._machine_app_root(in_process=False) == f"{root}/web"
+
+
+def test_an_upgrade_run_outside_the_app_is_refused(machine, tmp_path, local_store):
+    machine.write_web_app()
+    process = machine.start().wait_ready()
+    _release, url = make_release(tmp_path, local_store, {"greet.py": GREET_V2}, version="v2")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = machine.run([sys.executable, "-m", "flydeploy", "rpc", "upgrade", "--app", "shop", "--url", url],
+                       cwd=elsewhere)
+    result = parse_result(done.stdout)
+    assert done.returncode == 1 and "Run the command in the app's directory" in result["error"], done.stdout
+    assert str(machine.app_root) in result["error"] and list(elsewhere.iterdir()) == []
+    assert process.get()["greeting"] == "hello v1"
