@@ -399,10 +399,8 @@ def stalled_s3(proxy):
 @pytest.mark.parametrize("how", ["variable", "argument"])
 def test_boot_on_a_stalled_storage_ends_at_the_startup_deadline(machine, stalled_s3, how):
     endpoint, accepted = stalled_s3
-    env = {"AWS_ENDPOINT_URL_S3": endpoint}
-    if how == "variable":
-        env["FLYDEPLOY_STARTUP_DEADLINE"] = "1"
-    else:
+    env = {"AWS_ENDPOINT_URL_S3": endpoint, "FLYDEPLOY_STARTUP_DEADLINE": "1" if how == "variable" else "60"}
+    if how == "argument":
         machine.write({"boot.py": BOOT_PY.replace("startup_reapply_current(", "startup_reapply_current(deadline=1, ")})
     out = boot(machine, env=env)
     assert accepted  # the storage was reached, and never answered
@@ -414,7 +412,7 @@ def test_boot_on_a_stalled_storage_ends_at_the_startup_deadline(machine, stalled
 
 
 def test_the_default_startup_deadline_is_a_few_seconds(machine, stalled_s3):
-    out = boot(machine, env={"AWS_ENDPOINT_URL_S3": stalled_s3[0]})
+    out = boot(machine, env={"AWS_ENDPOINT_URL_S3": stalled_s3[0], "FLYDEPLOY_STARTUP_DEADLINE": ""})
     assert f"within the startup deadline of {flydeploy._DEFAULT_STARTUP_DEADLINE:g} s" in out["outcome"]["error"]
     bad = boot(machine, env={"AWS_ENDPOINT_URL_S3": stalled_s3[0], "FLYDEPLOY_STARTUP_DEADLINE": "soon"})
     assert "FLYDEPLOY_STARTUP_DEADLINE='soon' is not a number of seconds" in bad["outcome"]["error"]
