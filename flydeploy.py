@@ -5832,11 +5832,11 @@ def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope, outer
                     and not binds[index] - deleted <= namespace.keys())
     keys = [set() if isinstance(statement, definitions)
             else binds[i] | _edited_objects(statement, namespace) for i, statement in enumerate(body)]
-    # ``app.config.update(...)`` changes what ``app = App()`` made: one group
-    # (not so for a module's attributes, ``import`` statements belong to none).
-    made_here = set().union(*(keys[index] & binds[index] for index in range(len(body))))
-    for names in keys:
-        names |= {name.partition(".")[0] for name in names} & made_here
+    # What a statement that runs again gives a new value: an import only the
+    # names it binds to another object than the live one.
+    gives = [_rebound(statement, namespace) if namespace and isinstance(
+        statement, (ast.Import, ast.ImportFrom)) else binds[index]
+             for index, statement in enumerate(body)]
     sharing: dict[str, list[int]] = collections.defaultdict(list)
     for index, names in enumerate(keys):
         for key in names:
@@ -5847,7 +5847,7 @@ def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope, outer
         while pending:
             index = pending.pop()
             if not isinstance(body[index], definitions[:3]):
-                new_values |= binds[index] | keys[index]
+                new_values |= gives[index] | keys[index]
             for key in keys[index]:
                 for other in sharing[key]:
                     if other not in must:
@@ -5858,9 +5858,37 @@ def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope, outer
         if not pending:
             break
         must.update(pending)
-    rerun = set().union(*(binds[index] for index in must
+    rerun = set().union(*(gives[index] for index in must
                           if not isinstance(body[index], definitions[:3])))
     return rerun, [index for index in range(len(body)) if index not in must]
+
+
+def _rebound(statement: ast.Import | ast.ImportFrom, namespace: Mapping[str, object]
+             ) -> set[str]:
+    """The names an import statement binds to another object than the one a
+    module's live ``namespace`` holds (``from x import a, b`` becoming ``from
+    x import a, b, c`` gives ``a`` and ``b`` nothing new)."""
+    rebound = set()
+    if isinstance(statement, ast.Import):
+        for alias in statement.names:
+            bound = alias.asname or alias.name.split(".")[0]
+            module = sys.modules.get(alias.name if alias.asname else bound)
+            if module is None or module is not namespace.get(bound, _MISSING):
+                rebound.add(bound)
+        return rebound
+    try:
+        base = _imported_from(statement, namespace.get("__package__") or "")
+    except (ImportError, ValueError):
+        return _bound_names(statement)
+    module = sys.modules.get(base)
+    contents = object.__getattribute__(module, "__dict__") if _is_a(module, types.ModuleType) \
+        else {}
+    for alias in statement.names:
+        bound = alias.asname or alias.name
+        value = contents.get(alias.name, sys.modules.get(f"{base}.{alias.name}", _MISSING))
+        if alias.name != "*" and (value is _MISSING or value is not namespace.get(bound, _MISSING)):
+            rebound.add(bound)
+    return rebound
 
 
 def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:

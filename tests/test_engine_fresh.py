@@ -515,3 +515,18 @@ def test_a_class_body_keeps_the_values_a_method_default_and_the_class_share(tree
         pass
     else:
         raise AssertionError("pop did not raise: its default is not the class's marker")
+
+
+def test_an_import_line_importing_one_more_name_gives_the_others_nothing_new(tree):
+    # As a models module importing one more name from SQLAlchemy: the engine and the
+    # declarative base built from the names it already imported stay the live ones.
+    source = ("from collections import OrderedDict{more}\nSTORE = OrderedDict()\n"
+              "class Base:\n    registry = []\nBase.registry.append(STORE)\n")
+    tree.write("m.py", source.format(more=""))
+    m = tree.load("m")
+    store, base = m.STORE, m.Base
+    store["kept"] = 1
+    tree.write("m.py", source.format(more=", Counter"))
+    upgraded(tree)
+    assert m.STORE is store == {"kept": 1} and m.Base is base and base.registry == [store]
+    assert m.Counter is __import__("collections").Counter
