@@ -170,7 +170,10 @@ __all__ = [
     "ExecResult",
     "MachinesAPIError",
     "authorization_header",
+    "missing_program",
+    "EXEC_DEADLINE_S",
     # 3. Fleet orchestration
+    "MachineCommands",
     "FleetConfig",
     "load_config",
     "default_version",
@@ -183,7 +186,16 @@ __all__ = [
     "pending_note",
     "hot_upgrade_for_group",
     "MachineOutcome",
+    "command_failure",
+    "judge_result",
     "judge_upgrade",
+    "PreflightError",
+    "PreflightCheck",
+    "judge_preflight",
+    "preflight_targets",
+    "run_preflight",
+    "result_poll_interval",
+    "results_prefix",
     "FleetReport",
     "orchestrate",
     "status_row",
@@ -192,6 +204,10 @@ __all__ = [
     "add_fleet_arguments",
     "fleet_overrides",
     "ORCHESTRATOR_MARKER",
+    "ORCHESTRATOR_ROLE_KEY",
+    "ORCHESTRATOR_ROLE",
+    "ORCHESTRATOR_RUN_KEY",
+    "ORCHESTRATOR_LAUNCHER_KEY",
     # 4. Engine: servers and asyncio loops
     "Server",
     "CallError",
@@ -8288,7 +8304,8 @@ def preflight_report(app: str, *, store_check: bool = False, bucket: str | None 
         "flydeploy": __version__, "python": sys.executable, "python_version": sys.version.split()[0],
         "script": os.path.abspath(__file__), "uid": os.geteuid(), "cwd": os.getcwd(),
         "machine_id": os.environ.get("FLY_MACHINE_ID"), "image_ref": os.environ.get("FLY_IMAGE_REF"),
-        "agents": len(replies), "agents_ok": len(replies) - len(errors), "agent_errors": errors}
+        "agents": len(replies), "agents_ok": len(replies) - len(errors), "agent_errors": errors,
+        "fly_api_token_set": bool(os.environ.get("FLY_API_TOKEN", "").strip())}
     if store_check:
         report["store"] = _store_check(app, bucket)
     return report

@@ -3,6 +3,7 @@
     python -m flydeploy_cli hot        build, push and hot-upgrade every machine
     python -m flydeploy_cli status     what every machine runs
     python -m flydeploy_cli rollback   back to an earlier hot upgrade
+    python -m flydeploy_cli doctor     check the app, flyctl, the machines and the bucket
     python -m flydeploy_cli demo       a live hot upgrade on this machine, shown side by side
 
 ``hot``, ``status`` and ``rollback`` take ``--local [--root DIR] [--store DIR]``
@@ -161,13 +162,16 @@ def orchestrator_config(config: flydeploy.FleetConfig, image_ref: str, argv: lis
 
     init starts it in the image's WORKDIR with the image's environment, the
     app's secrets and ``env`` (fly.toml ``[env]`` does not reach a machine
-    made outside ``fly deploy``, so it is passed here, with the exec token).
+    made outside ``fly deploy``, so it is passed here, with the exec token;
+    names that look secret are left out: secrets reach every machine as app
+    secrets, not from fly.toml).
     It is destroyed when ``argv`` exits and never restarted; its metadata
     names the run and who launched it, so that an interrupted or abandoned
     run is found and cleaned up.
     """
     return {"image": image_ref, "init": {"entrypoint": argv[:1], "cmd": argv[1:]},
-            "env": {**config.env, **env}, "auto_destroy": True, "restart": {"policy": "no"},
+            "env": {**{k: v for k, v in config.env.items() if not _looks_secret(k)}, **env},
+            "auto_destroy": True, "restart": {"policy": "no"},
             "guest": {"cpu_kind": "shared", "cpus": 1, "memory_mb": _ORCHESTRATOR_MEMORY_MB},
             "metadata": {flydeploy.ORCHESTRATOR_ROLE_KEY: flydeploy.ORCHESTRATOR_ROLE,
                          flydeploy.ORCHESTRATOR_RUN_KEY: run_id, flydeploy.ORCHESTRATOR_LAUNCHER_KEY: launcher}}
@@ -837,6 +841,128 @@ def _table_lines(table: list[tuple]) -> list[str]:
             for row in table]
 
 
+# --- doctor -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DoctorCheck:
+    """One line of ``doctor``: what was checked, whether it holds, what was found, the fix."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+
+    def lines(self) -> list[str]:
+        """``✓ name: detail``, or ``✗ name: detail`` and the fix below it."""
+        head = [f"{'✓' if self.ok else '✗'} {self.name}: {self.detail}"]
+        return head + ([f"    fix: {self.fix}"] if self.fix and not self.ok else [])
+
+
+def _doctor_checks(args: argparse.Namespace) -> Iterator[DoctorCheck]:
+    """Every ``doctor`` check, in order; a check later ones depend on stops them when it fails."""
+    try:
+        config = _config(args)
+    except flydeploy.FlyDeployError as exc:
+        yield DoctorCheck("settings", False, str(exc), "fix fly.toml or [tool.flydeploy] in pyproject.toml")
+        return
+    commands = config.machine_commands()
+    yield DoctorCheck("settings", True, f"app {config.app}; on the machines flydeploy runs as "
+                      f"`{shlex.join(commands.argv())}` (python from {config.sources['python']}, app_dir from "
+                      f"{config.sources['app_dir']}); bucket {config.bucket or 'from BUCKET_NAME'}")
+    if config.build.get("image"):
+        yield DoctorCheck("fly.toml [build]", True, f"prebuilt image {config.build['image']}: hot runs from it "
+                          "and builds nothing")
+    fly = shutil.which("fly") or shutil.which("flyctl")
+    yield DoctorCheck("flyctl", fly is not None, fly or "not found on PATH",
+                      "install flyctl (https://fly.io/docs/flyctl/install/) and put it on PATH")
+    who = _capture(["fly", "auth", "whoami"]) if fly else None
+    yield DoctorCheck("flyctl login", who is not None, f"logged in as {who}" if who else "not logged in",
+                      "run `fly auth login`, or set FLY_API_TOKEN (e.g. from `fly tokens create deploy`)")
+    try:
+        api = _laptop_api(config)
+        machines = api.list()
+    except flydeploy.FlyDeployError as exc:
+        yield DoctorCheck("Machines API", False, str(exc), "log in with `fly auth login` or set FLY_API_TOKEN, "
+                          "and check the app name")
+        return
+    yield DoctorCheck("Machines API", True, f"{api.base_url} answers: {len(machines)} machines listed")
+    selection = flydeploy.select_machines(machines, process_groups=config.process_groups)
+    groups: dict[str, collections.Counter] = {}
+    for machine in selection.targets + selection.pending + tuple(m for m, _ in selection.skipped):
+        groups.setdefault(flydeploy.machine_group(machine) or "-", collections.Counter())[machine.get("state")] += 1
+    for group, states in sorted(groups.items()):
+        shown = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+        yield DoctorCheck(f"group {group}", states["started"] > 0, shown,
+                          "start a machine of this group (`fly machine start`) so that it can be checked")
+    if not groups:
+        yield DoctorCheck("machines", False, "no app machines", "deploy the app with `fly deploy` first")
+        return
+    checks = flydeploy.run_preflight(api, config.app, selection.targets, commands, extra=["--store"],
+                                     max_concurrency=config.max_concurrency)
+    for check in checks:
+        yield DoctorCheck(f"machine {check.machine_id}", check.ok, check.line()[2:],
+                          None if check.ok else "see the message; then run doctor again")
+    reports = [c for c in checks if c.report]
+    if reports:
+        first = reports[0].report
+        token = mint_exec_token(config) if who else None
+        if token:
+            refused = flydeploy.run_preflight(flydeploy.Machines(config.app, token), config.app,
+                                              [m for m in selection.targets if m["id"] == reports[0].machine_id],
+                                              commands)[0]
+            fallback = "set" if first.get("fly_api_token_set") else "NOT set"
+            yield DoctorCheck("exec token", refused.status not in (401, 403),
+                              "a minted exec token runs flydeploy's commands" if refused.status not in (401, 403)
+                              else f"the API refuses a minted exec token ({refused.error}); the app's FLY_API_TOKEN "
+                                   f"secret, which hot then uses, is {fallback}",
+                              'fly secrets set FLY_API_TOKEN="$(fly tokens create deploy)"')
+        yield from _store_checks(reports[0].machine_id, first.get("store") or {}, selection)
+
+
+def _store_checks(machine_id: str, store: Mapping[str, Any], selection: flydeploy.MachineSelection
+                  ) -> Iterator[DoctorCheck]:
+    """The bucket as a machine reaches it, and current.json against the images the machines run."""
+    if not store.get("ok"):
+        yield DoctorCheck("bucket", False, f"not reachable from machine {machine_id}: {store.get('error')}",
+                          "give the app its bucket secrets (`fly storage create` sets BUCKET_NAME, "
+                          "AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+        return
+    yield DoctorCheck("bucket", True, f"{store.get('bucket')} at {store.get('endpoint')} reachable from machine "
+                      f"{machine_id} ({store.get('addressing')}-style addressing)")
+    if not store.get("current_found"):
+        yield DoctorCheck("current.json", True, "none yet: the first hot upgrade records it")
+        return
+    images = collections.Counter(flydeploy.machine_image(m) for m in selection.targets + selection.pending)
+    running = images.most_common(1)[0][0] if images else None
+    consistent = running is None or store.get("image_ref") == running
+    version = store.get("hot_upgrade") or "no hot upgrade"
+    yield DoctorCheck("current.json", consistent,
+                      f"for image {store.get('image_ref')}, {version}" + ("" if consistent else
+                                                                            f"; the machines run {running}"),
+                      "a cold deploy happened since: machines reset it as they boot, or run `hot` to record "
+                      "the running image")
+
+
+def doctor(args: argparse.Namespace) -> int:
+    """``python -m flydeploy_cli doctor``: check what ``hot`` needs, one ✓/✗ line each with the fix.
+
+    Exit 0 when every check passes, 1 otherwise; ``--json`` prints the checks as JSON.
+    """
+    checks = []
+    for check in _doctor_checks(args):
+        checks.append(check)
+        if not args.json:
+            print("\n".join(check.lines()), flush=True)
+    failed = [c for c in checks if not c.ok]
+    if args.json:
+        print(json.dumps([dataclasses.asdict(c) for c in checks], indent=2, ensure_ascii=False))
+    else:
+        print(f"\n{len(checks) - len(failed)}/{len(checks)} checks passed" + (": fix the ✗ lines above"
+                                                                            if failed else ""))
+    return 1 if failed else 0
+
+
 # --- demo -------------------------------------------------------------------
 
 DEMO_APP = "flydeploy-demo"
@@ -1180,6 +1306,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     hot = commands.add_parser("hot", allow_abbrev=False, help="build, push and hot-upgrade every machine")
     rollback = commands.add_parser("rollback", allow_abbrev=False, help="go back to an earlier hot upgrade")
     status = commands.add_parser("status", allow_abbrev=False, help="what every machine runs")
+    doctor_parser = commands.add_parser("doctor", allow_abbrev=False,
+                                        help="check the app, flyctl, the machines and the bucket before `hot`")
     commands.add_parser("demo", allow_abbrev=False,
                         help="see a live hot upgrade on this machine (nothing to set up)")
     for sub in (hot, rollback, status):
@@ -1207,7 +1335,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     status.add_argument("--process-group", action="append", dest="process_groups", metavar="G",
                         help="only machines of this process group (repeatable)")
     status.add_argument("--json", action="store_true", help="print the rows as JSON")
-    return parser, {"hot": hot, "rollback": rollback, "status": status}
+    doctor_parser.add_argument("--config", default="fly.toml", help="the app's fly.toml (default: ./fly.toml)")
+    doctor_parser.add_argument("--app", help="the Fly app (default: fly.toml's app)")
+    doctor_parser.add_argument("--process-group", action="append", dest="process_groups", metavar="G",
+                               help="only machines of this process group (repeatable)")
+    doctor_parser.add_argument("--json", action="store_true", help="print the checks as JSON")
+    doctor_parser.set_defaults(local=False, root=None, store=None)
+    return parser, {"hot": hot, "rollback": rollback, "status": status, "doctor": doctor_parser}
 
 
 def _unknown_flags(extras: list[str], sub: argparse.ArgumentParser) -> str:
@@ -1233,7 +1367,8 @@ def main(argv: list[str] | None = None) -> int:
         args.build_args = dict(args.build_args)
     if args.command != "demo" and not args.local and (args.root or args.store):
         (subs[args.command]).error("--root and --store go with --local")
-    handler = {"hot": _hot, "rollback": _rollback, "status": _status, "demo": lambda _: demo()}[args.command]
+    handler = {"hot": _hot, "rollback": _rollback, "status": _status, "doctor": doctor,
+               "demo": lambda _: demo()}[args.command]
     try:
         # SIGTERM stops the build and the orchestrator as Ctrl-C does, and the deploy lock is released.
         with _signal_handlers(_interrupt, [signal.SIGTERM]):

@@ -456,10 +456,12 @@ class FakeMachine:
         """``argv`` as it resolves inside the machine.  The fake has no chroot: the
         image's WORKDIR is ``machine.root``, so a word naming a path under it is
         that path under the sandbox.  Other paths are the host's, where the
-        image's files are not."""
+        image's files are not.  The value of ``--app-dir`` is not opened here
+        but sent on to other machines, so it stays the path they know."""
         workdir = (self._image.get("workdir") or "/app").rstrip("/")
         return [str(self.root) + word[len(workdir):]
-                if word == workdir or word.startswith(workdir + "/") else word for word in argv]
+                if (word == workdir or word.startswith(workdir + "/")) and (i == 0 or argv[i - 1] != "--app-dir")
+                else word for i, word in enumerate(argv)]
 
     def exec(self, argv: list[str], timeout: float = 30) -> dict:
         """Run ``argv`` on the machine as the exec endpoint does: the reply body.
