@@ -437,10 +437,11 @@ def _our_orchestrators(api: flydeploy.Machines, **metadata: str) -> list[dict]:
 
 
 def recover_stale_orchestrators(api: flydeploy.Machines, *, out: TextIO | None = None) -> list[str]:
-    """Destroy orchestrator machines that a ``hot`` or ``rollback`` of this user on this
-    host left behind when it died (its process is gone); note the others.  Returns the
-    ids destroyed.  The deploy lock such a machine held is not touched: it is
-    taken over only with ``--force`` or after it expires."""
+    """Stop and destroy orchestrator machines that a ``hot`` or ``rollback`` of this user
+    on this host left behind when it died (its process is gone); note the others.
+    Returns the ids destroyed.  What such a machine says about the deploy lock is
+    reported: a lock it could not release is taken over only with ``--force`` or
+    after it expires."""
     out = out or sys.stdout
     here = _launcher().rpartition(":")[0]
     destroyed = []
@@ -450,11 +451,11 @@ def recover_stale_orchestrators(api: flydeploy.Machines, *, out: TextIO | None =
         who, _, pid = launcher.rpartition(":")
         run = metadata.get(flydeploy.ORCHESTRATOR_RUN_KEY, "?")
         if who == here and pid.isdigit() and not _pid_alive(int(pid)):
-            api.destroy(machine["id"], force=True)
-            destroyed.append(machine["id"])
-            out.write(f"==> destroyed orchestrator machine {machine['id']} left by an earlier run (run {run}, "
-                      f"its launcher pid {pid} is gone); a deploy lock it held stays until it expires, or "
-                      "take it over with --force\n")
+            what = _retire(api, machine, out)
+            if what is not None:
+                destroyed.append(machine["id"])
+                out.write(f"==> destroyed orchestrator machine {machine['id']} left by an earlier run (run {run}, "
+                          f"its launcher pid {pid} is gone): {what}\n")
         else:
             out.write(f"==> note: orchestrator machine {machine['id']} of {launcher or 'someone'} is "
                       f"{machine.get('state')} (run {run}); the deploy lock decides whether this run goes ahead\n")
@@ -462,9 +463,39 @@ def recover_stale_orchestrators(api: flydeploy.Machines, *, out: TextIO | None =
     return destroyed
 
 
+def _retire(api: flydeploy.Machines, machine: Mapping[str, Any], out: TextIO) -> str | None:
+    """Stop an orchestrator machine with SIGINT (it releases the deploy lock and exits),
+    destroy it, and say what became of the lock; None when it could not be destroyed."""
+    machine_id = machine["id"]
+    code = None
+    try:
+        if machine.get("state") == "started":
+            api.stop(machine_id, signal="SIGINT", timeout=_CANCEL_GRACE_S)
+        deadline = time.monotonic() + _CANCEL_GRACE_S + 5
+        while code is None and time.monotonic() < deadline:
+            current = api.get(machine_id)
+            code = machine_exit_code(current)
+            if code is None and current.get("state") in ("stopped", "destroyed"):
+                break
+            time.sleep(0.2)
+    except flydeploy.FlyDeployError as exc:
+        out.write(f"could not stop orchestrator machine {machine_id}: {exc}\n")
+    try:
+        api.destroy(machine_id, force=True)
+    except flydeploy.FlyDeployError as exc:
+        out.write(f"error: could not destroy orchestrator machine {machine_id} ({exc}); destroy it with "
+                  f"`fly machine destroy --force {machine_id}`\n")
+        return None
+    if code == 130:
+        return "it released the deploy lock"
+    if code is not None:
+        return f"it exited {code}, which releases the deploy lock"
+    return ("it did not say it released the deploy lock: a lock it held stays until it expires, or take "
+            "it over with --force")
+
+
 def _cancel(api: flydeploy.Machines, run_id: str, out: TextIO) -> None:
-    """Stop this run's orchestrator machine (SIGINT: it releases the lock and exits),
-    destroy it, and say what was cleaned up."""
+    """Stop and destroy this run's orchestrator machine and say what was cleaned up."""
     try:
         machines = _our_orchestrators(api, **{flydeploy.ORCHESTRATOR_RUN_KEY: run_id})
     except flydeploy.FlyDeployError as exc:
@@ -473,32 +504,11 @@ def _cancel(api: flydeploy.Machines, run_id: str, out: TextIO) -> None:
     if not machines:
         out.write("no orchestrator machine was running; nothing to clean up\n")
     for machine in machines:
-        machine_id = machine["id"]
-        code = None
-        try:
-            if machine.get("state") == "started":
-                api.stop(machine_id, signal="SIGINT", timeout=_CANCEL_GRACE_S)
-            deadline = time.monotonic() + _CANCEL_GRACE_S + 5
-            while code is None and time.monotonic() < deadline:
-                current = api.get(machine_id)
-                code = machine_exit_code(current)
-                if code is None and current.get("state") in ("stopped", "destroyed"):
-                    break
-                time.sleep(0.2)
-        except flydeploy.FlyDeployError as exc:
-            out.write(f"could not stop orchestrator machine {machine_id}: {exc}\n")
-        try:
-            api.destroy(machine_id, force=True)
-        except flydeploy.FlyDeployError as exc:
-            out.write(f"error: could not destroy orchestrator machine {machine_id} ({exc}); destroy it with "
-                      f"`fly machine destroy --force {machine_id}`\n")
-            continue
-        lock = ("it released the deploy lock" if code == 130 else
-                f"it exited {code}, which releases the deploy lock" if code is not None else
-                "it did not say it released the deploy lock: a lock it held stays until it expires, or "
-                "take it over with --force")
-        out.write(f"cleaned up: orchestrator machine {machine_id} stopped and destroyed; {lock}. Machines that "
-                  "had already started their upgrade finish it (`status` shows what each runs)\n")
+        what = _retire(api, machine, out)
+        if what is not None:
+            out.write(f"cleaned up: orchestrator machine {machine['id']} stopped and destroyed; {what}. "
+                      "Machines that had already started their upgrade finish it (`status` shows what each "
+                      "runs)\n")
     out.flush()
 
 
@@ -530,6 +540,7 @@ def _follow(api: flydeploy.Machines, machine_id: str, logs: list[str], out: Text
     if process is not None:
         threading.Thread(target=read, name="flydeploy-logs", daemon=True).start()
     marker = code = None
+    began = False
     exited_at = None
     next_look = time.monotonic()
     try:
@@ -551,7 +562,9 @@ def _follow(api: flydeploy.Machines, machine_id: str, logs: list[str], out: Text
             if match is None:
                 out.write(_display(line))
                 out.flush()
-            elif match.group(2) is not None:
+            elif match.group(2) is None:
+                began = True
+            else:
                 marker = int(match.group(2))
     finally:
         if process is not None:
@@ -562,6 +575,11 @@ def _follow(api: flydeploy.Machines, machine_id: str, logs: list[str], out: Text
     if code is None and marker is None:
         out.write(f"error: orchestrator machine {machine_id} ended without an exit code; run "
                   "`python -m flydeploy_cli status` to see what each machine runs\n")
+        return 1
+    if not began and code:
+        out.write(f"error: the orchestrator did not start (exit {code}; its output is above): the new image must "
+                  f"hold flydeploy.py where the command above runs it; set [tool.flydeploy] app_dir and python "
+                  "to the image's app directory and interpreter. Nothing was locked or uploaded\n")
         return 1
     return code if code is not None else marker
 
