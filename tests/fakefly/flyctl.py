@@ -416,7 +416,13 @@ def main(argv: list[str]) -> int:
     if state:
         with open(pathlib.Path(state) / "fly-calls.jsonl", "a") as calls:
             calls.write(json.dumps({"argv": argv, "cwd": os.getcwd()}) + "\n")
-    args = _parser().parse_args(argv)
+    # Words after `--` are positional, flags or not (pflag); argparse's subparsers lose them.
+    rest = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = _parser().parse_args(argv[:len(argv) - len(rest) - 1] if "--" in argv else argv)
+    if rest:
+        if not hasattr(args, "cmd"):
+            _parser().error(f"unexpected arguments after --: {rest}")
+        args.cmd = list(args.cmd or []) + rest
     try:
         return args.handler(args)
     except (FlyError, images.ImageError) as exc:
