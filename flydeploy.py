@@ -22,9 +22,11 @@ The file is organised in sections, in the order data flows:
                   ``unpack_release``), the ``current.json`` metadata
                   (``read_current``, ``record_hot_upgrade``, ``reset_current``)
                   and the deploy lock (``acquire_lock``).
-3. Machines API   the Fly Machines API client (``Machines``) and the fleet
-                  orchestration that pushes a release to every machine
-                  (``orchestrate``).
+3. Machines API   the Fly Machines API client (``Machines``), the one builder
+                  of machine-side commands (``MachineCommands``), the
+                  preflight, and the fleet orchestration that pushes a
+                  release to every machine (``orchestrate``): short execs
+                  start detached upgrades, whose result objects it collects.
 4. Engine         what happens inside one process: servers (``Server``),
                   asyncio loop pausing (``attach_loop``), change tracking
                   (``track``, ``modified_modules``) and the transactional
@@ -32,9 +34,11 @@ The file is organised in sections, in the order data flows:
 5. Agent          the per-process agent on a unix socket, the per-machine
                   upgrade (``hot_upgrade``), boot-time catch-up
                   (``startup_reapply_current``) and the poller.
-6. Entry points   ``python -m flydeploy rpc ...`` and
-                  ``python -m flydeploy orchestrate ...`` (``main``; the
-                  ``__main__`` hook is right after the imports).
+6. Entry points   ``python <app_dir>/flydeploy.py rpc ...`` (what exec runs:
+                  upgrade, detached or not, info, ping, preflight) and
+                  ``... orchestrate ...`` (the orchestrator machine's main
+                  process); ``main``; the ``__main__`` hook is right after
+                  the imports.
 
 Every error raised on purpose is a ``FlyDeployError``; its message says what
 went wrong and what to do about it.  Secrets never appear in messages or logs.
@@ -3336,7 +3340,7 @@ def _exec_failure(exc: MachinesAPIError, argv: Sequence[str], timeout: float, wa
     if exc.status == 408:
         return (f"timed out after {waited_s:.0f} s in all ({timeout:g} s per attempt); the command may "
                 "still be running on the machine")
-    return f"exec failed after {waited_s:.0f} s: {exc}"
+    return f"exec failed: {exc}" if waited_s < 0.5 else f"exec failed after {waited_s:.0f} s: {exc}"
 
 
 def _stored_manifest(path: str) -> dict[str, Any]:
@@ -3514,7 +3518,7 @@ def judge_preflight(machine: Mapping[str, Any], commands: MachineCommands, resul
                      f"`{shlex.join(commands.token_prefix())} ...`; set the app's FLY_API_TOKEN secret "
                      "(fly secrets set FLY_API_TOKEN=\"$(fly tokens create deploy)\")")
         else:
-            error = _exec_failure(refusal, commands.argv(), EXEC_DEADLINE_S, 0).replace(" after 0 s", "")
+            error = _exec_failure(refusal, commands.argv(), EXEC_DEADLINE_S, 0)
         return PreflightCheck(*head, False, error, None, refusal.status)
     assert result is not None
     try:

@@ -13,12 +13,16 @@ machine side (``rpc``, ``orchestrate``) is ``python -m flydeploy``.
 
 Settings come, highest first, from the flags, ``[tool.flydeploy]`` in
 ``pyproject.toml``, ``fly.toml`` and the defaults.  ``hot`` builds the image
-with ``fly deploy --build-only --push``, then starts a temporary orchestrator
-machine from it (``fly machine run --rm``) that runs
-``python -m flydeploy orchestrate``: it packs the app, stores the release and
-execs ``rpc upgrade`` on every machine.  Exit codes: 0 every machine took the
-upgrade, 1 a machine (or the build) failed, 2 bad usage or settings, or the
-deploy lock is held, 130 interrupted.
+with ``fly deploy --build-only --push``, then creates a temporary orchestrator
+machine from it through the Machines API whose main process is
+``<python> <app_dir>/flydeploy.py orchestrate`` (destroyed when it exits; its
+output comes from ``fly logs``, its exit code from the machine's exit event).
+The orchestrator runs a preflight, packs the app, stores the release and
+starts ``rpc upgrade`` on every machine with short execs, collecting each
+machine's result object from S3.  Ctrl-C or SIGTERM stops and destroys it.
+Exit codes: 0 every machine took the upgrade, 1 a machine, the preflight (or
+the build) failed, 2 bad usage or settings, or the deploy lock is held, 130
+interrupted.  ``doctor`` checks everything ``hot`` needs.
 
 Standard library only; the work itself is done by ``flydeploy``.
 """
