@@ -3560,13 +3560,14 @@ def run_preflight(api: Any, app: str, machines: Sequence[Mapping[str, Any]], com
 
 
 def _preflight_fleet(clients: list[tuple[Any, str]], app: str, selection: MachineSelection,
-                     commands: MachineCommands, say: Callable[[str], None]) -> Any:
+                     commands: MachineCommands, say: Callable[[str], None]) -> tuple[Any, set[str]]:
     """Run the preflight with the first client; when the API refuses its token and
-    another is there, say so and use that one.  Returns the client to upgrade with;
-    raises ``PreflightError`` naming each failing machine and its fix."""
+    another is there, say so and use that one.  Returns the client to upgrade with
+    and the ids of the machines checked; raises ``PreflightError`` naming each
+    failing machine and its fix."""
     machines = preflight_targets(selection)
     if not machines:
-        return clients[0][0]
+        return clients[0][0], set()
     for index, (api, what) in enumerate(clients):
         checks = run_preflight(api, app, machines, commands)
         refused = [c for c in checks if c.status in (401, 403)]
@@ -3581,7 +3582,7 @@ def _preflight_fleet(clients: list[tuple[Any, str]], app: str, selection: Machin
             raise PreflightError("preflight failed on " + ", ".join(c.machine_id for c in failed)
                                  + "; nothing was locked, uploaded or changed:\n"
                                  + "\n".join(c.line() for c in failed))
-        return api
+        return api, {m["id"] for m in machines}
     raise AssertionError("unreachable")
 
 
@@ -3750,10 +3751,12 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
 
     started = time.monotonic()
     upgrade_id = upgrade_id or secrets.token_hex(16)
+    checked: set[str] = set()
     if preflight:
         # Listed first to fail early on a bad token; checked before anything is locked or uploaded.
-        api = _preflight_fleet(clients, app, select_machines(api.list(), self_id=self_id,
-                                                             process_groups=process_groups), commands, say)
+        api, checked = _preflight_fleet(clients, app, select_machines(api.list(), self_id=self_id,
+                                                                      process_groups=process_groups),
+                                        commands, say)
     lock = acquire_lock(store, app, owner=owner or f"{getpass.getuser()}@{socket.gethostname()}",
                         deployment_id=upgrade_id, timeout_s=lock_timeout, force=force)
     try:
@@ -3786,7 +3789,10 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
                 report.outcomes.append(outcome)
                 say(outcome.line())
 
-            _upgrade_machines(api, selection.targets, argv, timeout=timeout, max_concurrency=max_concurrency,
+            # The machines the preflight just exec'd on go last: their next exec waits for the
+            # API's pacing of one a second per machine, while the others' go at once.
+            targets = sorted(selection.targets, key=lambda machine: machine["id"] in checked)
+            _upgrade_machines(api, targets, argv, timeout=timeout, max_concurrency=max_concurrency,
                               commands=commands, board=_ResultBoard(store, app, upgrade_id) if detached else None,
                               on_outcome=finished)
             report.duration_s = time.monotonic() - started
@@ -8344,27 +8350,44 @@ def _job_marker(app: str, upgrade_id: str) -> str:
     return os.path.join(_work_dir(app), f"job-{upgrade_id}.json")
 
 
-def _start_detached(args: argparse.Namespace, argv: list[str]) -> int:
+def _start_detached(args: argparse.Namespace) -> int:
     """``rpc upgrade --detach``: start the upgrade in the background and return at once.
 
     The upgrade id names the job: a second start of the same id (an exec
     retried after a lost reply) finds its marker and starts nothing.  The job
-    stores its result object, which the orchestrator collects; its output
-    goes to a log next to the marker.
+    is this process, forked (no second interpreter to start) into a session of
+    its own with its output in a log next to the marker, so that the exec's
+    pipes close when this command returns; it stores its result object, which
+    the orchestrator collects.
     """
-    import subprocess
-
     marker = _job_marker(args.app, args.upgrade_id)
     try:
         fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         print(json.dumps({"detached": True, "started": False, "upgrade_id": args.upgrade_id}))
         return 0
-    with os.fdopen(fd, "w") as handle, open(marker[:-5] + ".log", "ab") as output:
-        child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdin=subprocess.DEVNULL,
-                                 stdout=output, stderr=subprocess.STDOUT, start_new_session=True, cwd="/")
-        json.dump({"pid": child.pid, "upgrade_id": args.upgrade_id, "started_at": _iso_utc(_utc_now())}, handle)
-    print(json.dumps({"detached": True, "started": True, "upgrade_id": args.upgrade_id, "pid": child.pid}))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the job
+        code = 1
+        try:
+            os.setsid()
+            output = os.open(marker[:-5] + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(output, 1)
+            os.dup2(output, 2)
+            os.close(fd)
+            code = _rpc_upgrade(argparse.Namespace(**{**vars(args), "detach": False}))
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"pid": pid, "upgrade_id": args.upgrade_id, "started_at": _iso_utc(_utc_now())}, handle)
+    print(json.dumps({"detached": True, "started": True, "upgrade_id": args.upgrade_id, "pid": pid}))
     return 0
 
 
@@ -8372,8 +8395,7 @@ def _rpc_upgrade(args: argparse.Namespace) -> int:
     if args.detach:
         if not args.upgrade_id:
             raise ConfigError("rpc upgrade --detach needs --upgrade-id: the result object is found by it")
-        argv = sys.argv[1:] if args.argv is None else args.argv
-        return _start_detached(args, [a for a in argv if a != "--detach"])
+        return _start_detached(args)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
@@ -8474,7 +8496,6 @@ def main(argv: list[str] | None = None) -> int:
         args = _entry_parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage error or the help
         return exc.code if isinstance(exc.code, int) else 2
-    args.argv = argv
     try:
         return args.handler(args)
     except ConfigError as exc:

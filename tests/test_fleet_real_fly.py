@@ -239,7 +239,7 @@ def test_a_refused_exec_token_falls_back_to_the_app_secret(fakefly, seaweed, tmp
     monkeypatch.setenv("FLYDEPLOY_API_TOKEN", restricted)
     monkeypatch.setenv("FLY_API_TOKEN", project.app.token)
     said = []
-    chosen = flydeploy._preflight_fleet(flydeploy._machines_from_env(project.name), project.name,
+    chosen, _checked = flydeploy._preflight_fleet(flydeploy._machines_from_env(project.name), project.name,
                                         flydeploy.select_machines(api.list()),
                                         flydeploy.MachineCommands.for_app_dir("python3", "/app"), said.append)
     assert "the minted exec token was refused" in said[0] and "FLY_API_TOKEN secret instead" in said[0]
