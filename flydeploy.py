@@ -3607,16 +3607,17 @@ def results_prefix(app: str, upgrade_id: str) -> str:
 
 
 class _ResultBoard:
-    """The result objects of one upgrade, as machines store them.
+    """The result objects machines store under ``prefix`` (``<machine_id>.json`` each),
+    as they come: one upgrade's, or one phase's of it.
 
     Every machine waiting for its result shares one poller: whoever finds the
-    next poll due lists the upgrade's folder (one request, whatever the
-    number of machines) and reads the new objects; the others wait for it.
+    next poll due lists the folder (one request, whatever the number of
+    machines) and reads the new objects; the others wait for it.
     """
 
-    def __init__(self, store: Store, app: str, upgrade_id: str) -> None:
+    def __init__(self, store: Store, prefix: str) -> None:
         self._store = store
-        self._prefix = results_prefix(app, upgrade_id)
+        self._prefix = prefix
         self._cond = threading.Condition()
         self._results: dict[str, dict] = {}
         self._waiting: dict[str, float] = {}
@@ -3792,9 +3793,9 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
             # The machines the preflight just exec'd on go last: their next exec waits for the
             # API's pacing of one a second per machine, while the others' go at once.
             targets = sorted(selection.targets, key=lambda machine: machine["id"] in checked)
+            board = _ResultBoard(store, results_prefix(app, upgrade_id)) if detached else None
             _upgrade_machines(api, targets, argv, timeout=timeout, max_concurrency=max_concurrency,
-                              commands=commands, board=_ResultBoard(store, app, upgrade_id) if detached else None,
-                              on_outcome=finished)
+                              commands=commands, board=board, on_outcome=finished)
             report.duration_s = time.monotonic() - started
             say(report.summary())
             return report
@@ -8346,21 +8347,22 @@ def _rpc_preflight(args: argparse.Namespace) -> int:
     return 0 if report["agents"] and report["agents_ok"] == report["agents"] and store_ok else 1
 
 
-def _job_marker(app: str, upgrade_id: str) -> str:
-    return os.path.join(_work_dir(app), f"job-{upgrade_id}.json")
+def _job_marker(app: str, job: str, upgrade_id: str) -> str:
+    return os.path.join(_work_dir(app), f"job-{job}-{upgrade_id}.json")
 
 
-def _start_detached(args: argparse.Namespace) -> int:
-    """``rpc upgrade --detach``: start the upgrade in the background and return at once.
+def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int:
+    """``rpc <command> --detach``: start ``run(args)`` in the background and return at once.
 
-    The upgrade id names the job: a second start of the same id (an exec
-    retried after a lost reply) finds its marker and starts nothing.  The job
-    is this process, forked (no second interpreter to start) into a session of
-    its own with its output in a log next to the marker, so that the exec's
-    pipes close when this command returns; it stores its result object, which
-    the orchestrator collects.
+    The command and the upgrade id name the job: a second start of the same
+    one (an exec retried after a lost reply) finds its marker and starts
+    nothing.  The job is this process, forked (no second interpreter to start)
+    into a session of its own with its output in a log next to the marker, so
+    that the exec's pipes close when this command returns; what it reports
+    goes to a result object, which the orchestrator collects (``_ResultBoard``).
+    Any machine-side phase that may outlast an exec runs this way.
     """
-    marker = _job_marker(args.app, args.upgrade_id)
+    marker = _job_marker(args.app, args.rpc_command, args.upgrade_id)
     try:
         fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -8379,7 +8381,7 @@ def _start_detached(args: argparse.Namespace) -> int:
             os.dup2(output, 1)
             os.dup2(output, 2)
             os.close(fd)
-            code = _rpc_upgrade(argparse.Namespace(**{**vars(args), "detach": False}))
+            code = run(argparse.Namespace(**{**vars(args), "detach": False}))
         finally:
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
@@ -8395,7 +8397,7 @@ def _rpc_upgrade(args: argparse.Namespace) -> int:
     if args.detach:
         if not args.upgrade_id:
             raise ConfigError("rpc upgrade --detach needs --upgrade-id: the result object is found by it")
-        return _start_detached(args)
+        return _start_detached(args, _rpc_upgrade)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)

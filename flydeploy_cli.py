@@ -551,7 +551,12 @@ def _follow(api: flydeploy.Machines, machine_id: str, logs: list[str], out: Text
         while True:
             now = time.monotonic()
             if exited_at is None and now >= next_look:
-                machine = api.get(machine_id)
+                try:
+                    machine = api.get(machine_id)
+                except flydeploy.MachinesAPIError as exc:
+                    if exc.status != 404:
+                        raise
+                    machine = {"state": "destroyed"}  # gone already: the marker line tells the code
                 code = machine_exit_code(machine)
                 if code is not None or machine.get("state") == "destroyed":
                     exited_at = now

@@ -140,6 +140,15 @@ def test_fly_toml_env_reaches_the_orchestrator(fakefly, seaweed, tmp_path):
     assert "1/1 machine upgraded" in hot.output
 
 
+def test_the_exit_code_comes_through_when_a_destroyed_machine_is_gone_at_once(fakefly, seaweed, tmp_path):
+    fakefly.destroyed_visible = False  # no exit event to read: the orchestrator's last line says it
+    project = Project(fakefly, seaweed, tmp_path, machines=1)
+    flydeploy.acquire_lock(seaweed.client(), project.name, owner="bob@example.com", deployment_id="d",
+                           timeout_s=600)
+    held = project.cli("hot")
+    assert held.returncode == 2 and "bob@example.com" in held.output, held.output
+
+
 def test_an_upgrade_longer_than_the_exec_deadline_is_reported_once(fakefly, seaweed, tmp_path):
     fakefly.exec_deadline = 2.0  # the API cuts an exec off after this; the command goes on
     project = Project(fakefly, seaweed, tmp_path, machines=3)

@@ -646,6 +646,9 @@ class FakeFly:
         self.exec_deadline = 30.0
         # The exec request field a token's command caveat is checked against: "command" or "cmd".
         self.token_checks = "command"
+        # Whether GET still shows a destroyed machine (with its events) or answers 404: the
+        # docs do not say how long a destroyed machine stays visible.
+        self.destroyed_visible = True
         self.python_bin = self.state_dir / "python-bin"
         self.fly_bin = self.state_dir / "fly-bin"
         self._write_executables()
@@ -1015,7 +1018,7 @@ def _dispatch(fly: FakeFly, op: str, method: str, app_name: str | None, machine_
                                              prefixes=body.get("prefixes") or [],
                                              ttl=body.get("ttl"))}
     machine = next((m for m in app.machines if m.id == machine_id), None)
-    if machine is None or (machine.state == "destroyed" and op != "get"):
+    if machine is None or (machine.state == "destroyed" and (op != "get" or not fly.destroyed_visible)):
         raise ApiError(404, "machine not found")
     if op in ("start", "stop", "destroy", "suspend"):
         _check_lease(machine, headers.get("fly-machine-lease-nonce"))
