@@ -3534,6 +3534,12 @@ def judge_preflight(machine: Mapping[str, Any], commands: MachineCommands, resul
         return PreflightCheck(*head, False, error, report)
     if report.get("agents_ok") != report.get("agents"):
         return PreflightCheck(*head, False, f"agents do not answer: {report.get('agent_errors')}", report)
+    store = report.get("store")
+    if isinstance(store, dict) and not store.get("ok"):
+        error = (f"the bucket is not reachable from the machine with its own credentials ({store.get('error')}): "
+                 "give the app its bucket secrets (`fly storage create` sets BUCKET_NAME, AWS_ENDPOINT_URL_S3, "
+                 "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+        return PreflightCheck(*head, False, error, report)
     return PreflightCheck(*head, True, None, report)
 
 
@@ -3560,20 +3566,21 @@ def run_preflight(api: Any, app: str, machines: Sequence[Mapping[str, Any]], com
 
 
 def _preflight_fleet(clients: list[tuple[Any, str]], app: str, selection: MachineSelection,
-                     commands: MachineCommands, say: Callable[[str], None]) -> tuple[Any, set[str]]:
-    """Run the preflight with the first client; when the API refuses its token and
-    another is there, say so and use that one.  Returns the client to upgrade with
-    and the ids of the machines checked; raises ``PreflightError`` naming each
-    failing machine and its fix."""
+                     commands: MachineCommands, say: Callable[[str], None],
+                     extra: Sequence[str] = ()) -> tuple[Any, set[str]]:
+    """Run the preflight (``rpc preflight ... extra``) with the first client; when the
+    API refuses its token and another is there, say so and use that one.  Returns
+    the client to upgrade with and the ids of the machines checked; raises
+    ``PreflightError`` naming each failing machine and its fix."""
     machines = preflight_targets(selection)
     if not machines:
         return clients[0][0], set()
     for index, (api, what) in enumerate(clients):
-        checks = run_preflight(api, app, machines, commands)
+        checks = run_preflight(api, app, machines, commands, extra=extra)
         refused = [c for c in checks if c.status in (401, 403)]
         if refused and index + 1 < len(clients):
-            say(f"{what} was refused by the Machines API ({refused[0].error.split(':', 1)[0]}); "
-                f"using {clients[index + 1][1]} instead")
+            say(f"{what} was refused by the Machines API (HTTP {refused[0].status} on the exec of "
+                f"`{shlex.join(commands.token_prefix())} preflight`); using {clients[index + 1][1]} instead")
             continue
         for check in checks:
             say(check.line())
@@ -3755,9 +3762,12 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
     checked: set[str] = set()
     if preflight:
         # Listed first to fail early on a bad token; checked before anything is locked or uploaded.
+        # The bucket too, from the machines, with their credentials: a job that cannot reach it
+        # could not report back.
+        bucket = ["--store", "--bucket", store.bucket] if isinstance(store, S3) else []
         api, checked = _preflight_fleet(clients, app, select_machines(api.list(), self_id=self_id,
                                                                       process_groups=process_groups),
-                                        commands, say)
+                                        commands, say, bucket)
     lock = acquire_lock(store, app, owner=owner or f"{getpass.getuser()}@{socket.gethostname()}",
                         deployment_id=upgrade_id, timeout_s=lock_timeout, force=force)
     try:

@@ -251,5 +251,7 @@ def test_a_refused_exec_token_falls_back_to_the_app_secret(fakefly, seaweed, tmp
     chosen, _checked = flydeploy._preflight_fleet(flydeploy._machines_from_env(project.name), project.name,
                                         flydeploy.select_machines(api.list()),
                                         flydeploy.MachineCommands.for_app_dir("python3", "/app"), said.append)
-    assert "the minted exec token was refused" in said[0] and "FLY_API_TOKEN secret instead" in said[0]
+    assert said[0].startswith("the minted exec token was refused by the Machines API (HTTP 403 on the exec of")
+    assert "FLY_API_TOKEN secret instead" in said[0]
     assert chosen.list() and said[1].startswith("✓ group app")
+

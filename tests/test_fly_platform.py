@@ -145,6 +145,20 @@ def test_preflight_reports_how_the_machine_runs_flydeploy(tmp_path):
     assert not check.ok and "startup_reapply_current" in check.error
 
 
+def test_a_bucket_the_machine_cannot_reach_fails_its_preflight():
+    # A detached upgrade that cannot reach the bucket could not report back: checked up front.
+    report = {"python": "/usr/bin/python3", "agents": 1, "agents_ok": 1,
+              "store": {"ok": False, "error": "s3://b: 403 InvalidAccessKeyId"}}
+    commands = flydeploy.MachineCommands.for_app_dir("python3", "/app")
+    check = flydeploy.judge_preflight(machine("m"), commands, flydeploy.ExecResult(0, 0, json.dumps(report), ""),
+                                      None)
+    assert not check.ok and "not reachable from the machine" in check.error and "InvalidAccessKeyId" in check.error
+    assert "fly storage create" in check.error
+    report["store"] = {"ok": True}
+    ok = flydeploy.judge_preflight(machine("m"), commands, flydeploy.ExecResult(0, 0, json.dumps(report), ""), None)
+    assert ok.ok
+
+
 def test_machines_fly_go_reserves_and_the_legacy_group_key():
     machines = [machine("a"), machine("t", group="fly_app_test_machine_command"), machine("old", group="")]
     machines[2]["config"]["metadata"]["process_group"] = "worker"
