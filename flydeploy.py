@@ -3733,6 +3733,12 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
     ``max_concurrency`` at a time, printing a line per machine as it finishes
     and a summary to ``out``.  The lock is released in every case, Ctrl-C too.
 
+    The phases, in order: preflight (nothing changed yet), lock, pack and
+    upload (a stored tarball, nothing live), record in ``current.json`` -- the
+    point of no return: a machine that boots from then on applies the
+    release -- start the upgrade on every machine, collect the results,
+    release the lock.
+
     Before the lock is taken and anything is uploaded, a preflight execs
     ``rpc preflight`` on one started machine per process group
     (``PreflightError`` names each failure and its fix).  On the Machines API
