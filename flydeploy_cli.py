@@ -182,7 +182,8 @@ def orchestrator_config(config: flydeploy.FleetConfig, image_ref: str, argv: lis
 
 
 def logs_command(config: flydeploy.FleetConfig, machine_id: str) -> list[str]:
-    """``fly logs -a <app> --machine <id>``: the orchestrator's output as it runs."""
+    """``fly logs -a <app> --machine <id>``: the orchestrator's output as it runs (streamed
+    until stopped; flyctl docs, fly_logs.md)."""
     return ["fly", "logs", "-a", config.require_app(), "--machine", machine_id]
 
 

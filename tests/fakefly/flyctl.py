@@ -285,6 +285,8 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _auth_token(args: argparse.Namespace) -> int:
+    """``fly auth token``: "Shows the authentication token that is currently in use" (docs
+    flyctl/cmd/fly_auth_token.md)."""
     print(_access_token(args))
     return 0
 
@@ -402,9 +404,10 @@ def _parser() -> argparse.ArgumentParser:
     token = auth_commands.add_parser("token", parents=[common])
     token.set_defaults(handler=_auth_token)
 
+    # Flags as docs flyctl/cmd/fly_logs.md lists them: -m/--machine, -n/--no-tail, -r/--region.
     logs = commands.add_parser("logs", parents=[common, app_flags])
-    logs.add_argument("--machine", "-i", "--instance", dest="machine")
-    logs.add_argument("--no-tail", "-n", action="store_true")
+    logs.add_argument("-m", "--machine", dest="machine")
+    logs.add_argument("-n", "--no-tail", action="store_true")
     logs.add_argument("-r", "--region")
     logs.set_defaults(handler=_logs)
     return parser
