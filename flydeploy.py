@@ -8363,8 +8363,20 @@ def _rpc_preflight(args: argparse.Namespace) -> int:
     return 0 if report["agents"] and report["agents_ok"] == report["agents"] and store_ok else 1
 
 
+# Job markers and logs older than this are removed when the next job starts.
+_JOB_KEEP_S = 86400.0
+
+
 def _job_marker(app: str, job: str, upgrade_id: str) -> str:
-    return os.path.join(_work_dir(app), f"job-{job}-{upgrade_id}.json")
+    """The marker of a detached job, after removing those of jobs long finished."""
+    directory = _work_dir(app)
+    now = time.time()
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        with contextlib.suppress(OSError):
+            if name.startswith("job-") and now - os.lstat(path).st_mtime > _JOB_KEEP_S:
+                os.unlink(path)
+    return os.path.join(directory, f"job-{job}-{upgrade_id}.json")
 
 
 def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int:
