@@ -8346,14 +8346,12 @@ def _store_check(app: str, bucket: str | None) -> dict:
     except FlyDeployError as exc:
         return {"ok": False, "error": _scrub(str(exc), os.environ.get("AWS_ENDPOINT_URL_S3"))}
     hot = (doc or {}).get("hot_upgrade") or {}
-    return {"ok": True, "endpoint": store.endpoint, "bucket": store.bucket,
-            "addressing": s3_addressing_style(store), "current_found": doc is not None,
-            "image_ref": (doc or {}).get("image_ref"), "hot_upgrade": hot.get("version")}
-
-
-def s3_addressing_style(store: S3) -> str:
-    """How requests to ``store`` address the bucket, as doctor reports it."""
-    return getattr(store, "addressing_style", None) or "path"
+    # How the client addresses the bucket: its own ``addressing_style`` where it chooses one
+    # (virtual-hosted or path), else path style, the only one it speaks.
+    addressing = getattr(store, "addressing_style", None) or "path"
+    return {"ok": True, "endpoint": store.endpoint, "bucket": store.bucket, "addressing": addressing,
+            "current_found": doc is not None, "image_ref": (doc or {}).get("image_ref"),
+            "hot_upgrade": hot.get("version")}
 
 
 def _rpc_preflight(args: argparse.Namespace) -> int:
