@@ -586,7 +586,8 @@ def _follow(api: flydeploy.Machines, machine_id: str, logs: list[str], out: Text
         out.write(f"error: orchestrator machine {machine_id} ended without an exit code; run "
                   "`python -m flydeploy_cli status` to see what each machine runs\n")
         return 1
-    if not began and code:
+    if not began and marker is None and code:
+        # Not a word from flydeploy: its command could not run in the image.
         out.write(f"error: the orchestrator did not start (exit {code}; its output is above): the new image must "
                   f"hold flydeploy.py where the command above runs it; set [tool.flydeploy] app_dir and python "
                   "to the image's app directory and interpreter. Nothing was locked or uploaded\n")
