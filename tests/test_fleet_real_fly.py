@@ -196,7 +196,8 @@ def test_a_killed_hot_is_recovered_by_the_next(fakefly, seaweed, tmp_path):
     hot.process.kill()
     hot.finish()
     (stale,) = orchestrators(project)  # the orchestrator goes on without its launcher
-    assert lock_key(project) in project.release_keys()
+    lock, _etag = seaweed.client().get_json(lock_key(project))
+    assert lock["deployment_id"] == stale.config["metadata"][flydeploy.ORCHESTRATOR_RUN_KEY]
 
     project.edit(V2)
     again = project.cli("hot", "--version", "v3", "--suspend-timeout", "40")
