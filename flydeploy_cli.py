@@ -139,7 +139,7 @@ def token_command(config: flydeploy.FleetConfig) -> list[str]:
 
 def orchestrate_argv(config: flydeploy.FleetConfig, image_ref: str, *, version: str | None = None,
                      owner: str | None = None, force: bool = False, rollback: bool = False,
-                     rollback_to: str | None = None, upgrade_id: str | None = None) -> list[str]:
+                     rollback_to: str | None = None) -> list[str]:
     """The ``<python> <app_dir>/flydeploy.py orchestrate --root <app_dir> ...`` command the
     orchestrator machine runs as its main process, carrying every resolved setting so
     that it does exactly what ``--dry-run`` shows."""
@@ -156,8 +156,6 @@ def orchestrate_argv(config: flydeploy.FleetConfig, image_ref: str, *, version: 
         argv.append("--rollback")
     if rollback_to:
         argv += ["--to", rollback_to]
-    if upgrade_id:
-        argv += ["--upgrade-id", upgrade_id]
     return argv
 
 
@@ -461,7 +459,7 @@ def recover_stale_orchestrators(api: flydeploy.Machines, *, out: TextIO | None =
             if what is not None:
                 destroyed.append(machine["id"])
                 out.write(f"==> destroyed orchestrator machine {machine['id']} left by an earlier run (run {run}, "
-                          f"its launcher pid {pid} is gone): {what}\n")
+                          f"the deploy lock's deployment id; its launcher pid {pid} is gone): {what}\n")
         else:
             out.write(f"==> note: orchestrator machine {machine['id']} of {launcher or 'someone'} is "
                       f"{machine.get('state')} (run {run}); the deploy lock decides whether this run goes ahead\n")
@@ -587,7 +585,8 @@ def _follow(api: flydeploy.Machines, machine_id: str, logs: list[str], out: Text
         out.write(f"error: orchestrator machine {machine_id} ended without an exit code; run "
                   "`python -m flydeploy_cli status` to see what each machine runs\n")
         return 1
-    if not began and code:
+    if not began and marker is None and code:
+        # Not a word from flydeploy: its command could not run in the image.
         out.write(f"error: the orchestrator did not start (exit {code}; its output is above): the new image must "
                   f"hold flydeploy.py where the command above runs it; set [tool.flydeploy] app_dir and python "
                   "to the image's app directory and interpreter. Nothing was locked or uploaded\n")
@@ -727,8 +726,9 @@ def _push(config: flydeploy.FleetConfig, image: str, argv: list[str], dry_run: b
           build: list[str] | None = None) -> int:
     """Start the orchestrator (after the build, if any); ``--dry-run`` prints the plan instead."""
     owner, can_mint = _owner()
-    argv = argv + ["--owner", owner]
-    run_id = secrets.token_hex(8)
+    # The run's id is the orchestrator machine's and the deploy lock's: either names the other.
+    run_id = secrets.token_hex(16)
+    argv = argv + ["--owner", owner, "--upgrade-id", run_id]
     if dry_run:
         env, token_commands = _orchestrator_env(config, can_mint, True)
         machine = orchestrator_config(config, image, argv, env, run_id=run_id, launcher=_launcher())

@@ -110,13 +110,12 @@ def test_exact_command_lines(project):
         "--command-prefix", "python3 /app/flydeploy.py rpc"]
     assert config.machine_commands().rpc("info", "shop")[:3] == shlex.split("python3 /app/flydeploy.py rpc")
     image = "registry.fly.io/shop:flydeploy-v7-abc"
-    argv = flydeploy_cli.orchestrate_argv(config, image, version="v7", owner="ann@example.com", force=True,
-                                          upgrade_id="u1")
+    argv = flydeploy_cli.orchestrate_argv(config, image, version="v7", owner="ann@example.com", force=True)
     assert argv == [
         "python3", "/app/flydeploy.py", "orchestrate", "--root", "/app", "--image-ref", image, "--app", "shop",
         "--python", "python3", "--app-dir", "/app", "--lock-timeout", "300", "--timeout", "120",
         "--max-concurrency", "3", "--suspend-timeout", "10", "--process-group", "app", "--version", "v7",
-        "--owner", "ann@example.com", "--force", "--upgrade-id", "u1"]
+        "--owner", "ann@example.com", "--force"]
     machine = flydeploy_cli.orchestrator_config(config, image, argv, {"FLYDEPLOY_API_TOKEN": "fm2_xyz"},
                                                 run_id="r1", launcher="ann@box:12")
     # The main process is argv itself: no shell, no cd, no sleep; fly.toml [env] (without what looks

@@ -196,7 +196,8 @@ def test_a_killed_hot_is_recovered_by_the_next(fakefly, seaweed, tmp_path):
     hot.process.kill()
     hot.finish()
     (stale,) = orchestrators(project)  # the orchestrator goes on without its launcher
-    assert lock_key(project) in project.release_keys()
+    lock, _etag = seaweed.client().get_json(lock_key(project))
+    assert lock["deployment_id"] == stale.config["metadata"][flydeploy.ORCHESTRATOR_RUN_KEY]
 
     project.edit(V2)
     again = project.cli("hot", "--version", "v3", "--suspend-timeout", "40")
@@ -255,3 +256,15 @@ def test_a_refused_exec_token_falls_back_to_the_app_secret(fakefly, seaweed, tmp
     assert "FLY_API_TOKEN secret instead" in said[0]
     assert chosen.list() and said[1].startswith("✓ group app")
 
+
+
+def test_an_orchestrator_that_cannot_run_in_the_new_image_says_why(fakefly, seaweed, tmp_path):
+    project = Project(fakefly, seaweed, tmp_path, machines=1)
+    keys_before = project.release_keys()
+    (project.tree / "pyproject.toml").write_text('[tool.flydeploy]\ntimeout = 60\napp_dir = "/srv/shop"\n')
+    project.edit(V2)
+    hot = project.cli("hot")
+    assert hot.returncode == 1, hot.output
+    assert "can't open file '/srv/shop/flydeploy.py'" in hot.output
+    assert "the orchestrator did not start" in hot.output and "[tool.flydeploy] app_dir" in hot.output
+    assert project.release_keys() == keys_before and not orchestrators(project)

@@ -124,10 +124,15 @@ def test_rpc_upgrade_detach_starts_once_per_upgrade_id(tmp_path):
     env = dict(os.environ, FLYDEPLOY_RUNTIME_DIR=str(runtime), PYTHONPATH=str(tmp_path))
     argv = [sys.executable, flydeploy.__file__, "rpc", "upgrade", "--app", "shop", "--url",
             (tmp_path / "store" / "releases" / "shop-v1.tar.gz").as_uri(), "--upgrade-id", "u1", "--detach"]
+    old_job = runtime / "shop" / "job-upgrade-u0.log"
+    old_job.parent.mkdir(parents=True, mode=0o700)
+    old_job.write_text("done long ago\n")
+    os.utime(old_job, (time.time() - 3 * 86400, time.time() - 3 * 86400))
     first = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, cwd="/")
     second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, cwd="/")
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert json.loads(first.stdout)["started"] is True and json.loads(second.stdout)["started"] is False
+    assert not old_job.exists()  # markers and logs of jobs long finished are removed
     nameless = subprocess.run(argv[:-3] + ["--detach"], env=env, capture_output=True, text=True, timeout=60)
     assert nameless.returncode == 2 and "--upgrade-id" in nameless.stderr
 
