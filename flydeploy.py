@@ -19,7 +19,9 @@ The file is organised in sections, in the order data flows:
                   S3/Tigris client (``S3``); ``LocalStore``, the same interface
                   on a directory, for local mode.
 2. Releases       deterministic release tarballs (``pack_release``,
-                  ``unpack_release``), the ``current.json`` metadata
+                  ``unpack_release``), what a developer's tree holds for
+                  ``hot --direct`` (``DockerIgnore``, ``dependency_fingerprint``,
+                  ``LocalTree``), the ``current.json`` metadata
                   (``read_current``, ``record_hot_upgrade``, ``reset_current``)
                   and the deploy lock (``acquire_lock``).
 3. Machines API   the Fly Machines API client (``Machines``), the one builder
@@ -27,6 +29,8 @@ The file is organised in sections, in the order data flows:
                   preflight, and the fleet orchestration that pushes a
                   release to every machine (``orchestrate``): short execs
                   start detached upgrades, whose result objects it collects.
+                  It runs on an orchestrator machine or, with ``hot
+                  --direct``, on the developer's own.
 4. Engine         what happens inside one process: servers (``Server``),
                   asyncio loop pausing (``attach_loop``), change tracking
                   (``track``, ``modified_modules``) and the transactional

@@ -7,7 +7,11 @@
     python -m flydeploy_cli demo       a live hot upgrade on this machine, shown side by side
 
 ``hot``, ``status`` and ``rollback`` take ``--local [--root DIR] [--store DIR]``
-to work on the app's processes on this host instead, with no Fly and no S3.
+to work on the app's processes on this host instead, with no Fly and no S3,
+and ``--direct [--env-file FILE]`` to run the orchestration from here, with
+no image build and no orchestrator machine: the release is packed from the
+local tree (``.dockerignore`` honoured) for the image the machines run, with
+the developer's Fly token and the bucket's credentials of this machine.
 Installed as a package, the same commands are the ``flydeploy`` script; the
 machine side (``rpc``, ``orchestrate``) is ``python -m flydeploy``.
 
@@ -1170,8 +1174,8 @@ def _direct_checks(args: argparse.Namespace) -> Iterator[DoctorCheck]:
         store = direct_store(config)
         current, _ = flydeploy.read_current(store, config.app)
     except flydeploy.ConfigError as exc:
-        yield DoctorCheck("bucket from here (--direct)", False, "credentials missing",
-                          str(exc).split(". ", 1)[-1])
+        yield DoctorCheck("bucket from here (--direct)", False, str(exc),
+                          "set what the message names, or pass --env-file FILE")
         return
     except flydeploy.FlyDeployError as exc:
         yield DoctorCheck("bucket from here (--direct)", False, str(exc),
