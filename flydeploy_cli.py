@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import difflib
@@ -944,7 +945,18 @@ def _direct_push(args: argparse.Namespace, config: flydeploy.FleetConfig, *, ver
     """``hot --direct`` / ``rollback --direct``: ``orchestrate`` runs here, as on the
     orchestrator machine, with the developer's token and this machine's bucket
     credentials.  The release is packed from the local tree as the image build
-    would have copied it, after the checks that it can be what the machines run."""
+    would have copied it, after the checks that it can be what the machines run.
+    The two flyctl questions (the token, who deploys) are asked meanwhile."""
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="flydeploy-flyctl") as flyctl:
+        asked_api = flyctl.submit(_laptop_api, config)
+        asked_owner = flyctl.submit(_owner)
+        return _direct_run(args, config, asked_api, asked_owner, version=version, rollback=rollback,
+                           rollback_to=rollback_to)
+
+
+def _direct_run(args: argparse.Namespace, config: flydeploy.FleetConfig, asked_api: concurrent.futures.Future,
+                asked_owner: concurrent.futures.Future, *, version: str | None, rollback: bool,
+                rollback_to: str | None) -> int:
     local_tree = None
     if not rollback:
         dockerignore = flydeploy.DockerIgnore.for_context(config.project_dir, config.root)
@@ -955,7 +967,7 @@ def _direct_push(args: argparse.Namespace, config: flydeploy.FleetConfig, *, ver
         _say(f"release from {config.root}" + (" (.dockerignore honoured)" if dockerignore else "") + ": "
              + files_summary(files))
     store = direct_store(config)
-    api = _laptop_api(config)
+    api = asked_api.result()
     image = _fleet_image(config, api.list())
     if local_tree is not None:
         current, _ = flydeploy.read_current(store, config.app)
@@ -972,7 +984,7 @@ def _direct_push(args: argparse.Namespace, config: flydeploy.FleetConfig, *, ver
             f"lock, {what}, record it in current.json, upgrade every started machine of {config.app} "
             f"{config.max_concurrency} at a time, collect the results, release the lock"])
         return 0
-    owner, _ = _owner()
+    owner, _ = asked_owner.result()
     report = flydeploy.orchestrate(config.app, image, store=store, api=api, version=version, rollback=rollback,
                                    rollback_to=rollback_to, force=args.force, owner=owner, local_tree=local_tree,
                                    **config.orchestrate_options())
