@@ -985,9 +985,15 @@ def _direct_run(args: argparse.Namespace, config: flydeploy.FleetConfig, asked_a
             f"{config.max_concurrency} at a time, collect the results, release the lock"])
         return 0
     owner, _ = asked_owner.result()
-    report = flydeploy.orchestrate(config.app, image, store=store, api=api, version=version, rollback=rollback,
-                                   rollback_to=rollback_to, force=args.force, owner=owner, local_tree=local_tree,
-                                   **config.orchestrate_options())
+    try:
+        report = flydeploy.orchestrate(config.app, image, store=store, api=api, version=version,
+                                       rollback=rollback, rollback_to=rollback_to, force=args.force, owner=owner,
+                                       local_tree=local_tree, **config.orchestrate_options())
+    except KeyboardInterrupt:
+        print("interrupted: the orchestration stopped here and released the deploy lock if it held it; machines "
+              "that had already started their upgrade finish it (`status --direct` shows what each runs)",
+              file=sys.stderr, flush=True)
+        raise
     return report.exit_code
 
 
