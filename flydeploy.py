@@ -1832,6 +1832,8 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
 # Dependency files whose whole content counts; pyproject.toml counts by its
 # dependency tables alone (_PYPROJECT_DEPENDENCY_KEYS).
 _DEPENDENCY_FILE_RE = re.compile(r"requirements[^/]*\.txt|uv\.lock|poetry\.lock")
+# What moby/patternmatcher escapes before a pattern becomes a regular expression.
+_DOCKERIGNORE_ESCAPED = frozenset(".+()|{}$")
 _PYPROJECT_DEPENDENCY_KEYS = (("build-system", "requires"), ("project", "dependencies"),
                               ("project", "optional-dependencies"), ("dependency-groups",),
                               ("tool", "poetry", "dependencies"), ("tool", "poetry", "group"))
@@ -1935,16 +1937,15 @@ def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
         elif char == "\\" and i + 1 < len(pattern):
             i += 1
             out.append(re.escape(pattern[i]))
-        elif char == "[" and "]" in pattern[i + 1:]:
-            end = pattern.index("]", i + 1)
-            body = pattern[i + 1:end]
-            out.append("[" + ("^" + body[1:] if body.startswith("^") or body.startswith("!") else body)
-                       .replace("\\", "\\\\") + "]")
-            i = end
-        else:
-            out.append(re.escape(char))
+        elif char in _DOCKERIGNORE_ESCAPED:
+            out.append("\\" + char)
+        else:  # the rest goes to the regular expression as it is: `[a-c]`, `[^a-c]` are classes
+            out.append(char)
         i += 1
-    return re.compile("".join(out), re.DOTALL)
+    try:
+        return re.compile("".join(out), re.DOTALL)
+    except re.error as exc:
+        raise ConfigError(f".dockerignore: {pattern!r} is not a valid pattern ({exc}); Docker refuses it too") from None
 
 
 def list_release_files(root: str | os.PathLike[str], *, include: Sequence[str] | None = None,

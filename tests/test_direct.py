@@ -34,11 +34,18 @@ REQUIREMENTS = "requests==2.32.3\n"
     (["a?c.py"], "abc.py", True),
     (["a?c.py"], "a/c.py", False),
     (["[a-c]*.py"], "b.py", True),
-    (["[!a-c]*.py"], "b.py", False),
+    (["[^a-c]*.py"], "b.py", False),
+    (["[!a-c]*.py"], "b.py", True),  # Go's classes negate with ^ only: here ! is one more member
+    (["app.(py)"], "app.(py)", True),  # ( ) . are literal
     (["**"], "any/thing.py", True),
 ])
 def test_dockerignore_rules(lines, path, ignored):
     assert flydeploy.DockerIgnore.parse("\n".join(lines)).ignores(path) is ignored
+
+
+def test_a_bad_dockerignore_pattern_is_named():
+    with pytest.raises(flydeploy.ConfigError, match=r"'\[a-' is not a valid pattern"):
+        flydeploy.DockerIgnore.parse("ok.py\n[a-\n")
 
 
 def test_dockerignore_applies_from_the_context_root(tmp_path):
