@@ -377,13 +377,17 @@ def _fly_output(command: list[str], timeout: float = 120) -> str | None:
                                    stderr=subprocess.DEVNULL, start_new_session=True)
     except OSError:
         return None
+    read: list[bytes] = []
     try:
-        ready, _, _ = select.select([process.stdout], [], [], timeout)
-        output = process.stdout.read() if ready else None
-        try:
-            process.wait(timeout=max(1.0, timeout))
-        except subprocess.TimeoutExpired:
-            output = None
+        reader = threading.Thread(target=lambda: read.append(process.stdout.read()), daemon=True)
+        reader.start()
+        reader.join(timeout)  # the output ends when flyctl exits (or closes it)
+        output = read[0] if read else None
+        if output is not None:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                output = None
     finally:
         if process.poll() is None:
             process.kill()
