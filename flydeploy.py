@@ -9727,7 +9727,10 @@ def _reconcile(store: Store, app: str, image_ref: str, *,
         # that got in first (or a hot upgrade recorded for it) is kept.
         # The image's dependency files are in the directory init starts the app in
         # (its WORKDIR), as they were in the build context: recorded for `hot --direct`.
-        dependencies = dependency_fingerprint(os.getcwd())
+        try:
+            dependencies = dependency_fingerprint(os.getcwd())
+        except OSError:  # no working directory left: nothing to record, the catch-up goes on
+            dependencies = None
         doc = update_current(store, app, lambda found: found if found and found.get("image_ref") == image_ref
                              else _fresh_current(image_ref, dependencies))
         status, etag = "reset", None
