@@ -15,9 +15,10 @@ At boot, one line is all an application needs::
 The file is organised in sections, in the order data flows:
 
 0. Foundations    the exception hierarchy, logging, small shared helpers.
-1. Storage        the SigV4 signer (``sign_request``, ``presign_url``) and the
-                  S3/Tigris client (``S3``); ``LocalStore``, the same interface
-                  on a directory, for local mode.
+1. Storage        the SigV4 signer (``sign_request``, ``presign_url``), the
+                  addressing rule (``s3_addressing_style``, ``s3_object_address``)
+                  and the S3/Tigris client (``S3``); ``LocalStore``, the same
+                  interface on a directory, for local mode.
 2. Releases       deterministic release tarballs (``pack_release``,
                   ``unpack_release``), the ``current.json`` metadata
                   (``read_current``, ``record_hot_upgrade``, ``reset_current``)
@@ -145,6 +146,8 @@ __all__ = [
     # 1. Storage: SigV4 and S3 client
     "sign_request",
     "presign_url",
+    "s3_addressing_style",
+    "s3_object_address",
     "S3",
     # 1. Storage: local directory store
     "LocalStore",
@@ -674,6 +677,16 @@ def presign_url(method: str, url: str, *, access_key: str, secret_key: str, regi
 # --- S3 client --------------------------------------------------------------
 
 _DEFAULT_S3_ENDPOINT = "https://fly.storage.tigris.dev"
+# How a request names its bucket; "auto" lets s3_addressing_style pick by endpoint.  The
+# variable bears the name of botocore's own `addressing_style` option.
+_ADDRESSING_STYLES = ("auto", "virtual", "path")
+_ADDRESSING_STYLE_VARIABLE = "AWS_S3_ADDRESSING_STYLE"
+# Tigris (fly.storage.tigris.dev, t3.storage.dev): buckets created since 2025-02-19 answer
+# only virtual-hosted requests (tigrisdata.com/blog/virtual-hosted-urls).
+_VIRTUAL_HOSTED_DOMAINS = ("tigris.dev", "storage.dev")
+# A bucket name that can be one label of a host name and stay under the endpoint's TLS
+# wildcard certificate: lower-case letters, digits and inner hyphens, no dots.
+_DNS_SAFE_BUCKET = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # Statuses whose Retry-After header is honoured.
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
@@ -689,6 +702,90 @@ _S3_HINTS = {
     "InvalidToken": "check AWS_SESSION_TOKEN",
     "RequestTimeTooSkewed": "fix this machine's clock",
 }
+
+
+def _is_ip_address(host: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except (OSError, ValueError):
+            continue
+        return True
+    return False
+
+
+def _under_domain(host: str, domains: Iterable[str]) -> bool:
+    return any(host == domain or host.endswith("." + domain) for domain in domains)
+
+
+def s3_addressing_style(endpoint_host: str, bucket: str, setting: str = "auto") -> str:
+    """How requests reach ``bucket`` at an endpoint whose host name is ``endpoint_host``:
+    ``"virtual"`` (``https://<bucket>.<host>/<key>``) or ``"path"``
+    (``https://<host>/<bucket>/<key>``).
+
+    ``setting`` is ``"auto"``, ``"virtual"`` or ``"path"`` (``AWS_S3_ADDRESSING_STYLE``,
+    ``[tool.flydeploy] s3_addressing_style``).  Automatic: virtual-hosted on Tigris
+    (``*.tigris.dev``, ``*.storage.dev``) for a bucket name that can be a host name label,
+    path style everywhere else (IP addresses, ``localhost``, other S3 servers).  A setting
+    that is none of the three, or ``"virtual"`` where the bucket cannot go into the host
+    name, raises ``ConfigError``.
+    """
+    host = endpoint_host.lower().rstrip(".")
+    if setting not in _ADDRESSING_STYLES:
+        raise ConfigError(f"S3 addressing style {setting!r} is not one of {', '.join(_ADDRESSING_STYLES)}: "
+                          f"fix {_ADDRESSING_STYLE_VARIABLE} or [tool.flydeploy] s3_addressing_style")
+    if setting == "path":
+        return "path"
+    if setting == "virtual" and _is_ip_address(host):
+        raise ConfigError(f"virtual-hosted S3 addressing puts the bucket into the host name, but the endpoint "
+                          f"is the IP address {host}: use a host name in AWS_ENDPOINT_URL_S3, or path "
+                          "addressing")
+    if setting == "virtual" and not _DNS_SAFE_BUCKET.fullmatch(bucket):
+        raise ConfigError(f"bucket {bucket!r} cannot be part of a host name (3 to 63 lower-case letters, "
+                          "digits and inner hyphens), so virtual-hosted S3 addressing cannot reach it: "
+                          "use path addressing")
+    if setting == "virtual":
+        return "virtual"
+    if _under_domain(host, _VIRTUAL_HOSTED_DOMAINS) and _DNS_SAFE_BUCKET.fullmatch(bucket):
+        return "virtual"  # Tigris: new buckets answer nothing else
+    return "path"  # IP addresses, localhost, other S3 servers, names no host can carry
+
+
+def s3_object_address(url: str, endpoint: str) -> tuple[str, str, str] | None:
+    """``(bucket, key, style)`` of an object URL on ``endpoint`` in either form, or None
+    when the URL is not on that endpoint.
+
+    ``https://<bucket>.<host>/<key>`` is virtual-hosted, ``https://<host>/<bucket>/<key>``
+    path style (after the endpoint's own path, if it has one); the query (a presigned
+    URL's signature) does not matter.  Bucket and key come back percent-decoded.
+    """
+    scheme, netloc, path, _query = _split_url(url)
+    base = urllib.parse.urlsplit(endpoint)
+    prefix = base.path.rstrip("/") + "/"
+    if scheme.lower() != base.scheme.lower() or not path.startswith(prefix):
+        return None
+    rest = path[len(prefix):]
+    host, endpoint_host = _host_header(scheme, netloc), _host_header(base.scheme, base.netloc)
+    label = host[: -len(endpoint_host) - 1]
+    if host == endpoint_host:
+        bucket, _, key = rest.partition("/")
+        style = "path"
+    elif host.endswith("." + endpoint_host) and label and "." not in label:
+        bucket, key, style = label, rest, "virtual"
+    else:
+        return None
+    return urllib.parse.unquote(bucket), urllib.parse.unquote(key), style
+
+
+def _s3_endpoint_from_env() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL_S3", "").strip() or _DEFAULT_S3_ENDPOINT
+
+
+def _loopback_name(host: str) -> str | None:
+    """``localhost`` for a name under ``.localhost``, else None.  RFC 6761 (6.3) makes
+    them loopback names; curl, browsers and systemd-resolved resolve them so without
+    asking DNS, which often does not know them (a bucket of a local S3 server)."""
+    return "localhost" if host.endswith(".localhost") else None
 
 
 class _TruncatedBody(Exception):
@@ -727,7 +824,10 @@ def _read_body(response: http.client.HTTPResponse, sink: Callable[[memoryview], 
 class S3:
     """A small S3 client for Tigris (and any S3-compatible server), standard library only.
 
-    Path-style URLs (``<endpoint>/<bucket>/<key>``), SigV4 on every request,
+    Virtual-hosted URLs (``https://<bucket>.<host>/<key>``) on Tigris, path-style ones
+    (``<endpoint>/<bucket>/<key>``) elsewhere, as ``s3_addressing_style`` decides from
+    ``addressing_style`` (``auto``, ``virtual`` or ``path``; ``addressing_style`` says which
+    one is in use).  SigV4 on every request, signing the host the request goes to,
     ``x-tigris-consistent: true`` on every request, TLS certificates always verified.
     ETags are returned exactly as the server sends them (quoted) and are passed back
     unchanged to ``if_match``.  Connection errors, timeouts and HTTP 408/429/5xx are
@@ -744,7 +844,7 @@ class S3:
 
     def __init__(self, endpoint: str, bucket: str, access_key: str, secret_key: str, *,
                  region: str = "auto", session_token: str | None = None,
-                 timeout: float = 30) -> None:
+                 timeout: float = 30, addressing_style: str = "auto") -> None:
         if "@" in urllib.parse.urlsplit(endpoint).netloc:
             # Not echoed: the part before "@" is a password.
             raise ConfigError("the S3 endpoint URL holds credentials (user:password@host): "
@@ -780,23 +880,36 @@ class S3:
         self._secret_key = secret_key
         self._session_token = session_token
         self._parts = parts
-        self._host = _host_header(parts.scheme, parts.netloc)
-        self._bucket_path = f"{parts.path.rstrip('/')}/{urllib.parse.quote(bucket, safe='')}"
+        self.addressing_style = s3_addressing_style(parts.hostname, bucket, addressing_style)
+        base = parts.path.rstrip("/")
+        if self.addressing_style == "virtual":
+            self._hostname = f"{bucket}.{parts.hostname}"
+            netloc = f"{bucket}.{parts.netloc}"
+            self._bucket_path = f"{base}/"
+        else:
+            self._hostname = parts.hostname
+            netloc = parts.netloc
+            self._bucket_path = f"{base}/{urllib.parse.quote(bucket, safe='')}"
+        self._key_prefix = self._bucket_path.rstrip("/") + "/"
+        self._origin = f"{parts.scheme}://{netloc}"
+        self._host = _host_header(parts.scheme, netloc)
         self._tls = ssl.create_default_context() if parts.scheme == "https" else None
         self._local = threading.local()
 
     @classmethod
-    def from_env(cls, bucket: str | None = None) -> S3:
+    def from_env(cls, bucket: str | None = None, *, addressing_style: str | None = None) -> S3:
         """A client configured like the AWS tools and the Fly platform configure them.
 
         Reads ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` (both required),
         ``AWS_SESSION_TOKEN`` (optional), ``AWS_ENDPOINT_URL_S3`` (default Tigris),
-        ``AWS_REGION`` (default ``auto``) and ``BUCKET_NAME`` (required unless ``bucket``
-        is given).  Raises ``ConfigError`` naming every missing variable at once.
+        ``AWS_REGION`` (default ``auto``), ``BUCKET_NAME`` (required unless ``bucket``
+        is given) and ``AWS_S3_ADDRESSING_STYLE`` (``auto``, ``virtual`` or ``path``;
+        default ``auto``, unless ``addressing_style`` is given).  Raises ``ConfigError``
+        naming every missing variable at once.
         """
         env = {name: os.environ.get(name, "").strip() for name in (
             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-            "AWS_ENDPOINT_URL_S3", "AWS_REGION", "BUCKET_NAME")}
+            "AWS_REGION", "BUCKET_NAME", _ADDRESSING_STYLE_VARIABLE)}
         bucket = bucket or env["BUCKET_NAME"]
         missing = [name for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not env[name]]
         if not bucket:
@@ -806,10 +919,11 @@ class S3:
                 f"missing environment variable(s) {', '.join(missing)}: set them (`fly storage "
                 "create` prints them)" + ("; the bucket may also be given as [tool.flydeploy] "
                                           "bucket in pyproject.toml" if not bucket else ""))
-        return cls(env["AWS_ENDPOINT_URL_S3"] or _DEFAULT_S3_ENDPOINT, bucket,
+        return cls(_s3_endpoint_from_env(), bucket,
                    env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
                    region=env["AWS_REGION"] or "auto",
-                   session_token=env["AWS_SESSION_TOKEN"] or None)
+                   session_token=env["AWS_SESSION_TOKEN"] or None,
+                   addressing_style=addressing_style or env[_ADDRESSING_STYLE_VARIABLE].lower() or "auto")
 
     def __repr__(self) -> str:
         return f"S3(endpoint={self.endpoint!r}, bucket={self.bucket!r})"
@@ -817,8 +931,8 @@ class S3:
     # -- public operations --
 
     def url(self, key: str) -> str:
-        """The object's plain (unsigned) path-style URL."""
-        return f"{self._parts.scheme}://{self._parts.netloc}{self._key_path(key)}"
+        """The object's plain (unsigned) URL, in this client's addressing style."""
+        return f"{self._origin}{self._key_path(key)}"
 
     def presigned_url(self, key: str, *, method: str = "GET", expires: int = 3600) -> str:
         """A presigned URL for ``key``: anyone holding it may ``method`` it for ``expires`` s."""
@@ -941,7 +1055,7 @@ class S3:
     # -- plumbing --
 
     def _key_path(self, key: str) -> str:
-        return f"{self._bucket_path}/{urllib.parse.quote(_check_key(key), safe='/')}"
+        return f"{self._key_prefix}{urllib.parse.quote(_check_key(key), safe='/')}"
 
     def _get(self, key: str) -> tuple[bytes, str]:
         response = self._call("GET", key)
@@ -951,12 +1065,17 @@ class S3:
         """This thread's persistent connection (a fresh one after a fork)."""
         pid, conn = getattr(self._local, "conn", (None, None))
         if conn is None or pid != os.getpid():
-            host, port = self._parts.hostname, self._parts.port
+            host, port = self._hostname, self._parts.port
             if self._tls is not None:
                 conn = http.client.HTTPSConnection(host, port, timeout=self.timeout,
                                                    context=self._tls)
             else:
                 conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+            loopback = _loopback_name(host)
+            if loopback is not None:
+                # Connect to the loopback name; TLS still checks the real host name.
+                conn._create_connection = (lambda address, *args, **kwargs: socket.create_connection(
+                    (loopback, address[1]), *args, **kwargs))
             self._local.conn = (os.getpid(), conn)
         return conn
 
@@ -1003,7 +1122,7 @@ class S3:
                  what: str) -> _S3Response:
         headers = {"x-tigris-consistent": "true", **headers}
         headers.update(sign_request(
-            method, f"{self._parts.scheme}://{self._parts.netloc}{target}",
+            method, f"{self._origin}{target}",
             [("Host", self._host), *headers.items()], payload_hash=payload_hash,
             access_key=self.access_key, secret_key=self._secret_key, region=self.region,
             session_token=self._session_token))
@@ -1039,12 +1158,12 @@ class S3:
             # FlyDeployError, so every OSError left is about the connection.
             self._drop_connection()
             if isinstance(exc, ssl.SSLCertVerificationError):
-                raise S3Error(f"{what}: the TLS certificate of {self.endpoint} could not be "
+                raise S3Error(f"{what}: the TLS certificate of {self._origin} could not be "
                               f"verified ({exc.verify_message}): fix AWS_ENDPOINT_URL_S3 or "
                               "the system's CA certificates", key=key) from None
             reason = str(exc) or type(exc).__name__
             raise _Retryable(S3Error(
-                f"{what} failed: {reason}; check that {self.endpoint} is reachable",
+                f"{what} failed: {reason}; check that {self._origin} is reachable",
                 code="ConnectionError", key=key)) from None
         except BaseException:
             # Whatever stopped this attempt (a local file error, Ctrl-C, a bug), the
@@ -2721,6 +2840,7 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "process_groups": ("names", ()),
     "build_args": ("mapping", {}),
     "app_dir": ("name", None),
+    "s3_addressing_style": ("style", None),
 }
 # Where the app lives on a machine when neither [tool.flydeploy] app_dir nor a
 # Dockerfile WORKDIR says.
@@ -2742,7 +2862,9 @@ class FleetConfig:
     ``env``, ``processes`` and ``build`` are ``fly.toml``'s tables as read.
     ``app_dir`` is the app's directory on the machines, where the orchestrator
     command runs: ``[tool.flydeploy] app_dir``, else the Dockerfile's last
-    ``WORKDIR``, else ``/app``.
+    ``WORKDIR``, else ``/app``.  ``s3_addressing_style`` (``auto``, ``virtual``,
+    ``path`` or None: then ``AWS_S3_ADDRESSING_STYLE`` decides) is how ``s3()``
+    reaches the bucket; ``fly.toml`` ``[env]`` may set it as on the machines.
     ``sources`` says where each setting came from, e.g. ``"--app"``,
     ``"pyproject.toml [tool.flydeploy]"``, ``"fly.toml"`` or ``"default"``.
     """
@@ -2762,6 +2884,7 @@ class FleetConfig:
     process_groups: tuple[str, ...]
     build_args: Mapping[str, str]
     app_dir: str
+    s3_addressing_style: str | None
     env: Mapping[str, str]
     processes: Mapping[str, Any]
     build: Mapping[str, Any]
@@ -2774,6 +2897,10 @@ class FleetConfig:
                 "no app name: pass --app, set `app` in fly.toml, or `app` under "
                 "[tool.flydeploy] in pyproject.toml")
         return self.app
+
+    def s3(self) -> S3:
+        """The app's bucket, reached as these settings and the environment say (``S3.from_env``)."""
+        return S3.from_env(bucket=self.bucket, addressing_style=self.s3_addressing_style)
 
     def orchestrate_options(self) -> dict[str, Any]:
         """The keyword arguments of ``orchestrate`` these settings decide: one
@@ -2853,6 +2980,9 @@ def _check_setting(key: str, value: Any, where: str) -> Any:
             problem = "a number of seconds above 0"
         else:
             value = float(value)
+    elif kind == "style":
+        if value not in _ADDRESSING_STYLES:
+            problem = f"one of {', '.join(map(repr, _ADDRESSING_STYLES))}"
     elif kind == "mapping":
         if not isinstance(value, Mapping) or not all(
                 isinstance(k, str) and k and isinstance(v, (str, int, float)) for k, v in value.items()):
@@ -2901,7 +3031,8 @@ def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.P
         fly_tables[table] = value
     env = {str(k): str(v) for k, v in fly_tables["env"].items()}
     from_fly = {"app": fly.get("app"), "bucket": env.get("BUCKET_NAME"),
-                "build_args": fly_tables["build"].get("args")}
+                "build_args": fly_tables["build"].get("args"),
+                "s3_addressing_style": env.get(_ADDRESSING_STYLE_VARIABLE)}
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for key, (_kind, default) in _SETTINGS.items():
@@ -2933,7 +3064,7 @@ def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.P
         exclude=values["exclude"], python=values["python"], max_concurrency=values["max_concurrency"],
         timeout=values["timeout"], suspend_timeout=values["suspend_timeout"],
         lock_timeout=values["lock_timeout"], process_groups=groups, build_args=values["build_args"],
-        app_dir=values["app_dir"], env=env, processes=fly_tables["processes"], build=fly_tables["build"], sources=sources)
+        app_dir=values["app_dir"], s3_addressing_style=values["s3_addressing_style"], env=env, processes=fly_tables["processes"], build=fly_tables["build"], sources=sources)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3596,7 +3727,7 @@ def _orchestrate_command(args: argparse.Namespace) -> int:
         config = load_config(args.root, overrides=fleet_overrides(args))
         app = config.require_app()
         options = config.orchestrate_options()
-        report = orchestrate(app, args.image_ref, store=S3.from_env(bucket=config.bucket),
+        report = orchestrate(app, args.image_ref, store=config.s3(),
                              version=args.version, rollback=args.rollback, rollback_to=args.to,
                              force=args.force, owner=args.owner, **options)
         code = report.exit_code
@@ -7368,12 +7499,24 @@ def _install_files(plan: dict[str, str], hashes: dict[str, str], source_dir: str
     return installed
 
 
+def _key_in(store: Store, url: str) -> str | None:
+    """The key whose URL in ``store`` is ``url`` (tried for each tail of its path), if any."""
+    segments = _split_url(url)[2].split("/")
+    for start in range(1, len(segments)):
+        key = urllib.parse.unquote("/".join(segments[start:]))
+        with contextlib.suppress(S3Error):
+            if key and store.url(key) == url:
+                return key
+    return None
+
+
 def _store_for_url(url: str, store: Store | None = None) -> tuple[Store, str]:
     """The store and key behind a release URL: ``store`` when the URL is its own, else from the URL.
 
-    A ``file://`` URL names a ``LocalStore``; an ``http(s)`` URL
-    (``<endpoint>/<bucket>/<key>``) the S3 bucket, with the credentials of
-    the environment.
+    A ``file://`` URL names a ``LocalStore``; an ``http(s)`` URL, virtual-hosted
+    (``https://<bucket>.<host>/<key>``) or path style (``<endpoint>/<bucket>/<key>``),
+    names a bucket on ``AWS_ENDPOINT_URL_S3``, reached in the URL's own style with the
+    credentials of the environment.  A presigned URL's query is ignored.
     """
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme == "file":
@@ -7381,17 +7524,21 @@ def _store_for_url(url: str, store: Store | None = None) -> tuple[Store, str]:
     if parsed.scheme not in ("http", "https"):
         raise ConfigError(f"unsupported release URL {_redact_url(url)!r}: use the https:// URL of the uploaded "
                           "tarball or the file:// URL of a local store")
-    bucket, _, key = urllib.parse.unquote(parsed.path).lstrip("/").partition("/")
+    plain = urllib.parse.urlunsplit(parsed._replace(query="", fragment=""))
+    key = _key_in(store, plain) if store is not None else None
+    if key is not None:
+        return store, key
+    address = s3_object_address(plain, _s3_endpoint_from_env())
+    if address is None:
+        raise ConfigError(f"the release is on {_redact_url(f'{parsed.scheme}://{parsed.netloc}')} but "
+                          "AWS_ENDPOINT_URL_S3 points elsewhere; set it to the endpoint the release was "
+                          "uploaded to (credentials go in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                          "never in the URL)")
+    bucket, key, style = address
     if not bucket or not key:
-        raise ConfigError(f"{_redact_url(url)} is not a release URL: expected <endpoint>/<bucket>/<key>")
-    if store is None or store.url(key) != url:
-        store = S3.from_env(bucket=bucket)
-        if urllib.parse.urlsplit(store.url(key))[:2] != parsed[:2]:
-            raise ConfigError(f"the release is on {_redact_url(f'{parsed.scheme}://{parsed.netloc}')} but "
-                              "AWS_ENDPOINT_URL_S3 points elsewhere; set it to the endpoint the release was "
-                              "uploaded to (credentials go in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
-                              "never in the URL)")
-    return store, key
+        raise ConfigError(f"{_redact_url(url)} is not a release URL: expected https://<bucket>.<endpoint host>/<key> "
+                          "or <endpoint>/<bucket>/<key>")
+    return S3.from_env(bucket=bucket, addressing_style=style), key
 
 
 def _fetch_release(store: Store, key: str, workdir: str, sha256: str | None, app: str) -> tuple[dict, str, str]:

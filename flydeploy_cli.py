@@ -569,7 +569,7 @@ def _status(args: argparse.Namespace) -> int:
         store, api = _local_fleet(args, config)
     else:
         try:
-            store = flydeploy.S3.from_env(bucket=config.bucket)
+            store = config.s3()
         except flydeploy.ConfigError as exc:
             store = None
             print(f"note: current.json could not be read ({exc}); each machine's version below comes "
