@@ -253,6 +253,40 @@ def _is_positive_seconds(value: object) -> bool:
             and math.isfinite(value) and value > 0)
 
 
+# Every option in seconds is above 0 and at most a day (more is a typo, and a deadline
+# that far away overflows time arithmetic); every count option is 1 to 1000.
+_MAX_OPTION_SECONDS = 24 * 3600
+_MAX_OPTION_COUNT = 1000
+
+
+def _number_problem(kind: str, value: object) -> str | None:
+    """What is wrong with ``value`` as an option of ``kind`` (``"seconds"`` or
+    ``"count"``), said as what it must be; None when nothing is."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "seconds" and not (number and math.isfinite(value) and 0 < value <= _MAX_OPTION_SECONDS):
+        return f"a number of seconds above 0 and up to {_MAX_OPTION_SECONDS} (a day)"
+    if kind == "count" and not (isinstance(value, int) and number and 1 <= value <= _MAX_OPTION_COUNT):
+        return f"a whole number of at least 1 and at most {_MAX_OPTION_COUNT}"
+    return None
+
+
+def _number_argument(kind: str) -> Callable[[str], float | int]:
+    """An argparse ``type`` for an option of ``kind`` (``"seconds"`` or ``"count"``): a
+    value ``_number_problem`` finds wrong is a usage error (exit 2) before anything runs."""
+    def parse(text: str) -> float | int:
+        try:
+            value = float(text) if kind == "seconds" else int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a {'number of seconds' if kind == 'seconds' else 'whole number'}") from None
+        problem = _number_problem(kind, value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: it must be {problem}")
+        return value
+    parse.__name__ = kind
+    return parse
+
+
 def _backoff_delay(attempt: int, *, base: float, cap: float, floor: float = 0.0,
                    retry_after: float | None = None) -> float:
     """Seconds to wait before retry number ``attempt`` (0 for the first retry).
@@ -300,6 +334,22 @@ def _local_file_errors(path: str) -> Iterator[None]:
                              "permissions and the free disk space") from exc
 
 
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _owner_name(path: str) -> str:
+    try:
+        return _user_name(os.stat(path).st_uid)
+    except OSError:
+        return "another user"
+
+
 def _digest(f: BinaryIO, algorithm: str) -> str:
     """Hex digest of an open file's content from where it stands, read in bounded chunks."""
     return hashlib.file_digest(f, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
@@ -328,11 +378,17 @@ def _write_atomically(path: str, write: Callable[[BinaryIO], Any], *, mode: int 
     with _local_file_errors(path):
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out:
+        out = os.fdopen(fd, "wb")
+        try:
             result = write(out)
             with _local_file_errors(path):
                 out.flush()
                 os.fsync(out.fileno())
+        finally:
+            # Flushed above when all went well; after a failure (a full disk) the data
+            # left in the buffer cannot be written either, and the first error says why.
+            with contextlib.suppress(OSError):
+                out.close()
         os.chmod(tmp, mode)
         replace(tmp, path)
     except BaseException:
@@ -1336,13 +1392,14 @@ class LocalStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self._internal = os.path.join(self.root, _STORE_INTERNAL_DIR)
-        os.makedirs(self._internal, exist_ok=True)
-        self._real_root = os.path.realpath(self.root)
-        cutoff = time.time() - _STALE_TEMP_S
-        for entry in os.scandir(self._internal):
-            with contextlib.suppress(FileNotFoundError):
-                if entry.name.endswith(".part") and entry.stat().st_mtime < cutoff:
-                    os.unlink(entry.path)
+        with self._access():
+            os.makedirs(self._internal, exist_ok=True)
+            self._real_root = os.path.realpath(self.root)
+            cutoff = time.time() - _STALE_TEMP_S
+            for entry in os.scandir(self._internal):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.name.endswith(".part") and entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
 
     def __repr__(self) -> str:
         return f"LocalStore({self.root!r})"
@@ -1372,7 +1429,18 @@ class LocalStore:
         store = cls(folder)
         return store, os.path.relpath(path, folder).replace(os.sep, "/")
 
-    # Paths, locking and temporary files.
+    # Paths, access, locking and temporary files.
+
+    @contextlib.contextmanager
+    def _access(self) -> Iterator[None]:
+        """A store this user may not use is an ``S3Error`` (code ``AccessDenied``) saying whose it is."""
+        try:
+            yield
+        except PermissionError as exc:
+            raise S3Error(f"cannot use the local store {self.root} ({exc.strerror}: {exc.filename}): it "
+                          f"belongs to {_owner_name(self.root)}; run as that user, or pass --store a folder "
+                          "of your own",
+                          status=403, code="AccessDenied") from None
 
     def _path(self, key: str) -> str:
         path = os.path.join(self.root, *_check_store_key(key).split("/"))
@@ -1387,7 +1455,8 @@ class LocalStore:
     def _locked(self) -> Iterator[None]:
         # flock locks belong to the open file description, so a fresh open per
         # critical section excludes other threads of this process as well.
-        fd = os.open(os.path.join(self._internal, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        with self._access():
+            fd = os.open(os.path.join(self._internal, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -1479,7 +1548,7 @@ class LocalStore:
     def get(self, key: str) -> bytes:
         """Return the content of ``key``; raise ``NotFound`` when it does not exist."""
         try:
-            with open(self._path(key), "rb") as f:
+            with self._access(), open(self._path(key), "rb") as f:
                 return f.read()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFound(f"{key!r} does not exist in {self.root}",
@@ -1612,6 +1681,8 @@ _NOT_APP_DIRS = frozenset({"tests", "test", "docs", "doc", "benchmarks"})
 # Top-level build outputs, which hold copies of the sources: a package only
 # when they have an __init__.py.
 _BUILD_OUTPUT_DIRS = frozenset({"build", "dist"})
+# What a machine accepts in one release (more is refused as a possible decompression
+# bomb); packing checks the same limits, so that no release is uploaded to be refused.
 _MAX_RELEASE_BYTES = 2 << 30
 _MAX_RELEASE_MEMBERS = 100_000
 _MAX_MANIFEST_BYTES = 64 << 20
@@ -1822,7 +1893,9 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     (``.git``, ``.env``), virtual environments, ``node_modules``,
     ``site-packages`` and ``*.egg-info``.  A file name that
     ``unpack_release`` would refuse (a backslash, invalid UTF-8) and a folder
-    or file that cannot be read raise ``ReleaseError`` naming it.
+    or file that cannot be read raise ``ReleaseError`` naming it, and so does a
+    tree over the limits every machine enforces on a release (2 GiB of files,
+    100,000 files, a 64 MiB manifest), before its large files are read.
 
     The first member is ``flydeploy-manifest.json`` (``app``, ``version``,
     ``source_image_ref``, ``created_at``, ``files: {path: sha256}``).  The same
@@ -1843,6 +1916,8 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     if not files:
         raise ReleaseError(f"nothing to pack under {root}: no Python modules or packages found "
                            "(or include/exclude left nothing); check the root and the patterns")
+    if len(files) > _MAX_RELEASE_MEMBERS:
+        raise _over_limit(f"{len(files)} files, more than the {_MAX_RELEASE_MEMBERS}", "folders")
 
     # Pass 1: hash every file (the manifest leads the archive), keeping small
     # contents so that pass 2 need not read them again.
@@ -1851,10 +1926,15 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     sizes: dict[str, int] = {}
     modes: dict[str, int] = {}
     budget = _PACK_CACHE_BYTES
+    total = 0
     for rel in files:
         path = os.path.join(root, *rel.split("/"))
         with _pack_read_errors(rel), open(path, "rb") as f:
             info = os.fstat(f.fileno())
+            total += info.st_size
+            if total > _MAX_RELEASE_BYTES:  # checked before the file is read
+                raise _over_limit(f"more than {_MAX_RELEASE_BYTES} bytes of files (at {rel}, "
+                                  f"{info.st_size} bytes), over the", "large files", member=rel)
             if info.st_size <= budget:
                 data = f.read()
                 budget -= len(data)
@@ -1870,6 +1950,9 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     manifest = {"app": app, "version": version, "source_image_ref": source_image_ref,
                 "created_at": created_at, "files": hashes}
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    if len(manifest_bytes) > _MAX_MANIFEST_BYTES:
+        raise _over_limit(f"a {MANIFEST_NAME} of {len(manifest_bytes)} bytes, more than the "
+                          f"{_MAX_MANIFEST_BYTES}-byte", "folders")
     mtime = epoch or 0
 
     def member(name: str, size: int, mode: int) -> tarfile.TarInfo:
@@ -1880,7 +1963,7 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
         return info
 
     def write(raw: BinaryIO) -> str:
-        hashed = _HashingWriter(raw)  # the tarball's hash as it is written, not read back
+        hashed = _HashingWriter(raw, out_path)  # the tarball's hash as it is written, not read back
         with gzip.GzipFile(filename="", mode="wb", fileobj=hashed, compresslevel=6, mtime=0) as gz, \
                 tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             tar.addfile(member(MANIFEST_NAME, len(manifest_bytes), 0o644), io.BytesIO(manifest_bytes))
@@ -1894,6 +1977,7 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
                     tar.addfile(member(rel, sizes[rel], modes[rel]), reader)
                 if reader.digest.hexdigest() != hashes[rel]:
                     raise _changed_while_packing(rel)
+        hashed.flush()
         return hashed.sha256.hexdigest()
 
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
@@ -1910,24 +1994,45 @@ def _pack_read_errors(rel: str) -> Iterator[None]:
                            "leave it out with exclude", member=rel) from None
 
 
+def _over_limit(what: str, leave_out: str, *, member: str | None = None) -> ReleaseError:
+    return ReleaseError(f"the release would hold {what} limit every machine enforces (a larger release is "
+                        f"refused as a possible decompression bomb); nothing was uploaded. Leave {leave_out} out "
+                        "with [tool.flydeploy] exclude, or ship them in the image", member=member)
+
+
 def _changed_while_packing(rel: str) -> ReleaseError:
     return ReleaseError(f"{rel} changed while it was being packed; pack again once nothing "
                         "writes to the tree", member=rel)
 
 
 class _HashingWriter:
-    """The write side of a binary file, hashing what goes through it."""
+    """The write side of the release tarball at ``path``, hashing what goes through it;
+    a failed write (a full disk) is a ``ReleaseError`` that says where to make room."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO, path: str) -> None:
         self._raw = raw
+        self._path = path
         self.sha256 = hashlib.sha256()
 
     def write(self, data: bytes) -> int:
         self.sha256.update(data)
-        return self._raw.write(data)
+        with self._write_errors():
+            return self._raw.write(data)
 
     def flush(self) -> None:
-        self._raw.flush()
+        with self._write_errors():
+            self._raw.flush()
+
+    @contextlib.contextmanager
+    def _write_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            folder, scratch = os.path.dirname(self._path), tempfile.gettempdir()
+            where = (f"{scratch}, or point TMPDIR at a folder with room (packing writes there)"
+                     if _is_under(folder, scratch) else folder)
+            raise ReleaseError(f"cannot write the release tarball {self._path} ({exc.strerror}): "
+                               f"make room in {where}") from None
 
 
 class _PackedFileReader:
@@ -2009,8 +2114,8 @@ class _BoundedReader:
 
 
 def unpack_release(path: str | os.PathLike[str], dest: str | os.PathLike[str], *,
-                   expected_sha256: str | None = None, max_bytes: int = _MAX_RELEASE_BYTES,
-                   max_members: int = _MAX_RELEASE_MEMBERS) -> dict[str, Any]:
+                   expected_sha256: str | None = None, max_bytes: int | None = None,
+                   max_members: int | None = None) -> dict[str, Any]:
     """Check and extract a release tarball into ``dest``; return its manifest.
 
     The archive's sha256 is checked against ``expected_sha256`` before
@@ -2018,7 +2123,8 @@ def unpack_release(path: str | os.PathLike[str], dest: str | os.PathLike[str], *
     member: absolute paths, ``..``, links, devices and anything but regular
     files, members missing from the manifest, listed twice or whose sha256
     differs, manifest entries missing from the archive, and archives over
-    ``max_bytes`` of content or ``max_members`` members.  ``dest`` must not
+    ``max_bytes`` of content or ``max_members`` members (by default the limits
+    ``pack_release`` checks too).  ``dest`` must not
     exist or be an empty folder; the release is extracted beside it and
     moved into place only when complete, so on any error nothing is left in
     ``dest``.
@@ -2041,7 +2147,8 @@ def unpack_release(path: str | os.PathLike[str], dest: str | os.PathLike[str], *
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(dest)}.unpack-")
     try:
-        manifest = _extract_release(path, staging, max_bytes, max_members)
+        manifest = _extract_release(path, staging, _MAX_RELEASE_BYTES if max_bytes is None else max_bytes,
+                                    _MAX_RELEASE_MEMBERS if max_members is None else max_members)
         os.chmod(staging, 0o755)
         os.rename(staging, dest)  # onto a missing or empty folder: atomic
     except BaseException:
@@ -2949,6 +3056,9 @@ def _read_toml(path: pathlib.Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                          "TOML files are UTF-8: save it as UTF-8 and run again") from None
     except tomllib.TOMLDecodeError as exc:
         where = _TOML_LINE_RE.search(str(exc))
         line = f", line {where.group(1)}" if where else ""
@@ -2972,13 +3082,9 @@ def _check_setting(key: str, value: Any, where: str) -> Any:
             problem = "a list of non-empty strings"
         else:
             value = tuple(value)
-    elif kind == "count":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            problem = "a whole number of at least 1"
-    elif kind == "seconds":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            problem = "a number of seconds above 0"
-        else:
+    elif kind in ("count", "seconds"):
+        problem = _number_problem(kind, value)
+        if problem is None and kind == "seconds":
             value = float(value)
     elif kind == "style":
         if value not in _ADDRESSING_STYLES:
@@ -3013,6 +3119,10 @@ def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.P
     fly_path = project / (config if config is not None else "fly.toml")
     if config is not None and not fly_path.is_file():
         raise ConfigError(f"{fly_path} not found: pass --config with the path of the app's fly.toml")
+    if not project.is_dir():
+        raise ConfigError(f"{project}: " + ("not a directory" if project.exists() else "no such directory")
+                          + "; pass --root (or --config) the project folder, the one with fly.toml "
+                            "and pyproject.toml")
     fly = _read_toml(fly_path) if fly_path.is_file() else {}
     pyproject_path = project / "pyproject.toml"
     pyproject = _read_toml(pyproject_path) if pyproject_path.is_file() else {}
@@ -3676,13 +3786,13 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     ``--max-concurrency``, ``--process-group``) to an argparse parser."""
     parser.add_argument("--app", help="the Fly app (default: fly.toml's app)")
     parser.add_argument("--force", action="store_true", help="take the deploy lock even if someone holds it")
-    parser.add_argument("--lock-timeout", type=float, metavar="S",
+    parser.add_argument("--lock-timeout", type=_number_argument("seconds"), metavar="S",
                         help="how long the deploy lock lasts, in seconds (default 300)")
-    parser.add_argument("--timeout", type=float, metavar="S",
+    parser.add_argument("--timeout", type=_number_argument("seconds"), metavar="S",
                         help="how long one machine may take to upgrade, in seconds (default 120)")
-    parser.add_argument("--max-concurrency", type=int, metavar="N",
+    parser.add_argument("--max-concurrency", type=_number_argument("count"), metavar="N",
                         help="how many machines are upgraded at a time (default 10)")
-    parser.add_argument("--suspend-timeout", type=float, metavar="S",
+    parser.add_argument("--suspend-timeout", type=_number_argument("seconds"), metavar="S",
                         help="how long a server may take to reach a safe point (default 10)")
     parser.add_argument("--process-group", action="append", dest="process_groups", metavar="G",
                         help="only machines of this process group (repeatable)")
@@ -6530,7 +6640,10 @@ def _check_private_dir(path: str, *, serving: bool) -> None:
     if not stat.S_ISDIR(info.st_mode):
         raise AgentError(f"{path} is not a directory; remove it or set FLYDEPLOY_RUNTIME_DIR elsewhere.")
     uid = os.geteuid()
-    if info.st_uid not in (uid, 0) and (serving or uid != 0):
+    if info.st_uid not in (uid, 0) and not serving and uid != 0:
+        raise AgentError(f"{path} belongs to {_user_name(info.st_uid)}, not to this user, {_user_name(uid)}: "
+                         "the agents there run as that user; run this as that user, or as root")
+    if info.st_uid not in (uid, 0) and serving:
         raise AgentError(f"{path} belongs to uid {info.st_uid}, not to this user (uid {uid}); "
                          "flydeploy refuses it. Remove it, or set FLYDEPLOY_RUNTIME_DIR to a private directory.")
     if stat.S_IMODE(info.st_mode) & 0o022:
@@ -6538,6 +6651,21 @@ def _check_private_dir(path: str, *, serving: bool) -> None:
         raise AgentError(f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o}); "
                          f"flydeploy refuses it. Run `chmod 700 {path}`, or set FLYDEPLOY_RUNTIME_DIR "
                          "to a private directory.")
+
+
+def _exists_for_client(directory: str, app: str) -> bool:
+    """Whether a runtime directory exists; one this user may not even look for is another
+    user's, so the agents of ``app`` may well run there: an ``AgentError`` says so."""
+    try:
+        os.lstat(directory)
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        parent = os.path.dirname(directory)
+        raise AgentError(f"cannot look for the agents of {app} in {directory}: {parent} belongs to "
+                         f"{_owner_name(parent)}, and this user, {_user_name(os.geteuid())}, may not enter "
+                         "it: agents there run as that user; run this as that user, or as root") from None
+    return True
 
 
 def _app_dir(app: str, *, create: bool, owner: tuple[int, int] | None = None) -> str | None:
@@ -6555,7 +6683,7 @@ def _app_dir(app: str, *, create: bool, owner: tuple[int, int] | None = None) ->
                     os.mkdir(directory, 0o700)
                     if owner is not None:
                         os.chown(directory, *owner)
-            elif not os.path.lexists(directory):
+            elif not _exists_for_client(directory, app):
                 return None
             _check_private_dir(directory, serving=create and owner is None)
         info = os.lstat(path)
@@ -7172,7 +7300,10 @@ def _request(path: str, request: dict, *, timeout: float, pid: int | None = None
         sock.connect(path)
         if pid is not None:
             _check_agent_identity(sock, path, pid)
-        sock.sendall(json.dumps(request).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps(request).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the agent answered without reading (busy, refused) and closed: the reply says why
         line = _read_line(sock, deadline, _MAX_REPLY_BYTES)
     reply = json.loads(line or b"null")
     if not isinstance(reply, dict):
@@ -7242,6 +7373,9 @@ def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | N
             return None
         except TimeoutError:
             error = f"process {pid} did not answer within {timeout:.0f} s"
+        except PermissionError:
+            error = (f"process {pid}'s agent belongs to {_owner_name(path)}, not to this user, "
+                     f"{_user_name(os.geteuid())}: run this as that user, or as root")
         except (OSError, ValueError, AgentError) as exc:
             error = f"process {pid}: {exc}"
         if _exited(pid):
@@ -7451,6 +7585,11 @@ def _install_files(plan: dict[str, str], hashes: dict[str, str], source_dir: str
     or publishing changes nothing.
     """
     changed = [(rel, dest) for rel, dest in sorted(plan.items()) if _file_sha256(dest) != hashes[rel]]
+    for rel, dest in changed:
+        if os.path.isdir(dest) and not os.path.islink(dest):
+            raise AgentError(f"cannot write the release: {dest} is a directory, where the release has the "
+                             f"file {rel}; no file was changed. Move the directory away (or rename the file in "
+                             "the app), then upgrade again.")
     installed = _Installed(len(plan) - len(changed))
     staged: list[tuple[str, str]] = []
 
@@ -8088,16 +8227,6 @@ def _rpc_upgrade(args: argparse.Namespace) -> int:
     return 0 if result["success"] else 1
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not _is_positive_seconds(value):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds, more than 0")
-    return value
-
-
 def _release_url(text: str) -> str:
     if urllib.parse.urlsplit(text).scheme not in ("http", "https", "file"):
         raise argparse.ArgumentTypeError(f"{_redact_url(text)!r} is not a release URL: give the https:// URL "
@@ -8123,7 +8252,7 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
     upgrade.add_argument("--url", required=True, type=_release_url,
                          help="URL of the release tarball (https:// or file://)")
     upgrade.add_argument("--sha256", help="expected sha256 of the tarball")
-    upgrade.add_argument("--suspend-timeout", type=_positive_seconds, default=_DEFAULT_SUSPEND_TIMEOUT, metavar="S",
+    upgrade.add_argument("--suspend-timeout", type=_number_argument("seconds"), default=_DEFAULT_SUSPEND_TIMEOUT, metavar="S",
                          help="seconds servers may take to reach a safe point (default 10)")
     upgrade.add_argument("--upgrade-id", type=_upgrade_id,
                          help="where the result is stored: releases/<app>-results/<upgrade-id>/ "
@@ -8131,7 +8260,7 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
     upgrade.set_defaults(handler=_rpc_upgrade)
     for name, text in (("info", "print every process's info as JSON"), ("ping", "check every agent answers")):
         query = rpc_commands.add_parser(name, parents=[common], help=text)
-        query.add_argument("--timeout", type=_positive_seconds, default=_QUERY_TIMEOUT, metavar="S",
+        query.add_argument("--timeout", type=_number_argument("seconds"), default=_QUERY_TIMEOUT, metavar="S",
                            help="seconds to wait for each agent (default 10)")
         query.set_defaults(handler=_rpc_query)
 
