@@ -10,10 +10,12 @@ import io
 import os
 import pathlib
 import select
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -171,8 +173,8 @@ def test_a_root_that_is_a_file_is_named(project):
 
 
 @contextlib.contextmanager
-def as_other_user(target):
-    """Run ``target()`` in a child process as uid/gid 65534; returns (exit code, its stderr)."""
+def as_other_user(target, uid: int = OTHER_UID):
+    """Run ``target()`` in a child process as ``uid`` (gid the same); yields (exit code, its output)."""
     errors = tempfile.TemporaryFile()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
@@ -181,8 +183,8 @@ def as_other_user(target):
             sys.stdout = sys.stderr = io.TextIOWrapper(os.fdopen(os.dup(errors.fileno()), "wb"),
                                                        write_through=True)
             os.setgroups([])
-            os.setgid(OTHER_UID)
-            os.setuid(OTHER_UID)
+            os.setgid(uid)
+            os.setuid(uid)
             code = target()
         finally:
             sys.stdout.flush()
@@ -245,6 +247,40 @@ def test_rpc_ping_by_another_user_says_whose_agents_run(machine, monkeypatch):
             assert code == 1, err
             assert "no flydeploy agent is running" not in err
             assert "belongs to root (uid 0)" in err and "run this as that user, or as root" in err
+
+
+@ROOT_ONLY
+def test_rpc_ping_by_a_third_user_says_whose_agents_run(monkeypatch):
+    runtime = pathlib.Path(tempfile.mkdtemp(prefix="fdo-"))  # agent sockets need a short path
+    os.chown(runtime, OTHER_UID, OTHER_UID)
+    runtime.chmod(0o711)  # others may pass through, not list
+    monkeypatch.setenv("FLYDEPLOY_RUNTIME_DIR", str(runtime))
+    read, write = os.pipe()
+    agent = os.fork()
+    if agent == 0:  # pragma: no cover - runs in the child: an app process of user nobody
+        try:
+            os.setgroups([])
+            os.setgid(OTHER_UID)
+            os.setuid(OTHER_UID)
+            flydeploy.start_agent("shop")
+            os.write(write, b"serving")
+            time.sleep(600)
+        finally:
+            os._exit(0)
+    try:
+        ready, _, _ = select.select([read], [], [], 30)
+        assert ready and os.read(read, 16) == b"serving"
+        with as_other_user(lambda: flydeploy.main(["rpc", "ping", "--app", "shop"]), uid=OTHER_UID - 1) as (code, err):
+            assert code == 1, err
+            assert "no flydeploy agent is running" not in err and "Remove it" not in err
+            assert (f"{runtime} belongs to nobody (uid {OTHER_UID}), not to this user, uid {OTHER_UID - 1}: "
+                    "the agents there run as that user; run this as that user, or as root") in err, err
+    finally:
+        os.kill(agent, 9)
+        os.waitpid(agent, 0)
+        os.close(read)
+        os.close(write)
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 @ROOT_ONLY
