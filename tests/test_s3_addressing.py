@@ -5,7 +5,9 @@ URL flydeploy records or signs parsed back in both forms."""
 from __future__ import annotations
 
 import http.client
+import io
 import secrets
+import sys
 import urllib.parse
 
 import pytest
@@ -213,3 +215,41 @@ def test_machine_boot_and_rpc_upgrade_through_virtual_hosted_urls(machine, tmp_p
     assert process.get()["greeting"] == "hello v3"
     stored, _ = virtual.get_json(f"releases/{app}-results/{result['upgrade_id']}/{result['machine_id']}.json")
     assert stored["success"] is True and stored["machine_id"] == machine.env["FLY_MACHINE_ID"]
+
+
+def test_a_fleet_upgrade_with_virtual_hosted_addressing_from_pyproject(machine, tmp_path, seaweed, monkeypatch):
+    """`orchestrate` with the style set only in [tool.flydeploy]: the lock, the upload, current.json
+    and the result object go virtual-hosted, and the machine side follows the recorded URL."""
+    app = f"shop-{secrets.token_hex(4)}"
+    env = {**seaweed.env(), "AWS_ENDPOINT_URL_S3": seaweed.named_endpoint}
+    machine.app = app
+    machine.env.update(env, FLY_APP_NAME=app)
+    machine.write_web_app()
+    process = machine.start().wait_ready()
+    for name, value in {**env, "FLYDEPLOY_RUNTIME_DIR": str(machine.runtime)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_S3_ADDRESSING_STYLE", raising=False)
+
+    project = tmp_path / "project"
+    for name in ("main.py", "counter.py"):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text((machine.app_root / name).read_text())
+    (project / "greet.py").write_text(GREET_V2)
+    (project / "pyproject.toml").write_text(f'[tool.flydeploy]\napp = "{app}"\ns3_addressing_style = "virtual"\n')
+    config = flydeploy.load_config(project)
+    store = config.s3()
+    assert store.addressing_style == "virtual"
+
+    out = io.StringIO()
+    report = flydeploy.orchestrate(app, "local", store=store, api=flydeploy.LocalMachines(app, cwd=machine.app_root),
+                                   version="v2", out=out, **config.orchestrate_options() | {"python": sys.executable})
+    assert report.exit_code == 0, out.getvalue()
+    assert process.get()["greeting"] == "hello v2"
+    doc, _ = flydeploy.read_current(store, app)
+    tarball_url = doc["hot_upgrade"]["tarball_url"]
+    assert urllib.parse.urlsplit(tarball_url).hostname == f"{seaweed.bucket}.s3.localhost"
+    assert flydeploy.s3_object_address(tarball_url, seaweed.named_endpoint) == (
+        seaweed.bucket, f"releases/{app}-v2.tar.gz", "virtual")
+    assert store.head(f"releases/{app}-deploy.lock") is None  # released
+    results = list(store.list(f"releases/{app}-results/"))
+    assert len(results) == 1 and store.get_json(results[0])[0]["success"] is True
