@@ -109,6 +109,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 from typing import BinaryIO
+from typing import Generic
 from typing import NamedTuple
 from typing import Protocol
 from typing import TYPE_CHECKING
@@ -5144,7 +5145,8 @@ def modified_modules() -> list[str]:
 # (a list a module body appended to, a registry an ``__init_subclass__`` hook
 # extended, a file written).  Every binding is restored: module namespaces of
 # every tracked module, class attributes, function code and attributes,
-# closure cells, singledispatch registries and server states.
+# closure cells, singledispatch registries, server states and the attribute
+# dicts of the instances a migration touched.
 
 
 class UpgradeRefused(FlyDeployError):
@@ -5349,6 +5351,15 @@ def _enum_members(scope: _Scope) -> dict[str, str]:
 
 def _live_instances(classes: set[type]) -> dict[type, int]:
     """How many live objects are instances of each class (or a subclass)."""
+    counts: dict[type, int] = collections.Counter()
+    for owner, _ in _instances_of(classes):
+        counts[owner] += 1
+    return counts
+
+
+def _instances_of(classes: set[type]) -> Iterator[tuple[type, object]]:
+    """Every live object that is an instance of one of ``classes`` (or of a
+    subclass), with that class."""
     owners: dict[type, type] = {}
     for cls in classes:
         pending = [cls]
@@ -5356,12 +5367,10 @@ def _live_instances(classes: set[type]) -> dict[type, int]:
             current = pending.pop()
             owners.setdefault(current, cls)
             pending.extend(type.__subclasses__(current))
-    counts: dict[type, int] = collections.Counter()
     for obj in gc.get_objects():
         owner = owners.get(type(obj))
         if owner is not None:
-            counts[owner] += 1
-    return counts
+            yield owner, obj
 
 
 def _lookup(namespace: Mapping[str, object], qualname: str) -> object:
@@ -5495,6 +5504,10 @@ class _ModulePlan:
     undecorated: set[tuple[str, str]] = dataclasses.field(default_factory=set)
     redecorated: set[str] = dataclasses.field(default_factory=set)  # dataclasses to regenerate
     changed_defs: set[tuple[str, str]] = dataclasses.field(default_factory=set)
+    # Qualnames several defs bind whose live function one new def continues.
+    continuing: set[str] = dataclasses.field(default_factory=set)
+    # Class qualname -> what its live instances get once the new code is in.
+    migrations: dict[str, _Migration] = dataclasses.field(default_factory=dict)
     closures: list[tuple[types.FunctionType, types.CodeType]] = \
         dataclasses.field(default_factory=list)  # functions made by changed factories
     swap_code: types.CodeType | None = None  # the rewritten new source
@@ -5566,6 +5579,7 @@ def _plan_module(name: str) -> _ModulePlan:
     plan = _ModulePlan(name, module, record.path, source, tree, old, _scopes(tree),
                        _imported_modules(tree, package), ast.get_docstring(tree, clean=False))
     _check_classes(plan)
+    _check_instances(plan)
     return plan
 
 
@@ -5580,10 +5594,16 @@ def _live_class(plan: _ModulePlan, qualname: str) -> type | None:
 
 def _check_classes(plan: _ModulePlan) -> None:
     """Refuse what cannot change in place: Enum members added, removed or
-    given new values; a changed base list, metaclass, ``__slots__`` or named
-    tuple or slotted dataclass fields of a class with live instances or with
-    subclasses.  Such a class without either is rebuilt."""
+    given new values; a class whose resolved bases, metaclass, ``__slots__``
+    names or named tuple or slotted dataclass fields changed and that has live
+    instances or subclasses.  Such a class without either is rebuilt, and so
+    is one whose bases are only written otherwise (``object``, ``Generic``
+    or ``Protocol`` added or removed); with either, that one changes in place."""
     reshaped: dict[type, str] = {}
+    changes: dict[type, str] = {}
+    respelled: dict[type, str] = {}  # bases written otherwise, resolved the same
+    statements = {qualname: statement for _, qualname, statement in _definitions(plan.tree.body)
+                  if isinstance(statement, ast.ClassDef)}
     for qualname, scope in plan.new.items():
         before = plan.old.get(qualname)
         cls = _live_class(plan, qualname) if qualname else None
@@ -5597,38 +5617,271 @@ def _check_classes(plan: _ModulePlan) -> None:
                 removed = sorted(old_members.keys() - new_members.keys())
                 raise UpgradeRefused(f"cold deploy required: Enum {where} members changed "
                                      f"(added {added}, removed {removed}); live members cannot "
-                                     "be added or removed in place", module=plan.name)
+                                     "be added or removed in place: keep the members as they "
+                                     "were to upgrade hot, or deploy cold", module=plan.name)
             changed = sorted(k for k in old_members if old_members[k] != new_members[k])
             if changed:
                 raise UpgradeRefused(f"cold deploy required: Enum {where} members {changed} "
-                                     "changed value", module=plan.name)
-        if _layout(cls, before) != _layout(cls, scope):
-            reshaped[cls] = qualname
+                                     "changed value: live members keep theirs, so keep the "
+                                     "values to upgrade hot, or deploy cold", module=plan.name)
+        change = _layout_change(plan, cls, before, scope, statements[qualname])
+        if change:
+            reshaped[cls], changes[cls] = qualname, change
+        elif before.header != scope.header:
+            respelled[cls] = qualname
+    if respelled:  # the same class: made anew as a fresh import would, unless something holds it
+        live = _live_instances(set(respelled))
+        plan.rebuilt.update(qualname for cls, qualname in respelled.items()
+                            if not live.get(cls) and not type.__subclasses__(cls))
     if not reshaped:
         return
-    shape = "its base list, metaclass, __slots__ or fields"
+    advice = ("; to upgrade it in place keep its bases, metaclass and slot names as they were "
+              "(adding Generic[...] or Protocol, reordering __slots__ or spelling a base "
+              "differently is fine), or give the new layout a new class name and convert "
+              "the live objects in the module's __hot_upgrade__(old_globals); else deploy cold")
     for cls, qualname in reshaped.items():
         subclasses = [s for s in type.__subclasses__(cls) if s not in reshaped]
         if subclasses:
             raise UpgradeRefused(
-                f"cold deploy required: class {plan.name}.{qualname} changed {shape} and has "
-                f"subclasses ({', '.join(f'{s.__module__}.{s.__qualname__}' for s in subclasses)})"
-                " that would keep deriving from the old class", module=plan.name)
+                f"cold deploy required: class {plan.name}.{qualname} changed {changes[cls]} and "
+                f"has subclasses ({', '.join(f'{s.__module__}.{s.__qualname__}' for s in subclasses)})"
+                f" that would keep deriving from the old class{advice}", module=plan.name)
     for cls, count in _live_instances(set(reshaped)).items():
         raise UpgradeRefused(f"cold deploy required: class {plan.name}.{reshaped[cls]} changed "
-                             f"{shape} and has {count} live instance(s)", module=plan.name)
+                             f"{changes[cls]} and has {count} live instance(s){advice}",
+                             module=plan.name)
     plan.rebuilt.update(reshaped.values())
 
 
-def _layout(cls: type, scope: _Scope) -> tuple:
-    """What a class body fixes about its instances' memory layout: the bases
-    and metaclass, ``__slots__``, and the fields of a named tuple or of a
-    slotted dataclass."""
-    fields = None
+# Bases that change neither the layout of instances nor an attribute lookup of
+# existing ones: compared without them.
+_NEUTRAL_BASES = (object, Generic, Protocol)
+
+
+def _layout_change(plan: _ModulePlan, cls: type, before: _Scope, scope: _Scope,
+                   statement: ast.ClassDef) -> str:
+    """What a new class statement changes about the live class's instances
+    ("" if nothing): its resolved bases (``Generic``, ``Protocol`` and
+    ``object`` aside), its metaclass, its slot names, or the fields of a
+    named tuple or of a slotted dataclass."""
+    resolved = None
+    if _spelled_bases(before.header) != _spelled_bases(scope.header):
+        resolved = _resolve_bases(plan, statement)
+        if resolved is None:  # bases the prepare phase cannot resolve
+            return "its base list or metaclass"
+    if resolved is not None:
+        bases, metaclasses = resolved
+        old_bases = tuple(b for b in cls.__bases__ if b not in _NEUTRAL_BASES)
+        new_bases = tuple(b for b in bases if b not in _NEUTRAL_BASES)
+        if old_bases != new_bases:
+            names = ", ".join(b.__qualname__ for b in old_bases) or "object"
+            return (f"its base list ({names} -> "
+                    f"{', '.join(b.__qualname__ for b in new_bases) or 'object'})")
+        if type(cls) not in metaclasses:
+            return f"its metaclass ({type(cls).__qualname__} -> {metaclasses[0].__qualname__})"
+    old_slots, new_slots = before.statements.get("__slots__"), scope.statements.get("__slots__")
+    if old_slots != new_slots:  # same names in another order or spelling are no change
+        value = next((s.value for s in statement.body if isinstance(s, (ast.Assign, ast.AnnAssign))
+                      and "__slots__" in _bound_names(s)), None)
+        try:
+            new_names = _slot_names(ast.literal_eval(value)) if value is not None else None
+        except (ValueError, TypeError, SyntaxError):
+            new_names = None
+        old_names = _slot_names(cls.__dict__.get("__slots__"))
+        if old_slots is None or new_names is None or old_names != new_names:
+            return f"its __slots__ ({sorted(old_names or ())} -> {sorted(new_names or ())})"
     if ((issubclass(cls, tuple) and hasattr(cls, "_fields"))
             or ("__slots__" in cls.__dict__ and "__dataclass_fields__" in cls.__dict__)):
-        fields = scope.annotated
-    return scope.header, scope.statements.get("__slots__"), fields
+        if before.annotated != scope.annotated:
+            return "its fields"
+    return ""
+
+
+def _slot_names(slots: object) -> frozenset[str] | None:
+    if slots is None:
+        return None
+    try:
+        return frozenset([slots] if isinstance(slots, str) else slots)
+    except TypeError:
+        return None
+
+
+def _spelled_bases(header: str) -> str:
+    """A class header as written, without the bases that change nothing."""
+    for neutral in ("Name(id='object', ctx=Load())", "Name(id='Generic', ctx=Load())",
+                    "Name(id='Protocol', ctx=Load())"):
+        header = header.replace(neutral + ", ", "").replace(", " + neutral, "").replace(neutral, "")
+    return header
+
+
+def _resolve_bases(plan: _ModulePlan, statement: ast.ClassDef
+                   ) -> tuple[tuple, tuple[type, type]] | None:
+    """The classes a class statement's bases name and its metaclass, found in
+    the live module without running code, with the metaclass the bases
+    other than ``Generic``, ``Protocol`` and ``object`` give (a live class
+    may keep that one); None when a base is anything but
+    a (subscripted) name or attribute of a module or class whose binding
+    the upgrade keeps."""
+    namespace, old, new = plan.module.__dict__, plan.old[""], plan.new[""]
+
+    def resolve(node: ast.expr) -> object:
+        if isinstance(node, ast.Subscript):  # Generic[T], Base[int]: the class it derives from
+            return resolve(node.value)
+        if isinstance(node, ast.Attribute):
+            owner = resolve(node.value)
+            if not _is_a(owner, (types.ModuleType, type)):
+                return _MISSING
+            return inspect.getattr_static(owner, node.attr, _MISSING)
+        if not isinstance(node, ast.Name):
+            return _MISSING
+        value = namespace.get(node.id, _MISSING)
+        if value is _MISSING:
+            return getattr(builtins, node.id, _MISSING)
+        if (old.statements.get(node.id) != new.statements.get(node.id)
+                and not _defined_here(value, plan.name, node.id)):
+            return _MISSING  # the upgrade may bind it anew
+        return value
+
+    bases = tuple(resolve(base) for base in statement.bases)
+    explicit = [resolve(k.value) for k in statement.keywords if k.arg == "metaclass"]
+    if not all(_is_a(b, type) for b in (*bases, *explicit)):
+        return None
+    if any(k.arg != "metaclass" for k in statement.keywords):
+        return None  # class keywords go to __init_subclass__ or a metaclass: compare spelling
+
+    def most_derived(bases: tuple) -> type:  # the metaclass type() would pick
+        metaclass = explicit[0] if explicit else type
+        for base in bases:
+            if issubclass(type(base), metaclass):
+                metaclass = type(base)
+        return metaclass
+
+    return bases, (most_derived(bases),
+                   most_derived(tuple(b for b in bases if b not in _NEUTRAL_BASES)))
+
+
+_MIGRATE = "__hot_migrate__"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Migration:
+    """What the live instances of one class get after its new code is in:
+    fields of a dataclass made by their default factory, then the class's
+    ``__hot_migrate__``; afterwards none may lack an attribute in ``needed``."""
+
+    needed: frozenset[str]
+    factories: frozenset[str]
+    hook: bool
+
+
+def _check_instances(plan: _ModulePlan) -> None:
+    """Refuse to leave live instances that the new code of their class cannot
+    use: it reads ``self.NAME``, which its ``__init__`` sets but the old one
+    did not and the class provides no default for (or, in a dataclass, a new
+    field without a default), and a live instance lacks it.  A class whose
+    new body defines ``__hot_migrate__`` migrates them instead; new dataclass
+    fields with a default factory are filled in."""
+    old_classes = None
+    for _, qualname, statement in _definitions(plan.tree.body):
+        before = plan.old.get(qualname)
+        if (not isinstance(statement, ast.ClassDef) or before is None
+                or before.dumps == plan.new[qualname].dumps or _within(qualname, plan.rebuilt)):
+            continue
+        cls = _live_class(plan, qualname)
+        if cls is None:
+            continue
+        reads, stores = _self_attributes(statement)
+        needed = reads & stores
+        required, factories = _new_dataclass_fields(cls, statement)
+        needed = (needed - plan.new[qualname].statements.keys()) | required
+        needed = {name for name in needed
+                  if not any(name in base.__dict__ for base in cls.__mro__[1:])}
+        if needed:
+            if old_classes is None:
+                old_classes = {q: s for _, q, s in _definitions(
+                    ast.parse(_tracker.record_for(plan.name).source).body)}
+            needed -= _self_attributes(old_classes[qualname])[1] - required
+        hook = _MIGRATE in plan.new[qualname].statements
+        if not (needed or factories or hook):
+            continue
+        if not hook:
+            for name in sorted(needed):
+                count = sum(1 for _, obj in _instances_of({cls}) if _lacks(obj, name))
+                if count:
+                    raise UpgradeRefused(
+                        f"cold deploy required: class {plan.name}.{qualname}: its new code "
+                        f"reads self.{name}, which its old __init__ never set, and {count} live "
+                        f"instance(s) lack it; define `def {_MIGRATE}(self, old): self.{name} = "
+                        "...` in the class (it runs on each live instance during the upgrade; "
+                        "`old` holds the class's attributes from before), or give the class a "
+                        f"default (`{name} = ...` in its body), or let no instance outlive the "
+                        "upgrade", module=plan.name)
+        plan.migrations[qualname] = _Migration(frozenset(needed), frozenset(factories), hook)
+
+
+def _self_attributes(statement: ast.ClassDef) -> tuple[set[str], set[str]]:
+    """The attributes the methods of a class body read on their first
+    argument (``self``), and those its ``__init__`` (or a dataclass's
+    ``__post_init__``) sets: what every instance is meant to have."""
+    reads: set[str] = set()
+    stores: set[str] = set()
+    for method in statement.body:
+        if not isinstance(method, _DEFS) or not method.args.args or any(
+                isinstance(d, ast.Name) and d.id in ("staticmethod", "classmethod")
+                for d in method.decorator_list):
+            continue
+        me = method.args.args[0].arg
+        initialiser = method.name in ("__init__", "__post_init__")
+        for node in ast.walk(method):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id == me):
+                if isinstance(node.ctx, ast.Load):
+                    reads.add(node.attr)
+                elif initialiser:
+                    stores.add(node.attr)
+    return reads, stores
+
+
+def _new_dataclass_fields(cls: type, statement: ast.ClassDef) -> tuple[set[str], set[str]]:
+    """The fields a new body adds to a live dataclass: those without a
+    default, and those made by a default factory (a default stays a class
+    attribute that old instances read)."""
+    fields = cls.__dict__.get("__dataclass_fields__")
+    required: set[str] = set()
+    factories: set[str] = set()
+    if fields is None:
+        return required, factories
+    for node in statement.body:
+        if (not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name)
+                or node.target.id in fields or "ClassVar" in _dump(node.annotation)):
+            continue
+        value = node.value
+        if value is None:
+            required.add(node.target.id)
+        elif (isinstance(value, ast.Call) and (getattr(value.func, "id", None) == "field"
+                                                or getattr(value.func, "attr", None) == "field")):
+            keywords = {k.arg for k in value.keywords}
+            if "default_factory" in keywords:
+                factories.add(node.target.id)
+            elif "default" not in keywords:
+                required.add(node.target.id)
+    return required, factories
+
+
+def _lacks(obj: object, name: str) -> bool:
+    """Whether a live object has no attribute ``name`` of its own nor from its
+    class, found without running code of it."""
+    if name in _instance_attributes(obj):
+        return False
+    attribute = inspect.getattr_static(type(obj), name, _MISSING)
+    if type(attribute) is types.MemberDescriptorType:  # a slot: set or not
+        try:
+            attribute.__get__(obj)
+        except AttributeError:
+            return True
+        return False
+    return attribute is _MISSING and inspect.getattr_static(type(obj), "__getattr__",
+                                                            None) is None
 
 
 def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope,
@@ -5683,6 +5936,7 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
             continue  # definitions and imports are handled below; a docstring stays first
         skipped[index] = statement
         tree.body[index] = ast.copy_location(ast.Pass(), statement)
+    old_defs = new_defs = None  # defs by key, for names several defs bind
     for scope, qualname, statement in _definitions(tree.body):
         if isinstance(statement, ast.ClassDef):
             plan.rerun[qualname] = _rerun_in_order(statement.body, plan.old.get(qualname),
@@ -5691,7 +5945,18 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
             continue
         key = _definition_key(qualname, statement)
         if plan.old[scope].definitions.get(key) != 1 or plan.new[scope].definitions[key] != 1:
-            continue  # several statements define it: which one continues which is unknown
+            if not isinstance(statement, _DEFS) or key not in plan.old[scope].definitions:
+                continue
+            old_defs = old_defs if old_defs is not None else _defs_by_key(plan, old=True)
+            new_defs = new_defs if new_defs is not None else _defs_by_key(plan, old=False)
+            live_def = _continued_def(plan, key, statement, old_defs[key], new_defs[key])
+            if live_def is None:
+                continue
+            plan.continuing.add(qualname)
+            _reuse_function(plan, key, scope, statement,
+                            _dump(ast.List(live_def.decorator_list, ast.Load()))
+                            == _dump(ast.List(statement.decorator_list, ast.Load())))
+            continue
         same_decorators = (plan.old[scope].decorators[key] == plan.new[scope].decorators[key]
                            and _accessors(plan.old[scope], qualname)
                            == _accessors(plan.new[scope], qualname))
@@ -5709,6 +5974,48 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
             plan.rerun[""] |= _bound_names(statement)
     if rerun:
         _find_closures(plan)
+
+
+def _defs_by_key(plan: _ModulePlan, *, old: bool) -> dict[tuple[str, str], list[ast.stmt]]:
+    """The def statements of the old (live) or new source by definition key, in order."""
+    tree = ast.parse(_tracker.record_for(plan.name).source) if old else plan.tree
+    defs: dict[tuple[str, str], list[ast.stmt]] = collections.defaultdict(list)
+    for _, qualname, statement in _definitions(tree.body):
+        defs[_definition_key(qualname, statement)].append(statement)
+    return defs
+
+
+def _continued_def(plan: _ModulePlan, key: tuple[str, str], statement: ast.stmt,
+                   old_defs: list[ast.stmt], new_defs: list[ast.stmt]) -> ast.stmt | None:
+    """For a name several defs bind (``@overload`` stubs before the
+    implementation, a def in each branch of an ``if``, the ``_`` of
+    singledispatch registrations at module level, which the registry
+    matches by type instead): the old def whose function the name is bound
+    to now, if ``statement`` continues it.  That def is the one whose lines
+    the live function has, or the last one after ``@overload`` stubs.  The
+    last def continues the last; else the defs are matched by position when
+    their number did not change."""
+    target, _ = _find_function(_lookup(plan.module.__dict__, key[0]), plan.name, *key)
+    if target is None or any(target in (_dispatch_registry(value) or {}).values()
+                             for value in plan.module.__dict__.values()):
+        return None  # a registered implementation continues the one of its type
+    first_lines = [min([d.lineno for d in s.decorator_list] + [s.lineno]) for s in old_defs]
+    if target.__code__.co_firstlineno in first_lines:
+        index = first_lines.index(target.__code__.co_firstlineno)
+    elif all(map(_is_overload_stub, old_defs[:-1])):  # a wrapper around the implementation
+        index = len(old_defs) - 1
+    else:
+        return None
+    if index == len(old_defs) - 1:
+        return old_defs[index] if new_defs[-1] is statement else None
+    same_place = len(old_defs) == len(new_defs) and new_defs[index] is statement
+    return old_defs[index] if same_place else None
+
+
+def _is_overload_stub(definition: ast.stmt) -> bool:
+    return any((isinstance(d, ast.Name) and d.id == "overload")
+               or (isinstance(d, ast.Attribute) and d.attr == "overload")
+               for d in definition.decorator_list)
 
 
 def _compile_rewritten(plan: _ModulePlan) -> None:
@@ -5886,6 +6193,9 @@ class _Swap:
         self.replaced: list[str] = []
         # Objects that could not keep their identity: id(old) -> (old, new).
         self.replacements: dict[int, tuple[object, object]] = {}
+        self.classes_before: dict[int, dict] = {}  # id(class) -> its attributes before
+        # Registered implementations a live one continues: id(new) -> live.
+        self.continued: dict[int, types.FunctionType] = {}
         self.namespaces: dict[str, dict] = {}  # module name -> its namespace before
         self.plan: _ModulePlan | None = None  # the module whose body is running
         self.stage = ""
@@ -5903,6 +6213,7 @@ class _Swap:
             return
         self.saved.add(id(cls))
         contents = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        self.classes_before[id(cls)] = contents
         self._save_registries(contents.values())
 
         def restore() -> None:
@@ -6056,6 +6367,8 @@ class _Swap:
                       else self.merge(current, implementation, True, label))
             if merged is not current:
                 old.register(cls, merged)
+            elif merged is not implementation:
+                self.continued[id(implementation)] = merged
         old._clear_cache()
         return old
 
@@ -6124,6 +6437,14 @@ class _Swap:
             cell.cell_contents = cls
         self._save_class(cls)
         self._set_attributes(plan, cls, namespace)
+        if ({Generic, Protocol} & set(types.resolve_bases(bases))
+                and not issubclass(cls, Generic)):
+            # Generic[...] or Protocol added as a base (the live class keeps its bases and
+            # layout): subscripting works as on a class made anew.
+            cls.__orig_bases__ = bases
+            cls.__parameters__ = tuple(dict.fromkeys(
+                p for base in bases for p in getattr(base, "__parameters__", ())))
+            cls.__class_getitem__ = Generic.__dict__["__class_getitem__"]
         if "__doc__" not in namespace:
             cls.__doc__ = None
         decorated = (cls.__qualname__, _CLASS) in plan.undecorated
@@ -6160,7 +6481,8 @@ class _Swap:
             current = cls.__dict__.get(attribute, _MISSING)
             if current is value:
                 continue  # most methods: the reuse hook kept the live object
-            if current is not _MISSING and not _defined_twice(old_scope, new_scope, attribute):
+            if current is not _MISSING and (f"{qualname}.{attribute}" in plan.continuing
+                                            or not _defined_twice(old_scope, new_scope, attribute)):
                 changed = (rerun is None or new_scope is None or attribute in rerun
                            or attribute not in new_scope.statements)
                 value = self.merge(current, value, changed, (plan.name, qualname, attribute))
@@ -6208,10 +6530,14 @@ class _Swap:
             elif name in keep:
                 namespace[name] = current
             elif (value is not current and name not in ("__doc__", "__annotations__")
-                  and not _defined_twice(old_scope, new_scope, name)):
+                  and (name in plan.continuing or not _defined_twice(old_scope, new_scope, name))):
                 namespace[name] = self.merge(current, value, name in plan.rerun[""]
                                              or name not in new_scope.statements,
                                              (plan.name, name))
+        for name in new_scope.twice:  # ``_`` of registrations: the live one it continues
+            live = self.continued.get(id(namespace.get(name)))
+            if live is not None:
+                namespace[name] = live
         for name in old_scope.statements.keys() - new_scope.statements.keys() - keep:
             value = namespace.get(name, _MISSING)
             submodule = sys.modules.get(f"{plan.name}.{name}")
@@ -6240,10 +6566,35 @@ class _Swap:
             self.stage = "rebinding replaced objects"
             self._rebind_aliases({plan.name for plan in self.plans})
         for plan in self.plans:
+            for qualname, migration in plan.migrations.items():
+                self.stage, self.module = f"migrating live instances of {plan.name}.{qualname}", \
+                    plan.name
+                self._migrate_instances(_lookup(plan.module.__dict__, qualname), migration)
+        for plan in self.plans:
             if "__hot_upgrade__" in plan.new[""].statements:
                 self.stage, self.module = f"running {plan.name}.__hot_upgrade__", plan.name
                 # a copy: the original is also what a rollback restores
                 plan.module.__hot_upgrade__(dict(self.namespaces[plan.name]))
+
+    def _migrate_instances(self, cls: type, migration: _Migration) -> None:
+        """Fill in the new default-factory fields of each live instance and run
+        the class's ``__hot_migrate__(old)`` on it; a rollback restores the
+        instances' attribute dicts."""
+        old = types.MappingProxyType(self.classes_before.get(id(cls), {}))
+        fields = cls.__dict__.get("__dataclass_fields__", {})
+        for _, obj in list(_instances_of({cls})):
+            attributes = _instance_attributes(obj)
+            before = dict(attributes)
+            self.undo.append(lambda a=attributes, b=before: (a.clear(), a.update(b)))
+            for name in migration.factories:
+                if _lacks(obj, name):
+                    object.__setattr__(obj, name, fields[name].default_factory())
+            if migration.hook:
+                obj.__hot_migrate__(old)
+            missing = sorted(name for name in migration.needed if _lacks(obj, name))
+            if missing:
+                raise FlyDeployError(f"{cls.__qualname__}.{_MIGRATE} left a live instance "
+                                     f"without self.{missing[0]}, which the new code reads")
 
     def _rebind_aliases(self, swapped: set[str]) -> None:
         """In the other tracked modules, names bound to an object that was
