@@ -30,6 +30,11 @@ The file is organised in sections, in the order data flows:
                   asyncio loop pausing (``attach_loop``), change tracking
                   (``track``, ``modified_modules``) and the transactional
                   in-place code swap (``reload_modules``).
+4b. Frameworks    inside the same pause and undo log: web framework state
+                  (Jinja2 template caches, Flask and Starlette/FastAPI
+                  routes and handlers, Django template loaders and URL
+                  caches, SQLAlchemy models) made what a cold start of the
+                  new code builds, then the ``on_reload`` callbacks.
 5. Agent          the per-process agent on a unix socket, the per-machine
                   upgrade (``hot_upgrade``), boot-time catch-up
                   (``startup_reapply_current``) and the poller.
@@ -5580,6 +5585,7 @@ def _plan_module(name: str) -> _ModulePlan:
                        _imported_modules(tree, package), ast.get_docstring(tree, clean=False))
     _check_classes(plan)
     _check_instances(plan)
+    _check_models(plan)
     return plan
 
 
@@ -6180,8 +6186,10 @@ class _Swap:
     state is merged.  Every change is logged so ``rollback`` undoes it all.
     """
 
-    def __init__(self, plans: list[_ModulePlan]) -> None:
+    def __init__(self, plans: list[_ModulePlan], files: frozenset[str] | None = None) -> None:
         self.plans = plans
+        self.files = files  # the release files that changed, if known (section 4b)
+        self.frameworks = _framework_objects()  # found before the pause (section 4b)
         self.paths = {plan.path for plan in plans}
         self.thread = threading.get_ident()
         self.undo: list[Callable[[], None]] = []
@@ -6312,6 +6320,8 @@ class _Swap:
         elif type(old) is type(new) and hasattr(type(old), "cache_clear"):
             self._replace(label, old, new)  # a cache decorator with new arguments
             return new
+        if changed and _keeps_mapped_attribute(old, new):
+            return old
         return new if changed else old
 
     def _replace(self, label: _Label, old: object, new: object) -> None:
@@ -6618,7 +6628,8 @@ class _Swap:
         old_versions = [getattr(server, "vsn", None) for server in affected]
         migrating = None
         try:
-            self.run()
+            with _frameworks_refreshed(self):
+                self.run()
             # Only an app's own code_change can change a state: only those states are kept for a
             # rollback, since copying them holds everything for as long as it takes.
             changing = [server for server in affected if type(server).code_change is not Server.code_change]
@@ -6732,13 +6743,17 @@ def on_upgrade(callback: Callable[[UpgradeReport], object], *,
     attempt (check ``report.ok``); ``remove=True`` unregisters it.  An
     exception in a callback is logged, never raised.  Returns ``callback``,
     so this works as a decorator."""
+    return _register_callback(_upgrade_callbacks, callback, remove, "on_upgrade")
+
+
+def _register_callback(callbacks: list, callback: Callable, remove: bool, what: str) -> Callable:
     if not callable(callback):
-        raise FlyDeployError(f"on_upgrade() needs a callable, got {callback!r}")
+        raise FlyDeployError(f"{what}() needs a callable, got {callback!r}")
     if remove:
-        if callback in _upgrade_callbacks:
-            _upgrade_callbacks.remove(callback)
-    elif callback not in _upgrade_callbacks:
-        _upgrade_callbacks.append(callback)
+        if callback in callbacks:
+            callbacks.remove(callback)
+    elif callback not in callbacks:
+        callbacks.append(callback)
     return callback
 
 
@@ -6828,7 +6843,7 @@ def _commit(plans: list[_ModulePlan]) -> None:
 
 
 def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float = 10.0,
-                   extra: object = None) -> UpgradeReport:
+                   extra: object = None, files: Iterable[str] | None = None) -> UpgradeReport:
     """Upgrade modules in place from their source on disk.
 
     ``names`` defaults to ``modified_modules()``.  Phase 1 reads, compiles
@@ -6843,6 +6858,12 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
     returns the live server of that name and class (its state goes through
     ``code_change``); give module-level servers a name, or an edit of their
     line would start a second one.
+
+    ``files`` are the paths of the files that changed (templates, static
+    files, sources: what a release wrote), handed to the framework
+    refreshes and ``on_reload`` callbacks of section 4b inside the pause;
+    changed files pause and refresh even when no module changed.  None means
+    not known: a refresh then assumes any file may have changed.
     """
     global _upgrading_thread
     if isinstance(names, str):
@@ -6855,13 +6876,14 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
                              "for instance from an on_upgrade callback or another thread")
     started = time.perf_counter()
     report = UpgradeReport()
+    files = None if files is None else frozenset(os.path.abspath(os.fspath(path)) for path in files)
     with _upgrade_lock:
         _upgrading_thread = threading.get_ident()
         try:
             plans = _prepare(modified_modules() if names is None else list(names))
             report.modules = [plan.name for plan in plans]
-            if plans:
-                _swap_everything(plans, report, suspend_timeout, extra)
+            if plans or files:
+                _swap_everything(plans, report, suspend_timeout, extra, files)
             else:
                 report.ok = True
         except UpgradeRefused as exc:
@@ -6893,12 +6915,12 @@ def _garbage_collection_paused():
 
 
 def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_timeout: float,
-                     extra: object) -> None:
+                     extra: object, files: frozenset[str] | None = None) -> None:
     """Phases 2 and 3: hold every live server and attached loop in one pause,
     swap, migrate the state of the affected servers, and roll everything
     back on failure; once resumed, tell the upgraded servers and commit."""
     changed = {plan.name for plan in plans}
-    swap = _Swap(plans)
+    swap = _Swap(plans, files)
     pause = _Pause(servers(), timeout=suspend_timeout)
     affected: list[Server] = []
     try:
@@ -6934,6 +6956,493 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
 
 def _server_label(server: Server) -> str:
     return server.name or repr(server)
+
+
+# ===========================================================================
+# 4b. Frameworks: what a cold start of the new code would serve
+# ===========================================================================
+#
+# Web frameworks keep what the old module bodies built: compiled templates,
+# routes and handlers registered by decorators, URL resolvers.  Inside the
+# pause of the code swap and under its undo log, each refresh below makes
+# that state what a process cold-started on the new code would build, then
+# the ``on_reload`` callbacks run.  A refresh acts only when its framework is
+# already in ``sys.modules`` (none is ever imported here) and finds the live
+# objects through the garbage collector, so apps need no registration.
+#
+# Registrations are made again the way a cold start makes them: before the
+# new module bodies run, every registration of a reloaded module's function
+# whose decorators run again (they changed) or whose def is gone is taken
+# out; the new bodies then register what the new code registers, and the
+# registrations of unchanged decorators stay as they are.
+
+
+@dataclasses.dataclass(frozen=True)
+class Reload:
+    """What one upgrade changes, for ``on_reload`` callbacks.
+
+    ``modules`` are the reloaded modules in execution order; ``files`` the
+    absolute paths of the files the release changed on this machine
+    (templates and static files too), or None when that is not known (then
+    assume any file may have changed).
+    """
+
+    modules: tuple[str, ...]
+    files: frozenset[str] | None
+    _undo: Callable[[Callable[[], None]], None] = dataclasses.field(repr=False)
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        """Have ``undo`` called if the upgrade is rolled back after all."""
+        self._undo(undo)
+
+    def changed(self, suffixes: tuple[str, ...] | None = None) -> bool:
+        """Whether a file other than a Python source changed (or may have),
+        or, with ``suffixes``, a file ending in one of them."""
+        if self.files is None:
+            return True
+        return any(path.endswith(suffixes) if suffixes else not path.endswith(".py")
+                   for path in self.files)
+
+
+_reload_callbacks: list[Callable[[Reload], object]] = []
+
+
+def on_reload(callback: Callable[[Reload], object], *,
+              remove: bool = False) -> Callable[[Reload], object]:
+    """Register ``callback`` to be called with a ``Reload`` inside the pause
+    of every upgrade, after the code swap and the framework refreshes and
+    before anything resumes: the place to drop an app's or a library's own
+    caches of templates, files or module state.  It runs on the upgrading
+    thread while the app is held, so it must not wait for the app; an
+    exception fails the upgrade, which is rolled back (register undo steps
+    with ``reload.on_rollback``).  ``remove=True`` unregisters it.  Returns
+    ``callback``, so this works as a decorator."""
+    return _register_callback(_reload_callbacks, callback, remove, "on_reload")
+
+
+@contextlib.contextmanager
+def _frameworks_refreshed(swap: _Swap) -> Iterator[None]:
+    """Around the module bodies of a swap: take out the registrations the new
+    code makes again, then, once the bodies ran, refresh the caches and run
+    the ``on_reload`` callbacks.  Every change goes to the swap's undo log."""
+    reload = Reload(tuple(plan.name for plan in swap.plans), swap.files, swap.undo.append)
+    swap.stage, swap.module = "preparing the web frameworks for the new code", ""
+    superseded = _superseded(swap.plans)
+    live = swap.frameworks  # what the new bodies make anew starts empty
+    _prune_registries(live["jinja2"], _JINJA2_REGISTRIES, superseded, swap.undo.append)
+    flask_apps = _flask_before(live["flask"], superseded, swap.undo.append)
+    starlette_apps = _starlette_before(live["starlette"], superseded, swap.undo.append)
+    yield
+    swap.stage, swap.module = "refreshing the web frameworks", ""
+    _flask_after(flask_apps)
+    _starlette_after(starlette_apps, swap, swap.undo.append)
+    if reload.changed():
+        _refresh_jinja2(live["jinja2"], swap.undo.append)
+    _refresh_django(reload, swap.undo.append)
+    for callback in list(_reload_callbacks):
+        swap.stage = f"on_reload callback {getattr(callback, '__qualname__', callback)!r}"
+        callback(reload)
+
+
+def _set_logged(obj: object, attribute: str, value: object,
+                undo: Callable[[Callable[[], None]], None]) -> None:
+    """``setattr`` with the step that puts the old value back on the undo log."""
+    before = obj.__dict__.get(attribute, _MISSING)
+
+    def restore() -> None:
+        if before is _MISSING:
+            obj.__dict__.pop(attribute, None)
+        else:
+            setattr(obj, attribute, before)
+
+    undo(restore)
+    setattr(obj, attribute, value)
+
+
+# The framework objects the refreshes act on: (module, class) -> what they are called below.
+_FRAMEWORK_CLASSES = {("flask.sansio.scaffold", "Scaffold"): "flask",  # Flask >= 2.3
+                      ("flask.scaffold", "Scaffold"): "flask",
+                      ("starlette.applications", "Starlette"): "starlette",
+                      ("jinja2.environment", "Environment"): "jinja2"}
+
+
+def _framework_objects() -> dict[str, list]:
+    """The live instances of the framework classes whose modules are imported,
+    and of their subclasses, by framework: one walk of the heap, through the
+    garbage collector's referrers (an instance of a Python class refers to
+    its class), and none when no framework is imported.  Found before the
+    pause: a walk of a large heap takes milliseconds."""
+    kinds: dict[type, str] = {}
+    for (module, name), kind in _FRAMEWORK_CLASSES.items():
+        todo = [getattr(sys.modules.get(module), name, None)]
+        while todo:
+            cls = todo.pop()
+            if isinstance(cls, type) and cls not in kinds:
+                kinds[cls] = kind
+                todo.extend(type.__subclasses__(cls))
+    found: dict[str, list] = {kind: [] for kind in _FRAMEWORK_CLASSES.values()}
+    for obj in gc.get_referrers(*kinds) if kinds else ():
+        kind = kinds.get(type(obj))
+        if kind is not None:
+            found[kind].append(obj)
+    return found
+
+
+def _unwrapped(obj: object) -> object:
+    """The function under a registered callable's wrappers (``__wrapped__``, methods, partials)."""
+    for _ in range(100):
+        inner = (getattr(obj, "__func__", None) if _is_a(obj, (types.MethodType, classmethod, staticmethod))
+                 else obj.func if _is_a(obj, functools.partial)
+                 else obj.__dict__.get("__wrapped__") if _is_a(obj, types.FunctionType) else None)
+        if inner is None:
+            return obj
+        obj = inner
+    return obj
+
+
+def _superseded(plans: list[_ModulePlan]) -> Callable[[object], bool]:
+    """Whether a registered callable is a ``def`` of a reloaded module that
+    the new code registers again (its decorators changed and run again) or
+    no longer defines: its live registration is not what a cold start makes."""
+    by_name = {plan.name: plan for plan in plans}
+
+    def superseded(obj: object) -> bool:
+        function = _unwrapped(obj)
+        if type(function) is not types.FunctionType:
+            return False
+        plan = by_name.get(function.__module__)
+        qualname = function.__qualname__
+        if plan is None or "<locals>" in qualname:
+            return False
+        old = plan.old.get(qualname.rpartition(".")[0])
+        key = (qualname, "")
+        return old is not None and key in old.definitions and key not in plan.undecorated
+
+    return superseded
+
+
+def _prune_registries(owners: list, attributes: tuple[str, ...], superseded: Callable[[object], bool],
+                      undo: Callable[[Callable[[], None]], None]) -> None:
+    """Give each of ``owners`` its registries ``attributes`` without the superseded callables."""
+    for owner in owners:
+        for attribute in attributes:
+            value = owner.__dict__.get(attribute, _MISSING)
+            if value is not _MISSING and (pruned := _pruned(value, superseded)) is not value:
+                _set_logged(owner, attribute, pruned, undo)
+
+
+def _pruned(value: object, superseded: Callable[[object], bool], depth: int = 3) -> object:
+    """``value`` without the superseded callables in it (dict keys or values,
+    list items, nested ``depth`` deep): a new container when any goes, never
+    a change to the live one (which the undo log keeps)."""
+    if depth < 0:
+        return value
+    if isinstance(value, dict):
+        kept = {key: _pruned(item, superseded, depth - 1) for key, item in value.items()
+                if not (superseded(key) or superseded(item))}
+        if len(kept) == len(value) and all(kept[key] is value[key] for key in kept):
+            return value
+        fresh = copy.copy(value)  # keeps a defaultdict's factory
+        fresh.clear()
+        fresh.update(kept)
+        return fresh
+    if isinstance(value, list):
+        kept = [_pruned(item, superseded, depth - 1) for item in value if not superseded(item)]
+        return value if len(kept) == len(value) and all(a is b for a, b in zip(kept, value)) else kept
+    return value
+
+
+# --- Jinja2 -----------------------------------------------------------------
+
+# What an environment registers functions in (Flask's ``template_filter``,
+# ``template_test`` and ``template_global`` too).
+_JINJA2_REGISTRIES = ("filters", "tests", "globals")
+
+
+def _refresh_jinja2(environments: list, undo: Callable[[Callable[[], None]], None]) -> None:
+    """Every live Jinja2 ``Environment`` (Flask's, Starlette's and FastAPI's
+    ``Jinja2Templates``, Django's Jinja2 backend, plain ones) drops its
+    compiled templates, as a cold start has none; auto-reload is off outside
+    debug mode, so without this the old templates would keep rendering."""
+    for environment in environments:
+        cache = environment.__dict__.get("cache")
+        if cache:
+            fresh = copy.copy(cache)
+            fresh.clear()
+            _set_logged(environment, "cache", fresh, undo)
+
+
+# --- Django -----------------------------------------------------------------
+
+
+def _refresh_django(reload: Reload, undo: Callable[[Callable[[], None]], None]) -> None:
+    """Django's cached template loaders forget their templates, the URL
+    resolvers are built again from the (reloaded) URLconf, and a hashed
+    static files manifest is read again."""
+    urls = sys.modules.get("django.urls")
+    if urls is not None:
+        # Refilled on the next request from whatever code runs then, after a rollback too.
+        urls.clear_url_caches()
+    template = sys.modules.get("django.template")
+    if template is not None and reload.changed():
+        for backend in list(getattr(template.engines, "_engines", {}).values()):
+            engine = getattr(backend, "engine", None)
+            for loader in getattr(engine, "__dict__", {}).get("template_loaders", ()):
+                if isinstance(getattr(loader, "get_template_cache", None), dict):
+                    _set_logged(loader, "get_template_cache", {}, undo)
+    storage = sys.modules.get("django.contrib.staticfiles.storage")
+    wrapped = getattr(getattr(storage, "staticfiles_storage", None), "_wrapped", None)
+    manifest = getattr(wrapped, "manifest_name", None)
+    if manifest and hasattr(wrapped, "load_manifest") and (
+            reload.files is None or any(path.endswith(manifest) for path in reload.files)):
+        for attribute in ("hashed_files", "manifest_hash"):
+            undo(functools.partial(setattr, wrapped, attribute, getattr(wrapped, attribute, None)))
+        loaded = wrapped.load_manifest()
+        wrapped.hashed_files, wrapped.manifest_hash = (loaded if isinstance(loaded, tuple)
+                                                       else (loaded, getattr(wrapped, "manifest_hash", None)))
+
+
+# --- Flask ------------------------------------------------------------------
+
+# What a Flask app or blueprint registers functions in.
+_FLASK_REGISTRIES = ("view_functions", "error_handler_spec", "before_request_funcs",
+                     "after_request_funcs", "teardown_request_funcs", "template_context_processors",
+                     "url_value_preprocessors", "url_default_functions", "teardown_appcontext_funcs",
+                     "shell_context_processors")
+
+
+def _flask_before(scaffolds: list, superseded: Callable[[object], bool],
+                  undo: Callable[[Callable[[], None]], None]) -> list:
+    """Take the superseded views, error handlers and hooks out of every Flask
+    app and blueprint (and the URL rules of those views), and let the apps
+    take new routes although they served requests (Flask refuses a setup
+    method after the first request).  A registered blueprint still takes
+    none: that refusal says what to do.  Returns the scaffolds to close again."""
+    apps = []
+    for scaffold in scaffolds:
+        views = scaffold.__dict__.get("view_functions", {})
+        _prune_registries([scaffold], _FLASK_REGISTRIES, superseded, undo)
+        url_map = scaffold.__dict__.get("url_map")
+        gone = views.keys() - scaffold.__dict__.get("view_functions", {}).keys()
+        if url_map is not None and gone:
+            _drop_rules(url_map, gone, undo)
+        if "_got_first_request" in scaffold.__dict__:
+            # Not by resetting the flag: a request served meanwhile (a WSGI
+            # worker's thread is not held) would set it again.
+            _set_logged(scaffold, "_check_setup_finished", _setup_allowed, undo)
+            apps.append(scaffold)
+        elif scaffold.__dict__.get("_got_registered_once"):
+            _set_logged(scaffold, "_check_setup_finished",
+                        functools.partial(_blueprint_registered, scaffold), undo)
+            apps.append(scaffold)
+    return apps
+
+
+def _setup_allowed(f_name: str) -> None:
+    """A Flask app's ``_check_setup_finished`` while the new code registers its routes."""
+
+
+def _blueprint_registered(blueprint: Any, f_name: str) -> None:
+    """A registered Flask blueprint's ``_check_setup_finished`` during the swap."""
+    raise UpgradeRefused(f"cold deploy required: the new code calls {f_name}() on Flask blueprint "
+                         f"{blueprint.name!r}, which is registered on the app already: Flask applies a "
+                         "blueprint's routes and handlers when it is registered, so new or changed ones "
+                         "need a cold deploy (`fly deploy`); changed view code alone can be hot upgraded",
+                         module=None)
+
+
+def _drop_rules(url_map: object, endpoints: set, undo: Callable[[Callable[[], None]], None]) -> None:
+    """Remove the rules of ``endpoints`` from a werkzeug ``Map`` (which has no
+    way to): a new matcher with the other rules replaces the live one."""
+    matcher = url_map.__dict__.get("_matcher")
+    if matcher is None or not isinstance(url_map.__dict__.get("_rules_by_endpoint"), dict):
+        raise UpgradeRefused("cannot remove routes from this werkzeug version's URL map; "
+                             "upgrade werkzeug to 2.2 or later, or cold deploy", module=None)
+    fresh, by_endpoint = type(matcher)(matcher.merge_slashes), {}
+    for endpoint, rules in url_map._rules_by_endpoint.items():
+        if endpoint not in endpoints:
+            by_endpoint[endpoint] = list(rules)
+            for rule in rules:
+                if not rule.build_only:
+                    fresh.add(rule)
+    _set_logged(url_map, "_matcher", fresh, undo)
+    _set_logged(url_map, "_rules_by_endpoint", by_endpoint, undo)
+    _set_logged(url_map, "_remap", True, undo)
+
+
+def _flask_after(apps: list) -> None:
+    for app in apps:
+        del app._check_setup_finished
+
+
+# --- Starlette / FastAPI ----------------------------------------------------
+
+
+class _StarletteApp(NamedTuple):
+    app: object
+    # What the middleware stack is built from, and the stack, before the new code ran.
+    router: object
+    handlers: dict
+    middleware: list
+    stack: object
+
+
+def _starlette_before(starlette_apps: list, superseded: Callable[[object], bool],
+                      undo: Callable[[Callable[[], None]], None]) -> list[_StarletteApp]:
+    """Take superseded endpoints out of every Starlette/FastAPI app's router
+    (mounted routers too), exception handlers and dependency overrides, and
+    let the new code add middleware (refused once the stack is built)."""
+    apps = []
+    for app in starlette_apps:
+        _prune_router(getattr(app, "router", None), superseded, undo, set())
+        _prune_registries([app], ("exception_handlers", "dependency_overrides"), superseded, undo)
+        apps.append(_StarletteApp(app, app.__dict__.get("router"),
+                                  dict(app.__dict__.get("exception_handlers") or {}),
+                                  list(app.__dict__.get("user_middleware") or []),
+                                  app.__dict__.get("middleware_stack")))
+        if apps[-1].stack is not None:
+            _set_logged(app, "middleware_stack", None, undo)
+    return apps
+
+
+def _prune_router(router: object, superseded: Callable[[object], bool],
+                  undo: Callable[[Callable[[], None]], None], seen: set[int]) -> None:
+    routes = getattr(router, "__dict__", {}).get("routes")
+    if not isinstance(routes, list) or id(router) in seen:
+        return
+    seen.add(id(router))
+    kept = [route for route in routes if not superseded(getattr(route, "endpoint", None))]
+    if len(kept) != len(routes):
+        _set_logged(router, "routes", kept, undo)
+    for route in kept:  # Mount and Host hold routers of their own
+        _prune_router(getattr(route, "app", None), superseded, undo, seen)
+
+
+def _starlette_after(apps: list[_StarletteApp], swap: _Swap,
+                     undo: Callable[[Callable[[], None]], None]) -> None:
+    """An app object the new module body made again (``app = Starlette(routes=
+    routes)`` runs again when ``routes`` changed) lends its routes, handlers
+    and middleware to the live app, which the server holds, and the name
+    keeps the live app.  The middleware stack (which holds the exception
+    handlers and the router) is built again where they or the middleware
+    changed, else the live one stays (with the state of its middleware);
+    FastAPI's schema is made again."""
+    for plan in swap.plans:
+        namespace = plan.module.__dict__
+        for name, old in swap.namespaces.get(plan.name, {}).items():
+            new = namespace.get(name)
+            if any(old is entry.app for entry in apps) and new is not old and type(new) is type(old):
+                for attribute, value in new.__dict__.items():
+                    if attribute != "state":  # what the lifespan set up stays
+                        _set_logged(old, attribute, value, undo)
+                namespace[name] = old  # the module's namespace is on the undo log
+    for entry in apps:
+        app = entry.app
+        if (app.__dict__.get("router") is entry.router
+                and dict(app.__dict__.get("exception_handlers") or {}) == entry.handlers
+                and list(app.__dict__.get("user_middleware") or []) == entry.middleware):
+            app.middleware_stack = entry.stack  # the undo log has it already
+        if app.__dict__.get("openapi_schema") is not None:
+            _set_logged(app, "openapi_schema", None, undo)
+
+
+# --- SQLAlchemy -------------------------------------------------------------
+
+# The calls that declare a mapped attribute in a model's class body.
+_MAPPED_CALLS = frozenset({"mapped_column", "Column", "relationship", "column_property", "composite",
+                           "synonym", "deferred", "relation", "backref", "dynamic_loader"})
+
+
+# Class attributes that say how a model is mapped, read once when it is.
+_MAPPING_SETTINGS = ("__tablename__", "__table__", "__table_args__", "__mapper_args__")
+
+
+def _cold_deploy_for_model(cls: type, what: str, module: str) -> UpgradeRefused:
+    return UpgradeRefused(f"cold deploy required: SQLAlchemy model {cls.__module__}.{cls.__qualname__} "
+                          f"{what}; a mapped model cannot change in place: migrate the database if its "
+                          "table changed, then cold deploy (`fly deploy`), which maps the model afresh",
+                          module=module)
+
+
+def _is_mapped(cls: object) -> bool:
+    return isinstance(cls, type) and "__mapper__" in cls.__dict__ and "sqlalchemy.orm" in sys.modules
+
+
+def _check_models(plan: _ModulePlan) -> None:
+    """While preparing: refuse a new class statement of a live SQLAlchemy
+    model that adds or removes a mapped attribute, changes how the model is
+    mapped, or makes the class anew (a model is mapped once: a second class
+    of the same name and table is refused by SQLAlchemy's registry)."""
+    for qualname, scope in plan.new.items():
+        cls = _live_class(plan, qualname) if qualname else None
+        before = plan.old.get(qualname)
+        if not _is_mapped(cls) or before is None:
+            continue
+        if _within(qualname, plan.rebuilt):
+            raise _cold_deploy_for_model(cls, "changed its bases or metaclass", plan.name)
+        mapped = set(cls.__mapper__.attrs.keys())
+        removed = sorted(mapped & (before.statements.keys() - scope.statements.keys()))
+        added = sorted(name for name in scope.statements.keys() - before.statements.keys()
+                       if _declares_mapped(plan.tree, qualname, name))
+        if removed or added:
+            raise _cold_deploy_for_model(cls, f"columns changed (added {added}, removed {removed})", plan.name)
+        for name in _MAPPING_SETTINGS:
+            if before.statements.get(name) != scope.statements.get(name):
+                raise _cold_deploy_for_model(cls, f"changed {name}", plan.name)
+
+
+def _declares_mapped(tree: ast.Module, qualname: str, name: str) -> bool:
+    """Whether the class body ``qualname`` assigns ``name`` a mapped attribute."""
+    for _scope, found, statement in _definitions(tree.body):
+        if found == qualname and isinstance(statement, ast.ClassDef):
+            for child in statement.body:
+                if name in _bound_names(child) and any(
+                        isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+                        in _MAPPED_CALLS for node in ast.walk(child)):
+                    return True
+    return False
+
+
+def _keeps_mapped_attribute(old: object, new: object) -> bool:
+    """Whether a statement of a live SQLAlchemy model that ran again (it reads
+    a name that took a new value) declares the very column or relationship
+    the model maps: then the mapped attribute stays.  A different one is a
+    changed table, refused.  False for anything that is no mapped attribute."""
+    if not type(old).__module__.startswith("sqlalchemy.") or "sqlalchemy.orm" not in sys.modules:
+        return False
+    cls, key = getattr(old, "class_", None), getattr(old, "key", None)
+    if not _is_mapped(cls) or key not in cls.__mapper__.attrs:
+        return False
+    live = cls.__mapper__.attrs[key]
+    if hasattr(live, "columns"):
+        column = getattr(new, "column", new)
+        same = hasattr(column, "foreign_keys") and _column_signature(column, live.columns[0]) == \
+            _column_signature(live.columns[0], live.columns[0])
+    else:
+        same = hasattr(new, "argument") and _relationship_signature(new) == _relationship_signature(live)
+    if not same:
+        raise _cold_deploy_for_model(cls, f"attribute {key!r} changed", cls.__module__)
+    return True
+
+
+def _column_signature(column: Any, live: Any) -> tuple:
+    """What a column declares about its table; what ``column`` leaves to the
+    annotation (a ``mapped_column``'s type and nullability) is the live column's."""
+    def default(value: Any) -> object:
+        arg = getattr(value, "arg", None)
+        return getattr(arg, "__name__", None) if callable(arg) else repr(arg)
+    typed = type(column.type).__name__ != "NullType"
+    nullable = column if isinstance(getattr(column, "_user_defined_nullable", None), bool) else live
+    return (repr((column if typed else live).type), column.primary_key, column.unique, column.index,
+            nullable.nullable, sorted(fk.target_fullname for fk in column.foreign_keys),
+            default(column.server_default), default(column.default))
+
+
+def _relationship_signature(prop: Any) -> tuple:
+    argument = prop.argument
+    target = argument if isinstance(argument, str) else getattr(argument, "__name__", repr(argument))
+    secondary = getattr(prop, "secondary", None)
+    return target, prop.back_populates, getattr(secondary, "name", secondary), prop.lazy
 
 
 # ===========================================================================
@@ -7168,6 +7677,7 @@ _agent: Agent | None = None
 _agent_lock = threading.Lock()
 _apply_lock = threading.RLock()
 _held: dict | None = None
+_held_files: dict[str, str] | None = None  # path -> sha256 of every file of the release held
 _process_app: str | None = None
 _fork_lock_taken = False
 _hooks_registered = False
@@ -7231,19 +7741,28 @@ def _importing(name: str) -> bool:
 def _apply_here(release: dict, *, suspend_timeout: float = _DEFAULT_SUSPEND_TIMEOUT, extra: Any = None) -> dict:
     """Reload this process's changed modules and, on success, record ``release`` as held.
 
+    The files that changed (templates and static files too, for the
+    framework refreshes of section 4b) are those of the installed release
+    whose sha256 differs from the release this process held; all of them
+    when it held none (it runs the image's files, of which no list is kept).
+
     A changed module that is still being imported (at boot, typically the one
     that called ``startup_reapply_current``) is reloaded as soon as its import
     finishes, on a thread: reloading it now would let the rest of its old body,
     still running, overwrite the new code.
     """
-    global _held
+    global _held, _held_files
     with _apply_lock:
+        installed = (_read_state(_process_app) or {}).get("files") if _process_app else None
+        files = _changed_files(_held_files, installed)
         changed = modified_modules()
         importing = [name for name in changed if _importing(name)]
         _reloading.active = True
         try:
             report = reload_modules([name for name in changed if name not in importing],
-                                    suspend_timeout=suspend_timeout, extra=extra)
+                                    suspend_timeout=suspend_timeout, extra=extra, files=files)
+            if report.ok:
+                _held_files = installed
         finally:
             _reloading.active = False
         if report.ok and not importing:
@@ -7252,6 +7771,15 @@ def _apply_here(release: dict, *, suspend_timeout: float = _DEFAULT_SUSPEND_TIME
         threading.Thread(target=_reload_after_import, args=(importing, release, suspend_timeout),
                          name="flydeploy-reload-after-import", daemon=True).start()
     return report.to_dict()
+
+
+def _changed_files(held: dict | None, installed: object) -> list[str] | None:
+    """The files of the installed release (path -> sha256) that differ from
+    the held one's; every one of them without a held list; None when the
+    machine's state records none."""
+    if not isinstance(installed, dict):
+        return None
+    return [path for path, digest in installed.items() if held is None or held.get(path) != digest]
 
 
 def _reload_after_import(names: list[str], release: dict, suspend_timeout: float) -> None:
@@ -8093,6 +8621,8 @@ def _install_release(app: str, store: Store, key: str, sha256: str | None, *, de
     A release deployed before the one installed raises ``_Superseded``: two
     upgrades that raced, or a stale metadata read, never roll a machine back.
     Returns the new state plus ``files_written`` and ``files_unchanged``.
+    The state records every file of the release where it is on this machine,
+    with its sha256 (``files``), so each process can tell which changed.
     """
     state = _read_state(app)
     if state and deployed_at and (state.get("deployed_at") or "") > deployed_at:
@@ -8104,10 +8634,12 @@ def _install_release(app: str, store: Store, key: str, sha256: str | None, *, de
         manifest, tree, digest = _fetch_release(store, key, workdir, sha256, app)
         paths = sorted(manifest["files"])
         located, app_root, image_ref = _locate_on_machine(app, paths, in_process=in_process)
-        installed = _install_files(_plan_destinations(paths, located, app_root), manifest["files"], tree)
+        destinations = _plan_destinations(paths, located, app_root)
+        installed = _install_files(destinations, manifest["files"], tree)
         state = {"app": app, "version": manifest.get("version"), "sha256": digest,
                  "source_image_ref": manifest.get("source_image_ref"), "deployed_at": deployed_at,
-                 "image_ref": image_ref, "installed_at": _iso_utc(_utc_now())}
+                 "image_ref": image_ref, "installed_at": _iso_utc(_utc_now()),
+                 "files": {dest: manifest["files"][rel] for rel, dest in destinations.items()}}
         try:
             _write_state(app, state)
         except BaseException:

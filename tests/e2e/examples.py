@@ -64,10 +64,10 @@ _EDITS = {"chat": {"chat.py": _CHAT_V2}, "shop": {"pricing.py": _SHOP_V2}, "site
 
 
 def app_files(name: str) -> dict[str, str]:
-    """The v1 sources of example app ``name`` (relative path -> text)."""
+    """The v1 files of example app ``name``: sources, templates, static files (relative path -> text)."""
     root = APPS / name
-    return {str(path.relative_to(root)): path.read_text() for path in sorted(root.rglob("*.py"))
-            if "__pycache__" not in path.parts}
+    return {str(path.relative_to(root)): path.read_text() for path in sorted(root.rglob("*"))
+            if path.is_file() and "__pycache__" not in path.parts}
 
 
 def to_v2(name: str, root: pathlib.Path, *, version: str = "v2") -> None:
@@ -91,10 +91,11 @@ def set_version(root: pathlib.Path, relative: str, version: str) -> None:
 class LocalApp:
     """An example app running on this host: its own tree, runtime dir, port and process group.
 
-    ``command`` may name ``{port}``; the app has started once ``ready`` is in its output.
+    The tree holds ``files`` (default: the app's own, ``app_files(name)``); ``command`` may name ``{port}``; the app has started once ``ready`` is in its output.
     """
 
-    def __init__(self, name: str, app: str, *, command: str = CHAT_COMMAND, ready: str = "ready") -> None:
+    def __init__(self, name: str, app: str, *, command: str = CHAT_COMMAND, ready: str = "ready",
+                 files: dict[str, str | bytes] | None = None) -> None:
         # One port for the app's whole life: a cold restart comes back where the clients are.
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -104,9 +105,12 @@ class LocalApp:
         self.base = pathlib.Path(tempfile.mkdtemp(prefix="fde2e-", dir="/tmp"))  # unix socket paths are short
         self.root = self.base / "app"
         self.root.mkdir()
-        for relative, text in app_files(name).items():
+        for relative, content in (app_files(name) if files is None else files).items():
             (self.root / relative).parent.mkdir(parents=True, exist_ok=True)
-            (self.root / relative).write_text(text)
+            if isinstance(content, bytes):
+                (self.root / relative).write_bytes(content)
+            else:
+                (self.root / relative).write_text(content)
         shutil.copy2(REPO / "flydeploy.py", self.root / "flydeploy.py")
         self.log_path = self.base / "app.log"
         self.env = {key: value for key, value in os.environ.items()

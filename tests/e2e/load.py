@@ -153,12 +153,15 @@ class Request:
 
 
 class HttpLoad:
-    """``threads`` threads each sending ``GET path`` to the ``base_urls`` in turn every ``interval`` seconds."""
+    """``threads`` threads each sending ``GET path`` to the ``base_urls`` in turn every ``interval`` seconds.
+
+    An answer with a status outside ``ok_statuses`` is a failed request."""
 
     def __init__(self, base_urls: list[str], *, path: str = "/version", threads: int = 4,
-                 interval: float = 0.01, timeout: float = 10.0) -> None:
+                 interval: float = 0.01, timeout: float = 10.0, ok_statuses: tuple[int, ...] = (200,)) -> None:
         self.targets = [urllib.parse.urlsplit(url).netloc for url in base_urls]
         self.path = path
+        self.ok_statuses = ok_statuses
         self.interval = interval
         self.timeout = timeout
         self.requests: list[Request] = []
@@ -194,9 +197,10 @@ class HttpLoad:
             response = connection.getresponse()
             body = response.read()
             latency = (time.monotonic() - started) * 1000
-            if response.status != 200:
+            if response.status not in self.ok_statuses:
                 raise OSError(f"HTTP {response.status}: {body[:200]!r}")
-            answer = json.loads(body)
+            json_body = (response.getheader("Content-Type") or "").startswith("application/json")
+            answer = json.loads(body) if json_body else {}  # a page: its status is what counts
             return Request(target, started, latency, True, answer.get("version"), answer.get("pid"))
         except (OSError, http.client.HTTPException, ValueError) as exc:
             connection.close()
