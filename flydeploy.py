@@ -84,6 +84,7 @@ import mimetypes
 import operator
 import os
 import pathlib
+import pwd
 import pickle
 import queue
 import random
@@ -108,6 +109,7 @@ import weakref
 import xml.etree.ElementTree as ET
 import zlib
 from collections.abc import Callable
+from collections.abc import Collection
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -4011,10 +4013,12 @@ class _Hold:
     server).
     """
 
-    __slots__ = ("thread", "acquiring", "busy_threads", "waiting_loops", "adopted", "since")
+    __slots__ = ("thread", "helpers", "acquiring", "busy_threads", "waiting_loops", "adopted", "since")
 
     def __init__(self) -> None:
         self.thread = threading.get_ident()
+        # Threads that act for the holding thread (a bounded code_change runs on one).
+        self.helpers: set[int] = set()
         self.acquiring = True
         # Threads of marked servers in the middle of a message.
         self.busy_threads: set[int | None] = set()
@@ -4025,11 +4029,15 @@ class _Hold:
         # When the first server was held (monotonic seconds), or None.
         self.since: float | None = None
 
+    def acts_for(self, thread: int | None) -> bool:
+        """Whether ``thread`` is the holding thread, or one acting for it."""
+        return thread == self.thread or thread in self.helpers
+
     def lets_through(self, message: tuple) -> bool:
         if message[0] not in (_CALL, _INIT):
             return False
         sender: _Reply = message[2]
-        return sender.caller == self.thread or (self.acquiring and (
+        return self.acts_for(sender.caller) or (self.acquiring and (
             sender.caller in self.busy_threads or sender.caller_loop in self.waiting_loops))
 
 
@@ -4411,7 +4419,7 @@ def _waits_for(server: Server, hold: _Hold, me: int) -> bool:
     """
     holder = server._held_by
     if holder is not None and holder is not hold:
-        return holder.thread != me  # another thread's hold: wait until it lets go
+        return not holder.acts_for(me)  # another thread's hold: wait until it lets go
     if server._running and holder is None:
         server._held_by = hold  # stop at the next safe point
     return server._running
@@ -4438,7 +4446,7 @@ def get_state(server: Server, timeout: float | None = 5.0) -> Any:
     if not server.alive:
         raise server._stopped_error("get_state")
     holder = server._held_by
-    if holder is not None and holder.thread == threading.get_ident():
+    if holder is not None and holder.acts_for(threading.get_ident()):
         return server._state
     hold = _Hold()
     deadline = math.inf if timeout is None else time.monotonic() + timeout
@@ -4631,6 +4639,7 @@ class _Pause:
 
     def __init__(self, servers: Iterable[Server], *, timeout: float) -> None:
         self.timeout = _check_timeout(timeout)
+        self.deadline = math.inf  # when the pause must end, code_change included (set on entry)
         self.held_ms = 0.0
         self._servers = list(servers)
         self._hold = _Hold()
@@ -4646,7 +4655,7 @@ class _Pause:
     def __enter__(self) -> _Pause:
         global _pause_owner, _active_hold
         _check_pause_allowed()
-        deadline = time.monotonic() + self.timeout
+        deadline = self.deadline = time.monotonic() + self.timeout
         if not _pause_lock.acquire(timeout=_wait_limit(self.timeout) or -1):
             raise SuspendTimeout(["another pause in progress"], self.timeout)
         _pause_owner = threading.get_ident()
@@ -6621,12 +6630,25 @@ class _Swap:
                 self._save_module(module)
                 module.__dict__.update(stale)
 
-    def transact(self, affected: list[Server], extra: object) -> bool:
+    def transact(self, affected: list[Server], extra: object, pause: _Pause) -> bool:
         """Inside the pause: swap the modules, then migrate the state of every
-        affected server through its new ``code_change``.  On any failure
-        everything is rolled back; returns whether it all succeeded."""
-        old_versions = [getattr(server, "vsn", None) for server in affected]
-        migrating = None
+        affected server through its new ``code_change``, within the pause's
+        deadline (``_call_by``).  On any failure everything is rolled back;
+        returns whether it all succeeded."""
+        old_versions = {id(server): getattr(server, "vsn", None) for server in affected}
+        migrating: list[Server] = []  # the server whose code_change runs
+        given_up = threading.Lock()  # held for good once the deadline passed
+
+        def migrate(changing: list[Server]) -> None:
+            for server in changing:
+                migrating[:] = [server]
+                state = server.code_change(old_versions[id(server)], server._state, extra)
+                if not given_up.acquire(blocking=False):
+                    return  # too late: the pausing thread rolled back and resumed
+                server._state = state
+                given_up.release()
+            migrating.clear()
+
         try:
             with _frameworks_refreshed(self):
                 self.run()
@@ -6635,15 +6657,18 @@ class _Swap:
             changing = [server for server in affected if type(server).code_change is not Server.code_change]
             before = _snapshot([server._state for server in changing])
             self.undo.append(lambda: _restore_states(changing, before()))
-            for migrating, old_vsn in zip(affected, old_versions):
-                migrating._state = migrating.code_change(old_vsn, migrating._state, extra)
-            migrating = None
+            if changing:
+                try:
+                    _call_by(pause, migrate, changing)
+                except CodeChangeTimeout:
+                    given_up.acquire()
+                    raise
         except BaseException as exc:
             self.rollback()
-            if migrating is not None:
-                self.stage = f"code_change of server {_server_label(migrating)}"
-                self.module = type(migrating).__module__
-                self.failed = [_server_label(migrating)]
+            for server in migrating[:1]:
+                self.stage = f"code_change of server {_server_label(server)}"
+                self.module = type(server).__module__
+                self.failed = [_server_label(server)]
             self.error = _failure_message(self.stage, exc, self.paths)
             self.failed_module = self.module or None
             if not isinstance(exc, Exception):
@@ -6653,6 +6678,48 @@ class _Swap:
 
 
 _start_server = Server.__dict__["start"]
+
+
+class CodeChangeTimeout(FlyDeployError):
+    """A ``code_change`` did not return before the pause's deadline; the upgrade was rolled back."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"code_change did not return within the {timeout:g} s the pause may last (the suspend "
+                         "timeout); its result, whenever it comes, is thrown away. Make code_change quick, or "
+                         "raise the suspend timeout.")
+
+
+def _call_by(pause: _Pause, function: Callable, *args: object) -> Any:
+    """``function(*args)`` within the pause's deadline, on a thread that acts for the pausing one.
+
+    Past the deadline this raises ``CodeChangeTimeout`` and the thread is left
+    to finish on its own; ``function`` must then make sure nothing it does
+    later counts (``_Swap.transact`` stops assigning states).
+    """
+    outcome: list[tuple[bool, Any]] = []
+    registered = threading.Event()
+
+    def run() -> None:
+        registered.wait()
+        try:
+            outcome.append((True, function(*args)))
+        except BaseException as exc:  # handed to the pausing thread
+            outcome.append((False, exc))
+
+    helper = threading.Thread(target=run, name="flydeploy-code-change", daemon=True)
+    helper.start()
+    pause._hold.helpers.add(helper.ident)
+    registered.set()
+    try:
+        helper.join(None if pause.deadline == math.inf else max(0.0, pause.deadline - time.monotonic()))
+    finally:
+        pause._hold.helpers.discard(helper.ident)
+    if not outcome:
+        raise CodeChangeTimeout(pause.timeout)
+    done, value = outcome[0]
+    if done:
+        return value
+    raise value
 
 
 def _snapshot(states: list[object]) -> Callable[[], list[object]]:
@@ -6928,7 +6995,7 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
             # Read while held: servers that started meanwhile are held too.
             affected = [server for server in pause.servers
                         if any(cls.__module__ in changed for cls in type(server).__mro__)]
-            report.ok = swap.transact(affected, extra)
+            report.ok = swap.transact(affected, extra, pause)
     except SuspendTimeout as exc:
         report.error = str(exc)
         report.servers_failed = list(exc.names)
@@ -7476,6 +7543,11 @@ _IMPORT_WAIT = 600.0
 _APPLY_MARGIN = 10.0
 _LOCATE_TIMEOUT = 5.0
 _QUERY_TIMEOUT = 10.0
+# How long a starting or forked process waits for an upgrade in flight to end
+# (a published release is committed or undone within the apply wait).
+_SETTLE_WAIT = 60.0
+# How long startup_reapply_current may keep a booting app from serving.
+_DEFAULT_STARTUP_DEADLINE = 5.0
 
 
 class AgentError(FlyDeployError):
@@ -7559,9 +7631,8 @@ def _work_dir(app: str) -> str:
     """The runtime directory for the machine's file work (lock and state file), created if needed.
 
     A root ``rpc upgrade`` that runs before any process of the app creates
-    it for the owner of the app's code (``FLYDEPLOY_APP_ROOT``, else the
-    working directory): made by root for root, it would lock out an app that
-    runs as its own user.
+    it for the owner of the app root (``_machine_app_root``): made by root
+    for root, it would lock out an app that runs as its own user.
     """
     if os.geteuid() != 0 or _process_app is not None:
         return _app_dir(app, create=True)
@@ -7569,8 +7640,8 @@ def _work_dir(app: str) -> str:
     if existing is not None:
         return existing
     try:
-        code = os.stat(os.environ.get("FLYDEPLOY_APP_ROOT") or os.getcwd())
-    except OSError:
+        code = os.stat(_machine_app_root(in_process=False))
+    except (OSError, AgentError):
         return _app_dir(app, create=True)
     return _app_dir(app, create=True, owner=(code.st_uid, code.st_gid))
 
@@ -7635,8 +7706,12 @@ _lock_fds: dict[int, int] = {}
 
 
 @contextlib.contextmanager
-def _machine_lock(app: str, *, timeout: float = _LOCK_TIMEOUT) -> Iterator[None]:
-    """Hold the per-machine upgrade lock, so one process at a time does the file work."""
+def _machine_lock(app: str, *, timeout: float = _LOCK_TIMEOUT, shared: bool = False) -> Iterator[None]:
+    """Hold the per-machine upgrade lock, so one process at a time does the file work.
+
+    ``shared``: only wait until no file work is in flight, and keep any from
+    starting while held (processes that read the app's files).
+    """
     path = os.path.join(_work_dir(app), _LOCK_FILE)
     _register_process_hooks()
     try:
@@ -7650,7 +7725,7 @@ def _machine_lock(app: str, *, timeout: float = _LOCK_TIMEOUT) -> Iterator[None]
         deadline = time.monotonic() + timeout
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
@@ -7820,23 +7895,33 @@ def _same_release(a: dict | None, b: dict | None) -> bool:
             and (not a.get("sha256") or not b.get("sha256") or a["sha256"].lower() == b["sha256"].lower()))
 
 
-def _catch_up_process(app: str) -> None:
+def _catch_up_process(app: str, *, wait: float = _SETTLE_WAIT, check_files: bool = False) -> None:
     """Bring this process to the release the machine installed, if it holds another one.
 
     A fresh process imported the installed files already and only records the
     release; a forked child of an older parent reloads what differs on disk.
+    An upgrade in flight is waited for first (up to ``wait`` seconds), so
+    what is read is what it committed or put back.  With ``check_files`` it
+    also reloads when its modules differ from the files (after an apply that
+    nobody waited for, whose files may have been put back).
     """
-    state = _read_state(app)
-    if not _for_this_image(state) or _same_release(_held, state):
-        return
-    release = _release_of(state, state.get("image_ref"))
-    report = _apply_here(release)
+    with contextlib.ExitStack() as settled:
+        try:
+            settled.enter_context(_machine_lock(app, timeout=wait, shared=True))
+        except AgentError as exc:
+            log.warning("flydeploy: process %s goes on without waiting for the upgrade in flight: %s",
+                        _process_name(), exc)
+        state = _read_state(app)
+        release = _release_of(state, state.get("image_ref")) if _for_this_image(state) else None
+        if (release is None or _same_release(_held, state)) and not (check_files and modified_modules()):
+            return
+        report = _apply_here(release or {})
     if not report["ok"]:
         log.error("flydeploy: process %s could not catch up to %s: %s",
-                  _process_name(), release["version"], report["error"])
+                  _process_name(), (release or {}).get("version") or "the files on disk", report["error"])
     elif report["modules"]:
         log.info("flydeploy: process %s caught up to %s (%s)",
-                 _process_name(), release["version"], ", ".join(report["modules"]))
+                 _process_name(), (release or {}).get("version") or "the files on disk", ", ".join(report["modules"]))
 
 
 def _drain(conn: socket.socket) -> None:
@@ -8023,15 +8108,26 @@ def _dispatch(agent: Agent, request: dict) -> dict:
         paths = request.get("paths")
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise AgentError('malformed locate request: "paths" must be a list of relative paths')
-        return {"ok": True, "located": _locate_own_members(paths), "cwd": os.getcwd(),
+        return {"ok": True, "located": _locate_members(paths, *_loaded_locations(paths)), "cwd": os.getcwd(),
+                "roots": list(_tracker.roots),
                 "image_ref": os.environ.get("FLY_IMAGE_REF")}
     if op == "apply":
         timeout = request.get("suspend_timeout", _DEFAULT_SUSPEND_TIMEOUT)
         if not _is_positive_seconds(timeout):
             raise AgentError('malformed apply request: "suspend_timeout" must be a positive, finite number '
                              "of seconds")
+        answer_by = request.get("answer_by")
+        if _is_positive_seconds(answer_by) and time.time() > answer_by:
+            return {"ok": False, "pid": os.getpid(), "name": _process_name(),
+                    "error": "the apply request arrived after its asker gave up; nothing was applied"}
         report = _apply_here(_release_of(request, os.environ.get("FLY_IMAGE_REF")),
                              suspend_timeout=float(timeout), extra=request.get("extra"))
+        if _is_positive_seconds(answer_by) and time.time() > answer_by:
+            # Nobody waits for this answer: the asker counted the process failed and may
+            # have put the files back, so the process follows what is on disk once settled.
+            threading.Thread(target=_catch_up_process, args=(agent.app,),
+                             kwargs={"wait": _LOCK_TIMEOUT, "check_files": True}, daemon=True,
+                             name="flydeploy-follow-disk").start()
         return {"ok": bool(report["ok"]), "pid": os.getpid(), "name": _process_name(), "report": report}
     raise AgentError(f"unknown op {op!r}; the agent answers ping, info, locate and apply")
 
@@ -8230,13 +8326,15 @@ def _exited(pid: int, *, within: float = 0.5) -> bool:
     return True
 
 
-def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | None = None) -> list[dict]:
-    """Send ``request`` to every live agent of ``app`` on this machine, concurrently.
+def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | None = None,
+                skip: Collection[int] = ()) -> list[dict]:
+    """Send ``request`` to every live agent of ``app`` on this machine (but ``exclude_pid`` and
+    ``skip``), concurrently.
 
     Returns one entry per process: ``{"pid", "reply"}`` or ``{"pid", "error"}``.
     Sockets of dead processes are removed.
     """
-    targets = [(pid, path) for pid, path in _agent_sockets(app) if pid != exclude_pid]
+    targets = [(pid, path) for pid, path in _agent_sockets(app) if pid != exclude_pid and pid not in skip]
 
     def forget(path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -8269,8 +8367,37 @@ def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | N
 
 
 # --- Per-machine upgrade ----------------------------------------------------
+#
+# The phases of one machine's upgrade, in order; ``_upgrade_machine`` runs them
+# all, and a fleet upgrade that first stages everywhere splits after STAGE.
+#
+#   DOWNLOAD  download, verify and unpack the release into this run's work
+#             area in the runtime directory (``_download_release``).  Nothing
+#             the app uses changes.
+#   STAGE     under the machine lock: each member's destination is its own
+#             path under the app root; every changed member is written beside
+#             it as a temporary file, listed in the journal first
+#             (``_stage_release``).  Nothing the app uses changes.
+#   PUBLISH   the staged files replace the live ones, each old file kept
+#             beside it, and the state file names the release
+#             (``_publish_staged``).
+#   APPLY     every process of the app reloads what changed
+#             (``_apply_everywhere``).
+#   COMMIT    every process applied: the journal says so, which is the point
+#   or UNDO   of no return, and the old files are dropped (``_commit_staged``).
+#             Otherwise every file and the state file are put back and the
+#             processes follow the disk back (``_undo_published``).
+#
+# A run that dies anywhere leaves its journal and work area behind; the run's
+# guardian process, the next ``rpc upgrade`` and ``startup_reapply_current``
+# replay a committed journal and undo any other (``_recover``) before anything
+# else, and remove the work areas of dead runs.
 
 RESULT_MARKER = "__FLYDEPLOY_RESULT__"
+_JOURNAL_FILE = "journal.json"
+_WORK_AREA_PREFIX = "work-"
+_STAGED_SUFFIX = ".flydeploy-new"
+_KEPT_SUFFIX = ".flydeploy-old"
 
 
 def _module_name(parts: list[str]) -> str | None:
@@ -8323,13 +8450,13 @@ def _under_as(dest: str, rel: str) -> bool:
 
 def _locate_members(paths: list[str], module_files: dict[str, str],
                     package_dirs: dict[str, str]) -> dict[str, str]:
-    """Map release members to where the running code was loaded from.
+    """Map release members to where a process loaded the module of that name from.
 
-    A member that is a loaded module goes to that module's file; any other
-    member inside a loaded package (package data, a new module) goes to the
-    same place under the package's directory.  Members neither covers are left
-    out (they go under the app root).  A destination always ends with the
-    member's own relative path.
+    A member that is a loaded module maps to that module's file; any other
+    member inside a loaded package to the same place under the package's
+    directory.  Only ever informative: a release is written under the app
+    root, and a module of the same name loaded from elsewhere is another
+    module, left alone (``_elsewhere_notes``).
     """
     located = {}
     for rel in paths:
@@ -8348,48 +8475,48 @@ def _locate_members(paths: list[str], module_files: dict[str, str],
     return located
 
 
-def _locate_own_members(paths: list[str]) -> dict[str, str]:
-    """Where this process loaded the members from; the packages they lie in become tracked.
+def _elsewhere_notes(located: Mapping[str, str], destinations: Mapping[str, str]) -> list[str]:
+    """One line per member whose module name a process loaded from outside the app root."""
+    notes = []
+    for rel, where in sorted(located.items()):
+        dest = destinations.get(rel)
+        if dest is not None and os.path.realpath(where) != dest and rel.endswith(".py"):
+            notes.append(f"{rel} was written to {dest}; the module {_module_name(rel.split('/'))} the processes "
+                         f"loaded from {where} is another one, outside the app root, and was left alone")
+    return notes
 
-    A release names the application's modules, so a package of it installed
-    into site-packages (which is never tracked by default) is tracked from
-    here on, before its files are replaced, and is reloaded like the rest.
+
+def _machine_app_root(*, in_process: bool) -> str:
+    """The app root of this machine, resolved, from its own configuration, never from what a process says.
+
+    ``FLYDEPLOY_APP_ROOT``; in an app process, else the root it tracks;
+    else the working directory the command started in, unless that is
+    ``/`` (where a Machines API exec starts); else the folder of this
+    flydeploy.py when it is a copy vendored into the app.
     """
-    located = _locate_members(paths, *_loaded_locations(paths))
-    packages = {os.path.join(dest[: -len(rel)], rel.split("/")[0]) for rel, dest in located.items() if "/" in rel}
-    for package in sorted(packages):
-        if os.path.isdir(package) and _tracker.roots and not any(
-                _tracker.covers(name, dest) for name, dest in _module_names_of(located, package)):
-            track(package)
-    return located
+    root = os.environ.get("FLYDEPLOY_APP_ROOT") or (_tracker.roots[0] if in_process and _tracker.roots else None)
+    if not root and os.getcwd() != os.sep:
+        root = os.getcwd()
+    if not root:
+        here = os.path.dirname(os.path.realpath(__file__))
+        if _tracker._installed(here):
+            raise AgentError("cannot tell where the app lives on this machine (started in / with flydeploy "
+                             f"installed in {here}); set FLYDEPLOY_APP_ROOT to the app's directory")
+        root = here
+    resolved = os.path.realpath(root)
+    if not os.path.isdir(resolved):
+        raise AgentError(f"the app root {root} is not a directory on this machine; set FLYDEPLOY_APP_ROOT to the "
+                         "app's directory")
+    return resolved
 
 
-def _module_names_of(located: dict[str, str], package: str) -> list[tuple[str, str]]:
-    return [(_module_name(rel.split("/")), dest) for rel, dest in located.items()
-            if _is_under(dest, package) and rel.endswith(".py")]
-
-
-def _choose_app_root(located: dict[str, str], cwd: str) -> str:
-    """``FLYDEPLOY_APP_ROOT``, else the root the loaded application code sits in, else ``cwd``.
-
-    Top-level modules sit in the app root itself, so they decide; packages
-    only when there are none, since a package may be installed elsewhere
-    (site-packages) than the app's own modules.
-    """
-    configured = os.environ.get("FLYDEPLOY_APP_ROOT")
-    if configured:
-        return os.path.abspath(configured)
-    for top_level in (True, False):
-        root = _most_common([os.path.normpath(dest)[: -len(os.path.normpath(rel))].rstrip(os.sep) or os.sep
-                             for rel, dest in located.items() if ("/" not in rel) == top_level], None)
-        if root is not None:
-            return root
-    return cwd
-
-
-def _plan_destinations(paths: list[str], located: dict[str, str], app_root: str) -> dict[str, str]:
-    """Where each member is written: its located file, else the same relative path under ``app_root``."""
-    return {rel: located.get(rel) or os.path.join(app_root, *rel.split("/")) for rel in paths}
+def _destination(app_root: str, rel: str) -> str:
+    """Where member ``rel`` is written: its own path under the app root, links resolved, nowhere else."""
+    dest = os.path.realpath(os.path.join(app_root, *rel.split("/")))
+    if dest == app_root or not _is_under(dest, app_root):
+        raise AgentError(f"refusing to write {rel}: a symbolic link leads it to {dest}, outside the app root "
+                         f"{app_root}; nothing was written. Remove the link, or leave the file out of the release.")
+    return dest
 
 
 def _file_sha256(path: str) -> str | None:
@@ -8397,53 +8524,6 @@ def _file_sha256(path: str) -> str | None:
         return _file_digest(path, "sha256")
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
-
-
-def _make_dirs(directory: str, created: list[str]) -> None:
-    """``os.makedirs`` that records each directory it creates (parents first) and gives it the app's owner."""
-    missing = []
-    while not os.path.isdir(directory):
-        missing.append(directory)
-        directory = os.path.dirname(directory)
-    for path in reversed(missing):
-        os.mkdir(path, 0o755)
-        created.append(path)
-        _adopt_dir_owner(path)
-
-
-class _Installed:
-    """Files published by ``_install_files``, with what they replaced kept until ``commit``.
-
-    ``undo`` puts back every replaced file and removes every new file and
-    directory, so a failure after publishing leaves the tree as it was.
-    """
-
-    def __init__(self, unchanged: int) -> None:
-        self.unchanged = unchanged
-        self.written: list[str] = []
-        self.backups: list[tuple[str, str | None]] = []
-        self.created_dirs: list[str] = []
-
-    def undo(self) -> None:
-        """Restore the tree as it was before publishing (best effort, reverse order)."""
-        for dest, backup in reversed(self.backups):
-            with contextlib.suppress(OSError):
-                if backup is None:
-                    os.unlink(dest)
-                else:
-                    os.replace(backup, dest)
-        for directory in reversed(self.created_dirs):
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)
-        self.backups.clear()
-
-    def commit(self) -> None:
-        """Drop the copies of the replaced files: the release stays."""
-        for _dest, backup in self.backups:
-            if backup is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(backup)
-        self.backups.clear()
 
 
 def _fsync_dir(directory: str) -> None:
@@ -8454,67 +8534,349 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _install_files(plan: dict[str, str], hashes: dict[str, str], source_dir: str) -> _Installed:
-    """Write the members whose content differs from what is at their destination.
+def _beside(dest: str, suffix: str) -> str:
+    folder, name = os.path.split(dest)
+    return os.path.join(folder, f".{name}{suffix}")
 
-    Every changed file is first staged beside its destination (mode and owner
-    of the file it replaces, or of the release and the directory for a new
-    file), then each is published with ``os.replace``, the old file kept
-    (hard-linked) until the caller commits or undoes.  A failure while staging
-    or publishing changes nothing.
+
+def _reached(app: str, step: str) -> None:
+    """A named step of the file work: with ``FLYDEPLOY_TEST_STOP_AT=<step>`` (tests only) the run
+    says so in a file ``stopped-at-<step>`` of its runtime directory and waits there to be killed."""
+    if os.environ.get("FLYDEPLOY_TEST_STOP_AT") == step:
+        with open(os.path.join(_work_dir(app), f"stopped-at-{step}"), "w"):
+            pass
+        while True:
+            time.sleep(3600)
+
+
+# --- the journal ---
+
+def _journal_path(app: str) -> str:
+    return os.path.join(_work_dir(app), _JOURNAL_FILE)
+
+
+def _save_journal(app: str, journal: dict) -> None:
+    path = _journal_path(app)
+    content = json.dumps(journal, sort_keys=True).encode()
+    try:
+        _write_atomically(path, lambda out: out.write(content), mode=0o600)
+    except OSError as exc:
+        raise AgentError(f"cannot write the upgrade journal {path}: {exc}; check the runtime directory "
+                         "(FLYDEPLOY_RUNTIME_DIR)") from exc
+
+
+def _load_journal(app: str) -> dict | None:
+    directory = _app_dir(app, create=False)
+    if directory is None:
+        return None
+    try:
+        with open(os.path.join(directory, _JOURNAL_FILE), "rb") as handle:
+            journal = json.loads(handle.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise AgentError(f"cannot read the upgrade journal in {directory}: {exc}; remove it only after "
+                         "checking the app's files") from exc
+    return journal if isinstance(journal, dict) else None
+
+
+def _drop_journal(app: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_journal_path(app))
+
+
+def _state_text(app: str) -> str | None:
+    path = _state_path(app)
+    try:
+        with open(path or "", "rb") as handle:
+            return handle.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def _put_back_state(app: str, text: str | None) -> None:
+    path = os.path.join(_work_dir(app), _STATE_FILE)
+    if _state_text(app) == text:
+        return  # never written, or already put back
+    if text is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    else:
+        _write_atomically(path, lambda out: out.write(text.encode()))
+
+
+def _undo_files(journal: dict) -> None:
+    """Put back every file a journal lists and remove what it added (each step repeatable)."""
+    published = journal.get("phase") != "staging"
+    for entry in reversed(journal.get("files") or []):
+        dest = entry["dest"]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_beside(dest, _STAGED_SUFFIX))
+        kept = _beside(dest, _KEPT_SUFFIX)
+        if os.path.lexists(kept):
+            os.replace(kept, dest)
+        elif published and not entry.get("existed"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(dest)
+    for directory in reversed(journal.get("dirs") or []):
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+
+
+def _commit_files(journal: dict) -> None:
+    for entry in journal.get("files") or []:
+        for suffix in (_KEPT_SUFFIX, _STAGED_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_beside(entry["dest"], suffix))
+
+
+def _remove_dead_work_areas(app: str) -> None:
+    directory = _app_dir(app, create=False)
+    if directory is None:
+        return
+    for entry in os.scandir(directory):
+        pid = entry.name[len(_WORK_AREA_PREFIX):]
+        if entry.name.startswith(_WORK_AREA_PREFIX) and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _recover(app: str) -> dict | None:
+    """Finish what a run that died left: a committed journal is replayed, any other undone,
+    with the state file put back; dead runs' work areas are removed.  Callers hold the
+    machine lock.  Returns the release the machine is back on when files were put back
+    (``{}`` for the image's own code), else None."""
+    _remove_dead_work_areas(app)
+    journal = _load_journal(app)
+    if journal is None:
+        return None
+    if journal.get("phase") == "committed":
+        _commit_files(journal)
+        _drop_journal(app)
+        log.info("flydeploy: finished committing %s, which a stopped upgrade left", journal.get("version"))
+        return None
+    _undo_files(journal)
+    if journal.get("phase") != "staging":
+        _put_back_state(app, journal.get("state_before"))
+    _drop_journal(app)
+    log.warning("flydeploy: undid the unfinished upgrade to %s that a stopped run left", journal.get("version"))
+    if journal.get("phase") == "staging":
+        return None
+    return _previous_release(journal)
+
+
+def _previous_release(journal: dict) -> dict:
+    """The release a machine is back on once ``journal`` is undone: its state before, or ``{}``."""
+    try:
+        state = json.loads(journal.get("state_before") or "null")
+    except ValueError:
+        state = None
+    return _release_of(state, state.get("image_ref")) if isinstance(state, dict) else {}
+
+
+def _recover_and_resync(app: str, *, exclude_pid: int | None = None) -> None:
+    """``_recover`` (callers hold the machine lock), then the processes follow the disk back."""
+    previous = _recover(app)
+    if previous is not None:
+        for entry in _apply_everywhere(app, previous, _DEFAULT_SUSPEND_TIMEOUT, exclude_pid=exclude_pid):
+            if not (entry.get("reply") or {}).get("ok"):
+                log.error("flydeploy: process %s could not return to the files on disk: %s", entry["pid"],
+                          _reply_error(entry))
+
+
+def _start_guardian(app: str) -> int:
+    """Fork a process that, once this run ends however it ends (a SIGKILL, a timeout's kill),
+    recovers what it left; returns the descriptor whose closing ends the run."""
+    read, write = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the guardian
+        try:
+            os.close(write)
+            while os.read(read, 1):
+                pass
+            with _machine_lock(app):
+                _recover_and_resync(app)
+        except FlyDeployError as exc:
+            log.error("flydeploy: recovering after the upgrade run failed: %s", exc)
+        except BaseException:
+            log.exception("flydeploy: recovering after the upgrade run failed")
+        finally:
+            sys.stdout.flush()
+            os._exit(0)
+    os.close(read)
+    return write
+
+
+# --- the phases ---
+
+@dataclasses.dataclass
+class _Staged:
+    """A release downloaded and staged on this machine: what publishing it changes."""
+
+    app: str
+    state: dict  # the state file that names it once published
+    journal: dict
+    unchanged: int
+    notes: list[str]
+
+    @property
+    def written(self) -> int:
+        return len(self.journal["files"])
+
+
+def _download_release(store: Store, key: str, area: str, sha256: str | None, app: str) -> tuple[dict, str, str]:
+    """Phase DOWNLOAD: the release verified and unpacked in ``area``; ``(manifest, tree, sha256)``."""
+    tarball = os.path.join(area, "release.tar.gz")
+    digest = store.download(key, tarball)
+    if sha256 and digest.lower() != sha256.lower():
+        raise AgentError(f"hash mismatch for {key}: expected sha256 {sha256.lower()}, downloaded {digest}; "
+                         "the stored tarball is not the recorded release. Nothing was written; push it again.")
+    _reached(app, "unpack")
+    tree = os.path.join(area, "tree")
+    manifest = unpack_release(tarball, tree)  # its hash was checked as it was downloaded
+    if manifest.get("app") not in (None, app):
+        raise AgentError(f"{key} is a release of app {manifest['app']!r}, not of {app!r}; nothing was written. "
+                         "Check the --app and --url of the upgrade.")
+    return manifest, tree, digest
+
+
+def _write_staged(source: str, staged: str, mode: int, owner: tuple[int, int] | None) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(staged)
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as out, open(source, "rb") as data:
+        if owner is not None:
+            os.fchown(out.fileno(), *owner)
+        shutil.copyfileobj(data, out, _IO_CHUNK)
+        out.flush()
+        os.fsync(out.fileno())
+        os.fchmod(out.fileno(), mode)
+
+
+def _stage_release(app: str, manifest: dict, tree: str, digest: str, *, app_root: str, image_ref: str | None,
+                   deployed_at: str | None, located: Mapping[str, str]) -> _Staged:
+    """Phase STAGE (under the machine lock): each changed member written beside its destination.
+
+    Destinations are the members' own paths under ``app_root``; the journal
+    lists them before any file is made, so a run that dies here leaves
+    nothing the next one cannot remove.  A file keeps the mode and owner of
+    the one it replaces (a new one: the release's mode, the folder's owner).
+    The state records every file of the release where it is on this machine,
+    with its sha256 (``files``), so each process can tell which changed.
+    A failure removes everything staged and raises.
     """
-    changed = [(rel, dest) for rel, dest in sorted(plan.items()) if _file_sha256(dest) != hashes[rel]]
+    hashes = manifest["files"]
+    destinations = {rel: _destination(app_root, rel) for rel in sorted(hashes)}
+    changed = [(rel, dest) for rel, dest in destinations.items() if _file_sha256(dest) != hashes[rel]]
     for rel, dest in changed:
-        if os.path.isdir(dest) and not os.path.islink(dest):
+        if os.path.isdir(dest):
             raise AgentError(f"cannot write the release: {dest} is a directory, where the release has the "
                              f"file {rel}; no file was changed. Move the directory away (or rename the file in "
                              "the app), then upgrade again.")
-    installed = _Installed(len(plan) - len(changed))
-    staged: list[tuple[str, str]] = []
-
-    def stage(source: str, dest: str, mode: int, owner: tuple[int, int]) -> None:
-        def copy(out: BinaryIO) -> None:
-            if os.geteuid() == 0:
-                os.fchown(out.fileno(), *owner)
-            with open(source, "rb") as data:
-                shutil.copyfileobj(data, out, _IO_CHUNK)
-        # Published below, once every file is staged.
-        _write_atomically(dest, copy, mode=mode, replace=lambda tmp, _dest: staged.append((tmp, dest)))
-
+    journal = {"version": manifest.get("version"), "app_root": app_root, "phase": "staging", "dirs": [],
+               "files": [{"dest": dest, "existed": os.path.lexists(dest)} for _rel, dest in changed],
+               "state_before": _state_text(app)}
+    state = {"app": app, "version": manifest.get("version"), "sha256": digest,
+             "source_image_ref": manifest.get("source_image_ref"), "deployed_at": deployed_at,
+             "image_ref": image_ref, "installed_at": _iso_utc(_utc_now()),
+             "files": {dest: hashes[rel] for rel, dest in destinations.items()}}
+    _save_journal(app, journal)
     try:
-        for rel, dest in changed:
-            source = os.path.join(source_dir, *rel.split("/"))
+        for number, (rel, dest) in enumerate(changed):
+            if number == len(changed) // 2:
+                _reached(app, "stage")
+            source = os.path.join(tree, *rel.split("/"))
             try:
                 current = os.stat(dest)
                 mode, owner = stat.S_IMODE(current.st_mode), (current.st_uid, current.st_gid)
             except FileNotFoundError:
-                _make_dirs(os.path.dirname(dest), installed.created_dirs)
+                _make_dirs(os.path.dirname(dest), app, journal)
                 parent = os.stat(os.path.dirname(dest))
                 mode, owner = stat.S_IMODE(os.stat(source).st_mode), (parent.st_uid, parent.st_gid)
-            stage(source, dest, mode, owner)
-        for tmp, dest in staged:
-            backup = None
-            if os.path.lexists(dest):
-                backup = f"{tmp}.old"
-                os.link(dest, backup, follow_symlinks=False)
-            try:
-                os.replace(tmp, dest)
-            except OSError:
-                if backup is not None:
-                    os.unlink(backup)
-                raise
-            installed.backups.append((dest, backup))
-            installed.written.append(dest)
-        for directory in sorted({os.path.dirname(dest) for dest in installed.written}):
-            _fsync_dir(directory)
+            _write_staged(source, _beside(dest, _STAGED_SUFFIX), mode, owner if os.geteuid() == 0 else None)
     except (OSError, FlyDeployError) as exc:
-        for tmp, _dest in staged:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        installed.undo()
+        _undo_files(journal)
+        _drop_journal(app)
         raise AgentError(f"cannot write the release: {exc}; no file was changed. "
                          "Check the permissions and free space of the app directory.") from exc
-    return installed
+    return _Staged(app, state, journal, len(destinations) - len(changed),
+                   _elsewhere_notes(located, destinations))
+
+
+def _make_dirs(directory: str, app: str, journal: dict) -> None:
+    """``os.makedirs`` that lists each directory in the journal before creating it (parents first)."""
+    missing = []
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    if missing:
+        journal["dirs"].extend(reversed(missing))
+        _save_journal(app, journal)
+    for path in reversed(missing):
+        os.mkdir(path, 0o755)
+
+
+def _publish_staged(staged: _Staged) -> None:
+    """Phase PUBLISH: the staged files replace the live ones (the old ones kept) and the state file
+    names the release.  A failure puts everything back and raises."""
+    journal = staged.journal
+    journal["phase"] = "publishing"
+    _save_journal(staged.app, journal)
+    try:
+        for number, entry in enumerate(journal["files"]):
+            if number == len(journal["files"]) // 2:
+                _reached(staged.app, "publish")
+            dest = entry["dest"]
+            if entry["existed"]:
+                kept = _beside(dest, _KEPT_SUFFIX)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(kept)
+                os.link(dest, kept, follow_symlinks=False)
+            os.replace(_beside(dest, _STAGED_SUFFIX), dest)
+        for directory in sorted({os.path.dirname(entry["dest"]) for entry in journal["files"]}):
+            _fsync_dir(directory)
+    except OSError as exc:
+        _undo_staged(staged)
+        raise AgentError(f"cannot write the release: {exc}; no file was changed. "
+                         "Check the permissions and free space of the app directory.") from exc
+    try:
+        _write_state(staged.app, staged.state)
+        journal["phase"] = "published"
+        _save_journal(staged.app, journal)
+    except BaseException:
+        _undo_staged(staged)
+        raise
+
+
+def _undo_staged(staged: _Staged) -> None:
+    """Phase UNDO: every file and the state file as they were before; the journal gone."""
+    _undo_files(staged.journal)
+    if staged.journal["phase"] != "staging":
+        _put_back_state(staged.app, staged.journal["state_before"])
+    _drop_journal(staged.app)
+
+
+def _commit_staged(staged: _Staged) -> None:
+    """Phase COMMIT: past the point of no return, the old files are dropped."""
+    staged.journal["phase"] = "committed"
+    _save_journal(staged.app, staged.journal)
+    _reached(staged.app, "commit")
+    _commit_files(staged.journal)
+    _drop_journal(staged.app)
+
+
+def _apply_everywhere(app: str, release: dict, suspend_timeout: float, *, exclude_pid: int | None = None,
+                      here: bool = False, skip: Collection[int] = ()) -> list[dict]:
+    """Phase APPLY: every agent of ``app`` (and, with ``here``, this process), but those in
+    ``skip``, loads ``release`` from the disk; one ``_ask_agents`` entry per process."""
+    entries = _ask_agents(app, _apply_request(release, suspend_timeout), timeout=_apply_wait(suspend_timeout),
+                          exclude_pid=os.getpid() if here else exclude_pid, skip=skip)
+    if here and os.getpid() not in skip:
+        report = _apply_here(_release_of(release, os.environ.get("FLY_IMAGE_REF")), suspend_timeout=suspend_timeout)
+        entries.append({"pid": os.getpid(), "reply": {"ok": bool(report["ok"]), "pid": os.getpid(),
+                                                      "name": _process_name(), "report": report}})
+    return entries
 
 
 def _key_in(store: Store, url: str) -> str | None:
@@ -8559,100 +8921,153 @@ def _store_for_url(url: str, store: Store | None = None) -> tuple[Store, str]:
     return S3.from_env(bucket=bucket, addressing_style=style), key
 
 
-def _fetch_release(store: Store, key: str, workdir: str, sha256: str | None, app: str) -> tuple[dict, str, str]:
-    """Download, verify and unpack a release of ``app`` into ``workdir``; returns ``(manifest, tree, sha256)``."""
-    tarball = os.path.join(workdir, "release.tar.gz")
-    digest = store.download(key, tarball)
-    if sha256 and digest.lower() != sha256.lower():
-        raise AgentError(f"hash mismatch for {key}: expected sha256 {sha256.lower()}, downloaded {digest}; "
-                         "the stored tarball is not the recorded release. Nothing was written; push it again.")
-    tree = os.path.join(workdir, "tree")
-    manifest = unpack_release(tarball, tree)  # its hash was checked as it was downloaded
-    if manifest.get("app") not in (None, app):
-        raise AgentError(f"{key} is a release of app {manifest['app']!r}, not of {app!r}; nothing was written. "
-                         "Check the --app and --url of the upgrade.")
-    return manifest, tree, digest
-
-
 def _most_common(values: list[str], default: str | None) -> str | None:
     counts = collections.Counter(value for value in values if value)
     return min(counts, key=lambda value: (-counts[value], value)) if counts else default
 
 
-def _locate_on_machine(app: str, paths: list[str], *,
-                       in_process: bool) -> tuple[dict[str, str], str, str | None]:
-    """Where this machine's processes loaded the members from, the app root for the rest, and their image.
+def _locate_on_machine(app: str, paths: list[str], *, in_process: bool,
+                       app_root: str) -> tuple[dict[str, str], str | None]:
+    """Where this machine's processes loaded modules named like the members from, and their image.
 
-    Asks every agent; with ``in_process`` this process answers from its own
-    modules, directory and image instead of through its socket.  Otherwise
-    the working directory and ``FLY_IMAGE_REF`` most of the processes share
-    win (an exec'd command may lack the app's environment).
+    The locations only ever feed the notes of the result; the image is the
+    one most of the processes share (an exec'd command may lack the app's
+    environment).  With ``in_process`` this process answers for itself.
+    Processes that track roots of which none overlaps ``app_root`` refuse
+    the upgrade before anything is written: the command runs in the wrong
+    place, and would write where no process looks.
     """
     located: dict[str, str] = {}
-    cwds, image_refs = [], []
+    image_refs, roots = [], set()
     for entry in _ask_agents(app, {"op": "locate", "paths": paths}, timeout=_LOCATE_TIMEOUT,
                              exclude_pid=os.getpid() if in_process else None):
         reply = entry.get("reply") or {}
         if reply.get("ok") and isinstance(reply.get("located"), dict):
-            for rel, dest in reply["located"].items():
-                if rel in paths and isinstance(dest, str) and _under_as(dest, rel):
-                    located.setdefault(rel, dest)
-            cwds.append(reply.get("cwd"))
+            for rel, where in reply["located"].items():
+                if rel in paths and isinstance(where, str):
+                    located.setdefault(rel, where)
             image_refs.append(reply.get("image_ref"))
+            roots.update(root for root in reply.get("roots") or () if isinstance(root, str))
+    if roots and not any(_is_under(root, app_root) or _is_under(app_root, root) for root in roots):
+        raise AgentError(f"the app root here is {app_root}, but the app's processes run code from "
+                         f"{', '.join(sorted(roots))}; nothing was written. Run the command in the app's "
+                         "directory, or set FLYDEPLOY_APP_ROOT to it.")
     if in_process:
-        located.update(_locate_own_members(paths))
-        cwd, image_ref = os.getcwd(), os.environ.get("FLY_IMAGE_REF") or None
-    else:
-        cwd, image_ref = _most_common(cwds, os.getcwd()), _most_common(image_refs, None)
-    return located, _choose_app_root(located, cwd), image_ref
+        located.update(_locate_members(paths, *_loaded_locations(paths)))
+        return located, os.environ.get("FLY_IMAGE_REF") or None
+    return located, _most_common(image_refs, None)
 
 
 class _Superseded(AgentError):
     """This machine already installed a release deployed after the one asked for."""
 
 
-def _install_release(app: str, store: Store, key: str, sha256: str | None, *, deployed_at: str | None,
-                     in_process: bool, unless_installed: dict | None = None) -> dict | None:
-    """Download, verify and write a release on this machine; record it in the state file.
+@dataclasses.dataclass
+class _MachineRun:
+    """What the phases did on this machine: the state record of the release, one entry per
+    process (``_ask_agents``'s shape), and whether the release stayed on disk."""
 
-    Callers hold the machine lock, so one process at a time does the file
-    work.  With ``unless_installed`` (a release record) it returns None
-    without downloading when the state file shows that release installed.
-    A release deployed before the one installed raises ``_Superseded``: two
-    upgrades that raced, or a stale metadata read, never roll a machine back.
-    Returns the new state plus ``files_written`` and ``files_unchanged``.
-    The state records every file of the release where it is on this machine,
-    with its sha256 (``files``), so each process can tell which changed.
+    state: dict
+    entries: list[dict]
+    committed: bool
+    written: int
+    unchanged: int
+    notes: list[str]
+
+
+def _went_back(entries: list[dict], back: list[dict], version: str | None, previous: dict) -> list[dict]:
+    """The entries of an undone upgrade: each process as it ended up, after following the disk back."""
+    back_by_pid = {entry["pid"]: entry for entry in back}
+    target = previous.get("version") or "the image's code"
+    ended = []
+    for entry in entries:
+        reply = entry.get("reply") or {}
+        if not reply.get("ok"):
+            ended.append(entry)
+            continue
+        returned = back_by_pid.get(entry["pid"]) or {}
+        if (returned.get("reply") or {}).get("ok"):
+            why = f"applied {version}, then went back to {target} with the files, since not every process applied it"
+        else:
+            why = (f"applied {version} but could not go back to {target} with the files ({_reply_error(returned)}); "
+                   "restart it")
+        ended.append({**entry, "error": why, "reply": {**reply, "ok": False,
+                                                       "report": {**(reply.get("report") or {}), "rolled_back": True}}})
+    known = {entry["pid"] for entry in entries}
+    ended += [entry for entry in back if entry["pid"] not in known and not (entry.get("reply") or {}).get("ok")]
+    return ended
+
+
+def _upgrade_machine(app: str, store: Store, key: str, sha256: str | None, *, deployed_at: str | None,
+                     suspend_timeout: float, in_process: bool, unless_installed: dict | None = None,
+                     given_up: threading.Event | None = None) -> _MachineRun | None:
+    """Every phase of one machine's upgrade (see the list at the top of this part).
+
+    The download needs no lock; the rest runs under the machine lock, so one
+    process at a time does the file work, and a dead run's journal is dealt
+    with first.  With ``in_process`` this process applies too.  With
+    ``unless_installed`` (a release record) it returns None when the state
+    file shows that release installed.  A release deployed before the one
+    installed raises ``_Superseded``: two upgrades that raced, or a stale
+    metadata read, never roll a machine back.  Once ``given_up`` is set (the
+    caller stopped waiting) it ends after the download, having changed nothing.
     """
-    state = _read_state(app)
-    if state and deployed_at and (state.get("deployed_at") or "") > deployed_at:
-        raise _Superseded(f"refusing {key} (deployed at {deployed_at}): this machine already installed "
-                          f"{state.get('version')}, deployed later ({state['deployed_at']}); nothing was written")
-    if unless_installed is not None and _same_release(state, unless_installed) and _for_this_image(state):
+    def check_installed() -> bool:
+        state = _read_state(app)
+        if state and deployed_at and (state.get("deployed_at") or "") > deployed_at:
+            raise _Superseded(f"refusing {key} (deployed at {deployed_at}): this machine already installed "
+                              f"{state.get('version')}, deployed later ({state['deployed_at']}); nothing was written")
+        return unless_installed is not None and _same_release(state, unless_installed) and _for_this_image(state)
+
+    if check_installed():
         return None
-    with tempfile.TemporaryDirectory(prefix="flydeploy-release-") as workdir:
-        manifest, tree, digest = _fetch_release(store, key, workdir, sha256, app)
-        paths = sorted(manifest["files"])
-        located, app_root, image_ref = _locate_on_machine(app, paths, in_process=in_process)
-        destinations = _plan_destinations(paths, located, app_root)
-        installed = _install_files(destinations, manifest["files"], tree)
-        state = {"app": app, "version": manifest.get("version"), "sha256": digest,
-                 "source_image_ref": manifest.get("source_image_ref"), "deployed_at": deployed_at,
-                 "image_ref": image_ref, "installed_at": _iso_utc(_utc_now()),
-                 "files": {dest: manifest["files"][rel] for rel, dest in destinations.items()}}
-        try:
-            _write_state(app, state)
-        except BaseException:
-            installed.undo()
-            raise
-        installed.commit()
-    log.info("flydeploy: %s %s: wrote %d files, %d unchanged", app, state["version"], len(installed.written),
-             installed.unchanged)
-    return {**state, "files_written": len(installed.written), "files_unchanged": installed.unchanged}
+    area = os.path.join(_work_dir(app), f"{_WORK_AREA_PREFIX}{os.getpid()}")
+    try:
+        shutil.rmtree(area, ignore_errors=True)
+        os.mkdir(area, 0o700)
+        log.info("flydeploy: downloading %s", key)
+        manifest, tree, digest = _download_release(store, key, area, sha256, app)
+        if given_up is not None and given_up.is_set():
+            raise _StartupLate
+        with _machine_lock(app):
+            _recover_and_resync(app, exclude_pid=os.getpid() if in_process else None)
+            if check_installed():
+                return None
+            paths = sorted(manifest["files"])
+            app_root = _machine_app_root(in_process=in_process)
+            located, image_ref = _locate_on_machine(app, paths, in_process=in_process, app_root=app_root)
+            staged = _stage_release(app, manifest, tree, digest, app_root=app_root, image_ref=image_ref,
+                                    deployed_at=deployed_at, located=located)
+            shutil.rmtree(area, ignore_errors=True)
+            _publish_staged(staged)
+            try:
+                entries = _apply_everywhere(app, staged.state, suspend_timeout, here=in_process)
+            except BaseException:
+                _undo_staged(staged)
+                raise
+            committed = all((entry.get("reply") or {}).get("ok") for entry in entries)
+            if committed:
+                _commit_staged(staged)
+            else:
+                _undo_staged(staged)
+                previous = _previous_release(staged.journal)
+                # Those that failed are back on their old code, or will follow the disk when done.
+                failed = {entry["pid"] for entry in entries if not (entry.get("reply") or {}).get("ok")}
+                back = _apply_everywhere(app, previous, suspend_timeout, here=in_process, skip=failed)
+                entries = _went_back(entries, back, staged.state["version"], previous)
+    finally:
+        shutil.rmtree(area, ignore_errors=True)
+    log.info("flydeploy: %s %s: %s %d files, %d unchanged", app, staged.state["version"],
+             "wrote" if committed else "put back", staged.written, staged.unchanged)
+    for note in staged.notes:
+        log.info("flydeploy: %s", note)
+    return _MachineRun(staged.state, entries, committed, staged.written if committed else 0, staged.unchanged,
+                       staged.notes)
 
 
 def _apply_request(release: dict, suspend_timeout: float) -> dict:
-    return {"op": "apply", "suspend_timeout": suspend_timeout,
+    """An apply request; past its ``answer_by`` (seconds since the epoch) the asker has given up on it."""
+    return {"op": "apply", "suspend_timeout": suspend_timeout, "answer_by": time.time() + _apply_wait(suspend_timeout),
             **{key: release.get(key) for key in _RELEASE_FIELDS}}
 
 
@@ -8738,6 +9153,72 @@ def _fresh_upgrade_id() -> str:
     return f"{_utc_now().strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(4)}"
 
 
+def _acting_owner(app: str) -> tuple[int, int] | None:
+    """The user (uid, gid) whose rights root's file work for ``app`` takes; None: its own.
+
+    The runtime directory tells: one that belongs to another user than root
+    (or a runtime root that does) is that user's, who could put anything
+    there, so root acts as that user.  Before any process made it, the owner
+    of the app root decides, as ``_work_dir`` does.
+    """
+    if os.geteuid() != 0:
+        return None
+    owners = set()
+    for directory in (_runtime_root(), os.path.join(_runtime_root(), app)):
+        try:
+            info = os.lstat(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if info.st_uid != 0:
+            owners.add((info.st_uid, info.st_gid))
+    if not os.path.lexists(os.path.join(_runtime_root(), app)):
+        code = os.stat(_machine_app_root(in_process=False))
+        if code.st_uid != 0:
+            owners.add((code.st_uid, code.st_gid))
+    if len({uid for uid, _gid in owners}) > 1:
+        raise AgentError(f"the runtime directory {os.path.join(_runtime_root(), app)} and what holds it belong to "
+                         f"different users (uids {sorted(uid for uid, _gid in owners)}); flydeploy refuses it. "
+                         "Remove them, or set FLYDEPLOY_RUNTIME_DIR to a private directory.")
+    return owners.pop() if owners else None
+
+
+def _run_as(owner: tuple[int, int], work: Callable[[], dict]) -> dict:
+    """``work()`` in a forked process with the rights of ``owner`` alone; its JSON-ready result."""
+    uid, gid = owner
+    import concurrent.futures.thread  # noqa: F401  (loaded lazily: the user may not read the interpreter's files)
+    read, write = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read)
+            try:
+                os.initgroups(pwd.getpwuid(uid).pw_name, gid)
+            except KeyError:
+                os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            result = json.dumps(work(), default=str).encode()
+            with os.fdopen(write, "wb") as out:
+                out.write(result)
+            code = 0
+        except BaseException:
+            log.exception("flydeploy: the upgrade as uid %d failed", uid)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    if not data:
+        raise AgentError(f"the upgrade run as the app's user (uid {uid}) ended without a result; see its output")
+    return json.loads(data)
+
+
 def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
                 suspend_timeout: float = _DEFAULT_SUSPEND_TIMEOUT,
                 upgrade_id: str | None = None, store: Store | None = None) -> dict:
@@ -8745,21 +9226,25 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
 
     Downloads the tarball (signed, streamed, retried; an S3 URL of the
     configured endpoint or a ``file://`` URL of a local store), verifies
-    ``sha256`` when given and unpacks it safely, then writes only the files
-    whose content changed, each atomically, to where the running processes
-    loaded them from (else under the app root), records the version in the
-    machine's state file and asks every live agent to apply it, concurrently;
-    a process that has not answered ``suspend_timeout`` plus a margin later
-    is reported failed.  A release recorded in current.json before the one
-    this machine installed is refused, so racing upgrades never roll back.
+    ``sha256`` when given and unpacks it safely, then stages the files whose
+    content changed, each at its own path under the app root, publishes
+    them, records the version in the machine's state file and asks every
+    live agent to apply it, concurrently (the phases are listed at the top
+    of this part); a process that has not answered ``suspend_timeout`` plus
+    a margin later is reported failed.  Unless every process applied it,
+    every file and the state file are put back and the processes that had
+    applied it follow the disk back.  A release recorded in current.json
+    before the one this machine installed is refused, so racing upgrades
+    never roll back.  Run as root for an app whose runtime directory belongs
+    to another user, the work is done with that user's rights.
 
     Returns the per-machine result (DESIGN.md's result-file shape, plus
-    ``upgrade_id``): success only if every process succeeded, and there was
-    at least one.  Every failure is reported in it, never raised; a bad
-    tarball, a hash mismatch or unreachable storage fail before any file is
-    written, and a failure while writing puts every file back.  Credentials
-    in the URL never appear in it.  The result is also stored, best effort,
-    at ``releases/<app>-results/<upgrade_id>/<machine_id>.json`` (the upgrade
+    ``upgrade_id`` and ``notes``): success only if every process succeeded,
+    and there was at least one.  Every failure is reported in it, never
+    raised; a bad tarball, a hash mismatch or unreachable storage fail
+    before any file is written.  Credentials in the URL never appear in it.
+    The result is also stored, best effort, at
+    ``releases/<app>-results/<upgrade_id>/<machine_id>.json`` (the upgrade
     id defaults to ``sha256``, else a fresh one).
     """
     _check_name("app", app)
@@ -8767,30 +9252,42 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
         raise ConfigError(f"suspend_timeout must be a positive number of seconds, not {suspend_timeout!r}")
     upgrade_id = _check_name("upgrade id", upgrade_id or (sha256 or "").lower() or _fresh_upgrade_id())
     started = time.monotonic()
-    installed, replies, error, key = None, [], None, None
+    run, error, key, guardian = None, None, None, None
     try:
+        owner = _acting_owner(app)
+        if owner is not None:
+            return _run_as(owner, functools.partial(hot_upgrade, tarball_url, app, sha256=sha256,
+                                                    suspend_timeout=suspend_timeout, upgrade_id=upgrade_id,
+                                                    store=store))
         store, key = _store_for_url(tarball_url, store)
         deployed_at = _recorded_deployed_at(store, app, key)
-        log.info("flydeploy: downloading %s", key)
-        # The lock covers the apply too: the version each process records is the one on disk.
-        with _machine_lock(app):
-            installed = _install_release(app, store, key, sha256, deployed_at=deployed_at, in_process=False)
-            replies = _ask_agents(app, _apply_request(installed, suspend_timeout),
-                                  timeout=_apply_wait(suspend_timeout))
-        if not replies:
+        guardian = _start_guardian(app)
+        run = _upgrade_machine(app, store, key, sha256, deployed_at=deployed_at, suspend_timeout=suspend_timeout,
+                               in_process=False)
+        if not run.entries:
             raise AgentError(f"no flydeploy agent of {app} runs on this machine, so no running process loaded "
-                             f"{installed['version']} (its files are written); the app must call "
+                             f"{run.state['version']} (its files are written); the app must call "
                              "flydeploy.startup_reapply_current() at boot")
+        if not run.committed:
+            failures = [f"process {(e.get('reply') or {}).get('name') or e['pid']} failed: {_reply_error(e)}"
+                        for e in run.entries if not (e.get("reply") or {}).get("ok")]
+            error = ("; ".join(failures) + f"; {run.state['version']} was taken off the disk again: every file and "
+                     "the state file are as before")
     except FlyDeployError as exc:
         error = str(exc)
     except Exception as exc:  # whatever went wrong, the caller gets a result
         log.error("flydeploy: unexpected error", exc_info=True)
         error = f"unexpected error: {exc!r}"
+    finally:
+        if guardian is not None:
+            os.close(guardian)
     if error is not None:
         error = _scrub(error, tarball_url, os.environ.get("AWS_ENDPOINT_URL_S3"))
-    result = _machine_result(replies, version=(installed or {}).get("version"), started=started,
-                             installed=installed, error=error)
+    result = _machine_result(run.entries if run else [], version=run.state["version"] if run else None,
+                             started=started, error=error,
+                             installed=run and {"files_written": run.written, "files_unchanged": run.unchanged})
     result["upgrade_id"] = upgrade_id
+    result["notes"] = run.notes if run else []
     for process in result["processes"]:
         log.info("flydeploy: %s %s", process["name"], "ok" if process["ok"] else process["error"])
     if key is not None:
@@ -8829,43 +9326,49 @@ def _current_hot_upgrade(doc: dict) -> dict | None:
     return hot
 
 
-def _catch_up_machine(store: Store, app: str, hot: dict) -> str:
+def _catch_up_machine(store: Store, app: str, hot: dict, *, given_up: threading.Event | None = None) -> str:
     """Bring this machine and this process to the recorded hot upgrade ``hot``.
 
-    Under the machine lock, the first process to get here downloads and writes
-    the files and tells the other agents; everyone else finds the state file
-    current.  This process then reloads its own changed modules.  Returns
-    ``applied`` when this call installed the files, else ``up_to_date`` (also
-    when the machine installed a later release: a stale read never rolls back).
+    The first process to get here downloads and installs the files, and it
+    and every other agent apply them (``_upgrade_machine``); everyone else
+    finds the state file current and only reloads its own changed modules.
+    Returns ``applied`` when this call installed the files, else
+    ``up_to_date`` (also when the machine installed a later release: a stale
+    read never rolls back).
     """
     if _same_release(_held, hot):
         return "up_to_date"  # this process loaded it (its agent caught up at start): so did the machine
     release = _release_of(hot, os.environ.get("FLY_IMAGE_REF"))
     store, key = _store_for_url(hot["tarball_url"], store)
-    with _machine_lock(app):
-        try:
-            installed = _install_release(app, store, key, hot.get("sha256"), deployed_at=hot.get("deployed_at"),
-                                         in_process=True, unless_installed=release)
-        except _Superseded as exc:
-            log.info("flydeploy: %s", exc)
-            return "up_to_date"
-        if installed is not None:
-            release["sha256"] = installed["sha256"]
-            request = _apply_request(release, _DEFAULT_SUSPEND_TIMEOUT)
-            for entry in _ask_agents(app, request, timeout=_apply_wait(_DEFAULT_SUSPEND_TIMEOUT),
-                                     exclude_pid=os.getpid()):
-                if not (entry.get("reply") or {}).get("ok"):
-                    log.error("flydeploy: process %s did not apply %s: %s", entry["pid"], release["version"],
-                              _reply_error(entry))
-        report = _apply_here(release)
-    if not report["ok"]:
-        raise _LoadFailed(f"this process could not load hot upgrade {release['version']}: {report['error']}")
-    return "up_to_date" if installed is None else "applied"
+    try:
+        run = _upgrade_machine(app, store, key, hot.get("sha256"), deployed_at=hot.get("deployed_at"),
+                               suspend_timeout=_DEFAULT_SUSPEND_TIMEOUT, in_process=True, unless_installed=release,
+                               given_up=given_up)
+    except _Superseded as exc:
+        log.info("flydeploy: %s", exc)
+        return "up_to_date"
+    if run is None:
+        with _machine_lock(app, shared=True):
+            report = _apply_here(release)
+        if not report["ok"]:
+            raise _LoadFailed(f"this process could not load hot upgrade {release['version']}: {report['error']}")
+        return "up_to_date"
+    if not run.committed:
+        failures = [f"process {entry['pid']}: {_reply_error(entry)}" for entry in run.entries
+                    if not (entry.get("reply") or {}).get("ok")]
+        raise _LoadFailed(f"hot upgrade {release['version']} was not loaded by every process of this machine, "
+                          f"so it was taken off the disk again: {'; '.join(failures)}")
+    return "applied"
 
 
-def _reconcile(store: Store, app: str, image_ref: str) -> tuple[str, str | None, str | None]:
-    """One boot-time pass over current.json; returns ``(status, version, etag of what was read)``."""
+def _reconcile(store: Store, app: str, image_ref: str, *,
+               given_up: threading.Event | None = None) -> tuple[str, str | None, str | None]:
+    """One boot-time pass over current.json; returns ``(status, version, etag of what was read)``.
+
+    Once ``given_up`` is set, it stops before writing anything."""
     doc, etag = read_current(store, app)
+    if given_up is not None and given_up.is_set():
+        raise _StartupLate
     status = "up_to_date"
     if doc is None or doc.get("image_ref") != image_ref:
         # Conditional on what is there when writing: a machine of this image
@@ -8876,22 +9379,55 @@ def _reconcile(store: Store, app: str, image_ref: str) -> tuple[str, str | None,
     hot = _current_hot_upgrade(doc)
     if hot is None:
         return status, None, etag
-    return _catch_up_machine(store, app, hot), hot["version"], etag
+    return _catch_up_machine(store, app, hot, given_up=given_up), hot["version"], etag
 
 
-def _poll_interval(poll_interval: float | None) -> float | None:
-    if poll_interval is None:
-        raw = os.environ.get("FLYDEPLOY_POLL_INTERVAL", "").strip()
+def _seconds_setting(value: float | None, variable: str, what: str, example: str) -> float | None:
+    """``value``, else the environment variable ``variable``, as positive seconds; None when neither is set."""
+    if value is None:
+        raw = os.environ.get(variable, "").strip()
         if not raw:
             return None
         try:
-            poll_interval = float(raw)
+            value = float(raw)
         except ValueError:
-            raise ConfigError(f"FLYDEPLOY_POLL_INTERVAL={raw!r} is not a number of seconds; "
-                              "set it to e.g. 30, or unset it") from None
-    if not _is_positive_seconds(poll_interval):
-        raise ConfigError(f"the poll interval must be a positive number of seconds, not {poll_interval!r}")
-    return float(poll_interval)
+            raise ConfigError(f"{variable}={raw!r} is not a number of seconds; "
+                              f"set it to e.g. {example}, or unset it") from None
+    if not _is_positive_seconds(value):
+        raise ConfigError(f"the {what} must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+def _poll_interval(poll_interval: float | None) -> float | None:
+    return _seconds_setting(poll_interval, "FLYDEPLOY_POLL_INTERVAL", "poll interval", "30")
+
+
+def _reconcile_within(deadline: float, store: Store, app: str, image_ref: str,
+                      ) -> tuple[str, str | None, str | None]:
+    """``_reconcile`` bounded by ``deadline`` (monotonic seconds).  Past it this raises and the
+    pass is given up: a storage call that answers later changes nothing on this machine."""
+    outcome: list = []
+    given_up = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome.append(_reconcile(store, app, image_ref, given_up=given_up))
+        except BaseException as exc:  # handed to the caller
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, name=f"flydeploy-startup[{app}]", daemon=True)
+    worker.start()
+    worker.join(max(0.0, deadline - time.monotonic()))
+    if not outcome:
+        given_up.set()
+        raise _StartupLate
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+class _StartupLate(FlyDeployError):
+    """The boot-time pass did not end within the startup deadline."""
 
 
 class _Poller:
@@ -8955,8 +9491,19 @@ def _outcome(status: str, *, error: str | None = None, version: str | None = Non
             "duration_ms": 0.0 if started is None else round((time.perf_counter() - started) * 1000, 3)}
 
 
+def _recover_at_boot(app: str) -> None:
+    """Before anything else at boot: what a stopped upgrade left on disk is finished or undone."""
+    try:
+        directory = _app_dir(app, create=False)
+        if directory is not None and os.path.exists(os.path.join(directory, _JOURNAL_FILE)):
+            with _machine_lock(app, timeout=_SETTLE_WAIT):
+                _recover_and_resync(app, exclude_pid=os.getpid())
+    except FlyDeployError as exc:
+        log.error("flydeploy: could not recover what a stopped upgrade of %s left: %s", app, exc)
+
+
 def startup_reapply_current(app: str | None = None, *, poll_interval: float | None = None,
-                            agent: bool = True, store: Store | None = None) -> dict:
+                            agent: bool = True, store: Store | None = None, deadline: float | None = None) -> dict:
     """Make this process (and machine) run the release recorded for its image; call it early at boot.
 
     ``app`` defaults to ``FLY_APP_NAME``; ``store`` to ``S3.from_env()``.
@@ -8974,6 +9521,11 @@ def startup_reapply_current(app: str | None = None, *, poll_interval: float | No
     is reported in ``error`` and the catch-up still runs.  An agent that
     cannot start is reported in ``agent_error`` and the catch-up still runs.
 
+    It returns within ``deadline`` seconds (or ``FLYDEPLOY_STARTUP_DEADLINE``,
+    default 5): storage that does not answer by then leaves the app on the
+    image's code, with the reason in ``error`` and the log; the poller, when
+    enabled, catches up later.
+
     A machine still on an older image that boots after a cold deploy resets
     the metadata to its own image, which drops a hot upgrade recorded for the
     new image: the new image's machines then run its own code until the next
@@ -8987,8 +9539,17 @@ def startup_reapply_current(app: str | None = None, *, poll_interval: float | No
     started = time.perf_counter()
     status, version, error, agent_path, agent_error, config_error = "error", None, None, None, None, None
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3")
+    interval = None
     try:
+        try:
+            limit = _seconds_setting(deadline, "FLYDEPLOY_STARTUP_DEADLINE", "startup deadline", "5")
+        except ConfigError as exc:
+            limit, config_error = None, str(exc)
+            log.error("flydeploy: %s; using the default startup deadline", exc)
+        limit = limit or _DEFAULT_STARTUP_DEADLINE
+        ends = time.monotonic() + limit
         app = _adopt_app(app)
+        _recover_at_boot(app)
         if agent:
             try:
                 agent_path = start_agent(app).path
@@ -8999,7 +9560,7 @@ def startup_reapply_current(app: str | None = None, *, poll_interval: float | No
         try:
             interval = _poll_interval(poll_interval)
         except ConfigError as exc:
-            interval, config_error = None, str(exc)
+            config_error = str(exc)
             log.error("flydeploy: no poller for %s: %s", app, exc)
         image_ref = os.environ.get("FLY_IMAGE_REF")
         if not image_ref:
@@ -9008,15 +9569,21 @@ def startup_reapply_current(app: str | None = None, *, poll_interval: float | No
             store = store if store is not None else S3.from_env()
             etag = None
             try:
-                status, version, etag = _reconcile(store, app, image_ref)
+                status, version, etag = _reconcile_within(ends, store, app, image_ref)
             finally:
                 if interval and _poller is None:
                     _poller = _Poller(store, app, image_ref, interval, etag)
+    except _StartupLate:
+        status, error = "error", (f"the storage did not answer within the startup deadline of {limit:g} s "
+                                  "(FLYDEPLOY_STARTUP_DEADLINE): booting on the image's code; "
+                                  + ("the poller catches up later" if interval else
+                                     "the next hot upgrade or restart catches up"))
+        log.error("flydeploy: startup reapply of %s: %s", app, error)
     except Exception as exc:  # boot must go on with the image's code
         status, error = "error", _scrub(str(exc) or repr(exc), endpoint)
         log.error("flydeploy: startup reapply of %s failed, continuing on the image's code: %s", app, error)
-    outcome = _outcome(status, error=error or config_error, version=version, agent=agent_path,
-                       agent_error=agent_error, started=started)
+    outcome = _outcome(status, error="; ".join(filter(None, (error, config_error))) or None, version=version,
+                       agent=agent_path, agent_error=agent_error, started=started)
     if status != "error":
         log.info("flydeploy: startup reapply of %s: %s%s", app, status, f" {version}" if version else "")
     return outcome

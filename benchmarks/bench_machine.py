@@ -86,7 +86,7 @@ def main() -> None:
                     ping_ms.append(timed([*rpc, "ping", "--app", APP], machine.env, machine.base))
                     started = time.perf_counter()
                     result = subprocess.run([*rpc, "upgrade", "--app", APP, "--url", url, "--sha256", sha],
-                                            env=machine.env, cwd=machine.base, capture_output=True, text=True)
+                                            env=machine.env, cwd=machine.app_root, capture_output=True, text=True)
                     upgrade_ms.append((time.perf_counter() - started) * 1000)
                     outcome = parse_result(result.stdout)
                     if result.returncode != 0 or outcome["processes_succeeded"] != PROCESSES \

@@ -199,7 +199,10 @@ class Machine:
         self.env.update({"PYTHONPATH": str(REPO), "FLY_APP_NAME": app, "FLY_MACHINE_ID": "m-" + base.name[-8:],
                          "FLY_REGION": "ams", "FLYDEPLOY_RUNTIME_DIR": str(self.runtime),
                          # Bytecode is cached, as on a real machine, but outside the app tree.
-                         "PYTHONPYCACHEPREFIX": str(base / "pycache")})
+                         "PYTHONPYCACHEPREFIX": str(base / "pycache"),
+                         # A boot catch-up on a busy test host may take longer than the default
+                         # deadline of a real machine; the deadline's own tests set theirs.
+                         "FLYDEPLOY_STARTUP_DEADLINE": "60"})
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         if image_ref:
             self.env["FLY_IMAGE_REF"] = image_ref
@@ -231,7 +234,9 @@ class Machine:
                               text=True, timeout=timeout)
 
     def rpc(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        return self.run([sys.executable, "-m", "flydeploy", "rpc", *args], env=env)
+        """``python -m flydeploy rpc ...`` started in the app root, as ``hot --local`` and an exec
+        in the app's directory start it: where the machine side takes the app root from."""
+        return self.run([sys.executable, "-m", "flydeploy", "rpc", *args], env=env, cwd=self.app_root)
 
     def python(self, code: str, *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return self.run([sys.executable, "-c", code], env=env, cwd=self.app_root)

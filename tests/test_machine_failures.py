@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -105,13 +107,19 @@ def test_a_stopped_process_fails_the_upgrade_within_the_suspend_timeout(machine,
     try:
         # Well inside the 30 s a Machines API exec waits by default.
         done = machine.run([sys.executable, "-m", "flydeploy", "rpc", "upgrade", "--app", "shop", "--url", url,
-                            "--suspend-timeout", "1"], timeout=25)
+                            "--suspend-timeout", "1"], timeout=25, cwd=machine.app_root)
     finally:
         os.kill(stopped.pid, signal.SIGCONT)
     result = parse_result(done.stdout)
-    assert done.returncode == 1 and result["processes_succeeded"] == 1
+    assert done.returncode == 1 and result["processes_succeeded"] == 0
     assert f"process {stopped.pid} did not answer within 11 s" in result["error"]
-    assert running.get()["greeting"] == "hello v2"
+    # Not every process applied it: the release is taken off the disk and the process that
+    # had applied it follows the disk back; the stopped one, resumed, never applies it late.
+    assert f"process main.py[{running.pid}] failed: applied v2, then went back" in result["error"]
+    assert (machine.app_root / "greet.py").read_text() == GREET_V1
+    assert not (machine.socket_dir() / "state.json").exists()
+    assert running.get()["greeting"] == "hello v1"
+    assert stopped.get()["greeting"] == "hello v1"
 
 
 SLOW_GREET_V2 = "import os, time\nopen(os.environ['APP_PORT_FILE'] + '.applying', 'w').close()\ntime.sleep(60)\n" + GREET_V2
@@ -122,7 +130,7 @@ def test_a_process_dying_mid_apply_is_reported_and_its_socket_removed(machine, t
     process = machine.start().wait_ready()
     _release, url = make_release(tmp_path, local_store, {**WEB_V2, "greet.py": SLOW_GREET_V2}, version="v2")
     rpc = subprocess.Popen([sys.executable, "-m", "flydeploy", "rpc", "upgrade", "--app", "shop", "--url", url],
-                           cwd=machine.base, env=machine.env, stdout=subprocess.PIPE, text=True)
+                           cwd=machine.app_root, env=machine.env, stdout=subprocess.PIPE, text=True)
     wait_for(lambda: pathlib.Path(f"{process.port_file}.applying").exists(), what="the apply to start")
     os.kill(process.pid, signal.SIGKILL)
     process.proc.wait()
@@ -142,7 +150,7 @@ def test_racing_upgrades_never_roll_the_machine_back(machine, tmp_path, local_st
         record = release.hot_upgrade_record(urls[version], deployed_at=f"2026-11-20T10:00:0{second}.000Z")
         flydeploy.record_hot_upgrade(local_store, "shop", record)
     both = [subprocess.Popen([sys.executable, "-m", "flydeploy", "rpc", "upgrade", "--app", "shop", "--url", url],
-                             cwd=machine.base, env=machine.env, stdout=subprocess.PIPE, text=True)
+                             cwd=machine.app_root, env=machine.env, stdout=subprocess.PIPE, text=True)
             for url in (urls["v2"], urls["v3"])]
     for rpc in both:
         result = parse_result(rpc.communicate(timeout=60)[0])
@@ -306,8 +314,21 @@ def test_a_runtime_directory_others_may_write_is_refused(machine):
     assert "chmod 700" in done.stderr
 
 
+@pytest.fixture
+def open_machine():
+    """A machine whose files another user may reach (pytest's own folders are root's alone)."""
+    base = pathlib.Path(tempfile.mkdtemp(prefix="fdo-", dir="/tmp"))
+    base.chmod(0o755)
+    machine = Machine(base)
+    yield machine
+    machine.close()
+    shutil.rmtree(base, ignore_errors=True)
+
+
 @ROOT_ONLY
-def test_a_root_upgrade_before_any_agent_leaves_the_directory_to_the_app_user(machine, tmp_path, local_store):
+def test_a_root_upgrade_before_any_agent_leaves_the_directory_to_the_app_user(open_machine):
+    machine, tmp_path = open_machine, open_machine.base
+    local_store = flydeploy.LocalStore(tmp_path / "store")
     machine.write({"greet.py": GREET_V1})
     for path in (machine.app_root, machine.app_root / "greet.py"):
         os.chown(path, 65534, 65534)
@@ -352,3 +373,89 @@ def test_a_release_of_another_app_is_refused(machine, tmp_path, local_store):
     code, result, output = upgrade(machine, url, env={"FLYDEPLOY_APP_ROOT": str(machine.app_root)})
     assert code == 1 and "is a release of app 'other', not of 'shop'" in result["error"], output
     assert (machine.app_root / "greet.py").read_text() == GREET_V1
+
+
+NOBODY = 65534
+FAKE_AGENT = '''
+import json, os, socket, sys
+path, named = sys.argv[1], sys.argv[2]
+os.setgid(65534)
+os.setuid(65534)
+sock = socket.socket(socket.AF_UNIX)
+sock.bind(os.path.join(path, f"{os.getpid()}.sock"))
+sock.listen()
+print("listening", flush=True)
+while True:
+    conn, _ = sock.accept()
+    request = json.loads(conn.makefile("rb").readline())
+    if request["op"] == "locate":
+        reply = {"ok": True, "located": {"greet.py": named}, "cwd": "/", "image_ref": None}
+    else:
+        reply = {"ok": True, "pid": os.getpid(), "name": "fake", "report": {"ok": True, "modules": ["greet"]}}
+    conn.sendall(json.dumps(reply).encode() + b"\\n")
+    conn.close()
+'''
+
+
+@ROOT_ONLY
+def test_root_never_writes_for_a_directory_and_agent_another_user_controls(open_machine):
+    machine = open_machine
+    store = flydeploy.LocalStore(machine.base / "store")
+    machine.write({"greet.py": GREET_V1})  # the app's files are root's
+    secret = machine.base / "root-only" / "greet.py"
+    secret.parent.mkdir(mode=0o700)
+    secret.write_text("ROOT = 1\n")
+    secret.chmod(0o600)
+    # Another user creates the app's runtime directory first and serves a fake agent there.
+    os.chown(machine.runtime, NOBODY, NOBODY)
+    machine.socket_dir().mkdir(mode=0o700)
+    os.chown(machine.socket_dir(), NOBODY, NOBODY)
+    fake = subprocess.Popen([sys.executable, "-c", FAKE_AGENT, str(machine.socket_dir()), str(secret)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout.readline().strip() == "listening"
+        _release, url = make_release(machine.base, store, {"greet.py": GREET_V2}, version="v2")
+        code, result, output = upgrade(machine, url)
+    finally:
+        fake.kill()
+        fake.wait()
+    # Root acted with that user's rights only: it could write neither the file the agent named
+    # nor the app's root-owned files, and says so.
+    assert code == 1 and "no file was changed" in result["error"], output
+    assert "Permission denied" in result["error"]
+    assert secret.read_text() == "ROOT = 1\n"
+    assert (machine.app_root / "greet.py").read_text() == GREET_V1
+    assert not (machine.socket_dir() / "state.json").exists()
+    assert all(p.stat().st_uid == NOBODY for p in machine.socket_dir().iterdir())
+
+
+# What the app imports is imported before it becomes nobody: this interpreter may sit in a
+# folder only root can read, as no image's interpreter does.
+APP_AS_NOBODY = ("import os, runpy, pkgutil, http.server, json, logging, flydeploy, concurrent.futures.thread, "
+                 "encodings.idna; "
+                 "os.setgid(65534); os.setuid(65534); runpy.run_path('main.py', run_name='__main__')")
+
+
+@ROOT_ONLY
+def test_root_acting_for_an_app_user_writes_as_that_user_under_the_app_root(open_machine):
+    machine = open_machine
+    store = flydeploy.LocalStore(machine.base / "store")
+    # greet is loaded from a root-owned folder on the path, not from the app.
+    rootlib = machine.base / "rootlib"
+    rootlib.mkdir()
+    (rootlib / "greet.py").write_text(GREET_V1)
+    machine.env["PYTHONPATH"] += os.pathsep + str(rootlib)
+    machine.write({"main.py": MAIN_PY, "counter.py": COUNTER_PY})
+    for path in (machine.base, machine.app_root, *machine.app_root.iterdir(), machine.runtime):
+        os.chown(path, NOBODY, NOBODY)
+    process = machine.start([sys.executable, "-c", APP_AS_NOBODY]).wait_ready()
+    assert process.get()["greeting"] == "hello v1"
+    _release, url = make_release(machine.base, store, WEB_V2, version="v2")
+    code, result, output = upgrade(machine, url)
+    assert code == 0, output
+    assert (rootlib / "greet.py").read_text() == GREET_V1
+    assert any(str(rootlib / "greet.py") in note for note in result["notes"]), result["notes"]
+    assert (machine.app_root / "greet.py").read_text() == GREET_V2
+    for path in (machine.app_root / "greet.py", machine.socket_dir() / "state.json"):
+        assert path.stat().st_uid == NOBODY, path
+    assert process.get()["greeting"] == "hello v1"  # its greet is the root-owned one, left alone

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import stat
 import sys
@@ -79,11 +80,15 @@ def test_a_failing_process_fails_the_machine_and_is_named(machine, tmp_path, loc
     assert upgrade.returncode == 1, upgrade.stdout
     result = parse_result(upgrade.stdout)
     assert result["success"] is False and result["status"] == "failed"
-    assert result["processes_succeeded"] == 1 and result["processes_failed"] == 1
+    assert result["processes_succeeded"] == 0 and result["processes_failed"] == 2
     assert f"process main.py[{bad.pid}] failed" in result["error"] and "extra cannot start" in result["error"]
-    assert f"[{good.pid}]" not in result["error"]
-    assert good.get()["greeting"] == "hello v2"
+    # The release is taken back off the disk, and the process that had applied it follows the disk.
+    assert f"process main.py[{good.pid}] failed: applied v2, then went back to the image's code" in result["error"]
+    assert "every file and the state file are as before" in result["error"]
+    assert good.get()["greeting"] == "hello v1"
     assert bad.get()["greeting"] == "hello v1"  # rolled back whole, still serving
+    assert (machine.app_root / "greet.py").read_text() == GREET_V1
+    assert not (machine.socket_dir() / "state.json").exists()
 
 
 WSGI_PY = '''\
@@ -211,12 +216,14 @@ def test_bad_release_writes_nothing(machine, tmp_path, local_store, fault):
         assert process.get()["greeting"] == "hello v1"
 
 
-def test_members_go_where_the_code_was_loaded_from(machine, tmp_path, local_store):
-    """An app in /code with its package installed in site-packages: each file lands where it is loaded from."""
+def test_members_are_written_under_the_app_root_only(machine, tmp_path, local_store):
+    """An app in /code whose release names a package also installed in site-packages: every file is
+    written at its own path under the app root; the installed package is another one, left alone."""
     site = tmp_path / "venv" / "lib" / "site-packages"
-    write_tree(site, {"shopkit/__init__.py": "from .core import render\n",
-                      "shopkit/core.py": "def render():\n    return 'page-v1'\n",
-                      "shopkit/templates/page.html": "<p>v1</p>\n"})
+    installed = {"shopkit/__init__.py": "from .core import render\n",
+                 "shopkit/core.py": "def render():\n    return 'page-v1'\n",
+                 "shopkit/templates/page.html": "<p>v1</p>\n"}
+    write_tree(site, installed)
     machine.env["PYTHONPATH"] += os.pathsep + str(site)
     machine.write_web_app()
     machine.write({"main.py": "import shopkit\n" + MAIN_PY})
@@ -235,39 +242,110 @@ def test_members_go_where_the_code_was_loaded_from(machine, tmp_path, local_stor
     upgrade = machine.rpc("upgrade", "--app", "shop", "--url", url)
     assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
     result = parse_result(upgrade.stdout)
-    assert result["files_written"] == 5
-    # The release names shopkit, so the installed package is the app's and is reloaded too.
-    assert result["module_names"] == ["greet", "shopkit.core"]
+    assert result["files_written"] == 6
+    # The package loaded from site-packages is not the app's: it is neither written nor reloaded.
+    assert result["module_names"] == ["greet"]
+    assert any(note.startswith("shopkit/core.py was written to") and str(site / "shopkit/core.py") in note
+               and "left alone" in note for note in result["notes"]), result["notes"]
 
-    assert (site / "shopkit/core.py").read_text().endswith("'page-v2'\n")
-    assert (site / "shopkit/templates/page.html").read_text() == "<p>v2</p>\n"
-    assert (site / "shopkit/extra.py").read_text() == "Y = 2\n"
+    assert {rel: (site / rel).read_text() for rel in installed} == installed
+    assert not (site / "shopkit/extra.py").exists()
+    for rel in ("shopkit/__init__.py", "shopkit/core.py", "shopkit/extra.py", "shopkit/templates/page.html"):
+        assert (machine.app_root / rel).read_text() == files[rel]
     assert (machine.app_root / "newmod.py").read_text() == "X = 1\n"
-    assert not (machine.app_root / "shopkit").exists()
     assert (machine.app_root / "greet.py").read_text() == greet_v2
     assert stat.S_IMODE((machine.app_root / "greet.py").stat().st_mode) == 0o640  # mode kept
     assert (machine.app_root / "main.py").stat().st_ino == main_inode  # unchanged: not rewritten
-    assert process.get()["greeting"] == "hello page-v2"  # the new site-packages code runs
-    assert not list(machine.app_root.glob(".*.part")) and not list(site.rglob(".*.part"))
+    assert process.get()["greeting"] == "hello page-v1"  # the new greet, with the shopkit it imported
+    leftovers = [p for root in (machine.app_root, site) for p in root.rglob(".*") if p.is_file()]
+    assert leftovers == []
 
 
-def test_destination_plan_for_the_three_layouts(monkeypatch):
-    monkeypatch.delenv("FLYDEPLOY_APP_ROOT", raising=False)
+def test_members_named_like_modules_loaded_from_elsewhere_are_written_in_the_app(machine, tmp_path, local_store):
+    """A release adds random.py, json/decoder.py and flydeploy.py while the processes run modules of
+    those names from another sys.path entry: the app's files are written, those modules are left alone.
+
+    Copies of the standard library's random and json, and of flydeploy.py, stand in for the
+    interpreter's own files on PYTHONPATH, so that a regression cannot damage the interpreter.
+    """
+    import json as stdlib_json
+    import random
+
+    elsewhere = tmp_path / "pythonpath"
+    shutil.copytree(os.path.dirname(stdlib_json.__file__), elsewhere / "json")
+    shutil.copy(random.__file__, elsewhere / "random.py")
+    shutil.copy(flydeploy.__file__, elsewhere / "flydeploy.py")
+    before = {path: path.read_bytes() for path in elsewhere.rglob("*.py")}
+    machine.env["PYTHONPATH"] = str(elsewhere)
+    machine.write_web_app()
+    machine.write({"main.py": "import random, json.decoder\n" + MAIN_PY})
+    process = machine.start().wait_ready()
+    files = {"main.py": "import random, json.decoder\n" + MAIN_PY, "counter.py": COUNTER_PY, "greet.py": GREET_V2,
+             "random.py": "HELPER = 2\n", "json/decoder.py": "X = 'app'\n", "flydeploy.py": "X = 'app'\n"}
+    _release, url = make_release(tmp_path, local_store, files, version="v2")
+    upgrade = machine.rpc("upgrade", "--app", "shop", "--url", url)
+    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    result = parse_result(upgrade.stdout)
+    assert {path: path.read_bytes() for path in elsewhere.rglob("*.py")} == before
+    for rel in ("random.py", "json/decoder.py", "flydeploy.py", "greet.py"):
+        assert (machine.app_root / rel).read_text() == files[rel]
+    assert result["module_names"] == ["greet"]
+    for rel in ("random.py", "json/decoder.py", "flydeploy.py"):
+        assert any(note.startswith(f"{rel} was written to") and str(elsewhere / rel) in note
+                   for note in result["notes"]), (rel, result["notes"])
+    assert process.get()["greeting"] == "hello v2"
+
+
+def test_a_link_out_of_the_app_root_is_refused(machine, tmp_path, local_store):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.py").write_text("KEEP = 1\n")
+    machine.write({"greet.py": GREET_V1})
+    (machine.app_root / "lib").symlink_to(outside)
+    _release, url = make_release(tmp_path, local_store, {"greet.py": GREET_V2, "lib/secret.py": "KEEP = 2\n"},
+                                 version="v2")
+    upgrade = machine.rpc("upgrade", "--app", "shop", "--url", url)
+    result = parse_result(upgrade.stdout)
+    assert upgrade.returncode == 1 and "outside the app root" in result["error"], upgrade.stdout
+    assert (outside / "secret.py").read_text() == "KEEP = 1\n"
+    assert (machine.app_root / "greet.py").read_text() == GREET_V1
+
+
+def test_destinations_are_the_members_own_paths_under_the_app_root(monkeypatch, tmp_path):
     paths = ["app.py", "web/__init__.py", "web/views.py", "web/static/site.css", "web/new.py", "tools.py"]
     for root in ("/app", "/code", "/usr/local/lib/python3.12/site-packages"):
+        # Where processes loaded modules of those names from is still found, for the result's notes.
         module_files = {"app": f"{root}/app.py", "web": f"{root}/web/__init__.py", "web.views": f"{root}/web/views.py"}
         located = flydeploy._locate_members(paths, module_files, {"web": f"{root}/web"})
         assert located == {"app.py": f"{root}/app.py", "web/__init__.py": f"{root}/web/__init__.py",
                            "web/views.py": f"{root}/web/views.py", "web/static/site.css": f"{root}/web/static/site.css",
                            "web/new.py": f"{root}/web/new.py"}
-        plan = flydeploy._plan_destinations(paths, located, flydeploy._choose_app_root(located, "/"))
-        assert plan["tools.py"] == f"{root}/tools.py"
-    # A loaded module that does not sit at its member's path is not trusted as a destination.
     assert flydeploy._locate_members(["app.py"], {"app": "/elsewhere/main.py"}, {}) == {}
-    monkeypatch.setenv("FLYDEPLOY_APP_ROOT", "/srv/app")
-    assert flydeploy._choose_app_root({"app.py": "/app/app.py"}, "/") == "/srv/app"
+    app = tmp_path / "app"
+    (app / "web").mkdir(parents=True)
+    root = str(app.resolve())
+    assert flydeploy._destination(root, "web/views.py") == f"{root}/web/views.py"
+    assert flydeploy._destination(root, "tools.py") == f"{root}/tools.py"
+    (app / "out").symlink_to("/etc")
+    with pytest.raises(flydeploy.AgentError, match="outside the app root"):
+        flydeploy._destination(root, "out/passwd")
+    # The app root is this machine's own setting, else the directory the command runs in.
+    monkeypatch.setenv("FLYDEPLOY_APP_ROOT", str(app / "web" / ".."))
+    assert flydeploy._machine_app_root(in_process=False) == root
     monkeypatch.delenv("FLYDEPLOY_APP_ROOT")
-    assert flydeploy._choose_app_root({}, "/workdir") == "/workdir"
-    # Top-level modules decide over packages installed elsewhere, however many files those hold.
-    assert flydeploy._choose_app_root({"main.py": "/code/main.py", "kit/a.py": "/site/kit/a.py",
-                                       "kit/b.py": "/site/kit/b.py"}, "/") == "/code"
+    monkeypatch.chdir(app / "web")
+    assert flydeploy._machine_app_root(in_process=False) == f"{root}/web"
+
+
+def test_an_upgrade_run_outside_the_app_is_refused(machine, tmp_path, local_store):
+    machine.write_web_app()
+    process = machine.start().wait_ready()
+    _release, url = make_release(tmp_path, local_store, {"greet.py": GREET_V2}, version="v2")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = machine.run([sys.executable, "-m", "flydeploy", "rpc", "upgrade", "--app", "shop", "--url", url],
+                       cwd=elsewhere)
+    result = parse_result(done.stdout)
+    assert done.returncode == 1 and "Run the command in the app's directory" in result["error"], done.stdout
+    assert str(machine.app_root) in result["error"] and list(elsewhere.iterdir()) == []
+    assert process.get()["greeting"] == "hello v1"

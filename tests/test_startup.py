@@ -6,6 +6,7 @@ import json
 import secrets
 import subprocess
 import sys
+import urllib.parse
 
 import pytest
 
@@ -332,3 +333,100 @@ def test_modules_changed_on_disk_before_tracking_starts_are_still_reloaded(machi
     assert process.returncode == 0, err
     assert json.loads(out) == {"modified": ["after", "before"], "ok": True, "values": ["v2", "v2"],
                                "after_reload": []}
+
+
+class StallingProxy:
+    """A TCP proxy to the test S3 that, while ``stalled`` is set, accepts connections and never
+    answers them: storage that has stalled."""
+
+    def __init__(self, target: str) -> None:
+        import socket
+        import threading
+
+        self.target = urllib.parse.urlsplit(target)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.stalled = threading.Event()
+        self.held: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                conn = self.server.accept()[0]
+            except OSError:
+                return
+            if self.stalled.is_set():
+                self.held.append(conn)
+                continue
+            upstream = socket.create_connection((self.target.hostname, self.target.port))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink) -> None:
+        import socket
+
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def proxy(seaweed):
+    proxy = StallingProxy(seaweed.endpoint)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def stalled_s3(proxy):
+    proxy.stalled.set()
+    return proxy.endpoint, proxy.held
+
+
+@pytest.mark.parametrize("how", ["variable", "argument"])
+def test_boot_on_a_stalled_storage_ends_at_the_startup_deadline(machine, stalled_s3, how):
+    endpoint, accepted = stalled_s3
+    env = {"AWS_ENDPOINT_URL_S3": endpoint, "FLYDEPLOY_STARTUP_DEADLINE": "1" if how == "variable" else "60"}
+    if how == "argument":
+        machine.write({"boot.py": BOOT_PY.replace("startup_reapply_current(", "startup_reapply_current(deadline=1, ")})
+    out = boot(machine, env=env)
+    assert accepted  # the storage was reached, and never answered
+    outcome = out["outcome"]
+    assert outcome["status"] == "error" and "within the startup deadline of 1 s" in outcome["error"]
+    assert "FLYDEPLOY_STARTUP_DEADLINE" in outcome["error"] and "booting on the image's code" in outcome["error"]
+    assert out["greeting"] == "hello v1"
+    assert outcome["duration_ms"] < 30_000  # not the minutes of every retry
+
+
+def test_the_default_startup_deadline_is_a_few_seconds(machine, stalled_s3):
+    out = boot(machine, env={"AWS_ENDPOINT_URL_S3": stalled_s3[0], "FLYDEPLOY_STARTUP_DEADLINE": ""})
+    assert f"within the startup deadline of {flydeploy._DEFAULT_STARTUP_DEADLINE:g} s" in out["outcome"]["error"]
+    bad = boot(machine, env={"AWS_ENDPOINT_URL_S3": stalled_s3[0], "FLYDEPLOY_STARTUP_DEADLINE": "soon"})
+    assert "FLYDEPLOY_STARTUP_DEADLINE='soon' is not a number of seconds" in bad["outcome"]["error"]
+
+
+def test_past_the_startup_deadline_the_poller_catches_up(machine, tmp_path, seaweed, proxy):
+    via_proxy = seaweed.client(endpoint=proxy.endpoint)
+    record(machine, tmp_path, via_proxy, image_ref=machine.env["FLY_IMAGE_REF"])
+    machine.write({"main.py": MAIN_PY, "counter.py": COUNTER_PY})
+    proxy.stalled.set()
+    process = machine.start(env={"AWS_ENDPOINT_URL_S3": proxy.endpoint, "FLYDEPLOY_STARTUP_DEADLINE": "1",
+                                 "FLYDEPLOY_POLL_INTERVAL": "0.2"}).wait_ready()
+    reply = process.get()
+    assert reply["greeting"] == "hello v1" and "the poller catches up later" in reply["outcome"]["error"]
+    proxy.stalled.clear()  # the storage answers again
+    wait_for(lambda: process.get()["greeting"] == "hello v2", what="the poller to catch up")
+    assert process.get()["info"]["version"] == "v2"
