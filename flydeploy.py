@@ -20,12 +20,18 @@ The file is organised in sections, in the order data flows:
                   and the S3/Tigris client (``S3``); ``LocalStore``, the same
                   interface on a directory, for local mode.
 2. Releases       deterministic release tarballs (``pack_release``,
-                  ``unpack_release``), the ``current.json`` metadata
+                  ``unpack_release``), what a developer's tree holds for
+                  ``hot --direct`` (``DockerIgnore``, ``dependency_fingerprint``,
+                  ``LocalTree``), the ``current.json`` metadata
                   (``read_current``, ``record_hot_upgrade``, ``reset_current``)
                   and the deploy lock (``acquire_lock``).
-3. Machines API   the Fly Machines API client (``Machines``) and the fleet
-                  orchestration that pushes a release to every machine
-                  (``orchestrate``).
+3. Machines API   the Fly Machines API client (``Machines``), the one builder
+                  of machine-side commands (``MachineCommands``), the
+                  preflight, and the fleet orchestration that pushes a
+                  release to every machine (``orchestrate``): short execs
+                  start detached upgrades, whose result objects it collects.
+                  It runs on an orchestrator machine or, with ``hot
+                  --direct``, on the developer's own.
 4. Engine         what happens inside one process: servers (``Server``),
                   asyncio loop pausing (``attach_loop``), change tracking
                   (``track``, ``modified_modules``) and the transactional
@@ -38,9 +44,11 @@ The file is organised in sections, in the order data flows:
 5. Agent          the per-process agent on a unix socket, the per-machine
                   upgrade (``hot_upgrade``), boot-time catch-up
                   (``startup_reapply_current``) and the poller.
-6. Entry points   ``python -m flydeploy rpc ...`` and
-                  ``python -m flydeploy orchestrate ...`` (``main``; the
-                  ``__main__`` hook is right after the imports).
+6. Entry points   ``python <app_dir>/flydeploy.py rpc ...`` (what exec runs:
+                  upgrade, detached or not, info, ping, preflight) and
+                  ``... orchestrate ...`` (the orchestrator machine's main
+                  process); ``main``; the ``__main__`` hook is right after
+                  the imports.
 
 Every error raised on purpose is a ``FlyDeployError``; its message says what
 went wrong and what to do about it.  Secrets never appear in messages or logs.
@@ -90,7 +98,9 @@ import queue
 import random
 import re
 import secrets
+import shlex
 import shutil
+import signal
 import site
 import socket
 import ssl
@@ -179,7 +189,10 @@ __all__ = [
     "ExecResult",
     "MachinesAPIError",
     "authorization_header",
+    "missing_program",
+    "EXEC_DEADLINE_S",
     # 3. Fleet orchestration
+    "MachineCommands",
     "FleetConfig",
     "load_config",
     "default_version",
@@ -192,7 +205,16 @@ __all__ = [
     "pending_note",
     "hot_upgrade_for_group",
     "MachineOutcome",
+    "command_failure",
+    "judge_result",
     "judge_upgrade",
+    "PreflightError",
+    "PreflightCheck",
+    "judge_preflight",
+    "preflight_targets",
+    "run_preflight",
+    "result_poll_interval",
+    "results_prefix",
     "FleetReport",
     "orchestrate",
     "status_row",
@@ -201,6 +223,10 @@ __all__ = [
     "add_fleet_arguments",
     "fleet_overrides",
     "ORCHESTRATOR_MARKER",
+    "ORCHESTRATOR_ROLE_KEY",
+    "ORCHESTRATOR_ROLE",
+    "ORCHESTRATOR_RUN_KEY",
+    "ORCHESTRATOR_LAUNCHER_KEY",
     # 4. Engine: servers and asyncio loops
     "Server",
     "CallError",
@@ -1725,13 +1751,16 @@ class Release:
 
         ``deployed_at`` defaults to now (ISO 8601, UTC).
         """
-        return {
+        record = {
             "version": self.manifest["version"],
             "source_image_ref": self.manifest["source_image_ref"],
             "tarball_url": tarball_url,
             "sha256": self.sha256,
             "deployed_at": deployed_at or _iso_utc(_utc_now()),
         }
+        if "local_tree" in self.manifest:  # packed from a developer's tree, not from an image
+            record["local_tree"] = self.manifest["local_tree"]
+        return record
 
 
 def _utc_now() -> datetime.datetime:
@@ -1821,8 +1850,9 @@ def _unreadable_folder(err: OSError) -> None:
 
 
 def _release_files(root: str, include: Sequence[str] | None, exclude: Sequence[str] | None,
-                   skip: str) -> list[str]:
-    """Relative paths of the files to pack under ``root``, sorted."""
+                   skip: str, dockerignore: DockerIgnore | None = None) -> list[str]:
+    """Relative paths of the files to pack under ``root``, sorted; without those
+    ``dockerignore`` keeps out of the image build's context."""
     # A lone string is one pattern, not a sequence of one-letter patterns.
     include = [include] if isinstance(include, str) else include
     exclude = [exclude] if isinstance(exclude, str) else exclude
@@ -1843,6 +1873,8 @@ def _release_files(root: str, include: Sequence[str] | None, exclude: Sequence[s
         chosen = _application_files(candidates)
     if exclude:
         chosen = [p for p in chosen if not any(_path_matches(pat, p) for pat in exclude)]
+    if dockerignore is not None:
+        chosen = [p for p in chosen if not dockerignore.ignores(p)]
     for rel in chosen:
         if why := _member_name_problem(rel):
             raise ReleaseError(f"cannot pack {rel!r}: its name {why}, so the release could "
@@ -1884,7 +1916,8 @@ def _source_date_epoch() -> int | None:
 def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str], *, app: str,
                  version: str, source_image_ref: str | None = None,
                  include: Sequence[str] | None = None,
-                 exclude: Sequence[str] | None = None) -> Release:
+                 exclude: Sequence[str] | None = None, dockerignore: DockerIgnore | None = None,
+                 local_tree: Mapping[str, Any] | None = None) -> Release:
     """Pack the application under ``root`` into a deterministic ``.tar.gz`` at ``out_path``.
 
     By default the application's packages and modules are packed: top-level
@@ -1912,6 +1945,11 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     ``created_at`` comes from ``SOURCE_DATE_EPOCH`` when it is set and is
     null otherwise.  A link to a file is packed as the file it points to;
     linked folders are not followed.
+
+    Packing from a developer's tree (``hot --direct``), ``dockerignore``
+    leaves out what the image build's ``.dockerignore`` keeps out, and
+    ``local_tree`` (``{"git_commit", "git_dirty"}``, each null when the tree
+    is no git checkout) is recorded in the manifest as ``local_tree``.
     """
     _check_name("app", app)
     _check_name("version", version)
@@ -1920,7 +1958,7 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     if not os.path.isdir(root):
         raise ReleaseError(f"cannot pack {root}: it is not a folder; pass the application's root")
     epoch = _source_date_epoch()
-    files = _release_files(root, include, exclude, skip=out_path)
+    files = _release_files(root, include, exclude, skip=out_path, dockerignore=dockerignore)
     if not files:
         raise ReleaseError(f"nothing to pack under {root}: no Python modules or packages found "
                            "(or include/exclude left nothing); check the root and the patterns")
@@ -1957,6 +1995,8 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
                   _iso_utc(datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)))
     manifest = {"app": app, "version": version, "source_image_ref": source_image_ref,
                 "created_at": created_at, "files": hashes}
+    if local_tree is not None:
+        manifest["local_tree"] = dict(local_tree)
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     if len(manifest_bytes) > _MAX_MANIFEST_BYTES:
         raise _over_limit(f"a {MANIFEST_NAME} of {len(manifest_bytes)} bytes, more than the "
@@ -1991,6 +2031,200 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     return Release(out_path, _write_atomically(out_path, write), manifest)
 
+
+# --- What a developer's tree holds (``hot --direct``) -----------------------
+
+# Dependency files whose whole content counts; pyproject.toml counts by its
+# dependency tables alone (_PYPROJECT_DEPENDENCY_KEYS).
+_DEPENDENCY_FILE_RE = re.compile(r"requirements[^/]*\.txt|uv\.lock|poetry\.lock")
+# What moby/patternmatcher escapes before a pattern becomes a regular expression.
+_DOCKERIGNORE_ESCAPED = frozenset(".+()|{}$")
+_PYPROJECT_DEPENDENCY_KEYS = (("build-system", "requires"), ("project", "dependencies"),
+                              ("project", "optional-dependencies"), ("dependency-groups",),
+                              ("tool", "poetry", "dependencies"), ("tool", "poetry", "group"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DockerIgnore:
+    """A ``.dockerignore`` file's rules, to pack what the image build copies.
+
+    Docker's rules (https://docs.docker.com/build/concepts/context/#dockerignore-files,
+    implemented by moby/patternmatcher and its ignorefile reader): a line
+    starting with ``#`` is a comment; each line is trimmed, cleaned like a
+    path (``filepath.Clean``) and taken relative to the context root (a
+    leading ``/`` is dropped); ``*`` and ``?`` stay within a folder, ``**``
+    spans any number of folders (zero too); a pattern matches a path or any
+    folder above it; ``!`` makes an exception; the last line that matches a
+    path decides.  Unlike ``.gitignore``, ``*.pyc`` matches at the root only.
+    ``prefix`` is where the packed root is in the context (``""`` when the app
+    root is the context root, else ``"src/"``).
+    """
+
+    rules: tuple[tuple[bool, re.Pattern[str]], ...]  # (is an exception, pattern)
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, text: str, prefix: str = "") -> DockerIgnore:
+        """The rules of a ``.dockerignore`` file's ``text``."""
+        rules = []
+        for line in text.removeprefix("\ufeff").splitlines():
+            if line.startswith("#"):
+                continue
+            pattern = line.strip()
+            exception = pattern.startswith("!")
+            if exception:
+                pattern = pattern[1:].strip()
+            if not pattern:
+                continue
+            pattern = _clean_path(pattern)
+            if len(pattern) > 1 and pattern.startswith("/"):
+                pattern = pattern[1:]
+            rules.append((exception, _dockerignore_regex(pattern)))
+        return cls(tuple(rules), prefix)
+
+    @classmethod
+    def for_context(cls, context: str | os.PathLike[str], root: str | os.PathLike[str]) -> DockerIgnore | None:
+        """The rules of ``context``'s ``.dockerignore`` for files packed from ``root``
+        (inside ``context``); None when there is no such file."""
+        path = os.path.join(context, ".dockerignore")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from None
+        relative = os.path.relpath(os.path.abspath(root), os.path.abspath(context)).replace(os.sep, "/")
+        return cls.parse(text, "" if relative == "." else relative + "/")
+
+    def ignores(self, rel: str) -> bool:
+        """Whether the image build leaves out the file ``rel`` (relative to the packed root)."""
+        path = self.prefix + rel
+        parts = path.split("/")
+        candidates = [path] + ["/".join(parts[:n]) for n in range(1, len(parts))]
+        ignored = False
+        for exception, regex in self.rules:
+            if any(regex.fullmatch(candidate) for candidate in candidates):
+                ignored = not exception
+        return ignored
+
+
+def _clean_path(path: str) -> str:
+    """Go's ``path.Clean``: no empty, ``.`` or resolvable ``..`` parts."""
+    rooted = path.startswith("/")
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == ".." and parts and parts[-1] != "..":
+            parts.pop()
+        elif part != ".." or not rooted:
+            parts.append(part)
+    cleaned = ("/" if rooted else "") + "/".join(parts)
+    return cleaned or "."
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
+    """moby/patternmatcher's translation of one pattern into a regular expression."""
+    out, i = [], 0
+    while i < len(pattern):
+        char = pattern[i]
+        if pattern.startswith("**", i):
+            i += 2
+            if pattern.startswith("/", i):
+                i += 1
+            out.append(".*" if i >= len(pattern) else "(?:.*/)?")
+            continue
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "\\" and i + 1 < len(pattern):
+            i += 1
+            out.append(re.escape(pattern[i]))
+        elif char in _DOCKERIGNORE_ESCAPED:
+            out.append("\\" + char)
+        else:  # the rest goes to the regular expression as it is: `[a-c]`, `[^a-c]` are classes
+            out.append(char)
+        i += 1
+    try:
+        return re.compile("".join(out), re.DOTALL)
+    except re.error as exc:
+        raise ConfigError(f".dockerignore: {pattern!r} is not a valid pattern ({exc}); Docker refuses it too") from None
+
+
+def list_release_files(root: str | os.PathLike[str], *, include: Sequence[str] | None = None,
+                       exclude: Sequence[str] | None = None,
+                       dockerignore: DockerIgnore | None = None) -> list[tuple[str, int]]:
+    """``(path, size)`` of every file ``pack_release`` would pack from ``root``, sorted by path."""
+    root = os.path.abspath(os.fspath(root))
+    files = _release_files(root, include, exclude, skip="", dockerignore=dockerignore)
+    return [(rel, os.path.getsize(os.path.join(root, *rel.split("/")))) for rel in files]
+
+
+def dependency_fingerprint(project: str | os.PathLike[str]) -> dict[str, Any]:
+    """What an image's dependencies were installed from, as found in ``project``.
+
+    ``{"sha256": <of all below>, "files": {name: sha256}}`` over the files
+    ``requirements*.txt``, ``uv.lock`` and ``poetry.lock`` and, for
+    ``pyproject.toml``, its dependency tables only (``[build-system]
+    requires``, ``[project] dependencies`` and ``optional-dependencies``,
+    ``[dependency-groups]``, ``[tool.poetry] dependencies`` and ``group``),
+    so that other settings in it can change freely.  Recorded in
+    ``current.json`` when a machine of a new image boots; ``hot --direct``
+    compares its own tree's against it.
+    """
+    import tomllib
+
+    files: dict[str, str] = {}
+    try:
+        names = sorted(os.listdir(project))
+    except OSError:
+        names = []
+    for name in names:
+        path = os.path.join(project, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            if _DEPENDENCY_FILE_RE.fullmatch(name):
+                files[name] = _file_digest(path, "sha256")
+            elif name == "pyproject.toml":
+                with open(path, "rb") as handle:
+                    doc = tomllib.load(handle)
+                tables = {}
+                for keys in _PYPROJECT_DEPENDENCY_KEYS:
+                    value: Any = doc
+                    for key in keys:
+                        value = value.get(key) if isinstance(value, dict) else None
+                    if value is not None:
+                        tables[".".join(keys)] = value
+                files[name] = hashlib.sha256(json.dumps(tables, sort_keys=True, default=str).encode()).hexdigest()
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            files[name] = f"unreadable: {exc}"
+    return {"sha256": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(), "files": files}
+
+
+def dependency_changes(recorded: Mapping[str, Any], here: Mapping[str, Any]) -> list[str]:
+    """The dependency files that differ between two ``dependency_fingerprint`` results."""
+    old, new = recorded.get("files") or {}, here.get("files") or {}
+    return [f"{name} ({'added' if name not in old else 'removed' if name not in new else 'changed'})"
+            for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalTree:
+    """A release packed from a developer's tree rather than from an image: the
+    ``.dockerignore`` rules it is packed with, and the git checkout it is
+    (``git_commit`` and ``git_dirty`` are None when it is none)."""
+
+    dockerignore: DockerIgnore | None = None
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The ``local_tree`` field of the manifest and of the ``hot_upgrade`` record."""
+        return {"git_commit": self.git_commit, "git_dirty": self.git_dirty}
 
 @contextlib.contextmanager
 def _pack_read_errors(rel: str) -> Iterator[None]:
@@ -2345,8 +2579,11 @@ def _check_hot_upgrade(hot_upgrade: object) -> dict[str, Any]:
     return record
 
 
-def _fresh_current(image_ref: str | None) -> dict[str, Any]:
-    return {"image_ref": image_ref, "set_at": _iso_utc(_utc_now()), "hot_upgrade": None, "history": []}
+def _fresh_current(image_ref: str | None, dependencies: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    doc = {"image_ref": image_ref, "set_at": _iso_utc(_utc_now()), "hot_upgrade": None, "history": []}
+    if dependencies is not None:  # what the image's dependencies came from (dependency_fingerprint)
+        doc["dependencies"] = dict(dependencies)
+    return doc
 
 
 def record_hot_upgrade(store: Store, app: str, hot_upgrade: dict[str, Any], *,
@@ -2578,6 +2815,14 @@ _FLAPS_RETRYABLE_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 # Seconds between two exec requests to one machine: the Machines API allows one a
 # second; the margin keeps network jitter from making two arrive closer than that.
 _EXEC_INTERVAL = 1.1
+# The longest an exec is asked to run, in seconds.  Past about 30 s the API answers
+# 408 deadline_exceeded while the command goes on running (fly-platform-facts M5), so
+# every machine-side command is short: long work runs detached and reports to S3.
+EXEC_DEADLINE_S = 25
+# init runs an exec's argv directly: a program that does not exist is an API error
+# (init exec.rs spawns with `.output().await.map_err(...)`), not exit status 127.
+_MISSING_PROGRAM_RE = re.compile(r"no such file|ENOENT|executable file not found|not found in \$PATH",
+                                 re.IGNORECASE)
 
 
 class MachinesAPIError(FlyDeployError):
@@ -2596,6 +2841,11 @@ class MachinesAPIError(FlyDeployError):
         where = f" ({method} {path})" if method else ""
         head = f"Machines API error {status}" if status else "Machines API unreachable"
         super().__init__(f"{head}{where}: {message}{_machines_error_hint(status)}")
+
+
+def missing_program(exc: MachinesAPIError) -> bool:
+    """Whether an exec failed because its program (``argv[0]``) does not exist on the machine."""
+    return exc.status != 0 and bool(_MISSING_PROGRAM_RE.search(exc.message))
 
 
 def _machines_error_hint(status: int) -> str:
@@ -2712,6 +2962,9 @@ class Machines:
         self._request_timeout = request_timeout
         self._ssl_context = ssl.create_default_context() if parts.scheme == "https" else None
 
+    # An exec past EXEC_DEADLINE_S is cut off by the API: upgrades run detached.
+    runs_detached = True
+
     def __repr__(self) -> str:
         return f"Machines(app={self.app!r}, base_url={self.base_url!r})"
 
@@ -2748,23 +3001,34 @@ class Machines:
         """One machine's Machine JSON."""
         return self._call("GET", self._machine_path(machine_id))
 
-    def exec(self, machine_id: str, command: Sequence[str], *, timeout: int = 30) -> ExecResult:
+    def exec(self, machine_id: str, command: Sequence[str], *, timeout: int = EXEC_DEADLINE_S,
+             idempotent: bool = True) -> ExecResult:
         """Run ``command`` (an argv list) on a machine and return its result.
 
-        ``timeout`` is how many seconds the command may run (the API answers
-        408 past it).  A command that fails is a result with a non-zero
-        ``exit_code``, not an error; errors are for requests the API refused
-        or never answered.  Requests to one machine leave at most one a
-        second; requests to different machines do not wait for each other.
+        The command runs as root in ``/``, without a shell.  ``timeout`` is
+        how many seconds it may run, at most ``EXEC_DEADLINE_S`` (the API
+        answers 408 past about 30 s and the command goes on running).  A
+        command that fails is a result with a non-zero ``exit_code``, not an
+        error; errors are for requests the API refused or never answered.  A
+        program that does not exist is such an error (``missing_program``)
+        and is not retried.  Unless ``idempotent``, a request that may have
+        started the command (408, 5xx, a lost reply) is not sent again.
+        The argv goes both as ``command`` and as the deprecated ``cmd``
+        string that flyctl sends: an exec token's command restriction then
+        matches whichever of the two the API checks.  Requests to one machine
+        leave at most one a second; requests to different machines do not
+        wait for each other.
         """
         if isinstance(command, str) or not command or not all(isinstance(a, str) for a in command):
             raise FlyDeployError(f"exec takes a non-empty list of argument strings, got {command!r}; "
-                                 'e.g. ["python3", "-m", "flydeploy", "rpc", "info"]')
-        timeout = int(timeout)
+                                 'e.g. ["python3", "/app/flydeploy.py", "rpc", "info"]')
+        timeout = max(1, min(int(timeout), EXEC_DEADLINE_S))
         payload = self._call("POST", self._machine_path(machine_id) + "/exec",
-                             body={"command": list(command), "timeout": timeout},
+                             body={"command": list(command), "cmd": shlex.join(command), "timeout": timeout},
                              timeout=timeout + self._request_timeout,
-                             pace=(self.base_url, self.app, machine_id))
+                             pace=(self.base_url, self.app, machine_id),
+                             retry_statuses=_FLAPS_RETRYABLE_STATUSES if idempotent else frozenset({429}),
+                             resend=idempotent, final=_MISSING_PROGRAM_RE)
         if isinstance(payload, (bytes, str)):
             # Older API versions answer with the raw output bytes.
             text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
@@ -2802,6 +3066,25 @@ class Machines:
         return self._call("POST", self._machine_path(machine_id) + "/stop", body=body,
                           lease_nonce=lease_nonce)
 
+    def create(self, config: Mapping[str, Any], *, region: str | None = None, name: str | None = None) -> dict:
+        """Create and start a machine from ``config`` (the Machines API ``MachineConfig``)."""
+        body: dict[str, Any] = {"config": dict(config)}
+        if region:
+            body["region"] = region
+        if name:
+            body["name"] = name
+        return self._call("POST", f"/apps/{self._quoted_app()}/machines", body=body,
+                          retry_statuses=_FLAPS_RETRYABLE_STATUSES - {408}, resend=False)
+
+    def destroy(self, machine_id: str, *, force: bool = False) -> None:
+        """Destroy a machine; ``force`` also a running one.  One already gone is no error."""
+        try:
+            self._call("DELETE", self._machine_path(machine_id),
+                       query=[("force", "true")] if force else ())
+        except MachinesAPIError as exc:
+            if exc.status != 404:
+                raise
+
     def get_lease(self, machine_id: str) -> dict:
         """The machine's current lease (``nonce``, ``owner``, ``expires_at`` ...)."""
         return _lease_data(self._call("GET", self._machine_path(machine_id) + "/lease"))
@@ -2835,8 +3118,14 @@ class Machines:
     def _call(self, method: str, path: str, *, query: Sequence[tuple[str, str]] = (),
               body: object = None, timeout: float | None = None, pace: object = None,
               lease_nonce: str | None = None,
-              retry_statuses: frozenset[int] = _FLAPS_RETRYABLE_STATUSES) -> object:
-        """One API call with retries; returns the decoded JSON (or raw bytes)."""
+              retry_statuses: frozenset[int] = _FLAPS_RETRYABLE_STATUSES, resend: bool = True,
+              final: re.Pattern[str] | None = None) -> object:
+        """One API call with retries; returns the decoded JSON (or raw bytes).
+
+        Without ``resend`` a request whose reply was lost is not sent again (it
+        may have been carried out); an error whose text matches ``final`` is
+        never retried.
+        """
         prefix = self._parts.path.rstrip("/")
         full_path = f"{prefix}/v1{path}"
         target = full_path + (f"?{urllib.parse.urlencode(query)}" if query else "")
@@ -2863,7 +3152,7 @@ class Machines:
                                           "or the system's CA certificates",
                                        method=method, path=shown_path) from None
             except (OSError, http.client.HTTPException) as exc:
-                if last_try:
+                if last_try or not resend:
                     raise MachinesAPIError(0, self._redact(f"no reply from {self.base_url} after "
                                                            f"{attempt + 1} attempts: {exc!r}"),
                                            method=method, path=shown_path) from None
@@ -2874,7 +3163,7 @@ class Machines:
                     return _decode_reply(reply, reply_headers.get("Content-Type", ""))
                 message = self._redact(_api_error_text(reply, reason))
                 retry_after = _retry_after_seconds(reply_headers.get("Retry-After"))
-                if (last_try or status not in retry_statuses
+                if (last_try or status not in retry_statuses or (final and final.search(message))
                         or (retry_after is not None and retry_after > _MAX_RETRY_AFTER)):
                     raise MachinesAPIError(status, message, method=method, path=shown_path)
                 log.info("Machines API %s %s: %d %s, retrying", method, shown_path, status, message)
@@ -2934,7 +3223,15 @@ def _machine_matches(machine: Mapping, states: Sequence[str], include_deleted: b
 # The orchestrator tells the developer's command line that it started and how it
 # ended on lines of its own: `fly machine run` only passes on "failed or not".
 ORCHESTRATOR_MARKER = "__FLYDEPLOY_ORCHESTRATOR__"
-_INTERNAL_GROUPS = frozenset({"fly_app_release_command", "fly_app_console"})
+# Groups fly-go reserves for its own machines (machine_types.go): never upgraded.
+_INTERNAL_GROUPS = frozenset({"fly_app_release_command", "fly_app_console", "fly_app_test_machine_command"})
+# Metadata of a machine that runs ``orchestrate``: its role, the run it serves
+# and who launched it (``user@host:pid``), so that a later ``hot`` finds one left
+# behind by a launcher that died, and an interrupted one finds its own.
+ORCHESTRATOR_ROLE_KEY = "flydeploy_role"
+ORCHESTRATOR_ROLE = "orchestrator"
+ORCHESTRATOR_RUN_KEY = "flydeploy_run"
+ORCHESTRATOR_LAUNCHER_KEY = "flydeploy_launcher"
 _PENDING_STATES = frozenset({"stopped", "suspended"})
 # Transport failures, 408 and 5xx of an exec are tried this many times more.
 _EXEC_RETRIES = 3
@@ -2956,6 +3253,8 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "build_args": ("mapping", {}),
     "app_dir": ("name", None),
     "s3_addressing_style": ("style", None),
+    # Files of the app root the image build makes (`hot --direct` needs them here too).
+    "generated": ("names", ()),
 }
 # Where the app lives on a machine when neither [tool.flydeploy] app_dir nor a
 # Dockerfile WORKDIR says.
@@ -2964,8 +3263,45 @@ _WORKDIR_RE = re.compile(r"^\s*WORKDIR\s+(\S.*?)\s*$", re.IGNORECASE | re.MULTIL
 _FLAG_NAMES = {"process_groups": "--process-group", "build_args": "--build-arg"}
 # The settings ``python -m flydeploy orchestrate`` takes as flags; the rest it
 # reads from the project it runs in.
-_ORCHESTRATE_FLAG_SETTINGS = ("app", "python", "lock_timeout", "timeout", "max_concurrency", "suspend_timeout",
-                              "process_groups")
+_ORCHESTRATE_FLAG_SETTINGS = ("app", "python", "app_dir", "lock_timeout", "timeout", "max_concurrency",
+                              "suspend_timeout", "process_groups")
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineCommands:
+    """The one builder of every command flydeploy runs on a machine.
+
+    Each is ``[python, <app_dir>/flydeploy.py, ...]``: an exec runs its argv
+    directly, as root, in ``/``, with no shell and the image's PATH (init
+    exec.rs), so there is no ``cd``, no ``-m`` (``/`` does not hold the app),
+    and the script's absolute path makes Python import flydeploy from the app
+    directory.  The exec token's command restriction is ``token_prefix``, so a
+    token minted for these commands allows exactly them.
+    """
+
+    python: str
+    script: str
+
+    @classmethod
+    def for_app_dir(cls, python: str, app_dir: str) -> MachineCommands:
+        """Commands for a ``flydeploy.py`` copied into ``app_dir`` on the machines."""
+        return cls(python, app_dir.rstrip("/") + "/flydeploy.py")
+
+    def argv(self, *args: str) -> list[str]:
+        """``[python, script, *args]``."""
+        return [self.python, self.script, *args]
+
+    def rpc(self, command: str, app: str, *args: str) -> list[str]:
+        """``python .../flydeploy.py rpc <command> --app <app> ...``: what exec runs."""
+        return self.argv("rpc", command, "--app", app, *args)
+
+    def orchestrate(self, *args: str) -> list[str]:
+        """``python .../flydeploy.py orchestrate ...``: the orchestrator machine's main process."""
+        return self.argv("orchestrate", *args)
+
+    def token_prefix(self) -> list[str]:
+        """The argv prefix a minted exec token allows: every ``rpc`` command, nothing else."""
+        return self.argv("rpc")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2980,6 +3316,8 @@ class FleetConfig:
     ``WORKDIR``, else ``/app``.  ``s3_addressing_style`` (``auto``, ``virtual``,
     ``path`` or None: then ``AWS_S3_ADDRESSING_STYLE`` decides) is how ``s3()``
     reaches the bucket; ``fly.toml`` ``[env]`` may set it as on the machines.
+    ``generated`` lists files of the app root that the image build makes
+    (patterns): ``hot --direct`` refuses to pack a tree that lacks one.
     ``sources`` says where each setting came from, e.g. ``"--app"``,
     ``"pyproject.toml [tool.flydeploy]"``, ``"fly.toml"`` or ``"default"``.
     """
@@ -3004,6 +3342,7 @@ class FleetConfig:
     processes: Mapping[str, Any]
     build: Mapping[str, Any]
     sources: Mapping[str, str]
+    generated: tuple[str, ...] = ()
 
     def require_app(self) -> str:
         """The app name, or a ``ConfigError`` naming every place that can provide it."""
@@ -3023,7 +3362,11 @@ class FleetConfig:
         return {"root": self.root, "include": self.include, "exclude": self.exclude,
                 "lock_timeout": self.lock_timeout, "timeout": self.timeout,
                 "max_concurrency": self.max_concurrency, "suspend_timeout": self.suspend_timeout,
-                "process_groups": self.process_groups, "python": self.python}
+                "process_groups": self.process_groups, "commands": self.machine_commands()}
+
+    def machine_commands(self) -> MachineCommands:
+        """The builder of every command run on this app's machines (``python`` and ``app_dir``)."""
+        return MachineCommands.for_app_dir(self.python, self.app_dir)
 
     def orchestrate_flags(self) -> list[str]:
         """These settings as flags of ``python -m flydeploy orchestrate``: what
@@ -3182,7 +3525,8 @@ def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.P
         exclude=values["exclude"], python=values["python"], max_concurrency=values["max_concurrency"],
         timeout=values["timeout"], suspend_timeout=values["suspend_timeout"],
         lock_timeout=values["lock_timeout"], process_groups=groups, build_args=values["build_args"],
-        app_dir=values["app_dir"], s3_addressing_style=values["s3_addressing_style"], env=env, processes=fly_tables["processes"], build=fly_tables["build"], sources=sources)
+        app_dir=values["app_dir"], s3_addressing_style=values["s3_addressing_style"], env=env,
+        processes=fly_tables["processes"], build=fly_tables["build"], sources=sources, generated=values["generated"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3196,8 +3540,10 @@ class MachineSelection:
 
 
 def machine_group(machine: Mapping[str, Any]) -> str:
-    """The process group of a Machine JSON object (``config.metadata.fly_process_group``)."""
-    return ((machine.get("config") or {}).get("metadata") or {}).get("fly_process_group") or ""
+    """The process group of a Machine JSON object: ``config.metadata.fly_process_group``,
+    else the legacy ``process_group`` key that older machines carry (fly-go machine_types.go)."""
+    metadata = (machine.get("config") or {}).get("metadata") or {}
+    return metadata.get("fly_process_group") or metadata.get("process_group") or ""
 
 
 def machine_image(machine: Mapping[str, Any]) -> str:
@@ -3227,7 +3573,7 @@ def select_machines(machines: Iterable[Mapping[str, Any]], *, self_id: str | Non
         config = machine.get("config") or {}
         metadata = config.get("metadata") or {}
         group = machine_group(machine)
-        if self_id and machine.get("id") == self_id:
+        if (self_id and machine.get("id") == self_id) or metadata.get(ORCHESTRATOR_ROLE_KEY) == ORCHESTRATOR_ROLE:
             continue
         if group in _INTERNAL_GROUPS or (groups and group not in groups):
             continue
@@ -3323,31 +3669,46 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def command_failure(what: str, commands: MachineCommands, exit_code: int, stdout: str, stderr: str,
+                    exit_signal: int = 0) -> str:
+    """Why a machine-side command (``what``) failed, from its exit, with the fix when it is known:
+    flydeploy.py not where the command looks for it, or a Python that cannot run it."""
+    if exit_signal:
+        return f"{what} was killed by signal {exit_signal}"
+    if "can't open file" in stderr or "No module named" in stderr or "No such file" in stderr:
+        return (f"flydeploy is not importable the way the upgrade runs it ({shlex.join(commands.argv())}): "
+                f"copy flydeploy.py to {commands.script} in the image, or set [tool.flydeploy] app_dir to "
+                "the directory that holds it")
+    if exit_code == 127:
+        return (f"{commands.python} not found on the machine: set [tool.flydeploy] python to the "
+                "interpreter's absolute path (e.g. /usr/local/bin/python3)")
+    tail = _last_line(stderr) or _last_line(stdout)
+    return f"{what} exited {exit_code} without a result" + (f": {tail}" if tail else "")
+
+
+def judge_result(machine: Mapping[str, Any], result: Mapping[str, Any]) -> MachineOutcome:
+    """Judge one machine by the result its ``rpc upgrade`` reported (marker or result object)."""
+    machine_id, region = machine.get("id", "?"), machine.get("region", "?")
+    if result.get("success"):
+        return MachineOutcome(machine_id, region, True, None, result)
+    return MachineOutcome(machine_id, region, False, str(result.get("error") or "failed, no reason given"),
+                          result)
+
+
 def judge_upgrade(machine: Mapping[str, Any], exit_code: int, stdout: str, stderr: str,
-                  exit_signal: int = 0, *, python: str = "python3") -> MachineOutcome:
+                  exit_signal: int = 0, *, commands: MachineCommands | None = None) -> MachineOutcome:
     """Judge one machine by its ``rpc upgrade`` result marker and exit code.
 
     It succeeded only when the command exited 0 and its result says success.
     Otherwise the error is the result's own, or what the exit says (a missing
     Python or flydeploy on the machine is named with what to do).
     """
-    machine_id, region = machine.get("id", "?"), machine.get("region", "?")
     result = parse_result_marker(stdout)
-    if result is not None and result.get("success") and exit_code == 0 and not exit_signal:
-        return MachineOutcome(machine_id, region, True, None, result)
-    if result is not None and result.get("error"):
-        error = str(result["error"])
-    elif exit_signal:
-        error = f"rpc upgrade was killed by signal {exit_signal}"
-    elif "No module named flydeploy" in stderr:
-        error = "flydeploy is not importable on the machine: copy flydeploy.py into the app's image"
-    elif exit_code == 127:
-        error = (f"{python} not found on the machine: put it on the image's PATH or set "
-                 "[tool.flydeploy] python")
-    else:
-        tail = _last_line(stderr) or _last_line(stdout)
-        error = f"rpc upgrade exited {exit_code} without a result" + (f": {tail}" if tail else "")
-    return MachineOutcome(machine_id, region, False, error, result)
+    if result is not None and (result.get("error") or (exit_code == 0 and not exit_signal)):
+        return judge_result(machine, result)
+    commands = commands or MachineCommands.for_app_dir("python3", _DEFAULT_APP_DIR)
+    error = command_failure("rpc upgrade", commands, exit_code, stdout, stderr, exit_signal)
+    return MachineOutcome(machine.get("id", "?"), machine.get("region", "?"), False, error, result)
 
 
 @dataclasses.dataclass
@@ -3438,15 +3799,18 @@ def _exec_on(api: Any, machine: Mapping[str, Any], argv: list[str],
     try:
         return api.exec(machine["id"], argv, timeout=timeout), None
     except MachinesAPIError as exc:
-        return None, _exec_failure(exc, timeout, time.monotonic() - began)
+        return None, _exec_failure(exc, argv, timeout, time.monotonic() - began)
 
 
-def _exec_failure(exc: MachinesAPIError, timeout: float, waited_s: float) -> str:
+def _exec_failure(exc: MachinesAPIError, argv: Sequence[str], timeout: float, waited_s: float) -> str:
     """What a failed exec says; ``waited_s`` is the time spent on it, all attempts together."""
+    if missing_program(exc):
+        return (f"{argv[0]} does not exist on the machine ({exc.message}): set [tool.flydeploy] python to "
+                "the absolute path of the image's interpreter (the preflight prints it)")
     if exc.status == 408:
-        return (f"timed out after {waited_s:.0f} s in all ({timeout:g} s per attempt, timed-out attempts are "
-                "retried); raise --timeout if it needs longer")
-    return f"exec failed after {waited_s:.0f} s: {exc}"
+        return (f"timed out after {waited_s:.0f} s in all ({timeout:g} s per attempt); the command may "
+                "still be running on the machine")
+    return f"exec failed: {exc}" if waited_s < 0.5 else f"exec failed after {waited_s:.0f} s: {exc}"
 
 
 def _stored_manifest(path: str) -> dict[str, Any]:
@@ -3526,7 +3890,8 @@ def default_version() -> str:
 
 def _release_entry(store: Store, app: str, image_ref: str, *, root: str | os.PathLike[str],
                    version: str | None, include: Iterable[str] | None, exclude: Iterable[str] | None,
-                   rollback: bool, rollback_to: str | None, say: Callable[[str], None]) -> tuple[dict, bool]:
+                   rollback: bool, rollback_to: str | None, say: Callable[[str], None],
+                   local_tree: LocalTree | None = None) -> tuple[dict, bool]:
     """The ``hot_upgrade`` record to push and whether its tarball was uploaded now."""
     if rollback or rollback_to is not None:
         entry = _pick_rollback(read_current(store, app)[0], rollback_to)
@@ -3538,7 +3903,9 @@ def _release_entry(store: Store, app: str, image_ref: str, *, root: str | os.Pat
     with tempfile.TemporaryDirectory(prefix="flydeploy-pack-") as scratch:
         release = pack_release(root, os.path.join(scratch, "release.tar.gz"), app=app, version=version,
                                source_image_ref=image_ref, include=list(include) if include else None,
-                               exclude=list(exclude) if exclude else None)
+                               exclude=list(exclude) if exclude else None,
+                               dockerignore=local_tree.dockerignore if local_tree else None,
+                               local_tree=local_tree.record() if local_tree else None)
         release, uploaded = _store_release(store, key, release)
     say(f"Release {version}: {_plural(len(release.manifest['files']), 'file')}, sha256 "
         f"{release.sha256[:12]}, {'uploaded' if uploaded else 'already stored'}")
@@ -3571,25 +3938,245 @@ def _renewing(lock: Lock, timeout_s: float) -> Iterator[None]:
         thread.join()
 
 
-def _machines_from_env(app: str) -> Machines:
-    """The Machines API client an orchestrator uses: the minted exec token, else the app's secret."""
-    token = os.environ.get("FLYDEPLOY_API_TOKEN") or os.environ.get("FLY_API_TOKEN")
-    if not token:
+def _machines_from_env(app: str) -> list[tuple[Machines, str]]:
+    """The Machines API clients an orchestrator may use, in order: the minted exec
+    token (``FLYDEPLOY_API_TOKEN``), then the app's ``FLY_API_TOKEN`` secret."""
+    clients = [(Machines(app, os.environ[name], retries=_EXEC_RETRIES), what)
+               for name, what in (("FLYDEPLOY_API_TOKEN", "the minted exec token"),
+                                  ("FLY_API_TOKEN", "the app's FLY_API_TOKEN secret"))
+               if os.environ.get(name, "").strip()]
+    if not clients:
         raise ConfigError("no Machines API token: set the FLY_API_TOKEN app secret "
                           "(fly secrets set FLY_API_TOKEN=\"$(fly tokens create deploy)\")")
-    return Machines(app, token, retries=_EXEC_RETRIES)
+    return clients
+
+
+# --- Preflight: can every process group run what the upgrade will run? ----------
+
+
+class PreflightError(FlyDeployError):
+    """A machine cannot run flydeploy the way the upgrade would; nothing was locked or uploaded."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreflightCheck:
+    """One machine's answer to ``rpc preflight``: ``report`` is the JSON it printed
+    (``preflight_report``); ``status`` the Machines API status when the exec was refused."""
+
+    machine_id: str
+    region: str
+    group: str
+    ok: bool
+    error: str | None = None
+    report: Mapping[str, Any] | None = None
+    status: int | None = None
+
+    def line(self) -> str:
+        """``✓ group app: machine (region) python ..., flydeploy 0.1.0, 2 agents`` or ``✗ ... why``."""
+        head = f"group {self.group or '-'}: {self.machine_id} ({self.region})"
+        if not self.ok:
+            return f"✗ {head}: {self.error}"
+        report = self.report or {}
+        return (f"✓ {head}: {report.get('python')} (Python {report.get('python_version')}), flydeploy "
+                f"{report.get('flydeploy')}, {_plural(int(report.get('agents_ok') or 0), 'agent')} answering")
+
+
+def judge_preflight(machine: Mapping[str, Any], commands: MachineCommands, result: ExecResult | None,
+                    refusal: MachinesAPIError | None) -> PreflightCheck:
+    """Judge one machine's ``rpc preflight`` exec (its result, or the API's refusal), with the fix."""
+    head = (machine.get("id", "?"), machine.get("region", "?"), machine_group(machine))
+    if refusal is not None:
+        if refusal.status in (401, 403):
+            error = (f"the Machines API refused the exec ({refusal.message}): the token does not allow "
+                     f"`{shlex.join(commands.token_prefix())} ...`; set the app's FLY_API_TOKEN secret "
+                     "(fly secrets set FLY_API_TOKEN=\"$(fly tokens create deploy)\")")
+        else:
+            error = _exec_failure(refusal, commands.argv(), EXEC_DEADLINE_S, 0)
+        return PreflightCheck(*head, False, error, None, refusal.status)
+    assert result is not None
+    try:
+        report = json.loads(result.stdout)
+    except ValueError:
+        report = None
+    if not isinstance(report, dict):
+        return PreflightCheck(*head, False, command_failure("rpc preflight", commands, result.exit_code,
+                                                            result.stdout, result.stderr, result.exit_signal))
+    if not report.get("agents"):
+        error = ("no flydeploy agent runs on the machine: the app must call flydeploy.startup_reapply_current() "
+                 "(or flydeploy.start_agent()) in every process at boot")
+        return PreflightCheck(*head, False, error, report)
+    if report.get("agents_ok") != report.get("agents"):
+        return PreflightCheck(*head, False, f"agents do not answer: {report.get('agent_errors')}", report)
+    store = report.get("store")
+    if isinstance(store, dict) and not store.get("ok"):
+        error = (f"the bucket is not reachable from the machine with its own credentials ({store.get('error')}): "
+                 "give the app its bucket secrets (`fly storage create` sets BUCKET_NAME, AWS_ENDPOINT_URL_S3, "
+                 "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+        return PreflightCheck(*head, False, error, report)
+    return PreflightCheck(*head, True, None, report)
+
+
+def preflight_targets(selection: MachineSelection) -> list[dict]:
+    """One started machine per process group: where the preflight runs."""
+    chosen: dict[str, dict] = {}
+    for machine in selection.targets:
+        chosen.setdefault(machine_group(machine), dict(machine))
+    return list(chosen.values())
+
+
+def run_preflight(api: Any, app: str, machines: Sequence[Mapping[str, Any]], commands: MachineCommands, *,
+                  extra: Sequence[str] = (), max_concurrency: int = 10) -> list[PreflightCheck]:
+    """``rpc preflight`` on each of ``machines`` (one short exec each), judged."""
+    argv = commands.rpc("preflight", app, *extra)
+
+    def check(machine: Mapping[str, Any]) -> PreflightCheck:
+        try:
+            return judge_preflight(machine, commands, api.exec(machine["id"], argv, timeout=EXEC_DEADLINE_S), None)
+        except MachinesAPIError as exc:
+            return judge_preflight(machine, commands, None, exc)
+
+    return list(_map_concurrently(check, list(machines), max_concurrency))
+
+
+def _preflight_fleet(clients: list[tuple[Any, str]], app: str, selection: MachineSelection,
+                     commands: MachineCommands, say: Callable[[str], None],
+                     extra: Sequence[str] = ()) -> tuple[Any, set[str]]:
+    """Run the preflight (``rpc preflight ... extra``) with the first client; when the
+    API refuses its token and another is there, say so and use that one.  Returns
+    the client to upgrade with and the ids of the machines checked; raises
+    ``PreflightError`` naming each failing machine and its fix."""
+    machines = preflight_targets(selection)
+    if not machines:
+        return clients[0][0], set()
+    for index, (api, what) in enumerate(clients):
+        checks = run_preflight(api, app, machines, commands, extra=extra)
+        refused = [c for c in checks if c.status in (401, 403)]
+        if refused and index + 1 < len(clients):
+            say(f"{what} was refused by the Machines API (HTTP {refused[0].status} on the exec of "
+                f"`{shlex.join(commands.token_prefix())} preflight`); using {clients[index + 1][1]} instead")
+            continue
+        for check in checks:
+            say(check.line())
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            raise PreflightError("preflight failed on " + ", ".join(c.machine_id for c in failed)
+                                 + "; nothing was locked, uploaded or changed:\n"
+                                 + "\n".join(c.line() for c in failed))
+        return api, {m["id"] for m in machines}
+    raise AssertionError("unreachable")
+
+
+# --- Upgrading the machines -------------------------------------------------------
+
+# Results are looked for at an interval that grows with the time already waited
+# (this share of it), between these bounds: a fast machine is seen within tens of
+# milliseconds, and a slow one does not cost a request every 50 ms.
+_RESULT_POLL_MIN_S = 0.05
+_RESULT_POLL_MAX_S = 1.0
+_RESULT_POLL_SHARE = 0.2
+
+
+def result_poll_interval(waited_s: float) -> float:
+    """Seconds until the next look for results, ``waited_s`` after the youngest wait began."""
+    return min(_RESULT_POLL_MAX_S, max(_RESULT_POLL_MIN_S, waited_s * _RESULT_POLL_SHARE))
+
+
+def results_prefix(app: str, upgrade_id: str) -> str:
+    """The folder of one upgrade's per-machine result objects."""
+    return f"releases/{app}-results/{upgrade_id}/"
+
+
+class _ResultBoard:
+    """The result objects machines store under ``prefix`` (``<machine_id>.json`` each),
+    as they come: one upgrade's, or one phase's of it.
+
+    Every machine waiting for its result shares one poller: whoever finds the
+    next poll due lists the folder (one request, whatever the number of
+    machines) and reads the new objects; the others wait for it.
+    """
+
+    def __init__(self, store: Store, prefix: str) -> None:
+        self._store = store
+        self._prefix = prefix
+        self._cond = threading.Condition()
+        self._results: dict[str, dict] = {}
+        self._waiting: dict[str, float] = {}
+        self._polling = False
+        self._next_poll = 0.0
+        self.error: str | None = None
+        self.polls = 0
+
+    def wait(self, machine_id: str, began: float, deadline: float) -> dict | None:
+        """The result of ``machine_id`` (waited for since ``began``), or None at ``deadline``."""
+        with self._cond:
+            self._waiting[machine_id] = began
+            self._next_poll = min(self._next_poll, time.monotonic() + _RESULT_POLL_MIN_S)
+        try:
+            while True:
+                with self._cond:
+                    now = time.monotonic()
+                    if machine_id in self._results:
+                        return self._results[machine_id]
+                    if now >= deadline:
+                        return None
+                    if self._polling or now < self._next_poll:
+                        self._cond.wait(min(deadline, self._next_poll if not self._polling else deadline) - now)
+                        continue
+                    self._polling = True
+                try:
+                    self._poll()
+                finally:
+                    with self._cond:
+                        self._polling = False
+                        youngest = max(self._waiting.values(), default=time.monotonic())
+                        self._next_poll = time.monotonic() + result_poll_interval(time.monotonic() - youngest)
+                        self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._waiting.pop(machine_id, None)
+
+    def _poll(self) -> None:
+        self.polls += 1
+        try:
+            for key in self._store.list(self._prefix):
+                machine_id = key[len(self._prefix):].removesuffix(".json")
+                if machine_id in self._results or machine_id not in self._waiting:
+                    continue
+                found = self._store.get_json(key)
+                if found is not None and isinstance(found[0], dict) and found[0].get("status") != "pending":
+                    with self._cond:
+                        self._results[machine_id] = found[0]
+        except FlyDeployError as exc:  # a passing store error: the next poll tries again
+            self.error = str(exc)
+            log.warning("flydeploy: could not read the upgrade results: %s", exc)
 
 
 def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list[str], *, timeout: float,
-                      max_concurrency: int, python: str,
-                      on_outcome: Callable[[MachineOutcome], None]) -> None:
-    """Exec ``argv`` on every target, ``max_concurrency`` at a time; ``on_outcome`` as each finishes."""
+                      max_concurrency: int, commands: MachineCommands,
+                      board: _ResultBoard | None, on_outcome: Callable[[MachineOutcome], None]) -> None:
+    """Upgrade every target, ``max_concurrency`` at a time; ``on_outcome`` as each finishes.
+
+    With a ``board`` the exec only starts the upgrade on the machine, detached
+    (``argv`` ends in ``--detach``; starting twice starts it once, so the start
+    may be retried), and the outcome is the result object the machine stores;
+    without one the exec runs the whole upgrade and prints its result.
+    """
 
     def upgrade(machine: Mapping[str, Any]) -> MachineOutcome:
-        res, failure = _exec_on(api, machine, argv, timeout)
+        began = time.monotonic()
+        res, failure = _exec_on(api, machine, argv, timeout if board is None else EXEC_DEADLINE_S)
         if res is None:
             return MachineOutcome(machine["id"], machine.get("region", "?"), False, failure)
-        return judge_upgrade(machine, res.exit_code, res.stdout, res.stderr, res.exit_signal, python=python)
+        if board is None or not res.ok:
+            return judge_upgrade(machine, res.exit_code, res.stdout, res.stderr, res.exit_signal,
+                                 commands=commands)
+        result = board.wait(machine["id"], began, began + timeout)
+        if result is None:
+            why = f" (last storage error: {board.error})" if board.error else ""
+            return MachineOutcome(machine["id"], machine.get("region", "?"), False,
+                                  f"no result within {timeout:g} s{why}; the upgrade may still be running on the "
+                                  "machine: `status` shows what it runs, raise --timeout if it needs longer")
+        return judge_result(machine, result)
 
     results = _map_concurrently(upgrade, targets, max_concurrency)
     try:
@@ -3605,8 +4192,9 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
                 exclude: Iterable[str] | None = None, rollback: bool = False, rollback_to: str | None = None,
                 force: bool = False, owner: str | None = None, lock_timeout: float = 300.0,
                 timeout: float = 120.0, max_concurrency: int = 10, suspend_timeout: float = 10.0,
-                process_groups: Iterable[str] = (), python: str = "python3", self_id: str | None = None,
-                out: TextIO | None = None) -> FleetReport:
+                process_groups: Iterable[str] = (), commands: MachineCommands | None = None,
+                self_id: str | None = None, upgrade_id: str | None = None, preflight: bool = True,
+                local_tree: LocalTree | None = None, out: TextIO | None = None) -> FleetReport:
     """Push a release to every machine of ``app`` and report how each took it.
 
     Takes the deploy lock (``LockHeld`` when someone else holds it), packs the
@@ -3614,16 +4202,39 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
     skipped when the same content is already stored) and records it in
     ``current.json`` -- or, with ``rollback``, records the earlier history entry
     ``rollback_to`` (default: the previous one) instead of packing.  Then it
-    execs ``rpc upgrade`` on every started machine (``select_machines``),
+    starts ``rpc upgrade`` on every started machine (``select_machines``),
     ``max_concurrency`` at a time, printing a line per machine as it finishes
     and a summary to ``out``.  The lock is released in every case, Ctrl-C too.
 
+    The phases, in order: preflight (nothing changed yet), lock, pack and
+    upload (a stored tarball, nothing live), record in ``current.json`` -- the
+    point of no return: a machine that boots from then on applies the
+    release -- start the upgrade on every machine, collect the results,
+    release the lock.
+
+    Before the lock is taken and anything is uploaded, a preflight execs
+    ``rpc preflight`` on one started machine per process group
+    (``PreflightError`` names each failure and its fix).  On the Machines API
+    (``api.runs_detached``) each upgrade runs detached on its machine and its
+    outcome is the result object it stores in ``releases/<app>-results/
+    <upgrade_id>/``: every exec stays short.  ``commands`` builds every
+    machine-side command (default ``python3 /app/flydeploy.py``).
+
     ``store`` defaults to ``S3.from_env()``; ``api`` to the Machines API with
-    the token in ``FLYDEPLOY_API_TOKEN`` (a minted exec token) or ``FLY_API_TOKEN``.
+    the token in ``FLYDEPLOY_API_TOKEN`` (a minted exec token), falling back to
+    ``FLY_API_TOKEN`` when the API refuses the first.
+
+    Two places run it: the orchestrator machine (``orchestrate`` command,
+    packing the new image's tree) and the developer's own machine with ``hot
+    --direct`` (``local_tree``: the tree is packed as the image build would
+    have copied it, and the release says it came from that tree; ``image_ref``
+    is then the image the machines run).
     """
     out = out or sys.stdout
     store = store if store is not None else S3.from_env()
-    api = api if api is not None else _machines_from_env(app)
+    clients = [(api, "the given token")] if api is not None else _machines_from_env(app)
+    api = clients[0][0]
+    commands = commands or MachineCommands.for_app_dir("python3", _DEFAULT_APP_DIR)
     self_id = self_id if self_id is not None else os.environ.get("FLY_MACHINE_ID")
     process_groups = tuple(process_groups)
 
@@ -3632,7 +4243,16 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
         out.flush()
 
     started = time.monotonic()
-    upgrade_id = secrets.token_hex(16)
+    upgrade_id = upgrade_id or secrets.token_hex(16)
+    checked: set[str] = set()
+    if preflight:
+        # Listed first to fail early on a bad token; checked before anything is locked or uploaded.
+        # The bucket too, from the machines, with their credentials: a job that cannot reach it
+        # could not report back.
+        bucket = ["--store", "--bucket", store.bucket] if isinstance(store, S3) else []
+        api, checked = _preflight_fleet(clients, app, select_machines(api.list(), self_id=self_id,
+                                                                      process_groups=process_groups),
+                                        commands, say, bucket)
     lock = acquire_lock(store, app, owner=owner or f"{getpass.getuser()}@{socket.gethostname()}",
                         deployment_id=upgrade_id, timeout_s=lock_timeout, force=force)
     try:
@@ -3642,7 +4262,8 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
             before = select_machines(api.list(), self_id=self_id, process_groups=process_groups)
             images = {machine_image(m) for m in before.targets + before.pending}
             entry, uploaded = _release_entry(store, app, image_ref, root=root, version=version, include=include,
-                                             exclude=exclude, rollback=rollback, rollback_to=rollback_to, say=say)
+                                             exclude=exclude, rollback=rollback, rollback_to=rollback_to, say=say,
+                                             local_tree=local_tree)
             entry["process_groups"] = list(process_groups) or None
             record_hot_upgrade(store, app, entry, image_ref=images.pop() if len(images) == 1 else None)
             # Listed again: a machine that started meanwhile read the old record.
@@ -3656,16 +4277,21 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
                 say(f"· {machine.get('id')} ({machine.get('region', '?')}) {reason}")
             say(f"Upgrading {_plural(len(selection.targets), 'machine')} to {entry['version']}, "
                 f"{max_concurrency} at a time")
-            argv = [python, "-m", "flydeploy", "rpc", "upgrade", "--app", app, "--url", entry["tarball_url"],
-                    "--sha256", entry["sha256"], "--suspend-timeout", f"{suspend_timeout:g}",
-                    "--upgrade-id", upgrade_id]
+            detached = bool(getattr(api, "runs_detached", False))
+            argv = commands.rpc("upgrade", app, "--url", entry["tarball_url"], "--sha256", entry["sha256"],
+                                "--suspend-timeout", f"{suspend_timeout:g}", "--upgrade-id", upgrade_id,
+                                *(["--detach"] if detached else []))
 
             def finished(outcome: MachineOutcome) -> None:
                 report.outcomes.append(outcome)
                 say(outcome.line())
 
-            _upgrade_machines(api, selection.targets, argv, timeout=timeout, max_concurrency=max_concurrency,
-                              python=python, on_outcome=finished)
+            # The machines the preflight just exec'd on go last: their next exec waits for the
+            # API's pacing of one a second per machine, while the others' go at once.
+            targets = sorted(selection.targets, key=lambda machine: machine["id"] in checked)
+            board = _ResultBoard(store, results_prefix(app, upgrade_id)) if detached else None
+            _upgrade_machines(api, targets, argv, timeout=timeout, max_concurrency=max_concurrency,
+                              commands=commands, board=board, on_outcome=finished)
             report.duration_s = time.monotonic() - started
             say(report.summary())
             return report
@@ -3715,9 +4341,9 @@ def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
                              for p in processes or ()]}
 
 
-def fleet_status(app: str, *, store: Store | None, api: Any, python: str = "python3",
+def fleet_status(app: str, *, store: Store | None, api: Any, commands: MachineCommands | None = None,
                  process_groups: Iterable[str] = (), max_concurrency: int = 10,
-                 timeout: float = 30.0) -> list[dict]:
+                 timeout: float = EXEC_DEADLINE_S) -> list[dict]:
     """``status_row`` for every app machine: the Machines API list, ``current.json``
     and ``rpc info`` on the started machines, ``max_concurrency`` at a time.
 
@@ -3726,7 +4352,7 @@ def fleet_status(app: str, *, store: Store | None, api: Any, python: str = "pyth
     """
     current = read_current(store, app)[0] if store is not None else None
     selection = select_machines(api.list(), process_groups=process_groups)
-    argv = [python, "-m", "flydeploy", "rpc", "info", "--app", app]
+    argv = (commands or MachineCommands.for_app_dir("python3", _DEFAULT_APP_DIR)).rpc("info", app)
 
     def info(machine: Mapping[str, Any]) -> tuple[str, list | None, str | None]:
         res, failure = _exec_on(api, machine, argv, timeout)
@@ -3760,6 +4386,8 @@ class LocalMachines:
     """
 
     MACHINE_ID = "local"
+    # Upgrades run to the end inside the exec: there is no deadline here.
+    runs_detached = False
 
     def __init__(self, app: str, *, cwd: str | os.PathLike[str] | None = None) -> None:
         self.app = app
@@ -3830,6 +4458,9 @@ def _add_orchestrate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--owner", help="who deploys, shown to anyone who finds the lock held")
     parser.add_argument("--rollback", action="store_true", help="push an earlier release instead of packing")
     parser.add_argument("--to", help="with --rollback: the version to go back to (default: the previous)")
+    parser.add_argument("--app-dir", help="where the app and flydeploy.py are on the machines (default /app)")
+    parser.add_argument("--upgrade-id", type=_upgrade_id,
+                        help="this run's id: the lock's deployment id and the folder of the results")
     parser.set_defaults(handler=_orchestrate_command)
 
 
@@ -3841,14 +4472,19 @@ def _orchestrate_command(args: argparse.Namespace) -> int:
     only whether the command failed.
     """
     print(f"{ORCHESTRATOR_MARKER} started", flush=True)
+    # Cancelling stops the machine with a signal: either one unwinds through the lock's release.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         config = load_config(args.root, overrides=fleet_overrides(args))
         app = config.require_app()
         options = config.orchestrate_options()
         report = orchestrate(app, args.image_ref, store=config.s3(),
                              version=args.version, rollback=args.rollback, rollback_to=args.to,
-                             force=args.force, owner=args.owner, **options)
+                             force=args.force, owner=args.owner, upgrade_id=args.upgrade_id, **options)
         code = report.exit_code
+    except PreflightError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        code = 1
     except (LockHeld, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         code = 2
@@ -3858,6 +4494,8 @@ def _orchestrate_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted; the deploy lock was released", file=sys.stderr, flush=True)
         code = 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"{ORCHESTRATOR_MARKER} exit {code}", flush=True)
     return code
 
@@ -9296,7 +9934,7 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
 
 
 def _store_result(store: Store, app: str, upgrade_id: str, result: dict) -> None:
-    key = f"releases/{app}-results/{upgrade_id}/{result['machine_id']}.json"
+    key = f"{results_prefix(app, upgrade_id)}{result['machine_id']}.json"
     try:
         store.put(key, json.dumps(result, sort_keys=True).encode(), content_type="application/json")
     except Exception as exc:  # the result file is a convenience; the upgrade stands without it
@@ -9373,8 +10011,14 @@ def _reconcile(store: Store, app: str, image_ref: str, *,
     if doc is None or doc.get("image_ref") != image_ref:
         # Conditional on what is there when writing: a machine of this image
         # that got in first (or a hot upgrade recorded for it) is kept.
+        # The image's dependency files are in the directory init starts the app in
+        # (its WORKDIR), as they were in the build context: recorded for `hot --direct`.
+        try:
+            dependencies = dependency_fingerprint(os.getcwd())
+        except OSError:  # no working directory left: nothing to record, the catch-up goes on
+            dependencies = None
         doc = update_current(store, app, lambda found: found if found and found.get("image_ref") == image_ref
-                             else _fresh_current(image_ref))
+                             else _fresh_current(image_ref, dependencies))
         status, etag = "reset", None
     hot = _current_hot_upgrade(doc)
     if hot is None:
@@ -9649,7 +10293,110 @@ def _rpc_query(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def preflight_report(app: str, *, store_check: bool = False, bucket: str | None = None) -> dict:
+    """What ``rpc preflight`` prints: how this machine runs flydeploy (interpreter,
+    version, the script's path), its agents, and with ``store_check`` whether the
+    bucket is reachable with this machine's credentials and what current.json says."""
+    replies = _ask_agents(app, {"op": "ping"}, timeout=_QUERY_TIMEOUT)
+    errors = [f"pid {e['pid']}: {e.get('error') or (e.get('reply') or {}).get('error')}"
+              for e in replies if not (e.get("reply") or {}).get("ok")]
+    report: dict[str, Any] = {
+        "flydeploy": __version__, "python": sys.executable, "python_version": sys.version.split()[0],
+        "script": os.path.abspath(__file__), "uid": os.geteuid(), "cwd": os.getcwd(),
+        "machine_id": os.environ.get("FLY_MACHINE_ID"), "image_ref": os.environ.get("FLY_IMAGE_REF"),
+        "agents": len(replies), "agents_ok": len(replies) - len(errors), "agent_errors": errors,
+        "fly_api_token_set": bool(os.environ.get("FLY_API_TOKEN", "").strip())}
+    if store_check:
+        report["store"] = _store_check(app, bucket)
+    return report
+
+
+def _store_check(app: str, bucket: str | None) -> dict:
+    """The bucket as this machine reaches it: endpoint, addressing, and current.json's record."""
+    try:
+        store = S3.from_env(bucket=bucket)
+        doc, _etag = read_current(store, app)
+    except FlyDeployError as exc:
+        return {"ok": False, "error": _scrub(str(exc), os.environ.get("AWS_ENDPOINT_URL_S3"))}
+    hot = (doc or {}).get("hot_upgrade") or {}
+    # How the client addresses the bucket: its own ``addressing_style`` where it chooses one
+    # (virtual-hosted or path), else path style, the only one it speaks.
+    addressing = getattr(store, "addressing_style", None) or "path"
+    return {"ok": True, "endpoint": store.endpoint, "bucket": store.bucket, "addressing": addressing,
+            "current_found": doc is not None, "image_ref": (doc or {}).get("image_ref"),
+            "hot_upgrade": hot.get("version")}
+
+
+def _rpc_preflight(args: argparse.Namespace) -> int:
+    report = preflight_report(args.app, store_check=args.store, bucket=args.bucket)
+    print(json.dumps(report, sort_keys=True))
+    store_ok = not args.store or report["store"]["ok"]
+    return 0 if report["agents"] and report["agents_ok"] == report["agents"] and store_ok else 1
+
+
+# Job markers and logs older than this are removed when the next job starts.
+_JOB_KEEP_S = 86400.0
+
+
+def _job_marker(app: str, job: str, upgrade_id: str) -> str:
+    """The marker of a detached job, after removing those of jobs long finished."""
+    directory = _work_dir(app)
+    now = time.time()
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        with contextlib.suppress(OSError):
+            if name.startswith("job-") and now - os.lstat(path).st_mtime > _JOB_KEEP_S:
+                os.unlink(path)
+    return os.path.join(directory, f"job-{job}-{upgrade_id}.json")
+
+
+def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int:
+    """``rpc <command> --detach``: start ``run(args)`` in the background and return at once.
+
+    The command and the upgrade id name the job: a second start of the same
+    one (an exec retried after a lost reply) finds its marker and starts
+    nothing.  The job is this process, forked (no second interpreter to start)
+    into a session of its own with its output in a log next to the marker, so
+    that the exec's pipes close when this command returns; what it reports
+    goes to a result object, which the orchestrator collects (``_ResultBoard``).
+    Any machine-side phase that may outlast an exec runs this way.
+    """
+    marker = _job_marker(args.app, args.rpc_command, args.upgrade_id)
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(json.dumps({"detached": True, "started": False, "upgrade_id": args.upgrade_id}))
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the job
+        code = 1
+        try:
+            os.setsid()
+            output = os.open(marker[:-5] + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(output, 1)
+            os.dup2(output, 2)
+            os.close(fd)
+            code = run(argparse.Namespace(**{**vars(args), "detach": False}))
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"pid": pid, "upgrade_id": args.upgrade_id, "started_at": _iso_utc(_utc_now())}, handle)
+    print(json.dumps({"detached": True, "started": True, "upgrade_id": args.upgrade_id, "pid": pid}))
+    return 0
+
+
 def _rpc_upgrade(args: argparse.Namespace) -> int:
+    if args.detach:
+        if not args.upgrade_id:
+            raise ConfigError("rpc upgrade --detach needs --upgrade-id: the result object is found by it")
+        return _start_detached(args, _rpc_upgrade)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
@@ -9707,7 +10454,16 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
     upgrade.add_argument("--upgrade-id", type=_upgrade_id,
                          help="where the result is stored: releases/<app>-results/<upgrade-id>/ "
                               "(default: the --sha256, else a fresh id)")
+    upgrade.add_argument("--detach", action="store_true",
+                         help="start the upgrade in the background and return at once; its result is "
+                              "only stored (needs --upgrade-id; a second start of the same id starts nothing)")
     upgrade.set_defaults(handler=_rpc_upgrade)
+    preflight = rpc_commands.add_parser("preflight", parents=[common],
+                                        help="print, as JSON, how this machine runs flydeploy and its agents")
+    preflight.add_argument("--store", action="store_true",
+                           help="also check the bucket with this machine's credentials")
+    preflight.add_argument("--bucket", help="the bucket (default: BUCKET_NAME)")
+    preflight.set_defaults(handler=_rpc_preflight)
     for name, text in (("info", "print every process's info as JSON"), ("ping", "check every agent answers")):
         query = rpc_commands.add_parser(name, parents=[common], help=text)
         query.add_argument("--timeout", type=_number_argument("seconds"), default=_QUERY_TIMEOUT, metavar="S",

@@ -3,21 +3,30 @@
     python -m flydeploy_cli hot        build, push and hot-upgrade every machine
     python -m flydeploy_cli status     what every machine runs
     python -m flydeploy_cli rollback   back to an earlier hot upgrade
+    python -m flydeploy_cli doctor     check the app, flyctl, the machines and the bucket
     python -m flydeploy_cli demo       a live hot upgrade on this machine, shown side by side
 
 ``hot``, ``status`` and ``rollback`` take ``--local [--root DIR] [--store DIR]``
-to work on the app's processes on this host instead, with no Fly and no S3.
+to work on the app's processes on this host instead, with no Fly and no S3,
+and ``--direct [--env-file FILE]`` to run the orchestration from here, with
+no image build and no orchestrator machine: the release is packed from the
+local tree (``.dockerignore`` honoured) for the image the machines run, with
+the developer's Fly token and the bucket's credentials of this machine.
 Installed as a package, the same commands are the ``flydeploy`` script; the
 machine side (``rpc``, ``orchestrate``) is ``python -m flydeploy``.
 
 Settings come, highest first, from the flags, ``[tool.flydeploy]`` in
 ``pyproject.toml``, ``fly.toml`` and the defaults.  ``hot`` builds the image
-with ``fly deploy --build-only --push``, then starts a temporary orchestrator
-machine from it (``fly machine run --rm``) that runs
-``python -m flydeploy orchestrate``: it packs the app, stores the release and
-execs ``rpc upgrade`` on every machine.  Exit codes: 0 every machine took the
-upgrade, 1 a machine (or the build) failed, 2 bad usage or settings, or the
-deploy lock is held, 130 interrupted.
+with ``fly deploy --build-only --push``, then creates a temporary orchestrator
+machine from it through the Machines API whose main process is
+``<python> <app_dir>/flydeploy.py orchestrate`` (destroyed when it exits; its
+output comes from ``fly logs``, its exit code from the machine's exit event).
+The orchestrator runs a preflight, packs the app, stores the release and
+starts ``rpc upgrade`` on every machine with short execs, collecting each
+machine's result object from S3.  Ctrl-C or SIGTERM stops and destroys it.
+Exit codes: 0 every machine took the upgrade, 1 a machine, the preflight (or
+the build) failed, 2 bad usage or settings, or the deploy lock is held, 130
+interrupted.  ``doctor`` checks everything ``hot`` needs.
 
 Standard library only; the work itself is done by ``flydeploy``.
 """
@@ -26,13 +35,17 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import difflib
 import getpass
 import glob
+import hashlib
+import itertools
 import json
 import os
+import queue
 import re
 import secrets
 import select
@@ -62,11 +75,14 @@ __all__ = [
     "build_command",
     "token_command",
     "orchestrate_argv",
-    "orchestrator_command",
+    "orchestrator_config",
+    "logs_command",
+    "machine_exit_code",
     "redact",
     "run_build",
     "mint_exec_token",
     "launch_orchestrator",
+    "doctor",
     "BUILD_SILENCE_S",
 ]
 
@@ -76,19 +92,26 @@ BUILD_SILENCE_S = 600.0
 _LAUNCH_ATTEMPTS = 3
 _LAUNCH_RETRY_DELAY_S = 10.0
 _INTERRUPT_GRACE_S = 60.0
+_ORCHESTRATOR_MEMORY_MB = 1024
+# How often the orchestrator machine is looked at while it runs, and how long its
+# last log lines may trail its exit (logs travel apart from the machine's events).
+_EXIT_POLL_S = 1.0
+_LOG_TRAIL_S = 5.0
+# On cancel, the orchestrator gets this long after SIGINT to release the lock and exit.
+_CANCEL_GRACE_S = 30
+# Docker caps an image tag at 128 characters.
+_MAX_TAG = 128
 _REDACTED = "<redacted>"
 _SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "AUTH", "PRIVATE", "DSN")
 # user:password@ in a URL, whatever the variable's name.
 _URL_PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+(?=@)")
 _IMAGE_LINE_RE = re.compile(r"^\s*image:\s*(\S+)")
+# A `fly logs` line: "<time> app[<machine>] <region> [info] <message>".
+_LOG_LINE_RE = re.compile(r"^\S+\s+\S+\[[^\]]*\]\s+\S+\s+\[\w+\]\s?(?P<message>.*)$")
+# A new image not yet in the registry: the only create failure worth trying again.
+_PROPAGATION_RE = re.compile(r"manifest unknown|not found|no such image|failed to get manifest", re.IGNORECASE)
 _MARKER_RE = re.compile(re.escape(flydeploy.ORCHESTRATOR_MARKER) + r" (started|exit (\d+))")
 _PAIR_FLAGS = ("-e", "--env", "--build-arg")
-# flyctl failures a retry cannot fix: a new image that has not reached the
-# registry yet fails otherwise, and only that is worth launching again for.
-_NOT_PROPAGATION_RE = re.compile(
-    r"no access token|not logged in|unauthori[sz]ed|not authori[sz]ed|authenticat|token validation|"
-    r"permission denied|forbidden|could not find app|app not found|unknown flag|invalid argument",
-    re.IGNORECASE)
 
 
 # --- Commands ---------------------------------------------------------------
@@ -111,23 +134,23 @@ def build_command(config: flydeploy.FleetConfig, label: str, *, no_cache: bool =
     return command
 
 
-def _rpc_prefix(config: flydeploy.FleetConfig) -> str:
-    return shlex.join([config.python, "-m", "flydeploy", "rpc"])
-
-
 def token_command(config: flydeploy.FleetConfig) -> list[str]:
-    """``fly tokens create machine-exec``: a 1-hour token limited to ``<python> -m flydeploy rpc``."""
+    """``fly tokens create machine-exec``: a 1-hour token limited to the machine-side
+    ``rpc`` commands, its prefix taken from the one builder of those commands."""
+    prefix = shlex.join(config.machine_commands().token_prefix())
     return ["fly", "tokens", "create", "machine-exec", "-a", config.require_app(), "--expiry", "1h",
-            "--command-prefix", _rpc_prefix(config)]
+            "--command-prefix", prefix]
 
 
 def orchestrate_argv(config: flydeploy.FleetConfig, image_ref: str, *, version: str | None = None,
                      owner: str | None = None, force: bool = False, rollback: bool = False,
                      rollback_to: str | None = None) -> list[str]:
-    """The ``python -m flydeploy orchestrate ...`` command the orchestrator machine runs,
-    carrying every resolved setting so that it does exactly what ``--dry-run`` shows."""
+    """The ``<python> <app_dir>/flydeploy.py orchestrate --root <app_dir> ...`` command the
+    orchestrator machine runs as its main process, carrying every resolved setting so
+    that it does exactly what ``--dry-run`` shows."""
     config.require_app()
-    argv = [config.python, "-m", "flydeploy", "orchestrate", "--image-ref", image_ref, *config.orchestrate_flags()]
+    argv = config.machine_commands().orchestrate("--root", config.app_dir, "--image-ref", image_ref,
+                                                 *config.orchestrate_flags())
     if version:
         argv += ["--version", version]
     if owner:
@@ -141,20 +164,31 @@ def orchestrate_argv(config: flydeploy.FleetConfig, image_ref: str, *, version: 
     return argv
 
 
-def orchestrator_command(config: flydeploy.FleetConfig, image_ref: str, argv: list[str],
-                         env: Mapping[str, str]) -> list[str]:
-    """``fly machine run <image> --entrypoint "sleep inf" ... --rm --shell --command "cd <app dir> && <argv>"``.
+def orchestrator_config(config: flydeploy.FleetConfig, image_ref: str, argv: list[str], env: Mapping[str, str],
+                        *, run_id: str, launcher: str) -> dict:
+    """The Machines API config of the orchestrator machine: ``argv`` is its main process.
 
-    The shell starts in ``/``, not the image's WORKDIR: the command goes to the
-    app directory (``FleetConfig.app_dir``) first, where the app is packed from.
+    init starts it in the image's WORKDIR with the image's environment, the
+    app's secrets and ``env`` (fly.toml ``[env]`` does not reach a machine
+    made outside ``fly deploy``, so it is passed here, with the exec token;
+    names that look secret are left out: secrets reach every machine as app
+    secrets, not from fly.toml).
+    It is destroyed when ``argv`` exits and never restarted; its metadata
+    names the run and who launched it, so that an interrupted or abandoned
+    run is found and cleaned up.
     """
-    command = ["fly", "machine", "run", image_ref, "--entrypoint", "sleep inf", "-c", str(config.fly_toml)]
-    command += _app_flag(config)
-    command += ["--vm-memory", "1024"]
-    for name, value in env.items():
-        command += ["-e", f"{name}={value}"]
-    shell = f"cd {shlex.quote(config.app_dir)} && {shlex.join(argv)}"
-    return command + ["--rm", "--shell", "--command", shell]
+    return {"image": image_ref, "init": {"entrypoint": argv[:1], "cmd": argv[1:]},
+            "env": {**{k: v for k, v in config.env.items() if not _looks_secret(k)}, **env},
+            "auto_destroy": True, "restart": {"policy": "no"},
+            "guest": {"cpu_kind": "shared", "cpus": 1, "memory_mb": _ORCHESTRATOR_MEMORY_MB},
+            "metadata": {flydeploy.ORCHESTRATOR_ROLE_KEY: flydeploy.ORCHESTRATOR_ROLE,
+                         flydeploy.ORCHESTRATOR_RUN_KEY: run_id, flydeploy.ORCHESTRATOR_LAUNCHER_KEY: launcher}}
+
+
+def logs_command(config: flydeploy.FleetConfig, machine_id: str) -> list[str]:
+    """``fly logs -a <app> --machine <id>``: the orchestrator's output as it runs (streamed
+    until stopped; flyctl docs, fly_logs.md)."""
+    return ["fly", "logs", "-a", config.require_app(), "--machine", machine_id]
 
 
 def _looks_secret(name: str) -> bool:
@@ -243,8 +277,10 @@ def _start_streamed(command: list[str], started: list[subprocess.Popen]) -> None
     interrupts = [signum for signum in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(signum))]
     with _signals_deferred(interrupts):
         try:
+            # stdin stays an open pipe until flyctl has exited: at EOF flyctl closes
+            # the remote side's stdin too (flyctl ssh/io.go), which can end a session early.
             started.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True))
+                                            stdin=subprocess.PIPE, start_new_session=True))
         except OSError as exc:
             raise flydeploy.FlyDeployError(
                 f"cannot run {command[0]}: {exc.strerror}; install flyctl (https://fly.io/docs/flyctl/install/) "
@@ -291,6 +327,7 @@ def _stream(command: list[str], on_line: Callable[[str], None], *,
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
             process.stdout.close()
+            process.stdin.close()
     if interrupted:
         raise KeyboardInterrupt
     return None if silent else started[0].returncode
@@ -332,14 +369,32 @@ def run_build(command: list[str], expected_image: str, *, silence_s: float | Non
     return expected_image
 
 
-def _fly_output(command: list[str]) -> str | None:
-    """What a quick flyctl command printed on stdout, or None when it failed."""
+def _fly_output(command: list[str], timeout: float = 120) -> str | None:
+    """What a quick flyctl command printed on stdout, or None when it failed.  Its stdin
+    is a pipe that stays open until it has exited, as for every flyctl run here."""
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                                stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError:
         return None
-    return result.stdout if result.returncode == 0 else None
+    read: list[bytes] = []
+    try:
+        reader = threading.Thread(target=lambda: read.append(process.stdout.read()), daemon=True)
+        reader.start()
+        reader.join(timeout)  # the output ends when flyctl exits (or closes it)
+        output = read[0] if read else None
+        if output is not None:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                output = None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stdin.close()
+    return output.decode("utf-8", "replace") if output is not None and process.returncode == 0 else None
 
 
 def _capture(command: list[str]) -> str | None:
@@ -354,49 +409,231 @@ def mint_exec_token(config: flydeploy.FleetConfig) -> str | None:
     return _capture(token_command(config))
 
 
-def launch_orchestrator(command: list[str], *, attempts: int = _LAUNCH_ATTEMPTS,
-                        retry_delay_s: float = _LAUNCH_RETRY_DELAY_S, out: TextIO | None = None) -> int:
-    """Run the orchestrator machine, streaming its output; return the upgrade's exit code.
+def machine_exit_code(machine: Mapping[str, Any]) -> int | None:
+    """The exit code of a machine's main process, from its newest ``exit`` event
+    (``request.exit_event.exit_code``), or None while it has not exited."""
+    for event in machine.get("events") or ():  # newest first, as the API lists them
+        if event.get("type") == "exit":
+            exit_event = (event.get("request") or {}).get("exit_event") or {}
+            code = exit_event.get("exit_code")
+            return code if isinstance(code, int) else 1
+    return None
 
-    The launch is tried again (a new image may take a moment to reach the
-    registry) only when the orchestrator never started and flyctl's error can
-    be that (not an authentication or usage error), never after it began the
-    upgrade.
-    """
+
+def _laptop_api(config: flydeploy.FleetConfig) -> flydeploy.Machines:
+    """The Machines API as this developer: ``FLY_API_TOKEN``, else flyctl's session (``fly auth token``)."""
+    token = os.environ.get("FLY_API_TOKEN") or _capture(["fly", "auth", "token"])
+    if not token:
+        raise flydeploy.ConfigError("no Fly API token: log in with `fly auth login`, or set FLY_API_TOKEN "
+                                    "(e.g. from `fly tokens create deploy`)")
+    return flydeploy.Machines(config.require_app(), token)
+
+
+def _launcher() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _our_orchestrators(api: flydeploy.Machines, **metadata: str) -> list[dict]:
+    """Orchestrator machines of this app that are not destroyed, filtered by ``metadata``."""
+    wanted = {flydeploy.ORCHESTRATOR_ROLE_KEY: flydeploy.ORCHESTRATOR_ROLE, **metadata}
+    return [m for m in api.list(metadata=wanted) if m.get("state") not in ("destroyed", "destroying")]
+
+
+def recover_stale_orchestrators(api: flydeploy.Machines, *, out: TextIO | None = None) -> list[str]:
+    """Stop and destroy orchestrator machines that a ``hot`` or ``rollback`` of this user
+    on this host left behind when it died (its process is gone); note the others.
+    Returns the ids destroyed.  What such a machine says about the deploy lock is
+    reported: a lock it could not release is taken over only with ``--force`` or
+    after it expires."""
     out = out or sys.stdout
-    for attempt in range(1, attempts + 1):
-        started, ended, final = False, None, False
+    here = _launcher().rpartition(":")[0]
+    destroyed = []
+    for machine in _our_orchestrators(api):
+        metadata = (machine.get("config") or {}).get("metadata") or {}
+        launcher = metadata.get(flydeploy.ORCHESTRATOR_LAUNCHER_KEY, "")
+        who, _, pid = launcher.rpartition(":")
+        run = metadata.get(flydeploy.ORCHESTRATOR_RUN_KEY, "?")
+        if who == here and pid.isdigit() and not _pid_alive(int(pid)):
+            what = _retire(api, machine, out)
+            if what is not None:
+                destroyed.append(machine["id"])
+                out.write(f"==> destroyed orchestrator machine {machine['id']} left by an earlier run (run {run}, "
+                          f"the deploy lock's deployment id; its launcher pid {pid} is gone): {what}\n")
+        else:
+            out.write(f"==> note: orchestrator machine {machine['id']} of {launcher or 'someone'} is "
+                      f"{machine.get('state')} (run {run}); the deploy lock decides whether this run goes ahead\n")
+    out.flush()
+    return destroyed
 
-        def show(line: str) -> None:
-            nonlocal started, ended, final
+
+def _retire(api: flydeploy.Machines, machine: Mapping[str, Any], out: TextIO) -> str | None:
+    """Stop an orchestrator machine with SIGINT (it releases the deploy lock and exits),
+    destroy it, and say what became of the lock; None when it could not be destroyed."""
+    machine_id = machine["id"]
+    code = None
+    try:
+        if machine.get("state") == "started":
+            api.stop(machine_id, signal="SIGINT", timeout=_CANCEL_GRACE_S)
+        deadline = time.monotonic() + _CANCEL_GRACE_S + 5
+        while code is None and time.monotonic() < deadline:
+            current = api.get(machine_id)
+            code = machine_exit_code(current)
+            if code is None and current.get("state") in ("stopped", "destroyed"):
+                break
+            time.sleep(0.2)
+    except flydeploy.FlyDeployError as exc:
+        out.write(f"could not stop orchestrator machine {machine_id}: {exc}\n")
+    try:
+        api.destroy(machine_id, force=True)
+    except flydeploy.FlyDeployError as exc:
+        out.write(f"error: could not destroy orchestrator machine {machine_id} ({exc}); destroy it with "
+                  f"`fly machine destroy --force {machine_id}`\n")
+        return None
+    if code == 130:
+        return "it released the deploy lock"
+    if code is not None:
+        return f"it exited {code}, which releases the deploy lock"
+    return ("it did not say it released the deploy lock: a lock it held stays until it expires, or take "
+            "it over with --force")
+
+
+def _cancel(api: flydeploy.Machines, run_id: str, out: TextIO) -> None:
+    """Stop and destroy this run's orchestrator machine and say what was cleaned up."""
+    try:
+        machines = _our_orchestrators(api, **{flydeploy.ORCHESTRATOR_RUN_KEY: run_id})
+    except flydeploy.FlyDeployError as exc:
+        out.write(f"could not look for the orchestrator machine ({exc}); check `fly machines list`\n")
+        return
+    if not machines:
+        out.write("no orchestrator machine was running; nothing to clean up\n")
+    for machine in machines:
+        what = _retire(api, machine, out)
+        if what is not None:
+            out.write(f"cleaned up: orchestrator machine {machine['id']} stopped and destroyed; {what}. "
+                      "Machines that had already started their upgrade finish it (`status` shows what each "
+                      "runs)\n")
+    out.flush()
+
+
+def _display(line: str) -> str:
+    """A ``fly logs`` line without its time, machine and level prefix."""
+    match = _LOG_LINE_RE.match(line.rstrip("\r\n"))
+    return (match.group("message") if match else line.rstrip("\r\n")) + "\n"
+
+
+def _follow(api: flydeploy.Machines, machine_id: str, logs: list[str], out: TextIO) -> int:
+    """Show the orchestrator's output (``fly logs``) until its machine has exited; its exit code.
+
+    The exit code comes from the machine's exit event; the marker line the
+    orchestrator prints is a second witness for when the event says nothing.
+    """
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+    try:
+        # stdin stays an open pipe until flyctl has exited, as for every flyctl run here.
+        process = subprocess.Popen(logs, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    except OSError as exc:
+        out.write(f"note: cannot run {logs[0]} ({exc.strerror}): the orchestrator's output is not shown\n")
+        process = None
+
+    def read() -> None:
+        for raw in process.stdout:
+            lines.put(raw.decode("utf-8", "replace"))
+
+    if process is not None:
+        threading.Thread(target=read, name="flydeploy-logs", daemon=True).start()
+    marker = code = None
+    began = False
+    exited_at = None
+    next_look = time.monotonic()
+    try:
+        while True:
+            now = time.monotonic()
+            if exited_at is None and now >= next_look:
+                try:
+                    machine = api.get(machine_id)
+                except flydeploy.MachinesAPIError as exc:
+                    if exc.status != 404:
+                        raise
+                    machine = {"state": "destroyed"}  # gone already: the marker line tells the code
+                code = machine_exit_code(machine)
+                if code is not None or machine.get("state") == "destroyed":
+                    exited_at = now
+                next_look = now + _EXIT_POLL_S
+            if exited_at is not None and (marker is not None or now - exited_at > _LOG_TRAIL_S):
+                break
+            try:
+                line = lines.get(timeout=0.1)
+            except queue.Empty:
+                continue
             match = _MARKER_RE.search(line)
             if match is None:
-                final = final or (not started and _NOT_PROPAGATION_RE.search(line) is not None)
-                out.write(line)
+                out.write(_display(line))
                 out.flush()
             elif match.group(2) is None:
-                started = True
+                began = True
             else:
-                ended = int(match.group(2))
+                marker = int(match.group(2))
+    finally:
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            process.stdin.close()
+    if code is None and marker is None:
+        out.write(f"error: orchestrator machine {machine_id} ended without an exit code; run "
+                  "`python -m flydeploy_cli status` to see what each machine runs\n")
+        return 1
+    if not began and marker is None and code:
+        # Not a word from flydeploy: its command could not run in the image.
+        out.write(f"error: the orchestrator did not start (exit {code}; its output is above): the new image must "
+                  f"hold flydeploy.py where the command above runs it; set [tool.flydeploy] app_dir and python "
+                  "to the image's app directory and interpreter. Nothing was locked or uploaded\n")
+        return 1
+    return code if code is not None else marker
 
-        code = _stream(command, show)
-        if ended is not None:
-            return ended
-        if started:
-            out.write(f"error: the orchestrator stopped without a result (fly exited {code}); "
-                      "run `python -m flydeploy_cli status` to see what each machine runs\n")
-            return 1
-        if final:
-            out.write(f"error: the orchestrator could not be started (fly machine run exited {code}); "
-                      "see flyctl's output above: not an image still propagating, so not retried\n")
-            return 1
-        if attempt < attempts:
-            out.write(f"the orchestrator did not start (fly machine run exited {code}); the new image may "
-                      f"still be propagating, trying again in {retry_delay_s:g} s\n")
-            out.flush()
-            time.sleep(retry_delay_s)
-    out.write(f"error: the orchestrator did not start after {attempts} attempts; see flyctl's output above\n")
-    return 1
+
+def launch_orchestrator(api: flydeploy.Machines, machine_config: dict, logs: Callable[[str], list[str]], *,
+                        attempts: int = _LAUNCH_ATTEMPTS, retry_delay_s: float = _LAUNCH_RETRY_DELAY_S,
+                        out: TextIO | None = None) -> int:
+    """Create the orchestrator machine, show its output, return the upgrade's exit code.
+
+    The create is tried again (a new image may take a moment to reach the
+    registry) only when the API says the image is not there.  On Ctrl-C or
+    SIGTERM the machine is stopped with SIGINT (the orchestrator releases the
+    deploy lock) and destroyed, and KeyboardInterrupt is raised again.
+    """
+    out = out or sys.stdout
+    run_id = machine_config["metadata"][flydeploy.ORCHESTRATOR_RUN_KEY]
+    try:
+        for attempt in range(1, attempts + 1):
+            try:
+                machine = api.create(machine_config)
+                break
+            except flydeploy.MachinesAPIError as exc:
+                if attempt == attempts or not (400 <= exc.status < 500 and _PROPAGATION_RE.search(exc.message)):
+                    raise flydeploy.FlyDeployError(f"the orchestrator machine could not be created: {exc}") from None
+                out.write(f"the orchestrator machine could not be created ({exc.message}); the new image may "
+                          f"still be propagating, trying again in {retry_delay_s:g} s\n")
+                out.flush()
+                time.sleep(retry_delay_s)
+        out.write(f"==> orchestrator machine {machine['id']} runs the upgrade; its output follows\n")
+        out.flush()
+        return _follow(api, machine["id"], logs(machine["id"]), out)
+    except KeyboardInterrupt:
+        with _signals_deferred([signal.SIGINT, signal.SIGTERM]):
+            _cancel(api, run_id, out)
+        raise
 
 
 # --- Subcommands --------------------------------------------------------------
@@ -418,9 +655,11 @@ def _config(args: argparse.Namespace) -> flydeploy.FleetConfig:
             raise flydeploy.ConfigError("no app name: pass --app or set FLY_APP_NAME (the name the app's "
                                         "processes give their agents), or set `app` in fly.toml or "
                                         "under [tool.flydeploy] in pyproject.toml")
-        # The agents are this host's processes: rpc runs with this interpreter.
-        return dataclasses.replace(config, python=sys.executable,
-                                   sources={**config.sources, "python": "--local (this interpreter)"})
+        # The agents are this host's processes: rpc runs with this interpreter and this flydeploy.
+        here = os.path.dirname(os.path.abspath(flydeploy.__file__))
+        return dataclasses.replace(config, python=sys.executable, app_dir=here,
+                                   sources={**config.sources, "python": "--local (this interpreter)",
+                                            "app_dir": "--local (this flydeploy)"})
     else:
         path = os.path.normpath(args.config)
         config = flydeploy.load_config(os.path.dirname(path) or ".", config=os.path.basename(path),
@@ -475,7 +714,8 @@ def _print_plan(config: flydeploy.FleetConfig, commands: list[list[str]], steps:
 
 
 def _orchestrator_env(config: flydeploy.FleetConfig, can_mint: bool, dry_run: bool) -> tuple[dict, list]:
-    """The orchestrator's environment and the token command that feeds it."""
+    """The orchestrator's token environment and the token command that feeds it.  The
+    token goes to the machine in the Machines API request, never on a command line."""
     if not can_mint:
         _say("no local flyctl session can mint an exec token: the orchestrator uses the app's "
              "FLY_API_TOKEN secret")
@@ -486,7 +726,8 @@ def _orchestrator_env(config: flydeploy.FleetConfig, can_mint: bool, dry_run: bo
     if token is None:
         _say("could not mint an exec token: the orchestrator uses the app's FLY_API_TOKEN secret")
         return {}, []
-    _say("minted a 1-hour exec token for the orchestrator")
+    _say("minted a 1-hour exec token for the orchestrator (limited to "
+         f"`{shlex.join(config.machine_commands().token_prefix())} ...`)")
     return {"FLYDEPLOY_API_TOKEN": token}, []
 
 
@@ -494,21 +735,46 @@ def _push(config: flydeploy.FleetConfig, image: str, argv: list[str], dry_run: b
           build: list[str] | None = None) -> int:
     """Start the orchestrator (after the build, if any); ``--dry-run`` prints the plan instead."""
     owner, can_mint = _owner()
-    argv = argv + ["--owner", owner]
+    # The run's id is the orchestrator machine's and the deploy lock's: either names the other.
+    run_id = secrets.token_hex(16)
+    argv = argv + ["--owner", owner, "--upgrade-id", run_id]
     if dry_run:
         env, token_commands = _orchestrator_env(config, can_mint, True)
-        _print_plan(config, ([build] if build else []) + token_commands
-                    + [orchestrator_command(config, image, argv, env)])
+        machine = orchestrator_config(config, image, argv, env, run_id=run_id, launcher=_launcher())
+        shown = {**machine, "env": {k: _shown(k, v).split("=", 1)[1] for k, v in machine["env"].items()}}
+        _print_plan(config, ([build] if build else []) + token_commands,
+                    [f"create the orchestrator machine through the Machines API (POST /v1/apps/{config.app}/"
+                     f"machines), destroyed when it exits: {json.dumps(shown)}",
+                     f"show its output with `{shlex.join(logs_command(config, '<machine id>'))}`; its exit code "
+                     "comes from the machine's exit event"])
         return 0
+    api = _laptop_api(config)
+    recover_stale_orchestrators(api)
     if build:
         _say(f"building {image}")
         run_build(build, image)
     env, _ = _orchestrator_env(config, can_mint, False)
     _say(f"starting the orchestrator from {image}")
-    return launch_orchestrator(orchestrator_command(config, image, argv, env))
+    machine = orchestrator_config(config, image, argv, env, run_id=run_id, launcher=_launcher())
+    return launch_orchestrator(api, machine, lambda machine_id: logs_command(config, machine_id))
+
+
+def image_label(version: str) -> str:
+    """The image tag of a release: ``flydeploy-<version>-<6 hex>``, at most 128 characters
+    (Docker's limit): a long version is cut and a hash of it keeps the tag unique."""
+    suffix = secrets.token_hex(3)
+    label = f"flydeploy-{version}-{suffix}"
+    if len(label) <= _MAX_TAG:
+        return label
+    digest = hashlib.sha256(version.encode()).hexdigest()[:8]
+    keep = _MAX_TAG - len(f"flydeploy--{digest}-{suffix}")
+    return f"flydeploy-{version[:keep]}-{digest}-{suffix}"
 
 
 def _hot(args: argparse.Namespace) -> int:
+    if args.direct and (args.skip_build or args.image or args.build_args or args.no_cache):
+        raise flydeploy.ConfigError("--direct builds no image: --skip-build, --image, --build-arg and "
+                                    "--no-cache do not apply")
     if args.local and (args.skip_build or args.image or args.build_args or args.no_cache):
         raise flydeploy.ConfigError("--local builds no image: --skip-build, --image, --build-arg and "
                                     "--no-cache do not apply")
@@ -522,11 +788,217 @@ def _hot(args: argparse.Namespace) -> int:
     flydeploy.release_key(config.app, version)  # a version that cannot name a release stops here
     if args.local:
         return _local_push(args, config, version=version)
-    label = f"flydeploy-{version}-{secrets.token_hex(3)}"
-    image = args.image or f"registry.fly.io/{config.app}:{label}"
-    build = None if args.skip_build else build_command(config, label, no_cache=args.no_cache)
+    if args.direct:
+        return _direct_push(args, config, version=version)
+    prebuilt = config.build.get("image") if isinstance(config.build.get("image"), str) else None
+    image = args.image or prebuilt or f"registry.fly.io/{config.app}:{image_label(version)}"
+    build = None
+    if args.skip_build:
+        pass
+    elif prebuilt:
+        _say(f"fly.toml [build] image = {prebuilt}: a prebuilt image, nothing to build; the release is "
+             "packed from it")
+    else:
+        build = build_command(config, image.rsplit(":", 1)[1], no_cache=args.no_cache)
     argv = orchestrate_argv(config, image, version=version, force=args.force)
     return _push(config, image, argv, args.dry_run, build)
+
+
+# --- hot --direct: the orchestration from here ----------------------------------
+
+# A dotenv line: NAME=VALUE, optionally after `export `.
+_DOTENV_RE = re.compile(r"^\s*(?:export\s+)?(?P<name>[A-Za-z_][A-Za-z0-9_]*)\s*=\s*(?P<value>.*?)\s*$")
+_DOTENV_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
+_LARGEST_SHOWN = 5
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """The variables of a dotenv file: ``NAME=VALUE`` lines (``export`` allowed),
+    ``#`` comments, values bare (a `` #`` starts a comment), in single quotes
+    (literal) or in double quotes (``\\n``, ``\\"`` ... escapes).  A line that is
+    none of these is a ``ConfigError`` naming it (never its value)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise flydeploy.ConfigError(f"cannot read --env-file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    values = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = _DOTENV_RE.match(line)
+        value = match.group("value") if match else ""
+        if match is None or (value[:1] in "'\"" and value and (len(value) < 2 or value[-1] != value[0])):
+            raise flydeploy.ConfigError(f"{path}, line {number}: not NAME=VALUE (dotenv format); fix the line")
+        if value[:1] == "'":
+            value = value[1:-1]
+        elif value[:1] == '"':
+            value = re.sub(r"\\(.)", lambda m: _DOTENV_ESCAPES.get(m.group(1), "\\" + m.group(1)), value[1:-1])
+        else:
+            value = re.split(r"\s+#", value, maxsplit=1)[0]
+        values[match.group("name")] = value
+    return values
+
+
+def _direct_environment(args: argparse.Namespace) -> None:
+    """Add ``--env-file``'s variables to this process's environment; those already set win,
+    as with docker compose's ``.env``."""
+    if getattr(args, "env_file", None):
+        for name, value in read_env_file(args.env_file).items():
+            os.environ.setdefault(name, value)
+
+
+def direct_store(config: flydeploy.FleetConfig) -> flydeploy.S3:
+    """The app's bucket with the credentials of this machine, or a ``ConfigError``
+    naming exactly what to set and where to get it."""
+    missing = [name for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(name, "").strip()]
+    if not (config.bucket or os.environ.get("BUCKET_NAME", "").strip()):
+        missing.append("BUCKET_NAME")
+    if missing:
+        raise flydeploy.ConfigError(
+            f"--direct reaches the app's bucket from here, and {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set. Set them in the environment or in a dotenv file "
+            "given with --env-file (AWS_ENDPOINT_URL_S3 too unless the bucket is on Tigris; BUCKET_NAME may "
+            "also be [tool.flydeploy] bucket). They are the bucket credentials the app already has as secrets "
+            f"(`fly secrets list -a {config.app}` names them; their values cannot be read back): make an access "
+            "key for the bucket in `fly storage dashboard`")
+    return config.s3()
+
+
+def git_state(project: str | os.PathLike[str]) -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the git checkout ``project`` is in; ``(None, None)`` when it is none."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(project), *args], capture_output=True, text=True, timeout=60,
+                                  stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--verify", "HEAD")
+    if commit is None:
+        return None, None
+    changes = git("status", "--porcelain")
+    return commit.strip(), None if changes is None else bool(changes.strip())
+
+
+def _fleet_image(config: flydeploy.FleetConfig, machines: list[dict]) -> str:
+    """The one image the app's machines run, or an error when they run several or none."""
+    selection = flydeploy.select_machines(machines, process_groups=config.process_groups)
+    images = collections.Counter(flydeploy.machine_image(m) for m in selection.targets + selection.pending)
+    if not images:
+        raise flydeploy.FlyDeployError(f"{config.app} has no app machines: deploy it with `fly deploy` first")
+    if len(images) > 1:
+        shown = ", ".join(f"{image} ({count})" for image, count in images.most_common())
+        raise flydeploy.FlyDeployError(f"the machines run {len(images)} images ({shown}): a `fly deploy` is not "
+                                       "finished; let it finish (or run it again), then run hot --direct")
+    return next(iter(images))
+
+
+def _missing_generated(config: flydeploy.FleetConfig) -> list[str]:
+    """The ``generated`` patterns no file of the app root matches."""
+    return [pattern for pattern in config.generated
+            if not glob.glob(pattern, root_dir=config.root, recursive=True)]
+
+
+def judge_local_tree(config: flydeploy.FleetConfig, current: Mapping[str, Any] | None, image: str,
+                     here: Mapping[str, Any]) -> str:
+    """Whether this tree can be what runs on the machines: a note, or a ``FlyDeployError``.
+
+    ``here`` is this tree's ``dependency_fingerprint``; ``current`` the
+    app's ``current.json``, which records the image's when a machine of it
+    booted.
+    """
+    missing = _missing_generated(config)
+    if missing:
+        raise flydeploy.FlyDeployError(
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} made by the image build "
+            f"([tool.flydeploy] generated) and missing under {config.root}: make "
+            f"{'it' if len(missing) == 1 else 'them'} here as the Dockerfile does, or run `hot` without --direct")
+    recorded = (current or {}).get("dependencies") if (current or {}).get("image_ref") == image else None
+    if not isinstance(recorded, Mapping):
+        return (f"the dependency files could not be compared: current.json records none for {image} (a machine "
+                "records them when it boots a new image with this flydeploy); make sure requirements and lock "
+                "files did not change since that image was built")
+    changed = flydeploy.dependency_changes(recorded, here)
+    if changed:
+        raise flydeploy.FlyDeployError(
+            f"the dependency files changed since the image the machines run ({image}) was built: "
+            f"{', '.join(changed)}. A dependency change needs `fly deploy` (a cold deploy); hot upgrades ship "
+            "application code only")
+    return f"dependency files unchanged since {image}"
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB"):
+        if count < 1024 or unit == "MB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} B"
+
+
+def files_summary(files: list[tuple[str, int]]) -> str:
+    """``N files, SIZE; largest: a (SIZE), ...`` of a ``list_release_files`` result."""
+    largest = sorted(files, key=lambda item: (-item[1], item[0]))[:_LARGEST_SHOWN]
+    return (f"{len(files)} file{'' if len(files) == 1 else 's'}, {_size(sum(size for _, size in files))}; "
+            f"largest: " + ", ".join(f"{path} ({_size(size)})" for path, size in largest))
+
+
+def _direct_push(args: argparse.Namespace, config: flydeploy.FleetConfig, *, version: str | None = None,
+                 rollback: bool = False, rollback_to: str | None = None) -> int:
+    """``hot --direct`` / ``rollback --direct``: ``orchestrate`` runs here, as on the
+    orchestrator machine, with the developer's token and this machine's bucket
+    credentials.  The release is packed from the local tree as the image build
+    would have copied it, after the checks that it can be what the machines run.
+    The two flyctl questions (the token, who deploys) are asked meanwhile."""
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="flydeploy-flyctl") as flyctl:
+        asked_api = flyctl.submit(_laptop_api, config)
+        asked_owner = flyctl.submit(_owner)
+        return _direct_run(args, config, asked_api, asked_owner, version=version, rollback=rollback,
+                           rollback_to=rollback_to)
+
+
+def _direct_run(args: argparse.Namespace, config: flydeploy.FleetConfig, asked_api: concurrent.futures.Future,
+                asked_owner: concurrent.futures.Future, *, version: str | None, rollback: bool,
+                rollback_to: str | None) -> int:
+    local_tree = None
+    if not rollback:
+        dockerignore = flydeploy.DockerIgnore.for_context(config.project_dir, config.root)
+        commit, dirty = git_state(config.project_dir)
+        local_tree = flydeploy.LocalTree(dockerignore, commit, dirty)
+        files = flydeploy.list_release_files(config.root, include=config.include, exclude=config.exclude,
+                                             dockerignore=dockerignore)
+        _say(f"release from {config.root}" + (" (.dockerignore honoured)" if dockerignore else "") + ": "
+             + files_summary(files))
+    store = direct_store(config)
+    api = asked_api.result()
+    image = _fleet_image(config, api.list())
+    if local_tree is not None:
+        current, _ = flydeploy.read_current(store, config.app)
+        _say(judge_local_tree(config, current, image, flydeploy.dependency_fingerprint(config.project_dir)))
+        tree = (f"git {local_tree.git_commit[:12]}{' with uncommitted changes' if local_tree.git_dirty else ''}"
+                if local_tree.git_commit else "not a git checkout")
+        _say(f"the machines run {image}; the release is packed from this tree ({tree}), no image is built")
+    if args.dry_run:
+        what = (f"roll back to {rollback_to or 'the previous release'}" if rollback else
+                f"pack {config.root}, upload it to {store.bucket}")
+        _print_plan(config, [], [
+            f"run the upgrade from here with the Machines API ({api.base_url}) as you and the bucket "
+            f"{store.bucket} with this machine's credentials: preflight one machine per group, take the deploy "
+            f"lock, {what}, record it in current.json, upgrade every started machine of {config.app} "
+            f"{config.max_concurrency} at a time, collect the results, release the lock"])
+        return 0
+    owner, _ = asked_owner.result()
+    try:
+        report = flydeploy.orchestrate(config.app, image, store=store, api=api, version=version,
+                                       rollback=rollback, rollback_to=rollback_to, force=args.force, owner=owner,
+                                       local_tree=local_tree, **config.orchestrate_options())
+    except KeyboardInterrupt:
+        print("interrupted: the orchestration stopped here and released the deploy lock if it held it; machines "
+              "that had already started their upgrade finish it (`status --direct` shows what each runs)",
+              file=sys.stderr, flush=True)
+        raise
+    return report.exit_code
 
 
 def _running_image(config: flydeploy.FleetConfig) -> str:
@@ -553,6 +1025,8 @@ def _rollback(args: argparse.Namespace) -> int:
         flydeploy.release_key(config.app, args.to)
     if args.local:
         return _local_push(args, config, rollback=True, rollback_to=args.to)
+    if args.direct:
+        return _direct_push(args, config, rollback=True, rollback_to=args.to)
     image = args.image or _running_image(config)
     argv = orchestrate_argv(config, image, force=args.force, rollback=True, rollback_to=args.to)
     return _push(config, image, argv, args.dry_run)
@@ -567,6 +1041,8 @@ def _status(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.local:
         store, api = _local_fleet(args, config)
+    elif args.direct:
+        store, api = direct_store(config), _laptop_api(config)
     else:
         try:
             store = config.s3()
@@ -580,7 +1056,7 @@ def _status(args: argparse.Namespace) -> int:
             raise flydeploy.ConfigError("status needs a Machines API token: set FLY_API_TOKEN, or log in "
                                         "with `fly auth login` so that one can be minted")
         api = flydeploy.Machines(config.app, token)
-    rows = flydeploy.fleet_status(config.app, store=store, api=api, python=config.python,
+    rows = flydeploy.fleet_status(config.app, store=store, api=api, commands=config.machine_commands(),
                                   process_groups=config.process_groups,
                                   max_concurrency=config.max_concurrency)
     if args.json:
@@ -607,6 +1083,157 @@ def _table_lines(table: list[tuple]) -> list[str]:
     widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]) - 1)]
     return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + "  " + str(row[-1])
             for row in table]
+
+
+# --- doctor -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DoctorCheck:
+    """One line of ``doctor``: what was checked, whether it holds, what was found, the fix."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+
+    def lines(self) -> list[str]:
+        """``✓ name: detail``, or ``✗ name: detail`` and the fix below it."""
+        head = [f"{'✓' if self.ok else '✗'} {self.name}: {self.detail}"]
+        return head + ([f"    fix: {self.fix}"] if self.fix and not self.ok else [])
+
+
+def _doctor_checks(args: argparse.Namespace) -> Iterator[DoctorCheck]:
+    """Every ``doctor`` check, in order; a check later ones depend on stops them when it fails."""
+    try:
+        config = _config(args)
+    except flydeploy.FlyDeployError as exc:
+        yield DoctorCheck("settings", False, str(exc), "fix fly.toml or [tool.flydeploy] in pyproject.toml")
+        return
+    commands = config.machine_commands()
+    yield DoctorCheck("settings", True, f"app {config.app}; on the machines flydeploy runs as "
+                      f"`{shlex.join(commands.argv())}` (python from {config.sources['python']}, app_dir from "
+                      f"{config.sources['app_dir']}); bucket {config.bucket or 'from BUCKET_NAME'}")
+    if config.build.get("image"):
+        yield DoctorCheck("fly.toml [build]", True, f"prebuilt image {config.build['image']}: hot runs from it "
+                          "and builds nothing")
+    fly = shutil.which("fly") or shutil.which("flyctl")
+    yield DoctorCheck("flyctl", fly is not None, fly or "not found on PATH",
+                      "install flyctl (https://fly.io/docs/flyctl/install/) and put it on PATH")
+    who = _capture(["fly", "auth", "whoami"]) if fly else None
+    yield DoctorCheck("flyctl login", who is not None, f"logged in as {who}" if who else "not logged in",
+                      "run `fly auth login`, or set FLY_API_TOKEN (e.g. from `fly tokens create deploy`)")
+    try:
+        api = _laptop_api(config)
+        machines = api.list()
+    except flydeploy.FlyDeployError as exc:
+        yield DoctorCheck("Machines API", False, str(exc), "log in with `fly auth login` or set FLY_API_TOKEN, "
+                          "and check the app name")
+        return
+    yield DoctorCheck("Machines API", True, f"{api.base_url} answers: {len(machines)} machines listed")
+    selection = flydeploy.select_machines(machines, process_groups=config.process_groups)
+    groups: dict[str, collections.Counter] = {}
+    for machine in selection.targets + selection.pending + tuple(m for m, _ in selection.skipped):
+        groups.setdefault(flydeploy.machine_group(machine) or "-", collections.Counter())[machine.get("state")] += 1
+    for group, states in sorted(groups.items()):
+        shown = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+        yield DoctorCheck(f"group {group}", states["started"] > 0, shown,
+                          "start a machine of this group (`fly machine start`) so that it can be checked")
+    if not groups:
+        yield DoctorCheck("machines", False, "no app machines", "deploy the app with `fly deploy` first")
+        return
+    checks = flydeploy.run_preflight(api, config.app, selection.targets, commands, extra=["--store"],
+                                     max_concurrency=config.max_concurrency)
+    for check in checks:
+        yield DoctorCheck(f"machine {check.machine_id}", check.ok, check.line()[2:],
+                          None if check.ok else "see the message; then run doctor again")
+    reports = [c for c in checks if c.report]
+    if reports:
+        first = reports[0].report
+        token = mint_exec_token(config) if who else None
+        if token:
+            refused = flydeploy.run_preflight(flydeploy.Machines(config.app, token), config.app,
+                                              [m for m in selection.targets if m["id"] == reports[0].machine_id],
+                                              commands)[0]
+            fallback = "set" if first.get("fly_api_token_set") else "NOT set"
+            yield DoctorCheck("exec token", refused.status not in (401, 403),
+                              "a minted exec token runs flydeploy's commands" if refused.status not in (401, 403)
+                              else f"the API refuses a minted exec token ({refused.error}); the app's FLY_API_TOKEN "
+                                   f"secret, which hot then uses, is {fallback}",
+                              'fly secrets set FLY_API_TOKEN="$(fly tokens create deploy)"')
+        yield from _store_checks(reports[0].machine_id, first.get("store") or {}, selection)
+
+
+def _store_checks(machine_id: str, store: Mapping[str, Any], selection: flydeploy.MachineSelection
+                  ) -> Iterator[DoctorCheck]:
+    """The bucket as a machine reaches it, and current.json against the images the machines run."""
+    if not store.get("ok"):
+        yield DoctorCheck("bucket", False, f"not reachable from machine {machine_id}: {store.get('error')}",
+                          "give the app its bucket secrets (`fly storage create` sets BUCKET_NAME, "
+                          "AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+        return
+    yield DoctorCheck("bucket", True, f"{store.get('bucket')} at {store.get('endpoint')} reachable from machine "
+                      f"{machine_id} ({store.get('addressing')}-style addressing)")
+    if not store.get("current_found"):
+        yield DoctorCheck("current.json", True, "none yet: the first hot upgrade records it")
+        return
+    images = collections.Counter(flydeploy.machine_image(m) for m in selection.targets + selection.pending)
+    running = images.most_common(1)[0][0] if images else None
+    consistent = running is None or store.get("image_ref") == running
+    version = store.get("hot_upgrade") or "no hot upgrade"
+    yield DoctorCheck("current.json", consistent,
+                      f"for image {store.get('image_ref')}, {version}" + ("" if consistent else
+                                                                            f"; the machines run {running}"),
+                      "a cold deploy happened since: machines reset it as they boot, or run `hot` to record "
+                      "the running image")
+
+
+def _direct_checks(args: argparse.Namespace) -> Iterator[DoctorCheck]:
+    """What ``hot --direct`` needs beyond the rest: the bucket from here, with this
+    machine's credentials, and a tree that can be what the machines run."""
+    try:
+        config = _config(args)
+        store = direct_store(config)
+        current, _ = flydeploy.read_current(store, config.app)
+    except flydeploy.ConfigError as exc:
+        yield DoctorCheck("bucket from here (--direct)", False, str(exc),
+                          "set what the message names, or pass --env-file FILE")
+        return
+    except flydeploy.FlyDeployError as exc:
+        yield DoctorCheck("bucket from here (--direct)", False, str(exc),
+                          "check AWS_ENDPOINT_URL_S3, BUCKET_NAME and the access key (`fly storage dashboard`)")
+        return
+    yield DoctorCheck("bucket from here (--direct)", True, f"{store.bucket} at {store.endpoint} answers with "
+                      "this machine's credentials")
+    try:
+        image = _fleet_image(config, _laptop_api(config).list())
+        files = flydeploy.list_release_files(
+            config.root, include=config.include, exclude=config.exclude,
+            dockerignore=flydeploy.DockerIgnore.for_context(config.project_dir, config.root))
+        note = judge_local_tree(config, current, image, flydeploy.dependency_fingerprint(config.project_dir))
+    except flydeploy.FlyDeployError as exc:
+        yield DoctorCheck("local tree (--direct)", False, str(exc), "see the message; then run doctor again")
+        return
+    yield DoctorCheck("local tree (--direct)", True, f"{files_summary(files)}; {note}")
+
+
+def doctor(args: argparse.Namespace) -> int:
+    """``python -m flydeploy_cli doctor``: check what ``hot`` needs, one ✓/✗ line each with the fix.
+
+    Exit 0 when every check passes, 1 otherwise; ``--json`` prints the checks as JSON.
+    """
+    checks = []
+    for check in itertools.chain(_doctor_checks(args), _direct_checks(args) if args.direct else ()):
+        checks.append(check)
+        if not args.json:
+            print("\n".join(check.lines()), flush=True)
+    failed = [c for c in checks if not c.ok]
+    if args.json:
+        print(json.dumps([dataclasses.asdict(c) for c in checks], indent=2, ensure_ascii=False))
+    else:
+        print(f"\n{len(checks) - len(failed)}/{len(checks)} checks passed" + (": fix the ✗ lines above"
+                                                                            if failed else ""))
+    return 1 if failed else 0
 
 
 # --- demo -------------------------------------------------------------------
@@ -952,6 +1579,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     hot = commands.add_parser("hot", allow_abbrev=False, help="build, push and hot-upgrade every machine")
     rollback = commands.add_parser("rollback", allow_abbrev=False, help="go back to an earlier hot upgrade")
     status = commands.add_parser("status", allow_abbrev=False, help="what every machine runs")
+    doctor_parser = commands.add_parser("doctor", allow_abbrev=False,
+                                        help="check the app, flyctl, the machines and the bucket before `hot`")
     commands.add_parser("demo", allow_abbrev=False,
                         help="see a live hot upgrade on this machine (nothing to set up)")
     for sub in (hot, rollback, status):
@@ -962,6 +1591,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                          help="with --local: the project (default: the current directory)")
         sub.add_argument("--store", metavar="DIR",
                          help="with --local: the release store (default: ROOT/.flydeploy)")
+    for sub in (hot, rollback, status, doctor_parser):
+        sub.add_argument("--direct", action="store_true",
+                         help="run the upgrade from here: no image build, no orchestrator machine; needs your "
+                              "Fly token and the bucket's credentials here")
+        sub.add_argument("--env-file", metavar="FILE",
+                         help="with --direct: a dotenv file with the bucket's credentials (AWS_*, BUCKET_NAME)")
     for sub in (hot, rollback):
         flydeploy.add_fleet_arguments(sub)
         sub.add_argument("--dry-run", action="store_true",
@@ -979,7 +1614,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     status.add_argument("--process-group", action="append", dest="process_groups", metavar="G",
                         help="only machines of this process group (repeatable)")
     status.add_argument("--json", action="store_true", help="print the rows as JSON")
-    return parser, {"hot": hot, "rollback": rollback, "status": status}
+    doctor_parser.add_argument("--config", default="fly.toml", help="the app's fly.toml (default: ./fly.toml)")
+    doctor_parser.add_argument("--app", help="the Fly app (default: fly.toml's app)")
+    doctor_parser.add_argument("--process-group", action="append", dest="process_groups", metavar="G",
+                               help="only machines of this process group (repeatable)")
+    doctor_parser.add_argument("--json", action="store_true", help="print the checks as JSON")
+    doctor_parser.set_defaults(local=False, root=None, store=None)
+    return parser, {"hot": hot, "rollback": rollback, "status": status, "doctor": doctor_parser}
 
 
 def _unknown_flags(extras: list[str], sub: argparse.ArgumentParser) -> str:
@@ -1005,8 +1646,15 @@ def main(argv: list[str] | None = None) -> int:
         args.build_args = dict(args.build_args)
     if args.command != "demo" and not args.local and (args.root or args.store):
         (subs[args.command]).error("--root and --store go with --local")
-    handler = {"hot": _hot, "rollback": _rollback, "status": _status, "demo": lambda _: demo()}[args.command]
+    if args.command != "demo" and args.env_file and not args.direct:
+        (subs[args.command]).error("--env-file goes with --direct")
+    if args.command != "demo" and args.direct and args.local:
+        (subs[args.command]).error("--direct and --local do not go together")
+    handler = {"hot": _hot, "rollback": _rollback, "status": _status, "doctor": doctor,
+               "demo": lambda _: demo()}[args.command]
     try:
+        if args.command != "demo" and args.direct:
+            _direct_environment(args)
         # SIGTERM stops the build and the orchestrator as Ctrl-C does, and the deploy lock is released.
         with _signal_handlers(_interrupt, [signal.SIGTERM]):
             return handler(args)

@@ -114,7 +114,17 @@ class StubMachines:
     def exec(self, machine_id, argv, *, timeout=30):
         with self.lock:
             self.calls.append((machine_id, list(argv), timeout))
+        if argv[2:4] == ["rpc", "preflight"]:
+            return flydeploy.ExecResult(0, 0, json.dumps(PREFLIGHT_OK), "")
         return self.answer(machine_id, argv)
+
+    def upgrade_calls(self):
+        """The exec calls other than the preflight's."""
+        return [call for call in self.calls if call[1][2:4] != ["rpc", "preflight"]]
+
+
+PREFLIGHT_OK = {"flydeploy": flydeploy.__version__, "python": "/usr/local/bin/python3", "python_version": "3.12.1",
+                "agents": 1, "agents_ok": 1, "agent_errors": []}
 
 
 def succeed(machine_id, argv):

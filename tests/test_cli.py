@@ -3,6 +3,7 @@ flags, the exact flyctl command lines, redaction, machine selection, result
 markers, status rows, and the build / launch steps against stub executables."""
 
 import io
+import json
 import os
 import shlex
 import signal
@@ -103,21 +104,37 @@ def test_exact_command_lines(project):
     assert flydeploy_cli.build_command(config, "flydeploy-v7-abc", no_cache=True) == [
         "fly", "deploy", "--build-only", "--push", "--image-label", "flydeploy-v7-abc",
         "-c", str(project / "fly.toml"), "--no-cache"]
+    # The token's restriction is the prefix of every machine-side command, from the one builder.
     assert flydeploy_cli.token_command(config) == [
         "fly", "tokens", "create", "machine-exec", "-a", "shop", "--expiry", "1h",
-        "--command-prefix", "python3 -m flydeploy rpc"]
+        "--command-prefix", "python3 /app/flydeploy.py rpc"]
+    assert config.machine_commands().rpc("info", "shop")[:3] == shlex.split("python3 /app/flydeploy.py rpc")
     image = "registry.fly.io/shop:flydeploy-v7-abc"
     argv = flydeploy_cli.orchestrate_argv(config, image, version="v7", owner="ann@example.com", force=True)
-    command = flydeploy_cli.orchestrator_command(config, image, argv, {"FLYDEPLOY_API_TOKEN": "fm2_xyz"})
-    assert command[:12] == ["fly", "machine", "run", image, "--entrypoint", "sleep inf",
-                            "-c", str(project / "fly.toml"), "--vm-memory", "1024",
-                            "-e", "FLYDEPLOY_API_TOKEN=fm2_xyz"]
-    assert command[12:15] == ["--rm", "--shell", "--command"]
-    assert shlex.split(command[15]) == [
-        "cd", "/app", "&&", "python3", "-m", "flydeploy", "orchestrate", "--image-ref", image, "--app", "shop",
-        "--python", "python3", "--lock-timeout", "300", "--timeout", "120", "--max-concurrency", "3",
-        "--suspend-timeout", "10", "--process-group", "app", "--version", "v7",
+    assert argv == [
+        "python3", "/app/flydeploy.py", "orchestrate", "--root", "/app", "--image-ref", image, "--app", "shop",
+        "--python", "python3", "--app-dir", "/app", "--lock-timeout", "300", "--timeout", "120",
+        "--max-concurrency", "3", "--suspend-timeout", "10", "--process-group", "app", "--version", "v7",
         "--owner", "ann@example.com", "--force"]
+    machine = flydeploy_cli.orchestrator_config(config, image, argv, {"FLYDEPLOY_API_TOKEN": "fm2_xyz"},
+                                                run_id="r1", launcher="ann@box:12")
+    # The main process is argv itself: no shell, no cd, no sleep; fly.toml [env] (without what looks
+    # secret, STRIPE_SECRET_KEY here) and the token in its env, none of it on a command line.
+    assert machine["init"] == {"entrypoint": ["python3"], "cmd": argv[1:]}
+    assert machine["env"] == {"LOG_LEVEL": "info", "BUCKET_NAME": "shop-releases", "FLYDEPLOY_API_TOKEN": "fm2_xyz"}
+    assert machine["auto_destroy"] is True and machine["restart"] == {"policy": "no"}
+    assert machine["metadata"] == {"flydeploy_role": "orchestrator", "flydeploy_run": "r1",
+                                   "flydeploy_launcher": "ann@box:12"}
+    assert flydeploy_cli.logs_command(config, "m1") == ["fly", "logs", "-a", "shop", "--machine", "m1"]
+
+
+def test_image_tags_stay_within_128_characters():
+    short = flydeploy_cli.image_label("v7")
+    assert short.startswith("flydeploy-v7-") and len(short) == len("flydeploy-v7-") + 6
+    longest = flydeploy_cli.image_label("v" * 128)
+    other = flydeploy_cli.image_label("v" * 127 + "w")
+    assert len(longest) == 128 and len(other) == 128
+    assert longest.split("-")[2] != other.split("-")[2]  # the version's hash keeps them apart
 
 
 def test_the_orchestrator_gets_back_every_setting_its_flags_carry(project):
@@ -134,8 +151,7 @@ def test_app_and_build_args_from_elsewhere_are_passed(project):
     config = flydeploy.load_config(project, overrides={"app": "shop-eu", "build_args": {"A": "1"}})
     command = flydeploy_cli.build_command(config, "l")
     assert command[-4:] == ["-a", "shop-eu", "--build-arg", "A=1"]
-    run = flydeploy_cli.orchestrator_command(config, "img", ["python3"], {})
-    assert run[8:10] == ["-a", "shop-eu"]
+    assert "--app" in flydeploy_cli.orchestrate_argv(config, "img")
 
 
 def test_redaction_hides_secret_values_only():
@@ -165,16 +181,17 @@ def test_dry_run_prints_settings_and_commands_and_runs_nothing(project, stub_fly
     assert "app              shop  (fly.toml)" in out
     commands = [line.split(". ", 1)[1] for line in out.splitlines()
                 if line.startswith("  ") and ". fly " in line]
-    assert [shlex.split(c)[:3] for c in commands] == [
-        ["fly", "deploy", "--build-only"], ["fly", "tokens", "create"], ["fly", "machine", "run"]]
-    run = shlex.split(commands[2])
-    assert "FLYDEPLOY_API_TOKEN=<redacted>" in run
-    orchestrate = shlex.split(run[-1])
+    assert [shlex.split(c)[:3] for c in commands] == [["fly", "deploy", "--build-only"], ["fly", "tokens", "create"]]
+    create = next(line for line in out.splitlines() if "create the orchestrator machine" in line)
+    machine = json.loads(create.split("destroyed when it exits: ", 1)[1])
+    assert machine["env"]["FLYDEPLOY_API_TOKEN"] == "<redacted>" and "STRIPE_SECRET_KEY" not in machine["env"]
+    orchestrate = machine["init"]["entrypoint"] + machine["init"]["cmd"]
+    assert orchestrate[:5] == ["python3", "/app/flydeploy.py", "orchestrate", "--root", "/app"]
     assert orchestrate[orchestrate.index("--owner") + 1] == "ann@example.com"
     assert orchestrate[orchestrate.index("--max-concurrency") + 1] == "2"
     assert "--force" in orchestrate and "--no-cache" in shlex.split(commands[0])
     label = shlex.split(commands[0])[5]
-    assert label.startswith("flydeploy-v9-") and run[3] == f"registry.fly.io/shop:{label}"
+    assert label.startswith("flydeploy-v9-") and machine["image"] == f"registry.fly.io/shop:{label}"
 
 
 def test_typo_flag_is_an_error_with_a_suggestion(capsys):
@@ -223,7 +240,16 @@ def test_skip_build_uses_the_given_image(project, stub_fly, capsys, monkeypatch)
     image = "registry.fly.io/shop:old"
     assert flydeploy_cli.main(["hot", "--dry-run", "--skip-build", "--image", image]) == 0
     out = capsys.readouterr().out
-    assert "fly deploy" not in out and "fly machine run registry.fly.io/shop:old" in out
+    assert "fly deploy" not in out and '"image": "registry.fly.io/shop:old"' in out
+
+
+def test_a_prebuilt_image_in_fly_toml_is_used_as_is(project, stub_fly, capsys, monkeypatch):
+    monkeypatch.chdir(project)
+    (project / "fly.toml").write_text((project / "fly.toml").read_text() + '[build]\n  image = "ghcr.io/acme/shop:9"\n')
+    assert flydeploy_cli.main(["hot", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "prebuilt image, nothing to build" in out and "fly deploy" not in out
+    assert '"image": "ghcr.io/acme/shop:9"' in out
 
 
 # --- build and launch, against stub executables --------------------------------
@@ -252,53 +278,7 @@ def test_failed_build_and_silent_build(tmp_path):
         flydeploy_cli.run_build([str(silent)], "x", silence_s=0.5)
 
 
-def test_launch_retries_only_when_the_orchestrator_never_started(tmp_path, capsys):
-    count = tmp_path / "count"
-    flaky = script(tmp_path / "flaky", f"""
-        import pathlib, sys
-        count = pathlib.Path({str(count)!r})
-        n = int(count.read_text()) + 1 if count.exists() else 1
-        count.write_text(str(n))
-        if n < 3:
-            print("Error: image not found in registry", file=sys.stderr)
-            sys.exit(1)
-        print("{MARKER} started", flush=True)
-        print("✓ m1 (ams) 1 module, 1 process, suspended 2 ms")
-        print("{MARKER} exit 0")
-    """)
-    assert flydeploy_cli.launch_orchestrator([str(flaky)], retry_delay_s=0) == 0
-    out = capsys.readouterr().out
-    assert count.read_text() == "3" and "✓ m1" in out and MARKER not in out
-    assert out.count("did not start") == 2
-
-    count.unlink()
-    crashed = script(tmp_path / "crashed", f"""
-        import pathlib, sys
-        pathlib.Path({str(count)!r}).write_text("ran")
-        print("{MARKER} started", flush=True)
-        sys.exit(1)
-    """)
-    assert flydeploy_cli.launch_orchestrator([str(crashed)], retry_delay_s=0) == 1
-    assert "stopped without a result" in capsys.readouterr().out
-    assert count.read_text() == "ran"
-
-
-def test_launch_passes_the_orchestrator_exit_code_through(tmp_path, capsys):
-    held = script(tmp_path / "held", f"""
-        import sys
-        print("{MARKER} started")
-        print("error: deploy lock held by bob", file=sys.stderr)
-        print("{MARKER} exit 2")
-        sys.exit(1)
-    """)
-    assert flydeploy_cli.launch_orchestrator([str(held)], retry_delay_s=0) == 2
-    assert "deploy lock held by bob" in capsys.readouterr().out
-    never = script(tmp_path / "never", "import sys\nsys.exit(1)\n")
-    assert flydeploy_cli.launch_orchestrator([str(never)], attempts=2, retry_delay_s=0) == 1
-    assert "did not start after 2 attempts" in capsys.readouterr().out
-
-
-def test_ctrl_c_reaches_the_orchestrator_and_its_last_words_are_shown(tmp_path, capsys):
+def test_ctrl_c_reaches_flyctl_and_its_last_words_are_shown(tmp_path, capsys):
     ready, interrupted = tmp_path / "ready", tmp_path / "interrupted"
     orchestrator = interruptible_orchestrator(tmp_path / "orchestrator", ready, interrupted)
     main_thread = threading.main_thread().ident
@@ -309,11 +289,11 @@ def test_ctrl_c_reaches_the_orchestrator_and_its_last_words_are_shown(tmp_path, 
 
     threading.Thread(target=interrupt_when_ready, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
-        flydeploy_cli.launch_orchestrator([str(orchestrator)], retry_delay_s=0)
+        flydeploy_cli.run_build([str(orchestrator)], "x")
     assert interrupted.read_text() == "SIGINT" and "the deploy lock was released" in capsys.readouterr().out
 
 
-def test_ctrl_c_while_the_orchestrator_starts_still_stops_it(tmp_path, monkeypatch):
+def test_ctrl_c_while_flyctl_starts_still_stops_it(tmp_path, monkeypatch):
     # Not Python: a Ctrl-C during its start-up would end it with exit code 1, not by SIGINT.
     orchestrator = tmp_path / "orchestrator"
     orchestrator.write_text("#!/bin/sh\nexec sleep 60\n")
@@ -329,7 +309,7 @@ def test_ctrl_c_while_the_orchestrator_starts_still_stops_it(tmp_path, monkeypat
     monkeypatch.setattr(flydeploy_cli.subprocess, "Popen", popen_then_ctrl_c)
     try:
         with pytest.raises(KeyboardInterrupt):
-            flydeploy_cli.launch_orchestrator([str(orchestrator)], retry_delay_s=0)
+            flydeploy_cli.run_build([str(orchestrator)], "x")
         assert len(started) == 1
         assert started[0].poll() == -signal.SIGINT, "the orchestrator was left running, or killed outright"
     finally:
@@ -346,7 +326,7 @@ def test_ctrl_c_while_flyctl_fails_to_start_is_still_a_ctrl_c(monkeypatch):
 
     monkeypatch.setattr(flydeploy_cli.subprocess, "Popen", ctrl_c_then_fail)
     with pytest.raises(KeyboardInterrupt) as caught:
-        flydeploy_cli.launch_orchestrator(["fly", "machine", "run"], attempts=1, retry_delay_s=0)
+        flydeploy_cli.run_build(["fly", "deploy"], "x")
     assert "cannot run fly" in str(caught.value.__context__)
 
 
@@ -467,11 +447,14 @@ def test_orchestrate_pushes_a_release_to_every_started_machine(store, app_root):
     assert hot["version"] == "v1" and hot["sha256"] == report.sha256
     assert hot["source_image_ref"] == "registry.fly.io/shop:l1"
     assert doc["image_ref"] == "registry.fly.io/shop:deployment-1"  # seeded from the machines
-    assert sorted(call[0] for call in api.calls) == ["a", "b"]
-    assert api.calls[0][1] == ["python3", "-m", "flydeploy", "rpc", "upgrade", "--app", "shop",
-                               "--url", hot["tarball_url"], "--sha256", hot["sha256"],
-                               "--suspend-timeout", "4", "--upgrade-id", report.upgrade_id]
-    assert {call[2] for call in api.calls} == {50}
+    # The preflight ran first, on one machine of the group; then the upgrades, from the one builder.
+    assert api.calls[0][1] == ["python3", "/app/flydeploy.py", "rpc", "preflight", "--app", "shop"]
+    calls = api.upgrade_calls()
+    assert sorted(call[0] for call in calls) == ["a", "b"]
+    assert calls[0][1] == ["python3", "/app/flydeploy.py", "rpc", "upgrade", "--app", "shop",
+                           "--url", hot["tarball_url"], "--sha256", hot["sha256"],
+                           "--suspend-timeout", "4", "--upgrade-id", report.upgrade_id]
+    assert {call[2] for call in calls} == {50}
     assert "✓ b (ord) 2 modules, 1 process, suspended 3 ms" in out
     assert "· c (ams) stopped: applies at next start" in out
     assert "2/2 machines upgraded to v1" in out and "1 stopped machine" in out
@@ -526,7 +509,7 @@ def test_a_held_lock_stops_before_anything_is_stored(store, app_root):
     api = StubMachines([machine("a")], succeed)
     with pytest.raises(flydeploy.LockHeld, match="bob@example.com"):
         run(store, api, app_root)
-    assert api.calls == [] and flydeploy.read_current(store, "shop") == (None, None)
+    assert api.upgrade_calls() == [] and flydeploy.read_current(store, "shop") == (None, None)
     report, _ = run(store, api, app_root, force=True)
     assert report.exit_code == 0 and not lock_key_exists(store)
 
@@ -547,7 +530,7 @@ def test_ctrl_c_releases_the_lock(store, app_root):
     finally:
         stop.set()
     assert not lock_key_exists(store)
-    assert len(api.calls) == 1  # the queued machine was never started
+    assert len(api.upgrade_calls()) == 1  # the queued machine was never started
 
 
 def test_rollback_goes_back_to_the_previous_or_a_named_release(store, app_root):
@@ -558,7 +541,8 @@ def test_rollback_goes_back_to_the_previous_or_a_named_release(store, app_root):
     api.calls.clear()
     back, out = run(store, api, app_root, version=None, rollback=True)
     assert back.version == "v1" and back.sha256 == first.sha256 and "Rolling shop back to v1" in out
-    assert api.calls[0][1][api.calls[0][1].index("--sha256") + 1] == first.sha256
+    calls = api.upgrade_calls()
+    assert calls[0][1][calls[0][1].index("--sha256") + 1] == first.sha256
     doc, _ = flydeploy.read_current(store, "shop")
     assert doc["hot_upgrade"]["version"] == "v1" and doc["history"][0]["version"] == "v2"
     again, _ = run(store, api, app_root, version=None, rollback_to="v2")

@@ -5,7 +5,7 @@ machines, the launch and rollback."""
 import pytest
 
 import flydeploy
-from tests.fleet_doubles import StubMachines, interruptible_orchestrator, lock_key_exists, machine, script, succeed, write
+from tests.fleet_doubles import StubMachines, lock_key_exists, machine, script, succeed, write
 from tests.fleet_doubles import run as orchestrate
 
 pytest_plugins = ["tests.fleet_doubles"]
@@ -108,7 +108,7 @@ def test_a_process_group_upgrade_is_recorded_for_its_groups_only(store, app_root
     write(app_root / "shop" / "__init__.py", "VERSION = 2\n")
     api.calls.clear()
     orchestrate(store, api, app_root, version="v2", process_groups=["worker"])
-    assert [call[0] for call in api.calls] == ["w"]
+    assert [call[0] for call in api.upgrade_calls()] == ["w"]
     doc = flydeploy.read_current(store, "shop")[0]
     assert doc["hot_upgrade"]["process_groups"] == ["worker"]
 
@@ -159,46 +159,31 @@ def test_the_timeout_line_states_the_time_waited_in_all(store, app_root):
     assert int(waited.group(1)) >= 1
 
 
-def test_an_auth_error_is_not_retried_as_image_propagation(tmp_path, capsys):
+class CreateRefused:
+    """A Machines client whose machine creation fails with ``status`` and ``message``."""
+
+    def __init__(self, status, message):
+        self.status, self.message, self.creates = status, message, 0
+
+    def create(self, config):
+        self.creates += 1
+        raise flydeploy.MachinesAPIError(self.status, self.message, method="POST", path="/v1/apps/shop/machines")
+
+    def list(self, metadata=None):
+        return []
+
+
+def test_an_auth_error_is_not_retried_as_image_propagation(capsys):
     import flydeploy_cli
-    count = tmp_path / "count"
-    denied = script(tmp_path / "denied", f"""
-        import pathlib, sys
-        count = pathlib.Path({str(count)!r})
-        count.write_text(str(int(count.read_text()) + 1 if count.exists() else 1))
-        print("Error: No access token available. Please login with 'flyctl auth login'", file=sys.stderr)
-        sys.exit(1)
-    """)
-    assert flydeploy_cli.launch_orchestrator([str(denied)], retry_delay_s=0) == 1
-    out = capsys.readouterr().out
-    assert count.read_text() == "1" and "not retried" in out and "trying again" not in out
-
-
-def test_sigterm_stops_the_orchestrator_like_ctrl_c(project, tmp_path, monkeypatch):
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from tests.waiting import wait_until
-    ready, interrupted = tmp_path / "ready", tmp_path / "interrupted"
-    bin_dir = tmp_path / "termbin"
-    interruptible_orchestrator(bin_dir / "fly", ready, interrupted)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=root)
-    cli = subprocess.Popen([sys.executable, "-m", "flydeploy_cli", "hot", "--skip-build", "--image",
-                            "registry.fly.io/shop:x"], cwd=project, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_until(ready.exists, "the orchestrator to start", timeout=30)
-        cli.send_signal(signal.SIGTERM)
-        output, _ = cli.communicate(timeout=30)
-    finally:
-        if cli.poll() is None:
-            cli.kill()
-            cli.wait()
-    assert cli.returncode == 130, output
-    assert interrupted.read_text() == "SIGINT" and "the deploy lock was released" in output
+    config = {"metadata": {flydeploy.ORCHESTRATOR_RUN_KEY: "r"}}
+    denied = CreateRefused(401, "Authenticate: token validation error")
+    with pytest.raises(flydeploy.FlyDeployError, match="could not be created"):
+        flydeploy_cli.launch_orchestrator(denied, config, lambda m: ["true"], retry_delay_s=0)
+    assert denied.creates == 1 and "trying again" not in capsys.readouterr().out
+    missing = CreateRefused(400, "failed to launch VM: failed to get manifest registry.fly.io/shop:x: manifest unknown")
+    with pytest.raises(flydeploy.FlyDeployError, match="could not be created"):
+        flydeploy_cli.launch_orchestrator(missing, config, lambda m: ["true"], attempts=3, retry_delay_s=0)
+    assert missing.creates == 3 and capsys.readouterr().out.count("still be propagating") == 2
 
 
 # --- rollback ---------------------------------------------------------------------
@@ -248,20 +233,22 @@ def test_the_build_silence_limit_is_read_at_call_time(tmp_path, monkeypatch):
 # --- the orchestrator's working directory -------------------------------------------------
 
 
-def test_the_orchestrator_command_goes_to_the_app_dir(project):
-    import shlex
-
+def test_the_orchestrator_and_every_exec_use_the_app_dir(project):
     import flydeploy_cli
 
-    def shell_words():
+    def argv():
         config = flydeploy.load_config(project)
-        return config, shlex.split(flydeploy_cli.orchestrator_command(config, "img", ["python3"], {})[-1])
+        return config, flydeploy_cli.orchestrate_argv(config, "img")
 
-    config, words = shell_words()
-    assert words == ["cd", "/app", "&&", "python3"] and config.sources["app_dir"] == "default"
+    config, words = argv()
+    assert words[:5] == ["python3", "/app/flydeploy.py", "orchestrate", "--root", "/app"]
+    assert config.sources["app_dir"] == "default"
     write(project / "Dockerfile", "FROM python:3.12\nWORKDIR /srv\nCOPY . .\nWORKDIR /srv/shop\nCMD python main.py\n")
-    config, words = shell_words()
-    assert words[:2] == ["cd", "/srv/shop"] and config.sources["app_dir"] == "Dockerfile WORKDIR"
-    write(project / "pyproject.toml", '[tool.flydeploy]\napp_dir = "/opt/my app"\n')
-    config, words = shell_words()
-    assert words[:2] == ["cd", "/opt/my app"] and config.sources["app_dir"].startswith("pyproject.toml")
+    config, words = argv()
+    assert words[1] == "/srv/shop/flydeploy.py" and words[4] == "/srv/shop"
+    assert config.sources["app_dir"] == "Dockerfile WORKDIR"
+    assert config.machine_commands().rpc("info", "shop")[:3] == ["python3", "/srv/shop/flydeploy.py", "rpc"]
+    write(project / "pyproject.toml", '[tool.flydeploy]\napp_dir = "/opt/my app"\npython = "/venv/bin/python"\n')
+    config, words = argv()
+    assert words[:5] == ["/venv/bin/python", "/opt/my app/flydeploy.py", "orchestrate", "--root", "/opt/my app"]
+    assert config.sources["app_dir"].startswith("pyproject.toml")

@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import pathlib
+import shlex
 import socket
 import ssl
 import sys
@@ -19,6 +20,7 @@ import pytest
 import flydeploy
 from tests.certificates import self_signed_certificate
 from tests.fakefly import AUTH_ERROR, FakeFly, write_app_tree
+from tests.waiting import wait_until
 
 pytest_plugins = ["tests.fakefly.fixtures"]
 
@@ -149,7 +151,7 @@ def test_exec_runs_in_the_sandbox_and_a_failing_command_is_a_result(fakefly, dem
     assert (result.exit_code, result.exit_signal, result.ok) == (3, 0, False)
     assert result.stderr == "oops\n"
     seen = json.loads(result.stdout)
-    assert pathlib.Path(seen["cwd"]) == machine.root
+    assert seen["cwd"] == "/"  # init runs an exec'd command in `/`, not the image's WORKDIR
     assert seen["prefix"] == sys.prefix
     env = seen["env"]
     assert env["FLY_MACHINE_ID"] == machine.id
@@ -158,17 +160,19 @@ def test_exec_runs_in_the_sandbox_and_a_failing_command_is_a_result(fakefly, dem
     assert env["BUCKET_NAME"] == "releases" and env["GREETING"] == "hello"
     assert env["FLYDEPLOY_RUNTIME_DIR"] == str(machine.runtime_dir)
     assert env["FLY_API_TOKEN"] == demo.token
-    assert requests_for(fakefly, "exec")[0].body == {"command": ["python3", "-c", script], "timeout": 20}
+    assert requests_for(fakefly, "exec")[0].body == {"command": ["python3", "-c", script],
+                                                      "cmd": shlex.join(["python3", "-c", script]), "timeout": 20}
 
 
-def test_exec_past_its_timeout_is_a_408_and_the_command_is_killed(fakefly, demo, tmp_path):
+def test_exec_past_its_deadline_is_a_408_and_the_command_goes_on(fakefly, demo, tmp_path):
     marker = tmp_path / "finished"
-    script = f"import time, pathlib; time.sleep(30); pathlib.Path({str(marker)!r}).touch()"
+    script = f"import time, pathlib; time.sleep(2); pathlib.Path({str(marker)!r}).touch()"
     with pytest.raises(flydeploy.MachinesAPIError) as caught:
         client(fakefly, demo.token, retries=0).exec(demo.machines[0].id, ["python3", "-c", script],
                                                     timeout=1)
     assert caught.value.status == 408 and "deadline_exceeded" in caught.value.message
     assert not marker.exists()
+    wait_until(marker.exists, "the command the 408 left running to finish", timeout=15)
 
 
 def test_exec_on_a_stopped_machine_says_so(fakefly, demo):
@@ -556,7 +560,7 @@ def test_an_app_process_that_exits_stops_its_machine(fakefly, tmp_path):
     machine = fakefly.create_app("crashy", tree, machines=1).machines[0]
     machine.wait_for_state("stopped")
     assert "bye" in machine.logs() and "exited with code 4" in machine.logs()
-    assert machine.events[-1]["request"] == {"exit_event": {"exit_code": 4}}
+    assert machine.events[-1]["request"] == {"exit_event": {"exit_code": 4, "requested_stop": False}}
 
 
 def test_closing_the_fake_fly_leaves_no_process(tmp_path):
@@ -612,24 +616,25 @@ def test_fly_deploy_errors(fakefly, tmp_path):
     assert fakefly.images("demo") == []
 
 
-def test_fly_machine_run_runs_the_command_in_a_fresh_sandbox(fakefly, demo, tmp_path):
+def test_fly_machine_run_shell_runs_the_command_without_a_shell_in_slash(fakefly, demo, tmp_path):
     script = ("import os, sys; print(os.environ['FLY_MACHINE_ID'], os.environ['K'], "
-              "os.environ['BUCKET_NAME'], os.path.exists('app.py')); sys.exit(int(os.environ['CODE']))")
+              "os.environ['BUCKET_NAME'], os.getcwd(), os.path.exists('app.py')); sys.exit(int(os.environ['CODE']))")
     args = ["machine", "run", demo.machines[0].image_ref, "-a", "demo", "--entrypoint", "sleep inf",
             "--vm-memory", "1024", "-e", "K=V", "--rm", "--shell"]
-    # An SSH shell starts in `/`: the app tree is reached only by going to the image's WORKDIR.
-    outside = fakefly.run_fly(*args, "-e", "CODE=0", "--command", f'python3 -c "{script}"')
-    assert outside.returncode == 0, outside.stderr
-    assert outside.stdout.split()[1:] == ["V", "releases", "False"]
-    ok = fakefly.run_fly(*args, "-e", "CODE=0", "--command", f'cd /app && python3 -c "{script}"')
+    # hallpass splits the string quote-aware and runs it directly, in `/` (flyctl#1442, #1220).
+    ok = fakefly.run_fly(*args, "-e", "CODE=0", "--command", f'python3 -c "{script}"')
     assert ok.returncode == 0, ok.stderr
-    machine_id, value, bucket, has_app = ok.stdout.split()
-    assert (value, bucket, has_app) == ("V", "releases", "True")
+    machine_id, value, bucket, cwd, has_app = ok.stdout.split()
+    assert (value, bucket, cwd, has_app) == ("V", "releases", "/", "False")
     assert machine_id not in {m.id for m in demo.machines[:3]}
     orchestrator = fakefly.machine(machine_id)
     assert orchestrator.state == "destroyed"
     assert orchestrator.config["init"]["entrypoint"] == ["sleep", "inf"]
     assert orchestrator.config["guest"]["memory_mb"] == 1024
+    # No shell: `cd` is not a program, `&&` is just a word.
+    shell = fakefly.run_fly(*args, "-e", "CODE=0", "--command", f'cd /app && python3 -c "{script}"')
+    assert shell.returncode == 1 and 'exec: "cd": executable file not found' in shell.stderr
+    assert "V releases" not in shell.stdout
     failed = fakefly.run_fly(*args, "-e", "CODE=5", "--command", f'python3 -c "{script}"')
     assert failed.returncode == 1
     assert "exited with status 5" in failed.stderr

@@ -35,9 +35,27 @@ def project(tmp_path, monkeypatch):
     """A project with one module, run in local mode as app ``probe``."""
     root = tmp_path / "project"
     write_tree(root, {"app.py": "VALUE = 1\n"})
+    runtime = tempfile.mkdtemp(prefix="fdr-")  # agent sockets need a short path
     monkeypatch.setenv("FLY_APP_NAME", "probe")
-    monkeypatch.setenv("FLYDEPLOY_RUNTIME_DIR", str(tmp_path / "run"))
-    return root
+    monkeypatch.setenv("FLYDEPLOY_RUNTIME_DIR", runtime)
+    yield root
+    shutil.rmtree(runtime, ignore_errors=True)
+
+
+@pytest.fixture
+def running(project):
+    """The project's app running with its agent, so that `hot --local` gets past its preflight."""
+    ready = project.parent / "ready"
+    (project / "serve.py").write_text("import os, time, flydeploy\nimport app\nflydeploy.start_agent('probe')\n"
+                                      "open(os.environ['READY'], 'w').close()\ntime.sleep(3600)\n")
+    process = subprocess.Popen([sys.executable, "serve.py"], cwd=project, stdin=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONPATH": str(REPO), "READY": str(ready)})
+    try:
+        wait_for(ready.exists, what="the app's agent to start")
+        yield process
+    finally:
+        process.kill()
+        process.wait()
 
 
 def cli(*args: str, env: dict[str, str] | None = None, cwd: pathlib.Path | None = None):
@@ -55,7 +73,7 @@ def nothing_recorded(project: pathlib.Path) -> bool:
 # --- 8. limits the machines enforce, checked when packing ---------------------
 
 
-def test_a_release_over_the_machines_size_limit_is_refused_before_it_is_read(project):
+def test_a_release_over_the_machines_size_limit_is_refused_before_it_is_read(project, running):
     static = project / "static"
     static.mkdir()
     with open(static / "big.bin", "wb") as sparse:  # 2.2 GB that take no disk and no time to make
@@ -209,7 +227,7 @@ def test_status_local_by_a_user_who_cannot_read_the_store(project):
 
 
 @ROOT_ONLY
-def test_a_full_tmpdir_while_packing_is_named(project, tmp_path):
+def test_a_full_tmpdir_while_packing_is_named(project, running, tmp_path):
     (project / "static").mkdir()
     (project / "static" / "noise.bin").write_bytes(os.urandom(3 << 20))  # does not compress
     scratch = tmp_path / "tmp"

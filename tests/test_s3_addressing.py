@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import pathlib
 import secrets
 import sys
 import urllib.parse
@@ -241,8 +242,9 @@ def test_a_fleet_upgrade_with_virtual_hosted_addressing_from_pyproject(machine, 
     assert store.addressing_style == "virtual"
 
     out = io.StringIO()
+    here = flydeploy.MachineCommands.for_app_dir(sys.executable, str(pathlib.Path(flydeploy.__file__).parent))
     report = flydeploy.orchestrate(app, "local", store=store, api=flydeploy.LocalMachines(app, cwd=machine.app_root),
-                                   version="v2", out=out, **config.orchestrate_options() | {"python": sys.executable})
+                                   version="v2", out=out, **config.orchestrate_options() | {"commands": here})
     assert report.exit_code == 0, out.getvalue()
     assert process.get()["greeting"] == "hello v2"
     doc, _ = flydeploy.read_current(store, app)

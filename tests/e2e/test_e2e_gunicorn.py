@@ -15,8 +15,8 @@ pytest_plugins = ["tests.fakefly.fixtures"]
 
 
 def _processes(machine, app: str) -> list[dict]:
-    """``rpc info`` on the machine: one entry per Python process with an agent."""
-    reply = machine.exec(["python3", "-m", "flydeploy", "rpc", "info", "--app", app])
+    """``rpc info`` on the machine (as exec runs it, in ``/``): one entry per Python process with an agent."""
+    reply = machine.exec(["python3", "/app/flydeploy.py", "rpc", "info", "--app", app])
     assert reply["exit_code"] == 0, reply
     return json.loads(reply["stdout"])
 

@@ -20,11 +20,24 @@ The world
     machine runs the image's command (``init.cmd``, else fly.toml
     ``[processes]`` for its group, else the Dockerfile's ``CMD``) with its
     output in ``machine.logs()``; stop sends SIGTERM then SIGKILL to the
-    process group, suspend freezes it (SIGSTOP) until the next start.  Exec
-    runs the argv in the sandbox (cwd = app root) and answers
-    ``{"exit_code", "exit_signal", "stdout", "stderr"}`` with HTTP 200 even
-    when the command failed (408 when it ran past its timeout, 412 when the
-    machine is not started).
+    process group, suspend freezes it (SIGSTOP) until the next start.  The
+    main process starts in the image's WORKDIR (init main.rs); when it exits
+    the machine stops with ``request.exit_event.exit_code`` in its events, and
+    one with ``auto_destroy`` (``--rm``) is destroyed.  Exec runs the argv as
+    Fly's init does: directly, no shell, in ``/`` (not the app tree), with the
+    machine's environment, and answers ``{"exit_code", "exit_signal",
+    "stdout", "stderr"}`` with HTTP 200 even when the command failed; a
+    program that cannot be spawned is an API error (500, "No such file ...");
+    past its timeout or ``fly.exec_deadline`` (default 30 s) it answers 408
+    and the command goes on running; 412 when the machine is not started.
+    There is no chroot: a word of an argv naming a path under the image's
+    WORKDIR (``/app/flydeploy.py``) is that path in the machine's sandbox, and
+    the machines' ``python3`` does not see this checkout (flydeploy there is
+    only what the image holds).  A stopped or destroyed machine runs nothing:
+    whatever it started is killed.  ``fly.token_checks`` ("command" or "cmd")
+    picks the exec field an exec token's command restriction is checked
+    against; ``fly.destroyed_visible`` whether GET still shows a destroyed
+    machine.  Each behaviour cites its source where it is implemented.
 
     ``fly.faults.add(kind, op=..., machine=..., times=...)`` switches faults
     on: ``"500"``, ``"429"`` (with ``Retry-After``), ``"408"`` (after
@@ -37,11 +50,14 @@ The fake ``fly``
     ``PATH`` with ``FLY_FLAPS_BASE_URL`` and ``FAKEFLY_STATE_DIR`` set.  It does
     ``deploy --build-only --push --image-label L -c CFG`` (snapshots the
     project as image ``registry.fly.io/<app>:<L>``, printing ``image: <ref>``
-    on stderr), ``machine run <image> --rm --shell --command CMD -e K=V
-    --entrypoint E`` (a fresh machine of that image through the API; CMD runs
-    in its sandbox with its env; exit 1 when CMD fails), ``tokens create
-    machine-exec [-p PREFIX] [-x 1h]``, ``auth whoami``, ``machines list
-    --json``.  Unknown commands and flags exit 2.  ``fly.fly_calls()`` lists
+    on stderr), ``machine run <image> [-- CMD ...] [--rm] -e K=V
+    --entrypoint E`` (a fresh machine of that image through the API, without
+    fly.toml's ``[env]``; with CMD, CMD is its main process and flyctl returns
+    once it runs), ``machine run ... --shell --command STR`` (STR split
+    quote-aware and run without a shell, in ``/``, as hallpass does; on SIGINT
+    it forwards nothing and destroys nothing), ``logs -a APP --machine ID
+    [--no-tail]``, ``tokens create machine-exec [-p PREFIX] [-x 1h]``, ``auth
+    whoami``, ``auth token``, ``machines list --json``.  Unknown commands and flags exit 2.  ``fly.fly_calls()`` lists
     the invocations; ``fly.set_build_fault("fail" | "hang")`` breaks builds;
     ``fly.login()`` / ``fly.logout()`` switch the local flyctl session.
 

@@ -180,65 +180,115 @@ def _machine_run(args: argparse.Namespace) -> int:
     print(f"Machine ID: {machine_id}\nInstance ID: {machine['instance_id']}\nState: {machine['state']}",
           file=sys.stderr)
     if not args.shell:
+        # Without --shell, flyctl returns once the machine runs; with --rm it is destroyed
+        # when its main process exits (run.go:190-192, 870-872).
         return 0
+    cancelled = False
     try:
         _api(args, "GET", f"/v1/apps/{app}/machines/{machine_id}/wait", query={"state": "started"})
         sandbox = _api(args, "GET", f"/_fakefly/apps/{app}/machines/{machine_id}/sandbox")
         print(f"Connecting to {machine['private_ip']}... complete", file=sys.stderr)
         sys.stderr.flush()
         code = _run_in(sandbox, args.command)
+    except _Cancelled:
+        # flyctl turns SIGINT into a cancelled context (main.go:53-61) and sends no signal over
+        # SSH (it never calls sess.Signal): the remote command goes on.  ssh/io.go:142-143 ends
+        # the session with this error, and the Destroy after the console (run.go:507) runs on
+        # the cancelled context and fails: the machine is left running.
+        cancelled = True
+        print("Error: session forcibly closed; the remote process may still be running", file=sys.stderr)
+        code = 1
     finally:
-        if remove:
+        if remove and not cancelled:
             _api(args, "DELETE", f"/v1/apps/{app}/machines/{machine_id}", query={"force": "true"})
     if code != 0:
-        print(f"Error: ssh shell: Process exited with status {code}", file=sys.stderr)
+        if not cancelled:
+            print(f"Error: ssh shell: Process exited with status {code}", file=sys.stderr)
         return 1
     return 0
 
 
-def _image_workdir(root: pathlib.Path) -> str:
-    """Where the image puts the app: its Dockerfile's last WORKDIR, else /app."""
-    dockerfile = root / "Dockerfile"
-    text = dockerfile.read_text() if dockerfile.is_file() else ""
-    found = re.findall(r"(?im)^\s*WORKDIR\s+(\S+)\s*$", text)
-    return found[-1] if found else "/app"
+class _Cancelled(Exception):
+    """flyctl's context was cancelled by SIGINT or SIGTERM."""
 
 
-def _as_on_the_machine(sandbox: dict, command: str) -> str:
-    """``command`` as the machine's shell runs it.  An SSH shell starts in `/`,
-    outside the app; only `cd <the image's WORKDIR> && ...` reaches the app tree,
-    which is the sandbox here (any other `cd` finds nothing)."""
-    words = shlex.split(command)
-    if len(words) < 3 or words[0] != "cd" or words[2] != "&&":
-        return command
-    root = pathlib.Path(sandbox["root"])
-    found = words[1].rstrip("/") == _image_workdir(root).rstrip("/")
-    target = str(root) if found else "/nonexistent-on-the-machine" + words[1]
-    return f"cd {shlex.quote(target)} && " + command.split("&&", 1)[1].lstrip()
+def _cancel(signum: int, frame: object) -> None:
+    raise _Cancelled(signal.Signals(signum).name)
+
+
+# The PATH of an SSH session need not be the image's: `fly ssh console` "opens a login
+# shell that resets PATH" (docs blueprints/hermes-agent-on-fly-io.html.md:93).
+_SESSION_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _guest(sandbox: dict, words: list[str]) -> list[str]:
+    """``words`` as paths resolve in the machine: the image's WORKDIR is the sandbox root."""
+    workdir = sandbox["workdir"].rstrip("/")
+    return [sandbox["root"] + w[len(workdir):] if w == workdir or w.startswith(workdir + "/") else w
+            for w in words]
 
 
 def _run_in(sandbox: dict, command: str) -> int:
-    """Run ``command`` through the machine's shell, in `/`, output streamed, signals passed on."""
-    process = subprocess.Popen(["/bin/sh", "-c", _as_on_the_machine(sandbox, command)], cwd="/",
-                               env=sandbox["env"], start_new_session=True)
+    """Run ``command`` as hallpass, the machine's SSH server, does: split into an argv,
+    quote-aware, and executed directly, with no shell, as root, in `/`
+    (superfly/flyctl#1442 and #1220; flyctl sends the string as an SSH exec request,
+    ssh/io.go:92).  Output is streamed; flyctl forwards no signal to it."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        print(f"Error: ssh shell: cannot parse the command: {exc}", file=sys.stderr)
+        return 1
+    env = dict(sandbox["env"], PATH=_SESSION_PATH)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _cancel)
+    try:
+        process = subprocess.Popen(_guest(sandbox, argv), cwd="/", env=env, start_new_session=True)
+    except OSError:
+        print(f'exec: "{argv[0] if argv else ""}": executable file not found in $PATH', file=sys.stderr)
+        return 1
     # Registered so that the fake platform can end the session if this fly is killed.
     sessions = _state_dir() / "shell-sessions"
     sessions.mkdir(exist_ok=True)
     pid_file = sessions / f"{process.pid}.pid"
     pid_file.write_text(str(process.pid))
+    return process.wait()
 
-    def forward(signum: int, frame: object) -> None:
+
+def _logs(args: argparse.Namespace) -> int:
+    """``fly logs -a APP --machine ID [--no-tail]``: the machine's output, one line each as
+    flyctl prints it ("<time> app[<id>] <region> [info] <message>"), following it until killed."""
+    app = _app_name(args)
+    machine_id = args.machine
+    if not machine_id:
+        raise FlyError("the fake fly shows logs only with --machine ID")
+    machine = _api(args, "GET", f"/v1/apps/{app}/machines/{machine_id}")
+    log = _state_dir() / "machines" / machine_id / "app.log"
+    offset = 0
+    buffer = b""
+    while True:
         try:
-            os.killpg(process.pid, signum)
-        except ProcessLookupError:
-            pass
+            with open(log, "rb") as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            chunk = b""
+        offset += len(chunk)
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            print(f"{stamp} app[{machine_id}] {machine['region']} [info] {line.decode('utf-8', 'replace')}",
+                  flush=True)
+        if args.no_tail:
+            return 0
+        time.sleep(0.05)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, forward)
-    try:
-        return process.wait()
-    finally:
-        pid_file.unlink(missing_ok=True)
+
+def _auth_token(args: argparse.Namespace) -> int:
+    """``fly auth token``: "Shows the authentication token that is currently in use" (docs
+    flyctl/cmd/fly_auth_token.md)."""
+    print(_access_token(args))
+    return 0
 
 
 def _machines_list(args: argparse.Namespace) -> int:
@@ -351,6 +401,15 @@ def _parser() -> argparse.ArgumentParser:
     whoami = auth_commands.add_parser("whoami", parents=[common])
     whoami.add_argument("-j", "--json", action="store_true")
     whoami.set_defaults(handler=_auth_whoami)
+    token = auth_commands.add_parser("token", parents=[common])
+    token.set_defaults(handler=_auth_token)
+
+    # Flags as docs flyctl/cmd/fly_logs.md lists them: -m/--machine, -n/--no-tail, -r/--region.
+    logs = commands.add_parser("logs", parents=[common, app_flags])
+    logs.add_argument("-m", "--machine", dest="machine")
+    logs.add_argument("-n", "--no-tail", action="store_true")
+    logs.add_argument("-r", "--region")
+    logs.set_defaults(handler=_logs)
     return parser
 
 
@@ -360,7 +419,13 @@ def main(argv: list[str]) -> int:
     if state:
         with open(pathlib.Path(state) / "fly-calls.jsonl", "a") as calls:
             calls.write(json.dumps({"argv": argv, "cwd": os.getcwd()}) + "\n")
-    args = _parser().parse_args(argv)
+    # Words after `--` are positional, flags or not (pflag); argparse's subparsers lose them.
+    rest = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = _parser().parse_args(argv[:len(argv) - len(rest) - 1] if "--" in argv else argv)
+    if rest:
+        if not hasattr(args, "cmd"):
+            _parser().error(f"unexpected arguments after --: {rest}")
+        args.cmd = list(args.cmd or []) + rest
     try:
         return args.handler(args)
     except (FlyError, images.ImageError) as exc:

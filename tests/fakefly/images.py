@@ -63,17 +63,21 @@ def read_fly_toml(path: pathlib.Path) -> dict:
         raise ImageError(f"failed loading app config from {path}: {exc}") from None
 
 
-def _dockerfile_settings(tree: pathlib.Path) -> tuple[list[str], dict[str, str]]:
-    """The ``CMD`` (exec or shell form) and ``ENV`` of the tree's Dockerfile."""
+def _dockerfile_settings(tree: pathlib.Path) -> tuple[list[str], dict[str, str], str]:
+    """The ``CMD`` (exec or shell form), ``ENV`` and last ``WORKDIR`` (default ``/app``,
+    where the fake images put the app) of the tree's Dockerfile."""
     dockerfile = tree / "Dockerfile"
     cmd: list[str] = []
     env: dict[str, str] = {}
+    workdir = "/app"
     if not dockerfile.is_file():
-        return cmd, env
+        return cmd, env, workdir
     for raw in dockerfile.read_text().splitlines():
         keyword, _, rest = raw.strip().partition(" ")
         rest = rest.strip()
-        if keyword.upper() == "CMD":
+        if keyword.upper() == "WORKDIR":
+            workdir = rest.strip("\"'")
+        elif keyword.upper() == "CMD":
             cmd = json.loads(rest) if rest.startswith("[") else ["/bin/sh", "-c", rest]
         elif keyword.upper() == "ENV":
             if "=" in rest.split(" ", 1)[0]:
@@ -83,7 +87,7 @@ def _dockerfile_settings(tree: pathlib.Path) -> tuple[list[str], dict[str, str]]
             else:
                 key, _, value = rest.partition(" ")
                 env[key] = value.strip()
-    return cmd, env
+    return cmd, env, workdir
 
 
 def _ignored(relative: str, patterns: list[str]) -> bool:
@@ -118,12 +122,12 @@ def snapshot(state_dir: pathlib.Path, app: str, tree: pathlib.Path, label: str |
         shutil.copy2(path, destination)
         digest.update(relative.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
     (staging / "tree").mkdir(parents=True, exist_ok=True)
-    cmd, env = _dockerfile_settings(tree)
+    cmd, env, workdir = _dockerfile_settings(tree)
     config = read_fly_toml(tree / "fly.toml") if (tree / "fly.toml").is_file() else {}
     info = {
         "ref": image_ref(app, label), "app": app, "label": label,
         "digest": "sha256:" + digest.hexdigest(), "created_at": now_rfc3339(),
-        "cmd": cmd, "env": env,
+        "cmd": cmd, "env": env, "workdir": workdir,
         "processes": dict(config.get("processes") or {}),
         "fly_env": {k: str(v) for k, v in (config.get("env") or {}).items()},
         "build_args": dict(build_args or {}),

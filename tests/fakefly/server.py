@@ -135,10 +135,25 @@ class Token:
         return self.value.startswith(("fm1r_", "fm1a_", "fm2_"))
 
     def allows_command(self, argv: list[str]) -> bool:
+        # The caveat is an argv prefix, compared word by word (macaroon flyio/caveats.go:357-388:
+        # slices.Equal(allowedCommand.Args, commandArgs[:len(allowedCommand.Args)])).
         if self.kind != "exec" or not (self.commands or self.prefixes):
             return True
         return (tuple(argv) in self.commands
                 or any(tuple(argv[:len(p)]) == p for p in self.prefixes))
+
+
+def checked_argv(body: dict, field: str) -> list[str]:
+    """The argv an exec token's command caveat is checked against.
+
+    Which request field flaps builds it from is closed source (fly-platform-facts
+    T3): fly-go and flyctl send only the deprecated ``cmd`` string, the spec
+    names ``command`` the current field.  ``FakeFly.token_checks`` picks one;
+    the product must work with either.
+    """
+    if field == "cmd":
+        return shlex.split(body["cmd"]) if isinstance(body.get("cmd"), str) else []
+    return list(body.get("command") or [])
 
 
 def _new_token(macaroon: bool) -> str:
@@ -283,7 +298,9 @@ class FakeMachine:
                 log.write(f"[fakefly] starting {shlex.join(argv)}\n".encode())
                 log.flush()
                 try:
-                    process = subprocess.Popen(argv, cwd=self.root, env=self.env, stdin=subprocess.DEVNULL,
+                    # init starts the main process in the image's WORKDIR (init main.rs:717-721).
+                    process = subprocess.Popen(self.guest_argv(argv), cwd=self.root, env=self.env,
+                                               stdin=subprocess.DEVNULL,
                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
                 except OSError as exc:
                     self._event("exit", "stopped", "flyd", {"error": str(exc)})
@@ -302,10 +319,17 @@ class FakeMachine:
             if self._process is not process:
                 return
             self._process = None
-            # Exited on its own: the machine stops, as a real one does without a restart policy.
-            self._event("exit", "stopped", "flyd", {"exit_event": {"exit_code": code}})
+            # Exited on its own: the machine stops, as a real one does without a restart policy,
+            # with the exit code in its exit event (fly-go MachineEvent.Request.ExitEvent).
+            self._event("exit", "stopped", "flyd", {"exit_event": {"exit_code": _exit_code(code),
+                                                                   "requested_stop": False}})
             self._set_state("stopped")
             self._append_log(f"[fakefly] main process exited with code {code}\n")
+        self._kill_leftovers()
+        if self.config.get("auto_destroy"):
+            # `--rm` sets auto_destroy: the machine is destroyed once its main process has
+            # exited (flyctl run.go:190-192, 870-872).
+            self.destroy()
 
     def _append_log(self, line: str) -> None:
         with open(self.log_path, "a") as log:
@@ -354,7 +378,11 @@ class FakeMachine:
         if process is not None:
             _terminate_group(process, signum, timeout)
             self._append_log(f"[fakefly] stopped (exit code {process.returncode})\n")
+        self._kill_leftovers()
         with self.fly.lock:
+            if process is not None:
+                self._event("exit", "stopped", "flyd", {"exit_event": {
+                    "exit_code": _exit_code(process.returncode), "requested_stop": True}})
             self._event("stop", "stopped")
             self._set_state("stopped")
 
@@ -373,6 +401,8 @@ class FakeMachine:
         if self.state in ("started", "suspended"):
             self.stop(timeout=1.0)
         with self.fly.lock:
+            if self.state == "destroyed":
+                return
             self._event("destroy", "destroyed")
             self._set_state("destroyed")
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
@@ -402,31 +432,70 @@ class FakeMachine:
             self._process = None
         for process in processes:
             _terminate_group(process, signal.SIGTERM, 1.0)
+        self._kill_leftovers()
+
+    def _kill_leftovers(self) -> None:
+        """Kill every process still running "on" this machine (a stopped VM runs nothing):
+        exec'd commands left running and what they started in sessions of their own,
+        found by the machine id in their environment."""
+        needle = f"FLY_MACHINE_ID={self.id}\0".encode()
+        for entry in pathlib.Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if needle in (entry / "environ").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        with self.fly.lock:
+            self._execs.clear()
 
     # -- commands and diagnostics ----------------------------------------------------
 
+    def guest_argv(self, argv: list[str]) -> list[str]:
+        """``argv`` as it resolves inside the machine.  The fake has no chroot: the
+        image's WORKDIR is ``machine.root``, so a word naming a path under it is
+        that path under the sandbox.  Other paths are the host's, where the
+        image's files are not.  The value of ``--app-dir`` is not opened here
+        but sent on to other machines, so it stays the path they know."""
+        workdir = (self._image.get("workdir") or "/app").rstrip("/")
+        return [str(self.root) + word[len(workdir):]
+                if (word == workdir or word.startswith(workdir + "/")) and (i == 0 or argv[i - 1] != "--app-dir")
+                else word for i, word in enumerate(argv)]
+
     def exec(self, argv: list[str], timeout: float = 30) -> dict:
-        """Run ``argv`` in the sandbox: the exec endpoint's reply body."""
+        """Run ``argv`` on the machine as the exec endpoint does: the reply body.
+
+        init runs it directly, without a shell, in ``/`` (init main.rs chroots
+        and does chdir("/"); exec.rs sets no current_dir), with the image's and
+        the machine's environment (main.rs:494-526, exec.rs:40).  A program
+        that cannot be spawned is an API error, not exit status 127 (exec.rs:43-45
+        `.output().await.map_err(...)`).  Past ``timeout`` or the platform's
+        deadline (``FakeFly.exec_deadline``; about 30 s in reports, flyctl#4194)
+        the API answers 408 and the command is not killed: init does not set
+        kill_on_drop (exec.rs:43), so it goes on running.
+        """
         if self.state != "started":
             raise ApiError(412, f"failed_precondition: machine {self.id} is {self.state}, "
                                 f"exec needs a started machine")
         try:
-            process = subprocess.Popen(argv, cwd=self.root, env=self.env, stdin=subprocess.DEVNULL,
+            process = subprocess.Popen(self.guest_argv(argv), cwd="/", env=self.env, stdin=subprocess.DEVNULL,
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        start_new_session=True)
         except OSError as exc:
-            raise ApiError(400, f"exec: {argv[0]!r}: {exc.strerror}") from None
+            raise ApiError(500, f"failed to spawn command: {exc.strerror} (os error {exc.errno})") from None
         with self.fly.lock:
             self._execs.add(process)
+        deadline = min(float(timeout), self.fly.exec_deadline)
         try:
-            out, err = process.communicate(timeout=timeout)
+            out, err = process.communicate(timeout=deadline)
         except subprocess.TimeoutExpired:
-            _terminate_group(process, signal.SIGKILL, 5.0)
-            process.communicate()
-            raise ApiError(408, f"deadline_exceeded: command did not finish within {timeout}s") from None
-        finally:
-            with self.fly.lock:
-                self._execs.discard(process)
+            # Left running; its output keeps draining so that it never blocks on a full pipe.
+            threading.Thread(target=process.communicate, daemon=True).start()
+            raise ApiError(408, f"deadline_exceeded: Post \"http://unix/v1/exec\": context deadline exceeded "
+                                f"(Client.Timeout exceeded after {deadline:g}s)") from None
+        with self.fly.lock:
+            self._execs.discard(process)
         code = process.returncode
         reply = {"exit_code": code if code >= 0 else 128 - code, "exit_signal": -code if code < 0 else 0,
                  "stdout": out.decode("utf-8", "replace"), "stderr": err.decode("utf-8", "replace")}
@@ -475,6 +544,11 @@ def _terminate_group(process: subprocess.Popen, signum: int, timeout: float) -> 
         pass
     _killpg(process.pid, signal.SIGKILL)  # whatever the leader left behind
     process.wait()
+
+
+def _exit_code(returncode: int) -> int:
+    """A process's exit status as init reports it: 128 + N for a death by signal N."""
+    return returncode if returncode >= 0 else 128 - returncode
 
 
 def _killpg(pgid: int, signum: int) -> None:
@@ -568,6 +642,13 @@ class FakeFly:
         self.tokens: dict[str, Token] = {}
         self.faults = Faults()
         self._requests: list[RequestRecord] = []
+        # Seconds an exec may run before the API answers 408 (the command goes on running).
+        self.exec_deadline = 30.0
+        # The exec request field a token's command caveat is checked against: "command" or "cmd".
+        self.token_checks = "command"
+        # Whether GET still shows a destroyed machine (with its events) or answers 404: the
+        # docs do not say how long a destroyed machine stays visible.
+        self.destroyed_visible = True
         self.python_bin = self.state_dir / "python-bin"
         self.fly_bin = self.state_dir / "fly-bin"
         self._write_executables()
@@ -589,9 +670,17 @@ class FakeFly:
 
     def _write_executables(self) -> None:
         # Wrappers, not symlinks: a venv's interpreter finds its venv through its own path.
+        # On a machine flydeploy is only what the image holds: the wrapper's sitecustomize
+        # hides this checkout (an editable install, the test runner's path) from it.
         self.python_bin.mkdir(exist_ok=True)
+        site_dir = self.state_dir / "python-site"
+        site_dir.mkdir(exist_ok=True)
+        checkout = str(pathlib.Path(__file__).resolve().parent.parent.parent)
+        (site_dir / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(checkout=checkout, site=str(site_dir)))
         for name in ("python3", "python"):
-            _write_script(self.python_bin / name, f'exec {shlex.quote(sys.executable)} "$@"')
+            _write_script(self.python_bin / name,
+                          f'PYTHONPATH={shlex.quote(str(site_dir))}${{PYTHONPATH:+:$PYTHONPATH}} '
+                          f'exec {shlex.quote(sys.executable)} "$@"')
         self.fly_bin.mkdir(exist_ok=True)
         flyctl = pathlib.Path(__file__).with_name("flyctl.py")
         tests_parent = pathlib.Path(__file__).resolve().parent.parent.parent
@@ -751,6 +840,18 @@ class FakeFly:
         shutil.rmtree(self.runtime_root, ignore_errors=True)
 
 
+_SITECUSTOMIZE = """\
+import os
+import sys
+
+_HIDDEN = ({checkout!r}, {site!r})
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") not in _HIDDEN or p == sys.path[0] != ""]
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in type(f).__module__]
+sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
+sys.path_importer_cache.clear()
+"""
+
+
 def _write_script(path: pathlib.Path, body: str) -> None:
     path.write_text(f"#!/bin/sh\n{body}\n")
     path.chmod(0o755)
@@ -892,7 +993,7 @@ def _authenticate(fly: FakeFly, header: str | None, app: str | None, op: str, bo
         raise ApiError(401, "unauthorized")
     if token.kind == "exec":
         if op == "exec":
-            if not token.allows_command(list(body.get("command") or [])):
+            if not token.allows_command(checked_argv(body, fly.token_checks)):
                 raise ApiError(403, "unauthorized: the token does not allow this command")
         elif op not in _READ_OPS:
             raise ApiError(403, "unauthorized: a machine-exec token cannot do this")
@@ -917,7 +1018,7 @@ def _dispatch(fly: FakeFly, op: str, method: str, app_name: str | None, machine_
                                              prefixes=body.get("prefixes") or [],
                                              ttl=body.get("ttl"))}
     machine = next((m for m in app.machines if m.id == machine_id), None)
-    if machine is None or (machine.state == "destroyed" and op != "get"):
+    if machine is None or (machine.state == "destroyed" and (op != "get" or not fly.destroyed_visible)):
         raise ApiError(404, "machine not found")
     if op in ("start", "stop", "destroy", "suspend"):
         _check_lease(machine, headers.get("fly-machine-lease-nonce"))
@@ -944,7 +1045,8 @@ def _dispatch(fly: FakeFly, op: str, method: str, app_name: str | None, machine_
         machine.destroy()
         return 200, {"ok": True}
     if op == "sandbox":
-        return 200, {"root": str(machine.root), "env": machine.env}
+        return 200, {"root": str(machine.root), "env": machine.env, "log": str(machine.log_path),
+                     "workdir": machine._image.get("workdir") or "/app"}
     raise ApiError(404, "not found")
 
 

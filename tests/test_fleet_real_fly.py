@@ -1,0 +1,277 @@
+"""End to end through a local Fly that behaves as Fly's own sources define it (3 machines,
+SeaweedFS): the orchestrator as an API-created machine's main process, short execs that
+start detached upgrades, results collected from S3, the preflight, interrupts, doctor."""
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+
+import flydeploy
+from tests.test_fleet_e2e import BOTH_PATHS, REPO, V2, V3, Project, get
+from tests.waiting import wait_until
+
+pytest_plugins = ["tests.fakefly.fixtures"]
+
+# V2's counter, whose code_change takes ``seconds`` and notes each run in code_change.log
+# (relative: the app process runs in the image's WORKDIR, its machine's root).
+SLOW_COUNTER = V2["counter.py"].replace(
+    "    def code_change(self, old_vsn, state, extra):\n",
+    "    def code_change(self, old_vsn, state, extra):\n"
+    "        import time\n"
+    "        with open('code_change.log', 'a') as log:\n"
+    "            log.write('ran\\n')\n"
+    "        time.sleep(SECONDS)\n")
+
+
+def slow_v2(seconds: float) -> dict:
+    assert "time.sleep" not in V2["counter.py"]
+    return {**V2, "counter.py": SLOW_COUNTER.replace("SECONDS", str(seconds))}
+
+
+def orchestrators(project) -> list:
+    """The orchestrator machines of the project's app that are not destroyed."""
+    return [m for m in project.app.machines
+            if (m.config.get("metadata") or {}).get(flydeploy.ORCHESTRATOR_ROLE_KEY) and m.state != "destroyed"]
+
+
+def lock_key(project) -> str:
+    return f"releases/{project.name}-deploy.lock"
+
+
+class Running:
+    """``python -m flydeploy_cli ARGS`` in the project, its output collected as it comes."""
+
+    def __init__(self, project, *args, local_s3: bool = False):
+        env = project.fly.env()
+        env["PYTHONPATH"] = str(REPO)
+        for name in project.seaweed.env():
+            env.pop(name, None)
+        if local_s3:  # --direct reaches the bucket from here
+            env.update(project.seaweed.env())
+        self.process = subprocess.Popen([sys.executable, "-m", "flydeploy_cli", *args], cwd=project.tree, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
+        self.reader.start()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        wait_until(lambda: text in self.output or self.process.poll() is not None, f"{text!r} in the output",
+                   timeout=timeout)
+        assert text in self.output, self.output
+
+    def finish(self, timeout: float = 90) -> int:
+        try:
+            code = self.process.wait(timeout=timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+        self.reader.join(10)
+        return code
+
+
+def test_hot_doctor_status_and_rollback_through_the_real_fly(fakefly, seaweed, tmp_path):
+    project = Project(fakefly, seaweed, tmp_path, machines=3)
+    doctor = project.cli("doctor")
+    assert doctor.returncode == 0, doctor.output
+    for machine in project.machines:
+        assert f"✓ machine {machine.id}: group app: {machine.id} ({machine.region}): " in doctor.output
+    assert "✓ group app: 3 started" in doctor.output and "✓ exec token" in doctor.output
+    bucket = seaweed.env()["BUCKET_NAME"]
+    assert f"✓ bucket: {bucket} at http://127.0.0.1" in doctor.output and "path-style addressing" in doctor.output
+    assert f"✓ current.json: for image {project.image}, no hot upgrade" in doctor.output
+
+    project.edit(V2)
+    before = len(fakefly.requests)
+    hot = project.cli("hot", "--version", "v2")
+    assert hot.returncode == 0, hot.output
+    assert "3/3 machines upgraded to v2" in hot.output and "was refused" not in hot.output
+    assert not orchestrators(project)  # destroyed when its main process exited
+    requests = fakefly.requests[before:]
+    created = [r for r in requests if r.op == "create"]
+    assert len(created) == 1
+    config = created[0].body["config"]
+    argv = config["init"]["entrypoint"] + config["init"]["cmd"]
+    assert argv[:5] == ["python3", "/app/flydeploy.py", "orchestrate", "--root", "/app"]
+    # fly.toml [env] reaches the orchestrator in its config; the exec token too, never on a command line.
+    assert config["env"]["APP_PORT_FILE"] == "port" and config["env"]["FLYDEPLOY_API_TOKEN"].startswith("FlyV1 ")
+    token = config["env"]["FLYDEPLOY_API_TOKEN"].split()[-1]
+    assert not any(token in " ".join(call) for call in fakefly.fly_calls())
+    execs = [r.body["command"] for r in requests if r.op == "exec"]
+    assert all(c[:3] == ["python3", "/app/flydeploy.py", "rpc"] for c in execs), execs
+    assert sum(c[3] == "preflight" for c in execs) == 1  # one group, one preflight
+    assert all("--detach" in c for c in execs if c[3] == "upgrade")
+
+    status = project.cli("status", "--json", local_s3=True)
+    assert status.returncode == 0, status.output
+    assert {row["verdict"] for row in json.loads(status.stdout)} == {"✓ up to date"}
+    doctor = project.cli("doctor", "--json")
+    assert doctor.returncode == 0, doctor.output
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)}
+    assert checks["current.json"]["ok"] and "v2" in checks["current.json"]["detail"]
+
+    project.edit(V3)
+    assert project.cli("hot", "--version", "v3").returncode == 0
+    assert get(project.machines[0])[1].startswith("count-v3")
+    rollback = project.cli("rollback")
+    assert rollback.returncode == 0, rollback.output
+    assert "3/3 machines upgraded to v2" in rollback.output and not orchestrators(project)
+    assert get(project.machines[0])[1].startswith("count-v2")
+
+
+def test_fly_toml_env_reaches_the_orchestrator(fakefly, seaweed, tmp_path):
+    # The bucket's endpoint and region only in fly.toml [env]: `fly machine run` would not pass
+    # them (flyctl run.go:772-781); the orchestrator gets them in its machine config.
+    project = Project(fakefly, seaweed, tmp_path, machines=1)
+    settings = {k: v for k, v in seaweed.env().items() if k in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "BUCKET_NAME")}
+    project.app.unset_secrets(*settings)
+    for machine in project.machines:  # `fly deploy` gave the app machines fly.toml's [env]
+        machine.config["env"].update(settings)
+    fly_toml = project.tree / "fly.toml"
+    fly_toml.write_text(fly_toml.read_text().replace("[env]", "[env]\n" + "".join(
+        f'  {k} = "{v}"\n' for k, v in settings.items()), 1))
+    project.edit(V2)
+    hot = project.cli("hot")
+    assert hot.returncode == 0, hot.output
+    assert "1/1 machine upgraded" in hot.output
+
+
+def test_the_exit_code_comes_through_when_a_destroyed_machine_is_gone_at_once(fakefly, seaweed, tmp_path):
+    fakefly.destroyed_visible = False  # no exit event to read: the orchestrator's last line says it
+    project = Project(fakefly, seaweed, tmp_path, machines=1)
+    flydeploy.acquire_lock(seaweed.client(), project.name, owner="bob@example.com", deployment_id="d",
+                           timeout_s=600)
+    held = project.cli("hot")
+    assert held.returncode == 2 and "bob@example.com" in held.output, held.output
+
+
+def test_an_upgrade_longer_than_the_exec_deadline_is_reported_once(fakefly, seaweed, tmp_path):
+    fakefly.exec_deadline = 2.0  # the API cuts an exec off after this; the command goes on
+    project = Project(fakefly, seaweed, tmp_path, machines=3)
+    project.edit(slow_v2(3))
+    hot = project.cli("hot", "--suspend-timeout", "20")
+    assert hot.returncode == 0, hot.output
+    assert "3/3 machines upgraded" in hot.output
+    for machine in project.machines:
+        assert f"✓ {machine.id} ({machine.region}) 2 modules, 1 process" in hot.output
+        assert (machine.root / "code_change.log").read_text() == "ran\n"  # run once, never again
+        assert get(machine)[0] == "hello v2"
+
+
+@BOTH_PATHS
+def test_ctrl_c_during_hot_leaves_no_machine_and_no_lock(fakefly, seaweed, tmp_path, direct):
+    project = Project(fakefly, seaweed, tmp_path, machines=3)
+    project.edit(slow_v2(8))
+    hot = Running(project, "hot", *(["--direct"] if direct else []), "--suspend-timeout", "30", local_s3=direct)
+    hot.wait_for("Upgrading 3 machines")
+    hot.process.send_signal(signal.SIGINT)
+    assert hot.finish() == 130, hot.output
+    if direct:
+        assert "interrupted: the orchestration stopped here and released the deploy lock" in hot.output
+    else:
+        assert "cleaned up: orchestrator machine" in hot.output and "it released the deploy lock" in hot.output
+    assert not orchestrators(project)
+    assert lock_key(project) not in project.release_keys()
+
+
+def test_sigterm_during_rollback_cleans_up_too(fakefly, seaweed, tmp_path):
+    project = Project(fakefly, seaweed, tmp_path, machines=1)
+    project.edit(V2)
+    assert project.cli("hot", "--version", "v2").returncode == 0
+    project.edit(slow_v2(8))
+    assert project.cli("hot", "--version", "v3", "--suspend-timeout", "30").returncode == 0
+    rollback = Running(project, "rollback", "--suspend-timeout", "30")
+    rollback.wait_for("Upgrading 1 machine")
+    rollback.process.send_signal(signal.SIGTERM)
+    assert rollback.finish() == 130, rollback.output
+    assert "cleaned up: orchestrator machine" in rollback.output
+    assert not orchestrators(project) and lock_key(project) not in project.release_keys()
+
+
+def test_a_killed_hot_is_recovered_by_the_next(fakefly, seaweed, tmp_path):
+    project = Project(fakefly, seaweed, tmp_path, machines=1)
+    project.edit(slow_v2(20))
+    hot = Running(project, "hot", "--suspend-timeout", "40", "--version", "v2")
+    hot.wait_for("Upgrading 1 machine")
+    hot.process.kill()
+    hot.finish()
+    (stale,) = orchestrators(project)  # the orchestrator goes on without its launcher
+    lock, _etag = seaweed.client().get_json(lock_key(project))
+    assert lock["deployment_id"] == stale.config["metadata"][flydeploy.ORCHESTRATOR_RUN_KEY]
+
+    project.edit(V2)
+    again = project.cli("hot", "--version", "v3", "--suspend-timeout", "40")
+    assert again.returncode == 0, again.output
+    assert (f"destroyed orchestrator machine {stale.id} left by an earlier run (run " in again.output
+            and "its launcher pid" in again.output and "it released the deploy lock" in again.output)
+    assert stale.state == "destroyed" and not orchestrators(project)
+    assert lock_key(project) not in project.release_keys()
+    assert "1/1 machine upgraded to v3" in again.output
+
+
+@BOTH_PATHS
+def test_a_failed_preflight_names_the_fix_and_changes_nothing(fakefly, seaweed, tmp_path, direct):
+    project = Project(fakefly, seaweed, tmp_path, machines=3)
+    keys_before = project.release_keys()  # current.json, recorded by the machines' boot
+    # The running image keeps flydeploy elsewhere (its processes loaded it already); the new
+    # image and the upgrade expect /app/flydeploy.py.
+    for machine in project.machines:
+        (machine.root / "flydeploy.py").rename(machine.root / "vendored_flydeploy.py")
+    project.edit(V2)
+    hot = project.push("hot", direct=direct)
+    assert hot.returncode == 1, hot.output
+    assert "preflight failed" in hot.output and "nothing was locked, uploaded or changed" in hot.output
+    assert "flydeploy is not importable the way the upgrade runs it" in hot.output
+    assert "copy flydeploy.py to /app/flydeploy.py" in hot.output and "[tool.flydeploy] app_dir" in hot.output
+    assert project.release_keys() == keys_before  # no release, no lock, current.json as it was
+    assert all(get(m)[0] == "hello v1" for m in project.machines)
+
+    doctor = project.push("doctor", "--json", direct=direct)
+    assert doctor.returncode == 1, doctor.output
+    failed = [c for c in json.loads(doctor.stdout) if not c["ok"]]
+    assert failed and all("not importable" in c["detail"] for c in failed)
+
+
+def test_a_refused_exec_token_falls_back_to_the_app_secret(fakefly, seaweed, tmp_path, monkeypatch):
+    # Whether the API checks a token's command restriction against `command` or the deprecated
+    # `cmd` is not documented; with `cmd` checked, a token of another prefix is refused.
+    fakefly.token_checks = "cmd"
+    project = Project(fakefly, seaweed, tmp_path, machines=1)
+    project.edit(V2)
+    hot = project.cli("hot")
+    assert hot.returncode == 0, hot.output
+    assert "was refused" not in hot.output  # the minted token allows exactly what is run, in either field
+
+    restricted = project.app.exec_token(prefixes=[["python3", "-c"]])
+    api = flydeploy.Machines(project.name, restricted)
+    outcome = flydeploy.run_preflight(api, project.name, [project.machines[0].to_json()],
+                                      flydeploy.MachineCommands.for_app_dir("python3", "/app"))
+    assert outcome[0].status == 403 and "FLY_API_TOKEN" in outcome[0].error
+    monkeypatch.setenv("FLYDEPLOY_API_TOKEN", restricted)
+    monkeypatch.setenv("FLY_API_TOKEN", project.app.token)
+    said = []
+    chosen, _checked = flydeploy._preflight_fleet(flydeploy._machines_from_env(project.name), project.name,
+                                        flydeploy.select_machines(api.list()),
+                                        flydeploy.MachineCommands.for_app_dir("python3", "/app"), said.append)
+    assert said[0].startswith("the minted exec token was refused by the Machines API (HTTP 403 on the exec of")
+    assert "FLY_API_TOKEN secret instead" in said[0]
+    assert chosen.list() and said[1].startswith("✓ group app")
+
+
+
+def test_an_orchestrator_that_cannot_run_in_the_new_image_says_why(fakefly, seaweed, tmp_path):
+    project = Project(fakefly, seaweed, tmp_path, machines=1)
+    keys_before = project.release_keys()
+    (project.tree / "pyproject.toml").write_text('[tool.flydeploy]\ntimeout = 60\napp_dir = "/srv/shop"\n')
+    project.edit(V2)
+    hot = project.cli("hot")
+    assert hot.returncode == 1, hot.output
+    assert "can't open file '/srv/shop/flydeploy.py'" in hot.output
+    assert "the orchestrator did not start" in hot.output and "[tool.flydeploy] app_dir" in hot.output
+    assert project.release_keys() == keys_before and not orchestrators(project)
