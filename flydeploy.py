@@ -15,9 +15,10 @@ At boot, one line is all an application needs::
 The file is organised in sections, in the order data flows:
 
 0. Foundations    the exception hierarchy, logging, small shared helpers.
-1. Storage        the SigV4 signer (``sign_request``, ``presign_url``) and the
-                  S3/Tigris client (``S3``); ``LocalStore``, the same interface
-                  on a directory, for local mode.
+1. Storage        the SigV4 signer (``sign_request``, ``presign_url``), the
+                  addressing rule (``s3_addressing_style``, ``s3_object_address``)
+                  and the S3/Tigris client (``S3``); ``LocalStore``, the same
+                  interface on a directory, for local mode.
 2. Releases       deterministic release tarballs (``pack_release``,
                   ``unpack_release``), what a developer's tree holds for
                   ``hot --direct`` (``DockerIgnore``, ``dependency_fingerprint``,
@@ -169,6 +170,8 @@ __all__ = [
     # 1. Storage: SigV4 and S3 client
     "sign_request",
     "presign_url",
+    "s3_addressing_style",
+    "s3_object_address",
     "S3",
     # 1. Storage: local directory store
     "LocalStore",
@@ -291,6 +294,40 @@ def _is_positive_seconds(value: object) -> bool:
             and math.isfinite(value) and value > 0)
 
 
+# Every option in seconds is above 0 and at most a day (more is a typo, and a deadline
+# that far away overflows time arithmetic); every count option is 1 to 1000.
+_MAX_OPTION_SECONDS = 24 * 3600
+_MAX_OPTION_COUNT = 1000
+
+
+def _number_problem(kind: str, value: object) -> str | None:
+    """What is wrong with ``value`` as an option of ``kind`` (``"seconds"`` or
+    ``"count"``), said as what it must be; None when nothing is."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "seconds" and not (number and math.isfinite(value) and 0 < value <= _MAX_OPTION_SECONDS):
+        return f"a number of seconds above 0 and up to {_MAX_OPTION_SECONDS} (a day)"
+    if kind == "count" and not (isinstance(value, int) and number and 1 <= value <= _MAX_OPTION_COUNT):
+        return f"a whole number of at least 1 and at most {_MAX_OPTION_COUNT}"
+    return None
+
+
+def _number_argument(kind: str) -> Callable[[str], float | int]:
+    """An argparse ``type`` for an option of ``kind`` (``"seconds"`` or ``"count"``): a
+    value ``_number_problem`` finds wrong is a usage error (exit 2) before anything runs."""
+    def parse(text: str) -> float | int:
+        try:
+            value = float(text) if kind == "seconds" else int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a {'number of seconds' if kind == 'seconds' else 'whole number'}") from None
+        problem = _number_problem(kind, value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: it must be {problem}")
+        return value
+    parse.__name__ = kind
+    return parse
+
+
 def _backoff_delay(attempt: int, *, base: float, cap: float, floor: float = 0.0,
                    retry_after: float | None = None) -> float:
     """Seconds to wait before retry number ``attempt`` (0 for the first retry).
@@ -338,6 +375,22 @@ def _local_file_errors(path: str) -> Iterator[None]:
                              "permissions and the free disk space") from exc
 
 
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _owner_name(path: str) -> str:
+    try:
+        return _user_name(os.stat(path).st_uid)
+    except OSError:
+        return "another user"
+
+
 def _digest(f: BinaryIO, algorithm: str) -> str:
     """Hex digest of an open file's content from where it stands, read in bounded chunks."""
     return hashlib.file_digest(f, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
@@ -366,11 +419,17 @@ def _write_atomically(path: str, write: Callable[[BinaryIO], Any], *, mode: int 
     with _local_file_errors(path):
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out:
+        out = os.fdopen(fd, "wb")
+        try:
             result = write(out)
             with _local_file_errors(path):
                 out.flush()
                 os.fsync(out.fileno())
+        finally:
+            # Flushed above when all went well; after a failure (a full disk) the data
+            # left in the buffer cannot be written either, and the first error says why.
+            with contextlib.suppress(OSError):
+                out.close()
         os.chmod(tmp, mode)
         replace(tmp, path)
     except BaseException:
@@ -715,6 +774,16 @@ def presign_url(method: str, url: str, *, access_key: str, secret_key: str, regi
 # --- S3 client --------------------------------------------------------------
 
 _DEFAULT_S3_ENDPOINT = "https://fly.storage.tigris.dev"
+# How a request names its bucket; "auto" lets s3_addressing_style pick by endpoint.  The
+# variable bears the name of botocore's own `addressing_style` option.
+_ADDRESSING_STYLES = ("auto", "virtual", "path")
+_ADDRESSING_STYLE_VARIABLE = "AWS_S3_ADDRESSING_STYLE"
+# Tigris (fly.storage.tigris.dev, t3.storage.dev): buckets created since 2025-02-19 answer
+# only virtual-hosted requests (tigrisdata.com/blog/virtual-hosted-urls).
+_VIRTUAL_HOSTED_DOMAINS = ("tigris.dev", "storage.dev")
+# A bucket name that can be one label of a host name and stay under the endpoint's TLS
+# wildcard certificate: lower-case letters, digits and inner hyphens, no dots.
+_DNS_SAFE_BUCKET = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 _RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # Statuses whose Retry-After header is honoured.
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
@@ -730,6 +799,90 @@ _S3_HINTS = {
     "InvalidToken": "check AWS_SESSION_TOKEN",
     "RequestTimeTooSkewed": "fix this machine's clock",
 }
+
+
+def _is_ip_address(host: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except (OSError, ValueError):
+            continue
+        return True
+    return False
+
+
+def _under_domain(host: str, domains: Iterable[str]) -> bool:
+    return any(host == domain or host.endswith("." + domain) for domain in domains)
+
+
+def s3_addressing_style(endpoint_host: str, bucket: str, setting: str = "auto") -> str:
+    """How requests reach ``bucket`` at an endpoint whose host name is ``endpoint_host``:
+    ``"virtual"`` (``https://<bucket>.<host>/<key>``) or ``"path"``
+    (``https://<host>/<bucket>/<key>``).
+
+    ``setting`` is ``"auto"``, ``"virtual"`` or ``"path"`` (``AWS_S3_ADDRESSING_STYLE``,
+    ``[tool.flydeploy] s3_addressing_style``).  Automatic: virtual-hosted on Tigris
+    (``*.tigris.dev``, ``*.storage.dev``) for a bucket name that can be a host name label,
+    path style everywhere else (IP addresses, ``localhost``, other S3 servers).  A setting
+    that is none of the three, or ``"virtual"`` where the bucket cannot go into the host
+    name, raises ``ConfigError``.
+    """
+    host = endpoint_host.lower().rstrip(".")
+    if setting not in _ADDRESSING_STYLES:
+        raise ConfigError(f"S3 addressing style {setting!r} is not one of {', '.join(_ADDRESSING_STYLES)}: "
+                          f"fix {_ADDRESSING_STYLE_VARIABLE} or [tool.flydeploy] s3_addressing_style")
+    if setting == "path":
+        return "path"
+    if setting == "virtual" and _is_ip_address(host):
+        raise ConfigError(f"virtual-hosted S3 addressing puts the bucket into the host name, but the endpoint "
+                          f"is the IP address {host}: use a host name in AWS_ENDPOINT_URL_S3, or path "
+                          "addressing")
+    if setting == "virtual" and not _DNS_SAFE_BUCKET.fullmatch(bucket):
+        raise ConfigError(f"bucket {bucket!r} cannot be part of a host name (3 to 63 lower-case letters, "
+                          "digits and inner hyphens), so virtual-hosted S3 addressing cannot reach it: "
+                          "use path addressing")
+    if setting == "virtual":
+        return "virtual"
+    if _under_domain(host, _VIRTUAL_HOSTED_DOMAINS) and _DNS_SAFE_BUCKET.fullmatch(bucket):
+        return "virtual"  # Tigris: new buckets answer nothing else
+    return "path"  # IP addresses, localhost, other S3 servers, names no host can carry
+
+
+def s3_object_address(url: str, endpoint: str) -> tuple[str, str, str] | None:
+    """``(bucket, key, style)`` of an object URL on ``endpoint`` in either form, or None
+    when the URL is not on that endpoint.
+
+    ``https://<bucket>.<host>/<key>`` is virtual-hosted, ``https://<host>/<bucket>/<key>``
+    path style (after the endpoint's own path, if it has one); the query (a presigned
+    URL's signature) does not matter.  Bucket and key come back percent-decoded.
+    """
+    scheme, netloc, path, _query = _split_url(url)
+    base = urllib.parse.urlsplit(endpoint)
+    prefix = base.path.rstrip("/") + "/"
+    if scheme.lower() != base.scheme.lower() or not path.startswith(prefix):
+        return None
+    rest = path[len(prefix):]
+    host, endpoint_host = _host_header(scheme, netloc), _host_header(base.scheme, base.netloc)
+    label = host[: -len(endpoint_host) - 1]
+    if host == endpoint_host:
+        bucket, _, key = rest.partition("/")
+        style = "path"
+    elif host.endswith("." + endpoint_host) and label and "." not in label:
+        bucket, key, style = label, rest, "virtual"
+    else:
+        return None
+    return urllib.parse.unquote(bucket), urllib.parse.unquote(key), style
+
+
+def _s3_endpoint_from_env() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL_S3", "").strip() or _DEFAULT_S3_ENDPOINT
+
+
+def _loopback_name(host: str) -> str | None:
+    """``localhost`` for a name under ``.localhost``, else None.  RFC 6761 (6.3) makes
+    them loopback names; curl, browsers and systemd-resolved resolve them so without
+    asking DNS, which often does not know them (a bucket of a local S3 server)."""
+    return "localhost" if host.endswith(".localhost") else None
 
 
 class _TruncatedBody(Exception):
@@ -768,7 +921,10 @@ def _read_body(response: http.client.HTTPResponse, sink: Callable[[memoryview], 
 class S3:
     """A small S3 client for Tigris (and any S3-compatible server), standard library only.
 
-    Path-style URLs (``<endpoint>/<bucket>/<key>``), SigV4 on every request,
+    Virtual-hosted URLs (``https://<bucket>.<host>/<key>``) on Tigris, path-style ones
+    (``<endpoint>/<bucket>/<key>``) elsewhere, as ``s3_addressing_style`` decides from
+    ``addressing_style`` (``auto``, ``virtual`` or ``path``; ``addressing_style`` says which
+    one is in use).  SigV4 on every request, signing the host the request goes to,
     ``x-tigris-consistent: true`` on every request, TLS certificates always verified.
     ETags are returned exactly as the server sends them (quoted) and are passed back
     unchanged to ``if_match``.  Connection errors, timeouts and HTTP 408/429/5xx are
@@ -785,7 +941,7 @@ class S3:
 
     def __init__(self, endpoint: str, bucket: str, access_key: str, secret_key: str, *,
                  region: str = "auto", session_token: str | None = None,
-                 timeout: float = 30) -> None:
+                 timeout: float = 30, addressing_style: str = "auto") -> None:
         if "@" in urllib.parse.urlsplit(endpoint).netloc:
             # Not echoed: the part before "@" is a password.
             raise ConfigError("the S3 endpoint URL holds credentials (user:password@host): "
@@ -821,23 +977,36 @@ class S3:
         self._secret_key = secret_key
         self._session_token = session_token
         self._parts = parts
-        self._host = _host_header(parts.scheme, parts.netloc)
-        self._bucket_path = f"{parts.path.rstrip('/')}/{urllib.parse.quote(bucket, safe='')}"
+        self.addressing_style = s3_addressing_style(parts.hostname, bucket, addressing_style)
+        base = parts.path.rstrip("/")
+        if self.addressing_style == "virtual":
+            self._hostname = f"{bucket}.{parts.hostname}"
+            netloc = f"{bucket}.{parts.netloc}"
+            self._bucket_path = f"{base}/"
+        else:
+            self._hostname = parts.hostname
+            netloc = parts.netloc
+            self._bucket_path = f"{base}/{urllib.parse.quote(bucket, safe='')}"
+        self._key_prefix = self._bucket_path.rstrip("/") + "/"
+        self._origin = f"{parts.scheme}://{netloc}"
+        self._host = _host_header(parts.scheme, netloc)
         self._tls = ssl.create_default_context() if parts.scheme == "https" else None
         self._local = threading.local()
 
     @classmethod
-    def from_env(cls, bucket: str | None = None) -> S3:
+    def from_env(cls, bucket: str | None = None, *, addressing_style: str | None = None) -> S3:
         """A client configured like the AWS tools and the Fly platform configure them.
 
         Reads ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` (both required),
         ``AWS_SESSION_TOKEN`` (optional), ``AWS_ENDPOINT_URL_S3`` (default Tigris),
-        ``AWS_REGION`` (default ``auto``) and ``BUCKET_NAME`` (required unless ``bucket``
-        is given).  Raises ``ConfigError`` naming every missing variable at once.
+        ``AWS_REGION`` (default ``auto``), ``BUCKET_NAME`` (required unless ``bucket``
+        is given) and ``AWS_S3_ADDRESSING_STYLE`` (``auto``, ``virtual`` or ``path``;
+        default ``auto``, unless ``addressing_style`` is given).  Raises ``ConfigError``
+        naming every missing variable at once.
         """
         env = {name: os.environ.get(name, "").strip() for name in (
             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-            "AWS_ENDPOINT_URL_S3", "AWS_REGION", "BUCKET_NAME")}
+            "AWS_REGION", "BUCKET_NAME", _ADDRESSING_STYLE_VARIABLE)}
         bucket = bucket or env["BUCKET_NAME"]
         missing = [name for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not env[name]]
         if not bucket:
@@ -847,10 +1016,11 @@ class S3:
                 f"missing environment variable(s) {', '.join(missing)}: set them (`fly storage "
                 "create` prints them)" + ("; the bucket may also be given as [tool.flydeploy] "
                                           "bucket in pyproject.toml" if not bucket else ""))
-        return cls(env["AWS_ENDPOINT_URL_S3"] or _DEFAULT_S3_ENDPOINT, bucket,
+        return cls(_s3_endpoint_from_env(), bucket,
                    env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
                    region=env["AWS_REGION"] or "auto",
-                   session_token=env["AWS_SESSION_TOKEN"] or None)
+                   session_token=env["AWS_SESSION_TOKEN"] or None,
+                   addressing_style=addressing_style or env[_ADDRESSING_STYLE_VARIABLE].lower() or "auto")
 
     def __repr__(self) -> str:
         return f"S3(endpoint={self.endpoint!r}, bucket={self.bucket!r})"
@@ -858,8 +1028,8 @@ class S3:
     # -- public operations --
 
     def url(self, key: str) -> str:
-        """The object's plain (unsigned) path-style URL."""
-        return f"{self._parts.scheme}://{self._parts.netloc}{self._key_path(key)}"
+        """The object's plain (unsigned) URL, in this client's addressing style."""
+        return f"{self._origin}{self._key_path(key)}"
 
     def presigned_url(self, key: str, *, method: str = "GET", expires: int = 3600) -> str:
         """A presigned URL for ``key``: anyone holding it may ``method`` it for ``expires`` s."""
@@ -982,7 +1152,7 @@ class S3:
     # -- plumbing --
 
     def _key_path(self, key: str) -> str:
-        return f"{self._bucket_path}/{urllib.parse.quote(_check_key(key), safe='/')}"
+        return f"{self._key_prefix}{urllib.parse.quote(_check_key(key), safe='/')}"
 
     def _get(self, key: str) -> tuple[bytes, str]:
         response = self._call("GET", key)
@@ -992,12 +1162,17 @@ class S3:
         """This thread's persistent connection (a fresh one after a fork)."""
         pid, conn = getattr(self._local, "conn", (None, None))
         if conn is None or pid != os.getpid():
-            host, port = self._parts.hostname, self._parts.port
+            host, port = self._hostname, self._parts.port
             if self._tls is not None:
                 conn = http.client.HTTPSConnection(host, port, timeout=self.timeout,
                                                    context=self._tls)
             else:
                 conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+            loopback = _loopback_name(host)
+            if loopback is not None:
+                # Connect to the loopback name; TLS still checks the real host name.
+                conn._create_connection = (lambda address, *args, **kwargs: socket.create_connection(
+                    (loopback, address[1]), *args, **kwargs))
             self._local.conn = (os.getpid(), conn)
         return conn
 
@@ -1044,7 +1219,7 @@ class S3:
                  what: str) -> _S3Response:
         headers = {"x-tigris-consistent": "true", **headers}
         headers.update(sign_request(
-            method, f"{self._parts.scheme}://{self._parts.netloc}{target}",
+            method, f"{self._origin}{target}",
             [("Host", self._host), *headers.items()], payload_hash=payload_hash,
             access_key=self.access_key, secret_key=self._secret_key, region=self.region,
             session_token=self._session_token))
@@ -1080,12 +1255,12 @@ class S3:
             # FlyDeployError, so every OSError left is about the connection.
             self._drop_connection()
             if isinstance(exc, ssl.SSLCertVerificationError):
-                raise S3Error(f"{what}: the TLS certificate of {self.endpoint} could not be "
+                raise S3Error(f"{what}: the TLS certificate of {self._origin} could not be "
                               f"verified ({exc.verify_message}): fix AWS_ENDPOINT_URL_S3 or "
                               "the system's CA certificates", key=key) from None
             reason = str(exc) or type(exc).__name__
             raise _Retryable(S3Error(
-                f"{what} failed: {reason}; check that {self.endpoint} is reachable",
+                f"{what} failed: {reason}; check that {self._origin} is reachable",
                 code="ConnectionError", key=key)) from None
         except BaseException:
             # Whatever stopped this attempt (a local file error, Ctrl-C, a bug), the
@@ -1258,13 +1433,14 @@ class LocalStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self._internal = os.path.join(self.root, _STORE_INTERNAL_DIR)
-        os.makedirs(self._internal, exist_ok=True)
-        self._real_root = os.path.realpath(self.root)
-        cutoff = time.time() - _STALE_TEMP_S
-        for entry in os.scandir(self._internal):
-            with contextlib.suppress(FileNotFoundError):
-                if entry.name.endswith(".part") and entry.stat().st_mtime < cutoff:
-                    os.unlink(entry.path)
+        with self._access():
+            os.makedirs(self._internal, exist_ok=True)
+            self._real_root = os.path.realpath(self.root)
+            cutoff = time.time() - _STALE_TEMP_S
+            for entry in os.scandir(self._internal):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.name.endswith(".part") and entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
 
     def __repr__(self) -> str:
         return f"LocalStore({self.root!r})"
@@ -1294,7 +1470,18 @@ class LocalStore:
         store = cls(folder)
         return store, os.path.relpath(path, folder).replace(os.sep, "/")
 
-    # Paths, locking and temporary files.
+    # Paths, access, locking and temporary files.
+
+    @contextlib.contextmanager
+    def _access(self) -> Iterator[None]:
+        """A store this user may not use is an ``S3Error`` (code ``AccessDenied``) saying whose it is."""
+        try:
+            yield
+        except PermissionError as exc:
+            raise S3Error(f"cannot use the local store {self.root} ({exc.strerror}: {exc.filename}): it "
+                          f"belongs to {_owner_name(self.root)}; run as that user, or pass --store a folder "
+                          "of your own",
+                          status=403, code="AccessDenied") from None
 
     def _path(self, key: str) -> str:
         path = os.path.join(self.root, *_check_store_key(key).split("/"))
@@ -1309,7 +1496,8 @@ class LocalStore:
     def _locked(self) -> Iterator[None]:
         # flock locks belong to the open file description, so a fresh open per
         # critical section excludes other threads of this process as well.
-        fd = os.open(os.path.join(self._internal, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        with self._access():
+            fd = os.open(os.path.join(self._internal, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -1401,7 +1589,7 @@ class LocalStore:
     def get(self, key: str) -> bytes:
         """Return the content of ``key``; raise ``NotFound`` when it does not exist."""
         try:
-            with open(self._path(key), "rb") as f:
+            with self._access(), open(self._path(key), "rb") as f:
                 return f.read()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFound(f"{key!r} does not exist in {self.root}",
@@ -1534,6 +1722,8 @@ _NOT_APP_DIRS = frozenset({"tests", "test", "docs", "doc", "benchmarks"})
 # Top-level build outputs, which hold copies of the sources: a package only
 # when they have an __init__.py.
 _BUILD_OUTPUT_DIRS = frozenset({"build", "dist"})
+# What a machine accepts in one release (more is refused as a possible decompression
+# bomb); packing checks the same limits, so that no release is uploaded to be refused.
 _MAX_RELEASE_BYTES = 2 << 30
 _MAX_RELEASE_MEMBERS = 100_000
 _MAX_MANIFEST_BYTES = 64 << 20
@@ -1751,7 +1941,9 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     (``.git``, ``.env``), virtual environments, ``node_modules``,
     ``site-packages`` and ``*.egg-info``.  A file name that
     ``unpack_release`` would refuse (a backslash, invalid UTF-8) and a folder
-    or file that cannot be read raise ``ReleaseError`` naming it.
+    or file that cannot be read raise ``ReleaseError`` naming it, and so does a
+    tree over the limits every machine enforces on a release (2 GiB of files,
+    100,000 files, a 64 MiB manifest), before its large files are read.
 
     The first member is ``flydeploy-manifest.json`` (``app``, ``version``,
     ``source_image_ref``, ``created_at``, ``files: {path: sha256}``).  The same
@@ -1777,6 +1969,8 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     if not files:
         raise ReleaseError(f"nothing to pack under {root}: no Python modules or packages found "
                            "(or include/exclude left nothing); check the root and the patterns")
+    if len(files) > _MAX_RELEASE_MEMBERS:
+        raise _over_limit(f"{len(files)} files, more than the {_MAX_RELEASE_MEMBERS}", "folders")
 
     # Pass 1: hash every file (the manifest leads the archive), keeping small
     # contents so that pass 2 need not read them again.
@@ -1785,10 +1979,15 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     sizes: dict[str, int] = {}
     modes: dict[str, int] = {}
     budget = _PACK_CACHE_BYTES
+    total = 0
     for rel in files:
         path = os.path.join(root, *rel.split("/"))
         with _pack_read_errors(rel), open(path, "rb") as f:
             info = os.fstat(f.fileno())
+            total += info.st_size
+            if total > _MAX_RELEASE_BYTES:  # checked before the file is read
+                raise _over_limit(f"more than {_MAX_RELEASE_BYTES} bytes of files (at {rel}, "
+                                  f"{info.st_size} bytes), over the", "large files", member=rel)
             if info.st_size <= budget:
                 data = f.read()
                 budget -= len(data)
@@ -1806,6 +2005,9 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     if local_tree is not None:
         manifest["local_tree"] = dict(local_tree)
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    if len(manifest_bytes) > _MAX_MANIFEST_BYTES:
+        raise _over_limit(f"a {MANIFEST_NAME} of {len(manifest_bytes)} bytes, more than the "
+                          f"{_MAX_MANIFEST_BYTES}-byte", "folders")
     mtime = epoch or 0
 
     def member(name: str, size: int, mode: int) -> tarfile.TarInfo:
@@ -1816,7 +2018,7 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
         return info
 
     def write(raw: BinaryIO) -> str:
-        hashed = _HashingWriter(raw)  # the tarball's hash as it is written, not read back
+        hashed = _HashingWriter(raw, out_path)  # the tarball's hash as it is written, not read back
         with gzip.GzipFile(filename="", mode="wb", fileobj=hashed, compresslevel=6, mtime=0) as gz, \
                 tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             tar.addfile(member(MANIFEST_NAME, len(manifest_bytes), 0o644), io.BytesIO(manifest_bytes))
@@ -1830,6 +2032,7 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
                     tar.addfile(member(rel, sizes[rel], modes[rel]), reader)
                 if reader.digest.hexdigest() != hashes[rel]:
                     raise _changed_while_packing(rel)
+        hashed.flush()
         return hashed.sha256.hexdigest()
 
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
@@ -2040,24 +2243,45 @@ def _pack_read_errors(rel: str) -> Iterator[None]:
                            "leave it out with exclude", member=rel) from None
 
 
+def _over_limit(what: str, leave_out: str, *, member: str | None = None) -> ReleaseError:
+    return ReleaseError(f"the release would hold {what} limit every machine enforces (a larger release is "
+                        f"refused as a possible decompression bomb); nothing was uploaded. Leave {leave_out} out "
+                        "with [tool.flydeploy] exclude, or ship them in the image", member=member)
+
+
 def _changed_while_packing(rel: str) -> ReleaseError:
     return ReleaseError(f"{rel} changed while it was being packed; pack again once nothing "
                         "writes to the tree", member=rel)
 
 
 class _HashingWriter:
-    """The write side of a binary file, hashing what goes through it."""
+    """The write side of the release tarball at ``path``, hashing what goes through it;
+    a failed write (a full disk) is a ``ReleaseError`` that says where to make room."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO, path: str) -> None:
         self._raw = raw
+        self._path = path
         self.sha256 = hashlib.sha256()
 
     def write(self, data: bytes) -> int:
         self.sha256.update(data)
-        return self._raw.write(data)
+        with self._write_errors():
+            return self._raw.write(data)
 
     def flush(self) -> None:
-        self._raw.flush()
+        with self._write_errors():
+            self._raw.flush()
+
+    @contextlib.contextmanager
+    def _write_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            folder, scratch = os.path.dirname(self._path), tempfile.gettempdir()
+            where = (f"{scratch}, or point TMPDIR at a folder with room (packing writes there)"
+                     if _is_under(folder, scratch) else folder)
+            raise ReleaseError(f"cannot write the release tarball {self._path} ({exc.strerror}): "
+                               f"make room in {where}") from None
 
 
 class _PackedFileReader:
@@ -2139,8 +2363,8 @@ class _BoundedReader:
 
 
 def unpack_release(path: str | os.PathLike[str], dest: str | os.PathLike[str], *,
-                   expected_sha256: str | None = None, max_bytes: int = _MAX_RELEASE_BYTES,
-                   max_members: int = _MAX_RELEASE_MEMBERS) -> dict[str, Any]:
+                   expected_sha256: str | None = None, max_bytes: int | None = None,
+                   max_members: int | None = None) -> dict[str, Any]:
     """Check and extract a release tarball into ``dest``; return its manifest.
 
     The archive's sha256 is checked against ``expected_sha256`` before
@@ -2148,7 +2372,8 @@ def unpack_release(path: str | os.PathLike[str], dest: str | os.PathLike[str], *
     member: absolute paths, ``..``, links, devices and anything but regular
     files, members missing from the manifest, listed twice or whose sha256
     differs, manifest entries missing from the archive, and archives over
-    ``max_bytes`` of content or ``max_members`` members.  ``dest`` must not
+    ``max_bytes`` of content or ``max_members`` members (by default the limits
+    ``pack_release`` checks too).  ``dest`` must not
     exist or be an empty folder; the release is extracted beside it and
     moved into place only when complete, so on any error nothing is left in
     ``dest``.
@@ -2171,7 +2396,8 @@ def unpack_release(path: str | os.PathLike[str], dest: str | os.PathLike[str], *
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(dest)}.unpack-")
     try:
-        manifest = _extract_release(path, staging, max_bytes, max_members)
+        manifest = _extract_release(path, staging, _MAX_RELEASE_BYTES if max_bytes is None else max_bytes,
+                                    _MAX_RELEASE_MEMBERS if max_members is None else max_members)
         os.chmod(staging, 0o755)
         os.rename(staging, dest)  # onto a missing or empty folder: atomic
     except BaseException:
@@ -3033,6 +3259,7 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "process_groups": ("names", ()),
     "build_args": ("mapping", {}),
     "app_dir": ("name", None),
+    "s3_addressing_style": ("style", None),
     # Files of the app root the image build makes (`hot --direct` needs them here too).
     "generated": ("names", ()),
 }
@@ -3093,7 +3320,9 @@ class FleetConfig:
     ``env``, ``processes`` and ``build`` are ``fly.toml``'s tables as read.
     ``app_dir`` is the app's directory on the machines, where the orchestrator
     command runs: ``[tool.flydeploy] app_dir``, else the Dockerfile's last
-    ``WORKDIR``, else ``/app``.
+    ``WORKDIR``, else ``/app``.  ``s3_addressing_style`` (``auto``, ``virtual``,
+    ``path`` or None: then ``AWS_S3_ADDRESSING_STYLE`` decides) is how ``s3()``
+    reaches the bucket; ``fly.toml`` ``[env]`` may set it as on the machines.
     ``generated`` lists files of the app root that the image build makes
     (patterns): ``hot --direct`` refuses to pack a tree that lacks one.
     ``sources`` says where each setting came from, e.g. ``"--app"``,
@@ -3115,6 +3344,7 @@ class FleetConfig:
     process_groups: tuple[str, ...]
     build_args: Mapping[str, str]
     app_dir: str
+    s3_addressing_style: str | None
     env: Mapping[str, str]
     processes: Mapping[str, Any]
     build: Mapping[str, Any]
@@ -3128,6 +3358,10 @@ class FleetConfig:
                 "no app name: pass --app, set `app` in fly.toml, or `app` under "
                 "[tool.flydeploy] in pyproject.toml")
         return self.app
+
+    def s3(self) -> S3:
+        """The app's bucket, reached as these settings and the environment say (``S3.from_env``)."""
+        return S3.from_env(bucket=self.bucket, addressing_style=self.s3_addressing_style)
 
     def orchestrate_options(self) -> dict[str, Any]:
         """The keyword arguments of ``orchestrate`` these settings decide: one
@@ -3180,6 +3414,9 @@ def _read_toml(path: pathlib.Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                          "TOML files are UTF-8: save it as UTF-8 and run again") from None
     except tomllib.TOMLDecodeError as exc:
         where = _TOML_LINE_RE.search(str(exc))
         line = f", line {where.group(1)}" if where else ""
@@ -3203,14 +3440,13 @@ def _check_setting(key: str, value: Any, where: str) -> Any:
             problem = "a list of non-empty strings"
         else:
             value = tuple(value)
-    elif kind == "count":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            problem = "a whole number of at least 1"
-    elif kind == "seconds":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            problem = "a number of seconds above 0"
-        else:
+    elif kind in ("count", "seconds"):
+        problem = _number_problem(kind, value)
+        if problem is None and kind == "seconds":
             value = float(value)
+    elif kind == "style":
+        if value not in _ADDRESSING_STYLES:
+            problem = f"one of {', '.join(map(repr, _ADDRESSING_STYLES))}"
     elif kind == "mapping":
         if not isinstance(value, Mapping) or not all(
                 isinstance(k, str) and k and isinstance(v, (str, int, float)) for k, v in value.items()):
@@ -3241,6 +3477,10 @@ def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.P
     fly_path = project / (config if config is not None else "fly.toml")
     if config is not None and not fly_path.is_file():
         raise ConfigError(f"{fly_path} not found: pass --config with the path of the app's fly.toml")
+    if not project.is_dir():
+        raise ConfigError(f"{project}: " + ("not a directory" if project.exists() else "no such directory")
+                          + "; pass --root (or --config) the project folder, the one with fly.toml "
+                            "and pyproject.toml")
     fly = _read_toml(fly_path) if fly_path.is_file() else {}
     pyproject_path = project / "pyproject.toml"
     pyproject = _read_toml(pyproject_path) if pyproject_path.is_file() else {}
@@ -3259,7 +3499,8 @@ def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.P
         fly_tables[table] = value
     env = {str(k): str(v) for k, v in fly_tables["env"].items()}
     from_fly = {"app": fly.get("app"), "bucket": env.get("BUCKET_NAME"),
-                "build_args": fly_tables["build"].get("args")}
+                "build_args": fly_tables["build"].get("args"),
+                "s3_addressing_style": env.get(_ADDRESSING_STYLE_VARIABLE)}
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for key, (_kind, default) in _SETTINGS.items():
@@ -3291,8 +3532,8 @@ def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.P
         exclude=values["exclude"], python=values["python"], max_concurrency=values["max_concurrency"],
         timeout=values["timeout"], suspend_timeout=values["suspend_timeout"],
         lock_timeout=values["lock_timeout"], process_groups=groups, build_args=values["build_args"],
-        app_dir=values["app_dir"], env=env, processes=fly_tables["processes"], build=fly_tables["build"], sources=sources,
-        generated=values["generated"])
+        app_dir=values["app_dir"], s3_addressing_style=values["s3_addressing_style"], env=env,
+        processes=fly_tables["processes"], build=fly_tables["build"], sources=sources, generated=values["generated"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4188,13 +4429,13 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     ``--max-concurrency``, ``--process-group``) to an argparse parser."""
     parser.add_argument("--app", help="the Fly app (default: fly.toml's app)")
     parser.add_argument("--force", action="store_true", help="take the deploy lock even if someone holds it")
-    parser.add_argument("--lock-timeout", type=float, metavar="S",
+    parser.add_argument("--lock-timeout", type=_number_argument("seconds"), metavar="S",
                         help="how long the deploy lock lasts, in seconds (default 300)")
-    parser.add_argument("--timeout", type=float, metavar="S",
+    parser.add_argument("--timeout", type=_number_argument("seconds"), metavar="S",
                         help="how long one machine may take to upgrade, in seconds (default 120)")
-    parser.add_argument("--max-concurrency", type=int, metavar="N",
+    parser.add_argument("--max-concurrency", type=_number_argument("count"), metavar="N",
                         help="how many machines are upgraded at a time (default 10)")
-    parser.add_argument("--suspend-timeout", type=float, metavar="S",
+    parser.add_argument("--suspend-timeout", type=_number_argument("seconds"), metavar="S",
                         help="how long a server may take to reach a safe point (default 10)")
     parser.add_argument("--process-group", action="append", dest="process_groups", metavar="G",
                         help="only machines of this process group (repeatable)")
@@ -4244,7 +4485,7 @@ def _orchestrate_command(args: argparse.Namespace) -> int:
         config = load_config(args.root, overrides=fleet_overrides(args))
         app = config.require_app()
         options = config.orchestrate_options()
-        report = orchestrate(app, args.image_ref, store=S3.from_env(bucket=config.bucket),
+        report = orchestrate(app, args.image_ref, store=config.s3(),
                              version=args.version, rollback=args.rollback, rollback_to=args.to,
                              force=args.force, owner=args.owner, upgrade_id=args.upgrade_id, **options)
         code = report.exit_code
@@ -8751,7 +8992,10 @@ def _check_private_dir(path: str, *, serving: bool) -> None:
     if not stat.S_ISDIR(info.st_mode):
         raise AgentError(f"{path} is not a directory; remove it or set FLYDEPLOY_RUNTIME_DIR elsewhere.")
     uid = os.geteuid()
-    if info.st_uid not in (uid, 0) and (serving or uid != 0):
+    if info.st_uid not in (uid, 0) and not serving and uid != 0:
+        raise AgentError(f"{path} belongs to {_user_name(info.st_uid)}, not to this user, {_user_name(uid)}: "
+                         "the agents there run as that user; run this as that user, or as root")
+    if info.st_uid not in (uid, 0) and serving:
         raise AgentError(f"{path} belongs to uid {info.st_uid}, not to this user (uid {uid}); "
                          "flydeploy refuses it. Remove it, or set FLYDEPLOY_RUNTIME_DIR to a private directory.")
     if stat.S_IMODE(info.st_mode) & 0o022:
@@ -8759,6 +9003,21 @@ def _check_private_dir(path: str, *, serving: bool) -> None:
         raise AgentError(f"{path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o}); "
                          f"flydeploy refuses it. Run `chmod 700 {path}`, or set FLYDEPLOY_RUNTIME_DIR "
                          "to a private directory.")
+
+
+def _exists_for_client(directory: str, app: str) -> bool:
+    """Whether a runtime directory exists; one this user may not even look for is another
+    user's, so the agents of ``app`` may well run there: an ``AgentError`` says so."""
+    try:
+        os.lstat(directory)
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        parent = os.path.dirname(directory)
+        raise AgentError(f"cannot look for the agents of {app} in {directory}: {parent} belongs to "
+                         f"{_owner_name(parent)}, and this user, {_user_name(os.geteuid())}, may not enter "
+                         "it: agents there run as that user; run this as that user, or as root") from None
+    return True
 
 
 def _app_dir(app: str, *, create: bool, owner: tuple[int, int] | None = None) -> str | None:
@@ -8776,7 +9035,7 @@ def _app_dir(app: str, *, create: bool, owner: tuple[int, int] | None = None) ->
                     os.mkdir(directory, 0o700)
                     if owner is not None:
                         os.chown(directory, *owner)
-            elif not os.path.lexists(directory):
+            elif not _exists_for_client(directory, app):
                 return None
             _check_private_dir(directory, serving=create and owner is None)
         info = os.lstat(path)
@@ -9436,7 +9695,10 @@ def _request(path: str, request: dict, *, timeout: float, pid: int | None = None
         sock.connect(path)
         if pid is not None:
             _check_agent_identity(sock, path, pid)
-        sock.sendall(json.dumps(request).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps(request).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the agent answered without reading (busy, refused) and closed: the reply says why
         line = _read_line(sock, deadline, _MAX_REPLY_BYTES)
     reply = json.loads(line or b"null")
     if not isinstance(reply, dict):
@@ -9508,6 +9770,9 @@ def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | N
             return None
         except TimeoutError:
             error = f"process {pid} did not answer within {timeout:.0f} s"
+        except PermissionError:
+            error = (f"process {pid}'s agent belongs to {_owner_name(path)}, not to this user, "
+                     f"{_user_name(os.geteuid())}: run this as that user, or as root")
         except (OSError, ValueError, AgentError) as exc:
             error = f"process {pid}: {exc}"
         if _exited(pid):
@@ -9924,6 +10189,11 @@ def _stage_release(app: str, manifest: dict, tree: str, digest: str, *, app_root
     hashes = manifest["files"]
     destinations = {rel: _destination(app_root, rel) for rel in sorted(hashes)}
     changed = [(rel, dest) for rel, dest in destinations.items() if _file_sha256(dest) != hashes[rel]]
+    for rel, dest in changed:
+        if os.path.isdir(dest):
+            raise AgentError(f"cannot write the release: {dest} is a directory, where the release has the "
+                             f"file {rel}; no file was changed. Move the directory away (or rename the file in "
+                             "the app), then upgrade again.")
     journal = {"version": manifest.get("version"), "app_root": app_root, "phase": "staging", "dirs": [],
                "files": [{"dest": dest, "existed": os.path.lexists(dest)} for _rel, dest in changed],
                "state_before": _state_text(app)}
@@ -10029,12 +10299,24 @@ def _apply_everywhere(app: str, release: dict, suspend_timeout: float, *, exclud
     return entries
 
 
+def _key_in(store: Store, url: str) -> str | None:
+    """The key whose URL in ``store`` is ``url`` (tried for each tail of its path), if any."""
+    segments = _split_url(url)[2].split("/")
+    for start in range(1, len(segments)):
+        key = urllib.parse.unquote("/".join(segments[start:]))
+        with contextlib.suppress(S3Error):
+            if key and store.url(key) == url:
+                return key
+    return None
+
+
 def _store_for_url(url: str, store: Store | None = None) -> tuple[Store, str]:
     """The store and key behind a release URL: ``store`` when the URL is its own, else from the URL.
 
-    A ``file://`` URL names a ``LocalStore``; an ``http(s)`` URL
-    (``<endpoint>/<bucket>/<key>``) the S3 bucket, with the credentials of
-    the environment.
+    A ``file://`` URL names a ``LocalStore``; an ``http(s)`` URL, virtual-hosted
+    (``https://<bucket>.<host>/<key>``) or path style (``<endpoint>/<bucket>/<key>``),
+    names a bucket on ``AWS_ENDPOINT_URL_S3``, reached in the URL's own style with the
+    credentials of the environment.  A presigned URL's query is ignored.
     """
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme == "file":
@@ -10042,17 +10324,21 @@ def _store_for_url(url: str, store: Store | None = None) -> tuple[Store, str]:
     if parsed.scheme not in ("http", "https"):
         raise ConfigError(f"unsupported release URL {_redact_url(url)!r}: use the https:// URL of the uploaded "
                           "tarball or the file:// URL of a local store")
-    bucket, _, key = urllib.parse.unquote(parsed.path).lstrip("/").partition("/")
+    plain = urllib.parse.urlunsplit(parsed._replace(query="", fragment=""))
+    key = _key_in(store, plain) if store is not None else None
+    if key is not None:
+        return store, key
+    address = s3_object_address(plain, _s3_endpoint_from_env())
+    if address is None:
+        raise ConfigError(f"the release is on {_redact_url(f'{parsed.scheme}://{parsed.netloc}')} but "
+                          "AWS_ENDPOINT_URL_S3 points elsewhere; set it to the endpoint the release was "
+                          "uploaded to (credentials go in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                          "never in the URL)")
+    bucket, key, style = address
     if not bucket or not key:
-        raise ConfigError(f"{_redact_url(url)} is not a release URL: expected <endpoint>/<bucket>/<key>")
-    if store is None or store.url(key) != url:
-        store = S3.from_env(bucket=bucket)
-        if urllib.parse.urlsplit(store.url(key))[:2] != parsed[:2]:
-            raise ConfigError(f"the release is on {_redact_url(f'{parsed.scheme}://{parsed.netloc}')} but "
-                              "AWS_ENDPOINT_URL_S3 points elsewhere; set it to the endpoint the release was "
-                              "uploaded to (credentials go in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
-                              "never in the URL)")
-    return store, key
+        raise ConfigError(f"{_redact_url(url)} is not a release URL: expected https://<bucket>.<endpoint host>/<key> "
+                          "or <endpoint>/<bucket>/<key>")
+    return S3.from_env(bucket=bucket, addressing_style=style), key
 
 
 def _most_common(values: list[str], default: str | None) -> str | None:
@@ -10920,16 +11206,6 @@ def _rpc_upgrade(args: argparse.Namespace) -> int:
     return 0 if result["success"] else 1
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not _is_positive_seconds(value):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds, more than 0")
-    return value
-
-
 def _release_url(text: str) -> str:
     if urllib.parse.urlsplit(text).scheme not in ("http", "https", "file"):
         raise argparse.ArgumentTypeError(f"{_redact_url(text)!r} is not a release URL: give the https:// URL "
@@ -10955,7 +11231,7 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
     upgrade.add_argument("--url", required=True, type=_release_url,
                          help="URL of the release tarball (https:// or file://)")
     upgrade.add_argument("--sha256", help="expected sha256 of the tarball")
-    upgrade.add_argument("--suspend-timeout", type=_positive_seconds, default=_DEFAULT_SUSPEND_TIMEOUT, metavar="S",
+    upgrade.add_argument("--suspend-timeout", type=_number_argument("seconds"), default=_DEFAULT_SUSPEND_TIMEOUT, metavar="S",
                          help="seconds servers may take to reach a safe point (default 10)")
     upgrade.add_argument("--upgrade-id", type=_upgrade_id,
                          help="where the result is stored: releases/<app>-results/<upgrade-id>/ "
@@ -10972,7 +11248,7 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
     preflight.set_defaults(handler=_rpc_preflight)
     for name, text in (("info", "print every process's info as JSON"), ("ping", "check every agent answers")):
         query = rpc_commands.add_parser(name, parents=[common], help=text)
-        query.add_argument("--timeout", type=_positive_seconds, default=_QUERY_TIMEOUT, metavar="S",
+        query.add_argument("--timeout", type=_number_argument("seconds"), default=_QUERY_TIMEOUT, metavar="S",
                            help="seconds to wait for each agent (default 10)")
         query.set_defaults(handler=_rpc_query)
 

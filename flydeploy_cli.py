@@ -862,7 +862,7 @@ def direct_store(config: flydeploy.FleetConfig) -> flydeploy.S3:
             "also be [tool.flydeploy] bucket). They are the bucket credentials the app already has as secrets "
             f"(`fly secrets list -a {config.app}` names them; their values cannot be read back): make an access "
             "key for the bucket in `fly storage dashboard`")
-    return flydeploy.S3.from_env(bucket=config.bucket)
+    return config.s3()
 
 
 def git_state(project: str | os.PathLike[str]) -> tuple[str | None, bool | None]:
@@ -1045,7 +1045,7 @@ def _status(args: argparse.Namespace) -> int:
         store, api = direct_store(config), _laptop_api(config)
     else:
         try:
-            store = flydeploy.S3.from_env(bucket=config.bucket)
+            store = config.s3()
         except flydeploy.ConfigError as exc:
             store = None
             print(f"note: current.json could not be read ({exc}); each machine's version below comes "

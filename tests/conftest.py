@@ -6,7 +6,10 @@
     keys and one bucket.  Attributes: ``endpoint``, ``bucket``, ``access_key``,
     ``secret_key``, ``region``; ``env()`` returns the ``AWS_*`` / ``BUCKET_NAME``
     variables for a subprocess (merge them into ``os.environ``); ``client(**kw)``
-    returns a new ``flydeploy.S3`` for the bucket.  SeaweedFS honours
+    returns a new ``flydeploy.S3`` for the bucket.  ``named_endpoint`` reaches the same
+    server by a host name, ``http://s3.localhost:<port>``, under which SeaweedFS also
+    serves virtual-hosted requests (``<bucket>.s3.localhost``; flydeploy's S3 client
+    connects to ``*.localhost`` names on loopback).  SeaweedFS honours
     ``If-None-Match: *`` and ``If-Match`` on PUT and DELETE; it folds ``//`` in keys
     and refuses ``.``/``..`` segments, so use ``moto`` for those.
 ``s3``
@@ -49,6 +52,8 @@ pytest.register_assert_rewrite("tests.fleet_doubles", "tests.machine_apps")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STARTUP_DEADLINE_S = 90
+# SeaweedFS serves <bucket>.<this> virtual-hosted (a loopback name: RFC 6761).
+SEAWEED_DOMAIN = "s3.localhost"
 
 
 @dataclasses.dataclass
@@ -62,6 +67,7 @@ class S3Server:
     region: str = "auto"
     process: subprocess.Popen | None = None
     log_path: pathlib.Path | None = None
+    named_endpoint: str | None = None
 
     def env(self) -> dict[str, str]:
         """The environment a subprocess needs to reach this bucket (``S3.from_env``)."""
@@ -174,10 +180,11 @@ def run_seaweed(work: pathlib.Path) -> Iterator[S3Server]:
              f"-filer.localSocket={work / 'filer.sock'}",
              "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0",
              f"-s3.port.lance={lance}", f"-s3.localSocket={work / 's3.sock'}",
-             f"-s3.config={work / 's3.json'}"],
+             f"-s3.config={work / 's3.json'}", f"-s3.domainName={SEAWEED_DOMAIN}"],
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=work)
     server = S3Server(f"http://127.0.0.1:{s3}", "flydeploy-test", access_key, secret_key,
-                      process=process, log_path=log_path)
+                      process=process, log_path=log_path,
+                      named_endpoint=f"http://{SEAWEED_DOMAIN}:{s3}")
     try:
         _wait_until(server, lambda: _create_bucket(server), "SeaweedFS")
         yield server

@@ -208,8 +208,9 @@ def test_typo_flag_is_an_error_with_a_suggestion(capsys):
 
 def test_bad_settings_exit_2_with_the_reason(project, stub_fly, capsys, monkeypatch):
     monkeypatch.chdir(project)
-    assert flydeploy_cli.main(["hot", "--dry-run", "--max-concurrency", "0"]) == 2
-    assert "--max-concurrency" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # a usage error, as argparse reports them
+        flydeploy_cli.main(["hot", "--dry-run", "--max-concurrency", "0"])
+    assert usage.value.code == 2 and "--max-concurrency" in capsys.readouterr().err
     assert flydeploy_cli.main(["hot", "--skip-build"]) == 2
     assert "--skip-build needs --image" in capsys.readouterr().err
     assert flydeploy_cli.main(["hot", "--dry-run", "--version", "../v1"]) == 2

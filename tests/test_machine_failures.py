@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -245,32 +246,33 @@ def test_a_refused_peer_is_let_go_at_once(machine):
     machine.socket_dir().chmod(0o711)
     path.chmod(0o666)
     baseline = open_fds(process.pid)
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            sock = socket.socket(socket.AF_UNIX)
-            sock.connect(str(path))
-            sock.sendall(b'{"op": "info", "pad": "')
-            os.write(write, sock.makefile("rb").readline())
-            while True:  # a peer that trickles forever must not hold the agent
-                try:
-                    sock.send(b"x")
-                except OSError:
-                    pass
-                time.sleep(0.2)
-        finally:
-            os._exit(0)
+    # The peer is its own interpreter that drops to uid 65534 after its imports (that user
+    # cannot read this interpreter's files): forking the test process instead would run every
+    # at-fork hook of a process that many tests have used, and could stall before connecting.
+    peer = subprocess.Popen([sys.executable, "-c", (
+        "import os, socket, sys, time\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "sock = socket.socket(socket.AF_UNIX)\n"
+        f"sock.connect({str(path)!r})\n"
+        "sock.sendall(b'{\"op\": \"info\", \"pad\": \"')\n"
+        "sys.stdout.buffer.write(sock.makefile('rb').readline()); sys.stdout.flush()\n"
+        "while True:  # a peer that trickles forever must not hold the agent\n"
+        "    try:\n"
+        "        sock.send(b'x')\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    time.sleep(0.2)\n")], stdout=subprocess.PIPE)
     try:
-        assert b"refused: peer uid 65534" in os.read(read, 4096)
+        answer = []
+        reader = threading.Thread(target=lambda: answer.append(peer.stdout.readline()), daemon=True)
+        reader.start()
+        wait_for(lambda: answer, timeout=30, what="the agent's answer to the refused peer")
+        assert b"refused: peer uid 65534" in answer[0]
         wait_for(lambda: open_fds(process.pid) <= baseline, timeout=5, what="the agent to close the connection")
     finally:
-        os.kill(child, 9)
-        os.waitpid(child, 0)
-        os.close(read)
-        os.close(write)
+        peer.kill()
+        peer.wait()
+        peer.stdout.close()
 
 
 @ROOT_ONLY

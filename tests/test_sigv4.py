@@ -1,9 +1,8 @@
 """SigV4 signer: the published test vectors that apply to S3, and botocore's S3 signer.
 
-The vectors live in ``../shared/testdata/sigv4`` next to the repository (a checkout
-nested deeper, e.g. a worktree, finds it in the nearest ancestor that has it);
-``S3-NOTES.txt`` there says which cases follow S3's rules and why the others
-(path normalisation, a token added after signing) do not apply.
+The vectors live in ``tests/data/sigv4`` (``SOURCE.txt`` there says where each set comes
+from, with its licence); ``S3-NOTES.txt`` says which cases follow S3's rules and why the
+others (path normalisation, a token added after signing) do not apply.
 """
 
 from __future__ import annotations
@@ -24,20 +23,7 @@ from hypothesis import strategies as st
 
 import flydeploy
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _find_vectors() -> pathlib.Path | None:
-    for ancestor in ROOT.parents:
-        candidate = ancestor / "shared" / "testdata" / "sigv4"
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
-VECTORS = _find_vectors()
-needs_vectors = pytest.mark.skipif(
-    VECTORS is None, reason="SigV4 test vectors not found: ../shared/testdata/sigv4 is absent")
+VECTORS = pathlib.Path(__file__).resolve().parent / "data" / "sigv4"
 
 SUITE_TIME = datetime.datetime(2015, 8, 30, 12, 36, tzinfo=datetime.timezone.utc)
 SUITE_AMZ_DATE = "20150830T123600Z"
@@ -70,8 +56,6 @@ CRT_EXCLUDED = {
 
 
 def _crt_cases() -> list[str]:
-    if VECTORS is None:
-        return []
     folder = VECTORS / "aws-signing-test-suite" / "v4"
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in CRT_EXCLUDED)
 
@@ -94,7 +78,6 @@ def _parse_http_request(text: str) -> tuple[str, str, str, list[tuple[str, str]]
     return method, path, query, [(n, v) for n, v in headers], body.encode()
 
 
-@needs_vectors
 @pytest.mark.parametrize("case", AWS4_CASES)
 def test_aws4_testsuite_vector(case):
     folder = VECTORS / "aws4_testsuite" / case
@@ -113,7 +96,6 @@ def test_aws4_testsuite_vector(case):
     assert authorization == expected["authz"]
 
 
-@needs_vectors
 @pytest.mark.parametrize("case", _crt_cases())
 def test_crt_header_vector(case):
     folder = VECTORS / "aws-signing-test-suite" / "v4" / case
@@ -143,7 +125,6 @@ def test_crt_header_vector(case):
     assert signed.signature == expected_signature
 
 
-@needs_vectors
 @pytest.mark.parametrize("case", _crt_cases())
 def test_crt_query_vector(case):
     """The presigned form: these vectors hash the empty body where S3 puts UNSIGNED-PAYLOAD,
@@ -168,18 +149,13 @@ def test_crt_query_vector(case):
     assert flydeploy._canonical_query(signed_query.rpartition("&")[0]) == canonical[2]
 
 
-S3_DOC = None if VECTORS is None else json.loads(
-    (VECTORS / "s3-doc-examples" / "s3-doc-examples.json").read_text())
+S3_DOC = json.loads((VECTORS / "s3-doc-examples" / "s3-doc-examples.json").read_text())
 
-
-def _s3_examples() -> list[dict]:
-    return [] if S3_DOC is None else S3_DOC["examples"]
 
 S3_DOC_TIME = datetime.datetime(2013, 5, 24, tzinfo=datetime.timezone.utc)
 
 
-@needs_vectors
-@pytest.mark.parametrize("example", [e for e in _s3_examples() if "authorization" in e],
+@pytest.mark.parametrize("example", [e for e in S3_DOC["examples"] if "authorization" in e],
                          ids=lambda e: e["name"])
 def test_s3_doc_header_example(example):
     """Header-signed S3 examples; for the aws-chunked upload only the seed signature
@@ -196,9 +172,8 @@ def test_s3_doc_header_example(example):
     assert added["X-Amz-Date"] == S3_DOC["x-amz-date"]
 
 
-@needs_vectors
 def test_s3_doc_presigned_example():
-    example = next(e for e in _s3_examples() if e["name"] == "presigned-get-object")
+    example = next(e for e in S3_DOC["examples"] if e["name"] == "presigned-get-object")
     url = flydeploy.presign_url(
         example["method"], f"https://{example['host']}{example['path_on_wire']}",
         access_key=S3_DOC["credentials"]["access_key_id"],
