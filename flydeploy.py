@@ -34,8 +34,13 @@ The file is organised in sections, in the order data flows:
                   --direct``, on the developer's own.
 4. Engine         what happens inside one process: servers (``Server``),
                   asyncio loop pausing (``attach_loop``), change tracking
-                  (``track``, ``modified_modules``) and the transactional
-                  in-place code swap (``reload_modules``).
+                  (``track``, ``modified_modules``), the plan (analysis of
+                  old and new source that changes nothing live: what runs
+                  again, what takes new code in place), the swap (the
+                  executor and its undo log) and ``reload_modules``, whose
+                  phases (prepare, pause, swap, migrate, resume, commit;
+                  the point of no return after migrate) are named in
+                  ``UPGRADE_PHASES`` and its docstring.
 4b. Frameworks    inside the same pause and undo log: web framework state
                   (Jinja2 template caches, Flask and Starlette/FastAPI
                   routes and handlers, Django template loaders and URL
@@ -65,6 +70,7 @@ import collections
 import concurrent.futures
 import contextlib
 import copy
+import copyreg
 import dataclasses
 import datetime
 import email.utils
@@ -238,10 +244,11 @@ __all__ = [
     "SuspendTimeout",
     "attach_loop",
     "detach_loop",
-    # 4. Engine: tracking, code swap, reload_modules
+    # 4. Engine: tracking, plan, swap, reload_modules
     "track",
     "modified_modules",
     "reload_modules",
+    "UPGRADE_PHASES",
     "UpgradeReport",
     "UpgradeRefused",
     "on_upgrade",
@@ -5583,6 +5590,8 @@ class _TrackingFinder:
         application's (outside the standard library and site-packages) is
         recorded too, so that ``track`` later knows what was really loaded.
         """
+        if fullname not in _tracker.started:
+            _tracker.started[fullname] = len(_tracker.started)
         for finder in list(sys.meta_path):
             find = getattr(finder, "find_spec", None)
             # Another copy of this module (vendored twice, say) has its own.
@@ -5618,6 +5627,9 @@ class _Tracker:
         self.early: dict[str, _Loaded] = {}
         self.finder = _TrackingFinder()
         self._installation: tuple[str, ...] | None = None
+        # The order modules first started importing (``sys.modules`` keeps the
+        # order they finished): name -> position.
+        self.started: dict[str, int] = {}
 
     def covers(self, name: str, path: str) -> bool:
         """Whether module ``name`` loaded from ``path`` is the application's.
@@ -5791,14 +5803,12 @@ def modified_modules() -> list[str]:
     return changed
 
 
-# --- In-place code swap -----------------------------------------------------
+# --- Plan: analysis of old and new source -----------------------------------
 #
-# What a failed upgrade cannot undo: changes made in place to mutable objects
-# (a list a module body appended to, a registry an ``__init_subclass__`` hook
-# extended, a file written).  Every binding is restored: module namespaces of
-# every tracked module, class attributes, function code and attributes,
-# closure cells, singledispatch registries, server states and the attribute
-# dicts of the instances a migration touched.
+# Read-only: which statements of each module run again, which functions and
+# classes take their new code in place, what must be refused, in what order
+# the modules run.  The result, one ``_ModulePlan`` per module, is all the
+# swap needs; nothing live is changed here.
 
 
 class UpgradeRefused(FlyDeployError):
@@ -5871,8 +5881,9 @@ def _bound_names(statement: ast.stmt) -> set[str]:
 
 
 def _read_names(statement: ast.stmt) -> set[str]:
-    """Names a statement reads while it runs: function bodies and lambdas run
-    later, so only their decorators, defaults and annotations count."""
+    """Names a statement reads while it runs, with the dotted names it reads
+    (``config.LIMIT``) and calls (``build()``): function bodies and lambdas
+    run later, so only their decorators, defaults and annotations count."""
     names: set[str] = set()
     stack: list[ast.AST] = [statement]
     while stack:
@@ -5886,8 +5897,73 @@ def _read_names(statement: ast.stmt) -> set[str]:
             continue
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            path = _dotted(node)  # ``b.VALUE``: the value another module gives
+            if path is not None:
+                names.add(path)
+        elif isinstance(node, ast.Call):
+            path = _dotted(node.func)  # ``build()``: what the code of ``build`` gives
+            if path is not None:
+                names.add(f"{path}()")
         stack.extend(ast.iter_child_nodes(node))
     return names
+
+
+def _dotted(node: ast.expr) -> str | None:
+    """``a.b.c`` for a chain of attributes on a name (items count as the
+    object they are taken from); None for anything else."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return None if base is None else f"{base}.{node.attr}"
+    if isinstance(node, ast.Subscript):
+        return _dotted(node.value)
+    return None
+
+
+def _edited_objects(statement: ast.stmt, namespace: Mapping[str, object] | None = None
+                    ) -> set[str]:
+    """What a statement changes in place, as dotted names: items and
+    attributes assigned or deleted, augmented assignments, and the objects
+    whose methods it calls (``sys.meta_path.remove(hook)`` changes
+    ``sys.meta_path``; a module's function, ``os.path.join(...)``, found
+    such in ``namespace``, changes no module).  Function bodies and lambdas
+    run later: not counted."""
+    paths: set[str] = set()
+    stack: list[ast.AST] = [statement]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _DEFS):
+            stack.extend([*node.decorator_list, node.args])
+            continue
+        if isinstance(node, ast.Lambda):
+            continue
+        path = None
+        if isinstance(node, (ast.Subscript, ast.Attribute)) and isinstance(node.ctx, (ast.Store,
+                                                                                     ast.Del)):
+            path = _dotted(node.value)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            path = _dotted(node.func.value)
+            if path is not None and _is_a(_follow(namespace or {}, path), types.ModuleType):
+                path = None
+        elif isinstance(node, ast.AugAssign):
+            path = _dotted(node.target)
+        if path is not None:
+            paths.add(path)
+        stack.extend(ast.iter_child_nodes(node))
+    return paths
+
+
+def _follow(namespace: Mapping[str, object], path: str) -> object:
+    """What a dotted name names in a module namespace, through modules only."""
+    first, *rest = path.split(".")
+    obj = namespace.get(first, _MISSING)
+    for part in rest:
+        if not _is_a(obj, types.ModuleType):
+            return _MISSING
+        obj = object.__getattribute__(obj, "__dict__").get(part, _MISSING)
+    return obj
 
 
 def _nested_statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
@@ -5945,6 +6021,8 @@ class _Scope:
     ignored: frozenset[str]                 # the names listed in an Enum's ``_ignore_``
     annotated: tuple[tuple[str, str], ...]  # annotated names in order, with the statement
     twice: frozenset[str]  # names bound by several plain defs (``_`` of singledispatch)
+    # (qualname, accessor) of a def -> its parameters with their defaults and annotations
+    signatures: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
 
 
 def _scope(body: list[ast.stmt], header: str, definitions: list[tuple[str, ast.stmt]]) -> _Scope:
@@ -5974,7 +6052,10 @@ def _scope(body: list[ast.stmt], header: str, definitions: list[tuple[str, ast.s
                    for q, s in definitions},
                   values, frozenset(ignored), tuple(annotated),
                   frozenset(qualname.rpartition(".")[2] for (qualname, accessor), count
-                            in counts.items() if count > 1 and not accessor))
+                            in counts.items() if count > 1 and not accessor),
+                  signatures={_definition_key(q, s): _dump(ast.Tuple([s.args, *(
+                      [s.returns] if s.returns else []), *getattr(s, "type_params", [])],
+                      ast.Load())) for q, s in definitions if isinstance(s, _DEFS)})
 
 
 def _scopes(tree: ast.Module) -> dict[str, _Scope]:
@@ -6081,7 +6162,7 @@ def _find_function(binding: object, module: str, qualname: str, accessor: str
                 except ValueError:
                     pass
         else:  # an object keeping the function as an attribute (a click command's callback)
-            inner.extend(_instance_attributes(obj).values())
+            inner.extend(_instance_values(obj))
         pending.extend((candidate, [*chain, obj] if obj is not binding else chain)
                        for candidate in inner
                        if _is_a(candidate, _CODE_TYPES)
@@ -6090,15 +6171,35 @@ def _find_function(binding: object, module: str, qualname: str, accessor: str
 
 
 def _instance_attributes(obj: object) -> dict:
-    """An object's own attribute dict, read without running code of its class
-    (empty when its ``__dict__`` is not the plain one)."""
+    """An object's own attribute dict, the live one, read without running
+    code of its class (empty when its ``__dict__`` is not the plain one)."""
     if _is_a(obj, type):
         return {}
-    descriptor = inspect.getattr_static(type(obj), "__dict__", None)
+    # The descriptor of the object's class, never the metaclass's (which
+    # describes classes: a plain ``object()`` has no dict at all).
+    descriptor = next((klass.__dict__["__dict__"] for klass in type(obj).__mro__
+                       if "__dict__" in klass.__dict__), None)
     if type(descriptor) is not types.GetSetDescriptorType:
         return {}
-    contents = descriptor.__get__(obj)
+    try:
+        contents = descriptor.__get__(obj)
+    except Exception:  # a descriptor of a base that does not apply to this object
+        return {}
     return contents if type(contents) is dict else {}
+
+
+def _instance_values(obj: object) -> list[object]:
+    """The values of an object's own attributes, its ``__slots__`` included,
+    read without running code of its class."""
+    values = list(_instance_attributes(obj).values())
+    for klass in type(obj).__mro__ if not _is_a(obj, type) else ():
+        for descriptor in list(klass.__dict__.values()):
+            if type(descriptor) is types.MemberDescriptorType:
+                try:
+                    values.append(descriptor.__get__(obj))
+                except Exception:  # an empty slot, a descriptor that does not apply
+                    continue
+    return values
 
 
 def _uses_class_cell(definition: ast.stmt) -> bool:
@@ -6133,6 +6234,24 @@ class _Target(NamedTuple):
 
 
 @dataclasses.dataclass
+class _InPlace:
+    """The defs of one module that the swap does not run: their live
+    functions with the new code and the code they run now, those whose
+    docstring changes with the new and the current one, the caches to
+    clear, and the names of those defined in a class, by its qualname."""
+
+    functions: list[types.FunctionType] = dataclasses.field(default_factory=list)
+    codes: list[types.CodeType] = dataclasses.field(default_factory=list)
+    old_codes: list[types.CodeType] = dataclasses.field(default_factory=list)
+    documented: list[types.FunctionType] = dataclasses.field(default_factory=list)
+    docs: list[object] = dataclasses.field(default_factory=list)
+    old_docs: list[object] = dataclasses.field(default_factory=list)
+    caches: list[object] = dataclasses.field(default_factory=list)
+    names: dict[str, set[str]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(set))
+
+
+@dataclasses.dataclass
 class _ModulePlan:
     """Everything prepared for reloading one module, before touching anything."""
 
@@ -6162,6 +6281,22 @@ class _ModulePlan:
     migrations: dict[str, _Migration] = dataclasses.field(default_factory=dict)
     closures: list[tuple[types.FunctionType, types.CodeType]] = \
         dataclasses.field(default_factory=list)  # functions made by changed factories
+    stars: list[_ModulePlan] = dataclasses.field(default_factory=list)  # ``import *`` sources
+    # The decorators the rewrite took off unchanged defs: key -> (def, decorators).
+    decorators: dict[tuple[str, str], tuple[ast.stmt, list[ast.expr]]] = \
+        dataclasses.field(default_factory=dict)
+    stale: set[int] = dataclasses.field(default_factory=set)  # closures made anew, by id
+    stale_calls: set[str] = dataclasses.field(default_factory=set)  # their factories, as ``f()``
+    kept: set[str] = dataclasses.field(default_factory=set)  # last bound by a statement left out
+    # Class qualname -> the names (as the class dict holds them) of the statements left out.
+    class_kept: dict[str, set[str]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(set))
+    results: set[str] = dataclasses.field(default_factory=set)  # ``NAME()`` it imports changed
+    # id of the code each live function runs now -> it and the code it runs after the swap
+    # (by identity: equal code of another file is another function's).
+    code_pairs: dict[int, tuple[types.CodeType, types.CodeType]] = \
+        dataclasses.field(default_factory=dict)
+    in_place: _InPlace = dataclasses.field(default_factory=lambda: _InPlace())
     swap_code: types.CodeType | None = None  # the rewritten new source
 
 
@@ -6203,15 +6338,16 @@ def _syntax_refusal(exc: SyntaxError, path: str, module: str) -> UpgradeRefused:
                           module=module)
 
 
-def _plan_module(name: str) -> _ModulePlan:
-    """Read, parse and check one module's new source; raises UpgradeRefused."""
+def _plan_module(name: str, *, again: bool = False) -> _ModulePlan:
+    """Read, parse and check one module's new source (``again``: run the
+    source it runs now once more); raises UpgradeRefused."""
     module = sys.modules.get(name)
     record = _tracker.record_for(name)
     if module is None or record is None:
         raise FlyDeployError(f"module {name!r} is not a tracked, imported module; "
                              "import it and call flydeploy.track(<source root>) first")
     try:
-        source = _read_bytes(record.path)
+        source = record.source if again and record.source is not None else _read_bytes(record.path)
     except OSError as exc:
         raise UpgradeRefused(f"cannot read {record.path} for module {name}: {exc.strerror}; "
                              "restore the file or leave the module out", module=name) from None
@@ -6537,63 +6673,139 @@ def _lacks(obj: object, name: str) -> bool:
                                                             None) is None
 
 
-def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope,
-                    outer: set[str]) -> tuple[set[str], list[int]]:
-    """Which statements of a scope must run again: changed ones, and
-    unchanged ones that read a name taking a new value.  Returns the names
-    they bind and the indexes of the unchanged statements."""
+def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope, outer: set[str],
+                    namespace: Mapping[str, object] | None = None
+                    ) -> tuple[set[str], list[int]]:
+    """Which statements of a scope must run again, by the rule a kept value
+    obeys: it is kept only when every statement that computes or edits it,
+    and everything those read, is unchanged.
+
+    Statements that bind or change the same object form one group (``TABLE
+    = [...]`` and a later ``del TABLE[0]``; a loop removing a hook from
+    ``sys.meta_path`` and the line appending it again), and a group runs
+    again as a whole, in order, when any of its statements must: one that
+    changed (compared as syntax trees), or one that reads a name taking a
+    new value (``outer``: ``NAME``, ``module.NAME`` of another module, and
+    ``NAME()`` for a function whose code changed), or one that assigns a
+    name missing from the live ``namespace`` (when given) that no ``del``
+    of the body removes.  ``def`` and ``class`` statements always run,
+    through the hooks that keep their objects.  Returns the names the
+    statements that run again bind, and the indexes of the statements that
+    need not run."""
     remaining = collections.Counter(old.dumps if old is not None else ())
-    rerun: set[str] = set()
-    unchanged = []
-    for index, (statement, dump) in enumerate(zip(body, new.dumps)):
-        if remaining[dump] > 0 and not (_read_names(statement) & (outer | rerun)):
+    must = set()
+    for index, dump in enumerate(new.dumps):
+        if remaining[dump] > 0:
             remaining[dump] -= 1
-            unchanged.append(index)
-        elif not isinstance(statement, (*_DEFS, ast.ClassDef)):
-            rerun |= _bound_names(statement)
-    return rerun, unchanged
+        else:
+            must.add(index)
+    definitions = (*_DEFS, ast.ClassDef, ast.Import, ast.ImportFrom)
+    reads = [_read_names(statement) for statement in body]
+    binds = [_bound_names(statement) for statement in body]
+    if namespace:
+        deleted = {target.id for statement in _nested_statements(body)
+                   if isinstance(statement, ast.Delete)
+                   for target in statement.targets if isinstance(target, ast.Name)}
+        must.update(index for index, statement in enumerate(body)
+                    if not isinstance(statement, definitions)
+                    and not binds[index] - deleted <= namespace.keys())
+    keys = [set() if isinstance(statement, definitions)
+            else binds[i] | _edited_objects(statement, namespace) for i, statement in enumerate(body)]
+    # What a statement that runs again gives a new value: an import only the
+    # names it binds to another object than the live one.
+    gives = [_rebound(statement, namespace) if namespace and isinstance(
+        statement, (ast.Import, ast.ImportFrom)) else binds[index]
+             for index, statement in enumerate(body)]
+    sharing: dict[str, list[int]] = collections.defaultdict(list)
+    for index, names in enumerate(keys):
+        for key in names:
+            sharing[key].append(index)
+    new_values = set(outer)
+    pending = list(must)
+    while True:
+        while pending:
+            index = pending.pop()
+            if not isinstance(body[index], definitions[:3]):
+                new_values |= gives[index] | keys[index]
+            for key in keys[index]:
+                for other in sharing[key]:
+                    if other not in must:
+                        must.add(other)
+                        pending.append(other)
+        pending = [index for index in range(len(body))
+                   if index not in must and reads[index] & new_values]
+        if not pending:
+            break
+        must.update(pending)
+    rerun = set().union(*(gives[index] for index in must
+                          if not isinstance(body[index], definitions[:3])))
+    return rerun, [index for index in range(len(body)) if index not in must]
+
+
+def _rebound(statement: ast.Import | ast.ImportFrom, namespace: Mapping[str, object]
+             ) -> set[str]:
+    """The names an import statement binds to another object than the one a
+    module's live ``namespace`` holds (``from x import a, b`` becoming ``from
+    x import a, b, c`` gives ``a`` and ``b`` nothing new)."""
+    rebound = set()
+    if isinstance(statement, ast.Import):
+        for alias in statement.names:
+            bound = alias.asname or alias.name.split(".")[0]
+            module = sys.modules.get(alias.name if alias.asname else bound)
+            if module is None or module is not namespace.get(bound, _MISSING):
+                rebound.add(bound)
+        return rebound
+    try:
+        base = _imported_from(statement, namespace.get("__package__") or "")
+    except (ImportError, ValueError):
+        return _bound_names(statement)
+    module = sys.modules.get(base)
+    contents = object.__getattribute__(module, "__dict__") if _is_a(module, types.ModuleType) \
+        else {}
+    for alias in statement.names:
+        bound = alias.asname or alias.name
+        value = contents.get(alias.name, sys.modules.get(f"{base}.{alias.name}", _MISSING))
+        if alias.name != "*" and (value is _MISSING or value is not namespace.get(bound, _MISSING)):
+            rebound.add(bound)
+    return rebound
 
 
 def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
     """Turn the new source into what the swap executes, then compile it.
 
-    An unchanged module-level statement never runs again (its names keep
-    their live values): no callback registered twice, no server started
-    twice.  A ``def`` of an existing function runs with a hook that moves
-    its new code into the live function; when its decorators did not change
-    they do not run again and the name keeps its live binding (a Flask route,
-    an atexit or registry entry, a cache wrapper), else they run on the live
-    function.  Classes are updated in place the same way."""
+    A statement whose group need not run again (``_rerun_in_order``) is
+    left out: its names keep their live values, no callback is registered
+    twice, no server started twice.  A ``def`` of an existing function runs
+    with a hook that moves its new code into the live function; when its
+    decorators did not change and what they made is not stale they do not
+    run again and the name keeps its live binding (a Flask route, an atexit
+    or registry entry, a cache wrapper), else they run on the live function;
+    a def whose only change is its code does not run at all
+    (``_swap_without_running``).  Classes are updated in place the same way.
+    What reads a name taking a new value (from this module, another one, or
+    a def that binds a new object) runs again."""
     tree, namespace = plan.tree, plan.module.__dict__
-    imported: set[str] = set()  # names imported with a new value from a changed module
-    package = plan.name if hasattr(plan.module, "__path__") else plan.name.rpartition(".")[0]
-    for statement in tree.body:
-        if isinstance(statement, ast.ImportFrom) and statement.module != "__future__":
-            try:
-                source = plans.get(_imported_from(statement, package))
-            except (ImportError, ValueError):
-                continue
-            if source is not None:
-                imported.update((a.asname or a.name) for a in statement.names
-                                if a.name in source.rerun.get("", ()))
+    imported = _imported_values(plan.name, plan.module, tree.body, plans,
+                                functools.partial(_new_values, plans=plans))
     # Names of classes made anew read by an unchanged statement: it runs again.
     imported |= {qualname for qualname in plan.rebuilt if "." not in qualname}
-    rerun, unchanged = _rerun_in_order(tree.body, plan.old[""], plan.new[""], imported)
-    plan.rerun[""] = rerun | imported
+    called = _new_results(plan)
+    rerun, unchanged = _rerun_in_order(tree.body, plan.old[""], plan.new[""], imported | called,
+                                       namespace)
+    plan.rerun[""] = rerun | called | {name for name in imported if name.isidentifier()}
+    plan.results = {name for name in imported if name.endswith("()") and "." not in name}
     skipped: dict[int, ast.stmt] = {}
     for index in unchanged:
         statement = tree.body[index]
         if (isinstance(statement, (*_DEFS, ast.ClassDef, ast.Import, ast.ImportFrom))
-                or (index == 0 and plan.doc is not None)
-                or not _bound_names(statement) <= namespace.keys()):
+                or (index == 0 and plan.doc is not None)):
             continue  # definitions and imports are handled below; a docstring stays first
         skipped[index] = statement
         tree.body[index] = ast.copy_location(ast.Pass(), statement)
     old_defs = new_defs = None  # defs by key, for names several defs bind
     for scope, qualname, statement in _definitions(tree.body):
         if isinstance(statement, ast.ClassDef):
-            plan.rerun[qualname] = _rerun_in_order(statement.body, plan.old.get(qualname),
-                                                   plan.new[qualname], plan.rerun[""])[0]
+            plan.rerun[qualname] = _keep_class_state(plan, qualname, statement)
         if scope not in plan.old or _within(qualname, plan.rebuilt):
             continue
         key = _definition_key(qualname, statement)
@@ -6617,7 +6829,7 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
             _reuse_class(plan, qualname, statement, same_decorators)
         else:
             _reuse_function(plan, key, scope, statement, same_decorators)
-    stale = _find_closures(plan)
+    stale = plan.stale = _find_closures(plan)
     # A closure whose new code needs other free variables cannot change in
     # place: the statement that made it runs again and binds a new one.
     rerun = {name for name, value in namespace.items() if id(value) in stale}
@@ -6625,8 +6837,230 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
         if _bound_names(statement) & rerun:
             tree.body[index] = statement
             plan.rerun[""] |= _bound_names(statement)
-    if rerun:
+    redecorated = _redecorate(plan, stale.union(*(other.stale for other in plans.values())))
+    # Names whose def binds a new object (its decorators run again, or no
+    # live function continues it): what reads them runs again too.
+    replaced = {statement.name for scope, qualname, statement in _definitions(tree.body)
+                if not scope and isinstance(statement, _DEFS) and statement.name in namespace
+                and (_definition_key(qualname, statement) not in plan.targets
+                     or _definition_key(qualname, statement) not in plan.undecorated
+                     and len(statement.decorator_list) > 1)}
+    # A call of a factory whose closures need other free variables makes new ones.
+    replaced |= {call for call in plan.stale_calls if "." not in call[:-2]}
+    written = [skipped.get(index, statement) for index, statement in enumerate(tree.body)]
+    again = set(skipped) - set(_rerun_in_order(written, plan.old[""], plan.new[""],
+                                               imported | called | replaced, namespace)[1]
+                               if replaced else skipped)
+    for index in again:
+        tree.body[index] = skipped[index]
+        plan.rerun[""] |= _bound_names(skipped[index])
+    plan.rerun[""] |= replaced
+    # A name whose last binding statement does not run keeps its live value,
+    # though an import or def before it runs (``from ._impl import C`` and
+    # then ``C = wrap(C)``).
+    last = {name: index for index, statement in enumerate(written)
+            for name in _bound_names(statement)}
+    plan.kept = {name for name, index in last.items() if tree.body[index] is not written[index]}
+    if rerun or redecorated or again:
         _find_closures(plan)
+    _swap_without_running(plan)
+    plan.code_pairs = _code_pairs(plan)
+
+
+def _keep_class_state(plan: _ModulePlan, qualname: str, statement: ast.ClassDef) -> set[str]:
+    """The module rule in a live class's body: a statement whose group need
+    not run again is left out, and the swap starts the body with the live
+    class's values of what it binds (a marker ``__missing = object()`` that
+    a method's default reads stays the one the class holds).  Annotated
+    assignments (``__annotations__``, dataclass fields) and the docstring
+    always run.  Returns the names the statements that run again bind."""
+    cls = _live_class(plan, qualname)
+    plain = (cls is not None and not _within(qualname, plan.rebuilt)
+             and inspect.getattr_static(type(cls), "__prepare__") is type.__dict__["__prepare__"])
+    private = f"_{statement.name.lstrip('_')}__"
+    live = ({("__" + name[len(private):] if name.startswith(private) else name): name
+             for name in cls.__dict__} if plain else {})
+    rerun, unchanged = _rerun_in_order(statement.body, plan.old.get(qualname),
+                                       plan.new[qualname], plan.rerun[""],
+                                       {name: cls.__dict__[live[name]] for name in live} or None)
+    for index in unchanged if plain else ():
+        kept = statement.body[index]
+        if (isinstance(kept, (*_DEFS, ast.ClassDef, ast.Import, ast.ImportFrom, ast.AnnAssign))
+                or (index == 0 and isinstance(kept, ast.Expr)
+                    and isinstance(kept.value, ast.Constant))):
+            continue
+        statement.body[index] = ast.copy_location(ast.Pass(), kept)
+        plan.class_kept[qualname].update(live[name] for name in _bound_names(kept)
+                                         if name in live)
+    return rerun
+
+
+def _redecorate(plan: _ModulePlan, stale: set[int]) -> bool:
+    """Run the unchanged decorators of a def again when what they made is
+    stale: a wrapper made by a decorator whose new inner function needs
+    other free variables (in this module or another), or decorators that
+    read a name taking a new value.  Returns whether any def was changed."""
+    redecorated = False
+    for key in sorted(plan.undecorated):
+        if key not in plan.decorators:
+            continue
+        statement, decorators = plan.decorators[key]
+        target, scope = plan.targets[key], key[0].rpartition(".")[0]
+        reads = set().union(*(_read_names(ast.Expr(decorator)) for decorator in decorators))
+        if not ({id(target.binding), *map(id, target.wrappers)} & stale
+                or reads & plan.rerun.get(scope, set())):
+            continue
+        statement.decorator_list = [*decorators, _hook(key, statement)]
+        plan.undecorated.discard(key)
+        plan.rerun.setdefault(scope, set()).add(statement.name)
+        redecorated = True
+    return redecorated
+
+
+_NO_DECORATORS = _dump(ast.List([], ast.Load()))
+
+
+def _swap_without_running(plan: _ModulePlan) -> None:
+    """Take out of what the swap runs the defs whose only change is their code:
+    same decorators (not run again), same parameters, defaults and
+    annotations, reading no name that takes a new value, in a class whose
+    decorators do not run again.  The swap gives their live functions the
+    new code before the module body runs, without making a function object
+    inside the pause.  Recompiles what the swap runs."""
+    codes = _nested_codes(plan.swap_code)
+    taken: set[int] = set()
+    read_in_class: dict[str, set[str]] = {}  # a class body's namespace starts empty
+    for scope, qualname, statement in _definitions(plan.tree.body):
+        if isinstance(statement, ast.ClassDef):
+            read_in_class[qualname] = set().union(*map(_read_names, statement.body))
+        key = _definition_key(qualname, statement)
+        code = codes.get(qualname)
+        if (key not in plan.undecorated or key[1] == _CLASS or code is None
+                or statement.name in read_in_class.get(scope, ())
+                or (scope and (scope, _CLASS) not in plan.undecorated
+                    and (plan.new[scope.rpartition(".")[0]].decorators.get((scope, _CLASS))
+                         != _NO_DECORATORS or scope in plan.redecorated))
+                or plan.old[scope].signatures.get(key) != plan.new[scope].signatures.get(key)
+                or _read_names(statement) & plan.rerun.get(scope, set())):
+            continue
+        target = plan.targets[key]
+        if target.function.__code__.co_freevars != code.co_freevars:
+            continue
+        batch, function = plan.in_place, target.function
+        batch.functions.append(function)
+        batch.codes.append(code)
+        batch.old_codes.append(function.__code__)
+        cells = tuple(types.CellType() for _ in code.co_freevars)
+        doc = types.FunctionType(code, {}, None, None, cells).__doc__  # as def would set it
+        if doc != function.__doc__:
+            batch.documented.append(function)
+            batch.docs.append(doc)
+            batch.old_docs.append(function.__doc__)
+        batch.caches.extend(wrapper for wrapper in target.wrappers if key in plan.changed_defs
+                            and hasattr(type(wrapper), "cache_clear"))  # results of old code
+        batch.names[scope].add(statement.name)
+        taken.add(id(statement))
+    if taken:
+        _drop_statements(plan.tree.body, taken)
+        _compile_rewritten(plan)
+
+
+def _drop_statements(body: list[ast.stmt], taken: set[int]) -> None:
+    """Remove the statements whose ids are ``taken`` from a body and the
+    blocks and class bodies in it (a block left empty gets a ``pass``)."""
+    body[:] = ([statement for statement in body if id(statement) not in taken]
+               or [ast.copy_location(ast.Pass(), body[0])])
+    for statement in body:
+        if isinstance(statement, _DEFS):
+            continue
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(statement, field, None)
+            if block:
+                _drop_statements(block, taken)
+        for block in (*getattr(statement, "handlers", ()), *getattr(statement, "cases", ())):
+            _drop_statements(block.body, taken)
+
+
+# Code objects nested in a function that make no function of their own to keep.
+_INLINE_CODE = ("<lambda>", "<listcomp>", "<setcomp>", "<dictcomp>", "<genexpr>")
+
+
+def _new_results(plan: _ModulePlan) -> set[str]:
+    """``NAME()`` for the module-level functions whose code changed: a
+    statement calling one at import time gets what the new code returns, so
+    it runs again.  Not for factories (a function defining functions): the
+    closures they made take the new inner code in place."""
+    old, new = plan.old[""], plan.new[""]
+    results = set()
+    for (qualname, accessor), count in new.definitions.items():
+        if "." in qualname or accessor or count != 1 or (
+                old.statements.get(qualname) == new.statements.get(qualname)):
+            continue
+        function = plan.module.__dict__.get(qualname)
+        if _defined_here(function, plan.name, qualname) and _is_a(function, types.FunctionType) \
+                and not any(code.co_name not in _INLINE_CODE
+                            for code in _code_objects(function.__code__) if code is not
+                            function.__code__):
+            results.add(f"{qualname}()")
+    return results
+
+
+def _imported_values(name: str, module: types.ModuleType, body: list[ast.stmt],
+                     plans: Mapping[str, _ModulePlan],
+                     values: Callable[[_ModulePlan], set[str]]) -> set[str]:
+    """What module ``name`` (its live module and the body it runs) reads from
+    the upgraded modules it imports that takes a new value (``values`` of
+    each), as the names it reads them by:
+    ``from .config import LIMIT`` gives ``LIMIT``, ``from .more import *``
+    every name ``more`` changes, gains or loses, ``import config`` gives
+    ``config.LIMIT``, and a changed function ``build`` gives ``build()``."""
+    imported: set[str] = set()
+    package = name if hasattr(module, "__path__") else name.rpartition(".")[0]
+    for statement in body:
+        if isinstance(statement, ast.ImportFrom) and statement.module != "__future__":
+            try:
+                source = plans.get(_imported_from(statement, package))
+            except (ImportError, ValueError):
+                continue
+            if source is None or source.name == name:
+                continue
+            new = values(source)
+            if any(a.name == "*" for a in statement.names):  # names gained and lost count too
+                imported |= new | (source.old[""].statements.keys()
+                                   ^ source.new[""].statements.keys())
+            for alias in statement.names:
+                imported.update(f"{alias.asname or alias.name}{call}" for call in ("", "()")
+                                if f"{alias.name}{call}" in new)
+    by_id = {id(other.module): other for other in plans.values()}
+    for bound, value in list(module.__dict__.items()):
+        source = by_id.get(id(value))
+        if source is not None and source.name != name:
+            imported.update(f"{bound}.{value_name}" for value_name in values(source))
+    return imported
+
+
+def _new_values(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> set[str]:
+    """The module-level names of a module that runs again which take a new
+    value or go, as ``NAME`` (and ``NAME()`` for a function whose code
+    changed).  While it is not analysed yet (an import cycle), an estimate
+    that counts everything it reads from modules not analysed yet either
+    as new."""
+    gone = plan.old[""].statements.keys() - plan.new[""].statements.keys()
+    if "" in plan.rerun:
+        return plan.rerun[""] | plan.results | gone
+    outer = (_imported_values(plan.name, plan.module, plan.tree.body, plans, _new_values_known)
+             | _new_results(plan))
+    rerun = _rerun_in_order(plan.tree.body, plan.old[""], plan.new[""], outer,
+                            plan.module.__dict__)[0]
+    return rerun | gone | {name for name in outer if "." not in name}
+
+
+def _new_values_known(plan: _ModulePlan) -> set[str]:
+    """``_new_values`` of an analysed module; every name of one that is not."""
+    if "" in plan.rerun:
+        return plan.rerun[""] | plan.results
+    names = plan.new[""].statements.keys() | plan.old[""].statements.keys()
+    return names | {f"{name}()" for name in names}
 
 
 def _defs_by_key(plan: _ModulePlan, *, old: bool) -> dict[tuple[str, str], list[ast.stmt]]:
@@ -6686,9 +7120,11 @@ def _accessors(scope: _Scope, qualname: str) -> set[str]:
 
 
 def _hook(key: tuple[str, str], statement: ast.stmt) -> ast.Call:
-    """The call ``__flydeploy_reuse__(qualname, accessor)`` as a decorator."""
-    where = {"lineno": statement.lineno, "col_offset": statement.col_offset,
-             "end_lineno": statement.lineno, "end_col_offset": statement.col_offset}
+    """The call ``__flydeploy_reuse__(qualname, accessor)`` as a decorator,
+    where the first decorator is (the line a function's code starts at)."""
+    first = min((node.lineno for node in statement.decorator_list), default=statement.lineno)
+    where = {"lineno": first, "col_offset": statement.col_offset,
+             "end_lineno": first, "end_col_offset": statement.col_offset}
     return ast.Call(ast.Name(_REUSE, ast.Load(), **where),
                     [ast.Constant(part, **where) for part in key], [], **where)
 
@@ -6710,6 +7146,7 @@ def _reuse_function(plan: _ModulePlan, key: tuple[str, str], scope: str,
             or _read_names(statement) & plan.rerun[scope]):
         plan.changed_defs.add(key)
     if same_decorators:
+        plan.decorators[key] = (statement, statement.decorator_list)
         statement.decorator_list = [_hook(key, statement)]
         plan.undecorated.add(key)
     else:
@@ -6754,8 +7191,48 @@ def _find_closures(plan: _ModulePlan) -> set[int]:
                 if type(function) is types.FunctionType and function.__code__ in changed]
     plan.closures = [(function, code) for function, code in closures
                      if function.__code__.co_freevars == code.co_freevars]
-    return {id(function) for function, code in closures
-            if function.__code__.co_freevars != code.co_freevars}
+    stale = [function for function, code in closures
+             if function.__code__.co_freevars != code.co_freevars]
+    # ``make()`` of a module-level factory whose closures cannot take the new code.
+    plan.stale_calls = {f"{function.__code__.co_qualname.partition('.<locals>')[0]}()"
+                        for function in stale if function.__module__ == plan.name}
+    return {id(function) for function in stale}
+
+
+def _code_pairs(plan: _ModulePlan) -> dict[int, tuple[types.CodeType, types.CodeType]]:
+    """The code each live function of a module that takes new code runs now,
+    with the code it runs after the swap, by the id of the first."""
+    pairs = list(zip(plan.in_place.old_codes, plan.in_place.codes))
+    codes = _nested_codes(plan.swap_code)
+    for (qualname, _), target in plan.targets.items():
+        old, new = target.function.__code__, codes.get(qualname)
+        if new is not None and new.co_freevars == old.co_freevars:
+            pairs.append((old, new))
+    pairs.extend((function.__code__, code) for function, code in plan.closures)
+    return {id(old): (old, new) for old, new in pairs if old is not new}
+
+
+def _code_holders(plans: list[_ModulePlan]
+                  ) -> tuple[list[set | dict | list], dict[int, tuple[types.CodeType,
+                                                                         types.CodeType]]]:
+    """The module-level sets, dicts and lists of the tracked modules that hold
+    code objects of functions taking new code (a registry of "internal" code
+    to hide from tracebacks, a cache keyed by code), with every old code and
+    its new one: a fresh import would have put the new code there."""
+    pairs = {}
+    for plan in plans:
+        pairs.update(plan.code_pairs)
+    holders: dict[int, set | dict | list] = {}
+    for name in list(_tracker.loaded) if pairs else ():
+        module = sys.modules.get(name)
+        for value in list(module.__dict__.values()) if module is not None else ():
+            kind = type(value)
+            if kind in (set, dict, list) and any(
+                    type(item) is types.CodeType and id(item) in pairs
+                    for item in (itertools.chain(value, value.values()) if kind is dict
+                                 else value)):
+                holders[id(value)] = value
+    return list(holders.values()), pairs
 
 
 def _import_order(plans: dict[str, _ModulePlan]) -> list[_ModulePlan]:
@@ -6778,6 +7255,101 @@ def _import_order(plans: dict[str, _ModulePlan]) -> list[_ModulePlan]:
     return ordered
 
 
+def _add_importers(plans: dict[str, _ModulePlan]) -> None:
+    """Add the unchanged modules that import what the upgrade changes (``from
+    .more import *`` when ``more`` gained names, ``from .config import
+    LIMIT``, ``2 * config.LIMIT``): their statements that read it run again,
+    as in a fresh import.  Repeated until no module is added."""
+    checked: dict[str, set[str]] = {}  # module -> the upgraded modules it was checked against
+    values = functools.partial(_new_values, plans=plans)
+    while True:
+        added = False
+        stale = any(plan.stale for plan in plans.values())
+        for name in list(_tracker.loaded):
+            imports, statements = _import_statements(name)
+            sources = imports & plans.keys()
+            if name in plans or not sources - checked.get(name, set()):
+                continue
+            checked[name] = sources
+            module = sys.modules[name]
+            if not stale and not _imported_values(name, module, statements, plans, values):
+                continue  # reads nothing the upgrade changes: no need to plan it
+            with _analysing(name):
+                plan = _plan_module(name, again=True)
+                _rewrite(plan, plans)
+            if any(plan.rerun.values()):
+                plans[name], added = plan, True
+        if not added:
+            return
+
+
+# What each module's source imports: name -> (content hash, the modules,
+# its module-level ``from ... import`` statements).
+_imports_cache: dict[str, tuple[str, set[str], list[ast.stmt]]] = {}
+
+
+def _import_statements(name: str) -> tuple[set[str], list[ast.stmt]]:
+    """The modules a loaded, tracked module imports and its module-level
+    ``from ... import`` statements (none when it has no source)."""
+    record = _tracker.record_for(name)
+    if record is None or record.source is None:
+        return set(), []
+    cached = _imports_cache.get(name)
+    if cached is None or cached[0] != record.digest:
+        package = name if hasattr(sys.modules[name], "__path__") else name.rpartition(".")[0]
+        try:
+            tree = ast.parse(record.source, record.path)
+        except (SyntaxError, ValueError):
+            tree = ast.Module([], [])
+        statements = [statement for statement in tree.body
+                      if isinstance(statement, ast.ImportFrom)]
+        cached = _imports_cache[name] = (record.digest, _imported_modules(tree, package),
+                                         statements)
+    return cached[1], cached[2]
+
+
+def _star_sources(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> list[_ModulePlan]:
+    """The upgraded modules that a module's ``from X import *`` statements read."""
+    package = plan.name if hasattr(plan.module, "__path__") else plan.name.rpartition(".")[0]
+    sources = []
+    for statement in plan.tree.body:
+        if isinstance(statement, ast.ImportFrom) and any(a.name == "*" for a in statement.names):
+            try:
+                source = plans.get(_imported_from(statement, package))
+            except (ImportError, ValueError):
+                continue
+            if source is not None and source is not plan:
+                sources.append(source)
+    return sources
+
+
+@contextlib.contextmanager
+def _analysing(name: str) -> Iterator[None]:
+    """Make an unexpected error while analysing module ``name`` (an object of
+    the app no rule foresaw) a refusal: ``reload_modules`` reports, it never
+    raises for the app's code or live objects."""
+    try:
+        yield
+    except FlyDeployError:
+        raise
+    except Exception as exc:
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        raise UpgradeRefused(
+            f"analysing module {name} failed ({type(exc).__name__}: {exc}, at "
+            f"{os.path.basename(where.filename)} line {where.lineno}); nothing was changed: "
+            "deploy this release cold and report the error", module=name) from None
+
+
+# --- Swap: the executor and its undo log -----------------------------------
+#
+# What a failed upgrade cannot undo: changes made in place to mutable objects
+# (a list a module body appended to, a registry an ``__init_subclass__`` hook
+# extended, a file written).  Every binding is restored: module namespaces of
+# every tracked module, class attributes, function code and attributes,
+# closure cells, singledispatch registries, server states and the attribute
+# dicts of the instances a migration touched.
+
+
 def _defined_twice(old: _Scope | None, new: _Scope | None, name: str) -> bool:
     """Whether several plain ``def`` statements bind the name (``_`` for
     singledispatch registrations...): then the name says nothing about which
@@ -6788,6 +7360,11 @@ def _defined_twice(old: _Scope | None, new: _Scope | None, name: str) -> bool:
 _FUNCTION_ATTRIBUTES = ("__code__", "__defaults__", "__kwdefaults__", "__doc__",
                         "__annotations__", "__name__", "__qualname__")
 _function_attributes = operator.attrgetter(*_FUNCTION_ATTRIBUTES)
+
+
+def _set_all(objects: list[object], attribute: str, values: list[object]) -> None:
+    """Set one attribute of many objects, each to its value, in one C loop."""
+    collections.deque(map(setattr, objects, itertools.repeat(attribute), values), 0)
 
 
 def _set_function_attributes(function: types.FunctionType, values: tuple) -> None:
@@ -6833,8 +7410,10 @@ class _Swap:
     state is merged.  Every change is logged so ``rollback`` undoes it all.
     """
 
-    def __init__(self, plans: list[_ModulePlan], files: frozenset[str] | None = None) -> None:
+    def __init__(self, plans: list[_ModulePlan], clock: _Clock,
+                 files: frozenset[str] | None = None) -> None:
         self.plans = plans
+        self.clock = clock
         self.files = files  # the release files that changed, if known (section 4b)
         self.frameworks = _framework_objects()  # found before the pause (section 4b)
         self.paths = {plan.path for plan in plans}
@@ -6844,6 +7423,7 @@ class _Swap:
         self.merging: set[int] = set()
         # Functions changed so far, with what each was before.
         self.functions: dict[int, tuple[types.FunctionType, tuple, dict]] = {}
+        self.batches: list[_InPlace] = []  # functions that took new code in place
         self.added: list[str] = []
         self.replaced: list[str] = []
         # Objects that could not keep their identity: id(old) -> (old, new).
@@ -6860,6 +7440,19 @@ class _Swap:
         self.failed_module: str | None = None
         self.modules_before = set(sys.modules)
         self.started: list[Server] = []  # servers the new module bodies started
+        # Modules still to run, in the order they first started importing; a
+        # body that imports one of them runs it there, as a fresh import would.
+        position = {name: index for index, name in enumerate(sys.modules)}
+        self.pending = {plan.name: plan for plan in sorted(plans, key=lambda plan: (
+            _tracker.started.get(plan.name, -1), position[plan.name]))}
+        self.finished: list[str] = []  # in the order they finished, as a fresh import
+        self.imports: Callable[..., types.ModuleType] = builtins.__import__
+        # The singledispatch functions a new body may register on (in any
+        # tracked module, in the classes of the upgraded ones), found before
+        # the pause: their registries are logged inside it.
+        self.dispatchers = [value for value in _dispatcher_candidates(plans)
+                            if _dispatch_registry(value) is not None]
+        self.code_holders, self.code_pairs = _code_holders(plans)
 
     # -- the undo log --
 
@@ -6869,7 +7462,6 @@ class _Swap:
         self.saved.add(id(cls))
         contents = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
         self.classes_before[id(cls)] = contents
-        self._save_registries(contents.values())
 
         def restore() -> None:
             _restore_mapping(cls.__dict__, contents, owner=cls, keep=("__dict__", "__weakref__"))
@@ -6883,7 +7475,6 @@ class _Swap:
         contents = self.namespaces.get(module.__name__)
         if contents is None:
             contents = self.namespaces[module.__name__] = dict(module.__dict__)
-            self._save_registries(contents.values())
             self.undo.append(lambda: _restore_mapping(module.__dict__, contents))
         return contents
 
@@ -6931,8 +7522,12 @@ class _Swap:
         for function, attributes, contents in self.functions.values():
             _set_function_attributes(function, attributes)
             _restore_mapping(function.__dict__, contents)
+        for batch in reversed(self.batches):
+            _set_all(batch.functions, "__code__", batch.old_codes)
+            _set_all(batch.documented, "__doc__", batch.old_docs)
         self.undo.clear()
         self.functions.clear()
+        self.batches.clear()
         for name in set(sys.modules) - self.modules_before:
             module = sys.modules.pop(name, None)
             parent, _, child = name.rpartition(".")
@@ -6995,6 +7590,17 @@ class _Swap:
             finally:
                 self.merging.discard(id(old))
         return old
+
+    def _swap_in_place(self, batch: _InPlace) -> None:
+        """Give live functions their new code and docstring, logged as one
+        batch (what they were was read while preparing).  The pause's
+        hottest path, thousands of methods in a large upgrade: the loops run
+        in C, through ``map``."""
+        self.batches.append(batch)
+        _set_all(batch.functions, "__code__", batch.codes)
+        _set_all(batch.documented, "__doc__", batch.docs)
+        for cache in batch.caches:
+            cache.cache_clear()
 
     def _merge_function_contents(self, old: types.FunctionType, new: types.FunctionType,
                                  label: _Label) -> None:
@@ -7071,6 +7677,31 @@ class _Swap:
                 return self._update_class(plan, cls, body, bases, keywords)
         return _build_class(body, name, *bases, **keywords)
 
+    def import_module(self, name: str, globals: Mapping[str, object] | None = None,
+                      locals: object = None, fromlist: Sequence[str] = (),
+                      level: int = 0) -> types.ModuleType:
+        """``builtins.__import__`` during the swap: importing a module that is
+        still to run runs its new body first (not when it is already running:
+        an import cycle gets the partly run module, as it would at first)."""
+        if self.pending and threading.get_ident() == self.thread:
+            target = name
+            if level:
+                package = (globals or {}).get("__package__") or ""
+                try:
+                    target = importlib.util.resolve_name("." * level + name, package)
+                except (ImportError, ValueError):
+                    target = ""
+            parts = target.split(".") if target else []
+            wanted = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+            wanted += [f"{target}.{item}" for item in fromlist or () if item != "*"]
+            for module in wanted:
+                plan = self.pending.pop(module, None)
+                if plan is not None:
+                    stage, current = self.stage, self.module
+                    self.swap_module(plan)
+                    self.stage, self.module = stage, current
+        return self.imports(name, globals, locals, fromlist, level)
+
     def start_server(self, cls: type[Server], *args: Any, name: str | None = None,
                      **kwargs: Any) -> Server:
         """``Server.start`` during the swap: a module body that starts a server
@@ -7088,6 +7719,8 @@ class _Swap:
                       bases: tuple, keywords: dict) -> type:
         """Run a class's new body and apply it to the live class; returns the class."""
         _, namespace, _ = types.prepare_class(body.__name__, types.resolve_bases(bases), keywords)
+        namespace.update((name, cls.__dict__[name]) for name in plan.class_kept.get(
+            cls.__qualname__, ()) if name in cls.__dict__)  # what the left-out statements bound
         exec(body.__code__, body.__globals__, namespace, closure=body.__closure__)
         cell = namespace.get("__classcell__")
         if cell is not None:  # zero-argument super() in the new methods
@@ -7105,10 +7738,11 @@ class _Swap:
         if "__doc__" not in namespace:
             cls.__doc__ = None
         decorated = (cls.__qualname__, _CLASS) in plan.undecorated
-        if "__hash__" not in namespace and not decorated:
+        defined = namespace.keys() | plan.in_place.names.get(cls.__qualname__, set())
+        if "__hash__" not in defined and not decorated:
             # What type() does for a class defining __eq__ (a decorator that
             # does not run again keeps what it set: @dataclass's __hash__).
-            if "__eq__" in namespace:
+            if "__eq__" in defined:
                 cls.__hash__ = None
             elif "__hash__" in cls.__dict__ and cls.__dict__["__hash__"] is None:
                 delattr(cls, "__hash__")
@@ -7127,15 +7761,20 @@ class _Swap:
         rerun = plan.rerun.get(qualname)
         members = set(cls._member_map_) if isinstance(cls, enum.EnumMeta) else set()
         skipped = _CLASS_LAYOUT | members | {"_ignore_"}
+        decorated = (qualname, _CLASS) in plan.undecorated
         for attribute, value in dict(namespace).items():
             if attribute in skipped:
                 continue
+            current = cls.__dict__.get(attribute, _MISSING)
+            if decorated and (type(current) is types.MemberDescriptorType or (
+                    current is _MISSING and old_scope is not None
+                    and attribute in old_scope.statements)):
+                continue  # what a decorator that does not run again made of it (attrs fields)
             if attribute in ("__init_subclass__", "__class_getitem__") and _is_a(
                     value, types.FunctionType):
                 value = classmethod(value)
             elif attribute == "__new__" and _is_a(value, types.FunctionType):
                 value = staticmethod(value)
-            current = cls.__dict__.get(attribute, _MISSING)
             if current is value:
                 continue  # most methods: the reuse hook kept the live object
             if current is not _MISSING and (f"{qualname}.{attribute}" in plan.continuing
@@ -7168,12 +7807,14 @@ class _Swap:
         old = self._save_module(plan.module)
         namespace["__doc__"] = plan.doc
         namespace[_REUSE] = self.reuse
+        outer = self.plan  # the module whose body imported this one, if any
         self.plan, self.stage, self.module = plan, f"executing module {plan.name}", plan.name
+        self._swap_in_place(plan.in_place)
         try:
             exec(plan.swap_code, namespace)
         finally:
             namespace.pop(_REUSE, None)
-            self.plan = None
+            self.plan = outer
         self.stage = f"merging the state of module {plan.name}"
         self._swap_closures(plan)
         keep = namespace.get("__hot_keep__", old.get("__hot_keep__", ()))
@@ -7181,7 +7822,12 @@ class _Swap:
         old_scope, new_scope = plan.old[""], plan.new[""]
         for name, value in list(namespace.items()):
             current = old.get(name, _MISSING)
-            if current is _MISSING:
+            if name in plan.kept and value is not current:
+                if current is _MISSING:  # ``import os`` ... ``del os``
+                    del namespace[name]
+                else:
+                    namespace[name] = current
+            elif current is _MISSING:
                 if not (name.startswith("__") and name.endswith("__")):
                     self.added.append(f"{plan.name}.{name}")
             elif name in keep:
@@ -7195,14 +7841,21 @@ class _Swap:
             live = self.continued.get(id(namespace.get(name)))
             if live is not None:
                 namespace[name] = live
-        for name in old_scope.statements.keys() - new_scope.statements.keys() - keep:
+        gone = old_scope.statements.keys() - new_scope.statements.keys()
+        for source in plan.stars:  # what ``from X import *`` gave and gives no more
+            before = self.namespaces[source.name]
+            gone |= {name for name in _public_names(before) - _public_names(source.module.__dict__)
+                     if name not in new_scope.statements and old.get(name) is before[name]}
+        for name in gone - keep:
             value = namespace.get(name, _MISSING)
             submodule = sys.modules.get(f"{plan.name}.{name}")
             if value is not _MISSING and (submodule is None or value is not submodule):
                 del namespace[name]
+        self.finished.append(plan.name)
 
     def run(self) -> None:
         """Swap every module in order, then run each new ``__hot_upgrade__``."""
+        self._save_registries(self.dispatchers)
         for name in list(_tracker.loaded):  # a module body may assign to any of them
             module = sys.modules.get(name)
             if module is not None:
@@ -7212,26 +7865,62 @@ class _Swap:
         # finds ``start`` on the class; both hooks act only for the thread
         # and the module being swapped, and hand everything else on.
         builtins.__build_class__ = self.build_class
+        self.imports = builtins.__import__  # what imports, also when the app replaced it
+        builtins.__import__ = self.import_module
         Server.start = classmethod(self.start_server)
         try:
-            for plan in self.plans:
-                self.swap_module(plan)
+            while self.pending:
+                self.swap_module(self.pending.pop(next(iter(self.pending))))
         finally:
             builtins.__build_class__ = _build_class
+            builtins.__import__ = self.imports
             Server.start = _start_server
         if self.replacements:
             self.stage = "rebinding replaced objects"
             self._rebind_aliases({plan.name for plan in self.plans})
+        self._replace_codes()
         for plan in self.plans:
             for qualname, migration in plan.migrations.items():
                 self.stage, self.module = f"migrating live instances of {plan.name}.{qualname}", \
                     plan.name
                 self._migrate_instances(_lookup(plan.module.__dict__, qualname), migration)
-        for plan in self.plans:
+        for plan in sorted(self.plans, key=lambda plan: self.finished.index(plan.name)):
             if "__hot_upgrade__" in plan.new[""].statements:
                 self.stage, self.module = f"running {plan.name}.__hot_upgrade__", plan.name
                 # a copy: the original is also what a rollback restores
                 plan.module.__hot_upgrade__(dict(self.namespaces[plan.name]))
+
+    def _replace_codes(self) -> None:
+        """Where a set, dict or list holds the old code of a function that took
+        new code, put the new code."""
+        pairs = self.code_pairs
+
+        def new(item: object) -> object:
+            pair = pairs.get(id(item)) if type(item) is types.CodeType else None
+            return pair[1] if pair is not None and pair[0] is item else item
+
+        for holder in self.code_holders:
+            if type(holder) is dict:
+                changed = {key: value for key, value in holder.items()
+                           if new(key) is not key or new(value) is not value}
+                if changed:
+                    before = dict(holder)
+                    self.undo.append(lambda h=holder, b=before: _restore_mapping(h, b))
+                    for key, value in changed.items():
+                        del holder[key]
+                        holder[new(key)] = new(value)
+            else:
+                found = [item for item in holder if new(item) is not item]
+                if not found:
+                    continue
+                before = holder.copy()
+                if type(holder) is set:
+                    self.undo.append(lambda h=holder, b=before: (h.clear(), h.update(b)))
+                    holder.difference_update(found)
+                    holder.update(map(new, found))
+                else:
+                    self.undo.append(lambda h=holder, b=before: h.__setitem__(slice(None), b))
+                    holder[:] = list(map(new, holder))
 
     def _migrate_instances(self, cls: type, migration: _Migration) -> None:
         """Fill in the new default-factory fields of each live instance and run
@@ -7256,7 +7945,16 @@ class _Swap:
     def _rebind_aliases(self, swapped: set[str]) -> None:
         """In the other tracked modules, names bound to an object that was
         replaced (``from .impl import Service`` in an unchanged package
-        ``__init__``) now name its replacement."""
+        ``__init__``) now name its replacement; so do the reducers that
+        ``copyreg.pickle`` registered (what pickle and copy call)."""
+        table = copyreg.dispatch_table
+        stale = {cls: self.replacements[id(reducer)][1] for cls, reducer in list(table.items())
+                 if id(reducer) in self.replacements
+                 and self.replacements[id(reducer)][0] is reducer}
+        if stale:
+            before = dict(table)
+            self.undo.append(lambda: _restore_mapping(table, before))
+            table.update(stale)
         for name in list(_tracker.loaded):
             module = sys.modules.get(name)
             if module is None or name in swapped:
@@ -7290,6 +7988,7 @@ class _Swap:
         try:
             with _frameworks_refreshed(self):
                 self.run()
+            self.clock.lap("swap")
             # Only an app's own code_change can change a state: only those states are kept for a
             # rollback, since copying them holds everything for as long as it takes.
             changing = [server for server in affected if type(server).code_change is not Server.code_change]
@@ -7301,6 +8000,7 @@ class _Swap:
                 except CodeChangeTimeout:
                     given_up.acquire()
                     raise
+            self.clock.lap("migrate")
         except BaseException as exc:
             self.rollback()
             for server in migrating[:1]:
@@ -7316,6 +8016,27 @@ class _Swap:
 
 
 _start_server = Server.__dict__["start"]
+
+
+def _dispatcher_candidates(plans: list[_ModulePlan]) -> Iterator[object]:
+    """The values of every tracked module and of the classes (nested ones
+    too) that the upgraded modules define."""
+    for name in list(_tracker.loaded):
+        module = sys.modules.get(name)
+        if module is not None:
+            yield from list(module.__dict__.values())
+    classes = [value for plan in plans for value in list(plan.module.__dict__.values())
+               if _is_a(value, type) and value.__module__ == plan.name]
+    seen: set[int] = set()
+    while classes:
+        cls = classes.pop()
+        if id(cls) in seen:
+            continue
+        seen.add(id(cls))
+        for value in list(cls.__dict__.values()):
+            yield value
+            if _is_a(value, type):
+                classes.append(value)
 
 
 class CodeChangeTimeout(FlyDeployError):
@@ -7382,6 +8103,14 @@ def _snapshot(states: list[object]) -> Callable[[], list[object]]:
     return lambda: copies
 
 
+def _public_names(namespace: Mapping[str, object]) -> set[str]:
+    """The names ``from module import *`` binds, for a module's namespace."""
+    names = namespace.get("__all__")
+    if isinstance(names, (list, tuple)) and all(isinstance(name, str) for name in names):
+        return set(names) & namespace.keys()
+    return {name for name in namespace if not name.startswith("_")}
+
+
 def _restore_states(servers: list[Server], states: list[object]) -> None:
     for server, state in zip(servers, states):
         server._state = state
@@ -7410,14 +8139,16 @@ def _restore_mapping(mapping: Mapping, contents: Mapping, owner: object = None,
 class UpgradeReport:
     """What one ``reload_modules`` call did.
 
-    ``modules`` are the reloaded modules in the order they were executed;
-    ``added`` and ``replaced`` are ``module.name`` labels of new names and of
-    objects that could not keep their identity; ``servers_upgraded`` and
-    ``servers_failed`` name servers; ``suspend_ms`` is the longest time any
-    server or loop was held and ``total_ms`` the whole call; ``error`` is a
-    readable message when ``ok`` is False, ``failed_module`` the module that
+    ``modules`` are the reloaded modules (the changed ones and those that
+    import what changed) in the order they finished running, as in a fresh
+    import; ``added`` and ``replaced`` are ``module.name`` labels of new names
+    and of objects that could not keep their identity; ``servers_upgraded``
+    and ``servers_failed`` name servers; ``suspend_ms`` is the longest time
+    any server or loop was held and ``total_ms`` the whole call; ``error`` is
+    a readable message when ``ok`` is False, ``failed_module`` the module that
     was refused or whose new code failed (None if none was at fault), and
-    ``rolled_back`` says that changes had begun and were all undone.
+    ``rolled_back`` says that changes had begun and were all undone;
+    ``phases_ms`` how long each phase it got to took (``UPGRADE_PHASES``).
     """
 
     ok: bool = False
@@ -7431,12 +8162,15 @@ class UpgradeReport:
     error: str | None = None
     rolled_back: bool = False
     failed_module: str | None = None
+    phases_ms: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         """The report as JSON-ready values."""
         return dataclasses.asdict(self)
 
 
+# The phases of an upgrade, in order; ``reload_modules`` says what each does.
+UPGRADE_PHASES = ("prepare", "pause", "swap", "migrate", "resume", "commit")
 _upgrade_lock = threading.Lock()
 _upgrading_thread: int | None = None  # the thread inside reload_modules, if any
 _upgrade_callbacks: list[Callable[[UpgradeReport], object]] = []
@@ -7463,18 +8197,24 @@ def _register_callback(callbacks: list, callback: Callable, remove: bool, what: 
 
 
 def _prepare(names: list[str]) -> list[_ModulePlan]:
-    """Phase 1: plans for every module in import order, touching nothing live
+    """The prepare phase: plans for every module in import order, touching nothing live
     (modules outside the application that the new code imports for the first
     time are imported here, so the pause reads no files)."""
-    plans = {name: _plan_module(name) for name in dict.fromkeys(names)}
+    plans = {}
+    for name in dict.fromkeys(names):
+        with _analysing(name):
+            plans[name] = _plan_module(name)
     importlib.invalidate_caches()  # modules added next to the changed ones
     search_paths: dict[str, list[str]] = {}
     for name in sorted(set().union(*(plan.imports for plan in plans.values()))):
         _prepare_import(name, search_paths)
-    ordered = _import_order(plans)
-    for plan in ordered:
-        _rewrite(plan, plans)
-    return ordered
+    for plan in _import_order(plans):
+        with _analysing(plan.name):
+            _rewrite(plan, plans)
+    _add_importers(plans)
+    for plan in plans.values():
+        plan.stars = _star_sources(plan, plans)
+    return _import_order(plans)
 
 
 def _prepare_import(name: str, search_paths: dict[str, list[str]]) -> None:
@@ -7551,13 +8291,30 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
                    extra: object = None, files: Iterable[str] | None = None) -> UpgradeReport:
     """Upgrade modules in place from their source on disk.
 
-    ``names`` defaults to ``modified_modules()``.  Phase 1 reads, compiles
-    and checks every new source and orders the modules along their imports
-    (a refusal or a syntax error ends the call here, nothing changed).
-    Phase 2 swaps the code in place with an undo log; any failure rolls
-    everything back.  Failures are reported in the returned report (``ok``
-    False); this raises only on misuse, such as calling it from code an
-    upgrade runs (``__hot_upgrade__``, ``code_change``, a module body).
+    ``names`` defaults to ``modified_modules()``; the modules that import
+    what they change join.  The phases (``UPGRADE_PHASES``, timed in
+    ``UpgradeReport.phases_ms``), like the steps of a release handler:
+
+    1. prepare  read, parse and compile every new source, plan what runs
+                again and what takes new code in place (the plan section),
+                refuse what cannot be done; nothing live changes and
+                everything keeps running.  A refusal ends the call here.
+    2. pause    hold every server at a safe point, park every attached loop.
+    3. swap     run the planned module bodies in the live modules, in the
+                order a fresh import runs them, logging every change; then
+                refresh the web frameworks' state (section 4b).
+    4. migrate  each affected server's state through its new ``code_change``,
+                within the pause's deadline.  A failure in 3 or 4 rolls
+                everything back.  The end of migrate is the point of no
+                return.
+    5. resume   release the servers and loops, which now run the new code.
+    6. commit   record what runs now, drop stale bytecode, send the upgraded
+                servers ``Upgraded``; then the ``on_upgrade`` callbacks run.
+
+    Failures are reported in the returned report (``ok`` False), never
+    raised, whatever the app's code and objects are; this raises only on
+    misuse, such as calling it from code an upgrade runs
+    (``__hot_upgrade__``, ``code_change``, a module body).
 
     A module-level ``Server.start(..., name=...)`` that an upgrade runs again
     returns the live server of that name and class (its state goes through
@@ -7581,6 +8338,7 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
                              "for instance from an on_upgrade callback or another thread")
     started = time.perf_counter()
     report = UpgradeReport()
+    clock = _Clock(report.phases_ms)
     files = None if files is None else frozenset(os.path.abspath(os.fspath(path)) for path in files)
     with _upgrade_lock:
         _upgrading_thread = threading.get_ident()
@@ -7588,7 +8346,7 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
             plans = _prepare(modified_modules() if names is None else list(names))
             report.modules = [plan.name for plan in plans]
             if plans or files:
-                _swap_everything(plans, report, suspend_timeout, extra, files)
+                _swap_everything(plans, report, suspend_timeout, extra, clock, files)
             else:
                 report.ok = True
         except UpgradeRefused as exc:
@@ -7620,19 +8378,27 @@ def _garbage_collection_paused():
 
 
 def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_timeout: float,
-                     extra: object, files: frozenset[str] | None = None) -> None:
-    """Phases 2 and 3: hold every live server and attached loop in one pause,
-    swap, migrate the state of the affected servers, and roll everything
-    back on failure; once resumed, tell the upgraded servers and commit."""
+                     extra: object, clock: _Clock, files: frozenset[str] | None = None) -> None:
+    """The phases from the end of prepare on: hold every live server and
+    attached loop in one pause, swap, migrate the state of the affected
+    servers, and roll everything back on failure; resume; commit, and tell
+    the upgraded servers."""
     changed = {plan.name for plan in plans}
-    swap = _Swap(plans, files)
+    swap = _Swap(plans, clock, files)
     pause = _Pause(servers(), timeout=suspend_timeout)
     affected: list[Server] = []
+    upgraded_class: dict[type, bool] = {}
+    clock.lap("prepare")
     try:
         with pause, _garbage_collection_paused():
+            clock.lap("pause")
             # Read while held: servers that started meanwhile are held too.
-            affected = [server for server in pause.servers
-                        if any(cls.__module__ in changed for cls in type(server).__mro__)]
+            for server in pause.servers:
+                cls = type(server)
+                if cls not in upgraded_class:
+                    upgraded_class[cls] = any(c.__module__ in changed for c in cls.__mro__)
+                if upgraded_class[cls]:
+                    affected.append(server)
             report.ok = swap.transact(affected, extra, pause)
     except SuspendTimeout as exc:
         report.error = str(exc)
@@ -7640,6 +8406,7 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
         return
     finally:
         report.suspend_ms = pause.held_ms
+        clock.lap("resume")
     if not report.ok:
         report.rolled_back = True
         report.error = swap.error
@@ -7651,12 +8418,27 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
             except FlyDeployError:
                 log.exception("flydeploy: stopping %r after the rollback failed", server)
         return
-    report.added, report.replaced = swap.added, swap.replaced
+    report.modules, report.added, report.replaced = swap.finished, swap.added, swap.replaced
     _commit(plans)
     upgraded = Upgraded(modules=tuple(report.modules))
     for server in affected:
         server.send(upgraded)
     report.servers_upgraded = [_server_label(server) for server in affected]
+    clock.lap("commit")
+
+
+class _Clock:
+    """Times the phases of one upgrade into ``UpgradeReport.phases_ms``."""
+
+    def __init__(self, phases: dict[str, float]) -> None:
+        self.phases = phases
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Record the time since the last lap as ``phase``'s."""
+        now = time.perf_counter()
+        self.phases[phase] = round((now - self.last) * 1000, 3)
+        self.last = now
 
 
 def _server_label(server: Server) -> str:

@@ -12,33 +12,11 @@ import pytest
 import realcode_harness
 from conftest import ROWS
 
-# Cases that fail for reasons the engine does not handle yet, each with why
-# (the items of the issue "The engine on real code" that name them).
-RAISES = ("reload_modules raises TypeError from the instance-attribute walk meeting a "
-          "plain object() sentinel (item 1)")
-KNOWN = {
-    "cachetools": RAISES,
-    "markupsafe": RAISES,
-    "marshmallow": RAISES,
-    "jinja2": RAISES + "; then a template's runtime-error traceback keeps an internal frame: "
-                       "@internalcode records each function's __code__ in a set, and the "
-                       "in-place swap gives the function a code object the set does not hold "
-                       "(decorator side effects keyed by code objects, items 5 and 6)",
-    "six": RAISES + "; then six.moves is gone: the unchanged meta_path registration line is "
-                    "not run again after the changed removal loop (item 3)",
-    "python-dateutil": RAISES + "; then rrule's unchanged `del` of a kept tuple runs again and "
-                                "the upgrade is refused (item 4)",
-    "more-itertools": "the unchanged `from .more import *` of the package is not run again, "
-                      "so names more gained are missing from more_itertools (item 2)",
-}
-
 
 def _params() -> list:
     params = []
     for lib in realcode_harness.LIBRARIES:
         marks = []
-        if lib.dist in KNOWN:
-            marks.append(pytest.mark.xfail(reason=KNOWN[lib.dist], strict=True))
         if lib.slow:
             marks.append(pytest.mark.realcode_slow)
             if os.environ.get("FLYDEPLOY_REALCODE_ALL") != "1":
