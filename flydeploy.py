@@ -39,7 +39,7 @@ The file is organised in sections, in the order data flows:
 5. Agent          the per-process agent on a unix socket, the per-machine
                   upgrade (``hot_upgrade``), boot-time catch-up
                   (``startup_reapply_current``) and the poller.
-6. Entry points   ``python <app_dir>/flydeploy.py rpc ...`` (what exec runs:
+6. Entry points   ``<app_dir>/flydeploy.py rpc ...`` (what exec runs:
                   upgrade, detached or not, info, ping, preflight) and
                   ``... orchestrate ...`` (the orchestrator machine's main
                   process); ``main``; the ``__main__`` hook is right after
@@ -2827,32 +2827,46 @@ _ORCHESTRATE_FLAG_SETTINGS = ("app", "python", "app_dir", "lock_timeout", "timeo
 class MachineCommands:
     """The one builder of every command flydeploy runs on a machine.
 
-    Each is ``[python, <app_dir>/flydeploy.py, ...]``: an exec runs its argv
+    Each is ``[python, -c, BOOTSTRAP, <app_dir>, ...]``: an exec runs its argv
     directly, as root, in ``/``, with no shell and the image's PATH (init
-    exec.rs), so there is no ``cd``, no ``-m`` (``/`` does not hold the app),
-    and the script's absolute path makes Python import flydeploy from the app
-    directory.  The exec token's command restriction is ``token_prefix``, so a
-    token minted for these commands allows exactly them.
+    exec.rs), so there is no ``cd`` and no ``-m`` (``/`` does not hold the
+    app).  ``BOOTSTRAP`` puts ``app_dir`` first on ``sys.path`` (and the
+    working directory off it), imports flydeploy from there and runs its
+    ``main`` with the words after ``app_dir``: an imported module is loaded
+    from its cached bytecode, where a script (``python .../flydeploy.py``)
+    would be compiled whole on every exec.  The exec token's command
+    restriction is ``token_prefix``, so a token minted for these commands
+    allows exactly them (the fixed program cannot run anything else).
     """
 
     python: str
-    script: str
+    app_dir: str
+
+    # No comma, quote, backslash or ``#``: flyctl reads ``--command-prefix`` as
+    # comma-separated values and splits each like a shell (create.go:681-691).
+    BOOTSTRAP = ("import sys; sys.path[:] = [sys.argv.pop(1)] + [p for p in sys.path if p]; "
+                 "import flydeploy; sys.exit(flydeploy.main())")
 
     @classmethod
     def for_app_dir(cls, python: str, app_dir: str) -> MachineCommands:
         """Commands for a ``flydeploy.py`` copied into ``app_dir`` on the machines."""
-        return cls(python, app_dir.rstrip("/") + "/flydeploy.py")
+        return cls(python, app_dir.rstrip("/") or "/")
+
+    @property
+    def script(self) -> str:
+        """Where flydeploy.py must be on the machines."""
+        return self.app_dir.rstrip("/") + "/flydeploy.py"
 
     def argv(self, *args: str) -> list[str]:
-        """``[python, script, *args]``."""
-        return [self.python, self.script, *args]
+        """``[python, -c, BOOTSTRAP, app_dir, *args]``."""
+        return [self.python, "-c", self.BOOTSTRAP, self.app_dir, *args]
 
     def rpc(self, command: str, app: str, *args: str) -> list[str]:
-        """``python .../flydeploy.py rpc <command> --app <app> ...``: what exec runs."""
+        """``... rpc <command> --app <app> ...``: what exec runs."""
         return self.argv("rpc", command, "--app", app, *args)
 
     def orchestrate(self, *args: str) -> list[str]:
-        """``python .../flydeploy.py orchestrate ...``: the orchestrator machine's main process."""
+        """``... orchestrate ...``: the orchestrator machine's main process."""
         return self.argv("orchestrate", *args)
 
     def token_prefix(self) -> list[str]:

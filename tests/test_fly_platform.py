@@ -3,6 +3,8 @@ played by the local Fly, and how flydeploy copes: one test per behaviour."""
 
 import json
 import os
+import pathlib
+import shlex
 import signal
 import subprocess
 import sys
@@ -148,6 +150,29 @@ def test_preflight_reports_how_the_machine_runs_flydeploy(tmp_path):
     commands = flydeploy.MachineCommands.for_app_dir("python3", "/app")
     check = flydeploy.judge_preflight(machine("m"), commands, flydeploy.ExecResult(1, 0, done.stdout, ""), None)
     assert not check.ok and "startup_reapply_current" in check.error
+
+
+def test_machine_commands_import_flydeploy_from_the_app_dir_and_its_cached_bytecode(tmp_path):
+    # Run as exec runs them: elsewhere than the app, here a directory whose modules must not be
+    # imported (the working directory is not the app's, and not on sys.path).  flydeploy is
+    # imported from the app directory, its bytecode cached there, not compiled as a script.
+    app_dir, elsewhere = tmp_path / "app", tmp_path / "cwd"
+    app_dir.mkdir()
+    elsewhere.mkdir()
+    (app_dir / "flydeploy.py").write_bytes(pathlib.Path(flydeploy.__file__).read_bytes())
+    for name in ("flydeploy.py", "logging.py", "argparse.py"):
+        (elsewhere / name).write_text("raise SystemExit('imported from the working directory')\n")
+    commands = flydeploy.MachineCommands.for_app_dir(sys.executable, str(app_dir))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPATH")}
+    env["FLYDEPLOY_RUNTIME_DIR"] = str(tmp_path / "run")
+    runs = [subprocess.run(commands.rpc("preflight", "shop"), env=dict(env, PYTHONVERBOSE=str(verbose)),
+                           cwd=elsewhere, capture_output=True, text=True, timeout=60) for verbose in (0, 1)]
+    for run in runs:
+        report = json.loads(run.stdout)
+        assert report["script"] == str(app_dir / "flydeploy.py") and report["agents"] == 0, run.stderr[-2000:]
+    cached = next((app_dir / "__pycache__").glob("flydeploy.*.pyc"))
+    assert f"code object from '{cached}'" in runs[1].stderr
+    assert "," not in shlex.join(commands.token_prefix())  # flyctl splits --command-prefix at commas
 
 
 def test_a_bucket_the_machine_cannot_reach_fails_its_preflight():
