@@ -3641,17 +3641,19 @@ class _ResultBoard:
 
     Every machine waiting for its result shares one poller: whoever finds the
     next poll due lists the folder (one request, whatever the number of
-    machines) and reads the new objects; the others wait for it.
+    machines); the others wait for it.  Each waiter then reads its own object,
+    so the objects one listing shows are read at once, not one after another.
     """
 
     def __init__(self, store: Store, prefix: str) -> None:
         self._store = store
         self._prefix = prefix
         self._cond = threading.Condition()
-        self._results: dict[str, dict] = {}
+        self._listed: set[str] = set()
         self._waiting: dict[str, float] = {}
         self._polling = False
-        self._next_poll = 0.0
+        # The first look is _RESULT_POLL_MIN_S after the first wait begins: the upgrade was just started.
+        self._next_poll = float("inf")
         self.error: str | None = None
         self.polls = 0
 
@@ -3664,14 +3666,20 @@ class _ResultBoard:
             while True:
                 with self._cond:
                     now = time.monotonic()
-                    if machine_id in self._results:
-                        return self._results[machine_id]
-                    if now >= deadline:
-                        return None
-                    if self._polling or now < self._next_poll:
-                        self._cond.wait(min(deadline, self._next_poll if not self._polling else deadline) - now)
-                        continue
-                    self._polling = True
+                    listed = machine_id in self._listed
+                    self._listed.discard(machine_id)
+                    if not listed:
+                        if now >= deadline:
+                            return None
+                        if self._polling or now < self._next_poll:
+                            self._cond.wait(min(deadline, self._next_poll if not self._polling else deadline) - now)
+                            continue
+                        self._polling = True
+                if listed:
+                    result = self._read(machine_id)
+                    if result is not None:
+                        return result
+                    continue
                 try:
                     self._poll()
                 finally:
@@ -3683,21 +3691,34 @@ class _ResultBoard:
         finally:
             with self._cond:
                 self._waiting.pop(machine_id, None)
+                self._listed.discard(machine_id)
 
     def _poll(self) -> None:
+        """List the folder: the machines waiting whose object is there may read it."""
         self.polls += 1
         try:
-            for key in self._store.list(self._prefix):
-                machine_id = key[len(self._prefix):].removesuffix(".json")
-                if machine_id in self._results or machine_id not in self._waiting:
-                    continue
-                found = self._store.get_json(key)
-                if found is not None and isinstance(found[0], dict) and found[0].get("status") != "pending":
-                    with self._cond:
-                        self._results[machine_id] = found[0]
+            keys = self._store.list(self._prefix)
         except FlyDeployError as exc:  # a passing store error: the next poll tries again
-            self.error = str(exc)
-            log.warning("flydeploy: could not read the upgrade results: %s", exc)
+            self._failed(exc)
+            return
+        with self._cond:
+            self._listed.update(machine_id for machine_id in (key[len(self._prefix):].removesuffix(".json")
+                                                              for key in keys) if machine_id in self._waiting)
+
+    def _read(self, machine_id: str) -> dict | None:
+        """The result object of ``machine_id``, None while it is missing or says pending."""
+        try:
+            found = self._store.get_json(f"{self._prefix}{machine_id}.json")
+        except FlyDeployError as exc:
+            self._failed(exc)
+            return None
+        if found is not None and isinstance(found[0], dict) and found[0].get("status") != "pending":
+            return found[0]
+        return None
+
+    def _failed(self, exc: FlyDeployError) -> None:
+        self.error = str(exc)
+        log.warning("flydeploy: could not read the upgrade results: %s", exc)
 
 
 def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list[str], *, timeout: float,

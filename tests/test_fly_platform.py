@@ -1,6 +1,7 @@
 """What the real Fly does, as Fly's own sources define it (shared/reference/fly-platform-facts.md),
 played by the local Fly, and how flydeploy copes: one test per behaviour."""
 
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -8,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -205,6 +207,29 @@ def test_result_polling_grows_with_the_wait_and_stays_bounded():
     assert flydeploy.result_poll_interval(600) == 1.0
     waits = [flydeploy.result_poll_interval(t / 10) for t in range(100)]
     assert waits == sorted(waits)
+
+
+def test_the_results_one_listing_shows_are_read_at_once(tmp_path):
+    # Each object costs a bucket round trip: read one after another, a wave of ten machines
+    # would wait ten round trips for its last result.  Here each read waits for the others.
+    machines = ["m1", "m2", "m3"]
+    together = threading.Barrier(len(machines), timeout=10)
+
+    class Store(flydeploy.LocalStore):
+        def get_json(self, key, **options):
+            together.wait()
+            return super().get_json(key, **options)
+
+    store = Store(tmp_path / "store")
+    prefix = flydeploy.results_prefix("shop", "u1")
+    for machine_id in machines:
+        store.put(f"{prefix}{machine_id}.json", json.dumps({"status": "completed", "success": True,
+                                                            "machine_id": machine_id}).encode())
+    board = flydeploy._ResultBoard(store, prefix)
+    began = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(len(machines)) as pool:
+        results = list(pool.map(lambda m: board.wait(m, began, began + 20), machines))
+    assert [r and r["machine_id"] for r in results] == machines and board.error is None
 
 
 def test_flyctl_keeps_its_stdin_open_until_it_exits(tmp_path):
