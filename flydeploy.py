@@ -2378,6 +2378,9 @@ _EXEC_INTERVAL = 1.1
 # 408 deadline_exceeded while the command goes on running (fly-platform-facts M5), so
 # every machine-side command is short: long work runs detached and reports to S3.
 EXEC_DEADLINE_S = 25
+# How long the exec that starts a detached upgrade waits for it to end, so that
+# it brings the result back and nothing needs collecting: well within the deadline.
+_DETACHED_WAIT_S = 10.0
 # init runs an exec's argv directly: a program that does not exist is an API error
 # (init exec.rs spawns with `.output().await.map_err(...)`), not exit status 127.
 _MISSING_PROGRAM_RE = re.compile(r"no such file|ENOENT|executable file not found|not found in \$PATH",
@@ -3726,9 +3729,10 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list
                       board: _ResultBoard | None, on_outcome: Callable[[MachineOutcome], None]) -> None:
     """Upgrade every target, ``max_concurrency`` at a time; ``on_outcome`` as each finishes.
 
-    With a ``board`` the exec only starts the upgrade on the machine, detached
-    (``argv`` ends in ``--detach``; starting twice starts it once, so the start
-    may be retried), and the outcome is the result object the machine stores;
+    With a ``board`` the exec starts the upgrade on the machine, detached
+    (``argv`` has ``--detach``; starting twice starts it once, so the start
+    may be retried), and waits for it ``_DETACHED_WAIT_S`` at most: the outcome
+    is the result it brings back, else the result object the machine stores;
     without one the exec runs the whole upgrade and prints its result.
     """
 
@@ -3740,7 +3744,8 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list
         if board is None or not res.ok:
             return judge_upgrade(machine, res.exit_code, res.stdout, res.stderr, res.exit_signal,
                                  commands=commands)
-        result = board.wait(machine["id"], began, began + timeout)
+        # Ended within the exec's wait: its result came back with it.  Else it is collected.
+        result = parse_result_marker(res.stdout) or board.wait(machine["id"], began, began + timeout)
         if result is None:
             why = f" (last storage error: {board.error})" if board.error else ""
             return MachineOutcome(machine["id"], machine.get("region", "?"), False,
@@ -3843,7 +3848,7 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
             detached = bool(getattr(api, "runs_detached", False))
             argv = commands.rpc("upgrade", app, "--url", entry["tarball_url"], "--sha256", entry["sha256"],
                                 "--suspend-timeout", f"{suspend_timeout:g}", "--upgrade-id", upgrade_id,
-                                *(["--detach"] if detached else []))
+                                *(["--detach", "--wait", f"{min(timeout, _DETACHED_WAIT_S):g}"] if detached else []))
 
             def finished(outcome: MachineOutcome) -> None:
                 report.outcomes.append(outcome)
@@ -9848,6 +9853,8 @@ def _rpc_preflight(args: argparse.Namespace) -> int:
 
 # Job markers and logs older than this are removed when the next job starts.
 _JOB_KEEP_S = 86400.0
+# How often ``rpc ... --detach --wait`` looks whether its job has ended.
+_JOB_WAIT_STEP_S = 0.005
 
 
 def _job_marker(app: str, job: str, upgrade_id: str) -> str:
@@ -9863,7 +9870,8 @@ def _job_marker(app: str, job: str, upgrade_id: str) -> str:
 
 
 def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int:
-    """``rpc <command> --detach``: start ``run(args)`` in the background and return at once.
+    """``rpc <command> --detach``: start ``run(args)`` in the background and return at once,
+    or with ``--wait S`` when it ends, at most ``S`` seconds later.
 
     The command and the upgrade id name the job: a second start of the same
     one (an exec retried after a lost reply) finds its marker and starts
@@ -9871,7 +9879,9 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
     into a session of its own with its output in a log next to the marker, so
     that the exec's pipes close when this command returns; what it reports
     goes to a result object, which the orchestrator collects (``_ResultBoard``).
-    Any machine-side phase that may outlast an exec runs this way.
+    A job that ends within the wait has its result line printed here too, so
+    that the exec that started it brings it back and nothing needs to be
+    collected.  Any machine-side phase that may outlast an exec runs this way.
     """
     marker = _job_marker(args.app, args.rpc_command, args.upgrade_id)
     try:
@@ -9879,6 +9889,7 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
     except FileExistsError:
         print(json.dumps({"detached": True, "started": False, "upgrade_id": args.upgrade_id}))
         return 0
+    log_path = marker[:-5] + ".log"
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -9886,7 +9897,7 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
         code = 1
         try:
             os.setsid()
-            output = os.open(marker[:-5] + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            output = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
             os.dup2(output, 1)
@@ -9900,7 +9911,16 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
             os._exit(code)
     with os.fdopen(fd, "w") as handle:
         json.dump({"pid": pid, "upgrade_id": args.upgrade_id, "started_at": _iso_utc(_utc_now())}, handle)
-    print(json.dumps({"detached": True, "started": True, "upgrade_id": args.upgrade_id, "pid": pid}))
+    print(json.dumps({"detached": True, "started": True, "upgrade_id": args.upgrade_id, "pid": pid}), flush=True)
+    deadline = time.monotonic() + (getattr(args, "wait", None) or 0.0)
+    while os.waitpid(pid, os.WNOHANG)[0] == 0:
+        if time.monotonic() >= deadline:
+            return 0
+        time.sleep(_JOB_WAIT_STEP_S)
+    with contextlib.suppress(OSError), open(log_path, encoding="utf-8", errors="replace") as output:
+        result = parse_result_marker(output.read())
+        if result is not None:
+            print(f"{RESULT_MARKER}{json.dumps(result, sort_keys=True)}{RESULT_MARKER}", flush=True)
     return 0
 
 
@@ -9979,6 +9999,9 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
     upgrade.add_argument("--detach", action="store_true",
                          help="start the upgrade in the background and return at once; its result is "
                               "only stored (needs --upgrade-id; a second start of the same id starts nothing)")
+    upgrade.add_argument("--wait", type=_positive_seconds, metavar="S",
+                         help="with --detach: return when the upgrade ends, with its result line, or after "
+                              "S seconds at most (then its result is only stored)")
     upgrade.set_defaults(handler=_rpc_upgrade)
     preflight = rpc_commands.add_parser("preflight", parents=[common],
                                         help="print, as JSON, how this machine runs flydeploy and its agents")

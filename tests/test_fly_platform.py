@@ -63,6 +63,21 @@ def test_a_non_idempotent_exec_is_not_sent_again_after_a_408(fakefly, demo, tmp_
     assert runs.read_text() == "x"
 
 
+def test_a_detached_upgrade_that_ends_within_the_wait_comes_back_with_its_exec(fakefly, demo, tmp_path):
+    # The result comes back with the exec that started it: no result object to poll for.  No
+    # agent runs in the demo app, so the upgrade ends at once, failed, and says why.
+    commands = flydeploy.MachineCommands.for_app_dir("python3", "/app")
+    api = flydeploy.Machines("demo", demo.token)
+    url = (tmp_path / "store" / "releases" / "demo-v2.tar.gz").as_uri()
+    argv = commands.rpc("upgrade", "demo", "--url", url, "--upgrade-id", "u1", "--detach", "--wait", "20")
+    first = api.exec(demo.machines[0].id, argv)
+    assert first.ok and json.loads(first.stdout.splitlines()[0])["started"], first.stderr
+    result = flydeploy.parse_result_marker(first.stdout)
+    assert result is not None and not result["success"] and result["upgrade_id"] == "u1"
+    again = api.exec(demo.machines[0].id, argv)  # a retried start starts nothing and waits for nothing
+    assert again.ok and not json.loads(again.stdout)["started"] and flydeploy.parse_result_marker(again.stdout) is None
+
+
 def test_fly_machine_run_with_a_command_runs_it_as_the_main_process(fakefly, demo):
     # `fly machine run IMAGE CMD --rm`: CMD is init's command, started in the image's WORKDIR
     # (init main.rs:717-721); --rm destroys the machine once it exits (run.go:190-192, 870-872);
