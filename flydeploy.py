@@ -19,7 +19,9 @@ The file is organised in sections, in the order data flows:
                   S3/Tigris client (``S3``); ``LocalStore``, the same interface
                   on a directory, for local mode.
 2. Releases       deterministic release tarballs (``pack_release``,
-                  ``unpack_release``), the ``current.json`` metadata
+                  ``unpack_release``), what a developer's tree holds for
+                  ``hot --direct`` (``DockerIgnore``, ``dependency_fingerprint``,
+                  ``LocalTree``), the ``current.json`` metadata
                   (``read_current``, ``record_hot_upgrade``, ``reset_current``)
                   and the deploy lock (``acquire_lock``).
 3. Machines API   the Fly Machines API client (``Machines``), the one builder
@@ -27,6 +29,8 @@ The file is organised in sections, in the order data flows:
                   preflight, and the fleet orchestration that pushes a
                   release to every machine (``orchestrate``): short execs
                   start detached upgrades, whose result objects it collects.
+                  It runs on an orchestrator machine or, with ``hot
+                  --direct``, on the developer's own.
 4. Engine         what happens inside one process: servers (``Server``),
                   asyncio loop pausing (``attach_loop``), change tracking
                   (``track``, ``modified_modules``) and the transactional
@@ -1557,13 +1561,16 @@ class Release:
 
         ``deployed_at`` defaults to now (ISO 8601, UTC).
         """
-        return {
+        record = {
             "version": self.manifest["version"],
             "source_image_ref": self.manifest["source_image_ref"],
             "tarball_url": tarball_url,
             "sha256": self.sha256,
             "deployed_at": deployed_at or _iso_utc(_utc_now()),
         }
+        if "local_tree" in self.manifest:  # packed from a developer's tree, not from an image
+            record["local_tree"] = self.manifest["local_tree"]
+        return record
 
 
 def _utc_now() -> datetime.datetime:
@@ -1653,8 +1660,9 @@ def _unreadable_folder(err: OSError) -> None:
 
 
 def _release_files(root: str, include: Sequence[str] | None, exclude: Sequence[str] | None,
-                   skip: str) -> list[str]:
-    """Relative paths of the files to pack under ``root``, sorted."""
+                   skip: str, dockerignore: DockerIgnore | None = None) -> list[str]:
+    """Relative paths of the files to pack under ``root``, sorted; without those
+    ``dockerignore`` keeps out of the image build's context."""
     # A lone string is one pattern, not a sequence of one-letter patterns.
     include = [include] if isinstance(include, str) else include
     exclude = [exclude] if isinstance(exclude, str) else exclude
@@ -1675,6 +1683,8 @@ def _release_files(root: str, include: Sequence[str] | None, exclude: Sequence[s
         chosen = _application_files(candidates)
     if exclude:
         chosen = [p for p in chosen if not any(_path_matches(pat, p) for pat in exclude)]
+    if dockerignore is not None:
+        chosen = [p for p in chosen if not dockerignore.ignores(p)]
     for rel in chosen:
         if why := _member_name_problem(rel):
             raise ReleaseError(f"cannot pack {rel!r}: its name {why}, so the release could "
@@ -1716,7 +1726,8 @@ def _source_date_epoch() -> int | None:
 def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str], *, app: str,
                  version: str, source_image_ref: str | None = None,
                  include: Sequence[str] | None = None,
-                 exclude: Sequence[str] | None = None) -> Release:
+                 exclude: Sequence[str] | None = None, dockerignore: DockerIgnore | None = None,
+                 local_tree: Mapping[str, Any] | None = None) -> Release:
     """Pack the application under ``root`` into a deterministic ``.tar.gz`` at ``out_path``.
 
     By default the application's packages and modules are packed: top-level
@@ -1742,6 +1753,11 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     ``created_at`` comes from ``SOURCE_DATE_EPOCH`` when it is set and is
     null otherwise.  A link to a file is packed as the file it points to;
     linked folders are not followed.
+
+    Packing from a developer's tree (``hot --direct``), ``dockerignore``
+    leaves out what the image build's ``.dockerignore`` keeps out, and
+    ``local_tree`` (``{"git_commit", "git_dirty"}``, each null when the tree
+    is no git checkout) is recorded in the manifest as ``local_tree``.
     """
     _check_name("app", app)
     _check_name("version", version)
@@ -1750,7 +1766,7 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     if not os.path.isdir(root):
         raise ReleaseError(f"cannot pack {root}: it is not a folder; pass the application's root")
     epoch = _source_date_epoch()
-    files = _release_files(root, include, exclude, skip=out_path)
+    files = _release_files(root, include, exclude, skip=out_path, dockerignore=dockerignore)
     if not files:
         raise ReleaseError(f"nothing to pack under {root}: no Python modules or packages found "
                            "(or include/exclude left nothing); check the root and the patterns")
@@ -1780,6 +1796,8 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
                   _iso_utc(datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)))
     manifest = {"app": app, "version": version, "source_image_ref": source_image_ref,
                 "created_at": created_at, "files": hashes}
+    if local_tree is not None:
+        manifest["local_tree"] = dict(local_tree)
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     mtime = epoch or 0
 
@@ -1810,6 +1828,200 @@ def pack_release(root: str | os.PathLike[str], out_path: str | os.PathLike[str],
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     return Release(out_path, _write_atomically(out_path, write), manifest)
 
+
+# --- What a developer's tree holds (``hot --direct``) -----------------------
+
+# Dependency files whose whole content counts; pyproject.toml counts by its
+# dependency tables alone (_PYPROJECT_DEPENDENCY_KEYS).
+_DEPENDENCY_FILE_RE = re.compile(r"requirements[^/]*\.txt|uv\.lock|poetry\.lock")
+# What moby/patternmatcher escapes before a pattern becomes a regular expression.
+_DOCKERIGNORE_ESCAPED = frozenset(".+()|{}$")
+_PYPROJECT_DEPENDENCY_KEYS = (("build-system", "requires"), ("project", "dependencies"),
+                              ("project", "optional-dependencies"), ("dependency-groups",),
+                              ("tool", "poetry", "dependencies"), ("tool", "poetry", "group"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DockerIgnore:
+    """A ``.dockerignore`` file's rules, to pack what the image build copies.
+
+    Docker's rules (https://docs.docker.com/build/concepts/context/#dockerignore-files,
+    implemented by moby/patternmatcher and its ignorefile reader): a line
+    starting with ``#`` is a comment; each line is trimmed, cleaned like a
+    path (``filepath.Clean``) and taken relative to the context root (a
+    leading ``/`` is dropped); ``*`` and ``?`` stay within a folder, ``**``
+    spans any number of folders (zero too); a pattern matches a path or any
+    folder above it; ``!`` makes an exception; the last line that matches a
+    path decides.  Unlike ``.gitignore``, ``*.pyc`` matches at the root only.
+    ``prefix`` is where the packed root is in the context (``""`` when the app
+    root is the context root, else ``"src/"``).
+    """
+
+    rules: tuple[tuple[bool, re.Pattern[str]], ...]  # (is an exception, pattern)
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, text: str, prefix: str = "") -> DockerIgnore:
+        """The rules of a ``.dockerignore`` file's ``text``."""
+        rules = []
+        for line in text.removeprefix("\ufeff").splitlines():
+            if line.startswith("#"):
+                continue
+            pattern = line.strip()
+            exception = pattern.startswith("!")
+            if exception:
+                pattern = pattern[1:].strip()
+            if not pattern:
+                continue
+            pattern = _clean_path(pattern)
+            if len(pattern) > 1 and pattern.startswith("/"):
+                pattern = pattern[1:]
+            rules.append((exception, _dockerignore_regex(pattern)))
+        return cls(tuple(rules), prefix)
+
+    @classmethod
+    def for_context(cls, context: str | os.PathLike[str], root: str | os.PathLike[str]) -> DockerIgnore | None:
+        """The rules of ``context``'s ``.dockerignore`` for files packed from ``root``
+        (inside ``context``); None when there is no such file."""
+        path = os.path.join(context, ".dockerignore")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from None
+        relative = os.path.relpath(os.path.abspath(root), os.path.abspath(context)).replace(os.sep, "/")
+        return cls.parse(text, "" if relative == "." else relative + "/")
+
+    def ignores(self, rel: str) -> bool:
+        """Whether the image build leaves out the file ``rel`` (relative to the packed root)."""
+        path = self.prefix + rel
+        parts = path.split("/")
+        candidates = [path] + ["/".join(parts[:n]) for n in range(1, len(parts))]
+        ignored = False
+        for exception, regex in self.rules:
+            if any(regex.fullmatch(candidate) for candidate in candidates):
+                ignored = not exception
+        return ignored
+
+
+def _clean_path(path: str) -> str:
+    """Go's ``path.Clean``: no empty, ``.`` or resolvable ``..`` parts."""
+    rooted = path.startswith("/")
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == ".." and parts and parts[-1] != "..":
+            parts.pop()
+        elif part != ".." or not rooted:
+            parts.append(part)
+    cleaned = ("/" if rooted else "") + "/".join(parts)
+    return cleaned or "."
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
+    """moby/patternmatcher's translation of one pattern into a regular expression."""
+    out, i = [], 0
+    while i < len(pattern):
+        char = pattern[i]
+        if pattern.startswith("**", i):
+            i += 2
+            if pattern.startswith("/", i):
+                i += 1
+            out.append(".*" if i >= len(pattern) else "(?:.*/)?")
+            continue
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "\\" and i + 1 < len(pattern):
+            i += 1
+            out.append(re.escape(pattern[i]))
+        elif char in _DOCKERIGNORE_ESCAPED:
+            out.append("\\" + char)
+        else:  # the rest goes to the regular expression as it is: `[a-c]`, `[^a-c]` are classes
+            out.append(char)
+        i += 1
+    try:
+        return re.compile("".join(out), re.DOTALL)
+    except re.error as exc:
+        raise ConfigError(f".dockerignore: {pattern!r} is not a valid pattern ({exc}); Docker refuses it too") from None
+
+
+def list_release_files(root: str | os.PathLike[str], *, include: Sequence[str] | None = None,
+                       exclude: Sequence[str] | None = None,
+                       dockerignore: DockerIgnore | None = None) -> list[tuple[str, int]]:
+    """``(path, size)`` of every file ``pack_release`` would pack from ``root``, sorted by path."""
+    root = os.path.abspath(os.fspath(root))
+    files = _release_files(root, include, exclude, skip="", dockerignore=dockerignore)
+    return [(rel, os.path.getsize(os.path.join(root, *rel.split("/")))) for rel in files]
+
+
+def dependency_fingerprint(project: str | os.PathLike[str]) -> dict[str, Any]:
+    """What an image's dependencies were installed from, as found in ``project``.
+
+    ``{"sha256": <of all below>, "files": {name: sha256}}`` over the files
+    ``requirements*.txt``, ``uv.lock`` and ``poetry.lock`` and, for
+    ``pyproject.toml``, its dependency tables only (``[build-system]
+    requires``, ``[project] dependencies`` and ``optional-dependencies``,
+    ``[dependency-groups]``, ``[tool.poetry] dependencies`` and ``group``),
+    so that other settings in it can change freely.  Recorded in
+    ``current.json`` when a machine of a new image boots; ``hot --direct``
+    compares its own tree's against it.
+    """
+    import tomllib
+
+    files: dict[str, str] = {}
+    try:
+        names = sorted(os.listdir(project))
+    except OSError:
+        names = []
+    for name in names:
+        path = os.path.join(project, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            if _DEPENDENCY_FILE_RE.fullmatch(name):
+                files[name] = _file_digest(path, "sha256")
+            elif name == "pyproject.toml":
+                with open(path, "rb") as handle:
+                    doc = tomllib.load(handle)
+                tables = {}
+                for keys in _PYPROJECT_DEPENDENCY_KEYS:
+                    value: Any = doc
+                    for key in keys:
+                        value = value.get(key) if isinstance(value, dict) else None
+                    if value is not None:
+                        tables[".".join(keys)] = value
+                files[name] = hashlib.sha256(json.dumps(tables, sort_keys=True, default=str).encode()).hexdigest()
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            files[name] = f"unreadable: {exc}"
+    return {"sha256": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(), "files": files}
+
+
+def dependency_changes(recorded: Mapping[str, Any], here: Mapping[str, Any]) -> list[str]:
+    """The dependency files that differ between two ``dependency_fingerprint`` results."""
+    old, new = recorded.get("files") or {}, here.get("files") or {}
+    return [f"{name} ({'added' if name not in old else 'removed' if name not in new else 'changed'})"
+            for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalTree:
+    """A release packed from a developer's tree rather than from an image: the
+    ``.dockerignore`` rules it is packed with, and the git checkout it is
+    (``git_commit`` and ``git_dirty`` are None when it is none)."""
+
+    dockerignore: DockerIgnore | None = None
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The ``local_tree`` field of the manifest and of the ``hot_upgrade`` record."""
+        return {"git_commit": self.git_commit, "git_dirty": self.git_dirty}
 
 @contextlib.contextmanager
 def _pack_read_errors(rel: str) -> Iterator[None]:
@@ -2141,8 +2353,11 @@ def _check_hot_upgrade(hot_upgrade: object) -> dict[str, Any]:
     return record
 
 
-def _fresh_current(image_ref: str | None) -> dict[str, Any]:
-    return {"image_ref": image_ref, "set_at": _iso_utc(_utc_now()), "hot_upgrade": None, "history": []}
+def _fresh_current(image_ref: str | None, dependencies: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    doc = {"image_ref": image_ref, "set_at": _iso_utc(_utc_now()), "hot_upgrade": None, "history": []}
+    if dependencies is not None:  # what the image's dependencies came from (dependency_fingerprint)
+        doc["dependencies"] = dict(dependencies)
+    return doc
 
 
 def record_hot_upgrade(store: Store, app: str, hot_upgrade: dict[str, Any], *,
@@ -2814,6 +3029,8 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "process_groups": ("names", ()),
     "build_args": ("mapping", {}),
     "app_dir": ("name", None),
+    # Files of the app root the image build makes (`hot --direct` needs them here too).
+    "generated": ("names", ()),
 }
 # Where the app lives on a machine when neither [tool.flydeploy] app_dir nor a
 # Dockerfile WORKDIR says.
@@ -2887,6 +3104,8 @@ class FleetConfig:
     ``app_dir`` is the app's directory on the machines, where the orchestrator
     command runs: ``[tool.flydeploy] app_dir``, else the Dockerfile's last
     ``WORKDIR``, else ``/app``.
+    ``generated`` lists files of the app root that the image build makes
+    (patterns): ``hot --direct`` refuses to pack a tree that lacks one.
     ``sources`` says where each setting came from, e.g. ``"--app"``,
     ``"pyproject.toml [tool.flydeploy]"``, ``"fly.toml"`` or ``"default"``.
     """
@@ -2910,6 +3129,7 @@ class FleetConfig:
     processes: Mapping[str, Any]
     build: Mapping[str, Any]
     sources: Mapping[str, str]
+    generated: tuple[str, ...] = ()
 
     def require_app(self) -> str:
         """The app name, or a ``ConfigError`` naming every place that can provide it."""
@@ -3081,7 +3301,8 @@ def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.P
         exclude=values["exclude"], python=values["python"], max_concurrency=values["max_concurrency"],
         timeout=values["timeout"], suspend_timeout=values["suspend_timeout"],
         lock_timeout=values["lock_timeout"], process_groups=groups, build_args=values["build_args"],
-        app_dir=values["app_dir"], env=env, processes=fly_tables["processes"], build=fly_tables["build"], sources=sources)
+        app_dir=values["app_dir"], env=env, processes=fly_tables["processes"], build=fly_tables["build"], sources=sources,
+        generated=values["generated"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3445,7 +3666,8 @@ def default_version() -> str:
 
 def _release_entry(store: Store, app: str, image_ref: str, *, root: str | os.PathLike[str],
                    version: str | None, include: Iterable[str] | None, exclude: Iterable[str] | None,
-                   rollback: bool, rollback_to: str | None, say: Callable[[str], None]) -> tuple[dict, bool]:
+                   rollback: bool, rollback_to: str | None, say: Callable[[str], None],
+                   local_tree: LocalTree | None = None) -> tuple[dict, bool]:
     """The ``hot_upgrade`` record to push and whether its tarball was uploaded now."""
     if rollback or rollback_to is not None:
         entry = _pick_rollback(read_current(store, app)[0], rollback_to)
@@ -3457,7 +3679,9 @@ def _release_entry(store: Store, app: str, image_ref: str, *, root: str | os.Pat
     with tempfile.TemporaryDirectory(prefix="flydeploy-pack-") as scratch:
         release = pack_release(root, os.path.join(scratch, "release.tar.gz"), app=app, version=version,
                                source_image_ref=image_ref, include=list(include) if include else None,
-                               exclude=list(exclude) if exclude else None)
+                               exclude=list(exclude) if exclude else None,
+                               dockerignore=local_tree.dockerignore if local_tree else None,
+                               local_tree=local_tree.record() if local_tree else None)
         release, uploaded = _store_release(store, key, release)
     say(f"Release {version}: {_plural(len(release.manifest['files']), 'file')}, sha256 "
         f"{release.sha256[:12]}, {'uploaded' if uploaded else 'already stored'}")
@@ -3769,7 +3993,7 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
                 timeout: float = 120.0, max_concurrency: int = 10, suspend_timeout: float = 10.0,
                 process_groups: Iterable[str] = (), commands: MachineCommands | None = None,
                 self_id: str | None = None, upgrade_id: str | None = None, preflight: bool = True,
-                out: TextIO | None = None) -> FleetReport:
+                local_tree: LocalTree | None = None, out: TextIO | None = None) -> FleetReport:
     """Push a release to every machine of ``app`` and report how each took it.
 
     Takes the deploy lock (``LockHeld`` when someone else holds it), packs the
@@ -3798,6 +4022,12 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
     ``store`` defaults to ``S3.from_env()``; ``api`` to the Machines API with
     the token in ``FLYDEPLOY_API_TOKEN`` (a minted exec token), falling back to
     ``FLY_API_TOKEN`` when the API refuses the first.
+
+    Two places run it: the orchestrator machine (``orchestrate`` command,
+    packing the new image's tree) and the developer's own machine with ``hot
+    --direct`` (``local_tree``: the tree is packed as the image build would
+    have copied it, and the release says it came from that tree; ``image_ref``
+    is then the image the machines run).
     """
     out = out or sys.stdout
     store = store if store is not None else S3.from_env()
@@ -3831,7 +4061,8 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
             before = select_machines(api.list(), self_id=self_id, process_groups=process_groups)
             images = {machine_image(m) for m in before.targets + before.pending}
             entry, uploaded = _release_entry(store, app, image_ref, root=root, version=version, include=include,
-                                             exclude=exclude, rollback=rollback, rollback_to=rollback_to, say=say)
+                                             exclude=exclude, rollback=rollback, rollback_to=rollback_to, say=say,
+                                             local_tree=local_tree)
             entry["process_groups"] = list(process_groups) or None
             record_hot_upgrade(store, app, entry, image_ref=images.pop() if len(images) == 1 else None)
             # Listed again: a machine that started meanwhile read the old record.
@@ -9534,8 +9765,14 @@ def _reconcile(store: Store, app: str, image_ref: str, *,
     if doc is None or doc.get("image_ref") != image_ref:
         # Conditional on what is there when writing: a machine of this image
         # that got in first (or a hot upgrade recorded for it) is kept.
+        # The image's dependency files are in the directory init starts the app in
+        # (its WORKDIR), as they were in the build context: recorded for `hot --direct`.
+        try:
+            dependencies = dependency_fingerprint(os.getcwd())
+        except OSError:  # no working directory left: nothing to record, the catch-up goes on
+            dependencies = None
         doc = update_current(store, app, lambda found: found if found and found.get("image_ref") == image_ref
-                             else _fresh_current(image_ref))
+                             else _fresh_current(image_ref, dependencies))
         status, etag = "reset", None
     hot = _current_hot_upgrade(doc)
     if hot is None:

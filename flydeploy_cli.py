@@ -7,7 +7,11 @@
     python -m flydeploy_cli demo       a live hot upgrade on this machine, shown side by side
 
 ``hot``, ``status`` and ``rollback`` take ``--local [--root DIR] [--store DIR]``
-to work on the app's processes on this host instead, with no Fly and no S3.
+to work on the app's processes on this host instead, with no Fly and no S3,
+and ``--direct [--env-file FILE]`` to run the orchestration from here, with
+no image build and no orchestrator machine: the release is packed from the
+local tree (``.dockerignore`` honoured) for the image the machines run, with
+the developer's Fly token and the bucket's credentials of this machine.
 Installed as a package, the same commands are the ``flydeploy`` script; the
 machine side (``rpc``, ``orchestrate``) is ``python -m flydeploy``.
 
@@ -31,12 +35,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import difflib
 import getpass
 import glob
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -766,6 +772,9 @@ def image_label(version: str) -> str:
 
 
 def _hot(args: argparse.Namespace) -> int:
+    if args.direct and (args.skip_build or args.image or args.build_args or args.no_cache):
+        raise flydeploy.ConfigError("--direct builds no image: --skip-build, --image, --build-arg and "
+                                    "--no-cache do not apply")
     if args.local and (args.skip_build or args.image or args.build_args or args.no_cache):
         raise flydeploy.ConfigError("--local builds no image: --skip-build, --image, --build-arg and "
                                     "--no-cache do not apply")
@@ -779,6 +788,8 @@ def _hot(args: argparse.Namespace) -> int:
     flydeploy.release_key(config.app, version)  # a version that cannot name a release stops here
     if args.local:
         return _local_push(args, config, version=version)
+    if args.direct:
+        return _direct_push(args, config, version=version)
     prebuilt = config.build.get("image") if isinstance(config.build.get("image"), str) else None
     image = args.image or prebuilt or f"registry.fly.io/{config.app}:{image_label(version)}"
     build = None
@@ -791,6 +802,203 @@ def _hot(args: argparse.Namespace) -> int:
         build = build_command(config, image.rsplit(":", 1)[1], no_cache=args.no_cache)
     argv = orchestrate_argv(config, image, version=version, force=args.force)
     return _push(config, image, argv, args.dry_run, build)
+
+
+# --- hot --direct: the orchestration from here ----------------------------------
+
+# A dotenv line: NAME=VALUE, optionally after `export `.
+_DOTENV_RE = re.compile(r"^\s*(?:export\s+)?(?P<name>[A-Za-z_][A-Za-z0-9_]*)\s*=\s*(?P<value>.*?)\s*$")
+_DOTENV_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "$": "$"}
+_LARGEST_SHOWN = 5
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """The variables of a dotenv file: ``NAME=VALUE`` lines (``export`` allowed),
+    ``#`` comments, values bare (a `` #`` starts a comment), in single quotes
+    (literal) or in double quotes (``\\n``, ``\\"`` ... escapes).  A line that is
+    none of these is a ``ConfigError`` naming it (never its value)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise flydeploy.ConfigError(f"cannot read --env-file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    values = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = _DOTENV_RE.match(line)
+        value = match.group("value") if match else ""
+        if match is None or (value[:1] in "'\"" and value and (len(value) < 2 or value[-1] != value[0])):
+            raise flydeploy.ConfigError(f"{path}, line {number}: not NAME=VALUE (dotenv format); fix the line")
+        if value[:1] == "'":
+            value = value[1:-1]
+        elif value[:1] == '"':
+            value = re.sub(r"\\(.)", lambda m: _DOTENV_ESCAPES.get(m.group(1), "\\" + m.group(1)), value[1:-1])
+        else:
+            value = re.split(r"\s+#", value, maxsplit=1)[0]
+        values[match.group("name")] = value
+    return values
+
+
+def _direct_environment(args: argparse.Namespace) -> None:
+    """Add ``--env-file``'s variables to this process's environment; those already set win,
+    as with docker compose's ``.env``."""
+    if getattr(args, "env_file", None):
+        for name, value in read_env_file(args.env_file).items():
+            os.environ.setdefault(name, value)
+
+
+def direct_store(config: flydeploy.FleetConfig) -> flydeploy.S3:
+    """The app's bucket with the credentials of this machine, or a ``ConfigError``
+    naming exactly what to set and where to get it."""
+    missing = [name for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(name, "").strip()]
+    if not (config.bucket or os.environ.get("BUCKET_NAME", "").strip()):
+        missing.append("BUCKET_NAME")
+    if missing:
+        raise flydeploy.ConfigError(
+            f"--direct reaches the app's bucket from here, and {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set. Set them in the environment or in a dotenv file "
+            "given with --env-file (AWS_ENDPOINT_URL_S3 too unless the bucket is on Tigris; BUCKET_NAME may "
+            "also be [tool.flydeploy] bucket). They are the bucket credentials the app already has as secrets "
+            f"(`fly secrets list -a {config.app}` names them; their values cannot be read back): make an access "
+            "key for the bucket in `fly storage dashboard`")
+    return flydeploy.S3.from_env(bucket=config.bucket)
+
+
+def git_state(project: str | os.PathLike[str]) -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the git checkout ``project`` is in; ``(None, None)`` when it is none."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(project), *args], capture_output=True, text=True, timeout=60,
+                                  stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--verify", "HEAD")
+    if commit is None:
+        return None, None
+    changes = git("status", "--porcelain")
+    return commit.strip(), None if changes is None else bool(changes.strip())
+
+
+def _fleet_image(config: flydeploy.FleetConfig, machines: list[dict]) -> str:
+    """The one image the app's machines run, or an error when they run several or none."""
+    selection = flydeploy.select_machines(machines, process_groups=config.process_groups)
+    images = collections.Counter(flydeploy.machine_image(m) for m in selection.targets + selection.pending)
+    if not images:
+        raise flydeploy.FlyDeployError(f"{config.app} has no app machines: deploy it with `fly deploy` first")
+    if len(images) > 1:
+        shown = ", ".join(f"{image} ({count})" for image, count in images.most_common())
+        raise flydeploy.FlyDeployError(f"the machines run {len(images)} images ({shown}): a `fly deploy` is not "
+                                       "finished; let it finish (or run it again), then run hot --direct")
+    return next(iter(images))
+
+
+def _missing_generated(config: flydeploy.FleetConfig) -> list[str]:
+    """The ``generated`` patterns no file of the app root matches."""
+    return [pattern for pattern in config.generated
+            if not glob.glob(pattern, root_dir=config.root, recursive=True)]
+
+
+def judge_local_tree(config: flydeploy.FleetConfig, current: Mapping[str, Any] | None, image: str,
+                     here: Mapping[str, Any]) -> str:
+    """Whether this tree can be what runs on the machines: a note, or a ``FlyDeployError``.
+
+    ``here`` is this tree's ``dependency_fingerprint``; ``current`` the
+    app's ``current.json``, which records the image's when a machine of it
+    booted.
+    """
+    missing = _missing_generated(config)
+    if missing:
+        raise flydeploy.FlyDeployError(
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} made by the image build "
+            f"([tool.flydeploy] generated) and missing under {config.root}: make "
+            f"{'it' if len(missing) == 1 else 'them'} here as the Dockerfile does, or run `hot` without --direct")
+    recorded = (current or {}).get("dependencies") if (current or {}).get("image_ref") == image else None
+    if not isinstance(recorded, Mapping):
+        return (f"the dependency files could not be compared: current.json records none for {image} (a machine "
+                "records them when it boots a new image with this flydeploy); make sure requirements and lock "
+                "files did not change since that image was built")
+    changed = flydeploy.dependency_changes(recorded, here)
+    if changed:
+        raise flydeploy.FlyDeployError(
+            f"the dependency files changed since the image the machines run ({image}) was built: "
+            f"{', '.join(changed)}. A dependency change needs `fly deploy` (a cold deploy); hot upgrades ship "
+            "application code only")
+    return f"dependency files unchanged since {image}"
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB"):
+        if count < 1024 or unit == "MB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} B"
+
+
+def files_summary(files: list[tuple[str, int]]) -> str:
+    """``N files, SIZE; largest: a (SIZE), ...`` of a ``list_release_files`` result."""
+    largest = sorted(files, key=lambda item: (-item[1], item[0]))[:_LARGEST_SHOWN]
+    return (f"{len(files)} file{'' if len(files) == 1 else 's'}, {_size(sum(size for _, size in files))}; "
+            f"largest: " + ", ".join(f"{path} ({_size(size)})" for path, size in largest))
+
+
+def _direct_push(args: argparse.Namespace, config: flydeploy.FleetConfig, *, version: str | None = None,
+                 rollback: bool = False, rollback_to: str | None = None) -> int:
+    """``hot --direct`` / ``rollback --direct``: ``orchestrate`` runs here, as on the
+    orchestrator machine, with the developer's token and this machine's bucket
+    credentials.  The release is packed from the local tree as the image build
+    would have copied it, after the checks that it can be what the machines run.
+    The two flyctl questions (the token, who deploys) are asked meanwhile."""
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="flydeploy-flyctl") as flyctl:
+        asked_api = flyctl.submit(_laptop_api, config)
+        asked_owner = flyctl.submit(_owner)
+        return _direct_run(args, config, asked_api, asked_owner, version=version, rollback=rollback,
+                           rollback_to=rollback_to)
+
+
+def _direct_run(args: argparse.Namespace, config: flydeploy.FleetConfig, asked_api: concurrent.futures.Future,
+                asked_owner: concurrent.futures.Future, *, version: str | None, rollback: bool,
+                rollback_to: str | None) -> int:
+    local_tree = None
+    if not rollback:
+        dockerignore = flydeploy.DockerIgnore.for_context(config.project_dir, config.root)
+        commit, dirty = git_state(config.project_dir)
+        local_tree = flydeploy.LocalTree(dockerignore, commit, dirty)
+        files = flydeploy.list_release_files(config.root, include=config.include, exclude=config.exclude,
+                                             dockerignore=dockerignore)
+        _say(f"release from {config.root}" + (" (.dockerignore honoured)" if dockerignore else "") + ": "
+             + files_summary(files))
+    store = direct_store(config)
+    api = asked_api.result()
+    image = _fleet_image(config, api.list())
+    if local_tree is not None:
+        current, _ = flydeploy.read_current(store, config.app)
+        _say(judge_local_tree(config, current, image, flydeploy.dependency_fingerprint(config.project_dir)))
+        tree = (f"git {local_tree.git_commit[:12]}{' with uncommitted changes' if local_tree.git_dirty else ''}"
+                if local_tree.git_commit else "not a git checkout")
+        _say(f"the machines run {image}; the release is packed from this tree ({tree}), no image is built")
+    if args.dry_run:
+        what = (f"roll back to {rollback_to or 'the previous release'}" if rollback else
+                f"pack {config.root}, upload it to {store.bucket}")
+        _print_plan(config, [], [
+            f"run the upgrade from here with the Machines API ({api.base_url}) as you and the bucket "
+            f"{store.bucket} with this machine's credentials: preflight one machine per group, take the deploy "
+            f"lock, {what}, record it in current.json, upgrade every started machine of {config.app} "
+            f"{config.max_concurrency} at a time, collect the results, release the lock"])
+        return 0
+    owner, _ = asked_owner.result()
+    try:
+        report = flydeploy.orchestrate(config.app, image, store=store, api=api, version=version,
+                                       rollback=rollback, rollback_to=rollback_to, force=args.force, owner=owner,
+                                       local_tree=local_tree, **config.orchestrate_options())
+    except KeyboardInterrupt:
+        print("interrupted: the orchestration stopped here and released the deploy lock if it held it; machines "
+              "that had already started their upgrade finish it (`status --direct` shows what each runs)",
+              file=sys.stderr, flush=True)
+        raise
+    return report.exit_code
 
 
 def _running_image(config: flydeploy.FleetConfig) -> str:
@@ -817,6 +1025,8 @@ def _rollback(args: argparse.Namespace) -> int:
         flydeploy.release_key(config.app, args.to)
     if args.local:
         return _local_push(args, config, rollback=True, rollback_to=args.to)
+    if args.direct:
+        return _direct_push(args, config, rollback=True, rollback_to=args.to)
     image = args.image or _running_image(config)
     argv = orchestrate_argv(config, image, force=args.force, rollback=True, rollback_to=args.to)
     return _push(config, image, argv, args.dry_run)
@@ -831,6 +1041,8 @@ def _status(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.local:
         store, api = _local_fleet(args, config)
+    elif args.direct:
+        store, api = direct_store(config), _laptop_api(config)
     else:
         try:
             store = flydeploy.S3.from_env(bucket=config.bucket)
@@ -976,13 +1188,42 @@ def _store_checks(machine_id: str, store: Mapping[str, Any], selection: flydeplo
                       "the running image")
 
 
+def _direct_checks(args: argparse.Namespace) -> Iterator[DoctorCheck]:
+    """What ``hot --direct`` needs beyond the rest: the bucket from here, with this
+    machine's credentials, and a tree that can be what the machines run."""
+    try:
+        config = _config(args)
+        store = direct_store(config)
+        current, _ = flydeploy.read_current(store, config.app)
+    except flydeploy.ConfigError as exc:
+        yield DoctorCheck("bucket from here (--direct)", False, str(exc),
+                          "set what the message names, or pass --env-file FILE")
+        return
+    except flydeploy.FlyDeployError as exc:
+        yield DoctorCheck("bucket from here (--direct)", False, str(exc),
+                          "check AWS_ENDPOINT_URL_S3, BUCKET_NAME and the access key (`fly storage dashboard`)")
+        return
+    yield DoctorCheck("bucket from here (--direct)", True, f"{store.bucket} at {store.endpoint} answers with "
+                      "this machine's credentials")
+    try:
+        image = _fleet_image(config, _laptop_api(config).list())
+        files = flydeploy.list_release_files(
+            config.root, include=config.include, exclude=config.exclude,
+            dockerignore=flydeploy.DockerIgnore.for_context(config.project_dir, config.root))
+        note = judge_local_tree(config, current, image, flydeploy.dependency_fingerprint(config.project_dir))
+    except flydeploy.FlyDeployError as exc:
+        yield DoctorCheck("local tree (--direct)", False, str(exc), "see the message; then run doctor again")
+        return
+    yield DoctorCheck("local tree (--direct)", True, f"{files_summary(files)}; {note}")
+
+
 def doctor(args: argparse.Namespace) -> int:
     """``python -m flydeploy_cli doctor``: check what ``hot`` needs, one ✓/✗ line each with the fix.
 
     Exit 0 when every check passes, 1 otherwise; ``--json`` prints the checks as JSON.
     """
     checks = []
-    for check in _doctor_checks(args):
+    for check in itertools.chain(_doctor_checks(args), _direct_checks(args) if args.direct else ()):
         checks.append(check)
         if not args.json:
             print("\n".join(check.lines()), flush=True)
@@ -1350,6 +1591,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                          help="with --local: the project (default: the current directory)")
         sub.add_argument("--store", metavar="DIR",
                          help="with --local: the release store (default: ROOT/.flydeploy)")
+    for sub in (hot, rollback, status, doctor_parser):
+        sub.add_argument("--direct", action="store_true",
+                         help="run the upgrade from here: no image build, no orchestrator machine; needs your "
+                              "Fly token and the bucket's credentials here")
+        sub.add_argument("--env-file", metavar="FILE",
+                         help="with --direct: a dotenv file with the bucket's credentials (AWS_*, BUCKET_NAME)")
     for sub in (hot, rollback):
         flydeploy.add_fleet_arguments(sub)
         sub.add_argument("--dry-run", action="store_true",
@@ -1399,9 +1646,15 @@ def main(argv: list[str] | None = None) -> int:
         args.build_args = dict(args.build_args)
     if args.command != "demo" and not args.local and (args.root or args.store):
         (subs[args.command]).error("--root and --store go with --local")
+    if args.command != "demo" and args.env_file and not args.direct:
+        (subs[args.command]).error("--env-file goes with --direct")
+    if args.command != "demo" and args.direct and args.local:
+        (subs[args.command]).error("--direct and --local do not go together")
     handler = {"hot": _hot, "rollback": _rollback, "status": _status, "doctor": doctor,
                "demo": lambda _: demo()}[args.command]
     try:
+        if args.command != "demo" and args.direct:
+            _direct_environment(args)
         # SIGTERM stops the build and the orchestrator as Ctrl-C does, and the deploy lock is released.
         with _signal_handlers(_interrupt, [signal.SIGTERM]):
             return handler(args)

@@ -14,6 +14,8 @@ import sys
 import tempfile
 import urllib.request
 
+import pytest
+
 import flydeploy
 from tests.fakefly import write_app_tree
 from tests.machine_apps import COUNTER_PY, GREET_V1, GREET_V2, MAIN_PY, wait_for
@@ -45,6 +47,9 @@ class Counter(flydeploy.Server):
 V1 = {"counter.py": COUNTER_PY, "greet.py": GREET_V1}
 V2 = {"counter.py": COUNTER_V2, "greet.py": GREET_V2}
 V3 = {"counter.py": COUNTER_V2.replace("count-v2", "count-v3")}
+# Every upgrade runs the same orchestration from two places: an orchestrator
+# machine of a newly built image, or (--direct) the developer's own machine.
+BOTH_PATHS = pytest.mark.parametrize("direct", [False, True], ids=["orchestrator", "direct"])
 
 
 def app_name() -> str:
@@ -72,12 +77,12 @@ def serving(machine):
 class Project:
     """An app's project tree, its fake Fly app with machines, and the command line run in it."""
 
-    def __init__(self, fly, seaweed, tmp_path, machines: int):
+    def __init__(self, fly, seaweed, tmp_path, machines: int, files: dict[str, str] | None = None):
         self.fly = fly
         self.seaweed = seaweed
         self.name = app_name()
         pyproject = '[project]\nname = "shop"\n\n[tool.flydeploy]\ntimeout = 60\n'
-        self.tree = write_app_tree(tmp_path / "src", {"main.py": MAIN_PY, "pyproject.toml": pyproject, **V1},
+        self.tree = write_app_tree(tmp_path / "src", {"main.py": MAIN_PY, "pyproject.toml": pyproject, **V1, **(files or {})},
                                    app=self.name, processes={"app": "python3 main.py"},
                                    env={"APP_PORT_FILE": "port"})
         self.app = fly.create_app(self.name, self.tree, machines=machines, secrets=seaweed.env())
@@ -100,12 +105,23 @@ class Project:
         result.output = result.stdout + result.stderr
         return result
 
+    def push(self, command: str, *args: str, direct: bool) -> subprocess.CompletedProcess:
+        """``hot`` or ``rollback`` by the orchestrator machine, or ``--direct`` from here
+        with the bucket's credentials in this environment."""
+        return self.cli(command, *(["--direct"] if direct else []), *args, local_s3=direct)
+
+    def created_machines(self) -> list:
+        """Machines API creates the fake received: an orchestrator machine each."""
+        return [r for r in self.fly.requests if r.op == "create"]
+
     def release_keys(self) -> list[str]:
         return list(self.seaweed.client().list(f"releases/{self.name}-"))
 
 
-def test_hot_status_stopped_machine_and_rollback(fakefly, seaweed, tmp_path):
+@BOTH_PATHS
+def test_hot_status_stopped_machine_and_rollback(fakefly, seaweed, tmp_path, direct):
     project = Project(fakefly, seaweed, tmp_path, machines=3)
+    created = len(project.created_machines())
     first, second, third = project.machines
     pids = {m.id: m.pid for m in project.machines}
     for machine in project.machines:
@@ -114,7 +130,7 @@ def test_hot_status_stopped_machine_and_rollback(fakefly, seaweed, tmp_path):
     third.stop()
 
     project.edit(V2)
-    hot = project.cli("hot", "--version", "v2")
+    hot = project.push("hot", "--version", "v2", direct=direct)
     assert hot.returncode == 0, hot.output
     for machine in (first, second):
         assert get(machine) == ("hello v2", "count-v2:3")  # new code, state migrated by code_change
@@ -122,7 +138,17 @@ def test_hot_status_stopped_machine_and_rollback(fakefly, seaweed, tmp_path):
         assert f"✓ {machine.id} ({machine.region}) 2 modules, 1 process" in hot.output
     assert f"· {third.id} ({third.region}) stopped: applies at next start" in hot.output
     assert "2/2 machines upgraded to v2" in hot.output
-    assert project.fly.images(project.name) != [project.image]  # a new image was built
+    if direct:  # no image built, no orchestrator machine: the release came from this tree
+        assert project.fly.images(project.name) == [project.image]
+        assert len(project.created_machines()) == created
+        assert not [c for c in project.fly.fly_calls() if c[:2] in (["deploy"], ["machine", "run"])]
+        assert "no image is built" in hot.output and "dependency files unchanged" in hot.output
+        record = flydeploy.read_current(seaweed.client(), project.name)[0]["hot_upgrade"]
+        assert record["source_image_ref"] == project.image
+        assert record["local_tree"] == {"git_commit": None, "git_dirty": None}
+    else:
+        assert project.fly.images(project.name) != [project.image]  # a new image was built
+        assert len(project.created_machines()) == created + 1
     assert f"releases/{project.name}-v2.tar.gz" in project.release_keys()
     assert f"releases/{project.name}-deploy.lock" not in project.release_keys()
     results = [k for k in project.release_keys() if k.startswith(f"releases/{project.name}-results/")]
@@ -140,11 +166,11 @@ def test_hot_status_stopped_machine_and_rollback(fakefly, seaweed, tmp_path):
     assert get(serving(third)) == ("hello v2", "count-v2:0")  # caught up before serving
 
     project.edit(V3)
-    hot = project.cli("hot", "--version", "v3")
+    hot = project.push("hot", "--version", "v3", direct=direct)
     assert hot.returncode == 0, hot.output
     assert "3/3 machines upgraded to v3" in hot.output and get(first) == ("hello v2", "count-v3:3")
 
-    rollback = project.cli("rollback")
+    rollback = project.push("rollback", direct=direct)
     assert rollback.returncode == 0, rollback.output
     assert "Rolling" in rollback.output and "3/3 machines upgraded to v2" in rollback.output
     assert get(first) == ("hello v2", "count-v2:3") and get(third) == ("hello v2", "count-v2:0")
@@ -196,7 +222,8 @@ def test_dry_run_lock_force_and_missing_secrets(fakefly, seaweed, tmp_path):
     assert row["verdict"] == "? current.json not read"
 
 
-def test_failing_machines_are_named_and_fail_the_deploy(fakefly, seaweed, tmp_path):
+@BOTH_PATHS
+def test_failing_machines_are_named_and_fail_the_deploy(fakefly, seaweed, tmp_path, direct):
     project = Project(fakefly, seaweed, tmp_path, machines=3)
     good, broken, hung = project.machines
     # A damaged vendored copy: the running process keeps the module it loaded, but
@@ -205,7 +232,7 @@ def test_failing_machines_are_named_and_fail_the_deploy(fakefly, seaweed, tmp_pa
     fakefly.faults.add("500", op="exec", machine=good.id, times=1)  # retried: a passing hiccup
     fakefly.faults.add("408", op="exec", machine=hung.id, times=None)  # every try times out
     project.edit(V2)
-    hot = project.cli("hot", "--timeout", "5")
+    hot = project.push("hot", "--timeout", "5", direct=direct)
     assert hot.returncode == 1, hot.output
     assert f"✓ {good.id} ({good.region}) 2 modules, 1 process" in hot.output
     assert f"✗ {broken.id} ({broken.region}) rpc upgrade exited 1 without a result: SyntaxError" in hot.output

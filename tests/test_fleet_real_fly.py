@@ -9,7 +9,7 @@ import sys
 import threading
 
 import flydeploy
-from tests.test_fleet_e2e import REPO, V2, V3, Project, get
+from tests.test_fleet_e2e import BOTH_PATHS, REPO, V2, V3, Project, get
 from tests.waiting import wait_until
 
 pytest_plugins = ["tests.fakefly.fixtures"]
@@ -43,11 +43,13 @@ def lock_key(project) -> str:
 class Running:
     """``python -m flydeploy_cli ARGS`` in the project, its output collected as it comes."""
 
-    def __init__(self, project, *args):
+    def __init__(self, project, *args, local_s3: bool = False):
         env = project.fly.env()
         env["PYTHONPATH"] = str(REPO)
         for name in project.seaweed.env():
             env.pop(name, None)
+        if local_s3:  # --direct reaches the bucket from here
+            env.update(project.seaweed.env())
         self.process = subprocess.Popen([sys.executable, "-m", "flydeploy_cli", *args], cwd=project.tree, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
@@ -162,14 +164,18 @@ def test_an_upgrade_longer_than_the_exec_deadline_is_reported_once(fakefly, seaw
         assert get(machine)[0] == "hello v2"
 
 
-def test_ctrl_c_during_hot_leaves_no_machine_and_no_lock(fakefly, seaweed, tmp_path):
+@BOTH_PATHS
+def test_ctrl_c_during_hot_leaves_no_machine_and_no_lock(fakefly, seaweed, tmp_path, direct):
     project = Project(fakefly, seaweed, tmp_path, machines=3)
     project.edit(slow_v2(8))
-    hot = Running(project, "hot", "--suspend-timeout", "30")
+    hot = Running(project, "hot", *(["--direct"] if direct else []), "--suspend-timeout", "30", local_s3=direct)
     hot.wait_for("Upgrading 3 machines")
     hot.process.send_signal(signal.SIGINT)
     assert hot.finish() == 130, hot.output
-    assert "cleaned up: orchestrator machine" in hot.output and "it released the deploy lock" in hot.output
+    if direct:
+        assert "interrupted: the orchestration stopped here and released the deploy lock" in hot.output
+    else:
+        assert "cleaned up: orchestrator machine" in hot.output and "it released the deploy lock" in hot.output
     assert not orchestrators(project)
     assert lock_key(project) not in project.release_keys()
 
@@ -209,7 +215,8 @@ def test_a_killed_hot_is_recovered_by_the_next(fakefly, seaweed, tmp_path):
     assert "1/1 machine upgraded to v3" in again.output
 
 
-def test_a_failed_preflight_names_the_fix_and_changes_nothing(fakefly, seaweed, tmp_path):
+@BOTH_PATHS
+def test_a_failed_preflight_names_the_fix_and_changes_nothing(fakefly, seaweed, tmp_path, direct):
     project = Project(fakefly, seaweed, tmp_path, machines=3)
     keys_before = project.release_keys()  # current.json, recorded by the machines' boot
     # The running image keeps flydeploy elsewhere (its processes loaded it already); the new
@@ -217,7 +224,7 @@ def test_a_failed_preflight_names_the_fix_and_changes_nothing(fakefly, seaweed, 
     for machine in project.machines:
         (machine.root / "flydeploy.py").rename(machine.root / "vendored_flydeploy.py")
     project.edit(V2)
-    hot = project.cli("hot")
+    hot = project.push("hot", direct=direct)
     assert hot.returncode == 1, hot.output
     assert "preflight failed" in hot.output and "nothing was locked, uploaded or changed" in hot.output
     assert "flydeploy is not importable the way the upgrade runs it" in hot.output
@@ -225,7 +232,7 @@ def test_a_failed_preflight_names_the_fix_and_changes_nothing(fakefly, seaweed, 
     assert project.release_keys() == keys_before  # no release, no lock, current.json as it was
     assert all(get(m)[0] == "hello v1" for m in project.machines)
 
-    doctor = project.cli("doctor", "--json")
+    doctor = project.push("doctor", "--json", direct=direct)
     assert doctor.returncode == 1, doctor.output
     failed = [c for c in json.loads(doctor.stdout) if not c["ok"]]
     assert failed and all("not importable" in c["detail"] for c in failed)

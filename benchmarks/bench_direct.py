@@ -1,0 +1,152 @@
+"""`hot --direct` against `hot` through an orchestrator machine: the whole command.
+
+Prints one JSON line.  For 3 and 20 machines of the local fake Fly
+(tests/fakefly: a real Machines API server on loopback, each machine a sandbox
+running a real app process with a ``flydeploy.Server``, its agent and the
+boot-time catch-up) and SeaweedFS as the bucket, it times the whole command,
+``python -m flydeploy_cli hot --direct`` and ``python -m flydeploy_cli hot``,
+from process start to exit, in the same run, one after the other, each with a
+new release of the app.  Every exec costs a round trip of ``LATENCY_S`` (half
+on the way in, half on the way back), as in bench_fleet.py: the network and
+platform time a real exec spends away from the machines' CPUs (Fly measured a
+median of 0.19 s for its Machines API alone:
+community.fly.io/t/we-made-the-machines-api-faster-by-adding-machines/19135).
+Goal: 20 machines under 2.5 s for the whole ``hot --direct`` command.
+
+Here the twenty machines' commands share this host's cores (and whatever else
+runs on it: ``host_load_1min``), so the 20-machine figure measures the host
+as much as the command.  ``direct_before_upgrading_s`` is the command up to
+the first upgrade exec (start, packing, checks, preflight, lock, upload,
+``current.json``), ``direct_upgrading_s`` the rest; as in bench_fleet.py,
+``direct_fleet_estimate_s_20_machines`` is what that makes for a real fleet
+whose machines each have their own CPU: the 20-machine run's part before
+the upgrades, plus ceil(20 / 10) waves as long as the 3-machine run's.
+
+In the local Fly, the image build of ``hot`` is a directory snapshot and the
+orchestrator machine starts at once, so its measured time leaves out what the
+real platform spends there.  ``model_*`` figures add that back and are a MODEL,
+not a measurement: the audit of Fly's sources (shared reference notes) gives no
+timing, so the figures are the issue's own estimates, an image build on Fly's
+builders of tens of seconds to minutes (``MODEL_BUILD_S`` is the low end, a
+warm cache), and a machine that takes seconds to be created and started
+(``MODEL_MACHINE_START_S``).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import run_seaweed  # noqa: E402
+from tests.fakefly import FakeFly, write_app_tree  # noqa: E402
+
+FLEETS = (3, 20)
+LATENCY_S = 0.25
+GOAL_S = 2.5
+MODEL_BUILD_S = 30.0
+MODEL_MACHINE_START_S = 3.0
+
+MAIN = """
+import threading
+
+import flydeploy
+
+flydeploy.startup_reapply_current()
+import counter  # noqa: E402
+
+server = counter.Counter.start(name="counter")
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+COUNTER = """
+import flydeploy
+
+RELEASE = {release}
+
+
+class Counter(flydeploy.Server):
+    vsn = {release}
+
+    def init(self):
+        return {{"n": 0}}
+
+    def handle_call(self, request, state):
+        return RELEASE, state
+"""
+
+
+def run_fleet(work: pathlib.Path, seaweed, machines: int) -> dict:
+    app_name = f"bench-direct-{machines}"
+    tree = write_app_tree(work / app_name, {"main.py": MAIN, "counter.py": COUNTER.format(release=1),
+                                            "pyproject.toml": '[project]\nname = "bench"\ndependencies = []\n'},
+                          app=app_name, processes={"app": "python3 main.py"})
+    with FakeFly(work / f"fly-{machines}") as fly:
+        app = fly.create_app(app_name, tree, machines=machines, secrets=seaweed.env())
+        for machine in app.machines:
+            machine.wait_for_log("ready", timeout=300)
+        fly.faults.add("latency", op="exec", times=None, delay=LATENCY_S)
+        env = {**fly.env(), **seaweed.env(), "PYTHONPATH": str(ROOT)}
+        releases = iter(range(2, 100))
+
+        def command(*args: str) -> float:
+            release = next(releases)
+            (tree / "counter.py").write_text(COUNTER.format(release=release))
+            time.sleep(1.0)  # the API paces one exec per machine a second: deploys are minutes apart
+            started = time.perf_counter()
+            process = subprocess.Popen([sys.executable, "-m", "flydeploy_cli", "hot", "--version", f"r{release}",
+                                        *args], cwd=tree, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+            output, upgrading = [], None
+            for line in process.stdout:
+                output.append(line)
+                if upgrading is None and line.startswith("Upgrading "):
+                    upgrading = time.perf_counter() - started
+            process.wait(timeout=600)
+            elapsed = time.perf_counter() - started
+            if process.returncode != 0 or f"{machines}/{machines} machines upgraded" not in "".join(output):
+                raise SystemExit(f"hot {' '.join(args)} failed ({process.returncode}):\n{''.join(output)}")
+            return elapsed, upgrading
+
+        command("--direct")  # warm-up: every sandbox compiles flydeploy once
+        direct, before = command("--direct")
+        orchestrator, _ = command()
+    return {"direct_s": round(direct, 3), "direct_before_upgrading_s": round(before, 3),
+            "direct_upgrading_s": round(direct - before, 3),
+            "orchestrator_local_fly_s": round(orchestrator, 3),
+            "model_orchestrator_real_fly_s": round(orchestrator + MODEL_BUILD_S + MODEL_MACHINE_START_S, 1)}
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-direct-") as scratch:
+        work = pathlib.Path(scratch)
+        (work / "seaweed").mkdir()
+        with run_seaweed(work / "seaweed") as seaweed:
+            results = {machines: run_fleet(work, seaweed, machines) for machines in FLEETS}
+    line = {"benchmark": "direct", "host_cores": len(os.sched_getaffinity(0)),
+            "host_load_1min": round(os.getloadavg()[0], 1), "exec_round_trip_s": LATENCY_S}
+    for machines, figures in results.items():
+        line.update({f"{key}_{machines}_machines": value for key, value in figures.items()})
+    # Where each machine has its own CPU: what happens before the upgrades (20 machines), then
+    # ceil(20 / 10) waves each as long as the 3 machines' one wave, which shared this host's cores least.
+    waves = -(-20 // 10)
+    estimate = results[20]["direct_before_upgrading_s"] + waves * results[3]["direct_upgrading_s"]
+    line.update({
+        "direct_fleet_estimate_s_20_machines": round(estimate, 3),
+        "model": "MODEL, not measured: model_* adds an image build of MODEL_BUILD_S and an orchestrator "
+                 "machine start of MODEL_MACHINE_START_S (the issue's estimates; the audit has no timing)",
+        "model_build_s": MODEL_BUILD_S,
+        "model_machine_start_s": MODEL_MACHINE_START_S,
+        "goal_direct_20_under_2_5s": results[20]["direct_s"] < GOAL_S,
+    })
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
