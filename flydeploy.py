@@ -49,7 +49,7 @@ The file is organised in sections, in the order data flows:
 5. Agent          the per-process agent on a unix socket, the per-machine
                   upgrade (``hot_upgrade``), boot-time catch-up
                   (``startup_reapply_current``) and the poller.
-6. Entry points   ``python <app_dir>/flydeploy.py rpc ...`` (what exec runs:
+6. Entry points   ``<app_dir>/flydeploy.py rpc ...`` (what exec runs:
                   upgrade, detached or not, info, ping, preflight) and
                   ``... orchestrate ...`` (the orchestrator machine's main
                   process); ``main``; the ``__main__`` hook is right after
@@ -2826,6 +2826,9 @@ _EXEC_INTERVAL = 1.1
 # 408 deadline_exceeded while the command goes on running (fly-platform-facts M5), so
 # every machine-side command is short: long work runs detached and reports to S3.
 EXEC_DEADLINE_S = 25
+# How long the exec that starts a detached upgrade waits for it to end, so that
+# it brings the result back and nothing needs collecting: well within the deadline.
+_DETACHED_WAIT_S = 10.0
 # init runs an exec's argv directly: a program that does not exist is an API error
 # (init exec.rs spawns with `.output().await.map_err(...)`), not exit status 127.
 _MISSING_PROGRAM_RE = re.compile(r"no such file|ENOENT|executable file not found|not found in \$PATH",
@@ -3278,32 +3281,46 @@ _ORCHESTRATE_FLAG_SETTINGS = ("app", "python", "app_dir", "lock_timeout", "timeo
 class MachineCommands:
     """The one builder of every command flydeploy runs on a machine.
 
-    Each is ``[python, <app_dir>/flydeploy.py, ...]``: an exec runs its argv
+    Each is ``[python, -c, BOOTSTRAP, <app_dir>, ...]``: an exec runs its argv
     directly, as root, in ``/``, with no shell and the image's PATH (init
-    exec.rs), so there is no ``cd``, no ``-m`` (``/`` does not hold the app),
-    and the script's absolute path makes Python import flydeploy from the app
-    directory.  The exec token's command restriction is ``token_prefix``, so a
-    token minted for these commands allows exactly them.
+    exec.rs), so there is no ``cd`` and no ``-m`` (``/`` does not hold the
+    app).  ``BOOTSTRAP`` puts ``app_dir`` first on ``sys.path`` (and the
+    working directory off it), imports flydeploy from there and runs its
+    ``main`` with the words after ``app_dir``: an imported module is loaded
+    from its cached bytecode, where a script (``python .../flydeploy.py``)
+    would be compiled whole on every exec.  The exec token's command
+    restriction is ``token_prefix``, so a token minted for these commands
+    allows exactly them (the fixed program cannot run anything else).
     """
 
     python: str
-    script: str
+    app_dir: str
+
+    # No comma, quote, backslash or ``#``: flyctl reads ``--command-prefix`` as
+    # comma-separated values and splits each like a shell (create.go:681-691).
+    BOOTSTRAP = ("import sys; sys.path[:] = [sys.argv.pop(1)] + [p for p in sys.path if p]; "
+                 "import flydeploy; sys.exit(flydeploy.main())")
 
     @classmethod
     def for_app_dir(cls, python: str, app_dir: str) -> MachineCommands:
         """Commands for a ``flydeploy.py`` copied into ``app_dir`` on the machines."""
-        return cls(python, app_dir.rstrip("/") + "/flydeploy.py")
+        return cls(python, app_dir.rstrip("/") or "/")
+
+    @property
+    def script(self) -> str:
+        """Where flydeploy.py must be on the machines."""
+        return self.app_dir.rstrip("/") + "/flydeploy.py"
 
     def argv(self, *args: str) -> list[str]:
-        """``[python, script, *args]``."""
-        return [self.python, self.script, *args]
+        """``[python, -c, BOOTSTRAP, app_dir, *args]``."""
+        return [self.python, "-c", self.BOOTSTRAP, self.app_dir, *args]
 
     def rpc(self, command: str, app: str, *args: str) -> list[str]:
-        """``python .../flydeploy.py rpc <command> --app <app> ...``: what exec runs."""
+        """``... rpc <command> --app <app> ...``: what exec runs."""
         return self.argv("rpc", command, "--app", app, *args)
 
     def orchestrate(self, *args: str) -> list[str]:
-        """``python .../flydeploy.py orchestrate ...``: the orchestrator machine's main process."""
+        """``... orchestrate ...``: the orchestrator machine's main process."""
         return self.argv("orchestrate", *args)
 
     def token_prefix(self) -> list[str]:
@@ -4099,17 +4116,19 @@ class _ResultBoard:
 
     Every machine waiting for its result shares one poller: whoever finds the
     next poll due lists the folder (one request, whatever the number of
-    machines) and reads the new objects; the others wait for it.
+    machines); the others wait for it.  Each waiter then reads its own object,
+    so the objects one listing shows are read at once, not one after another.
     """
 
     def __init__(self, store: Store, prefix: str) -> None:
         self._store = store
         self._prefix = prefix
         self._cond = threading.Condition()
-        self._results: dict[str, dict] = {}
+        self._listed: set[str] = set()
         self._waiting: dict[str, float] = {}
         self._polling = False
-        self._next_poll = 0.0
+        # The first look is _RESULT_POLL_MIN_S after the first wait begins: the upgrade was just started.
+        self._next_poll = float("inf")
         self.error: str | None = None
         self.polls = 0
 
@@ -4122,14 +4141,20 @@ class _ResultBoard:
             while True:
                 with self._cond:
                     now = time.monotonic()
-                    if machine_id in self._results:
-                        return self._results[machine_id]
-                    if now >= deadline:
-                        return None
-                    if self._polling or now < self._next_poll:
-                        self._cond.wait(min(deadline, self._next_poll if not self._polling else deadline) - now)
-                        continue
-                    self._polling = True
+                    listed = machine_id in self._listed
+                    self._listed.discard(machine_id)
+                    if not listed:
+                        if now >= deadline:
+                            return None
+                        if self._polling or now < self._next_poll:
+                            self._cond.wait(min(deadline, self._next_poll if not self._polling else deadline) - now)
+                            continue
+                        self._polling = True
+                if listed:
+                    result = self._read(machine_id)
+                    if result is not None:
+                        return result
+                    continue
                 try:
                     self._poll()
                 finally:
@@ -4141,21 +4166,34 @@ class _ResultBoard:
         finally:
             with self._cond:
                 self._waiting.pop(machine_id, None)
+                self._listed.discard(machine_id)
 
     def _poll(self) -> None:
+        """List the folder: the machines waiting whose object is there may read it."""
         self.polls += 1
         try:
-            for key in self._store.list(self._prefix):
-                machine_id = key[len(self._prefix):].removesuffix(".json")
-                if machine_id in self._results or machine_id not in self._waiting:
-                    continue
-                found = self._store.get_json(key)
-                if found is not None and isinstance(found[0], dict) and found[0].get("status") != "pending":
-                    with self._cond:
-                        self._results[machine_id] = found[0]
+            keys = self._store.list(self._prefix)
         except FlyDeployError as exc:  # a passing store error: the next poll tries again
-            self.error = str(exc)
-            log.warning("flydeploy: could not read the upgrade results: %s", exc)
+            self._failed(exc)
+            return
+        with self._cond:
+            self._listed.update(machine_id for machine_id in (key[len(self._prefix):].removesuffix(".json")
+                                                              for key in keys) if machine_id in self._waiting)
+
+    def _read(self, machine_id: str) -> dict | None:
+        """The result object of ``machine_id``, None while it is missing or says pending."""
+        try:
+            found = self._store.get_json(f"{self._prefix}{machine_id}.json")
+        except FlyDeployError as exc:
+            self._failed(exc)
+            return None
+        if found is not None and isinstance(found[0], dict) and found[0].get("status") != "pending":
+            return found[0]
+        return None
+
+    def _failed(self, exc: FlyDeployError) -> None:
+        self.error = str(exc)
+        log.warning("flydeploy: could not read the upgrade results: %s", exc)
 
 
 def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list[str], *, timeout: float,
@@ -4163,9 +4201,10 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list
                       board: _ResultBoard | None, on_outcome: Callable[[MachineOutcome], None]) -> None:
     """Upgrade every target, ``max_concurrency`` at a time; ``on_outcome`` as each finishes.
 
-    With a ``board`` the exec only starts the upgrade on the machine, detached
-    (``argv`` ends in ``--detach``; starting twice starts it once, so the start
-    may be retried), and the outcome is the result object the machine stores;
+    With a ``board`` the exec starts the upgrade on the machine, detached
+    (``argv`` has ``--detach``; starting twice starts it once, so the start
+    may be retried), and waits for it ``_DETACHED_WAIT_S`` at most: the outcome
+    is the result it brings back, else the result object the machine stores;
     without one the exec runs the whole upgrade and prints its result.
     """
 
@@ -4177,7 +4216,8 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list
         if board is None or not res.ok:
             return judge_upgrade(machine, res.exit_code, res.stdout, res.stderr, res.exit_signal,
                                  commands=commands)
-        result = board.wait(machine["id"], began, began + timeout)
+        # Ended within the exec's wait: its result came back with it.  Else it is collected.
+        result = parse_result_marker(res.stdout) or board.wait(machine["id"], began, began + timeout)
         if result is None:
             why = f" (last storage error: {board.error})" if board.error else ""
             return MachineOutcome(machine["id"], machine.get("region", "?"), False,
@@ -4287,7 +4327,7 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
             detached = bool(getattr(api, "runs_detached", False))
             argv = commands.rpc("upgrade", app, "--url", entry["tarball_url"], "--sha256", entry["sha256"],
                                 "--suspend-timeout", f"{suspend_timeout:g}", "--upgrade-id", upgrade_id,
-                                *(["--detach"] if detached else []))
+                                *(["--detach", "--wait", f"{min(timeout, _DETACHED_WAIT_S):g}"] if detached else []))
 
             def finished(outcome: MachineOutcome) -> None:
                 report.outcomes.append(outcome)
@@ -11118,6 +11158,8 @@ def _rpc_preflight(args: argparse.Namespace) -> int:
 
 # Job markers and logs older than this are removed when the next job starts.
 _JOB_KEEP_S = 86400.0
+# How often ``rpc ... --detach --wait`` looks whether its job has ended.
+_JOB_WAIT_STEP_S = 0.005
 
 
 def _job_marker(app: str, job: str, upgrade_id: str) -> str:
@@ -11133,7 +11175,8 @@ def _job_marker(app: str, job: str, upgrade_id: str) -> str:
 
 
 def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int:
-    """``rpc <command> --detach``: start ``run(args)`` in the background and return at once.
+    """``rpc <command> --detach``: start ``run(args)`` in the background and return at once,
+    or with ``--wait S`` when it ends, at most ``S`` seconds later.
 
     The command and the upgrade id name the job: a second start of the same
     one (an exec retried after a lost reply) finds its marker and starts
@@ -11141,7 +11184,9 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
     into a session of its own with its output in a log next to the marker, so
     that the exec's pipes close when this command returns; what it reports
     goes to a result object, which the orchestrator collects (``_ResultBoard``).
-    Any machine-side phase that may outlast an exec runs this way.
+    A job that ends within the wait has its result line printed here too, so
+    that the exec that started it brings it back and nothing needs to be
+    collected.  Any machine-side phase that may outlast an exec runs this way.
     """
     marker = _job_marker(args.app, args.rpc_command, args.upgrade_id)
     try:
@@ -11149,6 +11194,7 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
     except FileExistsError:
         print(json.dumps({"detached": True, "started": False, "upgrade_id": args.upgrade_id}))
         return 0
+    log_path = marker[:-5] + ".log"
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -11156,7 +11202,7 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
         code = 1
         try:
             os.setsid()
-            output = os.open(marker[:-5] + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            output = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
             os.dup2(output, 1)
@@ -11170,7 +11216,16 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
             os._exit(code)
     with os.fdopen(fd, "w") as handle:
         json.dump({"pid": pid, "upgrade_id": args.upgrade_id, "started_at": _iso_utc(_utc_now())}, handle)
-    print(json.dumps({"detached": True, "started": True, "upgrade_id": args.upgrade_id, "pid": pid}))
+    print(json.dumps({"detached": True, "started": True, "upgrade_id": args.upgrade_id, "pid": pid}), flush=True)
+    deadline = time.monotonic() + (getattr(args, "wait", None) or 0.0)
+    while os.waitpid(pid, os.WNOHANG)[0] == 0:
+        if time.monotonic() >= deadline:
+            return 0
+        time.sleep(_JOB_WAIT_STEP_S)
+    with contextlib.suppress(OSError), open(log_path, encoding="utf-8", errors="replace") as output:
+        result = parse_result_marker(output.read())
+        if result is not None:
+            print(f"{RESULT_MARKER}{json.dumps(result, sort_keys=True)}{RESULT_MARKER}", flush=True)
     return 0
 
 
@@ -11239,6 +11294,9 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
     upgrade.add_argument("--detach", action="store_true",
                          help="start the upgrade in the background and return at once; its result is "
                               "only stored (needs --upgrade-id; a second start of the same id starts nothing)")
+    upgrade.add_argument("--wait", type=_positive_seconds, metavar="S",
+                         help="with --detach: return when the upgrade ends, with its result line, or after "
+                              "S seconds at most (then its result is only stored)")
     upgrade.set_defaults(handler=_rpc_upgrade)
     preflight = rpc_commands.add_parser("preflight", parents=[common],
                                         help="print, as JSON, how this machine runs flydeploy and its agents")

@@ -19,7 +19,7 @@ Settings come, highest first, from the flags, ``[tool.flydeploy]`` in
 ``pyproject.toml``, ``fly.toml`` and the defaults.  ``hot`` builds the image
 with ``fly deploy --build-only --push``, then creates a temporary orchestrator
 machine from it through the Machines API whose main process is
-``<python> <app_dir>/flydeploy.py orchestrate`` (destroyed when it exits; its
+``<python> -c <bootstrap> <app_dir> orchestrate`` (``MachineCommands``; destroyed when it exits; its
 output comes from ``fly logs``, its exit code from the machine's exit event).
 The orchestrator runs a preflight, packs the app, stores the release and
 starts ``rpc upgrade`` on every machine with short execs, collecting each
@@ -145,7 +145,7 @@ def token_command(config: flydeploy.FleetConfig) -> list[str]:
 def orchestrate_argv(config: flydeploy.FleetConfig, image_ref: str, *, version: str | None = None,
                      owner: str | None = None, force: bool = False, rollback: bool = False,
                      rollback_to: str | None = None) -> list[str]:
-    """The ``<python> <app_dir>/flydeploy.py orchestrate --root <app_dir> ...`` command the
+    """The ``<python> -c <bootstrap> <app_dir> orchestrate --root <app_dir> ...`` command the
     orchestrator machine runs as its main process, carrying every resolved setting so
     that it does exactly what ``--dry-run`` shows."""
     config.require_app()

@@ -114,13 +114,18 @@ class StubMachines:
     def exec(self, machine_id, argv, *, timeout=30):
         with self.lock:
             self.calls.append((machine_id, list(argv), timeout))
-        if argv[2:4] == ["rpc", "preflight"]:
+        if _rpc_command(argv) == "preflight":
             return flydeploy.ExecResult(0, 0, json.dumps(PREFLIGHT_OK), "")
         return self.answer(machine_id, argv)
 
     def upgrade_calls(self):
         """The exec calls other than the preflight's."""
-        return [call for call in self.calls if call[1][2:4] != ["rpc", "preflight"]]
+        return [call for call in self.calls if _rpc_command(call[1]) != "preflight"]
+
+
+def _rpc_command(argv):
+    """The rpc command of a machine-side argv (``... rpc <command> ...``)."""
+    return argv[argv.index("rpc") + 1] if "rpc" in argv else None
 
 
 PREFLIGHT_OK = {"flydeploy": flydeploy.__version__, "python": "/usr/local/bin/python3", "python_version": "3.12.1",

@@ -18,6 +18,9 @@ from tests.fleet_doubles import (MARKER, StubMachines, interruptible_orchestrato
                                  result_line, run, script, succeed, write)
 from tests.waiting import wait_until
 
+# How every machine-side command starts: the interpreter, the bootstrap, the app directory.
+RUN_IN_APP = ["python3", "-c", flydeploy.MachineCommands.BOOTSTRAP, "/app"]
+
 pytest_plugins = ["tests.fleet_doubles"]
 
 
@@ -107,12 +110,12 @@ def test_exact_command_lines(project):
     # The token's restriction is the prefix of every machine-side command, from the one builder.
     assert flydeploy_cli.token_command(config) == [
         "fly", "tokens", "create", "machine-exec", "-a", "shop", "--expiry", "1h",
-        "--command-prefix", "python3 /app/flydeploy.py rpc"]
-    assert config.machine_commands().rpc("info", "shop")[:3] == shlex.split("python3 /app/flydeploy.py rpc")
+        "--command-prefix", shlex.join([*RUN_IN_APP, "rpc"])]
+    assert config.machine_commands().rpc("info", "shop")[:5] == [*RUN_IN_APP, "rpc"]
     image = "registry.fly.io/shop:flydeploy-v7-abc"
     argv = flydeploy_cli.orchestrate_argv(config, image, version="v7", owner="ann@example.com", force=True)
     assert argv == [
-        "python3", "/app/flydeploy.py", "orchestrate", "--root", "/app", "--image-ref", image, "--app", "shop",
+        *RUN_IN_APP, "orchestrate", "--root", "/app", "--image-ref", image, "--app", "shop",
         "--python", "python3", "--app-dir", "/app", "--lock-timeout", "300", "--timeout", "120",
         "--max-concurrency", "3", "--suspend-timeout", "10", "--process-group", "app", "--version", "v7",
         "--owner", "ann@example.com", "--force"]
@@ -186,7 +189,7 @@ def test_dry_run_prints_settings_and_commands_and_runs_nothing(project, stub_fly
     machine = json.loads(create.split("destroyed when it exits: ", 1)[1])
     assert machine["env"]["FLYDEPLOY_API_TOKEN"] == "<redacted>" and "STRIPE_SECRET_KEY" not in machine["env"]
     orchestrate = machine["init"]["entrypoint"] + machine["init"]["cmd"]
-    assert orchestrate[:5] == ["python3", "/app/flydeploy.py", "orchestrate", "--root", "/app"]
+    assert orchestrate[:7] == [*RUN_IN_APP, "orchestrate", "--root", "/app"]
     assert orchestrate[orchestrate.index("--owner") + 1] == "ann@example.com"
     assert orchestrate[orchestrate.index("--max-concurrency") + 1] == "2"
     assert "--force" in orchestrate and "--no-cache" in shlex.split(commands[0])
@@ -448,10 +451,10 @@ def test_orchestrate_pushes_a_release_to_every_started_machine(store, app_root):
     assert hot["source_image_ref"] == "registry.fly.io/shop:l1"
     assert doc["image_ref"] == "registry.fly.io/shop:deployment-1"  # seeded from the machines
     # The preflight ran first, on one machine of the group; then the upgrades, from the one builder.
-    assert api.calls[0][1] == ["python3", "/app/flydeploy.py", "rpc", "preflight", "--app", "shop"]
+    assert api.calls[0][1] == [*RUN_IN_APP, "rpc", "preflight", "--app", "shop"]
     calls = api.upgrade_calls()
     assert sorted(call[0] for call in calls) == ["a", "b"]
-    assert calls[0][1] == ["python3", "/app/flydeploy.py", "rpc", "upgrade", "--app", "shop",
+    assert calls[0][1] == [*RUN_IN_APP, "rpc", "upgrade", "--app", "shop",
                            "--url", hot["tarball_url"], "--sha256", hot["sha256"],
                            "--suspend-timeout", "4", "--upgrade-id", report.upgrade_id]
     assert {call[2] for call in calls} == {50}

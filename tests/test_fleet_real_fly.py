@@ -98,15 +98,15 @@ def test_hot_doctor_status_and_rollback_through_the_real_fly(fakefly, seaweed, t
     assert len(created) == 1
     config = created[0].body["config"]
     argv = config["init"]["entrypoint"] + config["init"]["cmd"]
-    assert argv[:5] == ["python3", "/app/flydeploy.py", "orchestrate", "--root", "/app"]
+    assert argv[:7] == ["python3", "-c", flydeploy.MachineCommands.BOOTSTRAP, "/app", "orchestrate", "--root", "/app"]
     # fly.toml [env] reaches the orchestrator in its config; the exec token too, never on a command line.
     assert config["env"]["APP_PORT_FILE"] == "port" and config["env"]["FLYDEPLOY_API_TOKEN"].startswith("FlyV1 ")
     token = config["env"]["FLYDEPLOY_API_TOKEN"].split()[-1]
     assert not any(token in " ".join(call) for call in fakefly.fly_calls())
     execs = [r.body["command"] for r in requests if r.op == "exec"]
-    assert all(c[:3] == ["python3", "/app/flydeploy.py", "rpc"] for c in execs), execs
-    assert sum(c[3] == "preflight" for c in execs) == 1  # one group, one preflight
-    assert all("--detach" in c for c in execs if c[3] == "upgrade")
+    assert all(c[:5] == ["python3", "-c", flydeploy.MachineCommands.BOOTSTRAP, "/app", "rpc"] for c in execs), execs
+    assert sum(c[5] == "preflight" for c in execs) == 1  # one group, one preflight
+    assert all("--detach" in c for c in execs if c[5] == "upgrade")
 
     status = project.cli("status", "--json", local_s3=True)
     assert status.returncode == 0, status.output
@@ -248,7 +248,7 @@ def test_a_refused_exec_token_falls_back_to_the_app_secret(fakefly, seaweed, tmp
     assert hot.returncode == 0, hot.output
     assert "was refused" not in hot.output  # the minted token allows exactly what is run, in either field
 
-    restricted = project.app.exec_token(prefixes=[["python3", "-c"]])
+    restricted = project.app.exec_token(prefixes=[["python3", "-c", "print(1)"]])
     api = flydeploy.Machines(project.name, restricted)
     outcome = flydeploy.run_preflight(api, project.name, [project.machines[0].to_json()],
                                       flydeploy.MachineCommands.for_app_dir("python3", "/app"))
@@ -272,6 +272,6 @@ def test_an_orchestrator_that_cannot_run_in_the_new_image_says_why(fakefly, seaw
     project.edit(V2)
     hot = project.cli("hot")
     assert hot.returncode == 1, hot.output
-    assert "can't open file '/srv/shop/flydeploy.py'" in hot.output
+    assert "No module named 'flydeploy'" in hot.output
     assert "the orchestrator did not start" in hot.output and "[tool.flydeploy] app_dir" in hot.output
     assert project.release_keys() == keys_before and not orchestrators(project)

@@ -241,14 +241,14 @@ def test_the_orchestrator_and_every_exec_use_the_app_dir(project):
         return config, flydeploy_cli.orchestrate_argv(config, "img")
 
     config, words = argv()
-    assert words[:5] == ["python3", "/app/flydeploy.py", "orchestrate", "--root", "/app"]
+    assert words[:7] == ["python3", "-c", flydeploy.MachineCommands.BOOTSTRAP, "/app", "orchestrate", "--root", "/app"]
     assert config.sources["app_dir"] == "default"
     write(project / "Dockerfile", "FROM python:3.12\nWORKDIR /srv\nCOPY . .\nWORKDIR /srv/shop\nCMD python main.py\n")
     config, words = argv()
-    assert words[1] == "/srv/shop/flydeploy.py" and words[4] == "/srv/shop"
+    assert words[3] == "/srv/shop" and words[6] == "/srv/shop"
     assert config.sources["app_dir"] == "Dockerfile WORKDIR"
-    assert config.machine_commands().rpc("info", "shop")[:3] == ["python3", "/srv/shop/flydeploy.py", "rpc"]
+    assert config.machine_commands().rpc("info", "shop")[:5] == ["python3", "-c", flydeploy.MachineCommands.BOOTSTRAP, "/srv/shop", "rpc"]
     write(project / "pyproject.toml", '[tool.flydeploy]\napp_dir = "/opt/my app"\npython = "/venv/bin/python"\n')
     config, words = argv()
-    assert words[:5] == ["/venv/bin/python", "/opt/my app/flydeploy.py", "orchestrate", "--root", "/opt/my app"]
+    assert words[:7] == ["/venv/bin/python", "-c", flydeploy.MachineCommands.BOOTSTRAP, "/opt/my app", "orchestrate", "--root", "/opt/my app"]
     assert config.sources["app_dir"].startswith("pyproject.toml")

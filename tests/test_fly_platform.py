@@ -1,11 +1,15 @@
 """What the real Fly does, as Fly's own sources define it (shared/reference/fly-platform-facts.md),
 played by the local Fly, and how flydeploy copes: one test per behaviour."""
 
+import concurrent.futures
 import json
 import os
+import pathlib
+import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -57,6 +61,21 @@ def test_a_non_idempotent_exec_is_not_sent_again_after_a_408(fakefly, demo, tmp_
     assert caught.value.status == 408 and len(exec_requests(fakefly)) == 1
     wait_until(runs.exists, "the command the 408 left running")
     assert runs.read_text() == "x"
+
+
+def test_a_detached_upgrade_that_ends_within_the_wait_comes_back_with_its_exec(fakefly, demo, tmp_path):
+    # The result comes back with the exec that started it: no result object to poll for.  No
+    # agent runs in the demo app, so the upgrade ends at once, failed, and says why.
+    commands = flydeploy.MachineCommands.for_app_dir("python3", "/app")
+    api = flydeploy.Machines("demo", demo.token)
+    url = (tmp_path / "store" / "releases" / "demo-v2.tar.gz").as_uri()
+    argv = commands.rpc("upgrade", "demo", "--url", url, "--upgrade-id", "u1", "--detach", "--wait", "20")
+    first = api.exec(demo.machines[0].id, argv)
+    assert first.ok and json.loads(first.stdout.splitlines()[0])["started"], first.stderr
+    result = flydeploy.parse_result_marker(first.stdout)
+    assert result is not None and not result["success"] and result["upgrade_id"] == "u1"
+    again = api.exec(demo.machines[0].id, argv)  # a retried start starts nothing and waits for nothing
+    assert again.ok and not json.loads(again.stdout)["started"] and flydeploy.parse_result_marker(again.stdout) is None
 
 
 def test_fly_machine_run_with_a_command_runs_it_as_the_main_process(fakefly, demo):
@@ -150,6 +169,29 @@ def test_preflight_reports_how_the_machine_runs_flydeploy(tmp_path):
     assert not check.ok and "startup_reapply_current" in check.error
 
 
+def test_machine_commands_import_flydeploy_from_the_app_dir_and_its_cached_bytecode(tmp_path):
+    # Run as exec runs them: elsewhere than the app, here a directory whose modules must not be
+    # imported (the working directory is not the app's, and not on sys.path).  flydeploy is
+    # imported from the app directory, its bytecode cached there, not compiled as a script.
+    app_dir, elsewhere = tmp_path / "app", tmp_path / "cwd"
+    app_dir.mkdir()
+    elsewhere.mkdir()
+    (app_dir / "flydeploy.py").write_bytes(pathlib.Path(flydeploy.__file__).read_bytes())
+    for name in ("flydeploy.py", "logging.py", "argparse.py"):
+        (elsewhere / name).write_text("raise SystemExit('imported from the working directory')\n")
+    commands = flydeploy.MachineCommands.for_app_dir(sys.executable, str(app_dir))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPATH")}
+    env["FLYDEPLOY_RUNTIME_DIR"] = str(tmp_path / "run")
+    runs = [subprocess.run(commands.rpc("preflight", "shop"), env=dict(env, PYTHONVERBOSE=str(verbose)),
+                           cwd=elsewhere, capture_output=True, text=True, timeout=60) for verbose in (0, 1)]
+    for run in runs:
+        report = json.loads(run.stdout)
+        assert report["script"] == str(app_dir / "flydeploy.py") and report["agents"] == 0, run.stderr[-2000:]
+    cached = next((app_dir / "__pycache__").glob("flydeploy.*.pyc"))
+    assert f"code object from '{cached}'" in runs[1].stderr
+    assert "," not in shlex.join(commands.token_prefix())  # flyctl splits --command-prefix at commas
+
+
 def test_a_bucket_the_machine_cannot_reach_fails_its_preflight():
     # A detached upgrade that cannot reach the bucket could not report back: checked up front.
     report = {"python": "/usr/bin/python3", "agents": 1, "agents_ok": 1,
@@ -180,6 +222,29 @@ def test_result_polling_grows_with_the_wait_and_stays_bounded():
     assert flydeploy.result_poll_interval(600) == 1.0
     waits = [flydeploy.result_poll_interval(t / 10) for t in range(100)]
     assert waits == sorted(waits)
+
+
+def test_the_results_one_listing_shows_are_read_at_once(tmp_path):
+    # Each object costs a bucket round trip: read one after another, a wave of ten machines
+    # would wait ten round trips for its last result.  Here each read waits for the others.
+    machines = ["m1", "m2", "m3"]
+    together = threading.Barrier(len(machines), timeout=10)
+
+    class Store(flydeploy.LocalStore):
+        def get_json(self, key, **options):
+            together.wait()
+            return super().get_json(key, **options)
+
+    store = Store(tmp_path / "store")
+    prefix = flydeploy.results_prefix("shop", "u1")
+    for machine_id in machines:
+        store.put(f"{prefix}{machine_id}.json", json.dumps({"status": "completed", "success": True,
+                                                            "machine_id": machine_id}).encode())
+    board = flydeploy._ResultBoard(store, prefix)
+    began = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(len(machines)) as pool:
+        results = list(pool.map(lambda m: board.wait(m, began, began + 20), machines))
+    assert [r and r["machine_id"] for r in results] == machines and board.error is None
 
 
 def test_flyctl_keeps_its_stdin_open_until_it_exits(tmp_path):
