@@ -49,11 +49,11 @@ The file is organised in sections, in the order data flows:
 5. Agent          the per-process agent on a unix socket, the per-machine
                   upgrade (``hot_upgrade``), boot-time catch-up
                   (``startup_reapply_current``) and the poller.
-6. Entry points   ``<app_dir>/flydeploy.py rpc ...`` (what exec runs:
-                  upgrade, detached or not, info, ping, preflight) and
-                  ``... orchestrate ...`` (the orchestrator machine's main
-                  process); ``main``; the ``__main__`` hook is right after
-                  the imports.
+6. Entry points   ``rpc ...`` (what exec runs, started by the bootstrap
+                  ``MachineCommands`` builds: upgrade, detached or not, info,
+                  ping, preflight) and ``orchestrate ...`` (the orchestrator
+                  machine's main process); ``main``; the ``__main__`` hook is
+                  right after the imports.
 
 Every error raised on purpose is a ``FlyDeployError``; its message says what
 went wrong and what to do about it.  Secrets never appear in messages or logs.
