@@ -11294,7 +11294,7 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
     upgrade.add_argument("--detach", action="store_true",
                          help="start the upgrade in the background and return at once; its result is "
                               "only stored (needs --upgrade-id; a second start of the same id starts nothing)")
-    upgrade.add_argument("--wait", type=_positive_seconds, metavar="S",
+    upgrade.add_argument("--wait", type=_number_argument("seconds"), metavar="S",
                          help="with --detach: return when the upgrade ends, with its result line, or after "
                               "S seconds at most (then its result is only stored)")
     upgrade.set_defaults(handler=_rpc_upgrade)
