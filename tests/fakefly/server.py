@@ -846,7 +846,8 @@ import sys
 
 _HIDDEN = ({checkout!r}, {site!r})
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") not in _HIDDEN or p == sys.path[0] != ""]
-sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in type(f).__module__]
+# setuptools' editable install puts its finder class itself (not an instance) on sys.meta_path.
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
 sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
 sys.path_importer_cache.clear()
 """
