@@ -43,6 +43,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_fleet import COUNTER  # noqa: E402  (the same app as the fleet benchmark)
 from tests.conftest import run_seaweed  # noqa: E402
 from tests.fakefly import FakeFly, write_app_tree  # noqa: E402
 
@@ -63,22 +64,6 @@ import counter  # noqa: E402
 server = counter.Counter.start(name="counter")
 print("ready", flush=True)
 threading.Event().wait()
-"""
-
-COUNTER = """
-import flydeploy
-
-RELEASE = {release}
-
-
-class Counter(flydeploy.Server):
-    vsn = {release}
-
-    def init(self):
-        return {{"n": 0}}
-
-    def handle_call(self, request, state):
-        return RELEASE, state
 """
 
 
