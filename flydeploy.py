@@ -28,10 +28,14 @@ The file is organised in sections, in the order data flows:
 3. Machines API   the Fly Machines API client (``Machines``), the one builder
                   of machine-side commands (``MachineCommands``), the
                   preflight, and the fleet orchestration that pushes a
-                  release to every machine (``orchestrate``): short execs
-                  start detached upgrades, whose result objects it collects.
-                  It runs on an orchestrator machine or, with ``hot
-                  --direct``, on the developer's own.
+                  release to every machine (``orchestrate``) in two phases,
+                  named in ``FLEET_PHASES`` with their point of no return:
+                  prepare everywhere, judged by pure functions
+                  (``judge_prepare``, ``pick_canaries``, ``to_revert``,
+                  ``plan_document``), then apply (canaries first) or the
+                  fleet back; short execs start detached phases, whose
+                  result objects it collects.  It runs on an orchestrator
+                  machine or, with ``hot --direct``, on the developer's own.
 4. Engine         what happens inside one process: servers (``Server``),
                   asyncio loop pausing (``attach_loop``), change tracking
                   (``track``, ``modified_modules``), the plan (analysis of
@@ -3265,16 +3269,28 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "s3_addressing_style": ("style", None),
     # Files of the app root the image build makes (`hot --direct` needs them here too).
     "generated": ("names", ()),
+    # The fleet's two phases: canaries first, what a failed apply leads to, machines that
+    # may be missing, and the health check run on each machine after its apply.
+    "canary": ("count", None),
+    "canary_wait": ("seconds", None),
+    "on_failure": ("choice", "rollback"),
+    "allow_missing": ("flag", False),
+    "health_check": ("url_path", None),
+    "health_ports": ("ports", ()),
+    "health_timeout": ("seconds", 5.0),
 }
+# The values a "choice" setting takes; the first is its default.
+_CHOICES = {"on_failure": ("rollback", "keep")}
 # Where the app lives on a machine when neither [tool.flydeploy] app_dir nor a
 # Dockerfile WORKDIR says.
 _DEFAULT_APP_DIR = "/app"
 _WORKDIR_RE = re.compile(r"^\s*WORKDIR\s+(\S.*?)\s*$", re.IGNORECASE | re.MULTILINE)
-_FLAG_NAMES = {"process_groups": "--process-group", "build_args": "--build-arg"}
+_FLAG_NAMES = {"process_groups": "--process-group", "build_args": "--build-arg", "health_ports": "--health-port"}
 # The settings ``python -m flydeploy orchestrate`` takes as flags; the rest it
 # reads from the project it runs in.
 _ORCHESTRATE_FLAG_SETTINGS = ("app", "python", "app_dir", "lock_timeout", "timeout", "max_concurrency",
-                              "suspend_timeout", "process_groups")
+                              "suspend_timeout", "process_groups", "canary", "canary_wait", "on_failure",
+                              "allow_missing", "health_check", "health_ports", "health_timeout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3344,6 +3360,12 @@ class FleetConfig:
     (patterns): ``hot --direct`` refuses to pack a tree that lacks one.
     ``sources`` says where each setting came from, e.g. ``"--app"``,
     ``"pyproject.toml [tool.flydeploy]"``, ``"fly.toml"`` or ``"default"``.
+    The fleet's phases: ``canary`` machines take the release first and are
+    watched ``canary_wait`` seconds; ``on_failure`` (``rollback`` or ``keep``)
+    is what a failed apply leads to; ``allow_missing`` lets a machine that
+    cannot be reached before the apply catch up at its next boot; the
+    ``health_check`` path is fetched on each machine after its apply, on
+    ``health_ports`` (else its services' internal ports) within ``health_timeout``.
     """
 
     app: str | None
@@ -3367,6 +3389,13 @@ class FleetConfig:
     build: Mapping[str, Any]
     sources: Mapping[str, str]
     generated: tuple[str, ...] = ()
+    canary: int | None = None
+    canary_wait: float | None = None
+    on_failure: str = "rollback"
+    allow_missing: bool = False
+    health_check: str | None = None
+    health_ports: tuple[int, ...] = ()
+    health_timeout: float = 5.0
 
     def require_app(self) -> str:
         """The app name, or a ``ConfigError`` naming every place that can provide it."""
@@ -3386,7 +3415,10 @@ class FleetConfig:
         return {"root": self.root, "include": self.include, "exclude": self.exclude,
                 "lock_timeout": self.lock_timeout, "timeout": self.timeout,
                 "max_concurrency": self.max_concurrency, "suspend_timeout": self.suspend_timeout,
-                "process_groups": self.process_groups, "commands": self.machine_commands()}
+                "process_groups": self.process_groups, "commands": self.machine_commands(),
+                "canary": self.canary, "canary_wait": self.canary_wait, "on_failure": self.on_failure,
+                "allow_missing": self.allow_missing, "health_check": self.health_check,
+                "health_ports": self.health_ports, "health_timeout": self.health_timeout}
 
     def machine_commands(self) -> MachineCommands:
         """The builder of every command run on this app's machines (``python`` and ``app_dir``)."""
@@ -3398,8 +3430,10 @@ class FleetConfig:
         flags: list[str] = []
         for key in _ORCHESTRATE_FLAG_SETTINGS:
             kind, value = _SETTINGS[key][0], getattr(self, key)
-            if kind == "names":
-                flags += [part for item in value for part in (_flag_name(key), item)]
+            if kind in ("names", "ports"):
+                flags += [part for item in value for part in (_flag_name(key), str(item))]
+            elif kind == "flag":
+                flags += [_flag_name(key)] if value else []
             elif value is not None:
                 flags += [_flag_name(key), f"{value:g}" if kind == "seconds" else str(value)]
         return flags
@@ -3422,6 +3456,36 @@ def _dockerfile_workdir(project: pathlib.Path, build: Mapping[str, Any]) -> tupl
 
 def _flag_name(key: str) -> str:
     return _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
+
+
+def _url_path_problem(value: object) -> str | None:
+    """What is wrong with ``value`` as the path of a health check URL, or None."""
+    if not isinstance(value, str) or not value.startswith("/") or any(c.isspace() or c == "#" for c in value):
+        return "a URL path starting with / (e.g. /healthz), without spaces or #"
+    return None
+
+
+def _port_problem(value: object) -> str | None:
+    """What is wrong with ``value`` as a TCP port, or None."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        return "a TCP port from 1 to 65535"
+    return None
+
+
+def _checked_argument(problem: Callable[[Any], str | None], convert: Callable[[str], Any] = str
+                      ) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert`` the text, and a value ``problem`` finds wrong is a usage error."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = text
+        found = problem(value)
+        if found is not None:
+            raise argparse.ArgumentTypeError(f"{text!r}: it must be {found}")
+        return value
+    parse.__name__ = problem.__name__.strip("_").removesuffix("_problem")
+    return parse
 
 
 def _read_toml(path: pathlib.Path) -> dict[str, Any]:
@@ -3464,6 +3528,21 @@ def _check_setting(key: str, value: Any, where: str) -> Any:
     elif kind == "style":
         if value not in _ADDRESSING_STYLES:
             problem = f"one of {', '.join(map(repr, _ADDRESSING_STYLES))}"
+    elif kind == "choice":
+        if value not in _CHOICES[key]:
+            problem = f"one of {', '.join(map(repr, _CHOICES[key]))}"
+    elif kind == "flag":
+        if not isinstance(value, bool):
+            problem = "true or false"
+    elif kind == "url_path":
+        problem = _url_path_problem(value)
+    elif kind == "ports":
+        if isinstance(value, int):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(_port_problem(v) is None for v in value):
+            problem = "a list of TCP ports (1 to 65535)"
+        else:
+            value = tuple(value)
     elif kind == "mapping":
         if not isinstance(value, Mapping) or not all(
                 isinstance(k, str) and k and isinstance(v, (str, int, float)) for k, v in value.items()):
@@ -3550,7 +3629,10 @@ def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.P
         timeout=values["timeout"], suspend_timeout=values["suspend_timeout"],
         lock_timeout=values["lock_timeout"], process_groups=groups, build_args=values["build_args"],
         app_dir=values["app_dir"], s3_addressing_style=values["s3_addressing_style"], env=env,
-        processes=fly_tables["processes"], build=fly_tables["build"], sources=sources, generated=values["generated"])
+        processes=fly_tables["processes"], build=fly_tables["build"], sources=sources, generated=values["generated"],
+        canary=values["canary"], canary_wait=values["canary_wait"], on_failure=values["on_failure"],
+        allow_missing=values["allow_missing"], health_check=values["health_check"],
+        health_ports=values["health_ports"], health_timeout=values["health_timeout"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3665,13 +3747,18 @@ def _plural(count: int, word: str, words: str | None = None) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class MachineOutcome:
-    """How one machine took an upgrade; ``result`` is its ``rpc upgrade`` result, if any."""
+    """How one machine took one phase of an upgrade; ``result`` is what its machine-side
+    command reported (``rpc upgrade``, ``prepare``, ``apply``), if anything.  ``answered``
+    is False when the exec itself got no answer (the machine was not reached);
+    ``elapsed_s`` is the phase's wall time on it, as the orchestrator saw it."""
 
     machine_id: str
     region: str
     ok: bool
     error: str | None = None
     result: Mapping[str, Any] | None = None
+    answered: bool = True
+    elapsed_s: float = 0.0
 
     def line(self) -> str:
         """The line printed for this machine: ``✓ id (region) 3 modules, ...`` or
@@ -3715,32 +3802,274 @@ def judge_result(machine: Mapping[str, Any], result: Mapping[str, Any]) -> Machi
     machine_id, region = machine.get("id", "?"), machine.get("region", "?")
     if result.get("success"):
         return MachineOutcome(machine_id, region, True, None, result)
-    return MachineOutcome(machine_id, region, False, str(result.get("error") or "failed, no reason given"),
-                          result)
+    problems = "; ".join(_process_problem(p) for p in result.get("processes") or ()
+                         if isinstance(p, Mapping) and not p.get("ok"))
+    return MachineOutcome(machine_id, region, False,
+                          str(result.get("error") or problems or "failed, no reason given"), result)
 
 
 def judge_upgrade(machine: Mapping[str, Any], exit_code: int, stdout: str, stderr: str,
-                  exit_signal: int = 0, *, commands: MachineCommands | None = None) -> MachineOutcome:
-    """Judge one machine by its ``rpc upgrade`` result marker and exit code.
+                  exit_signal: int = 0, *, commands: MachineCommands | None = None,
+                  what: str = "rpc upgrade") -> MachineOutcome:
+    """Judge one machine by the result marker and exit code of its ``what`` (``rpc upgrade``).
 
     It succeeded only when the command exited 0 and its result says success.
     Otherwise the error is the result's own, or what the exit says (a missing
     Python or flydeploy on the machine is named with what to do).
     """
     result = parse_result_marker(stdout)
-    if result is not None and (result.get("error") or (exit_code == 0 and not exit_signal)):
+    if result is not None and (not result.get("success") or (exit_code == 0 and not exit_signal)):
         return judge_result(machine, result)
     commands = commands or MachineCommands.for_app_dir("python3", _DEFAULT_APP_DIR)
-    error = command_failure("rpc upgrade", commands, exit_code, stdout, stderr, exit_signal)
+    error = command_failure(what, commands, exit_code, stdout, stderr, exit_signal)
     return MachineOutcome(machine.get("id", "?"), machine.get("region", "?"), False, error, result)
+
+
+# --- The two phases of a fleet upgrade: the decisions ----------------------------
+
+# The phases of ``orchestrate``, in order.  Nothing live changes before RECORD:
+# preflight (one machine per group can run flydeploy), lock, pack (the release is
+# stored: an object, nothing live), prepare (every target downloads, stages and
+# every process prepares against the staged files), judge (all ready? else the
+# staged files are discarded everywhere and the run stops: ``--plan`` always
+# stops here).  RECORD is the point of no return: ``current.json`` names the
+# release, so a machine that boots from then on takes it.  Then apply (canaries
+# first, each checked), revert (only after a failed apply with ``--on-failure
+# rollback``: the machines that applied go back the same two-phase way and
+# ``current.json`` names the previous release again) and release (the lock).
+FLEET_PHASES = ("preflight", "lock", "pack", "prepare", "judge", "record", "apply", "revert", "release")
+FLEET_POINT_OF_NO_RETURN = "record"
+# What a machine runs when no hot upgrade reaches it.
+_IMAGE_CODE = "the image's code"
+# The upgrade id of the way back from upgrade ID is ID + this.
+_REVERT_SUFFIX = "-back"
+
+
+def _process_problem(process: Mapping[str, Any]) -> str:
+    """``pid 12 (web): why`` for one process of a phase result."""
+    name = f" ({process['name']})" if process.get("name") else ""
+    why = process.get("error") or (process.get("plan") or {}).get("refused") or "failed, no reason given"
+    return f"pid {process.get('pid')}{name}: {why}"
+
+
+def prepare_line(outcome: MachineOutcome) -> str:
+    """The line printed for one machine's phase 1: ``✓ id (region) ready: 2 files to write,
+    2 processes prepared`` or ``✗ id (region) refused: why``."""
+    result = outcome.result or {}
+    if not outcome.ok:
+        status = f"{result['status']}: " if result.get("status") else ""
+        return f"✗ {outcome.machine_id} ({outcome.region}) {status}{outcome.error}"
+    return (f"✓ {outcome.machine_id} ({outcome.region}) ready: "
+            f"{_plural(int(result.get('files_to_write') or 0), 'file')} to write, "
+            f"{_plural(len(result.get('processes') or ()), 'process', 'processes')} prepared")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareVerdict:
+    """Phase 1 judged: ``ready`` machines, ``refused`` ones (refused, failed, or not
+    reached), and ``missing`` ones (not reached, left to catch up at their next boot
+    because ``--allow-missing`` said so).  ``go`` when none refused."""
+
+    ready: tuple[MachineOutcome, ...]
+    refused: tuple[MachineOutcome, ...]
+    missing: tuple[MachineOutcome, ...]
+
+    @property
+    def go(self) -> bool:
+        return not self.refused
+
+    def notes(self) -> list[str]:
+        """One line per machine left out (each machine's own line was printed as it came)."""
+        return [f"· {o.machine_id} ({o.region}) not reached: --allow-missing, it catches up at its next boot"
+                for o in self.missing]
+
+    def summary(self, version: str, *, planned: bool) -> str:
+        """The last line of a run that stopped after phase 1."""
+        if self.go:
+            return (f"{version} would apply on {_plural(len(self.ready), 'machine')}: "
+                    "nothing was applied, the staged files were discarded (--plan)")
+        ids = ", ".join(o.machine_id for o in self.refused)
+        head = f"{version} would be refused" if planned else f"{version} was not applied anywhere"
+        return (f"{head}: {ids} {'refuses' if len(self.refused) == 1 else 'refuse'} it or could not prepare it; "
+                "every machine runs what it ran, current.json is unchanged")
+
+
+def judge_prepare(outcomes: Iterable[MachineOutcome], *, allow_missing: bool = False) -> PrepareVerdict:
+    """Phase 1's verdict from each target's outcome: all ready, or who stops the upgrade.
+
+    A machine that was not reached (its exec got no answer) stops it too,
+    unless ``allow_missing``: then it catches up at its next boot from
+    ``current.json``.
+    """
+    ready, refused, missing = [], [], []
+    for outcome in outcomes:
+        if outcome.ok:
+            ready.append(outcome)
+        elif allow_missing and not outcome.answered:
+            missing.append(outcome)
+        else:
+            refused.append(outcome)
+    return PrepareVerdict(tuple(ready), tuple(refused), tuple(missing))
+
+
+def to_discard(outcomes: Iterable[MachineOutcome]) -> list[str]:
+    """The machines whose staged files the orchestrator discards after a refusal or a
+    plan: those that said ready, and those that answered without a result (they may
+    have staged).  A machine that refused or failed discarded its own already."""
+    return [o.machine_id for o in outcomes
+            if o.ok or (o.answered and o.result is None)]
+
+
+def pick_canaries(machines: Sequence[Mapping[str, Any]], count: int) -> list[dict]:
+    """``count`` machines to apply first, spread across process groups and regions:
+    each pick prefers a group not picked yet, then a region not picked yet; ties go
+    to the lowest machine id (the same fleet gives the same canaries)."""
+    left = sorted((dict(m) for m in machines), key=lambda m: str(m.get("id")))
+    chosen: list[dict] = []
+    groups: set[str] = set()
+    regions: set[str] = set()
+    while left and len(chosen) < count:
+        best = max(left, key=lambda m: (machine_group(m) not in groups, m.get("region") not in regions))
+        left.remove(best)
+        chosen.append(best)
+        groups.add(machine_group(best))
+        regions.add(best.get("region"))
+    return chosen
+
+
+def health_ports_for(machine: Mapping[str, Any], given: Sequence[int] = ()) -> list[int]:
+    """The ports the health check fetches on ``machine``: ``given`` (``--health-port``),
+    else the internal ports its services declare (``config.services[].internal_port``,
+    fly.MachineService in the Machines API spec), in order, each once."""
+    if given:
+        return list(dict.fromkeys(given))
+    services = (machine.get("config") or {}).get("services") or ()
+    return list(dict.fromkeys(s["internal_port"] for s in services
+                              if isinstance(s, Mapping) and _port_problem(s.get("internal_port")) is None))
+
+
+def to_revert(outcomes: Iterable[MachineOutcome]) -> list[str]:
+    """The machines a fleet rollback returns to the previous release: those whose apply
+    left them on the release (its result says ``applied``: a failed health check
+    keeps the release), and those with no result, which may have."""
+    return [o.machine_id for o in outcomes
+            if (o.result or {}).get("applied", o.ok) or (o.answered and o.result is None)]
+
+
+def applied_version(applied: MachineOutcome, reverted: MachineOutcome | None, version: str,
+                    previous: str) -> str:
+    """The version a machine runs after phase 2 (``applied``) and the way back, if any
+    (``reverted``): the release where the apply left it there and no revert took it back."""
+    if reverted is not None and reverted.ok:
+        return previous
+    if applied.result is None and not applied.ok or reverted is not None and reverted.result is None:
+        return f"{previous} or {version} (no result)"
+    return version if (applied.result or {}).get("applied", applied.ok) else previous
+
+
+def withdraw_hot_upgrade(doc: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, Any]:
+    """``current.json`` with ``record`` taken back off: the previous hot upgrade is current
+    again.  A document whose current record is another (someone recorded since) is kept."""
+    current = doc.get("hot_upgrade") or {}
+    if (current.get("version"), current.get("sha256")) != (record.get("version"), record.get("sha256")):
+        return dict(doc)
+    history = [h for h in doc.get("history") or [] if isinstance(h, dict)]
+    return {**doc, "hot_upgrade": history[0] if history else None, "history": history[1:],
+            "set_at": _iso_utc(_utc_now())}
+
+
+def prepare_expiry_s(targets: int, *, timeout: float, max_concurrency: int, canary_wait: float) -> float:
+    """How long a machine keeps its prepared state: the whole of phase 1 (every wave of
+    ``max_concurrency`` machines taking up to ``timeout``), the canaries' apply and wait,
+    and one more ``timeout``; a lost orchestrator leaves nothing behind longer."""
+    waves = -(-max(targets, 1) // max_concurrency)
+    return timeout * (waves + 2) + canary_wait
+
+
+def _plan_of(outcome: MachineOutcome) -> dict[str, Any]:
+    """One machine's phase 1 plan, its processes' plans merged (each item once, in order)."""
+    result = outcome.result or {}
+    merged: dict[str, list] = {"modules_changed": [], "modules_added": [], "code_change": [], "refused": []}
+    for process in result.get("processes") or ():
+        plan = process.get("plan") or {} if isinstance(process, Mapping) else {}
+        for key in ("modules_changed", "modules_added", "code_change"):
+            merged[key] += [item for item in plan.get(key) or () if item not in merged[key]]
+        if isinstance(process, Mapping) and not process.get("ok"):
+            merged["refused"].append(_process_problem(process))
+    if not merged["refused"] and not outcome.ok:
+        merged["refused"].append(outcome.error or "failed, no reason given")
+    return merged
+
+
+def plan_document(report: FleetReport, machines: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``hot --plan --json``: the release, whether it would apply everywhere, and the plan
+    per process group (``machines`` lists the machines whose plan differs from the group's)."""
+    groups_of = {m.get("id"): machine_group(m) for m in machines}
+    rows = [{"machine_id": o.machine_id, "region": o.region, "group": groups_of.get(o.machine_id, ""),
+             "status": (o.result or {}).get("status") or ("ready" if o.ok else "failed"), "plan": _plan_of(o)}
+            for o in sorted(report.prepared, key=lambda o: o.machine_id)]
+    groups: list[dict[str, Any]] = []
+    for group in sorted({row["group"] for row in rows}):
+        members = [row for row in rows if row["group"] == group]
+        plans = {json.dumps(row["plan"], sort_keys=True) for row in members}
+        groups.append({"group": group, "machines": [row["machine_id"] for row in members],
+                       "same_plan": len(plans) == 1,
+                       "plan": members[0]["plan"] if len(plans) == 1 else None})
+    sizes = [(o.result or {}).get("release_bytes") for o in report.prepared if (o.result or {}).get("release_bytes")]
+    return {"app": report.app, "version": report.version, "sha256": report.sha256,
+            "release_bytes": sizes[0] if sizes else None, "uploaded": report.uploaded,
+            "would_apply": report.verdict is not None and report.verdict.go,
+            "groups": groups, "machines": rows,
+            "missing": [o.machine_id for o in (report.verdict.missing if report.verdict else ())]}
+
+
+def plan_lines(document: Mapping[str, Any]) -> list[str]:
+    """``hot --plan``'s text: per process group, or per machine where a group's differ."""
+    size = document.get("release_bytes")
+    lines = [f"Plan for {document['version']}"
+             + (f" (release {size} bytes" if size else " (release")
+             + (", uploaded now: the only change this plan made)" if document.get("uploaded")
+                else ", already stored)")]
+    rows = {row["machine_id"]: row for row in document["machines"]}
+
+    def block(head: str, plan: Mapping[str, Any]) -> None:
+        lines.append(f"{head}: {'REFUSED' if plan['refused'] else 'ready'}")
+        for key, label in (("modules_changed", "modules changed"), ("modules_added", "modules added")):
+            if plan[key]:
+                lines.append(f"  {label}: {', '.join(plan[key])}")
+        for change in plan["code_change"]:
+            lines.append(f"  code_change: {change.get('server')} vsn {change.get('vsn_old')!r} -> "
+                         f"{change.get('vsn_new')!r}")
+        if not (plan["modules_changed"] or plan["modules_added"] or plan["refused"]):
+            lines.append("  no module changes")
+        lines.extend(f"  refused: {why}" for why in plan["refused"])
+
+    for group in document["groups"]:
+        name = group["group"] or "-"
+        if group["same_plan"]:
+            block(f"group {name} ({_plural(len(group['machines']), 'machine')}: {', '.join(group['machines'])})",
+                  group["plan"])
+        else:
+            for machine_id in group["machines"]:
+                row = rows[machine_id]
+                block(f"group {name}, machine {machine_id} ({row['region']})", row["plan"])
+    return lines
 
 
 @dataclasses.dataclass
 class FleetReport:
-    """What an ``orchestrate`` run did: the release, and one outcome per machine.
+    """What an ``orchestrate`` run did: the release, and one outcome per machine and phase.
 
     ``upgrade_id`` is the run's deployment id: the deploy lock's, and the folder
-    ``releases/<app>-results/<upgrade_id>/`` where each machine stores its result.
+    ``releases/<app>-results/<upgrade_id>/`` where each machine stores its result
+    (one folder per phase).  ``prepared`` holds phase 1's outcomes and
+    ``verdict`` its judgement (None when no phase 1 ran); ``outcomes`` phase 2's;
+    ``reverted`` those of the way back (``--on-failure rollback``);
+    ``previous`` the version each machine ran before (``the image's code``
+    when none); ``rolled_back`` when a failure sent the fleet back (and
+    ``current.json`` with it).  ``planned``: a ``--plan`` run, which stops
+    after phase 1, with its ``plan`` (``plan_document``).
+    ``prepare_s`` and ``apply_s`` are the two phases' fleet-wide wall times.
     """
 
     app: str
@@ -3753,6 +4082,15 @@ class FleetReport:
     pending: list[Mapping[str, Any]]
     skipped: list[tuple[Mapping[str, Any], str]]
     duration_s: float = 0.0
+    prepared: list[MachineOutcome] = dataclasses.field(default_factory=list)
+    verdict: PrepareVerdict | None = None
+    reverted: list[MachineOutcome] = dataclasses.field(default_factory=list)
+    previous: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    planned: bool = False
+    rolled_back: bool = False
+    plan: dict[str, Any] | None = None
+    prepare_s: float = 0.0
+    apply_s: float = 0.0
 
     @property
     def failed(self) -> list[MachineOutcome]:
@@ -3760,17 +4098,43 @@ class FleetReport:
         return [o for o in self.outcomes if not o.ok]
 
     @property
+    def refused(self) -> bool:
+        """Whether phase 1 stopped the upgrade (nothing was applied anywhere)."""
+        return self.verdict is not None and not self.verdict.go
+
+    @property
     def exit_code(self) -> int:
-        """0 when every started machine succeeded, 1 when any failed or timed out."""
-        return 1 if self.failed else 0
+        """0 when every started machine succeeded (or, planned, would), 1 when any
+        refused, failed or timed out."""
+        return 1 if self.failed or self.refused else 0
+
+    def machine_versions(self) -> dict[str, str]:
+        """Which version each machine of phase 2 runs now (``applied_version``)."""
+        back = {o.machine_id: o for o in self.reverted}
+        return {o.machine_id: applied_version(o, back.get(o.machine_id), self.version,
+                                              self.previous.get(o.machine_id, _IMAGE_CODE))
+                for o in self.outcomes}
 
     def summary(self) -> str:
         """One line: how many machines took which version, which failed, which wait for their start."""
+        if self.verdict is not None and (self.planned or not self.verdict.go):
+            return self.verdict.summary(self.version, planned=self.planned)
         done = len(self.outcomes) - len(self.failed)
-        text = (f"{done}/{_plural(len(self.outcomes), 'machine')} upgraded to {self.version} "
-                f"in {self.duration_s:.1f} s")
+        if self.rolled_back:
+            text = (f"{self.version} was rolled back in {self.duration_s:.1f} s (--on-failure rollback), "
+                    "current.json names the previous release again")
+        else:
+            text = (f"{done}/{_plural(len(self.outcomes), 'machine')} upgraded to {self.version} "
+                    f"in {self.duration_s:.1f} s")
         if self.failed:
             text += f"; FAILED: {', '.join(o.machine_id for o in self.failed)}"
+            runs: dict[str, list[str]] = {}
+            for machine_id, version in sorted(self.machine_versions().items()):
+                runs.setdefault(version, []).append(machine_id)
+            text += "".join(f"; runs {version}: {', '.join(ids)}" for version, ids in runs.items())
+        if self.verdict is not None and self.verdict.missing:
+            text += (f"; not reached, catch up at next boot: "
+                     f"{', '.join(o.machine_id for o in self.verdict.missing)}")
         suspended = sum(1 for m in self.pending if m.get("state") == "suspended")
         if len(self.pending) > suspended:
             text += f"; {_plural(len(self.pending) - suspended, 'stopped machine')} will apply it at next start"
@@ -4196,11 +4560,17 @@ class _ResultBoard:
         log.warning("flydeploy: could not read the upgrade results: %s", exc)
 
 
-def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list[str], *, timeout: float,
+def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]],
+                      argv: list[str] | Callable[[Mapping[str, Any]], list[str]], *, timeout: float,
                       max_concurrency: int, commands: MachineCommands,
-                      board: _ResultBoard | None, on_outcome: Callable[[MachineOutcome], None]) -> None:
-    """Upgrade every target, ``max_concurrency`` at a time; ``on_outcome`` as each finishes.
+                      board: _ResultBoard | None, on_outcome: Callable[[MachineOutcome], None],
+                      stop_after_failure: bool = False, what: str = "rpc upgrade") -> None:
+    """Run one machine-side command (``what``: ``rpc upgrade``, or a phase of one) on every
+    target, ``max_concurrency`` at a time; ``on_outcome`` as each finishes.
 
+    ``argv`` is the command, or a function of the machine giving its own.  With
+    ``stop_after_failure`` a target not started yet when one has failed is left
+    alone (no outcome).
     With a ``board`` the exec starts the upgrade on the machine, detached
     (``argv`` has ``--detach``; starting twice starts it once, so the start
     may be retried), and waits for it ``_DETACHED_WAIT_S`` at most: the outcome
@@ -4208,14 +4578,25 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list
     without one the exec runs the whole upgrade and prints its result.
     """
 
-    def upgrade(machine: Mapping[str, Any]) -> MachineOutcome:
+    failed = threading.Event()
+
+    def upgrade(machine: Mapping[str, Any]) -> MachineOutcome | None:
+        if stop_after_failure and failed.is_set():
+            return None
         began = time.monotonic()
-        res, failure = _exec_on(api, machine, argv, timeout if board is None else EXEC_DEADLINE_S)
+        outcome = dataclasses.replace(run(machine, began), elapsed_s=time.monotonic() - began)
+        if not outcome.ok:
+            failed.set()
+        return outcome
+
+    def run(machine: Mapping[str, Any], began: float) -> MachineOutcome:
+        command = argv(machine) if callable(argv) else argv
+        res, failure = _exec_on(api, machine, command, timeout if board is None else EXEC_DEADLINE_S)
         if res is None:
-            return MachineOutcome(machine["id"], machine.get("region", "?"), False, failure)
+            return MachineOutcome(machine["id"], machine.get("region", "?"), False, failure, answered=False)
         if board is None or not res.ok:
             return judge_upgrade(machine, res.exit_code, res.stdout, res.stderr, res.exit_signal,
-                                 commands=commands)
+                                 commands=commands, what=what)
         # Ended within the exec's wait: its result came back with it.  Else it is collected.
         result = parse_result_marker(res.stdout) or board.wait(machine["id"], began, began + timeout)
         if result is None:
@@ -4228,9 +4609,65 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list
     results = _map_concurrently(upgrade, targets, max_concurrency)
     try:
         for outcome in results:
-            on_outcome(outcome)
+            if outcome is not None:
+                on_outcome(outcome)
     finally:
         results.close()
+
+
+class _Fleet:
+    """The I/O of one run's phases: a machine-side command on many machines (``run``),
+    each phase's results collected from its own folder, and the discard."""
+
+    def __init__(self, api: Any, store: Store, app: str, commands: MachineCommands, *, timeout: float,
+                 max_concurrency: int, say: Callable[[str], None]) -> None:
+        self.api, self.store, self.app, self.commands = api, store, app, commands
+        self.timeout, self.max_concurrency, self.say = timeout, max_concurrency, say
+        self.detached = bool(getattr(api, "runs_detached", False))
+
+    def run(self, command: str, machines: Sequence[Mapping[str, Any]], run_id: str,
+            args: Callable[[Mapping[str, Any]], list[str]], line: Callable[[MachineOutcome], str], *,
+            stop_after_failure: bool = False) -> list[MachineOutcome]:
+        """``rpc <command> ... --upgrade-id <run_id>`` on every machine; the outcomes, each
+        printed (``line``) as it comes (``_upgrade_machines``).  Detached on the Machines
+        API: the results are collected from ``releases/<app>-results/<run_id>/<command>/``."""
+        detach = ["--detach", "--wait", f"{min(self.timeout, _DETACHED_WAIT_S):g}"] if self.detached else []
+        board = (_ResultBoard(self.store, f"{results_prefix(self.app, run_id)}{command}/")
+                 if self.detached else None)
+        outcomes: list[MachineOutcome] = []
+
+        def finished(outcome: MachineOutcome) -> None:
+            outcomes.append(outcome)
+            self.say(line(outcome))
+
+        _upgrade_machines(self.api, machines,
+                          lambda machine: self.commands.rpc(command, self.app, *args(machine),
+                                                            "--upgrade-id", run_id, *detach),
+                          timeout=self.timeout, max_concurrency=self.max_concurrency, commands=self.commands,
+                          board=board, on_outcome=finished, stop_after_failure=stop_after_failure,
+                          what=f"rpc {command}")
+        return outcomes
+
+    def discard(self, machine_ids: Sequence[str], run_id: str) -> None:
+        """``rpc discard`` on each machine (short execs, concurrently); one that fails is
+        named: its staged files expire by themselves."""
+        argv = self.commands.rpc("discard", self.app, "--upgrade-id", run_id)
+
+        def discard(machine_id: str) -> tuple[str, str | None]:
+            res, failure = _exec_on(self.api, {"id": machine_id}, argv, EXEC_DEADLINE_S)
+            if res is not None and not res.ok:
+                failure = command_failure("rpc discard", self.commands, res.exit_code, res.stdout, res.stderr,
+                                          res.exit_signal)
+            return machine_id, failure
+
+        for machine_id, failure in _map_concurrently(discard, list(machine_ids), self.max_concurrency):
+            if failure:
+                self.say(f"· {machine_id} could not discard its staged files ({failure}); they expire by themselves")
+
+
+def _previous_version(current: Mapping[str, Any] | None, machine: Mapping[str, Any]) -> str:
+    hot = hot_upgrade_for_group(current, machine_group(machine))
+    return str(hot["version"]) if hot else _IMAGE_CODE
 
 
 def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: Any = None,
@@ -4241,30 +4678,41 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
                 timeout: float = 120.0, max_concurrency: int = 10, suspend_timeout: float = 10.0,
                 process_groups: Iterable[str] = (), commands: MachineCommands | None = None,
                 self_id: str | None = None, upgrade_id: str | None = None, preflight: bool = True,
-                local_tree: LocalTree | None = None, out: TextIO | None = None) -> FleetReport:
-    """Push a release to every machine of ``app`` and report how each took it.
+                local_tree: LocalTree | None = None, out: TextIO | None = None,
+                canary: int | None = None, canary_wait: float | None = None, on_failure: str = "rollback",
+                allow_missing: bool = False, health_check: str | None = None, health_ports: Sequence[int] = (),
+                health_timeout: float = 5.0, plan: bool = False) -> FleetReport:
+    """Push a release to every machine of ``app`` in two phases and report how each took it.
 
     Takes the deploy lock (``LockHeld`` when someone else holds it), packs the
     app under ``root`` into ``releases/<app>-<version>.tar.gz`` (the upload is
-    skipped when the same content is already stored) and records it in
-    ``current.json`` -- or, with ``rollback``, records the earlier history entry
-    ``rollback_to`` (default: the previous one) instead of packing.  Then it
-    starts ``rpc upgrade`` on every started machine (``select_machines``),
-    ``max_concurrency`` at a time, printing a line per machine as it finishes
-    and a summary to ``out``.  The lock is released in every case, Ctrl-C too.
-
-    The phases, in order: preflight (nothing changed yet), lock, pack and
-    upload (a stored tarball, nothing live), record in ``current.json`` -- the
-    point of no return: a machine that boots from then on applies the
-    release -- start the upgrade on every machine, collect the results,
-    release the lock.
+    skipped when the same content is already stored) -- or, with ``rollback``,
+    takes the earlier history entry ``rollback_to`` (default: the previous one)
+    instead of packing.  The phases are ``FLEET_PHASES``: phase 1 runs ``rpc
+    prepare`` on every started machine (``select_machines``), which stages the
+    release and has every process prepare it, touching nothing live; when any
+    machine refuses, fails or cannot be reached (unless ``allow_missing``),
+    every staged file is discarded, ``current.json`` is left as it was and the
+    report says who refused and why.  Otherwise ``current.json`` records the
+    release (the point of no return) and phase 2 runs ``rpc apply``: first on
+    ``canary`` machines (``pick_canaries``), which then run it ``canary_wait``
+    seconds, then on the rest, ``max_concurrency`` at a time.  With
+    ``health_check`` each machine's apply ends with that HTTP check on itself
+    (``health_ports_for``).  A failed apply with ``on_failure`` ``rollback``
+    stops the machines not started yet and returns those that applied to the
+    previous release the same two-phase way (``rpc prepare/apply --revert``),
+    and ``current.json`` names the previous release again; with ``keep`` they
+    stay.  ``plan`` stops after phase 1 (the staged files are discarded) and
+    puts the plan in ``report.plan`` (``plan_document``), printed per process
+    group.  A line per machine and phase as it finishes, and a summary, go to
+    ``out``.  The lock is released in every case, Ctrl-C too.
 
     Before the lock is taken and anything is uploaded, a preflight execs
     ``rpc preflight`` on one started machine per process group
     (``PreflightError`` names each failure and its fix).  On the Machines API
-    (``api.runs_detached``) each upgrade runs detached on its machine and its
+    (``api.runs_detached``) each phase runs detached on its machine and its
     outcome is the result object it stores in ``releases/<app>-results/
-    <upgrade_id>/``: every exec stays short.  ``commands`` builds every
+    <upgrade_id>/<phase>/``: every exec stays short.  ``commands`` builds every
     machine-side command (default ``python3 /app/flydeploy.py``).
 
     ``store`` defaults to ``S3.from_env()``; ``api`` to the Machines API with
@@ -4277,6 +4725,8 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
     have copied it, and the release says it came from that tree; ``image_ref``
     is then the image the machines run).
     """
+    if on_failure not in _CHOICES["on_failure"]:
+        raise ConfigError(f"on_failure must be one of {', '.join(_CHOICES['on_failure'])}, got {on_failure!r}")
     out = out or sys.stdout
     store = store if store is not None else S3.from_env()
     clients = [(api, "the given token")] if api is not None else _machines_from_env(app)
@@ -4312,8 +4762,7 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
                                              exclude=exclude, rollback=rollback, rollback_to=rollback_to, say=say,
                                              local_tree=local_tree)
             entry["process_groups"] = list(process_groups) or None
-            record_hot_upgrade(store, app, entry, image_ref=images.pop() if len(images) == 1 else None)
-            # Listed again: a machine that started meanwhile read the old record.
+            current = read_current(store, app)[0]
             selection = select_machines(api.list(), self_id=self_id, process_groups=process_groups)
             report = FleetReport(app, entry["version"], entry["sha256"], entry["tarball_url"], uploaded,
                                  upgrade_id, [], list(selection.pending), list(selection.skipped))
@@ -4322,28 +4771,119 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
                     f"{pending_note(machine.get('state') or '')}")
             for machine, reason in selection.skipped:
                 say(f"· {machine.get('id')} ({machine.get('region', '?')}) {reason}")
-            say(f"Upgrading {_plural(len(selection.targets), 'machine')} to {entry['version']}, "
-                f"{max_concurrency} at a time")
-            detached = bool(getattr(api, "runs_detached", False))
-            argv = commands.rpc("upgrade", app, "--url", entry["tarball_url"], "--sha256", entry["sha256"],
-                                "--suspend-timeout", f"{suspend_timeout:g}", "--upgrade-id", upgrade_id,
-                                *(["--detach", "--wait", f"{min(timeout, _DETACHED_WAIT_S):g}"] if detached else []))
+            fleet = _Fleet(api, store, app, commands, timeout=timeout, max_concurrency=max_concurrency, say=say)
+            release = ["--url", entry["tarball_url"], "--sha256", entry["sha256"]]
 
-            def finished(outcome: MachineOutcome) -> None:
-                report.outcomes.append(outcome)
-                say(outcome.line())
-
-            # The machines the preflight just exec'd on go last: their next exec waits for the
-            # API's pacing of one a second per machine, while the others' go at once.
+            # PREPARE.  The machines the preflight just exec'd on go last: their next exec waits
+            # for the API's pacing of one a second per machine, while the others' go at once.
             targets = sorted(selection.targets, key=lambda machine: machine["id"] in checked)
-            board = _ResultBoard(store, results_prefix(app, upgrade_id)) if detached else None
-            _upgrade_machines(api, targets, argv, timeout=timeout, max_concurrency=max_concurrency,
-                              commands=commands, board=board, on_outcome=finished)
+            expires = ["--expires-in", f"{prepare_expiry_s(len(targets), timeout=timeout, max_concurrency=max_concurrency, canary_wait=canary_wait or 0):g}"]
+            say(f"Phase 1: preparing {entry['version']} on {_plural(len(targets), 'machine')}, "
+                f"{max_concurrency} at a time; nothing live changes")
+            began = time.monotonic()
+            report.prepared = fleet.run("prepare", targets, upgrade_id, lambda m: release + expires, prepare_line)
+            report.prepare_s = time.monotonic() - began
+            # JUDGE.
+            report.verdict = judge_prepare(report.prepared, allow_missing=allow_missing)
+            for line in report.verdict.notes():
+                say(line)
+            if plan or not report.verdict.go:
+                fleet.discard(to_discard(report.prepared), upgrade_id)
+                if plan:
+                    report.planned = True
+                    report.plan = plan_document(report, targets)
+                    for line in plan_lines(report.plan):
+                        say(line)
+                report.duration_s = time.monotonic() - started
+                say(report.summary())
+                return report
+            # RECORD: the point of no return.
+            record_hot_upgrade(store, app, entry, image_ref=images.pop() if len(images) == 1 else None)
+            report.previous = {m["id"]: _previous_version(current, m) for m in selection.targets}
+            # Listed again: a machine that started meanwhile read the old record and prepared
+            # nothing; its apply runs the whole upgrade.
+            ready = {o.machine_id for o in report.verdict.ready}
+            prepared = {o.machine_id for o in report.prepared}
+            late = [m for m in select_machines(api.list(), self_id=self_id, process_groups=process_groups).targets
+                    if m["id"] not in prepared]
+            report.previous.update({m["id"]: _previous_version(current, m) for m in late})
+            apply_targets = [m for m in targets if m["id"] in ready] + late
+            _apply_fleet(fleet, report, apply_targets, release=release, upgrade_id=upgrade_id, canary=canary or 0,
+                         canary_wait=canary_wait or 0.0, on_failure=on_failure,
+                         health=(health_check, tuple(health_ports), health_timeout),
+                         suspend_timeout=suspend_timeout)
+            if report.failed and on_failure == "rollback":
+                _revert_fleet(fleet, report, apply_targets, entry, suspend_timeout=suspend_timeout,
+                              expires=expires)
             report.duration_s = time.monotonic() - started
             say(report.summary())
             return report
     finally:
         lock.release()
+
+
+def _apply_fleet(fleet: _Fleet, report: FleetReport, machines: Sequence[Mapping[str, Any]], *,
+                 release: list[str], upgrade_id: str, canary: int, canary_wait: float, on_failure: str,
+                 health: tuple[str | None, tuple[int, ...], float], suspend_timeout: float) -> None:
+    """Phase 2: ``rpc apply`` on the canaries, then (when they took it and ran it
+    ``canary_wait`` seconds) on the rest; with ``on_failure`` ``rollback`` a failure
+    stops the machines not started yet."""
+    path, ports, health_timeout = health
+
+    def args(machine: Mapping[str, Any]) -> list[str]:
+        checks = ["--health-check", path, "--health-timeout", f"{health_timeout:g}",
+                  *[word for port in health_ports_for(machine, ports) for word in ("--health-port", str(port))]]
+        return [*release, "--suspend-timeout", f"{suspend_timeout:g}", *(checks if path else [])]
+
+    canaries = pick_canaries(machines, canary)
+    chosen = {m["id"] for m in canaries}
+    rest = [m for m in machines if m["id"] not in chosen]
+    began = time.monotonic()
+    if canaries:
+        fleet.say(f"Phase 2: applying {report.version} to {_plural(len(canaries), 'canary', 'canaries')} first: "
+                  + ", ".join(f"{m['id']} ({m.get('region', '?')}, {machine_group(m) or '-'})" for m in canaries))
+        report.outcomes += fleet.run("apply", canaries, upgrade_id, args, MachineOutcome.line)
+        if report.failed:
+            report.apply_s = time.monotonic() - began
+            fleet.say(f"a canary failed: the other {_plural(len(rest), 'machine')} did not change")
+            return
+        if canary_wait:
+            fleet.say(f"canaries took it; watching them {canary_wait:g} s before the rest")
+            waited = time.monotonic()
+            time.sleep(canary_wait)
+            began += time.monotonic() - waited
+    fleet.say(f"Phase 2: applying {report.version} to {_plural(len(rest), 'machine')}"
+              + (" more" if canaries else "") + f", {fleet.max_concurrency} at a time")
+    report.outcomes += fleet.run("apply", rest, upgrade_id, args, MachineOutcome.line,
+                                 stop_after_failure=on_failure == "rollback")
+    report.apply_s = time.monotonic() - began
+    slowest = max((o.elapsed_s for o in report.outcomes), default=0.0)
+    fleet.say(f"Phase 2 took {report.apply_s:.2f} s fleet-wide; the slowest machine {slowest:.2f} s")
+    untouched = len(machines) - len(report.outcomes)
+    if untouched:
+        fleet.say(f"{_plural(untouched, 'machine')} not started after the failure: unchanged")
+
+
+def _revert_fleet(fleet: _Fleet, report: FleetReport, machines: Sequence[Mapping[str, Any]],
+                  entry: Mapping[str, Any], *, suspend_timeout: float, expires: list[str]) -> None:
+    """``--on-failure rollback``: the machines that applied go back to what they ran
+    before, prepared then applied (``--revert``), and ``current.json`` names the
+    previous release again."""
+    back = set(to_revert(report.outcomes))
+    targets = [m for m in machines if m["id"] in back]
+    run_id = report.upgrade_id + _REVERT_SUFFIX
+    fleet.say(f"Rolling back: {_plural(len(targets), 'machine')} to the previous release "
+              "(every machine that applied, the same two phases)")
+    revert = ["--revert", report.upgrade_id]
+    prepared = fleet.run("prepare", targets, run_id, lambda m: revert + expires, lambda o: "↩ " + prepare_line(o))
+    ready = {o.machine_id for o in prepared if o.ok}
+    report.reverted = [o for o in prepared if not o.ok]
+    report.reverted += fleet.run("apply", [m for m in targets if m["id"] in ready], run_id,
+                                 lambda m: [*revert, "--suspend-timeout", f"{suspend_timeout:g}"],
+                                 lambda o: "↩ " + o.line())
+    update_current(fleet.store, fleet.app, lambda doc: withdraw_hot_upgrade(doc or {}, entry))
+    report.rolled_back = True
+    fleet.say("current.json names the previous release again")
 
 
 def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
@@ -4479,6 +5019,25 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long a server may take to reach a safe point (default 10)")
     parser.add_argument("--process-group", action="append", dest="process_groups", metavar="G",
                         help="only machines of this process group (repeatable)")
+    parser.add_argument("--canary", type=_number_argument("count"), metavar="N",
+                        help="apply to N machines first (spread across regions and process groups), check "
+                             "them, then the rest")
+    parser.add_argument("--canary-wait", type=_number_argument("seconds"), metavar="S",
+                        help="with --canary: how long the canaries run the release before the rest take it")
+    parser.add_argument("--on-failure", choices=_CHOICES["on_failure"],
+                        help="when a machine fails to apply: put every machine back on the previous release "
+                             "(rollback, the default) or leave them as they are (keep)")
+    parser.add_argument("--allow-missing", action="store_true", default=None,
+                        help="a machine that cannot be reached before the apply catches up at its next boot "
+                             "instead of stopping the upgrade")
+    parser.add_argument("--health-check", type=_checked_argument(_url_path_problem), metavar="PATH",
+                        help="after the apply, GET http://127.0.0.1:<port>PATH on each machine must answer 2xx")
+    parser.add_argument("--health-port", type=_checked_argument(_port_problem, int), action="append",
+                        dest="health_ports", metavar="P",
+                        help="with --health-check: the port to check (repeatable; default: the internal "
+                             "ports of the machine's services)")
+    parser.add_argument("--health-timeout", type=_number_argument("seconds"), metavar="S",
+                        help="with --health-check: how long each check may take, in seconds (default 5)")
 
 
 def fleet_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -4508,6 +5067,10 @@ def _add_orchestrate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--app-dir", help="where the app and flydeploy.py are on the machines (default /app)")
     parser.add_argument("--upgrade-id", type=_upgrade_id,
                         help="this run's id: the lock's deployment id and the folder of the results")
+    parser.add_argument("--plan", action="store_true",
+                        help="phase 1 only: print what the release would do on every machine, apply nothing")
+    parser.add_argument("--json", action="store_true",
+                        help=f"with --plan: the plan as JSON on a line of its own, after `{ORCHESTRATOR_MARKER} plan`")
     parser.set_defaults(handler=_orchestrate_command)
 
 
@@ -4525,9 +5088,14 @@ def _orchestrate_command(args: argparse.Namespace) -> int:
         config = load_config(args.root, overrides=fleet_overrides(args))
         app = config.require_app()
         options = config.orchestrate_options()
+        if args.json and not args.plan:
+            raise ConfigError("--json goes with --plan")
         report = orchestrate(app, args.image_ref, store=config.s3(),
                              version=args.version, rollback=args.rollback, rollback_to=args.to,
-                             force=args.force, owner=args.owner, upgrade_id=args.upgrade_id, **options)
+                             force=args.force, owner=args.owner, upgrade_id=args.upgrade_id, plan=args.plan,
+                             **options)
+        if args.json:
+            print(f"{ORCHESTRATOR_MARKER} plan {json.dumps(report.plan, sort_keys=True)}", flush=True)
         code = report.exit_code
     except PreflightError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
