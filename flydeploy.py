@@ -4807,7 +4807,10 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
             late = [m for m in select_machines(api.list(), self_id=self_id, process_groups=process_groups).targets
                     if m["id"] not in prepared]
             report.previous.update({m["id"]: _previous_version(current, m) for m in late})
-            apply_targets = [m for m in targets if m["id"] in ready] + late
+            # In the order they became ready: the API's pacing of one exec a second per machine
+            # lets the first to have prepared apply first.
+            order = {o.machine_id: index for index, o in enumerate(report.prepared)}
+            apply_targets = sorted((m for m in targets if m["id"] in ready), key=lambda m: order[m["id"]]) + late
             _apply_fleet(fleet, report, apply_targets, release=release, upgrade_id=upgrade_id, canary=canary or 0,
                          canary_wait=canary_wait or 0.0, on_failure=on_failure,
                          health=(health_check, tuple(health_ports), health_timeout),

@@ -77,15 +77,16 @@ def serving(machine):
 class Project:
     """An app's project tree, its fake Fly app with machines, and the command line run in it."""
 
-    def __init__(self, fly, seaweed, tmp_path, machines: int, files: dict[str, str] | None = None):
+    def __init__(self, fly, seaweed, tmp_path, machines: int, files: dict[str, str] | None = None,
+                 processes: dict[str, str] | None = None, **machine_options):
         self.fly = fly
         self.seaweed = seaweed
         self.name = app_name()
         pyproject = '[project]\nname = "shop"\n\n[tool.flydeploy]\ntimeout = 60\n'
         self.tree = write_app_tree(tmp_path / "src", {"main.py": MAIN_PY, "pyproject.toml": pyproject, **V1, **(files or {})},
-                                   app=self.name, processes={"app": "python3 main.py"},
+                                   app=self.name, processes=processes or {"app": "python3 main.py"},
                                    env={"APP_PORT_FILE": "port"})
-        self.app = fly.create_app(self.name, self.tree, machines=machines, secrets=seaweed.env())
+        self.app = fly.create_app(self.name, self.tree, machines=machines, secrets=seaweed.env(), **machine_options)
         self.machines = [serving(m) for m in self.app.machines]
         self.image = self.machines[0].image_ref
 
