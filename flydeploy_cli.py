@@ -22,11 +22,14 @@ machine from it through the Machines API whose main process is
 ``<python> -c <bootstrap> <app_dir> orchestrate`` (``MachineCommands``; destroyed when it exits; its
 output comes from ``fly logs``, its exit code from the machine's exit event).
 The orchestrator runs a preflight, packs the app, stores the release and
-starts ``rpc upgrade`` on every machine with short execs, collecting each
-machine's result object from S3.  Ctrl-C or SIGTERM stops and destroys it.
-Exit codes: 0 every machine took the upgrade, 1 a machine, the preflight (or
-the build) failed, 2 bad usage or settings, or the deploy lock is held, 130
-interrupted.  ``doctor`` checks everything ``hot`` needs.
+upgrades every machine in two phases (``flydeploy.FLEET_PHASES``: prepare
+everywhere, then apply, canaries first; a failure sends the fleet back) with
+short execs, collecting each machine's result objects from S3; ``hot --plan``
+stops after the first phase.  Ctrl-C or SIGTERM stops and destroys it.
+Exit codes: 0 every machine took the upgrade (or, with ``--plan``, would), 1 a
+machine refused or failed, or the preflight (or the build) failed, 2 bad usage
+or settings, or the deploy lock is held, 130 interrupted.  ``doctor`` checks
+everything ``hot`` needs.
 
 Standard library only; the work itself is done by ``flydeploy``.
 """
