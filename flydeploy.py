@@ -4648,19 +4648,25 @@ class _Fleet:
                           what=f"rpc {command}")
         return outcomes
 
-    def discard(self, machine_ids: Sequence[str], run_id: str) -> None:
-        """``rpc discard`` on each machine (short execs, concurrently); one that fails is
-        named: its staged files expire by themselves."""
-        argv = self.commands.rpc("discard", self.app, "--upgrade-id", run_id)
+    def short(self, command: str, machine_ids: Sequence[str], *args: str) -> dict[str, str | None]:
+        """``rpc <command> ... args`` on each machine, one short exec each, concurrently:
+        why it failed on each machine, None where it succeeded."""
+        argv = self.commands.rpc(command, self.app, *args)
 
-        def discard(machine_id: str) -> tuple[str, str | None]:
+        def run(machine_id: str) -> tuple[str, str | None]:
             res, failure = _exec_on(self.api, {"id": machine_id}, argv, EXEC_DEADLINE_S)
             if res is not None and not res.ok:
-                failure = command_failure("rpc discard", self.commands, res.exit_code, res.stdout, res.stderr,
-                                          res.exit_signal)
+                failure = (_last_line(res.stdout) if command == "ping" and res.exit_code == 1 else
+                           command_failure(f"rpc {command}", self.commands, res.exit_code, res.stdout,
+                                           res.stderr, res.exit_signal))
             return machine_id, failure
 
-        for machine_id, failure in _map_concurrently(discard, list(machine_ids), self.max_concurrency):
+        return dict(_map_concurrently(run, list(machine_ids), self.max_concurrency))
+
+    def discard(self, machine_ids: Sequence[str], run_id: str) -> None:
+        """``rpc discard`` on each machine; one that fails is named: its staged files
+        expire by themselves."""
+        for machine_id, failure in self.short("discard", machine_ids, "--upgrade-id", run_id).items():
             if failure:
                 self.say(f"· {machine_id} could not discard its staged files ({failure}); they expire by themselves")
 
@@ -4846,15 +4852,21 @@ def _apply_fleet(fleet: _Fleet, report: FleetReport, machines: Sequence[Mapping[
         fleet.say(f"Phase 2: applying {report.version} to {_plural(len(canaries), 'canary', 'canaries')} first: "
                   + ", ".join(f"{m['id']} ({m.get('region', '?')}, {machine_group(m) or '-'})" for m in canaries))
         report.outcomes += fleet.run("apply", canaries, upgrade_id, args, MachineOutcome.line)
-        if report.failed:
-            report.apply_s = time.monotonic() - began
-            fleet.say(f"a canary failed: the other {_plural(len(rest), 'machine')} did not change")
-            return
-        if canary_wait:
+        if canary_wait and not report.failed:
             fleet.say(f"canaries took it; watching them {canary_wait:g} s before the rest")
             waited = time.monotonic()
             time.sleep(canary_wait)
             began += time.monotonic() - waited
+            # Still there after the wait: every process alive, its agent answering.
+            alive = fleet.short("ping", [m["id"] for m in canaries])
+            report.outcomes = [dataclasses.replace(o, ok=False, error=f"after the canary wait: {alive[o.machine_id]}")
+                               if alive.get(o.machine_id) else o for o in report.outcomes]
+            for outcome in report.failed:
+                fleet.say(outcome.line())
+        if report.failed:
+            report.apply_s = time.monotonic() - began
+            fleet.say(f"a canary failed: the other {_plural(len(rest), 'machine')} did not change")
+            return
     fleet.say(f"Phase 2: applying {report.version} to {_plural(len(rest), 'machine')}"
               + (" more" if canaries else "") + f", {fleet.max_concurrency} at a time")
     report.outcomes += fleet.run("apply", rest, upgrade_id, args, MachineOutcome.line,

@@ -262,3 +262,17 @@ def test_fleet_settings_reach_the_orchestrator(project):
     args = flydeploy._entry_parser().parse_args(["orchestrate", "--image-ref", "i", *config.orchestrate_flags()])
     assert flydeploy.load_config(project, overrides=flydeploy.fleet_overrides(args)).orchestrate_options() == (
         config.orchestrate_options())
+
+
+def test_a_canary_that_dies_during_its_wait_stops_the_rest(store, app_root):
+    def answer(machine_id, argv):
+        if rpc(argv) == "ping":
+            return flydeploy.ExecResult(1, 0, "web: [Errno 111] Connection refused\n", "")
+        return succeed(machine_id, argv)
+
+    api = StubMachines([machine("a1"), machine("a2")], answer)
+    report, out = run(store, api, app_root, canary=1, canary_wait=0.05)
+    assert report.exit_code == 1 and report.rolled_back
+    assert [call[0] for call in api.phase_calls("apply") if "--revert" not in call[1]] == ["a1"]
+    assert "✗ a1 (ams) after the canary wait: web: [Errno 111] Connection refused" in out
+    assert "a canary failed: the other 1 machine did not change" in out
