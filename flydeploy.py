@@ -40,7 +40,8 @@ The file is organised in sections, in the order data flows:
                   asyncio loop pausing (``attach_loop``), change tracking
                   (``track``, ``modified_modules``), the plan (analysis of
                   old and new source that changes nothing live: what runs
-                  again, what takes new code in place), the swap (the
+                  again, what takes new code in place; ``plan_upgrade``
+                  runs it alone on staged files), the swap (the
                   executor and its undo log) and ``reload_modules``, whose
                   phases (prepare, pause, swap, migrate, resume, commit;
                   the point of no return after migrate) are named in
@@ -51,13 +52,17 @@ The file is organised in sections, in the order data flows:
                   caches, SQLAlchemy models) made what a cold start of the
                   new code builds, then the ``on_reload`` callbacks.
 5. Agent          the per-process agent on a unix socket, the per-machine
-                  upgrade (``hot_upgrade``), boot-time catch-up
+                  upgrade in one run (``hot_upgrade``) or in two phases
+                  (``prepare_release``, then ``apply_release`` with its
+                  health check, or ``discard_prepared``; ``--revert``), whose
+                  phases are named in ``MACHINE_PHASES``, boot-time catch-up
                   (``startup_reapply_current``) and the poller.
 6. Entry points   ``rpc ...`` (what exec runs, started by the bootstrap
-                  ``MachineCommands`` builds: upgrade, detached or not, info,
-                  ping, preflight) and ``orchestrate ...`` (the orchestrator
-                  machine's main process); ``main``; the ``__main__`` hook is
-                  right after the imports.
+                  ``MachineCommands`` builds: upgrade, prepare, apply,
+                  detached or not, discard, info, ping, preflight) and
+                  ``orchestrate ...`` (the orchestrator machine's main
+                  process); ``main``; the ``__main__`` hook is right after
+                  the imports.
 
 Every error raised on purpose is a ``FlyDeployError``; its message says what
 went wrong and what to do about it.  Secrets never appear in messages or logs.
@@ -141,6 +146,7 @@ from typing import NamedTuple
 from typing import Protocol
 from typing import TYPE_CHECKING
 from typing import TextIO
+from typing import TypedDict
 
 # asyncio, subprocess and tomllib are imported where they are used, so that
 # `python -m flydeploy rpc` (run on every machine at every upgrade) and an
@@ -252,6 +258,9 @@ __all__ = [
     "track",
     "modified_modules",
     "reload_modules",
+    "plan_upgrade",
+    "UpgradePlan",
+    "PlannedCodeChange",
     "UPGRADE_PHASES",
     "UpgradeReport",
     "UpgradeRefused",
@@ -261,6 +270,15 @@ __all__ = [
     "AgentError",
     "start_agent",
     "hot_upgrade",
+    "prepare_release",
+    "apply_release",
+    "discard_prepared",
+    "PrepareResult",
+    "ProcessPlan",
+    "HealthReport",
+    "HealthCheck",
+    "MACHINE_PHASES",
+    "MACHINE_POINT_OF_NO_RETURN",
     "RESULT_MARKER",
     "startup_reapply_current",
     "get_current_hot_upgrade_info",
@@ -6409,6 +6427,12 @@ def modified_modules() -> list[str]:
     Compares content hashes, never modification times; a deleted file is not
     reported (there is nothing to load).  Names are sorted.
     """
+    return _modified_modules({})
+
+
+def _modified_modules(staged: Mapping[str, str]) -> list[str]:
+    """``modified_modules`` with each file of ``staged`` (resolved path -> the
+    path of the content it will have) read where it is staged."""
     changed = []
     for name in sorted(_tracker.loaded):
         record = _tracker.record_for(name)
@@ -6418,12 +6442,17 @@ def modified_modules() -> list[str]:
                     _tracker.loaded.pop(name, None)
             continue
         try:
-            data = _read_bytes(record.path)
+            data = _read_bytes(_staged_path(staged, record.path))
         except OSError:
             continue
         if _sha256(data) != record.digest:
             changed.append(name)
     return changed
+
+
+def _staged_path(staged: Mapping[str, str], path: str) -> str:
+    """Where the content ``path`` will have is read from: staged beside it, or the file itself."""
+    return staged.get(os.path.realpath(path), path) if staged else path
 
 
 # --- Plan: analysis of old and new source -----------------------------------
@@ -6961,16 +6990,18 @@ def _syntax_refusal(exc: SyntaxError, path: str, module: str) -> UpgradeRefused:
                           module=module)
 
 
-def _plan_module(name: str, *, again: bool = False) -> _ModulePlan:
+def _plan_module(name: str, *, again: bool = False, staged: Mapping[str, str] = {}) -> _ModulePlan:
     """Read, parse and check one module's new source (``again``: run the
-    source it runs now once more); raises UpgradeRefused."""
+    source it runs now once more; ``staged``: read it where it is staged,
+    as ``_modified_modules``); raises UpgradeRefused."""
     module = sys.modules.get(name)
     record = _tracker.record_for(name)
     if module is None or record is None:
         raise FlyDeployError(f"module {name!r} is not a tracked, imported module; "
                              "import it and call flydeploy.track(<source root>) first")
     try:
-        source = record.source if again and record.source is not None else _read_bytes(record.path)
+        source = (record.source if again and record.source is not None
+                  else _read_bytes(_staged_path(staged, record.path)))
     except OSError as exc:
         raise UpgradeRefused(f"cannot read {record.path} for module {name}: {exc.strerror}; "
                              "restore the file or leave the module out", module=name) from None
@@ -8819,18 +8850,24 @@ def _register_callback(callbacks: list, callback: Callable, remove: bool, what: 
     return callback
 
 
-def _prepare(names: list[str]) -> list[_ModulePlan]:
+def _prepare(names: list[str], *, staged: Mapping[str, str] = {},
+             added: Mapping[str, str] = {}) -> list[_ModulePlan]:
     """The prepare phase: plans for every module in import order, touching nothing live
     (modules outside the application that the new code imports for the first
-    time are imported here, so the pause reads no files)."""
+    time are imported here, so the pause reads no files).  ``staged`` and
+    ``added`` (module name -> the path of a module the release adds) plan
+    files not yet published (``plan_upgrade``)."""
     plans = {}
     for name in dict.fromkeys(names):
         with _analysing(name):
-            plans[name] = _plan_module(name)
+            plans[name] = _plan_module(name, staged=staged)
     importlib.invalidate_caches()  # modules added next to the changed ones
     search_paths: dict[str, list[str]] = {}
     for name in sorted(set().union(*(plan.imports for plan in plans.values()))):
-        _prepare_import(name, search_paths)
+        if name in added:
+            _compile_staged(name, added[name], staged)
+        else:
+            _prepare_import(name, search_paths, staged)
     for plan in _import_order(plans):
         with _analysing(plan.name):
             _rewrite(plan, plans)
@@ -8840,10 +8877,23 @@ def _prepare(names: list[str]) -> list[_ModulePlan]:
     return _import_order(plans)
 
 
-def _prepare_import(name: str, search_paths: dict[str, list[str]]) -> None:
+def _compile_staged(name: str, origin: str, staged: Mapping[str, str]) -> None:
+    """Compile the staged source of module ``name`` (to be published at ``origin``); a syntax
+    error refuses the upgrade.  No bytecode is cached: nothing is published yet."""
+    try:
+        compile(_read_bytes(_staged_path(staged, origin)), origin, "exec", dont_inherit=True)
+    except OSError as exc:
+        raise UpgradeRefused(f"cannot read the staged {origin} for module {name}: {exc.strerror}; "
+                             "stage the release again", module=name) from None
+    except SyntaxError as exc:
+        raise _syntax_refusal(exc, origin, name) from None
+
+
+def _prepare_import(name: str, search_paths: dict[str, list[str]], staged: Mapping[str, str] = {}) -> None:
     """Ready a module the new code imports for the first time: an
     application module is read and compiled (a syntax error refuses the
-    upgrade), any other module is imported now."""
+    upgrade), any other module is imported now.  A file of ``staged`` is
+    only compiled, from where it is staged: no bytecode is cached for it."""
     parent = name.rpartition(".")[0]
     if name in sys.modules:
         return
@@ -8862,7 +8912,9 @@ def _prepare_import(name: str, search_paths: dict[str, list[str]]) -> None:
     if origin is not None and _tracker.covers(name, origin):
         if spec.submodule_search_locations is not None:
             search_paths[name] = list(spec.submodule_search_locations)
-        if origin.endswith(".py"):
+        if origin.endswith(".py") and _staged_path(staged, origin) != origin:
+            _compile_staged(name, origin, staged)
+        elif origin.endswith(".py"):
             try:
                 source = _read_bytes(origin)
                 _prepared_imports[origin] = (source, _code_from_source(origin, source))
@@ -8985,6 +9037,119 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
             except Exception:
                 log.exception("flydeploy: on_upgrade callback %r failed", callback)
     return report
+
+
+@dataclasses.dataclass
+class PlannedCodeChange:
+    """A live server whose state goes through ``code_change`` when the plan is applied."""
+
+    server: str
+    vsn_old: Any
+    vsn_new: Any
+
+
+@dataclasses.dataclass
+class UpgradePlan:
+    """What applying a release would do in this process (``plan_upgrade``).
+
+    ``modules_changed`` are the modules that run again (changed, and those
+    importing what changed), ``modules_added`` the application modules the
+    release adds, ``code_change`` the servers migrated with their ``vsn``
+    before and after, ``refused`` why the release cannot be applied hot
+    (None when it can).
+    """
+
+    modules_changed: list[str] = dataclasses.field(default_factory=list)
+    modules_added: list[str] = dataclasses.field(default_factory=list)
+    code_change: list[PlannedCodeChange] = dataclasses.field(default_factory=list)
+    refused: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """The plan as JSON-ready values."""
+        return dataclasses.asdict(self)
+
+
+def plan_upgrade(staged: Mapping[str, str] | None = None) -> UpgradePlan:
+    """The prepare phase of ``reload_modules`` alone, on files not yet published.
+
+    ``staged`` maps the path of each file a release changes (or adds) to
+    where its new content waits (written beside it, unpublished); the other
+    files are read where they are.  Reads, parses, compiles and plans every
+    module that would change, with the refusals that say "cold deploy
+    required", and changes nothing live: no module, no server, no file (no
+    bytecode is cached).  A refusal is a value (``UpgradePlan.refused``):
+    this never raises for the app's code.
+    """
+    staged = {os.path.realpath(os.fspath(path)): os.fspath(where) for path, where in (staged or {}).items()}
+    plan = UpgradePlan()
+    with _upgrade_lock:
+        try:
+            added = _added_modules(staged)
+            plan.modules_added = sorted(added)
+            for name in plan.modules_added:
+                _compile_staged(name, added[name], staged)
+            plans = {module.name: module for module in _prepare(_modified_modules(staged), staged=staged,
+                                                                  added=added)}
+            plan.modules_changed = list(plans)
+            changed = set(plans)
+            plan.code_change = [PlannedCodeChange(_server_label(server), _json_ready(getattr(server, "vsn", None)),
+                                                  _json_ready(_new_vsn(type(server), plans)))
+                                for server in servers()
+                                if any(cls.__module__ in changed for cls in type(server).__mro__)]
+        except FlyDeployError as exc:
+            plan.refused = str(exc)
+        finally:
+            _prepared_imports.clear()
+    return plan
+
+
+def _added_modules(staged: Mapping[str, str]) -> dict[str, str]:
+    """The application modules that ``staged`` adds (files that do not exist yet): name -> path."""
+    added = {}
+    for path in staged:
+        for root in _tracker.roots:
+            name = _module_name(os.path.relpath(path, root).split(os.sep)) if _is_under(path, root) else None
+            if name and name not in sys.modules and not os.path.lexists(path) and _tracker.covers(name, path):
+                added[name] = path
+    return added
+
+
+def _new_vsn(cls: type, plans: Mapping[str, _ModulePlan]) -> Any:
+    """The ``vsn`` that instances of ``cls`` have once ``plans`` ran: assigned in a class body
+    of its new source (a literal, else the expression's text), else inherited."""
+    for klass in cls.__mro__:
+        plan = plans.get(klass.__module__)
+        if plan is None:
+            if "vsn" in vars(klass):
+                return vars(klass)["vsn"]
+            continue
+        value = _assigned_in_class(plan.tree.body, klass.__qualname__.split("."), "vsn")
+        if value is not _MISSING:
+            return value
+    return None
+
+
+def _assigned_in_class(body: list[ast.stmt], qualname: list[str], name: str) -> Any:
+    """The value last assigned to ``name`` in the body of class ``qualname`` of a source."""
+    for statement in body:
+        if isinstance(statement, ast.ClassDef) and statement.name == qualname[0]:
+            if len(qualname) > 1:
+                return _assigned_in_class(statement.body, qualname[1:], name)
+            value: Any = _MISSING
+            for item in statement.body:
+                targets = (item.targets if isinstance(item, ast.Assign)
+                           else [item.target] if isinstance(item, ast.AnnAssign) and item.value else [])
+                if any(isinstance(target, ast.Name) and target.id == name for target in targets):
+                    try:
+                        value = ast.literal_eval(item.value)
+                    except ValueError:
+                        value = ast.unparse(item.value)
+            return value
+    return _MISSING
+
+
+def _json_ready(value: Any) -> Any:
+    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
 
 
 @contextlib.contextmanager
@@ -10172,7 +10337,14 @@ def _dispatch(agent: Agent, request: dict) -> dict:
                              kwargs={"wait": _LOCK_TIMEOUT, "check_files": True}, daemon=True,
                              name="flydeploy-follow-disk").start()
         return {"ok": bool(report["ok"]), "pid": os.getpid(), "name": _process_name(), "report": report}
-    raise AgentError(f"unknown op {op!r}; the agent answers ping, info, locate and apply")
+    if op == "prepare":
+        files = request.get("files")
+        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise AgentError('malformed prepare request: "files" must map each changed path to its staged copy')
+        plan = plan_upgrade(files)
+        return {"ok": plan.refused is None, "pid": os.getpid(), "name": _process_name(), "error": plan.refused,
+                "plan": plan.to_dict()}
+    raise AgentError(f"unknown op {op!r}; the agent answers ping, info, locate, prepare and apply")
 
 
 def _agent_before_fork() -> None:
@@ -10411,8 +10583,10 @@ def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | N
 
 # --- Per-machine upgrade ----------------------------------------------------
 #
-# The phases of one machine's upgrade, in order; ``_upgrade_machine`` runs them
-# all, and a fleet upgrade that first stages everywhere splits after STAGE.
+# The phases of one machine's upgrade, in order (``MACHINE_PHASES``).  ``rpc
+# upgrade`` runs them all but PREPARE and CHECK in one go (``_upgrade_machine``);
+# a fleet upgrade runs them in two: ``rpc prepare`` up to PREPARE on every
+# machine, then ``rpc apply`` the rest (``prepare_release``, ``apply_release``).
 #
 #   DOWNLOAD  download, verify and unpack the release into this run's work
 #             area in the runtime directory (``_download_release``).  Nothing
@@ -10421,6 +10595,14 @@ def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | N
 #             path under the app root; every changed member is written beside
 #             it as a temporary file, listed in the journal first
 #             (``_stage_release``).  Nothing the app uses changes.
+#   PREPARE   every process plans the staged release (``plan_upgrade``: the
+#             modules that change, the refusals that say "cold deploy
+#             required") while the journal says ``prepared`` with the upgrade
+#             id, sha256 and ``expires_at``; what applying it replaces is
+#             copied aside, so the apply can be reverted later (``_keep_undo``).
+#             Nothing the app uses changes; a refusal discards the staging.
+#             The staging waits, unlocked, for PUBLISH, a discard, its expiry
+#             or a reboot (``_prepared_live``).
 #   PUBLISH   the staged files replace the live ones, each old file kept
 #             beside it, and the state file names the release
 #             (``_publish_staged``).
@@ -10429,15 +10611,22 @@ def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | N
 #   COMMIT    every process applied: the journal says so, which is the point
 #   or UNDO   of no return, and the old files are dropped (``_commit_staged``).
 #             Otherwise every file and the state file are put back and the
-#             processes follow the disk back (``_undo_published``).
+#             processes follow the disk back (``_undo_staged``).
+#   CHECK     with a health check: every process alive with its agent
+#             answering, and the app's ports answering 2xx on 127.0.0.1
+#             (``_health_check``).  A failure is reported; the release stays.
 #
 # A run that dies anywhere leaves its journal and work area behind; the run's
 # guardian process, the next ``rpc upgrade`` and ``startup_reapply_current``
 # replay a committed journal and undo any other (``_recover``) before anything
 # else, and remove the work areas of dead runs.
 
+MACHINE_PHASES = ("download", "stage", "prepare", "publish", "apply", "commit", "check")
+MACHINE_POINT_OF_NO_RETURN = "commit"
 RESULT_MARKER = "__FLYDEPLOY_RESULT__"
 _JOURNAL_FILE = "journal.json"
+# Journal phases in which nothing is published yet.
+_UNPUBLISHED = ("staging", "prepared")
 _WORK_AREA_PREFIX = "work-"
 _STAGED_SUFFIX = ".flydeploy-new"
 _KEPT_SUFFIX = ".flydeploy-old"
@@ -10650,7 +10839,7 @@ def _put_back_state(app: str, text: str | None) -> None:
 
 def _undo_files(journal: dict) -> None:
     """Put back every file a journal lists and remove what it added (each step repeatable)."""
-    published = journal.get("phase") != "staging"
+    published = journal.get("phase") not in _UNPUBLISHED
     for entry in reversed(journal.get("files") or []):
         dest = entry["dest"]
         with contextlib.suppress(FileNotFoundError):
@@ -10671,6 +10860,9 @@ def _commit_files(journal: dict) -> None:
         for suffix in (_KEPT_SUFFIX, _STAGED_SUFFIX):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(_beside(entry["dest"], suffix))
+    for directory in reversed(journal.get("remove_dirs") or []):  # a revert: those its upgrade made
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
 
 
 def _remove_dead_work_areas(app: str) -> None:
@@ -10683,14 +10875,19 @@ def _remove_dead_work_areas(app: str) -> None:
             shutil.rmtree(entry.path, ignore_errors=True)
 
 
-def _recover(app: str) -> dict | None:
+def _recover(app: str, *, keep_prepared: bool = False) -> dict | None:
     """Finish what a run that died left: a committed journal is replayed, any other undone,
-    with the state file put back; dead runs' work areas are removed.  Callers hold the
+    with the state file put back; dead runs' work areas are removed.  A prepared staging
+    is discarded too, unless ``keep_prepared`` and it is still live.  Callers hold the
     machine lock.  Returns the release the machine is back on when files were put back
     (``{}`` for the image's own code), else None."""
     _remove_dead_work_areas(app)
     journal = _load_journal(app)
     if journal is None:
+        return None
+    if journal.get("phase") == "prepared":
+        if not (keep_prepared and _prepared_live(journal)):
+            _discard_prepared(app, journal)
         return None
     if journal.get("phase") == "committed":
         _commit_files(journal)
@@ -10716,9 +10913,9 @@ def _previous_release(journal: dict) -> dict:
     return _release_of(state, state.get("image_ref")) if isinstance(state, dict) else {}
 
 
-def _recover_and_resync(app: str, *, exclude_pid: int | None = None) -> None:
+def _recover_and_resync(app: str, *, exclude_pid: int | None = None, keep_prepared: bool = False) -> None:
     """``_recover`` (callers hold the machine lock), then the processes follow the disk back."""
-    previous = _recover(app)
+    previous = _recover(app, keep_prepared=keep_prepared)
     if previous is not None:
         for entry in _apply_everywhere(app, previous, _DEFAULT_SUSPEND_TIMEOUT, exclude_pid=exclude_pid):
             if not (entry.get("reply") or {}).get("ok"):
@@ -10739,7 +10936,7 @@ def _start_guardian(app: str) -> int:
             while os.read(read, 1):
                 pass
             with _machine_lock(app):
-                _recover_and_resync(app)
+                _recover_and_resync(app, keep_prepared=True)
         except FlyDeployError as exc:
             log.error("flydeploy: recovering after the upgrade run failed: %s", exc)
         except BaseException:
@@ -10876,7 +11073,10 @@ def _publish_staged(staged: _Staged) -> None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(kept)
                 os.link(dest, kept, follow_symlinks=False)
-            os.replace(_beside(dest, _STAGED_SUFFIX), dest)
+            if entry.get("remove"):  # a revert: a file the reverted upgrade created
+                os.unlink(dest)
+            else:
+                os.replace(_beside(dest, _STAGED_SUFFIX), dest)
         for directory in sorted({os.path.dirname(entry["dest"]) for entry in journal["files"]}):
             _fsync_dir(directory)
     except OSError as exc:
@@ -10884,7 +11084,10 @@ def _publish_staged(staged: _Staged) -> None:
         raise AgentError(f"cannot write the release: {exc}; no file was changed. "
                          "Check the permissions and free space of the app directory.") from exc
     try:
-        _write_state(staged.app, staged.state)
+        if "state_after" in journal:  # a revert: the state file as it was before the reverted upgrade
+            _put_back_state(staged.app, journal["state_after"])
+        else:
+            _write_state(staged.app, staged.state)
         journal["phase"] = "published"
         _save_journal(staged.app, journal)
     except BaseException:
@@ -10895,7 +11098,7 @@ def _publish_staged(staged: _Staged) -> None:
 def _undo_staged(staged: _Staged) -> None:
     """Phase UNDO: every file and the state file as they were before; the journal gone."""
     _undo_files(staged.journal)
-    if staged.journal["phase"] != "staging":
+    if staged.journal["phase"] not in _UNPUBLISHED:
         _put_back_state(staged.app, staged.journal["state_before"])
     _drop_journal(staged.app)
 
@@ -11082,24 +11285,30 @@ def _upgrade_machine(app: str, store: Store, key: str, sha256: str | None, *, de
             staged = _stage_release(app, manifest, tree, digest, app_root=app_root, image_ref=image_ref,
                                     deployed_at=deployed_at, located=located)
             shutil.rmtree(area, ignore_errors=True)
-            _publish_staged(staged)
-            try:
-                entries = _apply_everywhere(app, staged.state, suspend_timeout, here=in_process)
-            except BaseException:
-                _undo_staged(staged)
-                raise
-            committed = all((entry.get("reply") or {}).get("ok") for entry in entries)
-            if committed:
-                _commit_staged(staged)
-            else:
-                _undo_staged(staged)
-                previous = _previous_release(staged.journal)
-                # Those that failed are back on their old code, or will follow the disk when done.
-                failed = {entry["pid"] for entry in entries if not (entry.get("reply") or {}).get("ok")}
-                back = _apply_everywhere(app, previous, suspend_timeout, here=in_process, skip=failed)
-                entries = _went_back(entries, back, staged.state["version"], previous)
+            return _publish_and_apply(staged, suspend_timeout, in_process=in_process)
     finally:
         shutil.rmtree(area, ignore_errors=True)
+
+
+def _publish_and_apply(staged: _Staged, suspend_timeout: float, *, in_process: bool = False) -> _MachineRun:
+    """Phases PUBLISH, APPLY and COMMIT or UNDO of a staged release (callers hold the machine lock)."""
+    app = staged.app
+    _publish_staged(staged)
+    try:
+        entries = _apply_everywhere(app, staged.state, suspend_timeout, here=in_process)
+    except BaseException:
+        _undo_staged(staged)
+        raise
+    committed = all((entry.get("reply") or {}).get("ok") for entry in entries)
+    if committed:
+        _commit_staged(staged)
+    else:
+        _undo_staged(staged)
+        previous = _previous_release(staged.journal)
+        # Those that failed are back on their old code, or will follow the disk when done.
+        failed = {entry["pid"] for entry in entries if not (entry.get("reply") or {}).get("ok")}
+        back = _apply_everywhere(app, previous, suspend_timeout, here=in_process, skip=failed)
+        entries = _went_back(entries, back, staged.state["version"], previous)
     log.info("flydeploy: %s %s: %s %d files, %d unchanged", app, staged.state["version"],
              "wrote" if committed else "put back", staged.written, staged.unchanged)
     for note in staged.notes:
@@ -11146,7 +11355,7 @@ def _machine_result(replies: list[dict], *, version: str | None, started: float,
                           "modules": report.get("modules") or [], "suspend_ms": report.get("suspend_ms"),
                           "rolled_back": report.get("rolled_back")})
     error = error or ("; ".join(failures) if failures else None)
-    return {"machine_id": os.environ.get("FLY_MACHINE_ID") or socket.gethostname(),
+    return {"machine_id": _machine_id(),
             "region": os.environ.get("FLY_REGION") or "", "status": "failed" if error else "completed",
             "success": error is None, "error": error, "modules_reloaded": len(modules),
             "module_names": sorted(modules), "processes_succeeded": len(succeeded),
@@ -11295,8 +11504,8 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
         raise ConfigError(f"suspend_timeout must be a positive number of seconds, not {suspend_timeout!r}")
     upgrade_id = _check_name("upgrade id", upgrade_id or (sha256 or "").lower() or _fresh_upgrade_id())
     started = time.monotonic()
-    run, error, key, guardian = None, None, None, None
-    try:
+    run, key, errors = None, None, []
+    with _reporting_failures(errors, tarball_url):
         owner = _acting_owner(app)
         if owner is not None:
             return _run_as(owner, functools.partial(hot_upgrade, tarball_url, app, sha256=sha256,
@@ -11304,9 +11513,9 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
                                                     store=store))
         store, key = _store_for_url(tarball_url, store)
         deployed_at = _recorded_deployed_at(store, app, key)
-        guardian = _start_guardian(app)
-        run = _upgrade_machine(app, store, key, sha256, deployed_at=deployed_at, suspend_timeout=suspend_timeout,
-                               in_process=False)
+        with _guarded(app):
+            run = _upgrade_machine(app, store, key, sha256, deployed_at=deployed_at,
+                                   suspend_timeout=suspend_timeout, in_process=False)
         if not run.entries:
             raise AgentError(f"no flydeploy agent of {app} runs on this machine, so no running process loaded "
                              f"{run.state['version']} (its files are written); the app must call "
@@ -11314,18 +11523,9 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
         if not run.committed:
             failures = [f"process {(e.get('reply') or {}).get('name') or e['pid']} failed: {_reply_error(e)}"
                         for e in run.entries if not (e.get("reply") or {}).get("ok")]
-            error = ("; ".join(failures) + f"; {run.state['version']} was taken off the disk again: every file and "
-                     "the state file are as before")
-    except FlyDeployError as exc:
-        error = str(exc)
-    except Exception as exc:  # whatever went wrong, the caller gets a result
-        log.error("flydeploy: unexpected error", exc_info=True)
-        error = f"unexpected error: {exc!r}"
-    finally:
-        if guardian is not None:
-            os.close(guardian)
-    if error is not None:
-        error = _scrub(error, tarball_url, os.environ.get("AWS_ENDPOINT_URL_S3"))
+            raise AgentError("; ".join(failures) + f"; {run.state['version']} was taken off the disk again: every "
+                             "file and the state file are as before")
+    error = errors[0] if errors else None
     result = _machine_result(run.entries if run else [], version=run.state["version"] if run else None,
                              started=started, error=error,
                              installed=run and {"files_written": run.written, "files_unchanged": run.unchanged})
@@ -11338,12 +11538,487 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
     return result
 
 
-def _store_result(store: Store, app: str, upgrade_id: str, result: dict) -> None:
-    key = f"{results_prefix(app, upgrade_id)}{result['machine_id']}.json"
+@contextlib.contextmanager
+def _reporting_failures(errors: list[str], url: str | None) -> Iterator[None]:
+    """Run the block of a machine-side command; its failure is appended to ``errors`` as a message
+    (credentials of ``url`` and of the endpoint masked), never raised: the caller gets a result."""
+    try:
+        yield
+    except FlyDeployError as exc:
+        errors.append(_scrub(str(exc), url, os.environ.get("AWS_ENDPOINT_URL_S3")))
+    except Exception as exc:  # whatever went wrong, the caller gets a result
+        log.error("flydeploy: unexpected error", exc_info=True)
+        errors.append(_scrub(f"unexpected error: {exc!r}", url, os.environ.get("AWS_ENDPOINT_URL_S3")))
+
+
+@contextlib.contextmanager
+def _guarded(app: str) -> Iterator[None]:
+    """Run the block's file work with a guardian (``_start_guardian``) that recovers what it leaves."""
+    guardian = _start_guardian(app)
+    try:
+        yield
+    finally:
+        os.close(guardian)
+
+
+def _store_result(store: Store, app: str, upgrade_id: str, result: Mapping[str, Any], phase: str = "") -> None:
+    """Store ``result`` at ``releases/<app>-results/<upgrade_id>/[<phase>/]<machine_id>.json``, best effort."""
+    key = f"{results_prefix(app, upgrade_id)}{phase + '/' if phase else ''}{result['machine_id']}.json"
     try:
         store.put(key, json.dumps(result, sort_keys=True).encode(), content_type="application/json")
     except Exception as exc:  # the result file is a convenience; the upgrade stands without it
         log.warning("flydeploy: could not store the result at %s: %s", key, exc)
+
+
+# --- Two phases: prepare, apply, discard, revert ------------------------------
+
+# How long a prepared staging waits for its apply unless ``--expires-in`` says.
+_DEFAULT_PREPARED_TTL = 600.0
+# How long one process may take to plan a release (read, parse, compile).
+_PREPARE_WAIT = 60.0
+_DEFAULT_HEALTH_TIMEOUT = 5.0
+_UNDO_PREFIX = "undo-"
+_UNDO_FILE = "undo.json"
+
+
+class ProcessPlan(TypedDict):
+    """One process's answer to a prepare: its plan (``UpgradePlan.to_dict()``) or why it has none."""
+
+    pid: int
+    name: str
+    ok: bool
+    error: str | None
+    plan: dict | None
+
+
+class PrepareResult(TypedDict):
+    """What ``rpc prepare`` reports for one machine (stored under ``<upgrade id>/prepare/``)."""
+
+    machine_id: str
+    region: str
+    status: str  # "ready" | "refused" | "failed"
+    success: bool
+    error: str | None
+    version: str | None
+    upgrade_id: str
+    expires_at: str | None
+    release_bytes: int
+    files_to_write: int
+    files_unchanged: int
+    processes: list[ProcessPlan]
+
+
+class HealthCheck(TypedDict):
+    """One port's answer to the health check's GET: its status, and why it failed if it did."""
+
+    port: int
+    status: int | None
+    error: str | None
+
+
+class HealthReport(TypedDict):
+    """The health check after an apply: ``ok`` when every process is alive and every port answered 2xx."""
+
+    ok: bool
+    checks: list[HealthCheck]
+    processes_alive: bool
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """What PREPARE did on this machine: the staging (discarded again unless ``error`` is None),
+    one ``_ask_agents`` entry per process, the tarball's size."""
+
+    staged: _Staged
+    entries: list[dict]
+    release_bytes: int
+    error: str | None = None
+
+
+def _prepared_live(journal: Mapping[str, Any]) -> bool:
+    """Whether a prepared staging still waits for its apply: not expired, and made since this boot."""
+    expires = _parse_time(journal.get("expires_at"))
+    return (journal.get("phase") == "prepared" and journal.get("boot_id") == _boot_id()
+            and expires is not None and expires > _utc_now())
+
+
+def _discard_prepared(app: str, journal: Mapping[str, Any]) -> None:
+    """Remove a prepared staging: its staged files, its journal, what it kept to undo (callers hold the lock)."""
+    _undo_files(dict(journal))
+    _drop_journal(app)
+    _remove_undo_areas(app, lambda upgrade_id: upgrade_id == journal.get("upgrade_id"))
+    log.info("flydeploy: discarded the staging of %s (%s)", journal.get("upgrade_id"), journal.get("version"))
+
+
+def _undo_area(app: str, upgrade_id: str) -> str:
+    return os.path.join(_work_dir(app), _UNDO_PREFIX + upgrade_id)
+
+
+def _remove_undo_areas(app: str, doomed: Callable[[str], bool]) -> None:
+    """Remove what was kept to undo the upgrades whose id is ``doomed``."""
+    for entry in os.scandir(_work_dir(app)):
+        if entry.name.startswith(_UNDO_PREFIX) and doomed(entry.name[len(_UNDO_PREFIX):]):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _keep_undo(staged: _Staged, upgrade_id: str, url: str | None) -> None:
+    """Copy aside what publishing ``staged`` replaces, with the state file before it, so that
+    ``--revert upgrade_id`` can put it back (the files it creates are listed, to be removed)."""
+    area = _undo_area(staged.app, upgrade_id)
+    shutil.rmtree(area, ignore_errors=True)
+    os.makedirs(os.path.join(area, "files"), 0o700)
+    files = []
+    for number, entry in enumerate(staged.journal["files"]):
+        kept = {"dest": entry["dest"], "copy": None, "sha256": None}
+        if entry["existed"]:
+            kept["copy"] = os.path.join("files", str(number))
+            shutil.copyfile(entry["dest"], os.path.join(area, kept["copy"]), follow_symlinks=False)
+            kept["sha256"] = _file_sha256(entry["dest"])
+        files.append(kept)
+    record = {"upgrade_id": upgrade_id, "url": url and _redact_url(url), "boot_id": _boot_id(),
+              "state_before": staged.journal["state_before"], "files": files, "dirs": staged.journal["dirs"]}
+    content = json.dumps(record, sort_keys=True).encode()
+    _write_atomically(os.path.join(area, _UNDO_FILE), lambda out: out.write(content), mode=0o600)
+
+
+def _load_undo(app: str, upgrade_id: str) -> dict:
+    """What ``_keep_undo`` kept for ``upgrade_id``; raises when this machine kept nothing for it."""
+    try:
+        with open(os.path.join(_undo_area(app, upgrade_id), _UNDO_FILE), "rb") as handle:
+            record = json.loads(handle.read())
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or record.get("boot_id") != _boot_id():
+        raise AgentError(f"nothing to revert {upgrade_id} with on this machine: it kept no record of that "
+                         "upgrade's apply since it booted (a restarted machine runs its image's code and catches "
+                         "up from current.json)")
+    return record
+
+
+def _stage_revert(app: str, undo: dict, *, app_root: str, revert: str) -> _Staged:
+    """Phase STAGE of a revert: what the apply of ``revert`` replaced, written beside each file again,
+    and what it created listed for removal; the state file as it was before it."""
+    entries, sources = [], []
+    for kept in undo["files"]:
+        dest = kept["dest"]
+        if not _is_under(dest, app_root):
+            raise AgentError(f"cannot revert {revert}: {dest} is outside the app root {app_root}; nothing was "
+                             "changed. Run the command in the app's directory, or set FLYDEPLOY_APP_ROOT.")
+        if kept["copy"] is None and os.path.lexists(dest):
+            entries.append({"dest": dest, "existed": True, "remove": True})
+        elif kept["copy"] is not None and _file_sha256(dest) != kept["sha256"]:
+            entries.append({"dest": dest, "existed": os.path.lexists(dest)})
+            sources.append((dest, os.path.join(_undo_area(app, revert), kept["copy"])))
+    state_after = undo.get("state_before")
+    try:
+        state = json.loads(state_after or "null") or {"version": None}
+    except ValueError:
+        state = {"version": None}
+    journal = {"version": state.get("version"), "app_root": app_root, "phase": "staging", "dirs": [],
+               "files": entries, "state_before": _state_text(app), "state_after": state_after,
+               "remove_dirs": undo.get("dirs") or []}
+    _save_journal(app, journal)
+    try:
+        for dest, source in sources:
+            current = os.stat(dest) if os.path.exists(dest) else os.stat(source)
+            _write_staged(source, _beside(dest, _STAGED_SUFFIX), stat.S_IMODE(current.st_mode),
+                          (current.st_uid, current.st_gid) if os.geteuid() == 0 else None)
+    except OSError as exc:
+        _undo_files(journal)
+        _drop_journal(app)
+        raise AgentError(f"cannot stage the revert of {revert}: {exc}; no file was changed. Check the "
+                         "permissions and free space of the app directory.") from exc
+    back_to = state.get("version") or "the image's own code"
+    return _Staged(app, state, journal, len(undo["files"]) - len(entries), [f"reverting {revert}: back to {back_to}"])
+
+
+def _prepare_request(journal: Mapping[str, Any]) -> dict:
+    """A prepare request: each changed file's path and where its new content is staged."""
+    return {"op": "prepare", "files": {entry["dest"]: _beside(entry["dest"], _STAGED_SUFFIX)
+                                       for entry in journal["files"] if not entry.get("remove")}}
+
+
+def _prepare_machine(app: str, *, store: Store | None, key: str | None, sha256: str | None, upgrade_id: str,
+                     expires_in: float, revert: str | None, url: str | None) -> _Prepared:
+    """Phases DOWNLOAD, STAGE and PREPARE (of the release at ``key``, or of the revert of
+    ``revert``): staged, journalled ``prepared``, planned by every process; discarded again
+    unless every process is ready.  Another upgrade's staging is discarded first, and what
+    was kept to undo upgrades other than this one and ``revert``."""
+    area = os.path.join(_work_dir(app), f"{_WORK_AREA_PREFIX}{os.getpid()}")
+    try:
+        shutil.rmtree(area, ignore_errors=True)
+        os.mkdir(area, 0o700)
+        manifest = tree = digest = None
+        release_bytes = 0
+        if revert is None:
+            log.info("flydeploy: downloading %s", key)
+            manifest, tree, digest = _download_release(store, key, area, sha256, app)
+            release_bytes = os.path.getsize(os.path.join(area, "release.tar.gz"))
+        with _machine_lock(app):
+            _recover_and_resync(app)
+            _remove_undo_areas(app, lambda other: other not in (upgrade_id, revert))
+            app_root = _machine_app_root(in_process=False)
+            if revert is None:
+                paths = sorted(manifest["files"])
+                located, image_ref = _locate_on_machine(app, paths, in_process=False, app_root=app_root)
+                staged = _stage_release(app, manifest, tree, digest, app_root=app_root, image_ref=image_ref,
+                                        deployed_at=None, located=located)
+                staged.state["upgrade_id"] = upgrade_id
+            else:
+                staged = _stage_revert(app, _load_undo(app, revert), app_root=app_root, revert=revert)
+            shutil.rmtree(area, ignore_errors=True)
+            staged.journal.update(
+                phase="prepared", upgrade_id=upgrade_id, sha256=digest, revert=revert, boot_id=_boot_id(),
+                expires_at=_iso_utc(_utc_now() + datetime.timedelta(seconds=expires_in)),
+                state=staged.state, unchanged=staged.unchanged, notes=staged.notes)
+            try:
+                _keep_undo(staged, upgrade_id, url)
+                _save_journal(app, staged.journal)
+            except OSError as exc:
+                _discard_prepared(app, staged.journal)
+                raise AgentError(f"cannot keep what the apply would replace: {exc}; nothing was changed. "
+                                 "Check the free space of the runtime directory (FLYDEPLOY_RUNTIME_DIR).") from exc
+            _reached(app, "prepared")
+            entries = _ask_agents(app, _prepare_request(staged.journal), timeout=_PREPARE_WAIT)
+            error = _prepare_error(entries, staged.state.get("version"))
+            if error is not None:
+                _discard_prepared(app, staged.journal)
+            return _Prepared(staged, entries, release_bytes, error)
+    finally:
+        shutil.rmtree(area, ignore_errors=True)
+
+
+def _prepare_error(entries: list[dict], version: str | None) -> str | None:
+    """Why a machine is not ready for ``version`` after its processes answered ``entries``, if it is not."""
+    if not entries:
+        return (f"no flydeploy agent runs on this machine, so no running process could prepare {version}; the app "
+                "must call flydeploy.startup_reapply_current() at boot")
+    failures = [f"process {(entry.get('reply') or {}).get('name') or entry['pid']}: {_reply_error(entry)}"
+                for entry in entries if not (entry.get("reply") or {}).get("ok")]
+    return "; ".join(failures) or None
+
+
+def _prepare_result(prepared: _Prepared | None, *, upgrade_id: str, error: str | None) -> PrepareResult:
+    """The per-machine result of a prepare (``PrepareResult``)."""
+    staged = prepared.staged if prepared else None
+    processes: list[ProcessPlan] = []
+    refused = False
+    for entry in prepared.entries if prepared else []:
+        reply = entry.get("reply") or {}
+        plan = reply.get("plan") if isinstance(reply.get("plan"), dict) else None
+        refused = refused or bool(plan and plan.get("refused"))
+        processes.append({"pid": entry["pid"], "name": reply.get("name") or f"pid {entry['pid']}",
+                          "ok": bool(reply.get("ok")), "error": None if reply.get("ok") else _reply_error(entry),
+                          "plan": plan})
+    error = error or (prepared.error if prepared else None)
+    return {"machine_id": _machine_id(), "region": os.environ.get("FLY_REGION") or "",
+            "status": "ready" if error is None else "refused" if refused else "failed",
+            "success": error is None, "error": error, "version": staged.state.get("version") if staged else None,
+            "upgrade_id": upgrade_id, "expires_at": staged.journal["expires_at"] if staged and error is None else None,
+            "release_bytes": prepared.release_bytes if prepared else 0,
+            "files_to_write": staged.written if staged else 0, "files_unchanged": staged.unchanged if staged else 0,
+            "processes": processes}
+
+
+def _machine_id() -> str:
+    return os.environ.get("FLY_MACHINE_ID") or socket.gethostname()
+
+
+def _release_store(app: str, url: str | None, revert: str | None, store: Store | None) -> tuple[Store | None, str | None]:
+    """The store and key of a release URL; for a revert, the store of the reverted upgrade's release
+    (where the result is stored), if this machine kept it."""
+    if revert is not None:
+        with contextlib.suppress(FlyDeployError):
+            kept = _load_undo(app, revert).get("url")
+            if kept:
+                return _store_for_url(kept, store)[0], None
+        return store, None
+    return _store_for_url(url, store)
+
+
+def prepare_release(app: str, *, url: str | None = None, sha256: str | None = None, upgrade_id: str,
+                    expires_in: float = _DEFAULT_PREPARED_TTL, revert: str | None = None,
+                    store: Store | None = None) -> PrepareResult:
+    """Phase 1 of a two-phase upgrade on this machine: download and verify the release at ``url``
+    once (or, with ``revert``, take what this machine ran before the apply of that upgrade id),
+    stage its files beside theirs without publishing them, and have every process plan it
+    (``plan_upgrade``) against the staged files.  Nothing the app uses changes.
+
+    Unless every process is ready, the staging is discarded again before this returns
+    (status ``refused`` when a process refused the release, else ``failed``).  A ready
+    staging waits, with the machine unlocked, for ``apply_release`` of the same upgrade id,
+    ``discard_prepared``, ``expires_in`` seconds, or a reboot.  Returns the
+    ``PrepareResult``, also stored at ``releases/<app>-results/<upgrade_id>/prepare/``;
+    never raises for an operational failure.
+    """
+    _check_name("app", app)
+    _check_name("upgrade id", upgrade_id)
+    if (url is None) == (revert is None):
+        raise ConfigError("prepare needs the release's --url, or --revert UPGRADE_ID, not both")
+    if not _is_positive_seconds(expires_in):
+        raise ConfigError(f"expires_in must be a positive number of seconds, not {expires_in!r}")
+    prepared, errors = None, []
+    with _reporting_failures(errors, url):
+        owner = _acting_owner(app)
+        if owner is not None:
+            return _run_as(owner, functools.partial(prepare_release, app, url=url, sha256=sha256,
+                                                    upgrade_id=upgrade_id, expires_in=expires_in,
+                                                    revert=revert, store=store))
+        store, key = _release_store(app, url, revert, store)
+        with _guarded(app):
+            prepared = _prepare_machine(app, store=store, key=key, sha256=sha256, upgrade_id=upgrade_id,
+                                        expires_in=expires_in, revert=revert, url=url)
+    result = _prepare_result(prepared, upgrade_id=upgrade_id, error=errors[0] if errors else None)
+    for process in result["processes"]:
+        log.info("flydeploy: %s %s", process["name"], "ready" if process["ok"] else process["error"])
+    if store is not None:
+        _store_result(store, app, upgrade_id, result, "prepare")
+    return result
+
+
+def _prepared_for(journal: Mapping[str, Any] | None, upgrade_id: str, sha256: str | None,
+                  revert: str | None) -> bool:
+    """Whether ``journal`` is a live staging of this very apply: its upgrade id, release and revert."""
+    return (journal is not None and _prepared_live(journal) and journal.get("upgrade_id") == upgrade_id
+            and journal.get("revert") == revert
+            and (not sha256 or (journal.get("sha256") or "").lower() == sha256.lower()))
+
+
+def _apply_machine(app: str, *, store: Store | None, key: str | None, sha256: str | None, upgrade_id: str,
+                   revert: str | None, url: str | None, suspend_timeout: float) -> _MachineRun:
+    """Phases PUBLISH, APPLY and COMMIT or UNDO of this upgrade's prepared staging.  Without one
+    (the machine restarted between the phases, the staging expired or was discarded) the
+    phases before run first, so that the machine still ends on the release."""
+    deployed_at = _recorded_deployed_at(store, app, key) if key is not None else None
+    notes = []
+    for attempt in range(2):
+        with _machine_lock(app):
+            journal = _load_journal(app)
+            if _prepared_for(journal, upgrade_id, sha256, revert):
+                staged = _Staged(app, journal["state"], journal, journal["unchanged"], notes + journal["notes"])
+                if revert is None:
+                    staged.state["deployed_at"] = deployed_at
+                return _publish_and_apply(staged, suspend_timeout)
+        if attempt:
+            raise AgentError(f"the staging of {upgrade_id} was taken away while applying it; nothing was "
+                             "applied. Run the upgrade again.")
+        notes.append(f"no live staging of {upgrade_id} here (the machine restarted, or it expired or was "
+                     "discarded): preparing it first")
+        log.info("flydeploy: %s", notes[0])
+        prepared = _prepare_machine(app, store=store, key=key, sha256=sha256, upgrade_id=upgrade_id,
+                                    expires_in=_DEFAULT_PREPARED_TTL, revert=revert, url=url)
+        if prepared.error is not None:
+            return _MachineRun(prepared.staged.state, prepared.entries, False, 0, prepared.staged.unchanged,
+                               prepared.staged.notes)
+    raise AssertionError("unreachable")
+
+
+def _health_check(app: str, applied: Collection[int], *, path: str, ports: Sequence[int],
+                  timeout: float) -> HealthReport:
+    """Phase CHECK: every process that applied still alive with its agent answering, and a GET of
+    ``http://127.0.0.1:<port><path>`` answered 2xx within ``timeout`` for each of ``ports``."""
+    answering = {entry["pid"] for entry in _ask_agents(app, {"op": "ping"}, timeout=timeout)
+                 if (entry.get("reply") or {}).get("ok")}
+    alive = bool(answering) and set(applied) <= answering
+    checks = [_http_check(port, path, timeout) for port in ports]
+    return {"ok": alive and all(check["error"] is None for check in checks), "checks": checks,
+            "processes_alive": alive}
+
+
+def _http_check(port: int, path: str, timeout: float) -> HealthCheck:
+    target = f"http://127.0.0.1:{port}{path}"
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"User-Agent": f"flydeploy/{__version__} health check"})
+        response = conn.getresponse()
+        response.read(1 << 16)
+        status = response.status
+    except (OSError, http.client.HTTPException) as exc:
+        return {"port": port, "status": None, "error": f"GET {target} failed: {exc or type(exc).__name__}"}
+    finally:
+        conn.close()
+    return {"port": port, "status": status,
+            "error": None if 200 <= status < 300 else f"GET {target} answered {status}, not 2xx"}
+
+
+def _health_failure(health: HealthReport) -> str:
+    problems = [check["error"] for check in health["checks"] if check["error"]]
+    if not health["processes_alive"]:
+        problems.insert(0, "a process that applied the release is gone or its agent does not answer")
+    return "health check failed: " + "; ".join(problems) + " (the release stays on this machine)"
+
+
+def apply_release(app: str, *, url: str | None = None, sha256: str | None = None, upgrade_id: str,
+                  revert: str | None = None, suspend_timeout: float = _DEFAULT_SUSPEND_TIMEOUT,
+                  health_check: str | None = None, health_ports: Sequence[int] = (),
+                  health_timeout: float = _DEFAULT_HEALTH_TIMEOUT, store: Store | None = None) -> dict:
+    """Phase 2 of a two-phase upgrade on this machine: publish what ``prepare_release`` staged
+    for ``upgrade_id`` and have every process apply it, as ``hot_upgrade`` does after staging
+    (a process that fails puts every file back).  Without a live staging of it, the whole
+    upgrade runs here, so that the machine still ends on the release.  With ``health_check``
+    (a path), then the health check (``_health_check``): a failure makes the result
+    unsuccessful, with the reason, but the release stays (the orchestrator decides).
+
+    What the apply replaced stays kept on the machine, so that a later ``revert=upgrade_id``
+    puts back what ran before, even the image's own code.
+
+    Returns the per-machine result (``hot_upgrade``'s) plus ``applied`` (the machine runs the
+    release now) and ``health`` (a ``HealthReport``, or None); also stored at
+    ``releases/<app>-results/<upgrade_id>/apply/``.  Never raises for an operational failure.
+    """
+    _check_name("app", app)
+    _check_name("upgrade id", upgrade_id)
+    if (url is None) == (revert is None):
+        raise ConfigError("apply needs the release's --url, or --revert UPGRADE_ID, not both")
+    if not _is_positive_seconds(suspend_timeout) or not _is_positive_seconds(health_timeout):
+        raise ConfigError("suspend_timeout and health_timeout must be positive numbers of seconds")
+    if health_check is not None and not health_check.startswith("/"):
+        raise ConfigError(f"the health check path must start with /, not {health_check!r}")
+    started = time.monotonic()
+    run, health, errors = None, None, []
+    with _reporting_failures(errors, url):
+        owner = _acting_owner(app)
+        if owner is not None:
+            return _run_as(owner, functools.partial(
+                apply_release, app, url=url, sha256=sha256, upgrade_id=upgrade_id, revert=revert,
+                suspend_timeout=suspend_timeout, health_check=health_check, health_ports=health_ports,
+                health_timeout=health_timeout, store=store))
+        store, key = _release_store(app, url, revert, store)
+        with _guarded(app):
+            run = _apply_machine(app, store=store, key=key, sha256=sha256, upgrade_id=upgrade_id, revert=revert,
+                                 url=url, suspend_timeout=suspend_timeout)
+        if not run.entries:
+            raise AgentError(f"no flydeploy agent of {app} runs on this machine, so no running process loaded "
+                             f"{run.state.get('version')}; the app must call flydeploy.startup_reapply_current() "
+                             "at boot")
+        if run.committed and health_check is not None:
+            health = _health_check(app, [entry["pid"] for entry in run.entries], path=health_check,
+                                   ports=health_ports, timeout=health_timeout)
+            if not health["ok"]:
+                raise AgentError(_health_failure(health))
+    result = _machine_result(run.entries if run else [], version=run.state.get("version") if run else None,
+                             started=started, error=errors[0] if errors else None,
+                             installed=run and {"files_written": run.written, "files_unchanged": run.unchanged})
+    result.update(upgrade_id=upgrade_id, notes=run.notes if run else [], applied=bool(run and run.committed),
+                  health=health)
+    if store is not None:
+        _store_result(store, app, upgrade_id, result, "apply")
+    return result
+
+
+def discard_prepared(app: str, upgrade_id: str) -> str:
+    """Drop the staging of ``upgrade_id`` (its staged files, journal and undo record) if this
+    machine holds it; idempotent.  Returns what it did, in one line."""
+    _check_name("app", app)
+    _check_name("upgrade id", upgrade_id)
+    if _app_dir(app, create=False) is None:
+        return f"nothing staged for {upgrade_id} on this machine"
+    with _machine_lock(app):
+        journal = _load_journal(app)
+        if journal is None or journal.get("phase") != "prepared" or journal.get("upgrade_id") != upgrade_id:
+            return f"nothing staged for {upgrade_id} on this machine"
+        _discard_prepared(app, journal)
+    return f"discarded the staging of {upgrade_id} ({journal.get('version')}: {len(journal['files'])} files)"
 
 
 # --- Boot catch-up and poller -----------------------------------------------
@@ -11541,12 +12216,13 @@ def _outcome(status: str, *, error: str | None = None, version: str | None = Non
 
 
 def _recover_at_boot(app: str) -> None:
-    """Before anything else at boot: what a stopped upgrade left on disk is finished or undone."""
+    """Before anything else at boot: what a stopped upgrade left on disk is finished or undone,
+    and a prepared staging that expired or was made before the machine restarted is discarded."""
     try:
         directory = _app_dir(app, create=False)
         if directory is not None and os.path.exists(os.path.join(directory, _JOURNAL_FILE)):
             with _machine_lock(app, timeout=_SETTLE_WAIT):
-                _recover_and_resync(app, exclude_pid=os.getpid())
+                _recover_and_resync(app, exclude_pid=os.getpid(), keep_prepared=True)
     except FlyDeployError as exc:
         log.error("flydeploy: could not recover what a stopped upgrade of %s left: %s", app, exc)
 
@@ -11812,36 +12488,74 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
     return 0
 
 
-def _rpc_upgrade(args: argparse.Namespace) -> int:
+def _run_machine_command(args: argparse.Namespace, run: Callable[[argparse.Namespace], int],
+                         work: Callable[[], Mapping[str, Any]], failed: Callable[[str], Mapping[str, Any]],
+                         success_line: Callable[[Mapping[str, Any]], str]) -> int:
+    """An ``rpc`` command that reports one result: detached with ``--detach`` (``run`` is the
+    command itself), else ``work()`` with its log on stdout, a line saying how it ended and the
+    result line.  ``failed(error)`` is the result of a run that raised unexpectedly."""
     if args.detach:
         if not args.upgrade_id:
-            raise ConfigError("rpc upgrade --detach needs --upgrade-id: the result object is found by it")
-        return _start_detached(args, _rpc_upgrade)
+            raise ConfigError(f"rpc {args.rpc_command} --detach needs --upgrade-id: the result object is found by it")
+        return _start_detached(args, run)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     level = log.level
     log.setLevel(logging.INFO)
-    started = time.monotonic()
     try:
-        result = hot_upgrade(args.url, args.app, sha256=args.sha256, suspend_timeout=args.suspend_timeout,
-                             upgrade_id=args.upgrade_id)
+        result = work()
     except ConfigError:
         raise  # bad usage: exit 2, no result
     except Exception as exc:  # the orchestrator still gets its one result line
         log.error("flydeploy: unexpected error", exc_info=True)
-        result = _machine_result([], version=None, started=started,
-                                 error=_scrub(f"unexpected error: {exc!r}", args.url))
+        result = failed(_scrub(f"unexpected error: {exc!r}", getattr(args, "url", None)))
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
-    if result["success"]:
-        print(f"upgraded {result['processes_succeeded']} processes to {result['version']}: "
-              f"{result['modules_reloaded']} modules, suspended {result['suspend_duration_ms']:.0f} ms")
-    else:
-        print(f"upgrade failed: {result['error']}")
+    print(success_line(result) if result["success"] else f"{args.rpc_command} failed: {result['error']}")
     print(f"{RESULT_MARKER}{json.dumps(result, sort_keys=True)}{RESULT_MARKER}", flush=True)
     return 0 if result["success"] else 1
+
+
+def _rpc_upgrade(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    return _run_machine_command(
+        args, _rpc_upgrade,
+        lambda: hot_upgrade(args.url, args.app, sha256=args.sha256, suspend_timeout=args.suspend_timeout,
+                            upgrade_id=args.upgrade_id),
+        lambda error: _machine_result([], version=None, started=started, error=error),
+        lambda result: (f"upgraded {result['processes_succeeded']} processes to {result['version']}: "
+                        f"{result['modules_reloaded']} modules, suspended {result['suspend_duration_ms']:.0f} ms"))
+
+
+def _rpc_prepare(args: argparse.Namespace) -> int:
+    return _run_machine_command(
+        args, _rpc_prepare,
+        lambda: prepare_release(args.app, url=args.url, sha256=args.sha256, upgrade_id=args.upgrade_id,
+                                expires_in=args.expires_in, revert=args.revert),
+        lambda error: _prepare_result(None, upgrade_id=args.upgrade_id, error=error),
+        lambda result: (f"prepared {result['version'] or 'the revert'} in {len(result['processes'])} processes: "
+                        f"{result['files_to_write']} files staged, until {result['expires_at']}"))
+
+
+def _rpc_apply(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    return _run_machine_command(
+        args, _rpc_apply,
+        lambda: apply_release(args.app, url=args.url, sha256=args.sha256, upgrade_id=args.upgrade_id,
+                              revert=args.revert, suspend_timeout=args.suspend_timeout,
+                              health_check=args.health_check, health_ports=args.health_port or (),
+                              health_timeout=args.health_timeout),
+        lambda error: {**_machine_result([], version=None, started=started, error=error),
+                       "upgrade_id": args.upgrade_id, "notes": [], "applied": False, "health": None},
+        lambda result: (f"applied {result['version'] or 'the revert'} in {result['processes_succeeded']} processes: "
+                        f"{result['modules_reloaded']} modules, suspended {result['suspend_duration_ms']:.0f} ms"))
+
+
+def _rpc_discard(args: argparse.Namespace) -> int:
+    print(discard_prepared(args.app, args.upgrade_id))
+    return 0
 
 
 def _release_url(text: str) -> str:
@@ -11856,6 +12570,12 @@ def _upgrade_id(text: str) -> str:
         return _check_name("upgrade id", text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: give a whole number from 1 to 65535")
+    return int(text)
 
 
 def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
@@ -11881,6 +12601,40 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
                          help="with --detach: return when the upgrade ends, with its result line, or after "
                               "S seconds at most (then its result is only stored)")
     upgrade.set_defaults(handler=_rpc_upgrade)
+    phases = argparse.ArgumentParser(add_help=False, parents=[common])
+    release = phases.add_mutually_exclusive_group(required=True)
+    release.add_argument("--url", type=_release_url, help="URL of the release tarball (https:// or file://)")
+    release.add_argument("--revert", type=_upgrade_id, metavar="UPGRADE_ID",
+                         help="instead of a release: what this machine ran before the apply of UPGRADE_ID")
+    phases.add_argument("--sha256", help="expected sha256 of the tarball")
+    phases.add_argument("--upgrade-id", type=_upgrade_id, required=True,
+                        help="names the staging, the job and the results: releases/<app>-results/<upgrade-id>/")
+    phases.add_argument("--detach", action="store_true",
+                        help="run in the background and return at once; the result is stored (a second start "
+                             "of the same upgrade id starts nothing)")
+    phases.add_argument("--wait", type=_number_argument("seconds"), metavar="S",
+                        help="with --detach: return when it ends, with its result line, or after S seconds at most")
+    prepare = rpc_commands.add_parser("prepare", parents=[phases],
+                                      help="phase 1: stage a release and have every process plan it; nothing "
+                                           "live changes")
+    prepare.add_argument("--expires-in", type=_number_argument("seconds"), default=_DEFAULT_PREPARED_TTL,
+                         metavar="S", help="discard the staging if no apply comes within S seconds (default 600)")
+    prepare.set_defaults(handler=_rpc_prepare)
+    apply = rpc_commands.add_parser("apply", parents=[phases],
+                                    help="phase 2: publish the prepared release and apply it in every process")
+    apply.add_argument("--suspend-timeout", type=_number_argument("seconds"), default=_DEFAULT_SUSPEND_TIMEOUT,
+                       metavar="S", help="seconds servers may take to reach a safe point (default 10)")
+    apply.add_argument("--health-check", metavar="PATH",
+                       help="then GET http://127.0.0.1:<port>PATH on each --health-port: 2xx or the apply failed")
+    apply.add_argument("--health-port", type=_port, action="append", metavar="PORT",
+                       help="a port the app listens on, on 127.0.0.1 (repeatable)")
+    apply.add_argument("--health-timeout", type=_number_argument("seconds"), default=_DEFAULT_HEALTH_TIMEOUT,
+                       metavar="S", help="seconds each health check may take (default 5)")
+    apply.set_defaults(handler=_rpc_apply)
+    discard = rpc_commands.add_parser("discard", parents=[common],
+                                      help="drop the staging of an upgrade id, if this machine holds it")
+    discard.add_argument("--upgrade-id", type=_upgrade_id, required=True, help="the upgrade whose staging to drop")
+    discard.set_defaults(handler=_rpc_discard)
     preflight = rpc_commands.add_parser("preflight", parents=[common],
                                         help="print, as JSON, how this machine runs flydeploy and its agents")
     preflight.add_argument("--store", action="store_true",
