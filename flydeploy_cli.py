@@ -701,13 +701,14 @@ def _local_push(args: argparse.Namespace, config: flydeploy.FleetConfig, *, vers
 
 def _orchestrate_here(args: argparse.Namespace, config: flydeploy.FleetConfig, image: str, **options: Any) -> int:
     """Run ``orchestrate`` in this process (``--local``, ``--direct``) with the resolved
-    settings; ``hot --plan --json`` prints the plan's JSON alone on stdout (the progress
-    goes to stderr).  Returns the exit code."""
-    plan, plan_json = getattr(args, "plan", False), getattr(args, "json", False)
-    report = flydeploy.orchestrate(config.app, image, force=args.force, plan=plan,
-                                   out=sys.stderr if plan_json else None, **options, **config.orchestrate_options())
-    if plan_json:
-        print(json.dumps(report.plan, sort_keys=True), flush=True)
+    settings; with ``hot --plan --json`` the plan's JSON goes to ``args.plan_out``.
+    Returns the exit code."""
+    plan_out = getattr(args, "plan_out", None)
+    report = flydeploy.orchestrate(config.app, image, force=args.force, plan=getattr(args, "plan", False),
+                                   **options, **config.orchestrate_options())
+    if plan_out is not None:
+        plan_out.write(json.dumps(report.plan, sort_keys=True) + "\n")
+        plan_out.flush()
     return report.exit_code
 
 
@@ -754,7 +755,7 @@ def _orchestrator_env(config: flydeploy.FleetConfig, can_mint: bool, dry_run: bo
 
 
 def _push(config: flydeploy.FleetConfig, image: str, argv: list[str], dry_run: bool,
-          build: list[str] | None = None, plan_json: bool = False) -> int:
+          build: list[str] | None = None, plan_out: TextIO | None = None) -> int:
     """Start the orchestrator (after the build, if any); ``--dry-run`` prints the plan instead."""
     owner, can_mint = _owner()
     # The run's id is the orchestrator machine's and the deploy lock's: either names the other.
@@ -778,9 +779,8 @@ def _push(config: flydeploy.FleetConfig, image: str, argv: list[str], dry_run: b
     env, _ = _orchestrator_env(config, can_mint, False)
     _say(f"starting the orchestrator from {image}")
     machine = orchestrator_config(config, image, argv, env, run_id=run_id, launcher=_launcher())
-    # With --plan --json the JSON alone is on stdout: the orchestrator's output goes to stderr.
     return launch_orchestrator(api, machine, lambda machine_id: logs_command(config, machine_id),
-                               out=sys.stderr if plan_json else None, plan_out=sys.stdout if plan_json else None)
+                               plan_out=plan_out)
 
 
 def image_label(version: str) -> str:
@@ -796,6 +796,17 @@ def image_label(version: str) -> str:
 
 
 def _hot(args: argparse.Namespace) -> int:
+    if args.json and not args.plan:
+        raise flydeploy.ConfigError("--json goes with --plan (hot --plan --json prints the plan as JSON)")
+    if args.json:
+        # The plan's JSON alone on stdout, for CI: everything else goes to stderr.
+        args.plan_out = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            return _hot_run(args)
+    return _hot_run(args)
+
+
+def _hot_run(args: argparse.Namespace) -> int:
     if args.direct and (args.skip_build or args.image or args.build_args or args.no_cache):
         raise flydeploy.ConfigError("--direct builds no image: --skip-build, --image, --build-arg and "
                                     "--no-cache do not apply")
@@ -807,8 +818,6 @@ def _hot(args: argparse.Namespace) -> int:
                                     "already pushed)")
     if args.skip_build and not args.image:
         raise flydeploy.ConfigError("--skip-build needs --image REF: the image to run the orchestrator from")
-    if args.json and not args.plan:
-        raise flydeploy.ConfigError("--json goes with --plan (hot --plan --json prints the plan as JSON)")
     config = _config(args)
     version = args.version or flydeploy.default_version()
     flydeploy.release_key(config.app, version)  # a version that cannot name a release stops here
@@ -827,7 +836,7 @@ def _hot(args: argparse.Namespace) -> int:
     else:
         build = build_command(config, image.rsplit(":", 1)[1], no_cache=args.no_cache)
     argv = orchestrate_argv(config, image, version=version, force=args.force, plan=args.plan, plan_json=args.json)
-    return _push(config, image, argv, args.dry_run, build, plan_json=args.json)
+    return _push(config, image, argv, args.dry_run, build, plan_out=getattr(args, "plan_out", None))
 
 
 # --- hot --direct: the orchestration from here ----------------------------------

@@ -102,6 +102,7 @@ def test_plan_shows_a_cold_deploy_in_one_group_only(fakefly, seaweed, tmp_path):
 
     as_json = project.push("hot", "--plan", "--json", "--version", "v2", direct=False)
     assert as_json.returncode == 1, as_json.output
+    assert as_json.stdout.count("\n") == 1, as_json.output  # the JSON alone; the progress on stderr
     document = json.loads(as_json.stdout)
     assert not document["would_apply"] and not document["uploaded"] and document["version"] == "v2"
     groups = {group["group"]: group for group in document["groups"]}
@@ -153,8 +154,10 @@ def test_a_canary_failing_its_health_check_leaves_the_others_unchanged(fakefly, 
     hot = project.push("hot", "--version", "v2", "--canary", "1", "--health-check", "/healthz", direct=direct)
     assert hot.returncode == 1, hot.output
     assert "a canary failed: the other 2 machines did not change" in hot.output
-    canary_keys = result_keys(project, "apply")
-    assert len(canary_keys) == 1  # only the canary applied
+    canary_keys = [key for key in result_keys(project, "apply") if "-back/" not in key]
+    assert len(canary_keys) == 1  # only the canary applied (and was reverted)
+    assert [key for key in result_keys(project, "apply") if "-back/" in key] == [
+        canary_keys[0].replace("/apply/", "-back/apply/")]
     canary = canary_keys[0].rsplit("/", 1)[1].removesuffix(".json")
     port = [m for m in project.machines if m.id == canary][0].env["PORT"]
     assert f"{port}" in hot.output and "503" in hot.output
