@@ -231,6 +231,20 @@ __all__ = [
     "run_preflight",
     "result_poll_interval",
     "results_prefix",
+    "FLEET_PHASES",
+    "FLEET_POINT_OF_NO_RETURN",
+    "prepare_line",
+    "PrepareVerdict",
+    "judge_prepare",
+    "to_discard",
+    "pick_canaries",
+    "health_ports_for",
+    "to_revert",
+    "applied_version",
+    "withdraw_hot_upgrade",
+    "prepare_expiry_s",
+    "plan_document",
+    "plan_lines",
     "FleetReport",
     "orchestrate",
     "status_row",
@@ -3863,7 +3877,7 @@ _IMAGE_CODE = "the image's code"
 _REVERT_SUFFIX = "-back"
 
 
-def _process_problem(process: Mapping[str, Any]) -> str:
+def _process_problem(process: ProcessPlan) -> str:
     """``pid 12 (web): why`` for one process of a phase result."""
     name = f" ({process['name']})" if process.get("name") else ""
     why = process.get("error") or (process.get("plan") or {}).get("refused") or "failed, no reason given"
@@ -4005,7 +4019,8 @@ def prepare_expiry_s(targets: int, *, timeout: float, max_concurrency: int, cana
 
 
 def _plan_of(outcome: MachineOutcome) -> dict[str, Any]:
-    """One machine's phase 1 plan, its processes' plans merged (each item once, in order)."""
+    """One machine's phase 1 plan, its processes' plans merged (each item once, in order);
+    ``outcome.result`` is its ``PrepareResult``, each process's plan an ``UpgradePlan``."""
     result = outcome.result or {}
     merged: dict[str, list] = {"modules_changed": [], "modules_added": [], "code_change": [], "refused": []}
     for process in result.get("processes") or ():

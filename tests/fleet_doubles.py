@@ -137,12 +137,16 @@ PREFLIGHT_OK = {"flydeploy": flydeploy.__version__, "python": "/usr/local/bin/py
 
 
 def ready(machine_id, argv, **fields):
-    """What ``rpc prepare`` prints on a machine whose one process is ready for the release."""
-    plan = {"modules_changed": ["shop"], "modules_added": [], "code_change": [], "refused": None}
-    return flydeploy.ExecResult(0, 0, "prepared\n" + result_line(**{
-        "machine_id": machine_id, "status": "ready", "success": True, "error": None, "files_to_write": 1,
-        "files_unchanged": 1, "release_bytes": 321, "upgrade_id": _flag(argv, "--upgrade-id"),
-        "processes": [{"pid": 7, "name": "web", "ok": True, "error": None, "plan": plan}], **fields}), "")
+    """What ``rpc prepare`` prints on a machine whose one process is ready for the release:
+    a ``PrepareResult``, its process's plan an ``UpgradePlan``, as the machine side makes them."""
+    plan = flydeploy.UpgradePlan(modules_changed=["shop"]).to_dict()
+    process = flydeploy.ProcessPlan(pid=7, name="web", ok=True, error=None, plan=plan)
+    result = flydeploy.PrepareResult(
+        machine_id=machine_id, region="ams", status="ready", success=True, error=None, version="v1",
+        upgrade_id=_flag(argv, "--upgrade-id"), expires_at="2026-12-07T20:00:00Z", release_bytes=321,
+        files_to_write=1, files_unchanged=1, processes=[process])
+    assert result.keys() == flydeploy.PrepareResult.__annotations__.keys()
+    return flydeploy.ExecResult(0, 0, "prepared\n" + result_line(**{**result, **fields}), "")
 
 
 def succeed(machine_id, argv):
