@@ -8503,8 +8503,6 @@ def plan_upgrade(staged: Mapping[str, str] | None = None) -> UpgradePlan:
         try:
             added = _added_modules(staged)
             plan.modules_added = sorted(added)
-            for name in plan.modules_added:
-                _compile_staged(name, added[name], staged)
             plans = {module.name: module for module in _prepare(_modified_modules(staged), staged=staged,
                                                                   added=added)}
             plan.modules_changed = list(plans)
@@ -8515,6 +8513,9 @@ def plan_upgrade(staged: Mapping[str, str] | None = None) -> UpgradePlan:
                                 if any(cls.__module__ in changed for cls in type(server).__mro__)]
         except FlyDeployError as exc:
             plan.refused = str(exc)
+        except Exception as exc:  # an object of the app no rule foresaw: still a value
+            plan.refused = (f"planning failed ({type(exc).__name__}: {exc}); nothing was changed: deploy this "
+                            "release cold and report the error")
         finally:
             _prepared_imports.clear()
     return plan
