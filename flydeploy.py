@@ -11595,6 +11595,7 @@ class _Poller:
     def poll(self) -> None:
         """Check current.json once (a conditional GET: no body while it is unchanged) and catch up when needed."""
         self.polls += 1
+        _recover_left_work(self.app)
         got = read_current(self.store, self.app, if_none_match=self._etag)
         if got is None:
             return
@@ -11633,9 +11634,9 @@ def _outcome(status: str, *, error: str | None = None, version: str | None = Non
             "duration_ms": 0.0 if started is None else round((time.perf_counter() - started) * 1000, 3)}
 
 
-def _recover_at_boot(app: str) -> None:
-    """Before anything else at boot: what a stopped upgrade left on disk is finished or undone,
-    and a prepared staging that expired or was made before the machine restarted is discarded."""
+def _recover_left_work(app: str) -> None:
+    """Before anything else at boot, and at each poll: what a stopped upgrade left on disk is finished
+    or undone, and a prepared staging that expired or was made before the machine restarted is discarded."""
     try:
         directory = _app_dir(app, create=False)
         if directory is not None and os.path.exists(os.path.join(directory, _JOURNAL_FILE)):
@@ -11692,7 +11693,7 @@ def startup_reapply_current(app: str | None = None, *, poll_interval: float | No
         limit = limit or _DEFAULT_STARTUP_DEADLINE
         ends = time.monotonic() + limit
         app = _adopt_app(app)
-        _recover_at_boot(app)
+        _recover_left_work(app)
         if agent:
             try:
                 agent_path = start_agent(app).path

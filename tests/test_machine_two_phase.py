@@ -299,6 +299,20 @@ def test_an_expired_staging_is_not_applied_and_is_cleaned_at_boot(machine, tmp_p
     assert process.get()["greeting"] == "hello v2"
 
 
+def test_the_poller_discards_an_expired_staging(machine, tmp_path, seaweed, s3):
+    machine.env.update(seaweed.env())
+    machine.env["FLYDEPLOY_POLL_INTERVAL"] = "0.2"
+    machine.write_web_app()
+    machine.start().wait_ready()
+    before = snapshot(machine.app_root)
+    _release, url = make_release(tmp_path, s3, V2, version=f"v2-{tmp_path.name[-8:]}")
+    _code, prepared, _out = phase(machine, "prepare", "--url", url, "--upgrade-id", "up-p", "--expires-in", "2")
+    assert leftovers(machine) == ["journal.json", "undo-up-p"]
+    expire_after(prepared)
+    wait_for(lambda: leftovers(machine) == [], what="the poller to discard the expired staging")
+    assert snapshot(machine.app_root) == before
+
+
 def test_a_restarted_machine_discards_the_staging_at_boot(machine, tmp_path, local_store):
     machine.write_web_app()
     machine.start().wait_ready()
