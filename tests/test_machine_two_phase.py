@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import pathlib
 import socket
 import sys
@@ -14,7 +15,8 @@ import pytest
 
 import flydeploy
 from tests.engine_tree import tree  # noqa: F401  (the fixture)
-from tests.machine_apps import COUNTER_PY, GREET_V1, MAIN_PY, make_release, parse_result, wait_for
+from tests.machine_apps import COUNTER_PY, MAIN_PY, make_release, parse_result, wait_for
+from tests.test_machine_failures import APP_AS_NOBODY, NOBODY, ROOT_ONLY, open_machine  # noqa: F401
 
 pytest_plugins = ["tests.machine_apps"]
 
@@ -350,3 +352,32 @@ def test_the_plan_reads_staged_files_and_changes_nothing_live(tree):
     assert flydeploy.modified_modules() == [] and module.Keeper.vsn == "a"
     assert tree.name("added") not in sys.modules and sorted(tree.path("").iterdir()) == before
     assert flydeploy.plan_upgrade({}).modules_changed == []
+
+
+@ROOT_ONLY
+def test_root_prepares_applies_and_reverts_with_the_app_users_rights(open_machine):
+    machine = open_machine
+    store = flydeploy.LocalStore(machine.base / "store")
+    machine.write_web_app()
+    for path in (machine.base, machine.app_root, *machine.app_root.iterdir(), machine.runtime):
+        os.chown(path, NOBODY, NOBODY)
+    process = machine.start([sys.executable, "-c", APP_AS_NOBODY]).wait_ready()
+    image = snapshot(machine.app_root)
+    _release, url = make_release(machine.base, store, V2, version="v2")
+
+    _code, prepared, out = phase(machine, "prepare", "--url", url, "--upgrade-id", "up-n")
+    assert prepared["status"] == "ready", out
+    for path in (machine.socket_dir() / "journal.json", machine.socket_dir() / "undo-up-n",
+                 machine.app_root / ".greet.py.flydeploy-new"):
+        assert path.stat().st_uid == NOBODY, path
+    _code, applied, out = phase(machine, "apply", "--url", url, "--upgrade-id", "up-n")
+    assert applied["success"] is True, out
+    assert process.get()["greeting"] == "hello v2"
+    for path in (machine.app_root / "greet.py", machine.app_root / "helpers.py"):
+        assert path.stat().st_uid == NOBODY, path
+
+    phase(machine, "prepare", "--revert", "up-n", "--upgrade-id", "up-n-back")
+    _code, back, out = phase(machine, "apply", "--revert", "up-n", "--upgrade-id", "up-n-back")
+    assert back["success"] is True, out
+    assert process.get()["greeting"] == "hello v1" and snapshot(machine.app_root) == image
+    assert (machine.app_root / "greet.py").stat().st_uid == NOBODY
