@@ -11181,7 +11181,6 @@ def _prepare_machine(app: str, *, store: Store | None, key: str | None, sha256: 
                 located, image_ref = _locate_on_machine(app, paths, in_process=False, app_root=app_root)
                 staged = _stage_release(app, manifest, tree, digest, app_root=app_root, image_ref=image_ref,
                                         deployed_at=None, located=located)
-                staged.state["upgrade_id"] = upgrade_id
             else:
                 staged = _stage_revert(app, _load_undo(app, revert), app_root=app_root, revert=revert)
             shutil.rmtree(area, ignore_errors=True)
@@ -11196,7 +11195,6 @@ def _prepare_machine(app: str, *, store: Store | None, key: str | None, sha256: 
                 _discard_prepared(app, staged.journal)
                 raise AgentError(f"cannot keep what the apply would replace: {exc}; nothing was changed. "
                                  "Check the free space of the runtime directory (FLYDEPLOY_RUNTIME_DIR).") from exc
-            _reached(app, "prepared")
             entries = _ask_agents(app, _prepare_request(staged.journal), timeout=_PREPARE_WAIT)
             error = _prepare_error(entries, staged.state.get("version"))
             if error is not None:
