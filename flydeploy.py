@@ -8493,10 +8493,15 @@ def plan_upgrade(staged: Mapping[str, str] | None = None) -> UpgradePlan:
     where its new content waits (written beside it, unpublished); the other
     files are read where they are.  Reads, parses, compiles and plans every
     module that would change, with the refusals that say "cold deploy
-    required", and changes nothing live: no module, no server, no file (no
-    bytecode is cached).  A refusal is a value (``UpgradePlan.refused``):
-    this never raises for the app's code.
+    required", and changes nothing of the app: no module, no server, no file
+    (no bytecode is cached).  As in ``reload_modules``, a library module
+    (outside the app) that the new code imports for the first time is
+    imported here.  A refusal is a value (``UpgradePlan.refused``): this
+    never raises for the app's code, only on misuse (a call from code an
+    upgrade runs).
     """
+    if _upgrading_thread == threading.get_ident():
+        raise FlyDeployError("plan_upgrade() was called from code an upgrade runs; call it from outside")
     staged = {os.path.realpath(os.fspath(path)): os.fspath(where) for path, where in (staged or {}).items()}
     plan = UpgradePlan()
     with _upgrade_lock:
