@@ -381,3 +381,15 @@ def test_root_prepares_applies_and_reverts_with_the_app_users_rights(open_machin
     assert back["success"] is True, out
     assert process.get()["greeting"] == "hello v1" and snapshot(machine.app_root) == image
     assert (machine.app_root / "greet.py").stat().st_uid == NOBODY
+
+
+def test_a_plan_asked_for_by_code_an_upgrade_runs_is_refused_not_waited_for(tree):
+    tree.write("calls_plan.py", "X = 1\n")
+    tree.load("calls_plan")
+    tree.write("calls_plan.py", "import flydeploy\nX = 2\nflydeploy.plan_upgrade()\n")
+    reports = []
+    worker = threading.Thread(target=lambda: reports.append(tree.reload("calls_plan")), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the upgrade waits for a plan that waits for the upgrade"
+    assert reports[0].ok is False and "plan_upgrade() was called from code an upgrade runs" in reports[0].error
