@@ -9091,18 +9091,21 @@ def plan_upgrade(staged: Mapping[str, str] | None = None) -> UpgradePlan:
     where its new content waits (written beside it, unpublished); the other
     files are read where they are.  Reads, parses, compiles and plans every
     module that would change, with the refusals that say "cold deploy
-    required", and changes nothing live: no module, no server, no file (no
-    bytecode is cached).  A refusal is a value (``UpgradePlan.refused``):
-    this never raises for the app's code.
+    required", and changes nothing of the app: no module, no server, no file
+    (no bytecode is cached).  As in ``reload_modules``, a library module
+    (outside the app) that the new code imports for the first time is
+    imported here.  A refusal is a value (``UpgradePlan.refused``): this
+    never raises for the app's code, only on misuse (a call from code an
+    upgrade runs).
     """
+    if _upgrading_thread == threading.get_ident():
+        raise FlyDeployError("plan_upgrade() was called from code an upgrade runs; call it from outside")
     staged = {os.path.realpath(os.fspath(path)): os.fspath(where) for path, where in (staged or {}).items()}
     plan = UpgradePlan()
     with _upgrade_lock:
         try:
             added = _added_modules(staged)
             plan.modules_added = sorted(added)
-            for name in plan.modules_added:
-                _compile_staged(name, added[name], staged)
             plans = {module.name: module for module in _prepare(_modified_modules(staged), staged=staged,
                                                                   added=added)}
             plan.modules_changed = list(plans)
@@ -9113,6 +9116,9 @@ def plan_upgrade(staged: Mapping[str, str] | None = None) -> UpgradePlan:
                                 if any(cls.__module__ in changed for cls in type(server).__mro__)]
         except FlyDeployError as exc:
             plan.refused = str(exc)
+        except Exception as exc:  # an object of the app no rule foresaw: still a value
+            plan.refused = (f"planning failed ({type(exc).__name__}: {exc}); nothing was changed: deploy this "
+                            "release cold and report the error")
         finally:
             _prepared_imports.clear()
     return plan
@@ -11778,7 +11784,6 @@ def _prepare_machine(app: str, *, store: Store | None, key: str | None, sha256: 
                 located, image_ref = _locate_on_machine(app, paths, in_process=False, app_root=app_root)
                 staged = _stage_release(app, manifest, tree, digest, app_root=app_root, image_ref=image_ref,
                                         deployed_at=None, located=located)
-                staged.state["upgrade_id"] = upgrade_id
             else:
                 staged = _stage_revert(app, _load_undo(app, revert), app_root=app_root, revert=revert)
             shutil.rmtree(area, ignore_errors=True)
@@ -11793,7 +11798,6 @@ def _prepare_machine(app: str, *, store: Store | None, key: str | None, sha256: 
                 _discard_prepared(app, staged.journal)
                 raise AgentError(f"cannot keep what the apply would replace: {exc}; nothing was changed. "
                                  "Check the free space of the runtime directory (FLYDEPLOY_RUNTIME_DIR).") from exc
-            _reached(app, "prepared")
             entries = _ask_agents(app, _prepare_request(staged.journal), timeout=_PREPARE_WAIT)
             error = _prepare_error(entries, staged.state.get("version"))
             if error is not None:
@@ -12192,6 +12196,7 @@ class _Poller:
     def poll(self) -> None:
         """Check current.json once (a conditional GET: no body while it is unchanged) and catch up when needed."""
         self.polls += 1
+        _recover_left_work(self.app)
         got = read_current(self.store, self.app, if_none_match=self._etag)
         if got is None:
             return
@@ -12230,9 +12235,9 @@ def _outcome(status: str, *, error: str | None = None, version: str | None = Non
             "duration_ms": 0.0 if started is None else round((time.perf_counter() - started) * 1000, 3)}
 
 
-def _recover_at_boot(app: str) -> None:
-    """Before anything else at boot: what a stopped upgrade left on disk is finished or undone,
-    and a prepared staging that expired or was made before the machine restarted is discarded."""
+def _recover_left_work(app: str) -> None:
+    """Before anything else at boot, and at each poll: what a stopped upgrade left on disk is finished
+    or undone, and a prepared staging that expired or was made before the machine restarted is discarded."""
     try:
         directory = _app_dir(app, create=False)
         if directory is not None and os.path.exists(os.path.join(directory, _JOURNAL_FILE)):
@@ -12289,7 +12294,7 @@ def startup_reapply_current(app: str | None = None, *, poll_interval: float | No
         limit = limit or _DEFAULT_STARTUP_DEADLINE
         ends = time.monotonic() + limit
         app = _adopt_app(app)
-        _recover_at_boot(app)
+        _recover_left_work(app)
         if agent:
             try:
                 agent_path = start_agent(app).path

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import pathlib
 import socket
+import sys
 import threading
 import time
 
 import pytest
 
 import flydeploy
-from tests.machine_apps import COUNTER_PY, GREET_V1, MAIN_PY, make_release, parse_result, wait_for
+from tests.engine_tree import tree  # noqa: F401  (the fixture)
+from tests.machine_apps import COUNTER_PY, MAIN_PY, make_release, parse_result, wait_for
+from tests.test_machine_failures import APP_AS_NOBODY, NOBODY, ROOT_ONLY, open_machine  # noqa: F401
 
 pytest_plugins = ["tests.machine_apps"]
 
@@ -159,6 +163,18 @@ def test_a_prepare_of_another_upgrade_discards_the_older_staging_first(machine, 
     assert process.get()["greeting"] == "hello v2"
 
 
+def test_a_one_phase_upgrade_discards_a_staging_first(machine, tmp_path, local_store):
+    machine.write_web_app()
+    process = machine.start().wait_ready()
+    _release, url2 = make_release(tmp_path, local_store, V2, version="v2")
+    _release, url3 = make_release(tmp_path, local_store, V3, version="v3")
+    phase(machine, "prepare", "--url", url2, "--upgrade-id", "up-a", "--expires-in", "3600")
+    upgrade = machine.rpc("upgrade", "--app", "shop", "--url", url3)
+    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    assert process.get()["greeting"] == "hello v3"
+    assert leftovers(machine) == [] and not (machine.app_root / ".helpers.py.flydeploy-new").exists()
+
+
 def test_revert_goes_back_to_the_previous_hot_release(machine, tmp_path, local_store):
     machine.write_web_app()
     process = machine.start().wait_ready()
@@ -285,6 +301,20 @@ def test_an_expired_staging_is_not_applied_and_is_cleaned_at_boot(machine, tmp_p
     assert process.get()["greeting"] == "hello v2"
 
 
+def test_the_poller_discards_an_expired_staging(machine, tmp_path, seaweed, s3):
+    machine.env.update(seaweed.env())
+    machine.env["FLYDEPLOY_POLL_INTERVAL"] = "0.2"
+    machine.write_web_app()
+    machine.start().wait_ready()
+    before = snapshot(machine.app_root)
+    _release, url = make_release(tmp_path, s3, V2, version=f"v2-{tmp_path.name[-8:]}")
+    _code, prepared, _out = phase(machine, "prepare", "--url", url, "--upgrade-id", "up-p", "--expires-in", "2")
+    assert leftovers(machine) == ["journal.json", "undo-up-p"]
+    expire_after(prepared)
+    wait_for(lambda: leftovers(machine) == [], what="the poller to discard the expired staging")
+    assert snapshot(machine.app_root) == before
+
+
 def test_a_restarted_machine_discards_the_staging_at_boot(machine, tmp_path, local_store):
     machine.write_web_app()
     machine.start().wait_ready()
@@ -299,40 +329,67 @@ def test_a_restarted_machine_discards_the_staging_at_boot(machine, tmp_path, loc
     assert leftovers(machine) == [] and snapshot(machine.app_root) == before
 
 
-def test_the_plan_is_made_against_staged_files_only(tmp_path):
+def test_the_plan_reads_staged_files_and_changes_nothing_live(tree):
     # In this process: a tracked module, its new source staged beside it; the plan reads it there.
-    root = tmp_path / "planapp"
-    root.mkdir()
-    (root / "planned_mod.py").write_text("import flydeploy\n\nclass Keeper(flydeploy.Server):\n    vsn = 'a'\n")
-    staged = root / ".planned_mod.py.flydeploy-new"
-    staged.write_text("import flydeploy\nimport planned_new\n\nclass Keeper(flydeploy.Server):\n    vsn = 'b'\n")
-    (root / ".planned_new.py.flydeploy-new").write_text("VALUE = (\n")  # a syntax error
-    flydeploy.track(root)
-    import sys
-    sys.path.insert(0, str(root))
-    try:
-        import planned_mod
-        server = planned_mod.Keeper.start(name="keeper")
-        try:
-            plan = flydeploy.plan_upgrade({root / "planned_mod.py": staged,
-                                           root / "planned_new.py": root / ".planned_new.py.flydeploy-new"})
-            assert plan.modules_added == ["planned_new"]
-            assert plan.refused and "syntax error" in plan.refused and "planned_new.py" in plan.refused
-            (root / ".planned_new.py.flydeploy-new").write_text("VALUE = 1\n")
-            plan = flydeploy.plan_upgrade({root / "planned_mod.py": staged,
-                                           root / "planned_new.py": root / ".planned_new.py.flydeploy-new"})
-            assert plan.refused is None and plan.modules_changed == ["planned_mod"]
-            assert [dataclass_dict(change) for change in plan.code_change] == [
-                {"server": "keeper", "vsn_old": "a", "vsn_new": "b"}]
-            assert flydeploy.modified_modules() == [] and planned_mod.Keeper.vsn == "a"
-            assert not (root / "planned_new.py").exists() and "planned_new" not in sys.modules
-        finally:
-            server.stop()
-    finally:
-        sys.path.remove(str(root))
-        sys.modules.pop("planned_mod", None)
+    tree.write("planned.py", "import flydeploy\n\nclass Keeper(flydeploy.Server):\n    vsn = 'a'\n")
+    module = tree.load("planned")
+    tree.start(module.Keeper, name="keeper")
+    staged = tree.write(".planned.py.flydeploy-new",
+                        "import flydeploy\nfrom . import added\n\nclass Keeper(flydeploy.Server):\n    vsn = 'b'\n")
+    added = tree.write(".added.py.flydeploy-new", "VALUE = (\n")  # a syntax error
+    files = {tree.path("planned.py"): staged, tree.path("added.py"): added}
+    before = sorted(tree.path("").iterdir())
+
+    plan = flydeploy.plan_upgrade(files)
+    assert plan.modules_added == [tree.name("added")]
+    assert plan.refused.startswith("syntax error in ") and "added.py, line 1" in plan.refused
+
+    added.write_text("VALUE = 1\n")
+    plan = flydeploy.plan_upgrade(files)
+    assert plan.refused is None and plan.modules_changed == [tree.name("planned")]
+    assert plan.to_dict()["code_change"] == [{"server": "keeper", "vsn_old": "a", "vsn_new": "b"}]
+    # Nothing live changed: the module, the server's class, the files.
+    assert flydeploy.modified_modules() == [] and module.Keeper.vsn == "a"
+    assert tree.name("added") not in sys.modules and sorted(tree.path("").iterdir()) == before
+    assert flydeploy.plan_upgrade({}).modules_changed == []
 
 
-def dataclass_dict(value) -> dict:
-    import dataclasses
-    return dataclasses.asdict(value)
+@ROOT_ONLY
+def test_root_prepares_applies_and_reverts_with_the_app_users_rights(open_machine):
+    machine = open_machine
+    store = flydeploy.LocalStore(machine.base / "store")
+    machine.write_web_app()
+    for path in (machine.base, machine.app_root, *machine.app_root.iterdir(), machine.runtime):
+        os.chown(path, NOBODY, NOBODY)
+    process = machine.start([sys.executable, "-c", APP_AS_NOBODY]).wait_ready()
+    image = snapshot(machine.app_root)
+    _release, url = make_release(machine.base, store, V2, version="v2")
+
+    _code, prepared, out = phase(machine, "prepare", "--url", url, "--upgrade-id", "up-n")
+    assert prepared["status"] == "ready", out
+    for path in (machine.socket_dir() / "journal.json", machine.socket_dir() / "undo-up-n",
+                 machine.app_root / ".greet.py.flydeploy-new"):
+        assert path.stat().st_uid == NOBODY, path
+    _code, applied, out = phase(machine, "apply", "--url", url, "--upgrade-id", "up-n")
+    assert applied["success"] is True, out
+    assert process.get()["greeting"] == "hello v2"
+    for path in (machine.app_root / "greet.py", machine.app_root / "helpers.py"):
+        assert path.stat().st_uid == NOBODY, path
+
+    phase(machine, "prepare", "--revert", "up-n", "--upgrade-id", "up-n-back")
+    _code, back, out = phase(machine, "apply", "--revert", "up-n", "--upgrade-id", "up-n-back")
+    assert back["success"] is True, out
+    assert process.get()["greeting"] == "hello v1" and snapshot(machine.app_root) == image
+    assert (machine.app_root / "greet.py").stat().st_uid == NOBODY
+
+
+def test_a_plan_asked_for_by_code_an_upgrade_runs_is_refused_not_waited_for(tree):
+    tree.write("calls_plan.py", "X = 1\n")
+    tree.load("calls_plan")
+    tree.write("calls_plan.py", "import flydeploy\nX = 2\nflydeploy.plan_upgrade()\n")
+    reports = []
+    worker = threading.Thread(target=lambda: reports.append(tree.reload("calls_plan")), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the upgrade waits for a plan that waits for the upgrade"
+    assert reports[0].ok is False and "plan_upgrade() was called from code an upgrade runs" in reports[0].error
