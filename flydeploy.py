@@ -3793,8 +3793,8 @@ class MachineOutcome:
     elapsed_s: float = 0.0
 
     def line(self) -> str:
-        """The line printed for this machine: ``✓ id (region) 3 modules, ...`` or
-        ``✗ id (region) error``."""
+        """The line printed for this machine: ``✓ id (region) 3 modules, ...`` (with the
+        phase's wall time on it, when measured) or ``✗ id (region) error``."""
         if not self.ok:
             return f"✗ {self.machine_id} ({self.region}) {self.error}"
         result = self.result or {}
@@ -3803,8 +3803,9 @@ class MachineOutcome:
         suspended = result.get("suspend_duration_ms") or 0
         # Below a millisecond, rounding would say 0: the pause would look skipped.
         shown = f"{suspended:.1f}" if 0 < suspended < 1 else f"{round(suspended)}"
+        took = f", {self.elapsed_s:.2f} s in all" if self.elapsed_s else ""
         return (f"✓ {self.machine_id} ({self.region}) {_plural(modules, 'module')}, "
-                f"{_plural(processes, 'process', 'processes')}, suspended {shown} ms")
+                f"{_plural(processes, 'process', 'processes')}, suspended {shown} ms{took}")
 
 
 def _last_line(text: str) -> str:
