@@ -1433,8 +1433,8 @@ def _demo_get(port: int, deadline: float) -> dict:
 
 
 def _demo_suspend_ms(store: str) -> float | None:
-    """The suspension the machine reported, from the result file the upgrade stored."""
-    for path in glob.glob(os.path.join(store, "releases", f"{DEMO_APP}-results", "*", "*.json")):
+    """The suspension the machine reported, from the result file the upgrade's apply phase stored."""
+    for path in glob.glob(os.path.join(store, "releases", f"{DEMO_APP}-results", "*", "apply", "*.json")):
         with contextlib.suppress(OSError, ValueError):
             with open(path, encoding="utf-8") as file:
                 return float(json.load(file)["suspend_duration_ms"])
