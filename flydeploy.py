@@ -12593,12 +12593,6 @@ def _upgrade_id(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _port(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port: give a whole number from 1 to 65535")
-    return int(text)
-
-
 def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
     rpc = commands.add_parser("rpc", help="talk to the agents of this machine (what exec runs)",
                               description="Talk to the flydeploy agents of the app's processes on this machine.")
@@ -12647,7 +12641,7 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
                        metavar="S", help="seconds servers may take to reach a safe point (default 10)")
     apply.add_argument("--health-check", metavar="PATH",
                        help="then GET http://127.0.0.1:<port>PATH on each --health-port: 2xx or the apply failed")
-    apply.add_argument("--health-port", type=_port, action="append", metavar="PORT",
+    apply.add_argument("--health-port", type=_checked_argument(_port_problem, int), action="append", metavar="PORT",
                        help="a port the app listens on, on 127.0.0.1 (repeatable)")
     apply.add_argument("--health-timeout", type=_number_argument("seconds"), default=_DEFAULT_HEALTH_TIMEOUT,
                        metavar="S", help="seconds each health check may take (default 5)")
