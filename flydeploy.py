@@ -4817,7 +4817,9 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
             # PREPARE.  The machines the preflight just exec'd on go last: their next exec waits
             # for the API's pacing of one a second per machine, while the others' go at once.
             targets = sorted(selection.targets, key=lambda machine: machine["id"] in checked)
-            expires = ["--expires-in", f"{prepare_expiry_s(len(targets), timeout=timeout, max_concurrency=max_concurrency, canary_wait=canary_wait or 0):g}"]
+            expiry = prepare_expiry_s(len(targets), timeout=timeout, max_concurrency=max_concurrency,
+                                      canary_wait=canary_wait or 0)
+            expires = ["--expires-in", f"{expiry:g}"]
             say(f"Phase 1: preparing {entry['version']} on {_plural(len(targets), 'machine')}, "
                 f"{max_concurrency} at a time; nothing live changes")
             began = time.monotonic()
@@ -12641,7 +12643,8 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
                        metavar="S", help="seconds servers may take to reach a safe point (default 10)")
     apply.add_argument("--health-check", metavar="PATH",
                        help="then GET http://127.0.0.1:<port>PATH on each --health-port: 2xx or the apply failed")
-    apply.add_argument("--health-port", type=_checked_argument(_port_problem, int), action="append", metavar="PORT",
+    apply.add_argument("--health-port", type=_checked_argument(_port_problem, int), action="append",
+                       metavar="PORT",
                        help="a port the app listens on, on 127.0.0.1 (repeatable)")
     apply.add_argument("--health-timeout", type=_number_argument("seconds"), default=_DEFAULT_HEALTH_TIMEOUT,
                        metavar="S", help="seconds each health check may take (default 5)")

@@ -214,9 +214,9 @@ def main() -> None:
                 argv = commands.rpc("upgrade", APP, "--url", store.url(key), "--sha256", packed.sha256,
                                     "--upgrade-id", upgrade_id, "--detach", "--wait", f"{flydeploy._DETACHED_WAIT_S:g}")
                 outcomes: list = []
+                board = flydeploy._ResultBoard(store, flydeploy.results_prefix(APP, upgrade_id))
                 flydeploy._upgrade_machines(api, api.list(), argv, timeout=120, max_concurrency=10, commands=commands,
-                                            board=flydeploy._ResultBoard(store, flydeploy.results_prefix(APP, upgrade_id)),
-                                            on_outcome=outcomes.append)
+                                            board=board, on_outcome=outcomes.append)
                 if len(outcomes) != MACHINES or not all(o.ok for o in outcomes):
                     raise SystemExit(f"the one-phase r{release} did not reach every machine: "
                                      + "; ".join(o.line() for o in outcomes if not o.ok))
