@@ -5922,10 +5922,14 @@ def _bound_names(statement: ast.stmt) -> set[str]:
 
 def _read_names(statement: ast.stmt) -> set[str]:
     """Names a statement reads while it runs, with the dotted names it reads
-    (``config.LIMIT``) and calls (``build()``): function bodies and lambdas
-    run later, so only their decorators, defaults and annotations count."""
+    (``config.LIMIT``) and calls (``build()``), and ``NAME.*`` for a value it
+    takes whole, neither called nor an attribute taken from it (what
+    ``vars(Config)`` or ``app.config.from_object(Config)`` read is every
+    attribute of ``Config``): function bodies and lambdas run later, so only
+    their decorators, defaults and annotations count."""
     names: set[str] = set()
     stack: list[ast.AST] = [statement]
+    held: set[int] = set()  # called, or an attribute taken from them: not read whole
     while stack:
         node = stack.pop()
         if isinstance(node, _DEFS):
@@ -5941,10 +5945,17 @@ def _read_names(statement: ast.stmt) -> set[str]:
             path = _dotted(node)  # ``b.VALUE``: the value another module gives
             if path is not None:
                 names.add(path)
+            held.add(id(node.value))
         elif isinstance(node, ast.Call):
             path = _dotted(node.func)  # ``build()``: what the code of ``build`` gives
             if path is not None:
                 names.add(f"{path}()")
+            held.add(id(node.func))
+        if isinstance(node, (ast.Name, ast.Attribute)) and isinstance(node.ctx, ast.Load) \
+                and id(node) not in held:
+            path = _dotted(node)
+            if path is not None:
+                names.add(f"{path}.*")
         stack.extend(ast.iter_child_nodes(node))
     return names
 
@@ -6725,8 +6736,9 @@ def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope, outer
     ``sys.meta_path`` and the line appending it again), and a group runs
     again as a whole, in order, when any of its statements must: one that
     changed (compared as syntax trees), or one that reads a name taking a
-    new value (``outer``: ``NAME``, ``module.NAME`` of another module, and
-    ``NAME()`` for a function whose code changed), or one that assigns a
+    new value (``outer``: ``NAME``, ``module.NAME`` of another module,
+    ``NAME()`` for a function whose code changed, ``NAME.*`` for a class
+    whose attributes changed, read whole), or one that assigns a
     name missing from the live ``namespace`` (when given) that no ``del``
     of the body removes.  ``def`` and ``class`` statements always run,
     through the hooks that keep their objects.  Returns the names the
@@ -6887,6 +6899,7 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
                      and len(statement.decorator_list) > 1)}
     # A call of a factory whose closures need other free variables makes new ones.
     replaced |= {call for call in plan.stale_calls if "." not in call[:-2]}
+    replaced |= _changed_class_attributes(plan)
     written = [skipped.get(index, statement) for index, statement in enumerate(tree.body)]
     again = set(skipped) - set(_rerun_in_order(written, plan.old[""], plan.new[""],
                                                imported | called | replaced, namespace)[1]
@@ -6905,6 +6918,26 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
         _find_closures(plan)
     _swap_without_running(plan)
     plan.code_pairs = _code_pairs(plan)
+
+
+def _changed_class_attributes(plan: _ModulePlan) -> set[str]:
+    """``C.*`` and ``C.NAME`` for each live module-level class, kept and
+    updated in place, whose attributes other than its methods take new
+    values or go: a statement that reads the class whole or such an
+    attribute of it (``app.config.from_object(Config)``, ``vars(Config)``,
+    ``Config.LIMIT``) runs again, as in a cold start.  Calling the class or
+    a method of it (``Config()``, ``Server.start()``) is no such read: live
+    instances keep their state."""
+    found = set()
+    for qualname, names in plan.rerun.items():
+        if not qualname or "." in qualname or _within(qualname, plan.rebuilt) \
+                or _live_class(plan, qualname) is None:
+            continue
+        before, after = plan.old.get(qualname), plan.new[qualname]
+        changed = names | (before.values.keys() - after.statements.keys() if before else set())
+        if changed:
+            found |= {f"{qualname}.*", *(f"{qualname}.{name}" for name in changed)}
+    return found
 
 
 def _keep_class_state(plan: _ModulePlan, qualname: str, statement: ast.ClassDef) -> set[str]:
@@ -7053,7 +7086,8 @@ def _imported_values(name: str, module: types.ModuleType, body: list[ast.stmt],
     each), as the names it reads them by:
     ``from .config import LIMIT`` gives ``LIMIT``, ``from .more import *``
     every name ``more`` changes, gains or loses, ``import config`` gives
-    ``config.LIMIT``, and a changed function ``build`` gives ``build()``."""
+    ``config.LIMIT``, a changed function ``build`` gives ``build()``, and a
+    class whose attributes change gives ``Config.*`` and ``Config.NAME``."""
     imported: set[str] = set()
     package = name if hasattr(module, "__path__") else name.rpartition(".")[0]
     for statement in body:
@@ -7068,9 +7102,11 @@ def _imported_values(name: str, module: types.ModuleType, body: list[ast.stmt],
             if any(a.name == "*" for a in statement.names):  # names gained and lost count too
                 imported |= new | (source.old[""].statements.keys()
                                    ^ source.new[""].statements.keys())
-            for alias in statement.names:
-                imported.update(f"{alias.asname or alias.name}{call}" for call in ("", "()")
-                                if f"{alias.name}{call}" in new)
+            for alias in statement.names:  # ``NAME``, ``NAME()``, ``NAME.*``, ``NAME.ATTR``
+                imported.update(f"{alias.asname or alias.name}{value[len(alias.name):]}"
+                                for value in new if value == alias.name or (
+                                    value.startswith(alias.name)
+                                    and value[len(alias.name)] in "(."))
     by_id = {id(other.module): other for other in plans.values()}
     for bound, value in list(module.__dict__.items()):
         source = by_id.get(id(value))
