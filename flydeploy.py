@@ -45,7 +45,8 @@ The file is organised in sections, in the order data flows:
                   (Jinja2 template caches, Flask and Starlette/FastAPI
                   routes and handlers, Django template loaders and URL
                   caches, SQLAlchemy models) made what a cold start of the
-                  new code builds, then the ``on_reload`` callbacks.
+                  new code builds, then the ``on_reload`` callbacks; Flask
+                  requests wait at a gate while the code swaps.
 5. Agent          the per-process agent on a unix socket, the per-machine
                   upgrade (``hot_upgrade``), boot-time catch-up
                   (``startup_reapply_current``) and the poller.
@@ -8061,34 +8062,35 @@ class _Swap:
                 given_up.release()
             migrating.clear()
 
-        try:
-            with _frameworks_refreshed(self):
-                self.run()
-            self.clock.lap("swap")
-            # Only an app's own code_change can change a state: only those states are kept for a
-            # rollback, since copying them holds everything for as long as it takes.
-            changing = [server for server in affected if type(server).code_change is not Server.code_change]
-            before = _snapshot([server._state for server in changing])
-            self.undo.append(lambda: _restore_states(changing, before()))
-            if changing:
-                try:
-                    _call_by(pause, migrate, changing)
-                except CodeChangeTimeout:
-                    given_up.acquire()
+        with _requests_held(self.frameworks["flask"], pause):  # section 4b
+            try:
+                with _frameworks_refreshed(self):
+                    self.run()
+                self.clock.lap("swap")
+                # Only an app's own code_change can change a state: only those states are kept for a
+                # rollback, since copying them holds everything for as long as it takes.
+                changing = [server for server in affected if type(server).code_change is not Server.code_change]
+                before = _snapshot([server._state for server in changing])
+                self.undo.append(lambda: _restore_states(changing, before()))
+                if changing:
+                    try:
+                        _call_by(pause, migrate, changing)
+                    except CodeChangeTimeout:
+                        given_up.acquire()
+                        raise
+                self.clock.lap("migrate")
+            except BaseException as exc:
+                self.rollback()
+                for server in migrating[:1]:
+                    self.stage = f"code_change of server {_server_label(server)}"
+                    self.module = type(server).__module__
+                    self.failed = [_server_label(server)]
+                self.error = _failure_message(self.stage, exc, self.paths)
+                self.failed_module = self.module or None
+                if not isinstance(exc, Exception):
                     raise
-            self.clock.lap("migrate")
-        except BaseException as exc:
-            self.rollback()
-            for server in migrating[:1]:
-                self.stage = f"code_change of server {_server_label(server)}"
-                self.module = type(server).__module__
-                self.failed = [_server_label(server)]
-            self.error = _failure_message(self.stage, exc, self.paths)
-            self.failed_module = self.module or None
-            if not isinstance(exc, Exception):
-                raise
-            return False
-        return True
+                return False
+            return True
 
 
 _start_server = Server.__dict__["start"]
@@ -8836,6 +8838,88 @@ def _drop_rules(url_map: object, endpoints: set, undo: Callable[[Callable[[], No
 def _flask_after(apps: list) -> None:
     for app in apps:
         del app._check_setup_finished
+
+
+# A WSGI worker's request threads are no servers the pause holds: a request
+# served while the module bodies run would see part of the new code (a login
+# manager made anew before an unchanged module registered its user loader on
+# it again, a URL map between its old and new rules).  Each live Flask app's
+# ``wsgi_app`` gets a gate, once: while an upgrade swaps, requests wait at it,
+# and the swap starts once the requests under way are finished.
+
+
+class _RequestGate:
+    """What a Flask app's ``wsgi_app`` becomes: requests pass, or wait while
+    an upgrade swaps on another thread (``closer``)."""
+
+    def __init__(self, inner: Callable) -> None:
+        self.inner = inner
+        self.changed = threading.Condition(threading.Lock())
+        self.active: collections.Counter = collections.Counter()  # thread -> requests inside
+        self.closer: int | None = None  # the swapping thread, while closed
+
+    def __call__(self, environ: dict, start_response: Callable) -> Any:
+        me = threading.get_ident()
+        with self.changed:  # counted with the lock held: a closing upgrade waits for it
+            self.changed.wait_for(lambda: self.closer in (None, me))
+            self.active[me] += 1
+        try:
+            return self.inner(environ, start_response)
+        finally:
+            with self.changed:
+                self.active[me] -= 1
+                if not self.active[me]:
+                    del self.active[me]
+
+
+def _request_gate(app: Any) -> _RequestGate:
+    gate = app.__dict__.get("wsgi_app")
+    if not isinstance(gate, _RequestGate):
+        gate = app.wsgi_app = _RequestGate(app.wsgi_app)
+    return gate
+
+
+@contextlib.contextmanager
+def _requests_held(scaffolds: list, pause: _Pause) -> Iterator[None]:
+    """Close the gate of every live Flask app and wait, until the pause's
+    deadline, for the requests under way (also those that started before
+    the gate was put up: a thread running ``Flask.wsgi_app``) to finish;
+    open them again on the way out, after a rollback too."""
+    apps = [app for app in scaffolds if callable(getattr(type(app), "wsgi_app", None))]
+    if not apps:
+        yield
+        return
+    codes = {getattr(inspect.getattr_static(type(app), "wsgi_app"), "__code__", None) for app in apps}
+    gates = [_request_gate(app) for app in apps]
+    me = threading.get_ident()
+    for gate in gates:
+        with gate.changed:
+            gate.closer = me
+
+    def under_way() -> bool:  # a request of the upgrading thread itself does not count
+        for gate in gates:
+            with gate.changed:
+                if gate.active.keys() - {me}:
+                    return True
+        for thread, frame in sys._current_frames().items():
+            while thread != me and frame is not None:
+                if frame.f_code in codes:
+                    return True
+                frame = frame.f_back
+        return False
+
+    try:
+        while under_way():
+            if time.monotonic() >= pause.deadline:
+                raise SuspendTimeout([f"the requests under way in Flask app {app.name!r}" for app in apps],
+                                     pause.timeout)
+            time.sleep(0.002)
+        yield
+    finally:
+        for gate in gates:
+            with gate.changed:
+                gate.closer = None
+                gate.changed.notify_all()
 
 
 # --- Starlette / FastAPI ----------------------------------------------------
