@@ -5921,6 +5921,24 @@ def _bound_names(statement: ast.stmt) -> set[str]:
     return names
 
 
+def _surely_bound(statement: ast.stmt) -> set[str]:
+    """The names a statement binds whenever it runs to its end: not those of
+    an ``if`` branch the other branch lacks, of a loop's body, of a ``try``
+    body or handler (only its ``finally`` block), or of a ``match`` case."""
+    def block(statements: list[ast.stmt]) -> set[str]:
+        return set().union(*map(_surely_bound, statements))
+    if isinstance(statement, ast.If):
+        return block(statement.body) & block(statement.orelse)
+    if isinstance(statement, (ast.For, ast.AsyncFor, ast.While, ast.Match)):
+        return set()
+    if isinstance(statement, (ast.Try, ast.TryStar)):
+        return block(statement.finalbody)
+    if isinstance(statement, (ast.With, ast.AsyncWith)):
+        return block(statement.body) | set().union(*(
+            _bound_names(ast.Expr(item.optional_vars)) for item in statement.items if item.optional_vars))
+    return _bound_names(statement)
+
+
 def _read_names(statement: ast.stmt) -> set[str]:
     """Names a statement reads while it runs, with the dotted names it reads
     (``config.LIMIT``) and calls (``build()``), and ``NAME.*`` for a value it
@@ -6741,7 +6759,8 @@ def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope, outer
     ``NAME()`` for a function whose code changed, ``NAME.*`` for a class
     whose attributes changed, read whole), or one that assigns a
     name missing from the live ``namespace`` (when given) that no ``del``
-    of the body removes.  ``def`` and ``class`` statements always run,
+    of the body removes and that it binds whenever it runs (not one of a
+    branch the first run did not take, ``if MAIL_SERVER: handler = ...``).  ``def`` and ``class`` statements always run,
     through the hooks that keep their objects.  Returns the names the
     statements that run again bind, and the indexes of the statements that
     need not run."""
@@ -6761,7 +6780,7 @@ def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope, outer
                    for target in statement.targets if isinstance(target, ast.Name)}
         must.update(index for index, statement in enumerate(body)
                     if not isinstance(statement, definitions)
-                    and not binds[index] - deleted <= namespace.keys())
+                    and not _surely_bound(statement) - deleted <= namespace.keys())
     keys = [set() if isinstance(statement, definitions)
             else binds[i] | _edited_objects(statement, namespace) for i, statement in enumerate(body)]
     # What a statement that runs again gives a new value: an import only the

@@ -233,6 +233,36 @@ def test_names_a_body_deletes_do_not_make_its_statements_run_again(tree):
     assert m.MASK is mask == (1, 2, 3, 4) and m.LABEL == "b" and not hasattr(m, "SPAN")
 
 
+BRANCHES = """
+import logging
+LOG = logging.getLogger({logger!r})
+DEBUG, MAIL_SERVER = False, None
+if not DEBUG:
+    if MAIL_SERVER:
+        mail_handler = logging.Handler()
+        LOG.addHandler(mail_handler)
+    for extra in ():
+        LOG.addHandler(extra)
+    try:
+        file_handler = logging.NullHandler()
+    except OSError as error:
+        failure = error
+    LOG.addHandler(file_handler)
+LABEL = {label!r}
+"""
+
+
+def test_names_of_a_branch_the_first_run_did_not_take_do_not_make_it_run_again(tree):
+    """Microblog's ``if not app.debug:`` block, whose mail handler is set up only with a mail server, ran again
+    at every upgrade of its module (its names are missing) and gave the app's logger its file handler again."""
+    logger = f"{tree.pkg}.branches"
+    tree.write("m.py", BRANCHES.format(logger=logger, label="a"))
+    m = tree.load("m")
+    tree.write("m.py", BRANCHES.format(logger=logger, label="b"))
+    upgraded(tree)
+    assert len(m.LOG.handlers) == 1 and m.LABEL == "b" and not hasattr(m, "mail_handler")
+
+
 SLOTTED = """
 class Field:
     def __init__(self, default):
