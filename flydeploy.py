@@ -6760,8 +6760,9 @@ def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope, outer
     whose attributes changed, read whole), or one that assigns a
     name missing from the live ``namespace`` (when given) that no ``del``
     of the body removes and that it binds whenever it runs (not one of a
-    branch the first run did not take, ``if MAIL_SERVER: handler = ...``).  ``def`` and ``class`` statements always run,
-    through the hooks that keep their objects.  Returns the names the
+    branch the first run did not take, ``if MAIL_SERVER: handler = ...``).
+    ``def`` and ``class`` statements always run, through the hooks that
+    keep their objects.  Returns the names the
     statements that run again bind, and the indexes of the statements that
     need not run."""
     remaining = collections.Counter(old.dumps if old is not None else ())
