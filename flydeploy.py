@@ -5942,7 +5942,7 @@ def _surely_bound(statement: ast.stmt) -> set[str]:
 def _read_names(statement: ast.stmt) -> set[str]:
     """Names a statement reads while it runs, with the dotted names it reads
     (``config.LIMIT``) and calls (``build()``), and ``NAME.*`` for a value it
-    takes whole, neither called nor an attribute taken from it (what
+    takes whole, neither called nor an attribute or item taken from it (what
     ``vars(Config)`` or ``app.config.from_object(Config)`` read is every
     attribute of ``Config``): function bodies and lambdas run later, so only
     their decorators, defaults and annotations count."""
@@ -5964,12 +5964,13 @@ def _read_names(statement: ast.stmt) -> set[str]:
             path = _dotted(node)  # ``b.VALUE``: the value another module gives
             if path is not None:
                 names.add(path)
-            held.add(id(node.value))
         elif isinstance(node, ast.Call):
             path = _dotted(node.func)  # ``build()``: what the code of ``build`` gives
             if path is not None:
                 names.add(f"{path}()")
             held.add(id(node.func))
+        if isinstance(node, (ast.Attribute, ast.Subscript)):  # ``del C.x``, ``C.x = 1``, ``C[x]``
+            held.add(id(node.value))
         if isinstance(node, (ast.Name, ast.Attribute)) and isinstance(node.ctx, ast.Load) \
                 and id(node) not in held:
             path = _dotted(node)

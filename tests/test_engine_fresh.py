@@ -263,6 +263,20 @@ def test_names_of_a_branch_the_first_run_did_not_take_do_not_make_it_run_again(t
     assert len(m.LOG.handlers) == 1 and m.LABEL == "b" and not hasattr(m, "mail_handler")
 
 
+def test_a_class_whose_attributes_changed_is_read_again_only_where_read_whole(tree):
+    """``vars(C)`` runs again; ``del C.__slots__`` (jinja2's runtime does so for its Undefined classes), an
+    attribute set on it and ``C()`` do not read it whole: a cold start runs them on a fresh class, the live one
+    has no ``__slots__`` left to delete."""
+    text = ("class C:\n    __slots__ = ()\n    A = {a!r}\nATTRIBUTES = dict(vars(C))\ndel C.__slots__\n"
+            "C.B = 1\nINSTANCE = C()\n")
+    tree.write("m.py", text.format(a=1))
+    m = tree.load("m")
+    instance = m.INSTANCE
+    tree.write("m.py", text.format(a=2))
+    upgraded(tree)
+    assert m.ATTRIBUTES["A"] == 2 and m.C.A == 2 and "__slots__" not in vars(m.C) and m.INSTANCE is instance
+
+
 SLOTTED = """
 class Field:
     def __init__(self, default):
