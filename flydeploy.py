@@ -8083,35 +8083,34 @@ class _Swap:
                 given_up.release()
             migrating.clear()
 
-        with _requests_held(self.frameworks["flask"], pause):  # section 4b
-            try:
-                with _frameworks_refreshed(self):
-                    self.run()
-                self.clock.lap("swap")
-                # Only an app's own code_change can change a state: only those states are kept for a
-                # rollback, since copying them holds everything for as long as it takes.
-                changing = [server for server in affected if type(server).code_change is not Server.code_change]
-                before = _snapshot([server._state for server in changing])
-                self.undo.append(lambda: _restore_states(changing, before()))
-                if changing:
-                    try:
-                        _call_by(pause, migrate, changing)
-                    except CodeChangeTimeout:
-                        given_up.acquire()
-                        raise
-                self.clock.lap("migrate")
-            except BaseException as exc:
-                self.rollback()
-                for server in migrating[:1]:
-                    self.stage = f"code_change of server {_server_label(server)}"
-                    self.module = type(server).__module__
-                    self.failed = [_server_label(server)]
-                self.error = _failure_message(self.stage, exc, self.paths)
-                self.failed_module = self.module or None
-                if not isinstance(exc, Exception):
+        try:
+            with _frameworks_refreshed(self):
+                self.run()
+            self.clock.lap("swap")
+            # Only an app's own code_change can change a state: only those states are kept for a
+            # rollback, since copying them holds everything for as long as it takes.
+            changing = [server for server in affected if type(server).code_change is not Server.code_change]
+            before = _snapshot([server._state for server in changing])
+            self.undo.append(lambda: _restore_states(changing, before()))
+            if changing:
+                try:
+                    _call_by(pause, migrate, changing)
+                except CodeChangeTimeout:
+                    given_up.acquire()
                     raise
-                return False
-            return True
+            self.clock.lap("migrate")
+        except BaseException as exc:
+            self.rollback()
+            for server in migrating[:1]:
+                self.stage = f"code_change of server {_server_label(server)}"
+                self.module = type(server).__module__
+                self.failed = [_server_label(server)]
+            self.error = _failure_message(self.stage, exc, self.paths)
+            self.failed_module = self.module or None
+            if not isinstance(exc, Exception):
+                raise
+            return False
+        return True
 
 
 _start_server = Server.__dict__["start"]
@@ -8398,7 +8397,9 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
                 again and what takes new code in place (the plan section),
                 refuse what cannot be done; nothing live changes and
                 everything keeps running.  A refusal ends the call here.
-    2. pause    hold every server at a safe point, park every attached loop.
+    2. pause    let the requests under way in a Flask app finish and gate
+                new ones (section 4b), then hold every server at a safe
+                point, park every attached loop.
     3. swap     run the planned module bodies in the live modules, in the
                 order a fresh import runs them, logging every change; then
                 refresh the web frameworks' state (section 4b).
@@ -8489,7 +8490,8 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
     upgraded_class: dict[type, bool] = {}
     clock.lap("prepare")
     try:
-        with pause, _garbage_collection_paused():
+        # The requests under way finish before the servers are held (section 4b).
+        with _requests_held(swap.frameworks["flask"], suspend_timeout), pause, _garbage_collection_paused():
             clock.lap("pause")
             # Read while held: servers that started meanwhile are held too.
             for server in pause.servers:
@@ -8901,11 +8903,12 @@ def _request_gate(app: Any) -> _RequestGate:
 
 
 @contextlib.contextmanager
-def _requests_held(scaffolds: list, pause: _Pause) -> Iterator[None]:
-    """Close the gate of every live Flask app and wait, until the pause's
-    deadline, for the requests under way (also those that started before
-    the gate was put up: a thread running ``Flask.wsgi_app``) to finish;
-    open them again on the way out, after a rollback too."""
+def _requests_held(scaffolds: list, timeout: float) -> Iterator[None]:
+    """Close the gate of every live Flask app and wait, ``timeout`` seconds
+    at most, for the requests under way (also those that started before the
+    gate was put up: a thread running ``Flask.wsgi_app``) to finish; open
+    them again on the way out, after a rollback too.  Entered before the
+    pause holds the servers: a request under way may be waiting for one."""
     apps = [app for app in scaffolds if callable(getattr(type(app), "wsgi_app", None))]
     if not apps:
         yield
@@ -8929,11 +8932,12 @@ def _requests_held(scaffolds: list, pause: _Pause) -> Iterator[None]:
                 frame = frame.f_back
         return False
 
+    deadline = time.monotonic() + timeout
     try:
         while under_way():
-            if time.monotonic() >= pause.deadline:
+            if time.monotonic() >= deadline:
                 raise SuspendTimeout([f"the requests under way in Flask app {app.name!r}" for app in apps],
-                                     pause.timeout)
+                                     timeout)
             time.sleep(0.002)
         yield
     finally:

@@ -540,6 +540,39 @@ def test_an_upgrade_swaps_once_the_flask_requests_under_way_are_finished(tree):
     assert client.get("/").text == "new"
 
 
+def test_a_flask_request_under_way_that_calls_a_server_is_finished_before_the_servers_are_held(tree):
+    """A view that talks to a server is the usual case: the requests under way are waited for before the
+    pause holds the servers, or such a request would wait for a held server and the upgrade for it."""
+    hooks, site = gated_tree(tree, "WORD = 'old'")
+
+    class Echo(flydeploy.Server):
+        def handle_call(self, request, state):
+            return request, state
+
+    echo = Echo.start()
+    try:
+        site.app.add_url_rule("/echo", "echo", lambda: hooks.in_view.set() or hooks.leave_view.wait(10)
+                              and echo.call("echoed", timeout=10))
+        client = site.app.test_client()
+        answers, reports = [], []
+        request = threading.Thread(target=lambda: answers.append(client.get("/echo").text))
+        request.start()
+        assert hooks.in_view.wait(10)
+        tree.write("site.py", GATED_APP.format(body="WORD = 'new'"))
+        upgrade = threading.Thread(target=lambda: reports.append(tree.reload("site", suspend_timeout=3)))
+        upgrade.start()
+        wait_until(lambda: stack_runs(upgrade, flydeploy._requests_held.__wrapped__.__code__),
+                   "the upgrade to wait for the request under way")
+        hooks.leave_view.set()
+        request.join(10)
+        upgrade.join(10)
+        assert answers == ["echoed"]
+        assert reports[0].ok, reports[0].error
+        assert client.get("/").text == "new"
+    finally:
+        echo.stop()
+
+
 def test_flask_requests_still_under_way_at_the_deadline_leave_everything_as_it_was(tree):
     hooks, site = gated_tree(tree, "WORD = 'old'")
     client = site.app.test_client()
