@@ -4599,13 +4599,16 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]],
                       argv: list[str] | Callable[[Mapping[str, Any]], list[str]], *, timeout: float,
                       max_concurrency: int, commands: MachineCommands,
                       board: _ResultBoard | None, on_outcome: Callable[[MachineOutcome], None],
-                      stop_after_failure: bool = False, what: str = "rpc upgrade") -> None:
+                      stop_after_failure: bool = False, what: str = "rpc upgrade",
+                      settle: Callable[[Mapping[str, Any], MachineOutcome], MachineOutcome | None] | None = None
+                      ) -> None:
     """Run one machine-side command (``what``: ``rpc upgrade``, or a phase of one) on every
     target, ``max_concurrency`` at a time; ``on_outcome`` as each finishes.
 
     ``argv`` is the command, or a function of the machine giving its own.  With
     ``stop_after_failure`` a target not started yet when one has failed is left
-    alone (no outcome).
+    alone (no outcome).  ``settle(machine, outcome)`` may take an outcome back
+    (None: no outcome, no failure) before it counts.
     With a ``board`` the exec starts the upgrade on the machine, detached
     (``argv`` has ``--detach``; starting twice starts it once, so the start
     may be retried), and waits for it ``_DETACHED_WAIT_S`` at most: the outcome
@@ -4620,6 +4623,10 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]],
             return None
         began = time.monotonic()
         outcome = dataclasses.replace(run(machine, began), elapsed_s=time.monotonic() - began)
+        if settle is not None:
+            outcome = settle(machine, outcome)
+        if outcome is None:
+            return None
         if not outcome.ok:
             failed.set()
         return outcome
@@ -4662,7 +4669,9 @@ class _Fleet:
 
     def run(self, command: str, machines: Sequence[Mapping[str, Any]], run_id: str,
             args: Callable[[Mapping[str, Any]], list[str]], line: Callable[[MachineOutcome], str], *,
-            stop_after_failure: bool = False) -> list[MachineOutcome]:
+            stop_after_failure: bool = False,
+            settle: Callable[[Mapping[str, Any], MachineOutcome], MachineOutcome | None] | None = None
+            ) -> list[MachineOutcome]:
         """``rpc <command> ... --upgrade-id <run_id>`` on every machine; the outcomes, each
         printed (``line``) as it comes (``_upgrade_machines``).  Detached on the Machines
         API: the results are collected from ``releases/<app>-results/<run_id>/<command>/``."""
@@ -4680,7 +4689,7 @@ class _Fleet:
                                                             "--upgrade-id", run_id, *detach),
                           timeout=self.timeout, max_concurrency=self.max_concurrency, commands=self.commands,
                           board=board, on_outcome=finished, stop_after_failure=stop_after_failure,
-                          what=f"rpc {command}")
+                          what=f"rpc {command}", settle=settle)
         return outcomes
 
     def short(self, command: str, machine_ids: Sequence[str], *args: str) -> dict[str, str | None]:
@@ -4881,6 +4890,18 @@ def _apply_fleet(fleet: _Fleet, report: FleetReport, machines: Sequence[Mapping[
                   *[word for port in health_ports_for(machine, ports) for word in ("--health-port", str(port))]]
         return [*release, "--suspend-timeout", f"{suspend_timeout:g}", *(checks if path else [])]
 
+    def settle(machine: Mapping[str, Any], outcome: MachineOutcome) -> MachineOutcome | None:
+        # Not reached because it stopped or suspended since phase 1 (Fly's proxy stops idle
+        # machines): no failure, it boots on the release current.json names.
+        if outcome.answered:
+            return outcome
+        state = next((m.get("state") for m in fleet.api.list() if m.get("id") == machine["id"]), None)
+        if state not in _PENDING_STATES:
+            return outcome
+        report.pending.append({**machine, "state": state})
+        fleet.say(f"· {machine['id']} ({machine.get('region', '?')}) {state} since phase 1: {pending_note(state)}")
+        return None
+
     canaries = pick_canaries(machines, canary)
     chosen = {m["id"] for m in canaries}
     rest = [m for m in machines if m["id"] not in chosen]
@@ -4888,7 +4909,7 @@ def _apply_fleet(fleet: _Fleet, report: FleetReport, machines: Sequence[Mapping[
     if canaries:
         fleet.say(f"Phase 2: applying {report.version} to {_plural(len(canaries), 'canary', 'canaries')} first: "
                   + ", ".join(f"{m['id']} ({m.get('region', '?')}, {machine_group(m) or '-'})" for m in canaries))
-        report.outcomes += fleet.run("apply", canaries, upgrade_id, args, MachineOutcome.line)
+        report.outcomes += fleet.run("apply", canaries, upgrade_id, args, MachineOutcome.line, settle=settle)
         if canary_wait and not report.failed:
             fleet.say(f"canaries took it; watching them {canary_wait:g} s before the rest")
             waited = time.monotonic()
@@ -4907,11 +4928,12 @@ def _apply_fleet(fleet: _Fleet, report: FleetReport, machines: Sequence[Mapping[
     fleet.say(f"Phase 2: applying {report.version} to {_plural(len(rest), 'machine')}"
               + (" more" if canaries else "") + f", {fleet.max_concurrency} at a time")
     report.outcomes += fleet.run("apply", rest, upgrade_id, args, MachineOutcome.line,
-                                 stop_after_failure=on_failure == "rollback")
+                                 stop_after_failure=on_failure == "rollback", settle=settle)
     report.apply_s = time.monotonic() - began
     slowest = max((o.elapsed_s for o in report.outcomes), default=0.0)
     fleet.say(f"Phase 2 took {report.apply_s:.2f} s fleet-wide; the slowest machine {slowest:.2f} s")
-    untouched = len(machines) - len(report.outcomes)
+    untouched = len(machines) - len(report.outcomes) - sum(1 for m in report.pending if m["id"] in
+                                                           {machine["id"] for machine in machines})
     if untouched:
         fleet.say(f"{_plural(untouched, 'machine')} not started after the failure: unchanged")
 

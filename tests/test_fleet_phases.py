@@ -279,3 +279,20 @@ def test_a_canary_that_dies_during_its_wait_stops_the_rest(store, app_root):
     assert [call[0] for call in api.phase_calls("apply") if "--revert" not in call[1]] == ["a1"]
     assert "✗ a1 (ams) after the canary wait: web: [Errno 111] Connection refused" in out
     assert "a canary failed: the other 1 machine did not change" in out
+
+
+def test_a_machine_stopped_between_the_phases_catches_up_instead_of_failing(store, app_root):
+    fleet = [machine("a"), machine("s")]
+
+    def answer(machine_id, argv):
+        if machine_id == "s" and rpc(argv) == "apply":
+            fleet[1]["state"] = "stopped"  # Fly's proxy stopped it after it prepared
+            raise flydeploy.MachinesAPIError(412, "machine not started")
+        return succeed(machine_id, argv)
+
+    api = StubMachines(fleet, answer)
+    report, out = run(store, api, app_root)
+    assert report.exit_code == 0 and not report.rolled_back and [o.machine_id for o in report.outcomes] == ["a"]
+    assert "· s (ams) stopped since phase 1: applies at next start" in out
+    assert "1/1 machine upgraded to v1" in out and "1 stopped machine will apply it at next start" in out
+    assert flydeploy.read_current(store, "shop")[0]["hot_upgrade"]["version"] == "v1"
