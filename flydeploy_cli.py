@@ -10,7 +10,7 @@
 to work on the app's processes on this host instead, with no Fly and no S3,
 and ``--direct [--env-file FILE]`` to run the orchestration from here, with
 no image build and no orchestrator machine: the release is packed from the
-local tree (``.dockerignore`` honoured) for the image the machines run, with
+local tree (``.dockerignore`` or fly.toml ``[build] ignorefile`` honoured) for the image the machines run, with
 the developer's Fly token and the bucket's credentials of this machine.
 Installed as a package, the same commands are the ``flydeploy`` script; the
 machine side (``rpc``, ``orchestrate``) is ``python -m flydeploy``.
@@ -937,6 +937,18 @@ def _size(count: int) -> str:
     return f"{count} B"
 
 
+def ignore_note(config: flydeploy.FleetConfig, rules: flydeploy.DockerIgnore) -> str:
+    """What ``rules`` (``config.dockerignore()``) were read from, for the release line:
+    `` (.dockerignore honoured)``; nothing when there is no ``.dockerignore``."""
+    path, setting = config.ignore_file()
+    shown = os.path.relpath(path, config.project_dir)
+    if rules.source is not None:
+        return f" ({shown} honoured{'' if shown == setting else ': ' + setting})"
+    if setting == ".dockerignore":
+        return ""
+    return f" ({setting} {shown} does not exist: as flyctl does, only fly.toml is left out)"
+
+
 def files_summary(files: list[tuple[str, int]]) -> str:
     """``N files, SIZE; largest: a (SIZE), ...`` of a ``list_release_files`` result."""
     largest = sorted(files, key=lambda item: (-item[1], item[0]))[:_LARGEST_SHOWN]
@@ -963,13 +975,12 @@ def _direct_run(args: argparse.Namespace, config: flydeploy.FleetConfig, asked_a
                 rollback_to: str | None) -> int:
     local_tree = None
     if not rollback:
-        dockerignore = flydeploy.DockerIgnore.for_context(config.project_dir, config.root)
+        dockerignore = config.dockerignore()
         commit, dirty = git_state(config.project_dir)
         local_tree = flydeploy.LocalTree(dockerignore, commit, dirty)
         files = flydeploy.list_release_files(config.root, include=config.include, exclude=config.exclude,
                                              dockerignore=dockerignore)
-        _say(f"release from {config.root}" + (" (.dockerignore honoured)" if dockerignore else "") + ": "
-             + files_summary(files))
+        _say(f"release from {config.root}{ignore_note(config, dockerignore)}: {files_summary(files)}")
     store = direct_store(config)
     api = asked_api.result()
     image = _fleet_image(config, api.list())
@@ -1207,9 +1218,8 @@ def _direct_checks(args: argparse.Namespace) -> Iterator[DoctorCheck]:
                       "this machine's credentials")
     try:
         image = _fleet_image(config, _laptop_api(config).list())
-        files = flydeploy.list_release_files(
-            config.root, include=config.include, exclude=config.exclude,
-            dockerignore=flydeploy.DockerIgnore.for_context(config.project_dir, config.root))
+        files = flydeploy.list_release_files(config.root, include=config.include, exclude=config.exclude,
+                                             dockerignore=config.dockerignore())
         note = judge_local_tree(config, current, image, flydeploy.dependency_fingerprint(config.project_dir))
     except flydeploy.FlyDeployError as exc:
         yield DoctorCheck("local tree (--direct)", False, str(exc), "see the message; then run doctor again")
