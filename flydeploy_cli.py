@@ -962,31 +962,34 @@ def _direct_push(args: argparse.Namespace, config: flydeploy.FleetConfig, *, ver
     orchestrator machine, with the developer's token and this machine's bucket
     credentials.  The release is packed from the local tree as the image build
     would have copied it, after the checks that it can be what the machines run.
-    The two flyctl questions (the token, who deploys) are asked meanwhile."""
-    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="flydeploy-flyctl") as flyctl:
-        asked_api = flyctl.submit(_laptop_api, config)
-        asked_owner = flyctl.submit(_owner)
-        return _direct_run(args, config, asked_api, asked_owner, version=version, rollback=rollback,
+    The questions other programs answer (flyctl: the token, who deploys; git: the
+    commit) are asked at once, each in a thread, and the checks run meanwhile."""
+    with concurrent.futures.ThreadPoolExecutor(3, thread_name_prefix="flydeploy-ask") as ask:
+        asked_api = ask.submit(_laptop_api, config)
+        asked_owner = ask.submit(_owner)
+        asked_git = None if rollback else ask.submit(git_state, config.project_dir)
+        return _direct_run(args, config, asked_api, asked_owner, asked_git, version=version, rollback=rollback,
                            rollback_to=rollback_to)
 
 
 def _direct_run(args: argparse.Namespace, config: flydeploy.FleetConfig, asked_api: concurrent.futures.Future,
-                asked_owner: concurrent.futures.Future, *, version: str | None, rollback: bool,
-                rollback_to: str | None) -> int:
+                asked_owner: concurrent.futures.Future, asked_git: concurrent.futures.Future | None, *,
+                version: str | None, rollback: bool, rollback_to: str | None) -> int:
     local_tree = None
     if not rollback:
         dockerignore = config.dockerignore()
-        commit, dirty = git_state(config.project_dir)
-        local_tree = flydeploy.LocalTree(dockerignore, commit, dirty)
         files = flydeploy.list_release_files(config.root, include=config.include, exclude=config.exclude,
                                              dockerignore=dockerignore)
         _say(f"release from {config.root}{ignore_note(config, dockerignore)}: {files_summary(files)}")
     store = direct_store(config)
+    if not rollback:  # read while flyctl answers: its token is needed only from here on
+        current, _ = flydeploy.read_current(store, config.app)
+        here = flydeploy.dependency_fingerprint(config.project_dir)
+        local_tree = flydeploy.LocalTree(dockerignore, *asked_git.result())
     api = asked_api.result()
     image = _fleet_image(config, api.list())
     if local_tree is not None:
-        current, _ = flydeploy.read_current(store, config.app)
-        _say(judge_local_tree(config, current, image, flydeploy.dependency_fingerprint(config.project_dir)))
+        _say(judge_local_tree(config, current, image, here))
         tree = (f"git {local_tree.git_commit[:12]}{' with uncommitted changes' if local_tree.git_dirty else ''}"
                 if local_tree.git_commit else "not a git checkout")
         _say(f"the machines run {image}; the release is packed from this tree ({tree}), no image is built")
