@@ -961,34 +961,34 @@ def _direct_push(args: argparse.Namespace, config: flydeploy.FleetConfig, *, ver
     """``hot --direct`` / ``rollback --direct``: ``orchestrate`` runs here, as on the
     orchestrator machine, with the developer's token and this machine's bucket
     credentials.  The release is packed from the local tree as the image build
-    would have copied it, after the checks that it can be what the machines run.
-    The questions other programs answer (flyctl: the token, who deploys; git: the
-    commit) are asked at once, each in a thread, and the checks run meanwhile."""
-    with concurrent.futures.ThreadPoolExecutor(3, thread_name_prefix="flydeploy-ask") as ask:
-        asked_api = ask.submit(_laptop_api, config)
-        asked_owner = ask.submit(_owner)
-        asked_git = None if rollback else ask.submit(git_state, config.project_dir)
-        return _direct_run(args, config, asked_api, asked_owner, asked_git, version=version, rollback=rollback,
-                           rollback_to=rollback_to)
+    would have copied it, after the checks that it can be what the machines run."""
+    with concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="flydeploy-ask") as ask:
+        return _direct_run(args, config, ask, version=version, rollback=rollback, rollback_to=rollback_to)
 
 
-def _direct_run(args: argparse.Namespace, config: flydeploy.FleetConfig, asked_api: concurrent.futures.Future,
-                asked_owner: concurrent.futures.Future, asked_git: concurrent.futures.Future | None, *,
+def _direct_run(args: argparse.Namespace, config: flydeploy.FleetConfig, ask: concurrent.futures.Executor, *,
                 version: str | None, rollback: bool, rollback_to: str | None) -> int:
+    # What other programs and servers answer is asked at once, each in a thread of ``ask``,
+    # and waited for where it is needed: flyctl (the token, who deploys), git (the commit),
+    # the bucket (current.json, once its credentials are known); the checks run meanwhile.
+    asked_api = ask.submit(_laptop_api, config)
+    asked_owner = ask.submit(_owner)
     local_tree = None
     if not rollback:
+        asked_git = ask.submit(git_state, config.project_dir)
         dockerignore = config.dockerignore()
         files = flydeploy.list_release_files(config.root, include=config.include, exclude=config.exclude,
                                              dockerignore=dockerignore)
         _say(f"release from {config.root}{ignore_note(config, dockerignore)}: {files_summary(files)}")
     store = direct_store(config)
-    if not rollback:  # read while flyctl answers: its token is needed only from here on
-        current, _ = flydeploy.read_current(store, config.app)
+    if not rollback:
+        asked_current = ask.submit(flydeploy.read_current, store, config.app)
         here = flydeploy.dependency_fingerprint(config.project_dir)
         local_tree = flydeploy.LocalTree(dockerignore, *asked_git.result())
     api = asked_api.result()
     image = _fleet_image(config, api.list())
     if local_tree is not None:
+        current, _ = asked_current.result()
         _say(judge_local_tree(config, current, image, here))
         tree = (f"git {local_tree.git_commit[:12]}{' with uncommitted changes' if local_tree.git_dirty else ''}"
                 if local_tree.git_commit else "not a git checkout")
