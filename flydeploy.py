@@ -3397,8 +3397,10 @@ class FleetConfig:
         to fly.toml's folder with Go's ``filepath.Join`` (so a leading ``/``
         stays under that folder), in place of the context's ``.dockerignore``,
         which is then not read.  flyctl applies it when it makes the build
-        context itself; a BuildKit builder (Depot, internal/build/imgsrc/depot.go)
-        gets the context folder and no excludes from it.
+        context itself (a Docker daemon without BuildKit); a BuildKit build
+        (Depot, internal/build/imgsrc/depot.go; a daemon whose builder is
+        BuildKit, dockerfile_builder.go) gets the context folder and no
+        excludes, and BuildKit reads the context's ``.dockerignore``.
         """
         value = self.build.get("ignorefile")
         if value is None or value == "":

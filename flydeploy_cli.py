@@ -949,10 +949,37 @@ def ignore_note(config: flydeploy.FleetConfig, rules: flydeploy.DockerIgnore) ->
     return f" ({setting} {shown} does not exist: as flyctl does, only fly.toml is left out)"
 
 
+def buildkit_note(config: flydeploy.FleetConfig, files: list[tuple[str, int]]) -> str | None:
+    """When fly.toml ``[build] ignorefile`` chose ``files``: the files a BuildKit build
+    would have copied otherwise (flyctl gives BuildKit no excludes, and it reads the
+    context's ``.dockerignore``: ``FleetConfig.ignore_file``), named; None when both agree.
+    Which builder ``fly deploy`` uses cannot be known from here."""
+    path, setting = config.ignore_file()
+    if setting == ".dockerignore":
+        return None
+    dockerignore = config.project_dir / ".dockerignore"
+    rules = (flydeploy.DockerIgnore.for_context(config.project_dir, config.root, dockerignore)
+             if dockerignore.is_file() else flydeploy.DockerIgnore(()))
+    other = flydeploy.list_release_files(config.root, include=config.include, exclude=config.exclude,
+                                         dockerignore=rules)
+    differ = sorted({rel for rel, _ in files} ^ {rel for rel, _ in other})
+    if not differ:
+        return None
+    return (f"note: {setting} counts when flyctl makes the build context itself; a BuildKit build (Depot, or a "
+            f"Docker daemon with BuildKit) reads {'.dockerignore' if dockerignore.is_file() else 'no ignore file'} "
+            f"instead, and would differ for {_plural_files(len(differ))}: {', '.join(differ[:_LARGEST_SHOWN])}"
+            f"{', ...' if len(differ) > _LARGEST_SHOWN else ''}. Make the two alike, so that the release is what "
+            "the image holds whichever builder built it")
+
+
+def _plural_files(count: int) -> str:
+    return f"{count} file{'' if count == 1 else 's'}"
+
+
 def files_summary(files: list[tuple[str, int]]) -> str:
     """``N files, SIZE; largest: a (SIZE), ...`` of a ``list_release_files`` result."""
     largest = sorted(files, key=lambda item: (-item[1], item[0]))[:_LARGEST_SHOWN]
-    return (f"{len(files)} file{'' if len(files) == 1 else 's'}, {_size(sum(size for _, size in files))}; "
+    return (f"{_plural_files(len(files))}, {_size(sum(size for _, size in files))}; "
             f"largest: " + ", ".join(f"{path} ({_size(size)})" for path, size in largest))
 
 
@@ -980,6 +1007,9 @@ def _direct_run(args: argparse.Namespace, config: flydeploy.FleetConfig, ask: co
         files = flydeploy.list_release_files(config.root, include=config.include, exclude=config.exclude,
                                              dockerignore=dockerignore)
         _say(f"release from {config.root}{ignore_note(config, dockerignore)}: {files_summary(files)}")
+        note = buildkit_note(config, files)
+        if note:
+            _say(note)
     store = direct_store(config)
     if not rollback:
         asked_current = ask.submit(flydeploy.read_current, store, config.app)

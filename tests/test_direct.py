@@ -84,6 +84,16 @@ def test_fly_toml_ignorefile_replaces_dockerignore(tmp_path, ignorefile):
     assert config.ignore_file() == (tmp_path / "deploy" / "build.ignore", "fly.toml [build] ignorefile")
     assert _packed(config) == ["app.py", "fly.toml", "keep.py"]
     assert config.dockerignore().source == str(tmp_path / "deploy" / "build.ignore")
+    # A BuildKit build reads .dockerignore instead (flyctl gives it no excludes): the difference is named.
+    files = flydeploy.list_release_files(config.root, include=config.include, dockerignore=config.dockerignore())
+    assert "BuildKit" in flydeploy_cli.buildkit_note(config, files)
+    assert "reads .dockerignore instead, and would differ for 2 files: app.py, scratch.py" in \
+        flydeploy_cli.buildkit_note(config, files)
+    (tmp_path / ".dockerignore").write_text("scratch.py\n")  # alike: nothing to say
+    assert flydeploy_cli.buildkit_note(config, files) is None
+    (tmp_path / ".dockerignore").unlink()  # BuildKit copies everything, fly.toml too
+    assert "reads no ignore file instead, and would differ for 1 file: scratch.py" in \
+        flydeploy_cli.buildkit_note(config, files)
 
 
 def test_a_missing_ignore_file_leaves_out_fly_toml_alone(tmp_path):
@@ -231,6 +241,7 @@ def test_direct_honours_dockerignore(fakefly, seaweed, tmp_path, ignorefile):
     assert hot.returncode == 0, hot.output
     assert (f"({ignorefile} honoured: fly.toml [build] ignorefile)" if ignorefile
             else "(.dockerignore honoured)") in hot.output, hot.output
+    assert ("would differ for 2 files: counter.py, greet.py" in hot.output) is bool(ignorefile), hot.output
     # counter.py is the new one, state migrated; greet.py never reached the image build, nor the release
     assert get(machine) == ("hello v1", "count-v2:2")
     archive = tmp_path / "d2.tar.gz"
