@@ -31,7 +31,9 @@ round trip and the machine's ``rpc preflight``), ``lock_pack_upload``,
 ``record_current`` (``current.json`` and the machines listed again),
 ``upgrading`` (the machines' part) and ``summary_to_exit``;
 ``direct_client_side_s_<n>_machines`` is the whole command but
-``upgrading``.  ``client_python_start_s`` and ``client_imports_s`` are the
+``upgrading``, and ``direct_client_cpu_s`` the CPU time the command used
+(with the flyctl and git processes it ran), which other work on the host
+does not stretch.  ``client_python_start_s`` and ``client_imports_s`` are the
 interpreter alone and the import of ``flydeploy_cli`` (flydeploy with it), in
 the command's environment and folder, best of ``STARTS``.
 
@@ -107,8 +109,9 @@ def run_fleet(work: pathlib.Path, seaweed, machines: int) -> dict:
                "PYTHONPYCACHEPREFIX": str(work / f"pycache-{machines}")}
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         releases = iter(range(2, 100))
+        cpu: list[float] = []
 
-        def command(*args: str) -> float:
+        def command(*args: str) -> tuple[float, list[tuple[float, str]]]:
             release = next(releases)
             (tree / "counter.py").write_text(COUNTER.format(release=release))
             time.sleep(1.0)  # the API paces one exec per machine a second: deploys are minutes apart
@@ -120,8 +123,13 @@ def run_fleet(work: pathlib.Path, seaweed, machines: int) -> dict:
             for line in process.stdout:
                 output.append(line)
                 seen.append((time.perf_counter() - started, line))
-            process.wait(timeout=600)
+            # Reaped here for its resource use: the command's CPU time with that of the processes
+            # it ran and waited for (flyctl, git), whatever else the host's cores were doing.
+            _, status, usage = os.wait4(process.pid, 0)
             elapsed = time.perf_counter() - started
+            process.returncode = os.waitstatus_to_exitcode(status)
+            process.stdout.close()
+            cpu.append(usage.ru_utime + usage.ru_stime)
             if process.returncode != 0 or f"{machines}/{machines} machines upgraded" not in "".join(output):
                 raise SystemExit(f"hot {' '.join(args)} failed ({process.returncode}):\n{''.join(output)}")
             return elapsed, seen
@@ -139,6 +147,7 @@ def run_fleet(work: pathlib.Path, seaweed, machines: int) -> dict:
     return {"direct_s": round(direct, 3), "direct_before_upgrading_s": round(before, 3),
             "direct_upgrading_s": round(direct - before, 3),
             "direct_client_side_s": round(direct - phases["upgrading"], 3),
+            "direct_client_cpu_s": round(cpu[1], 3),
             "direct_phases_s": {name: round(value, 3) for name, value in phases.items()},
             **{name: round(value, 3) for name, value in starts.items()},
             "orchestrator_local_fly_s": round(orchestrator, 3),
