@@ -28,15 +28,20 @@ The file is organised in sections, in the order data flows:
 3. Machines API   the Fly Machines API client (``Machines``), the one builder
                   of machine-side commands (``MachineCommands``), the
                   preflight, and the fleet orchestration that pushes a
-                  release to every machine (``orchestrate``): short execs
-                  start detached upgrades, whose result objects it collects.
-                  It runs on an orchestrator machine or, with ``hot
-                  --direct``, on the developer's own.
+                  release to every machine (``orchestrate``) in two phases,
+                  named in ``FLEET_PHASES`` with their point of no return:
+                  prepare everywhere, judged by pure functions
+                  (``judge_prepare``, ``pick_canaries``, ``to_revert``,
+                  ``plan_document``), then apply (canaries first) or the
+                  fleet back; short execs start detached phases, whose
+                  result objects it collects.  It runs on an orchestrator
+                  machine or, with ``hot --direct``, on the developer's own.
 4. Engine         what happens inside one process: servers (``Server``),
                   asyncio loop pausing (``attach_loop``), change tracking
                   (``track``, ``modified_modules``), the plan (analysis of
                   old and new source that changes nothing live: what runs
-                  again, what takes new code in place), the swap (the
+                  again, what takes new code in place; ``plan_upgrade``
+                  runs it alone on staged files), the swap (the
                   executor and its undo log) and ``reload_modules``, whose
                   phases (prepare, pause, swap, migrate, resume, commit;
                   the point of no return after migrate) are named in
@@ -48,13 +53,17 @@ The file is organised in sections, in the order data flows:
                   new code builds, then the ``on_reload`` callbacks; Flask
                   requests wait at a gate while the code swaps.
 5. Agent          the per-process agent on a unix socket, the per-machine
-                  upgrade (``hot_upgrade``), boot-time catch-up
+                  upgrade in one run (``hot_upgrade``) or in two phases
+                  (``prepare_release``, then ``apply_release`` with its
+                  health check, or ``discard_prepared``; ``--revert``), whose
+                  phases are named in ``MACHINE_PHASES``, boot-time catch-up
                   (``startup_reapply_current``) and the poller.
 6. Entry points   ``rpc ...`` (what exec runs, started by the bootstrap
-                  ``MachineCommands`` builds: upgrade, detached or not, info,
-                  ping, preflight) and ``orchestrate ...`` (the orchestrator
-                  machine's main process); ``main``; the ``__main__`` hook is
-                  right after the imports.
+                  ``MachineCommands`` builds: upgrade, prepare, apply,
+                  detached or not, discard, info, ping, preflight) and
+                  ``orchestrate ...`` (the orchestrator machine's main
+                  process); ``main``; the ``__main__`` hook is right after
+                  the imports.
 
 Every error raised on purpose is a ``FlyDeployError``; its message says what
 went wrong and what to do about it.  Secrets never appear in messages or logs.
@@ -138,6 +147,7 @@ from typing import NamedTuple
 from typing import Protocol
 from typing import TYPE_CHECKING
 from typing import TextIO
+from typing import TypedDict
 
 # asyncio, subprocess and tomllib are imported where they are used, so that
 # `python -m flydeploy rpc` (run on every machine at every upgrade) and an
@@ -222,6 +232,20 @@ __all__ = [
     "run_preflight",
     "result_poll_interval",
     "results_prefix",
+    "FLEET_PHASES",
+    "FLEET_POINT_OF_NO_RETURN",
+    "prepare_line",
+    "PrepareVerdict",
+    "judge_prepare",
+    "to_discard",
+    "pick_canaries",
+    "health_ports_for",
+    "to_revert",
+    "applied_version",
+    "withdraw_hot_upgrade",
+    "prepare_expiry_s",
+    "plan_document",
+    "plan_lines",
     "FleetReport",
     "orchestrate",
     "status_row",
@@ -249,6 +273,9 @@ __all__ = [
     "track",
     "modified_modules",
     "reload_modules",
+    "plan_upgrade",
+    "UpgradePlan",
+    "PlannedCodeChange",
     "UPGRADE_PHASES",
     "UpgradeReport",
     "UpgradeRefused",
@@ -258,6 +285,15 @@ __all__ = [
     "AgentError",
     "start_agent",
     "hot_upgrade",
+    "prepare_release",
+    "apply_release",
+    "discard_prepared",
+    "PrepareResult",
+    "ProcessPlan",
+    "HealthReport",
+    "HealthCheck",
+    "MACHINE_PHASES",
+    "MACHINE_POINT_OF_NO_RETURN",
     "RESULT_MARKER",
     "startup_reapply_current",
     "get_current_hot_upgrade_info",
@@ -3275,16 +3311,28 @@ _SETTINGS: dict[str, tuple[str, Any]] = {
     "s3_addressing_style": ("style", None),
     # Files of the app root the image build makes (`hot --direct` needs them here too).
     "generated": ("names", ()),
+    # The fleet's two phases: canaries first, what a failed apply leads to, machines that
+    # may be missing, and the health check run on each machine after its apply.
+    "canary": ("count", None),
+    "canary_wait": ("seconds", None),
+    "on_failure": ("choice", "rollback"),
+    "allow_missing": ("flag", False),
+    "health_check": ("url_path", None),
+    "health_ports": ("ports", ()),
+    "health_timeout": ("seconds", 5.0),
 }
+# The values a "choice" setting takes; the first is its default.
+_CHOICES = {"on_failure": ("rollback", "keep")}
 # Where the app lives on a machine when neither [tool.flydeploy] app_dir nor a
 # Dockerfile WORKDIR says.
 _DEFAULT_APP_DIR = "/app"
 _WORKDIR_RE = re.compile(r"^\s*WORKDIR\s+(\S.*?)\s*$", re.IGNORECASE | re.MULTILINE)
-_FLAG_NAMES = {"process_groups": "--process-group", "build_args": "--build-arg"}
+_FLAG_NAMES = {"process_groups": "--process-group", "build_args": "--build-arg", "health_ports": "--health-port"}
 # The settings ``python -m flydeploy orchestrate`` takes as flags; the rest it
 # reads from the project it runs in.
 _ORCHESTRATE_FLAG_SETTINGS = ("app", "python", "app_dir", "lock_timeout", "timeout", "max_concurrency",
-                              "suspend_timeout", "process_groups")
+                              "suspend_timeout", "process_groups", "canary", "canary_wait", "on_failure",
+                              "allow_missing", "health_check", "health_ports", "health_timeout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3354,6 +3402,12 @@ class FleetConfig:
     (patterns): ``hot --direct`` refuses to pack a tree that lacks one.
     ``sources`` says where each setting came from, e.g. ``"--app"``,
     ``"pyproject.toml [tool.flydeploy]"``, ``"fly.toml"`` or ``"default"``.
+    The fleet's phases: ``canary`` machines take the release first and are
+    watched ``canary_wait`` seconds; ``on_failure`` (``rollback`` or ``keep``)
+    is what a failed apply leads to; ``allow_missing`` lets a machine that
+    cannot be reached before the apply catch up at its next boot; the
+    ``health_check`` path is fetched on each machine after its apply, on
+    ``health_ports`` (else its services' internal ports) within ``health_timeout``.
     """
 
     app: str | None
@@ -3377,6 +3431,13 @@ class FleetConfig:
     build: Mapping[str, Any]
     sources: Mapping[str, str]
     generated: tuple[str, ...] = ()
+    canary: int | None = None
+    canary_wait: float | None = None
+    on_failure: str = "rollback"
+    allow_missing: bool = False
+    health_check: str | None = None
+    health_ports: tuple[int, ...] = ()
+    health_timeout: float = 5.0
 
     def require_app(self) -> str:
         """The app name, or a ``ConfigError`` naming every place that can provide it."""
@@ -3421,7 +3482,10 @@ class FleetConfig:
         return {"root": self.root, "include": self.include, "exclude": self.exclude,
                 "lock_timeout": self.lock_timeout, "timeout": self.timeout,
                 "max_concurrency": self.max_concurrency, "suspend_timeout": self.suspend_timeout,
-                "process_groups": self.process_groups, "commands": self.machine_commands()}
+                "process_groups": self.process_groups, "commands": self.machine_commands(),
+                "canary": self.canary, "canary_wait": self.canary_wait, "on_failure": self.on_failure,
+                "allow_missing": self.allow_missing, "health_check": self.health_check,
+                "health_ports": self.health_ports, "health_timeout": self.health_timeout}
 
     def machine_commands(self) -> MachineCommands:
         """The builder of every command run on this app's machines (``python`` and ``app_dir``)."""
@@ -3433,8 +3497,10 @@ class FleetConfig:
         flags: list[str] = []
         for key in _ORCHESTRATE_FLAG_SETTINGS:
             kind, value = _SETTINGS[key][0], getattr(self, key)
-            if kind == "names":
-                flags += [part for item in value for part in (_flag_name(key), item)]
+            if kind in ("names", "ports"):
+                flags += [part for item in value for part in (_flag_name(key), str(item))]
+            elif kind == "flag":
+                flags += [_flag_name(key)] if value else []
             elif value is not None:
                 flags += [_flag_name(key), f"{value:g}" if kind == "seconds" else str(value)]
         return flags
@@ -3457,6 +3523,36 @@ def _dockerfile_workdir(project: pathlib.Path, build: Mapping[str, Any]) -> tupl
 
 def _flag_name(key: str) -> str:
     return _FLAG_NAMES.get(key, "--" + key.replace("_", "-"))
+
+
+def _url_path_problem(value: object) -> str | None:
+    """What is wrong with ``value`` as the path of a health check URL, or None."""
+    if not isinstance(value, str) or not value.startswith("/") or any(c.isspace() or c == "#" for c in value):
+        return "a URL path starting with / (e.g. /healthz), without spaces or #"
+    return None
+
+
+def _port_problem(value: object) -> str | None:
+    """What is wrong with ``value`` as a TCP port, or None."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        return "a TCP port from 1 to 65535"
+    return None
+
+
+def _checked_argument(problem: Callable[[Any], str | None], convert: Callable[[str], Any] = str
+                      ) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert`` the text, and a value ``problem`` finds wrong is a usage error."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = text
+        found = problem(value)
+        if found is not None:
+            raise argparse.ArgumentTypeError(f"{text!r}: it must be {found}")
+        return value
+    parse.__name__ = problem.__name__.strip("_").removesuffix("_problem")
+    return parse
 
 
 def _read_toml(path: pathlib.Path) -> dict[str, Any]:
@@ -3499,6 +3595,21 @@ def _check_setting(key: str, value: Any, where: str) -> Any:
     elif kind == "style":
         if value not in _ADDRESSING_STYLES:
             problem = f"one of {', '.join(map(repr, _ADDRESSING_STYLES))}"
+    elif kind == "choice":
+        if value not in _CHOICES[key]:
+            problem = f"one of {', '.join(map(repr, _CHOICES[key]))}"
+    elif kind == "flag":
+        if not isinstance(value, bool):
+            problem = "true or false"
+    elif kind == "url_path":
+        problem = _url_path_problem(value)
+    elif kind == "ports":
+        if isinstance(value, int):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(_port_problem(v) is None for v in value):
+            problem = "a list of TCP ports (1 to 65535)"
+        else:
+            value = tuple(value)
     elif kind == "mapping":
         if not isinstance(value, Mapping) or not all(
                 isinstance(k, str) and k and isinstance(v, (str, int, float)) for k, v in value.items()):
@@ -3585,7 +3696,10 @@ def load_config(project_dir: str | os.PathLike[str] = ".", *, config: str | os.P
         timeout=values["timeout"], suspend_timeout=values["suspend_timeout"],
         lock_timeout=values["lock_timeout"], process_groups=groups, build_args=values["build_args"],
         app_dir=values["app_dir"], s3_addressing_style=values["s3_addressing_style"], env=env,
-        processes=fly_tables["processes"], build=fly_tables["build"], sources=sources, generated=values["generated"])
+        processes=fly_tables["processes"], build=fly_tables["build"], sources=sources, generated=values["generated"],
+        canary=values["canary"], canary_wait=values["canary_wait"], on_failure=values["on_failure"],
+        allow_missing=values["allow_missing"], health_check=values["health_check"],
+        health_ports=values["health_ports"], health_timeout=values["health_timeout"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3700,17 +3814,22 @@ def _plural(count: int, word: str, words: str | None = None) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class MachineOutcome:
-    """How one machine took an upgrade; ``result`` is its ``rpc upgrade`` result, if any."""
+    """How one machine took one phase of an upgrade; ``result`` is what its machine-side
+    command reported (``rpc upgrade``, ``prepare``, ``apply``), if anything.  ``answered``
+    is False when the exec itself got no answer (the machine was not reached);
+    ``elapsed_s`` is the phase's wall time on it, as the orchestrator saw it."""
 
     machine_id: str
     region: str
     ok: bool
     error: str | None = None
     result: Mapping[str, Any] | None = None
+    answered: bool = True
+    elapsed_s: float = 0.0
 
     def line(self) -> str:
-        """The line printed for this machine: ``✓ id (region) 3 modules, ...`` or
-        ``✗ id (region) error``."""
+        """The line printed for this machine: ``✓ id (region) 3 modules, ...`` (with the
+        phase's wall time on it, when measured) or ``✗ id (region) error``."""
         if not self.ok:
             return f"✗ {self.machine_id} ({self.region}) {self.error}"
         result = self.result or {}
@@ -3719,8 +3838,9 @@ class MachineOutcome:
         suspended = result.get("suspend_duration_ms") or 0
         # Below a millisecond, rounding would say 0: the pause would look skipped.
         shown = f"{suspended:.1f}" if 0 < suspended < 1 else f"{round(suspended)}"
+        took = f", {self.elapsed_s:.2f} s in all" if self.elapsed_s else ""
         return (f"✓ {self.machine_id} ({self.region}) {_plural(modules, 'module')}, "
-                f"{_plural(processes, 'process', 'processes')}, suspended {shown} ms")
+                f"{_plural(processes, 'process', 'processes')}, suspended {shown} ms{took}")
 
 
 def _last_line(text: str) -> str:
@@ -3750,32 +3870,275 @@ def judge_result(machine: Mapping[str, Any], result: Mapping[str, Any]) -> Machi
     machine_id, region = machine.get("id", "?"), machine.get("region", "?")
     if result.get("success"):
         return MachineOutcome(machine_id, region, True, None, result)
-    return MachineOutcome(machine_id, region, False, str(result.get("error") or "failed, no reason given"),
-                          result)
+    problems = "; ".join(_process_problem(p) for p in result.get("processes") or ()
+                         if isinstance(p, Mapping) and not p.get("ok"))
+    return MachineOutcome(machine_id, region, False,
+                          str(result.get("error") or problems or "failed, no reason given"), result)
 
 
 def judge_upgrade(machine: Mapping[str, Any], exit_code: int, stdout: str, stderr: str,
-                  exit_signal: int = 0, *, commands: MachineCommands | None = None) -> MachineOutcome:
-    """Judge one machine by its ``rpc upgrade`` result marker and exit code.
+                  exit_signal: int = 0, *, commands: MachineCommands | None = None,
+                  what: str = "rpc upgrade") -> MachineOutcome:
+    """Judge one machine by the result marker and exit code of its ``what`` (``rpc upgrade``).
 
     It succeeded only when the command exited 0 and its result says success.
     Otherwise the error is the result's own, or what the exit says (a missing
     Python or flydeploy on the machine is named with what to do).
     """
     result = parse_result_marker(stdout)
-    if result is not None and (result.get("error") or (exit_code == 0 and not exit_signal)):
+    if result is not None and (not result.get("success") or (exit_code == 0 and not exit_signal)):
         return judge_result(machine, result)
     commands = commands or MachineCommands.for_app_dir("python3", _DEFAULT_APP_DIR)
-    error = command_failure("rpc upgrade", commands, exit_code, stdout, stderr, exit_signal)
+    error = command_failure(what, commands, exit_code, stdout, stderr, exit_signal)
     return MachineOutcome(machine.get("id", "?"), machine.get("region", "?"), False, error, result)
+
+
+# --- The two phases of a fleet upgrade: the decisions ----------------------------
+
+# The phases of ``orchestrate``, in order.  Nothing live changes before RECORD:
+# preflight (one machine per group can run flydeploy), lock, pack (the release is
+# stored: an object, nothing live), prepare (every target downloads, stages and
+# every process prepares against the staged files), judge (all ready? else the
+# staged files are discarded everywhere and the run stops: ``--plan`` always
+# stops here).  RECORD is the point of no return: ``current.json`` names the
+# release, so a machine that boots from then on takes it.  Then apply (canaries
+# first, each checked), revert (only after a failed apply with ``--on-failure
+# rollback``: the machines that applied go back the same two-phase way and
+# ``current.json`` names the previous release again) and release (the lock).
+FLEET_PHASES = ("preflight", "lock", "pack", "prepare", "judge", "record", "apply", "revert", "release")
+FLEET_POINT_OF_NO_RETURN = "record"
+# What a machine runs when no hot upgrade reaches it.
+_IMAGE_CODE = "the image's code"
+# The upgrade id of the way back from upgrade ID is ID + this.
+_REVERT_SUFFIX = "-back"
+
+
+def _process_problem(process: ProcessPlan) -> str:
+    """``pid 12 (web): why`` for one process of a phase result."""
+    name = f" ({process['name']})" if process.get("name") else ""
+    why = process.get("error") or (process.get("plan") or {}).get("refused") or "failed, no reason given"
+    return f"pid {process.get('pid')}{name}: {why}"
+
+
+def prepare_line(outcome: MachineOutcome) -> str:
+    """The line printed for one machine's phase 1: ``✓ id (region) ready: 2 files to write,
+    2 processes prepared`` or ``✗ id (region) refused: why``."""
+    result = outcome.result or {}
+    if not outcome.ok:
+        status = f"{result['status']}: " if result.get("status") else ""
+        return f"✗ {outcome.machine_id} ({outcome.region}) {status}{outcome.error}"
+    return (f"✓ {outcome.machine_id} ({outcome.region}) ready: "
+            f"{_plural(int(result.get('files_to_write') or 0), 'file')} to write, "
+            f"{_plural(len(result.get('processes') or ()), 'process', 'processes')} prepared")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareVerdict:
+    """Phase 1 judged: ``ready`` machines, ``refused`` ones (refused, failed, or not
+    reached), and ``missing`` ones (not reached, left to catch up at their next boot
+    because ``--allow-missing`` said so).  ``go`` when none refused."""
+
+    ready: tuple[MachineOutcome, ...]
+    refused: tuple[MachineOutcome, ...]
+    missing: tuple[MachineOutcome, ...]
+
+    @property
+    def go(self) -> bool:
+        return not self.refused
+
+    def notes(self) -> list[str]:
+        """One line per machine left out (each machine's own line was printed as it came)."""
+        return [f"· {o.machine_id} ({o.region}) not reached: --allow-missing, it catches up at its next boot"
+                for o in self.missing]
+
+    def summary(self, version: str, *, planned: bool) -> str:
+        """The last line of a run that stopped after phase 1."""
+        if self.go:
+            return (f"{version} would apply on {_plural(len(self.ready), 'machine')}: "
+                    "nothing was applied, the staged files were discarded (--plan)")
+        ids = ", ".join(o.machine_id for o in self.refused)
+        head = f"{version} would be refused" if planned else f"{version} was not applied anywhere"
+        return (f"{head}: {ids} {'refuses' if len(self.refused) == 1 else 'refuse'} it or could not prepare it; "
+                "every machine runs what it ran, current.json is unchanged")
+
+
+def judge_prepare(outcomes: Iterable[MachineOutcome], *, allow_missing: bool = False) -> PrepareVerdict:
+    """Phase 1's verdict from each target's outcome: all ready, or who stops the upgrade.
+
+    A machine that was not reached (its exec got no answer) stops it too,
+    unless ``allow_missing``: then it catches up at its next boot from
+    ``current.json``.
+    """
+    ready, refused, missing = [], [], []
+    for outcome in outcomes:
+        if outcome.ok:
+            ready.append(outcome)
+        elif allow_missing and not outcome.answered:
+            missing.append(outcome)
+        else:
+            refused.append(outcome)
+    return PrepareVerdict(tuple(ready), tuple(refused), tuple(missing))
+
+
+def to_discard(outcomes: Iterable[MachineOutcome]) -> list[str]:
+    """The machines whose staged files the orchestrator discards after a refusal or a
+    plan: those that said ready, and those that answered without a result (they may
+    have staged).  A machine that refused or failed discarded its own already."""
+    return [o.machine_id for o in outcomes
+            if o.ok or (o.answered and o.result is None)]
+
+
+def pick_canaries(machines: Sequence[Mapping[str, Any]], count: int) -> list[dict]:
+    """``count`` machines to apply first, spread across process groups and regions:
+    each pick prefers a group not picked yet, then a region not picked yet; ties go
+    to the lowest machine id (the same fleet gives the same canaries)."""
+    left = sorted((dict(m) for m in machines), key=lambda m: str(m.get("id")))
+    chosen: list[dict] = []
+    groups: set[str] = set()
+    regions: set[str] = set()
+    while left and len(chosen) < count:
+        best = max(left, key=lambda m: (machine_group(m) not in groups, m.get("region") not in regions))
+        left.remove(best)
+        chosen.append(best)
+        groups.add(machine_group(best))
+        regions.add(best.get("region"))
+    return chosen
+
+
+def health_ports_for(machine: Mapping[str, Any], given: Sequence[int] = ()) -> list[int]:
+    """The ports the health check fetches on ``machine``: ``given`` (``--health-port``),
+    else the internal ports its services declare (``config.services[].internal_port``,
+    fly.MachineService in the Machines API spec), in order, each once."""
+    if given:
+        return list(dict.fromkeys(given))
+    services = (machine.get("config") or {}).get("services") or ()
+    return list(dict.fromkeys(s["internal_port"] for s in services
+                              if isinstance(s, Mapping) and _port_problem(s.get("internal_port")) is None))
+
+
+def to_revert(outcomes: Iterable[MachineOutcome]) -> list[str]:
+    """The machines a fleet rollback returns to the previous release: those whose apply
+    left them on the release (its result says ``applied``: a failed health check
+    keeps the release), and those with no result, which may have."""
+    return [o.machine_id for o in outcomes
+            if (o.result or {}).get("applied", o.ok) or (o.answered and o.result is None)]
+
+
+def applied_version(applied: MachineOutcome, reverted: MachineOutcome | None, version: str,
+                    previous: str) -> str:
+    """The version a machine runs after phase 2 (``applied``) and the way back, if any
+    (``reverted``): the release where the apply left it there and no revert took it back."""
+    if reverted is not None and reverted.ok:
+        return previous
+    if applied.result is None and not applied.ok or reverted is not None and reverted.result is None:
+        return f"{previous} or {version} (no result)"
+    return version if (applied.result or {}).get("applied", applied.ok) else previous
+
+
+def withdraw_hot_upgrade(doc: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, Any]:
+    """``current.json`` with ``record`` taken back off: the previous hot upgrade is current
+    again.  A document whose current record is another (someone recorded since) is kept."""
+    current = doc.get("hot_upgrade") or {}
+    if (current.get("version"), current.get("sha256")) != (record.get("version"), record.get("sha256")):
+        return dict(doc)
+    history = [h for h in doc.get("history") or [] if isinstance(h, dict)]
+    return {**doc, "hot_upgrade": history[0] if history else None, "history": history[1:],
+            "set_at": _iso_utc(_utc_now())}
+
+
+def prepare_expiry_s(targets: int, *, timeout: float, max_concurrency: int, canary_wait: float) -> float:
+    """How long a machine keeps its prepared state: the whole of phase 1 (every wave of
+    ``max_concurrency`` machines taking up to ``timeout``), the canaries' apply and wait,
+    and one more ``timeout``; a lost orchestrator leaves nothing behind longer."""
+    waves = -(-max(targets, 1) // max_concurrency)
+    return timeout * (waves + 2) + canary_wait
+
+
+def _plan_of(outcome: MachineOutcome) -> dict[str, Any]:
+    """One machine's phase 1 plan, its processes' plans merged (each item once, in order);
+    ``outcome.result`` is its ``PrepareResult``, each process's plan an ``UpgradePlan``."""
+    result = outcome.result or {}
+    merged: dict[str, list] = {"modules_changed": [], "modules_added": [], "code_change": [], "refused": []}
+    for process in result.get("processes") or ():
+        plan = process.get("plan") or {} if isinstance(process, Mapping) else {}
+        for key in ("modules_changed", "modules_added", "code_change"):
+            merged[key] += [item for item in plan.get(key) or () if item not in merged[key]]
+        if isinstance(process, Mapping) and not process.get("ok"):
+            merged["refused"].append(_process_problem(process))
+    if not merged["refused"] and not outcome.ok:
+        merged["refused"].append(outcome.error or "failed, no reason given")
+    return merged
+
+
+def plan_document(report: FleetReport, machines: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``hot --plan --json``: the release, whether it would apply everywhere, and the plan
+    per process group (``machines`` lists the machines whose plan differs from the group's)."""
+    groups_of = {m.get("id"): machine_group(m) for m in machines}
+    rows = [{"machine_id": o.machine_id, "region": o.region, "group": groups_of.get(o.machine_id, ""),
+             "status": (o.result or {}).get("status") or ("ready" if o.ok else "failed"), "plan": _plan_of(o)}
+            for o in sorted(report.prepared, key=lambda o: o.machine_id)]
+    groups: list[dict[str, Any]] = []
+    for group in sorted({row["group"] for row in rows}):
+        members = [row for row in rows if row["group"] == group]
+        plans = {json.dumps(row["plan"], sort_keys=True) for row in members}
+        groups.append({"group": group, "machines": [row["machine_id"] for row in members],
+                       "same_plan": len(plans) == 1,
+                       "plan": members[0]["plan"] if len(plans) == 1 else None})
+    sizes = [(o.result or {}).get("release_bytes") for o in report.prepared if (o.result or {}).get("release_bytes")]
+    return {"app": report.app, "version": report.version, "sha256": report.sha256,
+            "release_bytes": sizes[0] if sizes else None, "uploaded": report.uploaded,
+            "would_apply": report.verdict is not None and report.verdict.go,
+            "groups": groups, "machines": rows,
+            "missing": [o.machine_id for o in (report.verdict.missing if report.verdict else ())]}
+
+
+def plan_lines(document: Mapping[str, Any]) -> list[str]:
+    """``hot --plan``'s text: per process group, or per machine where a group's differ."""
+    size = document.get("release_bytes")
+    lines = [f"Plan for {document['version']}"
+             + (f" (release {size} bytes" if size else " (release")
+             + (", uploaded now: the only change this plan made)" if document.get("uploaded")
+                else ", already stored)")]
+    rows = {row["machine_id"]: row for row in document["machines"]}
+
+    def block(head: str, plan: Mapping[str, Any]) -> None:
+        lines.append(f"{head}: {'REFUSED' if plan['refused'] else 'ready'}")
+        for key, label in (("modules_changed", "modules changed"), ("modules_added", "modules added")):
+            if plan[key]:
+                lines.append(f"  {label}: {', '.join(plan[key])}")
+        for change in plan["code_change"]:
+            lines.append(f"  code_change: {change.get('server')} vsn {change.get('vsn_old')!r} -> "
+                         f"{change.get('vsn_new')!r}")
+        if not (plan["modules_changed"] or plan["modules_added"] or plan["refused"]):
+            lines.append("  no module changes")
+        lines.extend(f"  refused: {why}" for why in plan["refused"])
+
+    for group in document["groups"]:
+        name = group["group"] or "-"
+        if group["same_plan"]:
+            block(f"group {name} ({_plural(len(group['machines']), 'machine')}: {', '.join(group['machines'])})",
+                  group["plan"])
+        else:
+            for machine_id in group["machines"]:
+                row = rows[machine_id]
+                block(f"group {name}, machine {machine_id} ({row['region']})", row["plan"])
+    return lines
 
 
 @dataclasses.dataclass
 class FleetReport:
-    """What an ``orchestrate`` run did: the release, and one outcome per machine.
+    """What an ``orchestrate`` run did: the release, and one outcome per machine and phase.
 
     ``upgrade_id`` is the run's deployment id: the deploy lock's, and the folder
-    ``releases/<app>-results/<upgrade_id>/`` where each machine stores its result.
+    ``releases/<app>-results/<upgrade_id>/`` where each machine stores its result
+    (one folder per phase).  ``prepared`` holds phase 1's outcomes and
+    ``verdict`` its judgement (None when no phase 1 ran); ``outcomes`` phase 2's;
+    ``reverted`` those of the way back (``--on-failure rollback``);
+    ``previous`` the version each machine ran before (``the image's code``
+    when none); ``rolled_back`` when a failure sent the fleet back (and
+    ``current.json`` with it).  ``planned``: a ``--plan`` run, which stops
+    after phase 1, with its ``plan`` (``plan_document``).
+    ``prepare_s`` and ``apply_s`` are the two phases' fleet-wide wall times.
     """
 
     app: str
@@ -3788,6 +4151,15 @@ class FleetReport:
     pending: list[Mapping[str, Any]]
     skipped: list[tuple[Mapping[str, Any], str]]
     duration_s: float = 0.0
+    prepared: list[MachineOutcome] = dataclasses.field(default_factory=list)
+    verdict: PrepareVerdict | None = None
+    reverted: list[MachineOutcome] = dataclasses.field(default_factory=list)
+    previous: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    planned: bool = False
+    rolled_back: bool = False
+    plan: dict[str, Any] | None = None
+    prepare_s: float = 0.0
+    apply_s: float = 0.0
 
     @property
     def failed(self) -> list[MachineOutcome]:
@@ -3795,17 +4167,43 @@ class FleetReport:
         return [o for o in self.outcomes if not o.ok]
 
     @property
+    def refused(self) -> bool:
+        """Whether phase 1 stopped the upgrade (nothing was applied anywhere)."""
+        return self.verdict is not None and not self.verdict.go
+
+    @property
     def exit_code(self) -> int:
-        """0 when every started machine succeeded, 1 when any failed or timed out."""
-        return 1 if self.failed else 0
+        """0 when every started machine succeeded (or, planned, would), 1 when any
+        refused, failed or timed out."""
+        return 1 if self.failed or self.refused else 0
+
+    def machine_versions(self) -> dict[str, str]:
+        """Which version each machine of phase 2 runs now (``applied_version``)."""
+        back = {o.machine_id: o for o in self.reverted}
+        return {o.machine_id: applied_version(o, back.get(o.machine_id), self.version,
+                                              self.previous.get(o.machine_id, _IMAGE_CODE))
+                for o in self.outcomes}
 
     def summary(self) -> str:
         """One line: how many machines took which version, which failed, which wait for their start."""
+        if self.verdict is not None and (self.planned or not self.verdict.go):
+            return self.verdict.summary(self.version, planned=self.planned)
         done = len(self.outcomes) - len(self.failed)
-        text = (f"{done}/{_plural(len(self.outcomes), 'machine')} upgraded to {self.version} "
-                f"in {self.duration_s:.1f} s")
+        if self.rolled_back:
+            text = (f"{self.version} was rolled back in {self.duration_s:.1f} s (--on-failure rollback), "
+                    "current.json names the previous release again")
+        else:
+            text = (f"{done}/{_plural(len(self.outcomes), 'machine')} upgraded to {self.version} "
+                    f"in {self.duration_s:.1f} s")
         if self.failed:
             text += f"; FAILED: {', '.join(o.machine_id for o in self.failed)}"
+            runs: dict[str, list[str]] = {}
+            for machine_id, version in sorted(self.machine_versions().items()):
+                runs.setdefault(version, []).append(machine_id)
+            text += "".join(f"; runs {version}: {', '.join(ids)}" for version, ids in runs.items())
+        if self.verdict is not None and self.verdict.missing:
+            text += (f"; not reached, catch up at next boot: "
+                     f"{', '.join(o.machine_id for o in self.verdict.missing)}")
         suspended = sum(1 for m in self.pending if m.get("state") == "suspended")
         if len(self.pending) > suspended:
             text += f"; {_plural(len(self.pending) - suspended, 'stopped machine')} will apply it at next start"
@@ -4231,11 +4629,20 @@ class _ResultBoard:
         log.warning("flydeploy: could not read the upgrade results: %s", exc)
 
 
-def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list[str], *, timeout: float,
+def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]],
+                      argv: list[str] | Callable[[Mapping[str, Any]], list[str]], *, timeout: float,
                       max_concurrency: int, commands: MachineCommands,
-                      board: _ResultBoard | None, on_outcome: Callable[[MachineOutcome], None]) -> None:
-    """Upgrade every target, ``max_concurrency`` at a time; ``on_outcome`` as each finishes.
+                      board: _ResultBoard | None, on_outcome: Callable[[MachineOutcome], None],
+                      stop_after_failure: bool = False, what: str = "rpc upgrade",
+                      settle: Callable[[Mapping[str, Any], MachineOutcome], MachineOutcome | None] | None = None
+                      ) -> None:
+    """Run one machine-side command (``what``: ``rpc upgrade``, or a phase of one) on every
+    target, ``max_concurrency`` at a time; ``on_outcome`` as each finishes.
 
+    ``argv`` is the command, or a function of the machine giving its own.  With
+    ``stop_after_failure`` a target not started yet when one has failed is left
+    alone (no outcome).  ``settle(machine, outcome)`` may take an outcome back
+    (None: no outcome, no failure) before it counts.
     With a ``board`` the exec starts the upgrade on the machine, detached
     (``argv`` has ``--detach``; starting twice starts it once, so the start
     may be retried), and waits for it ``_DETACHED_WAIT_S`` at most: the outcome
@@ -4243,14 +4650,29 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list
     without one the exec runs the whole upgrade and prints its result.
     """
 
-    def upgrade(machine: Mapping[str, Any]) -> MachineOutcome:
+    failed = threading.Event()
+
+    def upgrade(machine: Mapping[str, Any]) -> MachineOutcome | None:
+        if stop_after_failure and failed.is_set():
+            return None
         began = time.monotonic()
-        res, failure = _exec_on(api, machine, argv, timeout if board is None else EXEC_DEADLINE_S)
+        outcome = dataclasses.replace(run(machine, began), elapsed_s=time.monotonic() - began)
+        if settle is not None:
+            outcome = settle(machine, outcome)
+        if outcome is None:
+            return None
+        if not outcome.ok:
+            failed.set()
+        return outcome
+
+    def run(machine: Mapping[str, Any], began: float) -> MachineOutcome:
+        command = argv(machine) if callable(argv) else argv
+        res, failure = _exec_on(api, machine, command, timeout if board is None else EXEC_DEADLINE_S)
         if res is None:
-            return MachineOutcome(machine["id"], machine.get("region", "?"), False, failure)
+            return MachineOutcome(machine["id"], machine.get("region", "?"), False, failure, answered=False)
         if board is None or not res.ok:
             return judge_upgrade(machine, res.exit_code, res.stdout, res.stderr, res.exit_signal,
-                                 commands=commands)
+                                 commands=commands, what=what)
         # Ended within the exec's wait: its result came back with it.  Else it is collected.
         result = parse_result_marker(res.stdout) or board.wait(machine["id"], began, began + timeout)
         if result is None:
@@ -4263,9 +4685,73 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]], argv: list
     results = _map_concurrently(upgrade, targets, max_concurrency)
     try:
         for outcome in results:
-            on_outcome(outcome)
+            if outcome is not None:
+                on_outcome(outcome)
     finally:
         results.close()
+
+
+class _Fleet:
+    """The I/O of one run's phases: a machine-side command on many machines (``run``),
+    each phase's results collected from its own folder, and the discard."""
+
+    def __init__(self, api: Any, store: Store, app: str, commands: MachineCommands, *, timeout: float,
+                 max_concurrency: int, say: Callable[[str], None]) -> None:
+        self.api, self.store, self.app, self.commands = api, store, app, commands
+        self.timeout, self.max_concurrency, self.say = timeout, max_concurrency, say
+        self.detached = bool(getattr(api, "runs_detached", False))
+
+    def run(self, command: str, machines: Sequence[Mapping[str, Any]], run_id: str,
+            args: Callable[[Mapping[str, Any]], list[str]], line: Callable[[MachineOutcome], str], *,
+            stop_after_failure: bool = False,
+            settle: Callable[[Mapping[str, Any], MachineOutcome], MachineOutcome | None] | None = None
+            ) -> list[MachineOutcome]:
+        """``rpc <command> ... --upgrade-id <run_id>`` on every machine; the outcomes, each
+        printed (``line``) as it comes (``_upgrade_machines``).  Detached on the Machines
+        API: the results are collected from ``releases/<app>-results/<run_id>/<command>/``."""
+        detach = ["--detach", "--wait", f"{min(self.timeout, _DETACHED_WAIT_S):g}"] if self.detached else []
+        board = (_ResultBoard(self.store, f"{results_prefix(self.app, run_id)}{command}/")
+                 if self.detached else None)
+        outcomes: list[MachineOutcome] = []
+
+        def finished(outcome: MachineOutcome) -> None:
+            outcomes.append(outcome)
+            self.say(line(outcome))
+
+        _upgrade_machines(self.api, machines,
+                          lambda machine: self.commands.rpc(command, self.app, *args(machine),
+                                                            "--upgrade-id", run_id, *detach),
+                          timeout=self.timeout, max_concurrency=self.max_concurrency, commands=self.commands,
+                          board=board, on_outcome=finished, stop_after_failure=stop_after_failure,
+                          what=f"rpc {command}", settle=settle)
+        return outcomes
+
+    def short(self, command: str, machine_ids: Sequence[str], *args: str) -> dict[str, str | None]:
+        """``rpc <command> ... args`` on each machine, one short exec each, concurrently:
+        why it failed on each machine, None where it succeeded."""
+        argv = self.commands.rpc(command, self.app, *args)
+
+        def run(machine_id: str) -> tuple[str, str | None]:
+            res, failure = _exec_on(self.api, {"id": machine_id}, argv, EXEC_DEADLINE_S)
+            if res is not None and not res.ok:
+                failure = (_last_line(res.stdout) if command == "ping" and res.exit_code == 1 else
+                           command_failure(f"rpc {command}", self.commands, res.exit_code, res.stdout,
+                                           res.stderr, res.exit_signal))
+            return machine_id, failure
+
+        return dict(_map_concurrently(run, list(machine_ids), self.max_concurrency))
+
+    def discard(self, machine_ids: Sequence[str], run_id: str) -> None:
+        """``rpc discard`` on each machine; one that fails is named: its staged files
+        expire by themselves."""
+        for machine_id, failure in self.short("discard", machine_ids, "--upgrade-id", run_id).items():
+            if failure:
+                self.say(f"· {machine_id} could not discard its staged files ({failure}); they expire by themselves")
+
+
+def _previous_version(current: Mapping[str, Any] | None, machine: Mapping[str, Any]) -> str:
+    hot = hot_upgrade_for_group(current, machine_group(machine))
+    return str(hot["version"]) if hot else _IMAGE_CODE
 
 
 def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: Any = None,
@@ -4276,30 +4762,41 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
                 timeout: float = 120.0, max_concurrency: int = 10, suspend_timeout: float = 10.0,
                 process_groups: Iterable[str] = (), commands: MachineCommands | None = None,
                 self_id: str | None = None, upgrade_id: str | None = None, preflight: bool = True,
-                local_tree: LocalTree | None = None, out: TextIO | None = None) -> FleetReport:
-    """Push a release to every machine of ``app`` and report how each took it.
+                local_tree: LocalTree | None = None, out: TextIO | None = None,
+                canary: int | None = None, canary_wait: float | None = None, on_failure: str = "rollback",
+                allow_missing: bool = False, health_check: str | None = None, health_ports: Sequence[int] = (),
+                health_timeout: float = 5.0, plan: bool = False) -> FleetReport:
+    """Push a release to every machine of ``app`` in two phases and report how each took it.
 
     Takes the deploy lock (``LockHeld`` when someone else holds it), packs the
     app under ``root`` into ``releases/<app>-<version>.tar.gz`` (the upload is
-    skipped when the same content is already stored) and records it in
-    ``current.json`` -- or, with ``rollback``, records the earlier history entry
-    ``rollback_to`` (default: the previous one) instead of packing.  Then it
-    starts ``rpc upgrade`` on every started machine (``select_machines``),
-    ``max_concurrency`` at a time, printing a line per machine as it finishes
-    and a summary to ``out``.  The lock is released in every case, Ctrl-C too.
-
-    The phases, in order: preflight (nothing changed yet), lock, pack and
-    upload (a stored tarball, nothing live), record in ``current.json`` -- the
-    point of no return: a machine that boots from then on applies the
-    release -- start the upgrade on every machine, collect the results,
-    release the lock.
+    skipped when the same content is already stored) -- or, with ``rollback``,
+    takes the earlier history entry ``rollback_to`` (default: the previous one)
+    instead of packing.  The phases are ``FLEET_PHASES``: phase 1 runs ``rpc
+    prepare`` on every started machine (``select_machines``), which stages the
+    release and has every process prepare it, touching nothing live; when any
+    machine refuses, fails or cannot be reached (unless ``allow_missing``),
+    every staged file is discarded, ``current.json`` is left as it was and the
+    report says who refused and why.  Otherwise ``current.json`` records the
+    release (the point of no return) and phase 2 runs ``rpc apply``: first on
+    ``canary`` machines (``pick_canaries``), which then run it ``canary_wait``
+    seconds, then on the rest, ``max_concurrency`` at a time.  With
+    ``health_check`` each machine's apply ends with that HTTP check on itself
+    (``health_ports_for``).  A failed apply with ``on_failure`` ``rollback``
+    stops the machines not started yet and returns those that applied to the
+    previous release the same two-phase way (``rpc prepare/apply --revert``),
+    and ``current.json`` names the previous release again; with ``keep`` they
+    stay.  ``plan`` stops after phase 1 (the staged files are discarded) and
+    puts the plan in ``report.plan`` (``plan_document``), printed per process
+    group.  A line per machine and phase as it finishes, and a summary, go to
+    ``out``.  The lock is released in every case, Ctrl-C too.
 
     Before the lock is taken and anything is uploaded, a preflight execs
     ``rpc preflight`` on one started machine per process group
     (``PreflightError`` names each failure and its fix).  On the Machines API
-    (``api.runs_detached``) each upgrade runs detached on its machine and its
+    (``api.runs_detached``) each phase runs detached on its machine and its
     outcome is the result object it stores in ``releases/<app>-results/
-    <upgrade_id>/``: every exec stays short.  ``commands`` builds every
+    <upgrade_id>/<phase>/``: every exec stays short.  ``commands`` builds every
     machine-side command (default ``python3 /app/flydeploy.py``).
 
     ``store`` defaults to ``S3.from_env()``; ``api`` to the Machines API with
@@ -4312,6 +4809,8 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
     have copied it, and the release says it came from that tree; ``image_ref``
     is then the image the machines run).
     """
+    if on_failure not in _CHOICES["on_failure"]:
+        raise ConfigError(f"on_failure must be one of {', '.join(_CHOICES['on_failure'])}, got {on_failure!r}")
     out = out or sys.stdout
     store = store if store is not None else S3.from_env()
     clients = [(api, "the given token")] if api is not None else _machines_from_env(app)
@@ -4347,8 +4846,7 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
                                              exclude=exclude, rollback=rollback, rollback_to=rollback_to, say=say,
                                              local_tree=local_tree)
             entry["process_groups"] = list(process_groups) or None
-            record_hot_upgrade(store, app, entry, image_ref=images.pop() if len(images) == 1 else None)
-            # Listed again: a machine that started meanwhile read the old record.
+            current = read_current(store, app)[0]
             selection = select_machines(api.list(), self_id=self_id, process_groups=process_groups)
             report = FleetReport(app, entry["version"], entry["sha256"], entry["tarball_url"], uploaded,
                                  upgrade_id, [], list(selection.pending), list(selection.skipped))
@@ -4357,28 +4855,143 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
                     f"{pending_note(machine.get('state') or '')}")
             for machine, reason in selection.skipped:
                 say(f"· {machine.get('id')} ({machine.get('region', '?')}) {reason}")
-            say(f"Upgrading {_plural(len(selection.targets), 'machine')} to {entry['version']}, "
-                f"{max_concurrency} at a time")
-            detached = bool(getattr(api, "runs_detached", False))
-            argv = commands.rpc("upgrade", app, "--url", entry["tarball_url"], "--sha256", entry["sha256"],
-                                "--suspend-timeout", f"{suspend_timeout:g}", "--upgrade-id", upgrade_id,
-                                *(["--detach", "--wait", f"{min(timeout, _DETACHED_WAIT_S):g}"] if detached else []))
+            fleet = _Fleet(api, store, app, commands, timeout=timeout, max_concurrency=max_concurrency, say=say)
+            release = ["--url", entry["tarball_url"], "--sha256", entry["sha256"]]
 
-            def finished(outcome: MachineOutcome) -> None:
-                report.outcomes.append(outcome)
-                say(outcome.line())
-
-            # The machines the preflight just exec'd on go last: their next exec waits for the
-            # API's pacing of one a second per machine, while the others' go at once.
+            # PREPARE.  The machines the preflight just exec'd on go last: their next exec waits
+            # for the API's pacing of one a second per machine, while the others' go at once.
             targets = sorted(selection.targets, key=lambda machine: machine["id"] in checked)
-            board = _ResultBoard(store, results_prefix(app, upgrade_id)) if detached else None
-            _upgrade_machines(api, targets, argv, timeout=timeout, max_concurrency=max_concurrency,
-                              commands=commands, board=board, on_outcome=finished)
+            expiry = prepare_expiry_s(len(targets), timeout=timeout, max_concurrency=max_concurrency,
+                                      canary_wait=canary_wait or 0)
+            expires = ["--expires-in", f"{expiry:g}"]
+            say(f"Phase 1: preparing {entry['version']} on {_plural(len(targets), 'machine')}, "
+                f"{max_concurrency} at a time; nothing live changes")
+            began = time.monotonic()
+            report.prepared = fleet.run("prepare", targets, upgrade_id, lambda m: release + expires, prepare_line)
+            report.prepare_s = time.monotonic() - began
+            # JUDGE.
+            report.verdict = judge_prepare(report.prepared, allow_missing=allow_missing)
+            for line in report.verdict.notes():
+                say(line)
+            if plan or not report.verdict.go:
+                fleet.discard(to_discard(report.prepared), upgrade_id)
+                if plan:
+                    report.planned = True
+                    report.plan = plan_document(report, targets)
+                    for line in plan_lines(report.plan):
+                        say(line)
+                report.duration_s = time.monotonic() - started
+                say(report.summary())
+                return report
+            # RECORD: the point of no return.
+            record_hot_upgrade(store, app, entry, image_ref=images.pop() if len(images) == 1 else None)
+            report.previous = {m["id"]: _previous_version(current, m) for m in selection.targets}
+            # Listed again: a machine that started meanwhile read the old record and prepared
+            # nothing; its apply runs the whole upgrade.
+            ready = {o.machine_id for o in report.verdict.ready}
+            prepared = {o.machine_id for o in report.prepared}
+            late = [m for m in select_machines(api.list(), self_id=self_id, process_groups=process_groups).targets
+                    if m["id"] not in prepared]
+            report.previous.update({m["id"]: _previous_version(current, m) for m in late})
+            # In the order they became ready: the API's pacing of one exec a second per machine
+            # lets the first to have prepared apply first.
+            order = {o.machine_id: index for index, o in enumerate(report.prepared)}
+            apply_targets = sorted((m for m in targets if m["id"] in ready), key=lambda m: order[m["id"]]) + late
+            _apply_fleet(fleet, report, apply_targets, release=release, upgrade_id=upgrade_id, canary=canary or 0,
+                         canary_wait=canary_wait or 0.0, on_failure=on_failure,
+                         health=(health_check, tuple(health_ports), health_timeout),
+                         suspend_timeout=suspend_timeout)
+            if report.failed and on_failure == "rollback":
+                _revert_fleet(fleet, report, apply_targets, entry, suspend_timeout=suspend_timeout,
+                              expires=expires)
             report.duration_s = time.monotonic() - started
             say(report.summary())
             return report
     finally:
         lock.release()
+
+
+def _apply_fleet(fleet: _Fleet, report: FleetReport, machines: Sequence[Mapping[str, Any]], *,
+                 release: list[str], upgrade_id: str, canary: int, canary_wait: float, on_failure: str,
+                 health: tuple[str | None, tuple[int, ...], float], suspend_timeout: float) -> None:
+    """Phase 2: ``rpc apply`` on the canaries, then (when they took it and ran it
+    ``canary_wait`` seconds) on the rest; with ``on_failure`` ``rollback`` a failure
+    stops the machines not started yet."""
+    path, ports, health_timeout = health
+
+    def args(machine: Mapping[str, Any]) -> list[str]:
+        checks = ["--health-check", path, "--health-timeout", f"{health_timeout:g}",
+                  *[word for port in health_ports_for(machine, ports) for word in ("--health-port", str(port))]]
+        return [*release, "--suspend-timeout", f"{suspend_timeout:g}", *(checks if path else [])]
+
+    def settle(machine: Mapping[str, Any], outcome: MachineOutcome) -> MachineOutcome | None:
+        # Not reached because it stopped or suspended since phase 1 (Fly's proxy stops idle
+        # machines): no failure, it boots on the release current.json names.
+        if outcome.answered:
+            return outcome
+        state = next((m.get("state") for m in fleet.api.list() if m.get("id") == machine["id"]), None)
+        if state not in _PENDING_STATES:
+            return outcome
+        report.pending.append({**machine, "state": state})
+        fleet.say(f"· {machine['id']} ({machine.get('region', '?')}) {state} since phase 1: {pending_note(state)}")
+        return None
+
+    canaries = pick_canaries(machines, canary)
+    chosen = {m["id"] for m in canaries}
+    rest = [m for m in machines if m["id"] not in chosen]
+    began = time.monotonic()
+    if canaries:
+        fleet.say(f"Phase 2: applying {report.version} to {_plural(len(canaries), 'canary', 'canaries')} first: "
+                  + ", ".join(f"{m['id']} ({m.get('region', '?')}, {machine_group(m) or '-'})" for m in canaries))
+        report.outcomes += fleet.run("apply", canaries, upgrade_id, args, MachineOutcome.line, settle=settle)
+        if canary_wait and not report.failed:
+            fleet.say(f"canaries took it; watching them {canary_wait:g} s before the rest")
+            waited = time.monotonic()
+            time.sleep(canary_wait)
+            began += time.monotonic() - waited
+            # Still there after the wait: every process alive, its agent answering.
+            alive = fleet.short("ping", [m["id"] for m in canaries])
+            report.outcomes = [dataclasses.replace(o, ok=False, error=f"after the canary wait: {alive[o.machine_id]}")
+                               if alive.get(o.machine_id) else o for o in report.outcomes]
+            for outcome in report.failed:
+                fleet.say(outcome.line())
+        if report.failed:
+            report.apply_s = time.monotonic() - began
+            fleet.say(f"a canary failed: the other {_plural(len(rest), 'machine')} did not change")
+            return
+    fleet.say(f"Phase 2: applying {report.version} to {_plural(len(rest), 'machine')}"
+              + (" more" if canaries else "") + f", {fleet.max_concurrency} at a time")
+    report.outcomes += fleet.run("apply", rest, upgrade_id, args, MachineOutcome.line,
+                                 stop_after_failure=on_failure == "rollback", settle=settle)
+    report.apply_s = time.monotonic() - began
+    slowest = max((o.elapsed_s for o in report.outcomes), default=0.0)
+    fleet.say(f"Phase 2 took {report.apply_s:.2f} s fleet-wide; the slowest machine {slowest:.2f} s")
+    untouched = len(machines) - len(report.outcomes) - sum(1 for m in report.pending if m["id"] in
+                                                           {machine["id"] for machine in machines})
+    if untouched:
+        fleet.say(f"{_plural(untouched, 'machine')} not started after the failure: unchanged")
+
+
+def _revert_fleet(fleet: _Fleet, report: FleetReport, machines: Sequence[Mapping[str, Any]],
+                  entry: Mapping[str, Any], *, suspend_timeout: float, expires: list[str]) -> None:
+    """``--on-failure rollback``: the machines that applied go back to what they ran
+    before, prepared then applied (``--revert``), and ``current.json`` names the
+    previous release again."""
+    back = set(to_revert(report.outcomes))
+    targets = [m for m in machines if m["id"] in back]
+    run_id = report.upgrade_id + _REVERT_SUFFIX
+    fleet.say(f"Rolling back: {_plural(len(targets), 'machine')} to the previous release "
+              "(every machine that applied, the same two phases)")
+    revert = ["--revert", report.upgrade_id]
+    prepared = fleet.run("prepare", targets, run_id, lambda m: revert + expires, lambda o: "↩ " + prepare_line(o))
+    ready = {o.machine_id for o in prepared if o.ok}
+    report.reverted = [o for o in prepared if not o.ok]
+    report.reverted += fleet.run("apply", [m for m in targets if m["id"] in ready], run_id,
+                                 lambda m: [*revert, "--suspend-timeout", f"{suspend_timeout:g}"],
+                                 lambda o: "↩ " + o.line())
+    update_current(fleet.store, fleet.app, lambda doc: withdraw_hot_upgrade(doc or {}, entry))
+    report.rolled_back = True
+    fleet.say("current.json names the previous release again")
 
 
 def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
@@ -4514,6 +5127,25 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long a server may take to reach a safe point (default 10)")
     parser.add_argument("--process-group", action="append", dest="process_groups", metavar="G",
                         help="only machines of this process group (repeatable)")
+    parser.add_argument("--canary", type=_number_argument("count"), metavar="N",
+                        help="apply to N machines first (spread across regions and process groups), check "
+                             "them, then the rest")
+    parser.add_argument("--canary-wait", type=_number_argument("seconds"), metavar="S",
+                        help="with --canary: how long the canaries run the release before the rest take it")
+    parser.add_argument("--on-failure", choices=_CHOICES["on_failure"],
+                        help="when a machine fails to apply: put every machine back on the previous release "
+                             "(rollback, the default) or leave them as they are (keep)")
+    parser.add_argument("--allow-missing", action="store_true", default=None,
+                        help="a machine that cannot be reached before the apply catches up at its next boot "
+                             "instead of stopping the upgrade")
+    parser.add_argument("--health-check", type=_checked_argument(_url_path_problem), metavar="PATH",
+                        help="after the apply, GET http://127.0.0.1:<port>PATH on each machine must answer 2xx")
+    parser.add_argument("--health-port", type=_checked_argument(_port_problem, int), action="append",
+                        dest="health_ports", metavar="P",
+                        help="with --health-check: the port to check (repeatable; default: the internal "
+                             "ports of the machine's services)")
+    parser.add_argument("--health-timeout", type=_number_argument("seconds"), metavar="S",
+                        help="with --health-check: how long each check may take, in seconds (default 5)")
 
 
 def fleet_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -4543,6 +5175,10 @@ def _add_orchestrate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--app-dir", help="where the app and flydeploy.py are on the machines (default /app)")
     parser.add_argument("--upgrade-id", type=_upgrade_id,
                         help="this run's id: the lock's deployment id and the folder of the results")
+    parser.add_argument("--plan", action="store_true",
+                        help="phase 1 only: print what the release would do on every machine, apply nothing")
+    parser.add_argument("--json", action="store_true",
+                        help=f"with --plan: the plan as JSON on a line of its own, after `{ORCHESTRATOR_MARKER} plan`")
     parser.set_defaults(handler=_orchestrate_command)
 
 
@@ -4560,9 +5196,14 @@ def _orchestrate_command(args: argparse.Namespace) -> int:
         config = load_config(args.root, overrides=fleet_overrides(args))
         app = config.require_app()
         options = config.orchestrate_options()
+        if args.json and not args.plan:
+            raise ConfigError("--json goes with --plan")
         report = orchestrate(app, args.image_ref, store=config.s3(),
                              version=args.version, rollback=args.rollback, rollback_to=args.to,
-                             force=args.force, owner=args.owner, upgrade_id=args.upgrade_id, **options)
+                             force=args.force, owner=args.owner, upgrade_id=args.upgrade_id, plan=args.plan,
+                             **options)
+        if args.json:
+            print(f"{ORCHESTRATOR_MARKER} plan {json.dumps(report.plan, sort_keys=True)}", flush=True)
         code = report.exit_code
     except PreflightError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -5861,6 +6502,12 @@ def modified_modules() -> list[str]:
     Compares content hashes, never modification times; a deleted file is not
     reported (there is nothing to load).  Names are sorted.
     """
+    return _modified_modules({})
+
+
+def _modified_modules(staged: Mapping[str, str]) -> list[str]:
+    """``modified_modules`` with each file of ``staged`` (resolved path -> the
+    path of the content it will have) read where it is staged."""
     changed = []
     for name in sorted(_tracker.loaded):
         record = _tracker.record_for(name)
@@ -5870,12 +6517,17 @@ def modified_modules() -> list[str]:
                     _tracker.loaded.pop(name, None)
             continue
         try:
-            data = _read_bytes(record.path)
+            data = _read_bytes(_staged_path(staged, record.path))
         except OSError:
             continue
         if _sha256(data) != record.digest:
             changed.append(name)
     return changed
+
+
+def _staged_path(staged: Mapping[str, str], path: str) -> str:
+    """Where the content ``path`` will have is read from: staged beside it, or the file itself."""
+    return staged.get(os.path.realpath(path), path) if staged else path
 
 
 # --- Plan: analysis of old and new source -----------------------------------
@@ -6443,16 +7095,18 @@ def _syntax_refusal(exc: SyntaxError, path: str, module: str) -> UpgradeRefused:
                           module=module)
 
 
-def _plan_module(name: str, *, again: bool = False) -> _ModulePlan:
+def _plan_module(name: str, *, again: bool = False, staged: Mapping[str, str] = {}) -> _ModulePlan:
     """Read, parse and check one module's new source (``again``: run the
-    source it runs now once more); raises UpgradeRefused."""
+    source it runs now once more; ``staged``: read it where it is staged,
+    as ``_modified_modules``); raises UpgradeRefused."""
     module = sys.modules.get(name)
     record = _tracker.record_for(name)
     if module is None or record is None:
         raise FlyDeployError(f"module {name!r} is not a tracked, imported module; "
                              "import it and call flydeploy.track(<source root>) first")
     try:
-        source = record.source if again and record.source is not None else _read_bytes(record.path)
+        source = (record.source if again and record.source is not None
+                  else _read_bytes(_staged_path(staged, record.path)))
     except OSError as exc:
         raise UpgradeRefused(f"cannot read {record.path} for module {name}: {exc.strerror}; "
                              "restore the file or leave the module out", module=name) from None
@@ -8328,18 +8982,24 @@ def _register_callback(callbacks: list, callback: Callable, remove: bool, what: 
     return callback
 
 
-def _prepare(names: list[str]) -> list[_ModulePlan]:
+def _prepare(names: list[str], *, staged: Mapping[str, str] = {},
+             added: Mapping[str, str] = {}) -> list[_ModulePlan]:
     """The prepare phase: plans for every module in import order, touching nothing live
     (modules outside the application that the new code imports for the first
-    time are imported here, so the pause reads no files)."""
+    time are imported here, so the pause reads no files).  ``staged`` and
+    ``added`` (module name -> the path of a module the release adds) plan
+    files not yet published (``plan_upgrade``)."""
     plans = {}
     for name in dict.fromkeys(names):
         with _analysing(name):
-            plans[name] = _plan_module(name)
+            plans[name] = _plan_module(name, staged=staged)
     importlib.invalidate_caches()  # modules added next to the changed ones
     search_paths: dict[str, list[str]] = {}
     for name in sorted(set().union(*(plan.imports for plan in plans.values()))):
-        _prepare_import(name, search_paths)
+        if name in added:
+            _compile_staged(name, added[name], staged)
+        else:
+            _prepare_import(name, search_paths, staged)
     for plan in _import_order(plans):
         with _analysing(plan.name):
             _rewrite(plan, plans)
@@ -8349,10 +9009,23 @@ def _prepare(names: list[str]) -> list[_ModulePlan]:
     return _import_order(plans)
 
 
-def _prepare_import(name: str, search_paths: dict[str, list[str]]) -> None:
+def _compile_staged(name: str, origin: str, staged: Mapping[str, str]) -> None:
+    """Compile the staged source of module ``name`` (to be published at ``origin``); a syntax
+    error refuses the upgrade.  No bytecode is cached: nothing is published yet."""
+    try:
+        compile(_read_bytes(_staged_path(staged, origin)), origin, "exec", dont_inherit=True)
+    except OSError as exc:
+        raise UpgradeRefused(f"cannot read the staged {origin} for module {name}: {exc.strerror}; "
+                             "stage the release again", module=name) from None
+    except SyntaxError as exc:
+        raise _syntax_refusal(exc, origin, name) from None
+
+
+def _prepare_import(name: str, search_paths: dict[str, list[str]], staged: Mapping[str, str] = {}) -> None:
     """Ready a module the new code imports for the first time: an
     application module is read and compiled (a syntax error refuses the
-    upgrade), any other module is imported now."""
+    upgrade), any other module is imported now.  A file of ``staged`` is
+    only compiled, from where it is staged: no bytecode is cached for it."""
     parent = name.rpartition(".")[0]
     if name in sys.modules:
         return
@@ -8371,7 +9044,9 @@ def _prepare_import(name: str, search_paths: dict[str, list[str]]) -> None:
     if origin is not None and _tracker.covers(name, origin):
         if spec.submodule_search_locations is not None:
             search_paths[name] = list(spec.submodule_search_locations)
-        if origin.endswith(".py"):
+        if origin.endswith(".py") and _staged_path(staged, origin) != origin:
+            _compile_staged(name, origin, staged)
+        elif origin.endswith(".py"):
             try:
                 source = _read_bytes(origin)
                 _prepared_imports[origin] = (source, _code_from_source(origin, source))
@@ -8496,6 +9171,125 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
             except Exception:
                 log.exception("flydeploy: on_upgrade callback %r failed", callback)
     return report
+
+
+@dataclasses.dataclass
+class PlannedCodeChange:
+    """A live server whose state goes through ``code_change`` when the plan is applied."""
+
+    server: str
+    vsn_old: Any
+    vsn_new: Any
+
+
+@dataclasses.dataclass
+class UpgradePlan:
+    """What applying a release would do in this process (``plan_upgrade``).
+
+    ``modules_changed`` are the modules that run again (changed, and those
+    importing what changed), ``modules_added`` the application modules the
+    release adds, ``code_change`` the servers migrated with their ``vsn``
+    before and after, ``refused`` why the release cannot be applied hot
+    (None when it can).
+    """
+
+    modules_changed: list[str] = dataclasses.field(default_factory=list)
+    modules_added: list[str] = dataclasses.field(default_factory=list)
+    code_change: list[PlannedCodeChange] = dataclasses.field(default_factory=list)
+    refused: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """The plan as JSON-ready values."""
+        return dataclasses.asdict(self)
+
+
+def plan_upgrade(staged: Mapping[str, str] | None = None) -> UpgradePlan:
+    """The prepare phase of ``reload_modules`` alone, on files not yet published.
+
+    ``staged`` maps the path of each file a release changes (or adds) to
+    where its new content waits (written beside it, unpublished); the other
+    files are read where they are.  Reads, parses, compiles and plans every
+    module that would change, with the refusals that say "cold deploy
+    required", and changes nothing of the app: no module, no server, no file
+    (no bytecode is cached).  As in ``reload_modules``, a library module
+    (outside the app) that the new code imports for the first time is
+    imported here.  A refusal is a value (``UpgradePlan.refused``): this
+    never raises for the app's code, only on misuse (a call from code an
+    upgrade runs).
+    """
+    if _upgrading_thread == threading.get_ident():
+        raise FlyDeployError("plan_upgrade() was called from code an upgrade runs; call it from outside")
+    staged = {os.path.realpath(os.fspath(path)): os.fspath(where) for path, where in (staged or {}).items()}
+    plan = UpgradePlan()
+    with _upgrade_lock:
+        try:
+            added = _added_modules(staged)
+            plan.modules_added = sorted(added)
+            plans = {module.name: module for module in _prepare(_modified_modules(staged), staged=staged,
+                                                                  added=added)}
+            plan.modules_changed = list(plans)
+            changed = set(plans)
+            plan.code_change = [PlannedCodeChange(_server_label(server), _json_ready(getattr(server, "vsn", None)),
+                                                  _json_ready(_new_vsn(type(server), plans)))
+                                for server in servers()
+                                if any(cls.__module__ in changed for cls in type(server).__mro__)]
+        except FlyDeployError as exc:
+            plan.refused = str(exc)
+        except Exception as exc:  # an object of the app no rule foresaw: still a value
+            plan.refused = (f"planning failed ({type(exc).__name__}: {exc}); nothing was changed: deploy this "
+                            "release cold and report the error")
+        finally:
+            _prepared_imports.clear()
+    return plan
+
+
+def _added_modules(staged: Mapping[str, str]) -> dict[str, str]:
+    """The application modules that ``staged`` adds (files that do not exist yet): name -> path."""
+    added = {}
+    for path in staged:
+        for root in _tracker.roots:
+            name = _module_name(os.path.relpath(path, root).split(os.sep)) if _is_under(path, root) else None
+            if name and name not in sys.modules and not os.path.lexists(path) and _tracker.covers(name, path):
+                added[name] = path
+    return added
+
+
+def _new_vsn(cls: type, plans: Mapping[str, _ModulePlan]) -> Any:
+    """The ``vsn`` that instances of ``cls`` have once ``plans`` ran: assigned in a class body
+    of its new source (a literal, else the expression's text), else inherited."""
+    for klass in cls.__mro__:
+        plan = plans.get(klass.__module__)
+        if plan is None:
+            if "vsn" in vars(klass):
+                return vars(klass)["vsn"]
+            continue
+        value = _assigned_in_class(plan.tree.body, klass.__qualname__.split("."), "vsn")
+        if value is not _MISSING:
+            return value
+    return None
+
+
+def _assigned_in_class(body: list[ast.stmt], qualname: list[str], name: str) -> Any:
+    """The value last assigned to ``name`` in the body of class ``qualname`` of a source."""
+    for statement in body:
+        if isinstance(statement, ast.ClassDef) and statement.name == qualname[0]:
+            if len(qualname) > 1:
+                return _assigned_in_class(statement.body, qualname[1:], name)
+            value: Any = _MISSING
+            for item in statement.body:
+                targets = (item.targets if isinstance(item, ast.Assign)
+                           else [item.target] if isinstance(item, ast.AnnAssign) and item.value else [])
+                if any(isinstance(target, ast.Name) and target.id == name for target in targets):
+                    try:
+                        value = ast.literal_eval(item.value)
+                    except ValueError:
+                        value = ast.unparse(item.value)
+            return value
+    return _MISSING
+
+
+def _json_ready(value: Any) -> Any:
+    return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
 
 
 @contextlib.contextmanager
@@ -9768,7 +10562,14 @@ def _dispatch(agent: Agent, request: dict) -> dict:
                              kwargs={"wait": _LOCK_TIMEOUT, "check_files": True}, daemon=True,
                              name="flydeploy-follow-disk").start()
         return {"ok": bool(report["ok"]), "pid": os.getpid(), "name": _process_name(), "report": report}
-    raise AgentError(f"unknown op {op!r}; the agent answers ping, info, locate and apply")
+    if op == "prepare":
+        files = request.get("files")
+        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            raise AgentError('malformed prepare request: "files" must map each changed path to its staged copy')
+        plan = plan_upgrade(files)
+        return {"ok": plan.refused is None, "pid": os.getpid(), "name": _process_name(), "error": plan.refused,
+                "plan": plan.to_dict()}
+    raise AgentError(f"unknown op {op!r}; the agent answers ping, info, locate, prepare and apply")
 
 
 def _agent_before_fork() -> None:
@@ -10007,8 +10808,10 @@ def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | N
 
 # --- Per-machine upgrade ----------------------------------------------------
 #
-# The phases of one machine's upgrade, in order; ``_upgrade_machine`` runs them
-# all, and a fleet upgrade that first stages everywhere splits after STAGE.
+# The phases of one machine's upgrade, in order (``MACHINE_PHASES``).  ``rpc
+# upgrade`` runs them all but PREPARE and CHECK in one go (``_upgrade_machine``);
+# a fleet upgrade runs them in two: ``rpc prepare`` up to PREPARE on every
+# machine, then ``rpc apply`` the rest (``prepare_release``, ``apply_release``).
 #
 #   DOWNLOAD  download, verify and unpack the release into this run's work
 #             area in the runtime directory (``_download_release``).  Nothing
@@ -10017,6 +10820,14 @@ def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | N
 #             path under the app root; every changed member is written beside
 #             it as a temporary file, listed in the journal first
 #             (``_stage_release``).  Nothing the app uses changes.
+#   PREPARE   every process plans the staged release (``plan_upgrade``: the
+#             modules that change, the refusals that say "cold deploy
+#             required") while the journal says ``prepared`` with the upgrade
+#             id, sha256 and ``expires_at``; what applying it replaces is
+#             copied aside, so the apply can be reverted later (``_keep_undo``).
+#             Nothing the app uses changes; a refusal discards the staging.
+#             The staging waits, unlocked, for PUBLISH, a discard, its expiry
+#             or a reboot (``_prepared_live``).
 #   PUBLISH   the staged files replace the live ones, each old file kept
 #             beside it, and the state file names the release
 #             (``_publish_staged``).
@@ -10025,15 +10836,22 @@ def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | N
 #   COMMIT    every process applied: the journal says so, which is the point
 #   or UNDO   of no return, and the old files are dropped (``_commit_staged``).
 #             Otherwise every file and the state file are put back and the
-#             processes follow the disk back (``_undo_published``).
+#             processes follow the disk back (``_undo_staged``).
+#   CHECK     with a health check: every process alive with its agent
+#             answering, and the app's ports answering 2xx on 127.0.0.1
+#             (``_health_check``).  A failure is reported; the release stays.
 #
 # A run that dies anywhere leaves its journal and work area behind; the run's
 # guardian process, the next ``rpc upgrade`` and ``startup_reapply_current``
 # replay a committed journal and undo any other (``_recover``) before anything
 # else, and remove the work areas of dead runs.
 
+MACHINE_PHASES = ("download", "stage", "prepare", "publish", "apply", "commit", "check")
+MACHINE_POINT_OF_NO_RETURN = "commit"
 RESULT_MARKER = "__FLYDEPLOY_RESULT__"
 _JOURNAL_FILE = "journal.json"
+# Journal phases in which nothing is published yet.
+_UNPUBLISHED = ("staging", "prepared")
 _WORK_AREA_PREFIX = "work-"
 _STAGED_SUFFIX = ".flydeploy-new"
 _KEPT_SUFFIX = ".flydeploy-old"
@@ -10246,7 +11064,7 @@ def _put_back_state(app: str, text: str | None) -> None:
 
 def _undo_files(journal: dict) -> None:
     """Put back every file a journal lists and remove what it added (each step repeatable)."""
-    published = journal.get("phase") != "staging"
+    published = journal.get("phase") not in _UNPUBLISHED
     for entry in reversed(journal.get("files") or []):
         dest = entry["dest"]
         with contextlib.suppress(FileNotFoundError):
@@ -10267,6 +11085,9 @@ def _commit_files(journal: dict) -> None:
         for suffix in (_KEPT_SUFFIX, _STAGED_SUFFIX):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(_beside(entry["dest"], suffix))
+    for directory in reversed(journal.get("remove_dirs") or []):  # a revert: those its upgrade made
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
 
 
 def _remove_dead_work_areas(app: str) -> None:
@@ -10279,14 +11100,19 @@ def _remove_dead_work_areas(app: str) -> None:
             shutil.rmtree(entry.path, ignore_errors=True)
 
 
-def _recover(app: str) -> dict | None:
+def _recover(app: str, *, keep_prepared: bool = False) -> dict | None:
     """Finish what a run that died left: a committed journal is replayed, any other undone,
-    with the state file put back; dead runs' work areas are removed.  Callers hold the
+    with the state file put back; dead runs' work areas are removed.  A prepared staging
+    is discarded too, unless ``keep_prepared`` and it is still live.  Callers hold the
     machine lock.  Returns the release the machine is back on when files were put back
     (``{}`` for the image's own code), else None."""
     _remove_dead_work_areas(app)
     journal = _load_journal(app)
     if journal is None:
+        return None
+    if journal.get("phase") == "prepared":
+        if not (keep_prepared and _prepared_live(journal)):
+            _discard_prepared(app, journal)
         return None
     if journal.get("phase") == "committed":
         _commit_files(journal)
@@ -10312,9 +11138,9 @@ def _previous_release(journal: dict) -> dict:
     return _release_of(state, state.get("image_ref")) if isinstance(state, dict) else {}
 
 
-def _recover_and_resync(app: str, *, exclude_pid: int | None = None) -> None:
+def _recover_and_resync(app: str, *, exclude_pid: int | None = None, keep_prepared: bool = False) -> None:
     """``_recover`` (callers hold the machine lock), then the processes follow the disk back."""
-    previous = _recover(app)
+    previous = _recover(app, keep_prepared=keep_prepared)
     if previous is not None:
         for entry in _apply_everywhere(app, previous, _DEFAULT_SUSPEND_TIMEOUT, exclude_pid=exclude_pid):
             if not (entry.get("reply") or {}).get("ok"):
@@ -10335,7 +11161,7 @@ def _start_guardian(app: str) -> int:
             while os.read(read, 1):
                 pass
             with _machine_lock(app):
-                _recover_and_resync(app)
+                _recover_and_resync(app, keep_prepared=True)
         except FlyDeployError as exc:
             log.error("flydeploy: recovering after the upgrade run failed: %s", exc)
         except BaseException:
@@ -10472,7 +11298,10 @@ def _publish_staged(staged: _Staged) -> None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(kept)
                 os.link(dest, kept, follow_symlinks=False)
-            os.replace(_beside(dest, _STAGED_SUFFIX), dest)
+            if entry.get("remove"):  # a revert: a file the reverted upgrade created
+                os.unlink(dest)
+            else:
+                os.replace(_beside(dest, _STAGED_SUFFIX), dest)
         for directory in sorted({os.path.dirname(entry["dest"]) for entry in journal["files"]}):
             _fsync_dir(directory)
     except OSError as exc:
@@ -10480,7 +11309,10 @@ def _publish_staged(staged: _Staged) -> None:
         raise AgentError(f"cannot write the release: {exc}; no file was changed. "
                          "Check the permissions and free space of the app directory.") from exc
     try:
-        _write_state(staged.app, staged.state)
+        if "state_after" in journal:  # a revert: the state file as it was before the reverted upgrade
+            _put_back_state(staged.app, journal["state_after"])
+        else:
+            _write_state(staged.app, staged.state)
         journal["phase"] = "published"
         _save_journal(staged.app, journal)
     except BaseException:
@@ -10491,7 +11323,7 @@ def _publish_staged(staged: _Staged) -> None:
 def _undo_staged(staged: _Staged) -> None:
     """Phase UNDO: every file and the state file as they were before; the journal gone."""
     _undo_files(staged.journal)
-    if staged.journal["phase"] != "staging":
+    if staged.journal["phase"] not in _UNPUBLISHED:
         _put_back_state(staged.app, staged.journal["state_before"])
     _drop_journal(staged.app)
 
@@ -10678,24 +11510,30 @@ def _upgrade_machine(app: str, store: Store, key: str, sha256: str | None, *, de
             staged = _stage_release(app, manifest, tree, digest, app_root=app_root, image_ref=image_ref,
                                     deployed_at=deployed_at, located=located)
             shutil.rmtree(area, ignore_errors=True)
-            _publish_staged(staged)
-            try:
-                entries = _apply_everywhere(app, staged.state, suspend_timeout, here=in_process)
-            except BaseException:
-                _undo_staged(staged)
-                raise
-            committed = all((entry.get("reply") or {}).get("ok") for entry in entries)
-            if committed:
-                _commit_staged(staged)
-            else:
-                _undo_staged(staged)
-                previous = _previous_release(staged.journal)
-                # Those that failed are back on their old code, or will follow the disk when done.
-                failed = {entry["pid"] for entry in entries if not (entry.get("reply") or {}).get("ok")}
-                back = _apply_everywhere(app, previous, suspend_timeout, here=in_process, skip=failed)
-                entries = _went_back(entries, back, staged.state["version"], previous)
+            return _publish_and_apply(staged, suspend_timeout, in_process=in_process)
     finally:
         shutil.rmtree(area, ignore_errors=True)
+
+
+def _publish_and_apply(staged: _Staged, suspend_timeout: float, *, in_process: bool = False) -> _MachineRun:
+    """Phases PUBLISH, APPLY and COMMIT or UNDO of a staged release (callers hold the machine lock)."""
+    app = staged.app
+    _publish_staged(staged)
+    try:
+        entries = _apply_everywhere(app, staged.state, suspend_timeout, here=in_process)
+    except BaseException:
+        _undo_staged(staged)
+        raise
+    committed = all((entry.get("reply") or {}).get("ok") for entry in entries)
+    if committed:
+        _commit_staged(staged)
+    else:
+        _undo_staged(staged)
+        previous = _previous_release(staged.journal)
+        # Those that failed are back on their old code, or will follow the disk when done.
+        failed = {entry["pid"] for entry in entries if not (entry.get("reply") or {}).get("ok")}
+        back = _apply_everywhere(app, previous, suspend_timeout, here=in_process, skip=failed)
+        entries = _went_back(entries, back, staged.state["version"], previous)
     log.info("flydeploy: %s %s: %s %d files, %d unchanged", app, staged.state["version"],
              "wrote" if committed else "put back", staged.written, staged.unchanged)
     for note in staged.notes:
@@ -10742,7 +11580,7 @@ def _machine_result(replies: list[dict], *, version: str | None, started: float,
                           "modules": report.get("modules") or [], "suspend_ms": report.get("suspend_ms"),
                           "rolled_back": report.get("rolled_back")})
     error = error or ("; ".join(failures) if failures else None)
-    return {"machine_id": os.environ.get("FLY_MACHINE_ID") or socket.gethostname(),
+    return {"machine_id": _machine_id(),
             "region": os.environ.get("FLY_REGION") or "", "status": "failed" if error else "completed",
             "success": error is None, "error": error, "modules_reloaded": len(modules),
             "module_names": sorted(modules), "processes_succeeded": len(succeeded),
@@ -10891,8 +11729,8 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
         raise ConfigError(f"suspend_timeout must be a positive number of seconds, not {suspend_timeout!r}")
     upgrade_id = _check_name("upgrade id", upgrade_id or (sha256 or "").lower() or _fresh_upgrade_id())
     started = time.monotonic()
-    run, error, key, guardian = None, None, None, None
-    try:
+    run, key, errors = None, None, []
+    with _reporting_failures(errors, tarball_url):
         owner = _acting_owner(app)
         if owner is not None:
             return _run_as(owner, functools.partial(hot_upgrade, tarball_url, app, sha256=sha256,
@@ -10900,9 +11738,9 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
                                                     store=store))
         store, key = _store_for_url(tarball_url, store)
         deployed_at = _recorded_deployed_at(store, app, key)
-        guardian = _start_guardian(app)
-        run = _upgrade_machine(app, store, key, sha256, deployed_at=deployed_at, suspend_timeout=suspend_timeout,
-                               in_process=False)
+        with _guarded(app):
+            run = _upgrade_machine(app, store, key, sha256, deployed_at=deployed_at,
+                                   suspend_timeout=suspend_timeout, in_process=False)
         if not run.entries:
             raise AgentError(f"no flydeploy agent of {app} runs on this machine, so no running process loaded "
                              f"{run.state['version']} (its files are written); the app must call "
@@ -10910,18 +11748,9 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
         if not run.committed:
             failures = [f"process {(e.get('reply') or {}).get('name') or e['pid']} failed: {_reply_error(e)}"
                         for e in run.entries if not (e.get("reply") or {}).get("ok")]
-            error = ("; ".join(failures) + f"; {run.state['version']} was taken off the disk again: every file and "
-                     "the state file are as before")
-    except FlyDeployError as exc:
-        error = str(exc)
-    except Exception as exc:  # whatever went wrong, the caller gets a result
-        log.error("flydeploy: unexpected error", exc_info=True)
-        error = f"unexpected error: {exc!r}"
-    finally:
-        if guardian is not None:
-            os.close(guardian)
-    if error is not None:
-        error = _scrub(error, tarball_url, os.environ.get("AWS_ENDPOINT_URL_S3"))
+            raise AgentError("; ".join(failures) + f"; {run.state['version']} was taken off the disk again: every "
+                             "file and the state file are as before")
+    error = errors[0] if errors else None
     result = _machine_result(run.entries if run else [], version=run.state["version"] if run else None,
                              started=started, error=error,
                              installed=run and {"files_written": run.written, "files_unchanged": run.unchanged})
@@ -10934,12 +11763,485 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
     return result
 
 
-def _store_result(store: Store, app: str, upgrade_id: str, result: dict) -> None:
-    key = f"{results_prefix(app, upgrade_id)}{result['machine_id']}.json"
+@contextlib.contextmanager
+def _reporting_failures(errors: list[str], url: str | None) -> Iterator[None]:
+    """Run the block of a machine-side command; its failure is appended to ``errors`` as a message
+    (credentials of ``url`` and of the endpoint masked), never raised: the caller gets a result."""
+    try:
+        yield
+    except FlyDeployError as exc:
+        errors.append(_scrub(str(exc), url, os.environ.get("AWS_ENDPOINT_URL_S3")))
+    except Exception as exc:  # whatever went wrong, the caller gets a result
+        log.error("flydeploy: unexpected error", exc_info=True)
+        errors.append(_scrub(f"unexpected error: {exc!r}", url, os.environ.get("AWS_ENDPOINT_URL_S3")))
+
+
+@contextlib.contextmanager
+def _guarded(app: str) -> Iterator[None]:
+    """Run the block's file work with a guardian (``_start_guardian``) that recovers what it leaves."""
+    guardian = _start_guardian(app)
+    try:
+        yield
+    finally:
+        os.close(guardian)
+
+
+def _store_result(store: Store, app: str, upgrade_id: str, result: Mapping[str, Any], phase: str = "") -> None:
+    """Store ``result`` at ``releases/<app>-results/<upgrade_id>/[<phase>/]<machine_id>.json``, best effort."""
+    key = f"{results_prefix(app, upgrade_id)}{phase + '/' if phase else ''}{result['machine_id']}.json"
     try:
         store.put(key, json.dumps(result, sort_keys=True).encode(), content_type="application/json")
     except Exception as exc:  # the result file is a convenience; the upgrade stands without it
         log.warning("flydeploy: could not store the result at %s: %s", key, exc)
+
+
+# --- Two phases: prepare, apply, discard, revert ------------------------------
+
+# How long a prepared staging waits for its apply unless ``--expires-in`` says.
+_DEFAULT_PREPARED_TTL = 600.0
+# How long one process may take to plan a release (read, parse, compile).
+_PREPARE_WAIT = 60.0
+_DEFAULT_HEALTH_TIMEOUT = 5.0
+_UNDO_PREFIX = "undo-"
+_UNDO_FILE = "undo.json"
+
+
+class ProcessPlan(TypedDict):
+    """One process's answer to a prepare: its plan (``UpgradePlan.to_dict()``) or why it has none."""
+
+    pid: int
+    name: str
+    ok: bool
+    error: str | None
+    plan: dict | None
+
+
+class PrepareResult(TypedDict):
+    """What ``rpc prepare`` reports for one machine (stored under ``<upgrade id>/prepare/``)."""
+
+    machine_id: str
+    region: str
+    status: str  # "ready" | "refused" | "failed"
+    success: bool
+    error: str | None
+    version: str | None
+    upgrade_id: str
+    expires_at: str | None
+    release_bytes: int
+    files_to_write: int
+    files_unchanged: int
+    processes: list[ProcessPlan]
+
+
+class HealthCheck(TypedDict):
+    """One port's answer to the health check's GET: its status, and why it failed if it did."""
+
+    port: int
+    status: int | None
+    error: str | None
+
+
+class HealthReport(TypedDict):
+    """The health check after an apply: ``ok`` when every process is alive and every port answered 2xx."""
+
+    ok: bool
+    checks: list[HealthCheck]
+    processes_alive: bool
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """What PREPARE did on this machine: the staging (discarded again unless ``error`` is None),
+    one ``_ask_agents`` entry per process, the tarball's size."""
+
+    staged: _Staged
+    entries: list[dict]
+    release_bytes: int
+    error: str | None = None
+
+
+def _prepared_live(journal: Mapping[str, Any]) -> bool:
+    """Whether a prepared staging still waits for its apply: not expired, and made since this boot."""
+    expires = _parse_time(journal.get("expires_at"))
+    return (journal.get("phase") == "prepared" and journal.get("boot_id") == _boot_id()
+            and expires is not None and expires > _utc_now())
+
+
+def _discard_prepared(app: str, journal: Mapping[str, Any]) -> None:
+    """Remove a prepared staging: its staged files, its journal, what it kept to undo (callers hold the lock)."""
+    _undo_files(dict(journal))
+    _drop_journal(app)
+    _remove_undo_areas(app, lambda upgrade_id: upgrade_id == journal.get("upgrade_id"))
+    log.info("flydeploy: discarded the staging of %s (%s)", journal.get("upgrade_id"), journal.get("version"))
+
+
+def _undo_area(app: str, upgrade_id: str) -> str:
+    return os.path.join(_work_dir(app), _UNDO_PREFIX + upgrade_id)
+
+
+def _remove_undo_areas(app: str, doomed: Callable[[str], bool]) -> None:
+    """Remove what was kept to undo the upgrades whose id is ``doomed``."""
+    for entry in os.scandir(_work_dir(app)):
+        if entry.name.startswith(_UNDO_PREFIX) and doomed(entry.name[len(_UNDO_PREFIX):]):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _keep_undo(staged: _Staged, upgrade_id: str, url: str | None) -> None:
+    """Copy aside what publishing ``staged`` replaces, with the state file before it, so that
+    ``--revert upgrade_id`` can put it back (the files it creates are listed, to be removed)."""
+    area = _undo_area(staged.app, upgrade_id)
+    shutil.rmtree(area, ignore_errors=True)
+    os.makedirs(os.path.join(area, "files"), 0o700)
+    files = []
+    for number, entry in enumerate(staged.journal["files"]):
+        kept = {"dest": entry["dest"], "copy": None, "sha256": None}
+        if entry["existed"]:
+            kept["copy"] = os.path.join("files", str(number))
+            shutil.copyfile(entry["dest"], os.path.join(area, kept["copy"]), follow_symlinks=False)
+            kept["sha256"] = _file_sha256(entry["dest"])
+        files.append(kept)
+    record = {"upgrade_id": upgrade_id, "url": url and _redact_url(url), "boot_id": _boot_id(),
+              "state_before": staged.journal["state_before"], "files": files, "dirs": staged.journal["dirs"]}
+    content = json.dumps(record, sort_keys=True).encode()
+    _write_atomically(os.path.join(area, _UNDO_FILE), lambda out: out.write(content), mode=0o600)
+
+
+def _load_undo(app: str, upgrade_id: str) -> dict:
+    """What ``_keep_undo`` kept for ``upgrade_id``; raises when this machine kept nothing for it."""
+    try:
+        with open(os.path.join(_undo_area(app, upgrade_id), _UNDO_FILE), "rb") as handle:
+            record = json.loads(handle.read())
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or record.get("boot_id") != _boot_id():
+        raise AgentError(f"nothing to revert {upgrade_id} with on this machine: it kept no record of that "
+                         "upgrade's apply since it booted (a restarted machine runs its image's code and catches "
+                         "up from current.json)")
+    return record
+
+
+def _stage_revert(app: str, undo: dict, *, app_root: str, revert: str) -> _Staged:
+    """Phase STAGE of a revert: what the apply of ``revert`` replaced, written beside each file again,
+    and what it created listed for removal; the state file as it was before it."""
+    entries, sources = [], []
+    for kept in undo["files"]:
+        dest = kept["dest"]
+        if not _is_under(dest, app_root):
+            raise AgentError(f"cannot revert {revert}: {dest} is outside the app root {app_root}; nothing was "
+                             "changed. Run the command in the app's directory, or set FLYDEPLOY_APP_ROOT.")
+        if kept["copy"] is None and os.path.lexists(dest):
+            entries.append({"dest": dest, "existed": True, "remove": True})
+        elif kept["copy"] is not None and _file_sha256(dest) != kept["sha256"]:
+            entries.append({"dest": dest, "existed": os.path.lexists(dest)})
+            sources.append((dest, os.path.join(_undo_area(app, revert), kept["copy"])))
+    state_after = undo.get("state_before")
+    try:
+        state = json.loads(state_after or "null") or {"version": None}
+    except ValueError:
+        state = {"version": None}
+    journal = {"version": state.get("version"), "app_root": app_root, "phase": "staging", "dirs": [],
+               "files": entries, "state_before": _state_text(app), "state_after": state_after,
+               "remove_dirs": undo.get("dirs") or []}
+    _save_journal(app, journal)
+    try:
+        for dest, source in sources:
+            current = os.stat(dest) if os.path.exists(dest) else os.stat(source)
+            _write_staged(source, _beside(dest, _STAGED_SUFFIX), stat.S_IMODE(current.st_mode),
+                          (current.st_uid, current.st_gid) if os.geteuid() == 0 else None)
+    except OSError as exc:
+        _undo_files(journal)
+        _drop_journal(app)
+        raise AgentError(f"cannot stage the revert of {revert}: {exc}; no file was changed. Check the "
+                         "permissions and free space of the app directory.") from exc
+    back_to = state.get("version") or "the image's own code"
+    return _Staged(app, state, journal, len(undo["files"]) - len(entries), [f"reverting {revert}: back to {back_to}"])
+
+
+def _prepare_request(journal: Mapping[str, Any]) -> dict:
+    """A prepare request: each changed file's path and where its new content is staged."""
+    return {"op": "prepare", "files": {entry["dest"]: _beside(entry["dest"], _STAGED_SUFFIX)
+                                       for entry in journal["files"] if not entry.get("remove")}}
+
+
+def _prepare_machine(app: str, *, store: Store | None, key: str | None, sha256: str | None, upgrade_id: str,
+                     expires_in: float, revert: str | None, url: str | None) -> _Prepared:
+    """Phases DOWNLOAD, STAGE and PREPARE (of the release at ``key``, or of the revert of
+    ``revert``): staged, journalled ``prepared``, planned by every process; discarded again
+    unless every process is ready.  Another upgrade's staging is discarded first, and what
+    was kept to undo upgrades other than this one and ``revert``."""
+    area = os.path.join(_work_dir(app), f"{_WORK_AREA_PREFIX}{os.getpid()}")
+    try:
+        shutil.rmtree(area, ignore_errors=True)
+        os.mkdir(area, 0o700)
+        manifest = tree = digest = None
+        release_bytes = 0
+        if revert is None:
+            log.info("flydeploy: downloading %s", key)
+            manifest, tree, digest = _download_release(store, key, area, sha256, app)
+            release_bytes = os.path.getsize(os.path.join(area, "release.tar.gz"))
+        with _machine_lock(app):
+            _recover_and_resync(app)
+            _remove_undo_areas(app, lambda other: other not in (upgrade_id, revert))
+            app_root = _machine_app_root(in_process=False)
+            if revert is None:
+                paths = sorted(manifest["files"])
+                located, image_ref = _locate_on_machine(app, paths, in_process=False, app_root=app_root)
+                staged = _stage_release(app, manifest, tree, digest, app_root=app_root, image_ref=image_ref,
+                                        deployed_at=None, located=located)
+            else:
+                staged = _stage_revert(app, _load_undo(app, revert), app_root=app_root, revert=revert)
+            shutil.rmtree(area, ignore_errors=True)
+            staged.journal.update(
+                phase="prepared", upgrade_id=upgrade_id, sha256=digest, revert=revert, boot_id=_boot_id(),
+                expires_at=_iso_utc(_utc_now() + datetime.timedelta(seconds=expires_in)),
+                state=staged.state, unchanged=staged.unchanged, notes=staged.notes)
+            try:
+                _keep_undo(staged, upgrade_id, url)
+                _save_journal(app, staged.journal)
+            except OSError as exc:
+                _discard_prepared(app, staged.journal)
+                raise AgentError(f"cannot keep what the apply would replace: {exc}; nothing was changed. "
+                                 "Check the free space of the runtime directory (FLYDEPLOY_RUNTIME_DIR).") from exc
+            entries = _ask_agents(app, _prepare_request(staged.journal), timeout=_PREPARE_WAIT)
+            error = _prepare_error(entries, staged.state.get("version"))
+            if error is not None:
+                _discard_prepared(app, staged.journal)
+            return _Prepared(staged, entries, release_bytes, error)
+    finally:
+        shutil.rmtree(area, ignore_errors=True)
+
+
+def _prepare_error(entries: list[dict], version: str | None) -> str | None:
+    """Why a machine is not ready for ``version`` after its processes answered ``entries``, if it is not."""
+    if not entries:
+        return (f"no flydeploy agent runs on this machine, so no running process could prepare {version}; the app "
+                "must call flydeploy.startup_reapply_current() at boot")
+    failures = [f"process {(entry.get('reply') or {}).get('name') or entry['pid']}: {_reply_error(entry)}"
+                for entry in entries if not (entry.get("reply") or {}).get("ok")]
+    return "; ".join(failures) or None
+
+
+def _prepare_result(prepared: _Prepared | None, *, upgrade_id: str, error: str | None) -> PrepareResult:
+    """The per-machine result of a prepare (``PrepareResult``)."""
+    staged = prepared.staged if prepared else None
+    processes: list[ProcessPlan] = []
+    refused = False
+    for entry in prepared.entries if prepared else []:
+        reply = entry.get("reply") or {}
+        plan = reply.get("plan") if isinstance(reply.get("plan"), dict) else None
+        refused = refused or bool(plan and plan.get("refused"))
+        processes.append({"pid": entry["pid"], "name": reply.get("name") or f"pid {entry['pid']}",
+                          "ok": bool(reply.get("ok")), "error": None if reply.get("ok") else _reply_error(entry),
+                          "plan": plan})
+    error = error or (prepared.error if prepared else None)
+    return {"machine_id": _machine_id(), "region": os.environ.get("FLY_REGION") or "",
+            "status": "ready" if error is None else "refused" if refused else "failed",
+            "success": error is None, "error": error, "version": staged.state.get("version") if staged else None,
+            "upgrade_id": upgrade_id, "expires_at": staged.journal["expires_at"] if staged and error is None else None,
+            "release_bytes": prepared.release_bytes if prepared else 0,
+            "files_to_write": staged.written if staged else 0, "files_unchanged": staged.unchanged if staged else 0,
+            "processes": processes}
+
+
+def _machine_id() -> str:
+    return os.environ.get("FLY_MACHINE_ID") or socket.gethostname()
+
+
+def _release_store(app: str, url: str | None, revert: str | None, store: Store | None) -> tuple[Store | None, str | None]:
+    """The store and key of a release URL; for a revert, the store of the reverted upgrade's release
+    (where the result is stored), if this machine kept it."""
+    if revert is not None:
+        with contextlib.suppress(FlyDeployError):
+            kept = _load_undo(app, revert).get("url")
+            if kept:
+                return _store_for_url(kept, store)[0], None
+        return store, None
+    return _store_for_url(url, store)
+
+
+def prepare_release(app: str, *, url: str | None = None, sha256: str | None = None, upgrade_id: str,
+                    expires_in: float = _DEFAULT_PREPARED_TTL, revert: str | None = None,
+                    store: Store | None = None) -> PrepareResult:
+    """Phase 1 of a two-phase upgrade on this machine: download and verify the release at ``url``
+    once (or, with ``revert``, take what this machine ran before the apply of that upgrade id),
+    stage its files beside theirs without publishing them, and have every process plan it
+    (``plan_upgrade``) against the staged files.  Nothing the app uses changes.
+
+    Unless every process is ready, the staging is discarded again before this returns
+    (status ``refused`` when a process refused the release, else ``failed``).  A ready
+    staging waits, with the machine unlocked, for ``apply_release`` of the same upgrade id,
+    ``discard_prepared``, ``expires_in`` seconds, or a reboot.  Returns the
+    ``PrepareResult``, also stored at ``releases/<app>-results/<upgrade_id>/prepare/``;
+    never raises for an operational failure.
+    """
+    _check_name("app", app)
+    _check_name("upgrade id", upgrade_id)
+    if (url is None) == (revert is None):
+        raise ConfigError("prepare needs the release's --url, or --revert UPGRADE_ID, not both")
+    if not _is_positive_seconds(expires_in):
+        raise ConfigError(f"expires_in must be a positive number of seconds, not {expires_in!r}")
+    prepared, errors = None, []
+    with _reporting_failures(errors, url):
+        owner = _acting_owner(app)
+        if owner is not None:
+            return _run_as(owner, functools.partial(prepare_release, app, url=url, sha256=sha256,
+                                                    upgrade_id=upgrade_id, expires_in=expires_in,
+                                                    revert=revert, store=store))
+        store, key = _release_store(app, url, revert, store)
+        with _guarded(app):
+            prepared = _prepare_machine(app, store=store, key=key, sha256=sha256, upgrade_id=upgrade_id,
+                                        expires_in=expires_in, revert=revert, url=url)
+    result = _prepare_result(prepared, upgrade_id=upgrade_id, error=errors[0] if errors else None)
+    for process in result["processes"]:
+        log.info("flydeploy: %s %s", process["name"], "ready" if process["ok"] else process["error"])
+    if store is not None:
+        _store_result(store, app, upgrade_id, result, "prepare")
+    return result
+
+
+def _prepared_for(journal: Mapping[str, Any] | None, upgrade_id: str, sha256: str | None,
+                  revert: str | None) -> bool:
+    """Whether ``journal`` is a live staging of this very apply: its upgrade id, release and revert."""
+    return (journal is not None and _prepared_live(journal) and journal.get("upgrade_id") == upgrade_id
+            and journal.get("revert") == revert
+            and (not sha256 or (journal.get("sha256") or "").lower() == sha256.lower()))
+
+
+def _apply_machine(app: str, *, store: Store | None, key: str | None, sha256: str | None, upgrade_id: str,
+                   revert: str | None, url: str | None, suspend_timeout: float) -> _MachineRun:
+    """Phases PUBLISH, APPLY and COMMIT or UNDO of this upgrade's prepared staging.  Without one
+    (the machine restarted between the phases, the staging expired or was discarded) the
+    phases before run first, so that the machine still ends on the release."""
+    deployed_at = _recorded_deployed_at(store, app, key) if key is not None else None
+    notes = []
+    for attempt in range(2):
+        with _machine_lock(app):
+            journal = _load_journal(app)
+            if _prepared_for(journal, upgrade_id, sha256, revert):
+                staged = _Staged(app, journal["state"], journal, journal["unchanged"], notes + journal["notes"])
+                if revert is None:
+                    staged.state["deployed_at"] = deployed_at
+                return _publish_and_apply(staged, suspend_timeout)
+        if attempt:
+            raise AgentError(f"the staging of {upgrade_id} was taken away while applying it; nothing was "
+                             "applied. Run the upgrade again.")
+        notes.append(f"no live staging of {upgrade_id} here (the machine restarted, or it expired or was "
+                     "discarded): preparing it first")
+        log.info("flydeploy: %s", notes[0])
+        prepared = _prepare_machine(app, store=store, key=key, sha256=sha256, upgrade_id=upgrade_id,
+                                    expires_in=_DEFAULT_PREPARED_TTL, revert=revert, url=url)
+        if prepared.error is not None:
+            return _MachineRun(prepared.staged.state, prepared.entries, False, 0, prepared.staged.unchanged,
+                               prepared.staged.notes)
+    raise AssertionError("unreachable")
+
+
+def _health_check(app: str, applied: Collection[int], *, path: str, ports: Sequence[int],
+                  timeout: float) -> HealthReport:
+    """Phase CHECK: every process that applied still alive with its agent answering, and a GET of
+    ``http://127.0.0.1:<port><path>`` answered 2xx within ``timeout`` for each of ``ports``."""
+    answering = {entry["pid"] for entry in _ask_agents(app, {"op": "ping"}, timeout=timeout)
+                 if (entry.get("reply") or {}).get("ok")}
+    alive = bool(answering) and set(applied) <= answering
+    checks = [_http_check(port, path, timeout) for port in ports]
+    return {"ok": alive and all(check["error"] is None for check in checks), "checks": checks,
+            "processes_alive": alive}
+
+
+def _http_check(port: int, path: str, timeout: float) -> HealthCheck:
+    target = f"http://127.0.0.1:{port}{path}"
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"User-Agent": f"flydeploy/{__version__} health check"})
+        response = conn.getresponse()
+        response.read(1 << 16)
+        status = response.status
+    except (OSError, http.client.HTTPException) as exc:
+        return {"port": port, "status": None, "error": f"GET {target} failed: {exc or type(exc).__name__}"}
+    finally:
+        conn.close()
+    return {"port": port, "status": status,
+            "error": None if 200 <= status < 300 else f"GET {target} answered {status}, not 2xx"}
+
+
+def _health_failure(health: HealthReport) -> str:
+    problems = [check["error"] for check in health["checks"] if check["error"]]
+    if not health["processes_alive"]:
+        problems.insert(0, "a process that applied the release is gone or its agent does not answer")
+    return "health check failed: " + "; ".join(problems) + " (the release stays on this machine)"
+
+
+def apply_release(app: str, *, url: str | None = None, sha256: str | None = None, upgrade_id: str,
+                  revert: str | None = None, suspend_timeout: float = _DEFAULT_SUSPEND_TIMEOUT,
+                  health_check: str | None = None, health_ports: Sequence[int] = (),
+                  health_timeout: float = _DEFAULT_HEALTH_TIMEOUT, store: Store | None = None) -> dict:
+    """Phase 2 of a two-phase upgrade on this machine: publish what ``prepare_release`` staged
+    for ``upgrade_id`` and have every process apply it, as ``hot_upgrade`` does after staging
+    (a process that fails puts every file back).  Without a live staging of it, the whole
+    upgrade runs here, so that the machine still ends on the release.  With ``health_check``
+    (a path), then the health check (``_health_check``): a failure makes the result
+    unsuccessful, with the reason, but the release stays (the orchestrator decides).
+
+    What the apply replaced stays kept on the machine, so that a later ``revert=upgrade_id``
+    puts back what ran before, even the image's own code.
+
+    Returns the per-machine result (``hot_upgrade``'s) plus ``applied`` (the machine runs the
+    release now) and ``health`` (a ``HealthReport``, or None); also stored at
+    ``releases/<app>-results/<upgrade_id>/apply/``.  Never raises for an operational failure.
+    """
+    _check_name("app", app)
+    _check_name("upgrade id", upgrade_id)
+    if (url is None) == (revert is None):
+        raise ConfigError("apply needs the release's --url, or --revert UPGRADE_ID, not both")
+    if not _is_positive_seconds(suspend_timeout) or not _is_positive_seconds(health_timeout):
+        raise ConfigError("suspend_timeout and health_timeout must be positive numbers of seconds")
+    if health_check is not None and not health_check.startswith("/"):
+        raise ConfigError(f"the health check path must start with /, not {health_check!r}")
+    started = time.monotonic()
+    run, health, errors = None, None, []
+    with _reporting_failures(errors, url):
+        owner = _acting_owner(app)
+        if owner is not None:
+            return _run_as(owner, functools.partial(
+                apply_release, app, url=url, sha256=sha256, upgrade_id=upgrade_id, revert=revert,
+                suspend_timeout=suspend_timeout, health_check=health_check, health_ports=health_ports,
+                health_timeout=health_timeout, store=store))
+        store, key = _release_store(app, url, revert, store)
+        with _guarded(app):
+            run = _apply_machine(app, store=store, key=key, sha256=sha256, upgrade_id=upgrade_id, revert=revert,
+                                 url=url, suspend_timeout=suspend_timeout)
+        if not run.entries:
+            raise AgentError(f"no flydeploy agent of {app} runs on this machine, so no running process loaded "
+                             f"{run.state.get('version')}; the app must call flydeploy.startup_reapply_current() "
+                             "at boot")
+        if run.committed and health_check is not None:
+            health = _health_check(app, [entry["pid"] for entry in run.entries], path=health_check,
+                                   ports=health_ports, timeout=health_timeout)
+            if not health["ok"]:
+                raise AgentError(_health_failure(health))
+    result = _machine_result(run.entries if run else [], version=run.state.get("version") if run else None,
+                             started=started, error=errors[0] if errors else None,
+                             installed=run and {"files_written": run.written, "files_unchanged": run.unchanged})
+    result.update(upgrade_id=upgrade_id, notes=run.notes if run else [], applied=bool(run and run.committed),
+                  health=health)
+    if store is not None:
+        _store_result(store, app, upgrade_id, result, "apply")
+    return result
+
+
+def discard_prepared(app: str, upgrade_id: str) -> str:
+    """Drop the staging of ``upgrade_id`` (its staged files, journal and undo record) if this
+    machine holds it; idempotent.  Returns what it did, in one line."""
+    _check_name("app", app)
+    _check_name("upgrade id", upgrade_id)
+    if _app_dir(app, create=False) is None:
+        return f"nothing staged for {upgrade_id} on this machine"
+    with _machine_lock(app):
+        journal = _load_journal(app)
+        if journal is None or journal.get("phase") != "prepared" or journal.get("upgrade_id") != upgrade_id:
+            return f"nothing staged for {upgrade_id} on this machine"
+        _discard_prepared(app, journal)
+    return f"discarded the staging of {upgrade_id} ({journal.get('version')}: {len(journal['files'])} files)"
 
 
 # --- Boot catch-up and poller -----------------------------------------------
@@ -11098,6 +12400,7 @@ class _Poller:
     def poll(self) -> None:
         """Check current.json once (a conditional GET: no body while it is unchanged) and catch up when needed."""
         self.polls += 1
+        _recover_left_work(self.app)
         got = read_current(self.store, self.app, if_none_match=self._etag)
         if got is None:
             return
@@ -11136,13 +12439,14 @@ def _outcome(status: str, *, error: str | None = None, version: str | None = Non
             "duration_ms": 0.0 if started is None else round((time.perf_counter() - started) * 1000, 3)}
 
 
-def _recover_at_boot(app: str) -> None:
-    """Before anything else at boot: what a stopped upgrade left on disk is finished or undone."""
+def _recover_left_work(app: str) -> None:
+    """Before anything else at boot, and at each poll: what a stopped upgrade left on disk is finished
+    or undone, and a prepared staging that expired or was made before the machine restarted is discarded."""
     try:
         directory = _app_dir(app, create=False)
         if directory is not None and os.path.exists(os.path.join(directory, _JOURNAL_FILE)):
             with _machine_lock(app, timeout=_SETTLE_WAIT):
-                _recover_and_resync(app, exclude_pid=os.getpid())
+                _recover_and_resync(app, exclude_pid=os.getpid(), keep_prepared=True)
     except FlyDeployError as exc:
         log.error("flydeploy: could not recover what a stopped upgrade of %s left: %s", app, exc)
 
@@ -11194,7 +12498,7 @@ def startup_reapply_current(app: str | None = None, *, poll_interval: float | No
         limit = limit or _DEFAULT_STARTUP_DEADLINE
         ends = time.monotonic() + limit
         app = _adopt_app(app)
-        _recover_at_boot(app)
+        _recover_left_work(app)
         if agent:
             try:
                 agent_path = start_agent(app).path
@@ -11408,36 +12712,74 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
     return 0
 
 
-def _rpc_upgrade(args: argparse.Namespace) -> int:
+def _run_machine_command(args: argparse.Namespace, run: Callable[[argparse.Namespace], int],
+                         work: Callable[[], Mapping[str, Any]], failed: Callable[[str], Mapping[str, Any]],
+                         success_line: Callable[[Mapping[str, Any]], str]) -> int:
+    """An ``rpc`` command that reports one result: detached with ``--detach`` (``run`` is the
+    command itself), else ``work()`` with its log on stdout, a line saying how it ended and the
+    result line.  ``failed(error)`` is the result of a run that raised unexpectedly."""
     if args.detach:
         if not args.upgrade_id:
-            raise ConfigError("rpc upgrade --detach needs --upgrade-id: the result object is found by it")
-        return _start_detached(args, _rpc_upgrade)
+            raise ConfigError(f"rpc {args.rpc_command} --detach needs --upgrade-id: the result object is found by it")
+        return _start_detached(args, run)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     level = log.level
     log.setLevel(logging.INFO)
-    started = time.monotonic()
     try:
-        result = hot_upgrade(args.url, args.app, sha256=args.sha256, suspend_timeout=args.suspend_timeout,
-                             upgrade_id=args.upgrade_id)
+        result = work()
     except ConfigError:
         raise  # bad usage: exit 2, no result
     except Exception as exc:  # the orchestrator still gets its one result line
         log.error("flydeploy: unexpected error", exc_info=True)
-        result = _machine_result([], version=None, started=started,
-                                 error=_scrub(f"unexpected error: {exc!r}", args.url))
+        result = failed(_scrub(f"unexpected error: {exc!r}", getattr(args, "url", None)))
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
-    if result["success"]:
-        print(f"upgraded {result['processes_succeeded']} processes to {result['version']}: "
-              f"{result['modules_reloaded']} modules, suspended {result['suspend_duration_ms']:.0f} ms")
-    else:
-        print(f"upgrade failed: {result['error']}")
+    print(success_line(result) if result["success"] else f"{args.rpc_command} failed: {result['error']}")
     print(f"{RESULT_MARKER}{json.dumps(result, sort_keys=True)}{RESULT_MARKER}", flush=True)
     return 0 if result["success"] else 1
+
+
+def _rpc_upgrade(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    return _run_machine_command(
+        args, _rpc_upgrade,
+        lambda: hot_upgrade(args.url, args.app, sha256=args.sha256, suspend_timeout=args.suspend_timeout,
+                            upgrade_id=args.upgrade_id),
+        lambda error: _machine_result([], version=None, started=started, error=error),
+        lambda result: (f"upgraded {result['processes_succeeded']} processes to {result['version']}: "
+                        f"{result['modules_reloaded']} modules, suspended {result['suspend_duration_ms']:.0f} ms"))
+
+
+def _rpc_prepare(args: argparse.Namespace) -> int:
+    return _run_machine_command(
+        args, _rpc_prepare,
+        lambda: prepare_release(args.app, url=args.url, sha256=args.sha256, upgrade_id=args.upgrade_id,
+                                expires_in=args.expires_in, revert=args.revert),
+        lambda error: _prepare_result(None, upgrade_id=args.upgrade_id, error=error),
+        lambda result: (f"prepared {result['version'] or 'the revert'} in {len(result['processes'])} processes: "
+                        f"{result['files_to_write']} files staged, until {result['expires_at']}"))
+
+
+def _rpc_apply(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    return _run_machine_command(
+        args, _rpc_apply,
+        lambda: apply_release(args.app, url=args.url, sha256=args.sha256, upgrade_id=args.upgrade_id,
+                              revert=args.revert, suspend_timeout=args.suspend_timeout,
+                              health_check=args.health_check, health_ports=args.health_port or (),
+                              health_timeout=args.health_timeout),
+        lambda error: {**_machine_result([], version=None, started=started, error=error),
+                       "upgrade_id": args.upgrade_id, "notes": [], "applied": False, "health": None},
+        lambda result: (f"applied {result['version'] or 'the revert'} in {result['processes_succeeded']} processes: "
+                        f"{result['modules_reloaded']} modules, suspended {result['suspend_duration_ms']:.0f} ms"))
+
+
+def _rpc_discard(args: argparse.Namespace) -> int:
+    print(discard_prepared(args.app, args.upgrade_id))
+    return 0
 
 
 def _release_url(text: str) -> str:
@@ -11477,6 +12819,41 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
                          help="with --detach: return when the upgrade ends, with its result line, or after "
                               "S seconds at most (then its result is only stored)")
     upgrade.set_defaults(handler=_rpc_upgrade)
+    phases = argparse.ArgumentParser(add_help=False, parents=[common])
+    release = phases.add_mutually_exclusive_group(required=True)
+    release.add_argument("--url", type=_release_url, help="URL of the release tarball (https:// or file://)")
+    release.add_argument("--revert", type=_upgrade_id, metavar="UPGRADE_ID",
+                         help="instead of a release: what this machine ran before the apply of UPGRADE_ID")
+    phases.add_argument("--sha256", help="expected sha256 of the tarball")
+    phases.add_argument("--upgrade-id", type=_upgrade_id, required=True,
+                        help="names the staging, the job and the results: releases/<app>-results/<upgrade-id>/")
+    phases.add_argument("--detach", action="store_true",
+                        help="run in the background and return at once; the result is stored (a second start "
+                             "of the same upgrade id starts nothing)")
+    phases.add_argument("--wait", type=_number_argument("seconds"), metavar="S",
+                        help="with --detach: return when it ends, with its result line, or after S seconds at most")
+    prepare = rpc_commands.add_parser("prepare", parents=[phases],
+                                      help="phase 1: stage a release and have every process plan it; nothing "
+                                           "live changes")
+    prepare.add_argument("--expires-in", type=_number_argument("seconds"), default=_DEFAULT_PREPARED_TTL,
+                         metavar="S", help="discard the staging if no apply comes within S seconds (default 600)")
+    prepare.set_defaults(handler=_rpc_prepare)
+    apply = rpc_commands.add_parser("apply", parents=[phases],
+                                    help="phase 2: publish the prepared release and apply it in every process")
+    apply.add_argument("--suspend-timeout", type=_number_argument("seconds"), default=_DEFAULT_SUSPEND_TIMEOUT,
+                       metavar="S", help="seconds servers may take to reach a safe point (default 10)")
+    apply.add_argument("--health-check", metavar="PATH",
+                       help="then GET http://127.0.0.1:<port>PATH on each --health-port: 2xx or the apply failed")
+    apply.add_argument("--health-port", type=_checked_argument(_port_problem, int), action="append",
+                       metavar="PORT",
+                       help="a port the app listens on, on 127.0.0.1 (repeatable)")
+    apply.add_argument("--health-timeout", type=_number_argument("seconds"), default=_DEFAULT_HEALTH_TIMEOUT,
+                       metavar="S", help="seconds each health check may take (default 5)")
+    apply.set_defaults(handler=_rpc_apply)
+    discard = rpc_commands.add_parser("discard", parents=[common],
+                                      help="drop the staging of an upgrade id, if this machine holds it")
+    discard.add_argument("--upgrade-id", type=_upgrade_id, required=True, help="the upgrade whose staging to drop")
+    discard.set_defaults(handler=_rpc_discard)
     preflight = rpc_commands.add_parser("preflight", parents=[common],
                                         help="print, as JSON, how this machine runs flydeploy and its agents")
     preflight.add_argument("--store", action="store_true",

@@ -22,11 +22,14 @@ machine from it through the Machines API whose main process is
 ``<python> -c <bootstrap> <app_dir> orchestrate`` (``MachineCommands``; destroyed when it exits; its
 output comes from ``fly logs``, its exit code from the machine's exit event).
 The orchestrator runs a preflight, packs the app, stores the release and
-starts ``rpc upgrade`` on every machine with short execs, collecting each
-machine's result object from S3.  Ctrl-C or SIGTERM stops and destroys it.
-Exit codes: 0 every machine took the upgrade, 1 a machine, the preflight (or
-the build) failed, 2 bad usage or settings, or the deploy lock is held, 130
-interrupted.  ``doctor`` checks everything ``hot`` needs.
+upgrades every machine in two phases (``flydeploy.FLEET_PHASES``: prepare
+everywhere, then apply, canaries first; a failure sends the fleet back) with
+short execs, collecting each machine's result objects from S3; ``hot --plan``
+stops after the first phase.  Ctrl-C or SIGTERM stops and destroys it.
+Exit codes: 0 every machine took the upgrade (or, with ``--plan``, would), 1 a
+machine refused or failed, or the preflight (or the build) failed, 2 bad usage
+or settings, or the deploy lock is held, 130 interrupted.  ``doctor`` checks
+everything ``hot`` needs.
 
 Standard library only; the work itself is done by ``flydeploy``.
 """
@@ -110,7 +113,7 @@ _IMAGE_LINE_RE = re.compile(r"^\s*image:\s*(\S+)")
 _LOG_LINE_RE = re.compile(r"^\S+\s+\S+\[[^\]]*\]\s+\S+\s+\[\w+\]\s?(?P<message>.*)$")
 # A new image not yet in the registry: the only create failure worth trying again.
 _PROPAGATION_RE = re.compile(r"manifest unknown|not found|no such image|failed to get manifest", re.IGNORECASE)
-_MARKER_RE = re.compile(re.escape(flydeploy.ORCHESTRATOR_MARKER) + r" (started|exit (\d+))")
+_MARKER_RE = re.compile(re.escape(flydeploy.ORCHESTRATOR_MARKER) + r" (started|exit (\d+)|plan (\{.*\}))")
 _PAIR_FLAGS = ("-e", "--env", "--build-arg")
 
 
@@ -144,7 +147,7 @@ def token_command(config: flydeploy.FleetConfig) -> list[str]:
 
 def orchestrate_argv(config: flydeploy.FleetConfig, image_ref: str, *, version: str | None = None,
                      owner: str | None = None, force: bool = False, rollback: bool = False,
-                     rollback_to: str | None = None) -> list[str]:
+                     rollback_to: str | None = None, plan: bool = False, plan_json: bool = False) -> list[str]:
     """The ``<python> -c <bootstrap> <app_dir> orchestrate --root <app_dir> ...`` command the
     orchestrator machine runs as its main process, carrying every resolved setting so
     that it does exactly what ``--dry-run`` shows."""
@@ -161,6 +164,8 @@ def orchestrate_argv(config: flydeploy.FleetConfig, image_ref: str, *, version: 
         argv.append("--rollback")
     if rollback_to:
         argv += ["--to", rollback_to]
+    if plan:
+        argv += ["--plan", *(["--json"] if plan_json else [])]
     return argv
 
 
@@ -531,11 +536,14 @@ def _display(line: str) -> str:
     return (match.group("message") if match else line.rstrip("\r\n")) + "\n"
 
 
-def _follow(api: flydeploy.Machines, machine_id: str, logs: list[str], out: TextIO) -> int:
+def _follow(api: flydeploy.Machines, machine_id: str, logs: list[str], out: TextIO,
+            plan_out: TextIO | None = None) -> int:
     """Show the orchestrator's output (``fly logs``) until its machine has exited; its exit code.
 
     The exit code comes from the machine's exit event; the marker line the
     orchestrator prints is a second witness for when the event says nothing.
+    The plan's JSON (``hot --plan --json``) comes on a marker line too, and goes
+    to ``plan_out`` alone.
     """
     lines: queue.SimpleQueue = queue.SimpleQueue()
     try:
@@ -580,6 +588,9 @@ def _follow(api: flydeploy.Machines, machine_id: str, logs: list[str], out: Text
             if match is None:
                 out.write(_display(line))
                 out.flush()
+            elif match.group(3) is not None:
+                (plan_out or out).write(match.group(3) + "\n")
+                (plan_out or out).flush()
             elif match.group(2) is None:
                 began = True
             else:
@@ -605,7 +616,7 @@ def _follow(api: flydeploy.Machines, machine_id: str, logs: list[str], out: Text
 
 def launch_orchestrator(api: flydeploy.Machines, machine_config: dict, logs: Callable[[str], list[str]], *,
                         attempts: int = _LAUNCH_ATTEMPTS, retry_delay_s: float = _LAUNCH_RETRY_DELAY_S,
-                        out: TextIO | None = None) -> int:
+                        out: TextIO | None = None, plan_out: TextIO | None = None) -> int:
     """Create the orchestrator machine, show its output, return the upgrade's exit code.
 
     The create is tried again (a new image may take a moment to reach the
@@ -629,7 +640,7 @@ def launch_orchestrator(api: flydeploy.Machines, machine_config: dict, logs: Cal
                 time.sleep(retry_delay_s)
         out.write(f"==> orchestrator machine {machine['id']} runs the upgrade; its output follows\n")
         out.flush()
-        return _follow(api, machine["id"], logs(machine["id"]), out)
+        return _follow(api, machine["id"], logs(machine["id"]), out, plan_out)
     except KeyboardInterrupt:
         with _signals_deferred([signal.SIGINT, signal.SIGTERM]):
             _cancel(api, run_id, out)
@@ -684,8 +695,20 @@ def _local_push(args: argparse.Namespace, config: flydeploy.FleetConfig, *, vers
         _print_plan(config, [], [f"{what}, record it in {store.root} and apply it to every flydeploy "
                                  f"agent of {config.app} on this host (python -m flydeploy rpc upgrade)"])
         return 0
-    report = flydeploy.orchestrate(config.app, "local", store=store, api=api, version=version, rollback=rollback,
-                                   rollback_to=rollback_to, force=args.force, **config.orchestrate_options())
+    return _orchestrate_here(args, config, "local", store=store, api=api, version=version, rollback=rollback,
+                             rollback_to=rollback_to)
+
+
+def _orchestrate_here(args: argparse.Namespace, config: flydeploy.FleetConfig, image: str, **options: Any) -> int:
+    """Run ``orchestrate`` in this process (``--local``, ``--direct``) with the resolved
+    settings; with ``hot --plan --json`` the plan's JSON goes to ``args.plan_out``.
+    Returns the exit code."""
+    plan_out = getattr(args, "plan_out", None)
+    report = flydeploy.orchestrate(config.app, image, force=args.force, plan=getattr(args, "plan", False),
+                                   **options, **config.orchestrate_options())
+    if plan_out is not None:
+        plan_out.write(json.dumps(report.plan, sort_keys=True) + "\n")
+        plan_out.flush()
     return report.exit_code
 
 
@@ -702,7 +725,7 @@ def _print_plan(config: flydeploy.FleetConfig, commands: list[list[str]], steps:
         if isinstance(value, Mapping):
             value = ", ".join(_shown(k, v) for k, v in value.items()) or "-"
         elif isinstance(value, tuple):
-            value = ", ".join(value) or "-"
+            value = ", ".join(map(str, value)) or "-"
         shown = _without_passwords(str(value)) if value is not None else "-"
         print(f"  {key:<16} {shown}  ({source})")
     env = ", ".join(_shown(k, v) for k, v in config.env.items()) or "-"
@@ -732,7 +755,7 @@ def _orchestrator_env(config: flydeploy.FleetConfig, can_mint: bool, dry_run: bo
 
 
 def _push(config: flydeploy.FleetConfig, image: str, argv: list[str], dry_run: bool,
-          build: list[str] | None = None) -> int:
+          build: list[str] | None = None, plan_out: TextIO | None = None) -> int:
     """Start the orchestrator (after the build, if any); ``--dry-run`` prints the plan instead."""
     owner, can_mint = _owner()
     # The run's id is the orchestrator machine's and the deploy lock's: either names the other.
@@ -756,7 +779,8 @@ def _push(config: flydeploy.FleetConfig, image: str, argv: list[str], dry_run: b
     env, _ = _orchestrator_env(config, can_mint, False)
     _say(f"starting the orchestrator from {image}")
     machine = orchestrator_config(config, image, argv, env, run_id=run_id, launcher=_launcher())
-    return launch_orchestrator(api, machine, lambda machine_id: logs_command(config, machine_id))
+    return launch_orchestrator(api, machine, lambda machine_id: logs_command(config, machine_id),
+                               plan_out=plan_out)
 
 
 def image_label(version: str) -> str:
@@ -772,6 +796,17 @@ def image_label(version: str) -> str:
 
 
 def _hot(args: argparse.Namespace) -> int:
+    if args.json and not args.plan:
+        raise flydeploy.ConfigError("--json goes with --plan (hot --plan --json prints the plan as JSON)")
+    if args.json:
+        # The plan's JSON alone on stdout, for CI: everything else goes to stderr.
+        args.plan_out = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            return _hot_run(args)
+    return _hot_run(args)
+
+
+def _hot_run(args: argparse.Namespace) -> int:
     if args.direct and (args.skip_build or args.image or args.build_args or args.no_cache):
         raise flydeploy.ConfigError("--direct builds no image: --skip-build, --image, --build-arg and "
                                     "--no-cache do not apply")
@@ -800,8 +835,8 @@ def _hot(args: argparse.Namespace) -> int:
              "packed from it")
     else:
         build = build_command(config, image.rsplit(":", 1)[1], no_cache=args.no_cache)
-    argv = orchestrate_argv(config, image, version=version, force=args.force)
-    return _push(config, image, argv, args.dry_run, build)
+    argv = orchestrate_argv(config, image, version=version, force=args.force, plan=args.plan, plan_json=args.json)
+    return _push(config, image, argv, args.dry_run, build, plan_out=getattr(args, "plan_out", None))
 
 
 # --- hot --direct: the orchestration from here ----------------------------------
@@ -1034,15 +1069,13 @@ def _direct_run(args: argparse.Namespace, config: flydeploy.FleetConfig, ask: co
         return 0
     owner, _ = asked_owner.result()
     try:
-        report = flydeploy.orchestrate(config.app, image, store=store, api=api, version=version,
-                                       rollback=rollback, rollback_to=rollback_to, force=args.force, owner=owner,
-                                       local_tree=local_tree, **config.orchestrate_options())
+        return _orchestrate_here(args, config, image, store=store, api=api, version=version, rollback=rollback,
+                                 rollback_to=rollback_to, owner=owner, local_tree=local_tree)
     except KeyboardInterrupt:
         print("interrupted: the orchestration stopped here and released the deploy lock if it held it; machines "
               "that had already started their upgrade finish it (`status --direct` shows what each runs)",
               file=sys.stderr, flush=True)
         raise
-    return report.exit_code
 
 
 def _running_image(config: flydeploy.FleetConfig) -> str:
@@ -1443,8 +1476,8 @@ def _demo_get(port: int, deadline: float) -> dict:
 
 
 def _demo_suspend_ms(store: str) -> float | None:
-    """The suspension the machine reported, from the result file the upgrade stored."""
-    for path in glob.glob(os.path.join(store, "releases", f"{DEMO_APP}-results", "*", "*.json")):
+    """The suspension the machine reported, from the result file the upgrade's apply phase stored."""
+    for path in glob.glob(os.path.join(store, "releases", f"{DEMO_APP}-results", "*", "apply", "*.json")):
         with contextlib.suppress(OSError, ValueError):
             with open(path, encoding="utf-8") as file:
                 return float(json.load(file)["suspend_duration_ms"])
@@ -1650,6 +1683,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                      help="a Docker build argument (repeatable)")
     hot.add_argument("--no-cache", action="store_true", help="build without the Docker cache")
     hot.add_argument("--version", help="the release version (default: a UTC timestamp)")
+    hot.add_argument("--plan", action="store_true",
+                     help="phase 1 only: prepare the release on every machine, print what it would do per "
+                          "process group and discard it; exit 0 when it would apply everywhere")
+    hot.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     rollback.add_argument("--to", metavar="VERSION", help="the version to go back to (default: the previous)")
     rollback.add_argument("--image", metavar="REF", help="the image to run the orchestrator from "
                           "(default: the one the machines run)")

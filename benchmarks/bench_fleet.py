@@ -35,6 +35,23 @@ requests (current.json, the tarball, the result object) reach the local disk
 here, undelayed.  Goal: 20 machines at 10 at a time under 2 s in the round-trip
 model, with polling not dominating (``poll_share`` under 0.5).
 
+Every push runs in two phases (``flydeploy.FLEET_PHASES``): phase 1 prepares
+the release on every machine (download, stage, every process plans it), phase
+2 applies it (publish, pause, swap, resume).  Their fleet-wide wall times are
+reported apart (``round_trip_prepare_s`` and ``round_trip_apply_s``, best of
+the round-trip pushes at 10); goal: the apply phase of 20 machines at 10 at a
+time under 1 s in the round-trip model; ``apply_fleet_estimate_s`` is what it
+makes for machines with CPUs of their own (one machine's apply, measured one at
+a time in the round-trip model, times the two waves), as ``fleet_estimate_s``
+does for the whole push; ``slowest_apply_command_ms`` is the longest an apply
+took on its machine by its own clock (``total_duration_ms``), the rest of the
+phase being the exec round trips and the commands' start on this host's cores.
+The slowest machine's pause (its
+``suspend_duration_ms``) must stay what the one-phase ``rpc upgrade`` gives:
+the same run also pushes releases with ``rpc upgrade`` to every machine, as
+before the two phases, and the slowest pause of each is compared (best of
+``ROUNDS``, within ``PAUSE_TOLERANCE``).
+
 ``host_cpu_s`` is host-wide (the machines' detached jobs are nobody's child
 here), so whatever else runs on the host counts too: ``load_1m``, the load
 average when the run began, says how busy the host was.
@@ -66,6 +83,10 @@ APP = "bench-fleet"
 LATENCY_S = 0.25
 S3_ROUND_TRIP_S = 0.05
 ROUNDS = 2
+# The slowest pause of the two phases may exceed the one-phase one by this share, or
+# by PAUSE_SLACK_MS (a pause of a few milliseconds jitters by more than a share of it).
+PAUSE_TOLERANCE = 0.25
+PAUSE_SLACK_MS = 5.0
 
 
 class RoundTripStore(flydeploy.LocalStore):
@@ -143,6 +164,10 @@ def main() -> None:
 
             releases = iter(range(2, 100))
             counts: dict[str, int] = {}
+            # Per model (loopback, round trip): each push at 10's phase times and slowest pause.
+            phases: dict[str, dict[str, list[float]]] = {
+                model: {"prepare": [], "apply": [], "pause_ms": [], "apply_at_1": [], "command_ms": []}
+                for model in ("loopback", "round_trip")}
 
             def push(concurrency: int) -> tuple[float, float]:
                 """Wall seconds of one orchestrate, and the CPU seconds this host used meanwhile."""
@@ -163,7 +188,39 @@ def main() -> None:
                     raise SystemExit(f"release r{release} did not reach every machine: {report.summary()}")
                 counts["execs"] = len([r for r in fly.requests if r.op == "exec"]) - execs
                 counts["lists"] = store.lists
+                model = phases["round_trip" if store.delay else "loopback"]
+                if concurrency == 1:
+                    model["apply_at_1"].append(report.apply_s)
+                else:
+                    model["prepare"].append(report.prepare_s)
+                    model["apply"].append(report.apply_s)
+                    model["pause_ms"].append(_slowest_pause_ms(report.outcomes))
+                    model["command_ms"].append(max(float((o.result or {}).get("total_duration_ms") or 0.0)
+                                                   for o in report.outcomes))
                 return elapsed, _host_cpu_s() - host
+
+            def one_phase_pause_ms() -> float:
+                """The slowest pause of a release pushed to every machine with the one-phase
+                ``rpc upgrade``, 10 at a time, as before the two phases."""
+                release = next(releases)
+                time.sleep(flydeploy._EXEC_INTERVAL)
+                (tree / "counter.py").write_text(COUNTER.format(release=release))
+                key = flydeploy.release_key(APP, f"r{release}")
+                packed = flydeploy.pack_release(tree, work / f"r{release}.tar.gz", app=APP, version=f"r{release}",
+                                                source_image_ref=image)
+                store.upload(key, packed.path)
+                commands = flydeploy.MachineCommands.for_app_dir("python3", "/app")
+                upgrade_id = f"one-phase-{release}"
+                argv = commands.rpc("upgrade", APP, "--url", store.url(key), "--sha256", packed.sha256,
+                                    "--upgrade-id", upgrade_id, "--detach", "--wait", f"{flydeploy._DETACHED_WAIT_S:g}")
+                outcomes: list = []
+                board = flydeploy._ResultBoard(store, flydeploy.results_prefix(APP, upgrade_id))
+                flydeploy._upgrade_machines(api, api.list(), argv, timeout=120, max_concurrency=10, commands=commands,
+                                            board=board, on_outcome=outcomes.append)
+                if len(outcomes) != MACHINES or not all(o.ok for o in outcomes):
+                    raise SystemExit(f"the one-phase r{release} did not reach every machine: "
+                                     + "; ".join(o.line() for o in outcomes if not o.ok))
+                return _slowest_pause_ms(outcomes)
 
             def best_pair() -> tuple[float, float, float]:
                 """Best wall time at 1 and at 10 over ROUNDS, and the least CPU used at 10."""
@@ -176,12 +233,20 @@ def main() -> None:
                 return min(serial), min(parallel), min(cpu)
 
             push(10)
+            phases["loopback"] = {name: [] for name in phases["loopback"]}  # the warm-up does not count
             serial, parallel, cpu = best_pair()
             fly.faults.add("latency", op="exec", times=None, delay=LATENCY_S)
             store.delay = S3_ROUND_TRIP_S
             serial_latency, parallel_latency, _ = best_pair()
             parallel_alone, _ = push(10)  # the counts below are this push's
             parallel_latency = min(parallel_latency, parallel_alone)
+            one_phase = min(one_phase_pause_ms() for _ in range(ROUNDS))
+    apply_s = min(phases["round_trip"]["apply"])
+    # One machine's apply in the round-trip model (one at a time: no other machine's CPU in
+    # the way), and what that makes for 20 machines with CPUs of their own: two waves of 10.
+    apply_per_machine = min(phases["round_trip"]["apply_at_1"]) / MACHINES
+    apply_estimate = apply_per_machine * -(-MACHINES // 10)
+    two_phase = min(phases["loopback"]["pause_ms"] + phases["round_trip"]["pause_ms"])
     cores = len(os.sched_getaffinity(0))
     print(json.dumps({
         "benchmark": "fleet",
@@ -204,12 +269,29 @@ def main() -> None:
         "round_trip_speedup": round(serial_latency / parallel_latency, 2),
         "per_machine_s": round(serial_latency / MACHINES, 3),
         "fleet_estimate_s": round(serial_latency / MACHINES * (1 + -(-MACHINES // 10)), 3),
+        "round_trip_prepare_s": round(min(phases["round_trip"]["prepare"]), 3),
+        "round_trip_apply_s": round(apply_s, 3),
+        "round_trip_apply_per_machine_s": round(apply_per_machine, 3),
+        "apply_fleet_estimate_s": round(apply_estimate, 3),
+        "slowest_apply_command_ms": round(min(phases["round_trip"]["command_ms"]), 1),
+        "loopback_prepare_s": round(min(phases["loopback"]["prepare"]), 3),
+        "loopback_apply_s": round(min(phases["loopback"]["apply"]), 3),
+        "slowest_pause_ms_two_phase": round(two_phase, 2),
+        "slowest_pause_ms_one_phase": round(one_phase, 2),
         "speedup_goal_judged_on": "round_trip",
         "goal_under_3s": max(parallel, parallel_latency) < 3.0,
         "goal_round_trip_under_2s": parallel_latency < 2.0,
         "goal_polling_not_dominating": counts["lists"] * S3_ROUND_TRIP_S / parallel_alone < 0.5,
         "goal_speedup_5x": serial_latency / parallel_latency >= 5.0,
+        "goal_apply_phase_under_1s": apply_s < 1.0,
+        "goal_apply_phase_under_1s_fleet_estimate": apply_estimate < 1.0,
+        "goal_pause_unchanged": two_phase <= max(one_phase * (1 + PAUSE_TOLERANCE), one_phase + PAUSE_SLACK_MS),
     }))
+
+
+def _slowest_pause_ms(outcomes) -> float:
+    """The longest ``suspend_duration_ms`` any machine reported."""
+    return max(float((o.result or {}).get("suspend_duration_ms") or 0.0) for o in outcomes)
 
 
 def _host_cpu_s() -> float:

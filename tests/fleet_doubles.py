@@ -122,6 +122,10 @@ class StubMachines:
         """The exec calls other than the preflight's."""
         return [call for call in self.calls if _rpc_command(call[1]) != "preflight"]
 
+    def phase_calls(self, command):
+        """The exec calls of ``rpc <command>`` (prepare, apply, discard)."""
+        return [call for call in self.calls if _rpc_command(call[1]) == command]
+
 
 def _rpc_command(argv):
     """The rpc command of a machine-side argv (``... rpc <command> ...``)."""
@@ -132,9 +136,32 @@ PREFLIGHT_OK = {"flydeploy": flydeploy.__version__, "python": "/usr/local/bin/py
                 "agents": 1, "agents_ok": 1, "agent_errors": []}
 
 
+def ready(machine_id, argv, **fields):
+    """What ``rpc prepare`` prints on a machine whose one process is ready for the release:
+    a ``PrepareResult``, its process's plan an ``UpgradePlan``, as the machine side makes them."""
+    plan = flydeploy.UpgradePlan(modules_changed=["shop"]).to_dict()
+    process = flydeploy.ProcessPlan(pid=7, name="web", ok=True, error=None, plan=plan)
+    result = flydeploy.PrepareResult(
+        machine_id=machine_id, region="ams", status="ready", success=True, error=None, version="v1",
+        upgrade_id=_flag(argv, "--upgrade-id"), expires_at="2026-12-07T20:00:00Z", release_bytes=321,
+        files_to_write=1, files_unchanged=1, processes=[process])
+    assert result.keys() == flydeploy.PrepareResult.__annotations__.keys()
+    return flydeploy.ExecResult(0, 0, "prepared\n" + result_line(**{**result, **fields}), "")
+
+
 def succeed(machine_id, argv):
+    """A machine that prepares, applies (or upgrades in one phase) and discards as asked."""
+    command = _rpc_command(argv)
+    if command == "prepare":
+        return ready(machine_id, argv)
+    if command == "discard":
+        return flydeploy.ExecResult(0, 0, "discarded\n", "")
     return flydeploy.ExecResult(0, 0, "upgraded\n" + result_line(
-        success=True, modules_reloaded=2, processes_succeeded=1, suspend_duration_ms=3.2), "")
+        success=True, applied=True, modules_reloaded=2, processes_succeeded=1, suspend_duration_ms=3.2), "")
+
+
+def _flag(argv, name):
+    return argv[argv.index(name) + 1] if name in argv else None
 
 
 @pytest.fixture

@@ -40,6 +40,11 @@ COUNTER = counter.Counter.start(name="counter")
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
+        if self.path == "/healthz":  # unhealthy while greet.py says so
+            self.send_response(200 if getattr(greet, "HEALTHY", True) else 503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path == "/bump":
             COUNTER.cast("inc")
         if self.path == "/fork":
@@ -64,7 +69,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ.get("PORT") or 0)), Handler)
 port_file = os.environ["APP_PORT_FILE"]
 with open(port_file + ".tmp", "w") as f:
     f.write(str(server.server_address[1]))

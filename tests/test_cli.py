@@ -117,8 +117,8 @@ def test_exact_command_lines(project):
     assert argv == [
         *RUN_IN_APP, "orchestrate", "--root", "/app", "--image-ref", image, "--app", "shop",
         "--python", "python3", "--app-dir", "/app", "--lock-timeout", "300", "--timeout", "120",
-        "--max-concurrency", "3", "--suspend-timeout", "10", "--process-group", "app", "--version", "v7",
-        "--owner", "ann@example.com", "--force"]
+        "--max-concurrency", "3", "--suspend-timeout", "10", "--process-group", "app", "--on-failure",
+        "rollback", "--health-timeout", "5", "--version", "v7", "--owner", "ann@example.com", "--force"]
     machine = flydeploy_cli.orchestrator_config(config, image, argv, {"FLYDEPLOY_API_TOKEN": "fm2_xyz"},
                                                 run_id="r1", launcher="ann@box:12")
     # The main process is argv itself: no shell, no cd, no sleep; fly.toml [env] (without what looks
@@ -450,14 +450,19 @@ def test_orchestrate_pushes_a_release_to_every_started_machine(store, app_root):
     assert hot["version"] == "v1" and hot["sha256"] == report.sha256
     assert hot["source_image_ref"] == "registry.fly.io/shop:l1"
     assert doc["image_ref"] == "registry.fly.io/shop:deployment-1"  # seeded from the machines
-    # The preflight ran first, on one machine of the group; then the upgrades, from the one builder.
+    # The preflight ran first, on one machine of the group; then the two phases, from the one builder.
     assert api.calls[0][1] == [*RUN_IN_APP, "rpc", "preflight", "--app", "shop"]
-    calls = api.upgrade_calls()
-    assert sorted(call[0] for call in calls) == ["a", "b"]
-    assert calls[0][1] == [*RUN_IN_APP, "rpc", "upgrade", "--app", "shop",
-                           "--url", hot["tarball_url"], "--sha256", hot["sha256"],
-                           "--suspend-timeout", "4", "--upgrade-id", report.upgrade_id]
-    assert {call[2] for call in calls} == {50}
+    prepares, applies = api.phase_calls("prepare"), api.phase_calls("apply")
+    assert [_rpc_of(call) for call in api.upgrade_calls()] == ["prepare"] * 2 + ["apply"] * 2
+    assert sorted(call[0] for call in prepares) == sorted(call[0] for call in applies) == ["a", "b"]
+    assert prepares[0][1] == [*RUN_IN_APP, "rpc", "prepare", "--app", "shop",
+                              "--url", hot["tarball_url"], "--sha256", hot["sha256"],
+                              "--expires-in", "150", "--upgrade-id", report.upgrade_id]
+    assert applies[0][1] == [*RUN_IN_APP, "rpc", "apply", "--app", "shop",
+                             "--url", hot["tarball_url"], "--sha256", hot["sha256"],
+                             "--suspend-timeout", "4", "--upgrade-id", report.upgrade_id]
+    assert {call[2] for call in api.upgrade_calls()} == {50}
+    assert "✓ a (ams) ready: 1 file to write, 1 process prepared" in out
     assert "✓ b (ord) 2 modules, 1 process, suspended 3 ms" in out
     assert "· c (ams) stopped: applies at next start" in out
     assert "2/2 machines upgraded to v1" in out and "1 stopped machine" in out
@@ -473,19 +478,27 @@ def test_orchestrate_pushes_a_release_to_every_started_machine(store, app_root):
 
 def test_failures_and_timeouts_fail_the_run_and_release_the_lock(store, app_root):
     def answer(machine_id, argv):
+        if _rpc_of((machine_id, argv)) != "apply":
+            return succeed(machine_id, argv)
         if machine_id == "b":
-            return flydeploy.ExecResult(1, 0, result_line(success=False, error="pid 7: SyntaxError"), "")
+            return flydeploy.ExecResult(1, 0, result_line(success=False, applied=False, error="pid 7: SyntaxError"), "")
         if machine_id == "c":
             raise flydeploy.MachinesAPIError(408, "deadline_exceeded")
         return succeed(machine_id, argv)
 
     api = StubMachines([machine("a"), machine("b"), machine("c")], answer)
-    report, out = run(store, api, app_root, timeout=7)
+    report, out = run(store, api, app_root, timeout=7, on_failure="keep")
     assert report.exit_code == 1
     assert {o.machine_id for o in report.failed} == {"b", "c"}
     assert "✗ b (ams) pid 7: SyntaxError" in out and "✗ c (ams) timed out after 0 s in all (7 s per attempt" in out
     assert "1/3 machines upgraded" in out and "FAILED: " in out
+    assert "runs v1: a; runs the image's code: b; runs the image's code or v1 (no result): c" in out
     assert not lock_key_exists(store)
+
+
+def _rpc_of(call):
+    argv = call[1]
+    return argv[argv.index("rpc") + 1]
 
 
 def test_max_concurrency_is_reached_and_never_exceeded(store, app_root):
@@ -533,7 +546,7 @@ def test_ctrl_c_releases_the_lock(store, app_root):
     finally:
         stop.set()
     assert not lock_key_exists(store)
-    assert len(api.upgrade_calls()) == 1  # the queued machine was never started
+    assert len(api.upgrade_calls()) == 1  # the queued machine was never started, nothing was applied
 
 
 def test_rollback_goes_back_to_the_previous_or_a_named_release(store, app_root):
@@ -544,7 +557,7 @@ def test_rollback_goes_back_to_the_previous_or_a_named_release(store, app_root):
     api.calls.clear()
     back, out = run(store, api, app_root, version=None, rollback=True)
     assert back.version == "v1" and back.sha256 == first.sha256 and "Rolling shop back to v1" in out
-    calls = api.upgrade_calls()
+    calls = api.phase_calls("apply")
     assert calls[0][1][calls[0][1].index("--sha256") + 1] == first.sha256
     doc, _ = flydeploy.read_current(store, "shop")
     assert doc["hot_upgrade"]["version"] == "v1" and doc["history"][0]["version"] == "v2"

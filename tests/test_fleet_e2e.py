@@ -77,15 +77,16 @@ def serving(machine):
 class Project:
     """An app's project tree, its fake Fly app with machines, and the command line run in it."""
 
-    def __init__(self, fly, seaweed, tmp_path, machines: int, files: dict[str, str] | None = None):
+    def __init__(self, fly, seaweed, tmp_path, machines: int, files: dict[str, str] | None = None,
+                 processes: dict[str, str] | None = None, **machine_options):
         self.fly = fly
         self.seaweed = seaweed
         self.name = app_name()
         pyproject = '[project]\nname = "shop"\n\n[tool.flydeploy]\ntimeout = 60\n'
         self.tree = write_app_tree(tmp_path / "src", {"main.py": MAIN_PY, "pyproject.toml": pyproject, **V1, **(files or {})},
-                                   app=self.name, processes={"app": "python3 main.py"},
+                                   app=self.name, processes=processes or {"app": "python3 main.py"},
                                    env={"APP_PORT_FILE": "port"})
-        self.app = fly.create_app(self.name, self.tree, machines=machines, secrets=seaweed.env())
+        self.app = fly.create_app(self.name, self.tree, machines=machines, secrets=seaweed.env(), **machine_options)
         self.machines = [serving(m) for m in self.app.machines]
         self.image = self.machines[0].image_ref
 
@@ -152,8 +153,10 @@ def test_hot_status_stopped_machine_and_rollback(fakefly, seaweed, tmp_path, dir
     assert f"releases/{project.name}-v2.tar.gz" in project.release_keys()
     assert f"releases/{project.name}-deploy.lock" not in project.release_keys()
     results = [k for k in project.release_keys() if k.startswith(f"releases/{project.name}-results/")]
-    assert sorted(k.rsplit("/", 1)[1] for k in results) == sorted(f"{m.id}.json" for m in (first, second))
-    assert len({k.rsplit("/", 2)[1] for k in results}) == 1  # one folder: this deploy's upgrade id
+    for phase in ("prepare", "apply"):  # each phase's result of each machine
+        assert sorted(k.rsplit("/", 1)[1] for k in results if f"/{phase}/" in k) == sorted(
+            f"{m.id}.json" for m in (first, second))
+    assert len({k.rsplit("/", 3)[1] for k in results}) == 1  # one folder: this deploy's upgrade id
 
     status = project.cli("status", "--json", local_s3=True)
     assert status.returncode == 0, status.output
@@ -234,14 +237,15 @@ def test_failing_machines_are_named_and_fail_the_deploy(fakefly, seaweed, tmp_pa
     project.edit(V2)
     hot = project.push("hot", "--timeout", "5", direct=direct)
     assert hot.returncode == 1, hot.output
-    assert f"✓ {good.id} ({good.region}) 2 modules, 1 process" in hot.output
-    assert f"✗ {broken.id} ({broken.region}) rpc upgrade exited 1 without a result: SyntaxError" in hot.output
+    assert f"✓ {good.id} ({good.region}) ready: 2 files to write, 1 process prepared" in hot.output
+    assert f"✗ {broken.id} ({broken.region}) rpc prepare exited 1 without a result: SyntaxError" in hot.output
     assert re.search(rf"✗ {hung.id} \({hung.region}\) timed out after \d+ s in all \(25 s per attempt\); "
                      "the command may still be running", hot.output), hot.output
-    assert "1/3 machines upgraded to" in hot.output
-    failed = hot.output.rsplit("FAILED: ", 1)[1].splitlines()[0].split(";")[0]
-    assert sorted(failed.strip().split(", ")) == sorted([broken.id, hung.id])
-    assert get(good)[0] == "hello v2" and get(broken)[0] == "hello v1" and get(hung)[0] == "hello v1"
+    # Phase 1 failed on two machines: the release reached none, and the good one discarded it.
+    refused = hot.output.rsplit("was not applied anywhere: ", 1)[1].split(" refuse")[0]
+    assert sorted(refused.split(", ")) == sorted([broken.id, hung.id])
+    assert get(good)[0] == "hello v1" and get(broken)[0] == "hello v1" and get(hung)[0] == "hello v1"
+    assert not list(good.root.rglob(f"*{flydeploy._STAGED_SUFFIX}"))
     assert f"releases/{project.name}-deploy.lock" not in project.release_keys()
 
 

@@ -169,7 +169,7 @@ def test_ctrl_c_during_hot_leaves_no_machine_and_no_lock(fakefly, seaweed, tmp_p
     project = Project(fakefly, seaweed, tmp_path, machines=3)
     project.edit(slow_v2(8))
     hot = Running(project, "hot", *(["--direct"] if direct else []), "--suspend-timeout", "30", local_s3=direct)
-    hot.wait_for("Upgrading 3 machines")
+    hot.wait_for("Phase 2: applying")
     hot.process.send_signal(signal.SIGINT)
     assert hot.finish() == 130, hot.output
     if direct:
@@ -187,7 +187,7 @@ def test_sigterm_during_rollback_cleans_up_too(fakefly, seaweed, tmp_path):
     project.edit(slow_v2(8))
     assert project.cli("hot", "--version", "v3", "--suspend-timeout", "30").returncode == 0
     rollback = Running(project, "rollback", "--suspend-timeout", "30")
-    rollback.wait_for("Upgrading 1 machine")
+    rollback.wait_for("Phase 2: applying")
     rollback.process.send_signal(signal.SIGTERM)
     assert rollback.finish() == 130, rollback.output
     assert "cleaned up: orchestrator machine" in rollback.output
@@ -198,7 +198,7 @@ def test_a_killed_hot_is_recovered_by_the_next(fakefly, seaweed, tmp_path):
     project = Project(fakefly, seaweed, tmp_path, machines=1)
     project.edit(slow_v2(20))
     hot = Running(project, "hot", "--suspend-timeout", "40", "--version", "v2")
-    hot.wait_for("Upgrading 1 machine")
+    hot.wait_for("Phase 2: applying")
     hot.process.kill()
     hot.finish()
     (stale,) = orchestrators(project)  # the orchestrator goes on without its launcher

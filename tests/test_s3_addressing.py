@@ -253,5 +253,6 @@ def test_a_fleet_upgrade_with_virtual_hosted_addressing_from_pyproject(machine, 
     assert flydeploy.s3_object_address(tarball_url, seaweed.named_endpoint) == (
         seaweed.bucket, f"releases/{app}-v2.tar.gz", "virtual")
     assert store.head(f"releases/{app}-deploy.lock") is None  # released
-    results = list(store.list(f"releases/{app}-results/"))
-    assert len(results) == 1 and store.get_json(results[0])[0]["success"] is True
+    results = list(store.list(f"releases/{app}-results/"))  # one per phase: prepare, then apply
+    assert sorted(key.rsplit("/", 2)[1] for key in results) == ["apply", "prepare"]
+    assert all(store.get_json(key)[0]["success"] is True for key in results)

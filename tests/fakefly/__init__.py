@@ -66,7 +66,9 @@ Driving it from a test
     builds an image of ``tree`` and starts N machines (``FakeApp``: ``token``,
     ``machines``, ``set_secrets``, ``unset_secrets``, ``add_machine(image,
     process_group=, region=, command=, entrypoint=, metadata=, services=,
-    start=, platform_version=)``, ``exec_token(prefixes=...)``).  A
+    start=, platform_version=, internal_port=)``, ``exec_token(prefixes=...)``;
+    ``internal_port="own"`` gives an app machine its own port in its services and
+    ``PORT``, where its app can answer health checks).  A
     ``FakeMachine`` has ``id``, ``region``, ``state``, ``root``, ``env``,
     ``runtime_dir``, ``pid``, ``config``, ``events``; ``start()``, ``stop()``,
     ``suspend()``, ``destroy()``, ``update(image=...)`` (a cold deploy of one

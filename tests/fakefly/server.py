@@ -19,6 +19,7 @@ import secrets as secrets_module
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -586,8 +587,17 @@ class FakeApp:
                     env: dict[str, str] | None = None, metadata: dict[str, str] | None = None,
                     services: list[dict] | None = None, start: bool = True,
                     platform_version: str | None = "v2", name: str | None = None,
-                    auto_destroy: bool = False) -> FakeMachine:
-        """Create a machine running ``image`` (started unless ``start=False``)."""
+                    auto_destroy: bool = False, internal_port: int | str | None = None) -> FakeMachine:
+        """Create a machine running ``image`` (started unless ``start=False``).
+
+        The default ``services`` of an ``app`` group machine expose
+        ``internal_port`` (8080 unless given); ``"own"`` picks a free port of
+        this host for it.  With a port given the machine's env has ``PORT`` set
+        to it, as apps commonly set ``[env] PORT`` to their ``internal_port``,
+        so that its app listens where its services say.  On Fly every machine of
+        a group has the same internal port in its own network namespace; the
+        fake's machines share this host's, so each needs its own.
+        """
         meta = {"fly_flyctl_version": "0.2.25", "fly_release_id": "fake" + secrets_module.token_hex(4),
                 "fly_release_version": str(len(self.machines) + 1)}
         if platform_version:
@@ -595,8 +605,12 @@ class FakeApp:
         if process_group:
             meta["fly_process_group"] = process_group
         meta.update(metadata or {})
+        if internal_port == "own":
+            internal_port = _free_port()
         if services is None:
-            services = _default_services() if process_group == "app" else []
+            services = _default_services(internal_port or 8080) if process_group == "app" else []
+        if internal_port is not None:
+            env = {**(env or {}), "PORT": str(internal_port)}
         info = images.load(self.fly.state_dir, image)
         init: dict = {}
         if command:
@@ -618,8 +632,18 @@ class FakeApp:
         return self.fly.add_token("exec", app=self.name, commands=commands, prefixes=prefixes, ttl=ttl)
 
 
-def _default_services() -> list[dict]:
-    return [{"protocol": "tcp", "internal_port": 8080, "autostart": True, "autostop": False,
+def _free_port() -> int:
+    """A TCP port of 127.0.0.1 nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _default_services(internal_port: int) -> list[dict]:
+    """What flyctl puts in the machine config for fly.toml's ``[http_service]``: one
+    ``fly.MachineService`` (Machines API spec, definitions ``fly.MachineService``:
+    ``internal_port``, ``protocol``, ``ports``, ``concurrency``, ``autostart``...)."""
+    return [{"protocol": "tcp", "internal_port": internal_port, "autostart": True, "autostop": False,
              "min_machines_running": 0,
              "ports": [{"port": 80, "handlers": ["http"], "force_https": True},
                        {"port": 443, "handlers": ["http", "tls"]}],
