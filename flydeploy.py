@@ -2066,14 +2066,17 @@ class DockerIgnore:
     folder above it; ``!`` makes an exception; the last line that matches a
     path decides.  Unlike ``.gitignore``, ``*.pyc`` matches at the root only.
     ``prefix`` is where the packed root is in the context (``""`` when the app
-    root is the context root, else ``"src/"``).
+    root is the context root, else ``"src/"``).  ``source`` is the file the
+    rules were read from; None when there was none, and flyctl's default
+    applied (``for_context``).
     """
 
     rules: tuple[tuple[bool, re.Pattern[str]], ...]  # (is an exception, pattern)
     prefix: str = ""
+    source: str | None = None
 
     @classmethod
-    def parse(cls, text: str, prefix: str = "") -> DockerIgnore:
+    def parse(cls, text: str, prefix: str = "", source: str | None = None) -> DockerIgnore:
         """The rules of a ``.dockerignore`` file's ``text``."""
         rules = []
         for line in text.removeprefix("\ufeff").splitlines():
@@ -2089,22 +2092,28 @@ class DockerIgnore:
             if len(pattern) > 1 and pattern.startswith("/"):
                 pattern = pattern[1:]
             rules.append((exception, _dockerignore_regex(pattern)))
-        return cls(tuple(rules), prefix)
+        return cls(tuple(rules), prefix, source)
 
     @classmethod
-    def for_context(cls, context: str | os.PathLike[str], root: str | os.PathLike[str]) -> DockerIgnore | None:
-        """The rules of ``context``'s ``.dockerignore`` for files packed from ``root``
-        (inside ``context``); None when there is no such file."""
-        path = os.path.join(context, ".dockerignore")
+    def for_context(cls, context: str | os.PathLike[str], root: str | os.PathLike[str],
+                    path: str | os.PathLike[str] | None = None) -> DockerIgnore:
+        """The rules flyctl builds ``context`` with, for files packed from ``root`` (inside
+        ``context``): those of the file ``path`` (``FleetConfig.ignore_file``), by default
+        ``context``'s ``.dockerignore``.  As flyctl's readDockerignore
+        (internal/build/imgsrc/archive.go): when that file does not exist, the
+        context is everything but ``fly.toml``."""
+        path = os.fspath(path) if path is not None else os.path.join(context, ".dockerignore")
+        relative = os.path.relpath(os.path.abspath(root), os.path.abspath(context)).replace(os.sep, "/")
+        prefix = "" if relative == "." else relative + "/"
         try:
             with open(path, encoding="utf-8") as handle:
                 text = handle.read()
         except FileNotFoundError:
-            return None
+            return cls.parse("fly.toml", prefix)
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from None
-        relative = os.path.relpath(os.path.abspath(root), os.path.abspath(context)).replace(os.sep, "/")
-        return cls.parse(text, "" if relative == "." else relative + "/")
+            raise ConfigError(f"cannot read {path}: {exc}; flyctl could not build the image from it "
+                              "either: fix the file, or the path in fly.toml [build] ignorefile") from None
+        return cls.parse(text, prefix, path)
 
     def ignores(self, rel: str) -> bool:
         """Whether the image build leaves out the file ``rel`` (relative to the packed root)."""
@@ -3381,6 +3390,31 @@ class FleetConfig:
     def s3(self) -> S3:
         """The app's bucket, reached as these settings and the environment say (``S3.from_env``)."""
         return S3.from_env(bucket=self.bucket, addressing_style=self.s3_addressing_style)
+
+    def ignore_file(self) -> tuple[pathlib.Path, str]:
+        """The file the image build's ignore rules come from, and which setting named it.
+
+        As flyctl resolves it (internal/command/deploy/deploy_build.go,
+        ``resolveIgnorefilePath``): ``fly.toml`` ``[build] ignorefile`` joined
+        to fly.toml's folder with Go's ``filepath.Join`` (so a leading ``/``
+        stays under that folder), in place of the context's ``.dockerignore``,
+        which is then not read.  flyctl applies it when it makes the build
+        context itself (a Docker daemon without BuildKit); a BuildKit build
+        (Depot, internal/build/imgsrc/depot.go; a daemon whose builder is
+        BuildKit, dockerfile_builder.go) gets the context folder and no
+        excludes, and BuildKit reads the context's ``.dockerignore``.
+        """
+        value = self.build.get("ignorefile")
+        if value is None or value == "":
+            return self.project_dir / ".dockerignore", ".dockerignore"
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.fly_toml}: [build] ignorefile must be a path (a string), got {value!r}")
+        return (pathlib.Path(os.path.normpath(f"{self.fly_toml.parent}/{value}")),
+                "fly.toml [build] ignorefile")
+
+    def dockerignore(self) -> DockerIgnore:
+        """The rules the image build copies the app root with (``ignore_file``, ``DockerIgnore.for_context``)."""
+        return DockerIgnore.for_context(self.project_dir, self.root, self.ignore_file()[0])
 
     def orchestrate_options(self) -> dict[str, Any]:
         """The keyword arguments of ``orchestrate`` these settings decide: one

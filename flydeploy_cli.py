@@ -10,7 +10,7 @@
 to work on the app's processes on this host instead, with no Fly and no S3,
 and ``--direct [--env-file FILE]`` to run the orchestration from here, with
 no image build and no orchestrator machine: the release is packed from the
-local tree (``.dockerignore`` honoured) for the image the machines run, with
+local tree (``.dockerignore`` or fly.toml ``[build] ignorefile`` honoured) for the image the machines run, with
 the developer's Fly token and the bucket's credentials of this machine.
 Installed as a package, the same commands are the ``flydeploy`` script; the
 machine side (``rpc``, ``orchestrate``) is ``python -m flydeploy``.
@@ -937,10 +937,49 @@ def _size(count: int) -> str:
     return f"{count} B"
 
 
+def ignore_note(config: flydeploy.FleetConfig, rules: flydeploy.DockerIgnore) -> str:
+    """What ``rules`` (``config.dockerignore()``) were read from, for the release line:
+    `` (.dockerignore honoured)``; nothing when there is no ``.dockerignore``."""
+    path, setting = config.ignore_file()
+    shown = os.path.relpath(path, config.project_dir)
+    if rules.source is not None:
+        return f" ({shown} honoured{'' if shown == setting else ': ' + setting})"
+    if setting == ".dockerignore":
+        return ""
+    return f" ({setting} {shown} does not exist: as flyctl does, only fly.toml is left out)"
+
+
+def buildkit_note(config: flydeploy.FleetConfig, files: list[tuple[str, int]]) -> str | None:
+    """When fly.toml ``[build] ignorefile`` chose ``files``: the files a BuildKit build
+    would have copied otherwise (flyctl gives BuildKit no excludes, and it reads the
+    context's ``.dockerignore``: ``FleetConfig.ignore_file``), named; None when both agree.
+    Which builder ``fly deploy`` uses cannot be known from here."""
+    path, setting = config.ignore_file()
+    if setting == ".dockerignore":
+        return None
+    dockerignore = config.project_dir / ".dockerignore"
+    rules = (flydeploy.DockerIgnore.for_context(config.project_dir, config.root, dockerignore)
+             if dockerignore.is_file() else flydeploy.DockerIgnore(()))
+    other = flydeploy.list_release_files(config.root, include=config.include, exclude=config.exclude,
+                                         dockerignore=rules)
+    differ = sorted({rel for rel, _ in files} ^ {rel for rel, _ in other})
+    if not differ:
+        return None
+    return (f"note: {setting} counts when flyctl makes the build context itself; a BuildKit build (Depot, or a "
+            f"Docker daemon with BuildKit) reads {'.dockerignore' if dockerignore.is_file() else 'no ignore file'} "
+            f"instead, and would differ for {_plural_files(len(differ))}: {', '.join(differ[:_LARGEST_SHOWN])}"
+            f"{', ...' if len(differ) > _LARGEST_SHOWN else ''}. Make the two alike, so that the release is what "
+            "the image holds whichever builder built it")
+
+
+def _plural_files(count: int) -> str:
+    return f"{count} file{'' if count == 1 else 's'}"
+
+
 def files_summary(files: list[tuple[str, int]]) -> str:
     """``N files, SIZE; largest: a (SIZE), ...`` of a ``list_release_files`` result."""
     largest = sorted(files, key=lambda item: (-item[1], item[0]))[:_LARGEST_SHOWN]
-    return (f"{len(files)} file{'' if len(files) == 1 else 's'}, {_size(sum(size for _, size in files))}; "
+    return (f"{_plural_files(len(files))}, {_size(sum(size for _, size in files))}; "
             f"largest: " + ", ".join(f"{path} ({_size(size)})" for path, size in largest))
 
 
@@ -949,33 +988,38 @@ def _direct_push(args: argparse.Namespace, config: flydeploy.FleetConfig, *, ver
     """``hot --direct`` / ``rollback --direct``: ``orchestrate`` runs here, as on the
     orchestrator machine, with the developer's token and this machine's bucket
     credentials.  The release is packed from the local tree as the image build
-    would have copied it, after the checks that it can be what the machines run.
-    The two flyctl questions (the token, who deploys) are asked meanwhile."""
-    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="flydeploy-flyctl") as flyctl:
-        asked_api = flyctl.submit(_laptop_api, config)
-        asked_owner = flyctl.submit(_owner)
-        return _direct_run(args, config, asked_api, asked_owner, version=version, rollback=rollback,
-                           rollback_to=rollback_to)
+    would have copied it, after the checks that it can be what the machines run."""
+    with concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="flydeploy-ask") as ask:
+        return _direct_run(args, config, ask, version=version, rollback=rollback, rollback_to=rollback_to)
 
 
-def _direct_run(args: argparse.Namespace, config: flydeploy.FleetConfig, asked_api: concurrent.futures.Future,
-                asked_owner: concurrent.futures.Future, *, version: str | None, rollback: bool,
-                rollback_to: str | None) -> int:
+def _direct_run(args: argparse.Namespace, config: flydeploy.FleetConfig, ask: concurrent.futures.Executor, *,
+                version: str | None, rollback: bool, rollback_to: str | None) -> int:
+    # What other programs and servers answer is asked at once, each in a thread of ``ask``,
+    # and waited for where it is needed: flyctl (the token, who deploys), git (the commit),
+    # the bucket (current.json, once its credentials are known); the checks run meanwhile.
+    asked_api = ask.submit(_laptop_api, config)
+    asked_owner = ask.submit(_owner)
     local_tree = None
     if not rollback:
-        dockerignore = flydeploy.DockerIgnore.for_context(config.project_dir, config.root)
-        commit, dirty = git_state(config.project_dir)
-        local_tree = flydeploy.LocalTree(dockerignore, commit, dirty)
+        asked_git = ask.submit(git_state, config.project_dir)
+        dockerignore = config.dockerignore()
         files = flydeploy.list_release_files(config.root, include=config.include, exclude=config.exclude,
                                              dockerignore=dockerignore)
-        _say(f"release from {config.root}" + (" (.dockerignore honoured)" if dockerignore else "") + ": "
-             + files_summary(files))
+        _say(f"release from {config.root}{ignore_note(config, dockerignore)}: {files_summary(files)}")
+        note = buildkit_note(config, files)
+        if note:
+            _say(note)
     store = direct_store(config)
+    if not rollback:
+        asked_current = ask.submit(flydeploy.read_current, store, config.app)
+        here = flydeploy.dependency_fingerprint(config.project_dir)
+        local_tree = flydeploy.LocalTree(dockerignore, *asked_git.result())
     api = asked_api.result()
     image = _fleet_image(config, api.list())
     if local_tree is not None:
-        current, _ = flydeploy.read_current(store, config.app)
-        _say(judge_local_tree(config, current, image, flydeploy.dependency_fingerprint(config.project_dir)))
+        current, _ = asked_current.result()
+        _say(judge_local_tree(config, current, image, here))
         tree = (f"git {local_tree.git_commit[:12]}{' with uncommitted changes' if local_tree.git_dirty else ''}"
                 if local_tree.git_commit else "not a git checkout")
         _say(f"the machines run {image}; the release is packed from this tree ({tree}), no image is built")
@@ -1207,9 +1251,8 @@ def _direct_checks(args: argparse.Namespace) -> Iterator[DoctorCheck]:
                       "this machine's credentials")
     try:
         image = _fleet_image(config, _laptop_api(config).list())
-        files = flydeploy.list_release_files(
-            config.root, include=config.include, exclude=config.exclude,
-            dockerignore=flydeploy.DockerIgnore.for_context(config.project_dir, config.root))
+        files = flydeploy.list_release_files(config.root, include=config.include, exclude=config.exclude,
+                                             dockerignore=config.dockerignore())
         note = judge_local_tree(config, current, image, flydeploy.dependency_fingerprint(config.project_dir))
     except flydeploy.FlyDeployError as exc:
         yield DoctorCheck("local tree (--direct)", False, str(exc), "see the message; then run doctor again")

@@ -22,6 +22,28 @@ the first upgrade exec (start, packing, checks, preflight, lock, upload,
 whose machines each have their own CPU: the 20-machine run's part before
 the upgrades, plus ceil(20 / 10) waves as long as the 3-machine run's.
 
+``direct_phases_s_<n>_machines`` splits the measured ``hot --direct`` run by
+the lines it prints, as they reach this process: ``start_to_files_listed``
+(interpreter start, imports, settings, the git state, the file listing),
+``checks`` (the bucket, the flyctl session's token, the machines list,
+``current.json``, the dependency fingerprint), ``preflight`` (one exec: a
+round trip and the machine's ``rpc preflight``), ``lock_pack_upload``,
+``record_current`` (``current.json`` and the machines listed again),
+``upgrading`` (the machines' part) and ``summary_to_exit``;
+``direct_client_side_s_<n>_machines`` is the whole command but
+``upgrading``, and ``direct_client_cpu_s`` the CPU time the command used
+(with the flyctl and git processes it ran), which other work on the host
+does not stretch.  ``client_python_start_s`` and ``client_imports_s`` are the
+interpreter alone and the import of ``flydeploy_cli`` (flydeploy with it), in
+the command's environment and folder, best of ``STARTS``.
+
+The command runs as installed software runs: with its bytecode cached (pip
+compiles a package's modules when it installs it, and a vendored copy writes
+``__pycache__`` on its first run; here in a scratch ``PYTHONPYCACHEPREFIX``,
+written by the warm-up run), even when the host's environment says
+``PYTHONDONTWRITEBYTECODE``.  ``client_imports_uncached_s`` is the import
+when every module is compiled from source, as such a host would have it.
+
 In the local Fly, the image build of ``hot`` is a directory snapshot and the
 orchestrator machine starts at once, so its measured time leaves out what the
 real platform spends there.  ``model_*`` figures add that back and are a MODEL,
@@ -52,6 +74,12 @@ LATENCY_S = 0.25
 GOAL_S = 2.5
 MODEL_BUILD_S = 30.0
 MODEL_MACHINE_START_S = 3.0
+STARTS = 5
+# The phases of the direct command, each ending at the first line that starts with its mark
+# (the preflight at its first machine's line); the last one ends when the process exits.
+PHASES = (("start_to_files_listed", "==> release from"), ("checks", "==> the machines run"),
+          ("preflight", "✓ group"), ("lock_pack_upload", "Release "), ("record_current", "Upgrading "),
+          ("upgrading", "{machines}/{machines} machines upgraded"), ("summary_to_exit", None))
 
 MAIN = """
 import threading
@@ -77,10 +105,13 @@ def run_fleet(work: pathlib.Path, seaweed, machines: int) -> dict:
         for machine in app.machines:
             machine.wait_for_log("ready", timeout=300)
         fly.faults.add("latency", op="exec", times=None, delay=LATENCY_S)
-        env = {**fly.env(), **seaweed.env(), "PYTHONPATH": str(ROOT)}
+        env = {**fly.env(), **seaweed.env(), "PYTHONPATH": str(ROOT),
+               "PYTHONPYCACHEPREFIX": str(work / f"pycache-{machines}")}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         releases = iter(range(2, 100))
+        cpu: list[float] = []
 
-        def command(*args: str) -> float:
+        def command(*args: str) -> tuple[float, list[tuple[float, str]]]:
             release = next(releases)
             (tree / "counter.py").write_text(COUNTER.format(release=release))
             time.sleep(1.0)  # the API paces one exec per machine a second: deploys are minutes apart
@@ -88,24 +119,68 @@ def run_fleet(work: pathlib.Path, seaweed, machines: int) -> dict:
             process = subprocess.Popen([sys.executable, "-m", "flydeploy_cli", "hot", "--version", f"r{release}",
                                         *args], cwd=tree, env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
-            output, upgrading = [], None
+            output, seen = [], []
             for line in process.stdout:
                 output.append(line)
-                if upgrading is None and line.startswith("Upgrading "):
-                    upgrading = time.perf_counter() - started
-            process.wait(timeout=600)
+                seen.append((time.perf_counter() - started, line))
+            # Reaped here for its resource use: the command's CPU time with that of the processes
+            # it ran and waited for (flyctl, git), whatever else the host's cores were doing.
+            _, status, usage = os.wait4(process.pid, 0)
             elapsed = time.perf_counter() - started
+            process.returncode = os.waitstatus_to_exitcode(status)
+            process.stdout.close()
+            cpu.append(usage.ru_utime + usage.ru_stime)
             if process.returncode != 0 or f"{machines}/{machines} machines upgraded" not in "".join(output):
                 raise SystemExit(f"hot {' '.join(args)} failed ({process.returncode}):\n{''.join(output)}")
-            return elapsed, upgrading
+            return elapsed, seen
 
-        command("--direct")  # warm-up: every sandbox compiles flydeploy once
-        direct, before = command("--direct")
+        command("--direct")  # warm-up: every sandbox compiles flydeploy once, and so does this side
+        direct, seen = command("--direct")
         orchestrator, _ = command()
+        phases = _phases(seen, direct, machines)
+        before = direct - phases["upgrading"] - phases["summary_to_exit"]
+        starts = {"client_python_start_s": _best_start(["-c", "pass"], tree, env),
+                  "client_imports_s": _best_start(["-c", "import flydeploy_cli"], tree, env),
+                  "client_imports_uncached_s": _best_start(
+                      ["-c", "import flydeploy_cli"], tree,
+                      {**env, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": str(work / "no-pycache")})}
     return {"direct_s": round(direct, 3), "direct_before_upgrading_s": round(before, 3),
             "direct_upgrading_s": round(direct - before, 3),
+            "direct_client_side_s": round(direct - phases["upgrading"], 3),
+            "direct_client_cpu_s": round(cpu[1], 3),
+            "direct_phases_s": {name: round(value, 3) for name, value in phases.items()},
+            **{name: round(value, 3) for name, value in starts.items()},
             "orchestrator_local_fly_s": round(orchestrator, 3),
             "model_orchestrator_real_fly_s": round(orchestrator + MODEL_BUILD_S + MODEL_MACHINE_START_S, 1)}
+
+
+def _phases(seen: list[tuple[float, str]], elapsed: float, machines: int) -> dict[str, float]:
+    """Seconds of each of ``PHASES``, from the output lines' arrival times (``seen``)."""
+    ends = []
+    for name, mark in PHASES:
+        if mark is None:
+            ends.append((name, elapsed))
+            continue
+        mark = mark.format(machines=machines)
+        at = next((t for t, line in seen if line.startswith(mark)), None)
+        if at is None:
+            raise SystemExit(f"no line starting {mark!r} in the output of hot --direct:\n"
+                             + "".join(line for _, line in seen))
+        ends.append((name, at))
+    phases, previous = {}, 0.0
+    for name, end in ends:
+        phases[name], previous = end - previous, end
+    return phases
+
+
+def _best_start(args: list[str], cwd: pathlib.Path, env: dict[str, str]) -> float:
+    """The shortest of ``STARTS`` runs of ``python *args``, process start to exit."""
+    times = []
+    for _ in range(STARTS):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, *args], cwd=cwd, env=env, check=True, stdin=subprocess.DEVNULL)
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 def main() -> None:

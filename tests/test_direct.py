@@ -53,7 +53,71 @@ def test_dockerignore_applies_from_the_context_root(tmp_path):
     (tmp_path / ".dockerignore").write_text("src/local_settings.py\nsettings.py\n")
     rules = flydeploy.DockerIgnore.for_context(tmp_path, tmp_path / "src")
     assert rules.ignores("local_settings.py") and not rules.ignores("settings.py")
-    assert flydeploy.DockerIgnore.for_context(tmp_path / "src", tmp_path / "src") is None
+    none = flydeploy.DockerIgnore.for_context(tmp_path / "src", tmp_path / "src")
+    assert none.source is None and none.ignores("fly.toml") and not none.ignores("settings.py")
+
+
+def _ignore_project(tmp_path, build: str = "") -> flydeploy.FleetConfig:
+    """A project whose every file may be packed (``include``), with a .dockerignore that leaves out app.py."""
+    for name in ("app.py", "scratch.py", "keep.py"):
+        (tmp_path / name).write_text(f"NAME = {name!r}\n")
+    (tmp_path / "deploy").mkdir(exist_ok=True)
+    (tmp_path / "deploy" / "build.ignore").write_text("scratch.py\n")
+    (tmp_path / ".dockerignore").write_text("app.py\n")
+    (tmp_path / "fly.toml").write_text(f'app = "shop"\n{build}')
+    (tmp_path / "pyproject.toml").write_text('[tool.flydeploy]\ninclude = ["*.py", "fly.toml"]\n')
+    return flydeploy.load_config(tmp_path)
+
+
+def _packed(config: flydeploy.FleetConfig) -> list[str]:
+    return [path for path, _ in flydeploy.list_release_files(config.root, include=config.include,
+                                                             dockerignore=config.dockerignore())]
+
+
+@pytest.mark.parametrize("ignorefile", ["deploy/build.ignore", "/deploy/build.ignore",
+                                        "./deploy/../deploy/build.ignore"])
+def test_fly_toml_ignorefile_replaces_dockerignore(tmp_path, ignorefile):
+    # flyctl (internal/command/deploy/deploy_build.go, resolveIgnorefilePath): the path is joined to
+    # fly.toml's folder with Go's filepath.Join, so a leading / stays under that folder too; the
+    # context's .dockerignore is then not read at all.
+    config = _ignore_project(tmp_path, f'[build]\n  ignorefile = "{ignorefile}"\n')
+    assert config.ignore_file() == (tmp_path / "deploy" / "build.ignore", "fly.toml [build] ignorefile")
+    assert _packed(config) == ["app.py", "fly.toml", "keep.py"]
+    assert config.dockerignore().source == str(tmp_path / "deploy" / "build.ignore")
+    # A BuildKit build reads .dockerignore instead (flyctl gives it no excludes): the difference is named.
+    files = flydeploy.list_release_files(config.root, include=config.include, dockerignore=config.dockerignore())
+    assert "BuildKit" in flydeploy_cli.buildkit_note(config, files)
+    assert "reads .dockerignore instead, and would differ for 2 files: app.py, scratch.py" in \
+        flydeploy_cli.buildkit_note(config, files)
+    (tmp_path / ".dockerignore").write_text("scratch.py\n")  # alike: nothing to say
+    assert flydeploy_cli.buildkit_note(config, files) is None
+    (tmp_path / ".dockerignore").unlink()  # BuildKit copies everything, fly.toml too
+    assert "reads no ignore file instead, and would differ for 1 file: scratch.py" in \
+        flydeploy_cli.buildkit_note(config, files)
+
+
+def test_a_missing_ignore_file_leaves_out_fly_toml_alone(tmp_path):
+    # flyctl (internal/build/imgsrc/archive.go, readDockerignore): no such file is no error; the
+    # context is then everything but fly.toml.  The same when there is no .dockerignore.
+    config = _ignore_project(tmp_path, '[build]\n  ignorefile = "deploy/missing.ignore"\n')
+    assert _packed(config) == ["app.py", "keep.py", "scratch.py"]  # .dockerignore not read either
+    assert config.dockerignore().source is None
+    assert flydeploy_cli.ignore_note(config, config.dockerignore()) == (
+        " (fly.toml [build] ignorefile deploy/missing.ignore does not exist: as flyctl does, only fly.toml "
+        "is left out)")
+    plain = _ignore_project(tmp_path)
+    assert plain.ignore_file() == (tmp_path / ".dockerignore", ".dockerignore")
+    assert _packed(plain) == ["fly.toml", "keep.py", "scratch.py"]  # its rules alone: fly.toml in
+    (tmp_path / ".dockerignore").unlink()
+    assert _packed(plain) == ["app.py", "keep.py", "scratch.py"]
+
+
+def test_a_bad_ignorefile_setting_is_named(tmp_path):
+    with pytest.raises(flydeploy.ConfigError, match=r"\[build\] ignorefile must be a path"):
+        _ignore_project(tmp_path, "[build]\n  ignorefile = 3\n").ignore_file()
+    (tmp_path / "deploy" / "folder.ignore").mkdir()
+    with pytest.raises(flydeploy.ConfigError, match=r"cannot read .*folder.ignore"):
+        _ignore_project(tmp_path, '[build]\n  ignorefile = "deploy/folder.ignore"\n').dockerignore()
 
 
 def test_pack_leaves_out_what_dockerignore_keeps_out_and_records_the_tree(tmp_path):
@@ -160,15 +224,24 @@ def test_direct_dry_run_lock_and_missing_credentials(fakefly, seaweed, tmp_path)
     assert doctor.returncode == 1 and "✗ bucket from here (--direct)" in doctor.stdout, doctor.output
 
 
-def test_direct_honours_dockerignore(fakefly, seaweed, tmp_path):
+@pytest.mark.parametrize("ignorefile", [None, "deploy/hot.ignore"], ids=["dockerignore", "fly_toml_ignorefile"])
+def test_direct_honours_dockerignore(fakefly, seaweed, tmp_path, ignorefile):
     project = Project(fakefly, seaweed, tmp_path, machines=1)
     (machine,) = project.machines
     for _ in range(2):
         get(machine, "/bump")
-    project.edit({**V2, ".dockerignore": "# local only\ngreet.py\n"})
+    rules = {".dockerignore": "# local only\ngreet.py\n"}
+    if ignorefile:  # fly.toml names the ignore file: .dockerignore is not read (here it would keep counter.py out)
+        (project.tree / "deploy").mkdir()
+        rules = {ignorefile: "# local only\ngreet.py\n", ".dockerignore": "counter.py\n"}
+        fly_toml = project.tree / "fly.toml"
+        fly_toml.write_text(fly_toml.read_text() + f'\n[build]\n  ignorefile = "{ignorefile}"\n')
+    project.edit({**V2, **rules})
     hot = project.cli("hot", "--direct", "--version", "d2", local_s3=True)
     assert hot.returncode == 0, hot.output
-    assert "(.dockerignore honoured)" in hot.output
+    assert (f"({ignorefile} honoured: fly.toml [build] ignorefile)" if ignorefile
+            else "(.dockerignore honoured)") in hot.output, hot.output
+    assert ("would differ for 2 files: counter.py, greet.py" in hot.output) is bool(ignorefile), hot.output
     # counter.py is the new one, state migrated; greet.py never reached the image build, nor the release
     assert get(machine) == ("hello v1", "count-v2:2")
     archive = tmp_path / "d2.tar.gz"

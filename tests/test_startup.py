@@ -271,8 +271,9 @@ def test_poller_retries_a_failed_download_and_applies_within_two_intervals(machi
 
     files["greet.py"] = GREET_V2.replace("v2", "v3")
     release, url = make_release(tmp_path, s3, files, version="v3", app=machine.app)
-    before = poller()["polls"]
     flydeploy.record_hot_upgrade(s3, machine.app, release.hot_upgrade_record(url))
+    # Counted once the record is in: on a loaded host the query itself can span several polls.
+    before = poller()["polls"]
     wait_for(lambda: process.get()["greeting"] == "hello v3", what="the poller to apply v3")
     assert poller()["caught_up_at_poll"] <= before + 2
 
