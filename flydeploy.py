@@ -51,7 +51,8 @@ The file is organised in sections, in the order data flows:
                   routes and handlers, Django template loaders and URL
                   caches, SQLAlchemy models) made what a cold start of the
                   new code builds, then the ``on_reload`` callbacks; Flask
-                  requests wait at a gate while the code swaps.
+                  and Django (WSGI) requests wait at a gate while the code
+                  swaps.
 5. Agent          the per-process agent on a unix socket, the per-machine
                   upgrade in one run (``hot_upgrade``) or in two phases
                   (``prepare_release``, then ``apply_release`` with its
@@ -9319,7 +9320,7 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
     clock.lap("prepare")
     try:
         # The requests under way finish before the servers are held (section 4b).
-        with _requests_held(swap.frameworks["flask"], suspend_timeout), pause, _garbage_collection_paused():
+        with _requests_held(swap.frameworks, suspend_timeout), pause, _garbage_collection_paused():
             clock.lap("pause")
             # Read while held: servers that started meanwhile are held too.
             for server in pause.servers:
@@ -9479,7 +9480,8 @@ def _set_logged(obj: object, attribute: str, value: object,
 _FRAMEWORK_CLASSES = {("flask.sansio.scaffold", "Scaffold"): "flask",  # Flask >= 2.3
                       ("flask.scaffold", "Scaffold"): "flask",
                       ("starlette.applications", "Starlette"): "starlette",
-                      ("jinja2.environment", "Environment"): "jinja2"}
+                      ("jinja2.environment", "Environment"): "jinja2",
+                      ("django.core.handlers.wsgi", "WSGIHandler"): "django"}
 
 
 def _framework_objects() -> dict[str, list]:
@@ -9694,14 +9696,22 @@ def _flask_after(apps: list) -> None:
 # A WSGI worker's request threads are no servers the pause holds: a request
 # served while the module bodies run would see part of the new code (a login
 # manager made anew before an unchanged module registered its user loader on
-# it again, a URL map between its old and new rules).  Each live Flask app's
-# ``wsgi_app`` gets a gate, once: while an upgrade swaps, requests wait at it,
-# and the swap starts once the requests under way are finished.
+# it again, a URL map between its old and new rules, a ``urls.py`` half run).
+# Each live WSGI app gets a gate on the method that serves its requests, once:
+# while an upgrade swaps, requests wait at it, and the swap starts once the
+# requests under way are finished.  Per framework: that method (looked up on
+# the instance first, so the gate takes its place there) and how the app is
+# named when it stays busy.
+_GATED_METHODS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "flask": ("wsgi_app", lambda app: f"Flask app {app.name!r}"),
+    "django": ("get_response", lambda handler: "Django's WSGI handler"),
+}
 
 
 class _RequestGate:
-    """What a Flask app's ``wsgi_app`` becomes: requests pass, or wait while
-    an upgrade swaps on another thread (``closer``)."""
+    """What a WSGI app's request method becomes (Flask's ``wsgi_app``, the
+    ``get_response`` of Django's ``WSGIHandler``): requests pass, or wait
+    while an upgrade swaps on another thread (``closer``)."""
 
     def __init__(self, inner: Callable) -> None:
         self.inner = inner
@@ -9709,13 +9719,13 @@ class _RequestGate:
         self.active: collections.Counter = collections.Counter()  # thread -> requests inside
         self.closer: int | None = None  # the swapping thread, while closed
 
-    def __call__(self, environ: dict, start_response: Callable) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         me = threading.get_ident()
         with self.changed:  # counted with the lock held: a closing upgrade waits for it
             self.changed.wait_for(lambda: self.closer in (None, me))
             self.active[me] += 1
         try:
-            return self.inner(environ, start_response)
+            return self.inner(*args, **kwargs)
         finally:
             with self.changed:
                 self.active[me] -= 1
@@ -9723,26 +9733,29 @@ class _RequestGate:
                     del self.active[me]
 
 
-def _request_gate(app: Any) -> _RequestGate:
-    gate = app.__dict__.get("wsgi_app")
+def _request_gate(app: Any, method: str) -> _RequestGate:
+    gate = app.__dict__.get(method)
     if not isinstance(gate, _RequestGate):
-        gate = app.wsgi_app = _RequestGate(app.wsgi_app)
+        gate = _RequestGate(getattr(app, method))
+        setattr(app, method, gate)
     return gate
 
 
 @contextlib.contextmanager
-def _requests_held(scaffolds: list, timeout: float) -> Iterator[None]:
-    """Close the gate of every live Flask app and wait, ``timeout`` seconds
-    at most, for the requests under way (also those that started before the
-    gate was put up: a thread running ``Flask.wsgi_app``) to finish; open
-    them again on the way out, after a rollback too.  Entered before the
-    pause holds the servers: a request under way may be waiting for one."""
-    apps = [app for app in scaffolds if callable(getattr(type(app), "wsgi_app", None))]
+def _requests_held(frameworks: dict[str, list], timeout: float) -> Iterator[None]:
+    """Close the gate of every live WSGI app in ``frameworks`` (as
+    ``_framework_objects`` finds them) and wait, ``timeout`` seconds at most,
+    for the requests under way (also those that started before the gate was
+    put up: a thread running the app's request method) to finish; open them
+    again on the way out, after a rollback too.  Entered before the pause
+    holds the servers: a request under way may be waiting for one."""
+    apps = [(app, method, name(app)) for kind, (method, name) in _GATED_METHODS.items()
+            for app in frameworks[kind] if callable(getattr(type(app), method, None))]
     if not apps:
         yield
         return
-    codes = {getattr(inspect.getattr_static(type(app), "wsgi_app"), "__code__", None) for app in apps}
-    gates = [_request_gate(app) for app in apps]
+    codes = {getattr(inspect.getattr_static(type(app), method), "__code__", None) for app, method, _ in apps}
+    gates = [_request_gate(app, method) for app, method, _ in apps]
     me = threading.get_ident()
     for gate in gates:
         with gate.changed:
@@ -9764,8 +9777,8 @@ def _requests_held(scaffolds: list, timeout: float) -> Iterator[None]:
     try:
         while under_way():
             if time.monotonic() >= deadline:
-                raise SuspendTimeout([f"the requests under way in Flask app {app.name!r}" for app in apps],
-                                     timeout)
+                raise SuspendTimeout(list(dict.fromkeys(f"the requests under way in {name}"
+                                                        for _, _, name in apps)), timeout)
             time.sleep(0.002)
         yield
     finally:

@@ -9,10 +9,13 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import pytest
 
 import flydeploy
+from tests import gated_requests
 from tests.engine_tree import tree  # noqa: F401  (the fixture)
 from tests.waiting import wait_until
 
@@ -464,86 +467,50 @@ def test_flask_config_read_from_a_changed_class_serves_what_a_cold_start_serves(
 
 # --- requests of a WSGI app while the module bodies run -------------------------------
 
-GATED_APP = """\
-    from flask import Flask
-    from . import hooks
-
-    app = Flask(__name__)
-    {body}
-
-    @app.route("/")
-    def index():
-        hooks.in_view.set()
-        hooks.leave_view.wait(10)
-        return WORD
-    """
+class Framework(NamedTuple):
+    run: Callable[[str], Any]  # a scenario of tests/gated_requests.py -> what it saw
+    busy: str  # what an upgrade that timed out waiting for the requests under way says was busy
 
 
-def stack_runs(thread: threading.Thread, code) -> bool:
-    """Whether ``thread`` is running ``code`` (somewhere on its stack) right now."""
-    frame = sys._current_frames().get(thread.ident)
-    while frame is not None and frame.f_code is not code:
-        frame = frame.f_back
-    return frame is not None
+@pytest.fixture(params=["flask", "django"])
+def framework(request, tree, tmp_path) -> Framework:
+    """A Flask app in this process, or a Django app (served by its ``WSGIHandler``) in a process of its own."""
+    pytest.importorskip(request.param)
+    if request.param == "flask":
+        return Framework(lambda scenario: getattr(gated_requests, scenario)(gated_requests.flask_app(tree)),
+                         "requests under way in Flask app")
+
+    def in_django(scenario: str) -> Any:
+        out = subprocess.run([sys.executable, "-m", "tests.gated_requests", str(tmp_path / "django"), scenario],
+                             capture_output=True, text=True, timeout=60, env={
+                                 "PYTHONPATH": str(flydeploy.__file__).rpartition("/")[0], "PATH": "/usr/bin:/bin"})
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    return Framework(in_django, "requests under way in Django's WSGI handler")
 
 
-def gated_tree(tree, body: str):
-    pytest.importorskip("flask")
-    tree.write("hooks.py", "import threading\nin_body, leave_body, in_view, leave_view = "
-                           "(threading.Event() for _ in range(4))\n")
-    hooks = tree.load("hooks")
-    tree.write("site.py", GATED_APP.format(body=body))
-    return hooks, tree.load("site")
-
-
-def test_a_flask_request_arriving_while_the_module_bodies_run_waits_for_the_whole_new_code(tree):
+def test_a_request_arriving_while_the_module_bodies_run_waits_for_the_whole_new_code(framework):
     """Microblog v0.12 -> v0.13 under load: a request served between two statements of a new module body saw
     part of the new code (a login manager made anew, its user loader not registered again yet) and failed."""
-    hooks, site = gated_tree(tree, "WORD = 'old'")
-    hooks.leave_view.set()
-    client = site.app.test_client()
-    assert client.get("/").text == "old"
-    tree.write("site.py", GATED_APP.format(body="WORD = 'half'\n    hooks.in_body.set()\n"
-                                               "    hooks.leave_body.wait(10)\n    WORD = 'new'"))
-    reports, answers = [], []
-    upgrade = threading.Thread(target=lambda: reports.append(tree.reload("site")))
-    upgrade.start()
-    assert hooks.in_body.wait(10)
-    request = threading.Thread(target=lambda: answers.append(client.get("/").text))
-    request.start()
-    wait_until(lambda: answers or stack_runs(request, flydeploy._RequestGate.__call__.__code__),
-               "the request to be answered or to wait at the gate")
-    hooks.leave_body.set()
-    upgrade.join(10)
-    request.join(10)
-    assert reports[0].ok, reports[0].error
-    assert answers == ["new"]
+    seen = framework.run("arriving_while_the_bodies_run")
+    assert seen["ok"], seen["error"]
+    assert seen["first"] == "old" and seen["answers"] == ["new"]
 
 
-def test_an_upgrade_swaps_once_the_flask_requests_under_way_are_finished(tree):
-    hooks, site = gated_tree(tree, "WORD = 'old'")
-    client = site.app.test_client()
-    answers, reports = [], []
-    request = threading.Thread(target=lambda: answers.append(client.get("/").text))
-    request.start()
-    assert hooks.in_view.wait(10)
-    tree.write("site.py", GATED_APP.format(body="hooks.in_body.set()\n    WORD = 'new'"))
-    upgrade = threading.Thread(target=lambda: reports.append(tree.reload("site", suspend_timeout=20)))
-    upgrade.start()
-    wait_until(lambda: hooks.in_body.is_set() or stack_runs(upgrade, flydeploy._requests_held.__wrapped__.__code__),
-               "the upgrade to swap or to wait for the request")
-    assert not hooks.in_body.is_set()
-    hooks.leave_view.set()
-    request.join(10)
-    upgrade.join(10)
-    assert answers == ["old"] and reports[0].ok, reports[0].error
-    assert client.get("/").text == "new"
+def test_an_upgrade_swaps_once_the_requests_under_way_are_finished(framework):
+    seen = framework.run("under_way_when_the_upgrade_starts")
+    assert seen["ok"], seen["error"]
+    assert not seen["swapped_first"]
+    assert seen["answers"] == ["old"] and seen["after"] == "new"
 
 
 def test_a_flask_request_under_way_that_calls_a_server_is_finished_before_the_servers_are_held(tree):
     """A view that talks to a server is the usual case: the requests under way are waited for before the
     pause holds the servers, or such a request would wait for a held server and the upgrade for it."""
-    hooks, site = gated_tree(tree, "WORD = 'old'")
+    pytest.importorskip("flask")
+    site = gated_requests.flask_app(tree)
+    hooks = site.hooks
 
     class Echo(flydeploy.Server):
         def handle_call(self, request, state):
@@ -551,17 +518,17 @@ def test_a_flask_request_under_way_that_calls_a_server_is_finished_before_the_se
 
     echo = Echo.start()
     try:
-        site.app.add_url_rule("/echo", "echo", lambda: hooks.in_view.set() or hooks.leave_view.wait(10)
-                              and echo.call("echoed", timeout=10))
-        client = site.app.test_client()
+        site.wsgi.add_url_rule("/echo", "echo", lambda: hooks.in_view.set() or hooks.leave_view.wait(10)
+                               and echo.call("echoed", timeout=10))
+        client = site.wsgi.test_client()
         answers, reports = [], []
         request = threading.Thread(target=lambda: answers.append(client.get("/echo").text))
         request.start()
         assert hooks.in_view.wait(10)
-        tree.write("site.py", GATED_APP.format(body="WORD = 'new'"))
-        upgrade = threading.Thread(target=lambda: reports.append(tree.reload("site", suspend_timeout=3)))
+        site.write("WORD = 'new'")
+        upgrade = threading.Thread(target=lambda: reports.append(site.reload(suspend_timeout=3)))
         upgrade.start()
-        wait_until(lambda: stack_runs(upgrade, flydeploy._requests_held.__wrapped__.__code__),
+        wait_until(lambda: gated_requests.stack_runs(upgrade, flydeploy._requests_held.__wrapped__.__code__),
                    "the upgrade to wait for the request under way")
         hooks.leave_view.set()
         request.join(10)
@@ -573,32 +540,16 @@ def test_a_flask_request_under_way_that_calls_a_server_is_finished_before_the_se
         echo.stop()
 
 
-def test_flask_requests_still_under_way_at_the_deadline_leave_everything_as_it_was(tree):
-    hooks, site = gated_tree(tree, "WORD = 'old'")
-    client = site.app.test_client()
-    answers = []
-    request = threading.Thread(target=lambda: answers.append(client.get("/").text))
-    request.start()
-    assert hooks.in_view.wait(10)
-    tree.write("site.py", GATED_APP.format(body="hooks.in_body.set()\n    WORD = 'new'"))
-    try:
-        report = tree.reload("site", suspend_timeout=0.2)
-    finally:
-        hooks.leave_view.set()
-        request.join(10)
-    assert not report.ok and not hooks.in_body.is_set()
-    assert "requests under way in Flask app" in report.error and "nothing changed" in report.error
-    assert answers == ["old"] and client.get("/").text == "old"
+def test_requests_still_under_way_at_the_deadline_leave_everything_as_it_was(framework):
+    seen = framework.run("under_way_at_the_deadline")
+    assert not seen["ok"] and not seen["body_ran"]
+    assert framework.busy in seen["error"] and "nothing changed" in seen["error"]
+    assert seen["answers"] == ["old"] and seen["after"] == "old"
 
 
-def test_an_upgrade_started_by_a_flask_request_does_not_wait_for_that_request(tree):
-    hooks, site = gated_tree(tree, "WORD = 'old'")
-    hooks.leave_view.set()
-    reports = []
-    site.app.add_url_rule("/upgrade", "upgrade", lambda: str(reports.append(tree.reload("site", suspend_timeout=5))))
-    client = site.app.test_client()
-    for word in ("new", "newer"):  # the second time through the gate the first one put up
-        tree.write("site.py", GATED_APP.format(body=f"WORD = {word!r}"))
-        assert client.get("/upgrade").status_code == 200
-        assert reports[-1].ok, reports[-1].error
-        assert client.get("/").text == word
+def test_an_upgrade_started_by_a_request_does_not_wait_for_that_request(framework):
+    steps = framework.run("started_by_a_request")
+    assert [step["word"] for step in steps] == ["new", "newer"]
+    for step in steps:
+        assert step["ok"], step["error"]
+        assert step["after"] == step["word"] and step["gated"]
