@@ -3123,6 +3123,14 @@ class Machines:
         return self._call("POST", self._machine_path(machine_id) + "/stop", body=body,
                           lease_nonce=lease_nonce)
 
+    def restart(self, machine_id: str, *, timeout: int | None = None, lease_nonce: str | None = None) -> dict:
+        """Restart a machine: its processes are stopped and started again, from its image
+        (``POST /v1/apps/{app_name}/machines/{machine_id}/restart``, ``Machines_restart`` in
+        the Machines API spec; ``timeout``, in seconds, goes as its query parameter)."""
+        return self._call("POST", self._machine_path(machine_id) + "/restart",
+                          query=[("timeout", str(int(timeout)))] if timeout is not None else (),
+                          lease_nonce=lease_nonce)
+
     def create(self, config: Mapping[str, Any], *, region: str | None = None, name: str | None = None) -> dict:
         """Create and start a machine from ``config`` (the Machines API ``MachineConfig``)."""
         body: dict[str, Any] = {"config": dict(config)}
