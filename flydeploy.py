@@ -8463,7 +8463,12 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
     changed = {plan.name for plan in plans}
     swap = _Swap(plans, clock, files)
     pause = _Pause(servers(), timeout=suspend_timeout)
-    helper = _PauseHelper(pause)
+    try:
+        helper = _PauseHelper(pause)
+    except RuntimeError as exc:  # the process may start no more threads
+        report.error = (f"could not start the thread that runs code_change ({exc}); nothing was changed "
+                        "and no server was held: retry when the process runs fewer threads")
+        return
     affected: list[Server] = []
     upgraded_class: dict[type, bool] = {}
     clock.lap("prepare")

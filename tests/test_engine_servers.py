@@ -617,3 +617,24 @@ def test_code_change_may_call_a_server_while_everything_is_held(tree):
     assert report.ok, report.error
     assert [server.call("get") for server in servers] == [{"seat": 1}, {"seat": 2}, {"seat": 3}]
     assert registry.call("count") == 4  # three code_change calls were answered
+
+
+def test_no_thread_for_code_change_refuses_before_holding_anything(tree, monkeypatch):
+    tree.write("srv.py", counter_source())
+    srv = tree.load("srv")
+    counter = tree.start(srv.Counter, 3)
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name == "flydeploy-code-change":
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    tree.write("srv.py", counter_source(reply='"new"'))
+    report = tree.reload()
+    assert not report.ok and not report.rolled_back and report.suspend_ms == 0
+    assert "could not start the thread that runs code_change (can't start new thread)" in report.error
+    assert counter.call("get") == 3 and tree.name("srv") in flydeploy.modified_modules()
+    monkeypatch.undo()
+    assert tree.reload().ok and counter.call("get") == "new"
