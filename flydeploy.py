@@ -8381,9 +8381,10 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
                 order a fresh import runs them, logging every change; then
                 refresh the web frameworks' state (section 4b).
     4. migrate  each affected server's state through its new ``code_change``,
-                within the pause's deadline.  A failure in 3 or 4 rolls
-                everything back.  The end of migrate is the point of no
-                return.
+                within the pause's deadline: one batch, on a thread started
+                before the pause, so that one that hangs ends the upgrade
+                at the deadline.  A failure in 3 or 4 rolls everything
+                back.  The end of migrate is the point of no return.
     5. resume   release the servers and loops, which now run the new code.
     6. commit   record what runs now, drop stale bytecode, send the upgraded
                 servers ``Upgraded``; then the ``on_upgrade`` callbacks run.
