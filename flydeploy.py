@@ -45,7 +45,8 @@ The file is organised in sections, in the order data flows:
                   (Jinja2 template caches, Flask and Starlette/FastAPI
                   routes and handlers, Django template loaders and URL
                   caches, SQLAlchemy models) made what a cold start of the
-                  new code builds, then the ``on_reload`` callbacks.
+                  new code builds, then the ``on_reload`` callbacks; Flask
+                  requests wait at a gate while the code swaps.
 5. Agent          the per-process agent on a unix socket, the per-machine
                   upgrade (``hot_upgrade``), boot-time catch-up
                   (``startup_reapply_current``) and the poller.
@@ -5920,12 +5921,34 @@ def _bound_names(statement: ast.stmt) -> set[str]:
     return names
 
 
+def _surely_bound(statement: ast.stmt) -> set[str]:
+    """The names a statement binds whenever it runs to its end: not those of
+    an ``if`` branch the other branch lacks, of a loop's body, of a ``try``
+    body or handler (only its ``finally`` block), or of a ``match`` case."""
+    def block(statements: list[ast.stmt]) -> set[str]:
+        return set().union(*map(_surely_bound, statements))
+    if isinstance(statement, ast.If):
+        return block(statement.body) & block(statement.orelse)
+    if isinstance(statement, (ast.For, ast.AsyncFor, ast.While, ast.Match)):
+        return set()
+    if isinstance(statement, (ast.Try, ast.TryStar)):
+        return block(statement.finalbody)
+    if isinstance(statement, (ast.With, ast.AsyncWith)):
+        return block(statement.body) | set().union(*(
+            _bound_names(ast.Expr(item.optional_vars)) for item in statement.items if item.optional_vars))
+    return _bound_names(statement)
+
+
 def _read_names(statement: ast.stmt) -> set[str]:
     """Names a statement reads while it runs, with the dotted names it reads
-    (``config.LIMIT``) and calls (``build()``): function bodies and lambdas
-    run later, so only their decorators, defaults and annotations count."""
+    (``config.LIMIT``) and calls (``build()``), and ``NAME.*`` for a value it
+    takes whole, neither called nor an attribute or item taken from it (what
+    ``vars(Config)`` or ``app.config.from_object(Config)`` read is every
+    attribute of ``Config``): function bodies and lambdas run later, so only
+    their decorators, defaults and annotations count."""
     names: set[str] = set()
     stack: list[ast.AST] = [statement]
+    held: set[int] = set()  # called, or an attribute taken from them: not read whole
     while stack:
         node = stack.pop()
         if isinstance(node, _DEFS):
@@ -5945,6 +5968,14 @@ def _read_names(statement: ast.stmt) -> set[str]:
             path = _dotted(node.func)  # ``build()``: what the code of ``build`` gives
             if path is not None:
                 names.add(f"{path}()")
+            held.add(id(node.func))
+        if isinstance(node, (ast.Attribute, ast.Subscript)):  # ``del C.x``, ``C.x = 1``, ``C[x]``
+            held.add(id(node.value))
+        if isinstance(node, (ast.Name, ast.Attribute)) and isinstance(node.ctx, ast.Load) \
+                and id(node) not in held:
+            path = _dotted(node)
+            if path is not None:
+                names.add(f"{path}.*")
         stack.extend(ast.iter_child_nodes(node))
     return names
 
@@ -6725,11 +6756,14 @@ def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope, outer
     ``sys.meta_path`` and the line appending it again), and a group runs
     again as a whole, in order, when any of its statements must: one that
     changed (compared as syntax trees), or one that reads a name taking a
-    new value (``outer``: ``NAME``, ``module.NAME`` of another module, and
-    ``NAME()`` for a function whose code changed), or one that assigns a
+    new value (``outer``: ``NAME``, ``module.NAME`` of another module,
+    ``NAME()`` for a function whose code changed, ``NAME.*`` for a class
+    whose attributes changed, read whole), or one that assigns a
     name missing from the live ``namespace`` (when given) that no ``del``
-    of the body removes.  ``def`` and ``class`` statements always run,
-    through the hooks that keep their objects.  Returns the names the
+    of the body removes and that it binds whenever it runs (not one of a
+    branch the first run did not take, ``if MAIL_SERVER: handler = ...``).
+    ``def`` and ``class`` statements always run, through the hooks that
+    keep their objects.  Returns the names the
     statements that run again bind, and the indexes of the statements that
     need not run."""
     remaining = collections.Counter(old.dumps if old is not None else ())
@@ -6748,7 +6782,7 @@ def _rerun_in_order(body: list[ast.stmt], old: _Scope | None, new: _Scope, outer
                    for target in statement.targets if isinstance(target, ast.Name)}
         must.update(index for index, statement in enumerate(body)
                     if not isinstance(statement, definitions)
-                    and not binds[index] - deleted <= namespace.keys())
+                    and not _surely_bound(statement) - deleted <= namespace.keys())
     keys = [set() if isinstance(statement, definitions)
             else binds[i] | _edited_objects(statement, namespace) for i, statement in enumerate(body)]
     # What a statement that runs again gives a new value: an import only the
@@ -6887,6 +6921,7 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
                      and len(statement.decorator_list) > 1)}
     # A call of a factory whose closures need other free variables makes new ones.
     replaced |= {call for call in plan.stale_calls if "." not in call[:-2]}
+    replaced |= _changed_class_attributes(plan)
     written = [skipped.get(index, statement) for index, statement in enumerate(tree.body)]
     again = set(skipped) - set(_rerun_in_order(written, plan.old[""], plan.new[""],
                                                imported | called | replaced, namespace)[1]
@@ -6905,6 +6940,26 @@ def _rewrite(plan: _ModulePlan, plans: Mapping[str, _ModulePlan]) -> None:
         _find_closures(plan)
     _swap_without_running(plan)
     plan.code_pairs = _code_pairs(plan)
+
+
+def _changed_class_attributes(plan: _ModulePlan) -> set[str]:
+    """``C.*`` and ``C.NAME`` for each live module-level class, kept and
+    updated in place, whose attributes other than its methods take new
+    values or go: a statement that reads the class whole or such an
+    attribute of it (``app.config.from_object(Config)``, ``vars(Config)``,
+    ``Config.LIMIT``) runs again, as in a cold start.  Calling the class or
+    a method of it (``Config()``, ``Server.start()``) is no such read: live
+    instances keep their state."""
+    found = set()
+    for qualname, names in plan.rerun.items():
+        if not qualname or "." in qualname or _within(qualname, plan.rebuilt) \
+                or _live_class(plan, qualname) is None:
+            continue
+        before, after = plan.old.get(qualname), plan.new[qualname]
+        changed = names | (before.values.keys() - after.statements.keys() if before else set())
+        if changed:
+            found |= {f"{qualname}.*", *(f"{qualname}.{name}" for name in changed)}
+    return found
 
 
 def _keep_class_state(plan: _ModulePlan, qualname: str, statement: ast.ClassDef) -> set[str]:
@@ -7053,7 +7108,8 @@ def _imported_values(name: str, module: types.ModuleType, body: list[ast.stmt],
     each), as the names it reads them by:
     ``from .config import LIMIT`` gives ``LIMIT``, ``from .more import *``
     every name ``more`` changes, gains or loses, ``import config`` gives
-    ``config.LIMIT``, and a changed function ``build`` gives ``build()``."""
+    ``config.LIMIT``, a changed function ``build`` gives ``build()``, and a
+    class whose attributes change gives ``Config.*`` and ``Config.NAME``."""
     imported: set[str] = set()
     package = name if hasattr(module, "__path__") else name.rpartition(".")[0]
     for statement in body:
@@ -7068,9 +7124,11 @@ def _imported_values(name: str, module: types.ModuleType, body: list[ast.stmt],
             if any(a.name == "*" for a in statement.names):  # names gained and lost count too
                 imported |= new | (source.old[""].statements.keys()
                                    ^ source.new[""].statements.keys())
-            for alias in statement.names:
-                imported.update(f"{alias.asname or alias.name}{call}" for call in ("", "()")
-                                if f"{alias.name}{call}" in new)
+            for alias in statement.names:  # ``NAME``, ``NAME()``, ``NAME.*``, ``NAME.ATTR``
+                imported.update(f"{alias.asname or alias.name}{value[len(alias.name):]}"
+                                for value in new if value == alias.name or (
+                                    value.startswith(alias.name)
+                                    and value[len(alias.name)] in "(."))
     by_id = {id(other.module): other for other in plans.values()}
     for bound, value in list(module.__dict__.items()):
         source = by_id.get(id(value))
@@ -8376,7 +8434,9 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
                 again and what takes new code in place (the plan section),
                 refuse what cannot be done; nothing live changes and
                 everything keeps running.  A refusal ends the call here.
-    2. pause    hold every server at a safe point, park every attached loop.
+    2. pause    let the requests under way in a Flask app finish and gate
+                new ones (section 4b), then hold every server at a safe
+                point, park every attached loop.
     3. swap     run the planned module bodies in the live modules, in the
                 order a fresh import runs them, logging every change; then
                 refresh the web frameworks' state (section 4b).
@@ -8474,7 +8534,9 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
     upgraded_class: dict[type, bool] = {}
     clock.lap("prepare")
     try:
-        with contextlib.closing(helper), pause, _garbage_collection_paused():
+        # The requests under way finish before the servers are held (section 4b).
+        with (contextlib.closing(helper), _requests_held(swap.frameworks["flask"], suspend_timeout),
+              pause, _garbage_collection_paused()):
             clock.lap("pause")
             # Read while held: servers that started meanwhile are held too.
             for server in pause.servers:
@@ -8844,6 +8906,90 @@ def _drop_rules(url_map: object, endpoints: set, undo: Callable[[Callable[[], No
 def _flask_after(apps: list) -> None:
     for app in apps:
         del app._check_setup_finished
+
+
+# A WSGI worker's request threads are no servers the pause holds: a request
+# served while the module bodies run would see part of the new code (a login
+# manager made anew before an unchanged module registered its user loader on
+# it again, a URL map between its old and new rules).  Each live Flask app's
+# ``wsgi_app`` gets a gate, once: while an upgrade swaps, requests wait at it,
+# and the swap starts once the requests under way are finished.
+
+
+class _RequestGate:
+    """What a Flask app's ``wsgi_app`` becomes: requests pass, or wait while
+    an upgrade swaps on another thread (``closer``)."""
+
+    def __init__(self, inner: Callable) -> None:
+        self.inner = inner
+        self.changed = threading.Condition(threading.Lock())
+        self.active: collections.Counter = collections.Counter()  # thread -> requests inside
+        self.closer: int | None = None  # the swapping thread, while closed
+
+    def __call__(self, environ: dict, start_response: Callable) -> Any:
+        me = threading.get_ident()
+        with self.changed:  # counted with the lock held: a closing upgrade waits for it
+            self.changed.wait_for(lambda: self.closer in (None, me))
+            self.active[me] += 1
+        try:
+            return self.inner(environ, start_response)
+        finally:
+            with self.changed:
+                self.active[me] -= 1
+                if not self.active[me]:
+                    del self.active[me]
+
+
+def _request_gate(app: Any) -> _RequestGate:
+    gate = app.__dict__.get("wsgi_app")
+    if not isinstance(gate, _RequestGate):
+        gate = app.wsgi_app = _RequestGate(app.wsgi_app)
+    return gate
+
+
+@contextlib.contextmanager
+def _requests_held(scaffolds: list, timeout: float) -> Iterator[None]:
+    """Close the gate of every live Flask app and wait, ``timeout`` seconds
+    at most, for the requests under way (also those that started before the
+    gate was put up: a thread running ``Flask.wsgi_app``) to finish; open
+    them again on the way out, after a rollback too.  Entered before the
+    pause holds the servers: a request under way may be waiting for one."""
+    apps = [app for app in scaffolds if callable(getattr(type(app), "wsgi_app", None))]
+    if not apps:
+        yield
+        return
+    codes = {getattr(inspect.getattr_static(type(app), "wsgi_app"), "__code__", None) for app in apps}
+    gates = [_request_gate(app) for app in apps]
+    me = threading.get_ident()
+    for gate in gates:
+        with gate.changed:
+            gate.closer = me
+
+    def under_way() -> bool:  # a request of the upgrading thread itself does not count
+        for gate in gates:
+            with gate.changed:
+                if gate.active.keys() - {me}:
+                    return True
+        for thread, frame in sys._current_frames().items():
+            while thread != me and frame is not None:
+                if frame.f_code in codes:
+                    return True
+                frame = frame.f_back
+        return False
+
+    deadline = time.monotonic() + timeout
+    try:
+        while under_way():
+            if time.monotonic() >= deadline:
+                raise SuspendTimeout([f"the requests under way in Flask app {app.name!r}" for app in apps],
+                                     timeout)
+            time.sleep(0.002)
+        yield
+    finally:
+        for gate in gates:
+            with gate.changed:
+                gate.closer = None
+                gate.changed.notify_all()
 
 
 # --- Starlette / FastAPI ----------------------------------------------------

@@ -233,6 +233,50 @@ def test_names_a_body_deletes_do_not_make_its_statements_run_again(tree):
     assert m.MASK is mask == (1, 2, 3, 4) and m.LABEL == "b" and not hasattr(m, "SPAN")
 
 
+BRANCHES = """
+import logging
+LOG = logging.getLogger({logger!r})
+DEBUG, MAIL_SERVER = False, None
+if not DEBUG:
+    if MAIL_SERVER:
+        mail_handler = logging.Handler()
+        LOG.addHandler(mail_handler)
+    for extra in ():
+        LOG.addHandler(extra)
+    try:
+        file_handler = logging.NullHandler()
+    except OSError as error:
+        failure = error
+    LOG.addHandler(file_handler)
+LABEL = {label!r}
+"""
+
+
+def test_names_of_a_branch_the_first_run_did_not_take_do_not_make_it_run_again(tree):
+    """Microblog's ``if not app.debug:`` block, whose mail handler is set up only with a mail server, ran again
+    at every upgrade of its module (its names are missing) and gave the app's logger its file handler again."""
+    logger = f"{tree.pkg}.branches"
+    tree.write("m.py", BRANCHES.format(logger=logger, label="a"))
+    m = tree.load("m")
+    tree.write("m.py", BRANCHES.format(logger=logger, label="b"))
+    upgraded(tree)
+    assert len(m.LOG.handlers) == 1 and m.LABEL == "b" and not hasattr(m, "mail_handler")
+
+
+def test_a_class_whose_attributes_changed_is_read_again_only_where_read_whole(tree):
+    """``vars(C)`` runs again; ``del C.__slots__`` (jinja2's runtime does so for its Undefined classes), an
+    attribute set on it and ``C()`` do not read it whole: a cold start runs them on a fresh class, the live one
+    has no ``__slots__`` left to delete."""
+    text = ("class C:\n    __slots__ = ()\n    A = {a!r}\nATTRIBUTES = dict(vars(C))\ndel C.__slots__\n"
+            "C.B = 1\nINSTANCE = C()\n")
+    tree.write("m.py", text.format(a=1))
+    m = tree.load("m")
+    instance = m.INSTANCE
+    tree.write("m.py", text.format(a=2))
+    upgraded(tree)
+    assert m.ATTRIBUTES["A"] == 2 and m.C.A == 2 and "__slots__" not in vars(m.C) and m.INSTANCE is instance
+
+
 SLOTTED = """
 class Field:
     def __init__(self, default):

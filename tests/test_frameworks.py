@@ -8,11 +8,13 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
 import flydeploy
 from tests.engine_tree import tree  # noqa: F401  (the fixture)
+from tests.waiting import wait_until
 
 
 def asgi_get(app, path: str) -> tuple[int, bytes]:
@@ -390,7 +392,7 @@ def test_django_hashed_static_manifest_is_read_again(tmp_path):
                                       True, True]
 
 
-# --- what the engine does not do yet ------------------------------------------
+# --- config classes and edited imports -----------------------------------------
 
 FLASK_APP = """\
     from flask import Flask
@@ -416,9 +418,6 @@ def test_an_edited_import_line_keeps_the_flask_app(tree):
     assert site.app is app and app.config.get("NEW") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="engine (section 4 planning): a class updated in place keeps its identity, so "
-                   "an unchanged statement that reads it (`app.config.from_object(Config)`) does not run again and "
-                   "misses the new class attributes a cold start reads (microblog v0.3 -> v0.4 is refused this way)")
 def test_config_read_from_a_changed_class_is_read_again(tree):
     tree.write("config.py", "class Config:\n    NAME = 'a'\n")
     tree.write("site.py", "from .config import Config\nSETTINGS = {}\nSETTINGS.update(vars(Config))\n")
@@ -426,3 +425,180 @@ def test_config_read_from_a_changed_class_is_read_again(tree):
     tree.write("config.py", "class Config:\n    NAME = 'a'\n    MAIL = 'b'\n")
     assert tree.reload("config", "site").ok
     assert site.SETTINGS.get("MAIL") == "b"
+
+
+FLASK_CONFIG_APP = """\
+    from flask import Flask
+    from .config import Config
+
+    app = Flask(__name__)
+    app.config.from_object(Config)
+    {edit}
+
+    @app.route("/")
+    def index():
+        return {body}
+    """
+
+
+def test_flask_config_read_from_a_changed_class_serves_what_a_cold_start_serves(tree):
+    """Microblog v0.12 -> v0.13: the config class gains a setting that new view code reads on every request;
+    ``app.config.from_object(Config)`` runs again with what reads the config after it, and the app and what
+    was registered on it stay."""
+    pytest.importorskip("flask")
+    tree.write("config.py", "class Config:\n    GREETING = 'hello'\n")
+    tree.write("site.py", FLASK_CONFIG_APP.format(edit="LOUD = app.config['GREETING'].upper()", body="LOUD"))
+    site = tree.load("site")
+    app, client = site.app, site.app.test_client()
+    assert client.get("/").text == "HELLO"
+    tree.write("config.py", "class Config:\n    GREETING = 'hello'\n    LANGUAGES = ['en', 'es']\n")
+    tree.write("site.py", FLASK_CONFIG_APP.format(edit="LOUD = app.config['GREETING'].upper()",
+                                                  body="LOUD + ' ' + ','.join(app.config['LANGUAGES'])"))
+    assert tree.reload("config", "site").ok
+    assert site.app is app
+    assert (client.get("/").status_code, client.get("/").text) == (200, "HELLO en,es")
+    tree.write("config.py", "class Config:\n    GREETING = 'hi'\n    LANGUAGES = ['en', 'es']\n")
+    assert tree.reload("config").ok
+    assert client.get("/").text == "HI en,es"  # what read the config ran again after it
+
+
+# --- requests of a WSGI app while the module bodies run -------------------------------
+
+GATED_APP = """\
+    from flask import Flask
+    from . import hooks
+
+    app = Flask(__name__)
+    {body}
+
+    @app.route("/")
+    def index():
+        hooks.in_view.set()
+        hooks.leave_view.wait(10)
+        return WORD
+    """
+
+
+def stack_runs(thread: threading.Thread, code) -> bool:
+    """Whether ``thread`` is running ``code`` (somewhere on its stack) right now."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    return frame is not None
+
+
+def gated_tree(tree, body: str):
+    pytest.importorskip("flask")
+    tree.write("hooks.py", "import threading\nin_body, leave_body, in_view, leave_view = "
+                           "(threading.Event() for _ in range(4))\n")
+    hooks = tree.load("hooks")
+    tree.write("site.py", GATED_APP.format(body=body))
+    return hooks, tree.load("site")
+
+
+def test_a_flask_request_arriving_while_the_module_bodies_run_waits_for_the_whole_new_code(tree):
+    """Microblog v0.12 -> v0.13 under load: a request served between two statements of a new module body saw
+    part of the new code (a login manager made anew, its user loader not registered again yet) and failed."""
+    hooks, site = gated_tree(tree, "WORD = 'old'")
+    hooks.leave_view.set()
+    client = site.app.test_client()
+    assert client.get("/").text == "old"
+    tree.write("site.py", GATED_APP.format(body="WORD = 'half'\n    hooks.in_body.set()\n"
+                                               "    hooks.leave_body.wait(10)\n    WORD = 'new'"))
+    reports, answers = [], []
+    upgrade = threading.Thread(target=lambda: reports.append(tree.reload("site")))
+    upgrade.start()
+    assert hooks.in_body.wait(10)
+    request = threading.Thread(target=lambda: answers.append(client.get("/").text))
+    request.start()
+    wait_until(lambda: answers or stack_runs(request, flydeploy._RequestGate.__call__.__code__),
+               "the request to be answered or to wait at the gate")
+    hooks.leave_body.set()
+    upgrade.join(10)
+    request.join(10)
+    assert reports[0].ok, reports[0].error
+    assert answers == ["new"]
+
+
+def test_an_upgrade_swaps_once_the_flask_requests_under_way_are_finished(tree):
+    hooks, site = gated_tree(tree, "WORD = 'old'")
+    client = site.app.test_client()
+    answers, reports = [], []
+    request = threading.Thread(target=lambda: answers.append(client.get("/").text))
+    request.start()
+    assert hooks.in_view.wait(10)
+    tree.write("site.py", GATED_APP.format(body="hooks.in_body.set()\n    WORD = 'new'"))
+    upgrade = threading.Thread(target=lambda: reports.append(tree.reload("site", suspend_timeout=20)))
+    upgrade.start()
+    wait_until(lambda: hooks.in_body.is_set() or stack_runs(upgrade, flydeploy._requests_held.__wrapped__.__code__),
+               "the upgrade to swap or to wait for the request")
+    assert not hooks.in_body.is_set()
+    hooks.leave_view.set()
+    request.join(10)
+    upgrade.join(10)
+    assert answers == ["old"] and reports[0].ok, reports[0].error
+    assert client.get("/").text == "new"
+
+
+def test_a_flask_request_under_way_that_calls_a_server_is_finished_before_the_servers_are_held(tree):
+    """A view that talks to a server is the usual case: the requests under way are waited for before the
+    pause holds the servers, or such a request would wait for a held server and the upgrade for it."""
+    hooks, site = gated_tree(tree, "WORD = 'old'")
+
+    class Echo(flydeploy.Server):
+        def handle_call(self, request, state):
+            return request, state
+
+    echo = Echo.start()
+    try:
+        site.app.add_url_rule("/echo", "echo", lambda: hooks.in_view.set() or hooks.leave_view.wait(10)
+                              and echo.call("echoed", timeout=10))
+        client = site.app.test_client()
+        answers, reports = [], []
+        request = threading.Thread(target=lambda: answers.append(client.get("/echo").text))
+        request.start()
+        assert hooks.in_view.wait(10)
+        tree.write("site.py", GATED_APP.format(body="WORD = 'new'"))
+        upgrade = threading.Thread(target=lambda: reports.append(tree.reload("site", suspend_timeout=3)))
+        upgrade.start()
+        wait_until(lambda: stack_runs(upgrade, flydeploy._requests_held.__wrapped__.__code__),
+                   "the upgrade to wait for the request under way")
+        hooks.leave_view.set()
+        request.join(10)
+        upgrade.join(10)
+        assert answers == ["echoed"]
+        assert reports[0].ok, reports[0].error
+        assert client.get("/").text == "new"
+    finally:
+        echo.stop()
+
+
+def test_flask_requests_still_under_way_at_the_deadline_leave_everything_as_it_was(tree):
+    hooks, site = gated_tree(tree, "WORD = 'old'")
+    client = site.app.test_client()
+    answers = []
+    request = threading.Thread(target=lambda: answers.append(client.get("/").text))
+    request.start()
+    assert hooks.in_view.wait(10)
+    tree.write("site.py", GATED_APP.format(body="hooks.in_body.set()\n    WORD = 'new'"))
+    try:
+        report = tree.reload("site", suspend_timeout=0.2)
+    finally:
+        hooks.leave_view.set()
+        request.join(10)
+    assert not report.ok and not hooks.in_body.is_set()
+    assert "requests under way in Flask app" in report.error and "nothing changed" in report.error
+    assert answers == ["old"] and client.get("/").text == "old"
+
+
+def test_an_upgrade_started_by_a_flask_request_does_not_wait_for_that_request(tree):
+    hooks, site = gated_tree(tree, "WORD = 'old'")
+    hooks.leave_view.set()
+    reports = []
+    site.app.add_url_rule("/upgrade", "upgrade", lambda: str(reports.append(tree.reload("site", suspend_timeout=5))))
+    client = site.app.test_client()
+    for word in ("new", "newer"):  # the second time through the gate the first one put up
+        tree.write("site.py", GATED_APP.format(body=f"WORD = {word!r}"))
+        assert client.get("/upgrade").status_code == 200
+        assert reports[-1].ok, reports[-1].error
+        assert client.get("/").text == word
