@@ -9885,6 +9885,8 @@ def _starlette_after(apps: list[_StarletteApp], swap: _Swap,
     handlers and the router) is built again where they or the middleware
     changed, else the live one stays (with the state of its middleware);
     FastAPI's schema is made again."""
+    if not apps:  # nothing to compare: the names of the swapped modules need no scan
+        return
     for plan in swap.plans:
         namespace = plan.module.__dict__
         for name, old in swap.namespaces.get(plan.name, {}).items():
