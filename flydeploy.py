@@ -12760,7 +12760,9 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
     with os.fdopen(fd, "w") as handle:
         json.dump({"pid": pid, "upgrade_id": args.upgrade_id, "started_at": _iso_utc(_utc_now())}, handle)
     print(json.dumps({"detached": True, "started": True, "upgrade_id": args.upgrade_id, "pid": pid}), flush=True)
-    deadline = time.monotonic() + (getattr(args, "wait", None) or 0.0)
+    if not getattr(args, "wait", None):
+        return 0  # at once, even when the job has already ended: its result is collected
+    deadline = time.monotonic() + args.wait
     while os.waitpid(pid, os.WNOHANG)[0] == 0:
         if time.monotonic() >= deadline:
             return 0
