@@ -8848,24 +8848,26 @@ class _Swap:
                 self._save_module(module)
                 module.__dict__.update(stale)
 
-    def transact(self, affected: list[Server], extra: object, pause: _Pause) -> bool:
+    def transact(self, affected: list[Server], extra: object, helper: _PauseHelper) -> bool:
         """Inside the pause: swap the modules, then migrate the state of every
-        affected server through its new ``code_change``, within the pause's
-        deadline (``_call_by``).  On any failure everything is rolled back;
-        returns whether it all succeeded."""
-        old_versions = {id(server): getattr(server, "vsn", None) for server in affected}
-        migrating: list[Server] = []  # the server whose code_change runs
+        affected server through its new ``code_change``, all of them in one
+        batch on ``helper`` within the pause's deadline.  On any failure
+        everything is rolled back; returns whether it all succeeded."""
+        # The version each server ran, read before the swap changes the class attribute.
+        versions = [(server, getattr(server, "vsn", None)) for server in affected]
+        migrating: list[Server | None] = [None]  # the server whose code_change runs
         given_up = threading.Lock()  # held for good once the deadline passed
 
-        def migrate(changing: list[Server]) -> None:
-            for server in changing:
-                migrating[:] = [server]
-                state = server.code_change(old_versions[id(server)], server._state, extra)
-                if not given_up.acquire(blocking=False):
+        def migrate(pairs: list[tuple[Server, Any]]) -> None:
+            carry_on, done = given_up.acquire, given_up.release
+            for server, old_vsn in pairs:
+                migrating[0] = server
+                state = server.code_change(old_vsn, server._state, extra)
+                if not carry_on(False):
                     return  # too late: the pausing thread rolled back and resumed
                 server._state = state
-                given_up.release()
-            migrating.clear()
+                done()
+            migrating[0] = None
 
         try:
             with _frameworks_refreshed(self):
@@ -8873,19 +8875,20 @@ class _Swap:
             self.clock.lap("swap")
             # Only an app's own code_change can change a state: only those states are kept for a
             # rollback, since copying them holds everything for as long as it takes.
-            changing = [server for server in affected if type(server).code_change is not Server.code_change]
-            before = _snapshot([server._state for server in changing])
-            self.undo.append(lambda: _restore_states(changing, before()))
-            if changing:
+            batch = _with_own_code_change(versions)
+            before = _snapshot([server._state for server, _ in batch])
+            self.undo.append(lambda: _restore_states([server for server, _ in batch], before()))
+            if batch:
                 try:
-                    _call_by(pause, migrate, changing)
+                    helper.call(migrate, batch)
                 except CodeChangeTimeout:
                     given_up.acquire()
                     raise
             self.clock.lap("migrate")
         except BaseException as exc:
             self.rollback()
-            for server in migrating[:1]:
+            if migrating[0] is not None:
+                server = migrating[0]
                 self.stage = f"code_change of server {_server_label(server)}"
                 self.module = type(server).__module__
                 self.failed = [_server_label(server)]
@@ -8930,37 +8933,71 @@ class CodeChangeTimeout(FlyDeployError):
                          "raise the suspend timeout.")
 
 
-def _call_by(pause: _Pause, function: Callable, *args: object) -> Any:
-    """``function(*args)`` within the pause's deadline, on a thread that acts for the pausing one.
+def _with_own_code_change(versions: list[tuple[Server, Any]]) -> list[tuple[Server, Any]]:
+    """The (server, old version) pairs of the servers whose class has a
+    ``code_change`` of its own, in order (the default one returns the state
+    as it is: nothing to call)."""
+    own: dict[type, bool] = {}
+    for server, _ in versions:
+        cls = type(server)
+        if cls not in own:
+            own[cls] = cls.code_change is not Server.code_change
+    return [pair for pair in versions if own[type(pair[0])]]
 
-    Past the deadline this raises ``CodeChangeTimeout`` and the thread is left
-    to finish on its own; ``function`` must then make sure nothing it does
-    later counts (``_Swap.transact`` stops assigning states).
+
+class _PauseHelper:
+    """A thread that runs one function for the pausing thread, within the pause's deadline.
+
+    Started before the pause, so that the pause does not wait for a thread to
+    start; from then on it acts for the pausing thread (its calls to held
+    servers get through) until ``call`` handed it its function and that
+    returned, or ``close`` let it go unused.  Past the deadline ``call``
+    raises ``CodeChangeTimeout`` and the thread is left to finish on its own;
+    the function must then make sure nothing it does later counts
+    (``_Swap.transact`` stops assigning states).
     """
-    outcome: list[tuple[bool, Any]] = []
-    registered = threading.Event()
 
-    def run() -> None:
-        registered.wait()
+    def __init__(self, pause: _Pause) -> None:
+        self._pause = pause
+        self._work: tuple[Callable, tuple] | None = None
+        self._handed, self._finished = threading.Event(), threading.Event()
+        self._outcome: list[tuple[bool, Any]] = []
+        thread = threading.Thread(target=self._run, name="flydeploy-code-change", daemon=True)
+        thread.start()
+        self._ident = thread.ident
+        pause._hold.helpers.add(self._ident)
+
+    def _run(self) -> None:
+        self._handed.wait()
+        if self._work is None:
+            return  # let go unused
+        function, args = self._work
         try:
-            outcome.append((True, function(*args)))
+            self._outcome.append((True, function(*args)))
         except BaseException as exc:  # handed to the pausing thread
-            outcome.append((False, exc))
+            self._outcome.append((False, exc))
+        self._finished.set()
 
-    helper = threading.Thread(target=run, name="flydeploy-code-change", daemon=True)
-    helper.start()
-    pause._hold.helpers.add(helper.ident)
-    registered.set()
-    try:
-        helper.join(None if pause.deadline == math.inf else max(0.0, pause.deadline - time.monotonic()))
-    finally:
-        pause._hold.helpers.discard(helper.ident)
-    if not outcome:
-        raise CodeChangeTimeout(pause.timeout)
-    done, value = outcome[0]
-    if done:
-        return value
-    raise value
+    def call(self, function: Callable, *args: object) -> Any:
+        """``function(*args)`` on the helper thread, by the pause's deadline."""
+        deadline = self._pause.deadline
+        self._work = (function, args)
+        self._handed.set()
+        try:
+            self._finished.wait(None if deadline == math.inf else max(0.0, deadline - time.monotonic()))
+        finally:
+            self.close()
+        if not self._outcome:
+            raise CodeChangeTimeout(self._pause.timeout)
+        done, value = self._outcome[0]
+        if done:
+            return value
+        raise value
+
+    def close(self) -> None:
+        """Stop acting for the pausing thread; an unused thread ends."""
+        self._pause._hold.helpers.discard(self._ident)
+        self._handed.set()
 
 
 def _snapshot(states: list[object]) -> Callable[[], list[object]]:
@@ -9209,9 +9246,10 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
                 order a fresh import runs them, logging every change; then
                 refresh the web frameworks' state (section 4b).
     4. migrate  each affected server's state through its new ``code_change``,
-                within the pause's deadline.  A failure in 3 or 4 rolls
-                everything back.  The end of migrate is the point of no
-                return.
+                within the pause's deadline: one batch, on a thread started
+                before the pause, so that one that hangs ends the upgrade
+                at the deadline.  A failure in 3 or 4 rolls everything
+                back.  The end of migrate is the point of no return.
     5. resume   release the servers and loops, which now run the new code.
     6. commit   record what runs now, drop stale bytecode, send the upgraded
                 servers ``Upgraded``; then the ``on_upgrade`` callbacks run.
@@ -9410,12 +9448,19 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
     changed = {plan.name for plan in plans}
     swap = _Swap(plans, clock, files)
     pause = _Pause(servers(), timeout=suspend_timeout)
+    try:
+        helper = _PauseHelper(pause)
+    except RuntimeError as exc:  # the process may start no more threads
+        report.error = (f"could not start the thread that runs code_change ({exc}); nothing was changed "
+                        "and no server was held: retry when the process runs fewer threads")
+        return
     affected: list[Server] = []
     upgraded_class: dict[type, bool] = {}
     clock.lap("prepare")
     try:
         # The requests under way finish before the servers are held (section 4b).
-        with _requests_held(swap.frameworks, suspend_timeout), pause, _garbage_collection_paused():
+        with (contextlib.closing(helper), _requests_held(swap.frameworks, suspend_timeout),
+              pause, _garbage_collection_paused()):
             clock.lap("pause")
             # Read while held: servers that started meanwhile are held too.
             for server in pause.servers:
@@ -9424,7 +9469,7 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
                     upgraded_class[cls] = any(c.__module__ in changed for c in cls.__mro__)
                 if upgraded_class[cls]:
                     affected.append(server)
-            report.ok = swap.transact(affected, extra, pause)
+            report.ok = swap.transact(affected, extra, helper)
     except SuspendTimeout as exc:
         report.error = str(exc)
         report.servers_failed = list(exc.names)
@@ -9935,6 +9980,8 @@ def _starlette_after(apps: list[_StarletteApp], swap: _Swap,
     handlers and the router) is built again where they or the middleware
     changed, else the live one stays (with the state of its middleware);
     FastAPI's schema is made again."""
+    if not apps:  # nothing to compare: the names of the swapped modules need no scan
+        return
     for plan in swap.plans:
         namespace = plan.module.__dict__
         for name, old in swap.namespaces.get(plan.name, {}).items():
@@ -12830,7 +12877,9 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
     with os.fdopen(fd, "w") as handle:
         json.dump({"pid": pid, "upgrade_id": args.upgrade_id, "started_at": _iso_utc(_utc_now())}, handle)
     print(json.dumps({"detached": True, "started": True, "upgrade_id": args.upgrade_id, "pid": pid}), flush=True)
-    deadline = time.monotonic() + (getattr(args, "wait", None) or 0.0)
+    if not getattr(args, "wait", None):
+        return 0  # at once, even when the job has already ended: its result is collected
+    deadline = time.monotonic() + args.wait
     while os.waitpid(pid, os.WNOHANG)[0] == 0:
         if time.monotonic() >= deadline:
             return 0

@@ -533,3 +533,108 @@ def test_a_server_starting_when_an_upgrade_begins_is_held_through_the_swap(tree)
         assert server.call("parts") == ("new", "new")
     finally:
         server.stop(timeout=10)
+
+
+MIGRATING = """
+import flydeploy
+import {hooks}
+class S(flydeploy.Server):
+    vsn = {vsn}
+    def init(self, n):
+        return n
+    def handle_call(self, request, state):
+        return ({tag!r}, state), state
+    def code_change(self, old_vsn, state, extra):
+{code_change}
+"""
+
+
+def test_a_code_change_that_hangs_halfway_through_a_batch_is_rolled_back_at_the_deadline(tree):
+    hooks_name = f"{tree.pkg}_hooks"
+    hooks = types.SimpleNamespace(entered=threading.Event(), release=threading.Event(), ran=[])
+    sys.modules[hooks_name] = hooks
+    try:
+        tree.write("m.py", MIGRATING.format(hooks=hooks_name, vsn=1, tag="old", code_change="        return state"))
+        m = tree.load("m")
+        servers = [tree.start(m.S, n) for n in range(1000)]
+        # The 500th code_change of the batch never returns until the test says so.
+        tree.write("m.py", MIGRATING.format(hooks=hooks_name, vsn=2, tag="new", code_change=f"""
+        {hooks_name}.ran.append(state)
+        if state == 499:
+            {hooks_name}.entered.set()
+            {hooks_name}.release.wait()
+        return state + 1000"""))
+        report = tree.reload(suspend_timeout=2.0)
+        assert hooks.entered.is_set() and not hooks.release.is_set()
+        assert not report.ok and report.rolled_back, report
+        assert "did not return within the 2 s the pause may last" in report.error
+        assert report.servers_failed == [repr(servers[499])]
+        assert 1000 < report.suspend_ms < 2000 + 3000  # held until the deadline, not until the hang ends
+        # Rolled back and resumed: old code, and the 499 states already migrated are restored.
+        assert [server.call("get") for server in servers] == [("old", n) for n in range(1000)]
+        assert tree.name("m") in flydeploy.modified_modules()
+        # The late return changes nothing, and the rest of the batch never runs.
+        hooks.release.set()
+        wait_until(lambda: "flydeploy-code-change" not in [t.name for t in threading.enumerate()],
+                   "the late code_change to return")
+        assert hooks.ran == list(range(500))
+        assert [server.call("get") for server in servers] == [("old", n) for n in range(1000)]
+        # Nothing stays stuck: the next upgrade migrates every server.
+        tree.write("m.py", MIGRATING.format(hooks=hooks_name, vsn=3, tag="newer",
+                                            code_change="        return state + 1000"))
+        report = tree.reload(suspend_timeout=10.0)
+        assert report.ok, report.error
+        assert [server.call("get") for server in servers] == [("newer", n + 1000) for n in range(1000)]
+    finally:
+        hooks.release.set()
+        del sys.modules[hooks_name]
+
+
+def test_code_change_may_call_a_server_while_everything_is_held(tree):
+    source = """
+        import flydeploy
+        class Registry(flydeploy.Server):
+            def init(self):
+                return []
+            def handle_call(self, request, state):
+                return len(state) + 1, state + [request]
+        class S(flydeploy.Server):
+            vsn = {vsn}
+            def init(self, registry):
+                return {{"registry": registry}}
+            def handle_call(self, request, state):
+                return {{k: v for k, v in state.items() if k != "registry"}}, state
+            def code_change(self, old_vsn, state, extra):
+        {code_change}
+    """
+    tree.write("m.py", source.format(vsn=1, code_change="        return state"))
+    m = tree.load("m")
+    registry = tree.start(m.Registry)
+    servers = [tree.start(m.S, registry) for _ in range(3)]
+    tree.write("m.py", source.format(vsn=2, code_change="""
+                return {**state, "seat": state["registry"].call(old_vsn, timeout=5)}"""))
+    report = tree.reload(suspend_timeout=10.0)
+    assert report.ok, report.error
+    assert [server.call("get") for server in servers] == [{"seat": 1}, {"seat": 2}, {"seat": 3}]
+    assert registry.call("count") == 4  # three code_change calls were answered
+
+
+def test_no_thread_for_code_change_refuses_before_holding_anything(tree, monkeypatch):
+    tree.write("srv.py", counter_source())
+    srv = tree.load("srv")
+    counter = tree.start(srv.Counter, 3)
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name == "flydeploy-code-change":
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    tree.write("srv.py", counter_source(reply='"new"'))
+    report = tree.reload()
+    assert not report.ok and not report.rolled_back and report.suspend_ms == 0
+    assert "could not start the thread that runs code_change (can't start new thread)" in report.error
+    assert counter.call("get") == 3 and tree.name("srv") in flydeploy.modified_modules()
+    monkeypatch.undo()
+    assert tree.reload().ok and counter.call("get") == "new"
