@@ -32,8 +32,10 @@ The file is organised in sections, in the order data flows:
                   named in ``FLEET_PHASES`` with their point of no return:
                   prepare everywhere, judged by pure functions
                   (``judge_prepare``, ``pick_canaries``, ``to_revert``,
-                  ``plan_document``), then apply (canaries first) or the
-                  fleet back; short execs start detached phases, whose
+                  ``to_restart``, ``plan_document``), then apply (canaries
+                  first) or the fleet back (a machine that kept nothing to
+                  revert from restarted to boot on the previous release);
+                  short execs start detached phases, whose
                   result objects it collects.  It runs on an orchestrator
                   machine or, with ``hot --direct``, on the developer's own.
 4. Engine         what happens inside one process: servers (``Server``),
@@ -3123,6 +3125,14 @@ class Machines:
         return self._call("POST", self._machine_path(machine_id) + "/stop", body=body,
                           lease_nonce=lease_nonce)
 
+    def restart(self, machine_id: str, *, timeout: int | None = None, lease_nonce: str | None = None) -> dict:
+        """Restart a machine: its processes are stopped and started again, from its image
+        (``POST /v1/apps/{app_name}/machines/{machine_id}/restart``, ``Machines_restart`` in
+        the Machines API spec; ``timeout``, in seconds, goes as its query parameter)."""
+        return self._call("POST", self._machine_path(machine_id) + "/restart",
+                          query=[("timeout", str(int(timeout)))] if timeout is not None else (),
+                          lease_nonce=lease_nonce)
+
     def create(self, config: Mapping[str, Any], *, region: str | None = None, name: str | None = None) -> dict:
         """Create and start a machine from ``config`` (the Machines API ``MachineConfig``)."""
         body: dict[str, Any] = {"config": dict(config)}
@@ -3905,13 +3915,17 @@ def judge_upgrade(machine: Mapping[str, Any], exit_code: int, stdout: str, stder
 # release, so a machine that boots from then on takes it.  Then apply (canaries
 # first, each checked), revert (only after a failed apply with ``--on-failure
 # rollback``: the machines that applied go back the same two-phase way and
-# ``current.json`` names the previous release again) and release (the lock).
+# ``current.json`` names the previous release again; one that kept nothing to
+# revert from is then restarted, to boot on it) and release (the lock).
 FLEET_PHASES = ("preflight", "lock", "pack", "prepare", "judge", "record", "apply", "revert", "release")
 FLEET_POINT_OF_NO_RETURN = "record"
 # What a machine runs when no hot upgrade reaches it.
 _IMAGE_CODE = "the image's code"
 # The upgrade id of the way back from upgrade ID is ID + this.
 _REVERT_SUFFIX = "-back"
+# How often a machine restarted by a fleet rollback is asked what it runs, until it runs the
+# previous release or the run's --timeout is spent.
+_RESTART_POLL_S = 1.0
 
 
 def _process_problem(process: ProcessPlan) -> str:
@@ -4017,6 +4031,12 @@ def health_ports_for(machine: Mapping[str, Any], given: Sequence[int] = ()) -> l
                               if isinstance(s, Mapping) and _port_problem(s.get("internal_port")) is None))
 
 
+# The status of a ``rpc prepare --revert`` result on a machine that kept nothing to revert
+# that upgrade from (it restarted, or caught up at boot, during phase 2): only a restart,
+# booting from current.json once it names the previous release again, takes it back.
+NOTHING_KEPT = "nothing kept"
+
+
 def to_revert(outcomes: Iterable[MachineOutcome]) -> list[str]:
     """The machines a fleet rollback returns to the previous release: those whose apply
     left them on the release (its result says ``applied``: a failed health check
@@ -4025,12 +4045,36 @@ def to_revert(outcomes: Iterable[MachineOutcome]) -> list[str]:
             if (o.result or {}).get("applied", o.ok) or (o.answered and o.result is None)]
 
 
+def to_restart(reverted: Iterable[MachineOutcome]) -> list[str]:
+    """The machines a fleet rollback restarts: those whose revert could not be prepared because
+    they kept nothing for the upgrade (status ``NOTHING_KEPT``); never one whose revert failed
+    for another reason."""
+    return [o.machine_id for o in reverted if not o.ok and (o.result or {}).get("status") == NOTHING_KEPT]
+
+
+def judge_restart(machine: Mapping[str, Any], processes: Sequence[Mapping[str, Any]] | None,
+                  error: str | None, expected: str) -> MachineOutcome:
+    """A machine restarted by a fleet rollback, by what its processes run after its boot
+    (``rpc info``): back on ``expected`` (a version, or ``_IMAGE_CODE``) when every one of
+    them answers with it, else failed, saying what it runs."""
+    machine_id, region = machine.get("id", "?"), machine.get("region", "?")
+    runs = sorted({str(p.get("version") or _IMAGE_CODE) for p in processes or ()})
+    if processes and error is None and runs == [expected]:
+        return MachineOutcome(machine_id, region, True, None, {"restarted": True, "version": expected})
+    why = error or ("no process answered" if not processes else f"it runs {', '.join(runs)}")
+    return MachineOutcome(machine_id, region, False, f"restarted to go back to {expected}, but {why}",
+                          {"restarted": True, "version": ", ".join(runs) or None})
+
+
 def applied_version(applied: MachineOutcome, reverted: MachineOutcome | None, version: str,
                     previous: str) -> str:
     """The version a machine runs after phase 2 (``applied``) and the way back, if any
-    (``reverted``): the release where the apply left it there and no revert took it back."""
+    (``reverted``): the release where the apply left it there and no revert took it back;
+    what a machine restarted on the way back (``judge_restart``) was found running."""
     if reverted is not None and reverted.ok:
         return previous
+    if reverted is not None and (reverted.result or {}).get("restarted"):
+        return str(reverted.result.get("version") or f"{previous} or {version} (not known after its restart)")
     if applied.result is None and not applied.ok or reverted is not None and reverted.result is None:
         return f"{previous} or {version} (no result)"
     return version if (applied.result or {}).get("applied", applied.ok) else previous
@@ -4742,6 +4786,40 @@ class _Fleet:
 
         return dict(_map_concurrently(run, list(machine_ids), self.max_concurrency))
 
+    def restart(self, machines: Sequence[Mapping[str, Any]],
+                expected: Mapping[str, str]) -> list[MachineOutcome]:
+        """Restart each machine through the Machines API, so that it boots from what
+        ``current.json`` names, wait for it to be started and for its processes to run
+        ``expected[id]`` (at most ``timeout``), and judge it by what they run (``judge_restart``)."""
+        argv = self.commands.rpc("info", self.app)
+
+        def one(machine: Mapping[str, Any]) -> MachineOutcome:
+            deadline = time.monotonic() + self.timeout
+            want = expected.get(machine["id"], _IMAGE_CODE)
+            try:
+                self.api.restart(machine["id"])
+                self.api.wait(machine["id"], "started", timeout=max(1, min(60, int(self.timeout))))
+            except MachinesAPIError as exc:
+                fix = (" (this token may not restart machines: a machine-exec token only execs)"
+                       if exc.status in (401, 403) else "")
+                return MachineOutcome(machine["id"], machine.get("region", "?"), False,
+                                      f"could not restart it to go back to {want}: {exc}{fix}; "
+                                      f"`fly machine restart {machine['id']} -a {self.app}` does, and it "
+                                      "boots from current.json")
+            while True:
+                # Its processes answer once they have booted (and caught up from current.json).
+                outcome = judge_restart(machine, *machine_processes(self.api, machine, argv, EXEC_DEADLINE_S), want)
+                if outcome.ok or time.monotonic() >= deadline:
+                    return outcome
+                time.sleep(_RESTART_POLL_S)
+
+        outcomes = []
+        for outcome in _map_concurrently(one, list(machines), self.max_concurrency):
+            outcomes.append(outcome)
+            self.say("↻ " + (f"✓ {outcome.machine_id} ({outcome.region}) restarted: runs {expected.get(outcome.machine_id, _IMAGE_CODE)}"
+                             if outcome.ok else outcome.line()))
+        return outcomes
+
     def discard(self, machine_ids: Sequence[str], run_id: str) -> None:
         """``rpc discard`` on each machine; one that fails is named: its staged files
         expire by themselves."""
@@ -4786,7 +4864,9 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
     (``health_ports_for``).  A failed apply with ``on_failure`` ``rollback``
     stops the machines not started yet and returns those that applied to the
     previous release the same two-phase way (``rpc prepare/apply --revert``),
-    and ``current.json`` names the previous release again; with ``keep`` they
+    and ``current.json`` names the previous release again (a machine that kept
+    nothing to revert from, having caught up at boot, is then restarted, to boot
+    on it: ``to_restart``); with ``keep`` they
     stay.  ``plan`` stops after phase 1 (the staged files are discarded) and
     puts the plan in ``report.plan`` (``plan_document``), printed per process
     group.  A line per machine and phase as it finishes, and a summary, go to
@@ -4993,6 +5073,15 @@ def _revert_fleet(fleet: _Fleet, report: FleetReport, machines: Sequence[Mapping
     update_current(fleet.store, fleet.app, lambda doc: withdraw_hot_upgrade(doc or {}, entry))
     report.rolled_back = True
     fleet.say("current.json names the previous release again")
+    # A machine that kept nothing to revert from (it caught up at boot during phase 2) goes
+    # back the way it came: it restarts and boots from current.json, which names the previous
+    # release now.
+    restart = set(to_restart(report.reverted))
+    if restart:
+        fleet.say(f"restarting {', '.join(sorted(restart))}: kept nothing to revert from (caught up at boot "
+                  "during phase 2); booting again from current.json")
+        report.reverted = [o for o in report.reverted if o.machine_id not in restart] + fleet.restart(
+            [m for m in targets if m["id"] in restart], report.previous)
 
 
 def status_row(machine: Mapping[str, Any], current: Mapping[str, Any] | None,
@@ -5051,25 +5140,31 @@ def fleet_status(app: str, *, store: Store | None, api: Any, commands: MachineCo
     argv = (commands or MachineCommands.for_app_dir("python3", _DEFAULT_APP_DIR)).rpc("info", app)
 
     def info(machine: Mapping[str, Any]) -> tuple[str, list | None, str | None]:
-        res, failure = _exec_on(api, machine, argv, timeout)
-        if res is None:
-            return machine["id"], None, failure
-        try:
-            processes = json.loads(res.stdout)
-        except ValueError:
-            processes = None
-        if not isinstance(processes, list):
-            return machine["id"], None, (_last_line(res.stderr)
-                                         or f"rpc info exited {res.exit_code} without a process list")
-        processes = [p for p in processes if isinstance(p, dict)]
-        errors = [f"pid {p.get('pid')}: {p.get('error')}" for p in processes if p.get("ok") is False]
-        return machine["id"], processes, "; ".join(errors) or None
+        return machine["id"], *machine_processes(api, machine, argv, timeout)
 
     found = {machine_id: (processes, error) for machine_id, processes, error
              in _map_concurrently(info, selection.targets, max_concurrency)}
     machines = list(selection.targets) + list(selection.pending) + [m for m, _ in selection.skipped]
     return [status_row(m, current, *found.get(m["id"], (None, None)), current_known=store is not None)
             for m in machines]
+
+
+def machine_processes(api: Any, machine: Mapping[str, Any], argv: list[str],
+                      timeout: float) -> tuple[list[dict] | None, str | None]:
+    """What ``rpc info`` (``argv``) says of the machine's processes: their info, and the
+    errors of those that did not answer (None when all did); no list when it gave none."""
+    res, failure = _exec_on(api, machine, argv, timeout)
+    if res is None:
+        return None, failure
+    try:
+        processes = json.loads(res.stdout)
+    except ValueError:
+        processes = None
+    if not isinstance(processes, list):
+        return None, _last_line(res.stderr) or f"rpc info exited {res.exit_code} without a process list"
+    processes = [p for p in processes if isinstance(p, dict)]
+    errors = [f"pid {p.get('pid')}: {p.get('error')}" for p in processes if p.get("ok") is False]
+    return processes, "; ".join(errors) or None
 
 
 class LocalMachines:
@@ -11881,7 +11976,7 @@ class PrepareResult(TypedDict):
 
     machine_id: str
     region: str
-    status: str  # "ready" | "refused" | "failed"
+    status: str  # "ready" | "refused" | "failed" | "nothing kept" (a --revert with no record to revert from)
     success: bool
     error: str | None
     version: str | None
@@ -11966,14 +12061,29 @@ def _keep_undo(staged: _Staged, upgrade_id: str, url: str | None) -> None:
     _write_atomically(os.path.join(area, _UNDO_FILE), lambda out: out.write(content), mode=0o600)
 
 
-def _load_undo(app: str, upgrade_id: str) -> dict:
-    """What ``_keep_undo`` kept for ``upgrade_id``; raises when this machine kept nothing for it."""
+def _kept_undo(app: str, upgrade_id: str) -> dict | None:
+    """What ``_keep_undo`` kept for ``upgrade_id`` since this machine booted, if anything."""
     try:
         with open(os.path.join(_undo_area(app, upgrade_id), _UNDO_FILE), "rb") as handle:
             record = json.loads(handle.read())
     except (OSError, ValueError):
-        record = None
-    if not isinstance(record, dict) or record.get("boot_id") != _boot_id():
+        return None
+    return record if isinstance(record, dict) and record.get("boot_id") == _boot_id() else None
+
+
+def _state_digest(text: str | None) -> str | None:
+    """The release sha256 a machine's state file (its text) names, if any."""
+    with contextlib.suppress(ValueError):
+        state = json.loads(text or "null")
+        if isinstance(state, dict) and isinstance(state.get("sha256"), str):
+            return state["sha256"].lower()
+    return None
+
+
+def _load_undo(app: str, upgrade_id: str) -> dict:
+    """What ``_keep_undo`` kept for ``upgrade_id``; raises when this machine kept nothing for it."""
+    record = _kept_undo(app, upgrade_id)
+    if record is None:
         raise AgentError(f"nothing to revert {upgrade_id} with on this machine: it kept no record of that "
                          "upgrade's apply since it booted (a restarted machine runs its image's code and catches "
                          "up from current.json)")
@@ -12056,7 +12166,12 @@ def _prepare_machine(app: str, *, store: Store | None, key: str | None, sha256: 
                 expires_at=_iso_utc(_utc_now() + datetime.timedelta(seconds=expires_in)),
                 state=staged.state, unchanged=staged.unchanged, notes=staged.notes)
             try:
-                _keep_undo(staged, upgrade_id, url)
+                if revert is None and _state_digest(staged.journal["state_before"]) == digest.lower():
+                    # It ran this release already (caught up at boot from current.json): its apply
+                    # changes nothing, and a revert could only put this release back.
+                    shutil.rmtree(_undo_area(app, upgrade_id), ignore_errors=True)
+                else:
+                    _keep_undo(staged, upgrade_id, url)
                 _save_journal(app, staged.journal)
             except OSError as exc:
                 _discard_prepared(app, staged.journal)
@@ -12152,6 +12267,8 @@ def prepare_release(app: str, *, url: str | None = None, sha256: str | None = No
             prepared = _prepare_machine(app, store=store, key=key, sha256=sha256, upgrade_id=upgrade_id,
                                         expires_in=expires_in, revert=revert, url=url)
     result = _prepare_result(prepared, upgrade_id=upgrade_id, error=errors[0] if errors else None)
+    if revert is not None and errors and _kept_undo(app, revert) is None:
+        result["status"] = NOTHING_KEPT
     for process in result["processes"]:
         log.info("flydeploy: %s %s", process["name"], "ready" if process["ok"] else process["error"])
     if store is not None:

@@ -57,6 +57,29 @@ def test_discard_and_revert_pick_the_machines_that_may_hold_something():
     assert flydeploy.to_revert(applies) == ["a", "unhealthy", "silent"]
 
 
+def test_only_a_revert_that_kept_nothing_restarts_the_machine():
+    reverted = [outcome("ok", result={"status": "ready"}),
+                outcome("caught-up", False, {"status": flydeploy.NOTHING_KEPT}, error="nothing to revert"),
+                outcome("broken", False, {"status": "failed"}, error="disk full"),
+                outcome("silent", False, None), outcome("gone", False, None, answered=False)]
+    assert flydeploy.to_restart(reverted) == ["caught-up"]
+
+
+def test_a_restarted_machine_is_judged_by_what_its_processes_run():
+    m = machine("r", region="iad")
+    back = flydeploy.judge_restart(m, [{"pid": 1, "version": None}], None, flydeploy._IMAGE_CODE)
+    assert back.ok and back.machine_id == "r"
+    assert flydeploy.applied_version(outcome("r", result={"applied": True}), back, "v2", "v1") == "v1"
+    still = flydeploy.judge_restart(m, [{"pid": 1, "version": "v2"}, {"pid": 2, "version": None}], None, "v1")
+    assert not still.ok and still.error == "restarted to go back to v1, but it runs the image's code, v2"
+    assert flydeploy.applied_version(outcome("r", result={"applied": True}), still, "v2", "v1") == (
+        "the image's code, v2")
+    silent = flydeploy.judge_restart(m, None, "exec failed: 412", "v1")
+    assert not silent.ok and "exec failed: 412" in silent.error
+    assert flydeploy.applied_version(outcome("r", result={"applied": True}), silent, "v2", "v1") == (
+        "v1 or v2 (not known after its restart)")
+
+
 def test_canaries_are_spread_across_groups_then_regions():
     fleet = [machine("a1", region="ams"), machine("a2", region="ams"), machine("a3", region="iad"),
              machine("w1", group="worker", region="ams"), machine("w2", group="worker", region="syd")]

@@ -251,3 +251,31 @@ def test_health_check_settings_from_pyproject_and_bad_flags(fakefly, seaweed, tm
     hot = project.push("hot", "--version", "v2", direct=True)
     assert hot.returncode == 1 and "503" in hot.output, hot.output
     assert get(machine)[0] == "hello v1"
+
+
+def test_a_machine_restarted_during_phase_two_is_restarted_again_by_the_rollback(fakefly, seaweed, tmp_path):
+    project = fleet(fakefly, seaweed, tmp_path, app_machines=3, workers=0)
+    before = current(project)
+    project.edit({"counter.py": COUNTER_RAISES, "greet.py": GREET_V2})
+    process, lines = start_hot(project, "--version", "v2", "--canary", "1", "--canary-wait", "10")
+    try:
+        wait_for(lambda: any("watching them" in line for line in lines), timeout=120,
+                 what="the canary to apply")
+        stubborn, racer = [m for m in project.machines if get(m)[0] == "hello v1"]
+        for _ in range(2):
+            get(stubborn, "/bump")  # its code_change raises when the rest apply
+        racer.stop()
+        racer.start()
+        assert get(serving(racer)) == ("hello v2", "count-v2:0")  # caught up at boot: nothing kept to undo
+        assert process.wait(timeout=180) == 1, "".join(lines)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = "".join(lines)
+    assert "cannot be migrated" in output and "v2 was rolled back" in output, output
+    assert f"restarting {racer.id}" in output, output
+    assert get(stubborn) == ("hello v1", "count-v1:2")
+    assert {get(m) for m in project.machines if m is not stubborn} == {("hello v1", "count-v1:0")}
+    assert f"runs {flydeploy._IMAGE_CODE}: {', '.join(sorted(m.id for m in project.machines))}" in output, output
+    assert (current(project) or {}).get("hot_upgrade") == (before or {}).get("hot_upgrade")
+    assert staged_files(project) == []

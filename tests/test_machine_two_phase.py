@@ -221,6 +221,21 @@ def test_revert_goes_back_to_the_images_own_code(machine, tmp_path, local_store)
     missing = machine.rpc("prepare", "--app", "shop", "--revert", "never-applied", "--upgrade-id", "x-back")
     assert missing.returncode == 1
     assert "nothing to revert never-applied with on this machine" in parse_result(missing.stdout)["error"]
+    assert parse_result(missing.stdout)["status"] == flydeploy.NOTHING_KEPT
+
+
+def test_an_apply_of_the_release_a_machine_already_runs_keeps_nothing_to_revert(machine, tmp_path, local_store):
+    machine.write_web_app()
+    process = machine.start().wait_ready()
+    _release, url = make_release(tmp_path, local_store, V2, version="v2")
+    phase(machine, "apply", "--url", url, "--upgrade-id", "up-2")
+    # The same release again, as on a machine that caught up at boot from current.json
+    # before its apply came: nothing changes, and a revert could only put v2 back.
+    _code, again, _out = phase(machine, "apply", "--url", url, "--upgrade-id", "up-2-again")
+    assert again["success"] is True and process.get()["greeting"] == "hello v2"
+    _code, prepared, _out = phase(machine, "prepare", "--revert", "up-2-again", "--upgrade-id", "up-2-again-back")
+    assert prepared["status"] == flydeploy.NOTHING_KEPT and "nothing to revert" in prepared["error"]
+    assert process.get()["greeting"] == "hello v2"
 
 
 @pytest.fixture

@@ -488,6 +488,35 @@ def test_a_restart_boots_from_the_image_and_a_resume_does_not(fakefly, demo):
     machine.wait_for_log("serving")
 
 
+def test_restart_stops_the_app_process_and_boots_it_from_the_image(fakefly, demo):
+    machine = demo.machines[0]
+    api = client(fakefly, demo.token)
+    old_pid = machine.pid
+    (machine.root / "app.py").write_text(APP_SOURCE.replace('"serving"', '"changed"'))
+    assert api.restart(machine.id, timeout=3) == {"ok": True}
+    assert requests_for(fakefly, "restart")[-1].query == {"timeout": ["3"]}
+    assert api.wait(machine.id, "started", timeout=10) == {"ok": True}
+    assert "got SIGINT" in machine.logs()
+    with pytest.raises(ProcessLookupError):
+        os.kill(old_pid, 0)
+    assert (machine.root / "app.py").read_text() == APP_SOURCE  # the image's tree again
+    assert machine.wait_for_log(f"serving {machine.id}", count=2) and machine.pid != old_pid
+
+
+def test_restart_is_retried_like_the_other_calls_and_guarded_by_leases(fakefly, demo):
+    machine = demo.machines[1].id
+    api = client(fakefly, demo.token)
+    fakefly.faults.add("500", op="restart")
+    api.restart(machine)
+    assert len(requests_for(fakefly, "restart")) == 2
+    lease = api.acquire_lease(machine, ttl=60)
+    with pytest.raises(flydeploy.MachinesAPIError) as guarded:
+        api.restart(machine)
+    assert guarded.value.status == 409
+    api.restart(machine, lease_nonce=lease["nonce"])
+    api.release_lease(machine, lease["nonce"])
+
+
 def test_the_app_command_comes_from_init_processes_or_the_dockerfile(fakefly, tmp_path):
     tree = write_app_tree(tmp_path / "cmd", {
         "Dockerfile": 'FROM python:3.12-slim\nENV MODE=docker\nCMD ["python3", "app.py", "from-cmd"]\n',

@@ -83,7 +83,7 @@ class Faults:
         ``"latency"`` (a network round trip of ``delay`` s: half before the
         request is served, half before its reply leaves).
         ``op`` is one of list, get, create, destroy, exec, wait, lease,
-        start, stop, suspend (``None``: any); ``machine`` a machine id.
+        start, stop, restart, suspend (``None``: any); ``machine`` a machine id.
         """
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; use one of {FAULT_KINDS}")
@@ -386,6 +386,22 @@ class FakeMachine:
                     "exit_code": _exit_code(process.returncode), "requested_stop": True}})
             self._event("stop", "stopped")
             self._set_state("stopped")
+
+    def restart(self, timeout: float | None = None) -> None:
+        """Restart: the app process is stopped (the kill signal, then SIGKILL after ``timeout``)
+        and the machine boots again.  ``POST /v1/apps/{app_name}/machines/{machine_id}/restart``
+        (``Machines_restart`` in the 2024-03 Machines API spec: an optional ``timeout`` query
+        parameter, a Go duration or seconds; 200, or 400 with an ErrorResponse).  A restart is a
+        stop and a start of the same machine: the root filesystem comes from the image again
+        (Fly's docs, reference/configuration ``persist_rootfs``, default ``never``), so what the
+        app does at boot (flydeploy's catch-up from current.json) runs again."""
+        with self.fly.lock:
+            if self.state not in ("started", "stopped", "suspended"):
+                raise ApiError(400, f"unable to restart machine, current state is '{self.state}'")
+            running = self.state != "stopped"
+        if running:
+            self.stop(timeout=timeout)
+        self.start()
 
     def suspend(self) -> None:
         """Suspend: the app process is frozen (SIGSTOP) until the next start."""
@@ -903,6 +919,7 @@ _ROUTES = [
     ("DELETE", re.compile(r"/v1/apps/(?P<app>[^/]+)/machines/(?P<machine>[^/]+)/lease"), "lease"),
     ("POST", re.compile(r"/v1/apps/(?P<app>[^/]+)/machines/(?P<machine>[^/]+)/start"), "start"),
     ("POST", re.compile(r"/v1/apps/(?P<app>[^/]+)/machines/(?P<machine>[^/]+)/stop"), "stop"),
+    ("POST", re.compile(r"/v1/apps/(?P<app>[^/]+)/machines/(?P<machine>[^/]+)/restart"), "restart"),
     ("POST", re.compile(r"/v1/apps/(?P<app>[^/]+)/machines/(?P<machine>[^/]+)/suspend"), "suspend"),
     # Not part of the Machines API: what the fake `fly` needs from the platform.
     ("GET", re.compile(r"/_fakefly/apps/(?P<app>[^/]+)/machines/(?P<machine>[^/]+)/sandbox"), "sandbox"),
@@ -1045,7 +1062,7 @@ def _dispatch(fly: FakeFly, op: str, method: str, app_name: str | None, machine_
     machine = next((m for m in app.machines if m.id == machine_id), None)
     if machine is None or (machine.state == "destroyed" and (op != "get" or not fly.destroyed_visible)):
         raise ApiError(404, "machine not found")
-    if op in ("start", "stop", "destroy", "suspend"):
+    if op in ("start", "stop", "restart", "destroy", "suspend"):
         _check_lease(machine, headers.get("fly-machine-lease-nonce"))
     if op == "get":
         return 200, machine.to_json()
@@ -1060,6 +1077,11 @@ def _dispatch(fly: FakeFly, op: str, method: str, app_name: str | None, machine_
     if op == "stop":
         timeout = body.get("timeout")
         machine.stop(body.get("signal"), None if timeout in (None, "") else _duration(timeout, _STOP_GRACE))
+        return 200, {"ok": True}
+    if op == "restart":
+        timeout = query.get("timeout", [""])[0]
+        machine.restart(None if timeout == "" else _duration(timeout if not timeout.isdigit() else int(timeout),
+                                                               _STOP_GRACE))
         return 200, {"ok": True}
     if op == "suspend":
         machine.suspend()
