@@ -4741,8 +4741,10 @@ class _Fleet:
     each phase's results collected from its own folder, and the discard."""
 
     def __init__(self, api: Any, store: Store, app: str, commands: MachineCommands, *, timeout: float,
-                 max_concurrency: int, say: Callable[[str], None]) -> None:
+                 max_concurrency: int, say: Callable[[str], None], others: Sequence[Any] = ()) -> None:
         self.api, self.store, self.app, self.commands = api, store, app, commands
+        # What a restart may use after ``api``: a minted exec token may only exec.
+        self.restarters = [api, *(other for other in others if other is not api)]
         self.timeout, self.max_concurrency, self.say = timeout, max_concurrency, say
         self.detached = bool(getattr(api, "runs_detached", False))
 
@@ -4796,16 +4798,20 @@ class _Fleet:
         def one(machine: Mapping[str, Any]) -> MachineOutcome:
             deadline = time.monotonic() + self.timeout
             want = expected.get(machine["id"], _IMAGE_CODE)
-            try:
-                self.api.restart(machine["id"])
-                self.api.wait(machine["id"], "started", timeout=max(1, min(60, int(self.timeout))))
-            except MachinesAPIError as exc:
-                fix = (" (this token may not restart machines: a machine-exec token only execs)"
-                       if exc.status in (401, 403) else "")
-                return MachineOutcome(machine["id"], machine.get("region", "?"), False,
-                                      f"could not restart it to go back to {want}: {exc}{fix}; "
-                                      f"`fly machine restart {machine['id']} -a {self.app}` does, and it "
-                                      "boots from current.json")
+            for number, api in enumerate(self.restarters, 1):
+                try:
+                    api.restart(machine["id"])
+                    api.wait(machine["id"], "started", timeout=max(1, min(60, int(self.timeout))))
+                    break
+                except MachinesAPIError as exc:
+                    refused = exc.status in (401, 403)
+                    if refused and number < len(self.restarters):
+                        continue  # the next token may restart machines
+                    fix = " (this token may not restart machines: a machine-exec token only execs)" if refused else ""
+                    return MachineOutcome(machine["id"], machine.get("region", "?"), False,
+                                          f"could not restart it to go back to {want}: {exc}{fix}; "
+                                          f"`fly machine restart {machine['id']} -a {self.app}` does, and it "
+                                          "boots from current.json")
             while True:
                 # Its processes answer once they have booted (and caught up from current.json).
                 outcome = judge_restart(machine, *machine_processes(self.api, machine, argv, EXEC_DEADLINE_S), want)
@@ -4936,7 +4942,8 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
                     f"{pending_note(machine.get('state') or '')}")
             for machine, reason in selection.skipped:
                 say(f"· {machine.get('id')} ({machine.get('region', '?')}) {reason}")
-            fleet = _Fleet(api, store, app, commands, timeout=timeout, max_concurrency=max_concurrency, say=say)
+            fleet = _Fleet(api, store, app, commands, timeout=timeout, max_concurrency=max_concurrency, say=say,
+                           others=[client for client, _what in clients])
             release = ["--url", entry["tarball_url"], "--sha256", entry["sha256"]]
 
             # PREPARE.  The machines the preflight just exec'd on go last: their next exec waits

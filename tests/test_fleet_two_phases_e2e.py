@@ -176,12 +176,17 @@ def test_a_healthy_canary_then_the_rest(fakefly, seaweed, tmp_path):
     assert "3/3 machines upgraded to v2" in hot.output
 
 
-def start_hot(project, *args):
-    """``hot --direct`` in the background; its output lines are collected as they come."""
+def start_hot(project, *args, direct: bool = True):
+    """``hot --direct`` (or by the orchestrator machine) in the background; its output lines
+    are collected as they come."""
     env = project.fly.env()
     env["PYTHONPATH"] = str(REPO)
-    env.update(project.seaweed.env())
-    process = subprocess.Popen([sys.executable, "-m", "flydeploy_cli", "hot", "--direct", *args],
+    for name, value in project.seaweed.env().items():
+        env.pop(name, None)
+        if direct:
+            env[name] = value
+    process = subprocess.Popen([sys.executable, "-m", "flydeploy_cli", "hot", *(["--direct"] if direct else []),
+                                *args],
                                cwd=project.tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     lines: list[str] = []
@@ -253,11 +258,15 @@ def test_health_check_settings_from_pyproject_and_bad_flags(fakefly, seaweed, tm
     assert get(machine)[0] == "hello v1"
 
 
-def test_a_machine_restarted_during_phase_two_is_restarted_again_by_the_rollback(fakefly, seaweed, tmp_path):
+@BOTH_PATHS
+def test_a_machine_restarted_during_phase_two_is_restarted_again_by_the_rollback(fakefly, seaweed, tmp_path,
+                                                                                  direct):
+    """The orchestrator machine's minted token may only exec: the restart is done with the
+    app's FLY_API_TOKEN secret, as the preflight falls back to it."""
     project = fleet(fakefly, seaweed, tmp_path, app_machines=3, workers=0)
     before = current(project)
     project.edit({"counter.py": COUNTER_RAISES, "greet.py": GREET_V2})
-    process, lines = start_hot(project, "--version", "v2", "--canary", "1", "--canary-wait", "10")
+    process, lines = start_hot(project, "--version", "v2", "--canary", "1", "--canary-wait", "10", direct=direct)
     try:
         wait_for(lambda: any("watching them" in line for line in lines), timeout=120,
                  what="the canary to apply")
