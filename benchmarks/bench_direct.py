@@ -16,8 +16,8 @@ Goal: 20 machines under 2.5 s for the whole ``hot --direct`` command.
 Here the twenty machines' commands share this host's cores (and whatever else
 runs on it: ``host_load_1min``), so the 20-machine figure measures the host
 as much as the command.  ``direct_before_upgrading_s`` is the command up to
-the first upgrade exec (start, packing, checks, preflight, lock, upload,
-``current.json``), ``direct_upgrading_s`` the rest; as in bench_fleet.py,
+the first prepare exec (start, packing, checks, preflight, lock, upload),
+``direct_upgrading_s`` the rest (both phases and ``current.json``); as in bench_fleet.py,
 ``direct_fleet_estimate_s_20_machines`` is what that makes for a real fleet
 whose machines each have their own CPU: the 20-machine run's part before
 the upgrades, plus ceil(20 / 10) waves as long as the 3-machine run's.
@@ -28,10 +28,10 @@ the lines it prints, as they reach this process: ``start_to_files_listed``
 ``checks`` (the bucket, the flyctl session's token, the machines list,
 ``current.json``, the dependency fingerprint), ``preflight`` (one exec: a
 round trip and the machine's ``rpc preflight``), ``lock_pack_upload``,
-``record_current`` (``current.json`` and the machines listed again),
-``upgrading`` (the machines' part) and ``summary_to_exit``;
-``direct_client_side_s_<n>_machines`` is the whole command but
-``upgrading``, and ``direct_client_cpu_s`` the CPU time the command used
+``to_phase_1`` (the machines listed again), ``prepare_and_record`` (phase 1 on
+every machine, then ``current.json``), ``apply`` (phase 2) and
+``summary_to_exit``; ``direct_client_side_s_<n>_machines`` is the whole
+command but the machines' part (``prepare_and_record`` and ``apply``), and ``direct_client_cpu_s`` the CPU time the command used
 (with the flyctl and git processes it ran), which other work on the host
 does not stretch.  ``client_python_start_s`` and ``client_imports_s`` are the
 interpreter alone and the import of ``flydeploy_cli`` (flydeploy with it), in
@@ -78,8 +78,11 @@ STARTS = 5
 # The phases of the direct command, each ending at the first line that starts with its mark
 # (the preflight at its first machine's line); the last one ends when the process exits.
 PHASES = (("start_to_files_listed", "==> release from"), ("checks", "==> the machines run"),
-          ("preflight", "✓ group"), ("lock_pack_upload", "Release "), ("record_current", "Upgrading "),
-          ("upgrading", "{machines}/{machines} machines upgraded"), ("summary_to_exit", None))
+          ("preflight", "✓ group"), ("lock_pack_upload", "Release "), ("to_phase_1", "Phase 1: "),
+          ("prepare_and_record", "Phase 2: "), ("apply", "{machines}/{machines} machines upgraded"),
+          ("summary_to_exit", None))
+# The machines' part: the two phases of the fleet upgrade (current.json is recorded between them).
+UPGRADING = ("prepare_and_record", "apply")
 
 MAIN = """
 import threading
@@ -138,7 +141,8 @@ def run_fleet(work: pathlib.Path, seaweed, machines: int) -> dict:
         direct, seen = command("--direct")
         orchestrator, _ = command()
         phases = _phases(seen, direct, machines)
-        before = direct - phases["upgrading"] - phases["summary_to_exit"]
+        upgrading = sum(phases[name] for name in UPGRADING)
+        before = direct - upgrading - phases["summary_to_exit"]
         starts = {"client_python_start_s": _best_start(["-c", "pass"], tree, env),
                   "client_imports_s": _best_start(["-c", "import flydeploy_cli"], tree, env),
                   "client_imports_uncached_s": _best_start(
@@ -146,7 +150,7 @@ def run_fleet(work: pathlib.Path, seaweed, machines: int) -> dict:
                       {**env, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": str(work / "no-pycache")})}
     return {"direct_s": round(direct, 3), "direct_before_upgrading_s": round(before, 3),
             "direct_upgrading_s": round(direct - before, 3),
-            "direct_client_side_s": round(direct - phases["upgrading"], 3),
+            "direct_client_side_s": round(direct - upgrading, 3),
             "direct_client_cpu_s": round(cpu[1], 3),
             "direct_phases_s": {name: round(value, 3) for name, value in phases.items()},
             **{name: round(value, 3) for name, value in starts.items()},
