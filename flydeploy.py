@@ -2868,9 +2868,12 @@ def acquire_lock(store: Store, app: str, *, owner: str, deployment_id: str,
 _DEFAULT_FLAPS_BASE_URL = "https://api.machines.dev"
 _MACAROON_PREFIXES = ("fm1r_", "fm1a_", "fm2_")
 _FLAPS_RETRYABLE_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
-# Seconds between two exec requests to one machine: the Machines API allows one a
-# second; the margin keeps network jitter from making two arrive closer than that.
+# Exec requests to one machine: the Machines API allows "1 request, per second, per
+# action" with "a short-term burst limit up to 3 req/s" (docs: working-with-machines-api,
+# rate limits).  The margin keeps network jitter from making two arrive closer than that;
+# a stricter limit answers 429, which an exec retries (it did not start the command).
 _EXEC_INTERVAL = 1.1
+_EXEC_BURST = 3
 # The longest an exec is asked to run, in seconds.  Past about 30 s the API answers
 # 408 deadline_exceeded while the command goes on running (fly-platform-facts M5), so
 # every machine-side command is short: long work runs detached and reports to S3.
@@ -2953,28 +2956,35 @@ def authorization_header(token: str) -> str:
 
 
 class _Pacer:
-    """Spaces out events per key: at most one per ``interval`` seconds.
+    """Spaces out events per key as a token bucket does: up to ``burst`` at
+    once, then one per ``interval`` seconds.
 
     Each caller reserves its own slot under the lock and sleeps outside it,
     so callers on different keys never wait for one another.
     """
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, burst: int = 1) -> None:
         self._interval = interval
-        self._next: dict[object, float] = {}
+        self._burst = burst
+        self._next: dict[object, float] = {}  # per key: when the bucket would be full again, less one
         self._lock = threading.Lock()
 
-    def wait(self, key: object) -> None:
+    def reserve(self, key: object, now: float) -> float:
+        """The time (on ``now``'s clock) at which the next event for ``key`` may happen."""
         with self._lock:
-            now = time.monotonic()
-            slot = max(now, self._next.get(key, now))
-            self._next[key] = slot + self._interval
+            due = max(now, self._next.get(key, now))
+            self._next[key] = due + self._interval
+            return max(now, due - (self._burst - 1) * self._interval)
+
+    def wait(self, key: object) -> None:
+        now = time.monotonic()
+        slot = self.reserve(key, now)
         if slot > now:
             time.sleep(slot - now)
 
 
 # One pacer for the process: two clients of the same app share the limit.
-_EXEC_PACER = _Pacer(_EXEC_INTERVAL)
+_EXEC_PACER = _Pacer(_EXEC_INTERVAL, _EXEC_BURST)
 
 
 def _api_error_text(body: bytes, reason: str) -> str:
@@ -3075,8 +3085,8 @@ class Machines:
         The argv goes both as ``command`` and as the deprecated ``cmd``
         string that flyctl sends: an exec token's command restriction then
         matches whichever of the two the API checks.  Requests to one machine
-        leave at most one a second; requests to different machines do not
-        wait for each other.
+        leave three at once, then one a second (``_EXEC_BURST``); requests to
+        different machines do not wait for each other.
         """
         if isinstance(command, str) or not command or not all(isinstance(a, str) for a in command):
             raise FlyDeployError(f"exec takes a non-empty list of argument strings, got {command!r}; "
@@ -4946,8 +4956,8 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
                            others=[client for client, _what in clients])
             release = ["--url", entry["tarball_url"], "--sha256", entry["sha256"]]
 
-            # PREPARE.  The machines the preflight just exec'd on go last: their next exec waits
-            # for the API's pacing of one a second per machine, while the others' go at once.
+            # PREPARE.  The machines the preflight just exec'd on go last: should the API's
+            # pacing make their next exec wait, the others' go at once.
             targets = sorted(selection.targets, key=lambda machine: machine["id"] in checked)
             expiry = prepare_expiry_s(len(targets), timeout=timeout, max_concurrency=max_concurrency,
                                       canary_wait=canary_wait or 0)
@@ -4981,8 +4991,8 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
             late = [m for m in select_machines(api.list(), self_id=self_id, process_groups=process_groups).targets
                     if m["id"] not in prepared]
             report.previous.update({m["id"]: _previous_version(current, m) for m in late})
-            # In the order they became ready: the API's pacing of one exec a second per machine
-            # lets the first to have prepared apply first.
+            # In the order they became ready: should the API's pacing of execs per machine make
+            # one wait, the first to have prepared applies first.
             order = {o.machine_id: index for index, o in enumerate(report.prepared)}
             apply_targets = sorted((m for m in targets if m["id"] in ready), key=lambda m: order[m["id"]]) + late
             _apply_fleet(fleet, report, apply_targets, release=release, upgrade_id=upgrade_id, canary=canary or 0,

@@ -172,9 +172,9 @@ def main() -> None:
             def push(concurrency: int) -> tuple[float, float]:
                 """Wall seconds of one orchestrate, and the CPU seconds this host used meanwhile."""
                 release = next(releases)
-                # Deploys are minutes apart: the client's pacing of one exec per
-                # machine per second must not slow a push for the one before it.
-                time.sleep(flydeploy._EXEC_INTERVAL)
+                # Deploys are minutes apart: the client's pacing of execs per machine
+                # (a burst, then one a second) must not slow a push for the one before it.
+                time.sleep(flydeploy._EXEC_INTERVAL * flydeploy._EXEC_BURST)
                 (tree / "counter.py").write_text(COUNTER.format(release=release))
                 host = _host_cpu_s()
                 store.lists = 0
@@ -203,7 +203,7 @@ def main() -> None:
                 """The slowest pause of a release pushed to every machine with the one-phase
                 ``rpc upgrade``, 10 at a time, as before the two phases."""
                 release = next(releases)
-                time.sleep(flydeploy._EXEC_INTERVAL)
+                time.sleep(flydeploy._EXEC_INTERVAL * flydeploy._EXEC_BURST)
                 (tree / "counter.py").write_text(COUNTER.format(release=release))
                 key = flydeploy.release_key(APP, f"r{release}")
                 packed = flydeploy.pack_release(tree, work / f"r{release}.tar.gz", app=APP, version=f"r{release}",
