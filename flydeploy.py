@@ -10910,7 +10910,7 @@ def _agent_sockets(app: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie waiting to be reaped."""
     try:
         os.kill(pid, 0)
@@ -10931,7 +10931,7 @@ def _exited(pid: int, *, within: float = 0.5) -> bool:
     A process that was killed closes its sockets a moment before it is gone.
     """
     deadline = time.monotonic() + within
-    while _pid_alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.01)
@@ -11268,7 +11268,7 @@ def _remove_dead_work_areas(app: str) -> None:
         return
     for entry in os.scandir(directory):
         pid = entry.name[len(_WORK_AREA_PREFIX):]
-        if entry.name.startswith(_WORK_AREA_PREFIX) and pid.isdigit() and not _pid_alive(int(pid)):
+        if entry.name.startswith(_WORK_AREA_PREFIX) and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(entry.path, ignore_errors=True)
 
 

@@ -438,16 +438,6 @@ def _launcher() -> str:
     return f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _our_orchestrators(api: flydeploy.Machines, **metadata: str) -> list[dict]:
     """Orchestrator machines of this app that are not destroyed, filtered by ``metadata``."""
     wanted = {flydeploy.ORCHESTRATOR_ROLE_KEY: flydeploy.ORCHESTRATOR_ROLE, **metadata}
@@ -468,7 +458,7 @@ def recover_stale_orchestrators(api: flydeploy.Machines, *, out: TextIO | None =
         launcher = metadata.get(flydeploy.ORCHESTRATOR_LAUNCHER_KEY, "")
         who, _, pid = launcher.rpartition(":")
         run = metadata.get(flydeploy.ORCHESTRATOR_RUN_KEY, "?")
-        if who == here and pid.isdigit() and not _pid_alive(int(pid)):
+        if who == here and pid.isdigit() and not flydeploy.pid_alive(int(pid)):
             what = _retire(api, machine, out)
             if what is not None:
                 destroyed.append(machine["id"])
