@@ -2,7 +2,8 @@
 
 ``BucketProxy(endpoint)`` listens on 127.0.0.1 (``proxy.endpoint``) and forwards every request
 as it came (its ``Host`` header too, so SigV4 signatures made for the proxy still hold) to the
-server at ``endpoint``.  ``requests`` lists ``(method, path)`` of each request in arrival order;
+server at ``endpoint``.  ``requests`` lists ``(method, path)`` of each request in arrival order,
+``answered`` ``(method, path, time.perf_counter())`` of each as its answer went out;
 ``hold(predicate)`` keeps the requests it matches waiting until ``release()`` (or ``HOLD_LIMIT_S``),
 ``holding`` is set once one waits; ``delay`` adds that many seconds to every request, a bucket
 that far away.  ``close()`` stops it.  A context manager.
@@ -27,6 +28,7 @@ class BucketProxy:
         self.target = urllib.parse.urlsplit(endpoint)
         self.delay = delay
         self.requests: list[tuple[str, str]] = []
+        self.answered: list[tuple[str, str, float]] = []
         self.holding = threading.Event()
         self._released = threading.Event()
         self._hold: Callable[[str, str], bool] | None = None
@@ -96,6 +98,9 @@ class BucketProxy:
         handler.end_headers()
         if method != "HEAD":
             handler.wfile.write(data)
+        handler.wfile.flush()
+        with self._lock:
+            self.answered.append((method, path, time.perf_counter()))
 
     def close(self) -> None:
         self.release()
