@@ -484,7 +484,7 @@ def test_a_job_that_dies_leaves_its_exec_without_a_result(machine, tmp_path, loc
     assert local_store.head("releases/shop-results/up-1/prepare/" + machine.env["FLY_MACHINE_ID"] + ".json") is None
 
 
-DEPLOYED_AT = "2026-12-07T21:42:41.123Z"
+DEPLOYED_AT = "2099-01-01T00:00:00.000Z"  # later than any real recording: never superseded
 
 
 def test_an_apply_told_when_the_release_was_recorded_reads_no_current_json(machine, tmp_path, proxied):
@@ -509,15 +509,26 @@ def test_an_apply_told_when_the_release_was_recorded_reads_no_current_json(machi
             assert len(proxy.seen("GET", current)) == before
             assert [entry["deployed_at"] for entry in info] == [given] != [recorded["hot_upgrade"]["deployed_at"]]
     assert process.get()["greeting"] == "hello v3"
+    # The one-phase upgrade too.
+    release, url = make_release(tmp_path, store, V2, version="up-3", app=machine.app)
+    flydeploy.record_hot_upgrade(store, machine.app, release.hot_upgrade_record(url))
+    before, later = len(proxy.seen("GET", current)), "2099-01-02T00:00:00.000Z"
+    done = machine.rpc("upgrade", "--app", machine.app, "--url", url, "--deployed-at", later)
+    assert done.returncode == 0 and parse_result(done.stdout)["success"], done.stdout + done.stderr
+    assert len(proxy.seen("GET", current)) == before
+    info = json.loads(machine.rpc("info", "--app", machine.app).stdout)
+    assert [entry["deployed_at"] for entry in info] == [later] and process.get()["greeting"] == "hello v2"
 
 
 @pytest.mark.parametrize("value", ["soon", "2026-12-07T21:42:41", ""])
 @pytest.mark.parametrize("detach", [True, False])
 def test_a_deployed_at_that_is_no_time_is_bad_usage(machine, value, detach):
-    done = machine.rpc("apply", "--app", "shop", "--url", "file:///nowhere/shop-v2.tar.gz", "--upgrade-id", "up-1",
-                       "--deployed-at", value, *(["--detach", "--wait", "10"] if detach else []))
-    assert done.returncode == 2 and f"--deployed-at {value!r} is not an ISO 8601 time with its zone" in done.stderr
-    assert "Traceback" not in done.stderr and done.stdout == ""
+    for command in ("apply", "upgrade"):
+        done = machine.rpc(command, "--app", "shop", "--url", "file:///nowhere/shop-v2.tar.gz", "--upgrade-id",
+                           "up-1", "--deployed-at", value, *(["--detach", "--wait", "10"] if detach else []))
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert f"--deployed-at {value!r} is not an ISO 8601 time with its zone" in done.stderr
+        assert "Traceback" not in done.stderr and done.stdout == ""
     revert = machine.rpc("apply", "--app", "shop", "--revert", "up-0", "--upgrade-id", "up-1",
                          "--deployed-at", DEPLOYED_AT)
     assert revert.returncode == 2 and "--deployed-at goes with the release's --url" in revert.stderr
