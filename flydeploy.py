@@ -3851,6 +3851,11 @@ class MachineOutcome:
     elapsed_s: float = 0.0
     api_status: int | None = None
 
+    @property
+    def token_refused(self) -> bool:
+        """Whether the Machines API refused the exec for the token (401/403): the command never ran."""
+        return not self.answered and self.api_status in (401, 403)
+
     def line(self) -> str:
         """The line printed for this machine: ``✓ id (region) 3 modules, ...`` (with the
         phase's wall time on it, when measured) or ``✗ id (region) error``."""
@@ -4000,13 +4005,14 @@ def judge_prepare(outcomes: Iterable[MachineOutcome], *, allow_missing: bool = F
 
     A machine that was not reached (its exec got no answer) stops it too,
     unless ``allow_missing``: then it catches up at its next boot from
-    ``current.json``.
+    ``current.json``.  One whose exec the API refused for the token was
+    reached: it stops it.
     """
     ready, refused, missing = [], [], []
     for outcome in outcomes:
         if outcome.ok:
             ready.append(outcome)
-        elif allow_missing and not outcome.answered:
+        elif allow_missing and not outcome.answered and not outcome.token_refused:
             missing.append(outcome)
         else:
             refused.append(outcome)
@@ -4025,8 +4031,7 @@ def judge_exec_refusals(outcomes: Iterable[MachineOutcome], *,
     again: list[MachineOutcome] = []
     kept: list[MachineOutcome] = []
     for outcome in outcomes:
-        refused = not outcome.answered and outcome.api_status in (401, 403)
-        if refused and fallback:
+        if outcome.token_refused and fallback:
             again.append(outcome)
         else:
             kept.append(outcome)

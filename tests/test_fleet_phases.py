@@ -54,6 +54,9 @@ def test_only_an_exec_refused_for_the_token_runs_again_and_only_with_another_cli
     ran = [outcome("a"), refused, gone, outcome("d", False, None, error="exec failed: 403 in its output")]
     assert flydeploy.judge_exec_refusals(ran, fallback=True) == ([refused], [ran[0], gone, ran[3]])
     assert flydeploy.judge_exec_refusals(ran, fallback=False) == ([], ran)
+    # Refused for the token is not "not reached": --allow-missing does not leave it to its next boot.
+    verdict = flydeploy.judge_prepare(ran, allow_missing=True)
+    assert [o.machine_id for o in verdict.refused] == ["b", "d"] and verdict.missing == (gone,)
 
 
 def test_the_preflight_explains_only_a_failure_before_the_machine_had_the_release():
