@@ -20,7 +20,9 @@ the first prepare exec (start, packing, checks, preflight, lock, upload),
 ``direct_upgrading_s`` the rest (both phases and ``current.json``); as in bench_fleet.py,
 ``direct_fleet_estimate_s_20_machines`` is what that makes for a real fleet
 whose machines each have their own CPU: the 20-machine run's part before
-the upgrades, plus ceil(20 / 10) waves as long as the 3-machine run's.
+the upgrades, plus ceil(20 / 10) waves as long as the 3-machine run's.  The
+goal is judged on both: ``goal_direct_20_under_2_5s`` on the measured run,
+``goal_direct_20_under_2_5s_fleet_estimate`` on the estimate.
 
 ``direct_phases_s_<n>_machines`` splits the measured ``hot --direct`` run by
 the lines it prints, as they reach this process: ``start_to_files_listed``
@@ -33,7 +35,11 @@ every machine, then ``current.json``), ``apply`` (phase 2) and
 ``summary_to_exit``; ``direct_client_side_s_<n>_machines`` is the whole
 command but the machines' part (``prepare_and_record`` and ``apply``), and ``direct_client_cpu_s`` the CPU time the command used
 (with the flyctl and git processes it ran), which other work on the host
-does not stretch.  ``client_python_start_s`` and ``client_imports_s`` are the
+does not stretch.  ``direct_host_cpu_s`` is the CPU time every process on the
+host used meanwhile (the command, the machines' commands and their detached
+phases, the app processes, the local Fly, the bucket: run it on an otherwise
+quiet host), and ``direct_host_floor_s`` that over the host's cores: the
+20-machine run cannot be shorter, whatever the command does.  ``client_python_start_s`` and ``client_imports_s`` are the
 interpreter alone and the import of ``flydeploy_cli`` (flydeploy with it), in
 the command's environment and folder, best of ``STARTS``.
 
@@ -65,7 +71,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_fleet import COUNTER  # noqa: E402  (the same app as the fleet benchmark)
+from benchmarks.bench_fleet import COUNTER, _host_cpu_s  # noqa: E402  (the same app as the fleet benchmark)
 from tests.conftest import run_seaweed  # noqa: E402
 from tests.fakefly import FakeFly, write_app_tree  # noqa: E402
 
@@ -113,12 +119,13 @@ def run_fleet(work: pathlib.Path, seaweed, machines: int) -> dict:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         releases = iter(range(2, 100))
         cpu: list[float] = []
+        host_cpu: list[float] = []
 
         def command(*args: str) -> tuple[float, list[tuple[float, str]]]:
             release = next(releases)
             (tree / "counter.py").write_text(COUNTER.format(release=release))
             time.sleep(1.0)  # the API paces one exec per machine a second: deploys are minutes apart
-            started = time.perf_counter()
+            started, host = time.perf_counter(), _host_cpu_s()
             process = subprocess.Popen([sys.executable, "-m", "flydeploy_cli", "hot", "--version", f"r{release}",
                                         *args], cwd=tree, env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
@@ -130,6 +137,7 @@ def run_fleet(work: pathlib.Path, seaweed, machines: int) -> dict:
             # it ran and waited for (flyctl, git), whatever else the host's cores were doing.
             _, status, usage = os.wait4(process.pid, 0)
             elapsed = time.perf_counter() - started
+            host_cpu.append(_host_cpu_s() - host)
             process.returncode = os.waitstatus_to_exitcode(status)
             process.stdout.close()
             cpu.append(usage.ru_utime + usage.ru_stime)
@@ -152,6 +160,8 @@ def run_fleet(work: pathlib.Path, seaweed, machines: int) -> dict:
             "direct_upgrading_s": round(direct - before, 3),
             "direct_client_side_s": round(direct - upgrading, 3),
             "direct_client_cpu_s": round(cpu[1], 3),
+            "direct_host_cpu_s": round(host_cpu[1], 3),
+            "direct_host_floor_s": round(host_cpu[1] / len(os.sched_getaffinity(0)), 3),
             "direct_phases_s": {name: round(value, 3) for name, value in phases.items()},
             **{name: round(value, 3) for name, value in starts.items()},
             "orchestrator_local_fly_s": round(orchestrator, 3),
@@ -208,6 +218,7 @@ def main() -> None:
         "model_build_s": MODEL_BUILD_S,
         "model_machine_start_s": MODEL_MACHINE_START_S,
         "goal_direct_20_under_2_5s": results[20]["direct_s"] < GOAL_S,
+        "goal_direct_20_under_2_5s_fleet_estimate": estimate < GOAL_S,
     })
     print(json.dumps(line))
 
