@@ -27,11 +27,14 @@ The file is organised in sections, in the order data flows:
                   and the deploy lock (``acquire_lock``).
 3. Machines API   the Fly Machines API client (``Machines``), the one builder
                   of machine-side commands (``MachineCommands``), the
-                  preflight, and the fleet orchestration that pushes a
-                  release to every machine (``orchestrate``) in two phases,
-                  named in ``FLEET_PHASES`` with their point of no return:
-                  prepare everywhere, judged by pure functions
-                  (``judge_prepare``, ``pick_canaries``, ``to_revert``,
+                  preflight (``doctor``'s check), and the fleet orchestration
+                  that pushes a release to every machine (``orchestrate``) in
+                  two phases, named in ``FLEET_PHASES`` with their point of no
+                  return: prepare everywhere, which is also the check that
+                  every machine can run the upgrade (a token the API refuses
+                  falls back to the next), judged by pure functions
+                  (``judge_exec_refusals``, ``judge_prepare``, ``to_explain``,
+                  ``pick_canaries``, ``to_revert``,
                   ``to_restart``, ``plan_document``), then apply (canaries
                   first) or the fleet back (a machine that kept nothing to
                   revert from restarted to boot on the previous release);
@@ -229,10 +232,8 @@ __all__ = [
     "command_failure",
     "judge_result",
     "judge_upgrade",
-    "PreflightError",
     "PreflightCheck",
     "judge_preflight",
-    "preflight_targets",
     "run_preflight",
     "result_poll_interval",
     "results_prefix",
@@ -3838,7 +3839,8 @@ def _plural(count: int, word: str, words: str | None = None) -> str:
 class MachineOutcome:
     """How one machine took one phase of an upgrade; ``result`` is what its machine-side
     command reported (``rpc upgrade``, ``prepare``, ``apply``), if anything.  ``answered``
-    is False when the exec itself got no answer (the machine was not reached);
+    is False when the exec itself got no answer (the machine was not reached), and
+    ``api_status`` is then the Machines API's status (401/403: it refused the token);
     ``elapsed_s`` is the phase's wall time on it, as the orchestrator saw it."""
 
     machine_id: str
@@ -3848,6 +3850,12 @@ class MachineOutcome:
     result: Mapping[str, Any] | None = None
     answered: bool = True
     elapsed_s: float = 0.0
+    api_status: int | None = None
+
+    @property
+    def token_refused(self) -> bool:
+        """Whether the Machines API refused the exec for the token (401/403): the command never ran."""
+        return not self.answered and self.api_status in (401, 403)
 
     def line(self) -> str:
         """The line printed for this machine: ``✓ id (region) 3 modules, ...`` (with the
@@ -3918,17 +3926,19 @@ def judge_upgrade(machine: Mapping[str, Any], exit_code: int, stdout: str, stder
 # --- The two phases of a fleet upgrade: the decisions ----------------------------
 
 # The phases of ``orchestrate``, in order.  Nothing live changes before RECORD:
-# preflight (one machine per group can run flydeploy), lock, pack (the release is
-# stored: an object, nothing live), prepare (every target downloads, stages and
-# every process prepares against the staged files), judge (all ready? else the
-# staged files are discarded everywhere and the run stops: ``--plan`` always
-# stops here).  RECORD is the point of no return: ``current.json`` names the
+# lock, pack (the release is stored: an object, nothing live), prepare (every
+# target downloads, stages and every process prepares against the staged files:
+# also the check that each machine can run flydeploy, reach the bucket with its
+# own credentials and has agents that answer; an exec the API refuses for the
+# token runs again with the next client), judge (all ready? else the staged
+# files are discarded everywhere and the run stops: ``--plan`` always stops
+# here).  RECORD is the point of no return: ``current.json`` names the
 # release, so a machine that boots from then on takes it.  Then apply (canaries
 # first, each checked), revert (only after a failed apply with ``--on-failure
 # rollback``: the machines that applied go back the same two-phase way and
 # ``current.json`` names the previous release again; one that kept nothing to
 # revert from is then restarted, to boot on it) and release (the lock).
-FLEET_PHASES = ("preflight", "lock", "pack", "prepare", "judge", "record", "apply", "revert", "release")
+FLEET_PHASES = ("lock", "pack", "prepare", "judge", "record", "apply", "revert", "release")
 FLEET_POINT_OF_NO_RETURN = "record"
 # What a machine runs when no hot upgrade reaches it.
 _IMAGE_CODE = "the image's code"
@@ -3977,15 +3987,18 @@ class PrepareVerdict:
         return [f"· {o.machine_id} ({o.region}) not reached: --allow-missing, it catches up at its next boot"
                 for o in self.missing]
 
-    def summary(self, version: str, *, planned: bool) -> str:
-        """The last line of a run that stopped after phase 1."""
+    def summary(self, version: str, *, planned: bool, uploaded: bool = False) -> str:
+        """The last line of a run that stopped after phase 1 (``uploaded``: its release was
+        stored by this run, and stays stored)."""
         if self.go:
             return (f"{version} would apply on {_plural(len(self.ready), 'machine')}: "
                     "nothing was applied, the staged files were discarded (--plan)")
         ids = ", ".join(o.machine_id for o in self.refused)
         head = f"{version} would be refused" if planned else f"{version} was not applied anywhere"
+        stored = "; the release was uploaded and stays stored, current.json does not name it" if uploaded else ""
         return (f"{head}: {ids} {'refuses' if len(self.refused) == 1 else 'refuse'} it or could not prepare it; "
-                "every machine runs what it ran, current.json is unchanged")
+                f"nothing live changed: every machine runs what it ran, current.json is unchanged{stored}; "
+                "the deploy lock is released")
 
 
 def judge_prepare(outcomes: Iterable[MachineOutcome], *, allow_missing: bool = False) -> PrepareVerdict:
@@ -3993,17 +4006,47 @@ def judge_prepare(outcomes: Iterable[MachineOutcome], *, allow_missing: bool = F
 
     A machine that was not reached (its exec got no answer) stops it too,
     unless ``allow_missing``: then it catches up at its next boot from
-    ``current.json``.
+    ``current.json``.  One whose exec the API refused for the token was
+    reached: it stops it.
     """
     ready, refused, missing = [], [], []
     for outcome in outcomes:
         if outcome.ok:
             ready.append(outcome)
-        elif allow_missing and not outcome.answered:
+        elif allow_missing and not outcome.answered and not outcome.token_refused:
             missing.append(outcome)
         else:
             refused.append(outcome)
     return PrepareVerdict(tuple(ready), tuple(refused), tuple(missing))
+
+
+def judge_exec_refusals(outcomes: Iterable[MachineOutcome], *,
+                        fallback: bool) -> tuple[list[MachineOutcome], list[MachineOutcome]]:
+    """A phase's outcomes judged for the token: ``(to run again, kept)``.
+
+    An exec the Machines API refused for the token (HTTP 401/403) never ran, so
+    running it again is safe: with a ``fallback`` client it runs again with that
+    one; without one it is kept, a failure whose error says the token fix.  Every
+    other outcome is kept as it is.
+    """
+    again: list[MachineOutcome] = []
+    kept: list[MachineOutcome] = []
+    for outcome in outcomes:
+        if outcome.token_refused and fallback:
+            again.append(outcome)
+        else:
+            kept.append(outcome)
+    return again, kept
+
+
+def to_explain(outcomes: Iterable[MachineOutcome]) -> list[str]:
+    """The machines whose phase 1 failed before it had the release (nothing downloaded, no
+    process asked): the preflight (``judge_preflight``) says why with the fix, e.g. the bucket
+    out of reach with the machine's own credentials.  A machine that got further, or whose
+    command did not run, says why in its own result."""
+    return [o.machine_id for o in outcomes
+            if not o.ok and o.result is not None and o.result.get("status") == "failed"
+            and not o.result.get("release_bytes") and not o.result.get("processes")]
 
 
 def to_discard(outcomes: Iterable[MachineOutcome]) -> list[str]:
@@ -4243,7 +4286,7 @@ class FleetReport:
     def summary(self) -> str:
         """One line: how many machines took which version, which failed, which wait for their start."""
         if self.verdict is not None and (self.planned or not self.verdict.go):
-            return self.verdict.summary(self.version, planned=self.planned)
+            return self.verdict.summary(self.version, planned=self.planned, uploaded=self.uploaded)
         done = len(self.outcomes) - len(self.failed)
         if self.rolled_back:
             text = (f"{self.version} was rolled back in {self.duration_s:.1f} s (--on-failure rollback), "
@@ -4305,21 +4348,35 @@ def _map_concurrently(fn: Callable[[Any], Any], items: Sequence[Any], limit: int
         stop.set()
 
 
-def _exec_on(api: Any, machine: Mapping[str, Any], argv: list[str],
-             timeout: float) -> tuple[ExecResult, None] | tuple[None, str]:
-    """Exec ``argv`` on ``machine``: ``(result, None)``, or ``(None, why it failed)`` when the API gave none."""
+def _exec_on(api: Any, machine: Mapping[str, Any], argv: list[str], timeout: float,
+             commands: MachineCommands | None = None) -> tuple[ExecResult, None, None] | tuple[None, str, int]:
+    """Exec ``argv`` on ``machine``: ``(result, None, None)``, or ``(None, why it failed, the API's
+    status)`` when the API gave none (``_exec_failure``, with ``commands``' token fix)."""
     began = time.monotonic()
     try:
-        return api.exec(machine["id"], argv, timeout=timeout), None
+        return api.exec(machine["id"], argv, timeout=timeout), None, None
     except MachinesAPIError as exc:
-        return None, _exec_failure(exc, argv, timeout, time.monotonic() - began)
+        return None, _exec_failure(exc, argv, timeout, time.monotonic() - began, commands), exc.status
 
 
-def _exec_failure(exc: MachinesAPIError, argv: Sequence[str], timeout: float, waited_s: float) -> str:
-    """What a failed exec says; ``waited_s`` is the time spent on it, all attempts together."""
+def token_refused_error(detail: str, commands: MachineCommands) -> str:
+    """Why a machine-side command did not run when the Machines API refused its exec for the
+    token (HTTP 401/403; ``detail`` is the API's message), with the fix: the one text of the
+    preflight (``judge_preflight``) and of the phases (``_upgrade_machines``)."""
+    return (f"the Machines API refused the exec ({detail}): the token does not allow "
+            f"`{shlex.join(commands.token_prefix())} ...`; set the app's FLY_API_TOKEN secret "
+            "(fly secrets set FLY_API_TOKEN=\"$(fly tokens create deploy)\")")
+
+
+def _exec_failure(exc: MachinesAPIError, argv: Sequence[str], timeout: float, waited_s: float,
+                  commands: MachineCommands | None = None) -> str:
+    """What a failed exec says; ``waited_s`` is the time spent on it, all attempts together.
+    With ``commands`` (what built ``argv``) a refusal of the token says the token fix."""
+    if commands is not None and exc.status in (401, 403):
+        return token_refused_error(exc.message, commands)
     if missing_program(exc):
         return (f"{argv[0]} does not exist on the machine ({exc.message}): set [tool.flydeploy] python to "
-                "the absolute path of the image's interpreter (the preflight prints it)")
+                "the absolute path of the image's interpreter (`doctor` prints it)")
     if exc.status == 408:
         return (f"timed out after {waited_s:.0f} s in all ({timeout:g} s per attempt); the command may "
                 "still be running on the machine")
@@ -4464,11 +4521,9 @@ def _machines_from_env(app: str) -> list[tuple[Machines, str]]:
     return clients
 
 
-# --- Preflight: can every process group run what the upgrade will run? ----------
-
-
-class PreflightError(FlyDeployError):
-    """A machine cannot run flydeploy the way the upgrade would; nothing was locked or uploaded."""
+# --- Preflight: can a machine run what an upgrade runs? ----------------------------
+# ``doctor`` runs it on every machine; an upgrade runs it only to explain a machine's failure
+# in phase 1 (``to_explain``): phase 1 itself is the check, on every machine.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4499,13 +4554,8 @@ def judge_preflight(machine: Mapping[str, Any], commands: MachineCommands, resul
     """Judge one machine's ``rpc preflight`` exec (its result, or the API's refusal), with the fix."""
     head = (machine.get("id", "?"), machine.get("region", "?"), machine_group(machine))
     if refusal is not None:
-        if refusal.status in (401, 403):
-            error = (f"the Machines API refused the exec ({refusal.message}): the token does not allow "
-                     f"`{shlex.join(commands.token_prefix())} ...`; set the app's FLY_API_TOKEN secret "
-                     "(fly secrets set FLY_API_TOKEN=\"$(fly tokens create deploy)\")")
-        else:
-            error = _exec_failure(refusal, commands.argv(), EXEC_DEADLINE_S, 0)
-        return PreflightCheck(*head, False, error, None, refusal.status)
+        return PreflightCheck(*head, False, _exec_failure(refusal, commands.argv(), EXEC_DEADLINE_S, 0, commands),
+                              None, refusal.status)
     assert result is not None
     try:
         report = json.loads(result.stdout)
@@ -4529,14 +4579,6 @@ def judge_preflight(machine: Mapping[str, Any], commands: MachineCommands, resul
     return PreflightCheck(*head, True, None, report)
 
 
-def preflight_targets(selection: MachineSelection) -> list[dict]:
-    """One started machine per process group: where the preflight runs."""
-    chosen: dict[str, dict] = {}
-    for machine in selection.targets:
-        chosen.setdefault(machine_group(machine), dict(machine))
-    return list(chosen.values())
-
-
 def run_preflight(api: Any, app: str, machines: Sequence[Mapping[str, Any]], commands: MachineCommands, *,
                   extra: Sequence[str] = (), max_concurrency: int = 10) -> list[PreflightCheck]:
     """``rpc preflight`` on each of ``machines`` (one short exec each), judged."""
@@ -4549,34 +4591,6 @@ def run_preflight(api: Any, app: str, machines: Sequence[Mapping[str, Any]], com
             return judge_preflight(machine, commands, None, exc)
 
     return list(_map_concurrently(check, list(machines), max_concurrency))
-
-
-def _preflight_fleet(clients: list[tuple[Any, str]], app: str, selection: MachineSelection,
-                     commands: MachineCommands, say: Callable[[str], None],
-                     extra: Sequence[str] = ()) -> tuple[Any, set[str]]:
-    """Run the preflight (``rpc preflight ... extra``) with the first client; when the
-    API refuses its token and another is there, say so and use that one.  Returns
-    the client to upgrade with and the ids of the machines checked; raises
-    ``PreflightError`` naming each failing machine and its fix."""
-    machines = preflight_targets(selection)
-    if not machines:
-        return clients[0][0], set()
-    for index, (api, what) in enumerate(clients):
-        checks = run_preflight(api, app, machines, commands, extra=extra)
-        refused = [c for c in checks if c.status in (401, 403)]
-        if refused and index + 1 < len(clients):
-            say(f"{what} was refused by the Machines API (HTTP {refused[0].status} on the exec of "
-                f"`{shlex.join(commands.token_prefix())} preflight`); using {clients[index + 1][1]} instead")
-            continue
-        for check in checks:
-            say(check.line())
-        failed = [c for c in checks if not c.ok]
-        if failed:
-            raise PreflightError("preflight failed on " + ", ".join(c.machine_id for c in failed)
-                                 + "; nothing was locked, uploaded or changed:\n"
-                                 + "\n".join(c.line() for c in failed))
-        return api, {m["id"] for m in machines}
-    raise AssertionError("unreachable")
 
 
 # --- Upgrading the machines -------------------------------------------------------
@@ -4723,9 +4737,11 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]],
 
     def run(machine: Mapping[str, Any], began: float) -> MachineOutcome:
         command = argv(machine) if callable(argv) else argv
-        res, failure = _exec_on(api, machine, command, timeout if board is None else EXEC_DEADLINE_S)
+        res, failure, status = _exec_on(api, machine, command, timeout if board is None else EXEC_DEADLINE_S,
+                                        commands)
         if res is None:
-            return MachineOutcome(machine["id"], machine.get("region", "?"), False, failure, answered=False)
+            return MachineOutcome(machine["id"], machine.get("region", "?"), False, failure, answered=False,
+                                  api_status=status)
         if board is None or not res.ok:
             return judge_upgrade(machine, res.exit_code, res.stdout, res.stderr, res.exit_signal,
                                  commands=commands, what=what)
@@ -4749,23 +4765,46 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]],
 
 class _Fleet:
     """The I/O of one run's phases: a machine-side command on many machines (``run``),
-    each phase's results collected from its own folder, and the discard."""
+    each phase's results collected from its own folder, and the discard.
 
-    def __init__(self, api: Any, store: Store, app: str, commands: MachineCommands, *, timeout: float,
-                 max_concurrency: int, say: Callable[[str], None], others: Sequence[Any] = ()) -> None:
-        self.api, self.store, self.app, self.commands = api, store, app, commands
-        # What a restart may use after ``api``: a minted exec token may only exec.
-        self.restarters = [api, *(other for other in others if other is not api)]
+    ``clients`` are the Machines API clients it may use, each with what it is (``the
+    minted exec token``), in order: it uses the first until ``fall_back`` moves on."""
+
+    def __init__(self, clients: Sequence[tuple[Any, str]], store: Store, app: str, commands: MachineCommands, *,
+                 timeout: float, max_concurrency: int, say: Callable[[str], None]) -> None:
+        self.clients = list(clients)
+        self.client = 0
+        self.store, self.app, self.commands = store, app, commands
         self.timeout, self.max_concurrency, self.say = timeout, max_concurrency, say
-        self.detached = bool(getattr(api, "runs_detached", False))
+        self.detached = bool(getattr(self.api, "runs_detached", False))
+
+    @property
+    def api(self) -> Any:
+        return self.clients[self.client][0]
+
+    @property
+    def restarters(self) -> list[Any]:
+        """What a restart may use: ``api``, then the others (a minted exec token may only exec)."""
+        return [self.api, *(api for api, _what in self.clients if api is not self.api)]
+
+    def fallback(self) -> str | None:
+        """What the next client is, if there is one."""
+        return self.clients[self.client + 1][1] if self.client + 1 < len(self.clients) else None
+
+    def fall_back(self, status: int, command: str) -> None:
+        """The API refused this client's token (``status`` on the exec of ``rpc command``):
+        say so, and use the next client for the rest of the run."""
+        self.say(f"{self.clients[self.client][1]} was refused by the Machines API (HTTP {status} on the exec "
+                 f"of `{shlex.join(self.commands.token_prefix())} {command}`); using {self.fallback()} instead")
+        self.client += 1
 
     def run(self, command: str, machines: Sequence[Mapping[str, Any]], run_id: str,
-            args: Callable[[Mapping[str, Any]], list[str]], line: Callable[[MachineOutcome], str], *,
+            args: Callable[[Mapping[str, Any]], list[str]], line: Callable[[MachineOutcome], str | None], *,
             stop_after_failure: bool = False,
             settle: Callable[[Mapping[str, Any], MachineOutcome], MachineOutcome | None] | None = None
             ) -> list[MachineOutcome]:
         """``rpc <command> ... --upgrade-id <run_id>`` on every machine; the outcomes, each
-        printed (``line``) as it comes (``_upgrade_machines``).  Detached on the Machines
+        printed (``line``, unless it gives None) as it comes (``_upgrade_machines``).  Detached on the Machines
         API: the results are collected from ``releases/<app>-results/<run_id>/<command>/``."""
         detach = ["--detach", "--wait", f"{min(self.timeout, _DETACHED_WAIT_S):g}"] if self.detached else []
         board = (_ResultBoard(self.store, f"{results_prefix(self.app, run_id)}{command}/")
@@ -4774,7 +4813,9 @@ class _Fleet:
 
         def finished(outcome: MachineOutcome) -> None:
             outcomes.append(outcome)
-            self.say(line(outcome))
+            text = line(outcome)
+            if text is not None:
+                self.say(text)
 
         _upgrade_machines(self.api, machines,
                           lambda machine: self.commands.rpc(command, self.app, *args(machine),
@@ -4790,7 +4831,7 @@ class _Fleet:
         argv = self.commands.rpc(command, self.app, *args)
 
         def run(machine_id: str) -> tuple[str, str | None]:
-            res, failure = _exec_on(self.api, {"id": machine_id}, argv, EXEC_DEADLINE_S)
+            res, failure, _status = _exec_on(self.api, {"id": machine_id}, argv, EXEC_DEADLINE_S, self.commands)
             if res is not None and not res.ok:
                 failure = (_last_line(res.stdout) if command == "ping" and res.exit_code == 1 else
                            command_failure(f"rpc {command}", self.commands, res.exit_code, res.stdout,
@@ -4857,7 +4898,7 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
                 force: bool = False, owner: str | None = None, lock_timeout: float = 300.0,
                 timeout: float = 120.0, max_concurrency: int = 10, suspend_timeout: float = 10.0,
                 process_groups: Iterable[str] = (), commands: MachineCommands | None = None,
-                self_id: str | None = None, upgrade_id: str | None = None, preflight: bool = True,
+                self_id: str | None = None, upgrade_id: str | None = None,
                 local_tree: LocalTree | None = None, out: TextIO | None = None,
                 canary: int | None = None, canary_wait: float | None = None, on_failure: str = "rollback",
                 allow_missing: bool = False, health_check: str | None = None, health_ports: Sequence[int] = (),
@@ -4889,9 +4930,12 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
     group.  A line per machine and phase as it finishes, and a summary, go to
     ``out``.  The lock is released in every case, Ctrl-C too.
 
-    Before the lock is taken and anything is uploaded, a preflight execs
-    ``rpc preflight`` on one started machine per process group
-    (``PreflightError`` names each failure and its fix).  On the Machines API
+    Phase 1 is also the check that every machine can take part, with no exec of
+    its own before it: when the Machines API refuses the token on a machine and
+    another client is there, the run says so, uses that one from then on and runs
+    phase 1 again there (``judge_exec_refusals``); a failure before a machine had
+    the release is explained by the preflight, with its fix (``to_explain``).  Such
+    a failure stops the run like any refusal: exit 1, nothing live changed.  On the Machines API
     (``api.runs_detached``) each phase runs detached on its machine and its
     outcome is the result object it stores in ``releases/<app>-results/
     <upgrade_id>/<phase>/``: every exec stays short.  ``commands`` builds every
@@ -4923,15 +4967,6 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
 
     started = time.monotonic()
     upgrade_id = upgrade_id or secrets.token_hex(16)
-    checked: set[str] = set()
-    if preflight:
-        # Listed first to fail early on a bad token; checked before anything is locked or uploaded.
-        # The bucket too, from the machines, with their credentials: a job that cannot reach it
-        # could not report back.
-        bucket = ["--store", "--bucket", store.bucket] if isinstance(store, S3) else []
-        api, checked = _preflight_fleet(clients, app, select_machines(api.list(), self_id=self_id,
-                                                                      process_groups=process_groups),
-                                        commands, say, bucket)
     lock = acquire_lock(store, app, owner=owner or f"{getpass.getuser()}@{socket.gethostname()}",
                         deployment_id=upgrade_id, timeout_s=lock_timeout, force=force)
     try:
@@ -4953,20 +4988,20 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
                     f"{pending_note(machine.get('state') or '')}")
             for machine, reason in selection.skipped:
                 say(f"· {machine.get('id')} ({machine.get('region', '?')}) {reason}")
-            fleet = _Fleet(api, store, app, commands, timeout=timeout, max_concurrency=max_concurrency, say=say,
-                           others=[client for client, _what in clients])
+            fleet = _Fleet(clients, store, app, commands, timeout=timeout, max_concurrency=max_concurrency, say=say)
             release = ["--url", entry["tarball_url"], "--sha256", entry["sha256"]]
 
-            # PREPARE.  The machines the preflight just exec'd on go last: should the API's
-            # pacing make their next exec wait, the others' go at once.
-            targets = sorted(selection.targets, key=lambda machine: machine["id"] in checked)
+            # PREPARE, also the check that every machine can take part.
+            targets = list(selection.targets)
             expiry = prepare_expiry_s(len(targets), timeout=timeout, max_concurrency=max_concurrency,
                                       canary_wait=canary_wait or 0)
             expires = ["--expires-in", f"{expiry:g}"]
             say(f"Phase 1: preparing {entry['version']} on {_plural(len(targets), 'machine')}, "
                 f"{max_concurrency} at a time; nothing live changes")
             began = time.monotonic()
-            report.prepared = fleet.run("prepare", targets, upgrade_id, lambda m: release + expires, prepare_line)
+            # What explains a failure: the bucket too, from the machine, with its own credentials.
+            bucket = ["--store", "--bucket", store.bucket] if isinstance(store, S3) else []
+            report.prepared = _prepare_fleet(fleet, targets, upgrade_id, release + expires, bucket)
             report.prepare_s = time.monotonic() - began
             # JUDGE.
             report.verdict = judge_prepare(report.prepared, allow_missing=allow_missing)
@@ -4989,7 +5024,7 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
             # nothing; its apply runs the whole upgrade.
             ready = {o.machine_id for o in report.verdict.ready}
             prepared = {o.machine_id for o in report.prepared}
-            late = [m for m in select_machines(api.list(), self_id=self_id, process_groups=process_groups).targets
+            late = [m for m in select_machines(fleet.api.list(), self_id=self_id, process_groups=process_groups).targets
                     if m["id"] not in prepared]
             report.previous.update({m["id"]: _previous_version(current, m) for m in late})
             # In the order they became ready: should the API's pacing of execs per machine make
@@ -5009,6 +5044,38 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
             return report
     finally:
         lock.release()
+
+
+def _prepare_fleet(fleet: _Fleet, targets: Sequence[Mapping[str, Any]], run_id: str, args: list[str],
+                   explain: list[str]) -> list[MachineOutcome]:
+    """Phase 1: ``rpc prepare ... args`` on every target, each outcome printed as it comes.
+
+    An exec the Machines API refuses for the token runs again with the next
+    client, if there is one (``judge_exec_refusals``), which the fleet then uses
+    for the rest of the run.  The failures ``to_explain`` picks get the
+    preflight's reason and fix (``rpc preflight ... explain``), printed too.
+    """
+    outcomes: list[MachineOutcome] = []
+    machines = list(targets)
+    while machines:
+        fallback = fleet.fallback() is not None
+        ran = fleet.run("prepare", machines, run_id, lambda m: args,
+                        lambda o: None if judge_exec_refusals([o], fallback=fallback)[0] else prepare_line(o))
+        again, kept = judge_exec_refusals(ran, fallback=fallback)
+        outcomes += kept
+        if again:
+            fleet.fall_back(again[0].api_status or 0, "prepare")
+        machines = [m for m in machines if m["id"] in {o.machine_id for o in again}]
+    failed = set(to_explain(outcomes))
+    if not failed:
+        return outcomes
+    checks = {check.machine_id: check for check in run_preflight(
+        fleet.api, fleet.app, [m for m in targets if m["id"] in failed], fleet.commands, extra=explain,
+        max_concurrency=fleet.max_concurrency) if not check.ok}
+    for check in checks.values():
+        fleet.say(check.line())
+    return [dataclasses.replace(o, error=f"{o.error}; {checks[o.machine_id].error}") if o.machine_id in checks
+            else o for o in outcomes]
 
 
 def _apply_fleet(fleet: _Fleet, report: FleetReport, machines: Sequence[Mapping[str, Any]], *,
@@ -5172,7 +5239,7 @@ def machine_processes(api: Any, machine: Mapping[str, Any], argv: list[str],
                       timeout: float) -> tuple[list[dict] | None, str | None]:
     """What ``rpc info`` (``argv``) says of the machine's processes: their info, and the
     errors of those that did not answer (None when all did); no list when it gave none."""
-    res, failure = _exec_on(api, machine, argv, timeout)
+    res, failure, _status = _exec_on(api, machine, argv, timeout)
     if res is None:
         return None, failure
     try:
@@ -5320,9 +5387,6 @@ def _orchestrate_command(args: argparse.Namespace) -> int:
         if args.json:
             print(f"{ORCHESTRATOR_MARKER} plan {json.dumps(report.plan, sort_keys=True)}", flush=True)
         code = report.exit_code
-    except PreflightError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        code = 1
     except (LockHeld, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         code = 2

@@ -21,13 +21,14 @@ with ``fly deploy --build-only --push``, then creates a temporary orchestrator
 machine from it through the Machines API whose main process is
 ``<python> -c <bootstrap> <app_dir> orchestrate`` (``MachineCommands``; destroyed when it exits; its
 output comes from ``fly logs``, its exit code from the machine's exit event).
-The orchestrator runs a preflight, packs the app, stores the release and
+The orchestrator packs the app, stores the release and
 upgrades every machine in two phases (``flydeploy.FLEET_PHASES``: prepare
-everywhere, then apply, canaries first; a failure sends the fleet back) with
+everywhere, also the check that each machine can take part, then apply,
+canaries first; a failure sends the fleet back) with
 short execs, collecting each machine's result objects from S3; ``hot --plan``
 stops after the first phase.  Ctrl-C or SIGTERM stops and destroys it.
 Exit codes: 0 every machine took the upgrade (or, with ``--plan``, would), 1 a
-machine refused or failed, or the preflight (or the build) failed, 2 bad usage
+machine refused, failed or could not take part, or the build failed, 2 bad usage
 or settings, or the deploy lock is held, 130 interrupted.  ``doctor`` checks
 everything ``hot`` needs.
 
@@ -1053,8 +1054,9 @@ def _direct_run(args: argparse.Namespace, config: flydeploy.FleetConfig, ask: co
                 f"pack {config.root}, upload it to {store.bucket}")
         _print_plan(config, [], [
             f"run the upgrade from here with the Machines API ({api.base_url}) as you and the bucket "
-            f"{store.bucket} with this machine's credentials: preflight one machine per group, take the deploy "
-            f"lock, {what}, record it in current.json, upgrade every started machine of {config.app} "
+            f"{store.bucket} with this machine's credentials: take the deploy "
+            f"lock, {what}, prepare it on every started machine of {config.app} (the check that each can take "
+            f"part), record it in current.json, apply it on every one "
             f"{config.max_concurrency} at a time, collect the results, release the lock"])
         return 0
     owner, _ = asked_owner.result()

@@ -16,7 +16,8 @@ Goal: 20 machines under 2.5 s for the whole ``hot --direct`` command.
 Here the twenty machines' commands share this host's cores (and whatever else
 runs on it: ``host_load_1min``), so the 20-machine figure measures the host
 as much as the command.  ``direct_before_upgrading_s`` is the command up to
-the first prepare exec (start, packing, checks, preflight, lock, upload),
+the first prepare exec (start, packing, checks, lock, upload: phase 1 is
+the check that every machine can take part, no exec comes before it),
 ``direct_upgrading_s`` the rest (both phases and ``current.json``); as in bench_fleet.py,
 ``direct_fleet_estimate_s_20_machines`` is what that makes for a real fleet
 whose machines each have their own CPU: the 20-machine run's part before
@@ -28,8 +29,7 @@ goal is judged on both: ``goal_direct_20_under_2_5s`` on the measured run,
 the lines it prints, as they reach this process: ``start_to_files_listed``
 (interpreter start, imports, settings, the git state, the file listing),
 ``checks`` (the bucket, the flyctl session's token, the machines list,
-``current.json``, the dependency fingerprint), ``preflight`` (one exec: a
-round trip and the machine's ``rpc preflight``), ``lock_pack_upload``,
+``current.json``, the dependency fingerprint), ``lock_pack_upload``,
 ``to_phase_1`` (the machines listed again), ``prepare_and_record`` (phase 1 on
 every machine, then ``current.json``), ``apply`` (phase 2) and
 ``summary_to_exit``; ``direct_client_side_s_<n>_machines`` is the whole
@@ -81,10 +81,10 @@ GOAL_S = 2.5
 MODEL_BUILD_S = 30.0
 MODEL_MACHINE_START_S = 3.0
 STARTS = 5
-# The phases of the direct command, each ending at the first line that starts with its mark
-# (the preflight at its first machine's line); the last one ends when the process exits.
+# The phases of the direct command, each ending at the first line that starts with its mark;
+# the last one ends when the process exits.
 PHASES = (("start_to_files_listed", "==> release from"), ("checks", "==> the machines run"),
-          ("preflight", "✓ group"), ("lock_pack_upload", "Release "), ("to_phase_1", "Phase 1: "),
+          ("lock_pack_upload", "Release "), ("to_phase_1", "Phase 1: "),
           ("prepare_and_record", "Phase 2: "), ("apply", "{machines}/{machines} machines upgraded"),
           ("summary_to_exit", None))
 # The machines' part: the two phases of the fleet upgrade (current.json is recorded between them).

@@ -100,11 +100,13 @@ def result_line(**fields):
 
 
 class StubMachines:
-    """The Machines client's list/exec, answering exec with ``answer(machine_id, argv)``."""
+    """The Machines client's list/exec, answering exec with ``answer(machine_id, argv)``;
+    ``rpc preflight`` (which explains a failed phase 1) answers ``preflight`` (default: all is well)."""
 
-    def __init__(self, machines, answer):
+    def __init__(self, machines, answer, preflight=None):
         self.machines = machines
         self.answer = answer
+        self.preflight = preflight
         self.calls = []
         self.lock = threading.Lock()
 
@@ -115,12 +117,8 @@ class StubMachines:
         with self.lock:
             self.calls.append((machine_id, list(argv), timeout))
         if _rpc_command(argv) == "preflight":
-            return flydeploy.ExecResult(0, 0, json.dumps(PREFLIGHT_OK), "")
+            return flydeploy.ExecResult(0, 0, json.dumps(self.preflight or PREFLIGHT_OK), "")
         return self.answer(machine_id, argv)
-
-    def upgrade_calls(self):
-        """The exec calls other than the preflight's."""
-        return [call for call in self.calls if _rpc_command(call[1]) != "preflight"]
 
     def phase_calls(self, command):
         """The exec calls of ``rpc <command>`` (prepare, apply, discard)."""

@@ -450,10 +450,9 @@ def test_orchestrate_pushes_a_release_to_every_started_machine(store, app_root):
     assert hot["version"] == "v1" and hot["sha256"] == report.sha256
     assert hot["source_image_ref"] == "registry.fly.io/shop:l1"
     assert doc["image_ref"] == "registry.fly.io/shop:deployment-1"  # seeded from the machines
-    # The preflight ran first, on one machine of the group; then the two phases, from the one builder.
-    assert api.calls[0][1] == [*RUN_IN_APP, "rpc", "preflight", "--app", "shop"]
+    # No exec before phase 1 (it is the check): the two phases are every exec, from the one builder.
     prepares, applies = api.phase_calls("prepare"), api.phase_calls("apply")
-    assert [_rpc_of(call) for call in api.upgrade_calls()] == ["prepare"] * 2 + ["apply"] * 2
+    assert [_rpc_of(call) for call in api.calls] == ["prepare"] * 2 + ["apply"] * 2
     assert sorted(call[0] for call in prepares) == sorted(call[0] for call in applies) == ["a", "b"]
     assert prepares[0][1] == [*RUN_IN_APP, "rpc", "prepare", "--app", "shop",
                               "--url", hot["tarball_url"], "--sha256", hot["sha256"],
@@ -462,7 +461,7 @@ def test_orchestrate_pushes_a_release_to_every_started_machine(store, app_root):
                              "--url", hot["tarball_url"], "--sha256", hot["sha256"],
                              "--deployed-at", hot["deployed_at"],  # as recorded: no current.json read there
                              "--suspend-timeout", "4", "--upgrade-id", report.upgrade_id]
-    assert {call[2] for call in api.upgrade_calls()} == {50}
+    assert {call[2] for call in api.calls} == {50}
     assert "✓ a (ams) ready: 1 file to write, 1 process prepared" in out
     assert "✓ b (ord) 2 modules, 1 process, suspended 3 ms" in out
     assert "· c (ams) stopped: applies at next start" in out
@@ -526,7 +525,7 @@ def test_a_held_lock_stops_before_anything_is_stored(store, app_root):
     api = StubMachines([machine("a")], succeed)
     with pytest.raises(flydeploy.LockHeld, match="bob@example.com"):
         run(store, api, app_root)
-    assert api.upgrade_calls() == [] and flydeploy.read_current(store, "shop") == (None, None)
+    assert api.calls == [] and flydeploy.read_current(store, "shop") == (None, None)
     report, _ = run(store, api, app_root, force=True)
     assert report.exit_code == 0 and not lock_key_exists(store)
 
@@ -547,7 +546,7 @@ def test_ctrl_c_releases_the_lock(store, app_root):
     finally:
         stop.set()
     assert not lock_key_exists(store)
-    assert len(api.upgrade_calls()) == 1  # the queued machine was never started, nothing was applied
+    assert len(api.calls) == 1  # the queued machine was never started, nothing was applied
 
 
 def test_rollback_goes_back_to_the_previous_or_a_named_release(store, app_root):

@@ -9,7 +9,8 @@ import re
 import pytest
 
 import flydeploy
-from tests.fleet_doubles import StubMachines, lock_key_exists, machine, ready, result_line, run, succeed, write
+from tests.fleet_doubles import (PREFLIGHT_OK, StubMachines, lock_key_exists, machine, ready, result_line, run,
+                                 succeed, write)
 
 pytest_plugins = ["tests.fleet_doubles"]
 
@@ -44,6 +45,32 @@ def test_judge_prepare_goes_only_when_every_machine_is_ready():
     assert not flydeploy.judge_prepare([refused], allow_missing=True).go
     assert verdict.summary("v2", planned=False).startswith("v2 was not applied anywhere: b, c refuse it")
     assert flydeploy.judge_prepare([]).go
+
+
+def test_only_an_exec_refused_for_the_token_runs_again_and_only_with_another_client():
+    refused = flydeploy.MachineOutcome("b", "ams", False, "the Machines API refused the exec", None, False,
+                                       api_status=403)
+    gone = flydeploy.MachineOutcome("c", "ams", False, "exec failed: 412", None, False, api_status=412)
+    ran = [outcome("a"), refused, gone, outcome("d", False, None, error="exec failed: 403 in its output")]
+    assert flydeploy.judge_exec_refusals(ran, fallback=True) == ([refused], [ran[0], gone, ran[3]])
+    assert flydeploy.judge_exec_refusals(ran, fallback=False) == ([], ran)
+    # Refused for the token is not "not reached": --allow-missing does not leave it to its next boot.
+    verdict = flydeploy.judge_prepare(ran, allow_missing=True)
+    assert [o.machine_id for o in verdict.refused] == ["b", "d"] and verdict.missing == (gone,)
+
+
+def test_the_preflight_explains_only_a_failure_before_the_machine_had_the_release():
+    early = outcome("early", False, {"status": "failed", "release_bytes": 0, "processes": []},
+                    error="missing environment variable(s) AWS_SECRET_ACCESS_KEY")
+    no_agent = outcome("no-agent", False, {"status": "failed", "release_bytes": 321, "processes": []},
+                       error="no flydeploy agent runs on this machine")
+    worker = {"pid": 9, "name": "worker", "ok": False, "error": "no answer", "plan": None}
+    silent = outcome("silent-agent", False, {"status": "failed", "release_bytes": 321, "processes": [worker]})
+    refused = outcome("refused", False, {"status": "refused", "release_bytes": 321, "processes": [worker]})
+    crashed = outcome("crashed", False, None, error="flydeploy is not importable the way the upgrade runs it")
+    gone = outcome("gone", False, None, answered=False)
+    ran = [outcome("a", result={"status": "ready"}), early, no_agent, silent, refused, crashed, gone]
+    assert flydeploy.to_explain(ran) == ["early"]
 
 
 def test_discard_and_revert_pick_the_machines_that_may_hold_something():
@@ -139,6 +166,51 @@ def test_one_refusing_machine_stops_the_upgrade_everywhere(store, app_root):
     assert not lock_key_exists(store)
 
 
+def test_a_token_the_api_refuses_with_no_other_client_stops_phase_one_with_the_fix(store, app_root):
+    def answer(machine_id, argv):
+        if machine_id == "b":  # the API refused it: it never ran there
+            raise flydeploy.MachinesAPIError(403, "unauthorized: the token does not allow this command")
+        return succeed(machine_id, argv)
+
+    api = StubMachines([machine("a"), machine("b")], answer)
+    report, out = run(store, api, app_root)
+    assert report.exit_code == 1 and report.refused and api.phase_calls("apply") == []
+    assert api.phase_calls("preflight") == []  # phase 1 was the check, and it says why
+    prefix = " ".join(flydeploy.MachineCommands.for_app_dir("python3", "/app").token_prefix()[:2])
+    assert ("✗ b (ams) the Machines API refused the exec (unauthorized: the token does not allow this command): "
+            f"the token does not allow `{prefix}") in out
+    assert 'set the app\'s FLY_API_TOKEN secret (fly secrets set FLY_API_TOKEN="$(fly tokens create deploy)")' in out
+    assert [call[0] for call in api.phase_calls("discard")] == ["a"]
+    assert ("v1 was not applied anywhere: b refuses it or could not prepare it; nothing live changed: every "
+            "machine runs what it ran, current.json is unchanged; the release was uploaded and stays stored, "
+            "current.json does not name it; the deploy lock is released") in out
+    assert flydeploy.read_current(store, "shop") == (None, None) and not lock_key_exists(store)
+
+
+def test_a_machine_that_cannot_get_the_release_is_explained_by_the_preflight(store, app_root):
+    def answer(machine_id, argv):
+        if machine_id == "b" and rpc(argv) == "prepare":
+            return flydeploy.ExecResult(1, 0, result_line(
+                machine_id="b", status="failed", success=False, error="missing environment variable(s) "
+                "AWS_SECRET_ACCESS_KEY: set them", release_bytes=0, processes=[]), "")
+        return succeed(machine_id, argv)
+
+    store_error = "missing environment variable(s) AWS_SECRET_ACCESS_KEY: set them"
+    api = StubMachines([machine("a"), machine("b")], answer,
+                       preflight={**PREFLIGHT_OK, "store": {"ok": False, "error": store_error}})
+    report, out = run(store, api, app_root)
+    assert report.exit_code == 1 and api.phase_calls("apply") == []
+    assert [call[0] for call in api.phase_calls("preflight")] == ["b"]  # after phase 1, on b alone
+    fix = ("the bucket is not reachable from the machine with its own credentials (" + store_error + "): give "
+           "the app its bucket secrets (`fly storage create` sets BUCKET_NAME, AWS_ENDPOINT_URL_S3, "
+           "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+    assert f"✗ group app: b (ams): {fix}" in out
+    (failed,) = report.verdict.refused
+    assert failed.machine_id == "b" and failed.error.endswith(fix)
+    assert "nothing live changed" in out and flydeploy.read_current(store, "shop") == (None, None)
+    assert not lock_key_exists(store)
+
+
 def test_an_unreachable_machine_stops_it_unless_missing_is_allowed(store, app_root):
     def answer(machine_id, argv):
         if machine_id == "gone":
@@ -169,20 +241,20 @@ def test_a_failed_apply_rolls_the_fleet_back_two_phase(store, app_root):
     api = StubMachines([machine("a")], succeed)
     run(store, api, app_root, version="v1")
     write(app_root / "shop" / "__init__.py", "VERSION = 2\n")
-    # One at a time, the machine the preflight checked ("a") last: b, c, a.
-    api = StubMachines([machine("a"), machine("b"), machine("c")], failing_apply("c"))
+    # One at a time, in the order they became ready: a, b, c.
+    api = StubMachines([machine("a"), machine("b"), machine("c")], failing_apply("b"))
     report, out = run(store, api, app_root, version="v2", max_concurrency=1)
     assert report.exit_code == 1 and report.rolled_back
     applied = [call[0] for call in api.phase_calls("apply") if "--revert" not in call[1]]
-    assert applied == ["b", "c"]  # a was not started after c failed
-    reverts = [call for call in api.upgrade_calls() if "--revert" in call[1]]
-    assert [(call[0], rpc(call[1])) for call in reverts] == [("b", "prepare"), ("b", "apply")]
+    assert applied == ["a", "b"]  # c was not started after b failed
+    reverts = [call for call in api.calls if "--revert" in call[1]]
+    assert [(call[0], rpc(call[1])) for call in reverts] == [("a", "prepare"), ("a", "apply")]
     assert {flag(call[1], "--revert") for call in reverts} == {report.upgrade_id}
     assert {flag(call[1], "--upgrade-id") for call in reverts} == {report.upgrade_id + "-back"}
     doc = flydeploy.read_current(store, "shop")[0]
     assert doc["hot_upgrade"]["version"] == "v1" and [h["version"] for h in doc["history"]] == []
-    assert report.machine_versions() == {"b": "v1", "c": "v1"}
-    assert "v2 was rolled back" in out and "runs v1: b, c" in out and "↩ ✓ b (ams)" in out
+    assert report.machine_versions() == {"a": "v1", "b": "v1"}
+    assert "v2 was rolled back" in out and "runs v1: a, b" in out and "↩ ✓ a (ams)" in out
     assert not lock_key_exists(store)
 
 

@@ -1,15 +1,18 @@
 """End to end through a local Fly that behaves as Fly's own sources define it (3 machines,
 SeaweedFS): the orchestrator as an API-created machine's main process, short execs that
-start detached upgrades, results collected from S3, the preflight, interrupts, doctor."""
+start detached upgrades, results collected from S3, phase 1 as the check (with the token
+fallback, and the preflight's fixes), interrupts, doctor."""
 
+import io
 import json
+import shlex
 import signal
 import subprocess
 import sys
 import threading
 
 import flydeploy
-from tests.test_fleet_e2e import BOTH_PATHS, REPO, V2, V3, Project, get
+from tests.test_fleet_e2e import BOTH_PATHS, REPO, V2, V3, Project, get, serving
 from tests.waiting import wait_until
 
 pytest_plugins = ["tests.fakefly.fixtures"]
@@ -105,7 +108,7 @@ def test_hot_doctor_status_and_rollback_through_the_real_fly(fakefly, seaweed, t
     assert not any(token in " ".join(call) for call in fakefly.fly_calls())
     execs = [r.body["command"] for r in requests if r.op == "exec"]
     assert all(c[:5] == ["python3", "-c", flydeploy.MachineCommands.BOOTSTRAP, "/app", "rpc"] for c in execs), execs
-    assert sum(c[5] == "preflight" for c in execs) == 1  # one group, one preflight
+    assert {c[5] for c in execs} == {"prepare", "apply"}  # no preflight: phase 1 is the check
     assert all("--detach" in c for c in execs if c[5] == "upgrade")
     # The applies are told when current.json recorded the release: the machines need not read it.
     recorded = flydeploy.read_current(seaweed.client(), project.name)[0]["hot_upgrade"]["deployed_at"]
@@ -220,30 +223,94 @@ def test_a_killed_hot_is_recovered_by_the_next(fakefly, seaweed, tmp_path):
     assert "1/1 machine upgraded to v3" in again.output
 
 
+def exec_commands(fakefly, since: int = 0) -> list[list[str]]:
+    """The argv of every exec the local Fly was asked for, from request ``since`` on."""
+    return [r.body["command"] for r in fakefly.requests[since:] if r.op == "exec"]
+
+
+def stopped_with_nothing_changed(project, hot, before, pids) -> None:
+    """Phase 1 failed: exit 1, said so, every machine runs what it ran in the same process,
+    current.json as it was, the release stored but not named, the lock released."""
+    assert hot.returncode == 1, hot.output
+    assert "v2 was not applied anywhere" in hot.output, hot.output
+    assert ("nothing live changed: every machine runs what it ran, current.json is unchanged; the release was "
+            "uploaded and stays stored, current.json does not name it; the deploy lock is released") in hot.output
+    assert all(get(m)[0] == "hello v1" for m in project.machines)
+    assert {m.id: m.pid for m in project.machines} == pids
+    assert flydeploy.read_current(project.seaweed.client(), project.name)[0] == before
+    assert f"releases/{project.name}-v2.tar.gz" in project.release_keys()
+    assert lock_key(project) not in project.release_keys()
+    assert not [p for m in project.machines for p in m.root.rglob(f"*{flydeploy._STAGED_SUFFIX}")]
+
+
+def fleet_state(project):
+    return (flydeploy.read_current(project.seaweed.client(), project.name)[0],
+            {m.id: m.pid for m in project.machines})
+
+
 @BOTH_PATHS
-def test_a_failed_preflight_names_the_fix_and_changes_nothing(fakefly, seaweed, tmp_path, direct):
+def test_a_machine_that_cannot_run_flydeploy_fails_phase_one_with_the_fix(fakefly, seaweed, tmp_path, direct):
     project = Project(fakefly, seaweed, tmp_path, machines=3)
-    keys_before = project.release_keys()  # current.json, recorded by the machines' boot
+    before, pids = fleet_state(project)  # current.json recorded by the machines' boot
     # The running image keeps flydeploy elsewhere (its processes loaded it already); the new
     # image and the upgrade expect /app/flydeploy.py.
     for machine in project.machines:
         (machine.root / "flydeploy.py").rename(machine.root / "vendored_flydeploy.py")
     project.edit(V2)
-    hot = project.push("hot", direct=direct)
-    assert hot.returncode == 1, hot.output
-    assert "preflight failed" in hot.output and "nothing was locked, uploaded or changed" in hot.output
-    assert "flydeploy is not importable the way the upgrade runs it" in hot.output
+    requests = len(fakefly.requests)
+    hot = project.push("hot", "--version", "v2", direct=direct)
+    stopped_with_nothing_changed(project, hot, before, pids)
+    for machine in project.machines:
+        assert f"✗ {machine.id} ({machine.region}) flydeploy is not importable the way the upgrade runs it" in hot.output
     assert "copy flydeploy.py to /app/flydeploy.py" in hot.output and "[tool.flydeploy] app_dir" in hot.output
-    assert project.release_keys() == keys_before  # no release, no lock, current.json as it was
-    assert all(get(m)[0] == "hello v1" for m in project.machines)
+    execs = exec_commands(fakefly, requests)
+    # No exec before phase 1 (it was the check); then the discard of what they may have staged.
+    assert [c[5] for c in execs] == ["prepare"] * 3 + ["discard"] * 3
 
     doctor = project.push("doctor", "--json", direct=direct)
     assert doctor.returncode == 1, doctor.output
     failed = [c for c in json.loads(doctor.stdout) if not c["ok"]]
     assert failed and all("not importable" in c["detail"] for c in failed)
 
+    # Nothing was left in the way (the lock, a staging): with flydeploy where the upgrade runs it, it goes through.
+    for machine in project.machines:
+        (machine.root / "vendored_flydeploy.py").rename(machine.root / "flydeploy.py")
+    again = project.push("hot", "--version", "v2", direct=direct)
+    assert again.returncode == 0 and "3/3 machines upgraded to v2" in again.output, again.output
+    assert all(get(m) == ("hello v2", "count-v2:0") for m in project.machines)
 
-def test_a_refused_exec_token_falls_back_to_the_app_secret(fakefly, seaweed, tmp_path, monkeypatch):
+
+def test_a_machine_with_no_agent_fails_phase_one_with_the_startup_fix(fakefly, seaweed, tmp_path):
+    project = Project(fakefly, seaweed, tmp_path, machines=2)
+    first, second = project.machines
+    second.config["env"]["APP_STARTUP"] = json.dumps({"agent": False})  # it never starts its agent
+    second.stop()
+    second.start()
+    serving(second)
+    before, pids = fleet_state(project)
+    project.edit(V2)
+    hot = project.push("hot", "--version", "v2", direct=True)
+    stopped_with_nothing_changed(project, hot, before, pids)
+    assert (f"✗ {second.id} ({second.region}) failed: no flydeploy agent runs on this machine, so no running "
+            "process could prepare v2; the app must call flydeploy.startup_reapply_current() at boot") in hot.output
+    assert f"✓ {first.id} ({first.region}) ready" in hot.output  # and then discarded: it runs v1
+
+
+def test_a_machine_that_cannot_reach_the_bucket_fails_phase_one_naming_the_secrets(fakefly, seaweed, tmp_path):
+    project = Project(fakefly, seaweed, tmp_path, machines=2)
+    before, pids = fleet_state(project)
+    project.app.unset_secrets("AWS_SECRET_ACCESS_KEY")  # what the machines' execs run with from now on
+    project.edit(V2)
+    hot = project.push("hot", "--version", "v2", direct=True)
+    stopped_with_nothing_changed(project, hot, before, pids)
+    for machine in project.machines:
+        assert (f"✗ group app: {machine.id} ({machine.region}): the bucket is not reachable from the machine with "
+                "its own credentials (missing environment variable(s) AWS_SECRET_ACCESS_KEY") in hot.output
+    assert hot.output.count("give the app its bucket secrets (`fly storage create` sets BUCKET_NAME, "
+                            "AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)") == 2
+
+
+def test_a_token_refused_in_phase_one_falls_back_to_the_app_secret(fakefly, seaweed, tmp_path, monkeypatch):
     # Whether the API checks a token's command restriction against `command` or the deprecated
     # `cmd` is not documented; with `cmd` checked, a token of another prefix is refused.
     fakefly.token_checks = "cmd"
@@ -253,21 +320,38 @@ def test_a_refused_exec_token_falls_back_to_the_app_secret(fakefly, seaweed, tmp
     assert hot.returncode == 0, hot.output
     assert "was refused" not in hot.output  # the minted token allows exactly what is run, in either field
 
-    restricted = project.app.exec_token(prefixes=[["python3", "-c", "print(1)"]])
-    api = flydeploy.Machines(project.name, restricted)
-    outcome = flydeploy.run_preflight(api, project.name, [project.machines[0].to_json()],
-                                      flydeploy.MachineCommands.for_app_dir("python3", "/app"))
-    assert outcome[0].status == 403 and "FLY_API_TOKEN" in outcome[0].error
-    monkeypatch.setenv("FLYDEPLOY_API_TOKEN", restricted)
-    monkeypatch.setenv("FLY_API_TOKEN", project.app.token)
-    said = []
-    chosen, _checked = flydeploy._preflight_fleet(flydeploy._machines_from_env(project.name), project.name,
-                                        flydeploy.select_machines(api.list()),
-                                        flydeploy.MachineCommands.for_app_dir("python3", "/app"), said.append)
-    assert said[0].startswith("the minted exec token was refused by the Machines API (HTTP 403 on the exec of")
-    assert "FLY_API_TOKEN secret instead" in said[0]
-    assert chosen.list() and said[1].startswith("✓ group app")
+    # The orchestrator's own way, here: the minted token first, then the app's FLY_API_TOKEN secret.
+    project = Project(fakefly, seaweed, tmp_path / "second", machines=2)
+    before, pids = fleet_state(project)
+    store, commands = seaweed.client(), flydeploy.MachineCommands.for_app_dir("python3", "/app")
+    monkeypatch.setenv("FLYDEPLOY_API_TOKEN", project.app.exec_token(prefixes=[["python3", "-c", "print(1)"]]))
 
+    def orchestrate():
+        out = io.StringIO()
+        report = flydeploy.orchestrate(project.name, project.image, store=store, root=project.tree,
+                                       version="v2", commands=commands, out=out)
+        return report, out.getvalue()
+
+    # The minted token alone: phase 1 says the token fix, and nothing changes.
+    project.edit(V2)
+    report, out = orchestrate()
+    assert report.exit_code == 1 and report.refused, out
+    assert out.count('the token does not allow `') == 2 and out.count('fly secrets set FLY_API_TOKEN=') == 2
+    assert "nothing live changed" in out and "was refused by the Machines API" not in out
+    assert all(get(m)[0] == "hello v1" for m in project.machines) and fleet_state(project) == (before, pids)
+    assert lock_key(project) not in project.release_keys()
+
+    # The app's secret there too: phase 1 says so, runs again with it, and the upgrade goes through.
+    monkeypatch.setenv("FLY_API_TOKEN", project.app.token)
+    requests = len(fakefly.requests)
+    report, out = orchestrate()
+    assert report.exit_code == 0, out
+    assert (f"the minted exec token was refused by the Machines API (HTTP 403 on the exec of "
+            f"`{shlex.join(commands.token_prefix())} prepare`); using the app's FLY_API_TOKEN secret instead") in out
+    assert out.count("was refused by the Machines API") == 1 and "the token does not allow" not in out
+    assert "2/2 machines upgraded to v2" in out
+    assert all(get(m) == ("hello v2", "count-v2:0") for m in project.machines)
+    assert {c[5] for c in exec_commands(fakefly, requests)} == {"prepare", "apply"}  # no preflight
 
 
 def test_an_orchestrator_that_cannot_run_in_the_new_image_says_why(fakefly, seaweed, tmp_path):

@@ -108,7 +108,7 @@ def test_a_process_group_upgrade_is_recorded_for_its_groups_only(store, app_root
     write(app_root / "shop" / "__init__.py", "VERSION = 2\n")
     api.calls.clear()
     orchestrate(store, api, app_root, version="v2", process_groups=["worker"])
-    assert [call[0] for call in api.upgrade_calls()] == ["w", "w"]  # prepared, then applied
+    assert [call[0] for call in api.calls] == ["w", "w"]  # prepared, then applied
     doc = flydeploy.read_current(store, "shop")[0]
     assert doc["hot_upgrade"]["process_groups"] == ["worker"]
 

@@ -263,7 +263,7 @@ def test_health_check_settings_from_pyproject_and_bad_flags(fakefly, seaweed, tm
 def test_a_machine_restarted_during_phase_two_is_restarted_again_by_the_rollback(fakefly, seaweed, tmp_path,
                                                                                   direct):
     """The orchestrator machine's minted token may only exec: the restart is done with the
-    app's FLY_API_TOKEN secret, as the preflight falls back to it."""
+    app's FLY_API_TOKEN secret, as phase 1 falls back to it."""
     project = fleet(fakefly, seaweed, tmp_path, app_machines=3, workers=0)
     before = current(project)
     project.edit({"counter.py": COUNTER_RAISES, "greet.py": GREET_V2})

@@ -44,7 +44,7 @@ def project(tmp_path, monkeypatch):
 
 @pytest.fixture
 def running(project):
-    """The project's app running with its agent, so that `hot --local` gets past its preflight."""
+    """The project's app running with its agent, so that `hot --local` gets past phase 1."""
     ready = project.parent / "ready"
     (project / "serve.py").write_text("import os, time, flydeploy\nimport app\nflydeploy.start_agent('probe')\n"
                                       "open(os.environ['READY'], 'w').close()\ntime.sleep(3600)\n")
