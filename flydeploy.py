@@ -120,6 +120,7 @@ import queue
 import random
 import re
 import secrets
+import select
 import shlex
 import shutil
 import signal
@@ -5030,6 +5031,7 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
             # one wait, the first to have prepared applies first.
             order = {o.machine_id: index for index, o in enumerate(report.prepared)}
             apply_targets = sorted((m for m in targets if m["id"] in ready), key=lambda m: order[m["id"]]) + late
+            release.extend(["--deployed-at", entry["deployed_at"]])  # the apply's: the machines read no current.json
             _apply_fleet(fleet, report, apply_targets, release=release, upgrade_id=upgrade_id, canary=canary or 0,
                          canary_wait=canary_wait or 0.0, on_failure=on_failure,
                          health=(health_check, tuple(health_ports), health_timeout),
@@ -11085,6 +11087,13 @@ def _ask_agents(app: str, request: dict, *, timeout: float, exclude_pid: int | N
 MACHINE_PHASES = ("download", "stage", "prepare", "publish", "apply", "commit", "check")
 MACHINE_POINT_OF_NO_RETURN = "commit"
 RESULT_MARKER = "__FLYDEPLOY_RESULT__"
+
+
+def _result_line(result: Mapping[str, Any]) -> str:
+    """The line that carries a machine-side result (``parse_result_marker`` reads it back)."""
+    return f"{RESULT_MARKER}{json.dumps(result, sort_keys=True)}{RESULT_MARKER}"
+
+
 _JOURNAL_FILE = "journal.json"
 # Journal phases in which nothing is published yet.
 _UNPUBLISHED = ("staging", "prepared")
@@ -11394,6 +11403,8 @@ def _start_guardian(app: str) -> int:
     if pid == 0:  # pragma: no cover - the guardian
         try:
             os.close(write)
+            if _result_pipe is not None:  # the exec waiting for the job's result must not wait for this
+                os.close(_result_pipe)
             while os.read(read, 1):
                 pass
             with _machine_lock(app):
@@ -11847,6 +11858,23 @@ def _scrub(text: str, *urls: str | None) -> str:
     return text
 
 
+def _check_deployed_at(deployed_at: str | None, revert: str | None = None) -> None:
+    """A ``deployed_at`` given for a release (what current.json records for it, so that the
+    machine need not read it): an ISO 8601 time with its zone, and not for a revert."""
+    if deployed_at is None:
+        return
+    if revert is not None:
+        raise ConfigError("--deployed-at goes with the release's --url, not with --revert (a revert puts "
+                          "back what the machine recorded before)")
+    moment = None
+    with contextlib.suppress(ValueError):
+        moment = datetime.datetime.fromisoformat(deployed_at)
+    if moment is None or moment.tzinfo is None:
+        raise ConfigError(f"--deployed-at {deployed_at!r} is not an ISO 8601 time with its zone; give the "
+                          "release's deployed_at as current.json records it (e.g. 2026-12-07T21:42:41.123Z), "
+                          "or leave it out to have it read from current.json")
+
+
 def _recorded_deployed_at(store: Store, app: str, key: str) -> str | None:
     """When the release at ``key`` was recorded in current.json (hot upgrade or history), if it was.
 
@@ -11934,7 +11962,8 @@ def _run_as(owner: tuple[int, int], work: Callable[[], dict]) -> dict:
 
 def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
                 suspend_timeout: float = _DEFAULT_SUSPEND_TIMEOUT,
-                upgrade_id: str | None = None, store: Store | None = None) -> dict:
+                upgrade_id: str | None = None, store: Store | None = None,
+                deployed_at: str | None = None) -> dict:
     """Upgrade every Python process of ``app`` on this machine to the release at ``tarball_url``.
 
     Downloads the tarball (signed, streamed, retried; an S3 URL of the
@@ -11948,8 +11977,10 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
     every file and the state file are put back and the processes that had
     applied it follow the disk back.  A release recorded in current.json
     before the one this machine installed is refused, so racing upgrades
-    never roll back.  Run as root for an app whose runtime directory belongs
-    to another user, the work is done with that user's rights.
+    never roll back; ``deployed_at`` says when current.json recorded the
+    release (the orchestrator knows it), else it is read from there.  Run as
+    root for an app whose runtime directory belongs to another user, the
+    work is done with that user's rights.
 
     Returns the per-machine result (DESIGN.md's result-file shape, plus
     ``upgrade_id`` and ``notes``): success only if every process succeeded,
@@ -11963,6 +11994,7 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
     _check_name("app", app)
     if not _is_positive_seconds(suspend_timeout):
         raise ConfigError(f"suspend_timeout must be a positive number of seconds, not {suspend_timeout!r}")
+    _check_deployed_at(deployed_at)
     upgrade_id = _check_name("upgrade id", upgrade_id or (sha256 or "").lower() or _fresh_upgrade_id())
     started = time.monotonic()
     run, key, errors = None, None, []
@@ -11971,9 +12003,10 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
         if owner is not None:
             return _run_as(owner, functools.partial(hot_upgrade, tarball_url, app, sha256=sha256,
                                                     suspend_timeout=suspend_timeout, upgrade_id=upgrade_id,
-                                                    store=store))
+                                                    store=store, deployed_at=deployed_at))
         store, key = _store_for_url(tarball_url, store)
-        deployed_at = _recorded_deployed_at(store, app, key)
+        if deployed_at is None:
+            deployed_at = _recorded_deployed_at(store, app, key)
         with _guarded(app):
             run = _upgrade_machine(app, store, key, sha256, deployed_at=deployed_at,
                                    suspend_timeout=suspend_timeout, in_process=False)
@@ -11994,8 +12027,7 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
     result["notes"] = run.notes if run else []
     for process in result["processes"]:
         log.info("flydeploy: %s %s", process["name"], "ok" if process["ok"] else process["error"])
-    if key is not None:
-        _store_result(store, app, upgrade_id, result)
+    _store_result(store if key is not None else None, app, upgrade_id, result)
     return result
 
 
@@ -12022,8 +12054,37 @@ def _guarded(app: str) -> Iterator[None]:
         os.close(guardian)
 
 
-def _store_result(store: Store, app: str, upgrade_id: str, result: Mapping[str, Any], phase: str = "") -> None:
-    """Store ``result`` at ``releases/<app>-results/<upgrade_id>/[<phase>/]<machine_id>.json``, best effort."""
+# The pipe on which a detached job hands its result line to the exec that waits for it
+# (``_start_detached``); None in any other process.
+_result_pipe: int | None = None
+
+
+def _hand_over(result: Mapping[str, Any]) -> None:
+    """Give ``result``'s line to the exec waiting for this job, if one is: it answers at once, and
+    the job then stores the result and ends without anyone waiting for it."""
+    global _result_pipe
+    pipe, _result_pipe = _result_pipe, None
+    if pipe is None:
+        return
+    data = (_result_line(result) + "\n").encode()
+    try:
+        while data:
+            data = data[os.write(pipe, data):]
+    except OSError as exc:  # the exec stopped waiting (its --wait ran out): the stored result stands
+        log.info("flydeploy: the exec that started this job no longer waits for its result: %s", exc)
+    finally:
+        os.close(pipe)
+
+
+def _store_result(store: Store | None, app: str, upgrade_id: str, result: Mapping[str, Any],
+                  phase: str = "") -> None:
+    """Hand ``result`` over (``_hand_over``), then store it at
+    ``releases/<app>-results/<upgrade_id>/[<phase>/]<machine_id>.json`` (unless ``store`` is None,
+    when there is nowhere to), best effort.  The machine lock is not held: a next exec on this
+    machine may start its own run meanwhile."""
+    _hand_over(result)
+    if store is None:
+        return
     key = f"{results_prefix(app, upgrade_id)}{phase + '/' if phase else ''}{result['machine_id']}.json"
     try:
         store.put(key, json.dumps(result, sort_keys=True).encode(), content_type="application/json")
@@ -12352,8 +12413,7 @@ def prepare_release(app: str, *, url: str | None = None, sha256: str | None = No
         result["status"] = NOTHING_KEPT
     for process in result["processes"]:
         log.info("flydeploy: %s %s", process["name"], "ready" if process["ok"] else process["error"])
-    if store is not None:
-        _store_result(store, app, upgrade_id, result, "prepare")
+    _store_result(store, app, upgrade_id, result, "prepare")
     return result
 
 
@@ -12366,11 +12426,14 @@ def _prepared_for(journal: Mapping[str, Any] | None, upgrade_id: str, sha256: st
 
 
 def _apply_machine(app: str, *, store: Store | None, key: str | None, sha256: str | None, upgrade_id: str,
-                   revert: str | None, url: str | None, suspend_timeout: float) -> _MachineRun:
+                   revert: str | None, url: str | None, suspend_timeout: float,
+                   deployed_at: str | None) -> _MachineRun:
     """Phases PUBLISH, APPLY and COMMIT or UNDO of this upgrade's prepared staging.  Without one
     (the machine restarted between the phases, the staging expired or was discarded) the
-    phases before run first, so that the machine still ends on the release."""
-    deployed_at = _recorded_deployed_at(store, app, key) if key is not None else None
+    phases before run first, so that the machine still ends on the release.  ``deployed_at``
+    None: read from current.json."""
+    if deployed_at is None and key is not None:
+        deployed_at = _recorded_deployed_at(store, app, key)
     notes = []
     for attempt in range(2):
         with _machine_lock(app):
@@ -12432,7 +12495,8 @@ def _health_failure(health: HealthReport) -> str:
 def apply_release(app: str, *, url: str | None = None, sha256: str | None = None, upgrade_id: str,
                   revert: str | None = None, suspend_timeout: float = _DEFAULT_SUSPEND_TIMEOUT,
                   health_check: str | None = None, health_ports: Sequence[int] = (),
-                  health_timeout: float = _DEFAULT_HEALTH_TIMEOUT, store: Store | None = None) -> dict:
+                  health_timeout: float = _DEFAULT_HEALTH_TIMEOUT, store: Store | None = None,
+                  deployed_at: str | None = None) -> dict:
     """Phase 2 of a two-phase upgrade on this machine: publish what ``prepare_release`` staged
     for ``upgrade_id`` and have every process apply it, as ``hot_upgrade`` does after staging
     (a process that fails puts every file back).  Without a live staging of it, the whole
@@ -12441,7 +12505,9 @@ def apply_release(app: str, *, url: str | None = None, sha256: str | None = None
     unsuccessful, with the reason, but the release stays (the orchestrator decides).
 
     What the apply replaced stays kept on the machine, so that a later ``revert=upgrade_id``
-    puts back what ran before, even the image's own code.
+    puts back what ran before, even the image's own code.  ``deployed_at`` (not for a revert)
+    is when current.json recorded the release, as the orchestrator that recorded it knows;
+    without it the machine reads current.json for it.
 
     Returns the per-machine result (``hot_upgrade``'s) plus ``applied`` (the machine runs the
     release now) and ``health`` (a ``HealthReport``, or None); also stored at
@@ -12455,6 +12521,7 @@ def apply_release(app: str, *, url: str | None = None, sha256: str | None = None
         raise ConfigError("suspend_timeout and health_timeout must be positive numbers of seconds")
     if health_check is not None and not health_check.startswith("/"):
         raise ConfigError(f"the health check path must start with /, not {health_check!r}")
+    _check_deployed_at(deployed_at, revert)
     started = time.monotonic()
     run, health, errors = None, None, []
     with _reporting_failures(errors, url):
@@ -12463,11 +12530,11 @@ def apply_release(app: str, *, url: str | None = None, sha256: str | None = None
             return _run_as(owner, functools.partial(
                 apply_release, app, url=url, sha256=sha256, upgrade_id=upgrade_id, revert=revert,
                 suspend_timeout=suspend_timeout, health_check=health_check, health_ports=health_ports,
-                health_timeout=health_timeout, store=store))
+                health_timeout=health_timeout, store=store, deployed_at=deployed_at))
         store, key = _release_store(app, url, revert, store)
         with _guarded(app):
             run = _apply_machine(app, store=store, key=key, sha256=sha256, upgrade_id=upgrade_id, revert=revert,
-                                 url=url, suspend_timeout=suspend_timeout)
+                                 url=url, suspend_timeout=suspend_timeout, deployed_at=deployed_at)
         if not run.entries:
             raise AgentError(f"no flydeploy agent of {app} runs on this machine, so no running process loaded "
                              f"{run.state.get('version')}; the app must call flydeploy.startup_reapply_current() "
@@ -12482,8 +12549,7 @@ def apply_release(app: str, *, url: str | None = None, sha256: str | None = None
                              installed=run and {"files_written": run.written, "files_unchanged": run.unchanged})
     result.update(upgrade_id=upgrade_id, notes=run.notes if run else [], applied=bool(run and run.committed),
                   health=health)
-    if store is not None:
-        _store_result(store, app, upgrade_id, result, "apply")
+    _store_result(store, app, upgrade_id, result, "apply")
     return result
 
 
@@ -12899,8 +12965,6 @@ def _rpc_preflight(args: argparse.Namespace) -> int:
 
 # Job markers and logs older than this are removed when the next job starts.
 _JOB_KEEP_S = 86400.0
-# How often ``rpc ... --detach --wait`` looks whether its job has ended.
-_JOB_WAIT_STEP_S = 0.005
 
 
 def _job_marker(app: str, job: str, upgrade_id: str) -> str:
@@ -12917,7 +12981,7 @@ def _job_marker(app: str, job: str, upgrade_id: str) -> str:
 
 def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int:
     """``rpc <command> --detach``: start ``run(args)`` in the background and return at once,
-    or with ``--wait S`` when it ends, at most ``S`` seconds later.
+    or with ``--wait S`` as soon as it has its result, at most ``S`` seconds later.
 
     The command and the upgrade id name the job: a second start of the same
     one (an exec retried after a lost reply) finds its marker and starts
@@ -12925,10 +12989,13 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
     into a session of its own with its output in a log next to the marker, so
     that the exec's pipes close when this command returns; what it reports
     goes to a result object, which the orchestrator collects (``_ResultBoard``).
-    A job that ends within the wait has its result line printed here too, so
-    that the exec that started it brings it back and nothing needs to be
-    collected.  Any machine-side phase that may outlast an exec runs this way.
+    A job that has its result within the wait hands the result line over on a
+    pipe (``_hand_over``) before it stores the object, and this command prints
+    it, so that the exec that started it brings it back at once and nothing
+    needs to be collected.  A job that ends without handing one over has its
+    log read for it.  Any machine-side phase that may outlast an exec runs this way.
     """
+    global _result_pipe
     marker = _job_marker(args.app, args.rpc_command, args.upgrade_id)
     try:
         fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -12936,6 +13003,7 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
         print(json.dumps({"detached": True, "started": False, "upgrade_id": args.upgrade_id}))
         return 0
     log_path = marker[:-5] + ".log"
+    handed, hand = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -12943,6 +13011,8 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
         code = 1
         try:
             os.setsid()
+            os.close(handed)
+            _result_pipe = hand
             output = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
@@ -12955,21 +13025,39 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
                 sys.stdout.flush()
                 sys.stderr.flush()
             os._exit(code)
+    os.close(hand)
     with os.fdopen(fd, "w") as handle:
         json.dump({"pid": pid, "upgrade_id": args.upgrade_id, "started_at": _iso_utc(_utc_now())}, handle)
     print(json.dumps({"detached": True, "started": True, "upgrade_id": args.upgrade_id, "pid": pid}), flush=True)
-    if not getattr(args, "wait", None):
-        return 0  # at once, even when the job has already ended: its result is collected
-    deadline = time.monotonic() + args.wait
-    while os.waitpid(pid, os.WNOHANG)[0] == 0:
-        if time.monotonic() >= deadline:
-            return 0
-        time.sleep(_JOB_WAIT_STEP_S)
-    with contextlib.suppress(OSError), open(log_path, encoding="utf-8", errors="replace") as output:
-        result = parse_result_marker(output.read())
-        if result is not None:
-            print(f"{RESULT_MARKER}{json.dumps(result, sort_keys=True)}{RESULT_MARKER}", flush=True)
+    with os.fdopen(handed, "rb", buffering=0) as pipe:
+        if not getattr(args, "wait", None):
+            return 0  # at once, even when the job has already ended: its result is collected
+        result, ended = _await_hand_over(pipe, args.wait)
+    if result is None and ended:  # the job ended without handing a result over: its log may hold one
+        os.waitpid(pid, 0)
+        with contextlib.suppress(OSError), open(log_path, encoding="utf-8", errors="replace") as output:
+            result = parse_result_marker(output.read())
+    if result is not None:
+        print(_result_line(result), flush=True)
     return 0
+
+
+def _await_hand_over(pipe: BinaryIO, wait: float) -> tuple[dict | None, bool]:
+    """What a job hands over on ``pipe`` within ``wait`` seconds: ``(its result or None, whether
+    the pipe closed without one)``; it waits on the pipe itself, never polling."""
+    deadline = time.monotonic() + wait
+    data = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([pipe], [], [], left)[0]:
+            return None, False
+        chunk = pipe.read(1 << 16)
+        if not chunk:
+            return parse_result_marker(data.decode("utf-8", "replace")), True
+        data += chunk
+        result = parse_result_marker(data.decode("utf-8", "replace"))
+        if result is not None:
+            return result, False
 
 
 def _run_machine_command(args: argparse.Namespace, run: Callable[[argparse.Namespace], int],
@@ -12998,16 +13086,17 @@ def _run_machine_command(args: argparse.Namespace, run: Callable[[argparse.Names
         log.removeHandler(handler)
         log.setLevel(level)
     print(success_line(result) if result["success"] else f"{args.rpc_command} failed: {result['error']}")
-    print(f"{RESULT_MARKER}{json.dumps(result, sort_keys=True)}{RESULT_MARKER}", flush=True)
+    print(_result_line(result), flush=True)
     return 0 if result["success"] else 1
 
 
 def _rpc_upgrade(args: argparse.Namespace) -> int:
+    _check_deployed_at(args.deployed_at)  # before a detached job starts: bad usage exits 2 here
     started = time.monotonic()
     return _run_machine_command(
         args, _rpc_upgrade,
         lambda: hot_upgrade(args.url, args.app, sha256=args.sha256, suspend_timeout=args.suspend_timeout,
-                            upgrade_id=args.upgrade_id),
+                            upgrade_id=args.upgrade_id, deployed_at=args.deployed_at),
         lambda error: _machine_result([], version=None, started=started, error=error),
         lambda result: (f"upgraded {result['processes_succeeded']} processes to {result['version']}: "
                         f"{result['modules_reloaded']} modules, suspended {result['suspend_duration_ms']:.0f} ms"))
@@ -13024,13 +13113,14 @@ def _rpc_prepare(args: argparse.Namespace) -> int:
 
 
 def _rpc_apply(args: argparse.Namespace) -> int:
+    _check_deployed_at(args.deployed_at, args.revert)  # before a detached job starts: bad usage exits 2 here
     started = time.monotonic()
     return _run_machine_command(
         args, _rpc_apply,
         lambda: apply_release(args.app, url=args.url, sha256=args.sha256, upgrade_id=args.upgrade_id,
                               revert=args.revert, suspend_timeout=args.suspend_timeout,
                               health_check=args.health_check, health_ports=args.health_port or (),
-                              health_timeout=args.health_timeout),
+                              health_timeout=args.health_timeout, deployed_at=args.deployed_at),
         lambda error: {**_machine_result([], version=None, started=started, error=error),
                        "upgrade_id": args.upgrade_id, "notes": [], "applied": False, "health": None},
         lambda result: (f"applied {result['version'] or 'the revert'} in {result['processes_succeeded']} processes: "
@@ -13056,6 +13146,10 @@ def _upgrade_id(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+_DEPLOYED_AT_HELP = ("when current.json recorded the release (its deployed_at, as the orchestrator knows it); "
+                     "default: read from current.json")
+
+
 def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
     rpc = commands.add_parser("rpc", help="talk to the agents of this machine (what exec runs)",
                               description="Talk to the flydeploy agents of the app's processes on this machine.")
@@ -13072,6 +13166,7 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
     upgrade.add_argument("--upgrade-id", type=_upgrade_id,
                          help="where the result is stored: releases/<app>-results/<upgrade-id>/ "
                               "(default: the --sha256, else a fresh id)")
+    upgrade.add_argument("--deployed-at", metavar="ISO", help=_DEPLOYED_AT_HELP)
     upgrade.add_argument("--detach", action="store_true",
                          help="start the upgrade in the background and return at once; its result is "
                               "only stored (needs --upgrade-id; a second start of the same id starts nothing)")
@@ -13109,6 +13204,7 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
                        help="a port the app listens on, on 127.0.0.1 (repeatable)")
     apply.add_argument("--health-timeout", type=_number_argument("seconds"), default=_DEFAULT_HEALTH_TIMEOUT,
                        metavar="S", help="seconds each health check may take (default 5)")
+    apply.add_argument("--deployed-at", metavar="ISO", help=_DEPLOYED_AT_HELP + " (with --url)")
     apply.set_defaults(handler=_rpc_apply)
     discard = rpc_commands.add_parser("discard", parents=[common],
                                       help="drop the staging of an upgrade id, if this machine holds it")

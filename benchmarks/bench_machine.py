@@ -15,9 +15,29 @@ imports flydeploy and calls ``startup_reapply_current()`` with nothing pending
 default, minus the median of the same
 boot without the call, runs interleaved.  Goal: under 30 ms.  ``import_ms``
 is what importing flydeploy itself adds to a bare boot, for reference.
+
+The two phases as the orchestrator runs them on the Machines API: ``rpc prepare``
+then ``rpc apply``, each ``--detach --wait 10`` (one short exec that starts the
+job and brings its result back), ``PHASE_ROUNDS`` of each, the machine's bucket
+requests going through a proxy that makes each one a round trip of
+``S3_ROUND_TRIP_S`` (as ``bench_fleet``'s model).  ``prepare_exec_ms`` and
+``apply_exec_ms`` are the medians of each exec from command start to exit; the
+apply is given ``--deployed-at``, as ``orchestrate`` gives it.  Their baseline,
+in the same runs: ``*_job_ms``, from the same start until the job's result
+object was stored, which is when the exec answered before the job handed its
+result over first (it waited for the job to end); and
+``apply_exec_reading_current_ms``, the apply without ``--deployed-at`` (an older
+orchestrator: the machine reads current.json), in alternate rounds.
+``*_bucket_requests`` count the machine's bucket requests answered before its
+exec did (median).  ``lock_busy_after_answer_ms`` is the longest the machine
+lock stayed taken after a prepare's exec answered (the job's guardian recovers
+under it when the run ends): a next exec waits that long at most, less the
+~0.1 s it spends importing flydeploy.
 """
 
+import fcntl
 import json
+import os
 import pathlib
 import statistics
 import subprocess
@@ -31,11 +51,14 @@ sys.path.insert(0, str(ROOT))
 import flydeploy  # noqa: E402
 from tests.machine_apps import (COUNTER_PY, GREET_V1, GREET_V2, MAIN_PY, Machine, parse_result,  # noqa: E402
                                 write_tree)
+from tests.bucket_proxy import BucketProxy  # noqa: E402
 from tests.conftest import run_seaweed  # noqa: E402
 
 PROCESSES = 4
 UPGRADE_ROUNDS = 6
 BOOT_ROUNDS = 15
+PHASE_ROUNDS = 8
+S3_ROUND_TRIP_S = 0.05
 APP = "bench"
 IMAGE = "registry.fly.io/bench:deployment-1"
 
@@ -56,6 +79,68 @@ def timed(argv, env, cwd) -> float:
     if result.returncode != 0:
         raise SystemExit(f"{argv} failed:\n{result.stdout}\n{result.stderr}")
     return elapsed
+
+
+def lock_busy_ms(path: pathlib.Path) -> float:
+    """How long, from now, the lock at ``path`` stays taken by someone else."""
+    started = time.perf_counter()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return (time.perf_counter() - started) * 1000
+            except BlockingIOError:
+                time.sleep(0.0005)
+    finally:
+        os.close(fd)
+
+
+def stored_at(proxy: BucketProxy, key: str, deadline_s: float = 30) -> float:
+    """When the proxy answered the PUT of ``key`` (``time.perf_counter()``)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        found = [at for method, path, at in list(proxy.answered) if method == "PUT" and path.endswith("/" + key)]
+        if found:
+            return found[0]
+        time.sleep(0.002)
+    raise SystemExit(f"the result object {key} was never stored")
+
+
+def phase_rounds(machine: Machine, s3, proxied, proxy: BucketProxy, releases) -> dict:
+    """``PHASE_ROUNDS`` of prepare then apply, detached, the machine's bucket a round trip away."""
+    env = {**machine.env, "AWS_ENDPOINT_URL_S3": proxy.endpoint}
+    rpc = [sys.executable, "-m", "flydeploy", "rpc"]
+    times: dict[str, list[float]] = {"prepare": [], "apply": [], "prepare_job": [], "apply_job": [],
+                                     "apply_reading": [], "prepare_requests": [], "apply_requests": [],
+                                     "apply_reading_requests": [], "lock": []}
+    for round_ in range(PHASE_ROUNDS):
+        key, sha = releases[round_ % 2]
+        url = proxied.url(key)
+        upgrade_id = f"phases-{round_}"
+        hot = flydeploy.record_hot_upgrade(s3, APP, {"version": key, "tarball_url": url, "sha256": sha})
+        given = round_ % 2 == 0
+        for command, args in (("prepare", []), ("apply", ["--deployed-at", hot["hot_upgrade"]["deployed_at"]]
+                                                if given else [])):
+            seen = len(proxy.answered)
+            started = time.perf_counter()
+            done = subprocess.run([*rpc, command, "--app", APP, "--url", url, "--sha256", sha, "--upgrade-id",
+                                   upgrade_id, *args, "--detach", "--wait", "10"],
+                                  env=env, cwd=machine.app_root, capture_output=True, text=True)
+            answered = time.perf_counter()
+            if command == "prepare":
+                times["lock"].append(lock_busy_ms(machine.socket_dir() / "upgrade.lock"))
+            outcome = parse_result(done.stdout)
+            if done.returncode != 0 or not outcome["success"]:
+                raise SystemExit(f"{command} round {round_} failed:\n{done.stdout}\n{done.stderr}")
+            name = command if command == "prepare" or given else "apply_reading"
+            times[name].append((answered - started) * 1000)
+            times[name + "_requests"].append(sum(1 for _m, _p, at in proxy.answered[seen:] if at < answered))
+            if name != "apply_reading":
+                result_key = f"releases/{APP}-results/{upgrade_id}/{command}/{outcome['machine_id']}.json"
+                times[command + "_job"].append((stored_at(proxy, result_key) - started) * 1000)
+    return {name: statistics.median(values) for name, values in times.items() if name != "lock"} | {
+        "lock": max(times["lock"])}
 
 
 def main() -> None:
@@ -93,6 +178,12 @@ def main() -> None:
                             or outcome["modules_reloaded"] != 2:
                         raise SystemExit(f"upgrade round {round_} did not upgrade every process:\n{result.stdout}")
                 suspend_ms = outcome["suspend_duration_ms"]
+                with BucketProxy(server.endpoint, delay=S3_ROUND_TRIP_S) as proxy:
+                    proxied = server.client(endpoint=proxy.endpoint)
+                    releases = [(flydeploy.release_key(APP, version), sha) for version, (_url, sha)
+                                in zip(("v2", "v1"), urls)]
+                    phases = phase_rounds(machine, s3, proxied, proxy, releases)
+                flydeploy.reset_current(s3, APP, IMAGE)  # the boots below find no hot upgrade
             finally:
                 machine.close()
 
@@ -121,6 +212,16 @@ def main() -> None:
         "startup_call_ms": call_ms[0],
         "boot_without_ms": round(statistics.median(without_ms), 1),
         "import_ms": round(statistics.median(without_ms) - statistics.median(bare_ms), 1),
+        "s3_round_trip_s": S3_ROUND_TRIP_S,
+        "prepare_exec_ms": round(phases["prepare"], 1),
+        "prepare_job_ms": round(phases["prepare_job"], 1),
+        "apply_exec_ms": round(phases["apply"], 1),
+        "apply_job_ms": round(phases["apply_job"], 1),
+        "apply_exec_reading_current_ms": round(phases["apply_reading"], 1),
+        "prepare_bucket_requests": phases["prepare_requests"],
+        "apply_bucket_requests": phases["apply_requests"],
+        "apply_reading_current_bucket_requests": phases["apply_reading_requests"],
+        "lock_busy_after_answer_ms": round(phases["lock"], 2),
         "goal_rpc_upgrade_under_1000_ms": rpc_upgrade < 1000,
         "goal_startup_added_under_30_ms": startup_added < 30,
     }))

@@ -459,6 +459,7 @@ def test_orchestrate_pushes_a_release_to_every_started_machine(store, app_root):
                               "--expires-in", "150", "--upgrade-id", report.upgrade_id]
     assert applies[0][1] == [*RUN_IN_APP, "rpc", "apply", "--app", "shop",
                              "--url", hot["tarball_url"], "--sha256", hot["sha256"],
+                             "--deployed-at", hot["deployed_at"],  # as recorded: no current.json read there
                              "--suspend-timeout", "4", "--upgrade-id", report.upgrade_id]
     assert {call[2] for call in api.calls} == {50}
     assert "✓ a (ams) ready: 1 file to write, 1 process prepared" in out

@@ -152,11 +152,15 @@ def test_hot_status_stopped_machine_and_rollback(fakefly, seaweed, tmp_path, dir
         assert len(project.created_machines()) == created + 1
     assert f"releases/{project.name}-v2.tar.gz" in project.release_keys()
     assert f"releases/{project.name}-deploy.lock" not in project.release_keys()
-    results = [k for k in project.release_keys() if k.startswith(f"releases/{project.name}-results/")]
-    for phase in ("prepare", "apply"):  # each phase's result of each machine
-        assert sorted(k.rsplit("/", 1)[1] for k in results if f"/{phase}/" in k) == sorted(
-            f"{m.id}.json" for m in (first, second))
-    assert len({k.rsplit("/", 3)[1] for k in results}) == 1  # one folder: this deploy's upgrade id
+    def results():
+        return [k for k in project.release_keys() if k.startswith(f"releases/{project.name}-results/")]
+
+    # Each phase's result of each machine (stored just after its exec answered).
+    expected = sorted(f"{m.id}.json" for m in (first, second))
+    wait_for(lambda: len(results()) >= 2 * len(expected), what="the result objects")
+    for phase in ("prepare", "apply"):
+        assert sorted(k.rsplit("/", 1)[1] for k in results() if f"/{phase}/" in k) == expected
+    assert len({k.rsplit("/", 3)[1] for k in results()}) == 1  # one folder: this deploy's upgrade id
 
     status = project.cli("status", "--json", local_s3=True)
     assert status.returncode == 0, status.output

@@ -110,6 +110,11 @@ def test_hot_doctor_status_and_rollback_through_the_real_fly(fakefly, seaweed, t
     assert all(c[:5] == ["python3", "-c", flydeploy.MachineCommands.BOOTSTRAP, "/app", "rpc"] for c in execs), execs
     assert {c[5] for c in execs} == {"prepare", "apply"}  # no preflight: phase 1 is the check
     assert all("--detach" in c for c in execs if c[5] == "upgrade")
+    # The applies are told when current.json recorded the release: the machines need not read it.
+    recorded = flydeploy.read_current(seaweed.client(), project.name)[0]["hot_upgrade"]["deployed_at"]
+    applies = [c for c in execs if c[5] == "apply"]
+    assert len(applies) == 3 and all(c[c.index("--deployed-at") + 1] == recorded for c in applies), applies
+    assert not any("--deployed-at" in c for c in execs if c[5] != "apply")
 
     status = project.cli("status", "--json", local_s3=True)
     assert status.returncode == 0, status.output

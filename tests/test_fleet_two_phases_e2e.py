@@ -156,8 +156,9 @@ def test_a_canary_failing_its_health_check_leaves_the_others_unchanged(fakefly, 
     assert "a canary failed: the other 2 machines did not change" in hot.output
     canary_keys = [key for key in result_keys(project, "apply") if "-back/" not in key]
     assert len(canary_keys) == 1  # only the canary applied (and was reverted)
-    assert [key for key in result_keys(project, "apply") if "-back/" in key] == [
-        canary_keys[0].replace("/apply/", "-back/apply/")]
+    # The revert's result object is stored just after its exec answered.
+    assert wait_for(lambda: [key for key in result_keys(project, "apply") if "-back/" in key],
+                    what="the revert's result object") == [canary_keys[0].replace("/apply/", "-back/apply/")]
     canary = canary_keys[0].rsplit("/", 1)[1].removesuffix(".json")
     port = [m for m in project.machines if m.id == canary][0].env["PORT"]
     assert f"{port}" in hot.output and "503" in hot.output

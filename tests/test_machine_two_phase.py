@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import http.server
 import json
 import os
 import pathlib
+import secrets
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -14,6 +18,7 @@ import time
 import pytest
 
 import flydeploy
+from tests.bucket_proxy import BucketProxy
 from tests.engine_tree import tree  # noqa: F401  (the fixture)
 from tests.machine_apps import COUNTER_PY, MAIN_PY, make_release, parse_result, wait_for
 from tests.test_machine_failures import APP_AS_NOBODY, NOBODY, ROOT_ONLY, open_machine  # noqa: F401
@@ -49,6 +54,12 @@ def phase(machine, command: str, *args: str) -> tuple[int, dict, str]:
     done = machine.rpc(command, "--app", "shop", *args, "--detach", "--wait", "100")
     assert done.returncode == 0, done.stdout + done.stderr
     return done.returncode, parse_result(done.stdout), done.stdout
+
+
+def stored_result(store, key: str) -> dict:
+    """The result object at ``key``, which a detached job stores just after its exec answered."""
+    wait_for(lambda: store.head(key), what=f"the result object {key}")
+    return store.get_json(key)[0]
 
 
 def test_one_refusing_process_leaves_everything_live_as_it_was(machine, tmp_path, local_store):
@@ -108,8 +119,7 @@ def test_prepare_plans_and_changes_nothing_then_apply_applies_everywhere(machine
     assert {name: data for name, data in snapshot(machine.app_root).items()
             if not name.startswith(".") and "/." not in name} == before
     assert first.get()["greeting"] == "hello v1" and first.get()["count"] == "count-v1:3"
-    stored, _ = s3.get_json(f"releases/shop-results/up-2/prepare/{prepared['machine_id']}.json")
-    assert stored["status"] == "ready"
+    assert stored_result(s3, f"releases/shop-results/up-2/prepare/{prepared['machine_id']}.json")["status"] == "ready"
 
     _code, applied, out = phase(machine, "apply", "--url", url, "--sha256", release.sha256, "--upgrade-id", "up-2")
     assert applied["success"] is True and applied["applied"] is True and applied["health"] is None, out
@@ -121,8 +131,7 @@ def test_prepare_plans_and_changes_nothing_then_apply_applies_everywhere(machine
     assert (machine.app_root / "helpers.py").read_text() == HELPERS
     assert not [name for name in snapshot(machine.app_root) if "flydeploy-" in name]
     assert leftovers(machine) == ["undo-up-2"]  # kept to revert this apply
-    stored, _ = s3.get_json(f"releases/shop-results/up-2/apply/{applied['machine_id']}.json")
-    assert stored["applied"] is True
+    assert stored_result(s3, f"releases/shop-results/up-2/apply/{applied['machine_id']}.json")["applied"] is True
 
 
 def test_discard_is_idempotent_and_apply_without_a_staging_still_ends_on_the_release(machine, tmp_path,
@@ -197,8 +206,8 @@ def test_revert_goes_back_to_the_previous_hot_release(machine, tmp_path, local_s
     assert snapshot(machine.app_root) == on_v2
     info = json.loads(machine.rpc("info", "--app", "shop").stdout)
     assert [entry["version"] for entry in info] == ["v2"]
-    stored, _ = local_store.get_json(f"releases/shop-results/up-3-back/apply/{applied['machine_id']}.json")
-    assert stored["version"] == "v2"
+    assert stored_result(local_store, f"releases/shop-results/up-3-back/apply/{applied['machine_id']}.json")[
+        "version"] == "v2"
 
 
 def test_revert_goes_back_to_the_images_own_code(machine, tmp_path, local_store):
@@ -408,3 +417,118 @@ def test_a_plan_asked_for_by_code_an_upgrade_runs_is_refused_not_waited_for(tree
     worker.join(timeout=60)
     assert not worker.is_alive(), "the upgrade waits for a plan that waits for the upgrade"
     assert reports[0].ok is False and "plan_upgrade() was called from code an upgrade runs" in reports[0].error
+
+
+# --- the exec answers before the job stores its result ---------------------------
+
+@pytest.fixture
+def proxied(machine, seaweed):
+    """The machine reaches the bucket through a ``BucketProxy``, under an app name of its own
+    (so that its current.json is its own); yields ``(proxy, store)``, the store proxied too."""
+    with BucketProxy(seaweed.endpoint) as proxy:
+        machine.app = f"shop-{secrets.token_hex(4)}"
+        machine.env.update(seaweed.env(), AWS_ENDPOINT_URL_S3=proxy.endpoint, FLY_APP_NAME=machine.app)
+        yield proxy, seaweed.client(endpoint=proxy.endpoint)
+
+
+def app_phase(machine, command: str, *args: str, wait: str = "100") -> tuple[dict, str]:
+    """``phase`` for the machine's own app name: (result, output)."""
+    done = machine.rpc(command, "--app", machine.app, *args, "--detach", "--wait", wait)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return parse_result(done.stdout), done.stdout
+
+
+def test_the_exec_answers_before_its_job_stores_the_result(machine, tmp_path, proxied):
+    proxy, store = proxied
+    machine.write_web_app()
+    process = machine.start().wait_ready()
+    release, url = make_release(tmp_path, store, V2, version="v2", app=machine.app)
+    results = f"releases/{machine.app}-results/up-1/"
+    # The bucket keeps the prepare's result object waiting: the exec answers all the same.
+    proxy.hold(lambda method, path: method == "PUT" and "/prepare/" in path)
+    prepared, out = app_phase(machine, "prepare", "--url", url, "--sha256", release.sha256, "--upgrade-id", "up-1",
+                              wait="10")
+    assert prepared["status"] == "ready", out
+    assert proxy.holding.is_set() and store.head(f"{results}prepare/{prepared['machine_id']}.json") is None
+    # The next phase runs while the prepare's job is still storing its result.
+    applied, out = app_phase(machine, "apply", "--url", url, "--sha256", release.sha256, "--upgrade-id", "up-1")
+    assert applied["applied"] is True and applied["success"] is True, out
+    assert process.get()["greeting"] == "hello v2"
+    assert store.head(f"{results}prepare/{prepared['machine_id']}.json") is None  # still held
+    proxy.release()
+    assert stored_result(store, f"{results}prepare/{prepared['machine_id']}.json") == prepared
+    assert stored_result(store, f"{results}apply/{applied['machine_id']}.json") == applied
+
+
+def test_a_job_that_dies_leaves_its_exec_without_a_result(machine, tmp_path, local_store):
+    machine.write_web_app()
+    machine.start().wait_ready()
+    release, url = make_release(tmp_path, local_store, V2, version="v2")
+    exec_ = subprocess.Popen([sys.executable, "-m", "flydeploy", "rpc", "prepare", "--app", "shop", "--url", url,
+                              "--upgrade-id", "up-1", "--detach", "--wait", "600"],
+                             cwd=machine.app_root, env={**machine.env, "FLYDEPLOY_TEST_STOP_AT": "unpack"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = json.loads(exec_.stdout.readline())
+    stopped = machine.socket_dir() / "stopped-at-unpack"
+    wait_for(lambda: stopped.exists() or exec_.poll() is not None, what="the job to reach unpack")
+    assert exec_.poll() is None
+    # The machine lock held elsewhere: the job's guardian, which recovers under it once the
+    # job is gone, waits; the exec must not wait for it.
+    with open(machine.socket_dir() / "upgrade.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.kill(started["pid"], signal.SIGKILL)
+        out, err = exec_.communicate(timeout=60)
+    assert exec_.returncode == 0, err
+    assert "__FLYDEPLOY_RESULT__" not in out and out == "", out  # no result: the orchestrator reports none
+    assert leftovers(machine) == []  # the guardian cleaned up once the lock was free
+    assert local_store.head("releases/shop-results/up-1/prepare/" + machine.env["FLY_MACHINE_ID"] + ".json") is None
+
+
+DEPLOYED_AT = "2099-01-01T00:00:00.000Z"  # later than any real recording: never superseded
+
+
+def test_an_apply_told_when_the_release_was_recorded_reads_no_current_json(machine, tmp_path, proxied):
+    proxy, store = proxied
+    machine.write_web_app()
+    process = machine.start().wait_ready()
+    current = f"/releases/{machine.app}-current.json"
+    for run, given in (("up-1", None), ("up-2", DEPLOYED_AT)):
+        release, url = make_release(tmp_path, store, V2 if run == "up-1" else V3, version=run, app=machine.app)
+        recorded = flydeploy.record_hot_upgrade(store, machine.app, release.hot_upgrade_record(url))
+        before = len(proxy.seen("GET", current))
+        prepared, out = app_phase(machine, "prepare", "--url", url, "--upgrade-id", run)
+        assert prepared["status"] == "ready", out
+        applied, out = app_phase(machine, "apply", "--url", url, "--upgrade-id", run,
+                                 *(["--deployed-at", given] if given else []))
+        assert applied["applied"] is True, out
+        info = json.loads(machine.rpc("info", "--app", machine.app).stdout)
+        if given is None:  # as an older orchestrator runs it: read from current.json
+            assert len(proxy.seen("GET", current)) > before
+            assert [entry["deployed_at"] for entry in info] == [recorded["hot_upgrade"]["deployed_at"]]
+        else:
+            assert len(proxy.seen("GET", current)) == before
+            assert [entry["deployed_at"] for entry in info] == [given] != [recorded["hot_upgrade"]["deployed_at"]]
+    assert process.get()["greeting"] == "hello v3"
+    # The one-phase upgrade too.
+    release, url = make_release(tmp_path, store, V2, version="up-3", app=machine.app)
+    flydeploy.record_hot_upgrade(store, machine.app, release.hot_upgrade_record(url))
+    before, later = len(proxy.seen("GET", current)), "2099-01-02T00:00:00.000Z"
+    done = machine.rpc("upgrade", "--app", machine.app, "--url", url, "--deployed-at", later)
+    assert done.returncode == 0 and parse_result(done.stdout)["success"], done.stdout + done.stderr
+    assert len(proxy.seen("GET", current)) == before
+    info = json.loads(machine.rpc("info", "--app", machine.app).stdout)
+    assert [entry["deployed_at"] for entry in info] == [later] and process.get()["greeting"] == "hello v2"
+
+
+@pytest.mark.parametrize("value", ["soon", "2026-12-07T21:42:41", ""])
+@pytest.mark.parametrize("detach", [True, False])
+def test_a_deployed_at_that_is_no_time_is_bad_usage(machine, value, detach):
+    for command in ("apply", "upgrade"):
+        done = machine.rpc(command, "--app", "shop", "--url", "file:///nowhere/shop-v2.tar.gz", "--upgrade-id",
+                           "up-1", "--deployed-at", value, *(["--detach", "--wait", "10"] if detach else []))
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert f"--deployed-at {value!r} is not an ISO 8601 time with its zone" in done.stderr
+        assert "Traceback" not in done.stderr and done.stdout == ""
+    revert = machine.rpc("apply", "--app", "shop", "--revert", "up-0", "--upgrade-id", "up-1",
+                         "--deployed-at", DEPLOYED_AT)
+    assert revert.returncode == 2 and "--deployed-at goes with the release's --url" in revert.stderr
