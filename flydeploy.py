@@ -34,7 +34,7 @@ The file is organised in sections, in the order data flows:
                   every machine can run the upgrade (a token the API refuses
                   falls back to the next), judged by pure functions
                   (``judge_exec_refusals``, ``judge_prepare``, ``to_explain``,
-                  ``pick_canaries``, ``to_revert``,
+                  ``pick_canaries``, ``accepting``, ``to_revert``,
                   ``to_restart``, ``plan_document``), then apply (canaries
                   first) or the fleet back (a machine that kept nothing to
                   revert from restarted to boot on the previous release);
@@ -243,6 +243,7 @@ __all__ = [
     "PrepareVerdict",
     "judge_prepare",
     "to_discard",
+    "accepting",
     "pick_canaries",
     "health_ports_for",
     "to_revert",
@@ -294,6 +295,7 @@ __all__ = [
     "apply_release",
     "discard_prepared",
     "PrepareResult",
+    "APPLY_ACCEPTS",
     "ProcessPlan",
     "HealthReport",
     "HealthCheck",
@@ -4049,6 +4051,13 @@ def to_explain(outcomes: Iterable[MachineOutcome]) -> list[str]:
             and not o.result.get("release_bytes") and not o.result.get("processes")]
 
 
+def accepting(outcomes: Iterable[MachineOutcome], flag: str) -> list[str]:
+    """The machines whose phase-1 result says their ``rpc apply`` takes ``flag``
+    (``PrepareResult.apply_accepts``): the apply runs the flydeploy.py a machine
+    has, which may be older than this one, so a flag it would refuse is left out."""
+    return [o.machine_id for o in outcomes if o.ok and flag in ((o.result or {}).get("apply_accepts") or ())]
+
+
 def to_discard(outcomes: Iterable[MachineOutcome]) -> list[str]:
     """The machines whose staged files the orchestrator discards after a refusal or a
     plan: those that said ready, and those that answered without a result (they may
@@ -5031,8 +5040,11 @@ def orchestrate(app: str, image_ref: str, *, store: Store | None = None, api: An
             # one wait, the first to have prepared applies first.
             order = {o.machine_id: index for index, o in enumerate(report.prepared)}
             apply_targets = sorted((m for m in targets if m["id"] in ready), key=lambda m: order[m["id"]]) + late
-            release.extend(["--deployed-at", entry["deployed_at"]])  # the apply's: the machines read no current.json
-            _apply_fleet(fleet, report, apply_targets, release=release, upgrade_id=upgrade_id, canary=canary or 0,
+            # Told when current.json recorded the release, a machine reads no current.json.
+            told = {machine_id: ["--deployed-at", entry["deployed_at"]]
+                    for machine_id in accepting(report.prepared, "--deployed-at")}
+            _apply_fleet(fleet, report, apply_targets, release=release, told=told, upgrade_id=upgrade_id,
+                         canary=canary or 0,
                          canary_wait=canary_wait or 0.0, on_failure=on_failure,
                          health=(health_check, tuple(health_ports), health_timeout),
                          suspend_timeout=suspend_timeout)
@@ -5079,17 +5091,20 @@ def _prepare_fleet(fleet: _Fleet, targets: Sequence[Mapping[str, Any]], run_id: 
 
 
 def _apply_fleet(fleet: _Fleet, report: FleetReport, machines: Sequence[Mapping[str, Any]], *,
-                 release: list[str], upgrade_id: str, canary: int, canary_wait: float, on_failure: str,
-                 health: tuple[str | None, tuple[int, ...], float], suspend_timeout: float) -> None:
+                 release: list[str], told: Mapping[str, list[str]], upgrade_id: str, canary: int,
+                 canary_wait: float, on_failure: str, health: tuple[str | None, tuple[int, ...], float],
+                 suspend_timeout: float) -> None:
     """Phase 2: ``rpc apply`` on the canaries, then (when they took it and ran it
     ``canary_wait`` seconds) on the rest; with ``on_failure`` ``rollback`` a failure
-    stops the machines not started yet."""
+    stops the machines not started yet.  ``told[machine_id]`` are flags of that
+    machine's apply alone."""
     path, ports, health_timeout = health
 
     def args(machine: Mapping[str, Any]) -> list[str]:
         checks = ["--health-check", path, "--health-timeout", f"{health_timeout:g}",
                   *[word for port in health_ports_for(machine, ports) for word in ("--health-port", str(port))]]
-        return [*release, "--suspend-timeout", f"{suspend_timeout:g}", *(checks if path else [])]
+        return [*release, *told.get(machine["id"], ()), "--suspend-timeout", f"{suspend_timeout:g}",
+                *(checks if path else [])]
 
     def settle(machine: Mapping[str, Any], outcome: MachineOutcome) -> MachineOutcome | None:
         # Not reached because it stopped or suspended since phase 1 (Fly's proxy stops idle
@@ -12128,6 +12143,14 @@ class PrepareResult(TypedDict):
     files_to_write: int
     files_unchanged: int
     processes: list[ProcessPlan]
+    # The optional flags this machine's ``rpc apply`` takes (``APPLY_ACCEPTS``): until the apply
+    # publishes the release, a machine runs its own flydeploy.py, which may be older than the
+    # orchestrator's; it is given only these.
+    apply_accepts: list[str]
+
+
+# What ``rpc apply`` takes beyond what every version of it took (``PrepareResult.apply_accepts``).
+APPLY_ACCEPTS = ("--deployed-at",)
 
 
 class HealthCheck(TypedDict):
@@ -12357,7 +12380,7 @@ def _prepare_result(prepared: _Prepared | None, *, upgrade_id: str, error: str |
             "upgrade_id": upgrade_id, "expires_at": staged.journal["expires_at"] if staged and error is None else None,
             "release_bytes": prepared.release_bytes if prepared else 0,
             "files_to_write": staged.written if staged else 0, "files_unchanged": staged.unchanged if staged else 0,
-            "processes": processes}
+            "processes": processes, "apply_accepts": list(APPLY_ACCEPTS)}
 
 
 def _machine_id() -> str:

@@ -142,7 +142,7 @@ def ready(machine_id, argv, **fields):
     result = flydeploy.PrepareResult(
         machine_id=machine_id, region="ams", status="ready", success=True, error=None, version="v1",
         upgrade_id=_flag(argv, "--upgrade-id"), expires_at="2026-12-07T20:00:00Z", release_bytes=321,
-        files_to_write=1, files_unchanged=1, processes=[process])
+        files_to_write=1, files_unchanged=1, processes=[process], apply_accepts=list(flydeploy.APPLY_ACCEPTS))
     assert result.keys() == flydeploy.PrepareResult.__annotations__.keys()
     return flydeploy.ExecResult(0, 0, "prepared\n" + result_line(**{**result, **fields}), "")
 

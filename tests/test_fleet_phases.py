@@ -73,6 +73,14 @@ def test_the_preflight_explains_only_a_failure_before_the_machine_had_the_releas
     assert flydeploy.to_explain(ran) == ["early"]
 
 
+def test_only_a_machine_whose_prepare_says_its_apply_takes_a_flag_is_given_it():
+    takes = {"apply_accepts": ["--deployed-at"]}
+    outcomes = [outcome("new", result=takes), outcome("old", result={"status": "ready"}),
+                outcome("failed", ok=False, result=takes), outcome("silent", result=None)]
+    assert flydeploy.accepting(outcomes, "--deployed-at") == ["new"]
+    assert flydeploy.accepting(outcomes, "--not-a-flag") == []
+
+
 def test_discard_and_revert_pick_the_machines_that_may_hold_something():
     outcomes = [outcome("ready"), outcome("refused", False, {"status": "refused"}),
                 outcome("silent", False, None), outcome("gone", False, None, answered=False)]
@@ -303,6 +311,27 @@ def test_canaries_go_first_and_health_checks_reach_every_apply(store, app_root):
     assert re.search(r"Phase 2 took \d+\.\d\d s fleet-wide; the slowest machine \d+\.\d\d s", out)
     # Each machine's line has its own wall time.
     assert re.search(r"✓ a1 \(ams\) 2 modules, 1 process, suspended 3 ms, \d+\.\d\d s in all", out)
+
+
+def test_a_machine_with_an_older_flydeploy_is_not_given_an_apply_flag_it_would_refuse(store, app_root):
+    # Until the apply publishes the release, a machine runs the flydeploy.py it has: one from
+    # before --deployed-at says nothing of it in its prepare result, and exits 2 on it.
+    def answer(machine_id, argv):
+        if rpc(argv) == "prepare" and machine_id == "old":
+            result = json.loads(ready(machine_id, argv).stdout.split("__FLYDEPLOY_RESULT__")[1])
+            del result["apply_accepts"]
+            return flydeploy.ExecResult(0, 0, "prepared\n" + result_line(**result), "")
+        if rpc(argv) == "apply" and machine_id == "old" and "--deployed-at" in argv:
+            return flydeploy.ExecResult(2, 0, "", "error: unrecognized arguments: --deployed-at")
+        return succeed(machine_id, argv)
+
+    api = StubMachines([machine("new"), machine("old")], answer)
+    report, out = run(store, api, app_root)
+    assert report.exit_code == 0, out
+    applies = {call[0]: call[1] for call in api.phase_calls("apply")}
+    recorded = flydeploy.read_current(store, "shop")[0]["hot_upgrade"]["deployed_at"]
+    assert flag(applies["new"], "--deployed-at") == recorded
+    assert "--deployed-at" not in applies["old"]
 
 
 def test_plan_prepares_everywhere_changes_nothing_and_says_what_would_happen(store, app_root):

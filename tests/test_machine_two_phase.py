@@ -108,6 +108,7 @@ def test_prepare_plans_and_changes_nothing_then_apply_applies_everywhere(machine
     assert prepared["version"] == release.manifest["version"] and prepared["expires_at"]
     assert prepared["files_to_write"] == 3 and prepared["files_unchanged"] == 1
     assert prepared["release_bytes"] == pathlib.Path(release.path).stat().st_size
+    assert prepared["apply_accepts"] == ["--deployed-at"]  # what an orchestrator may give its apply
     assert {process["pid"] for process in prepared["processes"]} == {first.pid, second.pid}
     for process in prepared["processes"]:
         plan = process["plan"]
