@@ -1,6 +1,6 @@
 """`hot --direct` against `hot` through an orchestrator machine: the whole command.
 
-Prints one JSON line.  For 3 and 20 machines of the local fake Fly
+Prints one JSON line.  For 1, 3 and 20 machines of the local fake Fly
 (tests/fakefly: a real Machines API server on loopback, each machine a sandbox
 running a real app process with a ``flydeploy.Server``, its agent and the
 boot-time catch-up) and SeaweedFS as the bucket, it times the whole command,
@@ -21,9 +21,14 @@ the check that every machine can take part, no exec comes before it),
 ``direct_upgrading_s`` the rest (both phases and ``current.json``); as in bench_fleet.py,
 ``direct_fleet_estimate_s_20_machines`` is what that makes for a real fleet
 whose machines each have their own CPU: the 20-machine run's part before
-the upgrades, plus ceil(20 / 10) waves as long as the 3-machine run's.  The
-goal is judged on both: ``goal_direct_20_under_2_5s`` on the measured run,
-``goal_direct_20_under_2_5s_fleet_estimate`` on the estimate.
+the upgrades, plus ceil(20 / 10) waves each as long as the upgrade of the
+1-machine run, whose one machine has a core of its own here, as a Fly machine
+has its own CPU (the command, the local Fly and the bucket share the other
+core).  ``direct_fleet_estimate_shared_cores_s_20_machines`` takes the waves
+of the 3-machine run instead, where three machines share two cores: the
+pessimistic bound.  The goal is judged on all three:
+``goal_direct_20_under_2_5s`` on the measured run, ``..._fleet_estimate`` and
+``..._fleet_estimate_shared_cores`` on the estimates.
 
 ``direct_phases_s_<n>_machines`` splits the measured ``hot --direct`` run by
 the lines it prints, as they reach this process: ``start_to_files_listed``
@@ -75,7 +80,7 @@ from benchmarks.bench_fleet import COUNTER, _host_cpu_s  # noqa: E402  (the same
 from tests.conftest import run_seaweed  # noqa: E402
 from tests.fakefly import FakeFly, write_app_tree  # noqa: E402
 
-FLEETS = (3, 20)
+FLEETS = (1, 3, 20)
 LATENCY_S = 0.25
 GOAL_S = 2.5
 MODEL_BUILD_S = 30.0
@@ -85,7 +90,7 @@ STARTS = 5
 # the last one ends when the process exits.
 PHASES = (("start_to_files_listed", "==> release from"), ("checks", "==> the machines run"),
           ("lock_pack_upload", "Release "), ("to_phase_1", "Phase 1: "),
-          ("prepare_and_record", "Phase 2: "), ("apply", "{machines}/{machines} machines upgraded"),
+          ("prepare_and_record", "Phase 2: "), ("apply", "{upgraded}"),
           ("summary_to_exit", None))
 # The machines' part: the two phases of the fleet upgrade (current.json is recorded between them).
 UPGRADING = ("prepare_and_record", "apply")
@@ -141,7 +146,7 @@ def run_fleet(work: pathlib.Path, seaweed, machines: int) -> dict:
             process.returncode = os.waitstatus_to_exitcode(status)
             process.stdout.close()
             cpu.append(usage.ru_utime + usage.ru_stime)
-            if process.returncode != 0 or f"{machines}/{machines} machines upgraded" not in "".join(output):
+            if process.returncode != 0 or _upgraded(machines) not in "".join(output):
                 raise SystemExit(f"hot {' '.join(args)} failed ({process.returncode}):\n{''.join(output)}")
             return elapsed, seen
 
@@ -175,7 +180,7 @@ def _phases(seen: list[tuple[float, str]], elapsed: float, machines: int) -> dic
         if mark is None:
             ends.append((name, elapsed))
             continue
-        mark = mark.format(machines=machines)
+        mark = mark.format(upgraded=_upgraded(machines))
         at = next((t for t, line in seen if line.startswith(mark)), None)
         if at is None:
             raise SystemExit(f"no line starting {mark!r} in the output of hot --direct:\n"
@@ -185,6 +190,11 @@ def _phases(seen: list[tuple[float, str]], elapsed: float, machines: int) -> dic
     for name, end in ends:
         phases[name], previous = end - previous, end
     return phases
+
+
+def _upgraded(machines: int) -> str:
+    """The summary's words when every one of ``machines`` took the release."""
+    return f"{machines}/{machines} machine{'' if machines == 1 else 's'} upgraded"
 
 
 def _best_start(args: list[str], cwd: pathlib.Path, env: dict[str, str]) -> float:
@@ -208,17 +218,21 @@ def main() -> None:
     for machines, figures in results.items():
         line.update({f"{key}_{machines}_machines": value for key, value in figures.items()})
     # Where each machine has its own CPU: what happens before the upgrades (20 machines), then
-    # ceil(20 / 10) waves each as long as the 3 machines' one wave, which shared this host's cores least.
+    # ceil(20 / 10) waves each as long as one machine's upgrade alone; and, sharing cores, as
+    # long as three machines' on this host's two.
     waves = -(-20 // 10)
-    estimate = results[20]["direct_before_upgrading_s"] + waves * results[3]["direct_upgrading_s"]
+    estimate = results[20]["direct_before_upgrading_s"] + waves * results[1]["direct_upgrading_s"]
+    shared = results[20]["direct_before_upgrading_s"] + waves * results[3]["direct_upgrading_s"]
     line.update({
         "direct_fleet_estimate_s_20_machines": round(estimate, 3),
+        "direct_fleet_estimate_shared_cores_s_20_machines": round(shared, 3),
         "model": "MODEL, not measured: model_* adds an image build of MODEL_BUILD_S and an orchestrator "
                  "machine start of MODEL_MACHINE_START_S (the issue's estimates; the audit has no timing)",
         "model_build_s": MODEL_BUILD_S,
         "model_machine_start_s": MODEL_MACHINE_START_S,
         "goal_direct_20_under_2_5s": results[20]["direct_s"] < GOAL_S,
         "goal_direct_20_under_2_5s_fleet_estimate": estimate < GOAL_S,
+        "goal_direct_20_under_2_5s_fleet_estimate_shared_cores": shared < GOAL_S,
     })
     print(json.dumps(line))
 
