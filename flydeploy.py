@@ -6599,6 +6599,11 @@ class _Tracker:
         if self.finder not in sys.meta_path:
             sys.meta_path.insert(0, self.finder)
 
+    def uninstall(self) -> None:
+        """Take the finder off ``sys.meta_path`` (``track`` puts it back)."""
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self.finder)
+
     def remember_imported(self, name: str, module: types.ModuleType, path: str) -> None:
         """Record a module imported before anything recorded it: from its file, unless its code is not that file's.
 
@@ -11414,6 +11419,7 @@ def _start_guardian(app: str) -> int:
     read, write = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
+    gc.freeze()  # as for the job (``_start_detached``)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the guardian
         try:
@@ -13029,6 +13035,7 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
     handed, hand = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
+    gc.freeze()  # the job's collections skip (and so neither scan nor copy) what it inherits
     pid = os.fork()
     if pid == 0:  # the job
         code = 1
@@ -13258,6 +13265,8 @@ def _entry_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``python -m flydeploy``; returns the process exit code (2 for bad usage)."""
+    if argv is None:  # a process started for this command line runs no application code to track
+        _tracker.uninstall()
     try:
         args = _entry_parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage error or the help
