@@ -20,8 +20,8 @@ community.fly.io/t/we-made-the-machines-api-faster-by-adding-machines/19135);
 the speedup goal is judged on that pair, and both are printed.
 
 What a real fleet spends per machine under the detached design: one short
-exec (``execs_per_machine``, the preflight's one exec per process group
-included: the preflight is part of the timed push) that starts the upgrade,
+exec per phase (``execs_per_machine``: phase 1 is the check that a machine
+can take part, no exec comes before it) that starts the phase,
 one Python process on the machine that imports flydeploy from its cached
 bytecode and forks the job, and waits for the job up to
 ``flydeploy._DETACHED_WAIT_S``: an upgrade that ends within it comes back with
@@ -61,7 +61,7 @@ round-trip figure at 10 cannot fall below ``host_floor_s`` either.
 ``per_machine_s`` is the round-trip wall time at 1 at a time divided by the
 machines (one exec round trip, the command, the result found), and
 ``fleet_estimate_s`` what that makes for a real fleet, where each machine has
-its own CPU: the preflight's machine plus ceil(20 / 10) waves of machines.
+its own CPU: ceil(20 / 10) waves of machines.
 """
 
 import io
@@ -268,7 +268,7 @@ def main() -> None:
         "round_trip_wall_s_concurrency_10": round(parallel_latency, 3),
         "round_trip_speedup": round(serial_latency / parallel_latency, 2),
         "per_machine_s": round(serial_latency / MACHINES, 3),
-        "fleet_estimate_s": round(serial_latency / MACHINES * (1 + -(-MACHINES // 10)), 3),
+        "fleet_estimate_s": round(serial_latency / MACHINES * -(-MACHINES // 10), 3),
         "round_trip_prepare_s": round(min(phases["round_trip"]["prepare"]), 3),
         "round_trip_apply_s": round(apply_s, 3),
         "round_trip_apply_per_machine_s": round(apply_per_machine, 3),
