@@ -11419,7 +11419,6 @@ def _start_guardian(app: str) -> int:
     read, write = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
-    gc.freeze()  # as for the job (``_start_detached``)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the guardian
         try:
@@ -13035,7 +13034,6 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
     handed, hand = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
-    gc.freeze()  # the job's collections skip (and so neither scan nor copy) what it inherits
     pid = os.fork()
     if pid == 0:  # the job
         code = 1
@@ -13265,8 +13263,13 @@ def _entry_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``python -m flydeploy``; returns the process exit code (2 for bad usage)."""
-    if argv is None:  # a process started for this command line runs no application code to track
+    if argv is None:
+        # A process started for this command line runs no application code: nothing to track,
+        # and what it has imported lives until it exits, so its collections and its exit's (and
+        # those of the job and guardian it forks, ``_start_detached``) skip it.  Frozen objects
+        # are hidden from gc.get_referrers, so never in a process that may run the engine.
         _tracker.uninstall()
+        gc.freeze()
     try:
         args = _entry_parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage error or the help

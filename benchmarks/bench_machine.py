@@ -35,7 +35,8 @@ under it when the run ends): a next exec waits that long at most, less the
 ~0.1 s it spends importing flydeploy.
 
 ``prepare_cpu_ms`` and ``apply_cpu_ms`` are the CPU time (user + system,
-median of ``CPU_ROUNDS``) of one such exec with everything it starts on the
+median of ``CPU_ROUNDS``) of one such exec, with the argv the orchestrator
+execs (``MachineCommands``: ``python -c BOOTSTRAP``), and everything it starts on the
 machine: the exec's own process, its job and the job's guardian, until the
 last of them ended.  Each exec runs under a small parent that is the child
 subreaper of what it starts (the job and the guardian are reparented to it when
@@ -175,10 +176,12 @@ def phase_rounds(machine: Machine, s3, proxied, proxy: BucketProxy, releases) ->
         "lock": max(times["lock"])}
 
 
-def exec_cpu_rounds(machine: Machine, s3, releases, env: dict | None = None, tag: str = "cpu") -> dict:
-    """``CPU_ROUNDS`` of detached prepare then apply, each under ``CPU_PARENT``: median CPU ms."""
-    env = {**machine.env, **(env or {})}
-    rpc = [sys.executable, "-m", "flydeploy", "rpc"]
+def exec_cpu_rounds(machine: Machine, s3, releases, app_dir: pathlib.Path = ROOT, tag: str = "cpu") -> dict:
+    """``CPU_ROUNDS`` of detached prepare then apply, each under ``CPU_PARENT``: median CPU ms.
+
+    Each is the argv the orchestrator execs (``MachineCommands``), with the flydeploy.py of ``app_dir``."""
+    env = machine.env
+    rpc = flydeploy.MachineCommands.for_app_dir(sys.executable, str(app_dir)).argv("rpc")
     cpu: dict[str, list[float]] = {"prepare": [], "apply": [], "prepare_exec": [], "apply_exec": []}
     for round_ in range(CPU_ROUNDS):
         key, sha = releases[round_ % 2]
