@@ -6599,6 +6599,11 @@ class _Tracker:
         if self.finder not in sys.meta_path:
             sys.meta_path.insert(0, self.finder)
 
+    def uninstall(self) -> None:
+        """Take the finder off ``sys.meta_path`` (``track`` puts it back)."""
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self.finder)
+
     def remember_imported(self, name: str, module: types.ModuleType, path: str) -> None:
         """Record a module imported before anything recorded it: from its file, unless its code is not that file's.
 
@@ -13258,6 +13263,13 @@ def _entry_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``python -m flydeploy``; returns the process exit code (2 for bad usage)."""
+    if argv is None:
+        # A process started for this command line runs no application code: nothing to track,
+        # and what it has imported lives until it exits, so its collections and its exit's (and
+        # those of the job and guardian it forks, ``_start_detached``) skip it.  Frozen objects
+        # are hidden from gc.get_referrers, so never in a process that may run the engine.
+        _tracker.uninstall()
+        gc.freeze()
     try:
         args = _entry_parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage error or the help

@@ -33,6 +33,17 @@ exec did (median).  ``lock_busy_after_answer_ms`` is the longest the machine
 lock stayed taken after a prepare's exec answered (the job's guardian recovers
 under it when the run ends): a next exec waits that long at most, less the
 ~0.1 s it spends importing flydeploy.
+
+``prepare_cpu_ms`` and ``apply_cpu_ms`` are the CPU time (user + system,
+median of ``CPU_ROUNDS``) of one such exec, with the argv the orchestrator
+execs (``MachineCommands``: ``python -c BOOTSTRAP``), and everything it starts on the
+machine: the exec's own process, its job and the job's guardian, until the
+last of them ended.  Each exec runs under a small parent that is the child
+subreaper of what it starts (the job and the guardian are reparented to it when
+their parent returns first), reaps them all and reads their summed rusage;
+``*_exec_cpu_ms`` is the exec's process alone.  On Fly each machine has its own
+CPU; on one host running many machines (``bench_fleet``) their sum is the floor
+of a phase's time.
 """
 
 import fcntl
@@ -58,6 +69,7 @@ PROCESSES = 4
 UPGRADE_ROUNDS = 6
 BOOT_ROUNDS = 15
 PHASE_ROUNDS = 8
+CPU_ROUNDS = 8
 S3_ROUND_TRIP_S = 0.05
 APP = "bench"
 IMAGE = "registry.fly.io/bench:deployment-1"
@@ -70,6 +82,27 @@ if sys.argv[1] == "with":
     outcome = flydeploy.startup_reapply_current()  # the default, with the process's agent
     assert outcome["status"] == "up_to_date" and outcome["agent"], outcome
 '''
+
+
+# Runs argv[1:] and everything it leaves behind as a child subreaper (prctl
+# PR_SET_CHILD_SUBREAPER = 36), reaps them all, prints their CPU seconds.
+CPU_PARENT = """\
+import ctypes, json, os, resource, subprocess, sys
+if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:
+    raise SystemExit("prctl(PR_SET_CHILD_SUBREAPER) failed")
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+exec_cpu = cpu()
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+print(json.dumps({"returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr,
+                  "exec_cpu_s": exec_cpu, "cpu_s": cpu()}))
+"""
 
 
 def timed(argv, env, cwd) -> float:
@@ -143,6 +176,31 @@ def phase_rounds(machine: Machine, s3, proxied, proxy: BucketProxy, releases) ->
         "lock": max(times["lock"])}
 
 
+def exec_cpu_rounds(machine: Machine, s3, releases, app_dir: pathlib.Path = ROOT, tag: str = "cpu") -> dict:
+    """``CPU_ROUNDS`` of detached prepare then apply, each under ``CPU_PARENT``: median CPU ms.
+
+    Each is the argv the orchestrator execs (``MachineCommands``), with the flydeploy.py of ``app_dir``."""
+    env = machine.env
+    rpc = flydeploy.MachineCommands.for_app_dir(sys.executable, str(app_dir)).argv("rpc")
+    cpu: dict[str, list[float]] = {"prepare": [], "apply": [], "prepare_exec": [], "apply_exec": []}
+    for round_ in range(CPU_ROUNDS):
+        key, sha = releases[round_ % 2]
+        hot = flydeploy.record_hot_upgrade(s3, APP, {"version": key, "tarball_url": s3.url(key), "sha256": sha})
+        for command, args in (("prepare", []), ("apply", ["--deployed-at", hot["hot_upgrade"]["deployed_at"]])):
+            done = subprocess.run([sys.executable, "-c", CPU_PARENT, *rpc, command, "--app", APP, "--url", s3.url(key),
+                                   "--sha256", sha, "--upgrade-id", f"{tag}-{round_}", *args, "--detach", "--wait",
+                                   "10"], env=env, cwd=machine.app_root, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"{command} round {round_} failed:\n{done.stderr}")
+            measured = json.loads(done.stdout)
+            outcome = parse_result(measured["stdout"])
+            if measured["returncode"] != 0 or not outcome["success"]:
+                raise SystemExit(f"{command} round {round_} failed:\n{measured['stdout']}\n{measured['stderr']}")
+            cpu[command].append(measured["cpu_s"] * 1000)
+            cpu[command + "_exec"].append(measured["exec_cpu_s"] * 1000)
+    return {name: statistics.median(values) for name, values in cpu.items()}
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-machine-") as tmp:
         tmp = pathlib.Path(tmp)
@@ -183,6 +241,7 @@ def main() -> None:
                     releases = [(flydeploy.release_key(APP, version), sha) for version, (_url, sha)
                                 in zip(("v2", "v1"), urls)]
                     phases = phase_rounds(machine, s3, proxied, proxy, releases)
+                cpu = exec_cpu_rounds(machine, s3, releases)
                 flydeploy.reset_current(s3, APP, IMAGE)  # the boots below find no hot upgrade
             finally:
                 machine.close()
@@ -222,6 +281,10 @@ def main() -> None:
         "apply_bucket_requests": phases["apply_requests"],
         "apply_reading_current_bucket_requests": phases["apply_reading_requests"],
         "lock_busy_after_answer_ms": round(phases["lock"], 2),
+        "prepare_cpu_ms": round(cpu["prepare"], 1),
+        "prepare_exec_cpu_ms": round(cpu["prepare_exec"], 1),
+        "apply_cpu_ms": round(cpu["apply"], 1),
+        "apply_exec_cpu_ms": round(cpu["apply_exec"], 1),
         "goal_rpc_upgrade_under_1000_ms": rpc_upgrade < 1000,
         "goal_startup_added_under_30_ms": startup_added < 30,
     }))

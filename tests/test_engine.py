@@ -807,6 +807,31 @@ def test_track_defaults_to_the_directory_of_main(tmp_path, monkeypatch):
     assert str(script.parent.resolve()) in flydeploy.track()
 
 
+@pytest.mark.parametrize("process", ["app", "command line"])
+def test_only_an_app_process_tracks_what_it_imports(tmp_path, process):
+    """A process started for flydeploy's command line (``main()`` with its argv) runs no
+    application code: the tracker is off ``sys.meta_path`` there, so its imports never consult
+    it (``track`` still puts it back), and what it imported is frozen out of its collections; a
+    process that imports flydeploy records its modules as they load and tracks them once it
+    declares a root, and nothing of it is frozen (the engine finds objects with gc)."""
+    (tmp_path / "app_mod.py").write_text("X = 1\n")
+    probe = ("import sys, flydeploy\n"
+             "if sys.argv[1] == 'command line':\n"
+             "    sys.argv[1:] = ['--version']\n"
+             "    assert flydeploy.main() == 0\n"
+             "import app_mod\n"
+             "started = 'app_mod' in flydeploy._tracker.started\n"
+             "on_path = flydeploy._tracker.finder in sys.meta_path\n"
+             "flydeploy.track('.')\n"
+             "import gc\n"
+             "print(on_path, started, 'app_mod' in flydeploy._tracker.loaded, gc.get_freeze_count() > 0)\n")
+    done = subprocess.run([sys.executable, "-c", probe, process], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    expected = "True True True False" if process == "app" else "False False True True"
+    assert done.stdout.splitlines()[-1] == expected
+
+
 def test_modules_imported_before_tracking_are_hashed_when_tracking_starts(tmp_path):
     root = tmp_path / "late"
     package = f"late_{os.getpid()}"
