@@ -242,6 +242,8 @@ __all__ = [
     "prepare_line",
     "PrepareVerdict",
     "judge_prepare",
+    "judge_exec_refusals",
+    "to_explain",
     "to_discard",
     "accepting",
     "pick_canaries",
@@ -2882,8 +2884,8 @@ _EXEC_BURST = 3
 # 408 deadline_exceeded while the command goes on running (fly-platform-facts M5), so
 # every machine-side command is short: long work runs detached and reports to S3.
 EXEC_DEADLINE_S = 25
-# How long the exec that starts a detached upgrade waits for it to end, so that
-# it brings the result back and nothing needs collecting: well within the deadline.
+# How long the exec that starts a detached upgrade waits for its result (handed over by
+# the job), so that it brings it back and nothing needs collecting: well within the deadline.
 _DETACHED_WAIT_S = 10.0
 # init runs an exec's argv directly: a program that does not exist is an API error
 # (init exec.rs spawns with `.output().await.map_err(...)`), not exit status 127.
@@ -4368,13 +4370,15 @@ def _exec_on(api: Any, machine: Mapping[str, Any], argv: list[str], timeout: flo
         return None, _exec_failure(exc, argv, timeout, time.monotonic() - began, commands), exc.status
 
 
-def token_refused_error(detail: str, commands: MachineCommands) -> str:
+def _token_refused_error(detail: str, commands: MachineCommands) -> str:
     """Why a machine-side command did not run when the Machines API refused its exec for the
     token (HTTP 401/403; ``detail`` is the API's message), with the fix: the one text of the
     preflight (``judge_preflight``) and of the phases (``_upgrade_machines``)."""
     return (f"the Machines API refused the exec ({detail}): the token does not allow "
             f"`{shlex.join(commands.token_prefix())} ...`; set the app's FLY_API_TOKEN secret "
-            "(fly secrets set FLY_API_TOKEN=\"$(fly tokens create deploy)\")")
+            "(fly secrets set FLY_API_TOKEN=\"$(fly tokens create deploy)\"), which the orchestrator machine "
+            "falls back to; with --direct the token is yours: a FLY_API_TOKEN that may exec on the app's "
+            "machines, or `fly auth login`")
 
 
 def _exec_failure(exc: MachinesAPIError, argv: Sequence[str], timeout: float, waited_s: float,
@@ -4382,7 +4386,7 @@ def _exec_failure(exc: MachinesAPIError, argv: Sequence[str], timeout: float, wa
     """What a failed exec says; ``waited_s`` is the time spent on it, all attempts together.
     With ``commands`` (what built ``argv``) a refusal of the token says the token fix."""
     if commands is not None and exc.status in (401, 403):
-        return token_refused_error(exc.message, commands)
+        return _token_refused_error(exc.message, commands)
     if missing_program(exc):
         return (f"{argv[0]} does not exist on the machine ({exc.message}): set [tool.flydeploy] python to "
                 "the absolute path of the image's interpreter (`doctor` prints it)")
@@ -4754,7 +4758,7 @@ def _upgrade_machines(api: Any, targets: Sequence[Mapping[str, Any]],
         if board is None or not res.ok:
             return judge_upgrade(machine, res.exit_code, res.stdout, res.stderr, res.exit_signal,
                                  commands=commands, what=what)
-        # Ended within the exec's wait: its result came back with it.  Else it is collected.
+        # Had its result within the exec's wait: it came back with it.  Else it is collected.
         result = parse_result_marker(res.stdout) or board.wait(machine["id"], began, began + timeout)
         if result is None:
             why = f" (last storage error: {board.error})" if board.error else ""
@@ -5086,8 +5090,8 @@ def _prepare_fleet(fleet: _Fleet, targets: Sequence[Mapping[str, Any]], run_id: 
         max_concurrency=fleet.max_concurrency) if not check.ok}
     for check in checks.values():
         fleet.say(check.line())
-    return [dataclasses.replace(o, error=f"{o.error}; {checks[o.machine_id].error}") if o.machine_id in checks
-            else o for o in outcomes]
+    return [dataclasses.replace(o, error="; ".join(filter(None, (o.error, checks[o.machine_id].error))))
+            if o.machine_id in checks else o for o in outcomes]
 
 
 def _apply_fleet(fleet: _Fleet, report: FleetReport, machines: Sequence[Mapping[str, Any]], *,
@@ -11423,8 +11427,9 @@ def _start_guardian(app: str) -> int:
     if pid == 0:  # pragma: no cover - the guardian
         try:
             os.close(write)
-            if _result_pipe is not None:  # the exec waiting for the job's result must not wait for this
-                os.close(_result_pipe)
+            pipe = _take_result_pipe()
+            if pipe is not None:  # the exec waiting for the job's result must not wait for this
+                os.close(pipe)
             while os.read(read, 1):
                 pass
             with _machine_lock(app):
@@ -11878,11 +11883,12 @@ def _scrub(text: str, *urls: str | None) -> str:
     return text
 
 
-def _check_deployed_at(deployed_at: str | None, revert: str | None = None) -> None:
+def _check_deployed_at(deployed_at: str | None, revert: str | None = None) -> str | None:
     """A ``deployed_at`` given for a release (what current.json records for it, so that the
-    machine need not read it): an ISO 8601 time with its zone, and not for a revert."""
+    machine need not read it): an ISO 8601 time with its zone, and not for a revert.  Returns
+    it as current.json's records have it (UTC, milliseconds, ``Z``), which is how they compare."""
     if deployed_at is None:
-        return
+        return None
     if revert is not None:
         raise ConfigError("--deployed-at goes with the release's --url, not with --revert (a revert puts "
                           "back what the machine recorded before)")
@@ -11893,6 +11899,7 @@ def _check_deployed_at(deployed_at: str | None, revert: str | None = None) -> No
         raise ConfigError(f"--deployed-at {deployed_at!r} is not an ISO 8601 time with its zone; give the "
                           "release's deployed_at as current.json records it (e.g. 2026-12-07T21:42:41.123Z), "
                           "or leave it out to have it read from current.json")
+    return _iso_utc(moment)
 
 
 def _recorded_deployed_at(store: Store, app: str, key: str) -> str | None:
@@ -12014,7 +12021,7 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
     _check_name("app", app)
     if not _is_positive_seconds(suspend_timeout):
         raise ConfigError(f"suspend_timeout must be a positive number of seconds, not {suspend_timeout!r}")
-    _check_deployed_at(deployed_at)
+    deployed_at = _check_deployed_at(deployed_at)
     upgrade_id = _check_name("upgrade id", upgrade_id or (sha256 or "").lower() or _fresh_upgrade_id())
     started = time.monotonic()
     run, key, errors = None, None, []
@@ -12079,11 +12086,17 @@ def _guarded(app: str) -> Iterator[None]:
 _result_pipe: int | None = None
 
 
+def _take_result_pipe() -> int | None:
+    """This process's end of the result pipe, taken: nothing else in it writes there again."""
+    global _result_pipe
+    pipe, _result_pipe = _result_pipe, None
+    return pipe
+
+
 def _hand_over(result: Mapping[str, Any]) -> None:
     """Give ``result``'s line to the exec waiting for this job, if one is: it answers at once, and
     the job then stores the result and ends without anyone waiting for it."""
-    global _result_pipe
-    pipe, _result_pipe = _result_pipe, None
+    pipe = _take_result_pipe()
     if pipe is None:
         return
     data = (_result_line(result) + "\n").encode()
@@ -12549,7 +12562,7 @@ def apply_release(app: str, *, url: str | None = None, sha256: str | None = None
         raise ConfigError("suspend_timeout and health_timeout must be positive numbers of seconds")
     if health_check is not None and not health_check.startswith("/"):
         raise ConfigError(f"the health check path must start with /, not {health_check!r}")
-    _check_deployed_at(deployed_at, revert)
+    deployed_at = _check_deployed_at(deployed_at, revert)
     started = time.monotonic()
     run, health, errors = None, None, []
     with _reporting_failures(errors, url):
@@ -13031,7 +13044,8 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
         print(json.dumps({"detached": True, "started": False, "upgrade_id": args.upgrade_id}))
         return 0
     log_path = marker[:-5] + ".log"
-    handed, hand = os.pipe()
+    # The hand-over pipe, when this command waits for the result.
+    handed, hand = os.pipe() if getattr(args, "wait", None) else (None, None)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -13039,7 +13053,8 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
         code = 1
         try:
             os.setsid()
-            os.close(handed)
+            if handed is not None:
+                os.close(handed)
             _result_pipe = hand
             output = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             null = os.open(os.devnull, os.O_RDONLY)
@@ -13053,13 +13068,13 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
                 sys.stdout.flush()
                 sys.stderr.flush()
             os._exit(code)
-    os.close(hand)
     with os.fdopen(fd, "w") as handle:
         json.dump({"pid": pid, "upgrade_id": args.upgrade_id, "started_at": _iso_utc(_utc_now())}, handle)
     print(json.dumps({"detached": True, "started": True, "upgrade_id": args.upgrade_id, "pid": pid}), flush=True)
+    if handed is None:
+        return 0  # at once, even when the job has already ended: its result is collected
+    os.close(hand)
     with os.fdopen(handed, "rb", buffering=0) as pipe:
-        if not getattr(args, "wait", None):
-            return 0  # at once, even when the job has already ended: its result is collected
         result, ended = _await_hand_over(pipe, args.wait)
     if result is None and ended:  # the job ended without handing a result over: its log may hold one
         os.waitpid(pid, 0)
@@ -13199,8 +13214,8 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
                          help="start the upgrade in the background and return at once; its result is "
                               "only stored (needs --upgrade-id; a second start of the same id starts nothing)")
     upgrade.add_argument("--wait", type=_number_argument("seconds"), metavar="S",
-                         help="with --detach: return when the upgrade ends, with its result line, or after "
-                              "S seconds at most (then its result is only stored)")
+                         help="with --detach: return as soon as the upgrade has its result, with its result "
+                              "line, or after S seconds at most (then its result is only stored)")
     upgrade.set_defaults(handler=_rpc_upgrade)
     phases = argparse.ArgumentParser(add_help=False, parents=[common])
     release = phases.add_mutually_exclusive_group(required=True)
@@ -13214,7 +13229,8 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
                         help="run in the background and return at once; the result is stored (a second start "
                              "of the same upgrade id starts nothing)")
     phases.add_argument("--wait", type=_number_argument("seconds"), metavar="S",
-                        help="with --detach: return when it ends, with its result line, or after S seconds at most")
+                        help="with --detach: return as soon as it has its result, with its result line, or after S "
+                             "seconds at most")
     prepare = rpc_commands.add_parser("prepare", parents=[phases],
                                       help="phase 1: stage a release and have every process plan it; nothing "
                                            "live changes")
