@@ -5152,8 +5152,8 @@ def _apply_fleet(fleet: _Fleet, report: FleetReport, machines: Sequence[Mapping[
     report.apply_s = time.monotonic() - began
     slowest = max((o.elapsed_s for o in report.outcomes), default=0.0)
     fleet.say(f"Phase 2 took {report.apply_s:.2f} s fleet-wide; the slowest machine {slowest:.2f} s")
-    untouched = len(machines) - len(report.outcomes) - sum(1 for m in report.pending if m["id"] in
-                                                           {machine["id"] for machine in machines})
+    ids = {machine["id"] for machine in machines}
+    untouched = len(machines) - len(report.outcomes) - sum(1 for m in report.pending if m["id"] in ids)
     if untouched:
         fleet.say(f"{_plural(untouched, 'machine')} not started after the failure: unchanged")
 
@@ -13199,7 +13199,15 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
     rpc_commands = rpc.add_subparsers(dest="rpc_command", metavar="RPC", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--app", required=True, help="the Fly app name")
-    upgrade = rpc_commands.add_parser("upgrade", parents=[common],
+    # What a machine-side phase that may outlast an exec takes (``_start_detached``).
+    detached = argparse.ArgumentParser(add_help=False)
+    detached.add_argument("--detach", action="store_true",
+                          help="run in the background and return at once; the result is only stored (needs "
+                               "--upgrade-id; a second start of the same upgrade id starts nothing)")
+    detached.add_argument("--wait", type=_number_argument("seconds"), metavar="S",
+                          help="with --detach: return as soon as it has its result, with its result line, or "
+                               "after S seconds at most (then the result is only stored)")
+    upgrade = rpc_commands.add_parser("upgrade", parents=[common, detached],
                                       help="install a release and upgrade every process")
     upgrade.add_argument("--url", required=True, type=_release_url,
                          help="URL of the release tarball (https:// or file://)")
@@ -13210,14 +13218,8 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
                          help="where the result is stored: releases/<app>-results/<upgrade-id>/ "
                               "(default: the --sha256, else a fresh id)")
     upgrade.add_argument("--deployed-at", metavar="ISO", help=_DEPLOYED_AT_HELP)
-    upgrade.add_argument("--detach", action="store_true",
-                         help="start the upgrade in the background and return at once; its result is "
-                              "only stored (needs --upgrade-id; a second start of the same id starts nothing)")
-    upgrade.add_argument("--wait", type=_number_argument("seconds"), metavar="S",
-                         help="with --detach: return as soon as the upgrade has its result, with its result "
-                              "line, or after S seconds at most (then its result is only stored)")
     upgrade.set_defaults(handler=_rpc_upgrade)
-    phases = argparse.ArgumentParser(add_help=False, parents=[common])
+    phases = argparse.ArgumentParser(add_help=False, parents=[common, detached])
     release = phases.add_mutually_exclusive_group(required=True)
     release.add_argument("--url", type=_release_url, help="URL of the release tarball (https:// or file://)")
     release.add_argument("--revert", type=_upgrade_id, metavar="UPGRADE_ID",
@@ -13225,12 +13227,6 @@ def _add_rpc_parser(commands: argparse._SubParsersAction) -> None:
     phases.add_argument("--sha256", help="expected sha256 of the tarball")
     phases.add_argument("--upgrade-id", type=_upgrade_id, required=True,
                         help="names the staging, the job and the results: releases/<app>-results/<upgrade-id>/")
-    phases.add_argument("--detach", action="store_true",
-                        help="run in the background and return at once; the result is stored (a second start "
-                             "of the same upgrade id starts nothing)")
-    phases.add_argument("--wait", type=_number_argument("seconds"), metavar="S",
-                        help="with --detach: return as soon as it has its result, with its result line, or after S "
-                             "seconds at most")
     prepare = rpc_commands.add_parser("prepare", parents=[phases],
                                       help="phase 1: stage a release and have every process plan it; nothing "
                                            "live changes")
