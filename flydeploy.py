@@ -11705,6 +11705,17 @@ class _Superseded(AgentError):
     """This machine already installed a release deployed after the one asked for."""
 
 
+def _refuse_superseded(app: str, key: str | None, deployed_at: str | None) -> dict | None:
+    """The state of what this machine installed; ``_Superseded`` when that was deployed after
+    ``deployed_at`` (callers hold the machine lock): two upgrades that raced, or a stale read,
+    never roll a machine back.  A revert does not ask: going back is what it is for."""
+    state = _read_state(app)
+    if state and deployed_at and (state.get("deployed_at") or "") > deployed_at:
+        raise _Superseded(f"refusing {key} (deployed at {deployed_at}): this machine already installed "
+                          f"{state.get('version')}, deployed later ({state['deployed_at']}); nothing was written")
+    return state
+
+
 @dataclasses.dataclass
 class _MachineRun:
     """What the phases did on this machine: the state record of the release, one entry per
@@ -11756,10 +11767,7 @@ def _upgrade_machine(app: str, store: Store, key: str, sha256: str | None, *, de
     caller stopped waiting) it ends after the download, having changed nothing.
     """
     def check_installed() -> bool:
-        state = _read_state(app)
-        if state and deployed_at and (state.get("deployed_at") or "") > deployed_at:
-            raise _Superseded(f"refusing {key} (deployed at {deployed_at}): this machine already installed "
-                              f"{state.get('version')}, deployed later ({state['deployed_at']}); nothing was written")
+        state = _refuse_superseded(app, key, deployed_at)
         return unless_installed is not None and _same_release(state, unless_installed) and _for_this_image(state)
 
     if check_installed():
@@ -12482,6 +12490,11 @@ def _apply_machine(app: str, *, store: Store | None, key: str | None, sha256: st
             if _prepared_for(journal, upgrade_id, sha256, revert):
                 staged = _Staged(app, journal["state"], journal, journal["unchanged"], notes + journal["notes"])
                 if revert is None:
+                    try:
+                        _refuse_superseded(app, key, deployed_at)
+                    except _Superseded:
+                        _discard_prepared(app, journal)
+                        raise
                     staged.state["deployed_at"] = deployed_at
                 return _publish_and_apply(staged, suspend_timeout)
         if attempt:

@@ -524,6 +524,25 @@ def test_an_apply_told_when_the_release_was_recorded_reads_no_current_json(machi
     assert process.get()["greeting"] == "hello v2"
 
 
+def test_an_apply_of_a_release_deployed_before_the_installed_one_is_refused(machine, tmp_path, local_store):
+    # Two upgrades that raced, or a stale read: the two-phase apply never rolls a machine back,
+    # as the one-phase upgrade does not.
+    machine.write_web_app()
+    process = machine.start().wait_ready()
+    _release, url3 = make_release(tmp_path, local_store, V3, version="v3")
+    done = machine.rpc("upgrade", "--app", "shop", "--url", url3, "--deployed-at", DEPLOYED_AT)
+    assert done.returncode == 0 and parse_result(done.stdout)["success"], done.stdout + done.stderr
+    _release, url2 = make_release(tmp_path, local_store, V2, version="v2")
+    _code, prepared, _out = phase(machine, "prepare", "--url", url2, "--upgrade-id", "up-old")
+    assert prepared["status"] == "ready"
+    _code, applied, out = phase(machine, "apply", "--url", url2, "--upgrade-id", "up-old",
+                               "--deployed-at", "2026-12-07T21:00:00.000Z")
+    assert applied["success"] is False and applied["applied"] is False, out
+    assert "deployed later (2099-01-01T00:00:00.000Z)" in applied["error"]
+    assert process.get()["greeting"] == "hello v3"
+    assert leftovers(machine) == []  # the staging went with the refusal
+
+
 @pytest.mark.parametrize("value", ["soon", "2026-12-07T21:42:41", ""])
 @pytest.mark.parametrize("detach", [True, False])
 def test_a_deployed_at_that_is_no_time_is_bad_usage(machine, value, detach):
