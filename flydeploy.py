@@ -6196,9 +6196,12 @@ class _Pause:
     # loops to be answered) before everything is released and tried again.
     _LOOP_GRACE_S = 0.05
 
-    def __init__(self, servers: Iterable[Server], *, timeout: float) -> None:
+    def __init__(self, servers: Iterable[Server], *, timeout: float, deadline: float | None = None) -> None:
         self.timeout = _check_timeout(timeout)
-        self.deadline = math.inf  # when the pause must end, code_change included (set on entry)
+        # When the pause must end, code_change included: ``deadline`` when given (the upgrade's
+        # one deadline, which began before the pause), else ``timeout`` after entry.
+        self._given_deadline = deadline
+        self.deadline = math.inf
         self.held_ms = 0.0
         self._servers = list(servers)
         self._hold = _Hold()
@@ -6214,7 +6217,8 @@ class _Pause:
     def __enter__(self) -> _Pause:
         global _pause_owner, _active_hold
         _check_pause_allowed()
-        deadline = self.deadline = time.monotonic() + self.timeout
+        deadline = self.deadline = (self._given_deadline if self._given_deadline is not None
+                                    else time.monotonic() + self.timeout)
         if not _pause_lock.acquire(timeout=_wait_limit(self.timeout) or -1):
             raise SuspendTimeout(["another pause in progress"], self.timeout)
         _pause_owner = threading.get_ident()
@@ -9198,7 +9202,7 @@ class UpgradeReport:
 # The phases of an upgrade, in order; ``reload_modules`` says what each does.
 UPGRADE_PHASES = ("prepare", "pause", "swap", "migrate", "resume", "commit")
 _upgrade_lock = threading.Lock()
-_upgrading_thread: int | None = None  # the thread inside reload_modules, if any
+_upgrading_thread: int | None = None  # the thread inside reload_modules or plan_upgrade, if any
 _upgrade_callbacks: list[Callable[[UpgradeReport], object]] = []
 
 
@@ -9377,21 +9381,15 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
     changed files pause and refresh even when no module changed.  None means
     not known: a refresh then assumes any file may have changed.
     """
-    global _upgrading_thread
     if isinstance(names, str):
         raise FlyDeployError("reload_modules() takes a list of module names, not one string: "
                              f"write reload_modules([{names!r}])")
     _check_timeout(suspend_timeout, "suspend_timeout")
-    if _upgrading_thread == threading.get_ident():
-        raise FlyDeployError("reload_modules() was called from code an upgrade runs (a module "
-                             "body, __hot_upgrade__ or code_change); call it from outside, "
-                             "for instance from an on_upgrade callback or another thread")
     started = time.perf_counter()
     report = UpgradeReport()
     clock = _Clock(report.phases_ms)
     files = None if files is None else frozenset(os.path.abspath(os.fspath(path)) for path in files)
-    with _upgrade_lock:
-        _upgrading_thread = threading.get_ident()
+    with _upgrading("reload_modules"):
         try:
             plans = _prepare(modified_modules() if names is None else list(names))
             report.modules = [plan.name for plan in plans]
@@ -9401,9 +9399,6 @@ def reload_modules(names: Iterable[str] | None = None, *, suspend_timeout: float
                 report.ok = True
         except UpgradeRefused as exc:
             report.error, report.failed_module = str(exc), exc.module
-        finally:
-            _upgrading_thread = None
-            _prepared_imports.clear()
     report.total_ms = (time.perf_counter() - started) * 1000
     if report.modules or report.error:
         for callback in list(_upgrade_callbacks):
@@ -9458,11 +9453,9 @@ def plan_upgrade(staged: Mapping[str, str] | None = None) -> UpgradePlan:
     never raises for the app's code, only on misuse (a call from code an
     upgrade runs).
     """
-    if _upgrading_thread == threading.get_ident():
-        raise FlyDeployError("plan_upgrade() was called from code an upgrade runs; call it from outside")
     staged = {os.path.realpath(os.fspath(path)): os.fspath(where) for path, where in (staged or {}).items()}
     plan = UpgradePlan()
-    with _upgrade_lock:
+    with _upgrading("plan_upgrade"):
         try:
             added = _added_modules(staged)
             plan.modules_added = sorted(added)
@@ -9472,16 +9465,37 @@ def plan_upgrade(staged: Mapping[str, str] | None = None) -> UpgradePlan:
             changed = set(plans)
             plan.code_change = [PlannedCodeChange(_server_label(server), _json_ready(getattr(server, "vsn", None)),
                                                   _json_ready(_new_vsn(type(server), plans)))
-                                for server in servers()
-                                if any(cls.__module__ in changed for cls in type(server).__mro__)]
+                                for server in servers() if _runs_changed_code(type(server), changed)]
         except FlyDeployError as exc:
             plan.refused = str(exc)
         except Exception as exc:  # an object of the app no rule foresaw: still a value
             plan.refused = (f"planning failed ({type(exc).__name__}: {exc}); nothing was changed: deploy this "
                             "release cold and report the error")
-        finally:
-            _prepared_imports.clear()
     return plan
+
+
+@contextlib.contextmanager
+def _upgrading(what: str) -> Iterator[None]:
+    """One upgrade or plan (``what``) of this process at a time, on this thread: the prepared
+    imports are dropped at the end.  Called from code an upgrade runs, it is refused rather
+    than deadlocked on the lock."""
+    global _upgrading_thread
+    if _upgrading_thread == threading.get_ident():
+        raise FlyDeployError(f"{what}() was called from code an upgrade runs (a module body, __hot_upgrade__ "
+                             "or code_change); call it from outside, for instance from an on_upgrade callback "
+                             "or another thread")
+    with _upgrade_lock:
+        _upgrading_thread = threading.get_ident()
+        try:
+            yield
+        finally:
+            _upgrading_thread = None
+            _prepared_imports.clear()
+
+
+def _runs_changed_code(cls: type, changed: Collection[str]) -> bool:
+    """Whether instances of ``cls`` run code of the ``changed`` modules (its class or a base)."""
+    return any(c.__module__ in changed for c in cls.__mro__)
 
 
 def _added_modules(staged: Mapping[str, str]) -> dict[str, str]:
@@ -9554,7 +9568,9 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
     the upgraded servers."""
     changed = {plan.name for plan in plans}
     swap = _Swap(plans, clock, files)
-    pause = _Pause(servers(), timeout=suspend_timeout)
+    # One deadline for the requests under way and the pause: nothing waits longer than suspend_timeout.
+    deadline = time.monotonic() + suspend_timeout
+    pause = _Pause(servers(), timeout=suspend_timeout, deadline=deadline)
     try:
         helper = _PauseHelper(pause)
     except RuntimeError as exc:  # the process may start no more threads
@@ -9566,14 +9582,14 @@ def _swap_everything(plans: list[_ModulePlan], report: UpgradeReport, suspend_ti
     clock.lap("prepare")
     try:
         # The requests under way finish before the servers are held (section 4b).
-        with (contextlib.closing(helper), _requests_held(swap.frameworks, suspend_timeout),
+        with (contextlib.closing(helper), _requests_held(swap.frameworks, suspend_timeout, deadline),
               pause, _garbage_collection_paused()):
             clock.lap("pause")
             # Read while held: servers that started meanwhile are held too.
             for server in pause.servers:
                 cls = type(server)
                 if cls not in upgraded_class:
-                    upgraded_class[cls] = any(c.__module__ in changed for c in cls.__mro__)
+                    upgraded_class[cls] = _runs_changed_code(cls, changed)
                 if upgraded_class[cls]:
                     affected.append(server)
             report.ok = swap.transact(affected, extra, helper)
@@ -9989,10 +10005,10 @@ def _request_gate(app: Any, method: str) -> _RequestGate:
 
 
 @contextlib.contextmanager
-def _requests_held(frameworks: dict[str, list], timeout: float) -> Iterator[None]:
+def _requests_held(frameworks: dict[str, list], timeout: float, deadline: float) -> Iterator[None]:
     """Close the gate of every live WSGI app in ``frameworks`` (as
-    ``_framework_objects`` finds them) and wait, ``timeout`` seconds at most,
-    for the requests under way (also those that started before the gate was
+    ``_framework_objects`` finds them) and wait, until ``deadline`` at most
+    (the upgrade's, ``timeout`` after it began), for the requests under way (also those that started before the gate was
     put up: a thread running the app's request method) to finish; open them
     again on the way out, after a rollback too.  Entered before the pause
     holds the servers: a request under way may be waiting for one."""
@@ -10020,7 +10036,6 @@ def _requests_held(frameworks: dict[str, list], timeout: float) -> Iterator[None
                 frame = frame.f_back
         return False
 
-    deadline = time.monotonic() + timeout
     try:
         while under_way():
             if time.monotonic() >= deadline:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -538,6 +539,48 @@ def test_a_flask_request_under_way_that_calls_a_server_is_finished_before_the_se
         assert client.get("/").text == "new"
     finally:
         echo.stop()
+
+
+def test_the_requests_under_way_and_the_pause_share_one_deadline(tree):
+    """``suspend_timeout`` bounds the whole stall: waiting for the requests under way spends it, and the
+    pause that follows has only what is left, not a deadline of its own."""
+    pytest.importorskip("flask")
+    site = gated_requests.flask_app(tree)
+    hooks = site.hooks
+
+    class Busy(flydeploy.Server):
+        def handle_cast(self, message, state):
+            message.wait(30)  # no safe point until the test lets it go
+            return state
+
+    busy, free = Busy.start(name="busy"), threading.Event()
+    try:
+        busy.cast(free)
+        site.wsgi.add_url_rule("/slow", "slow", lambda: hooks.in_view.set() or hooks.leave_view.wait(10) and "slow")
+        client = site.wsgi.test_client()
+        request = threading.Thread(target=lambda: client.get("/slow"))
+        request.start()
+        assert hooks.in_view.wait(10)
+        site.write("WORD = 'new'")
+        reports: list = []
+        began = time.monotonic()
+        upgrade = threading.Thread(target=lambda: reports.append(site.reload(suspend_timeout=2.0)))
+        upgrade.start()
+        wait_until(lambda: gated_requests.stack_runs(upgrade, flydeploy._requests_held.__wrapped__.__code__),
+                   "the upgrade to wait for the request under way")
+        # The request under way takes 1.2 s of the 2 s; the server is busy until 2.8 s: past the
+        # deadline, though within 2 s of the pause's start.
+        wait_until(lambda: time.monotonic() - began >= 1.2, "1.2 s into the upgrade")
+        hooks.leave_view.set()
+        request.join(10)
+        wait_until(lambda: time.monotonic() - began >= 2.8 or not upgrade.is_alive(), "2.8 s into the upgrade")
+        free.set()
+        upgrade.join(10)
+        assert not reports[0].ok and "busy" in reports[0].servers_failed, reports[0]
+        assert client.get("/").text == "old"
+    finally:
+        free.set()
+        busy.stop()
 
 
 def test_requests_still_under_way_at_the_deadline_leave_everything_as_it_was(framework):
