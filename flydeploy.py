@@ -9979,21 +9979,22 @@ class _RequestGate:
     def __init__(self, inner: Callable) -> None:
         self.inner = inner
         self.changed = threading.Condition(threading.Lock())
-        self.active: collections.Counter = collections.Counter()  # thread -> requests inside
+        self.active: dict[int, int] = {}  # thread -> requests inside
         self.closer: int | None = None  # the swapping thread, while closed
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         me = threading.get_ident()
         with self.changed:  # counted with the lock held: a closing upgrade waits for it
-            self.changed.wait_for(lambda: self.closer in (None, me))
-            self.active[me] += 1
+            while self.closer not in (None, me):  # every request passes here: no closure, no Counter
+                self.changed.wait()
+            self.active[me] = self.active.get(me, 0) + 1
         try:
             return self.inner(*args, **kwargs)
         finally:
             with self.changed:
-                self.active[me] -= 1
-                if not self.active[me]:
-                    del self.active[me]
+                left = self.active.pop(me) - 1
+                if left:
+                    self.active[me] = left
 
 
 def _request_gate(app: Any, method: str) -> _RequestGate:
@@ -10008,9 +10009,10 @@ def _request_gate(app: Any, method: str) -> _RequestGate:
 def _requests_held(frameworks: dict[str, list], timeout: float, deadline: float) -> Iterator[None]:
     """Close the gate of every live WSGI app in ``frameworks`` (as
     ``_framework_objects`` finds them) and wait, until ``deadline`` at most
-    (the upgrade's, ``timeout`` after it began), for the requests under way (also those that started before the gate was
-    put up: a thread running the app's request method) to finish; open them
-    again on the way out, after a rollback too.  Entered before the pause
+    (the upgrade's, ``timeout`` after it began), for the requests under way
+    (also those that started before the gate was put up: a thread running the
+    app's request method) to finish; open them again on the way out, after a
+    rollback too.  Entered before the pause
     holds the servers: a request under way may be waiting for one."""
     apps = [(app, method, name(app)) for kind, (method, name) in _GATED_METHODS.items()
             for app in frameworks[kind] if callable(getattr(type(app), method, None))]
@@ -13073,7 +13075,7 @@ def _start_detached(args: argparse.Namespace, run: Callable[[argparse.Namespace]
         return 0
     log_path = marker[:-5] + ".log"
     # The hand-over pipe, when this command waits for the result.
-    handed, hand = os.pipe() if getattr(args, "wait", None) else (None, None)
+    handed, hand = os.pipe() if args.wait else (None, None)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()

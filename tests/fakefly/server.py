@@ -396,6 +396,8 @@ class FakeMachine:
         (Fly's docs, reference/configuration ``persist_rootfs``, default ``never``), so what the
         app does at boot (flydeploy's catch-up from current.json) runs again."""
         with self.fly.lock:
+            # Which states the API restarts from no source settles (the spec lists only 200 and
+            # 400): the fake refuses the transitional ones; flydeploy restarts started machines.
             if self.state not in ("started", "stopped", "suspended"):
                 raise ApiError(400, f"unable to restart machine, current state is '{self.state}'")
             running = self.state != "stopped"
