@@ -12063,9 +12063,7 @@ def hot_upgrade(tarball_url: str, app: str, *, sha256: str | None = None,
             run = _upgrade_machine(app, store, key, sha256, deployed_at=deployed_at,
                                    suspend_timeout=suspend_timeout, in_process=False)
         if not run.entries:
-            raise AgentError(f"no flydeploy agent of {app} runs on this machine, so no running process loaded "
-                             f"{run.state['version']} (its files are written); the app must call "
-                             "flydeploy.startup_reapply_current() at boot")
+            raise AgentError(_no_agent(app, f"loaded {run.state['version']} (its files are written)"))
         if not run.committed:
             failures = [f"process {(e.get('reply') or {}).get('name') or e['pid']} failed: {_reply_error(e)}"
                         for e in run.entries if not (e.get("reply") or {}).get("ok")]
@@ -12386,7 +12384,7 @@ def _prepare_machine(app: str, *, store: Store | None, key: str | None, sha256: 
                 raise AgentError(f"cannot keep what the apply would replace: {exc}; nothing was changed. "
                                  "Check the free space of the runtime directory (FLYDEPLOY_RUNTIME_DIR).") from exc
             entries = _ask_agents(app, _prepare_request(staged.journal), timeout=_PREPARE_WAIT)
-            error = _prepare_error(entries, staged.state.get("version"))
+            error = _prepare_error(entries, staged.state.get("version"), app)
             if error is not None:
                 _discard_prepared(app, staged.journal)
             return _Prepared(staged, entries, release_bytes, error)
@@ -12394,11 +12392,17 @@ def _prepare_machine(app: str, *, store: Store | None, key: str | None, sha256: 
         shutil.rmtree(area, ignore_errors=True)
 
 
-def _prepare_error(entries: list[dict], version: str | None) -> str | None:
+def _no_agent(app: str, missed: str) -> str:
+    """Why a machine-side phase found no process to work with: no agent of ``app``, so no
+    running process ``missed`` what it would have done; with the fix."""
+    return (f"no flydeploy agent of {app} runs on this machine, so no running process {missed}; the app must "
+            "call flydeploy.startup_reapply_current() at boot")
+
+
+def _prepare_error(entries: list[dict], version: str | None, app: str) -> str | None:
     """Why a machine is not ready for ``version`` after its processes answered ``entries``, if it is not."""
     if not entries:
-        return (f"no flydeploy agent runs on this machine, so no running process could prepare {version}; the app "
-                "must call flydeploy.startup_reapply_current() at boot")
+        return _no_agent(app, f"could prepare {version}")
     failures = [f"process {(entry.get('reply') or {}).get('name') or entry['pid']}: {_reply_error(entry)}"
                 for entry in entries if not (entry.get("reply") or {}).get("ok")]
     return "; ".join(failures) or None
@@ -12607,9 +12611,7 @@ def apply_release(app: str, *, url: str | None = None, sha256: str | None = None
             run = _apply_machine(app, store=store, key=key, sha256=sha256, upgrade_id=upgrade_id, revert=revert,
                                  url=url, suspend_timeout=suspend_timeout, deployed_at=deployed_at)
         if not run.entries:
-            raise AgentError(f"no flydeploy agent of {app} runs on this machine, so no running process loaded "
-                             f"{run.state.get('version')}; the app must call flydeploy.startup_reapply_current() "
-                             "at boot")
+            raise AgentError(_no_agent(app, f"loaded {run.state.get('version')}"))
         if run.committed and health_check is not None:
             health = _health_check(app, [entry["pid"] for entry in run.entries], path=health_check,
                                    ports=health_ports, timeout=health_timeout)

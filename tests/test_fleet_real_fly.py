@@ -291,8 +291,9 @@ def test_a_machine_with_no_agent_fails_phase_one_with_the_startup_fix(fakefly, s
     project.edit(V2)
     hot = project.push("hot", "--version", "v2", direct=True)
     stopped_with_nothing_changed(project, hot, before, pids)
-    assert (f"✗ {second.id} ({second.region}) failed: no flydeploy agent runs on this machine, so no running "
-            "process could prepare v2; the app must call flydeploy.startup_reapply_current() at boot") in hot.output
+    assert (f"✗ {second.id} ({second.region}) failed: no flydeploy agent of {project.app.name} runs on this "
+            "machine, so no running process could prepare v2; the app must call "
+            "flydeploy.startup_reapply_current() at boot") in hot.output
     assert f"✓ {first.id} ({first.region}) ready" in hot.output  # and then discarded: it runs v1
 
 
